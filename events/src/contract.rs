@@ -1,0 +1,103 @@
+//! The traits the edges program against, so that `ingest` and `services` never depend on the
+//! engine: the ingest hands batches to a [`BatchSink`] and serves subscriptions from a
+//! [`StreamSource`]; the services drive deliveries through [`FleetControl`]. The `pipeline`
+//! crate implements all three and composes the parts.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::Error;
+use crate::model::{DeliveryCommand, DeliveryEvent, DroneEvent, DroneId, DroneSnapshot};
+use crate::wire::{Batch, Payload, TelemetryBatch};
+
+/// Where validated telemetry batches go.
+pub trait BatchSink: Send + Sync + 'static {
+    /// Resolves when the batch is safe under the engine's durability policy: the moment the
+    /// ingest may acknowledge it to the sender.
+    type Ack: Future<Output = Result<(), Error>> + Send + 'static;
+
+    /// Takes a batch in order. The returned future waits while the engine is full (that wait is
+    /// the backpressure the ingest passes on to the sender) and yields the [`Self::Ack`] once the
+    /// batch is queued; batches submitted one after another by one caller keep their order.
+    fn submit(&self, batch: TelemetryBatch) -> impl Future<Output = Result<Self::Ack, Error>> + Send;
+}
+
+/// The streams a subscriber can read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Topic {
+    /// Every accepted telemetry batch, as received.
+    DroneTelemetry,
+    /// Every derived delivery event.
+    DeliveryEvents,
+}
+
+impl Topic {
+    /// The topic's public name.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Topic::DroneTelemetry => "drone-telemetry",
+            Topic::DeliveryEvents => "delivery-events",
+        }
+    }
+
+    /// Parses a public name.
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "drone-telemetry" => Some(Topic::DroneTelemetry),
+            "delivery-events" => Some(Topic::DeliveryEvents),
+            _ => None,
+        }
+    }
+}
+
+/// What happens when a subscriber's queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overflow {
+    /// The publisher waits: nothing is dropped, and a slow subscriber slows the pipeline. For
+    /// in-process consumers that must see everything (the services' read models).
+    Block,
+    /// The subscriber is cut off with [`Error::Lagged`]; the pipeline never waits for it. For
+    /// remote subscribers, whose speed the server does not control.
+    Disconnect,
+}
+
+/// A live subscription: batches arrive on `rx` in publication order. Dropping it unsubscribes.
+#[derive(Debug)]
+pub struct Subscription<T: Payload> {
+    /// The batches, shared with every other subscriber (nothing is copied per subscriber).
+    pub rx: flume::Receiver<Arc<Batch<T>>>,
+    lagged: Arc<AtomicBool>,
+}
+
+impl<T: Payload> Subscription<T> {
+    /// Creates a subscription whose publisher marks `lagged` when it cuts the subscriber off.
+    pub fn new(rx: flume::Receiver<Arc<Batch<T>>>, lagged: Arc<AtomicBool>) -> Self {
+        Self { rx, lagged }
+    }
+
+    /// Why the stream ended: [`Error::Lagged`] if the subscriber was cut off, otherwise
+    /// [`Error::ShuttingDown`].
+    pub fn end_reason(&self) -> Error {
+        if self.lagged.load(Ordering::Acquire) { Error::Lagged } else { Error::ShuttingDown }
+    }
+}
+
+/// Source of live streams.
+pub trait StreamSource: Send + Sync + 'static {
+    /// Subscribes to telemetry from now on.
+    fn subscribe_telemetry(&self, overflow: Overflow) -> Result<Subscription<DroneEvent>, Error>;
+    /// Subscribes to delivery events from now on.
+    fn subscribe_deliveries(&self, overflow: Overflow) -> Result<Subscription<DeliveryEvent>, Error>;
+}
+
+/// What the scheduling edge needs from the engine.
+pub trait FleetControl: Send + Sync + 'static {
+    /// Applies a delivery command on the assigned drone's shard, in order with that drone's
+    /// telemetry, and resolves once it has been applied (so the delivery exists before the drone
+    /// is told to fly).
+    fn command(&self, cmd: DeliveryCommand) -> impl Future<Output = Result<(), Error>> + Send;
+
+    /// The engine's latest state of a drone, `None` if it never reported.
+    fn drone(&self, id: DroneId) -> impl Future<Output = Result<Option<DroneSnapshot>, Error>> + Send;
+}
