@@ -1,0 +1,434 @@
+//! The derive state machine: drone events and delivery commands in, delivery events out.
+//!
+//! One [`Deriver`] lives in each shard and owns the state of that shard's drones and of the
+//! deliveries they fly. It does no I/O and reads no clock: drone events carry their own time and
+//! commands are given `now`, so the same inputs always derive the same events with the same ids,
+//! which is what makes replay after a restart safe.
+//!
+//! The rules, per drone with an assigned delivery:
+//! - `Create` command: the delivery is `Created` (event seq 0).
+//! - the drone reports `Flying` while the delivery is `Created`/`Rescheduled`: `HeadedToPickup`.
+//! - `PickedUp` for that delivery before it is in transit: `InTransit`.
+//! - `DroppedOff` for that delivery while in transit, within `dropoff_radius_m` of the drop-off
+//!   point: `DeliveryComplete`, and the drone is free again. Farther away it is not a completion;
+//!   it is counted in [`DeriveStats::far_dropoffs`] and the delivery stays in transit.
+//! - `Reschedule` before pickup: `Rescheduled`; `Cancel` before completion: `Cancelled`.
+//!
+//! A drone event whose sequence number is not above the last one applied for that drone is a
+//! repeat and is dropped.
+
+use events::model::{ArchivedDroneEvent, ArchivedDroneEventKind, ArchivedFlightStatus};
+use events::{DeliveryCommand, DeliveryEvent, DeliveryId, DeliveryStage, DroneId, DroneSnapshot, Error, FlightStatus, GeoPoint};
+use rustc_hash::FxHashMap;
+use serde::{Deserialize, Serialize};
+
+/// Tuning of the derive rules.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeriveConfig {
+    /// How close to the drop-off point a `DroppedOff` must be to count as a completion, metres.
+    /// Default 30 m: consumer GNSS is good to about 5 m, and a drop-off pad is a few metres
+    /// across, so 30 m accepts every honest drop while refusing a drop in the wrong street.
+    pub dropoff_radius_m: f64,
+}
+
+impl Default for DeriveConfig {
+    fn default() -> Self {
+        Self { dropoff_radius_m: 30.0 }
+    }
+}
+
+/// What became of one drone event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// Applied to the drone's state (it may or may not have derived events).
+    Fresh,
+    /// Its sequence number was already applied; ignored.
+    Duplicate,
+}
+
+/// Counters of what the rules saw.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DeriveStats {
+    /// Drone events applied.
+    pub applied: u64,
+    /// Drone events dropped as repeats.
+    pub duplicates: u64,
+    /// Delivery events derived.
+    pub derived: u64,
+    /// `DroppedOff` events too far from the drop-off point.
+    pub far_dropoffs: u64,
+    /// `PickedUp`/`DroppedOff` naming a delivery the drone is not flying, or out of order.
+    pub stray: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct DroneState {
+    last_seq: Option<u64>,
+    position: GeoPoint,
+    status: FlightStatus,
+    battery_pct: f32,
+    updated_us: u64,
+    delivery: Option<DeliveryId>,
+}
+
+impl DroneState {
+    const NEW: Self = Self {
+        last_seq: None,
+        position: GeoPoint::new(0.0, 0.0),
+        status: FlightStatus::Idle,
+        battery_pct: 0.0,
+        updated_us: 0,
+        delivery: None,
+    };
+}
+
+#[derive(Debug, Clone, Copy)]
+struct DeliveryState {
+    drone: DroneId,
+    pickup: GeoPoint,
+    dropoff: GeoPoint,
+    stage: DeliveryStage,
+    next_seq: u32,
+}
+
+impl DeliveryState {
+    fn emit(&mut self, id: DeliveryId, stage: DeliveryStage, ts_us: u64, location: GeoPoint, out: &mut Vec<DeliveryEvent>) {
+        self.stage = stage;
+        out.push(DeliveryEvent { delivery_id: id, seq: self.next_seq, drone_id: self.drone, ts_us, location, stage });
+        self.next_seq += 1;
+    }
+}
+
+/// The per-shard state machine. See the module docs for the rules.
+#[derive(Debug, Default)]
+pub struct Deriver {
+    cfg: DeriveConfig,
+    drones: FxHashMap<DroneId, DroneState>,
+    deliveries: FxHashMap<DeliveryId, DeliveryState>,
+    stats: DeriveStats,
+}
+
+impl Deriver {
+    /// A deriver with no state.
+    pub fn new(cfg: DeriveConfig) -> Self {
+        Self { cfg, ..Self::default() }
+    }
+
+    /// Applies one drone event read in place from a batch, appending derived events to `out`.
+    pub fn on_drone_event(&mut self, ev: &ArchivedDroneEvent, out: &mut Vec<DeliveryEvent>) -> Applied {
+        let seq = ev.seq.to_native();
+        let drone_id = ev.drone_id.to_native();
+        let drone = self.drones.entry(drone_id).or_insert(DroneState::NEW);
+        if drone.last_seq.is_some_and(|last| seq <= last) {
+            self.stats.duplicates += 1;
+            return Applied::Duplicate;
+        }
+        let ts_us = ev.ts_us.to_native();
+        let position = ev.position.to_point();
+        drone.last_seq = Some(seq);
+        drone.position = position;
+        drone.status = ev.status.to_status();
+        drone.battery_pct = ev.battery_pct.to_native();
+        drone.updated_us = ts_us;
+        self.stats.applied += 1;
+
+        let before = out.len();
+        if let Some(id) = drone.delivery {
+            if let Some(delivery) = self.deliveries.get_mut(&id) {
+                let flying = ev.status == ArchivedFlightStatus::Flying;
+                if flying && matches!(delivery.stage, DeliveryStage::Created | DeliveryStage::Rescheduled) {
+                    delivery.emit(id, DeliveryStage::HeadedToPickup, ts_us, position, out);
+                }
+                match &ev.kind {
+                    ArchivedDroneEventKind::PickedUp { delivery: d } if d.to_native() == id => {
+                        if matches!(
+                            delivery.stage,
+                            DeliveryStage::Created | DeliveryStage::Rescheduled | DeliveryStage::HeadedToPickup
+                        ) {
+                            delivery.emit(id, DeliveryStage::InTransit, ts_us, position, out);
+                        } else {
+                            self.stats.stray += 1;
+                        }
+                    }
+                    ArchivedDroneEventKind::DroppedOff { delivery: d } if d.to_native() == id => {
+                        if delivery.stage != DeliveryStage::InTransit {
+                            self.stats.stray += 1;
+                        } else if position.distance_m(&delivery.dropoff) <= self.cfg.dropoff_radius_m {
+                            delivery.emit(id, DeliveryStage::DeliveryComplete, ts_us, position, out);
+                            drone.delivery = None;
+                            self.deliveries.remove(&id);
+                        } else {
+                            self.stats.far_dropoffs += 1;
+                        }
+                    }
+                    ArchivedDroneEventKind::PickedUp { .. } | ArchivedDroneEventKind::DroppedOff { .. } => {
+                        self.stats.stray += 1;
+                    }
+                    _ => {}
+                }
+            }
+        } else if matches!(ev.kind, ArchivedDroneEventKind::PickedUp { .. } | ArchivedDroneEventKind::DroppedOff { .. }) {
+            self.stats.stray += 1;
+        }
+        self.stats.derived += (out.len() - before) as u64;
+        Applied::Fresh
+    }
+
+    /// Applies a command from the scheduling edge, appending derived events to `out`.
+    ///
+    /// `now_us` stands in for a command that carries no time of its own (`ts_us == 0`).
+    pub fn on_command(&mut self, cmd: &DeliveryCommand, now_us: u64, out: &mut Vec<DeliveryEvent>) -> Result<(), Error> {
+        let before = out.len();
+        let result = self.apply_command(cmd, now_us, out);
+        self.stats.derived += (out.len() - before) as u64;
+        result
+    }
+
+    fn apply_command(&mut self, cmd: &DeliveryCommand, now_us: u64, out: &mut Vec<DeliveryEvent>) -> Result<(), Error> {
+        let at = |ts: u64| if ts == 0 { now_us } else { ts };
+        match *cmd {
+            DeliveryCommand::Create { delivery_id, drone_id, pickup, dropoff, ts_us } => {
+                if let Some(existing) = self.deliveries.get(&delivery_id) {
+                    return if existing.drone == drone_id {
+                        Ok(())
+                    } else {
+                        Err(Error::InvalidTransition { delivery: delivery_id, reason: "already assigned to another drone" })
+                    };
+                }
+                let drone = self.drones.entry(drone_id).or_insert(DroneState::NEW);
+                if let Some(busy) = drone.delivery {
+                    return Err(Error::DroneBusy { drone: drone_id, delivery: busy });
+                }
+                drone.delivery = Some(delivery_id);
+                let mut state = DeliveryState { drone: drone_id, pickup, dropoff, stage: DeliveryStage::Created, next_seq: 0 };
+                state.emit(delivery_id, DeliveryStage::Created, at(ts_us), pickup, out);
+                self.deliveries.insert(delivery_id, state);
+                Ok(())
+            }
+            DeliveryCommand::Reschedule { delivery_id, pickup, dropoff, ts_us, .. } => {
+                let state = self.deliveries.get_mut(&delivery_id).ok_or(Error::UnknownDelivery(delivery_id))?;
+                if !matches!(state.stage, DeliveryStage::Created | DeliveryStage::Rescheduled | DeliveryStage::HeadedToPickup) {
+                    return Err(Error::InvalidTransition { delivery: delivery_id, reason: "the package is already picked up" });
+                }
+                state.pickup = pickup;
+                state.dropoff = dropoff;
+                state.emit(delivery_id, DeliveryStage::Rescheduled, at(ts_us), pickup, out);
+                Ok(())
+            }
+            DeliveryCommand::Cancel { delivery_id, ts_us, .. } => {
+                let mut state = self.deliveries.remove(&delivery_id).ok_or(Error::UnknownDelivery(delivery_id))?;
+                let location = self.drones.get(&state.drone).map_or(state.pickup, |d| d.position);
+                state.emit(delivery_id, DeliveryStage::Cancelled, at(ts_us), location, out);
+                if let Some(drone) = self.drones.get_mut(&state.drone) {
+                    drone.delivery = None;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// The current state of a drone of this shard.
+    pub fn drone(&self, id: DroneId) -> Option<DroneSnapshot> {
+        let d = self.drones.get(&id)?;
+        Some(DroneSnapshot {
+            drone_id: id,
+            position: d.position,
+            status: d.status,
+            battery_pct: d.battery_pct,
+            last_seq: d.last_seq.unwrap_or(0),
+            updated_us: d.updated_us,
+            delivery: d.delivery,
+        })
+    }
+
+    /// The stage of a delivery still in flight on this shard (terminal deliveries are forgotten).
+    pub fn delivery_stage(&self, id: DeliveryId) -> Option<DeliveryStage> {
+        self.deliveries.get(&id).map(|d| d.stage)
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> DeriveStats {
+        self.stats
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use events::wire::{Buffer, TelemetryBatch};
+    use events::{BatchMeta, DroneEvent, DroneEventKind};
+
+    use super::*;
+
+    const PICKUP: GeoPoint = GeoPoint::new(47.60, -122.33);
+    const DROPOFF: GeoPoint = GeoPoint::new(47.62, -122.35);
+
+    struct Drone {
+        id: DroneId,
+        seq: u64,
+    }
+
+    impl Drone {
+        fn event(&mut self, at: GeoPoint, status: FlightStatus, kind: DroneEventKind) -> DroneEvent {
+            self.seq += 1;
+            DroneEvent {
+                drone_id: self.id,
+                seq: self.seq,
+                ts_us: 1_000 + self.seq,
+                position: at,
+                speed_mps: 10.0,
+                heading_deg: 0.0,
+                battery_pct: 90.0,
+                status,
+                kind,
+            }
+        }
+    }
+
+    /// Feeds events through a real encoded batch, so the machine reads archived events as in
+    /// production.
+    fn feed(d: &mut Deriver, events: &[DroneEvent]) -> (Vec<DeliveryEvent>, Vec<Applied>) {
+        let batch = TelemetryBatch::encode(BatchMeta::default(), events, Buffer::new()).unwrap();
+        let mut out = Vec::new();
+        let applied = batch.events().iter().map(|ev| d.on_drone_event(ev, &mut out)).collect();
+        (out, applied)
+    }
+
+    fn create(d: &mut Deriver, delivery_id: DeliveryId, drone_id: DroneId) -> Vec<DeliveryEvent> {
+        let mut out = Vec::new();
+        d.on_command(&DeliveryCommand::Create { delivery_id, drone_id, pickup: PICKUP, dropoff: DROPOFF, ts_us: 0 }, 500, &mut out)
+            .unwrap();
+        out
+    }
+
+    fn stages(events: &[DeliveryEvent]) -> Vec<(u32, DeliveryStage)> {
+        events.iter().map(|e| (e.seq, e.stage)).collect()
+    }
+
+    #[test]
+    fn full_flight_derives_every_stage_once() {
+        let mut d = Deriver::new(DeriveConfig::default());
+        let created = create(&mut d, 10, 1);
+        assert_eq!(stages(&created), vec![(0, DeliveryStage::Created)]);
+        assert_eq!(created[0].ts_us, 500, "a command without time takes now");
+        let mut drone = Drone { id: 1, seq: 0 };
+        let flight = [
+            drone.event(PICKUP, FlightStatus::Idle, DroneEventKind::Position),
+            drone.event(PICKUP, FlightStatus::Flying, DroneEventKind::StatusChanged { from: FlightStatus::Idle }),
+            drone.event(PICKUP, FlightStatus::Flying, DroneEventKind::Position),
+            drone.event(PICKUP, FlightStatus::Flying, DroneEventKind::PickedUp { delivery: 10 }),
+            drone.event(GeoPoint::new(47.61, -122.34), FlightStatus::Flying, DroneEventKind::Position),
+            drone.event(GeoPoint::new(47.62001, -122.35001), FlightStatus::Flying, DroneEventKind::DroppedOff { delivery: 10 }),
+            drone.event(DROPOFF, FlightStatus::Flying, DroneEventKind::Position),
+        ];
+        let (out, _) = feed(&mut d, &flight);
+        assert_eq!(
+            stages(&out),
+            vec![(1, DeliveryStage::HeadedToPickup), (2, DeliveryStage::InTransit), (3, DeliveryStage::DeliveryComplete)]
+        );
+        assert_eq!(out[0].ts_us, flight[1].ts_us, "derived events carry the causing event's time");
+        assert_eq!(d.drone(1).unwrap().delivery, None, "the drone is free after completion");
+        assert_eq!(d.delivery_stage(10), None);
+        assert_eq!(d.stats().derived, 4);
+    }
+
+    #[test]
+    fn far_away_dropoff_is_not_a_completion() {
+        let mut d = Deriver::new(DeriveConfig::default());
+        create(&mut d, 10, 1);
+        let mut drone = Drone { id: 1, seq: 0 };
+        let far = GeoPoint::new(47.70, -122.35); // about 9 km north of the drop-off point
+        let (out, _) = feed(
+            &mut d,
+            &[
+                drone.event(PICKUP, FlightStatus::Flying, DroneEventKind::PickedUp { delivery: 10 }),
+                drone.event(far, FlightStatus::Flying, DroneEventKind::DroppedOff { delivery: 10 }),
+            ],
+        );
+        assert_eq!(stages(&out), vec![(1, DeliveryStage::HeadedToPickup), (2, DeliveryStage::InTransit)]);
+        assert_eq!(d.delivery_stage(10), Some(DeliveryStage::InTransit));
+        assert_eq!(d.stats().far_dropoffs, 1);
+        assert_eq!(d.drone(1).unwrap().delivery, Some(10), "the drone still carries the package");
+        // Just outside the radius is still refused; just inside completes.
+        let outside = GeoPoint::new(DROPOFF.lat + 0.00035, DROPOFF.lon); // about 39 m
+        let inside = GeoPoint::new(DROPOFF.lat + 0.0002, DROPOFF.lon); // about 22 m
+        let (out, _) = feed(&mut d, &[drone.event(outside, FlightStatus::Flying, DroneEventKind::DroppedOff { delivery: 10 })]);
+        assert!(out.is_empty());
+        let (out, _) = feed(&mut d, &[drone.event(inside, FlightStatus::Flying, DroneEventKind::DroppedOff { delivery: 10 })]);
+        assert_eq!(stages(&out), vec![(3, DeliveryStage::DeliveryComplete)]);
+    }
+
+    #[test]
+    fn repeated_sequence_numbers_are_dropped() {
+        let mut d = Deriver::new(DeriveConfig::default());
+        create(&mut d, 10, 1);
+        let mut drone = Drone { id: 1, seq: 0 };
+        let pick = drone.event(PICKUP, FlightStatus::Flying, DroneEventKind::PickedUp { delivery: 10 });
+        let (out, applied) = feed(&mut d, &[pick, pick]);
+        assert_eq!(applied, vec![Applied::Fresh, Applied::Duplicate]);
+        assert_eq!(out.len(), 2, "HeadedToPickup and InTransit once each");
+        let (out, applied) = feed(&mut d, &[pick]);
+        assert_eq!(applied, vec![Applied::Duplicate]);
+        assert!(out.is_empty());
+        assert_eq!(d.stats().duplicates, 2);
+    }
+
+    #[test]
+    fn commands_are_idempotent_and_checked() {
+        let mut d = Deriver::new(DeriveConfig::default());
+        assert_eq!(create(&mut d, 10, 1).len(), 1);
+        assert!(create(&mut d, 10, 1).is_empty(), "repeating a create derives nothing");
+        let mut out = Vec::new();
+        let busy = d.on_command(
+            &DeliveryCommand::Create { delivery_id: 11, drone_id: 1, pickup: PICKUP, dropoff: DROPOFF, ts_us: 1 },
+            1,
+            &mut out,
+        );
+        assert_eq!(busy, Err(Error::DroneBusy { drone: 1, delivery: 10 }));
+        let resched = DeliveryCommand::Reschedule { delivery_id: 10, drone_id: 1, pickup: DROPOFF, dropoff: PICKUP, ts_us: 7 };
+        d.on_command(&resched, 8, &mut out).unwrap();
+        assert_eq!(stages(&out), vec![(1, DeliveryStage::Rescheduled)]);
+        out.clear();
+        d.on_command(&DeliveryCommand::Cancel { delivery_id: 10, drone_id: 1, ts_us: 9 }, 9, &mut out).unwrap();
+        assert_eq!(stages(&out), vec![(2, DeliveryStage::Cancelled)]);
+        assert_eq!(d.drone(1).unwrap().delivery, None);
+        assert_eq!(
+            d.on_command(&DeliveryCommand::Cancel { delivery_id: 10, drone_id: 1, ts_us: 9 }, 9, &mut out),
+            Err(Error::UnknownDelivery(10))
+        );
+    }
+
+    #[test]
+    fn reschedule_after_pickup_is_refused() {
+        let mut d = Deriver::new(DeriveConfig::default());
+        create(&mut d, 10, 1);
+        let mut drone = Drone { id: 1, seq: 0 };
+        feed(&mut d, &[drone.event(PICKUP, FlightStatus::Flying, DroneEventKind::PickedUp { delivery: 10 })]);
+        let mut out = Vec::new();
+        let r = d.on_command(
+            &DeliveryCommand::Reschedule { delivery_id: 10, drone_id: 1, pickup: PICKUP, dropoff: PICKUP, ts_us: 1 },
+            1,
+            &mut out,
+        );
+        assert!(matches!(r, Err(Error::InvalidTransition { delivery: 10, .. })));
+    }
+
+    #[test]
+    fn stray_pickups_change_nothing() {
+        let mut d = Deriver::new(DeriveConfig::default());
+        create(&mut d, 10, 1);
+        let mut drone = Drone { id: 1, seq: 0 };
+        let mut other = Drone { id: 2, seq: 0 };
+        let (out, _) = feed(
+            &mut d,
+            &[
+                other.event(PICKUP, FlightStatus::Idle, DroneEventKind::PickedUp { delivery: 10 }),
+                drone.event(PICKUP, FlightStatus::Idle, DroneEventKind::DroppedOff { delivery: 10 }),
+                drone.event(PICKUP, FlightStatus::Idle, DroneEventKind::PickedUp { delivery: 99 }),
+            ],
+        );
+        assert!(out.is_empty());
+        assert_eq!(d.stats().stray, 3);
+        assert_eq!(d.delivery_stage(10), Some(DeliveryStage::Created));
+    }
+}
