@@ -1,0 +1,221 @@
+//! The ingest client library, used by `loadgen` and by gateways.
+//!
+//! A [`IngestClient`] holds one QUIC connection. Each [`Lane`] is one ingest stream: batches are
+//! written back to back without waiting, up to `max_inflight_per_lane` unanswered, and a reader
+//! task turns the server's responses into [`Answer`]s on a channel. Keep each drone on one lane
+//! so its batches are applied in order. [`IngestClient::subscribe`] opens a subscription stream
+//! and yields validated batches.
+
+use std::marker::PhantomData;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use events::wire::{Batch, BatchHeader, Buffer, HEADER_LEN, Payload};
+use events::{Error as WireError, Limits, Topic};
+use quinn::{ReadError, ReadExactError, RecvStream, SendStream, VarInt};
+use tokio::sync::{Semaphore, mpsc};
+
+use crate::proto::{RESPONSE_LEN, Response, STREAM_INGEST, STREAM_SUBSCRIBE, TOPIC_DELIVERIES, TOPIC_TELEMETRY};
+use crate::tls::{Trust, client_crypto};
+use crate::Error;
+
+/// Client settings.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// Name the server's certificate must carry. Default `localhost`.
+    pub server_name: String,
+    /// Whom to trust.
+    pub trust: Trust,
+    /// Batches a lane may have unanswered before `send` waits. Default 64.
+    pub max_inflight_per_lane: usize,
+    /// QUIC receive window per stream (for subscriptions), bytes. Default 4 MiB.
+    pub stream_window_bytes: u64,
+    /// QUIC receive window per connection, bytes. Default 16 MiB.
+    pub connection_window_bytes: u64,
+    /// Keep-alive interval. Default 5 s, well inside the server's idle timeout.
+    pub keep_alive: Duration,
+    /// Limits applied to batches received on subscriptions.
+    pub limits: Limits,
+}
+
+impl ClientConfig {
+    /// Defaults with the given trust.
+    pub fn new(trust: Trust) -> Self {
+        Self {
+            server_name: "localhost".into(),
+            trust,
+            max_inflight_per_lane: 64,
+            stream_window_bytes: 4 << 20,
+            connection_window_bytes: 16 << 20,
+            keep_alive: Duration::from_secs(5),
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// One QUIC connection to an ingest server.
+#[derive(Debug)]
+pub struct IngestClient {
+    endpoint: quinn::Endpoint,
+    conn: quinn::Connection,
+    cfg: ClientConfig,
+}
+
+/// The server's answer to one batch sent on a lane.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Answer {
+    /// The batch's sequence number.
+    pub batch_seq: u64,
+    /// Events in it.
+    pub events: u32,
+    /// Acknowledged, or the typed rejection.
+    pub result: Result<(), WireError>,
+}
+
+impl IngestClient {
+    /// Connects (TLS 1.3 handshake included).
+    pub async fn connect(addr: SocketAddr, cfg: &ClientConfig) -> Result<Self, Error> {
+        let bind: SocketAddr = if addr.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { ([0u16; 8], 0).into() };
+        let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| Error::Bind(bind, e))?;
+        let mut client = quinn::ClientConfig::new(Arc::new(client_crypto(&cfg.trust)?));
+        let mut t = quinn::TransportConfig::default();
+        let varint = |v: u64| VarInt::from_u64(v).map_err(|_| Error::Config("window too large".into()));
+        t.stream_receive_window(varint(cfg.stream_window_bytes)?);
+        t.receive_window(varint(cfg.connection_window_bytes)?);
+        t.send_window(cfg.connection_window_bytes);
+        t.keep_alive_interval(Some(cfg.keep_alive));
+        client.transport_config(Arc::new(t));
+        endpoint.set_default_client_config(client);
+        let conn = endpoint.connect(addr, &cfg.server_name)?.await?;
+        Ok(Self { endpoint, conn, cfg: cfg.clone() })
+    }
+
+    /// Opens an ingest stream. Answers arrive on the returned channel in send order.
+    pub async fn open_lane(&self) -> Result<(Lane, mpsc::Receiver<Answer>), Error> {
+        let (mut send, recv) = self.conn.open_bi().await?;
+        send.write_all(&[STREAM_INGEST]).await?;
+        let window = Arc::new(Semaphore::new(self.cfg.max_inflight_per_lane.max(1)));
+        let (tx, rx) = mpsc::channel(self.cfg.max_inflight_per_lane.max(1));
+        tokio::spawn(read_answers(recv, window.clone(), tx));
+        Ok((Lane { send, window }, rx))
+    }
+
+    /// Subscribes to a topic; batches arrive live from now on.
+    pub async fn subscribe<T: Payload>(&self, topic: Topic) -> Result<RemoteSubscription<T>, Error> {
+        let byte = match topic {
+            Topic::DroneTelemetry => TOPIC_TELEMETRY,
+            Topic::DeliveryEvents => TOPIC_DELIVERIES,
+        };
+        let (mut send, recv) = self.conn.open_bi().await?;
+        send.write_all(&[STREAM_SUBSCRIBE, byte]).await?;
+        Ok(RemoteSubscription { _send: send, recv, limits: self.cfg.limits, _payload: PhantomData })
+    }
+
+    /// The underlying connection, for callers that speak the framing themselves.
+    pub fn connection(&self) -> &quinn::Connection {
+        &self.conn
+    }
+
+    /// Closes the connection and waits until the peer has been told.
+    pub async fn close(self) {
+        self.conn.close(VarInt::from_u32(0), b"done");
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+    }
+}
+
+/// One ingest stream.
+#[derive(Debug)]
+pub struct Lane {
+    send: SendStream,
+    window: Arc<Semaphore>,
+}
+
+impl Lane {
+    /// Sends one encoded batch frame, first waiting while the in-flight window is full.
+    pub async fn send(&mut self, frame: &[u8]) -> Result<(), Error> {
+        let permit = self.window.acquire().await.map_err(|_| Error::Closed)?;
+        permit.forget();
+        self.send.write_all(frame).await?;
+        Ok(())
+    }
+
+    /// Batches sent and not yet answered.
+    pub fn in_flight(&self, max: usize) -> usize {
+        max.saturating_sub(self.window.available_permits())
+    }
+
+    /// Ends the stream after everything written; answers still arrive.
+    pub fn finish(mut self) {
+        let _ = self.send.finish();
+    }
+}
+
+async fn read_answers(mut recv: RecvStream, window: Arc<Semaphore>, tx: mpsc::Sender<Answer>) {
+    let mut fixed = [0u8; RESPONSE_LEN];
+    let mut reason = vec![0u8; crate::proto::MAX_REASON];
+    loop {
+        if recv.read_exact(&mut fixed).await.is_err() {
+            break;
+        }
+        let (batch_seq, code, len, events) = Response::decode_fixed(&fixed);
+        let len = len.min(reason.len());
+        if recv.read_exact(&mut reason[..len]).await.is_err() {
+            break;
+        }
+        window.add_permits(1);
+        let result = if code == 0 {
+            Ok(())
+        } else {
+            Err(WireError::from_wire(code, String::from_utf8_lossy(&reason[..len]).into_owned()))
+        };
+        if tx.send(Answer { batch_seq, events, result }).await.is_err() {
+            break;
+        }
+    }
+    window.close();
+}
+
+/// A subscription over the network.
+#[derive(Debug)]
+pub struct RemoteSubscription<T: Payload> {
+    _send: SendStream,
+    recv: RecvStream,
+    limits: Limits,
+    _payload: PhantomData<fn() -> T>,
+}
+
+impl<T: Payload> RemoteSubscription<T> {
+    /// The next batch, validated; `None` when the server finished the stream.
+    pub async fn next(&mut self) -> Result<Option<Batch<T>>, Error> {
+        let mut header = [0u8; HEADER_LEN];
+        match self.recv.read_exact(&mut header).await {
+            Ok(()) => {}
+            Err(ReadExactError::FinishedEarly(0)) => return Ok(None),
+            Err(ReadExactError::FinishedEarly(got)) => return Err(WireError::Truncated { needed: HEADER_LEN, got }.into()),
+            Err(ReadExactError::ReadError(e)) => return Err(read_error(e)),
+        }
+        let parsed = BatchHeader::parse(&header, &self.limits)?;
+        let mut buf = Buffer::with_capacity(parsed.frame_len());
+        buf.extend_from_slice(&header);
+        buf.resize(parsed.frame_len(), 0);
+        match self.recv.read_exact(&mut buf[HEADER_LEN..]).await {
+            Ok(()) => {}
+            Err(ReadExactError::FinishedEarly(got)) => {
+                return Err(WireError::Truncated { needed: parsed.frame_len(), got: HEADER_LEN + got }.into());
+            }
+            Err(ReadExactError::ReadError(e)) => return Err(read_error(e)),
+        }
+        Ok(Some(Batch::validate(buf, &self.limits)?))
+    }
+}
+
+fn read_error(e: ReadError) -> Error {
+    match e {
+        ReadError::Reset(code) => {
+            let code = u16::try_from(code.into_inner()).unwrap_or(u16::MAX);
+            Error::Wire(WireError::from_wire(code, events::code_name(code).replace('_', " ")))
+        }
+        other => Error::Read(other),
+    }
+}

@@ -1,0 +1,105 @@
+//! The framing on QUIC streams, above the batch wire format of `events`.
+//!
+//! Every bidirectional stream starts with one byte from the client naming its purpose:
+//!
+//! - [`STREAM_INGEST`]: the client writes batch frames back to back (each self-delimited by its
+//!   header); the server answers each, in order, with a [`Response`] on the same stream. A client
+//!   keeps many batches in flight on one stream; a drone's batches stay on one stream so the
+//!   server applies them in order.
+//! - [`STREAM_SUBSCRIBE`]: the client writes one topic byte ([`TOPIC_TELEMETRY`] or
+//!   [`TOPIC_DELIVERIES`]); the server then writes batch frames of that topic, live, until the
+//!   client stops reading. A server that ends a subscription resets the stream with an
+//!   `events::Error` code (16 = lagged, 14 = shutting down).
+//!
+//! A response is 16 bytes plus an optional UTF-8 reason: batch sequence number (u64), code (u16,
+//! 0 = accepted, otherwise an `events::Error` code), reason length (u16), event count (u32).
+
+use events::Error;
+
+/// Stream purpose: sending telemetry batches.
+pub const STREAM_INGEST: u8 = 1;
+/// Stream purpose: subscribing to a topic.
+pub const STREAM_SUBSCRIBE: u8 = 2;
+/// Topic byte for `drone-telemetry`.
+pub const TOPIC_TELEMETRY: u8 = 1;
+/// Topic byte for `delivery-events`.
+pub const TOPIC_DELIVERIES: u8 = 2;
+/// Fixed part of a response.
+pub const RESPONSE_LEN: usize = 16;
+/// Longest reason a server sends; longer ones are cut.
+pub const MAX_REASON: usize = 512;
+
+/// The server's answer to one batch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Response {
+    /// The batch's sequence number (0 when the header could not be read).
+    pub batch_seq: u64,
+    /// Events in the batch (0 when unknown).
+    pub events: u32,
+    /// Accepted, or why not.
+    pub result: Result<(), Error>,
+}
+
+impl Response {
+    /// Encodes into `out`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let (code, reason) = match &self.result {
+            Ok(()) => (0u16, String::new()),
+            Err(e) => (e.code(), e.to_string()),
+        };
+        let mut cut = reason.len().min(MAX_REASON);
+        while !reason.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        let reason = &reason.as_bytes()[..cut];
+        out.extend_from_slice(&self.batch_seq.to_le_bytes());
+        out.extend_from_slice(&code.to_le_bytes());
+        out.extend_from_slice(&(reason.len() as u16).to_le_bytes());
+        out.extend_from_slice(&self.events.to_le_bytes());
+        out.extend_from_slice(reason);
+    }
+
+    /// Decodes the fixed part; returns the reason length still to read.
+    pub fn decode_fixed(b: &[u8; RESPONSE_LEN]) -> (u64, u16, usize, u32) {
+        let mut seq = [0u8; 8];
+        seq.copy_from_slice(&b[0..8]);
+        let code = u16::from_le_bytes([b[8], b[9]]);
+        let len = u16::from_le_bytes([b[10], b[11]]) as usize;
+        let events = u32::from_le_bytes([b[12], b[13], b[14], b[15]]);
+        (u64::from_le_bytes(seq), code, len, events)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn response_round_trip() {
+        for result in [Ok(()), Err(Error::TooLarge { len: 10, max: 5 })] {
+            let r = Response { batch_seq: 99, events: 3, result };
+            let mut buf = Vec::new();
+            r.encode(&mut buf);
+            let fixed: [u8; RESPONSE_LEN] = buf[..RESPONSE_LEN].try_into().unwrap();
+            let (seq, code, len, events) = Response::decode_fixed(&fixed);
+            assert_eq!((seq, events), (99, 3));
+            assert_eq!(len, buf.len() - RESPONSE_LEN);
+            match &r.result {
+                Ok(()) => assert_eq!(code, 0),
+                Err(e) => {
+                    assert_eq!(code, e.code());
+                    assert_eq!(std::str::from_utf8(&buf[RESPONSE_LEN..]).unwrap(), e.to_string());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn long_reasons_are_cut_on_a_char_boundary() {
+        let r = Response { batch_seq: 1, events: 0, result: Err(Error::InvalidArchive("é".repeat(400))) };
+        let mut buf = Vec::new();
+        r.encode(&mut buf);
+        assert!(buf.len() - RESPONSE_LEN <= MAX_REASON);
+        assert!(std::str::from_utf8(&buf[RESPONSE_LEN..]).is_ok());
+    }
+}

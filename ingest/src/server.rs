@@ -1,0 +1,498 @@
+//! The QUIC ingest server.
+//!
+//! ```text
+//! endpoint ─► connection task (one per client, capped by a semaphore)
+//!               └─► stream task (one per bidirectional stream)
+//!                     ingest:    read frame ─► validate ─► sink.submit ─► ack queue ─► writer ─► response
+//!                     subscribe: subscription ─► write frames
+//! ```
+//!
+//! Backpressure: a stream task reads the next frame only after the previous one was submitted,
+//! and `submit` waits while the engine is full, so the server stops reading and QUIC flow control
+//! stops the sender; the per-stream ack queue is bounded too. Memory per stream is therefore one
+//! frame being read plus the QUIC receive window.
+//!
+//! Bad input: a frame that fails validation is answered with a typed rejection, logged and
+//! counted, and the stream goes on with the next frame. A header that cannot be trusted (bad
+//! magic, unknown version, over the size limit) leaves the stream out of step, so after rejecting
+//! it the server stops reading that stream; the connection and every other stream carry on.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
+
+use events::wire::{BatchHeader, Buffer, HEADER_LEN, Payload};
+use events::{BatchSink, Error as WireError, Limits, Overflow, StreamSource, Subscription, TelemetryBatch};
+use quinn::{ReadExactError, RecvStream, SendStream, VarInt};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::task::JoinSet;
+use tracing::{debug, info, warn};
+
+use crate::proto::{Response, STREAM_INGEST, STREAM_SUBSCRIBE, TOPIC_DELIVERIES, TOPIC_TELEMETRY};
+use crate::tls::{Identity, server_crypto};
+use crate::Error;
+
+/// Settings of the ingest server. Every field has a default; see each for why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// UDP address to listen on. Default `127.0.0.1:4433`: loopback until an operator decides
+    /// to expose it.
+    pub listen: SocketAddr,
+    /// PEM certificate chain. Unset: a self-signed certificate is generated at start.
+    pub cert: Option<PathBuf>,
+    /// PEM private key for `cert`.
+    pub key: Option<PathBuf>,
+    /// Largest batch body accepted, bytes. Default 4 MiB (see `events::wire`).
+    pub max_body_bytes: u32,
+    /// Most events in one batch. Default 65,536.
+    pub max_events: u32,
+    /// Concurrent connections; more are refused. Default 16,384: room for one connection per
+    /// drone in a fleet of ten thousand, at a few tens of kilobytes each.
+    pub max_connections: usize,
+    /// Concurrent bidirectional streams per connection. Default 64.
+    pub max_streams_per_connection: u32,
+    /// Batches a stream may have submitted but not yet answered. Default 64: enough to keep a
+    /// durable log's group commit full without letting one stream pin much memory.
+    pub max_inflight_per_stream: usize,
+    /// QUIC receive window per stream, bytes. Default 4 MiB: at 1 GB/s and a 1 ms loopback
+    /// round trip a sender needs about 1 MiB in flight; 4 MiB leaves room for scheduling jitter.
+    pub stream_window_bytes: u64,
+    /// QUIC receive window per connection, bytes. Default 16 MiB.
+    pub connection_window_bytes: u64,
+    /// Close a connection after this long without traffic, ms. Default 30,000.
+    pub idle_timeout_ms: u64,
+    /// On shutdown, how long in-flight streams get to finish, ms. Default 5,000.
+    pub drain_timeout_ms: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 4433)),
+            cert: None,
+            key: None,
+            max_body_bytes: events::wire::DEFAULT_MAX_BODY_BYTES,
+            max_events: events::wire::DEFAULT_MAX_EVENTS,
+            max_connections: 16_384,
+            max_streams_per_connection: 64,
+            max_inflight_per_stream: 64,
+            stream_window_bytes: 4 << 20,
+            connection_window_bytes: 16 << 20,
+            idle_timeout_ms: 30_000,
+            drain_timeout_ms: 5_000,
+        }
+    }
+}
+
+impl ServerConfig {
+    fn limits(&self) -> Limits {
+        Limits { max_body_bytes: self.max_body_bytes, max_events: self.max_events }
+    }
+}
+
+/// Counters of the ingest server, rendered at `/metrics`.
+#[derive(Debug, Default)]
+pub struct IngestMetrics {
+    /// Connections open now.
+    pub connections_open: AtomicI64,
+    /// Connections accepted since start.
+    pub connections_total: AtomicU64,
+    /// Connections refused at the limit.
+    pub connections_refused: AtomicU64,
+    /// Batches acknowledged.
+    pub batches_accepted: AtomicU64,
+    /// Events in acknowledged batches.
+    pub events_accepted: AtomicU64,
+    /// Frame bytes received.
+    pub bytes_received: AtomicU64,
+    /// Rejections by `events::Error` code.
+    pub rejected: [AtomicU64; 32],
+    /// Subscriptions open now.
+    pub subscribers_open: AtomicI64,
+}
+
+impl IngestMetrics {
+    fn count_rejection(&self, error: &WireError) {
+        let code = usize::from(error.code()).min(31);
+        self.rejected[code].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Rejections of all kinds.
+    pub fn rejected_total(&self) -> u64 {
+        self.rejected.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+    }
+
+    /// Rejections with one code.
+    pub fn rejected_with(&self, code: u16) -> u64 {
+        self.rejected[usize::from(code).min(31)].load(Ordering::Relaxed)
+    }
+
+    /// Appends the counters in Prometheus text format.
+    pub fn render(&self, out: &mut String) {
+        use std::fmt::Write;
+        let g = |c: &AtomicI64| c.load(Ordering::Relaxed);
+        let c = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let _ = writeln!(out, "# TYPE fleetstream_ingest_connections gauge\nfleetstream_ingest_connections {}", g(&self.connections_open));
+        let _ = writeln!(out, "# TYPE fleetstream_ingest_connections_total counter\nfleetstream_ingest_connections_total {}", c(&self.connections_total));
+        let _ = writeln!(out, "# TYPE fleetstream_ingest_connections_refused_total counter\nfleetstream_ingest_connections_refused_total {}", c(&self.connections_refused));
+        let _ = writeln!(out, "# TYPE fleetstream_ingest_batches_total counter\nfleetstream_ingest_batches_total {}", c(&self.batches_accepted));
+        let _ = writeln!(out, "# TYPE fleetstream_ingest_events_total counter\nfleetstream_ingest_events_total {}", c(&self.events_accepted));
+        let _ = writeln!(out, "# TYPE fleetstream_ingest_received_bytes_total counter\nfleetstream_ingest_received_bytes_total {}", c(&self.bytes_received));
+        let _ = writeln!(out, "# TYPE fleetstream_ingest_subscribers gauge\nfleetstream_ingest_subscribers {}", g(&self.subscribers_open));
+        let _ = writeln!(out, "# TYPE fleetstream_ingest_batches_rejected_total counter");
+        for (code, name) in events::all_codes() {
+            let n = self.rejected_with(*code);
+            if n > 0 {
+                let _ = writeln!(out, "fleetstream_ingest_batches_rejected_total{{reason=\"{name}\"}} {n}");
+            }
+        }
+    }
+}
+
+/// A bound ingest endpoint, ready to [`serve`](IngestServer::serve).
+#[derive(Debug)]
+pub struct IngestServer {
+    endpoint: quinn::Endpoint,
+    cfg: ServerConfig,
+    certificate_pem: String,
+    metrics: Arc<IngestMetrics>,
+}
+
+struct Ctx {
+    limits: Limits,
+    max_inflight: usize,
+    metrics: Arc<IngestMetrics>,
+}
+
+impl IngestServer {
+    /// Binds the UDP socket and prepares TLS. Must run inside a tokio runtime.
+    pub fn bind(cfg: &ServerConfig) -> Result<Self, Error> {
+        let identity = match (&cfg.cert, &cfg.key) {
+            (Some(cert), Some(key)) => Identity::from_files(cert, key)?,
+            (None, None) => Identity::self_signed()?,
+            _ => return Err(Error::Config("ingest.cert and ingest.key must be set together".into())),
+        };
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_crypto(&identity)?));
+        server.transport_config(Arc::new(transport(cfg)?));
+        let endpoint = quinn::Endpoint::server(server, cfg.listen).map_err(|e| Error::Bind(cfg.listen, e))?;
+        Ok(Self { endpoint, cfg: cfg.clone(), certificate_pem: identity.chain_pem, metrics: Arc::default() })
+    }
+
+    /// The address actually bound (useful with port 0).
+    pub fn local_addr(&self) -> Result<SocketAddr, Error> {
+        self.endpoint.local_addr().map_err(Error::Io)
+    }
+
+    /// The served certificate chain in PEM, for clients to trust.
+    pub fn certificate_pem(&self) -> &str {
+        &self.certificate_pem
+    }
+
+    /// The server's counters.
+    pub fn metrics(&self) -> Arc<IngestMetrics> {
+        self.metrics.clone()
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting, lets open streams finish what
+    /// they already submitted (up to `drain_timeout_ms`), and closes.
+    pub async fn serve<E>(self, engine: Arc<E>, shutdown: impl Future<Output = ()>) -> Result<(), Error>
+    where
+        E: BatchSink + StreamSource,
+    {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let permits = Arc::new(Semaphore::new(self.cfg.max_connections));
+        let ctx = Arc::new(Ctx {
+            limits: self.cfg.limits(),
+            max_inflight: self.cfg.max_inflight_per_stream.max(1),
+            metrics: self.metrics.clone(),
+        });
+        let mut connections = JoinSet::new();
+        tokio::pin!(shutdown);
+        info!(addr = %self.local_addr()?, "ingest listening");
+        loop {
+            tokio::select! {
+                () = &mut shutdown => break,
+                incoming = self.endpoint.accept() => {
+                    let Some(incoming) = incoming else { break };
+                    let Ok(permit) = permits.clone().try_acquire_owned() else {
+                        self.metrics.connections_refused.fetch_add(1, Ordering::Relaxed);
+                        warn!(peer = %incoming.remote_address(), "connection refused: at max_connections");
+                        incoming.refuse();
+                        continue;
+                    };
+                    let (engine, ctx, stop) = (engine.clone(), ctx.clone(), stop_rx.clone());
+                    connections.spawn(async move {
+                        connection(incoming, engine, ctx, stop).await;
+                        drop(permit);
+                    });
+                }
+                Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            }
+        }
+        info!(connections = connections.len(), "ingest draining");
+        let _ = stop_tx.send(true);
+        let drain = async { while connections.join_next().await.is_some() {} };
+        if tokio::time::timeout(Duration::from_millis(self.cfg.drain_timeout_ms), drain).await.is_err() {
+            warn!("ingest drain timed out; closing the remaining connections");
+            connections.abort_all();
+        }
+        self.endpoint.close(VarInt::from_u32(0), b"server shutting down");
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        info!("ingest stopped");
+        Ok(())
+    }
+}
+
+fn transport(cfg: &ServerConfig) -> Result<quinn::TransportConfig, Error> {
+    let varint = |v: u64, what: &str| VarInt::from_u64(v).map_err(|_| Error::Config(format!("{what} is too large")));
+    let mut t = quinn::TransportConfig::default();
+    t.max_concurrent_bidi_streams(VarInt::from_u32(cfg.max_streams_per_connection));
+    t.max_concurrent_uni_streams(VarInt::from_u32(0));
+    t.stream_receive_window(varint(cfg.stream_window_bytes, "stream_window_bytes")?);
+    t.receive_window(varint(cfg.connection_window_bytes, "connection_window_bytes")?);
+    t.send_window(cfg.connection_window_bytes);
+    let idle = Duration::from_millis(cfg.idle_timeout_ms);
+    t.max_idle_timeout(Some(idle.try_into().map_err(|_| Error::Config("idle_timeout_ms is too large".into()))?));
+    Ok(t)
+}
+
+async fn connection<E>(incoming: quinn::Incoming, engine: Arc<E>, ctx: Arc<Ctx>, mut stop: watch::Receiver<bool>)
+where
+    E: BatchSink + StreamSource,
+{
+    let peer = incoming.remote_address();
+    let conn = match incoming.await {
+        Ok(conn) => conn,
+        Err(error) => {
+            debug!(%peer, %error, "handshake failed");
+            return;
+        }
+    };
+    ctx.metrics.connections_open.fetch_add(1, Ordering::Relaxed);
+    ctx.metrics.connections_total.fetch_add(1, Ordering::Relaxed);
+    debug!(%peer, "connection open");
+    let mut streams = JoinSet::new();
+    loop {
+        tokio::select! {
+            () = stopped(&mut stop) => break,
+            accepted = conn.accept_bi() => match accepted {
+                Ok((send, recv)) => {
+                    streams.spawn(stream(send, recv, engine.clone(), ctx.clone(), stop.clone()));
+                }
+                Err(error) => {
+                    debug!(%peer, %error, "connection closed");
+                    break;
+                }
+            },
+            Some(_) = streams.join_next(), if !streams.is_empty() => {}
+        }
+    }
+    while streams.join_next().await.is_some() {}
+    conn.close(VarInt::from_u32(0), b"bye");
+    ctx.metrics.connections_open.fetch_sub(1, Ordering::Relaxed);
+}
+
+async fn stream<E>(send: SendStream, mut recv: RecvStream, engine: Arc<E>, ctx: Arc<Ctx>, stop: watch::Receiver<bool>)
+where
+    E: BatchSink + StreamSource,
+{
+    let mut kind = [0u8; 1];
+    if recv.read_exact(&mut kind).await.is_err() {
+        return;
+    }
+    match kind[0] {
+        STREAM_INGEST => ingest_stream(send, recv, engine, ctx, stop).await,
+        STREAM_SUBSCRIBE => subscribe_stream(send, recv, engine, ctx, stop).await,
+        other => {
+            let error = WireError::MalformedFrame("unknown stream kind");
+            warn!(kind = other, %error, "stream refused");
+            ctx.metrics.count_rejection(&error);
+            let mut send = send;
+            let _ = send.reset(VarInt::from_u32(u32::from(error.code())));
+            let _ = recv.stop(VarInt::from_u32(u32::from(error.code())));
+        }
+    }
+}
+
+enum Pending<A> {
+    Accepted { seq: u64, events: u32, ack: A },
+    Rejected { seq: u64, events: u32, error: WireError },
+}
+
+async fn ingest_stream<E: BatchSink>(
+    mut send: SendStream,
+    mut recv: RecvStream,
+    engine: Arc<E>,
+    ctx: Arc<Ctx>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let (tx, mut rx) = mpsc::channel::<Pending<E::Ack>>(ctx.max_inflight);
+    let metrics = ctx.metrics.clone();
+    let writer = tokio::spawn(async move {
+        let mut out = Vec::with_capacity(64);
+        while let Some(pending) = rx.recv().await {
+            let response = match pending {
+                Pending::Accepted { seq, events, ack } => {
+                    let result = ack.await;
+                    match &result {
+                        Ok(()) => {
+                            metrics.batches_accepted.fetch_add(1, Ordering::Relaxed);
+                            metrics.events_accepted.fetch_add(u64::from(events), Ordering::Relaxed);
+                        }
+                        Err(error) => {
+                            metrics.count_rejection(error);
+                            warn!(%error, batch_seq = seq, "batch not acknowledged");
+                        }
+                    }
+                    Response { batch_seq: seq, events, result }
+                }
+                Pending::Rejected { seq, events, error } => Response { batch_seq: seq, events, result: Err(error) },
+            };
+            out.clear();
+            response.encode(&mut out);
+            if send.write_all(&out).await.is_err() {
+                return;
+            }
+        }
+        let _ = send.finish();
+    });
+
+    let peer_reject = |seq: u64, events: u32, error: WireError| {
+        ctx.metrics.count_rejection(&error);
+        warn!(%error, reason = error.name(), batch_seq = seq, "batch rejected");
+        Pending::Rejected { seq, events, error }
+    };
+    let mut header = [0u8; HEADER_LEN];
+    loop {
+        let read = tokio::select! {
+            biased;
+            () = stopped(&mut stop) => break,
+            read = recv.read_exact(&mut header) => read,
+        };
+        match read {
+            Ok(()) => {}
+            Err(ReadExactError::FinishedEarly(0)) => break,
+            Err(ReadExactError::FinishedEarly(got)) => {
+                let _ = tx.send(peer_reject(0, 0, WireError::Truncated { needed: HEADER_LEN, got })).await;
+                break;
+            }
+            Err(ReadExactError::ReadError(error)) => {
+                debug!(%error, "ingest stream ended");
+                break;
+            }
+        }
+        let parsed = match BatchHeader::parse(&header, &ctx.limits) {
+            Ok(parsed) => parsed,
+            Err(error) => {
+                // The stream is out of step: answer, then stop reading it.
+                let seq = if header[0..4] == events::wire::MAGIC { u64_at(&header, 24) } else { 0 };
+                let code = VarInt::from_u32(u32::from(error.code()));
+                let _ = tx.send(peer_reject(seq, 0, error)).await;
+                let _ = recv.stop(code);
+                break;
+            }
+        };
+        let (seq, count) = (parsed.meta.batch_seq, parsed.event_count);
+        let frame_len = parsed.frame_len();
+        let mut buf = Buffer::with_capacity(frame_len);
+        buf.extend_from_slice(&header);
+        buf.resize(frame_len, 0);
+        match recv.read_exact(&mut buf[HEADER_LEN..]).await {
+            Ok(()) => {}
+            Err(ReadExactError::FinishedEarly(got)) => {
+                let error = WireError::Truncated { needed: frame_len, got: HEADER_LEN + got };
+                let _ = tx.send(peer_reject(seq, count, error)).await;
+                break;
+            }
+            Err(ReadExactError::ReadError(error)) => {
+                debug!(%error, "ingest stream ended mid-frame");
+                break;
+            }
+        }
+        ctx.metrics.bytes_received.fetch_add(frame_len as u64, Ordering::Relaxed);
+        let pending = match TelemetryBatch::validate(buf, &ctx.limits) {
+            Err(error) => peer_reject(seq, count, error),
+            Ok(batch) => match engine.submit(batch).await {
+                Ok(ack) => Pending::Accepted { seq, events: count, ack },
+                Err(error) => peer_reject(seq, count, error),
+            },
+        };
+        let shutting_down = matches!(&pending, Pending::Rejected { error: WireError::ShuttingDown, .. });
+        if tx.send(pending).await.is_err() || shutting_down {
+            break;
+        }
+    }
+    drop(tx);
+    let _ = writer.await;
+}
+
+async fn subscribe_stream<E: StreamSource>(
+    mut send: SendStream,
+    mut recv: RecvStream,
+    engine: Arc<E>,
+    ctx: Arc<Ctx>,
+    stop: watch::Receiver<bool>,
+) {
+    let mut topic = [0u8; 1];
+    if recv.read_exact(&mut topic).await.is_err() {
+        return;
+    }
+    ctx.metrics.subscribers_open.fetch_add(1, Ordering::Relaxed);
+    match topic[0] {
+        TOPIC_TELEMETRY => match engine.subscribe_telemetry(Overflow::Disconnect) {
+            Ok(sub) => forward(&mut send, sub, stop).await,
+            Err(error) => reset(&mut send, &error),
+        },
+        TOPIC_DELIVERIES => match engine.subscribe_deliveries(Overflow::Disconnect) {
+            Ok(sub) => forward(&mut send, sub, stop).await,
+            Err(error) => reset(&mut send, &error),
+        },
+        _ => reset(&mut send, &WireError::MalformedFrame("unknown topic")),
+    }
+    ctx.metrics.subscribers_open.fetch_sub(1, Ordering::Relaxed);
+}
+
+async fn forward<T: Payload>(send: &mut SendStream, sub: Subscription<T>, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            biased;
+            () = stopped(&mut stop) => {
+                reset(send, &WireError::ShuttingDown);
+                return;
+            }
+            item = sub.rx.recv_async() => match item {
+                Ok(batch) => {
+                    if send.write_all(batch.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+                Err(_) => {
+                    let reason = sub.end_reason();
+                    warn!(%reason, "subscription ended");
+                    reset(send, &reason);
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Resolves once shutdown has been signalled (at once if it already was).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+fn reset(send: &mut SendStream, error: &WireError) {
+    let _ = send.reset(VarInt::from_u32(u32::from(error.code())));
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(a)
+}

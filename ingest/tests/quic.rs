@@ -1,0 +1,252 @@
+//! The ingest server over real QUIC on loopback, with a recording sink standing in for the
+//! engine.
+
+use std::future::{Ready, ready};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use events::wire::{Buffer, HEADER_LEN};
+use events::{
+    BatchMeta, BatchSink, DeliveryEvent, DroneEvent, DroneEventKind, Error as WireError, FlightStatus, GeoPoint, Overflow,
+    StreamSource, Subscription, TelemetryBatch, Topic,
+};
+use ingest::proto::STREAM_INGEST;
+use ingest::{Answer, ClientConfig, IngestClient, IngestServer, ServerConfig, Trust};
+use parking_lot_free::Recorder;
+use tokio::sync::{mpsc, oneshot};
+
+mod parking_lot_free {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// Records every submitted batch and republishes it to telemetry subscribers.
+    #[derive(Default)]
+    pub struct Recorder {
+        pub batches: Mutex<Vec<Arc<TelemetryBatch>>>,
+        pub subs: Mutex<Vec<flume::Sender<Arc<TelemetryBatch>>>>,
+    }
+
+    impl BatchSink for Recorder {
+        type Ack = Ready<Result<(), WireError>>;
+
+        async fn submit(&self, batch: TelemetryBatch) -> Result<Self::Ack, WireError> {
+            let batch = Arc::new(batch);
+            for s in self.subs.lock().unwrap().iter() {
+                let _ = s.try_send(batch.clone());
+            }
+            self.batches.lock().unwrap().push(batch);
+            Ok(ready(Ok(())))
+        }
+    }
+
+    impl StreamSource for Recorder {
+        fn subscribe_telemetry(&self, _: Overflow) -> Result<Subscription<DroneEvent>, WireError> {
+            let (tx, rx) = flume::bounded(100);
+            self.subs.lock().unwrap().push(tx);
+            Ok(Subscription::new(rx, Arc::default()))
+        }
+
+        fn subscribe_deliveries(&self, _: Overflow) -> Result<Subscription<DeliveryEvent>, WireError> {
+            Err(WireError::ShuttingDown)
+        }
+    }
+}
+
+struct Harness {
+    sink: Arc<Recorder>,
+    addr: std::net::SocketAddr,
+    cfg: ClientConfig,
+    metrics: Arc<ingest::IngestMetrics>,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+async fn start(cfg: ServerConfig) -> Harness {
+    let server = IngestServer::bind(&ServerConfig { listen: "127.0.0.1:0".parse().unwrap(), ..cfg }).unwrap();
+    let addr = server.local_addr().unwrap();
+    let client_cfg = ClientConfig::new(Trust::Pem(server.certificate_pem().to_string()));
+    let metrics = server.metrics();
+    let sink = Arc::new(Recorder::default());
+    let (stop, stopped) = oneshot::channel::<()>();
+    let s = sink.clone();
+    let task = tokio::spawn(async move {
+        server
+            .serve(s, async {
+                let _ = stopped.await;
+            })
+            .await
+            .unwrap();
+    });
+    Harness { sink, addr, cfg: client_cfg, metrics, stop: Some(stop), task }
+}
+
+impl Harness {
+    async fn client(&self) -> IngestClient {
+        IngestClient::connect(self.addr, &self.cfg).await.unwrap()
+    }
+
+    async fn shutdown(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        tokio::time::timeout(Duration::from_secs(10), self.task).await.unwrap().unwrap();
+    }
+}
+
+fn event(drone_id: u64, seq: u64) -> DroneEvent {
+    DroneEvent {
+        drone_id,
+        seq,
+        ts_us: seq,
+        position: GeoPoint::new(47.0, -122.0),
+        speed_mps: 1.0,
+        heading_deg: 0.0,
+        battery_pct: 99.0,
+        status: FlightStatus::Idle,
+        kind: DroneEventKind::Position,
+    }
+}
+
+fn frame(batch_seq: u64, n: u64) -> Vec<u8> {
+    let events: Vec<_> = (0..n).map(|i| event(1, batch_seq * 1000 + i)).collect();
+    let meta = BatchMeta { producer_id: 5, batch_seq, ..BatchMeta::default() };
+    TelemetryBatch::encode(meta, &events, Buffer::new()).unwrap().as_bytes().to_vec()
+}
+
+async fn answer(rx: &mut mpsc::Receiver<Answer>) -> Answer {
+    tokio::time::timeout(Duration::from_secs(10), rx.recv()).await.expect("answer in time").expect("lane open")
+}
+
+#[tokio::test]
+async fn batches_are_acknowledged_in_order() {
+    let h = start(ServerConfig::default()).await;
+    let client = h.client().await;
+    let (mut lane, mut answers) = client.open_lane().await.unwrap();
+    for seq in 0..20 {
+        lane.send(&frame(seq, 10)).await.unwrap();
+    }
+    for seq in 0..20 {
+        assert_eq!(answer(&mut answers).await, Answer { batch_seq: seq, events: 10, result: Ok(()) });
+    }
+    let got: Vec<_> = h.sink.batches.lock().unwrap().iter().map(|b| b.header().meta.batch_seq).collect();
+    assert_eq!(got, (0..20).collect::<Vec<_>>());
+    assert_eq!(h.metrics.events_accepted.load(Ordering::Relaxed), 200);
+    client.close().await;
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_corrupt_batch_is_rejected_and_the_stream_goes_on() {
+    let h = start(ServerConfig::default()).await;
+    let client = h.client().await;
+    let (mut lane, mut answers) = client.open_lane().await.unwrap();
+    let mut bad = frame(1, 5);
+    let last = bad.len() - 1;
+    bad[last] ^= 0x55;
+    lane.send(&frame(0, 5)).await.unwrap();
+    lane.send(&bad).await.unwrap();
+    lane.send(&frame(2, 5)).await.unwrap();
+    assert!(answer(&mut answers).await.result.is_ok());
+    let rejected = answer(&mut answers).await;
+    assert_eq!(rejected.batch_seq, 1);
+    let err = rejected.result.unwrap_err();
+    assert_eq!(err.name(), "checksum_mismatch", "{err}");
+    assert!(err.to_string().contains("checksum mismatch"), "the reason travels: {err}");
+    assert_eq!(answer(&mut answers).await, Answer { batch_seq: 2, events: 5, result: Ok(()) });
+    assert_eq!(h.metrics.rejected_with(10), 1);
+    client.close().await;
+    h.shutdown().await;
+}
+
+/// Garbage, an unknown version, half a batch and an oversize batch each get a typed rejection,
+/// are counted, and never disturb a healthy stream on the same connection or on another one.
+#[tokio::test]
+async fn bad_input_is_rejected_while_others_keep_working() {
+    let h = start(ServerConfig { max_body_bytes: 4096, ..ServerConfig::default() }).await;
+    let healthy = h.client().await;
+    let (mut good_lane, mut good_answers) = healthy.open_lane().await.unwrap();
+    let attacker = h.client().await;
+
+    let mut garbage = vec![0xA5u8; 200];
+    garbage[..4].copy_from_slice(b"JUNK");
+    let mut future_version = frame(3, 2);
+    future_version[4] = 42;
+    let half = frame(4, 20);
+    let half = half[..half.len() / 2].to_vec();
+    let oversize = frame(5, 200);
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        (garbage, "bad_magic"),
+        (future_version, "unsupported_version"),
+        (half, "truncated"),
+        (oversize, "too_large"),
+    ];
+    let mut seq = 100;
+    for (bytes, expected) in cases {
+        let (mut lane, mut answers) = attacker.open_lane().await.unwrap();
+        lane.send(&bytes).await.unwrap();
+        lane.finish();
+        let a = answer(&mut answers).await;
+        let err = a.result.expect_err("must be rejected");
+        assert_eq!(err.name(), expected, "{err}");
+        // The healthy stream is unaffected.
+        good_lane.send(&frame(seq, 3)).await.unwrap();
+        assert_eq!(answer(&mut good_answers).await, Answer { batch_seq: seq, events: 3, result: Ok(()) });
+        seq += 1;
+    }
+    assert_eq!(h.metrics.rejected_total(), 4);
+    assert_eq!(h.metrics.batches_accepted.load(Ordering::Relaxed), 4);
+
+    // A stream of an unknown kind is refused without harming the connection.
+    let (mut send, _recv) = attacker.connection().open_bi().await.unwrap();
+    send.write_all(&[99]).await.unwrap();
+    let (mut lane, mut answers) = attacker.open_lane().await.unwrap();
+    lane.send(&frame(7, 1)).await.unwrap();
+    assert!(answer(&mut answers).await.result.is_ok());
+
+    // The raw protocol: after a header the server cannot trust, it stops reading the stream.
+    let (mut send, mut recv) = attacker.connection().open_bi().await.unwrap();
+    send.write_all(&[STREAM_INGEST]).await.unwrap();
+    send.write_all(&[0u8; HEADER_LEN]).await.unwrap();
+    let mut fixed = [0u8; ingest::proto::RESPONSE_LEN];
+    recv.read_exact(&mut fixed).await.unwrap();
+    let (_, code, _, _) = ingest::proto::Response::decode_fixed(&fixed);
+    assert_eq!(code, WireError::BadMagic { found: [0; 4] }.code());
+
+    healthy.close().await;
+    attacker.close().await;
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn subscribers_receive_accepted_batches() {
+    let h = start(ServerConfig::default()).await;
+    let client = h.client().await;
+    let mut sub = client.subscribe::<DroneEvent>(Topic::DroneTelemetry).await.unwrap();
+    // The subscription is registered when the server reads the request; wait for it.
+    for _ in 0..100 {
+        if !h.sink.subs.lock().unwrap().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (mut lane, mut answers) = client.open_lane().await.unwrap();
+    lane.send(&frame(9, 4)).await.unwrap();
+    answer(&mut answers).await.result.unwrap();
+    let batch = tokio::time::timeout(Duration::from_secs(10), sub.next()).await.unwrap().unwrap().unwrap();
+    assert_eq!(batch.header().meta.batch_seq, 9);
+    assert_eq!(batch.events()[3].seq.to_native(), 9003);
+    // The deliveries topic is refused by this sink: the client sees the typed reason.
+    let mut refused = client.subscribe::<DeliveryEvent>(Topic::DeliveryEvents).await.unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(10), refused.next()).await.unwrap().unwrap_err();
+    assert!(matches!(err, ingest::Error::Wire(ref e) if e.name() == "shutting_down"), "{err}");
+    client.close().await;
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_client_that_does_not_trust_the_certificate_cannot_connect() {
+    let h = start(ServerConfig::default()).await;
+    let other = ingest::tls::Identity::self_signed().unwrap();
+    let cfg = ClientConfig::new(Trust::Pem(other.chain_pem));
+    assert!(IngestClient::connect(h.addr, &cfg).await.is_err());
+    h.shutdown().await;
+}
