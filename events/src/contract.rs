@@ -101,3 +101,13 @@ pub trait FleetControl: Send + Sync + 'static {
     /// The engine's latest state of a drone, `None` if it never reported.
     fn drone(&self, id: DroneId) -> impl Future<Output = Result<Option<DroneSnapshot>, Error>> + Send;
 }
+
+impl<T: FleetControl> FleetControl for Arc<T> {
+    fn command(&self, cmd: DeliveryCommand) -> impl Future<Output = Result<(), Error>> + Send {
+        (**self).command(cmd)
+    }
+
+    fn drone(&self, id: DroneId) -> impl Future<Output = Result<Option<DroneSnapshot>, Error>> + Send {
+        (**self).drone(id)
+    }
+}

@@ -1,1 +1,20 @@
-//! placeholder
+//! fleetstream's HTTP services: delivery scheduling and status, and the drone registry.
+//!
+//! The services program against `events::FleetControl` only, never against the engine, so they
+//! run beside the engine in one process (the default) or, later, in processes of their own.
+//!
+//! Data flow:
+//! ```text
+//!  POST /v1/deliveries ─► registry: take a free drone ─► FleetControl::command(Create) ─► 201
+//!  delivery-events stream ─► Services::apply_delivery_events ─► read model (stage per delivery),
+//!                                                               drone freed on completion/cancel
+//!  GET /v1/deliveries/{id} ─► read model + FleetControl::drone (last known position)
+//! ```
+
+mod api;
+mod error;
+mod state;
+
+pub use api::router;
+pub use error::Error;
+pub use state::{CreateDelivery, DeliveryRecord, Package, Services};

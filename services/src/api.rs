@@ -1,0 +1,159 @@
+//! The HTTP routes, versioned under `/v1`.
+//!
+//! | method | path | what |
+//! |---|---|---|
+//! | POST | `/v1/deliveries` | schedule a delivery; `201 {delivery_id, drone_id, stage}` |
+//! | GET | `/v1/deliveries/{id}` | stage, drone and the drone's last known position |
+//! | POST | `/v1/drones` | register drones `{"drones": [ids]}` as available |
+//! | PUT | `/v1/drones/{id}` | register one drone |
+//! | GET | `/v1/drones/{id}` | the engine's live state of a drone |
+//! | GET | `/healthz` | liveness |
+//!
+//! Every error is JSON `{"error": code, "message": text}` with a fitting status; malformed JSON
+//! and missing fields are `400`.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRequest, Path, Request, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use events::FleetControl;
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+
+use crate::state::{CreateDelivery, Services};
+use crate::Error;
+
+/// The services' routes over `svc`.
+pub fn router<F: FleetControl>(svc: Arc<Services<F>>) -> Router {
+    Router::new()
+        .route("/v1/deliveries", post(create_delivery::<F>))
+        .route("/v1/deliveries/{id}", get(get_delivery::<F>))
+        .route("/v1/drones", post(register_drones::<F>))
+        .route("/v1/drones/{id}", get(get_drone::<F>).put(register_drone::<F>))
+        .route("/healthz", get(|| async { "ok" }))
+        .with_state(svc)
+}
+
+impl<F: FleetControl> Services<F> {
+    /// Appends the services' counters in Prometheus text format.
+    pub fn render_metrics(&self, out: &mut String) {
+        use std::fmt::Write;
+        let (drones, free) = self.fleet_size();
+        let _ = writeln!(
+            out,
+            "# TYPE fleetstream_deliveries_scheduled_total counter\nfleetstream_deliveries_scheduled_total {}",
+            self.scheduled.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE fleetstream_deliveries_refused_total counter\nfleetstream_deliveries_refused_total {}",
+            self.refused.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(out, "# TYPE fleetstream_drones_registered gauge\nfleetstream_drones_registered {drones}");
+        let _ = writeln!(out, "# TYPE fleetstream_drones_free gauge\nfleetstream_drones_free {free}");
+    }
+}
+
+/// `Json` whose rejections are our `400` with the reason.
+struct ApiJson<T>(T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
+    type Rejection = Error;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(Self(v)),
+            Err(rejection) => Err(Error::BadRequest(json_reason(&rejection))),
+        }
+    }
+}
+
+fn json_reason(rejection: &JsonRejection) -> String {
+    match rejection {
+        JsonRejection::MissingJsonContentType(_) => "expected Content-Type: application/json".into(),
+        other => other.body_text(),
+    }
+}
+
+fn parse_id(raw: &str) -> Result<u64, Error> {
+    raw.parse().map_err(|_| Error::BadRequest(format!("{raw:?} is not a numeric id")))
+}
+
+async fn create_delivery<F: FleetControl>(
+    State(svc): State<Arc<Services<F>>>,
+    ApiJson(req): ApiJson<CreateDelivery>,
+) -> Result<impl IntoResponse, Error> {
+    match svc.schedule(req).await {
+        Ok(record) => Ok((
+            StatusCode::CREATED,
+            Json(serde_json::json!({
+                "delivery_id": record.delivery_id,
+                "drone_id": record.drone_id,
+                "stage": record.stage,
+            })),
+        )),
+        Err(e) => {
+            svc.refused.fetch_add(1, Ordering::Relaxed);
+            Err(e)
+        }
+    }
+}
+
+async fn get_delivery<F: FleetControl>(
+    State(svc): State<Arc<Services<F>>>,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, Error> {
+    let id = parse_id(&id)?;
+    let record = svc.delivery(id).ok_or(Error::NotFound { what: "delivery", id })?;
+    let drone = svc.fleet.drone(record.drone_id).await?;
+    Ok(Json(serde_json::json!({
+        "delivery_id": record.delivery_id,
+        "owner": record.owner,
+        "stage": record.stage,
+        "drone_id": record.drone_id,
+        "pickup": record.pickup,
+        "dropoff": record.dropoff,
+        "package": record.package,
+        "created_us": record.created_us,
+        "updated_us": record.updated_us,
+        "drone": drone,
+    })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RegisterDrones {
+    drones: Vec<u64>,
+}
+
+async fn register_drones<F: FleetControl>(
+    State(svc): State<Arc<Services<F>>>,
+    ApiJson(req): ApiJson<RegisterDrones>,
+) -> impl IntoResponse {
+    let added = svc.register_drones(&req.drones);
+    Json(serde_json::json!({ "registered": req.drones.len(), "new": added }))
+}
+
+async fn register_drone<F: FleetControl>(
+    State(svc): State<Arc<Services<F>>>,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, Error> {
+    let id = parse_id(&id)?;
+    let added = svc.register_drones(&[id]);
+    let status = if added == 1 { StatusCode::CREATED } else { StatusCode::OK };
+    Ok((status, Json(serde_json::json!({ "drone_id": id }))))
+}
+
+async fn get_drone<F: FleetControl>(
+    State(svc): State<Arc<Services<F>>>,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, Error> {
+    let id = parse_id(&id)?;
+    let snapshot = svc.fleet.drone(id).await?.ok_or(Error::NotFound { what: "drone", id })?;
+    Ok(Json(snapshot))
+}

@@ -1,0 +1,62 @@
+//! The services' error type, which is also their HTTP error response: a status, a stable
+//! machine-readable code and a message fit for a client (internal details stay in the log).
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+
+/// Errors of the HTTP services.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The request is malformed: bad JSON, a missing field, an invalid value.
+    #[error("{0}")]
+    BadRequest(String),
+    /// No such resource.
+    #[error("{what} {id} not found")]
+    NotFound {
+        /// Kind of resource.
+        what: &'static str,
+        /// Its id.
+        id: u64,
+    },
+    /// Every registered drone is busy; the client may retry.
+    #[error("no drone is available; retry later")]
+    NoDroneAvailable,
+    /// The engine refused or failed the operation.
+    #[error(transparent)]
+    Engine(#[from] events::Error),
+}
+
+impl Error {
+    fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            Error::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            Error::NotFound { .. } => (StatusCode::NOT_FOUND, "not_found"),
+            Error::NoDroneAvailable => (StatusCode::SERVICE_UNAVAILABLE, "no_drone_available"),
+            Error::Engine(e) => match e {
+                events::Error::ShuttingDown | events::Error::StorageFull => (StatusCode::SERVICE_UNAVAILABLE, e.name()),
+                events::Error::DroneBusy { .. } | events::Error::InvalidTransition { .. } => (StatusCode::CONFLICT, e.name()),
+                events::Error::UnknownDelivery(_) => (StatusCode::NOT_FOUND, e.name()),
+                _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+            },
+        }
+    }
+}
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        let message = if status == StatusCode::INTERNAL_SERVER_ERROR {
+            tracing::error!(error = %self, "request failed");
+            "internal error".to_string()
+        } else {
+            tracing::debug!(error = %self, code, "request refused");
+            self.to_string()
+        };
+        let mut response = (status, Json(serde_json::json!({ "error": code, "message": message }))).into_response();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+}

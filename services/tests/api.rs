@@ -1,0 +1,175 @@
+//! The HTTP API through its router (no socket), against a fake engine.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode, header};
+use events::wire::Buffer;
+use events::{
+    BatchMeta, DeliveryBatch, DeliveryCommand, DeliveryEvent, DeliveryStage, DroneId, DroneSnapshot, Error as WireError,
+    FleetControl, FlightStatus, GeoPoint,
+};
+use parking_lot::Mutex;
+use serde_json::{Value, json};
+use services::Services;
+use tower::ServiceExt;
+
+#[derive(Default)]
+struct FakeFleet {
+    commands: Mutex<Vec<DeliveryCommand>>,
+    fail: AtomicBool,
+}
+
+impl FleetControl for FakeFleet {
+    async fn command(&self, cmd: DeliveryCommand) -> Result<(), WireError> {
+        if self.fail.load(Ordering::Relaxed) {
+            return Err(WireError::ShuttingDown);
+        }
+        self.commands.lock().push(cmd);
+        Ok(())
+    }
+
+    async fn drone(&self, id: DroneId) -> Result<Option<DroneSnapshot>, WireError> {
+        Ok((id < 100).then_some(DroneSnapshot {
+            drone_id: id,
+            position: GeoPoint::new(1.5, 2.5),
+            status: FlightStatus::Flying,
+            battery_pct: 77.0,
+            last_seq: 9,
+            updated_us: 5,
+            delivery: None,
+        }))
+    }
+}
+
+fn setup() -> (Arc<FakeFleet>, Arc<Services<Arc<FakeFleet>>>, axum::Router) {
+    let fleet = Arc::new(FakeFleet::default());
+    let svc = Arc::new(Services::new(fleet.clone()));
+    let router = services::router(svc.clone());
+    (fleet, svc, router)
+}
+
+async fn call(router: &axum::Router, method: &str, uri: &str, body: Option<&str>) -> (StatusCode, Value, Option<String>) {
+    let mut req = Request::builder().method(method).uri(uri);
+    if body.is_some() {
+        req = req.header(header::CONTENT_TYPE, "application/json");
+    }
+    let req = req.body(body.map_or_else(Body::empty, |b| Body::from(b.to_string()))).unwrap();
+    let resp = router.clone().oneshot(req).await.unwrap();
+    let status = resp.status();
+    let retry = resp.headers().get(header::RETRY_AFTER).map(|v| v.to_str().unwrap().to_string());
+    let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20).await.unwrap();
+    let value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    (status, value, retry)
+}
+
+fn order() -> String {
+    json!({
+        "owner": "acme",
+        "pickup": {"lat": 47.6, "lon": -122.3},
+        "dropoff": {"lat": 47.62, "lon": -122.35},
+        "package": {"size": "small", "weight_kg": 1.2}
+    })
+    .to_string()
+}
+
+fn events_batch(events: &[DeliveryEvent]) -> DeliveryBatch {
+    DeliveryBatch::encode(BatchMeta::default(), events, Buffer::new()).unwrap()
+}
+
+fn stage_event(delivery_id: u64, drone_id: u64, seq: u32, stage: DeliveryStage) -> DeliveryEvent {
+    DeliveryEvent { delivery_id, seq, drone_id, ts_us: 1000 + u64::from(seq), location: GeoPoint::new(0.0, 0.0), stage }
+}
+
+#[tokio::test]
+async fn schedule_track_and_complete_a_delivery() {
+    let (fleet, svc, router) = setup();
+    let (status, _, _) = call(&router, "PUT", "/v1/drones/7", None).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (status, body, _) = call(&router, "POST", "/v1/deliveries", Some(&order())).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(body["drone_id"], 7);
+    assert_eq!(body["stage"], "created");
+    let id = body["delivery_id"].as_u64().unwrap();
+    assert!(matches!(fleet.commands.lock()[0], DeliveryCommand::Create { delivery_id, drone_id: 7, .. } if delivery_id == id));
+
+    // The only drone is busy now.
+    let (status, body, retry) = call(&router, "POST", "/v1/deliveries", Some(&order())).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(body["error"], "no_drone_available");
+    assert_eq!(retry.as_deref(), Some("1"));
+
+    svc.apply_delivery_events(&events_batch(&[
+        stage_event(id, 7, 0, DeliveryStage::Created),
+        stage_event(id, 7, 1, DeliveryStage::HeadedToPickup),
+        stage_event(id, 7, 2, DeliveryStage::InTransit),
+    ]));
+    let (status, body, _) = call(&router, "GET", &format!("/v1/deliveries/{id}"), None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["stage"], "in_transit");
+    assert_eq!(body["drone"]["position"]["lat"], 1.5);
+    assert_eq!(body["owner"], "acme");
+
+    // A replayed older event changes nothing; completion frees the drone.
+    svc.apply_delivery_events(&events_batch(&[
+        stage_event(id, 7, 1, DeliveryStage::HeadedToPickup),
+        stage_event(id, 7, 3, DeliveryStage::DeliveryComplete),
+    ]));
+    let (_, body, _) = call(&router, "GET", &format!("/v1/deliveries/{id}"), None).await;
+    assert_eq!(body["stage"], "delivery_complete");
+    assert_eq!(svc.fleet_size(), (1, 1));
+    let (status, _, _) = call(&router, "POST", "/v1/deliveries", Some(&order())).await;
+    assert_eq!(status, StatusCode::CREATED);
+}
+
+#[tokio::test]
+async fn malformed_requests_get_400_with_a_reason() {
+    let (_, _, router) = setup();
+    call(&router, "POST", "/v1/drones", Some(r#"{"drones":[1,2,3]}"#)).await;
+    let cases = [
+        ("{not json", "parse the request body as JSON"),
+        (r#"{"owner":"a","pickup":{"lat":1,"lon":2},"package":{"size":"small","weight_kg":1}}"#, "dropoff"),
+        (r#"{"owner":"a","pickup":{"lat":100,"lon":2},"dropoff":{"lat":1,"lon":2},"package":{"size":"small","weight_kg":1}}"#, "pickup"),
+        (r#"{"owner":"","pickup":{"lat":1,"lon":2},"dropoff":{"lat":1,"lon":2},"package":{"size":"small","weight_kg":1}}"#, "owner"),
+        (r#"{"owner":"a","pickup":{"lat":1,"lon":2},"dropoff":{"lat":1,"lon":2},"package":{"size":"huge","weight_kg":1}}"#, "size"),
+        (r#"{"owner":"a","pickup":{"lat":1,"lon":2},"dropoff":{"lat":1,"lon":2},"package":{"size":"small","weight_kg":1},"x":1}"#, "unknown field"),
+    ];
+    for (body, needle) in cases {
+        let (status, resp, _) = call(&router, "POST", "/v1/deliveries", Some(body)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        assert_eq!(resp["error"], "bad_request");
+        let message = resp["message"].as_str().unwrap();
+        assert!(message.contains(needle), "{message:?} should mention {needle:?}");
+    }
+    let (status, resp, _) = call(&router, "GET", "/v1/deliveries/abc", None).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(resp["message"].as_str().unwrap().contains("numeric"));
+    let (status, resp, _) = call(&router, "GET", "/v1/deliveries/12345", None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(resp["error"], "not_found");
+}
+
+#[tokio::test]
+async fn an_engine_failure_leaves_nothing_behind() {
+    let (fleet, svc, router) = setup();
+    call(&router, "PUT", "/v1/drones/7", None).await;
+    fleet.fail.store(true, Ordering::Relaxed);
+    let (status, body, _) = call(&router, "POST", "/v1/deliveries", Some(&order())).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["error"], "shutting_down");
+    assert_eq!(svc.fleet_size(), (1, 1), "the drone was released");
+    fleet.fail.store(false, Ordering::Relaxed);
+    let (status, _, _) = call(&router, "POST", "/v1/deliveries", Some(&order())).await;
+    assert_eq!(status, StatusCode::CREATED);
+}
+
+#[tokio::test]
+async fn drones_are_read_from_the_engine() {
+    let (_, _, router) = setup();
+    let (status, body, _) = call(&router, "GET", "/v1/drones/5", None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["battery_pct"], 77.0);
+    let (status, _, _) = call(&router, "GET", "/v1/drones/500", None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
