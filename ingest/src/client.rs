@@ -101,7 +101,8 @@ impl IngestClient {
         Ok((Lane { send, window }, rx))
     }
 
-    /// Subscribes to a topic; batches arrive live from now on.
+    /// Subscribes to a topic. Returns once the server has the subscription in place: every
+    /// batch published after that arrives.
     pub async fn subscribe<T: Payload>(&self, topic: Topic) -> Result<RemoteSubscription<T>, Error> {
         let byte = match topic {
             Topic::DroneTelemetry => TOPIC_TELEMETRY,
@@ -109,7 +110,12 @@ impl IngestClient {
         };
         let (mut send, recv) = self.conn.open_bi().await?;
         send.write_all(&[STREAM_SUBSCRIBE, byte]).await?;
-        Ok(RemoteSubscription { _send: send, recv, limits: self.cfg.limits, _payload: PhantomData })
+        let mut sub = RemoteSubscription { _send: send, recv, limits: self.cfg.limits, _payload: PhantomData };
+        match sub.next().await? {
+            Some(ready) if ready.is_empty() => Ok(sub),
+            Some(_) => Err(WireError::MalformedFrame("subscription did not start with its ready marker").into()),
+            None => Err(Error::Closed),
+        }
     }
 
     /// The underlying connection, for callers that speak the framing themselves.

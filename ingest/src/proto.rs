@@ -7,8 +7,8 @@
 //!   keeps many batches in flight on one stream; a drone's batches stay on one stream so the
 //!   server applies them in order.
 //! - [`STREAM_SUBSCRIBE`]: the client writes one topic byte ([`TOPIC_TELEMETRY`] or
-//!   [`TOPIC_DELIVERIES`]); the server then writes batch frames of that topic, live, until the
-//!   client stops reading. A server that ends a subscription resets the stream with an
+//!   [`TOPIC_DELIVERIES`]); the server answers with an empty batch once the subscription is in
+//!   place, then writes batch frames of that topic, live, until the client stops reading. A server that ends a subscription resets the stream with an
 //!   `events::Error` code (16 = lagged, 14 = shutting down).
 //!
 //! A response is 16 bytes plus an optional UTF-8 reason: batch sequence number (u64), code (u16,

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
-use events::wire::{BatchHeader, Buffer, HEADER_LEN, Payload};
+use events::wire::{Batch, BatchHeader, Buffer, HEADER_LEN, Payload};
 use events::{BatchSink, Error as WireError, Limits, Overflow, StreamSource, Subscription, TelemetryBatch};
 use quinn::{ReadExactError, RecvStream, SendStream, VarInt};
 use serde::{Deserialize, Serialize};
@@ -458,6 +458,19 @@ async fn subscribe_stream<E: StreamSource>(
 }
 
 async fn forward<T: Payload>(send: &mut SendStream, sub: Subscription<T>, mut stop: watch::Receiver<bool>) {
+    // An empty batch first: it tells the client the subscription is in place, so everything
+    // published after the client's `subscribe` returns reaches it.
+    match Batch::<T>::encode(events::BatchMeta::default(), &[], Buffer::new()) {
+        Ok(ready) => {
+            if send.write_all(ready.as_bytes()).await.is_err() {
+                return;
+            }
+        }
+        Err(error) => {
+            reset(send, &error);
+            return;
+        }
+    }
     loop {
         tokio::select! {
             biased;

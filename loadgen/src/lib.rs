@@ -1,1 +1,648 @@
-//! placeholder
+//! `loadgen`: simulates a fleet against a running pipeline and measures what comes out.
+//!
+//! ```text
+//!  customers ─ POST /v1/deliveries ─► API ─► {delivery_id, drone_id} ─► that drone's mission
+//!  drones (C connections, open-loop schedule) ─ batches over QUIC ─► ingest ─► engine
+//!  subscriber ◄─ drone-telemetry + delivery-events over QUIC ─ engine
+//! ```
+//!
+//! The drones emit events on a fixed open-loop schedule (`rate` events/s in all), each stamped
+//! with the time the schedule meant it to be created. The subscriber checks every event it
+//! receives against what was sent ([`observe`]), so `lost` and `duplicates` come from what
+//! actually arrived, and latency is measured from intended creation to arrival.
+
+pub mod observe;
+pub mod sim;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use events::wire::Buffer;
+use events::{BatchMeta, DeliveryEvent, DroneEvent, GeoPoint, TelemetryBatch, Topic, now_us};
+use hdrhistogram::Histogram;
+use ingest::{ClientConfig, IngestClient, Trust};
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+use tokio::sync::{Semaphore, mpsc, watch};
+
+use crate::observe::{DeliveryObserver, TelemetryObserver};
+use crate::sim::{Mission, MissionOutcome, SimDrone};
+
+/// What to simulate and where.
+#[derive(Debug, Clone)]
+pub struct LoadConfig {
+    /// The ingest server (QUIC).
+    pub server: SocketAddr,
+    /// Base URL of the HTTP API, e.g. `http://127.0.0.1:8080`.
+    pub api: String,
+    /// Whom to trust for the QUIC connection.
+    pub trust: Trust,
+    /// Simulated drones.
+    pub drones: usize,
+    /// First drone id; the fleet is `drone_id_base..drone_id_base + drones`.
+    pub drone_id_base: u64,
+    /// Telemetry events per second, whole fleet.
+    pub rate: f64,
+    /// QUIC connections the fleet's telemetry is spread over.
+    pub connections: usize,
+    /// How long drones send telemetry.
+    pub duration: Duration,
+    /// Most events in one batch.
+    pub batch_max_events: usize,
+    /// Longest an event waits for its batch to fill before the batch is sent anyway.
+    pub linger: Duration,
+    /// Deliveries customers schedule per second.
+    pub deliveries_per_s: f64,
+    /// Flight time of each mission leg (to pickup, to drop-off, home).
+    pub leg: Duration,
+    /// At the end, how long to wait for answers and for the subscriber to catch up.
+    pub settle: Duration,
+}
+
+impl LoadConfig {
+    /// Defaults for everything but the addresses.
+    pub fn new(server: SocketAddr, api: String, trust: Trust) -> Self {
+        Self {
+            server,
+            api,
+            trust,
+            drones: 1_000,
+            drone_id_base: 1,
+            rate: 10_000.0,
+            connections: 4,
+            duration: Duration::from_secs(10),
+            batch_max_events: 1_024,
+            linger: Duration::from_millis(5),
+            deliveries_per_s: 100.0,
+            leg: Duration::from_secs(1),
+            settle: Duration::from_secs(15),
+        }
+    }
+
+    fn check(&self) -> anyhow::Result<()> {
+        if self.drones == 0 || self.connections == 0 || self.batch_max_events == 0 {
+            bail!("drones, connections and batch size must be positive");
+        }
+        if !(self.rate.is_finite() && self.rate > 0.0) {
+            bail!("rate must be a positive number of events per second");
+        }
+        if self.rate < self.drones as f64 / self.leg.as_secs_f64() {
+            tracing::warn!(
+                rate = self.rate,
+                drones = self.drones,
+                "fewer than one event per drone per mission leg: missions will take longer than planned"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Latency percentiles in microseconds.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+pub struct Percentiles {
+    /// Samples.
+    pub count: u64,
+    /// Median.
+    pub p50: u64,
+    /// 90th percentile.
+    pub p90: u64,
+    /// 99th percentile.
+    pub p99: u64,
+    /// 99.9th percentile.
+    pub p999: u64,
+    /// Largest.
+    pub max: u64,
+}
+
+impl Percentiles {
+    fn of(h: &Histogram<u64>) -> Self {
+        Self {
+            count: h.len(),
+            p50: h.value_at_quantile(0.5),
+            p90: h.value_at_quantile(0.9),
+            p99: h.value_at_quantile(0.99),
+            p999: h.value_at_quantile(0.999),
+            max: h.max(),
+        }
+    }
+}
+
+/// The outcome of a run, written as JSON by `--report`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// Telemetry events written to the server.
+    pub events_sent: u64,
+    /// Events in batches the server acknowledged.
+    pub events_acked: u64,
+    /// Events in batches the server rejected.
+    pub events_rejected: u64,
+    /// Events in batches never answered.
+    pub events_unanswered: u64,
+    /// Deliveries the API accepted.
+    pub deliveries_scheduled: u64,
+    /// Scheduling attempts the API refused (e.g. no free drone).
+    pub deliveries_refused: u64,
+    /// `DeliveryComplete` events the subscriber received.
+    pub deliveries_completed: u64,
+    /// Distinct delivery events the subscriber received.
+    pub delivery_events_observed: u64,
+    /// Delivery events the scheduled deliveries must have produced, given what the drones sent.
+    pub delivery_events_expected: u64,
+    /// Distinct telemetry events the subscriber received.
+    pub telemetry_events_observed: u64,
+    /// Acknowledged telemetry events plus expected delivery events that never arrived.
+    pub lost: u64,
+    /// The telemetry part of `lost`.
+    pub lost_telemetry: u64,
+    /// The delivery-event part of `lost`.
+    pub lost_delivery_events: u64,
+    /// Events the subscriber received more than once.
+    pub duplicates: u64,
+    /// Length of the sending phase, seconds.
+    pub duration_s: f64,
+    /// Acknowledged events per second over the sending phase.
+    pub throughput_eps: f64,
+    /// The rate asked for.
+    pub target_eps: f64,
+    /// Drone event creation to derived delivery event at the subscriber, µs.
+    pub latency_us: Percentiles,
+    /// Drone event creation to the raw event at the subscriber, µs.
+    pub telemetry_latency_us: Percentiles,
+    /// Rejections by reason.
+    pub rejections: BTreeMap<String, u64>,
+    /// The run's shape.
+    pub drones: usize,
+    /// Connections used.
+    pub connections: usize,
+}
+
+impl std::fmt::Display for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let l = &self.latency_us;
+        let t = &self.telemetry_latency_us;
+        writeln!(f, "── fleetstream load report ─────────────────────────────")?;
+        writeln!(f, "drones {} over {} connections, {:.1} s", self.drones, self.connections, self.duration_s)?;
+        writeln!(
+            f,
+            "telemetry   sent {}  acked {}  rejected {}  unanswered {}",
+            self.events_sent, self.events_acked, self.events_rejected, self.events_unanswered
+        )?;
+        writeln!(f, "throughput  {:.0} events/s (target {:.0})", self.throughput_eps, self.target_eps)?;
+        writeln!(
+            f,
+            "deliveries  scheduled {}  refused {}  completed {}",
+            self.deliveries_scheduled, self.deliveries_refused, self.deliveries_completed
+        )?;
+        writeln!(
+            f,
+            "subscriber  telemetry {}  delivery events {}/{} expected",
+            self.telemetry_events_observed, self.delivery_events_observed, self.delivery_events_expected
+        )?;
+        writeln!(
+            f,
+            "lost        {} (telemetry {}, delivery events {})   duplicates {}",
+            self.lost, self.lost_telemetry, self.lost_delivery_events, self.duplicates
+        )?;
+        writeln!(
+            f,
+            "latency µs  delivery events p50 {} p90 {} p99 {} p999 {} max {}  (n={})",
+            l.p50, l.p90, l.p99, l.p999, l.max, l.count
+        )?;
+        write!(
+            f,
+            "            telemetry       p50 {} p90 {} p99 {} p999 {} max {}  (n={})",
+            t.p50, t.p90, t.p99, t.p999, t.max, t.count
+        )?;
+        if !self.rejections.is_empty() {
+            write!(f, "\nrejections  {:?}", self.rejections)?;
+        }
+        Ok(())
+    }
+}
+
+/// A snapshot for a progress line.
+#[derive(Debug, Clone, Copy)]
+pub struct Progress {
+    /// Seconds since the start of sending.
+    pub elapsed_s: f64,
+    /// Events sent.
+    pub sent: u64,
+    /// Events acknowledged.
+    pub acked: u64,
+    /// Events rejected.
+    pub rejected: u64,
+    /// Acknowledged events per second over the last interval.
+    pub recent_eps: f64,
+    /// Deliveries scheduled.
+    pub scheduled: u64,
+    /// Deliveries completed (seen by the subscriber).
+    pub completed: u64,
+    /// Distinct telemetry events seen by the subscriber.
+    pub observed: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    sent: AtomicU64,
+    acked: AtomicU64,
+    rejected: AtomicU64,
+    scheduled: AtomicU64,
+    refused: AtomicU64,
+    completed: AtomicU64,
+    telemetry_unique: AtomicU64,
+    delivery_unique: AtomicU64,
+    rejections: Mutex<BTreeMap<String, u64>>,
+}
+
+const CENTER: GeoPoint = GeoPoint::new(47.6062, -122.3321);
+
+fn near_center(rng: &mut impl Rng, spread_deg: f64) -> GeoPoint {
+    GeoPoint::new(
+        CENTER.lat + rng.random_range(-spread_deg..spread_deg),
+        CENTER.lon + rng.random_range(-spread_deg..spread_deg),
+    )
+}
+
+/// Runs the simulation. `progress` is called about once a second.
+pub async fn run(cfg: LoadConfig, progress: Arc<dyn Fn(&Progress) + Send + Sync>) -> anyhow::Result<Report> {
+    cfg.check()?;
+    let counters = Arc::new(Counters::default());
+    let http = reqwest::Client::builder().pool_max_idle_per_host(128).build().context("building the HTTP client")?;
+    let api = cfg.api.trim_end_matches('/').to_string();
+    let ids: Vec<u64> = (0..cfg.drones as u64).map(|i| cfg.drone_id_base + i).collect();
+    for chunk in ids.chunks(5_000) {
+        let resp = http
+            .post(format!("{api}/v1/drones"))
+            .json(&serde_json::json!({ "drones": chunk }))
+            .send()
+            .await
+            .with_context(|| format!("registering drones at {api}"))?;
+        if !resp.status().is_success() {
+            bail!("registering drones: {} {}", resp.status(), resp.text().await.unwrap_or_default());
+        }
+    }
+
+    let client_cfg = ClientConfig::new(cfg.trust.clone());
+    let sub_client = IngestClient::connect(cfg.server, &client_cfg)
+        .await
+        .with_context(|| format!("connecting to the ingest server at {}", cfg.server))?;
+    let mut tsub = sub_client.subscribe::<DroneEvent>(Topic::DroneTelemetry).await.context("subscribing to telemetry")?;
+    let mut dsub = sub_client.subscribe::<DeliveryEvent>(Topic::DeliveryEvents).await.context("subscribing to deliveries")?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let tel_task = {
+        let (counters, mut stop) = (counters.clone(), stop_rx.clone());
+        let mut obs = TelemetryObserver::new(cfg.drone_id_base, cfg.drones);
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.changed() => break,
+                    next = tsub.next() => match next {
+                        Ok(Some(batch)) => {
+                            obs.observe(&batch, now_us());
+                            counters.telemetry_unique.store(obs.unique, Ordering::Relaxed);
+                        }
+                        Ok(None) => break,
+                        Err(error) => {
+                            tracing::error!(%error, "telemetry subscription ended");
+                            break;
+                        }
+                    }
+                }
+            }
+            obs
+        })
+    };
+    let del_task = {
+        let (counters, mut stop) = (counters.clone(), stop_rx.clone());
+        let mut obs = DeliveryObserver::new(cfg.drone_id_base, cfg.drones);
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.changed() => break,
+                    next = dsub.next() => match next {
+                        Ok(Some(batch)) => {
+                            obs.observe(&batch, now_us());
+                            counters.delivery_unique.store(obs.unique, Ordering::Relaxed);
+                            counters.completed.store(obs.completed, Ordering::Relaxed);
+                        }
+                        Ok(None) => break,
+                        Err(error) => {
+                            tracing::error!(%error, "delivery subscription ended");
+                            break;
+                        }
+                    }
+                }
+            }
+            obs
+        })
+    };
+
+    // Drones, spread over connections: drone i flies on connection i % C.
+    let conns = cfg.connections.min(cfg.drones);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x5EED);
+    let leg_us = u64::try_from(cfg.leg.as_micros()).unwrap_or(u64::MAX);
+    let mut plans: Vec<Vec<SimDrone>> = vec![Vec::new(); conns];
+    for (i, &id) in ids.iter().enumerate() {
+        plans[i % conns].push(SimDrone::new(id, near_center(&mut rng, 0.05), leg_us));
+    }
+    let run_id: u64 = rng.random::<u32>().into();
+    let start = Instant::now();
+    let start_us = now_us();
+    let mut mission_txs = Vec::with_capacity(conns);
+    let mut drivers = Vec::with_capacity(conns);
+    for (index, drones) in plans.into_iter().enumerate() {
+        let (tx, rx) = mpsc::channel(drones.len() + 16);
+        mission_txs.push(tx);
+        let client = IngestClient::connect(cfg.server, &client_cfg).await.context("connecting a fleet connection")?;
+        let driver = Driver {
+            producer_id: (run_id << 16) | index as u64,
+            rate: cfg.rate / conns as f64,
+            drones,
+            base: cfg.drone_id_base,
+            conns: conns as u64,
+            missions: rx,
+        };
+        drivers.push(tokio::spawn(driver.run(client, cfg.clone(), counters.clone(), start, start_us)));
+    }
+
+    let scheduled_ids = Arc::new(Mutex::new(Vec::new()));
+    let customers = tokio::spawn(customers(
+        cfg.clone(),
+        http.clone(),
+        api.clone(),
+        Arc::new(mission_txs),
+        counters.clone(),
+        scheduled_ids.clone(),
+        start,
+    ));
+    let ticker = {
+        let counters = counters.clone();
+        tokio::spawn(async move {
+            let mut last = (Instant::now(), 0u64);
+            let mut every = tokio::time::interval(Duration::from_secs(1));
+            every.tick().await;
+            loop {
+                every.tick().await;
+                let acked = counters.acked.load(Ordering::Relaxed);
+                let dt = last.0.elapsed().as_secs_f64().max(1e-3);
+                let p = Progress {
+                    elapsed_s: start.elapsed().as_secs_f64(),
+                    sent: counters.sent.load(Ordering::Relaxed),
+                    acked,
+                    rejected: counters.rejected.load(Ordering::Relaxed),
+                    recent_eps: (acked - last.1) as f64 / dt,
+                    scheduled: counters.scheduled.load(Ordering::Relaxed),
+                    completed: counters.completed.load(Ordering::Relaxed),
+                    observed: counters.telemetry_unique.load(Ordering::Relaxed),
+                };
+                last = (Instant::now(), acked);
+                progress(&p);
+            }
+        })
+    };
+
+    let mut outcomes = Vec::new();
+    let mut unanswered = 0u64;
+    for d in drivers {
+        let (o, left) = d.await.context("a fleet connection panicked")??;
+        outcomes.extend(o);
+        unanswered += left;
+    }
+    let duration_s = start.elapsed().as_secs_f64();
+    let _ = customers.await;
+    let scheduled_ids = std::mem::take(&mut *scheduled_ids.lock().map_err(|_| anyhow::anyhow!("poisoned"))?);
+    let milestones: BTreeMap<u64, u8> = outcomes.iter().map(|o| (o.delivery_id, o.milestones)).collect();
+    let expected_delivery: u64 = scheduled_ids.iter().map(|id| 1 + u64::from(milestones.get(id).copied().unwrap_or(0))).sum();
+
+    // Let the subscriber catch up with everything that was acknowledged.
+    let acked = counters.acked.load(Ordering::Relaxed);
+    let deadline = Instant::now() + cfg.settle;
+    while Instant::now() < deadline
+        && (counters.telemetry_unique.load(Ordering::Relaxed) < acked
+            || counters.delivery_unique.load(Ordering::Relaxed) < expected_delivery)
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    ticker.abort();
+    let _ = stop_tx.send(true);
+    let tel = tel_task.await.context("telemetry observer panicked")?;
+    let del = del_task.await.context("delivery observer panicked")?;
+    sub_client.close().await;
+
+    let lost_delivery_events: u64 = scheduled_ids
+        .iter()
+        .map(|id| u64::from(1 + u32::from(milestones.get(id).copied().unwrap_or(0))).saturating_sub(u64::from(del.events_of(*id))))
+        .sum();
+    let lost_telemetry = acked.saturating_sub(tel.unique);
+    let rejections = counters.rejections.lock().map(|r| r.clone()).unwrap_or_default();
+    Ok(Report {
+        events_sent: counters.sent.load(Ordering::Relaxed),
+        events_acked: acked,
+        events_rejected: counters.rejected.load(Ordering::Relaxed),
+        events_unanswered: unanswered,
+        deliveries_scheduled: counters.scheduled.load(Ordering::Relaxed),
+        deliveries_refused: counters.refused.load(Ordering::Relaxed),
+        deliveries_completed: del.completed,
+        delivery_events_observed: del.unique,
+        delivery_events_expected: expected_delivery,
+        telemetry_events_observed: tel.unique,
+        lost: lost_telemetry + lost_delivery_events,
+        lost_telemetry,
+        lost_delivery_events,
+        duplicates: tel.duplicates + del.duplicates,
+        duration_s,
+        throughput_eps: acked as f64 / duration_s.max(1e-9),
+        target_eps: cfg.rate,
+        latency_us: Percentiles::of(&del.latency),
+        telemetry_latency_us: Percentiles::of(&tel.latency),
+        rejections,
+        drones: cfg.drones,
+        connections: conns,
+    })
+}
+
+/// One connection's share of the fleet.
+struct Driver {
+    producer_id: u64,
+    rate: f64,
+    drones: Vec<SimDrone>,
+    base: u64,
+    conns: u64,
+    missions: mpsc::Receiver<(u64, Mission)>,
+}
+
+impl Driver {
+    /// Sends this connection's drones' telemetry on schedule until the duration is over; returns
+    /// the missions' outcomes and the events left unanswered.
+    async fn run(
+        mut self,
+        client: IngestClient,
+        cfg: LoadConfig,
+        counters: Arc<Counters>,
+        start: Instant,
+        start_us: u64,
+    ) -> anyhow::Result<(Vec<MissionOutcome>, u64)> {
+        let (mut lane, mut answers) = client.open_lane().await?;
+        let answer_counters = counters.clone();
+        let answered = tokio::spawn(async move {
+            let mut events = 0u64;
+            while let Some(a) = answers.recv().await {
+                events += u64::from(a.events);
+                match a.result {
+                    Ok(()) => answer_counters.acked.fetch_add(u64::from(a.events), Ordering::Relaxed),
+                    Err(e) => {
+                        if let Ok(mut r) = answer_counters.rejections.lock() {
+                            *r.entry(e.name().to_string()).or_default() += 1;
+                        }
+                        answer_counters.rejected.fetch_add(u64::from(a.events), Ordering::Relaxed)
+                    }
+                };
+            }
+            events
+        });
+        let total = (cfg.duration.as_secs_f64() * self.rate) as u64;
+        let mut emitted = 0u64;
+        let mut sent = 0u64;
+        let mut next_drone = 0usize;
+        let mut batch_seq = 0u64;
+        let mut outcomes = Vec::new();
+        let mut events = Vec::with_capacity(cfg.batch_max_events);
+        let mut buf = Buffer::with_capacity(64 + cfg.batch_max_events * 96);
+        let mut tick = tokio::time::interval(cfg.linger.max(Duration::from_micros(100)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            tick.tick().await;
+            while let Ok((drone_id, m)) = self.missions.try_recv() {
+                let Some(idx) = self.index_of(drone_id) else { continue };
+                match self.drones[idx].assign(m, now_us()) {
+                    Ok(finished) => outcomes.extend(finished),
+                    Err(m) => tracing::warn!(delivery = m.delivery_id, "mission for a drone still on a delivery; dropped"),
+                }
+            }
+            let elapsed = start.elapsed();
+            let done = elapsed >= cfg.duration;
+            let target = if done { total } else { ((elapsed.as_secs_f64() * self.rate) as u64).min(total) };
+            while emitted < target {
+                let ts = start_us + (emitted as f64 * 1e6 / self.rate) as u64;
+                let (ev, finished) = self.drones[next_drone].next_event(ts);
+                next_drone = (next_drone + 1) % self.drones.len();
+                emitted += 1;
+                outcomes.extend(finished);
+                events.push(ev);
+                if events.len() == cfg.batch_max_events {
+                    buf = self.send(&mut lane, &mut events, buf, &mut batch_seq, &counters).await?;
+                    sent += cfg.batch_max_events as u64;
+                }
+            }
+            if !events.is_empty() {
+                sent += events.len() as u64;
+                buf = self.send(&mut lane, &mut events, buf, &mut batch_seq, &counters).await?;
+            }
+            if done {
+                break;
+            }
+        }
+        outcomes.extend(self.drones.iter().filter_map(SimDrone::outcome_so_far));
+        lane.finish();
+        let answered = tokio::time::timeout(cfg.settle, answered).await.ok().and_then(Result::ok).unwrap_or(0);
+        client.close().await;
+        Ok((outcomes, sent.saturating_sub(answered)))
+    }
+
+    /// Where a drone sits in this connection's list: drone i (counted from the base) flies on
+    /// connection i % C at position i / C.
+    fn index_of(&self, drone_id: u64) -> Option<usize> {
+        let offset = drone_id.checked_sub(self.base)?;
+        let idx = usize::try_from(offset / self.conns).ok()?;
+        (idx < self.drones.len() && self.drones[idx].id == drone_id).then_some(idx)
+    }
+
+    async fn send(
+        &self,
+        lane: &mut ingest::Lane,
+        events: &mut Vec<DroneEvent>,
+        buf: Buffer,
+        batch_seq: &mut u64,
+        counters: &Counters,
+    ) -> anyhow::Result<Buffer> {
+        let meta = BatchMeta { producer_id: self.producer_id, batch_seq: *batch_seq, ..BatchMeta::default() };
+        *batch_seq += 1;
+        let batch = TelemetryBatch::encode(meta, events, buf)?;
+        lane.send(batch.as_bytes()).await.context("sending a batch")?;
+        counters.sent.fetch_add(events.len() as u64, Ordering::Relaxed);
+        events.clear();
+        Ok(batch.into_buffer())
+    }
+}
+
+/// Schedules deliveries at the configured rate and routes each assignment to its drone.
+async fn customers(
+    cfg: LoadConfig,
+    http: reqwest::Client,
+    api: String,
+    missions: Arc<Vec<mpsc::Sender<(u64, Mission)>>>,
+    counters: Arc<Counters>,
+    scheduled: Arc<Mutex<Vec<u64>>>,
+    start: Instant,
+) {
+    // Stop early enough that every mission can finish before the drones stop sending.
+    let stop_at = cfg.duration.saturating_sub(cfg.leg * 3 + Duration::from_secs(1));
+    if stop_at.is_zero() {
+        tracing::warn!("duration too short for a whole mission: no deliveries are scheduled");
+        return;
+    }
+    let inflight = Arc::new(Semaphore::new(64));
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0xC057);
+    let mut issued = 0u64;
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    let conns = missions.len() as u64;
+    while start.elapsed() < stop_at {
+        tick.tick().await;
+        let target = (start.elapsed().as_secs_f64() * cfg.deliveries_per_s) as u64;
+        while issued < target {
+            issued += 1;
+            let Ok(permit) = inflight.clone().acquire_owned().await else { return };
+            let pickup = near_center(&mut rng, 0.04);
+            let dropoff = near_center(&mut rng, 0.04);
+            let body = serde_json::json!({
+                "owner": format!("customer-{}", issued % 1000),
+                "pickup": pickup,
+                "dropoff": dropoff,
+                "package": { "size": "small", "weight_kg": 1.5 },
+            });
+            let (http, url, missions, counters, scheduled) =
+                (http.clone(), format!("{api}/v1/deliveries"), missions.clone(), counters.clone(), scheduled.clone());
+            let base = cfg.drone_id_base;
+            tokio::spawn(async move {
+                let _permit = permit;
+                let resp = match http.post(&url).json(&body).send().await {
+                    Ok(resp) => resp,
+                    Err(error) => {
+                        tracing::warn!(%error, "scheduling request failed");
+                        counters.refused.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
+                };
+                if resp.status() != reqwest::StatusCode::CREATED {
+                    counters.refused.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                let Ok(v) = resp.json::<serde_json::Value>().await else { return };
+                let (Some(delivery_id), Some(drone_id)) = (v["delivery_id"].as_u64(), v["drone_id"].as_u64()) else { return };
+                counters.scheduled.fetch_add(1, Ordering::Relaxed);
+                if let Ok(mut s) = scheduled.lock() {
+                    s.push(delivery_id);
+                }
+                let Some(offset) = drone_id.checked_sub(base) else { return };
+                let mission = Mission { delivery_id, pickup, dropoff };
+                let _ = missions[(offset % conns) as usize].send((drone_id, mission)).await;
+            });
+        }
+    }
+    // Wait for the requests still in flight.
+    let _ = inflight.acquire_many(64).await;
+}

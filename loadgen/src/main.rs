@@ -1,1 +1,118 @@
-fn main() {}
+//! `loadgen`: simulate a fleet against a running `pipeline serve` and report what arrived.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use ingest::Trust;
+use loadgen::{LoadConfig, Progress};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Simulates a drone fleet and its customers against a fleetstream pipeline, and measures
+/// throughput, loss, duplicates and end-to-end latency from what a subscriber receives.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// The pipeline's QUIC ingest address.
+    #[arg(long, default_value = "127.0.0.1:4433")]
+    server: SocketAddr,
+    /// Base URL of the pipeline's HTTP API.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    api: String,
+    /// PEM certificate to trust for QUIC (`pipeline serve` writes its self-signed one to
+    /// DATA_DIR/tls/ingest-cert.pem).
+    #[arg(long, default_value = "data/tls/ingest-cert.pem", conflicts_with = "insecure")]
+    ca: PathBuf,
+    /// Skip certificate verification (loopback testing only).
+    #[arg(long)]
+    insecure: bool,
+    /// Simulated drones.
+    #[arg(long, default_value_t = 1_000)]
+    drones: usize,
+    /// Telemetry events per second for the whole fleet [default: 10 per drone].
+    #[arg(long)]
+    rate: Option<f64>,
+    /// QUIC connections to spread the fleet over.
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    /// Seconds of telemetry.
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Most events per batch.
+    #[arg(long, default_value_t = 1_024)]
+    batch: usize,
+    /// Milliseconds an event may wait for its batch to fill.
+    #[arg(long, default_value_t = 5.0)]
+    linger_ms: f64,
+    /// Deliveries scheduled per second [default: one per 10 drones].
+    #[arg(long)]
+    deliveries_per_s: Option<f64>,
+    /// Seconds per mission leg (to pickup, to drop-off, home).
+    #[arg(long, default_value_t = 1.0)]
+    leg_s: f64,
+    /// First drone id.
+    #[arg(long, default_value_t = 1)]
+    drone_id_base: u64,
+    /// Write the JSON report here.
+    #[arg(long)]
+    report: Option<PathBuf>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let trust = if args.insecure {
+        Trust::InsecureSkipVerify
+    } else {
+        let pem = std::fs::read_to_string(&args.ca).with_context(|| {
+            format!("reading the server certificate {} (pass --ca FILE, or --insecure on loopback)", args.ca.display())
+        })?;
+        Trust::Pem(pem)
+    };
+    let mut cfg = LoadConfig::new(args.server, args.api.clone(), trust);
+    cfg.drones = args.drones;
+    cfg.drone_id_base = args.drone_id_base;
+    cfg.rate = args.rate.unwrap_or(args.drones as f64 * 10.0);
+    cfg.connections = args.connections;
+    cfg.duration = Duration::from_secs_f64(args.duration);
+    cfg.batch_max_events = args.batch;
+    cfg.linger = Duration::from_secs_f64(args.linger_ms / 1000.0);
+    cfg.deliveries_per_s = args.deliveries_per_s.unwrap_or(args.drones as f64 / 10.0);
+    cfg.leg = Duration::from_secs_f64(args.leg_s);
+    eprintln!(
+        "loadgen: {} drones, {:.0} events/s over {} connections for {:.0} s against {} / {}",
+        cfg.drones, cfg.rate, cfg.connections, args.duration, args.server, args.api
+    );
+    let report = loadgen::run(cfg, Arc::new(print_progress)).await?;
+    eprintln!();
+    println!("{report}");
+    if let Some(path) = &args.report {
+        std::fs::write(path, serde_json::to_vec_pretty(&report)?).with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("report written to {}", path.display());
+    }
+    if report.lost > 0 || report.duplicates > 0 {
+        std::process::exit(2);
+    }
+    Ok(())
+}
+
+/// One progress line, rewritten in place.
+pub fn print_progress(p: &Progress) {
+    let mut err = std::io::stderr().lock();
+    let _ = write!(
+        err,
+        "\r{:>5.1}s  sent {:>11}  acked {:>11}  {:>9.0} ev/s  rejected {}  deliveries {}/{} done  subscriber {}   ",
+        p.elapsed_s, p.sent, p.acked, p.recent_eps, p.rejected, p.completed, p.scheduled, p.observed
+    );
+    let _ = err.flush();
+}
