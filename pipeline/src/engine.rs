@@ -199,6 +199,36 @@ impl std::fmt::Debug for Engine {
     }
 }
 
+/// Appends the engine's counters in Prometheus text format.
+pub fn render_metrics(engine: &Engine, out: &mut String) {
+    use std::fmt::Write;
+    let m = engine.metrics();
+    let counters = [
+        ("fleetstream_engine_batches_total", &m.batches),
+        ("fleetstream_engine_events_total", &m.events),
+        ("fleetstream_engine_events_applied_total", &m.applied),
+        ("fleetstream_engine_events_duplicate_total", &m.duplicates),
+        ("fleetstream_engine_delivery_events_total", &m.derived),
+        ("fleetstream_engine_dropoffs_far_total", &m.far_dropoffs),
+        ("fleetstream_engine_events_stray_total", &m.stray),
+    ];
+    for (name, c) in counters {
+        let _ = writeln!(out, "# TYPE {name} counter\n{name} {}", c.load(Ordering::Relaxed));
+    }
+    let _ = writeln!(out, "# TYPE fleetstream_engine_shard_queue_depth gauge");
+    for (shard, depth) in engine.queue_depths().into_iter().enumerate() {
+        let _ = writeln!(out, "fleetstream_engine_shard_queue_depth{{shard=\"{shard}\"}} {depth}");
+    }
+    for topic in [engine.telemetry().subscribers(), engine.deliveries().subscribers()].iter().zip(["drone-telemetry", "delivery-events"]) {
+        let _ = writeln!(out, "fleetstream_stream_subscribers{{topic=\"{}\"}} {}", topic.1, topic.0);
+    }
+    let _ = writeln!(
+        out,
+        "# TYPE fleetstream_stream_subscribers_lagged_total counter\nfleetstream_stream_subscribers_lagged_total {}",
+        engine.telemetry().cut_off() + engine.deliveries().cut_off()
+    );
+}
+
 /// Maps a drone to a shard: a multiplicative hash spread over `n` without a division.
 pub fn shard_of(drone: DroneId, n: usize) -> usize {
     let h = drone.wrapping_mul(0x9E37_79B9_7F4A_7C15);

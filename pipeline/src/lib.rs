@@ -8,7 +8,37 @@
 //! - [`node`]: starts ingest, engine and services from a config and stops them in order.
 
 pub mod bus;
+pub mod config;
 pub mod derive;
 pub mod engine;
+pub mod node;
 
+pub use config::Config;
 pub use engine::{Engine, EngineConfig};
+pub use node::Node;
+
+/// Errors of the engine and of composing a node.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The configuration is invalid.
+    #[error("configuration: {0}")]
+    Config(String),
+    /// A file or socket operation failed.
+    #[error("{0}: {1}")]
+    Io(String, #[source] std::io::Error),
+    /// The ingest server failed.
+    #[error(transparent)]
+    Ingest(#[from] ingest::Error),
+    /// The engine refused an operation.
+    #[error(transparent)]
+    Engine(#[from] events::Error),
+    /// A background task failed.
+    #[error("task failed: {0}")]
+    Task(String),
+}
+
+impl From<std::io::Error> for Error {
+    fn from(e: std::io::Error) -> Self {
+        Error::Io("starting engine threads".into(), e)
+    }
+}

@@ -1,1 +1,212 @@
-fn main() {}
+//! The `pipeline` binary: `serve` runs a node, `demo` runs a node and a simulated fleet in one
+//! process and prints what happened.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use pipeline::{Config, Node};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// fleetstream: drone telemetry in over QUIC, delivery events out.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a node: QUIC ingest, engine and HTTP services.
+    Serve {
+        /// TOML config file (see the `pipeline::config` docs); defaults apply to what it leaves out.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// QUIC listen address [config: ingest.listen, default 127.0.0.1:4433].
+        #[arg(long)]
+        quic: Option<SocketAddr>,
+        /// HTTP listen address [config: http.listen, default 127.0.0.1:8080].
+        #[arg(long)]
+        http: Option<SocketAddr>,
+        /// Shard threads, 0 = one per core [config: engine.shards, default 0].
+        #[arg(long)]
+        shards: Option<usize>,
+        /// Data directory [config: data_dir, default ./data].
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+    /// Run a node and a simulated fleet in one process on loopback, with a live progress line
+    /// and a final summary.
+    Demo {
+        /// Simulated drones.
+        #[arg(long, default_value_t = 1_000)]
+        drones: usize,
+        /// Seconds of telemetry.
+        #[arg(long, default_value_t = 15.0)]
+        duration: f64,
+        /// Telemetry events per second per drone.
+        #[arg(long, default_value_t = 20.0)]
+        rate_per_drone: f64,
+        /// Write the JSON report here.
+        #[arg(long)]
+        report: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let default_level = if matches!(cli.command, Command::Demo { .. }) { "warn" } else { "info" };
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_level.into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Serve { config, quic, http, shards, data_dir } => {
+                let mut cfg = match Config::load(config.as_deref()) {
+                    Ok(cfg) => cfg,
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        return Ok(ExitCode::from(2));
+                    }
+                };
+                if let Some(a) = quic {
+                    cfg.ingest.listen = a;
+                }
+                if let Some(a) = http {
+                    cfg.http.listen = a;
+                }
+                if let Some(n) = shards {
+                    cfg.engine.shards = n;
+                }
+                if let Some(d) = data_dir {
+                    cfg.data_dir = d;
+                }
+                serve(cfg).await.map(|()| ExitCode::SUCCESS)
+            }
+            Command::Demo { drones, duration, rate_per_drone, report } => {
+                demo(drones, duration, rate_per_drone, report).await
+            }
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(cfg: Config) -> anyhow::Result<()> {
+    let node = Node::start(&cfg).await.context("starting the node")?;
+    eprintln!(
+        "fleetstream serving: QUIC {} (ALPN fleetstream/1), HTTP http://{}  (Ctrl-C to stop)",
+        node.quic_addr, node.http_addr
+    );
+    shutdown_signal().await;
+    eprintln!("draining…");
+    node.shutdown().await.context("shutting down")?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}
+
+async fn demo(drones: usize, duration: f64, rate_per_drone: f64, report_path: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    let data_dir = std::env::temp_dir().join(format!("fleetstream-demo-{}", std::process::id()));
+    let mut cfg = Config { data_dir: data_dir.clone(), ..Config::default() };
+    cfg.ingest.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    cfg.http.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    let node = Node::start(&cfg).await.context("starting the node")?;
+    eprintln!(
+        "fleetstream demo: {} shards, ingest on {} (QUIC), API on http://{}",
+        node.engine.shard_count(),
+        node.quic_addr,
+        node.http_addr
+    );
+    let mut load = loadgen::LoadConfig::new(
+        node.quic_addr,
+        format!("http://{}", node.http_addr),
+        ingest::Trust::Pem(node.certificate_pem.clone()),
+    );
+    load.drones = drones.max(1);
+    load.rate = (rate_per_drone * load.drones as f64).max(1.0);
+    load.duration = Duration::from_secs_f64(duration.max(1.0));
+    load.deliveries_per_s = (load.drones as f64 / 10.0).max(1.0);
+    eprintln!(
+        "simulating {} drones at {:.0} events/s for {:.0} s, customers scheduling {:.0} deliveries/s",
+        load.drones,
+        load.rate,
+        load.duration.as_secs_f64(),
+        load.deliveries_per_s
+    );
+    let outcome = tokio::select! {
+        r = loadgen::run(load, Arc::new(print_progress)) => Some(r),
+        () = shutdown_signal() => None,
+    };
+    eprintln!();
+    let m = node.engine.metrics();
+    let (applied, derived) = (m.applied.load(Ordering::Relaxed), m.derived.load(Ordering::Relaxed));
+    let rejected = node.ingest_metrics.rejected_total();
+    node.shutdown().await.context("shutting down")?;
+    let _ = std::fs::remove_dir_all(&data_dir);
+    let Some(report) = outcome else {
+        eprintln!("interrupted; node drained and stopped");
+        return Ok(ExitCode::from(130));
+    };
+    let report = report?;
+    println!("{report}");
+    println!("engine      applied {applied} drone events, derived {derived} delivery events, rejected {rejected} batches");
+    if let Some(path) = report_path {
+        std::fs::write(&path, serde_json::to_vec_pretty(&report)?).with_context(|| format!("writing {}", path.display()))?;
+        println!("report      {}", path.display());
+    }
+    let ok = report.lost == 0 && report.duplicates == 0 && report.deliveries_completed > 0;
+    println!("result      {}", if ok { "OK: nothing lost, nothing duplicated" } else { "PROBLEM: see lost/duplicates above" });
+    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(2) })
+}
+
+fn print_progress(p: &loadgen::Progress) {
+    let mut err = std::io::stderr().lock();
+    let _ = write!(
+        err,
+        "\r{:>5.1}s  acked {:>10}  {:>8.0} ev/s  deliveries {:>5}/{:<5} done  subscriber saw {:>10}   ",
+        p.elapsed_s, p.acked, p.recent_eps, p.completed, p.scheduled, p.observed
+    );
+    let _ = err.flush();
+}

@@ -1,0 +1,113 @@
+//! The typed configuration of `pipeline serve`, layered: built-in defaults, then a TOML file,
+//! then `FLEETSTREAM_<SECTION>__<KEY>` environment variables (for example
+//! `FLEETSTREAM_ENGINE__SHARDS=4`), then command-line flags. Unknown keys are errors, so a typo
+//! is reported instead of silently ignored.
+//!
+//! ```toml
+//! data_dir = "data"            # where the server keeps its files (its TLS certificate for now)
+//!
+//! [ingest]                     # QUIC ingest; see ingest::ServerConfig for every field
+//! listen = "127.0.0.1:4433"
+//! # cert = "tls/cert.pem"      # unset: self-signed at start, written to DATA_DIR/tls/
+//! # key = "tls/key.pem"
+//! max_body_bytes = 4194304
+//!
+//! [http]
+//! listen = "127.0.0.1:8080"
+//!
+//! [engine]
+//! shards = 0                   # 0: one per core
+//! shard_queue = 256
+//! subscriber_queue = 1024
+//! [engine.derive]
+//! dropoff_radius_m = 30.0
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+use crate::engine::EngineConfig;
+
+/// Everything `pipeline serve` needs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Directory for the server's files. Default `data`, relative to the working directory.
+    pub data_dir: PathBuf,
+    /// The QUIC ingest server.
+    pub ingest: ingest::ServerConfig,
+    /// The HTTP API.
+    pub http: HttpConfig,
+    /// The engine.
+    pub engine: EngineConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("data"),
+            ingest: ingest::ServerConfig::default(),
+            http: HttpConfig::default(),
+            engine: EngineConfig::default(),
+        }
+    }
+}
+
+/// The HTTP API's settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// TCP address. Default `127.0.0.1:8080`: loopback until an operator exposes it.
+    pub listen: SocketAddr,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self { listen: SocketAddr::from(([127, 0, 0, 1], 8080)) }
+    }
+}
+
+impl Config {
+    /// Defaults, then `file` (if any), then the environment.
+    pub fn load(file: Option<&Path>) -> Result<Self, crate::Error> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(file) = file {
+            if !file.exists() {
+                return Err(crate::Error::Config(format!("config file {} does not exist", file.display())));
+            }
+            figment = figment.merge(Toml::file(file));
+        }
+        // Only sectioned keys: FLEETSTREAM_NATS_URL and friends belong to the test harness.
+        figment = figment.merge(Env::prefixed("FLEETSTREAM_").filter(|k| k.as_str().contains("__")).split("__"));
+        figment.extract().map_err(|e| crate::Error::Config(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_file_and_unknown_keys() {
+        let dir = std::env::temp_dir().join(format!("fleetstream-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = dir.join("good.toml");
+        std::fs::write(&good, "data_dir = \"/tmp/x\"\n[engine]\nshards = 3\n[engine.derive]\ndropoff_radius_m = 12.5\n").unwrap();
+        let cfg = Config::load(Some(&good)).unwrap();
+        assert_eq!(cfg.engine.shards, 3);
+        assert_eq!(cfg.engine.derive.dropoff_radius_m, 12.5);
+        assert_eq!(cfg.data_dir, PathBuf::from("/tmp/x"));
+        assert_eq!(cfg.http, HttpConfig::default(), "unset sections keep their defaults");
+
+        let typo = dir.join("typo.toml");
+        std::fs::write(&typo, "[engine]\nshard = 3\n").unwrap();
+        let err = Config::load(Some(&typo)).unwrap_err().to_string();
+        assert!(err.contains("shard"), "{err}");
+        assert!(Config::load(Some(&dir.join("missing.toml"))).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

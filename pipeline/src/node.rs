@@ -1,0 +1,148 @@
+//! One running node: ingest, engine and services composed from a [`Config`], and their orderly
+//! shutdown.
+//!
+//! Start order: engine threads, the services' delivery-events consumer, the HTTP API, the QUIC
+//! ingest. Shutdown runs the other way round so nothing accepted is dropped: the ingest stops
+//! reading and answers what it already took, the HTTP API finishes its requests, the engine
+//! drains its queues, and the consumer applies the last delivery events.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::routing::get;
+use events::{Overflow, StreamSource};
+use ingest::{IngestMetrics, IngestServer};
+use services::Services;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tracing::info;
+
+use crate::config::Config;
+use crate::engine::{Engine, EngineThreads};
+use crate::Error;
+
+/// A running node.
+#[derive(Debug)]
+pub struct Node {
+    /// The QUIC ingest address.
+    pub quic_addr: SocketAddr,
+    /// The HTTP API address.
+    pub http_addr: SocketAddr,
+    /// The ingest server's certificate chain (PEM), for clients to trust.
+    pub certificate_pem: String,
+    /// The engine.
+    pub engine: Engine,
+    /// The services.
+    pub services: Arc<Services<Engine>>,
+    /// Ingest counters.
+    pub ingest_metrics: Arc<IngestMetrics>,
+    threads: EngineThreads,
+    ingest_stop: oneshot::Sender<()>,
+    ingest_task: JoinHandle<Result<(), ingest::Error>>,
+    http_stop: oneshot::Sender<()>,
+    http_task: JoinHandle<std::io::Result<()>>,
+    consumer_stop: oneshot::Sender<()>,
+    consumer_task: JoinHandle<()>,
+}
+
+impl Node {
+    /// Starts everything. The certificate is written to `DATA_DIR/tls/ingest-cert.pem` so
+    /// clients on this machine can trust a self-signed one.
+    pub async fn start(cfg: &Config) -> Result<Self, Error> {
+        let (engine, threads) = Engine::start(cfg.engine)?;
+        info!(shards = engine.shard_count(), "engine started");
+        let services = Arc::new(Services::new(engine.clone()));
+
+        let deliveries = engine.subscribe_deliveries(Overflow::Block)?;
+        let (consumer_stop, mut stop_rx) = oneshot::channel::<()>();
+        let svc = services.clone();
+        let consumer_task = tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = &mut stop_rx => break,
+                    batch = deliveries.rx.recv_async() => match batch {
+                        Ok(batch) => svc.apply_delivery_events(&batch),
+                        Err(_) => return,
+                    }
+                }
+            }
+            for batch in deliveries.rx.try_iter() {
+                svc.apply_delivery_events(&batch);
+            }
+        });
+
+        let ingest = IngestServer::bind(&cfg.ingest)?;
+        let quic_addr = ingest.local_addr()?;
+        let certificate_pem = ingest.certificate_pem().to_string();
+        let tls_dir = cfg.data_dir.join("tls");
+        std::fs::create_dir_all(&tls_dir).map_err(|e| Error::Io(format!("creating {}", tls_dir.display()), e))?;
+        let cert_path = tls_dir.join("ingest-cert.pem");
+        std::fs::write(&cert_path, &certificate_pem).map_err(|e| Error::Io(format!("writing {}", cert_path.display()), e))?;
+        let ingest_metrics = ingest.metrics();
+
+        let listener = tokio::net::TcpListener::bind(cfg.http.listen)
+            .await
+            .map_err(|e| Error::Io(format!("binding HTTP {}", cfg.http.listen), e))?;
+        let http_addr = listener.local_addr().map_err(|e| Error::Io("HTTP address".into(), e))?;
+        let router = services::router(services.clone()).route(
+            "/metrics",
+            get({
+                let (engine, services, ingest_metrics) = (engine.clone(), services.clone(), ingest_metrics.clone());
+                move || {
+                    let mut out = String::new();
+                    ingest_metrics.render(&mut out);
+                    crate::engine::render_metrics(&engine, &mut out);
+                    services.render_metrics(&mut out);
+                    std::future::ready(out)
+                }
+            }),
+        );
+        let (http_stop, http_rx) = oneshot::channel::<()>();
+        let http_task = tokio::spawn(async move {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(async {
+                    let _ = http_rx.await;
+                })
+                .await
+        });
+        let (ingest_stop, ingest_rx) = oneshot::channel::<()>();
+        let sink = Arc::new(engine.clone());
+        let ingest_task = tokio::spawn(ingest.serve(sink, async {
+            let _ = ingest_rx.await;
+        }));
+        info!(quic = %quic_addr, http = %http_addr, cert = %cert_path.display(), "node started");
+        Ok(Self {
+            quic_addr,
+            http_addr,
+            certificate_pem,
+            engine,
+            services,
+            ingest_metrics,
+            threads,
+            ingest_stop,
+            ingest_task,
+            http_stop,
+            http_task,
+            consumer_stop,
+            consumer_task,
+        })
+    }
+
+    /// Drains and stops everything, in order.
+    pub async fn shutdown(self) -> Result<(), Error> {
+        info!("shutting down: ingest");
+        let _ = self.ingest_stop.send(());
+        let ingest = self.ingest_task.await;
+        info!("shutting down: http");
+        let _ = self.http_stop.send(());
+        let http = self.http_task.await;
+        info!("shutting down: engine");
+        self.engine.shutdown(self.threads).await;
+        let _ = self.consumer_stop.send(());
+        let _ = self.consumer_task.await;
+        info!("stopped");
+        ingest.map_err(|e| Error::Task(e.to_string()))??;
+        http.map_err(|e| Error::Task(e.to_string()))?.map_err(|e| Error::Io("HTTP server".into(), e))?;
+        Ok(())
+    }
+}
