@@ -13,7 +13,9 @@ pub type DroneId = u64;
 pub type DeliveryId = u64;
 
 /// A point on the earth: WGS84 degrees and metres above ground.
-#[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Default, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Default, serde::Serialize, serde::Deserialize,
+)]
 #[rkyv(derive(Debug))]
 pub struct GeoPoint {
     /// Latitude in degrees, -90..=90.
@@ -64,7 +66,9 @@ pub fn haversine_m(lat1: f64, lon1: f64, lat2: f64, lon2: f64) -> f64 {
 }
 
 /// What a drone says it is doing.
-#[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
 #[rkyv(derive(Debug, PartialEq, Eq), compare(PartialEq))]
 #[serde(rename_all = "snake_case")]
 pub enum FlightStatus {

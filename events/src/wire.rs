@@ -300,8 +300,7 @@ impl<T: Payload> Batch<T> {
         buf.extend_from_slice(&[0u8; HEADER_LEN]);
         let mut buf = T::archive_into(events, buf).map_err(|e| Error::Encode(e.to_string()))?;
         let body_len = u32::try_from(buf.len() - HEADER_LEN).map_err(|_| Error::Encode("body over 4 GiB".into()))?;
-        let event_count =
-            u32::try_from(events.len()).map_err(|_| Error::Encode("more than 2^32 events".into()))?;
+        let event_count = u32::try_from(events.len()).map_err(|_| Error::Encode("more than 2^32 events".into()))?;
         let mut header = BatchHeader { kind: T::KIND, event_count, body_len, meta, checksum: 0 };
         header.write(&mut buf[..HEADER_LEN]);
         header.checksum = checksum(&buf[..HEADER_LEN], &buf[HEADER_LEN..]);
@@ -579,10 +578,7 @@ mod tests {
         let events: Vec<_> = (0..100).map(|i| event(1, i)).collect();
         let b = frame(&events);
         let small = Limits { max_body_bytes: 100, max_events: 1000 };
-        assert!(matches!(
-            TelemetryBatch::validate(buffer_from(&b), &small),
-            Err(Error::TooLarge { max: 100, .. })
-        ));
+        assert!(matches!(TelemetryBatch::validate(buffer_from(&b), &small), Err(Error::TooLarge { max: 100, .. })));
         let few = Limits { max_body_bytes: u32::MAX, max_events: 10 };
         assert_eq!(
             TelemetryBatch::validate(buffer_from(&b), &few).unwrap_err(),

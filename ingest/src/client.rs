@@ -16,9 +16,9 @@ use events::{Error as WireError, Limits, Topic};
 use quinn::{ReadError, ReadExactError, RecvStream, SendStream, VarInt};
 use tokio::sync::{Semaphore, mpsc};
 
+use crate::Error;
 use crate::proto::{RESPONSE_LEN, Response, STREAM_INGEST, STREAM_SUBSCRIBE, TOPIC_DELIVERIES, TOPIC_TELEMETRY};
 use crate::tls::{Trust, client_crypto};
-use crate::Error;
 
 /// Client settings.
 #[derive(Debug, Clone)]
@@ -198,7 +198,9 @@ impl<T: Payload> RemoteSubscription<T> {
         match self.recv.read_exact(&mut header).await {
             Ok(()) => {}
             Err(ReadExactError::FinishedEarly(0)) => return Ok(None),
-            Err(ReadExactError::FinishedEarly(got)) => return Err(WireError::Truncated { needed: HEADER_LEN, got }.into()),
+            Err(ReadExactError::FinishedEarly(got)) => {
+                return Err(WireError::Truncated { needed: HEADER_LEN, got }.into());
+            }
             Err(ReadExactError::ReadError(e)) => return Err(read_error(e)),
         }
         let parsed = BatchHeader::parse(&header, &self.limits)?;

@@ -32,9 +32,9 @@ use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
+use crate::Error;
 use crate::proto::{Response, STREAM_INGEST, STREAM_SUBSCRIBE, TOPIC_DELIVERIES, TOPIC_TELEMETRY};
 use crate::tls::{Identity, server_crypto};
-use crate::Error;
 
 /// Settings of the ingest server. Every field has a default; see each for why.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -137,13 +137,41 @@ impl IngestMetrics {
         use std::fmt::Write;
         let g = |c: &AtomicI64| c.load(Ordering::Relaxed);
         let c = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let _ = writeln!(out, "# TYPE fleetstream_ingest_connections gauge\nfleetstream_ingest_connections {}", g(&self.connections_open));
-        let _ = writeln!(out, "# TYPE fleetstream_ingest_connections_total counter\nfleetstream_ingest_connections_total {}", c(&self.connections_total));
-        let _ = writeln!(out, "# TYPE fleetstream_ingest_connections_refused_total counter\nfleetstream_ingest_connections_refused_total {}", c(&self.connections_refused));
-        let _ = writeln!(out, "# TYPE fleetstream_ingest_batches_total counter\nfleetstream_ingest_batches_total {}", c(&self.batches_accepted));
-        let _ = writeln!(out, "# TYPE fleetstream_ingest_events_total counter\nfleetstream_ingest_events_total {}", c(&self.events_accepted));
-        let _ = writeln!(out, "# TYPE fleetstream_ingest_received_bytes_total counter\nfleetstream_ingest_received_bytes_total {}", c(&self.bytes_received));
-        let _ = writeln!(out, "# TYPE fleetstream_ingest_subscribers gauge\nfleetstream_ingest_subscribers {}", g(&self.subscribers_open));
+        let _ = writeln!(
+            out,
+            "# TYPE fleetstream_ingest_connections gauge\nfleetstream_ingest_connections {}",
+            g(&self.connections_open)
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE fleetstream_ingest_connections_total counter\nfleetstream_ingest_connections_total {}",
+            c(&self.connections_total)
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE fleetstream_ingest_connections_refused_total counter\nfleetstream_ingest_connections_refused_total {}",
+            c(&self.connections_refused)
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE fleetstream_ingest_batches_total counter\nfleetstream_ingest_batches_total {}",
+            c(&self.batches_accepted)
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE fleetstream_ingest_events_total counter\nfleetstream_ingest_events_total {}",
+            c(&self.events_accepted)
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE fleetstream_ingest_received_bytes_total counter\nfleetstream_ingest_received_bytes_total {}",
+            c(&self.bytes_received)
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE fleetstream_ingest_subscribers gauge\nfleetstream_ingest_subscribers {}",
+            g(&self.subscribers_open)
+        );
         let _ = writeln!(out, "# TYPE fleetstream_ingest_batches_rejected_total counter");
         for (code, name) in events::all_codes() {
             let n = self.rejected_with(*code);

@@ -22,7 +22,8 @@ pub struct Identity {
 impl Identity {
     /// Loads a PEM certificate chain and private key.
     pub fn from_files(cert: &Path, key: &Path) -> Result<Self, Error> {
-        let chain_pem = std::fs::read_to_string(cert).map_err(|e| Error::Tls(format!("reading {}: {e}", cert.display())))?;
+        let chain_pem =
+            std::fs::read_to_string(cert).map_err(|e| Error::Tls(format!("reading {}: {e}", cert.display())))?;
         let chain = rustls_pemfile::certs(&mut chain_pem.as_bytes())
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| Error::Tls(format!("parsing {}: {e}", cert.display())))?;
@@ -90,10 +91,9 @@ pub fn client_crypto(trust: &Trust) -> Result<quinn::crypto::rustls::QuicClientC
             }
             builder.with_root_certificates(roots).with_no_client_auth()
         }
-        Trust::InsecureSkipVerify => builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(SkipVerify(provider())))
-            .with_no_client_auth(),
+        Trust::InsecureSkipVerify => {
+            builder.dangerous().with_custom_certificate_verifier(Arc::new(SkipVerify(provider()))).with_no_client_auth()
+        }
     };
     tls.alpn_protocols = vec![ALPN.to_vec()];
     quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| Error::Tls(e.to_string()))

@@ -290,8 +290,10 @@ pub async fn run(cfg: LoadConfig, progress: Arc<dyn Fn(&Progress) + Send + Sync>
     let sub_client = IngestClient::connect(cfg.server, &client_cfg)
         .await
         .with_context(|| format!("connecting to the ingest server at {}", cfg.server))?;
-    let mut tsub = sub_client.subscribe::<DroneEvent>(Topic::DroneTelemetry).await.context("subscribing to telemetry")?;
-    let mut dsub = sub_client.subscribe::<DeliveryEvent>(Topic::DeliveryEvents).await.context("subscribing to deliveries")?;
+    let mut tsub =
+        sub_client.subscribe::<DroneEvent>(Topic::DroneTelemetry).await.context("subscribing to telemetry")?;
+    let mut dsub =
+        sub_client.subscribe::<DeliveryEvent>(Topic::DeliveryEvents).await.context("subscribing to deliveries")?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let tel_task = {
         let (counters, mut stop) = (counters.clone(), stop_rx.clone());
@@ -416,7 +418,8 @@ pub async fn run(cfg: LoadConfig, progress: Arc<dyn Fn(&Progress) + Send + Sync>
     let _ = customers.await;
     let scheduled_ids = std::mem::take(&mut *scheduled_ids.lock().map_err(|_| anyhow::anyhow!("poisoned"))?);
     let milestones: BTreeMap<u64, u8> = outcomes.iter().map(|o| (o.delivery_id, o.milestones)).collect();
-    let expected_delivery: u64 = scheduled_ids.iter().map(|id| 1 + u64::from(milestones.get(id).copied().unwrap_or(0))).sum();
+    let expected_delivery: u64 =
+        scheduled_ids.iter().map(|id| 1 + u64::from(milestones.get(id).copied().unwrap_or(0))).sum();
 
     // Let the subscriber catch up with everything that was acknowledged.
     let acked = counters.acked.load(Ordering::Relaxed);
@@ -435,7 +438,10 @@ pub async fn run(cfg: LoadConfig, progress: Arc<dyn Fn(&Progress) + Send + Sync>
 
     let lost_delivery_events: u64 = scheduled_ids
         .iter()
-        .map(|id| u64::from(1 + u32::from(milestones.get(id).copied().unwrap_or(0))).saturating_sub(u64::from(del.events_of(*id))))
+        .map(|id| {
+            u64::from(1 + u32::from(milestones.get(id).copied().unwrap_or(0)))
+                .saturating_sub(u64::from(del.events_of(*id)))
+        })
         .sum();
     let lost_telemetry = acked.saturating_sub(tel.unique);
     let rejections = counters.rejections.lock().map(|r| r.clone()).unwrap_or_default();
@@ -520,7 +526,9 @@ impl Driver {
                 let Some(idx) = self.index_of(drone_id) else { continue };
                 match self.drones[idx].assign(m, now_us()) {
                     Ok(finished) => outcomes.extend(finished),
-                    Err(m) => tracing::warn!(delivery = m.delivery_id, "mission for a drone still on a delivery; dropped"),
+                    Err(m) => {
+                        tracing::warn!(delivery = m.delivery_id, "mission for a drone still on a delivery; dropped")
+                    }
                 }
             }
             let elapsed = start.elapsed();
@@ -632,7 +640,9 @@ async fn customers(
                     return;
                 }
                 let Ok(v) = resp.json::<serde_json::Value>().await else { return };
-                let (Some(delivery_id), Some(drone_id)) = (v["delivery_id"].as_u64(), v["drone_id"].as_u64()) else { return };
+                let (Some(delivery_id), Some(drone_id)) = (v["delivery_id"].as_u64(), v["drone_id"].as_u64()) else {
+                    return;
+                };
                 counters.scheduled.fetch_add(1, Ordering::Relaxed);
                 if let Ok(mut s) = scheduled.lock() {
                     s.push(delivery_id);

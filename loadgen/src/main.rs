@@ -97,7 +97,8 @@ async fn main() -> anyhow::Result<()> {
     eprintln!();
     println!("{report}");
     if let Some(path) = &args.report {
-        std::fs::write(path, serde_json::to_vec_pretty(&report)?).with_context(|| format!("writing {}", path.display()))?;
+        std::fs::write(path, serde_json::to_vec_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
         eprintln!("report written to {}", path.display());
     }
     if report.lost > 0 || report.duplicates > 0 {

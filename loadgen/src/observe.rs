@@ -13,7 +13,8 @@ use rustc_hash::FxHashMap;
 
 /// Latency histogram in microseconds, 1 µs to 10 minutes, 3 significant digits.
 pub fn histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 600_000_000, 3).unwrap_or_else(|_| Histogram::new(3).unwrap_or_else(|_| unreachable!()))
+    Histogram::new_with_bounds(1, 600_000_000, 3)
+        .unwrap_or_else(|_| Histogram::new(3).unwrap_or_else(|_| unreachable!()))
 }
 
 /// Telemetry as received.
@@ -40,8 +41,11 @@ impl TelemetryObserver {
     /// Accounts one batch received at `now_us`.
     pub fn observe(&mut self, batch: &TelemetryBatch, now_us: u64) {
         for ev in batch.events().iter() {
-            let Some(slot) =
-                ev.drone_id.to_native().checked_sub(self.base).and_then(|i| self.last.get_mut(usize::try_from(i).ok()?))
+            let Some(slot) = ev
+                .drone_id
+                .to_native()
+                .checked_sub(self.base)
+                .and_then(|i| self.last.get_mut(usize::try_from(i).ok()?))
             else {
                 self.foreign += 1;
                 continue;
@@ -109,7 +113,10 @@ impl DeliveryObserver {
             if stage == DeliveryStage::DeliveryComplete {
                 self.completed += 1;
             }
-            if matches!(stage, DeliveryStage::HeadedToPickup | DeliveryStage::InTransit | DeliveryStage::DeliveryComplete) {
+            if matches!(
+                stage,
+                DeliveryStage::HeadedToPickup | DeliveryStage::InTransit | DeliveryStage::DeliveryComplete
+            ) {
                 let _ = self.latency.record(now_us.saturating_sub(ev.ts_us.to_native()).max(1));
             }
         }
@@ -167,7 +174,11 @@ mod tests {
         };
         let batch = DeliveryBatch::encode(
             BatchMeta::default(),
-            &[ev(0, DeliveryStage::Created), ev(3, DeliveryStage::DeliveryComplete), ev(3, DeliveryStage::DeliveryComplete)],
+            &[
+                ev(0, DeliveryStage::Created),
+                ev(3, DeliveryStage::DeliveryComplete),
+                ev(3, DeliveryStage::DeliveryComplete),
+            ],
             Buffer::new(),
         )
         .unwrap();

@@ -67,10 +67,13 @@ impl SimDrone {
     pub fn assign(&mut self, mission: Mission, now_us: u64) -> Result<Option<MissionOutcome>, Mission> {
         let finished = match self.flight {
             None => None,
-            Some(f) if f.phase == Phase::Returning => Some(MissionOutcome { delivery_id: f.mission.delivery_id, milestones: f.milestones }),
+            Some(f) if f.phase == Phase::Returning => {
+                Some(MissionOutcome { delivery_id: f.mission.delivery_id, milestones: f.milestones })
+            }
             Some(_) => return Err(mission),
         };
-        self.flight = Some(Flight { mission, origin: self.position, start_us: now_us, phase: Phase::TakeOff, milestones: 0 });
+        self.flight =
+            Some(Flight { mission, origin: self.position, start_us: now_us, phase: Phase::TakeOff, milestones: 0 });
         Ok(finished)
     }
 
@@ -155,7 +158,11 @@ impl SimDrone {
 }
 
 fn lerp(a: GeoPoint, b: GeoPoint, f: f64) -> GeoPoint {
-    GeoPoint { lat: a.lat + (b.lat - a.lat) * f, lon: a.lon + (b.lon - a.lon) * f, alt_m: if f > 0.0 && f < 1.0 { 60.0 } else { 0.0 } }
+    GeoPoint {
+        lat: a.lat + (b.lat - a.lat) * f,
+        lon: a.lon + (b.lon - a.lon) * f,
+        alt_m: if f > 0.0 && f < 1.0 { 60.0 } else { 0.0 },
+    }
 }
 
 #[cfg(test)]

@@ -76,7 +76,11 @@ impl<T: Payload> Topic<T> {
                     Err(flume::TrySendError::Full(_)) => {
                         sub.lagged.store(true, Ordering::Release);
                         self.cut_off.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(topic = self.name, subscriber = sub.id, "subscriber lagged and was disconnected");
+                        tracing::warn!(
+                            topic = self.name,
+                            subscriber = sub.id,
+                            "subscriber lagged and was disconnected"
+                        );
                         false
                     }
                     Err(flume::TrySendError::Disconnected(_)) => false,
@@ -123,7 +127,9 @@ mod tests {
     use super::*;
 
     fn batch(seq: u64) -> Arc<TelemetryBatch> {
-        Arc::new(TelemetryBatch::encode(BatchMeta { batch_seq: seq, ..BatchMeta::default() }, &[], Buffer::new()).unwrap())
+        Arc::new(
+            TelemetryBatch::encode(BatchMeta { batch_seq: seq, ..BatchMeta::default() }, &[], Buffer::new()).unwrap(),
+        )
     }
 
     #[test]

@@ -96,7 +96,11 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("fleetstream-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let good = dir.join("good.toml");
-        std::fs::write(&good, "data_dir = \"/tmp/x\"\n[engine]\nshards = 3\n[engine.derive]\ndropoff_radius_m = 12.5\n").unwrap();
+        std::fs::write(
+            &good,
+            "data_dir = \"/tmp/x\"\n[engine]\nshards = 3\n[engine.derive]\ndropoff_radius_m = 12.5\n",
+        )
+        .unwrap();
         let cfg = Config::load(Some(&good)).unwrap();
         assert_eq!(cfg.engine.shards, 3);
         assert_eq!(cfg.engine.derive.dropoff_radius_m, 12.5);

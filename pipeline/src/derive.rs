@@ -18,7 +18,9 @@
 //! repeat and is dropped.
 
 use events::model::{ArchivedDroneEvent, ArchivedDroneEventKind, ArchivedFlightStatus};
-use events::{DeliveryCommand, DeliveryEvent, DeliveryId, DeliveryStage, DroneId, DroneSnapshot, Error, FlightStatus, GeoPoint};
+use events::{
+    DeliveryCommand, DeliveryEvent, DeliveryId, DeliveryStage, DroneId, DroneSnapshot, Error, FlightStatus, GeoPoint,
+};
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 
@@ -93,7 +95,14 @@ struct DeliveryState {
 }
 
 impl DeliveryState {
-    fn emit(&mut self, id: DeliveryId, stage: DeliveryStage, ts_us: u64, location: GeoPoint, out: &mut Vec<DeliveryEvent>) {
+    fn emit(
+        &mut self,
+        id: DeliveryId,
+        stage: DeliveryStage,
+        ts_us: u64,
+        location: GeoPoint,
+        out: &mut Vec<DeliveryEvent>,
+    ) {
         self.stage = stage;
         out.push(DeliveryEvent { delivery_id: id, seq: self.next_seq, drone_id: self.drone, ts_us, location, stage });
         self.next_seq += 1;
@@ -168,7 +177,8 @@ impl Deriver {
                     _ => {}
                 }
             }
-        } else if matches!(ev.kind, ArchivedDroneEventKind::PickedUp { .. } | ArchivedDroneEventKind::DroppedOff { .. }) {
+        } else if matches!(ev.kind, ArchivedDroneEventKind::PickedUp { .. } | ArchivedDroneEventKind::DroppedOff { .. })
+        {
             self.stats.stray += 1;
         }
         self.stats.derived += (out.len() - before) as u64;
@@ -178,7 +188,12 @@ impl Deriver {
     /// Applies a command from the scheduling edge, appending derived events to `out`.
     ///
     /// `now_us` stands in for a command that carries no time of its own (`ts_us == 0`).
-    pub fn on_command(&mut self, cmd: &DeliveryCommand, now_us: u64, out: &mut Vec<DeliveryEvent>) -> Result<(), Error> {
+    pub fn on_command(
+        &mut self,
+        cmd: &DeliveryCommand,
+        now_us: u64,
+        out: &mut Vec<DeliveryEvent>,
+    ) -> Result<(), Error> {
         let before = out.len();
         let result = self.apply_command(cmd, now_us, out);
         self.stats.derived += (out.len() - before) as u64;
@@ -193,7 +208,10 @@ impl Deriver {
                     return if existing.drone == drone_id {
                         Ok(())
                     } else {
-                        Err(Error::InvalidTransition { delivery: delivery_id, reason: "already assigned to another drone" })
+                        Err(Error::InvalidTransition {
+                            delivery: delivery_id,
+                            reason: "already assigned to another drone",
+                        })
                     };
                 }
                 let drone = self.drones.entry(drone_id).or_insert(DroneState::NEW);
@@ -201,15 +219,22 @@ impl Deriver {
                     return Err(Error::DroneBusy { drone: drone_id, delivery: busy });
                 }
                 drone.delivery = Some(delivery_id);
-                let mut state = DeliveryState { drone: drone_id, pickup, dropoff, stage: DeliveryStage::Created, next_seq: 0 };
+                let mut state =
+                    DeliveryState { drone: drone_id, pickup, dropoff, stage: DeliveryStage::Created, next_seq: 0 };
                 state.emit(delivery_id, DeliveryStage::Created, at(ts_us), pickup, out);
                 self.deliveries.insert(delivery_id, state);
                 Ok(())
             }
             DeliveryCommand::Reschedule { delivery_id, pickup, dropoff, ts_us, .. } => {
                 let state = self.deliveries.get_mut(&delivery_id).ok_or(Error::UnknownDelivery(delivery_id))?;
-                if !matches!(state.stage, DeliveryStage::Created | DeliveryStage::Rescheduled | DeliveryStage::HeadedToPickup) {
-                    return Err(Error::InvalidTransition { delivery: delivery_id, reason: "the package is already picked up" });
+                if !matches!(
+                    state.stage,
+                    DeliveryStage::Created | DeliveryStage::Rescheduled | DeliveryStage::HeadedToPickup
+                ) {
+                    return Err(Error::InvalidTransition {
+                        delivery: delivery_id,
+                        reason: "the package is already picked up",
+                    });
                 }
                 state.pickup = pickup;
                 state.dropoff = dropoff;
@@ -296,8 +321,12 @@ mod tests {
 
     fn create(d: &mut Deriver, delivery_id: DeliveryId, drone_id: DroneId) -> Vec<DeliveryEvent> {
         let mut out = Vec::new();
-        d.on_command(&DeliveryCommand::Create { delivery_id, drone_id, pickup: PICKUP, dropoff: DROPOFF, ts_us: 0 }, 500, &mut out)
-            .unwrap();
+        d.on_command(
+            &DeliveryCommand::Create { delivery_id, drone_id, pickup: PICKUP, dropoff: DROPOFF, ts_us: 0 },
+            500,
+            &mut out,
+        )
+        .unwrap();
         out
     }
 
@@ -318,13 +347,21 @@ mod tests {
             drone.event(PICKUP, FlightStatus::Flying, DroneEventKind::Position),
             drone.event(PICKUP, FlightStatus::Flying, DroneEventKind::PickedUp { delivery: 10 }),
             drone.event(GeoPoint::new(47.61, -122.34), FlightStatus::Flying, DroneEventKind::Position),
-            drone.event(GeoPoint::new(47.62001, -122.35001), FlightStatus::Flying, DroneEventKind::DroppedOff { delivery: 10 }),
+            drone.event(
+                GeoPoint::new(47.62001, -122.35001),
+                FlightStatus::Flying,
+                DroneEventKind::DroppedOff { delivery: 10 },
+            ),
             drone.event(DROPOFF, FlightStatus::Flying, DroneEventKind::Position),
         ];
         let (out, _) = feed(&mut d, &flight);
         assert_eq!(
             stages(&out),
-            vec![(1, DeliveryStage::HeadedToPickup), (2, DeliveryStage::InTransit), (3, DeliveryStage::DeliveryComplete)]
+            vec![
+                (1, DeliveryStage::HeadedToPickup),
+                (2, DeliveryStage::InTransit),
+                (3, DeliveryStage::DeliveryComplete)
+            ]
         );
         assert_eq!(out[0].ts_us, flight[1].ts_us, "derived events carry the causing event's time");
         assert_eq!(d.drone(1).unwrap().delivery, None, "the drone is free after completion");
@@ -352,9 +389,11 @@ mod tests {
         // Just outside the radius is still refused; just inside completes.
         let outside = GeoPoint::new(DROPOFF.lat + 0.00035, DROPOFF.lon); // about 39 m
         let inside = GeoPoint::new(DROPOFF.lat + 0.0002, DROPOFF.lon); // about 22 m
-        let (out, _) = feed(&mut d, &[drone.event(outside, FlightStatus::Flying, DroneEventKind::DroppedOff { delivery: 10 })]);
+        let (out, _) =
+            feed(&mut d, &[drone.event(outside, FlightStatus::Flying, DroneEventKind::DroppedOff { delivery: 10 })]);
         assert!(out.is_empty());
-        let (out, _) = feed(&mut d, &[drone.event(inside, FlightStatus::Flying, DroneEventKind::DroppedOff { delivery: 10 })]);
+        let (out, _) =
+            feed(&mut d, &[drone.event(inside, FlightStatus::Flying, DroneEventKind::DroppedOff { delivery: 10 })]);
         assert_eq!(stages(&out), vec![(3, DeliveryStage::DeliveryComplete)]);
     }
 
@@ -385,7 +424,8 @@ mod tests {
             &mut out,
         );
         assert_eq!(busy, Err(Error::DroneBusy { drone: 1, delivery: 10 }));
-        let resched = DeliveryCommand::Reschedule { delivery_id: 10, drone_id: 1, pickup: DROPOFF, dropoff: PICKUP, ts_us: 7 };
+        let resched =
+            DeliveryCommand::Reschedule { delivery_id: 10, drone_id: 1, pickup: DROPOFF, dropoff: PICKUP, ts_us: 7 };
         d.on_command(&resched, 8, &mut out).unwrap();
         assert_eq!(stages(&out), vec![(1, DeliveryStage::Rescheduled)]);
         out.clear();

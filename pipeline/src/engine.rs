@@ -19,8 +19,8 @@ use std::thread::JoinHandle;
 
 use events::wire::{Buffer, DeliveryBatch, TelemetryBatch};
 use events::{
-    BatchMeta, BatchSink, DeliveryCommand, DeliveryEvent, DroneEvent, DroneId, DroneSnapshot, Error, FleetControl, Overflow,
-    StreamSource, Subscription,
+    BatchMeta, BatchSink, DeliveryCommand, DeliveryEvent, DroneEvent, DroneId, DroneSnapshot, Error, FleetControl,
+    Overflow, StreamSource, Subscription,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
@@ -219,7 +219,10 @@ pub fn render_metrics(engine: &Engine, out: &mut String) {
     for (shard, depth) in engine.queue_depths().into_iter().enumerate() {
         let _ = writeln!(out, "fleetstream_engine_shard_queue_depth{{shard=\"{shard}\"}} {depth}");
     }
-    for topic in [engine.telemetry().subscribers(), engine.deliveries().subscribers()].iter().zip(["drone-telemetry", "delivery-events"]) {
+    for topic in [engine.telemetry().subscribers(), engine.deliveries().subscribers()]
+        .iter()
+        .zip(["drone-telemetry", "delivery-events"])
+    {
         let _ = writeln!(out, "fleetstream_stream_subscribers{{topic=\"{}\"}} {}", topic.1, topic.0);
     }
     let _ = writeln!(
@@ -430,7 +433,8 @@ mod tests {
     /// telemetry subscriber and the shards in order, and a delivery completes end to end.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn per_drone_order_is_kept_across_shards() {
-        let (engine, threads) = Engine::start(EngineConfig { shards: 4, shard_queue: 4, ..EngineConfig::default() }).unwrap();
+        let (engine, threads) =
+            Engine::start(EngineConfig { shards: 4, shard_queue: 4, ..EngineConfig::default() }).unwrap();
         let telemetry = engine.subscribe_telemetry(Overflow::Block).unwrap();
         let deliveries = engine.subscribe_deliveries(Overflow::Block).unwrap();
         let drones = 50u64;
@@ -482,7 +486,12 @@ mod tests {
         }
         assert_eq!(
             stages,
-            [DeliveryStage::Created, DeliveryStage::HeadedToPickup, DeliveryStage::InTransit, DeliveryStage::DeliveryComplete]
+            [
+                DeliveryStage::Created,
+                DeliveryStage::HeadedToPickup,
+                DeliveryStage::InTransit,
+                DeliveryStage::DeliveryComplete
+            ]
         );
         let snap = engine.drone(7).await.unwrap().unwrap();
         assert_eq!(snap.last_seq, 300);
@@ -490,6 +499,9 @@ mod tests {
         engine.shutdown(threads).await;
         assert_eq!(engine.metrics().applied.load(Ordering::Relaxed), drones * per_batch * 100);
         assert_eq!(engine.metrics().duplicates.load(Ordering::Relaxed), 0);
-        assert!(matches!(engine.submit(TelemetryBatch::encode(BatchMeta::default(), &[], Buffer::new()).unwrap()).await, Err(Error::ShuttingDown)));
+        assert!(matches!(
+            engine.submit(TelemetryBatch::encode(BatchMeta::default(), &[], Buffer::new()).unwrap()).await,
+            Err(Error::ShuttingDown)
+        ));
     }
 }

@@ -147,7 +147,12 @@ async fn shutdown_signal() {
     }
 }
 
-async fn demo(drones: usize, duration: f64, rate_per_drone: f64, report_path: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+async fn demo(
+    drones: usize,
+    duration: f64,
+    rate_per_drone: f64,
+    report_path: Option<PathBuf>,
+) -> anyhow::Result<ExitCode> {
     let data_dir = std::env::temp_dir().join(format!("fleetstream-demo-{}", std::process::id()));
     let mut cfg = Config { data_dir: data_dir.clone(), ..Config::default() };
     cfg.ingest.listen = SocketAddr::from(([127, 0, 0, 1], 0));
@@ -191,13 +196,19 @@ async fn demo(drones: usize, duration: f64, rate_per_drone: f64, report_path: Op
     };
     let report = report?;
     println!("{report}");
-    println!("engine      applied {applied} drone events, derived {derived} delivery events, rejected {rejected} batches");
+    println!(
+        "engine      applied {applied} drone events, derived {derived} delivery events, rejected {rejected} batches"
+    );
     if let Some(path) = report_path {
-        std::fs::write(&path, serde_json::to_vec_pretty(&report)?).with_context(|| format!("writing {}", path.display()))?;
+        std::fs::write(&path, serde_json::to_vec_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
         println!("report      {}", path.display());
     }
     let ok = report.lost == 0 && report.duplicates == 0 && report.deliveries_completed > 0;
-    println!("result      {}", if ok { "OK: nothing lost, nothing duplicated" } else { "PROBLEM: see lost/duplicates above" });
+    println!(
+        "result      {}",
+        if ok { "OK: nothing lost, nothing duplicated" } else { "PROBLEM: see lost/duplicates above" }
+    );
     Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(2) })
 }
 

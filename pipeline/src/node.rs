@@ -17,9 +17,9 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tracing::info;
 
+use crate::Error;
 use crate::config::Config;
 use crate::engine::{Engine, EngineThreads};
-use crate::Error;
 
 /// A running node.
 #[derive(Debug)]
@@ -77,7 +77,8 @@ impl Node {
         let tls_dir = cfg.data_dir.join("tls");
         std::fs::create_dir_all(&tls_dir).map_err(|e| Error::Io(format!("creating {}", tls_dir.display()), e))?;
         let cert_path = tls_dir.join("ingest-cert.pem");
-        std::fs::write(&cert_path, &certificate_pem).map_err(|e| Error::Io(format!("writing {}", cert_path.display()), e))?;
+        std::fs::write(&cert_path, &certificate_pem)
+            .map_err(|e| Error::Io(format!("writing {}", cert_path.display()), e))?;
         let ingest_metrics = ingest.metrics();
 
         let listener = tokio::net::TcpListener::bind(cfg.http.listen)

@@ -25,8 +25,8 @@ use events::FleetControl;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
-use crate::state::{CreateDelivery, Services};
 use crate::Error;
+use crate::state::{CreateDelivery, Services};
 
 /// The services' routes over `svc`.
 pub fn router<F: FleetControl>(svc: Arc<Services<F>>) -> Router {

@@ -35,7 +35,9 @@ impl Error {
             Error::NoDroneAvailable => (StatusCode::SERVICE_UNAVAILABLE, "no_drone_available"),
             Error::Engine(e) => match e {
                 events::Error::ShuttingDown | events::Error::StorageFull => (StatusCode::SERVICE_UNAVAILABLE, e.name()),
-                events::Error::DroneBusy { .. } | events::Error::InvalidTransition { .. } => (StatusCode::CONFLICT, e.name()),
+                events::Error::DroneBusy { .. } | events::Error::InvalidTransition { .. } => {
+                    (StatusCode::CONFLICT, e.name())
+                }
                 events::Error::UnknownDelivery(_) => (StatusCode::NOT_FOUND, e.name()),
                 _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
             },

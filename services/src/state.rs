@@ -135,7 +135,13 @@ impl<F: FleetControl> Services<F> {
         };
         // Record first, so the Created event finds its record whichever arrives first.
         self.deliveries.write().insert(delivery_id, record.clone());
-        let cmd = DeliveryCommand::Create { delivery_id, drone_id, pickup: record.pickup, dropoff: record.dropoff, ts_us: now };
+        let cmd = DeliveryCommand::Create {
+            delivery_id,
+            drone_id,
+            pickup: record.pickup,
+            dropoff: record.dropoff,
+            ts_us: now,
+        };
         if let Err(error) = self.fleet.command(cmd).await {
             self.deliveries.write().remove(&delivery_id);
             self.release_drone(drone_id, delivery_id);

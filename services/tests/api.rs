@@ -1,5 +1,7 @@
 //! The HTTP API through its router (no socket), against a fake engine.
 
+#![allow(clippy::unwrap_used)] // helpers in a test crate may panic: that fails the test
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -7,8 +9,8 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
 use events::wire::Buffer;
 use events::{
-    BatchMeta, DeliveryBatch, DeliveryCommand, DeliveryEvent, DeliveryStage, DroneId, DroneSnapshot, Error as WireError,
-    FleetControl, FlightStatus, GeoPoint,
+    BatchMeta, DeliveryBatch, DeliveryCommand, DeliveryEvent, DeliveryStage, DroneId, DroneSnapshot,
+    Error as WireError, FleetControl, FlightStatus, GeoPoint,
 };
 use parking_lot::Mutex;
 use serde_json::{Value, json};
@@ -50,7 +52,12 @@ fn setup() -> (Arc<FakeFleet>, Arc<Services<Arc<FakeFleet>>>, axum::Router) {
     (fleet, svc, router)
 }
 
-async fn call(router: &axum::Router, method: &str, uri: &str, body: Option<&str>) -> (StatusCode, Value, Option<String>) {
+async fn call(
+    router: &axum::Router,
+    method: &str,
+    uri: &str,
+    body: Option<&str>,
+) -> (StatusCode, Value, Option<String>) {
     let mut req = Request::builder().method(method).uri(uri);
     if body.is_some() {
         req = req.header(header::CONTENT_TYPE, "application/json");
@@ -92,7 +99,9 @@ async fn schedule_track_and_complete_a_delivery() {
     assert_eq!(body["drone_id"], 7);
     assert_eq!(body["stage"], "created");
     let id = body["delivery_id"].as_u64().unwrap();
-    assert!(matches!(fleet.commands.lock()[0], DeliveryCommand::Create { delivery_id, drone_id: 7, .. } if delivery_id == id));
+    assert!(
+        matches!(fleet.commands.lock()[0], DeliveryCommand::Create { delivery_id, drone_id: 7, .. } if delivery_id == id)
+    );
 
     // The only drone is busy now.
     let (status, body, retry) = call(&router, "POST", "/v1/deliveries", Some(&order())).await;
@@ -130,10 +139,22 @@ async fn malformed_requests_get_400_with_a_reason() {
     let cases = [
         ("{not json", "parse the request body as JSON"),
         (r#"{"owner":"a","pickup":{"lat":1,"lon":2},"package":{"size":"small","weight_kg":1}}"#, "dropoff"),
-        (r#"{"owner":"a","pickup":{"lat":100,"lon":2},"dropoff":{"lat":1,"lon":2},"package":{"size":"small","weight_kg":1}}"#, "pickup"),
-        (r#"{"owner":"","pickup":{"lat":1,"lon":2},"dropoff":{"lat":1,"lon":2},"package":{"size":"small","weight_kg":1}}"#, "owner"),
-        (r#"{"owner":"a","pickup":{"lat":1,"lon":2},"dropoff":{"lat":1,"lon":2},"package":{"size":"huge","weight_kg":1}}"#, "size"),
-        (r#"{"owner":"a","pickup":{"lat":1,"lon":2},"dropoff":{"lat":1,"lon":2},"package":{"size":"small","weight_kg":1},"x":1}"#, "unknown field"),
+        (
+            r#"{"owner":"a","pickup":{"lat":100,"lon":2},"dropoff":{"lat":1,"lon":2},"package":{"size":"small","weight_kg":1}}"#,
+            "pickup",
+        ),
+        (
+            r#"{"owner":"","pickup":{"lat":1,"lon":2},"dropoff":{"lat":1,"lon":2},"package":{"size":"small","weight_kg":1}}"#,
+            "owner",
+        ),
+        (
+            r#"{"owner":"a","pickup":{"lat":1,"lon":2},"dropoff":{"lat":1,"lon":2},"package":{"size":"huge","weight_kg":1}}"#,
+            "size",
+        ),
+        (
+            r#"{"owner":"a","pickup":{"lat":1,"lon":2},"dropoff":{"lat":1,"lon":2},"package":{"size":"small","weight_kg":1},"x":1}"#,
+            "unknown field",
+        ),
     ];
     for (body, needle) in cases {
         let (status, resp, _) = call(&router, "POST", "/v1/deliveries", Some(body)).await;

@@ -1,0 +1,73 @@
+//! The whole path on real sockets: a node (QUIC ingest, engine, HTTP API) and a simulated fleet
+//! in this process, talking over loopback.
+
+#![allow(clippy::unwrap_used)] // helpers in a test crate may panic: that fails the test
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use pipeline::{Config, Node};
+
+fn config(dir: &std::path::Path) -> Config {
+    let mut cfg = Config { data_dir: dir.to_path_buf(), ..Config::default() };
+    cfg.ingest.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    cfg.http.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    cfg.engine.shards = 2;
+    cfg
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_simulated_fleet_completes_its_deliveries_without_loss() {
+    let dir = std::env::temp_dir().join(format!("fleetstream-e2e-{}", std::process::id()));
+    let node = Node::start(&config(&dir)).await.unwrap();
+    assert!(dir.join("tls/ingest-cert.pem").exists(), "the certificate is written for local clients");
+    let mut load = loadgen::LoadConfig::new(
+        node.quic_addr,
+        format!("http://{}", node.http_addr),
+        ingest::Trust::Pem(node.certificate_pem.clone()),
+    );
+    load.drones = 60;
+    load.connections = 3;
+    load.rate = 3_000.0;
+    load.duration = Duration::from_secs(5);
+    load.leg = Duration::from_millis(400);
+    load.deliveries_per_s = 20.0;
+    let report = loadgen::run(load, Arc::new(|_: &loadgen::Progress| {})).await.unwrap();
+    assert_eq!(report.events_sent, 15_000, "{report}");
+    assert_eq!(report.events_acked, report.events_sent, "{report}");
+    assert_eq!(report.events_rejected, 0, "{report}");
+    assert_eq!(report.telemetry_events_observed, report.events_acked, "{report}");
+    assert!(report.deliveries_scheduled >= 40, "{report}");
+    assert_eq!(report.deliveries_completed, report.deliveries_scheduled, "{report}");
+    assert_eq!(report.delivery_events_observed, report.delivery_events_expected, "{report}");
+    assert_eq!((report.lost, report.duplicates), (0, 0), "{report}");
+    assert!(report.latency_us.count > 0 && report.latency_us.p50 > 0, "{report}");
+
+    // The API agrees with the stream: a completed delivery reads as complete, with its drone's
+    // last position from the engine.
+    let http = reqwest::Client::new();
+    let body: serde_json::Value = http
+        .post(format!("http://{}/v1/deliveries", node.http_addr))
+        .json(&serde_json::json!({
+            "owner": "e2e", "pickup": {"lat": 47.6, "lon": -122.3}, "dropoff": {"lat": 47.61, "lon": -122.31},
+            "package": {"size": "medium", "weight_kg": 2.0}
+        }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = body["delivery_id"].as_u64().expect("scheduled");
+    let status: serde_json::Value =
+        http.get(format!("http://{}/v1/deliveries/{id}", node.http_addr)).send().await.unwrap().json().await.unwrap();
+    assert_eq!(status["stage"], "created");
+    assert!(status["drone"]["position"]["lat"].as_f64().is_some(), "{status}");
+    let metrics = http.get(format!("http://{}/metrics", node.http_addr)).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("fleetstream_ingest_events_total 15000"), "{metrics}");
+    assert!(metrics.contains("fleetstream_engine_events_applied_total 15000"), "{metrics}");
+
+    node.shutdown().await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
