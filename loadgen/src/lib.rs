@@ -352,14 +352,14 @@ pub async fn run(cfg: LoadConfig, progress: Arc<dyn Fn(&Progress) + Send + Sync>
         plans[i % conns].push(SimDrone::new(id, near_center(&mut rng, 0.05), leg_us));
     }
     let run_id: u64 = rng.random::<u32>().into();
-    let start = Instant::now();
-    let start_us = now_us();
+    // Connect the whole fleet first, so the schedule's clock starts with every drone ready.
     let mut mission_txs = Vec::with_capacity(conns);
-    let mut drivers = Vec::with_capacity(conns);
+    let mut ready = Vec::with_capacity(conns);
     for (index, drones) in plans.into_iter().enumerate() {
         let (tx, rx) = mpsc::channel(drones.len() + 16);
         mission_txs.push(tx);
         let client = IngestClient::connect(cfg.server, &client_cfg).await.context("connecting a fleet connection")?;
+        let lane = client.open_lane().await.context("opening an ingest stream")?;
         let driver = Driver {
             producer_id: (run_id << 16) | index as u64,
             rate: cfg.rate / conns as f64,
@@ -368,8 +368,16 @@ pub async fn run(cfg: LoadConfig, progress: Arc<dyn Fn(&Progress) + Send + Sync>
             conns: conns as u64,
             missions: rx,
         };
-        drivers.push(tokio::spawn(driver.run(client, cfg.clone(), counters.clone(), start, start_us)));
+        ready.push((driver, client, lane));
     }
+    let start = Instant::now();
+    let start_us = now_us();
+    let drivers: Vec<_> = ready
+        .into_iter()
+        .map(|(driver, client, lane)| {
+            tokio::spawn(driver.run(client, lane, cfg.clone(), counters.clone(), start, start_us))
+        })
+        .collect();
 
     let scheduled_ids = Arc::new(Mutex::new(Vec::new()));
     let customers = tokio::spawn(customers(
@@ -487,12 +495,12 @@ impl Driver {
     async fn run(
         mut self,
         client: IngestClient,
+        (mut lane, mut answers): (ingest::Lane, mpsc::Receiver<ingest::Answer>),
         cfg: LoadConfig,
         counters: Arc<Counters>,
         start: Instant,
         start_us: u64,
     ) -> anyhow::Result<(Vec<MissionOutcome>, u64)> {
-        let (mut lane, mut answers) = client.open_lane().await?;
         let answer_counters = counters.clone();
         let answered = tokio::spawn(async move {
             let mut events = 0u64;
