@@ -85,8 +85,8 @@ async fn sigterm_drains_and_exits_cleanly() {
     let mut next = 100;
     while let Ok(Some(a)) = tokio::time::timeout(Duration::from_secs(15), answers.recv()).await {
         assert_eq!(a.batch_seq, next, "answers stay in order through the drain");
-        if a.result.is_err() {
-            assert_eq!(a.result.unwrap_err().name(), "shutting_down", "only a typed shutdown refusal is allowed");
+        if let Err(e) = a.result {
+            assert_eq!(e.name(), "shutting_down", "only a typed shutdown refusal is allowed");
         }
         next += 1;
     }
