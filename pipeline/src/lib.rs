@@ -11,6 +11,7 @@ pub mod bus;
 pub mod config;
 pub mod derive;
 pub mod engine;
+pub mod log;
 pub mod node;
 
 pub use config::Config;

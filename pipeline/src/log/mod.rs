@@ -1,0 +1,440 @@
+//! The local durable log: the embedded default for keeping every accepted batch.
+//!
+//! An append-only sequence of records, each one accepted batch stored as the bytes it arrived in
+//! (or one delivery command), numbered by a dense offset. The log is split into segment files
+//! named by the first offset they hold (`00000000000000000000.log`); a segment is closed when it
+//! passes `segment_bytes` and a new one begins. Each segment keeps a sparse in-memory index
+//! (offset → file position, one entry per `index_interval_bytes`) so a reader can start at any
+//! offset without scanning from the start.
+//!
+//! Record layout (little-endian):
+//!
+//! | bytes | field |
+//! |---:|---|
+//! | 0..4 | payload length |
+//! | 4..8 | CRC-32C of bytes 8..20 and the payload |
+//! | 8..16 | offset |
+//! | 16 | kind: 1 telemetry batch, 2 delivery command |
+//! | 17..20 | reserved, zero |
+//! | 20.. | payload |
+//!
+//! Durability is the caller's choice of when to call [`Log::sync`]; the appender stage calls it
+//! once per group of appends (group commit). On open, every record is read back and checked: a
+//! torn or corrupt record at the end of the last segment is what a crash mid-append leaves, and
+//! is truncated away and reported; damage anywhere else is refused with an error naming the
+//! segment and offset, and everything before it stays readable ([`Log::reader`]).
+
+mod segment;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use events::wire::Buffer;
+use serde::{Deserialize, Serialize};
+
+pub use segment::{RECORD_HEADER, RecordKind};
+use segment::{Scan, Segment};
+
+/// When appended records are forced to disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FsyncPolicy {
+    /// After every group of appends, before any of them is acknowledged (group commit): an
+    /// acknowledged batch survives a power cut. The default.
+    EveryBatch,
+    /// At most every `fsync_interval_ms`; acknowledgements do not wait. A crash of the machine
+    /// (not just the process) can lose that much acknowledged data.
+    Interval,
+    /// Never; the operating system writes back when it likes. For benchmarks and throwaway data.
+    None,
+}
+
+/// Settings of the durable log.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// Close a segment once it holds this many bytes. Default 128 MiB: few enough files for a
+    /// day of traffic at full rate, small enough that retention frees space in useful steps.
+    pub segment_bytes: u64,
+    /// When to fsync. Default `every_batch`, the only policy under which an acknowledgement
+    /// means the data survives a power cut.
+    pub fsync: FsyncPolicy,
+    /// Interval for `fsync = "interval"`, ms. Default 50.
+    pub fsync_interval_ms: u64,
+    /// Refuse appends (typed "storage full") once the log would exceed this many bytes; 0 means
+    /// no cap beyond the disk itself. Default 0.
+    pub max_bytes: u64,
+    /// Delete closed segments older than this once every consumer is past them, seconds.
+    /// Default 86,400 (one day of history for replay).
+    pub retention_secs: u64,
+    /// ... or once the log is larger than this, bytes. Default 16 GiB.
+    pub retention_bytes: u64,
+    /// One index entry per this many bytes of records. Default 64 KiB: a seek reads at most
+    /// that much before it reaches the wanted offset.
+    pub index_interval_bytes: u64,
+    /// Largest record accepted when reading back, bytes (guards recovery against a corrupt
+    /// length). Default 64 MiB.
+    pub max_record_bytes: u32,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            segment_bytes: 128 << 20,
+            fsync: FsyncPolicy::EveryBatch,
+            fsync_interval_ms: 50,
+            max_bytes: 0,
+            retention_secs: 86_400,
+            retention_bytes: 16 << 30,
+            index_interval_bytes: 64 << 10,
+            max_record_bytes: 64 << 20,
+        }
+    }
+}
+
+/// Errors of the durable log.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    /// A file operation failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A record before the end of the log is damaged.
+    #[error(
+        "corrupt record in segment {segment} at byte {position} (offset {offset}): {reason}; records before it are intact — run `pipeline inspect` for details"
+    )]
+    Corrupt {
+        /// The segment file.
+        segment: PathBuf,
+        /// Byte position in that file.
+        position: u64,
+        /// The offset the record should have had.
+        offset: u64,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The log is at its size cap or the disk is full; nothing was written.
+    #[error("storage full: {0}")]
+    Full(String),
+    /// The offset is no longer (or not yet) in the log.
+    #[error("offset {requested} is not available; the log holds {first}..{next}")]
+    OutOfRange {
+        /// The offset asked for.
+        requested: u64,
+        /// First offset held.
+        first: u64,
+        /// Next offset to be written.
+        next: u64,
+    },
+}
+
+pub(crate) fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> LogError {
+    let context = context.into();
+    move |source| LogError::Io { context, source }
+}
+
+/// What opening the log found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Recovery {
+    /// Segments found.
+    pub segments: usize,
+    /// Records found intact.
+    pub records: u64,
+    /// Bytes cut from the end of the last segment (a torn final append).
+    pub truncated_bytes: u64,
+    /// Why they were cut.
+    pub truncated_reason: Option<String>,
+}
+
+/// One record read back.
+#[derive(Debug)]
+pub struct Record {
+    /// Its offset.
+    pub offset: u64,
+    /// What it holds.
+    pub kind: RecordKind,
+    /// The payload, aligned so a batch can be validated and read in place.
+    pub payload: Buffer,
+}
+
+/// Summary of one segment, for `pipeline inspect` and retention.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SegmentInfo {
+    /// The file.
+    pub path: PathBuf,
+    /// First offset.
+    pub base: u64,
+    /// One past the last offset.
+    pub end: u64,
+    /// Bytes.
+    pub bytes: u64,
+    /// Index entries.
+    pub index_entries: usize,
+}
+
+/// The log. One writer; readers open their own file handles.
+#[derive(Debug)]
+pub struct Log {
+    dir: PathBuf,
+    cfg: LogConfig,
+    closed: Vec<Segment>,
+    active: Segment,
+    total_bytes: u64,
+}
+
+impl Log {
+    /// Opens (or creates) the log in `dir`, checking every record. See the module docs for what
+    /// happens to damaged records.
+    pub fn open(dir: &Path, cfg: LogConfig) -> Result<(Self, Recovery), LogError> {
+        fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
+        let mut bases = Vec::new();
+        for entry in fs::read_dir(dir).map_err(io(format!("listing {}", dir.display())))? {
+            let entry = entry.map_err(io(format!("listing {}", dir.display())))?;
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if let Some(base) = name.strip_suffix(".log").and_then(|b| b.parse::<u64>().ok()) {
+                bases.push(base);
+            }
+        }
+        bases.sort_unstable();
+        let mut recovery = Recovery { segments: bases.len(), ..Recovery::default() };
+        let mut closed = Vec::new();
+        let mut expected = bases.first().copied().unwrap_or(0);
+        for (i, &base) in bases.iter().enumerate() {
+            let last = i + 1 == bases.len();
+            let path = segment_path(dir, base);
+            if base != expected {
+                return Err(LogError::Corrupt {
+                    segment: path,
+                    position: 0,
+                    offset: expected,
+                    reason: format!("segment starts at offset {base}, expected {expected}: a segment is missing"),
+                });
+            }
+            let (mut seg, scan) = Segment::open_and_scan(&path, base, &cfg)?;
+            recovery.records += seg.end - seg.base;
+            if let Scan::Damaged { position, reason } = scan {
+                if last {
+                    let cut = seg.truncate_to(position)?;
+                    recovery.truncated_bytes = cut;
+                    recovery.truncated_reason = Some(reason);
+                } else {
+                    return Err(LogError::Corrupt { segment: path, position, offset: seg.end, reason });
+                }
+            }
+            expected = seg.end;
+            closed.push(seg);
+        }
+        let active = match closed.pop() {
+            Some(seg) => seg,
+            None => Segment::create(&segment_path(dir, 0), 0)?,
+        };
+        let total_bytes = closed.iter().map(|s| s.size).sum::<u64>() + active.size;
+        Ok((Self { dir: dir.to_path_buf(), cfg, closed, active, total_bytes }, recovery))
+    }
+
+    /// Appends one record (not yet durable: see [`Log::sync`]) and returns its offset.
+    pub fn append(&mut self, kind: RecordKind, payload: &[u8]) -> Result<u64, LogError> {
+        let len = (RECORD_HEADER + payload.len()) as u64;
+        if self.cfg.max_bytes > 0 && self.total_bytes + len > self.cfg.max_bytes {
+            return Err(LogError::Full(format!("the log would exceed its cap of {} bytes", self.cfg.max_bytes)));
+        }
+        if self.active.size >= self.cfg.segment_bytes && self.active.end > self.active.base {
+            self.roll()?;
+        }
+        let offset = self.active.append(kind, payload, self.cfg.index_interval_bytes)?;
+        self.total_bytes += len;
+        Ok(offset)
+    }
+
+    /// Forces everything appended so far to disk.
+    pub fn sync(&mut self) -> Result<(), LogError> {
+        self.active.sync()
+    }
+
+    /// Offset the next append gets.
+    pub fn next_offset(&self) -> u64 {
+        self.active.end
+    }
+
+    /// First offset still held.
+    pub fn first_offset(&self) -> u64 {
+        self.closed.first().map_or(self.active.base, |s| s.base)
+    }
+
+    /// Total bytes on disk.
+    pub fn total_bytes(&self) -> u64 {
+        self.total_bytes
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Segment summaries, oldest first.
+    pub fn segments(&self) -> Vec<SegmentInfo> {
+        self.closed.iter().chain(std::iter::once(&self.active)).map(Segment::info).collect()
+    }
+
+    /// A reader from `from` to the end as it is now (records appended later are not seen).
+    pub fn reader(&mut self, from: u64) -> Result<LogReader, LogError> {
+        let (first, next) = (self.first_offset(), self.next_offset());
+        if from < first || from > next {
+            return Err(LogError::OutOfRange { requested: from, first, next });
+        }
+        self.active.flush()?;
+        let plan = self
+            .closed
+            .iter()
+            .chain(std::iter::once(&self.active))
+            .filter(|s| s.end > from)
+            .map(|s| {
+                let (start, position) = s.position_of(from);
+                (s.path.clone(), start, s.end, position)
+            })
+            .collect();
+        Ok(LogReader { plan, current: None, next: from, end: next, max_record: self.cfg.max_record_bytes })
+    }
+
+    /// Deletes closed segments that every consumer has passed (`keep_from`: the lowest offset
+    /// still needed) and that retention no longer requires. Returns how many were deleted.
+    pub fn enforce_retention(&mut self, keep_from: u64, now: SystemTime) -> Result<usize, LogError> {
+        let mut removed = 0;
+        while let Some(oldest) = self.closed.first() {
+            let passed = oldest.end <= keep_from;
+            let too_old = now.duration_since(oldest.modified).is_ok_and(|age| age.as_secs() >= self.cfg.retention_secs);
+            let too_big = self.total_bytes > self.cfg.retention_bytes;
+            if !(passed && (too_old || too_big)) {
+                break;
+            }
+            let seg = self.closed.remove(0);
+            fs::remove_file(&seg.path).map_err(io(format!("deleting {}", seg.path.display())))?;
+            self.total_bytes -= seg.size;
+            removed += 1;
+        }
+        Ok(removed)
+    }
+
+    fn roll(&mut self) -> Result<(), LogError> {
+        self.active.sync()?;
+        let base = self.active.end;
+        let next = Segment::create(&segment_path(&self.dir, base), base)?;
+        let done = std::mem::replace(&mut self.active, next);
+        self.closed.push(done);
+        sync_dir(&self.dir)
+    }
+}
+
+/// Reads records in order; see [`Log::reader`].
+#[derive(Debug)]
+pub struct LogReader {
+    plan: std::collections::VecDeque<(PathBuf, u64, u64, u64)>,
+    current: Option<segment::SegmentReader>,
+    next: u64,
+    end: u64,
+    max_record: u32,
+}
+
+impl Iterator for LogReader {
+    type Item = Result<Record, LogError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            if self.next >= self.end {
+                return None;
+            }
+            if self.current.is_none() {
+                let (path, base, end, position) = self.plan.pop_front()?;
+                match segment::SegmentReader::open(&path, base, end, position, self.max_record) {
+                    Ok(r) => self.current = Some(r),
+                    Err(e) => return Some(Err(e)),
+                }
+            }
+            let reader = self.current.as_mut()?;
+            match reader.next_record() {
+                Ok(Some(record)) if record.offset < self.next => continue,
+                Ok(Some(record)) => {
+                    self.next = record.offset + 1;
+                    return Some(Ok(record));
+                }
+                Ok(None) => self.current = None,
+                Err(e) => {
+                    self.end = 0;
+                    return Some(Err(e));
+                }
+            }
+        }
+    }
+}
+
+/// Where `inspect` found the first damage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Damage {
+    /// The segment file.
+    pub segment: PathBuf,
+    /// Byte position of the damaged record.
+    pub position: u64,
+    /// Its offset.
+    pub offset: u64,
+    /// What is wrong.
+    pub reason: String,
+    /// Whether it is the torn end of the last segment (which recovery truncates) rather than
+    /// damage to data that was once complete.
+    pub torn_tail: bool,
+}
+
+/// What `pipeline inspect` prints.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InspectReport {
+    /// Every segment, oldest first, as far as it could be read.
+    pub segments: Vec<SegmentInfo>,
+    /// Records readable before the first damage.
+    pub readable_records: u64,
+    /// The first damage, if any.
+    pub damage: Option<Damage>,
+}
+
+/// Reads every segment in `dir` and checks every record, changing nothing.
+pub fn inspect(dir: &Path, cfg: &LogConfig) -> Result<InspectReport, LogError> {
+    let mut bases = Vec::new();
+    for entry in fs::read_dir(dir).map_err(io(format!("listing {}", dir.display())))? {
+        let name = entry.map_err(io(format!("listing {}", dir.display())))?.file_name();
+        if let Some(base) = name.to_string_lossy().strip_suffix(".log").and_then(|b| b.parse::<u64>().ok()) {
+            bases.push(base);
+        }
+    }
+    bases.sort_unstable();
+    let mut report = InspectReport { segments: Vec::new(), readable_records: 0, damage: None };
+    for (i, &base) in bases.iter().enumerate() {
+        let path = segment_path(dir, base);
+        let (seg, scan) = Segment::open_and_scan(&path, base, cfg)?;
+        if report.damage.is_none() {
+            report.readable_records += seg.end - seg.base;
+            if let Scan::Damaged { position, reason } = scan {
+                report.damage =
+                    Some(Damage { segment: path, position, offset: seg.end, reason, torn_tail: i + 1 == bases.len() });
+            }
+        }
+        report.segments.push(seg.info());
+    }
+    Ok(report)
+}
+
+fn segment_path(dir: &Path, base: u64) -> PathBuf {
+    dir.join(format!("{base:020}.log"))
+}
+
+/// Makes a file creation or rename in `dir` durable.
+pub(crate) fn sync_dir(dir: &Path) -> Result<(), LogError> {
+    fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io(format!("syncing directory {}", dir.display())))
+}
+
+#[cfg(test)]
+mod tests;
