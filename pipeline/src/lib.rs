@@ -8,7 +8,9 @@
 //! - [`node`]: starts ingest, engine and services from a config and stops them in order.
 
 pub mod bus;
+pub mod checkpoint;
 pub mod config;
+pub mod dedup;
 pub mod derive;
 pub mod engine;
 pub mod log;
