@@ -8,6 +8,7 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use events::{BatchSink, Overflow, StreamSource};
 use fleetstream_benches::batch;
 use pipeline::derive::{DeriveConfig, Deriver};
+use pipeline::engine::Storage;
 use pipeline::engine::shard_of;
 use pipeline::{Engine, EngineConfig};
 
@@ -47,8 +48,8 @@ fn stages(c: &mut Criterion) {
         .enable_all()
         .build()
         .unwrap_or_else(|e| panic!("{e}"));
-    let (engine, threads) =
-        Engine::start(EngineConfig { shards: 2, ..EngineConfig::default() }).unwrap_or_else(|e| panic!("{e}"));
+    let (engine, threads, _) = Engine::start(EngineConfig { shards: 2, ..EngineConfig::default() }, Storage::Memory)
+        .unwrap_or_else(|e| panic!("{e}"));
     let sub = engine.subscribe_telemetry(Overflow::Block).unwrap_or_else(|e| panic!("{e}"));
     let mut g = c.benchmark_group("pipeline");
     g.throughput(Throughput::Elements(n as u64));
@@ -81,8 +82,8 @@ fn batch_with_offset(n: usize, drones: u64, offset: u64) -> events::TelemetryBat
     for e in &mut evs {
         e.seq += offset;
     }
-    events::TelemetryBatch::encode(events::BatchMeta::default(), &evs, events::wire::Buffer::new())
-        .unwrap_or_else(|e| panic!("{e}"))
+    let meta = events::BatchMeta { producer_id: 1, batch_seq: offset, ..events::BatchMeta::default() };
+    events::TelemetryBatch::encode(meta, &evs, events::wire::Buffer::new()).unwrap_or_else(|e| panic!("{e}"))
 }
 
 criterion_group!(benches, stages);

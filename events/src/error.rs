@@ -127,6 +127,9 @@ pub enum Error {
     /// A wire frame other than a batch (a request or response) is malformed.
     #[error("malformed frame: {0}")]
     MalformedFrame(&'static str),
+    /// The durable store failed (not for lack of space); nothing was acknowledged.
+    #[error("storage failed: {0}")]
+    Storage(String),
 }
 
 /// Stable wire codes with their names. Codes never change meaning; new ones are appended.
@@ -151,6 +154,7 @@ const CODES: &[(u16, &str)] = &[
     (18, "drone_busy"),
     (19, "invalid_transition"),
     (20, "malformed_frame"),
+    (21, "storage_failed"),
 ];
 
 impl Error {
@@ -177,6 +181,7 @@ impl Error {
             Error::DroneBusy { .. } => 18,
             Error::InvalidTransition { .. } => 19,
             Error::MalformedFrame(_) => 20,
+            Error::Storage(_) => 21,
             Error::Rejected { code, .. } => *code,
         }
     }

@@ -143,7 +143,19 @@ pub struct DroneEvent {
 
 /// The stages of a delivery, in the order they normally happen.
 #[derive(
-    Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+    Archive,
+    Serialize,
+    Deserialize,
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    serde::Serialize,
+    serde::Deserialize,
 )]
 #[rkyv(derive(Debug, PartialEq, Eq), compare(PartialEq))]
 #[serde(rename_all = "snake_case")]
@@ -206,7 +218,8 @@ pub struct DeliveryEvent {
 }
 
 /// An instruction from the scheduling edge to the engine, routed to the assigned drone's shard.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum DeliveryCommand {
     /// A new delivery assigned to `drone_id`. Idempotent: repeating it changes nothing.
     Create {

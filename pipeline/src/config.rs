@@ -4,7 +4,7 @@
 //! is reported instead of silently ignored.
 //!
 //! ```toml
-//! data_dir = "data"            # where the server keeps its files (its TLS certificate for now)
+//! data_dir = "data"            # log/, checkpoints/ and tls/ live here
 //!
 //! [ingest]                     # QUIC ingest; see ingest::ServerConfig for every field
 //! listen = "127.0.0.1:4433"
@@ -19,8 +19,15 @@
 //! shards = 0                   # 0: one per core
 //! shard_queue = 256
 //! subscriber_queue = 1024
+//! checkpoint_interval_ms = 1000
 //! [engine.derive]
 //! dropoff_radius_m = 30.0
+//!
+//! [log]
+//! fsync = "every_batch"        # or "interval" (fsync_interval_ms) or "none"
+//! segment_bytes = 134217728
+//! max_bytes = 0                # 0: no cap; otherwise appends past it get "storage full"
+//! retention_secs = 86400
 //! ```
 
 use std::net::SocketAddr;
@@ -31,6 +38,7 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
 use crate::engine::EngineConfig;
+use crate::log::LogConfig;
 
 /// Everything `pipeline serve` needs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -44,6 +52,8 @@ pub struct Config {
     pub http: HttpConfig,
     /// The engine.
     pub engine: EngineConfig,
+    /// The durable log under `data_dir/log`.
+    pub log: LogConfig,
 }
 
 impl Default for Config {
@@ -53,6 +63,7 @@ impl Default for Config {
             ingest: ingest::ServerConfig::default(),
             http: HttpConfig::default(),
             engine: EngineConfig::default(),
+            log: LogConfig::default(),
         }
     }
 }

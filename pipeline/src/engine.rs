@@ -1,55 +1,92 @@
-//! The engine: a router that splits batches by drone over shard threads, the shards that run the
-//! derive state machine, and the fan-out of telemetry and delivery events to subscribers.
+//! The engine: an appender that makes each batch durable and numbers it, a router that splits
+//! batches by drone over shard threads, the shards that run the derive state machine, and the
+//! fan-out of telemetry and delivery events to subscribers.
 //!
 //! ```text
-//!  submit(batch) ──► router: one index list per shard ──► shard queue (bounded) ──► shard thread
-//!        │             (the batch is shared, not copied)                            Deriver
-//!        └──────────► fan-out queue (bounded) ──► fan-out thread ──► drone-telemetry  │
-//!                                                                   delivery-events ◄─┘
+//!  submit(batch) ─► append queue (bounded) ─► appender thread: group ─► dedup ─► log.append
+//!  command(cmd) ──┘                            ─► one fsync for the group (group commit)
+//!                                              ─► route: one index list per shard (shared batch)
+//!                                              ─► acks
+//!          shard queues (bounded) ─► shard threads: Deriver ─► delivery-events topic
+//!                                                 └─► checkpoints (state + offset)
+//!          fan-out queue (bounded) ─► fan-out thread ─► drone-telemetry topic
 //! ```
 //!
-//! Each drone maps to exactly one shard, and a shard applies its queue in order, so a drone's
-//! events are applied in the order they were submitted. Every queue is bounded; a full shard
-//! queue makes `submit` wait, which the ingest turns into QUIC flow control toward the sender.
+//! The appender is the one writer of the log: it takes whatever requests are waiting, appends
+//! them, syncs once under the configured [`FsyncPolicy`], and only then routes and acknowledges
+//! them, so a subscriber never sees, and a producer is never told about, a batch that a crash
+//! could take back. A batch whose `(producer, batch_seq)` is already in the log is acknowledged
+//! without being appended again ([`ProducerWindows`]).
+//!
+//! Each drone maps to exactly one shard and a shard applies its queue in order, so a drone's
+//! events are applied in log order. Shards checkpoint their state with the offset it covers; on
+//! start the engine restores the checkpoints and replays the log after them, so the shards end
+//! where they would have been and derive the same events, with the same ids. Every queue is
+//! bounded; a full queue makes `submit` wait, which the ingest turns into QUIC flow control.
 
-use std::future::{Ready, ready};
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::{Context, Poll};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
 
-use events::wire::{Buffer, DeliveryBatch, TelemetryBatch};
+use events::wire::{Buffer, DeliveryBatch, Limits, TelemetryBatch};
 use events::{
     BatchMeta, BatchSink, DeliveryCommand, DeliveryEvent, DroneEvent, DroneId, DroneSnapshot, Error, FleetControl,
     Overflow, StreamSource, Subscription,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
+use tracing::{error, info, warn};
 
 use crate::bus::Topic;
+use crate::checkpoint::{self, Checkpoint};
+use crate::dedup::ProducerWindows;
 use crate::derive::{DeriveConfig, DeriveStats, Deriver};
+use crate::log::{FsyncPolicy, Log, LogConfig, LogError, RecordKind};
 
 /// Engine settings.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EngineConfig {
     /// Shard threads; 0 means one per CPU core. A shard is one thread, so more shards than cores
-    /// only adds switching.
+    /// only adds switching. Changing it discards the checkpoints (the log is replayed whole).
     pub shards: usize,
-    /// Batches (or batch slices) each shard queue holds before `submit` waits. Default 256:
+    /// Batches (or batch slices) each shard queue holds before the appender waits. Default 256:
     /// with batches of about 1,000 events that is a quarter of a million events of slack per
     /// shard, enough to ride out a scheduling hiccup without holding much memory.
     pub shard_queue: usize,
+    /// Requests waiting for the appender before `submit` waits. Default 1024: the largest
+    /// group one fsync can cover.
+    pub append_queue: usize,
     /// Batches each subscriber may have queued. Default 1024: a subscriber that is more than
     /// about a second behind at full rate is either blocking the pipeline (in-process
     /// consumers) or cut off (remote ones).
     pub subscriber_queue: usize,
+    /// How often each shard checkpoints, ms. Default 1000: replay after a crash covers about
+    /// a second of traffic, and a checkpoint costs a few milliseconds of one shard per second.
+    pub checkpoint_interval_ms: u64,
+    /// Producers whose recent batch numbers are remembered for dedup. Default 100,000: every
+    /// drone of a large fleet sending directly, at about 500 bytes each.
+    pub max_producers: usize,
     /// The derive rules.
     pub derive: DeriveConfig,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        Self { shards: 0, shard_queue: 256, subscriber_queue: 1024, derive: DeriveConfig::default() }
+        Self {
+            shards: 0,
+            shard_queue: 256,
+            append_queue: 1024,
+            subscriber_queue: 1024,
+            checkpoint_interval_ms: 1000,
+            max_producers: 100_000,
+            derive: DeriveConfig::default(),
+        }
     }
 }
 
@@ -60,20 +97,75 @@ impl EngineConfig {
     }
 }
 
+/// Where the engine keeps what it accepts.
+#[derive(Debug, Clone)]
+pub enum Storage {
+    /// Nothing on disk: offsets are counted in memory and a restart starts empty. For tests and
+    /// benches of the stages themselves.
+    Memory,
+    /// The durable log and shard checkpoints under `dir` (`dir/log`, `dir/checkpoints`).
+    Durable {
+        /// Data directory.
+        dir: PathBuf,
+        /// Log settings.
+        log: LogConfig,
+    },
+}
+
+/// What the engine found and did when it started.
+#[derive(Debug, Clone, Default)]
+pub struct StartReport {
+    /// What opening the log found.
+    pub recovery: crate::log::Recovery,
+    /// Shards that resumed from a checkpoint.
+    pub restored_shards: usize,
+    /// Log records replayed into the shards.
+    pub replayed: u64,
+    /// The next offset.
+    pub next_offset: u64,
+}
+
 enum ShardMsg {
-    Events { batch: Arc<TelemetryBatch>, indices: Option<Vec<u32>> },
+    Events {
+        offset: u64,
+        batch: Arc<TelemetryBatch>,
+        indices: Option<Vec<u32>>,
+    },
+    Command {
+        offset: u64,
+        cmd: DeliveryCommand,
+        reply: Option<oneshot::Sender<Result<(), Error>>>,
+    },
+    /// Every record up to `offset` has been routed.
+    Watermark(u64),
+    Drone {
+        id: DroneId,
+        reply: oneshot::Sender<Option<DroneSnapshot>>,
+    },
+    Stop,
+}
+
+enum AppendReq {
+    Batch { batch: TelemetryBatch, ack: oneshot::Sender<Result<(), Error>> },
     Command { cmd: DeliveryCommand, reply: oneshot::Sender<Result<(), Error>> },
-    Drone { id: DroneId, reply: oneshot::Sender<Option<DroneSnapshot>> },
     Stop,
 }
 
 /// Counters of the engine, read by `/metrics`.
 #[derive(Debug, Default)]
 pub struct EngineMetrics {
-    /// Batches submitted.
+    /// Batches appended to the log.
     pub batches: AtomicU64,
-    /// Drone events submitted.
+    /// Drone events in appended batches.
     pub events: AtomicU64,
+    /// Batches acknowledged without appending: already in the log.
+    pub duplicate_batches: AtomicU64,
+    /// Appends refused for lack of space.
+    pub storage_full: AtomicU64,
+    /// fsync calls.
+    pub fsyncs: AtomicU64,
+    /// Time spent in fsync, µs.
+    pub fsync_us: AtomicU64,
     /// Drone events applied by shards.
     pub applied: AtomicU64,
     /// Drone events dropped as repeats.
@@ -84,11 +176,15 @@ pub struct EngineMetrics {
     pub far_dropoffs: AtomicU64,
     /// Pickups and drop-offs naming a delivery the drone is not flying.
     pub stray: AtomicU64,
+    /// Checkpoints written.
+    pub checkpoints: AtomicU64,
+    /// Bytes in the log.
+    pub log_bytes: AtomicU64,
 }
 
 struct Inner {
+    append: flume::Sender<AppendReq>,
     shards: Vec<flume::Sender<ShardMsg>>,
-    fanout: flume::Sender<Option<Arc<TelemetryBatch>>>,
     telemetry: Arc<Topic<DroneEvent>>,
     deliveries: Arc<Topic<DeliveryEvent>>,
     metrics: Arc<EngineMetrics>,
@@ -105,26 +201,85 @@ pub struct Engine {
 #[derive(Debug)]
 pub struct EngineThreads(Vec<JoinHandle<()>>);
 
+/// Resolves when the appender has made a batch durable (or refused it).
+#[derive(Debug)]
+pub struct AckFuture(oneshot::Receiver<Result<(), Error>>);
+
+impl Future for AckFuture {
+    type Output = Result<(), Error>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.0).poll(cx).map(|r| r.unwrap_or(Err(Error::ShuttingDown)))
+    }
+}
+
 impl Engine {
-    /// Starts the shard and fan-out threads.
-    pub fn start(cfg: EngineConfig) -> std::io::Result<(Self, EngineThreads)> {
+    /// Opens the storage, restores checkpoints, replays the log after them into the shards, and
+    /// starts the threads. Blocks for the replay.
+    pub fn start(cfg: EngineConfig, storage: Storage) -> Result<(Self, EngineThreads, StartReport), crate::Error> {
         let n = cfg.shard_count();
         let telemetry = Arc::new(Topic::new("drone-telemetry", cfg.subscriber_queue));
         let deliveries = Arc::new(Topic::new("delivery-events", cfg.subscriber_queue));
         let metrics = Arc::new(EngineMetrics::default());
-        let mut threads = Vec::with_capacity(n + 1);
+        let mut report = StartReport::default();
+
+        let (mut log, ckpt_dir) = match &storage {
+            Storage::Memory => (None, None),
+            Storage::Durable { dir, log } => {
+                let (opened, recovery) = Log::open(&dir.join("log"), *log)?;
+                if recovery.truncated_bytes > 0 {
+                    warn!(
+                        bytes = recovery.truncated_bytes,
+                        reason = recovery.truncated_reason.as_deref().unwrap_or(""),
+                        "log recovery truncated a torn final record (never acknowledged)"
+                    );
+                }
+                report.recovery = recovery;
+                (Some(opened), Some(dir.join("checkpoints")))
+            }
+        };
+        let next_offset = log.as_ref().map_or(0, Log::next_offset);
+        let mut checkpoints = Vec::with_capacity(n);
+        if let Some(dir) = &ckpt_dir {
+            for shard in 0..n {
+                let ckpt = checkpoint::read(dir, shard as u32)?;
+                checkpoints.push(ckpt.filter(|c| c.shards as usize == n && c.offset < next_offset));
+            }
+            if checkpoints.iter().any(Option::is_none) && checkpoints.iter().any(Option::is_some) {
+                warn!("some shard checkpoints are missing or stale: every shard replays the whole log");
+                checkpoints.iter_mut().for_each(|c| *c = None);
+            }
+        } else {
+            checkpoints.resize(n, None);
+        }
+        report.restored_shards = checkpoints.iter().filter(|c| c.is_some()).count();
+        let needed: Arc<[AtomicU64]> =
+            checkpoints.iter().map(|c| AtomicU64::new(c.as_ref().map_or(0, |c| c.offset + 1))).collect();
+
+        let mut threads = Vec::with_capacity(n + 2);
         let mut shards = Vec::with_capacity(n);
-        for index in 0..n {
+        for (index, ckpt) in checkpoints.into_iter().enumerate() {
             let (tx, rx) = flume::bounded(cfg.shard_queue.max(1));
+            let (deriver, covered) = match ckpt {
+                Some(c) => (Deriver::restore(cfg.derive, c.state), Some(c.offset)),
+                None => (Deriver::new(cfg.derive), None),
+            };
             let shard = Shard {
                 index,
-                deriver: Deriver::new(cfg.derive),
+                shards: n,
+                deriver,
                 rx,
                 deliveries: deliveries.clone(),
                 metrics: metrics.clone(),
                 out: Vec::new(),
                 published: 0,
                 reported: DeriveStats::default(),
+                covered,
+                applied: covered,
+                ckpt_dir: ckpt_dir.clone(),
+                ckpt_interval: Duration::from_millis(cfg.checkpoint_interval_ms.max(1)),
+                last_ckpt: Instant::now(),
+                needed: needed.clone(),
             };
             threads.push(std::thread::Builder::new().name(format!("shard-{index}")).spawn(move || shard.run())?);
             shards.push(tx);
@@ -136,17 +291,46 @@ impl Engine {
                 topic.publish(batch);
             }
         })?);
-        let inner = Inner { shards, fanout, telemetry, deliveries, metrics, stopping: AtomicBool::new(false) };
-        Ok((Self { inner: Arc::new(inner) }, EngineThreads(threads)))
+
+        let (policy, interval) = match &storage {
+            Storage::Durable { log, .. } => (log.fsync, Duration::from_millis(log.fsync_interval_ms.max(1))),
+            Storage::Memory => (FsyncPolicy::None, Duration::from_secs(1)),
+        };
+        let mut appender = Appender {
+            log: log.take(),
+            next_offset,
+            windows: ProducerWindows::new(cfg.max_producers),
+            shards: shards.clone(),
+            fanout,
+            metrics: metrics.clone(),
+            policy,
+            interval,
+            last_sync: Instant::now(),
+            unsynced: false,
+            failed: None,
+            needed,
+            last_retention: Instant::now(),
+        };
+        report.replayed = appender.replay()?;
+        report.next_offset = appender.next_offset;
+        let (append, append_rx) = flume::bounded(cfg.append_queue.max(1));
+        threads.push(std::thread::Builder::new().name("appender".into()).spawn(move || appender.run(append_rx))?);
+        info!(
+            shards = n,
+            restored = report.restored_shards,
+            replayed = report.replayed,
+            next_offset = report.next_offset,
+            "engine started"
+        );
+        let inner = Inner { append, shards, telemetry, deliveries, metrics, stopping: AtomicBool::new(false) };
+        Ok((Self { inner: Arc::new(inner) }, EngineThreads(threads), report))
     }
 
-    /// Refuses new work, lets every queue drain, and joins the threads.
+    /// Refuses new work, lets every queue drain (the appender syncs, shards checkpoint), and
+    /// joins the threads.
     pub async fn shutdown(&self, threads: EngineThreads) {
         self.inner.stopping.store(true, Ordering::Release);
-        for shard in &self.inner.shards {
-            let _ = shard.send_async(ShardMsg::Stop).await;
-        }
-        let _ = self.inner.fanout.send_async(None).await;
+        let _ = self.inner.append.send_async(AppendReq::Stop).await;
         let _ = tokio::task::spawn_blocking(move || {
             for t in threads.0 {
                 let _ = t.join();
@@ -175,6 +359,11 @@ impl Engine {
         self.inner.shards.iter().map(flume::Sender::len).collect()
     }
 
+    /// Requests waiting for the appender.
+    pub fn append_depth(&self) -> usize {
+        self.inner.append.len()
+    }
+
     /// The telemetry topic.
     pub fn telemetry(&self) -> &Topic<DroneEvent> {
         &self.inner.telemetry
@@ -185,11 +374,11 @@ impl Engine {
         &self.inner.deliveries
     }
 
-    async fn to_shard(&self, drone: DroneId, msg: ShardMsg) -> Result<(), Error> {
+    async fn to_appender(&self, req: AppendReq) -> Result<(), Error> {
         if self.inner.stopping.load(Ordering::Acquire) {
             return Err(Error::ShuttingDown);
         }
-        self.inner.shards[self.shard_of(drone)].send_async(msg).await.map_err(|_| Error::ShuttingDown)
+        self.inner.append.send_async(req).await.map_err(|_| Error::ShuttingDown)
     }
 }
 
@@ -205,6 +394,11 @@ pub fn render_metrics(engine: &Engine, out: &mut String) {
     let m = engine.metrics();
     let counters = [
         ("fleetstream_engine_batches_total", &m.batches),
+        ("fleetstream_engine_batches_duplicate_total", &m.duplicate_batches),
+        ("fleetstream_log_storage_full_total", &m.storage_full),
+        ("fleetstream_log_fsyncs_total", &m.fsyncs),
+        ("fleetstream_log_fsync_microseconds_total", &m.fsync_us),
+        ("fleetstream_engine_checkpoints_total", &m.checkpoints),
         ("fleetstream_engine_events_total", &m.events),
         ("fleetstream_engine_events_applied_total", &m.applied),
         ("fleetstream_engine_events_duplicate_total", &m.duplicates),
@@ -215,6 +409,16 @@ pub fn render_metrics(engine: &Engine, out: &mut String) {
     for (name, c) in counters {
         let _ = writeln!(out, "# TYPE {name} counter\n{name} {}", c.load(Ordering::Relaxed));
     }
+    let _ = writeln!(
+        out,
+        "# TYPE fleetstream_log_bytes gauge\nfleetstream_log_bytes {}",
+        m.log_bytes.load(Ordering::Relaxed)
+    );
+    let _ = writeln!(
+        out,
+        "# TYPE fleetstream_engine_append_queue_depth gauge\nfleetstream_engine_append_queue_depth {}",
+        engine.append_depth()
+    );
     let _ = writeln!(out, "# TYPE fleetstream_engine_shard_queue_depth gauge");
     for (shard, depth) in engine.queue_depths().into_iter().enumerate() {
         let _ = writeln!(out, "fleetstream_engine_shard_queue_depth{{shard=\"{shard}\"}} {depth}");
@@ -239,36 +443,12 @@ pub fn shard_of(drone: DroneId, n: usize) -> usize {
 }
 
 impl BatchSink for Engine {
-    type Ack = Ready<Result<(), Error>>;
+    type Ack = AckFuture;
 
     async fn submit(&self, batch: TelemetryBatch) -> Result<Self::Ack, Error> {
-        if self.inner.stopping.load(Ordering::Acquire) {
-            return Err(Error::ShuttingDown);
-        }
-        let n = self.inner.shards.len();
-        let events = batch.len() as u64;
-        let batch = Arc::new(batch);
-        if n == 1 {
-            let msg = ShardMsg::Events { batch: batch.clone(), indices: None };
-            self.inner.shards[0].send_async(msg).await.map_err(|_| Error::ShuttingDown)?;
-        } else {
-            let mut per_shard: Vec<Vec<u32>> = vec![Vec::new(); n];
-            for (i, ev) in batch.events().iter().enumerate() {
-                per_shard[shard_of(ev.drone_id.to_native(), n)].push(i as u32);
-            }
-            let whole = per_shard.iter().filter(|v| !v.is_empty()).count() == 1;
-            for (shard, indices) in per_shard.into_iter().enumerate() {
-                if indices.is_empty() {
-                    continue;
-                }
-                let msg = ShardMsg::Events { batch: batch.clone(), indices: (!whole).then_some(indices) };
-                self.inner.shards[shard].send_async(msg).await.map_err(|_| Error::ShuttingDown)?;
-            }
-        }
-        self.inner.fanout.send_async(Some(batch)).await.map_err(|_| Error::ShuttingDown)?;
-        self.inner.metrics.batches.fetch_add(1, Ordering::Relaxed);
-        self.inner.metrics.events.fetch_add(events, Ordering::Relaxed);
-        Ok(ready(Ok(())))
+        let (ack, rx) = oneshot::channel();
+        self.to_appender(AppendReq::Batch { batch, ack }).await?;
+        Ok(AckFuture(rx))
     }
 }
 
@@ -285,20 +465,318 @@ impl StreamSource for Engine {
 impl FleetControl for Engine {
     async fn command(&self, cmd: DeliveryCommand) -> Result<(), Error> {
         let (reply, rx) = oneshot::channel();
-        self.to_shard(cmd.drone_id(), ShardMsg::Command { cmd, reply }).await?;
+        self.to_appender(AppendReq::Command { cmd, reply }).await?;
         rx.await.map_err(|_| Error::ShuttingDown)?
     }
 
     async fn drone(&self, id: DroneId) -> Result<Option<DroneSnapshot>, Error> {
+        if self.inner.stopping.load(Ordering::Acquire) {
+            return Err(Error::ShuttingDown);
+        }
         let (reply, rx) = oneshot::channel();
-        self.to_shard(id, ShardMsg::Drone { id, reply }).await?;
+        let shard = &self.inner.shards[self.shard_of(id)];
+        shard.send_async(ShardMsg::Drone { id, reply }).await.map_err(|_| Error::ShuttingDown)?;
         rx.await.map_err(|_| Error::ShuttingDown)
     }
 }
 
-/// One shard thread: applies its queue in order and publishes what it derives.
+/// Requests the appender takes in one group: one fsync covers them all.
+const MAX_GROUP: usize = 1024;
+
+/// What an appended request still needs after the group's sync.
+enum Appended {
+    Batch { offset: u64, batch: TelemetryBatch, ack: oneshot::Sender<Result<(), Error>> },
+    Duplicate { ack: oneshot::Sender<Result<(), Error>> },
+    Command { offset: u64, cmd: DeliveryCommand, reply: oneshot::Sender<Result<(), Error>> },
+}
+
+/// The appender thread: the log's one writer.
+struct Appender {
+    log: Option<Log>,
+    next_offset: u64,
+    windows: ProducerWindows,
+    shards: Vec<flume::Sender<ShardMsg>>,
+    fanout: flume::Sender<Option<Arc<TelemetryBatch>>>,
+    metrics: Arc<EngineMetrics>,
+    policy: FsyncPolicy,
+    interval: Duration,
+    last_sync: Instant,
+    unsynced: bool,
+    failed: Option<String>,
+    /// Per shard, the lowest offset it still needs (one past its checkpoint).
+    needed: Arc<[AtomicU64]>,
+    last_retention: Instant,
+}
+
+impl Appender {
+    /// Rebuilds the dedup windows from the whole log and routes every record after the oldest
+    /// checkpoint to the shards (each skips what its own checkpoint covers). Returns the number
+    /// of records routed.
+    fn replay(&mut self) -> Result<u64, crate::Error> {
+        let Some(log) = self.log.as_mut() else { return Ok(0) };
+        let from = log.first_offset();
+        let replay_after = self.needed.iter().map(|n| n.load(Ordering::Relaxed)).min().unwrap_or(0);
+        let mut routed = 0;
+        let limits = Limits { max_body_bytes: u32::MAX, max_events: u32::MAX };
+        let mut last = None;
+        for record in log.reader(from)? {
+            let record = record?;
+            last = Some(record.offset);
+            match record.kind {
+                RecordKind::Telemetry => {
+                    let batch = TelemetryBatch::validate(record.payload, &limits).map_err(|e| {
+                        crate::Error::Config(format!("log record {} holds an invalid batch: {e}", record.offset))
+                    })?;
+                    let meta = batch.header().meta;
+                    self.windows.insert(meta.producer_id, meta.batch_seq, record.offset);
+                    if record.offset >= replay_after {
+                        self.route(record.offset, Arc::new(batch));
+                        routed += 1;
+                    }
+                }
+                RecordKind::Command => {
+                    let cmd: DeliveryCommand = serde_json::from_slice(&record.payload).map_err(|e| {
+                        crate::Error::Config(format!("log record {} holds an invalid command: {e}", record.offset))
+                    })?;
+                    if record.offset >= replay_after {
+                        let shard = shard_of(cmd.drone_id(), self.shards.len());
+                        let _ = self.shards[shard].send(ShardMsg::Command { offset: record.offset, cmd, reply: None });
+                        routed += 1;
+                    }
+                }
+            }
+        }
+        if let Some(last) = last {
+            self.watermark(last);
+        }
+        Ok(routed)
+    }
+
+    fn run(mut self, rx: flume::Receiver<AppendReq>) {
+        let mut group = Vec::with_capacity(MAX_GROUP);
+        let mut appended = Vec::with_capacity(MAX_GROUP);
+        let mut stop = false;
+        while !stop {
+            let first = if self.unsynced && self.policy == FsyncPolicy::Interval {
+                match rx.recv_timeout(self.interval.saturating_sub(self.last_sync.elapsed())) {
+                    Ok(req) => req,
+                    Err(flume::RecvTimeoutError::Timeout) => {
+                        let _ = self.sync();
+                        continue;
+                    }
+                    Err(flume::RecvTimeoutError::Disconnected) => break,
+                }
+            } else {
+                match rx.recv() {
+                    Ok(req) => req,
+                    Err(_) => break,
+                }
+            };
+            group.push(first);
+            while group.len() < MAX_GROUP {
+                match rx.try_recv() {
+                    Ok(req) => group.push(req),
+                    Err(_) => break,
+                }
+            }
+            for req in group.drain(..) {
+                match req {
+                    AppendReq::Stop => stop = true,
+                    AppendReq::Batch { batch, ack } => self.append_batch(batch, ack, &mut appended),
+                    AppendReq::Command { cmd, reply } => self.append_command(cmd, reply, &mut appended),
+                }
+            }
+            let must_sync = match self.policy {
+                FsyncPolicy::EveryBatch => true,
+                FsyncPolicy::Interval => self.last_sync.elapsed() >= self.interval || stop,
+                FsyncPolicy::None => false,
+            };
+            if self.unsynced
+                && must_sync
+                && let Err(e) = self.sync()
+            {
+                for a in appended.drain(..) {
+                    let (Appended::Batch { ack, .. }
+                    | Appended::Duplicate { ack }
+                    | Appended::Command { reply: ack, .. }) = a;
+                    let _ = ack.send(Err(e.clone()));
+                }
+            }
+            self.deliver(&mut appended);
+            if self.last_retention.elapsed() >= Duration::from_secs(10) {
+                self.retention();
+            }
+        }
+        if self.unsynced {
+            let _ = self.sync();
+        }
+        for shard in &self.shards {
+            let _ = shard.send(ShardMsg::Stop);
+        }
+        let _ = self.fanout.send(None);
+    }
+
+    fn append_batch(
+        &mut self,
+        batch: TelemetryBatch,
+        ack: oneshot::Sender<Result<(), Error>>,
+        out: &mut Vec<Appended>,
+    ) {
+        let meta = batch.header().meta;
+        if self.windows.contains(meta.producer_id, meta.batch_seq) {
+            self.metrics.duplicate_batches.fetch_add(1, Ordering::Relaxed);
+            out.push(Appended::Duplicate { ack });
+            return;
+        }
+        match self.append(RecordKind::Telemetry, batch.as_bytes()) {
+            Ok(offset) => {
+                self.windows.insert(meta.producer_id, meta.batch_seq, offset);
+                self.metrics.batches.fetch_add(1, Ordering::Relaxed);
+                self.metrics.events.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                out.push(Appended::Batch { offset, batch, ack });
+            }
+            Err(e) => {
+                let _ = ack.send(Err(e));
+            }
+        }
+    }
+
+    fn append_command(
+        &mut self,
+        cmd: DeliveryCommand,
+        reply: oneshot::Sender<Result<(), Error>>,
+        out: &mut Vec<Appended>,
+    ) {
+        let payload = match serde_json::to_vec(&cmd) {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = reply.send(Err(Error::Encode(e.to_string())));
+                return;
+            }
+        };
+        match self.append(RecordKind::Command, &payload) {
+            Ok(offset) => out.push(Appended::Command { offset, cmd, reply }),
+            Err(e) => {
+                let _ = reply.send(Err(e));
+            }
+        }
+    }
+
+    fn append(&mut self, kind: RecordKind, payload: &[u8]) -> Result<u64, Error> {
+        if let Some(reason) = &self.failed {
+            return Err(Error::Storage(reason.clone()));
+        }
+        let Some(log) = self.log.as_mut() else {
+            self.next_offset += 1;
+            return Ok(self.next_offset - 1);
+        };
+        match log.append(kind, payload) {
+            Ok(offset) => {
+                self.next_offset = offset + 1;
+                self.unsynced = true;
+                self.metrics.log_bytes.store(log.total_bytes(), Ordering::Relaxed);
+                Ok(offset)
+            }
+            Err(LogError::Full(reason)) => {
+                self.metrics.storage_full.fetch_add(1, Ordering::Relaxed);
+                warn!(%reason, "append refused: storage full");
+                Err(Error::StorageFull)
+            }
+            Err(e) => {
+                error!(error = %e, "append failed");
+                Err(Error::Storage(e.to_string()))
+            }
+        }
+    }
+
+    /// Syncs the log. A failed fsync leaves the kernel's view of the file unknowable, so the
+    /// appender refuses everything afterwards; a restart recovers from what is on disk.
+    fn sync(&mut self) -> Result<(), Error> {
+        let Some(log) = self.log.as_mut() else { return Ok(()) };
+        let started = Instant::now();
+        let result = log.sync();
+        self.metrics.fsyncs.fetch_add(1, Ordering::Relaxed);
+        self.metrics.fsync_us.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        self.last_sync = Instant::now();
+        self.unsynced = false;
+        result.map_err(|e| {
+            error!(error = %e, "fsync failed: refusing all further appends until restart");
+            self.failed = Some(e.to_string());
+            Error::Storage(e.to_string())
+        })
+    }
+
+    /// Routes and acknowledges what the group appended, in log order.
+    fn deliver(&mut self, appended: &mut Vec<Appended>) {
+        let mut last = None;
+        for a in appended.drain(..) {
+            match a {
+                Appended::Batch { offset, batch, ack } => {
+                    let batch = Arc::new(batch);
+                    self.route(offset, batch.clone());
+                    let _ = self.fanout.send(Some(batch));
+                    let _ = ack.send(Ok(()));
+                    last = Some(offset);
+                }
+                Appended::Duplicate { ack } => {
+                    let _ = ack.send(Ok(()));
+                }
+                Appended::Command { offset, cmd, reply } => {
+                    let shard = shard_of(cmd.drone_id(), self.shards.len());
+                    let _ = self.shards[shard].send(ShardMsg::Command { offset, cmd, reply: Some(reply) });
+                    last = Some(offset);
+                }
+            }
+        }
+        if let Some(last) = last {
+            self.watermark(last);
+        }
+    }
+
+    /// Splits a batch over the shards by drone: index lists, never copies.
+    fn route(&self, offset: u64, batch: Arc<TelemetryBatch>) {
+        let n = self.shards.len();
+        if n == 1 {
+            let _ = self.shards[0].send(ShardMsg::Events { offset, batch, indices: None });
+            return;
+        }
+        let mut per_shard: Vec<Vec<u32>> = vec![Vec::new(); n];
+        for (i, ev) in batch.events().iter().enumerate() {
+            per_shard[shard_of(ev.drone_id.to_native(), n)].push(i as u32);
+        }
+        let whole = per_shard.iter().filter(|v| !v.is_empty()).count() == 1;
+        for (shard, indices) in per_shard.into_iter().enumerate() {
+            if !indices.is_empty() {
+                let msg = ShardMsg::Events { offset, batch: batch.clone(), indices: (!whole).then_some(indices) };
+                let _ = self.shards[shard].send(msg);
+            }
+        }
+    }
+
+    fn watermark(&self, offset: u64) {
+        for shard in &self.shards {
+            let _ = shard.send(ShardMsg::Watermark(offset));
+        }
+    }
+
+    fn retention(&mut self) {
+        self.last_retention = Instant::now();
+        let keep_from = self.needed.iter().map(|n| n.load(Ordering::Relaxed)).min().unwrap_or(0);
+        if let Some(log) = self.log.as_mut() {
+            match log.enforce_retention(keep_from, SystemTime::now()) {
+                Ok(0) => {}
+                Ok(n) => info!(segments = n, first_offset = log.first_offset(), "retention deleted old segments"),
+                Err(e) => warn!(error = %e, "retention failed"),
+            }
+            self.metrics.log_bytes.store(log.total_bytes(), Ordering::Relaxed);
+        }
+    }
+}
+
+/// One shard thread: applies its queue in order, publishes what it derives, checkpoints.
 struct Shard {
     index: usize,
+    shards: usize,
     deriver: Deriver,
     rx: flume::Receiver<ShardMsg>,
     deliveries: Arc<Topic<DeliveryEvent>>,
@@ -306,6 +784,14 @@ struct Shard {
     out: Vec<DeliveryEvent>,
     published: u64,
     reported: DeriveStats,
+    /// The offset the restored checkpoint covers: replayed records up to it are skipped.
+    covered: Option<u64>,
+    /// Every record up to this offset has been applied.
+    applied: Option<u64>,
+    ckpt_dir: Option<PathBuf>,
+    ckpt_interval: Duration,
+    last_ckpt: Instant,
+    needed: Arc<[AtomicU64]>,
 }
 
 /// Messages a shard applies before it publishes what they derived: enough to amortise the
@@ -314,58 +800,72 @@ const PUBLISH_EVERY: usize = 32;
 
 impl Shard {
     fn run(mut self) {
-        while let Ok(msg) = self.rx.recv() {
-            if !self.handle(msg) {
-                break;
-            }
+        let mut stop = false;
+        while !stop {
+            let Ok(msg) = self.rx.recv() else { break };
+            stop = !self.handle(msg);
             let mut more = 0;
-            let mut stop = false;
-            while more < PUBLISH_EVERY {
+            while !stop && more < PUBLISH_EVERY {
                 match self.rx.try_recv() {
                     Ok(msg) => {
                         more += 1;
-                        if !self.handle(msg) {
-                            stop = true;
-                            break;
-                        }
+                        stop = !self.handle(msg);
                     }
                     Err(_) => break,
                 }
             }
             self.flush();
-            if stop {
-                break;
+            if stop || self.last_ckpt.elapsed() >= self.ckpt_interval {
+                self.checkpoint();
             }
         }
-        self.flush();
+    }
+
+    fn covered(&self, offset: u64) -> bool {
+        self.covered.is_some_and(|c| offset <= c)
+    }
+
+    fn advance(&mut self, offset: u64) {
+        self.applied = Some(self.applied.map_or(offset, |a| a.max(offset)));
     }
 
     /// Applies one message; false on `Stop`.
     fn handle(&mut self, msg: ShardMsg) -> bool {
         match msg {
-            ShardMsg::Events { batch, indices } => {
-                let events = batch.events();
-                match indices {
-                    None => {
-                        for ev in events.iter() {
-                            self.deriver.on_drone_event(ev, &mut self.out);
-                        }
-                    }
-                    Some(indices) => {
-                        for i in indices {
-                            if let Some(ev) = events.get(i as usize) {
+            ShardMsg::Events { offset, batch, indices } => {
+                if !self.covered(offset) {
+                    let events = batch.events();
+                    match indices {
+                        None => {
+                            for ev in events.iter() {
                                 self.deriver.on_drone_event(ev, &mut self.out);
+                            }
+                        }
+                        Some(indices) => {
+                            for i in indices {
+                                if let Some(ev) = events.get(i as usize) {
+                                    self.deriver.on_drone_event(ev, &mut self.out);
+                                }
                             }
                         }
                     }
                 }
+                self.advance(offset);
             }
-            ShardMsg::Command { cmd, reply } => {
-                let result = self.deriver.on_command(&cmd, events::now_us(), &mut self.out);
+            ShardMsg::Command { offset, cmd, reply } => {
+                let result = if self.covered(offset) {
+                    Ok(())
+                } else {
+                    self.deriver.on_command(&cmd, events::now_us(), &mut self.out)
+                };
+                self.advance(offset);
                 // Publish before replying, so Created is on the stream before the caller acts.
                 self.flush();
-                let _ = reply.send(result);
+                if let Some(reply) = reply {
+                    let _ = reply.send(result);
+                }
             }
+            ShardMsg::Watermark(offset) => self.advance(offset),
             ShardMsg::Drone { id, reply } => {
                 let _ = reply.send(self.deriver.drone(id));
             }
@@ -392,9 +892,27 @@ impl Shard {
                 self.published += 1;
                 self.deliveries.publish(Arc::new(batch));
             }
-            Err(error) => tracing::error!(%error, shard = self.index, "delivery batch encoding failed"),
+            Err(error) => error!(%error, shard = self.index, "delivery batch encoding failed"),
         }
         self.out.clear();
+    }
+
+    fn checkpoint(&mut self) {
+        self.last_ckpt = Instant::now();
+        let (Some(dir), Some(offset)) = (&self.ckpt_dir, self.applied) else { return };
+        if self.covered == Some(offset) {
+            return;
+        }
+        let ckpt =
+            Checkpoint { shard: self.index as u32, shards: self.shards as u32, offset, state: self.deriver.snapshot() };
+        match checkpoint::write(dir, &ckpt) {
+            Ok(()) => {
+                self.covered = Some(offset);
+                self.needed[self.index].store(offset + 1, Ordering::Relaxed);
+                self.metrics.checkpoints.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => warn!(error = %e, shard = self.index, "checkpoint failed; will retry"),
+        }
     }
 }
 
@@ -433,8 +951,9 @@ mod tests {
     /// telemetry subscriber and the shards in order, and a delivery completes end to end.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn per_drone_order_is_kept_across_shards() {
-        let (engine, threads) =
-            Engine::start(EngineConfig { shards: 4, shard_queue: 4, ..EngineConfig::default() }).unwrap();
+        let (engine, threads, _) =
+            Engine::start(EngineConfig { shards: 4, shard_queue: 4, ..EngineConfig::default() }, Storage::Memory)
+                .unwrap();
         let telemetry = engine.subscribe_telemetry(Overflow::Block).unwrap();
         let deliveries = engine.subscribe_deliveries(Overflow::Block).unwrap();
         let drones = 50u64;
@@ -475,7 +994,8 @@ mod tests {
                     events.push(ev(d, seq, kind));
                 }
             }
-            let batch = TelemetryBatch::encode(BatchMeta::default(), &events, Buffer::new()).unwrap();
+            let meta = BatchMeta { producer_id: 1, batch_seq: round, ..BatchMeta::default() };
+            let batch = TelemetryBatch::encode(meta, &events, Buffer::new()).unwrap();
             engine.submit(batch).await.unwrap().await.unwrap();
         }
         reader.await.unwrap();

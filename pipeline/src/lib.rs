@@ -32,6 +32,9 @@ pub enum Error {
     /// The ingest server failed.
     #[error(transparent)]
     Ingest(#[from] ingest::Error),
+    /// The durable log or a checkpoint failed.
+    #[error(transparent)]
+    Log(#[from] log::LogError),
     /// The engine refused an operation.
     #[error(transparent)]
     Engine(#[from] events::Error),

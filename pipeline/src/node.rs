@@ -19,7 +19,7 @@ use tracing::info;
 
 use crate::Error;
 use crate::config::Config;
-use crate::engine::{Engine, EngineThreads};
+use crate::engine::{Engine, EngineThreads, StartReport, Storage};
 
 /// A running node.
 #[derive(Debug)]
@@ -36,6 +36,8 @@ pub struct Node {
     pub services: Arc<Services<Engine>>,
     /// Ingest counters.
     pub ingest_metrics: Arc<IngestMetrics>,
+    /// What the engine recovered at start.
+    pub start_report: StartReport,
     threads: EngineThreads,
     ingest_stop: oneshot::Sender<()>,
     ingest_task: JoinHandle<Result<(), ingest::Error>>,
@@ -49,8 +51,11 @@ impl Node {
     /// Starts everything. The certificate is written to `DATA_DIR/tls/ingest-cert.pem` so
     /// clients on this machine can trust a self-signed one.
     pub async fn start(cfg: &Config) -> Result<Self, Error> {
-        let (engine, threads) = Engine::start(cfg.engine)?;
-        info!(shards = engine.shard_count(), "engine started");
+        let storage = Storage::Durable { dir: cfg.data_dir.clone(), log: cfg.log };
+        let engine_cfg = cfg.engine;
+        let (engine, threads, report) = tokio::task::spawn_blocking(move || Engine::start(engine_cfg, storage))
+            .await
+            .map_err(|e| Error::Task(e.to_string()))??;
         let services = Arc::new(Services::new(engine.clone()));
 
         let deliveries = engine.subscribe_deliveries(Overflow::Block)?;
@@ -119,6 +124,7 @@ impl Node {
             engine,
             services,
             ingest_metrics,
+            start_report: report,
             threads,
             ingest_stop,
             ingest_task,
