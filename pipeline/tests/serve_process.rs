@@ -107,3 +107,45 @@ fn a_bad_config_is_a_usage_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("/nonexistent/fleetstream.toml") && err.contains("does not exist"), "{err}");
 }
+
+#[tokio::test]
+async fn inspect_verifies_the_log_and_finds_corruption() {
+    let mut server = spawn_server("inspect");
+    let pem = std::fs::read_to_string(server.dir.join("tls/ingest-cert.pem")).unwrap();
+    let client = IngestClient::connect(server.quic, &ClientConfig::new(Trust::Pem(pem))).await.unwrap();
+    let (mut lane, mut answers) = client.open_lane().await.unwrap();
+    for seq in 0..30 {
+        lane.send(&frame(seq)).await.unwrap();
+    }
+    for _ in 0..30 {
+        assert!(answers.recv().await.unwrap().result.is_ok());
+    }
+    client.close().await;
+    Command::new("kill").args(["-TERM", &server.child.id().to_string()]).status().unwrap();
+    assert!(server.child.wait().unwrap().success());
+
+    let run = |dir: &std::path::Path| {
+        Command::new(env!("CARGO_BIN_EXE_pipeline")).arg("inspect").arg("--data-dir").arg(dir).output().unwrap()
+    };
+    let out = run(&server.dir);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("offsets 0..30") && text.contains("verified: 30 records"), "{text}");
+    assert!(text.contains("shard 0/2: covers offsets ..=29"), "{text}");
+
+    // Flip one byte inside the tenth record's payload.
+    let seg = server.dir.join("log/00000000000000000000.log");
+    let mut bytes = std::fs::read(&seg).unwrap();
+    let record = bytes.len() / 30;
+    bytes[record * 9 + record / 2] ^= 0x40;
+    std::fs::write(&seg, &bytes).unwrap();
+    let out = run(&server.dir);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("CORRUPT record") && text.contains("(offset 9)") && text.contains("checksum mismatch"),
+        "{text}"
+    );
+    assert!(text.contains("9 records before it are intact"), "{text}");
+    let _ = std::fs::remove_dir_all(&server.dir);
+}

@@ -20,9 +20,10 @@
 //!
 //! Durability is the caller's choice of when to call [`Log::sync`]; the appender stage calls it
 //! once per group of appends (group commit). On open, every record is read back and checked: a
-//! torn or corrupt record at the end of the last segment is what a crash mid-append leaves, and
-//! is truncated away and reported; damage anywhere else is refused with an error naming the
-//! segment and offset, and everything before it stays readable ([`Log::reader`]).
+//! torn record at the very end of the last segment is what a crash mid-append leaves (it was
+//! never acknowledged), and is truncated away and reported; damage with intact data after it,
+//! in any segment, is refused with an error naming the segment and offset, never cut away, and
+//! everything before it stays readable ([`inspect`]).
 
 mod segment;
 
@@ -219,8 +220,8 @@ impl Log {
             }
             let (mut seg, scan) = Segment::open_and_scan(&path, base, &cfg)?;
             recovery.records += seg.end - seg.base;
-            if let Scan::Damaged { position, reason } = scan {
-                if last {
+            if let Scan::Damaged { position, reason, tail } = scan {
+                if last && tail {
                     let cut = seg.truncate_to(position)?;
                     recovery.truncated_bytes = cut;
                     recovery.truncated_reason = Some(reason);
@@ -417,9 +418,14 @@ pub fn inspect(dir: &Path, cfg: &LogConfig) -> Result<InspectReport, LogError> {
         let (seg, scan) = Segment::open_and_scan(&path, base, cfg)?;
         if report.damage.is_none() {
             report.readable_records += seg.end - seg.base;
-            if let Scan::Damaged { position, reason } = scan {
-                report.damage =
-                    Some(Damage { segment: path, position, offset: seg.end, reason, torn_tail: i + 1 == bases.len() });
+            if let Scan::Damaged { position, reason, tail } = scan {
+                report.damage = Some(Damage {
+                    segment: path,
+                    position,
+                    offset: seg.end,
+                    reason,
+                    torn_tail: tail && i + 1 == bases.len(),
+                });
             }
         }
         report.segments.push(seg.info());

@@ -37,8 +37,10 @@ impl RecordKind {
 pub(super) enum Scan {
     /// Every record checked out.
     Clean,
-    /// The record at `position` is damaged (or torn); everything before it is good.
-    Damaged { position: u64, reason: String },
+    /// The record at `position` is damaged; everything before it is good. `tail` when the
+    /// damage reaches the end of the file (what a crash mid-append leaves); otherwise intact
+    /// data follows it and it must not be cut away.
+    Damaged { position: u64, reason: String, tail: bool },
 }
 
 #[derive(Debug)]
@@ -150,26 +152,25 @@ impl Segment {
                 Ok(false) => break Scan::Clean,
                 Ok(true) => {}
                 Err(e) if e.kind() == ErrorKind::UnexpectedEof => {
-                    break Scan::Damaged { position, reason: format!("torn record header ({e})") };
+                    break Scan::Damaged { position, reason: format!("torn record header ({e})"), tail: true };
                 }
                 Err(e) => return Err(io(format!("reading {}", path.display()))(e)),
             }
             let (len, _kind, crc) = match parse_header(&h, seg.end, cfg.max_record_bytes) {
                 Ok(parsed) => parsed,
-                Err(reason) => break Scan::Damaged { position, reason },
+                Err(reason) => break Scan::Damaged { position, reason, tail: false },
             };
-            if position + (RECORD_HEADER + len) as u64 > file_len {
-                break Scan::Damaged {
-                    position,
-                    reason: format!("torn record: {len} payload bytes announced, file ends first"),
-                };
+            let record_end = position + (RECORD_HEADER + len) as u64;
+            if record_end > file_len {
+                let reason = format!("torn record: {len} payload bytes announced, file ends first");
+                break Scan::Damaged { position, reason, tail: true };
             }
             payload.resize(len, 0);
             if let Err(e) = reader.read_exact(&mut payload) {
-                break Scan::Damaged { position, reason: format!("torn record payload ({e})") };
+                break Scan::Damaged { position, reason: format!("torn record payload ({e})"), tail: true };
             }
             if let Err(reason) = check_crc(&h, &payload, crc) {
-                break Scan::Damaged { position, reason };
+                break Scan::Damaged { position, reason, tail: record_end == file_len };
             }
             seg.note_record(position, cfg.index_interval_bytes);
             position += (RECORD_HEADER + len) as u64;

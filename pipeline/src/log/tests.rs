@@ -159,3 +159,22 @@ fn retention_waits_for_consumers_and_age() {
     assert_eq!(log.first_offset(), second_base);
     assert!(matches!(log.reader(0), Err(LogError::OutOfRange { first, .. }) if first == second_base));
 }
+
+#[test]
+fn damage_in_the_middle_of_the_last_segment_is_never_truncated() {
+    let dir = TempDir::new("mid");
+    let (mut log, _) = Log::open(&dir.0, LogConfig::default()).unwrap();
+    for i in 0..10 {
+        log.append(RecordKind::Telemetry, &payload(i)).unwrap();
+    }
+    log.sync().unwrap();
+    let seg = log.segments()[0].path.clone();
+    drop(log);
+    let mut bytes = fs::read(&seg).unwrap();
+    bytes[RECORD_HEADER + 3] ^= 0x10; // inside the first record's payload; nine intact records follow
+    fs::write(&seg, &bytes).unwrap();
+    assert!(matches!(Log::open(&dir.0, LogConfig::default()), Err(LogError::Corrupt { offset: 0, .. })));
+    assert_eq!(fs::read(&seg).unwrap().len(), bytes.len(), "nothing was cut");
+    let report = inspect(&dir.0, &LogConfig::default()).unwrap();
+    assert!(!report.damage.unwrap().torn_tail);
+}
