@@ -43,10 +43,15 @@ pub struct ServerConfig {
     /// UDP address to listen on. Default `127.0.0.1:4433`: loopback until an operator decides
     /// to expose it.
     pub listen: SocketAddr,
-    /// PEM certificate chain. Unset: a self-signed certificate is generated at start.
+    /// PEM certificate chain. Unset: a self-signed certificate is used, generated on first
+    /// start and kept in `self_signed_dir` (or generated afresh each start when that is unset).
     pub cert: Option<PathBuf>,
     /// PEM private key for `cert`.
     pub key: Option<PathBuf>,
+    /// Where a self-signed identity is kept across restarts (`ingest-cert.pem`,
+    /// `ingest-key.pem`). `pipeline serve` sets it to `DATA_DIR/tls`.
+    #[serde(skip)]
+    pub self_signed_dir: Option<PathBuf>,
     /// Largest batch body accepted, bytes. Default 4 MiB (see `events::wire`).
     pub max_body_bytes: u32,
     /// Most events in one batch. Default 65,536.
@@ -76,6 +81,7 @@ impl Default for ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 4433)),
             cert: None,
             key: None,
+            self_signed_dir: None,
             max_body_bytes: events::wire::DEFAULT_MAX_BODY_BYTES,
             max_events: events::wire::DEFAULT_MAX_EVENTS,
             max_connections: 16_384,
@@ -202,7 +208,12 @@ impl IngestServer {
     pub fn bind(cfg: &ServerConfig) -> Result<Self, Error> {
         let identity = match (&cfg.cert, &cfg.key) {
             (Some(cert), Some(key)) => Identity::from_files(cert, key)?,
-            (None, None) => Identity::self_signed()?,
+            (None, None) => match &cfg.self_signed_dir {
+                Some(dir) => {
+                    crate::tls::persistent_self_signed(&dir.join("ingest-cert.pem"), &dir.join("ingest-key.pem"))?
+                }
+                None => Identity::self_signed()?,
+            },
             _ => return Err(Error::Config("ingest.cert and ingest.key must be set together".into())),
         };
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_crypto(&identity)?));

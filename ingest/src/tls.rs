@@ -51,6 +51,36 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// The identity a server keeps across restarts when it has no configured certificate: loaded
+/// from `cert`/`key` if both exist, otherwise generated self-signed and written there (the key
+/// readable by the owner only), so clients that trusted it once can reconnect after a restart.
+pub fn persistent_self_signed(cert: &Path, key: &Path) -> Result<Identity, Error> {
+    if cert.exists() && key.exists() {
+        return Identity::from_files(cert, key);
+    }
+    let names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
+    let certified = rcgen::generate_simple_self_signed(names).map_err(|e| Error::Tls(e.to_string()))?;
+    if let Some(dir) = cert.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| Error::Tls(format!("creating {}: {e}", dir.display())))?;
+    }
+    write_private(key, certified.signing_key.serialize_pem().as_bytes())?;
+    std::fs::write(cert, certified.cert.pem()).map_err(|e| Error::Tls(format!("writing {}: {e}", cert.display())))?;
+    Identity::from_files(cert, key)
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> Result<(), Error> {
+    use std::io::Write;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(path).map_err(|e| Error::Tls(format!("writing {}: {e}", path.display())))?;
+    f.write_all(bytes).map_err(|e| Error::Tls(format!("writing {}: {e}", path.display())))
+}
+
 /// rustls server settings: TLS 1.3 only, fleetstream ALPN.
 pub fn server_crypto(identity: &Identity) -> Result<quinn::crypto::rustls::QuicServerConfig, Error> {
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())

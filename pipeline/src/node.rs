@@ -48,7 +48,7 @@ pub struct Node {
 }
 
 impl Node {
-    /// Starts everything. The certificate is written to `DATA_DIR/tls/ingest-cert.pem` so
+    /// Starts everything. The ingest certificate is at `DATA_DIR/tls/ingest-cert.pem` so
     /// clients on this machine can trust a self-signed one.
     pub async fn start(cfg: &Config) -> Result<Self, Error> {
         let storage = Storage::Durable { dir: cfg.data_dir.clone(), log: cfg.log };
@@ -76,14 +76,21 @@ impl Node {
             }
         });
 
-        let ingest = IngestServer::bind(&cfg.ingest)?;
+        // Without a configured certificate the server keeps a self-signed one in DATA_DIR/tls,
+        // so clients that trusted it keep trusting it across restarts.
+        let tls_dir = cfg.data_dir.join("tls");
+        let mut ingest_cfg = cfg.ingest.clone();
+        ingest_cfg.self_signed_dir = Some(tls_dir.clone());
+        let ingest = IngestServer::bind(&ingest_cfg)?;
         let quic_addr = ingest.local_addr()?;
         let certificate_pem = ingest.certificate_pem().to_string();
-        let tls_dir = cfg.data_dir.join("tls");
-        std::fs::create_dir_all(&tls_dir).map_err(|e| Error::Io(format!("creating {}", tls_dir.display()), e))?;
         let cert_path = tls_dir.join("ingest-cert.pem");
-        std::fs::write(&cert_path, &certificate_pem)
-            .map_err(|e| Error::Io(format!("writing {}", cert_path.display()), e))?;
+        if cfg.ingest.cert.is_some() {
+            // A configured certificate: leave a copy where local clients look for it.
+            std::fs::create_dir_all(&tls_dir).map_err(|e| Error::Io(format!("creating {}", tls_dir.display()), e))?;
+            std::fs::write(&cert_path, &certificate_pem)
+                .map_err(|e| Error::Io(format!("writing {}", cert_path.display()), e))?;
+        }
         let ingest_metrics = ingest.metrics();
 
         let listener = tokio::net::TcpListener::bind(cfg.http.listen)

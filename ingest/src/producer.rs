@@ -1,0 +1,239 @@
+//! A producer that survives its connection: it keeps every batch until the server answers it,
+//! and after a lost connection, a server restart or an answer that takes too long, it connects
+//! again and re-sends every unanswered batch in order. The server's dedup (same producer id and
+//! batch sequence number) turns the re-sends of batches it already took into plain
+//! acknowledgements, so nothing is lost and nothing is counted twice.
+//!
+//! ```text
+//!  send(seq, frame) ─► bounded queue ─► task: write on the lane, keep in `pending`
+//!                                       answer ─► pop `pending` ─► answers channel
+//!                                       lane lost / timeout ─► reconnect (backoff) ─► re-send `pending`
+//! ```
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{Semaphore, mpsc};
+use tracing::{debug, warn};
+
+use crate::Error;
+use crate::client::{Answer, ClientConfig, IngestClient, Lane};
+
+/// Settings of a [`Producer`].
+#[derive(Debug, Clone)]
+pub struct ProducerConfig {
+    /// The connection.
+    pub client: ClientConfig,
+    /// An unanswered batch older than this means the connection is stuck: reconnect and
+    /// re-send. Default 10 s, well above a healthy server's worst group commit.
+    pub answer_timeout: Duration,
+    /// First wait before reconnecting; doubles up to `max_backoff`. Default 50 ms.
+    pub backoff: Duration,
+    /// Longest wait between reconnection attempts. Default 2 s.
+    pub max_backoff: Duration,
+    /// How long one connection attempt (handshake and stream) may take. Default 5 s: a
+    /// handshake to a server that is down would otherwise wait out QUIC's idle timeout.
+    pub connect_timeout: Duration,
+}
+
+impl ProducerConfig {
+    /// Defaults around a client configuration.
+    pub fn new(client: ClientConfig) -> Self {
+        Self {
+            client,
+            answer_timeout: Duration::from_secs(10),
+            backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_secs(2),
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+struct Frame {
+    seq: u64,
+    bytes: Vec<u8>,
+    sent: Instant,
+}
+
+/// What a producer did, returned by [`Producer::finish`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ProducerStats {
+    /// Connections made (1 without failures).
+    pub connections: u64,
+    /// Batches written again after a reconnect.
+    pub resent: u64,
+    /// Batches still unanswered when the producer gave up.
+    pub unanswered: u64,
+}
+
+/// Sends batches reliably; see the module docs.
+#[derive(Debug)]
+pub struct Producer {
+    tx: mpsc::Sender<Frame>,
+    window: Arc<Semaphore>,
+    task: tokio::task::JoinHandle<ProducerStats>,
+}
+
+impl Producer {
+    /// Starts a producer for `addr`; answers arrive on the returned channel in send order. The
+    /// first connection is made before this returns.
+    pub async fn connect(addr: SocketAddr, cfg: ProducerConfig) -> Result<(Self, mpsc::Receiver<Answer>), Error> {
+        let window_size = cfg.client.max_inflight_per_lane.max(1);
+        let client = IngestClient::connect(addr, &cfg.client).await?;
+        let (lane, answers) = client.open_lane().await?;
+        let (tx, rx) = mpsc::channel(window_size);
+        let (out_tx, out_rx) = mpsc::channel(window_size);
+        let window = Arc::new(Semaphore::new(window_size));
+        let worker = Worker {
+            addr,
+            cfg,
+            conn: Some((client, lane, answers)),
+            pending: VecDeque::new(),
+            out: out_tx,
+            window: window.clone(),
+            stats: ProducerStats { connections: 1, ..ProducerStats::default() },
+        };
+        let task = tokio::spawn(worker.run(rx));
+        Ok((Self { tx, window, task }, out_rx))
+    }
+
+    /// Queues one encoded batch frame; waits while `max_inflight_per_lane` batches are
+    /// unanswered.
+    pub async fn send(&self, seq: u64, bytes: Vec<u8>) -> Result<(), Error> {
+        let permit = self.window.acquire().await.map_err(|_| Error::Closed)?;
+        permit.forget();
+        self.tx.send(Frame { seq, bytes, sent: Instant::now() }).await.map_err(|_| Error::Closed)
+    }
+
+    /// Stops taking batches and waits until every sent one is answered, or `deadline` passes.
+    pub async fn finish(self, deadline: Duration) -> ProducerStats {
+        drop(self.tx);
+        let abort = self.task.abort_handle();
+        match tokio::time::timeout(deadline, self.task).await {
+            Ok(Ok(stats)) => stats,
+            _ => {
+                abort.abort();
+                ProducerStats { unanswered: u64::MAX, ..ProducerStats::default() }
+            }
+        }
+    }
+}
+
+struct Worker {
+    addr: SocketAddr,
+    cfg: ProducerConfig,
+    conn: Option<(IngestClient, Lane, mpsc::Receiver<Answer>)>,
+    pending: VecDeque<Frame>,
+    out: mpsc::Sender<Answer>,
+    window: Arc<Semaphore>,
+    stats: ProducerStats,
+}
+
+impl Worker {
+    async fn run(mut self, mut rx: mpsc::Receiver<Frame>) -> ProducerStats {
+        let mut input_open = true;
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            if !input_open && self.pending.is_empty() {
+                break;
+            }
+            if self.conn.is_none() {
+                self.reconnect().await;
+                continue;
+            }
+            let Some((_, lane, answers)) = self.conn.as_mut() else { continue };
+            tokio::select! {
+                frame = rx.recv(), if input_open => match frame {
+                    Some(frame) => {
+                        let ok = lane.send(&frame.bytes).await.is_ok();
+                        self.pending.push_back(frame);
+                        if !ok {
+                            self.drop_connection("write failed");
+                        }
+                    }
+                    None => input_open = false,
+                },
+                answer = answers.recv() => match answer {
+                    Some(answer) => self.answered(answer).await,
+                    None => self.drop_connection("answer stream ended"),
+                },
+                _ = tick.tick() => {
+                    if self.pending.front().is_some_and(|f| f.sent.elapsed() > self.cfg.answer_timeout) {
+                        self.drop_connection("answer timed out");
+                    }
+                }
+            }
+        }
+        if let Some((client, lane, _)) = self.conn.take() {
+            lane.finish();
+            client.close().await;
+        }
+        self.stats.unanswered = self.pending.len() as u64;
+        self.stats
+    }
+
+    async fn answered(&mut self, answer: Answer) {
+        let Some(front) = self.pending.front() else {
+            warn!(batch_seq = answer.batch_seq, "answer for no pending batch");
+            return;
+        };
+        if front.seq != answer.batch_seq {
+            warn!(expected = front.seq, got = answer.batch_seq, "answer out of order; reconnecting");
+            self.drop_connection("answer out of order");
+            return;
+        }
+        if let Err(e) = &answer.result
+            && (e.is_retryable() || e.name() == "storage_failed")
+        {
+            // The batch was fine; the server could not take it now. Try again elsewhere/later.
+            debug!(error = %e, "retryable refusal; reconnecting");
+            self.drop_connection("server refused for now");
+            return;
+        }
+        self.pending.pop_front();
+        self.window.add_permits(1);
+        let _ = self.out.send(answer).await;
+    }
+
+    fn drop_connection(&mut self, why: &str) {
+        if let Some((client, _, _)) = self.conn.take() {
+            warn!(addr = %self.addr, why, pending = self.pending.len(), "ingest connection lost; will reconnect and re-send");
+            client.connection().close(quinn::VarInt::from_u32(0), b"reconnecting");
+        }
+    }
+
+    async fn reconnect(&mut self) {
+        let mut backoff = self.cfg.backoff;
+        loop {
+            let attempt = async {
+                let client = IngestClient::connect(self.addr, &self.cfg.client).await?;
+                let (lane, answers) = client.open_lane().await?;
+                Ok::<_, Error>((client, lane, answers))
+            };
+            match tokio::time::timeout(self.cfg.connect_timeout, attempt).await {
+                Ok(Ok((client, mut lane, answers))) => {
+                    let mut ok = true;
+                    for frame in &mut self.pending {
+                        frame.sent = Instant::now();
+                        if lane.send(&frame.bytes).await.is_err() {
+                            ok = false;
+                            break;
+                        }
+                        self.stats.resent += 1;
+                    }
+                    if ok {
+                        self.stats.connections += 1;
+                        self.conn = Some((client, lane, answers));
+                        return;
+                    }
+                }
+                Ok(Err(e)) => debug!(error = %e, "reconnecting failed"),
+                Err(_) => debug!("reconnecting timed out"),
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(self.cfg.max_backoff);
+        }
+    }
+}

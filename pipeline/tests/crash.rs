@@ -1,0 +1,269 @@
+//! `pipeline serve` killed with SIGKILL at random moments under load and restarted on the same
+//! data directory, while producers reconnect and re-send what was not answered. Afterwards:
+//! every acknowledged batch is in the log exactly once, the engine applied every event exactly
+//! once, and the log derives exactly the delivery events a run without crashes derives.
+
+#![allow(clippy::unwrap_used)] // helpers in a test crate may panic: that fails the test
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use events::wire::{Buffer, Limits};
+use events::{
+    BatchMeta, DeliveryCommand, DeliveryEvent, DeliveryStage, DroneEvent, DroneEventKind, FlightStatus, GeoPoint,
+    TelemetryBatch,
+};
+use ingest::{ClientConfig, Producer, ProducerConfig, Trust};
+use pipeline::derive::{DeriveConfig, Deriver};
+use pipeline::log::{Log, LogConfig, RecordKind};
+
+const PRODUCERS: u64 = 3;
+const DRONES_PER_PRODUCER: u64 = 8;
+const EVENTS_PER_DRONE: u64 = 300;
+const PICKUP_AT: u64 = 100;
+const DROPOFF_AT: u64 = 200;
+
+fn free_port() -> u16 {
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    udp.local_addr().unwrap().port()
+}
+
+fn free_tcp_port() -> u16 {
+    let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    tcp.local_addr().unwrap().port()
+}
+
+fn spawn(dir: &Path, quic: u16, http: u16) -> Child {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pipeline"))
+        .args([
+            "serve",
+            "--shards",
+            "2",
+            "--quic",
+            &format!("127.0.0.1:{quic}"),
+            "--http",
+            &format!("127.0.0.1:{http}"),
+        ])
+        .arg("--data-dir")
+        .arg(dir)
+        .env("FLEETSTREAM_ENGINE__CHECKPOINT_INTERVAL_MS", "50")
+        .env("RUST_LOG", "warn")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.starts_with("fleetstream serving:") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(60)).expect("the server starts");
+    child
+}
+
+fn kill9(child: &mut Child) {
+    Command::new("kill").args(["-KILL", &child.id().to_string()]).status().unwrap();
+    child.wait().unwrap();
+}
+
+/// A cheap pseudo-random number from the clock, so each run kills at different moments.
+fn jitter(max_ms: u64) -> u64 {
+    let n = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() as u64;
+    n.wrapping_mul(0x9E37_79B9_7F4A_7C15) % max_ms
+}
+
+fn drone_event(drone: u64, seq: u64, delivery: u64, dropoff: GeoPoint) -> DroneEvent {
+    let (status, kind, at) = match seq {
+        s if s < 50 => (FlightStatus::Idle, DroneEventKind::Position, GeoPoint::new(47.6, -122.3)),
+        50 => (
+            FlightStatus::Flying,
+            DroneEventKind::StatusChanged { from: FlightStatus::Idle },
+            GeoPoint::new(47.6, -122.3),
+        ),
+        PICKUP_AT => (FlightStatus::Flying, DroneEventKind::PickedUp { delivery }, GeoPoint::new(47.6, -122.3)),
+        DROPOFF_AT => (FlightStatus::Flying, DroneEventKind::DroppedOff { delivery }, dropoff),
+        _ => (FlightStatus::Flying, DroneEventKind::Position, GeoPoint::new(47.61, -122.31)),
+    };
+    DroneEvent {
+        drone_id: drone,
+        seq,
+        ts_us: 1_000_000 * drone + seq,
+        position: at,
+        speed_mps: 10.0,
+        heading_deg: 0.0,
+        battery_pct: 80.0,
+        status,
+        kind,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_load_loses_nothing_and_counts_nothing_twice() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_test_writer()
+        .try_init();
+    for run in 0..2 {
+        one_run(run).await;
+    }
+}
+
+async fn one_run(run: u32) {
+    let dir = std::env::temp_dir().join(format!("fleetstream-crash-{}-{run}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (quic, http) = (free_port(), free_tcp_port());
+    let mut server = spawn(&dir, quic, http);
+    let api = format!("http://127.0.0.1:{http}");
+    let web = reqwest::Client::new();
+    let drones: Vec<u64> = (1..=PRODUCERS * DRONES_PER_PRODUCER).collect();
+    web.post(format!("{api}/v1/drones")).json(&serde_json::json!({ "drones": drones })).send().await.unwrap();
+    let dropoff = GeoPoint::new(47.62, -122.35);
+    let mut delivery_of = BTreeMap::new();
+    for _ in &drones {
+        let body: serde_json::Value = web
+            .post(format!("{api}/v1/deliveries"))
+            .json(&serde_json::json!({
+                "owner": "crash-test", "pickup": {"lat": 47.6, "lon": -122.3}, "dropoff": dropoff,
+                "package": {"size": "small", "weight_kg": 1.0}
+            }))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        delivery_of.insert(body["drone_id"].as_u64().unwrap(), body["delivery_id"].as_u64().unwrap());
+    }
+    assert_eq!(delivery_of.len(), drones.len());
+
+    // Producers: each sends its drones' events, one event per drone per batch.
+    let pem = std::fs::read_to_string(dir.join("tls/ingest-cert.pem")).unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{quic}").parse().unwrap();
+    let mut tasks = Vec::new();
+    for p in 0..PRODUCERS {
+        let mut cfg = ProducerConfig::new(ClientConfig::new(Trust::Pem(pem.clone())));
+        cfg.answer_timeout = Duration::from_secs(2);
+        cfg.connect_timeout = Duration::from_millis(500);
+        cfg.max_backoff = Duration::from_millis(200);
+        let (producer, mut answers) = Producer::connect(addr, cfg).await.unwrap();
+        let delivery_of = delivery_of.clone();
+        tasks.push(tokio::spawn(async move {
+            let collector = tokio::spawn(async move {
+                let mut acked = Vec::new();
+                while let Some(a) = answers.recv().await {
+                    assert!(a.result.is_ok(), "only acknowledgements expected: {a:?}");
+                    acked.push(a.batch_seq);
+                }
+                acked
+            });
+            for seq in 1..=EVENTS_PER_DRONE {
+                let events: Vec<_> = (0..DRONES_PER_PRODUCER)
+                    .map(|i| {
+                        let drone = p * DRONES_PER_PRODUCER + i + 1;
+                        drone_event(drone, seq, delivery_of[&drone], dropoff)
+                    })
+                    .collect();
+                let meta = BatchMeta { producer_id: 1000 + p, batch_seq: seq, ..BatchMeta::default() };
+                let frame = TelemetryBatch::encode(meta, &events, Buffer::new()).unwrap();
+                producer.send(seq, frame.as_bytes().to_vec()).await.unwrap();
+                if seq % 2 == 0 {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+            let stats = producer.finish(Duration::from_secs(60)).await;
+            (stats, collector.await.unwrap())
+        }));
+    }
+
+    // Kill and restart twice while they send.
+    for k in 0..2 {
+        tokio::time::sleep(Duration::from_millis(100 + jitter(500))).await;
+        kill9(&mut server);
+        server = spawn(&dir, quic, http);
+        eprintln!("run {run}: kill {k} done, server restarted");
+    }
+    let mut reconnects = 0;
+    for (p, task) in tasks.into_iter().enumerate() {
+        let (stats, acked) = task.await.unwrap();
+        eprintln!("run {run}: producer {p} finished: {stats:?}");
+        assert_eq!(stats.unanswered, 0, "producer {p}: {stats:?}");
+        reconnects += stats.connections - 1;
+        assert_eq!(
+            acked,
+            (1..=EVENTS_PER_DRONE).collect::<Vec<_>>(),
+            "producer {p}: every batch answered once, in order"
+        );
+    }
+    assert!(reconnects >= 1, "the kills forced reconnects");
+
+    // The live engine applied every event exactly once.
+    let started = Instant::now();
+    for &drone in &drones {
+        let snap: serde_json::Value =
+            web.get(format!("{api}/v1/drones/{drone}")).send().await.unwrap().json().await.unwrap();
+        assert_eq!(snap["last_seq"], EVENTS_PER_DRONE, "drone {drone}: {snap}");
+        assert!(snap["delivery"].is_null(), "drone {drone} finished its delivery: {snap}");
+    }
+    assert!(started.elapsed() < Duration::from_secs(30));
+    eprintln!("run {run}: engine state checked");
+    Command::new("kill").args(["-TERM", &server.id().to_string()]).status().unwrap();
+    assert!(server.wait().unwrap().success());
+
+    // The log holds every acknowledged batch exactly once, and derives what a run without
+    // crashes derives.
+    let derived = check_log(&dir.join("log"));
+    for (&drone, &delivery) in &delivery_of {
+        let stages: Vec<_> =
+            derived.iter().filter(|e| e.delivery_id == delivery).map(|e| (e.seq, e.stage, e.ts_us)).collect();
+        let ts = |seq: u64| 1_000_000 * drone + seq;
+        assert_eq!(
+            stages[1..],
+            [
+                (1, DeliveryStage::HeadedToPickup, ts(50)),
+                (2, DeliveryStage::InTransit, ts(PICKUP_AT)),
+                (3, DeliveryStage::DeliveryComplete, ts(DROPOFF_AT)),
+            ],
+            "delivery {delivery} of drone {drone}"
+        );
+        assert_eq!((stages[0].0, stages[0].1), (0, DeliveryStage::Created));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Reads the whole log: checks each (producer, batch) appears once and all are there, and
+/// derives the delivery events from it with a fresh state machine.
+fn check_log(dir: &Path) -> Vec<DeliveryEvent> {
+    let (mut log, _) = Log::open(dir, LogConfig::default()).unwrap();
+    let mut seen = BTreeSet::new();
+    let mut deriver = Deriver::new(DeriveConfig::default());
+    let mut out = Vec::new();
+    let limits = Limits::default();
+    for record in log.reader(log.first_offset()).unwrap() {
+        let record = record.unwrap();
+        match record.kind {
+            RecordKind::Telemetry => {
+                let batch = TelemetryBatch::validate(record.payload, &limits).unwrap();
+                let meta = batch.header().meta;
+                assert!(seen.insert((meta.producer_id, meta.batch_seq)), "batch {meta:?} logged twice");
+                for ev in batch.events().iter() {
+                    deriver.on_drone_event(ev, &mut out);
+                }
+            }
+            RecordKind::Command => {
+                let cmd: DeliveryCommand = serde_json::from_slice(&record.payload).unwrap();
+                deriver.on_command(&cmd, 0, &mut out).unwrap();
+            }
+        }
+    }
+    assert_eq!(seen.len() as u64, PRODUCERS * EVENTS_PER_DRONE, "every acknowledged batch is in the log");
+    assert_eq!(deriver.stats().duplicates, 0, "no event was logged twice");
+    out
+}
