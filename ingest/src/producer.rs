@@ -15,6 +15,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use events::wire::Buffer;
 use tokio::sync::{Semaphore, mpsc};
 use tracing::{debug, warn};
 
@@ -53,7 +54,7 @@ impl ProducerConfig {
 
 struct Frame {
     seq: u64,
-    bytes: Vec<u8>,
+    bytes: Buffer,
     sent: Instant,
 }
 
@@ -99,9 +100,9 @@ impl Producer {
         Ok((Self { tx, window, task }, out_rx))
     }
 
-    /// Queues one encoded batch frame; waits while `max_inflight_per_lane` batches are
+    /// Queues one encoded batch frame (kept, not copied, until answered); waits while `max_inflight_per_lane` batches are
     /// unanswered.
-    pub async fn send(&self, seq: u64, bytes: Vec<u8>) -> Result<(), Error> {
+    pub async fn send(&self, seq: u64, bytes: Buffer) -> Result<(), Error> {
         let permit = self.window.acquire().await.map_err(|_| Error::Closed)?;
         permit.forget();
         self.tx.send(Frame { seq, bytes, sent: Instant::now() }).await.map_err(|_| Error::Closed)

@@ -24,7 +24,7 @@ use anyhow::{Context, bail};
 use events::wire::Buffer;
 use events::{BatchMeta, DeliveryEvent, DroneEvent, GeoPoint, TelemetryBatch, Topic, now_us};
 use hdrhistogram::Histogram;
-use ingest::{ClientConfig, IngestClient, Trust};
+use ingest::{ClientConfig, IngestClient, Producer, ProducerConfig, Trust};
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use tokio::sync::{Semaphore, mpsc, watch};
@@ -358,8 +358,9 @@ pub async fn run(cfg: LoadConfig, progress: Arc<dyn Fn(&Progress) + Send + Sync>
     for (index, drones) in plans.into_iter().enumerate() {
         let (tx, rx) = mpsc::channel(drones.len() + 16);
         mission_txs.push(tx);
-        let client = IngestClient::connect(cfg.server, &client_cfg).await.context("connecting a fleet connection")?;
-        let lane = client.open_lane().await.context("opening an ingest stream")?;
+        let producer = Producer::connect(cfg.server, ProducerConfig::new(client_cfg.clone()))
+            .await
+            .context("connecting a fleet connection")?;
         let driver = Driver {
             producer_id: (run_id << 16) | index as u64,
             rate: cfg.rate / conns as f64,
@@ -368,15 +369,13 @@ pub async fn run(cfg: LoadConfig, progress: Arc<dyn Fn(&Progress) + Send + Sync>
             conns: conns as u64,
             missions: rx,
         };
-        ready.push((driver, client, lane));
+        ready.push((driver, producer));
     }
     let start = Instant::now();
     let start_us = now_us();
     let drivers: Vec<_> = ready
         .into_iter()
-        .map(|(driver, client, lane)| {
-            tokio::spawn(driver.run(client, lane, cfg.clone(), counters.clone(), start, start_us))
-        })
+        .map(|(driver, producer)| tokio::spawn(driver.run(producer, cfg.clone(), counters.clone(), start, start_us)))
         .collect();
 
     let scheduled_ids = Arc::new(Mutex::new(Vec::new()));
@@ -494,8 +493,7 @@ impl Driver {
     /// the missions' outcomes and the events left unanswered.
     async fn run(
         mut self,
-        client: IngestClient,
-        (mut lane, mut answers): (ingest::Lane, mpsc::Receiver<ingest::Answer>),
+        (producer, mut answers): (Producer, mpsc::Receiver<ingest::Answer>),
         cfg: LoadConfig,
         counters: Arc<Counters>,
         start: Instant,
@@ -525,7 +523,6 @@ impl Driver {
         let mut batch_seq = 0u64;
         let mut outcomes = Vec::new();
         let mut events = Vec::with_capacity(cfg.batch_max_events);
-        let mut buf = Buffer::with_capacity(64 + cfg.batch_max_events * 96);
         let mut tick = tokio::time::interval(cfg.linger.max(Duration::from_micros(100)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
@@ -550,22 +547,29 @@ impl Driver {
                 outcomes.extend(finished);
                 events.push(ev);
                 if events.len() == cfg.batch_max_events {
-                    buf = self.send(&mut lane, &mut events, buf, &mut batch_seq, &counters).await?;
+                    self.send(&producer, &mut events, &mut batch_seq, &counters).await?;
                     sent += cfg.batch_max_events as u64;
                 }
             }
             if !events.is_empty() {
                 sent += events.len() as u64;
-                buf = self.send(&mut lane, &mut events, buf, &mut batch_seq, &counters).await?;
+                self.send(&producer, &mut events, &mut batch_seq, &counters).await?;
             }
             if done {
                 break;
             }
         }
         outcomes.extend(self.drones.iter().filter_map(SimDrone::outcome_so_far));
-        lane.finish();
-        let answered = tokio::time::timeout(cfg.settle, answered).await.ok().and_then(Result::ok).unwrap_or(0);
-        client.close().await;
+        let stats = producer.finish(cfg.settle).await;
+        if stats.connections > 1 {
+            tracing::warn!(
+                reconnects = stats.connections - 1,
+                resent = stats.resent,
+                "fleet connection was re-established"
+            );
+        }
+        let answered =
+            tokio::time::timeout(Duration::from_secs(1), answered).await.ok().and_then(Result::ok).unwrap_or(0);
         Ok((outcomes, sent.saturating_sub(answered)))
     }
 
@@ -577,21 +581,22 @@ impl Driver {
         (idx < self.drones.len() && self.drones[idx].id == drone_id).then_some(idx)
     }
 
+    /// Encodes and hands one batch to the producer, which keeps it until it is answered.
     async fn send(
         &self,
-        lane: &mut ingest::Lane,
+        producer: &Producer,
         events: &mut Vec<DroneEvent>,
-        buf: Buffer,
         batch_seq: &mut u64,
         counters: &Counters,
-    ) -> anyhow::Result<Buffer> {
+    ) -> anyhow::Result<()> {
         let meta = BatchMeta { producer_id: self.producer_id, batch_seq: *batch_seq, ..BatchMeta::default() };
-        *batch_seq += 1;
+        let buf = Buffer::with_capacity(events::wire::HEADER_LEN + events.len() * 96);
         let batch = TelemetryBatch::encode(meta, events, buf)?;
-        lane.send(batch.as_bytes()).await.context("sending a batch")?;
+        producer.send(*batch_seq, batch.into_buffer()).await.context("sending a batch")?;
+        *batch_seq += 1;
         counters.sent.fetch_add(events.len() as u64, Ordering::Relaxed);
         events.clear();
-        Ok(batch.into_buffer())
+        Ok(())
     }
 }
 

@@ -173,7 +173,7 @@ async fn one_run(run: u32) {
                     .collect();
                 let meta = BatchMeta { producer_id: 1000 + p, batch_seq: seq, ..BatchMeta::default() };
                 let frame = TelemetryBatch::encode(meta, &events, Buffer::new()).unwrap();
-                producer.send(seq, frame.as_bytes().to_vec()).await.unwrap();
+                producer.send(seq, frame.into_buffer()).await.unwrap();
                 if seq % 2 == 0 {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
