@@ -14,6 +14,7 @@
 pub mod contract;
 mod error;
 pub mod model;
+pub mod prom;
 pub mod wire;
 
 pub use contract::{BatchSink, FleetControl, Overflow, StreamSource, Subscription, Topic};

@@ -140,49 +140,20 @@ impl IngestMetrics {
 
     /// Appends the counters in Prometheus text format.
     pub fn render(&self, out: &mut String) {
-        use std::fmt::Write;
-        let g = |c: &AtomicI64| c.load(Ordering::Relaxed);
+        use events::prom::{counter, declare, gauge, sample};
         let c = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let _ = writeln!(
-            out,
-            "# TYPE fleetstream_ingest_connections gauge\nfleetstream_ingest_connections {}",
-            g(&self.connections_open)
-        );
-        let _ = writeln!(
-            out,
-            "# TYPE fleetstream_ingest_connections_total counter\nfleetstream_ingest_connections_total {}",
-            c(&self.connections_total)
-        );
-        let _ = writeln!(
-            out,
-            "# TYPE fleetstream_ingest_connections_refused_total counter\nfleetstream_ingest_connections_refused_total {}",
-            c(&self.connections_refused)
-        );
-        let _ = writeln!(
-            out,
-            "# TYPE fleetstream_ingest_batches_total counter\nfleetstream_ingest_batches_total {}",
-            c(&self.batches_accepted)
-        );
-        let _ = writeln!(
-            out,
-            "# TYPE fleetstream_ingest_events_total counter\nfleetstream_ingest_events_total {}",
-            c(&self.events_accepted)
-        );
-        let _ = writeln!(
-            out,
-            "# TYPE fleetstream_ingest_received_bytes_total counter\nfleetstream_ingest_received_bytes_total {}",
-            c(&self.bytes_received)
-        );
-        let _ = writeln!(
-            out,
-            "# TYPE fleetstream_ingest_subscribers gauge\nfleetstream_ingest_subscribers {}",
-            g(&self.subscribers_open)
-        );
-        let _ = writeln!(out, "# TYPE fleetstream_ingest_batches_rejected_total counter");
+        gauge(out, "fleetstream_ingest_connections", self.connections_open.load(Ordering::Relaxed));
+        counter(out, "fleetstream_ingest_connections_total", c(&self.connections_total));
+        counter(out, "fleetstream_ingest_connections_refused_total", c(&self.connections_refused));
+        counter(out, "fleetstream_ingest_batches_total", c(&self.batches_accepted));
+        counter(out, "fleetstream_ingest_events_total", c(&self.events_accepted));
+        counter(out, "fleetstream_ingest_received_bytes_total", c(&self.bytes_received));
+        gauge(out, "fleetstream_ingest_subscribers", self.subscribers_open.load(Ordering::Relaxed));
+        declare(out, "fleetstream_ingest_batches_rejected_total", "counter");
         for (code, name) in events::all_codes() {
             let n = self.rejected_with(*code);
             if n > 0 {
-                let _ = writeln!(out, "fleetstream_ingest_batches_rejected_total{{reason=\"{name}\"}} {n}");
+                sample(out, "fleetstream_ingest_batches_rejected_total", "reason", name, n);
             }
         }
     }

@@ -390,7 +390,7 @@ impl std::fmt::Debug for Engine {
 
 /// Appends the engine's counters in Prometheus text format.
 pub fn render_metrics(engine: &Engine, out: &mut String) {
-    use std::fmt::Write;
+    use events::prom::{counter, declare, gauge, sample};
     let m = engine.metrics();
     let counters = [
         ("fleetstream_engine_batches_total", &m.batches),
@@ -407,32 +407,21 @@ pub fn render_metrics(engine: &Engine, out: &mut String) {
         ("fleetstream_engine_events_stray_total", &m.stray),
     ];
     for (name, c) in counters {
-        let _ = writeln!(out, "# TYPE {name} counter\n{name} {}", c.load(Ordering::Relaxed));
+        counter(out, name, c.load(Ordering::Relaxed));
     }
-    let _ = writeln!(
-        out,
-        "# TYPE fleetstream_log_bytes gauge\nfleetstream_log_bytes {}",
-        m.log_bytes.load(Ordering::Relaxed)
-    );
-    let _ = writeln!(
-        out,
-        "# TYPE fleetstream_engine_append_queue_depth gauge\nfleetstream_engine_append_queue_depth {}",
-        engine.append_depth()
-    );
-    let _ = writeln!(out, "# TYPE fleetstream_engine_shard_queue_depth gauge");
+    gauge(out, "fleetstream_log_bytes", m.log_bytes.load(Ordering::Relaxed));
+    gauge(out, "fleetstream_engine_append_queue_depth", engine.append_depth());
+    declare(out, "fleetstream_engine_shard_queue_depth", "gauge");
     for (shard, depth) in engine.queue_depths().into_iter().enumerate() {
-        let _ = writeln!(out, "fleetstream_engine_shard_queue_depth{{shard=\"{shard}\"}} {depth}");
+        sample(out, "fleetstream_engine_shard_queue_depth", "shard", &shard.to_string(), depth);
     }
-    for topic in [engine.telemetry().subscribers(), engine.deliveries().subscribers()]
-        .iter()
-        .zip(["drone-telemetry", "delivery-events"])
-    {
-        let _ = writeln!(out, "fleetstream_stream_subscribers{{topic=\"{}\"}} {}", topic.1, topic.0);
-    }
-    let _ = writeln!(
+    declare(out, "fleetstream_stream_subscribers", "gauge");
+    sample(out, "fleetstream_stream_subscribers", "topic", "drone-telemetry", engine.telemetry().subscribers());
+    sample(out, "fleetstream_stream_subscribers", "topic", "delivery-events", engine.deliveries().subscribers());
+    counter(
         out,
-        "# TYPE fleetstream_stream_subscribers_lagged_total counter\nfleetstream_stream_subscribers_lagged_total {}",
-        engine.telemetry().cut_off() + engine.deliveries().cut_off()
+        "fleetstream_stream_subscribers_lagged_total",
+        engine.telemetry().cut_off() + engine.deliveries().cut_off(),
     );
 }
 

@@ -42,20 +42,12 @@ pub fn router<F: FleetControl>(svc: Arc<Services<F>>) -> Router {
 impl<F: FleetControl> Services<F> {
     /// Appends the services' counters in Prometheus text format.
     pub fn render_metrics(&self, out: &mut String) {
-        use std::fmt::Write;
+        use events::prom::{counter, gauge};
         let (drones, free) = self.fleet_size();
-        let _ = writeln!(
-            out,
-            "# TYPE fleetstream_deliveries_scheduled_total counter\nfleetstream_deliveries_scheduled_total {}",
-            self.scheduled.load(Ordering::Relaxed)
-        );
-        let _ = writeln!(
-            out,
-            "# TYPE fleetstream_deliveries_refused_total counter\nfleetstream_deliveries_refused_total {}",
-            self.refused.load(Ordering::Relaxed)
-        );
-        let _ = writeln!(out, "# TYPE fleetstream_drones_registered gauge\nfleetstream_drones_registered {drones}");
-        let _ = writeln!(out, "# TYPE fleetstream_drones_free gauge\nfleetstream_drones_free {free}");
+        counter(out, "fleetstream_deliveries_scheduled_total", self.scheduled.load(Ordering::Relaxed));
+        counter(out, "fleetstream_deliveries_refused_total", self.refused.load(Ordering::Relaxed));
+        gauge(out, "fleetstream_drones_registered", drones);
+        gauge(out, "fleetstream_drones_free", free);
     }
 }
 
