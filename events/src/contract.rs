@@ -83,8 +83,21 @@ impl<T: Payload> Subscription<T> {
     }
 }
 
+/// A subscription to the telemetry log from a chosen offset: every batch from there on, in log
+/// order, each with its offset, historical and then live. Dropping it unsubscribes. An error
+/// (the subscriber fell behind retention, the engine stopped) arrives in-band and ends it.
+#[derive(Debug)]
+pub struct OffsetSubscription {
+    /// Batches with their log offsets.
+    pub rx: flume::Receiver<Result<(u64, Arc<TelemetryBatch>), Error>>,
+}
+
 /// Source of live streams.
 pub trait StreamSource: Send + Sync + 'static {
+    /// Subscribes to telemetry from log offset `from` (use 0 for everything still retained).
+    /// Each subscriber reads at its own pace from the log; a slow one delays only itself.
+    fn subscribe_telemetry_from(&self, from: u64) -> Result<OffsetSubscription, Error>;
+
     /// Subscribes to telemetry from now on.
     fn subscribe_telemetry(&self, overflow: Overflow) -> Result<Subscription<DroneEvent>, Error>;
     /// Subscribes to delivery events from now on.

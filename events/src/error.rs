@@ -130,6 +130,16 @@ pub enum Error {
     /// The durable store failed (not for lack of space); nothing was acknowledged.
     #[error("storage failed: {0}")]
     Storage(String),
+    /// A subscriber asked for an offset the log no longer (or never) held.
+    #[error("offset {requested} is not available; the log holds offsets from {first} to {next}")]
+    OffsetUnavailable {
+        /// The offset asked for.
+        requested: u64,
+        /// The first offset still held (retention deleted what came before).
+        first: u64,
+        /// The next offset to be written.
+        next: u64,
+    },
 }
 
 /// Stable wire codes with their names. Codes never change meaning; new ones are appended.
@@ -155,6 +165,7 @@ const CODES: &[(u16, &str)] = &[
     (19, "invalid_transition"),
     (20, "malformed_frame"),
     (21, "storage_failed"),
+    (22, "offset_unavailable"),
 ];
 
 impl Error {
@@ -182,6 +193,7 @@ impl Error {
             Error::InvalidTransition { .. } => 19,
             Error::MalformedFrame(_) => 20,
             Error::Storage(_) => 21,
+            Error::OffsetUnavailable { .. } => 22,
             Error::Rejected { code, .. } => *code,
         }
     }

@@ -17,7 +17,9 @@ use quinn::{ReadError, ReadExactError, RecvStream, SendStream, VarInt};
 use tokio::sync::{Semaphore, mpsc};
 
 use crate::Error;
-use crate::proto::{RESPONSE_LEN, Response, STREAM_INGEST, STREAM_SUBSCRIBE, TOPIC_DELIVERIES, TOPIC_TELEMETRY};
+use crate::proto::{
+    RESPONSE_LEN, Response, STREAM_INGEST, STREAM_SUBSCRIBE, STREAM_SUBSCRIBE_FROM, TOPIC_DELIVERIES, TOPIC_TELEMETRY,
+};
 use crate::tls::{Trust, client_crypto};
 
 /// Client settings.
@@ -118,6 +120,16 @@ impl IngestClient {
         }
     }
 
+    /// Reads the telemetry log from `from` on, then follows it live.
+    pub async fn subscribe_from(&self, from: u64) -> Result<LogSubscription, Error> {
+        let (mut send, recv) = self.conn.open_bi().await?;
+        let mut request = vec![STREAM_SUBSCRIBE_FROM];
+        request.extend_from_slice(&from.to_le_bytes());
+        send.write_all(&request).await?;
+        let inner = RemoteSubscription { _send: send, recv, limits: self.cfg.limits, _payload: PhantomData };
+        Ok(LogSubscription { inner })
+    }
+
     /// The underlying connection, for callers that speak the framing themselves.
     pub fn connection(&self) -> &quinn::Connection {
         &self.conn
@@ -215,6 +227,29 @@ impl<T: Payload> RemoteSubscription<T> {
             Err(ReadExactError::ReadError(e)) => return Err(read_error(e)),
         }
         Ok(Some(Batch::validate(buf, &self.limits)?))
+    }
+}
+
+/// A telemetry subscription from a log offset, over the network.
+#[derive(Debug)]
+pub struct LogSubscription {
+    inner: RemoteSubscription<events::DroneEvent>,
+}
+
+impl LogSubscription {
+    /// The next batch with its log offset; `None` when the server finished the stream.
+    pub async fn next(&mut self) -> Result<Option<(u64, events::TelemetryBatch)>, Error> {
+        let mut offset = [0u8; 8];
+        match self.inner.recv.read_exact(&mut offset).await {
+            Ok(()) => {}
+            Err(ReadExactError::FinishedEarly(0)) => return Ok(None),
+            Err(ReadExactError::FinishedEarly(got)) => return Err(WireError::Truncated { needed: 8, got }.into()),
+            Err(ReadExactError::ReadError(e)) => return Err(read_error(e)),
+        }
+        match self.inner.next().await? {
+            Some(batch) => Ok(Some((u64::from_le_bytes(offset), batch))),
+            None => Err(WireError::Truncated { needed: HEADER_LEN, got: 0 }.into()),
+        }
     }
 }
 

@@ -15,7 +15,7 @@ pub mod tls;
 
 use std::net::SocketAddr;
 
-pub use client::{Answer, ClientConfig, IngestClient, Lane, RemoteSubscription};
+pub use client::{Answer, ClientConfig, IngestClient, Lane, LogSubscription, RemoteSubscription};
 pub use producer::{Producer, ProducerConfig, ProducerStats};
 pub use server::{IngestMetrics, IngestServer, ServerConfig};
 pub use tls::Trust;

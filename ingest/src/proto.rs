@@ -8,7 +8,11 @@
 //!   server applies them in order.
 //! - [`STREAM_SUBSCRIBE`]: the client writes one topic byte ([`TOPIC_TELEMETRY`] or
 //!   [`TOPIC_DELIVERIES`]); the server answers with an empty batch once the subscription is in
-//!   place, then writes batch frames of that topic, live, until the client stops reading. A server that ends a subscription resets the stream with an
+//!   place, then writes batch frames of that topic, live, until the client stops reading.
+//! - [`STREAM_SUBSCRIBE_FROM`]: the client writes a log offset (u64); the server writes each
+//!   telemetry batch from that offset on as its offset (u64) followed by the batch frame, from
+//!   the log and then live. An offset the log no longer holds resets the stream with code 22
+//!   (`offset_unavailable`). A server that ends a subscription resets the stream with an
 //!   `events::Error` code (16 = lagged, 14 = shutting down).
 //!
 //! A response is 16 bytes plus an optional UTF-8 reason: batch sequence number (u64), code (u16,
@@ -20,6 +24,8 @@ use events::Error;
 pub const STREAM_INGEST: u8 = 1;
 /// Stream purpose: subscribing to a topic.
 pub const STREAM_SUBSCRIBE: u8 = 2;
+/// Stream purpose: reading the telemetry log from an offset, then following it.
+pub const STREAM_SUBSCRIBE_FROM: u8 = 3;
 /// Topic byte for `drone-telemetry`.
 pub const TOPIC_TELEMETRY: u8 = 1;
 /// Topic byte for `delivery-events`.

@@ -33,7 +33,9 @@ use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
 use crate::Error;
-use crate::proto::{Response, STREAM_INGEST, STREAM_SUBSCRIBE, TOPIC_DELIVERIES, TOPIC_TELEMETRY};
+use crate::proto::{
+    Response, STREAM_INGEST, STREAM_SUBSCRIBE, STREAM_SUBSCRIBE_FROM, TOPIC_DELIVERIES, TOPIC_TELEMETRY,
+};
 use crate::tls::{Identity, server_crypto};
 
 /// Settings of the ingest server. Every field has a default; see each for why.
@@ -318,6 +320,7 @@ where
     match kind[0] {
         STREAM_INGEST => ingest_stream(send, recv, engine, ctx, stop).await,
         STREAM_SUBSCRIBE => subscribe_stream(send, recv, engine, ctx, stop).await,
+        STREAM_SUBSCRIBE_FROM => subscribe_from_stream(send, recv, engine, ctx, stop).await,
         other => {
             let error = WireError::MalformedFrame("unknown stream kind");
             warn!(kind = other, %error, "stream refused");
@@ -463,6 +466,54 @@ async fn subscribe_stream<E: StreamSource>(
             Err(error) => reset(&mut send, &error),
         },
         _ => reset(&mut send, &WireError::MalformedFrame("unknown topic")),
+    }
+    ctx.metrics.subscribers_open.fetch_sub(1, Ordering::Relaxed);
+}
+
+async fn subscribe_from_stream<E: StreamSource>(
+    mut send: SendStream,
+    mut recv: RecvStream,
+    engine: Arc<E>,
+    ctx: Arc<Ctx>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut from = [0u8; 8];
+    if recv.read_exact(&mut from).await.is_err() {
+        return;
+    }
+    let sub = match engine.subscribe_telemetry_from(u64::from_le_bytes(from)) {
+        Ok(sub) => sub,
+        Err(error) => {
+            warn!(%error, "subscription refused");
+            reset(&mut send, &error);
+            return;
+        }
+    };
+    ctx.metrics.subscribers_open.fetch_add(1, Ordering::Relaxed);
+    loop {
+        tokio::select! {
+            biased;
+            () = stopped(&mut stop) => {
+                reset(&mut send, &WireError::ShuttingDown);
+                break;
+            }
+            item = sub.rx.recv_async() => match item {
+                Ok(Ok((offset, batch))) => {
+                    if send.write_all(&offset.to_le_bytes()).await.is_err() || send.write_all(batch.as_bytes()).await.is_err() {
+                        break;
+                    }
+                }
+                Ok(Err(error)) => {
+                    warn!(%error, "offset subscription ended");
+                    reset(&mut send, &error);
+                    break;
+                }
+                Err(_) => {
+                    reset(&mut send, &WireError::ShuttingDown);
+                    break;
+                }
+            }
+        }
     }
     ctx.metrics.subscribers_open.fetch_sub(1, Ordering::Relaxed);
 }

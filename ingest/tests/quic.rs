@@ -43,6 +43,10 @@ mod parking_lot_free {
     }
 
     impl StreamSource for Recorder {
+        fn subscribe_telemetry_from(&self, from: u64) -> Result<events::OffsetSubscription, WireError> {
+            Err(WireError::OffsetUnavailable { requested: from, first: 0, next: 0 })
+        }
+
         fn subscribe_telemetry(&self, _: Overflow) -> Result<Subscription<DroneEvent>, WireError> {
             let (tx, rx) = flume::bounded(100);
             self.subs.lock().unwrap().push(tx);

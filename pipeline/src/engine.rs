@@ -36,7 +36,7 @@ use std::time::{Duration, Instant, SystemTime};
 use events::wire::{Buffer, DeliveryBatch, Limits, TelemetryBatch};
 use events::{
     BatchMeta, BatchSink, DeliveryCommand, DeliveryEvent, DroneEvent, DroneId, DroneSnapshot, Error, FleetControl,
-    Overflow, StreamSource, Subscription,
+    OffsetSubscription, Overflow, StreamSource, Subscription,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
@@ -182,7 +182,20 @@ pub struct EngineMetrics {
     pub log_bytes: AtomicU64,
 }
 
+/// The log, shared between its one writer (the appender) and readers being opened.
+type SharedLog = Arc<parking_lot::Mutex<Log>>;
+
+/// How far the log has been delivered (appended, synced under the policy, routed); readers
+/// that reached it wait on `grew`.
+struct Tail {
+    end: parking_lot::Mutex<u64>,
+    grew: parking_lot::Condvar,
+}
+
 struct Inner {
+    log: Option<SharedLog>,
+    tail: Arc<Tail>,
+    subscriber_queue: usize,
     append: flume::Sender<AppendReq>,
     shards: Vec<flume::Sender<ShardMsg>>,
     telemetry: Arc<Topic<DroneEvent>>,
@@ -223,7 +236,7 @@ impl Engine {
         let metrics = Arc::new(EngineMetrics::default());
         let mut report = StartReport::default();
 
-        let (mut log, ckpt_dir) = match &storage {
+        let (log, ckpt_dir) = match &storage {
             Storage::Memory => (None, None),
             Storage::Durable { dir, log } => {
                 let (opened, recovery) = Log::open(&dir.join("log"), *log)?;
@@ -235,10 +248,10 @@ impl Engine {
                     );
                 }
                 report.recovery = recovery;
-                (Some(opened), Some(dir.join("checkpoints")))
+                (Some(Arc::new(parking_lot::Mutex::new(opened))), Some(dir.join("checkpoints")))
             }
         };
-        let next_offset = log.as_ref().map_or(0, Log::next_offset);
+        let next_offset = log.as_ref().map_or(0, |l| l.lock().next_offset());
         let mut checkpoints = Vec::with_capacity(n);
         if let Some(dir) = &ckpt_dir {
             for shard in 0..n {
@@ -296,8 +309,9 @@ impl Engine {
             Storage::Durable { log, .. } => (log.fsync, Duration::from_millis(log.fsync_interval_ms.max(1))),
             Storage::Memory => (FsyncPolicy::None, Duration::from_secs(1)),
         };
+        let tail = Arc::new(Tail { end: parking_lot::Mutex::new(next_offset), grew: parking_lot::Condvar::new() });
         let mut appender = Appender {
-            log: log.take(),
+            log: log.clone(),
             next_offset,
             windows: ProducerWindows::new(cfg.max_producers),
             shards: shards.clone(),
@@ -310,6 +324,7 @@ impl Engine {
             failed: None,
             needed,
             last_retention: Instant::now(),
+            tail: tail.clone(),
         };
         report.replayed = appender.replay()?;
         report.next_offset = appender.next_offset;
@@ -322,7 +337,17 @@ impl Engine {
             next_offset = report.next_offset,
             "engine started"
         );
-        let inner = Inner { append, shards, telemetry, deliveries, metrics, stopping: AtomicBool::new(false) };
+        let inner = Inner {
+            append,
+            shards,
+            telemetry,
+            deliveries,
+            metrics,
+            stopping: AtomicBool::new(false),
+            log,
+            tail,
+            subscriber_queue: cfg.subscriber_queue.max(1),
+        };
         Ok((Self { inner: Arc::new(inner) }, EngineThreads(threads), report))
     }
 
@@ -442,6 +467,26 @@ impl BatchSink for Engine {
 }
 
 impl StreamSource for Engine {
+    fn subscribe_telemetry_from(&self, from: u64) -> Result<OffsetSubscription, Error> {
+        let Some(log) = self.inner.log.clone() else {
+            return Err(Error::OffsetUnavailable { requested: from, first: 0, next: 0 });
+        };
+        {
+            let log = log.lock();
+            let (first, next) = (log.first_offset(), log.next_offset());
+            if from < first || from > next {
+                return Err(Error::OffsetUnavailable { requested: from, first, next });
+            }
+        }
+        let (tx, rx) = flume::bounded(self.inner.subscriber_queue);
+        let inner = self.inner.clone();
+        std::thread::Builder::new()
+            .name("log-subscriber".into())
+            .spawn(move || follow_log(&log, &inner, from, &tx))
+            .map_err(|e| Error::Storage(format!("starting a subscriber thread: {e}")))?;
+        Ok(OffsetSubscription { rx })
+    }
+
     fn subscribe_telemetry(&self, overflow: Overflow) -> Result<Subscription<DroneEvent>, Error> {
         Ok(self.inner.telemetry.subscribe(overflow))
     }
@@ -469,6 +514,66 @@ impl FleetControl for Engine {
     }
 }
 
+/// Feeds one offset subscription: reads the log from `next` up to the delivered end, waits for
+/// it to grow, and repeats, until the subscriber goes away or the engine stops. Blocking on the
+/// subscriber's bounded queue throttles only this reader.
+fn follow_log(
+    log: &SharedLog,
+    inner: &Inner,
+    mut next: u64,
+    tx: &flume::Sender<Result<(u64, Arc<TelemetryBatch>), Error>>,
+) {
+    let limits = Limits { max_body_bytes: u32::MAX, max_events: u32::MAX };
+    loop {
+        let end = {
+            let mut end = inner.tail.end.lock();
+            while *end <= next && !inner.stopping.load(Ordering::Acquire) {
+                inner.tail.grew.wait_for(&mut end, Duration::from_millis(200));
+                if tx.is_disconnected() {
+                    return;
+                }
+            }
+            *end
+        };
+        if next >= end {
+            let _ = tx.send(Err(Error::ShuttingDown));
+            return;
+        }
+        let reader = {
+            let mut log = log.lock();
+            let (first, log_next) = (log.first_offset(), log.next_offset());
+            match log.reader(next) {
+                Ok(r) => r,
+                Err(_) => {
+                    let _ = tx.send(Err(Error::OffsetUnavailable { requested: next, first, next: log_next }));
+                    return;
+                }
+            }
+        };
+        for record in reader {
+            let record = match record {
+                Ok(r) => r,
+                Err(e) => {
+                    let _ = tx.send(Err(Error::Storage(e.to_string())));
+                    return;
+                }
+            };
+            if record.offset >= end {
+                break;
+            }
+            next = record.offset + 1;
+            if record.kind != RecordKind::Telemetry {
+                continue;
+            }
+            let item = TelemetryBatch::validate(record.payload, &limits).map(|b| (record.offset, Arc::new(b)));
+            if tx.send(item).is_err() {
+                return;
+            }
+        }
+        next = next.max(end);
+    }
+}
+
 /// Requests the appender takes in one group: one fsync covers them all.
 const MAX_GROUP: usize = 1024;
 
@@ -481,7 +586,8 @@ enum Appended {
 
 /// The appender thread: the log's one writer.
 struct Appender {
-    log: Option<Log>,
+    log: Option<SharedLog>,
+    tail: Arc<Tail>,
     next_offset: u64,
     windows: ProducerWindows,
     shards: Vec<flume::Sender<ShardMsg>>,
@@ -502,7 +608,8 @@ impl Appender {
     /// checkpoint to the shards (each skips what its own checkpoint covers). Returns the number
     /// of records routed.
     fn replay(&mut self) -> Result<u64, crate::Error> {
-        let Some(log) = self.log.as_mut() else { return Ok(0) };
+        let Some(shared) = self.log.clone() else { return Ok(0) };
+        let mut log = shared.lock();
         let from = log.first_offset();
         let replay_after = self.needed.iter().map(|n| n.load(Ordering::Relaxed)).min().unwrap_or(0);
         let mut routed = 0;
@@ -603,6 +710,7 @@ impl Appender {
             let _ = shard.send(ShardMsg::Stop);
         }
         let _ = self.fanout.send(None);
+        self.tail.grew.notify_all();
     }
 
     fn append_batch(
@@ -655,10 +763,11 @@ impl Appender {
         if let Some(reason) = &self.failed {
             return Err(Error::Storage(reason.clone()));
         }
-        let Some(log) = self.log.as_mut() else {
+        let Some(shared) = self.log.as_ref() else {
             self.next_offset += 1;
             return Ok(self.next_offset - 1);
         };
+        let mut log = shared.lock();
         match log.append(kind, payload) {
             Ok(offset) => {
                 self.next_offset = offset + 1;
@@ -681,9 +790,9 @@ impl Appender {
     /// Syncs the log. A failed fsync leaves the kernel's view of the file unknowable, so the
     /// appender refuses everything afterwards; a restart recovers from what is on disk.
     fn sync(&mut self) -> Result<(), Error> {
-        let Some(log) = self.log.as_mut() else { return Ok(()) };
+        let Some(shared) = self.log.as_ref() else { return Ok(()) };
         let started = Instant::now();
-        let result = log.sync();
+        let result = shared.lock().sync();
         self.metrics.fsyncs.fetch_add(1, Ordering::Relaxed);
         self.metrics.fsync_us.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
         self.last_sync = Instant::now();
@@ -719,6 +828,8 @@ impl Appender {
         }
         if let Some(last) = last {
             self.watermark(last);
+            *self.tail.end.lock() = last + 1;
+            self.tail.grew.notify_all();
         }
     }
 
@@ -751,7 +862,8 @@ impl Appender {
     fn retention(&mut self) {
         self.last_retention = Instant::now();
         let keep_from = self.needed.iter().map(|n| n.load(Ordering::Relaxed)).min().unwrap_or(0);
-        if let Some(log) = self.log.as_mut() {
+        if let Some(shared) = self.log.as_ref() {
+            let mut log = shared.lock();
             match log.enforce_retention(keep_from, SystemTime::now()) {
                 Ok(0) => {}
                 Ok(n) => info!(segments = n, first_offset = log.first_offset(), "retention deleted old segments"),

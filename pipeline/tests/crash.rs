@@ -214,6 +214,22 @@ async fn one_run(run: u32) {
     }
     assert!(started.elapsed() < Duration::from_secs(30));
     eprintln!("run {run}: engine state checked");
+
+    // A subscriber reading the telemetry log from the start over QUIC receives every
+    // acknowledged batch exactly once, in log order.
+    let reader = ingest::IngestClient::connect(addr, &ClientConfig::new(Trust::Pem(pem.clone()))).await.unwrap();
+    let mut sub = reader.subscribe_from(0).await.unwrap();
+    let mut got = BTreeSet::new();
+    let mut last_offset = None;
+    while got.len() < (PRODUCERS * EVENTS_PER_DRONE) as usize {
+        let (offset, batch) =
+            tokio::time::timeout(Duration::from_secs(10), sub.next()).await.unwrap().unwrap().unwrap();
+        assert!(last_offset < Some(offset), "log order");
+        last_offset = Some(offset);
+        let meta = batch.header().meta;
+        assert!(got.insert((meta.producer_id, meta.batch_seq)), "batch {meta:?} delivered twice");
+    }
+    reader.close().await;
     Command::new("kill").args(["-TERM", &server.id().to_string()]).status().unwrap();
     assert!(server.wait().unwrap().success());
 

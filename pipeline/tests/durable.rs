@@ -246,3 +246,30 @@ fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_offset_subscription_reads_history_then_follows_live() {
+    let dir = TempDir::new("follow");
+    let (engine, threads, _) = start(&dir.0, LogConfig::default());
+    engine.command(create(10, 1)).await.unwrap();
+    for seq in 0..5 {
+        submit(&engine, batch(9, seq, &[ev(1, seq + 1, PICKUP, DroneEventKind::Position)])).await.unwrap();
+    }
+    let sub = engine.subscribe_telemetry_from(3).unwrap();
+    let next = || async {
+        let (offset, b) =
+            tokio::time::timeout(Duration::from_secs(10), sub.rx.recv_async()).await.unwrap().unwrap().unwrap();
+        (offset, b.header().meta.batch_seq)
+    };
+    // Offset 0 is the command; batches 0..5 are offsets 1..6.
+    assert_eq!(next().await, (3, 2));
+    assert_eq!(next().await, (4, 3));
+    assert_eq!(next().await, (5, 4));
+    submit(&engine, batch(9, 5, &[ev(1, 6, PICKUP, DroneEventKind::Position)])).await.unwrap();
+    assert_eq!(next().await, (6, 5), "then live");
+    assert!(matches!(
+        engine.subscribe_telemetry_from(99),
+        Err(Error::OffsetUnavailable { requested: 99, first: 0, next: 7 })
+    ));
+    engine.shutdown(threads).await;
+}
