@@ -15,8 +15,9 @@ use std::path::{Path, PathBuf};
 use events::wire::Buffer;
 use rkyv::rancor;
 
+use crate::Error;
 use crate::derive::DeriverState;
-use crate::log::{LogError, io, sync_dir};
+use crate::log::{io, sync_dir};
 
 const MAGIC: [u8; 4] = *b"FSCP";
 const VERSION: u8 = 1;
@@ -41,9 +42,9 @@ pub fn path(dir: &Path, shard: u32) -> PathBuf {
 }
 
 /// Writes a checkpoint atomically.
-pub fn write(dir: &Path, ckpt: &Checkpoint) -> Result<(), LogError> {
+pub fn write(dir: &Path, ckpt: &Checkpoint) -> Result<(), Error> {
     fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
-    let body = rkyv::to_bytes::<rancor::Error>(&ckpt.state).map_err(|e| LogError::Io {
+    let body = rkyv::to_bytes::<rancor::Error>(&ckpt.state).map_err(|e| Error::Io {
         context: "encoding a checkpoint".into(),
         source: std::io::Error::other(e.to_string()),
     })?;
@@ -65,15 +66,14 @@ pub fn write(dir: &Path, ckpt: &Checkpoint) -> Result<(), LogError> {
 }
 
 /// Reads a shard's checkpoint; `Ok(None)` when there is none.
-pub fn read(dir: &Path, shard: u32) -> Result<Option<Checkpoint>, LogError> {
+pub fn read(dir: &Path, shard: u32) -> Result<Option<Checkpoint>, Error> {
     let p = path(dir, shard);
     let bytes = match fs::read(&p) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(io(format!("reading {}", p.display()))(e)),
     };
-    let bad =
-        |reason: &str| LogError::Corrupt { segment: p.clone(), position: 0, offset: 0, reason: reason.to_string() };
+    let bad = |reason: &str| Error::Corrupt { segment: p.clone(), position: 0, offset: 0, reason: reason.to_string() };
     if bytes.len() < HEADER || bytes[0..4] != MAGIC {
         return Err(bad("not a checkpoint file"));
     }
@@ -128,7 +128,7 @@ mod tests {
         let last = bytes.len() - 1;
         bytes[last] ^= 1;
         fs::write(&p, bytes).unwrap();
-        assert!(matches!(read(&dir, 0), Err(LogError::Corrupt { .. })));
+        assert!(matches!(read(&dir, 0), Err(Error::Corrupt { .. })));
         fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -46,7 +46,7 @@ use crate::bus::Topic;
 use crate::checkpoint::{self, Checkpoint};
 use crate::dedup::ProducerWindows;
 use crate::derive::{DeriveConfig, DeriveStats, Deriver};
-use crate::log::{FsyncPolicy, Log, LogConfig, LogError, RecordKind};
+use crate::log::{FsyncPolicy, Log, LogConfig, RecordKind};
 
 /// Engine settings.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -775,7 +775,7 @@ impl Appender {
                 self.metrics.log_bytes.store(log.total_bytes(), Ordering::Relaxed);
                 Ok(offset)
             }
-            Err(LogError::Full(reason)) => {
+            Err(crate::Error::Full(reason)) => {
                 self.metrics.storage_full.fetch_add(1, Ordering::Relaxed);
                 warn!(%reason, "append refused: storage full");
                 Err(Error::StorageFull)

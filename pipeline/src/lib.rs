@@ -20,21 +20,51 @@ pub use config::Config;
 pub use engine::{Engine, EngineConfig};
 pub use node::Node;
 
-/// Errors of the engine and of composing a node.
+/// Errors of the engine, its durable log and checkpoints, and of composing a node.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The configuration is invalid.
     #[error("configuration: {0}")]
     Config(String),
     /// A file or socket operation failed.
-    #[error("{0}: {1}")]
-    Io(String, #[source] std::io::Error),
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A log record (or checkpoint) before the end of the data is damaged.
+    #[error(
+        "corrupt record in {segment} at byte {position} (offset {offset}): {reason}; records before it are intact — run `pipeline inspect` for details"
+    )]
+    Corrupt {
+        /// The file.
+        segment: std::path::PathBuf,
+        /// Byte position in that file.
+        position: u64,
+        /// The offset the record should have had.
+        offset: u64,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The log is at its size cap or the disk is full; nothing was written.
+    #[error("storage full: {0}")]
+    Full(String),
+    /// The offset is no longer (or not yet) in the log.
+    #[error("offset {requested} is not available; the log holds {first}..{next}")]
+    OutOfRange {
+        /// The offset asked for.
+        requested: u64,
+        /// First offset held.
+        first: u64,
+        /// Next offset to be written.
+        next: u64,
+    },
     /// The ingest server failed.
     #[error(transparent)]
     Ingest(#[from] ingest::Error),
-    /// The durable log or a checkpoint failed.
-    #[error(transparent)]
-    Log(#[from] log::LogError),
     /// The engine refused an operation.
     #[error(transparent)]
     Engine(#[from] events::Error),
@@ -44,7 +74,7 @@ pub enum Error {
 }
 
 impl From<std::io::Error> for Error {
-    fn from(e: std::io::Error) -> Self {
-        Error::Io("starting engine threads".into(), e)
+    fn from(source: std::io::Error) -> Self {
+        Error::Io { context: "starting engine threads".into(), source }
     }
 }

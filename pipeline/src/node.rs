@@ -87,16 +87,17 @@ impl Node {
         let cert_path = tls_dir.join("ingest-cert.pem");
         if cfg.ingest.cert.is_some() {
             // A configured certificate: leave a copy where local clients look for it.
-            std::fs::create_dir_all(&tls_dir).map_err(|e| Error::Io(format!("creating {}", tls_dir.display()), e))?;
+            std::fs::create_dir_all(&tls_dir)
+                .map_err(|e| Error::Io { context: format!("creating {}", tls_dir.display()), source: e })?;
             std::fs::write(&cert_path, &certificate_pem)
-                .map_err(|e| Error::Io(format!("writing {}", cert_path.display()), e))?;
+                .map_err(|e| Error::Io { context: format!("writing {}", cert_path.display()), source: e })?;
         }
         let ingest_metrics = ingest.metrics();
 
         let listener = tokio::net::TcpListener::bind(cfg.http.listen)
             .await
-            .map_err(|e| Error::Io(format!("binding HTTP {}", cfg.http.listen), e))?;
-        let http_addr = listener.local_addr().map_err(|e| Error::Io("HTTP address".into(), e))?;
+            .map_err(|e| Error::Io { context: format!("binding HTTP {}", cfg.http.listen), source: e })?;
+        let http_addr = listener.local_addr().map_err(|e| Error::Io { context: "HTTP address".into(), source: e })?;
         let router = services::router(services.clone()).route(
             "/metrics",
             get({
@@ -156,7 +157,8 @@ impl Node {
         let _ = self.consumer_task.await;
         info!("stopped");
         ingest.map_err(|e| Error::Task(e.to_string()))??;
-        http.map_err(|e| Error::Task(e.to_string()))?.map_err(|e| Error::Io("HTTP server".into(), e))?;
+        http.map_err(|e| Error::Task(e.to_string()))?
+            .map_err(|e| Error::Io { context: "HTTP server".into(), source: e })?;
         Ok(())
     }
 }

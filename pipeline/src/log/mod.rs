@@ -94,50 +94,11 @@ impl Default for LogConfig {
     }
 }
 
-/// Errors of the durable log.
-#[derive(Debug, thiserror::Error)]
-pub enum LogError {
-    /// A file operation failed.
-    #[error("{context}: {source}")]
-    Io {
-        /// What was being done.
-        context: String,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
-    /// A record before the end of the log is damaged.
-    #[error(
-        "corrupt record in segment {segment} at byte {position} (offset {offset}): {reason}; records before it are intact — run `pipeline inspect` for details"
-    )]
-    Corrupt {
-        /// The segment file.
-        segment: PathBuf,
-        /// Byte position in that file.
-        position: u64,
-        /// The offset the record should have had.
-        offset: u64,
-        /// What is wrong.
-        reason: String,
-    },
-    /// The log is at its size cap or the disk is full; nothing was written.
-    #[error("storage full: {0}")]
-    Full(String),
-    /// The offset is no longer (or not yet) in the log.
-    #[error("offset {requested} is not available; the log holds {first}..{next}")]
-    OutOfRange {
-        /// The offset asked for.
-        requested: u64,
-        /// First offset held.
-        first: u64,
-        /// Next offset to be written.
-        next: u64,
-    },
-}
+use crate::Error;
 
-pub(crate) fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> LogError {
+pub(crate) fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
     let context = context.into();
-    move |source| LogError::Io { context, source }
+    move |source| Error::Io { context, source }
 }
 
 /// What opening the log found.
@@ -192,7 +153,7 @@ pub struct Log {
 impl Log {
     /// Opens (or creates) the log in `dir`, checking every record. See the module docs for what
     /// happens to damaged records.
-    pub fn open(dir: &Path, cfg: LogConfig) -> Result<(Self, Recovery), LogError> {
+    pub fn open(dir: &Path, cfg: LogConfig) -> Result<(Self, Recovery), Error> {
         fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
         let mut bases = Vec::new();
         for entry in fs::read_dir(dir).map_err(io(format!("listing {}", dir.display())))? {
@@ -211,7 +172,7 @@ impl Log {
             let last = i + 1 == bases.len();
             let path = segment_path(dir, base);
             if base != expected {
-                return Err(LogError::Corrupt {
+                return Err(Error::Corrupt {
                     segment: path,
                     position: 0,
                     offset: expected,
@@ -226,7 +187,7 @@ impl Log {
                     recovery.truncated_bytes = cut;
                     recovery.truncated_reason = Some(reason);
                 } else {
-                    return Err(LogError::Corrupt { segment: path, position, offset: seg.end, reason });
+                    return Err(Error::Corrupt { segment: path, position, offset: seg.end, reason });
                 }
             }
             expected = seg.end;
@@ -241,10 +202,10 @@ impl Log {
     }
 
     /// Appends one record (not yet durable: see [`Log::sync`]) and returns its offset.
-    pub fn append(&mut self, kind: RecordKind, payload: &[u8]) -> Result<u64, LogError> {
+    pub fn append(&mut self, kind: RecordKind, payload: &[u8]) -> Result<u64, Error> {
         let len = (RECORD_HEADER + payload.len()) as u64;
         if self.cfg.max_bytes > 0 && self.total_bytes + len > self.cfg.max_bytes {
-            return Err(LogError::Full(format!("the log would exceed its cap of {} bytes", self.cfg.max_bytes)));
+            return Err(Error::Full(format!("the log would exceed its cap of {} bytes", self.cfg.max_bytes)));
         }
         if self.active.size >= self.cfg.segment_bytes && self.active.end > self.active.base {
             self.roll()?;
@@ -255,7 +216,7 @@ impl Log {
     }
 
     /// Forces everything appended so far to disk.
-    pub fn sync(&mut self) -> Result<(), LogError> {
+    pub fn sync(&mut self) -> Result<(), Error> {
         self.active.sync()
     }
 
@@ -285,10 +246,10 @@ impl Log {
     }
 
     /// A reader from `from` to the end as it is now (records appended later are not seen).
-    pub fn reader(&mut self, from: u64) -> Result<LogReader, LogError> {
+    pub fn reader(&mut self, from: u64) -> Result<LogReader, Error> {
         let (first, next) = (self.first_offset(), self.next_offset());
         if from < first || from > next {
-            return Err(LogError::OutOfRange { requested: from, first, next });
+            return Err(Error::OutOfRange { requested: from, first, next });
         }
         self.active.flush()?;
         let plan = self
@@ -306,7 +267,7 @@ impl Log {
 
     /// Deletes closed segments that every consumer has passed (`keep_from`: the lowest offset
     /// still needed) and that retention no longer requires. Returns how many were deleted.
-    pub fn enforce_retention(&mut self, keep_from: u64, now: SystemTime) -> Result<usize, LogError> {
+    pub fn enforce_retention(&mut self, keep_from: u64, now: SystemTime) -> Result<usize, Error> {
         let mut removed = 0;
         while let Some(oldest) = self.closed.first() {
             let passed = oldest.end <= keep_from;
@@ -323,7 +284,7 @@ impl Log {
         Ok(removed)
     }
 
-    fn roll(&mut self) -> Result<(), LogError> {
+    fn roll(&mut self) -> Result<(), Error> {
         self.active.sync()?;
         let base = self.active.end;
         let next = Segment::create(&segment_path(&self.dir, base), base)?;
@@ -344,7 +305,7 @@ pub struct LogReader {
 }
 
 impl Iterator for LogReader {
-    type Item = Result<Record, LogError>;
+    type Item = Result<Record, Error>;
 
     fn next(&mut self) -> Option<Self::Item> {
         loop {
@@ -403,7 +364,7 @@ pub struct InspectReport {
 }
 
 /// Reads every segment in `dir` and checks every record, changing nothing.
-pub fn inspect(dir: &Path, cfg: &LogConfig) -> Result<InspectReport, LogError> {
+pub fn inspect(dir: &Path, cfg: &LogConfig) -> Result<InspectReport, Error> {
     let mut bases = Vec::new();
     for entry in fs::read_dir(dir).map_err(io(format!("listing {}", dir.display())))? {
         let name = entry.map_err(io(format!("listing {}", dir.display())))?.file_name();
@@ -438,7 +399,7 @@ fn segment_path(dir: &Path, base: u64) -> PathBuf {
 }
 
 /// Makes a file creation or rename in `dir` durable.
-pub(crate) fn sync_dir(dir: &Path) -> Result<(), LogError> {
+pub(crate) fn sync_dir(dir: &Path) -> Result<(), Error> {
     fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io(format!("syncing directory {}", dir.display())))
 }
 

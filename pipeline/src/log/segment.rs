@@ -7,7 +7,8 @@ use std::time::SystemTime;
 
 use events::wire::Buffer;
 
-use super::{LogConfig, LogError, Record, SegmentInfo, io};
+use super::{LogConfig, Record, SegmentInfo, io};
+use crate::Error;
 
 /// Bytes before each record's payload.
 pub const RECORD_HEADER: usize = 20;
@@ -117,7 +118,7 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> Result<bool, std::io::Error> 
 }
 
 impl Segment {
-    pub(super) fn create(path: &Path, base: u64) -> Result<Self, LogError> {
+    pub(super) fn create(path: &Path, base: u64) -> Result<Self, Error> {
         let file = OpenOptions::new()
             .create(true)
             .read(true)
@@ -137,7 +138,7 @@ impl Segment {
     }
 
     /// Opens a segment and checks every record in it.
-    pub(super) fn open_and_scan(path: &Path, base: u64, cfg: &LogConfig) -> Result<(Self, Scan), LogError> {
+    pub(super) fn open_and_scan(path: &Path, base: u64, cfg: &LogConfig) -> Result<(Self, Scan), Error> {
         let mut seg = Self::create(path, base)?;
         let meta = seg.file.metadata().map_err(io(format!("reading {}", path.display())))?;
         seg.modified = meta.modified().unwrap_or_else(|_| SystemTime::now());
@@ -190,7 +191,7 @@ impl Segment {
         }
     }
 
-    pub(super) fn append(&mut self, kind: RecordKind, payload: &[u8], interval: u64) -> Result<u64, LogError> {
+    pub(super) fn append(&mut self, kind: RecordKind, payload: &[u8], interval: u64) -> Result<u64, Error> {
         let offset = self.end;
         let h = header(kind, offset, payload);
         let before = self.size;
@@ -199,7 +200,7 @@ impl Segment {
             // Leave no partial record behind: the next append must start on a boundary.
             let _ = self.file.set_len(before);
             return Err(if e.kind() == ErrorKind::StorageFull {
-                LogError::Full(format!("the disk is full ({})", self.path.display()))
+                Error::Full(format!("the disk is full ({})", self.path.display()))
             } else {
                 io(format!("appending to {}", self.path.display()))(e)
             });
@@ -210,16 +211,16 @@ impl Segment {
         Ok(offset)
     }
 
-    pub(super) fn sync(&mut self) -> Result<(), LogError> {
+    pub(super) fn sync(&mut self) -> Result<(), Error> {
         self.file.sync_data().map_err(io(format!("syncing {}", self.path.display())))
     }
 
-    pub(super) fn flush(&mut self) -> Result<(), LogError> {
+    pub(super) fn flush(&mut self) -> Result<(), Error> {
         self.file.flush().map_err(io(format!("flushing {}", self.path.display())))
     }
 
     /// Cuts the file at `position`; returns the bytes removed.
-    pub(super) fn truncate_to(&mut self, position: u64) -> Result<u64, LogError> {
+    pub(super) fn truncate_to(&mut self, position: u64) -> Result<u64, Error> {
         let len = self.file.metadata().map_err(io(format!("reading {}", self.path.display())))?.len();
         self.file.set_len(position).map_err(io(format!("truncating {}", self.path.display())))?;
         self.file.sync_all().map_err(io(format!("syncing {}", self.path.display())))?;
@@ -260,7 +261,7 @@ pub(crate) struct SegmentReader {
 
 impl SegmentReader {
     /// Reads from the record with offset `start` at file `position` up to (not including) `end`.
-    pub(super) fn open(path: &Path, start: u64, end: u64, position: u64, max_record: u32) -> Result<Self, LogError> {
+    pub(super) fn open(path: &Path, start: u64, end: u64, position: u64, max_record: u32) -> Result<Self, Error> {
         let mut file = File::open(path).map_err(io(format!("opening {}", path.display())))?;
         file.seek(SeekFrom::Start(position)).map_err(io(format!("seeking in {}", path.display())))?;
         Ok(Self {
@@ -273,11 +274,11 @@ impl SegmentReader {
         })
     }
 
-    pub(super) fn next_record(&mut self) -> Result<Option<Record>, LogError> {
+    pub(super) fn next_record(&mut self) -> Result<Option<Record>, Error> {
         if self.next >= self.end {
             return Ok(None);
         }
-        let corrupt = |s: &Self, reason: String| LogError::Corrupt {
+        let corrupt = |s: &Self, reason: String| Error::Corrupt {
             segment: s.path.clone(),
             position: s.position,
             offset: s.next,

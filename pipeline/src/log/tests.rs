@@ -53,7 +53,7 @@ fn append_roll_reopen_and_seek() {
     assert_eq!(tail.first().unwrap().0, 57);
     assert_eq!(tail.len(), 43);
     assert!(read_all(&mut log, 100).is_empty());
-    assert!(matches!(log.reader(101), Err(LogError::OutOfRange { requested: 101, first: 0, next: 100 })));
+    assert!(matches!(log.reader(101), Err(Error::OutOfRange { requested: 101, first: 0, next: 100 })));
     drop(log);
 
     let (mut log, rec) = Log::open(&dir.0, small()).unwrap();
@@ -107,7 +107,7 @@ fn corruption_in_a_closed_segment_is_refused_with_its_place() {
 
     let err = Log::open(&dir.0, small()).unwrap_err();
     match &err {
-        LogError::Corrupt { segment, offset, reason, .. } => {
+        Error::Corrupt { segment, offset, reason, .. } => {
             assert_eq!(segment, &victim.path);
             assert_eq!(*offset, victim.base);
             assert!(reason.contains("checksum"), "{reason}");
@@ -133,7 +133,7 @@ fn the_size_cap_refuses_appends_without_writing() {
             Err(e) => break e,
         }
     };
-    assert!(matches!(err, LogError::Full(_)), "{err}");
+    assert!(matches!(err, Error::Full(_)), "{err}");
     assert_eq!(n, 4);
     assert_eq!(log.next_offset(), 4);
     assert!(log.total_bytes() <= 500);
@@ -157,7 +157,7 @@ fn retention_waits_for_consumers_and_age() {
     assert_eq!(log.enforce_retention(second_base, now + Duration::from_secs(120)).unwrap(), 1);
     assert_eq!(log.segments().len(), before - 1);
     assert_eq!(log.first_offset(), second_base);
-    assert!(matches!(log.reader(0), Err(LogError::OutOfRange { first, .. }) if first == second_base));
+    assert!(matches!(log.reader(0), Err(Error::OutOfRange { first, .. }) if first == second_base));
 }
 
 #[test]
@@ -173,7 +173,7 @@ fn damage_in_the_middle_of_the_last_segment_is_never_truncated() {
     let mut bytes = fs::read(&seg).unwrap();
     bytes[RECORD_HEADER + 3] ^= 0x10; // inside the first record's payload; nine intact records follow
     fs::write(&seg, &bytes).unwrap();
-    assert!(matches!(Log::open(&dir.0, LogConfig::default()), Err(LogError::Corrupt { offset: 0, .. })));
+    assert!(matches!(Log::open(&dir.0, LogConfig::default()), Err(Error::Corrupt { offset: 0, .. })));
     assert_eq!(fs::read(&seg).unwrap().len(), bytes.len(), "nothing was cut");
     let report = inspect(&dir.0, &LogConfig::default()).unwrap();
     assert!(!report.damage.unwrap().torn_tail);
