@@ -399,7 +399,7 @@ mod tests {
     }
 
     fn frame(events: &[DroneEvent]) -> Vec<u8> {
-        TelemetryBatch::encode(meta(), events, Buffer::new()).unwrap().as_bytes().to_vec()
+        TelemetryBatch::encode(meta(), events, Buffer::new()).unwrap().as_bytes().to_vec() // ok: test code
     }
 
     fn validate(bytes: &[u8]) -> Result<TelemetryBatch, Error> {
@@ -447,12 +447,12 @@ mod tests {
                       producer_id in any::<u64>(), batch_seq in any::<u64>(),
                       trace_id in any::<[u8; 16]>(), span_id in any::<[u8; 8]>(), flags in any::<u8>()) {
             let meta = BatchMeta { producer_id, batch_seq, trace: TraceContext { trace_id, span_id, flags } };
-            let encoded = TelemetryBatch::encode(meta, &events, Buffer::new()).unwrap();
-            let batch = validate(encoded.as_bytes()).unwrap();
+            let encoded = TelemetryBatch::encode(meta, &events, Buffer::new()).unwrap(); // ok: test code
+            let batch = validate(encoded.as_bytes()).unwrap(); // ok: test code
             prop_assert_eq!(batch.header().meta, meta);
             prop_assert_eq!(batch.len(), events.len());
             for (archived, owned) in batch.events().iter().zip(&events) {
-                let back: DroneEvent = rkyv::deserialize::<DroneEvent, rancor::Error>(archived).unwrap();
+                let back: DroneEvent = rkyv::deserialize::<DroneEvent, rancor::Error>(archived).unwrap(); // ok: test code
                 prop_assert_eq!(&back, owned);
             }
         }
@@ -484,8 +484,8 @@ mod tests {
             location: GeoPoint::new(1.0, 2.0),
             stage: DeliveryStage::DeliveryComplete,
         };
-        let b = DeliveryBatch::encode(meta(), &[ev], Buffer::new()).unwrap();
-        let back = DeliveryBatch::validate(buffer_from(b.as_bytes()), &Limits::default()).unwrap();
+        let b = DeliveryBatch::encode(meta(), &[ev], Buffer::new()).unwrap(); // ok: test code
+        let back = DeliveryBatch::validate(buffer_from(b.as_bytes()), &Limits::default()).unwrap(); // ok: test code
         assert_eq!(back.events()[0].stage, DeliveryStage::DeliveryComplete);
         assert_eq!(back.events()[0].delivery_id.to_native(), 9);
     }

@@ -86,7 +86,7 @@ mod tests {
             let r = Response { batch_seq: 99, events: 3, result };
             let mut buf = Vec::new();
             r.encode(&mut buf);
-            let fixed: [u8; RESPONSE_LEN] = buf[..RESPONSE_LEN].try_into().unwrap();
+            let fixed: [u8; RESPONSE_LEN] = buf[..RESPONSE_LEN].try_into().unwrap(); // ok: test code
             let (seq, code, len, events) = Response::decode_fixed(&fixed);
             assert_eq!((seq, events), (99, 3));
             assert_eq!(len, buf.len() - RESPONSE_LEN);
@@ -94,7 +94,7 @@ mod tests {
                 Ok(()) => assert_eq!(code, 0),
                 Err(e) => {
                     assert_eq!(code, e.code());
-                    assert_eq!(std::str::from_utf8(&buf[RESPONSE_LEN..]).unwrap(), e.to_string());
+                    assert_eq!(std::str::from_utf8(&buf[RESPONSE_LEN..]).unwrap(), e.to_string()); // ok: test code
                 }
             }
         }
