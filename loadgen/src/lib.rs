@@ -290,56 +290,25 @@ pub async fn run(cfg: LoadConfig, progress: Arc<dyn Fn(&Progress) + Send + Sync>
     let sub_client = IngestClient::connect(cfg.server, &client_cfg)
         .await
         .with_context(|| format!("connecting to the ingest server at {}", cfg.server))?;
-    let mut tsub =
-        sub_client.subscribe::<DroneEvent>(Topic::DroneTelemetry).await.context("subscribing to telemetry")?;
-    let mut dsub =
+    let tsub = sub_client.subscribe::<DroneEvent>(Topic::DroneTelemetry).await.context("subscribing to telemetry")?;
+    let dsub =
         sub_client.subscribe::<DeliveryEvent>(Topic::DeliveryEvents).await.context("subscribing to deliveries")?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let tel_task = {
-        let (counters, mut stop) = (counters.clone(), stop_rx.clone());
-        let mut obs = TelemetryObserver::new(cfg.drone_id_base, cfg.drones);
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = stop.changed() => break,
-                    next = tsub.next() => match next {
-                        Ok(Some(batch)) => {
-                            obs.observe(&batch, now_us());
-                            counters.telemetry_unique.store(obs.unique, Ordering::Relaxed);
-                        }
-                        Ok(None) => break,
-                        Err(error) => {
-                            tracing::error!(%error, "telemetry subscription ended");
-                            break;
-                        }
-                    }
-                }
-            }
-            obs
+        let counters = counters.clone();
+        let obs = TelemetryObserver::new(cfg.drone_id_base, cfg.drones);
+        observe(tsub, obs, stop_rx.clone(), move |obs, batch| {
+            obs.observe(batch, now_us());
+            counters.telemetry_unique.store(obs.unique, Ordering::Relaxed);
         })
     };
     let del_task = {
-        let (counters, mut stop) = (counters.clone(), stop_rx.clone());
-        let mut obs = DeliveryObserver::new(cfg.drone_id_base, cfg.drones);
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = stop.changed() => break,
-                    next = dsub.next() => match next {
-                        Ok(Some(batch)) => {
-                            obs.observe(&batch, now_us());
-                            counters.delivery_unique.store(obs.unique, Ordering::Relaxed);
-                            counters.completed.store(obs.completed, Ordering::Relaxed);
-                        }
-                        Ok(None) => break,
-                        Err(error) => {
-                            tracing::error!(%error, "delivery subscription ended");
-                            break;
-                        }
-                    }
-                }
-            }
-            obs
+        let counters = counters.clone();
+        let obs = DeliveryObserver::new(cfg.drone_id_base, cfg.drones);
+        observe(dsub, obs, stop_rx.clone(), move |obs, batch| {
+            obs.observe(batch, now_us());
+            counters.delivery_unique.store(obs.unique, Ordering::Relaxed);
+            counters.completed.store(obs.completed, Ordering::Relaxed);
         })
     };
 
@@ -475,6 +444,36 @@ pub async fn run(cfg: LoadConfig, progress: Arc<dyn Fn(&Progress) + Send + Sync>
         rejections,
         drones: cfg.drones,
         connections: conns,
+    })
+}
+
+/// Feeds every batch of a subscription to `on_batch` until `stop` changes or the stream ends;
+/// the task returns the observer.
+fn observe<T, O>(
+    mut sub: ingest::RemoteSubscription<T>,
+    mut obs: O,
+    mut stop: watch::Receiver<bool>,
+    mut on_batch: impl FnMut(&mut O, &events::Batch<T>) + Send + 'static,
+) -> tokio::task::JoinHandle<O>
+where
+    T: events::wire::Payload,
+    O: Send + 'static,
+{
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = stop.changed() => break,
+                next = sub.next() => match next {
+                    Ok(Some(batch)) => on_batch(&mut obs, &batch),
+                    Ok(None) => break,
+                    Err(error) => {
+                        tracing::error!(%error, "subscription ended");
+                        break;
+                    }
+                }
+            }
+        }
+        obs
     })
 }
 
