@@ -83,20 +83,26 @@ impl<T: Payload> Subscription<T> {
     }
 }
 
-/// A subscription to the telemetry log from a chosen offset: every batch from there on, in log
+/// A subscription to a log (telemetry or delivery events) from a chosen offset: every batch from there on, in log
 /// order, each with its offset, historical and then live. Dropping it unsubscribes. An error
 /// (the subscriber fell behind retention, the engine stopped) arrives in-band and ends it.
 #[derive(Debug)]
-pub struct OffsetSubscription {
+pub struct OffsetSubscription<T: Payload> {
     /// Batches with their log offsets.
-    pub rx: flume::Receiver<Result<(u64, Arc<TelemetryBatch>), Error>>,
+    pub rx: flume::Receiver<LogItem<T>>,
 }
+
+/// One item of an [`OffsetSubscription`]: a batch and its log offset, or why the stream ended.
+pub type LogItem<T> = Result<(u64, Arc<Batch<T>>), Error>;
 
 /// Source of live streams.
 pub trait StreamSource: Send + Sync + 'static {
     /// Subscribes to telemetry from log offset `from` (use 0 for everything still retained).
     /// Each subscriber reads at its own pace from the log; a slow one delays only itself.
-    fn subscribe_telemetry_from(&self, from: u64) -> Result<OffsetSubscription, Error>;
+    fn subscribe_telemetry_from(&self, from: u64) -> Result<OffsetSubscription<DroneEvent>, Error>;
+    /// Subscribes to derived delivery events from offset `from` of the delivery-events log, in
+    /// the same way.
+    fn subscribe_deliveries_from(&self, from: u64) -> Result<OffsetSubscription<DeliveryEvent>, Error>;
 
     /// Subscribes to telemetry from now on.
     fn subscribe_telemetry(&self, overflow: Overflow) -> Result<Subscription<DroneEvent>, Error>;

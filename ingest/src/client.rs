@@ -120,10 +120,14 @@ impl IngestClient {
         }
     }
 
-    /// Reads the telemetry log from `from` on, then follows it live.
-    pub async fn subscribe_from(&self, from: u64) -> Result<LogSubscription, Error> {
+    /// Reads a topic's log from offset `from` on, then follows it live.
+    pub async fn subscribe_from<T: Payload>(&self, topic: Topic, from: u64) -> Result<LogSubscription<T>, Error> {
         let (mut send, recv) = self.conn.open_bi().await?;
-        let mut request = vec![STREAM_SUBSCRIBE_FROM];
+        let byte = match topic {
+            Topic::DroneTelemetry => TOPIC_TELEMETRY,
+            Topic::DeliveryEvents => TOPIC_DELIVERIES,
+        };
+        let mut request = vec![STREAM_SUBSCRIBE_FROM, byte];
         request.extend_from_slice(&from.to_le_bytes());
         send.write_all(&request).await?;
         let inner = RemoteSubscription { _send: send, recv, limits: self.cfg.limits, _payload: PhantomData };
@@ -230,15 +234,15 @@ impl<T: Payload> RemoteSubscription<T> {
     }
 }
 
-/// A telemetry subscription from a log offset, over the network.
+/// A subscription to a topic's log from an offset, over the network.
 #[derive(Debug)]
-pub struct LogSubscription {
-    inner: RemoteSubscription<events::DroneEvent>,
+pub struct LogSubscription<T: Payload> {
+    inner: RemoteSubscription<T>,
 }
 
-impl LogSubscription {
+impl<T: Payload> LogSubscription<T> {
     /// The next batch with its log offset; `None` when the server finished the stream.
-    pub async fn next(&mut self) -> Result<Option<(u64, events::TelemetryBatch)>, Error> {
+    pub async fn next(&mut self) -> Result<Option<(u64, Batch<T>)>, Error> {
         let mut offset = [0u8; 8];
         match self.inner.recv.read_exact(&mut offset).await {
             Ok(()) => {}

@@ -9,9 +9,9 @@
 //! - [`STREAM_SUBSCRIBE`]: the client writes one topic byte ([`TOPIC_TELEMETRY`] or
 //!   [`TOPIC_DELIVERIES`]); the server answers with an empty batch once the subscription is in
 //!   place, then writes batch frames of that topic, live, until the client stops reading.
-//! - [`STREAM_SUBSCRIBE_FROM`]: the client writes a log offset (u64); the server writes each
-//!   telemetry batch from that offset on as its offset (u64) followed by the batch frame, from
-//!   the log and then live. An offset the log no longer holds resets the stream with code 22
+//! - [`STREAM_SUBSCRIBE_FROM`]: the client writes a topic byte and a log offset (u64); the
+//!   server writes each batch of that topic's log from that offset on as its offset (u64)
+//!   followed by the batch frame, from the log and then live. An offset the log no longer holds resets the stream with code 22
 //!   (`offset_unavailable`). A server that ends a subscription resets the stream with an
 //!   `events::Error` code (16 = lagged, 14 = shutting down).
 //!

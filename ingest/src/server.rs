@@ -471,25 +471,40 @@ async fn subscribe_stream<E: StreamSource>(
 }
 
 async fn subscribe_from_stream<E: StreamSource>(
-    mut send: SendStream,
+    send: SendStream,
     mut recv: RecvStream,
     engine: Arc<E>,
     ctx: Arc<Ctx>,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
-    let mut from = [0u8; 8];
-    if recv.read_exact(&mut from).await.is_err() {
+    let mut request = [0u8; 9];
+    if recv.read_exact(&mut request).await.is_err() {
         return;
     }
-    let sub = match engine.subscribe_telemetry_from(u64::from_le_bytes(from)) {
-        Ok(sub) => sub,
-        Err(error) => {
-            warn!(%error, "subscription refused");
-            reset(&mut send, &error);
-            return;
-        }
-    };
+    let mut from = [0u8; 8];
+    from.copy_from_slice(&request[1..]);
+    let from = u64::from_le_bytes(from);
     ctx.metrics.subscribers_open.fetch_add(1, Ordering::Relaxed);
+    match request[0] {
+        TOPIC_TELEMETRY => match engine.subscribe_telemetry_from(from) {
+            Ok(sub) => follow(send, sub, stop).await,
+            Err(error) => refuse(send, &error),
+        },
+        TOPIC_DELIVERIES => match engine.subscribe_deliveries_from(from) {
+            Ok(sub) => follow(send, sub, stop).await,
+            Err(error) => refuse(send, &error),
+        },
+        _ => refuse(send, &WireError::MalformedFrame("unknown topic")),
+    }
+    ctx.metrics.subscribers_open.fetch_sub(1, Ordering::Relaxed);
+}
+
+fn refuse(mut send: SendStream, error: &WireError) {
+    warn!(%error, "subscription refused");
+    reset(&mut send, error);
+}
+
+async fn follow<T: Payload>(mut send: SendStream, sub: events::OffsetSubscription<T>, mut stop: watch::Receiver<bool>) {
     loop {
         tokio::select! {
             biased;
@@ -515,7 +530,6 @@ async fn subscribe_from_stream<E: StreamSource>(
             }
         }
     }
-    ctx.metrics.subscribers_open.fetch_sub(1, Ordering::Relaxed);
 }
 
 async fn forward<T: Payload>(send: &mut SendStream, sub: Subscription<T>, mut stop: watch::Receiver<bool>) {

@@ -43,7 +43,11 @@ mod parking_lot_free {
     }
 
     impl StreamSource for Recorder {
-        fn subscribe_telemetry_from(&self, from: u64) -> Result<events::OffsetSubscription, WireError> {
+        fn subscribe_telemetry_from(&self, from: u64) -> Result<events::OffsetSubscription<DroneEvent>, WireError> {
+            Err(WireError::OffsetUnavailable { requested: from, first: 0, next: 0 })
+        }
+
+        fn subscribe_deliveries_from(&self, from: u64) -> Result<events::OffsetSubscription<DeliveryEvent>, WireError> {
             Err(WireError::OffsetUnavailable { requested: from, first: 0, next: 0 })
         }
 

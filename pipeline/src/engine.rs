@@ -35,9 +35,10 @@ use std::time::{Duration, Instant, SystemTime};
 
 use events::wire::{Buffer, DeliveryBatch, Limits, TelemetryBatch};
 use events::{
-    BatchMeta, BatchSink, DeliveryCommand, DeliveryEvent, DroneEvent, DroneId, DroneSnapshot, Error, FleetControl,
-    OffsetSubscription, Overflow, StreamSource, Subscription,
+    BatchMeta, BatchSink, DeliveryCommand, DeliveryEvent, DeliveryId, DroneEvent, DroneId, DroneSnapshot, Error,
+    FleetControl, OffsetSubscription, Overflow, StreamSource, Subscription,
 };
+use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 use tracing::{error, info, warn};
@@ -195,6 +196,9 @@ struct Tail {
 struct Inner {
     log: Option<SharedLog>,
     tail: Arc<Tail>,
+    /// The delivery-events log and how far it has been published.
+    out_log: Option<SharedLog>,
+    out_tail: Arc<Tail>,
     subscriber_queue: usize,
     append: flume::Sender<AppendReq>,
     shards: Vec<flume::Sender<ShardMsg>>,
@@ -236,8 +240,8 @@ impl Engine {
         let metrics = Arc::new(EngineMetrics::default());
         let mut report = StartReport::default();
 
-        let (log, ckpt_dir) = match &storage {
-            Storage::Memory => (None, None),
+        let (log, out_log, ckpt_dir) = match &storage {
+            Storage::Memory => (None, None, None),
             Storage::Durable { dir, log } => {
                 let (opened, recovery) = Log::open(&dir.join("log"), *log)?;
                 if recovery.truncated_bytes > 0 {
@@ -248,7 +252,18 @@ impl Engine {
                     );
                 }
                 report.recovery = recovery;
-                (Some(Arc::new(parking_lot::Mutex::new(opened))), Some(dir.join("checkpoints")))
+                let (out, out_recovery) = Log::open(&dir.join("deliveries"), *log)?;
+                if out_recovery.truncated_bytes > 0 {
+                    warn!(
+                        bytes = out_recovery.truncated_bytes,
+                        "delivery-events log recovery truncated a torn final record"
+                    );
+                }
+                (
+                    Some(Arc::new(parking_lot::Mutex::new(opened))),
+                    Some(Arc::new(parking_lot::Mutex::new(out))),
+                    Some(dir.join("checkpoints")),
+                )
             }
         };
         let next_offset = log.as_ref().map_or(0, |l| l.lock().next_offset());
@@ -269,7 +284,24 @@ impl Engine {
         let needed: Arc<[AtomicU64]> =
             checkpoints.iter().map(|c| AtomicU64::new(c.as_ref().map_or(0, |c| c.offset + 1))).collect();
 
-        let mut threads = Vec::with_capacity(n + 2);
+        let mut threads = Vec::with_capacity(n + 3);
+        let out_next = out_log.as_ref().map_or(0, |l| l.lock().next_offset());
+        let out_tail = Arc::new(Tail { end: parking_lot::Mutex::new(out_next), grew: parking_lot::Condvar::new() });
+        let (publish_tx, publish_rx) = flume::bounded(cfg.shard_queue.max(1));
+        let mut publisher = Publisher {
+            log: out_log.clone(),
+            seen: FxHashMap::default(),
+            finished: std::collections::VecDeque::new(),
+            topic: deliveries.clone(),
+            tail: out_tail.clone(),
+            policy: match &storage {
+                Storage::Durable { log, .. } => log.fsync,
+                Storage::Memory => FsyncPolicy::None,
+            },
+            last_retention: Instant::now(),
+        };
+        publisher.rebuild()?;
+        threads.push(std::thread::Builder::new().name("publisher".into()).spawn(move || publisher.run(publish_rx))?);
         let mut shards = Vec::with_capacity(n);
         for (index, ckpt) in checkpoints.into_iter().enumerate() {
             let (tx, rx) = flume::bounded(cfg.shard_queue.max(1));
@@ -282,7 +314,7 @@ impl Engine {
                 shards: n,
                 deriver,
                 rx,
-                deliveries: deliveries.clone(),
+                publisher: publish_tx.clone(),
                 metrics: metrics.clone(),
                 out: Vec::new(),
                 published: 0,
@@ -297,6 +329,7 @@ impl Engine {
             threads.push(std::thread::Builder::new().name(format!("shard-{index}")).spawn(move || shard.run())?);
             shards.push(tx);
         }
+        drop(publish_tx);
         let (fanout, fanout_rx) = flume::bounded::<Option<Arc<TelemetryBatch>>>(cfg.shard_queue.max(1));
         let topic = telemetry.clone();
         threads.push(std::thread::Builder::new().name("fanout".into()).spawn(move || {
@@ -346,6 +379,8 @@ impl Engine {
             stopping: AtomicBool::new(false),
             log,
             tail,
+            out_log,
+            out_tail,
             subscriber_queue: cfg.subscriber_queue.max(1),
         };
         Ok((Self { inner: Arc::new(inner) }, EngineThreads(threads), report))
@@ -397,6 +432,40 @@ impl Engine {
     /// The delivery-events topic.
     pub fn deliveries(&self) -> &Topic<DeliveryEvent> {
         &self.inner.deliveries
+    }
+
+    /// Starts a thread that feeds an offset subscription from `log` (the telemetry log when
+    /// `telemetry`, else the delivery-events log).
+    fn follow<T: events::wire::Payload>(
+        &self,
+        log: Option<SharedLog>,
+        telemetry: bool,
+        from: u64,
+    ) -> Result<OffsetSubscription<T>, Error> {
+        let Some(log) = log else {
+            return Err(Error::OffsetUnavailable { requested: from, first: 0, next: 0 });
+        };
+        {
+            let log = log.lock();
+            let (first, next) = (log.first_offset(), log.next_offset());
+            if from < first || from > next {
+                return Err(Error::OffsetUnavailable { requested: from, first, next });
+            }
+        }
+        let (tx, rx) = flume::bounded(self.inner.subscriber_queue);
+        let inner = self.inner.clone();
+        std::thread::Builder::new()
+            .name("log-subscriber".into())
+            .spawn(move || {
+                let (tail, kind) = if telemetry {
+                    (&inner.tail, RecordKind::Telemetry)
+                } else {
+                    (&inner.out_tail, RecordKind::Deliveries)
+                };
+                follow_log(&log, tail, &inner.stopping, kind, from, &tx);
+            })
+            .map_err(|e| Error::Storage(format!("starting a subscriber thread: {e}")))?;
+        Ok(OffsetSubscription { rx })
     }
 
     async fn to_appender(&self, req: AppendReq) -> Result<(), Error> {
@@ -467,24 +536,12 @@ impl BatchSink for Engine {
 }
 
 impl StreamSource for Engine {
-    fn subscribe_telemetry_from(&self, from: u64) -> Result<OffsetSubscription, Error> {
-        let Some(log) = self.inner.log.clone() else {
-            return Err(Error::OffsetUnavailable { requested: from, first: 0, next: 0 });
-        };
-        {
-            let log = log.lock();
-            let (first, next) = (log.first_offset(), log.next_offset());
-            if from < first || from > next {
-                return Err(Error::OffsetUnavailable { requested: from, first, next });
-            }
-        }
-        let (tx, rx) = flume::bounded(self.inner.subscriber_queue);
-        let inner = self.inner.clone();
-        std::thread::Builder::new()
-            .name("log-subscriber".into())
-            .spawn(move || follow_log(&log, &inner, from, &tx))
-            .map_err(|e| Error::Storage(format!("starting a subscriber thread: {e}")))?;
-        Ok(OffsetSubscription { rx })
+    fn subscribe_telemetry_from(&self, from: u64) -> Result<OffsetSubscription<DroneEvent>, Error> {
+        self.follow(self.inner.log.clone(), true, from)
+    }
+
+    fn subscribe_deliveries_from(&self, from: u64) -> Result<OffsetSubscription<DeliveryEvent>, Error> {
+        self.follow(self.inner.out_log.clone(), false, from)
     }
 
     fn subscribe_telemetry(&self, overflow: Overflow) -> Result<Subscription<DroneEvent>, Error> {
@@ -517,18 +574,20 @@ impl FleetControl for Engine {
 /// Feeds one offset subscription: reads the log from `next` up to the delivered end, waits for
 /// it to grow, and repeats, until the subscriber goes away or the engine stops. Blocking on the
 /// subscriber's bounded queue throttles only this reader.
-fn follow_log(
+fn follow_log<T: events::wire::Payload>(
     log: &SharedLog,
-    inner: &Inner,
+    tail: &Tail,
+    stopping: &AtomicBool,
+    kind: RecordKind,
     mut next: u64,
-    tx: &flume::Sender<Result<(u64, Arc<TelemetryBatch>), Error>>,
+    tx: &flume::Sender<events::contract::LogItem<T>>,
 ) {
     let limits = Limits { max_body_bytes: u32::MAX, max_events: u32::MAX };
     loop {
         let end = {
-            let mut end = inner.tail.end.lock();
-            while *end <= next && !inner.stopping.load(Ordering::Acquire) {
-                inner.tail.grew.wait_for(&mut end, Duration::from_millis(200));
+            let mut end = tail.end.lock();
+            while *end <= next && !stopping.load(Ordering::Acquire) {
+                tail.grew.wait_for(&mut end, Duration::from_millis(200));
                 if tx.is_disconnected() {
                     return;
                 }
@@ -562,15 +621,163 @@ fn follow_log(
                 break;
             }
             next = record.offset + 1;
-            if record.kind != RecordKind::Telemetry {
+            if record.kind != kind {
                 continue;
             }
-            let item = TelemetryBatch::validate(record.payload, &limits).map(|b| (record.offset, Arc::new(b)));
+            let item = events::Batch::<T>::validate(record.payload, &limits).map(|b| (record.offset, Arc::new(b)));
             if tx.send(item).is_err() {
                 return;
             }
         }
         next = next.max(end);
+    }
+}
+
+/// What shards send the publisher.
+enum PublishMsg {
+    /// Derived events to log and publish.
+    Events(DeliveryBatch),
+    /// Answer once everything sent before is durable.
+    Barrier(flume::Sender<()>),
+}
+
+/// Deliveries whose last event was terminal, remembered for dedup: a restart re-derives at
+/// most the events after the oldest checkpoint (about one checkpoint interval of traffic), far
+/// fewer than this.
+const FINISHED_REMEMBERED: usize = 200_000;
+
+/// The publisher thread: the delivery-events log's one writer. It drops events already logged
+/// (a restart re-derives the events after each shard's checkpoint, some of which made it to the
+/// log before the crash), appends the rest, syncs, and only then publishes them.
+struct Publisher {
+    log: Option<SharedLog>,
+    /// Highest event seq logged per delivery.
+    seen: FxHashMap<DeliveryId, u32>,
+    finished: std::collections::VecDeque<DeliveryId>,
+    topic: Arc<Topic<DeliveryEvent>>,
+    tail: Arc<Tail>,
+    policy: FsyncPolicy,
+    last_retention: Instant,
+}
+
+impl Publisher {
+    /// Learns what the delivery-events log already holds.
+    fn rebuild(&mut self) -> Result<(), crate::Error> {
+        let Some(shared) = self.log.clone() else { return Ok(()) };
+        let mut log = shared.lock();
+        let limits = Limits { max_body_bytes: u32::MAX, max_events: u32::MAX };
+        let first = log.first_offset();
+        for record in log.reader(first)? {
+            let record = record?;
+            let batch = DeliveryBatch::validate(record.payload, &limits).map_err(|e| {
+                crate::Error::Config(format!("delivery-events log record {} is invalid: {e}", record.offset))
+            })?;
+            for ev in batch.events().iter() {
+                self.remember(ev.delivery_id.to_native(), ev.seq.to_native(), ev.stage.to_stage().is_terminal());
+            }
+        }
+        Ok(())
+    }
+
+    fn remember(&mut self, delivery: DeliveryId, seq: u32, terminal: bool) {
+        self.seen.insert(delivery, seq);
+        if terminal {
+            self.finished.push_back(delivery);
+            if self.finished.len() > FINISHED_REMEMBERED
+                && let Some(old) = self.finished.pop_front()
+            {
+                self.seen.remove(&old);
+            }
+        }
+    }
+
+    /// The batch without events already logged (`None` if nothing is left).
+    fn fresh(&mut self, batch: DeliveryBatch) -> Option<DeliveryBatch> {
+        if self.log.is_none() {
+            return Some(batch);
+        }
+        let is_new = |seen: &FxHashMap<DeliveryId, u32>, e: &events::model::ArchivedDeliveryEvent| {
+            seen.get(&e.delivery_id.to_native()).is_none_or(|&s| e.seq.to_native() > s)
+        };
+        let fresh = batch.events().iter().filter(|e| is_new(&self.seen, e)).count();
+        let result = if fresh == batch.len() {
+            Some(batch)
+        } else if fresh == 0 {
+            None
+        } else {
+            let owned: Vec<DeliveryEvent> = batch
+                .events()
+                .iter()
+                .filter(|e| is_new(&self.seen, e))
+                .filter_map(|e| rkyv::deserialize::<DeliveryEvent, rkyv::rancor::Error>(e).ok())
+                .collect();
+            DeliveryBatch::encode(batch.header().meta, &owned, Buffer::new()).ok()
+        };
+        if let Some(b) = &result {
+            for ev in b.events().iter() {
+                self.remember(ev.delivery_id.to_native(), ev.seq.to_native(), ev.stage.to_stage().is_terminal());
+            }
+        }
+        result
+    }
+
+    fn run(mut self, rx: flume::Receiver<PublishMsg>) {
+        let mut appended = Vec::new();
+        let mut barriers = Vec::new();
+        while let Ok(first) = rx.recv() {
+            let mut unsynced = false;
+            let mut msg = Some(first);
+            while let Some(m) = msg.take() {
+                match m {
+                    PublishMsg::Barrier(done) => barriers.push(done),
+                    PublishMsg::Events(batch) => {
+                        if let Some(batch) = self.fresh(batch) {
+                            match &self.log {
+                                None => appended.push((None, batch)),
+                                Some(log) => match log.lock().append(RecordKind::Deliveries, batch.as_bytes()) {
+                                    Ok(offset) => {
+                                        unsynced = true;
+                                        appended.push((Some(offset), batch));
+                                    }
+                                    Err(e) => error!(error = %e, "appending delivery events failed"),
+                                },
+                            }
+                        }
+                    }
+                }
+                if appended.len() + barriers.len() < MAX_GROUP {
+                    msg = rx.try_recv().ok();
+                }
+            }
+            if unsynced
+                && (self.policy == FsyncPolicy::EveryBatch || !barriers.is_empty())
+                && let Some(log) = &self.log
+                && let Err(e) = log.lock().sync()
+            {
+                error!(error = %e, "syncing the delivery-events log failed");
+            }
+            let mut last = None;
+            for (offset, batch) in appended.drain(..) {
+                last = offset.or(last);
+                self.topic.publish(Arc::new(batch));
+            }
+            if let Some(last) = last {
+                *self.tail.end.lock() = last + 1;
+                self.tail.grew.notify_all();
+            }
+            for done in barriers.drain(..) {
+                let _ = done.send(());
+            }
+            if self.last_retention.elapsed() >= Duration::from_secs(10) {
+                self.last_retention = Instant::now();
+                if let Some(log) = &self.log
+                    && let Err(e) = log.lock().enforce_retention(u64::MAX, SystemTime::now())
+                {
+                    warn!(error = %e, "delivery-events retention failed");
+                }
+            }
+        }
+        self.tail.grew.notify_all();
     }
 }
 
@@ -640,6 +847,7 @@ impl Appender {
                         routed += 1;
                     }
                 }
+                RecordKind::Deliveries => {}
             }
         }
         if let Some(last) = last {
@@ -880,7 +1088,7 @@ struct Shard {
     shards: usize,
     deriver: Deriver,
     rx: flume::Receiver<ShardMsg>,
-    deliveries: Arc<Topic<DeliveryEvent>>,
+    publisher: flume::Sender<PublishMsg>,
     metrics: Arc<EngineMetrics>,
     out: Vec<DeliveryEvent>,
     published: u64,
@@ -991,7 +1199,7 @@ impl Shard {
         match DeliveryBatch::encode(meta, &self.out, Buffer::with_capacity(64 + self.out.len() * 64)) {
             Ok(batch) => {
                 self.published += 1;
-                self.deliveries.publish(Arc::new(batch));
+                let _ = self.publisher.send(PublishMsg::Events(batch));
             }
             Err(error) => error!(%error, shard = self.index, "delivery batch encoding failed"),
         }
@@ -1002,6 +1210,12 @@ impl Shard {
         self.last_ckpt = Instant::now();
         let (Some(dir), Some(offset)) = (&self.ckpt_dir, self.applied) else { return };
         if self.covered == Some(offset) {
+            return;
+        }
+        // Everything this state derived must be in the delivery-events log before the
+        // checkpoint says it need not be derived again.
+        let (done, durable) = flume::bounded(1);
+        if self.publisher.send(PublishMsg::Barrier(done)).is_err() || durable.recv().is_err() {
             return;
         }
         let ckpt =

@@ -218,7 +218,7 @@ async fn one_run(run: u32) {
     // A subscriber reading the telemetry log from the start over QUIC receives every
     // acknowledged batch exactly once, in log order.
     let reader = ingest::IngestClient::connect(addr, &ClientConfig::new(Trust::Pem(pem.clone()))).await.unwrap();
-    let mut sub = reader.subscribe_from(0).await.unwrap();
+    let mut sub = reader.subscribe_from::<DroneEvent>(events::Topic::DroneTelemetry, 0).await.unwrap();
     let mut got = BTreeSet::new();
     let mut last_offset = None;
     while got.len() < (PRODUCERS * EVENTS_PER_DRONE) as usize {
@@ -228,6 +228,24 @@ async fn one_run(run: u32) {
         last_offset = Some(offset);
         let meta = batch.header().meta;
         assert!(got.insert((meta.producer_id, meta.batch_seq)), "batch {meta:?} delivered twice");
+    }
+    // And the delivery events, each exactly once, exactly those of a run without crashes.
+    let mut sub = reader.subscribe_from::<DeliveryEvent>(events::Topic::DeliveryEvents, 0).await.unwrap();
+    let mut delivered = BTreeMap::new();
+    while delivered.len() < delivery_of.len() * 4 {
+        let (_, batch) = tokio::time::timeout(Duration::from_secs(10), sub.next()).await.unwrap().unwrap().unwrap();
+        for e in batch.events().iter() {
+            let key = (e.delivery_id.to_native(), e.seq.to_native());
+            let value = (e.stage.to_stage(), e.ts_us.to_native(), e.drone_id.to_native());
+            assert!(delivered.insert(key, value).is_none(), "delivery event {key:?} delivered twice");
+        }
+    }
+    for (&drone, &delivery) in &delivery_of {
+        let ts = |seq: u64| 1_000_000 * drone + seq;
+        assert_eq!(delivered[&(delivery, 1)], (DeliveryStage::HeadedToPickup, ts(50), drone));
+        assert_eq!(delivered[&(delivery, 2)], (DeliveryStage::InTransit, ts(PICKUP_AT), drone));
+        assert_eq!(delivered[&(delivery, 3)], (DeliveryStage::DeliveryComplete, ts(DROPOFF_AT), drone));
+        assert_eq!(delivered[&(delivery, 0)].0, DeliveryStage::Created);
     }
     reader.close().await;
     Command::new("kill").args(["-TERM", &server.id().to_string()]).status().unwrap();
@@ -277,6 +295,7 @@ fn check_log(dir: &Path) -> Vec<DeliveryEvent> {
                 let cmd: DeliveryCommand = serde_json::from_slice(&record.payload).unwrap();
                 deriver.on_command(&cmd, 0, &mut out).unwrap();
             }
+            RecordKind::Deliveries => panic!("delivery events in the telemetry log"),
         }
     }
     assert_eq!(seen.len() as u64, PRODUCERS * EVENTS_PER_DRONE, "every acknowledged batch is in the log");

@@ -14,7 +14,7 @@
 //! | 0..4 | payload length |
 //! | 4..8 | CRC-32C of bytes 8..20 and the payload |
 //! | 8..16 | offset |
-//! | 16 | kind: 1 telemetry batch, 2 delivery command |
+//! | 16 | kind: 1 telemetry batch, 2 delivery command, 3 derived delivery events |
 //! | 17..20 | reserved, zero |
 //! | 20.. | payload |
 //!

@@ -21,6 +21,8 @@ pub enum RecordKind {
     Telemetry = 1,
     /// A delivery command from the scheduling edge.
     Command = 2,
+    /// A batch of derived delivery events (in the delivery-events log).
+    Deliveries = 3,
 }
 
 impl RecordKind {
@@ -28,6 +30,7 @@ impl RecordKind {
         match b {
             1 => Some(Self::Telemetry),
             2 => Some(Self::Command),
+            3 => Some(Self::Deliveries),
             _ => None,
         }
     }
