@@ -128,24 +128,13 @@ fn inspect(data_dir: &std::path::Path) -> anyhow::Result<ExitCode> {
         anyhow::bail!("{} holds no log (expected {})", data_dir.display(), log_dir.display());
     }
     let cfg = Config::load(None).map(|c| c.log).unwrap_or_default();
-    let report = pipeline::log::inspect(&log_dir, &cfg)?;
-    let total: u64 = report.segments.iter().map(|s| s.bytes).sum();
-    let (first, next) = (report.segments.first().map_or(0, |s| s.base), report.segments.last().map_or(0, |s| s.end));
-    println!("log {}: {} segments, offsets {first}..{next}, {total} bytes", log_dir.display(), report.segments.len());
-    for s in &report.segments {
-        let name = s.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        println!(
-            "  {name}  offsets {}..{}  records {}  bytes {}  index entries {}",
-            s.base,
-            s.end,
-            s.end - s.base,
-            s.bytes,
-            s.index_entries
-        );
+    let mut damaged = !inspect_log("telemetry log", &log_dir, &cfg)?;
+    let deliveries = data_dir.join("deliveries");
+    if deliveries.is_dir() {
+        damaged |= !inspect_log("delivery-events log", &deliveries, &cfg)?;
     }
     let ckpt_dir = data_dir.join("checkpoints");
     println!("checkpoints {}:", ckpt_dir.display());
-    let mut damaged = false;
     for shard in 0u32.. {
         match pipeline::checkpoint::read(&ckpt_dir, shard) {
             Ok(Some(c)) => {
@@ -167,27 +156,46 @@ fn inspect(data_dir: &std::path::Path) -> anyhow::Result<ExitCode> {
             }
         }
     }
+    Ok(if damaged { ExitCode::from(1) } else { ExitCode::SUCCESS })
+}
+
+/// Prints one log's segments and verification; false if it is damaged.
+fn inspect_log(what: &str, dir: &std::path::Path, cfg: &pipeline::log::LogConfig) -> anyhow::Result<bool> {
+    let report = pipeline::log::inspect(dir, cfg)?;
+    let total: u64 = report.segments.iter().map(|s| s.bytes).sum();
+    let (first, next) = (report.segments.first().map_or(0, |s| s.base), report.segments.last().map_or(0, |s| s.end));
+    println!("{what} {}: {} segments, offsets {first}..{next}, {total} bytes", dir.display(), report.segments.len());
+    for s in &report.segments {
+        let name = s.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        println!(
+            "  {name}  offsets {}..{}  records {}  bytes {}  index entries {}",
+            s.base,
+            s.end,
+            s.end - s.base,
+            s.bytes,
+            s.index_entries
+        );
+    }
     match &report.damage {
-        None if !damaged => {
-            println!("verified: {} records, every CRC matches", report.readable_records);
-            Ok(ExitCode::SUCCESS)
+        None => {
+            println!("  verified: {} records, every CRC matches", report.readable_records);
+            Ok(true)
         }
-        None => Ok(ExitCode::from(1)),
         Some(d) => {
-            let what = if d.torn_tail {
+            let kind = if d.torn_tail {
                 "torn final record (a crash mid-append; recovery truncates it, it was never acknowledged)"
             } else {
                 "CORRUPT record"
             };
             println!(
-                "DAMAGE: {what} in {} at byte {} (offset {}): {}",
+                "  DAMAGE: {kind} in {} at byte {} (offset {}): {}",
                 d.segment.display(),
                 d.position,
                 d.offset,
                 d.reason
             );
-            println!("{} records before it are intact and readable", report.readable_records);
-            Ok(ExitCode::from(1))
+            println!("  {} records before it are intact and readable", report.readable_records);
+            Ok(false)
         }
     }
 }

@@ -130,7 +130,11 @@ async fn inspect_verifies_the_log_and_finds_corruption() {
     let out = run(&server.dir);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
-    assert!(text.contains("offsets 0..30") && text.contains("verified: 30 records"), "{text}");
+    assert!(
+        text.contains("telemetry log") && text.contains("offsets 0..30") && text.contains("verified: 30 records"),
+        "{text}"
+    );
+    assert!(text.contains("delivery-events log"), "{text}");
     assert!(text.contains("shard 0/2: covers offsets ..=29"), "{text}");
 
     // Flip one byte inside the tenth record's payload.
