@@ -61,6 +61,10 @@ pub struct LoadConfig {
     pub leg: Duration,
     /// At the end, how long to wait for answers and for the subscriber to catch up.
     pub settle: Duration,
+    /// Transport only: send the fleet's telemetry and count answers, with no customers, no API
+    /// and no subscriber (for `pipeline serve --discard`, the transport ceiling). Loss and
+    /// latency are not measured in this mode.
+    pub raw: bool,
 }
 
 impl LoadConfig {
@@ -80,6 +84,7 @@ impl LoadConfig {
             deliveries_per_s: 100.0,
             leg: Duration::from_secs(1),
             settle: Duration::from_secs(15),
+            raw: false,
         }
     }
 
@@ -174,6 +179,8 @@ pub struct Report {
     pub telemetry_latency_us: Percentiles,
     /// Rejections by reason.
     pub rejections: BTreeMap<String, u64>,
+    /// `full` (everything measured) or `raw` (transport only: loss and latency not measured).
+    pub mode: &'static str,
     /// The run's shape.
     pub drones: usize,
     /// Connections used.
@@ -274,7 +281,7 @@ pub async fn run(cfg: LoadConfig, progress: Arc<dyn Fn(&Progress) + Send + Sync>
     let http = reqwest::Client::builder().pool_max_idle_per_host(128).build().context("building the HTTP client")?;
     let api = cfg.api.trim_end_matches('/').to_string();
     let ids: Vec<u64> = (0..cfg.drones as u64).map(|i| cfg.drone_id_base + i).collect();
-    for chunk in ids.chunks(5_000) {
+    for chunk in ids.chunks(5_000).filter(|_| !cfg.raw) {
         let resp = http
             .post(format!("{api}/v1/drones"))
             .json(&serde_json::json!({ "drones": chunk }))
@@ -287,30 +294,7 @@ pub async fn run(cfg: LoadConfig, progress: Arc<dyn Fn(&Progress) + Send + Sync>
     }
 
     let client_cfg = ClientConfig::new(cfg.trust.clone());
-    let sub_client = IngestClient::connect(cfg.server, &client_cfg)
-        .await
-        .with_context(|| format!("connecting to the ingest server at {}", cfg.server))?;
-    let tsub = sub_client.subscribe::<DroneEvent>(Topic::DroneTelemetry).await.context("subscribing to telemetry")?;
-    let dsub =
-        sub_client.subscribe::<DeliveryEvent>(Topic::DeliveryEvents).await.context("subscribing to deliveries")?;
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let tel_task = {
-        let counters = counters.clone();
-        let obs = TelemetryObserver::new(cfg.drone_id_base, cfg.drones);
-        observe(tsub, obs, stop_rx.clone(), move |obs, batch| {
-            obs.observe(batch, now_us());
-            counters.telemetry_unique.store(obs.unique, Ordering::Relaxed);
-        })
-    };
-    let del_task = {
-        let counters = counters.clone();
-        let obs = DeliveryObserver::new(cfg.drone_id_base, cfg.drones);
-        observe(dsub, obs, stop_rx.clone(), move |obs, batch| {
-            obs.observe(batch, now_us());
-            counters.delivery_unique.store(obs.unique, Ordering::Relaxed);
-            counters.completed.store(obs.completed, Ordering::Relaxed);
-        })
-    };
+    let observing = if cfg.raw { None } else { Some(subscribe(&cfg, &client_cfg, &counters).await?) };
 
     // Drones, spread over connections: drone i flies on connection i % C.
     let conns = cfg.connections.min(cfg.drones);
@@ -400,17 +384,24 @@ pub async fn run(cfg: LoadConfig, progress: Arc<dyn Fn(&Progress) + Send + Sync>
     // Let the subscriber catch up with everything that was acknowledged.
     let acked = counters.acked.load(Ordering::Relaxed);
     let deadline = Instant::now() + cfg.settle;
-    while Instant::now() < deadline
+    while observing.is_some()
+        && Instant::now() < deadline
         && (counters.telemetry_unique.load(Ordering::Relaxed) < acked
             || counters.delivery_unique.load(Ordering::Relaxed) < expected_delivery)
     {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     ticker.abort();
-    let _ = stop_tx.send(true);
-    let tel = tel_task.await.context("telemetry observer panicked")?;
-    let del = del_task.await.context("delivery observer panicked")?;
-    sub_client.close().await;
+    let (tel, del) = match observing {
+        Some(o) => {
+            let _ = o.stop.send(true);
+            let tel = o.telemetry.await.context("telemetry observer panicked")?;
+            let del = o.deliveries.await.context("delivery observer panicked")?;
+            o.client.close().await;
+            (tel, del)
+        }
+        None => (TelemetryObserver::new(cfg.drone_id_base, 0), DeliveryObserver::new(cfg.drone_id_base, 0)),
+    };
 
     let lost_delivery_events: u64 = scheduled_ids
         .iter()
@@ -419,7 +410,7 @@ pub async fn run(cfg: LoadConfig, progress: Arc<dyn Fn(&Progress) + Send + Sync>
                 .saturating_sub(u64::from(del.events_of(*id)))
         })
         .sum();
-    let lost_telemetry = acked.saturating_sub(tel.unique);
+    let lost_telemetry = if cfg.raw { 0 } else { acked.saturating_sub(tel.unique) };
     let rejections = counters.rejections.lock().map(|r| r.clone()).unwrap_or_default();
     Ok(Report {
         events_sent: counters.sent.load(Ordering::Relaxed),
@@ -444,7 +435,43 @@ pub async fn run(cfg: LoadConfig, progress: Arc<dyn Fn(&Progress) + Send + Sync>
         rejections,
         drones: cfg.drones,
         connections: conns,
+        mode: if cfg.raw { "raw" } else { "full" },
     })
+}
+
+/// The subscriber side of a full run: one connection, both topics, an observer task each.
+struct Observing {
+    client: IngestClient,
+    stop: watch::Sender<bool>,
+    telemetry: tokio::task::JoinHandle<TelemetryObserver>,
+    deliveries: tokio::task::JoinHandle<DeliveryObserver>,
+}
+
+async fn subscribe(cfg: &LoadConfig, client_cfg: &ClientConfig, counters: &Arc<Counters>) -> anyhow::Result<Observing> {
+    let client = IngestClient::connect(cfg.server, client_cfg)
+        .await
+        .with_context(|| format!("connecting to the ingest server at {}", cfg.server))?;
+    let tsub = client.subscribe::<DroneEvent>(Topic::DroneTelemetry).await.context("subscribing to telemetry")?;
+    let dsub = client.subscribe::<DeliveryEvent>(Topic::DeliveryEvents).await.context("subscribing to deliveries")?;
+    let (stop, stop_rx) = watch::channel(false);
+    let telemetry = {
+        let counters = counters.clone();
+        let obs = TelemetryObserver::new(cfg.drone_id_base, cfg.drones);
+        observe(tsub, obs, stop_rx.clone(), move |obs, batch| {
+            obs.observe(batch, now_us());
+            counters.telemetry_unique.store(obs.unique, Ordering::Relaxed);
+        })
+    };
+    let deliveries = {
+        let counters = counters.clone();
+        let obs = DeliveryObserver::new(cfg.drone_id_base, cfg.drones);
+        observe(dsub, obs, stop_rx, move |obs, batch| {
+            obs.observe(batch, now_us());
+            counters.delivery_unique.store(obs.unique, Ordering::Relaxed);
+            counters.completed.store(obs.completed, Ordering::Relaxed);
+        })
+    };
+    Ok(Observing { client, stop, telemetry, deliveries })
 }
 
 /// Feeds every batch of a subscription to `on_batch` until `stop` changes or the stream ends;
@@ -609,6 +636,9 @@ async fn customers(
     scheduled: Arc<Mutex<Vec<u64>>>,
     start: Instant,
 ) {
+    if cfg.raw {
+        return;
+    }
     // Stop early enough that every mission can finish before the drones stop sending.
     let stop_at = cfg.duration.saturating_sub(cfg.leg * 3 + Duration::from_secs(1));
     if stop_at.is_zero() {

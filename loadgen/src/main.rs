@@ -62,6 +62,14 @@ struct Args {
     /// Write the JSON report here.
     #[arg(long)]
     report: Option<PathBuf>,
+    /// Transport only (against `pipeline serve --discard`): no customers, no API, no
+    /// subscriber; loss and latency are not measured.
+    #[arg(long)]
+    raw: bool,
+    /// First run raw against this `pipeline serve --discard` address, then the full run
+    /// against --server, and report the full throughput as a fraction of the raw one.
+    #[arg(long, value_name = "DISCARD_ADDR")]
+    compare_raw: Option<SocketAddr>,
 }
 
 #[tokio::main]
@@ -93,12 +101,40 @@ async fn main() -> anyhow::Result<()> {
         "loadgen: {} drones, {:.0} events/s over {} connections for {:.0} s against {} / {}",
         cfg.drones, cfg.rate, cfg.connections, args.duration, args.server, args.api
     );
+    cfg.raw = args.raw;
+    let ceiling = match args.compare_raw {
+        Some(discard) => {
+            let raw = loadgen::LoadConfig { server: discard, raw: true, ..cfg.clone() };
+            eprintln!("raw run against the discard server at {discard} (the transport ceiling)");
+            let report = loadgen::run(raw, Arc::new(print_progress)).await?;
+            eprintln!();
+            println!("{report}");
+            eprintln!("full run against {}", args.server);
+            Some(report)
+        }
+        None => None,
+    };
     let report = loadgen::run(cfg, Arc::new(print_progress)).await?;
     eprintln!();
     println!("{report}");
+    if let Some(raw) = &ceiling {
+        println!(
+            "ceiling     full {:.0} ev/s / raw {:.0} ev/s = {:.1}% of the transport ceiling",
+            report.throughput_eps,
+            raw.throughput_eps,
+            100.0 * report.throughput_eps / raw.throughput_eps.max(1e-9)
+        );
+    }
     if let Some(path) = &args.report {
-        std::fs::write(path, serde_json::to_vec_pretty(&report)?)
-            .with_context(|| format!("writing {}", path.display()))?;
+        let json = match &ceiling {
+            Some(raw) => serde_json::to_vec_pretty(&serde_json::json!({
+                "full": report,
+                "raw": raw,
+                "fraction_of_ceiling": report.throughput_eps / raw.throughput_eps.max(1e-9),
+            }))?,
+            None => serde_json::to_vec_pretty(&report)?,
+        };
+        std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))?;
         eprintln!("report written to {}", path.display());
     }
     if report.lost > 0 || report.duplicates > 0 {

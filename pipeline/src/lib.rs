@@ -12,6 +12,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod dedup;
 pub mod derive;
+pub mod discard;
 pub mod engine;
 pub mod log;
 pub mod node;

@@ -43,6 +43,10 @@ enum Command {
         /// Data directory [config: data_dir, default ./data].
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// Transport ceiling: serve QUIC, TLS and validation, then drop every batch (no engine,
+        /// no HTTP). Measure it with `loadgen --raw`.
+        #[arg(long)]
+        discard: bool,
     },
     /// Print the durable log's segments, offsets, record counts and the shard checkpoints, and
     /// verify every record's CRC. Exits 1 if anything is damaged.
@@ -85,7 +89,7 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Serve { config, quic, http, shards, data_dir } => {
+            Command::Serve { config, quic, http, shards, data_dir, discard } => {
                 let mut cfg = match Config::load(config.as_deref()) {
                     Ok(cfg) => cfg,
                     Err(e) => {
@@ -104,6 +108,9 @@ fn main() -> ExitCode {
                 }
                 if let Some(d) = data_dir {
                     cfg.data_dir = d;
+                }
+                if discard {
+                    return serve_discard(cfg).await.map(|()| ExitCode::SUCCESS);
                 }
                 serve(cfg).await.map(|()| ExitCode::SUCCESS)
             }
@@ -209,6 +216,24 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     shutdown_signal().await;
     eprintln!("draining…");
     node.shutdown().await.context("shutting down")?;
+    Ok(())
+}
+
+async fn serve_discard(cfg: Config) -> anyhow::Result<()> {
+    let mut ingest_cfg = cfg.ingest.clone();
+    ingest_cfg.self_signed_dir = Some(cfg.data_dir.join("tls"));
+    let server = ingest::IngestServer::bind(&ingest_cfg).context("binding the ingest endpoint")?;
+    eprintln!(
+        "fleetstream serving: QUIC {} (ALPN fleetstream/1) in discard mode: batches are validated and dropped  (Ctrl-C to stop)",
+        server.local_addr()?
+    );
+    let sink = Arc::new(pipeline::discard::Discard::default());
+    server.serve(sink.clone(), shutdown_signal()).await?;
+    eprintln!(
+        "discarded {} batches, {} events",
+        sink.batches.load(Ordering::Relaxed),
+        sink.events.load(Ordering::Relaxed)
+    );
     Ok(())
 }
 

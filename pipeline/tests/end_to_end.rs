@@ -71,3 +71,32 @@ async fn a_simulated_fleet_completes_its_deliveries_without_loss() {
     node.shutdown().await.unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The transport ceiling: `loadgen --raw` against a discard server gets every batch answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_mode_against_a_discard_server() {
+    let server = ingest::IngestServer::bind(&ingest::ServerConfig {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        ..ingest::ServerConfig::default()
+    })
+    .unwrap();
+    let addr = server.local_addr().unwrap();
+    let trust = ingest::Trust::Pem(server.certificate_pem().to_string());
+    let sink = Arc::new(pipeline::discard::Discard::default());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(server.serve(sink.clone(), async {
+        let _ = stopped.await;
+    }));
+    let mut load = loadgen::LoadConfig::new(addr, "http://127.0.0.1:9".into(), trust);
+    load.raw = true;
+    load.drones = 50;
+    load.connections = 2;
+    load.rate = 5_000.0;
+    load.duration = Duration::from_secs(2);
+    let report = loadgen::run(load, Arc::new(|_: &loadgen::Progress| {})).await.unwrap();
+    assert_eq!(report.mode, "raw");
+    assert_eq!(report.events_acked, 10_000, "{report}");
+    assert_eq!(sink.events.load(std::sync::atomic::Ordering::Relaxed), 10_000);
+    let _ = stop.send(());
+    task.await.unwrap().unwrap();
+}

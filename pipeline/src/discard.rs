@@ -1,0 +1,52 @@
+//! The transport ceiling: a sink that takes every batch the ingest validated and drops it.
+//!
+//! `pipeline serve --discard` serves QUIC, TLS and batch validation exactly as a node does,
+//! then discards; `loadgen --raw` against it measures what the transport alone can carry, so a
+//! full run can be quoted as a fraction of it.
+
+use std::future::{Ready, ready};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use events::{
+    BatchSink, DeliveryEvent, DroneEvent, Error, OffsetSubscription, Overflow, StreamSource, Subscription,
+    TelemetryBatch,
+};
+
+/// Counts and drops.
+#[derive(Debug, Default)]
+pub struct Discard {
+    /// Batches taken.
+    pub batches: AtomicU64,
+    /// Events in them.
+    pub events: AtomicU64,
+}
+
+const NO_SUBSCRIPTIONS: Error = Error::MalformedFrame("a discard server serves no subscriptions");
+
+impl BatchSink for Discard {
+    type Ack = Ready<Result<(), Error>>;
+
+    async fn submit(&self, batch: TelemetryBatch) -> Result<Self::Ack, Error> {
+        self.batches.fetch_add(1, Ordering::Relaxed);
+        self.events.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        Ok(ready(Ok(())))
+    }
+}
+
+impl StreamSource for Discard {
+    fn subscribe_telemetry_from(&self, _from: u64) -> Result<OffsetSubscription<DroneEvent>, Error> {
+        Err(NO_SUBSCRIPTIONS)
+    }
+
+    fn subscribe_deliveries_from(&self, _from: u64) -> Result<OffsetSubscription<DeliveryEvent>, Error> {
+        Err(NO_SUBSCRIPTIONS)
+    }
+
+    fn subscribe_telemetry(&self, _: Overflow) -> Result<Subscription<DroneEvent>, Error> {
+        Err(NO_SUBSCRIPTIONS)
+    }
+
+    fn subscribe_deliveries(&self, _: Overflow) -> Result<Subscription<DeliveryEvent>, Error> {
+        Err(NO_SUBSCRIPTIONS)
+    }
+}
