@@ -199,6 +199,9 @@ impl std::fmt::Display for Report {
             self.events_sent, self.events_acked, self.events_rejected, self.events_unanswered
         )?;
         writeln!(f, "throughput  {:.0} events/s (target {:.0})", self.throughput_eps, self.target_eps)?;
+        if self.mode == "raw" {
+            return write!(f, "mode        raw: transport only; loss, duplicates and latency are not measured");
+        }
         writeln!(
             f,
             "deliveries  scheduled {}  refused {}  completed {}",
