@@ -208,9 +208,10 @@ impl Error {
         Error::Rejected { code, name: code_name(code), message }
     }
 
-    /// Whether the sender may try the same batch again later (the batch itself was fine).
+    /// Whether the sender may try the same batch again later (the batch itself was fine and
+    /// the server could not take it now: shutting down, storage full or storage failed).
     pub fn is_retryable(&self) -> bool {
-        matches!(self.code(), 14 | 15)
+        matches!(self.code(), 14 | 15 | 21)
     }
 }
 

@@ -162,11 +162,6 @@ impl Lane {
         Ok(())
     }
 
-    /// Batches sent and not yet answered.
-    pub fn in_flight(&self, max: usize) -> usize {
-        max.saturating_sub(self.window.available_permits())
-    }
-
     /// Ends the stream after everything written; answers still arrive.
     pub fn finish(mut self) {
         let _ = self.send.finish();

@@ -186,7 +186,7 @@ impl Worker {
             return;
         }
         if let Err(e) = &answer.result
-            && (e.is_retryable() || e.name() == "storage_failed")
+            && e.is_retryable()
         {
             // The batch was fine; the server could not take it now. Try again elsewhere/later.
             debug!(error = %e, "retryable refusal; reconnecting");

@@ -39,12 +39,17 @@ impl Identity {
 
     /// A fresh self-signed certificate for `localhost` and `127.0.0.1`.
     pub fn self_signed() -> Result<Self, Error> {
-        let names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
-        let certified = rcgen::generate_simple_self_signed(names).map_err(|e| Error::Tls(e.to_string()))?;
+        let certified = generate()?;
         let chain_pem = certified.cert.pem();
         let key = PrivateKeyDer::Pkcs8(certified.signing_key.serialize_der().into());
         Ok(Self { chain: vec![certified.cert.der().clone()], key, chain_pem })
     }
+}
+
+/// A new self-signed certificate and key for the loopback names.
+fn generate() -> Result<rcgen::CertifiedKey<rcgen::KeyPair>, Error> {
+    let names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
+    rcgen::generate_simple_self_signed(names).map_err(|e| Error::Tls(e.to_string()))
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -58,8 +63,7 @@ pub fn persistent_self_signed(cert: &Path, key: &Path) -> Result<Identity, Error
     if cert.exists() && key.exists() {
         return Identity::from_files(cert, key);
     }
-    let names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
-    let certified = rcgen::generate_simple_self_signed(names).map_err(|e| Error::Tls(e.to_string()))?;
+    let certified = generate()?;
     if let Some(dir) = cert.parent() {
         std::fs::create_dir_all(dir).map_err(|e| Error::Tls(format!("creating {}: {e}", dir.display())))?;
     }

@@ -20,7 +20,6 @@ pub struct Topic<T: Payload> {
     capacity: usize,
     subs: RwLock<Arc<[Subscriber<T>]>>,
     next_id: AtomicU64,
-    published: AtomicU64,
     cut_off: AtomicU64,
 }
 
@@ -45,7 +44,6 @@ impl<T: Payload> Topic<T> {
             capacity: capacity.max(1),
             subs: RwLock::new(Arc::from(Vec::new())),
             next_id: AtomicU64::new(0),
-            published: AtomicU64::new(0),
             cut_off: AtomicU64::new(0),
         }
     }
@@ -65,7 +63,6 @@ impl<T: Payload> Topic<T> {
     /// Hands `batch` to every subscriber. Blocks while a [`Overflow::Block`] subscriber is full;
     /// call it from a thread, not from an async task.
     pub fn publish(&self, batch: Arc<Batch<T>>) {
-        self.published.fetch_add(1, Ordering::Relaxed);
         let subs = self.subs.read().clone();
         let mut gone = Vec::new();
         for sub in subs.iter() {
@@ -100,11 +97,6 @@ impl<T: Payload> Topic<T> {
     /// Current number of subscribers.
     pub fn subscribers(&self) -> usize {
         self.subs.read().len()
-    }
-
-    /// Batches published so far.
-    pub fn published(&self) -> u64 {
-        self.published.load(Ordering::Relaxed)
     }
 
     /// Subscribers cut off for lagging so far.

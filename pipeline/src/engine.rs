@@ -1048,7 +1048,9 @@ impl Appender {
             let _ = self.shards[0].send(ShardMsg::Events { offset, batch, indices: None });
             return;
         }
-        let mut per_shard: Vec<Vec<u32>> = vec![Vec::new(); n];
+        // Sized for an even spread plus slack, so a batch costs one allocation per shard.
+        let expected = batch.len() / n + batch.len() / (4 * n) + 8;
+        let mut per_shard: Vec<Vec<u32>> = (0..n).map(|_| Vec::with_capacity(expected)).collect();
         for (i, ev) in batch.events().iter().enumerate() {
             per_shard[shard_of(ev.drone_id.to_native(), n)].push(i as u32);
         }

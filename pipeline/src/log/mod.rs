@@ -235,11 +235,6 @@ impl Log {
         self.total_bytes
     }
 
-    /// The directory.
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     /// Segment summaries, oldest first.
     pub fn segments(&self) -> Vec<SegmentInfo> {
         self.closed.iter().chain(std::iter::once(&self.active)).map(Segment::info).collect()
