@@ -83,11 +83,46 @@ impl<T: Payload> Subscription<T> {
     }
 }
 
+/// Where an offset subscription starts reading its log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartAt {
+    /// The oldest batch retention has kept.
+    Earliest,
+    /// The first batch appended after the subscription is in place: nothing older, nothing
+    /// missed.
+    Latest,
+    /// This log offset (an [`Error::OffsetUnavailable`] if the log no longer or not yet holds it).
+    Offset(u64),
+}
+
+impl StartAt {
+    /// The position as it travels on the wire: a kind byte and a value.
+    pub fn to_wire(self) -> (u8, u64) {
+        match self {
+            StartAt::Offset(offset) => (0, offset),
+            StartAt::Earliest => (1, 0),
+            StartAt::Latest => (2, 0),
+        }
+    }
+
+    /// Reads a position from the wire; an unknown kind is a malformed request.
+    pub fn from_wire(kind: u8, value: u64) -> Result<Self, Error> {
+        match kind {
+            0 => Ok(StartAt::Offset(value)),
+            1 => Ok(StartAt::Earliest),
+            2 => Ok(StartAt::Latest),
+            _ => Err(Error::MalformedFrame("unknown subscription start position")),
+        }
+    }
+}
+
 /// A subscription to a log (telemetry or delivery events) from a chosen offset: every batch from there on, in log
 /// order, each with its offset, historical and then live. Dropping it unsubscribes. An error
 /// (the subscriber fell behind retention, the engine stopped) arrives in-band and ends it.
 #[derive(Debug)]
 pub struct OffsetSubscription<T: Payload> {
+    /// The offset the subscription starts at, with [`StartAt`] resolved.
+    pub start: u64,
     /// Batches with their log offsets.
     pub rx: flume::Receiver<LogItem<T>>,
 }
@@ -97,12 +132,11 @@ pub type LogItem<T> = Result<(u64, Arc<Batch<T>>), Error>;
 
 /// Source of live streams.
 pub trait StreamSource: Send + Sync + 'static {
-    /// Subscribes to telemetry from log offset `from` (use 0 for everything still retained).
-    /// Each subscriber reads at its own pace from the log; a slow one delays only itself.
-    fn subscribe_telemetry_from(&self, from: u64) -> Result<OffsetSubscription<DroneEvent>, Error>;
-    /// Subscribes to derived delivery events from offset `from` of the delivery-events log, in
-    /// the same way.
-    fn subscribe_deliveries_from(&self, from: u64) -> Result<OffsetSubscription<DeliveryEvent>, Error>;
+    /// Subscribes to the telemetry log from `from`, then follows it live. Each subscriber reads
+    /// at its own pace from the log; a slow one delays only itself.
+    fn subscribe_telemetry_from(&self, from: StartAt) -> Result<OffsetSubscription<DroneEvent>, Error>;
+    /// Subscribes to the delivery-events log in the same way.
+    fn subscribe_deliveries_from(&self, from: StartAt) -> Result<OffsetSubscription<DeliveryEvent>, Error>;
 
     /// Subscribes to telemetry from now on.
     fn subscribe_telemetry(&self, overflow: Overflow) -> Result<Subscription<DroneEvent>, Error>;
@@ -128,5 +162,19 @@ impl<T: FleetControl> FleetControl for Arc<T> {
 
     fn drone(&self, id: DroneId) -> impl Future<Output = Result<Option<DroneSnapshot>, Error>> + Send {
         (**self).drone(id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_positions_round_trip_and_unknown_kinds_are_refused() {
+        for start in [StartAt::Earliest, StartAt::Latest, StartAt::Offset(0), StartAt::Offset(u64::MAX)] {
+            let (kind, value) = start.to_wire();
+            assert_eq!(StartAt::from_wire(kind, value).ok(), Some(start));
+        }
+        assert!(matches!(StartAt::from_wire(9, 0), Err(Error::MalformedFrame(_))));
     }
 }

@@ -17,7 +17,7 @@ pub mod model;
 pub mod prom;
 pub mod wire;
 
-pub use contract::{BatchSink, FleetControl, OffsetSubscription, Overflow, StreamSource, Subscription, Topic};
+pub use contract::{BatchSink, FleetControl, OffsetSubscription, Overflow, StartAt, StreamSource, Subscription, Topic};
 pub use error::{Error, all_codes, code_name};
 pub use model::*;
 pub use wire::{Batch, BatchMeta, DeliveryBatch, Limits, TelemetryBatch, TraceContext};

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use events::wire::{Batch, BatchHeader, Buffer, HEADER_LEN, Payload};
-use events::{Error as WireError, Limits, Topic};
+use events::{Error as WireError, Limits, StartAt, Topic};
 use quinn::{ReadError, ReadExactError, RecvStream, SendStream, VarInt};
 use tokio::sync::{Semaphore, mpsc};
 
@@ -120,18 +120,26 @@ impl IngestClient {
         }
     }
 
-    /// Reads a topic's log from offset `from` on, then follows it live.
-    pub async fn subscribe_from<T: Payload>(&self, topic: Topic, from: u64) -> Result<LogSubscription<T>, Error> {
+    /// Reads a topic's log from `from` on, then follows it live. Returns once the server has the
+    /// subscription in place (so with [`StartAt::Latest`] every batch appended after this returns
+    /// arrives); [`LogSubscription::start`] tells the offset it resolved to.
+    pub async fn subscribe_from<T: Payload>(&self, topic: Topic, from: StartAt) -> Result<LogSubscription<T>, Error> {
         let (mut send, recv) = self.conn.open_bi().await?;
         let byte = match topic {
             Topic::DroneTelemetry => TOPIC_TELEMETRY,
             Topic::DeliveryEvents => TOPIC_DELIVERIES,
         };
-        let mut request = vec![STREAM_SUBSCRIBE_FROM, byte];
-        request.extend_from_slice(&from.to_le_bytes());
+        let (kind, value) = from.to_wire();
+        let mut request = [0u8; 11];
+        request[..3].copy_from_slice(&[STREAM_SUBSCRIBE_FROM, byte, kind]);
+        request[3..].copy_from_slice(&value.to_le_bytes());
         send.write_all(&request).await?;
-        let inner = RemoteSubscription { _send: send, recv, limits: self.cfg.limits, _payload: PhantomData };
-        Ok(LogSubscription { inner })
+        let mut inner = RemoteSubscription { _send: send, recv, limits: self.cfg.limits, _payload: PhantomData };
+        let start = match inner.read_offset().await? {
+            Some(start) => start,
+            None => return Err(Error::Closed),
+        };
+        Ok(LogSubscription { inner, start })
     }
 
     /// The underlying connection, for callers that speak the framing themselves.
@@ -233,21 +241,34 @@ impl<T: Payload> RemoteSubscription<T> {
 #[derive(Debug)]
 pub struct LogSubscription<T: Payload> {
     inner: RemoteSubscription<T>,
+    start: u64,
 }
 
 impl<T: Payload> LogSubscription<T> {
+    /// The log offset the subscription started at.
+    pub fn start(&self) -> u64 {
+        self.start
+    }
+
     /// The next batch with its log offset; `None` when the server finished the stream.
     pub async fn next(&mut self) -> Result<Option<(u64, Batch<T>)>, Error> {
-        let mut offset = [0u8; 8];
-        match self.inner.recv.read_exact(&mut offset).await {
-            Ok(()) => {}
-            Err(ReadExactError::FinishedEarly(0)) => return Ok(None),
-            Err(ReadExactError::FinishedEarly(got)) => return Err(WireError::Truncated { needed: 8, got }.into()),
-            Err(ReadExactError::ReadError(e)) => return Err(read_error(e)),
-        }
+        let Some(offset) = self.inner.read_offset().await? else { return Ok(None) };
         match self.inner.next().await? {
-            Some(batch) => Ok(Some((u64::from_le_bytes(offset), batch))),
+            Some(batch) => Ok(Some((offset, batch))),
             None => Err(WireError::Truncated { needed: HEADER_LEN, got: 0 }.into()),
+        }
+    }
+}
+
+impl<T: Payload> RemoteSubscription<T> {
+    /// A u64 offset; `None` if the stream ended cleanly before it.
+    async fn read_offset(&mut self) -> Result<Option<u64>, Error> {
+        let mut offset = [0u8; 8];
+        match self.recv.read_exact(&mut offset).await {
+            Ok(()) => Ok(Some(u64::from_le_bytes(offset))),
+            Err(ReadExactError::FinishedEarly(0)) => Ok(None),
+            Err(ReadExactError::FinishedEarly(got)) => Err(WireError::Truncated { needed: 8, got }.into()),
+            Err(ReadExactError::ReadError(e)) => Err(read_error(e)),
         }
     }
 }

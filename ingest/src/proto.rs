@@ -9,10 +9,12 @@
 //! - [`STREAM_SUBSCRIBE`]: the client writes one topic byte ([`TOPIC_TELEMETRY`] or
 //!   [`TOPIC_DELIVERIES`]); the server answers with an empty batch once the subscription is in
 //!   place, then writes batch frames of that topic, live, until the client stops reading.
-//! - [`STREAM_SUBSCRIBE_FROM`]: the client writes a topic byte and a log offset (u64); the
-//!   server writes each batch of that topic's log from that offset on as its offset (u64)
-//!   followed by the batch frame, from the log and then live. An offset the log no longer holds resets the stream with code 22
-//!   (`offset_unavailable`). A server that ends a subscription resets the stream with an
+//! - [`STREAM_SUBSCRIBE_FROM`]: the client writes a topic byte, a start kind byte (0 = the
+//!   offset that follows, 1 = earliest retained, 2 = latest) and a u64 offset (ignored unless
+//!   the kind is 0). Once the subscription is in place the server writes the resolved start
+//!   offset (u64), then each batch of that topic's log from there on as its offset (u64)
+//!   followed by the batch frame, from the log and then live. An offset the log no longer (or
+//!   not yet) holds resets the stream with code 22 (`offset_unavailable`). A server that ends a subscription resets the stream with an
 //!   `events::Error` code (16 = lagged, 14 = shutting down).
 //!
 //! A response is 16 bytes plus an optional UTF-8 reason: batch sequence number (u64), code (u16,

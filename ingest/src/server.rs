@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 use events::wire::{Batch, BatchHeader, Buffer, HEADER_LEN, Payload};
-use events::{BatchSink, Error as WireError, Limits, Overflow, StreamSource, Subscription, TelemetryBatch};
+use events::{BatchSink, Error as WireError, Limits, Overflow, StartAt, StreamSource, Subscription, TelemetryBatch};
 use quinn::{ReadExactError, RecvStream, SendStream, VarInt};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Semaphore, mpsc, watch};
@@ -477,13 +477,14 @@ async fn subscribe_from_stream<E: StreamSource>(
     ctx: Arc<Ctx>,
     stop: watch::Receiver<bool>,
 ) {
-    let mut request = [0u8; 9];
+    let mut request = [0u8; 10];
     if recv.read_exact(&mut request).await.is_err() {
         return;
     }
-    let mut from = [0u8; 8];
-    from.copy_from_slice(&request[1..]);
-    let from = u64::from_le_bytes(from);
+    let from = match StartAt::from_wire(request[1], u64_at(&request, 2)) {
+        Ok(from) => from,
+        Err(error) => return refuse(send, &error),
+    };
     ctx.metrics.subscribers_open.fetch_add(1, Ordering::Relaxed);
     match request[0] {
         TOPIC_TELEMETRY => match engine.subscribe_telemetry_from(from) {
@@ -505,6 +506,11 @@ fn refuse(mut send: SendStream, error: &WireError) {
 }
 
 async fn follow<T: Payload>(mut send: SendStream, sub: events::OffsetSubscription<T>, mut stop: watch::Receiver<bool>) {
+    // The resolved start offset first: it tells the client the subscription is in place and
+    // where it begins.
+    if send.write_all(&sub.start.to_le_bytes()).await.is_err() {
+        return;
+    }
     loop {
         tokio::select! {
             biased;
@@ -512,6 +518,9 @@ async fn follow<T: Payload>(mut send: SendStream, sub: events::OffsetSubscriptio
                 reset(&mut send, &WireError::ShuttingDown);
                 break;
             }
+            // The client stopped reading (or went away): end the subscription now rather than
+            // at the next batch, which on a quiet topic may never come.
+            _ = send.stopped() => break,
             item = sub.rx.recv_async() => match item {
                 Ok(Ok((offset, batch))) => {
                     if send.write_all(&offset.to_le_bytes()).await.is_err() || send.write_all(batch.as_bytes()).await.is_err() {
@@ -553,6 +562,7 @@ async fn forward<T: Payload>(send: &mut SendStream, sub: Subscription<T>, mut st
                 reset(send, &WireError::ShuttingDown);
                 return;
             }
+            _ = send.stopped() => return,
             item = sub.rx.recv_async() => match item {
                 Ok(batch) => {
                     if send.write_all(batch.as_bytes()).await.is_err() {

@@ -43,12 +43,18 @@ mod parking_lot_free {
     }
 
     impl StreamSource for Recorder {
-        fn subscribe_telemetry_from(&self, from: u64) -> Result<events::OffsetSubscription<DroneEvent>, WireError> {
-            Err(WireError::OffsetUnavailable { requested: from, first: 0, next: 0 })
+        fn subscribe_telemetry_from(
+            &self,
+            _: events::StartAt,
+        ) -> Result<events::OffsetSubscription<DroneEvent>, WireError> {
+            Err(WireError::OffsetUnavailable { requested: 0, first: 0, next: 0 })
         }
 
-        fn subscribe_deliveries_from(&self, from: u64) -> Result<events::OffsetSubscription<DeliveryEvent>, WireError> {
-            Err(WireError::OffsetUnavailable { requested: from, first: 0, next: 0 })
+        fn subscribe_deliveries_from(
+            &self,
+            _: events::StartAt,
+        ) -> Result<events::OffsetSubscription<DeliveryEvent>, WireError> {
+            Err(WireError::OffsetUnavailable { requested: 0, first: 0, next: 0 })
         }
 
         fn subscribe_telemetry(&self, _: Overflow) -> Result<Subscription<DroneEvent>, WireError> {

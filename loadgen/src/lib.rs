@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use events::wire::Buffer;
-use events::{BatchMeta, DeliveryEvent, DroneEvent, GeoPoint, TelemetryBatch, Topic, now_us};
+use events::{BatchMeta, DeliveryEvent, DroneEvent, GeoPoint, StartAt, TelemetryBatch, Topic, now_us};
 use hdrhistogram::Histogram;
 use ingest::{ClientConfig, IngestClient, Producer, ProducerConfig, Trust};
 use rand::{Rng, SeedableRng};
@@ -303,11 +303,16 @@ pub async fn run(cfg: LoadConfig, progress: Arc<dyn Fn(&Progress) + Send + Sync>
     let conns = cfg.connections.min(cfg.drones);
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x5EED);
     let leg_us = u64::try_from(cfg.leg.as_micros()).unwrap_or(u64::MAX);
+    // Sequence numbers continue from the clock (µs), so a run after an earlier one against the
+    // same server numbers its events above the earlier run's.
+    let seq_base = now_us();
     let mut plans: Vec<Vec<SimDrone>> = vec![Vec::new(); conns];
     for (i, &id) in ids.iter().enumerate() {
-        plans[i % conns].push(SimDrone::new(id, near_center(&mut rng, 0.05), leg_us));
+        plans[i % conns].push(SimDrone::new(id, near_center(&mut rng, 0.05), leg_us).starting_after(seq_base));
     }
-    let run_id: u64 = rng.random::<u32>().into();
+    // Producer ids must differ from every earlier run's, or the server takes this run's batches
+    // for re-sends of those and acknowledges them without storing them again.
+    let run_id = seq_base & 0xFFFF_FFFF_FFFF;
     // Connect the whole fleet first, so the schedule's clock starts with every drone ready.
     let mut mission_txs = Vec::with_capacity(conns);
     let mut ready = Vec::with_capacity(conns);
@@ -454,8 +459,16 @@ async fn subscribe(cfg: &LoadConfig, client_cfg: &ClientConfig, counters: &Arc<C
     let client = IngestClient::connect(cfg.server, client_cfg)
         .await
         .with_context(|| format!("connecting to the ingest server at {}", cfg.server))?;
-    let tsub = client.subscribe::<DroneEvent>(Topic::DroneTelemetry).await.context("subscribing to telemetry")?;
-    let dsub = client.subscribe::<DeliveryEvent>(Topic::DeliveryEvents).await.context("subscribing to deliveries")?;
+    // Log subscriptions: the subscriber reads at its own pace and catches up from the log if it
+    // falls behind, instead of being cut off, so every acknowledged event can be accounted for.
+    let tsub = client
+        .subscribe_from::<DroneEvent>(Topic::DroneTelemetry, StartAt::Latest)
+        .await
+        .context("subscribing to telemetry")?;
+    let dsub = client
+        .subscribe_from::<DeliveryEvent>(Topic::DeliveryEvents, StartAt::Latest)
+        .await
+        .context("subscribing to deliveries")?;
     let (stop, stop_rx) = watch::channel(false);
     let telemetry = {
         let counters = counters.clone();
@@ -480,7 +493,7 @@ async fn subscribe(cfg: &LoadConfig, client_cfg: &ClientConfig, counters: &Arc<C
 /// Feeds every batch of a subscription to `on_batch` until `stop` changes or the stream ends;
 /// the task returns the observer.
 fn observe<T, O>(
-    mut sub: ingest::RemoteSubscription<T>,
+    mut sub: ingest::LogSubscription<T>,
     mut obs: O,
     mut stop: watch::Receiver<bool>,
     mut on_batch: impl FnMut(&mut O, &events::Batch<T>) + Send + 'static,
@@ -494,7 +507,7 @@ where
             tokio::select! {
                 _ = stop.changed() => break,
                 next = sub.next() => match next {
-                    Ok(Some(batch)) => on_batch(&mut obs, &batch),
+                    Ok(Some((_, batch))) => on_batch(&mut obs, &batch),
                     Ok(None) => break,
                     Err(error) => {
                         tracing::error!(%error, "subscription ended");

@@ -61,6 +61,14 @@ impl SimDrone {
         Self { id, seq: 0, home, position: home, battery: 100.0, flight: None, leg_us: leg_us.max(1) }
     }
 
+    /// Numbers this drone's events after `seq`. A real drone's sequence numbers keep rising
+    /// across its flights; a simulated one started after an earlier run against the same server
+    /// must do the same, or the engine drops its events as repeats.
+    pub fn starting_after(mut self, seq: u64) -> Self {
+        self.seq = seq;
+        self
+    }
+
     /// Starts a mission at `now_us`. A drone flying home from its last drop-off takes the new
     /// mission from where it is (the finished one is returned); a drone still carrying out a
     /// delivery refuses it.

@@ -34,11 +34,11 @@ impl BatchSink for Discard {
 }
 
 impl StreamSource for Discard {
-    fn subscribe_telemetry_from(&self, _from: u64) -> Result<OffsetSubscription<DroneEvent>, Error> {
+    fn subscribe_telemetry_from(&self, _from: events::StartAt) -> Result<OffsetSubscription<DroneEvent>, Error> {
         Err(NO_SUBSCRIPTIONS)
     }
 
-    fn subscribe_deliveries_from(&self, _from: u64) -> Result<OffsetSubscription<DeliveryEvent>, Error> {
+    fn subscribe_deliveries_from(&self, _from: events::StartAt) -> Result<OffsetSubscription<DeliveryEvent>, Error> {
         Err(NO_SUBSCRIPTIONS)
     }
 

@@ -36,7 +36,7 @@ use std::time::{Duration, Instant, SystemTime};
 use events::wire::{Buffer, DeliveryBatch, Limits, TelemetryBatch};
 use events::{
     BatchMeta, BatchSink, DeliveryCommand, DeliveryEvent, DeliveryId, DroneEvent, DroneId, DroneSnapshot, Error,
-    FleetControl, OffsetSubscription, Overflow, StreamSource, Subscription,
+    FleetControl, OffsetSubscription, Overflow, StartAt, StreamSource, Subscription,
 };
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
@@ -440,18 +440,27 @@ impl Engine {
         &self,
         log: Option<SharedLog>,
         telemetry: bool,
-        from: u64,
+        start: StartAt,
     ) -> Result<OffsetSubscription<T>, Error> {
         let Some(log) = log else {
-            return Err(Error::OffsetUnavailable { requested: from, first: 0, next: 0 });
+            let requested = if let StartAt::Offset(o) = start { o } else { 0 };
+            return Err(Error::OffsetUnavailable { requested, first: 0, next: 0 });
         };
-        {
+        let tail = if telemetry { &self.inner.tail } else { &self.inner.out_tail };
+        let from = {
             let log = log.lock();
             let (first, next) = (log.first_offset(), log.next_offset());
-            if from < first || from > next {
-                return Err(Error::OffsetUnavailable { requested: from, first, next });
+            match start {
+                StartAt::Earliest => first,
+                // Everything from the delivered end on reaches this subscriber; the log may hold
+                // a few more records not yet delivered, which it then reads as well.
+                StartAt::Latest => (*tail.end.lock()).clamp(first, next),
+                StartAt::Offset(from) if from < first || from > next => {
+                    return Err(Error::OffsetUnavailable { requested: from, first, next });
+                }
+                StartAt::Offset(from) => from,
             }
-        }
+        };
         let (tx, rx) = flume::bounded(self.inner.subscriber_queue);
         let inner = self.inner.clone();
         std::thread::Builder::new()
@@ -465,7 +474,7 @@ impl Engine {
                 follow_log(&log, tail, &inner.stopping, kind, from, &tx);
             })
             .map_err(|e| Error::Storage(format!("starting a subscriber thread: {e}")))?;
-        Ok(OffsetSubscription { rx })
+        Ok(OffsetSubscription { start: from, rx })
     }
 
     async fn to_appender(&self, req: AppendReq) -> Result<(), Error> {
@@ -536,11 +545,11 @@ impl BatchSink for Engine {
 }
 
 impl StreamSource for Engine {
-    fn subscribe_telemetry_from(&self, from: u64) -> Result<OffsetSubscription<DroneEvent>, Error> {
+    fn subscribe_telemetry_from(&self, from: StartAt) -> Result<OffsetSubscription<DroneEvent>, Error> {
         self.follow(self.inner.log.clone(), true, from)
     }
 
-    fn subscribe_deliveries_from(&self, from: u64) -> Result<OffsetSubscription<DeliveryEvent>, Error> {
+    fn subscribe_deliveries_from(&self, from: StartAt) -> Result<OffsetSubscription<DeliveryEvent>, Error> {
         self.follow(self.inner.out_log.clone(), false, from)
     }
 

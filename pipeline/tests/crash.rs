@@ -218,7 +218,8 @@ async fn one_run(run: u32) {
     // A subscriber reading the telemetry log from the start over QUIC receives every
     // acknowledged batch exactly once, in log order.
     let reader = ingest::IngestClient::connect(addr, &ClientConfig::new(Trust::Pem(pem.clone()))).await.unwrap();
-    let mut sub = reader.subscribe_from::<DroneEvent>(events::Topic::DroneTelemetry, 0).await.unwrap();
+    let mut sub =
+        reader.subscribe_from::<DroneEvent>(events::Topic::DroneTelemetry, events::StartAt::Offset(0)).await.unwrap();
     let mut got = BTreeSet::new();
     let mut last_offset = None;
     while got.len() < (PRODUCERS * EVENTS_PER_DRONE) as usize {
@@ -230,7 +231,10 @@ async fn one_run(run: u32) {
         assert!(got.insert((meta.producer_id, meta.batch_seq)), "batch {meta:?} delivered twice");
     }
     // And the delivery events, each exactly once, exactly those of a run without crashes.
-    let mut sub = reader.subscribe_from::<DeliveryEvent>(events::Topic::DeliveryEvents, 0).await.unwrap();
+    let mut sub = reader
+        .subscribe_from::<DeliveryEvent>(events::Topic::DeliveryEvents, events::StartAt::Offset(0))
+        .await
+        .unwrap();
     let mut delivered = BTreeMap::new();
     while delivered.len() < delivery_of.len() * 4 {
         let (_, batch) = tokio::time::timeout(Duration::from_secs(10), sub.next()).await.unwrap().unwrap().unwrap();

@@ -9,7 +9,7 @@ use std::time::Duration;
 use events::wire::Buffer;
 use events::{
     BatchMeta, BatchSink, DeliveryCommand, DeliveryStage, DroneEvent, DroneEventKind, Error, FleetControl,
-    FlightStatus, GeoPoint, Overflow, StreamSource, TelemetryBatch,
+    FlightStatus, GeoPoint, Overflow, StartAt, StreamSource, TelemetryBatch,
 };
 use pipeline::engine::{StartReport, Storage};
 use pipeline::log::{FsyncPolicy, LogConfig};
@@ -260,7 +260,7 @@ async fn an_offset_subscription_reads_history_then_follows_live() {
     for seq in 0..5 {
         submit(&engine, batch(9, seq, &[ev(1, seq + 1, PICKUP, DroneEventKind::Position)])).await.unwrap();
     }
-    let sub = engine.subscribe_telemetry_from(3).unwrap();
+    let sub = engine.subscribe_telemetry_from(StartAt::Offset(3)).unwrap();
     let next = || async {
         let (offset, b) =
             tokio::time::timeout(Duration::from_secs(10), sub.rx.recv_async()).await.unwrap().unwrap().unwrap();
@@ -273,8 +273,15 @@ async fn an_offset_subscription_reads_history_then_follows_live() {
     submit(&engine, batch(9, 5, &[ev(1, 6, PICKUP, DroneEventKind::Position)])).await.unwrap();
     assert_eq!(next().await, (6, 5), "then live");
     assert!(matches!(
-        engine.subscribe_telemetry_from(99),
+        engine.subscribe_telemetry_from(StartAt::Offset(99)),
         Err(Error::OffsetUnavailable { requested: 99, first: 0, next: 7 })
     ));
+    assert_eq!(engine.subscribe_telemetry_from(StartAt::Earliest).unwrap().start, 0);
+    let latest = engine.subscribe_telemetry_from(StartAt::Latest).unwrap();
+    assert_eq!(latest.start, 7, "latest starts after everything delivered");
+    submit(&engine, batch(9, 6, &[ev(1, 7, PICKUP, DroneEventKind::Position)])).await.unwrap();
+    let (offset, b) =
+        tokio::time::timeout(Duration::from_secs(10), latest.rx.recv_async()).await.unwrap().unwrap().unwrap();
+    assert_eq!((offset, b.header().meta.batch_seq), (7, 6), "nothing older, nothing missed");
     engine.shutdown(threads).await;
 }
