@@ -63,12 +63,31 @@ pub fn persistent_self_signed(cert: &Path, key: &Path) -> Result<Identity, Error
     if cert.exists() && key.exists() {
         return Identity::from_files(cert, key);
     }
-    let certified = generate()?;
     if let Some(dir) = cert.parent() {
         std::fs::create_dir_all(dir).map_err(|e| Error::Tls(format!("creating {}: {e}", dir.display())))?;
     }
-    write_private(key, certified.signing_key.serialize_pem().as_bytes())?;
-    std::fs::write(cert, certified.cert.pem()).map_err(|e| Error::Tls(format!("writing {}: {e}", cert.display())))?;
+    // Two processes started together on one data dir (a server and a discard server, say)
+    // must not each write half a pair: the first to take the lock writes both, the other then
+    // finds them.
+    let lock_path = cert.with_extension("lock");
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| Error::Tls(format!("opening {}: {e}", lock_path.display())))?;
+    lock.lock().map_err(|e| Error::Tls(format!("locking {}: {e}", lock_path.display())))?;
+    if !(cert.exists() && key.exists()) {
+        let certified = generate()?;
+        let tmp_key = key.with_extension("pem.tmp");
+        write_private(&tmp_key, certified.signing_key.serialize_pem().as_bytes())?;
+        let tmp_cert = cert.with_extension("pem.tmp");
+        std::fs::write(&tmp_cert, certified.cert.pem())
+            .map_err(|e| Error::Tls(format!("writing {}: {e}", tmp_cert.display())))?;
+        std::fs::rename(&tmp_key, key).map_err(|e| Error::Tls(format!("writing {}: {e}", key.display())))?;
+        std::fs::rename(&tmp_cert, cert).map_err(|e| Error::Tls(format!("writing {}: {e}", cert.display())))?;
+    }
+    drop(lock);
     Identity::from_files(cert, key)
 }
 
@@ -170,5 +189,28 @@ impl rustls::client::danger::ServerCertVerifier for SkipVerify {
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn processes_starting_together_share_one_certificate() {
+        let dir = std::env::temp_dir().join(format!("fleetstream-tls-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (cert, key) = (dir.join("ingest-cert.pem"), dir.join("ingest-key.pem"));
+        let pems: Vec<String> = std::thread::scope(|s| {
+            let handles: Vec<_> =
+                (0..8).map(|_| s.spawn(|| persistent_self_signed(&cert, &key).map(|id| id.chain_pem))).collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("thread").expect("identity")) // ok: test code
+                .collect()
+        });
+        assert!(pems.windows(2).all(|w| w[0] == w[1]), "every caller got the same certificate");
+        assert_eq!(Identity::from_files(&cert, &key).expect("pair on disk").chain_pem, pems[0]); // ok: test code
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

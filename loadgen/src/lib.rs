@@ -61,6 +61,8 @@ pub struct LoadConfig {
     pub leg: Duration,
     /// At the end, how long to wait for answers and for the subscriber to catch up.
     pub settle: Duration,
+    /// When the subscriber reads telemetry.
+    pub telemetry_check: TelemetryCheck,
     /// Transport only: send the fleet's telemetry and count answers, with no customers, no API
     /// and no subscriber (for `pipeline serve --discard`, the transport ceiling). Loss and
     /// latency are not measured in this mode.
@@ -84,6 +86,7 @@ impl LoadConfig {
             deliveries_per_s: 100.0,
             leg: Duration::from_secs(1),
             settle: Duration::from_secs(15),
+            telemetry_check: TelemetryCheck::During,
             raw: false,
         }
     }
@@ -104,6 +107,21 @@ impl LoadConfig {
         }
         Ok(())
     }
+}
+
+/// When the subscriber reads the telemetry topic. Either way it reads every event from the
+/// log offset where the run began, so loss and duplicates are counted the same.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum TelemetryCheck {
+    /// Live, while the fleet sends: a firehose reader competing with the pipeline for the
+    /// machine, as a dashboard would.
+    During,
+    /// Once the fleet has stopped: the subscription is opened at the start and held (the server
+    /// keeps its place in the log, with no cost while it waits) and read to the end afterwards,
+    /// so on a small machine the run's CPU goes to the pipeline, and delivery-event latency is
+    /// measured without a firehose reader beside it.
+    After,
 }
 
 /// Latency percentiles in microseconds.
@@ -181,6 +199,8 @@ pub struct Report {
     pub rejections: BTreeMap<String, u64>,
     /// `full` (everything measured) or `raw` (transport only: loss and latency not measured).
     pub mode: &'static str,
+    /// When telemetry was read.
+    pub telemetry_check: TelemetryCheck,
     /// The run's shape.
     pub drones: usize,
     /// Connections used.
@@ -209,8 +229,14 @@ impl std::fmt::Display for Report {
         )?;
         writeln!(
             f,
-            "subscriber  telemetry {}  delivery events {}/{} expected",
-            self.telemetry_events_observed, self.delivery_events_observed, self.delivery_events_expected
+            "subscriber  telemetry {} (read {})  delivery events {}/{} expected",
+            self.telemetry_events_observed,
+            match self.telemetry_check {
+                TelemetryCheck::During => "during the run",
+                TelemetryCheck::After => "after the run",
+            },
+            self.delivery_events_observed,
+            self.delivery_events_expected
         )?;
         writeln!(
             f,
@@ -389,15 +415,23 @@ pub async fn run(cfg: LoadConfig, progress: Arc<dyn Fn(&Progress) + Send + Sync>
     let expected_delivery: u64 =
         scheduled_ids.iter().map(|id| 1 + u64::from(milestones.get(id).copied().unwrap_or(0))).sum();
 
-    // Let the subscriber catch up with everything that was acknowledged.
+    // Let the subscriber catch up with everything that was acknowledged; give up only once it
+    // has made no progress for `settle`.
     let acked = counters.acked.load(Ordering::Relaxed);
-    let deadline = Instant::now() + cfg.settle;
+    if let Some(o) = &observing {
+        let _ = o.read_telemetry.send(true);
+    }
+    let mut last_progress = (Instant::now(), 0u64);
     while observing.is_some()
-        && Instant::now() < deadline
+        && last_progress.0.elapsed() < cfg.settle
         && (counters.telemetry_unique.load(Ordering::Relaxed) < acked
             || counters.delivery_unique.load(Ordering::Relaxed) < expected_delivery)
     {
         tokio::time::sleep(Duration::from_millis(20)).await;
+        let seen = counters.telemetry_unique.load(Ordering::Relaxed) + counters.delivery_unique.load(Ordering::Relaxed);
+        if seen != last_progress.1 {
+            last_progress = (Instant::now(), seen);
+        }
     }
     ticker.abort();
     let (tel, del) = match observing {
@@ -405,7 +439,8 @@ pub async fn run(cfg: LoadConfig, progress: Arc<dyn Fn(&Progress) + Send + Sync>
             let _ = o.stop.send(true);
             let tel = o.telemetry.await.context("telemetry observer panicked")?;
             let del = o.deliveries.await.context("delivery observer panicked")?;
-            o.client.close().await;
+            o.telemetry_client.close().await;
+            o.delivery_client.close().await;
             (tel, del)
         }
         None => (TelemetryObserver::new(cfg.drone_id_base, 0), DeliveryObserver::new(cfg.drone_id_base, 0)),
@@ -444,36 +479,52 @@ pub async fn run(cfg: LoadConfig, progress: Arc<dyn Fn(&Progress) + Send + Sync>
         drones: cfg.drones,
         connections: conns,
         mode: if cfg.raw { "raw" } else { "full" },
+        telemetry_check: cfg.telemetry_check,
     })
 }
 
-/// The subscriber side of a full run: one connection, both topics, an observer task each.
+/// The subscriber side of a full run: a connection and an observer task per topic, so delivery
+/// events never queue behind the telemetry firehose on a shared connection.
 struct Observing {
-    client: IngestClient,
+    telemetry_client: IngestClient,
+    delivery_client: IngestClient,
     stop: watch::Sender<bool>,
+    /// Set when telemetry may be read (at once, or after the run).
+    read_telemetry: watch::Sender<bool>,
     telemetry: tokio::task::JoinHandle<TelemetryObserver>,
     deliveries: tokio::task::JoinHandle<DeliveryObserver>,
 }
 
 async fn subscribe(cfg: &LoadConfig, client_cfg: &ClientConfig, counters: &Arc<Counters>) -> anyhow::Result<Observing> {
-    let client = IngestClient::connect(cfg.server, client_cfg)
-        .await
-        .with_context(|| format!("connecting to the ingest server at {}", cfg.server))?;
+    let connect = || async {
+        IngestClient::connect(cfg.server, client_cfg)
+            .await
+            .with_context(|| format!("connecting to the ingest server at {}", cfg.server))
+    };
+    let (telemetry_client, delivery_client) = (connect().await?, connect().await?);
     // Log subscriptions: the subscriber reads at its own pace and catches up from the log if it
     // falls behind, instead of being cut off, so every acknowledged event can be accounted for.
-    let tsub = client
+    let tsub = telemetry_client
         .subscribe_from::<DroneEvent>(Topic::DroneTelemetry, StartAt::Latest)
         .await
         .context("subscribing to telemetry")?;
-    let dsub = client
+    let dsub = delivery_client
         .subscribe_from::<DeliveryEvent>(Topic::DeliveryEvents, StartAt::Latest)
         .await
         .context("subscribing to deliveries")?;
     let (stop, stop_rx) = watch::channel(false);
+    let (read_telemetry, mut may_read) = watch::channel(cfg.telemetry_check == TelemetryCheck::During);
     let telemetry = {
         let counters = counters.clone();
         let obs = TelemetryObserver::new(cfg.drone_id_base, cfg.drones);
-        observe(tsub, obs, stop_rx.clone(), move |obs, batch| {
+        let mut stop_early = stop_rx.clone();
+        let hold = async move {
+            tokio::select! {
+                _ = may_read.wait_for(|go| *go) => true,
+                _ = stop_early.wait_for(|s| *s) => false,
+            }
+        };
+        observe(tsub, obs, hold, stop_rx.clone(), move |obs, batch| {
             obs.observe(batch, now_us());
             counters.telemetry_unique.store(obs.unique, Ordering::Relaxed);
         })
@@ -481,20 +532,21 @@ async fn subscribe(cfg: &LoadConfig, client_cfg: &ClientConfig, counters: &Arc<C
     let deliveries = {
         let counters = counters.clone();
         let obs = DeliveryObserver::new(cfg.drone_id_base, cfg.drones);
-        observe(dsub, obs, stop_rx, move |obs, batch| {
+        observe(dsub, obs, std::future::ready(true), stop_rx, move |obs, batch| {
             obs.observe(batch, now_us());
             counters.delivery_unique.store(obs.unique, Ordering::Relaxed);
             counters.completed.store(obs.completed, Ordering::Relaxed);
         })
     };
-    Ok(Observing { client, stop, telemetry, deliveries })
+    Ok(Observing { telemetry_client, delivery_client, stop, read_telemetry, telemetry, deliveries })
 }
 
-/// Feeds every batch of a subscription to `on_batch` until `stop` changes or the stream ends;
-/// the task returns the observer.
+/// Once `hold` resolves to true, feeds every batch of a subscription to `on_batch` until `stop`
+/// changes or the stream ends; the task returns the observer.
 fn observe<T, O>(
     mut sub: ingest::LogSubscription<T>,
     mut obs: O,
+    hold: impl Future<Output = bool> + Send + 'static,
     mut stop: watch::Receiver<bool>,
     mut on_batch: impl FnMut(&mut O, &events::Batch<T>) + Send + 'static,
 ) -> tokio::task::JoinHandle<O>
@@ -503,6 +555,9 @@ where
     O: Send + 'static,
 {
     tokio::spawn(async move {
+        if !hold.await {
+            return obs;
+        }
         loop {
             tokio::select! {
                 _ = stop.changed() => break,

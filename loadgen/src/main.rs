@@ -62,6 +62,10 @@ struct Args {
     /// Write the JSON report here.
     #[arg(long)]
     report: Option<PathBuf>,
+    /// When the subscriber reads telemetry: `during` the run (a live firehose reader beside the
+    /// pipeline) or `after` it (held at the run's start offset, read to the end afterwards).
+    #[arg(long, value_enum, default_value = "during")]
+    telemetry_check: loadgen::TelemetryCheck,
     /// Transport only (against `pipeline serve --discard`): no customers, no API, no
     /// subscriber; loss and latency are not measured.
     #[arg(long)]
@@ -102,6 +106,7 @@ async fn main() -> anyhow::Result<()> {
         cfg.drones, cfg.rate, cfg.connections, args.duration, args.server, args.api
     );
     cfg.raw = args.raw;
+    cfg.telemetry_check = args.telemetry_check;
     let ceiling = match args.compare_raw {
         Some(discard) => {
             let raw = loadgen::LoadConfig { server: discard, raw: true, ..cfg.clone() };
