@@ -195,6 +195,11 @@ pub struct Report {
     pub latency_us: Percentiles,
     /// Drone event creation to the raw event at the subscriber, µs.
     pub telemetry_latency_us: Percentiles,
+    /// How far behind its open-loop schedule the fleet sent: a batch's oldest event's creation
+    /// to the moment the producer took the batch, µs. High values mean the sender (this
+    /// process, or backpressure from the server) held events back; that time is part of every
+    /// latency above.
+    pub send_lag_us: Percentiles,
     /// Rejections by reason.
     pub rejections: BTreeMap<String, u64>,
     /// `full` (everything measured) or `raw` (transport only: loss and latency not measured).
@@ -248,10 +253,16 @@ impl std::fmt::Display for Report {
             "latency µs  delivery events p50 {} p90 {} p99 {} p999 {} max {}  (n={})",
             l.p50, l.p90, l.p99, l.p999, l.max, l.count
         )?;
-        write!(
+        writeln!(
             f,
             "            telemetry       p50 {} p90 {} p99 {} p999 {} max {}  (n={})",
             t.p50, t.p90, t.p99, t.p999, t.max, t.count
+        )?;
+        let g = &self.send_lag_us;
+        write!(
+            f,
+            "            send lag        p50 {} p90 {} p99 {} p999 {} max {}  (batches={})",
+            g.p50, g.p90, g.p99, g.p999, g.max, g.count
         )?;
         if !self.rejections.is_empty() {
             write!(f, "\nrejections  {:?}", self.rejections)?;
@@ -403,10 +414,12 @@ pub async fn run(cfg: LoadConfig, progress: Arc<dyn Fn(&Progress) + Send + Sync>
 
     let mut outcomes = Vec::new();
     let mut unanswered = 0u64;
+    let mut send_lag = observe::histogram();
     for d in drivers {
-        let (o, left) = d.await.context("a fleet connection panicked")??;
+        let (o, left, lag) = d.await.context("a fleet connection panicked")??;
         outcomes.extend(o);
         unanswered += left;
+        let _ = send_lag.add(&lag);
     }
     let duration_s = start.elapsed().as_secs_f64();
     let _ = customers.await;
@@ -475,6 +488,7 @@ pub async fn run(cfg: LoadConfig, progress: Arc<dyn Fn(&Progress) + Send + Sync>
         target_eps: cfg.rate,
         latency_us: Percentiles::of(&del.latency),
         telemetry_latency_us: Percentiles::of(&tel.latency),
+        send_lag_us: Percentiles::of(&send_lag),
         rejections,
         drones: cfg.drones,
         connections: conns,
@@ -595,7 +609,7 @@ impl Driver {
         counters: Arc<Counters>,
         start: Instant,
         start_us: u64,
-    ) -> anyhow::Result<(Vec<MissionOutcome>, u64)> {
+    ) -> anyhow::Result<(Vec<MissionOutcome>, u64, Histogram<u64>)> {
         let answer_counters = counters.clone();
         let answered = tokio::spawn(async move {
             let mut events = 0u64;
@@ -620,6 +634,7 @@ impl Driver {
         let mut batch_seq = 0u64;
         let mut outcomes = Vec::new();
         let mut events = Vec::with_capacity(cfg.batch_max_events);
+        let mut lag = observe::histogram();
         let mut tick = tokio::time::interval(cfg.linger.max(Duration::from_micros(100)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
@@ -644,13 +659,13 @@ impl Driver {
                 outcomes.extend(finished);
                 events.push(ev);
                 if events.len() == cfg.batch_max_events {
-                    self.send(&producer, &mut events, &mut batch_seq, &counters).await?;
+                    self.send(&producer, &mut events, &mut batch_seq, &counters, &mut lag).await?;
                     sent += cfg.batch_max_events as u64;
                 }
             }
             if !events.is_empty() {
                 sent += events.len() as u64;
-                self.send(&producer, &mut events, &mut batch_seq, &counters).await?;
+                self.send(&producer, &mut events, &mut batch_seq, &counters, &mut lag).await?;
             }
             if done {
                 break;
@@ -667,7 +682,7 @@ impl Driver {
         }
         let answered =
             tokio::time::timeout(Duration::from_secs(1), answered).await.ok().and_then(Result::ok).unwrap_or(0);
-        Ok((outcomes, sent.saturating_sub(answered)))
+        Ok((outcomes, sent.saturating_sub(answered), lag))
     }
 
     /// Where a drone sits in this connection's list: drone i (counted from the base) flies on
@@ -685,11 +700,14 @@ impl Driver {
         events: &mut Vec<DroneEvent>,
         batch_seq: &mut u64,
         counters: &Counters,
+        lag: &mut Histogram<u64>,
     ) -> anyhow::Result<()> {
+        let oldest = events.first().map_or(0, |e| e.ts_us);
         let meta = BatchMeta { producer_id: self.producer_id, batch_seq: *batch_seq, ..BatchMeta::default() };
         let buf = Buffer::with_capacity(events::wire::HEADER_LEN + events.len() * 96);
         let batch = TelemetryBatch::encode(meta, events, buf)?;
         producer.send(*batch_seq, batch.into_buffer()).await.context("sending a batch")?;
+        let _ = lag.record(now_us().saturating_sub(oldest).max(1));
         *batch_seq += 1;
         counters.sent.fetch_add(events.len() as u64, Ordering::Relaxed);
         events.clear();
