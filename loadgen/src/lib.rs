@@ -124,6 +124,44 @@ pub enum TelemetryCheck {
     After,
 }
 
+/// Fleet connections handshaking at once while the fleet connects.
+const CONCURRENT_HANDSHAKES: usize = 64;
+
+/// The server's resident memory before the fleet connected and with it connected, from the
+/// server's `/metrics` (`process_resident_memory_bytes`, `fleetstream_ingest_connections`).
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct ServerMemory {
+    /// Resident bytes before the fleet connected (the subscriber connections included).
+    pub rss_before_bytes: u64,
+    /// Resident bytes with the whole fleet connected, before it sends.
+    pub rss_connected_bytes: u64,
+    /// Connections the server counted then.
+    pub connections: u64,
+    /// Growth per fleet connection.
+    pub per_connection_bytes: u64,
+}
+
+impl ServerMemory {
+    fn new((rss_before, conns_before): (u64, u64), (rss_after, conns_after): (u64, u64)) -> Self {
+        let added = conns_after.saturating_sub(conns_before).max(1);
+        Self {
+            rss_before_bytes: rss_before,
+            rss_connected_bytes: rss_after,
+            connections: conns_after,
+            per_connection_bytes: rss_after.saturating_sub(rss_before) / added,
+        }
+    }
+}
+
+/// The server's resident memory and open QUIC connections, read from its `/metrics`.
+async fn server_gauges(http: &reqwest::Client, api: &str) -> Option<(u64, u64)> {
+    let text = http.get(format!("{api}/metrics")).send().await.ok()?.text().await.ok()?;
+    let gauge = |name: &str| {
+        text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse::<f64>().ok()).map(|v| v as u64)
+    };
+    Some((gauge("process_resident_memory_bytes")?, gauge("fleetstream_ingest_connections")?))
+}
+
 /// Latency percentiles in microseconds.
 #[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
 pub struct Percentiles {
@@ -200,6 +238,8 @@ pub struct Report {
     /// process, or backpressure from the server) held events back; that time is part of every
     /// latency above.
     pub send_lag_us: Percentiles,
+    /// The server's memory with the fleet connected, when its `/metrics` could be read.
+    pub server_memory: Option<ServerMemory>,
     /// Rejections by reason.
     pub rejections: BTreeMap<String, u64>,
     /// `full` (everything measured) or `raw` (transport only: loss and latency not measured).
@@ -264,6 +304,16 @@ impl std::fmt::Display for Report {
             "            send lag        p50 {} p90 {} p99 {} p999 {} max {}  (batches={})",
             g.p50, g.p90, g.p99, g.p999, g.max, g.count
         )?;
+        if let Some(m) = &self.server_memory {
+            write!(
+                f,
+                "\nserver      {:.1} MiB resident before the fleet connected, {:.1} MiB with {} connections: {:.1} KiB per connection",
+                m.rss_before_bytes as f64 / 1048576.0,
+                m.rss_connected_bytes as f64 / 1048576.0,
+                m.connections,
+                m.per_connection_bytes as f64 / 1024.0
+            )?;
+        }
         if !self.rejections.is_empty() {
             write!(f, "\nrejections  {:?}", self.rejections)?;
         }
@@ -272,8 +322,10 @@ impl std::fmt::Display for Report {
 }
 
 /// A snapshot for a progress line.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 pub struct Progress {
+    /// Fleet connections established (all of them once sending starts).
+    pub connected: usize,
     /// Seconds since the start of sending.
     pub elapsed_s: f64,
     /// Events sent.
@@ -350,15 +402,15 @@ pub async fn run(cfg: LoadConfig, progress: Arc<dyn Fn(&Progress) + Send + Sync>
     // Producer ids must differ from every earlier run's, or the server takes this run's batches
     // for re-sends of those and acknowledges them without storing them again.
     let run_id = seq_base & 0xFFFF_FFFF_FFFF;
-    // Connect the whole fleet first, so the schedule's clock starts with every drone ready.
+    // Connect the whole fleet first (many handshakes at a time), so the schedule's clock starts
+    // with every drone ready.
+    let before = if cfg.raw { None } else { server_gauges(&http, &api).await };
     let mut mission_txs = Vec::with_capacity(conns);
-    let mut ready = Vec::with_capacity(conns);
+    let mut connecting = tokio::task::JoinSet::new();
+    let handshakes = Arc::new(Semaphore::new(CONCURRENT_HANDSHAKES));
     for (index, drones) in plans.into_iter().enumerate() {
         let (tx, rx) = mpsc::channel(drones.len() + 16);
         mission_txs.push(tx);
-        let producer = Producer::connect(cfg.server, ProducerConfig::new(client_cfg.clone()))
-            .await
-            .context("connecting a fleet connection")?;
         let driver = Driver {
             producer_id: (run_id << 16) | index as u64,
             rate: cfg.rate / conns as f64,
@@ -367,8 +419,32 @@ pub async fn run(cfg: LoadConfig, progress: Arc<dyn Fn(&Progress) + Send + Sync>
             conns: conns as u64,
             missions: rx,
         };
-        ready.push((driver, producer));
+        let (handshakes, server, producer_cfg) =
+            (handshakes.clone(), cfg.server, ProducerConfig::new(client_cfg.clone()));
+        connecting.spawn(async move {
+            let _turn = handshakes.acquire_owned().await;
+            (index, driver, Producer::connect(server, producer_cfg).await)
+        });
     }
+    let mut slots: Vec<Option<_>> = (0..conns).map(|_| None).collect();
+    let mut connected = 0;
+    while let Some(joined) = connecting.join_next().await {
+        let (index, driver, producer) = joined.context("a connection task panicked")?;
+        slots[index] = Some((driver, producer.context("connecting a fleet connection")?));
+        connected += 1;
+        if connected % 500 == 0 || connected == conns {
+            progress(&Progress { connected, ..Progress::default() });
+        }
+    }
+    let ready: Vec<_> = slots.into_iter().flatten().collect();
+    let server_memory = match before {
+        Some(before) => {
+            // Let the server settle its per-connection state before reading its memory.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            server_gauges(&http, &api).await.map(|connected| ServerMemory::new(before, connected))
+        }
+        None => None,
+    };
     let start = Instant::now();
     let start_us = now_us();
     let drivers: Vec<_> = ready
@@ -397,6 +473,7 @@ pub async fn run(cfg: LoadConfig, progress: Arc<dyn Fn(&Progress) + Send + Sync>
                 let acked = counters.acked.load(Ordering::Relaxed);
                 let dt = last.0.elapsed().as_secs_f64().max(1e-3);
                 let p = Progress {
+                    connected: conns,
                     elapsed_s: start.elapsed().as_secs_f64(),
                     sent: counters.sent.load(Ordering::Relaxed),
                     acked,
@@ -489,6 +566,7 @@ pub async fn run(cfg: LoadConfig, progress: Arc<dyn Fn(&Progress) + Send + Sync>
         latency_us: Percentiles::of(&del.latency),
         telemetry_latency_us: Percentiles::of(&tel.latency),
         send_lag_us: Percentiles::of(&send_lag),
+        server_memory,
         rejections,
         drones: cfg.drones,
         connections: conns,

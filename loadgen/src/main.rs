@@ -151,6 +151,11 @@ async fn main() -> anyhow::Result<()> {
 /// One progress line, rewritten in place.
 pub fn print_progress(p: &Progress) {
     let mut err = std::io::stderr().lock();
+    if p.sent == 0 && p.elapsed_s == 0.0 {
+        let _ = write!(err, "\rconnected {} fleet connections   ", p.connected);
+        let _ = err.flush();
+        return;
+    }
     let _ = write!(
         err,
         "\r{:>5.1}s  sent {:>11}  acked {:>11}  {:>9.0} ev/s  rejected {}  deliveries {}/{} done  subscriber {}   ",

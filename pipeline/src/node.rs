@@ -107,6 +107,7 @@ impl Node {
                     ingest_metrics.render(&mut out);
                     crate::engine::render_metrics(&engine, &mut out);
                     services.render_metrics(&mut out);
+                    render_process_metrics(&mut out);
                     std::future::ready(out)
                 }
             }),
@@ -160,5 +161,18 @@ impl Node {
         http.map_err(|e| Error::Task(e.to_string()))?
             .map_err(|e| Error::Io { context: "HTTP server".into(), source: e })?;
         Ok(())
+    }
+}
+
+/// The process's resident memory as `process_resident_memory_bytes` (the name Prometheus client
+/// libraries use), read from `/proc/self/status`; nothing where that file does not exist.
+fn render_process_metrics(out: &mut String) {
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else { return };
+    let rss_kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok());
+    if let Some(kib) = rss_kib {
+        events::prom::gauge(out, "process_resident_memory_bytes", kib * 1024);
     }
 }

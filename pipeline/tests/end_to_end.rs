@@ -67,6 +67,8 @@ async fn a_simulated_fleet_completes_its_deliveries_without_loss() {
     let metrics = http.get(format!("http://{}/metrics", node.http_addr)).send().await.unwrap().text().await.unwrap();
     assert!(metrics.contains("fleetstream_ingest_events_total 15000"), "{metrics}");
     assert!(metrics.contains("fleetstream_engine_events_applied_total 15000"), "{metrics}");
+    #[cfg(target_os = "linux")]
+    assert!(metrics.contains("\nprocess_resident_memory_bytes "), "{metrics}");
 
     node.shutdown().await.unwrap();
     let _ = std::fs::remove_dir_all(&dir);
