@@ -592,6 +592,7 @@ fn follow_log<T: events::wire::Payload>(
     tx: &flume::Sender<events::contract::LogItem<T>>,
 ) {
     let limits = Limits { max_body_bytes: u32::MAX, max_events: u32::MAX };
+    let mut resume: Option<crate::log::ResumePoint> = None;
     loop {
         let end = {
             let mut end = tail.end.lock();
@@ -610,15 +611,20 @@ fn follow_log<T: events::wire::Payload>(
         let reader = {
             let mut log = log.lock();
             let (first, log_next) = (log.first_offset(), log.next_offset());
-            match log.reader(next) {
-                Ok(r) => r,
+            let reader = match &resume {
+                Some(point) if point.offset() == next => log.resume(point),
+                _ => log.reader(next),
+            };
+            match reader {
+                Ok(r) => r.until(end),
                 Err(_) => {
                     let _ = tx.send(Err(Error::OffsetUnavailable { requested: next, first, next: log_next }));
                     return;
                 }
             }
         };
-        for record in reader {
+        let mut reader = reader;
+        for record in reader.by_ref() {
             let record = match record {
                 Ok(r) => r,
                 Err(e) => {
@@ -638,6 +644,7 @@ fn follow_log<T: events::wire::Payload>(
                 return;
             }
         }
+        resume = reader.resume_point().cloned();
         next = next.max(end);
     }
 }

@@ -242,6 +242,17 @@ impl Log {
 
     /// A reader from `from` to the end as it is now (records appended later are not seen).
     pub fn reader(&mut self, from: u64) -> Result<LogReader, Error> {
+        self.reader_at(from, None)
+    }
+
+    /// A reader that carries on where an earlier one stopped ([`LogReader::resume_point`]), from
+    /// the exact file position instead of the nearest index entry before it: a follower that
+    /// wakes for every few new records reads only those.
+    pub fn resume(&mut self, point: &ResumePoint) -> Result<LogReader, Error> {
+        self.reader_at(point.offset, Some(point))
+    }
+
+    fn reader_at(&mut self, from: u64, point: Option<&ResumePoint>) -> Result<LogReader, Error> {
         let (first, next) = (self.first_offset(), self.next_offset());
         if from < first || from > next {
             return Err(Error::OutOfRange { requested: from, first, next });
@@ -253,11 +264,21 @@ impl Log {
             .chain(std::iter::once(&self.active))
             .filter(|s| s.end > from)
             .map(|s| {
-                let (start, position) = s.position_of(from);
+                let (start, position) = match point {
+                    Some(p) if p.path == s.path && p.offset >= s.base => (p.offset, p.position),
+                    _ => s.position_of(from),
+                };
                 (s.path.clone(), start, s.end, position)
             })
             .collect();
-        Ok(LogReader { plan, current: None, next: from, end: next, max_record: self.cfg.max_record_bytes })
+        Ok(LogReader {
+            plan,
+            current: None,
+            next: from,
+            end: next,
+            max_record: self.cfg.max_record_bytes,
+            resume: point.cloned(),
+        })
     }
 
     /// Deletes closed segments that every consumer has passed (`keep_from`: the lowest offset
@@ -297,6 +318,36 @@ pub struct LogReader {
     next: u64,
     end: u64,
     max_record: u32,
+    resume: Option<ResumePoint>,
+}
+
+/// Where a reader stopped: the next offset and its place in a segment file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResumePoint {
+    path: PathBuf,
+    offset: u64,
+    position: u64,
+}
+
+impl ResumePoint {
+    /// The offset of the next record.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+}
+
+impl LogReader {
+    /// Stops the reader before offset `end`.
+    pub fn until(mut self, end: u64) -> Self {
+        self.end = self.end.min(end);
+        self
+    }
+
+    /// Where the next record is, once at least one record has been read (or the reader was
+    /// made by [`Log::resume`]).
+    pub fn resume_point(&self) -> Option<&ResumePoint> {
+        self.resume.as_ref()
+    }
 }
 
 impl Iterator for LogReader {
@@ -319,6 +370,8 @@ impl Iterator for LogReader {
                 Ok(Some(record)) if record.offset < self.next => continue,
                 Ok(Some(record)) => {
                     self.next = record.offset + 1;
+                    let (path, offset, position) = reader.resume();
+                    self.resume = Some(ResumePoint { path: path.to_path_buf(), offset, position });
                     return Some(Ok(record));
                 }
                 Ok(None) => self.current = None,

@@ -251,6 +251,10 @@ impl Segment {
     }
 }
 
+/// Read buffer of a segment reader: large enough for sequential reads to cost few syscalls,
+/// small enough that a follower opening a reader per wake-up does not map fresh memory each time.
+const READ_BUFFER: usize = 128 << 10;
+
 /// Sequential reader over one segment, checking every record.
 #[derive(Debug)]
 pub(crate) struct SegmentReader {
@@ -269,12 +273,17 @@ impl SegmentReader {
         file.seek(SeekFrom::Start(position)).map_err(io(format!("seeking in {}", path.display())))?;
         Ok(Self {
             path: path.to_path_buf(),
-            reader: BufReader::with_capacity(1 << 20, file),
+            reader: BufReader::with_capacity(READ_BUFFER, file),
             next: start,
             end,
             position,
             max_record,
         })
+    }
+
+    /// The file, the next offset and its byte position.
+    pub(super) fn resume(&self) -> (&Path, u64, u64) {
+        (&self.path, self.next, self.position)
     }
 
     pub(super) fn next_record(&mut self) -> Result<Option<Record>, Error> {
