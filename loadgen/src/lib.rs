@@ -12,6 +12,7 @@
 //! actually arrived, and latency is measured from intended creation to arrival.
 
 pub mod observe;
+pub mod plot;
 pub mod sim;
 
 use std::collections::BTreeMap;
@@ -192,6 +193,42 @@ impl Percentiles {
     }
 }
 
+/// One point of a latency percentile distribution.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+pub struct CurvePoint {
+    /// Percentile, 0 to 100.
+    pub percentile: f64,
+    /// Latency at it, µs.
+    pub us: u64,
+}
+
+/// A histogram's percentile distribution, sampled from the median out to 99.999% in steps of a
+/// tenth of a "nine" (the shape HDR histogram plots show), then the maximum.
+pub fn curve(h: &Histogram<u64>) -> Vec<CurvePoint> {
+    if h.is_empty() {
+        return Vec::new();
+    }
+    let mut points: Vec<CurvePoint> = (3..=50)
+        .map(|tenths| {
+            let q = 1.0 - 10f64.powf(-f64::from(tenths) / 10.0);
+            CurvePoint { percentile: 100.0 * q, us: h.value_at_quantile(q) }
+        })
+        .collect();
+    points.push(CurvePoint { percentile: 100.0, us: h.max() });
+    points
+}
+
+/// The latency distributions of a run, for `--plot`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Curves {
+    /// Drone event creation to derived delivery event at the subscriber.
+    pub delivery_events: Vec<CurvePoint>,
+    /// Drone event creation to the raw event at the subscriber.
+    pub telemetry: Vec<CurvePoint>,
+    /// The fleet's lag behind its own schedule.
+    pub send_lag: Vec<CurvePoint>,
+}
+
 /// The outcome of a run, written as JSON by `--report`.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
@@ -240,6 +277,8 @@ pub struct Report {
     pub send_lag_us: Percentiles,
     /// The server's memory with the fleet connected, when its `/metrics` could be read.
     pub server_memory: Option<ServerMemory>,
+    /// Percentile distributions behind the figures above.
+    pub curves: Curves,
     /// Rejections by reason.
     pub rejections: BTreeMap<String, u64>,
     /// `full` (everything measured) or `raw` (transport only: loss and latency not measured).
@@ -567,6 +606,11 @@ pub async fn run(cfg: LoadConfig, progress: Arc<dyn Fn(&Progress) + Send + Sync>
         telemetry_latency_us: Percentiles::of(&tel.latency),
         send_lag_us: Percentiles::of(&send_lag),
         server_memory,
+        curves: Curves {
+            delivery_events: curve(&del.latency),
+            telemetry: curve(&tel.latency),
+            send_lag: curve(&send_lag),
+        },
         rejections,
         drones: cfg.drones,
         connections: conns,
@@ -864,4 +908,50 @@ async fn customers(
     }
     // Wait for the requests still in flight.
     let _ = inflight.acquire_many(64).await;
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A report whose only measured series is `delivery`.
+    pub(crate) fn report_with(delivery: Vec<CurvePoint>) -> Report {
+        Report {
+            events_sent: 1,
+            events_acked: 1,
+            events_rejected: 0,
+            events_unanswered: 0,
+            deliveries_scheduled: 0,
+            deliveries_refused: 0,
+            deliveries_completed: 0,
+            delivery_events_observed: 0,
+            delivery_events_expected: 0,
+            telemetry_events_observed: 1,
+            lost: 0,
+            lost_telemetry: 0,
+            lost_delivery_events: 0,
+            duplicates: 0,
+            duration_s: 1.0,
+            throughput_eps: 1.0,
+            target_eps: 1.0,
+            latency_us: Percentiles::default(),
+            telemetry_latency_us: Percentiles::default(),
+            send_lag_us: Percentiles::default(),
+            server_memory: None,
+            curves: Curves { delivery_events: delivery, ..Curves::default() },
+            rejections: BTreeMap::new(),
+            mode: "full",
+            telemetry_check: TelemetryCheck::During,
+            drones: 1,
+            connections: 1,
+        }
+    }
+
+    #[test]
+    fn the_report_prints_what_a_reader_needs() {
+        let text = report_with(Vec::new()).to_string();
+        for needle in ["lost", "duplicates", "throughput", "send lag", "read during the run"] {
+            assert!(text.contains(needle), "{needle}: {text}");
+        }
+    }
 }

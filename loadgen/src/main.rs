@@ -66,6 +66,9 @@ struct Args {
     /// pipeline) or `after` it (held at the run's start offset, read to the end afterwards).
     #[arg(long, value_enum, default_value = "during")]
     telemetry_check: loadgen::TelemetryCheck,
+    /// Draw the latency percentile distributions (HDR style) to this SVG file.
+    #[arg(long, value_name = "FILE")]
+    plot: Option<PathBuf>,
     /// Transport only (against `pipeline serve --discard`): no customers, no API, no
     /// subscriber; loss and latency are not measured.
     #[arg(long)]
@@ -141,6 +144,10 @@ async fn main() -> anyhow::Result<()> {
         };
         std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))?;
         eprintln!("report written to {}", path.display());
+    }
+    if let Some(path) = &args.plot {
+        std::fs::write(path, loadgen::plot::svg(&report)).with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("latency plot written to {}", path.display());
     }
     if report.lost > 0 || report.duplicates > 0 {
         std::process::exit(2);
