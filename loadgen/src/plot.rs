@@ -73,7 +73,11 @@ pub fn svg(report: &Report) -> String {
     while decade <= y1 {
         let us = 10f64.powf(decade);
         let y = py(us);
-        let label = if us >= 1000.0 { format!("{} ms", us / 1000.0) } else { format!("{us} µs") };
+        let label = match us {
+            us if us >= 1e6 => format!("{} s", us / 1e6),
+            us if us >= 1e3 => format!("{} ms", us / 1e3),
+            us => format!("{us} µs"),
+        };
         let _ = writeln!(
             out,
             r##"<line x1="{LEFT}" y1="{y:.1}" x2="{:.1}" y2="{y:.1}" stroke="#ddd"/><text x="{:.1}" y="{:.1}" text-anchor="end">{label}</text>"##,
