@@ -5,7 +5,13 @@ use std::hint::black_box;
 use std::time::Instant;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use events::{BatchSink, Overflow, StreamSource};
+use std::time::Duration;
+
+use events::wire::Buffer;
+use events::{
+    BatchMeta, BatchSink, DeliveryCommand, DroneEvent, DroneEventKind, FleetControl, FlightStatus, GeoPoint, Overflow,
+    StreamSource, TelemetryBatch,
+};
 use fleetstream_benches::batch;
 use pipeline::derive::{DeriveConfig, Deriver};
 use pipeline::engine::Storage;
@@ -71,6 +77,57 @@ fn stages(c: &mut Criterion) {
                 }
             });
             start.elapsed()
+        })
+    });
+    // Batch in → derived event out: each round a delivery is created (untimed), then a batch
+    // whose last event is its drone picking the package up is submitted, and the clock stops
+    // when the derived delivery events reach a subscriber.
+    let deliveries = engine.subscribe_deliveries(Overflow::Block).unwrap_or_else(|e| panic!("{e}"));
+    let mut delivery = 0u64;
+    g.bench_function("batch_to_derived_event_1024", |b| {
+        b.iter_custom(|iters| {
+            let mut timed = Duration::ZERO;
+            rt.block_on(async {
+                for _ in 0..iters {
+                    delivery += 1;
+                    seq += 1;
+                    let drone = 1_000_000 + delivery;
+                    let here = GeoPoint::new(47.6, -122.3);
+                    let create = DeliveryCommand::Create {
+                        delivery_id: delivery,
+                        drone_id: drone,
+                        pickup: here,
+                        dropoff: GeoPoint::new(47.7, -122.2),
+                        ts_us: 1,
+                    };
+                    engine.command(create).await.unwrap_or_else(|e| panic!("{e}"));
+                    black_box(deliveries.rx.recv_async().await.unwrap_or_else(|e| panic!("{e}")));
+                    let mut evs = fleetstream_benches::drone_events(n - 1, 256);
+                    for e in &mut evs {
+                        e.seq += seq * 1000;
+                    }
+                    evs.push(DroneEvent {
+                        drone_id: drone,
+                        seq: 1,
+                        ts_us: 2,
+                        position: here,
+                        speed_mps: 0.0,
+                        heading_deg: 0.0,
+                        battery_pct: 90.0,
+                        status: FlightStatus::Flying,
+                        kind: DroneEventKind::PickedUp { delivery },
+                    });
+                    let meta = BatchMeta { producer_id: 2, batch_seq: delivery, ..BatchMeta::default() };
+                    let batch = TelemetryBatch::encode(meta, &evs, Buffer::new()).unwrap_or_else(|e| panic!("{e}"));
+                    let start = Instant::now();
+                    let ack = engine.submit(batch).await.unwrap_or_else(|e| panic!("{e}"));
+                    ack.await.unwrap_or_else(|e| panic!("{e}"));
+                    black_box(deliveries.rx.recv_async().await.unwrap_or_else(|e| panic!("{e}")));
+                    timed += start.elapsed();
+                    black_box(sub.rx.recv_async().await.unwrap_or_else(|e| panic!("{e}")));
+                }
+            });
+            timed
         })
     });
     g.finish();
