@@ -346,7 +346,7 @@ impl std::fmt::Display for Report {
         if let Some(m) = &self.server_memory {
             write!(
                 f,
-                "\nserver      {:.1} MiB resident before the fleet connected, {:.1} MiB with {} connections: {:.1} KiB per connection",
+                "\nserver      {:.1} MiB resident before the fleet connected, {:.1} MiB with {} connections: {:.1} KiB of growth per fleet connection",
                 m.rss_before_bytes as f64 / 1048576.0,
                 m.rss_connected_bytes as f64 / 1048576.0,
                 m.connections,
