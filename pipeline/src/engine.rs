@@ -644,7 +644,7 @@ fn follow_log<T: events::wire::Payload>(
                 return;
             }
         }
-        resume = reader.resume_point().cloned();
+        resume = reader.resume_point();
         next = next.max(end);
     }
 }

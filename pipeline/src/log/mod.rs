@@ -330,6 +330,11 @@ pub struct ResumePoint {
 }
 
 impl ResumePoint {
+    fn of(reader: &segment::SegmentReader) -> Self {
+        let (path, offset, position) = reader.resume();
+        Self { path: path.to_path_buf(), offset, position }
+    }
+
     /// The offset of the next record.
     pub fn offset(&self) -> u64 {
         self.offset
@@ -344,9 +349,12 @@ impl LogReader {
     }
 
     /// Where the next record is, once at least one record has been read (or the reader was
-    /// made by [`Log::resume`]).
-    pub fn resume_point(&self) -> Option<&ResumePoint> {
-        self.resume.as_ref()
+    /// made by [`Log::resume`]). Built on demand, so reading costs nothing extra.
+    pub fn resume_point(&self) -> Option<ResumePoint> {
+        match &self.current {
+            Some(reader) => Some(ResumePoint::of(reader)),
+            None => self.resume.clone(),
+        }
     }
 }
 
@@ -370,11 +378,12 @@ impl Iterator for LogReader {
                 Ok(Some(record)) if record.offset < self.next => continue,
                 Ok(Some(record)) => {
                     self.next = record.offset + 1;
-                    let (path, offset, position) = reader.resume();
-                    self.resume = Some(ResumePoint { path: path.to_path_buf(), offset, position });
                     return Some(Ok(record));
                 }
-                Ok(None) => self.current = None,
+                Ok(None) => {
+                    self.resume = Some(ResumePoint::of(reader));
+                    self.current = None;
+                }
                 Err(e) => {
                     self.end = 0;
                     return Some(Err(e));

@@ -202,7 +202,7 @@ fn a_follower_resumes_at_the_exact_position_across_rolls() {
             seen.push((r.offset, r.payload.to_vec()));
             next = r.offset + 1;
         }
-        point = reader.resume_point().cloned();
+        point = reader.resume_point();
         assert_eq!(point.as_ref().map(ResumePoint::offset), Some(next), "round {round}");
     }
     assert!(log.segments().len() > 5, "the follower crossed segment rolls");
