@@ -106,12 +106,8 @@ impl IngestClient {
     /// Subscribes to a topic. Returns once the server has the subscription in place: every
     /// batch published after that arrives.
     pub async fn subscribe<T: Payload>(&self, topic: Topic) -> Result<RemoteSubscription<T>, Error> {
-        let byte = match topic {
-            Topic::DroneTelemetry => TOPIC_TELEMETRY,
-            Topic::DeliveryEvents => TOPIC_DELIVERIES,
-        };
         let (mut send, recv) = self.conn.open_bi().await?;
-        send.write_all(&[STREAM_SUBSCRIBE, byte]).await?;
+        send.write_all(&[STREAM_SUBSCRIBE, topic_byte(topic)]).await?;
         let mut sub = RemoteSubscription { _send: send, recv, limits: self.cfg.limits, _payload: PhantomData };
         match sub.next().await? {
             Some(ready) if ready.is_empty() => Ok(sub),
@@ -125,13 +121,9 @@ impl IngestClient {
     /// arrives); [`LogSubscription::start`] tells the offset it resolved to.
     pub async fn subscribe_from<T: Payload>(&self, topic: Topic, from: StartAt) -> Result<LogSubscription<T>, Error> {
         let (mut send, recv) = self.conn.open_bi().await?;
-        let byte = match topic {
-            Topic::DroneTelemetry => TOPIC_TELEMETRY,
-            Topic::DeliveryEvents => TOPIC_DELIVERIES,
-        };
         let (kind, value) = from.to_wire();
         let mut request = [0u8; 11];
-        request[..3].copy_from_slice(&[STREAM_SUBSCRIBE_FROM, byte, kind]);
+        request[..3].copy_from_slice(&[STREAM_SUBSCRIBE_FROM, topic_byte(topic), kind]);
         request[3..].copy_from_slice(&value.to_le_bytes());
         send.write_all(&request).await?;
         let mut inner = RemoteSubscription { _send: send, recv, limits: self.cfg.limits, _payload: PhantomData };
@@ -270,6 +262,14 @@ impl<T: Payload> RemoteSubscription<T> {
             Err(ReadExactError::FinishedEarly(got)) => Err(WireError::Truncated { needed: 8, got }.into()),
             Err(ReadExactError::ReadError(e)) => Err(read_error(e)),
         }
+    }
+}
+
+/// A topic's byte on the wire.
+fn topic_byte(topic: Topic) -> u8 {
+    match topic {
+        Topic::DroneTelemetry => TOPIC_TELEMETRY,
+        Topic::DeliveryEvents => TOPIC_DELIVERIES,
     }
 }
 

@@ -360,7 +360,8 @@ impl std::fmt::Display for Report {
     }
 }
 
-/// A snapshot for a progress line.
+/// A snapshot for a progress line. While the fleet connects only `connected` is set (the rest
+/// stay zero until sending starts).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Progress {
     /// Fleet connections established (all of them once sending starts).

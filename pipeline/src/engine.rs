@@ -434,19 +434,19 @@ impl Engine {
         &self.inner.deliveries
     }
 
-    /// Starts a thread that feeds an offset subscription from `log` (the telemetry log when
-    /// `telemetry`, else the delivery-events log).
+    /// Starts a thread that feeds an offset subscription with the `kind` records of `log`, whose
+    /// delivered end is `tail`.
     fn follow<T: events::wire::Payload>(
         &self,
         log: Option<SharedLog>,
-        telemetry: bool,
+        tail: Arc<Tail>,
+        kind: RecordKind,
         start: StartAt,
     ) -> Result<OffsetSubscription<T>, Error> {
         let Some(log) = log else {
             let requested = if let StartAt::Offset(o) = start { o } else { 0 };
             return Err(Error::OffsetUnavailable { requested, first: 0, next: 0 });
         };
-        let tail = if telemetry { &self.inner.tail } else { &self.inner.out_tail };
         let from = {
             let log = log.lock();
             let (first, next) = (log.first_offset(), log.next_offset());
@@ -465,14 +465,7 @@ impl Engine {
         let inner = self.inner.clone();
         std::thread::Builder::new()
             .name("log-subscriber".into())
-            .spawn(move || {
-                let (tail, kind) = if telemetry {
-                    (&inner.tail, RecordKind::Telemetry)
-                } else {
-                    (&inner.out_tail, RecordKind::Deliveries)
-                };
-                follow_log(&log, tail, &inner.stopping, kind, from, &tx);
-            })
+            .spawn(move || follow_log(&log, &tail, &inner.stopping, kind, from, &tx))
             .map_err(|e| Error::Storage(format!("starting a subscriber thread: {e}")))?;
         Ok(OffsetSubscription { start: from, rx })
     }
@@ -546,11 +539,11 @@ impl BatchSink for Engine {
 
 impl StreamSource for Engine {
     fn subscribe_telemetry_from(&self, from: StartAt) -> Result<OffsetSubscription<DroneEvent>, Error> {
-        self.follow(self.inner.log.clone(), true, from)
+        self.follow(self.inner.log.clone(), self.inner.tail.clone(), RecordKind::Telemetry, from)
     }
 
     fn subscribe_deliveries_from(&self, from: StartAt) -> Result<OffsetSubscription<DeliveryEvent>, Error> {
-        self.follow(self.inner.out_log.clone(), false, from)
+        self.follow(self.inner.out_log.clone(), self.inner.out_tail.clone(), RecordKind::Deliveries, from)
     }
 
     fn subscribe_telemetry(&self, overflow: Overflow) -> Result<Subscription<DroneEvent>, Error> {
@@ -611,11 +604,7 @@ fn follow_log<T: events::wire::Payload>(
         let reader = {
             let mut log = log.lock();
             let (first, log_next) = (log.first_offset(), log.next_offset());
-            let reader = match &resume {
-                Some(point) if point.offset() == next => log.resume(point),
-                _ => log.reader(next),
-            };
-            match reader {
+            match log.reader_near(next, resume.as_ref()) {
                 Ok(r) => r.until(end),
                 Err(_) => {
                     let _ = tx.send(Err(Error::OffsetUnavailable { requested: next, first, next: log_next }));

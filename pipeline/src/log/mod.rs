@@ -245,11 +245,11 @@ impl Log {
         self.reader_at(from, None)
     }
 
-    /// A reader that carries on where an earlier one stopped ([`LogReader::resume_point`]), from
-    /// the exact file position instead of the nearest index entry before it: a follower that
-    /// wakes for every few new records reads only those.
-    pub fn resume(&mut self, point: &ResumePoint) -> Result<LogReader, Error> {
-        self.reader_at(point.offset, Some(point))
+    /// A reader from `from` that starts at `hint`'s exact file position when the hint is where an
+    /// earlier reader stopped at `from` ([`LogReader::resume_point`]), instead of at the nearest
+    /// index entry before it: a follower that wakes for every few new records reads only those.
+    pub fn reader_near(&mut self, from: u64, hint: Option<&ResumePoint>) -> Result<LogReader, Error> {
+        self.reader_at(from, hint.filter(|p| p.offset == from))
     }
 
     fn reader_at(&mut self, from: u64, point: Option<&ResumePoint>) -> Result<LogReader, Error> {
@@ -349,7 +349,7 @@ impl LogReader {
     }
 
     /// Where the next record is, once at least one record has been read (or the reader was
-    /// made by [`Log::resume`]). Built on demand, so reading costs nothing extra.
+    /// made from a matching hint by [`Log::reader_near`]). Built on demand, so reading costs nothing extra.
     pub fn resume_point(&self) -> Option<ResumePoint> {
         match &self.current {
             Some(reader) => Some(ResumePoint::of(reader)),

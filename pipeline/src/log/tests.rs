@@ -192,11 +192,7 @@ fn a_follower_resumes_at_the_exact_position_across_rolls() {
             log.append(RecordKind::Telemetry, &payload(round * 3 + i)).unwrap();
         }
         let end = log.next_offset();
-        let mut reader = match &point {
-            Some(p) if p.offset() == next => log.resume(p).unwrap(),
-            _ => log.reader(next).unwrap(),
-        }
-        .until(end - 1);
+        let mut reader = log.reader_near(next, point.as_ref()).unwrap().until(end - 1);
         for r in reader.by_ref() {
             let r = r.unwrap();
             seen.push((r.offset, r.payload.to_vec()));
@@ -208,4 +204,7 @@ fn a_follower_resumes_at_the_exact_position_across_rolls() {
     assert!(log.segments().len() > 5, "the follower crossed segment rolls");
     assert_eq!(seen.len(), 119, "every record but the last, held back by `until`");
     assert!(seen.iter().enumerate().all(|(i, (o, p))| *o == i as u64 && *p == payload(*o)));
+    // A hint for another offset is ignored: the reader seeks by the index instead.
+    let first = log.reader_near(5, point.as_ref()).unwrap().next().unwrap().unwrap();
+    assert_eq!((first.offset, first.payload.to_vec()), (5, payload(5)));
 }
