@@ -35,6 +35,8 @@ pub struct ClientConfig {
     pub stream_window_bytes: u64,
     /// QUIC receive window per connection, bytes. Default 16 MiB.
     pub connection_window_bytes: u64,
+    /// Largest UDP payload path-MTU discovery may try, bytes. Default 65,527, as on the server.
+    pub max_udp_payload_bytes: u16,
     /// Keep-alive interval. Default 5 s, well inside the server's idle timeout.
     pub keep_alive: Duration,
     /// Limits applied to batches received on subscriptions.
@@ -50,6 +52,7 @@ impl ClientConfig {
             max_inflight_per_lane: 64,
             stream_window_bytes: 4 << 20,
             connection_window_bytes: 16 << 20,
+            max_udp_payload_bytes: crate::proto::DEFAULT_MAX_UDP_PAYLOAD,
             keep_alive: Duration::from_secs(5),
             limits: Limits::default(),
         }
@@ -86,6 +89,7 @@ impl IngestClient {
         t.stream_receive_window(varint(cfg.stream_window_bytes)?);
         t.receive_window(varint(cfg.connection_window_bytes)?);
         t.send_window(cfg.connection_window_bytes);
+        t.mtu_discovery_config(Some(crate::proto::mtu_discovery(cfg.max_udp_payload_bytes)));
         t.keep_alive_interval(Some(cfg.keep_alive));
         client.transport_config(Arc::new(t));
         endpoint.set_default_client_config(client);

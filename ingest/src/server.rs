@@ -71,6 +71,10 @@ pub struct ServerConfig {
     pub stream_window_bytes: u64,
     /// QUIC receive window per connection, bytes. Default 16 MiB.
     pub connection_window_bytes: u64,
+    /// Largest UDP payload QUIC path-MTU discovery may try, bytes. Default 65,527 (see
+    /// [`crate::proto::DEFAULT_MAX_UDP_PAYLOAD`] for why); 1,452 keeps every packet inside an
+    /// Ethernet frame from the start.
+    pub max_udp_payload_bytes: u16,
     /// Close a connection after this long without traffic, ms. Default 30,000.
     pub idle_timeout_ms: u64,
     /// On shutdown, how long in-flight streams get to finish, ms. Default 5,000.
@@ -91,6 +95,7 @@ impl Default for ServerConfig {
             max_inflight_per_stream: 64,
             stream_window_bytes: 4 << 20,
             connection_window_bytes: 16 << 20,
+            max_udp_payload_bytes: crate::proto::DEFAULT_MAX_UDP_PAYLOAD,
             idle_timeout_ms: 30_000,
             drain_timeout_ms: 5_000,
         }
@@ -268,6 +273,7 @@ fn transport(cfg: &ServerConfig) -> Result<quinn::TransportConfig, Error> {
     t.stream_receive_window(varint(cfg.stream_window_bytes, "stream_window_bytes")?);
     t.receive_window(varint(cfg.connection_window_bytes, "connection_window_bytes")?);
     t.send_window(cfg.connection_window_bytes);
+    t.mtu_discovery_config(Some(crate::proto::mtu_discovery(cfg.max_udp_payload_bytes)));
     let idle = Duration::from_millis(cfg.idle_timeout_ms);
     t.max_idle_timeout(Some(idle.try_into().map_err(|_| Error::Config("idle_timeout_ms is too large".into()))?));
     Ok(t)
