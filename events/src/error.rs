@@ -140,6 +140,13 @@ pub enum Error {
         /// The next offset to be written.
         next: u64,
     },
+    /// An ack or nack for a lease that has expired or was released: the message has been (or
+    /// will be) offered again, possibly to another consumer.
+    #[error("the lease on message {0} was lost (it expired or was released)")]
+    LeaseLost(u64),
+    /// A queue operation named a message the queue does not hold.
+    #[error("no message {0} in this queue")]
+    UnknownMessage(u64),
 }
 
 /// Stable wire codes with their names. Codes never change meaning; new ones are appended.
@@ -166,6 +173,8 @@ const CODES: &[(u16, &str)] = &[
     (20, "malformed_frame"),
     (21, "storage_failed"),
     (22, "offset_unavailable"),
+    (23, "lease_lost"),
+    (24, "unknown_message"),
 ];
 
 impl Error {
@@ -194,6 +203,8 @@ impl Error {
             Error::MalformedFrame(_) => 20,
             Error::Storage(_) => 21,
             Error::OffsetUnavailable { .. } => 22,
+            Error::LeaseLost(_) => 23,
+            Error::UnknownMessage(_) => 24,
             Error::Rejected { code, .. } => *code,
         }
     }

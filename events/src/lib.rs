@@ -15,11 +15,13 @@ pub mod contract;
 mod error;
 pub mod model;
 pub mod prom;
+pub mod queue;
 pub mod wire;
 
 pub use contract::{BatchSink, FleetControl, OffsetSubscription, Overflow, StartAt, StreamSource, Subscription, Topic};
 pub use error::{Error, all_codes, code_name};
 pub use model::*;
+pub use queue::{KeyRange, Leased, Mission, QueueName, Verdict, WorkQueues};
 pub use wire::{Batch, BatchMeta, DeliveryBatch, Limits, TelemetryBatch, TraceContext};
 
 /// Microseconds since the Unix epoch, from the system clock: the time base of every event

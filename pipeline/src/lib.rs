@@ -16,6 +16,7 @@ pub mod discard;
 pub mod engine;
 pub mod log;
 pub mod node;
+pub mod queue;
 
 pub use config::Config;
 pub use engine::{Engine, EngineConfig};

@@ -1,0 +1,244 @@
+//! The queue path's contract: work that must be done once, by one of several competing
+//! consumers, with acknowledgement, redelivery and a dead-letter queue.
+//!
+//! The stream path ([`crate::StreamSource`]) shows every subscriber every event; a queue hands
+//! each message to one consumer at a time. A consumer leases messages, processes them and acks
+//! each; a message not acked within the queue's visibility timeout (or nacked, or whose consumer
+//! went away) is offered again, and after the queue's maximum number of attempts it moves to the
+//! queue's dead-letter queue with the reason. The two paths share nothing, so neither can stall
+//! the other.
+//!
+//! Every message carries a `key`. A consumer leases from a [`KeyRange`]: the whole queue
+//! ([`KeyRange::ALL`], e.g. notifiers) or a slice of it (a fleet gateway takes the commands of
+//! the drones it serves, keyed by drone id). Messages of one key are offered in enqueue order.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::Error;
+use crate::model::{DeliveryId, DroneId, GeoPoint};
+
+/// The queues.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum QueueName {
+    /// Missions and other commands for drones, keyed by drone id.
+    DroneCommands,
+    /// Customer notifications to send (email, text), keyed by delivery id.
+    Notifications,
+}
+
+impl QueueName {
+    /// Every queue.
+    pub const ALL: [QueueName; 2] = [QueueName::DroneCommands, QueueName::Notifications];
+
+    /// The queue's public name.
+    pub const fn name(self) -> &'static str {
+        match self {
+            QueueName::DroneCommands => "drone-commands",
+            QueueName::Notifications => "notifications",
+        }
+    }
+
+    /// Parses a public name.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|q| q.name() == name)
+    }
+
+    /// The queue's byte on the wire.
+    pub const fn to_byte(self) -> u8 {
+        match self {
+            QueueName::DroneCommands => 1,
+            QueueName::Notifications => 2,
+        }
+    }
+
+    /// Reads a queue byte.
+    pub fn from_byte(b: u8) -> Result<Self, Error> {
+        Self::ALL.into_iter().find(|q| q.to_byte() == b).ok_or(Error::MalformedFrame("unknown queue"))
+    }
+}
+
+/// Keys `lo..hi` (half open) a consumer takes messages of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyRange {
+    /// First key included.
+    pub lo: u64,
+    /// First key after the range.
+    pub hi: u64,
+}
+
+impl KeyRange {
+    /// Every key.
+    pub const ALL: KeyRange = KeyRange { lo: 0, hi: u64::MAX };
+
+    /// Whether `key` is in the range (`u64::MAX` belongs to [`KeyRange::ALL`] only).
+    pub fn contains(&self, key: u64) -> bool {
+        (self.lo <= key && key < self.hi) || (*self == Self::ALL)
+    }
+}
+
+/// One message as a consumer receives it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Leased {
+    /// The message's id, unique within its queue.
+    pub id: u64,
+    /// Its key.
+    pub key: u64,
+    /// Which delivery attempt this is, from 1.
+    pub attempt: u32,
+    /// Proves the lease: an ack or nack with an older lease's token is refused, so a consumer
+    /// whose lease expired cannot ack a message someone else now holds.
+    pub token: u64,
+    /// The payload.
+    pub payload: Arc<[u8]>,
+}
+
+/// A consumer's verdict on a message it leased.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Done: the message is removed.
+    Ack,
+    /// Failed, with the reason: offered again, or dead-lettered once out of attempts.
+    Nack(String),
+}
+
+/// What the queue path offers the edges.
+pub trait WorkQueues: Send + Sync + 'static {
+    /// Adds a message; resolves once it is durable. [`Error::StorageFull`] when the queue holds
+    /// its maximum number of messages.
+    fn enqueue(&self, queue: QueueName, key: u64, payload: Vec<u8>) -> impl Future<Output = Result<u64, Error>> + Send;
+
+    /// Leases up to `max` ready messages with keys in `keys` to `consumer`, waiting up to `wait`
+    /// for the first one. An empty result means nothing was ready in time.
+    fn lease(
+        &self,
+        queue: QueueName,
+        consumer: u64,
+        keys: KeyRange,
+        max: usize,
+        wait: Duration,
+    ) -> impl Future<Output = Result<Vec<Leased>, Error>> + Send;
+
+    /// Settles a leased message. A stale token (the lease expired and the message moved on) is
+    /// [`Error::LeaseLost`].
+    fn settle(&self, queue: QueueName, id: u64, token: u64, verdict: Verdict) -> Result<(), Error>;
+
+    /// The consumer went away: everything it holds is offered again now.
+    fn release(&self, queue: QueueName, consumer: u64);
+
+    /// A fresh consumer id.
+    fn new_consumer(&self) -> u64;
+}
+
+/// A mission for one drone, as it travels in the `drone-commands` queue.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Mission {
+    /// The delivery to fly.
+    pub delivery_id: DeliveryId,
+    /// The drone that flies it (the message's key).
+    pub drone_id: DroneId,
+    /// Where the package is collected.
+    pub pickup: GeoPoint,
+    /// Where it is dropped off.
+    pub dropoff: GeoPoint,
+    /// When the delivery was scheduled, µs since the epoch.
+    pub ts_us: u64,
+}
+
+impl Mission {
+    /// Encoded length.
+    pub const LEN: usize = 1 + 8 + 8 + 2 * 20 + 8;
+    const VERSION: u8 = 1;
+
+    /// Little-endian fixed layout: version, delivery, drone, pickup (lat, lon, alt), drop-off,
+    /// time.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(Self::LEN);
+        out.push(Self::VERSION);
+        out.extend_from_slice(&self.delivery_id.to_le_bytes());
+        out.extend_from_slice(&self.drone_id.to_le_bytes());
+        for p in [self.pickup, self.dropoff] {
+            out.extend_from_slice(&p.lat.to_le_bytes());
+            out.extend_from_slice(&p.lon.to_le_bytes());
+            out.extend_from_slice(&p.alt_m.to_le_bytes());
+        }
+        out.extend_from_slice(&self.ts_us.to_le_bytes());
+        out
+    }
+
+    /// Decodes a mission; anything but a well-formed one of this version is an error.
+    pub fn from_bytes(b: &[u8]) -> Result<Self, Error> {
+        if b.len() != Self::LEN {
+            return Err(Error::MalformedFrame("mission has the wrong length"));
+        }
+        if b[0] != Self::VERSION {
+            return Err(Error::UnsupportedVersion { found: b[0], supported: Self::VERSION });
+        }
+        let mut at = 1;
+        let mut take = |n: usize| {
+            let s = &b[at..at + n];
+            at += n;
+            s
+        };
+        let u64_of = |s: &[u8]| u64::from_le_bytes(s.try_into().unwrap_or([0; 8]));
+        let f64_of = |s: &[u8]| f64::from_le_bytes(s.try_into().unwrap_or([0; 8]));
+        let delivery_id = u64_of(take(8));
+        let drone_id = u64_of(take(8));
+        let mut point = || {
+            let lat = f64_of(take(8));
+            let lon = f64_of(take(8));
+            let alt_m = f32::from_le_bytes(take(4).try_into().unwrap_or([0; 4]));
+            GeoPoint { lat, lon, alt_m }
+        };
+        let pickup = point();
+        let dropoff = point();
+        let ts_us = u64_of(take(8));
+        let m = Mission { delivery_id, drone_id, pickup, dropoff, ts_us };
+        if !(m.pickup.is_valid() && m.dropoff.is_valid()) {
+            return Err(Error::MalformedFrame("mission has an invalid coordinate"));
+        }
+        Ok(m)
+    }
+}
+
+/// How long a consumer may take before redelivery, as the queues are configured by default.
+pub const DEFAULT_VISIBILITY_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missions_round_trip_and_bad_bytes_are_refused() {
+        let m = Mission {
+            delivery_id: 7,
+            drone_id: 42,
+            pickup: GeoPoint::new(47.6, -122.3),
+            dropoff: GeoPoint { lat: 47.7, lon: -122.2, alt_m: 3.5 },
+            ts_us: 1_700_000_000_000_000,
+        };
+        let bytes = m.to_bytes();
+        assert_eq!(bytes.len(), Mission::LEN);
+        assert_eq!(Mission::from_bytes(&bytes), Ok(m));
+        assert!(Mission::from_bytes(&bytes[1..]).is_err());
+        let mut v2 = bytes.clone();
+        v2[0] = 9;
+        assert!(matches!(Mission::from_bytes(&v2), Err(Error::UnsupportedVersion { found: 9, .. })));
+        let mut bad = bytes;
+        bad[17..25].copy_from_slice(&500.0f64.to_le_bytes());
+        assert!(Mission::from_bytes(&bad).is_err(), "latitude 500 is refused");
+    }
+
+    #[test]
+    fn names_and_bytes_round_trip() {
+        for q in QueueName::ALL {
+            assert_eq!(QueueName::from_name(q.name()), Some(q));
+            assert_eq!(QueueName::from_byte(q.to_byte()), Ok(q));
+        }
+        assert!(QueueName::from_byte(0).is_err());
+        assert!(KeyRange::ALL.contains(u64::MAX));
+        assert!(KeyRange { lo: 5, hi: 10 }.contains(5));
+        assert!(!KeyRange { lo: 5, hi: 10 }.contains(10));
+    }
+}

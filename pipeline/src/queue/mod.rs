@@ -1,0 +1,490 @@
+//! The queue path: work done once by one of several competing consumers (`drone-commands`,
+//! `notifications`), with leases, redelivery and a dead-letter queue.
+//!
+//! The bookkeeping is the pure [`state::QueueState`]; this driver wraps it in a lock, journals
+//! every change ([`journal`]) so a queue survives a restart, wakes waiting consumers, and runs
+//! one timer thread that returns expired leases. An enqueue resolves once its record is fsynced
+//! (group commit: one fsync covers every enqueue waiting for it); acks and lease changes are
+//! written but not waited on, since losing one in a power cut only means a redelivery, which
+//! at-least-once consumers handle anyway.
+//!
+//! The queue path shares nothing with the stream path or the ingest: a stalled consumer only
+//! leaves its messages leased until the visibility timeout, and a full queue refuses enqueues
+//! with "storage full" instead of growing.
+
+pub mod journal;
+pub mod state;
+
+use std::fs::File;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use events::{Error, KeyRange, Leased, QueueName, Verdict, WorkQueues};
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+
+use self::journal::Journal;
+use self::state::{Message, QueueConfig, QueueState, Returned, Status};
+
+/// Journals smaller than this are never compacted.
+const COMPACT_MIN_BYTES: u64 = 8 << 20;
+
+/// Settings of every queue (`[queues.drone_commands]`, `[queues.notifications]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueuesConfig {
+    /// The `drone-commands` queue.
+    pub drone_commands: QueueConfig,
+    /// The `notifications` queue.
+    pub notifications: QueueConfig,
+}
+
+/// A message in a dead-letter queue, for listing and inspection.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DeadLetter {
+    /// Message id.
+    pub id: u64,
+    /// Routing key.
+    pub key: u64,
+    /// Deliveries it had.
+    pub attempts: u32,
+    /// Why the last one failed.
+    pub reason: String,
+    /// When it was enqueued, µs since the epoch.
+    pub enqueued_us: u64,
+    /// When it was dead-lettered, µs since the epoch.
+    pub dead_at_us: u64,
+    /// The payload.
+    #[serde(skip)]
+    pub payload: Arc<[u8]>,
+}
+
+impl DeadLetter {
+    fn of(m: &Message) -> Option<Self> {
+        let Status::Dead { at_us } = m.status else { return None };
+        Some(Self {
+            id: m.id,
+            key: m.key,
+            attempts: m.attempts,
+            reason: m.last_error.clone().unwrap_or_default(),
+            enqueued_us: m.enqueued_us,
+            dead_at_us: at_us,
+            payload: m.payload.clone(),
+        })
+    }
+}
+
+/// Counters of one queue.
+#[derive(Debug, Default)]
+pub struct QueueMetrics {
+    /// Messages enqueued.
+    pub enqueued: AtomicU64,
+    /// Messages leased (each delivery attempt).
+    pub delivered: AtomicU64,
+    /// Messages acked.
+    pub acked: AtomicU64,
+    /// Messages offered again (nack, timeout or consumer gone).
+    pub redelivered: AtomicU64,
+    /// Messages moved to the dead-letter queue.
+    pub dead_lettered: AtomicU64,
+    /// Dead letters replayed.
+    pub replayed: AtomicU64,
+}
+
+struct Inner {
+    state: QueueState,
+    journal: Option<Journal>,
+}
+
+/// One queue.
+pub struct Queue {
+    name: QueueName,
+    inner: Mutex<Inner>,
+    ready: Notify,
+    synced: AtomicU64,
+    sync_lock: Mutex<()>,
+    metrics: QueueMetrics,
+}
+
+impl std::fmt::Debug for Queue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Queue").field("name", &self.name).field("counts", &self.counts()).finish()
+    }
+}
+
+fn storage(e: crate::Error) -> Error {
+    match e {
+        crate::Error::Full(_) => Error::StorageFull,
+        other => Error::Storage(other.to_string()),
+    }
+}
+
+impl Queue {
+    /// Opens a queue, journalled at `path` (replayed if it exists), or in memory only.
+    pub fn open(name: QueueName, cfg: QueueConfig, path: Option<&Path>) -> Result<Self, crate::Error> {
+        let mut state = QueueState::new(cfg);
+        let journal = path.map(|p| Journal::open(p, &mut state)).transpose()?;
+        Ok(Self {
+            name,
+            inner: Mutex::new(Inner { state, journal }),
+            ready: Notify::new(),
+            synced: AtomicU64::new(0),
+            sync_lock: Mutex::new(()),
+            metrics: QueueMetrics::default(),
+        })
+    }
+
+    /// The queue's name.
+    pub fn name(&self) -> QueueName {
+        self.name
+    }
+
+    /// Counters.
+    pub fn metrics(&self) -> &QueueMetrics {
+        &self.metrics
+    }
+
+    /// Messages (ready, leased, dead).
+    pub fn counts(&self) -> (usize, usize, usize) {
+        self.inner.lock().state.counts()
+    }
+
+    /// Adds a message; returns once it is durable.
+    pub async fn enqueue(self: &Arc<Self>, key: u64, payload: Vec<u8>) -> Result<u64, Error> {
+        let (id, seq) = {
+            let mut inner = self.inner.lock();
+            let Inner { state, journal } = &mut *inner;
+            let id = state.enqueue(key, Arc::from(payload), events::now_us())?;
+            let seq = match journal {
+                Some(j) => {
+                    let written = state.get(id).map(|m| j.put(m)).transpose();
+                    match written {
+                        Ok(_) => Some(j.seq()),
+                        Err(e) => {
+                            state.forget(id);
+                            return Err(storage(e));
+                        }
+                    }
+                }
+                None => None,
+            };
+            maybe_compact(&mut inner, &self.synced);
+            (id, seq)
+        };
+        self.metrics.enqueued.fetch_add(1, Ordering::Relaxed);
+        self.ready.notify_waiters();
+        if let Some(seq) = seq {
+            self.sync_to_blocking(seq).await?;
+        }
+        Ok(id)
+    }
+
+    async fn sync_to_blocking(self: &Arc<Self>, seq: u64) -> Result<(), Error> {
+        if self.synced.load(Ordering::Acquire) >= seq {
+            return Ok(());
+        }
+        // The fsync blocks; keep it off the async workers.
+        let queue = self.clone();
+        tokio::task::spawn_blocking(move || queue.sync_to(seq)).await.map_err(|_| Error::ShuttingDown)?
+    }
+
+    /// Makes every record up to `seq` durable, sharing one fsync among all callers waiting.
+    fn sync_to(&self, seq: u64) -> Result<(), Error> {
+        let _one_at_a_time = self.sync_lock.lock();
+        if self.synced.load(Ordering::Acquire) >= seq {
+            return Ok(());
+        }
+        let (target, file): (u64, Arc<File>) = {
+            let inner = self.inner.lock();
+            match &inner.journal {
+                Some(j) => (j.seq(), j.sync_handle()),
+                None => return Ok(()),
+            }
+        };
+        file.sync_data().map_err(|e| Error::Storage(format!("syncing the {} journal: {e}", self.name.name())))?;
+        self.synced.fetch_max(target, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Leases up to `max` messages with keys in `keys`, waiting up to `wait` for the first.
+    pub async fn lease(&self, consumer: u64, keys: KeyRange, max: usize, wait: Duration) -> Vec<Leased> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let notified = self.ready.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let got = self.lease_now(consumer, keys, max);
+            if !got.is_empty() {
+                return got;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Vec::new();
+            }
+        }
+    }
+
+    /// Leases what is ready now, without waiting.
+    pub fn lease_now(&self, consumer: u64, keys: KeyRange, max: usize) -> Vec<Leased> {
+        if max == 0 {
+            return Vec::new();
+        }
+        let mut inner = self.inner.lock();
+        let Inner { state, journal } = &mut *inner;
+        let got = state.lease(consumer, keys, max, events::now_us());
+        if let Some(j) = journal {
+            for m in &got {
+                if let Some(msg) = state.get(m.id)
+                    && let Err(error) = j.update(msg)
+                {
+                    // The lease stands; a lost attempt count only costs one more attempt.
+                    tracing::warn!(queue = self.name.name(), %error, "could not journal a lease");
+                }
+            }
+        }
+        self.metrics.delivered.fetch_add(got.len() as u64, Ordering::Relaxed);
+        got
+    }
+
+    /// Acks or nacks a leased message.
+    pub fn settle(&self, id: u64, token: u64, verdict: Verdict) -> Result<(), Error> {
+        let mut inner = self.inner.lock();
+        let Inner { state, journal } = &mut *inner;
+        match verdict {
+            Verdict::Ack => {
+                state.ack(id, token)?;
+                self.metrics.acked.fetch_add(1, Ordering::Relaxed);
+                if let Some(j) = journal {
+                    j.remove(id).map_err(storage)?;
+                }
+            }
+            Verdict::Nack(reason) => {
+                let back = state.nack(id, token, &reason, events::now_us())?;
+                self.returned(state, journal, &[back]);
+            }
+        }
+        maybe_compact(&mut inner, &self.synced);
+        Ok(())
+    }
+
+    /// Offers again at once everything `consumer` holds.
+    pub fn release(&self, consumer: u64) {
+        let mut inner = self.inner.lock();
+        let Inner { state, journal } = &mut *inner;
+        let back = state.release(consumer, events::now_us());
+        self.returned(state, journal, &back);
+    }
+
+    /// Returns expired leases; the time of the next expiry, µs.
+    pub fn tick(&self, now_us: u64) -> Option<u64> {
+        let mut inner = self.inner.lock();
+        let Inner { state, journal } = &mut *inner;
+        let back = state.expire(now_us);
+        self.returned(state, journal, &back);
+        state.next_expiry()
+    }
+
+    fn returned(&self, state: &QueueState, journal: &mut Option<Journal>, back: &[Returned]) {
+        if back.is_empty() {
+            return;
+        }
+        for r in back {
+            let id = match r {
+                Returned::Requeued { id } => {
+                    self.metrics.redelivered.fetch_add(1, Ordering::Relaxed);
+                    *id
+                }
+                Returned::DeadLettered { id, attempts, reason } => {
+                    self.metrics.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(queue = self.name.name(), id, attempts, reason, "message dead-lettered");
+                    *id
+                }
+            };
+            if let (Some(j), Some(m)) = (journal.as_mut(), state.get(id))
+                && let Err(error) = j.update(m)
+            {
+                tracing::warn!(queue = self.name.name(), %error, "could not journal a redelivery");
+            }
+        }
+        self.ready.notify_waiters();
+    }
+
+    /// Dead letters with ids above `after`, oldest first.
+    pub fn dead_letters(&self, after: u64, limit: usize) -> Vec<DeadLetter> {
+        self.inner.lock().state.dead_letters(after, limit).into_iter().filter_map(DeadLetter::of).collect()
+    }
+
+    /// One dead letter.
+    pub fn dead_letter(&self, id: u64) -> Option<DeadLetter> {
+        self.inner.lock().state.get(id).and_then(DeadLetter::of)
+    }
+
+    /// Puts a dead letter back in the queue with fresh attempts.
+    pub fn replay(&self, id: u64) -> Result<(), Error> {
+        let mut inner = self.inner.lock();
+        let Inner { state, journal } = &mut *inner;
+        state.replay(id)?;
+        if let (Some(j), Some(m)) = (journal.as_mut(), state.get(id)) {
+            j.update(m).map_err(storage)?;
+        }
+        self.metrics.replayed.fetch_add(1, Ordering::Relaxed);
+        drop(inner);
+        self.ready.notify_waiters();
+        Ok(())
+    }
+
+    /// Deletes a dead letter.
+    pub fn purge(&self, id: u64) -> Result<(), Error> {
+        let mut inner = self.inner.lock();
+        let Inner { state, journal } = &mut *inner;
+        state.purge(id)?;
+        if let Some(j) = journal {
+            j.remove(id).map_err(storage)?;
+        }
+        Ok(())
+    }
+}
+
+fn maybe_compact(inner: &mut Inner, synced: &AtomicU64) {
+    let Inner { state, journal } = inner;
+    let Some(j) = journal else { return };
+    let live = state.messages().map(|m| 64 + m.payload.len() as u64).sum::<u64>();
+    if j.bytes() < COMPACT_MIN_BYTES.max(4 * live) {
+        return;
+    }
+    match j.compact(state) {
+        Ok(()) => {
+            synced.fetch_max(j.seq(), Ordering::AcqRel);
+        }
+        Err(error) => tracing::warn!(%error, "queue journal compaction failed; the journal keeps growing"),
+    }
+}
+
+/// Every queue, and the timer that returns expired leases.
+pub struct Queues {
+    drone_commands: Arc<Queue>,
+    notifications: Arc<Queue>,
+    next_consumer: AtomicU64,
+    stop: AtomicBool,
+}
+
+impl std::fmt::Debug for Queues {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Queues")
+            .field("drone_commands", &self.drone_commands)
+            .field("notifications", &self.notifications)
+            .finish()
+    }
+}
+
+impl Queues {
+    /// Opens every queue, journalled under `dir` (`dir/<queue>.journal`) or in memory, and
+    /// starts the lease timer.
+    pub fn open(cfg: &QueuesConfig, dir: Option<&Path>) -> Result<(Arc<Self>, JoinHandle<()>), crate::Error> {
+        let path = |q: QueueName| dir.map(|d| d.join(format!("{}.journal", q.name())));
+        let queues = Arc::new(Self {
+            drone_commands: Arc::new(Queue::open(
+                QueueName::DroneCommands,
+                cfg.drone_commands,
+                path(QueueName::DroneCommands).as_deref(),
+            )?),
+            notifications: Arc::new(Queue::open(
+                QueueName::Notifications,
+                cfg.notifications,
+                path(QueueName::Notifications).as_deref(),
+            )?),
+            next_consumer: AtomicU64::new(1),
+            stop: AtomicBool::new(false),
+        });
+        let timer = {
+            let queues = queues.clone();
+            std::thread::Builder::new().name("queue-timer".into()).spawn(move || queues.run_timer())?
+        };
+        Ok((queues, timer))
+    }
+
+    /// A queue by name.
+    pub fn get(&self, name: QueueName) -> &Arc<Queue> {
+        match name {
+            QueueName::DroneCommands => &self.drone_commands,
+            QueueName::Notifications => &self.notifications,
+        }
+    }
+
+    /// Stops the timer thread.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Release);
+    }
+
+    fn run_timer(&self) {
+        while !self.stop.load(Ordering::Acquire) {
+            let now = events::now_us();
+            let next = QueueName::ALL.into_iter().filter_map(|q| self.get(q).tick(now)).min();
+            // Wake at the next expiry, and at least every 100 ms to notice a stop and new leases.
+            let wait_us = next.map_or(100_000, |t| t.saturating_sub(now)).clamp(1_000, 100_000);
+            let until = Instant::now() + Duration::from_micros(wait_us);
+            while Instant::now() < until && !self.stop.load(Ordering::Acquire) {
+                std::thread::sleep(until.saturating_duration_since(Instant::now()).min(Duration::from_millis(20)));
+            }
+        }
+    }
+
+    /// Appends the queues' metrics in Prometheus text format.
+    pub fn render_metrics(&self, out: &mut String) {
+        use std::fmt::Write;
+        let _ = writeln!(out, "# TYPE fleetstream_queue_messages gauge");
+        for q in QueueName::ALL.map(|q| self.get(q)) {
+            let (ready, leased, dead) = q.counts();
+            for (state, n) in [("ready", ready), ("leased", leased), ("dead", dead)] {
+                let _ =
+                    writeln!(out, "fleetstream_queue_messages{{queue=\"{}\",state=\"{state}\"}} {n}", q.name.name());
+            }
+        }
+        for (metric, get) in [
+            ("enqueued", (|m: &QueueMetrics| &m.enqueued) as fn(&QueueMetrics) -> &AtomicU64),
+            ("delivered", |m| &m.delivered),
+            ("acked", |m| &m.acked),
+            ("redelivered", |m| &m.redelivered),
+            ("dead_lettered", |m| &m.dead_lettered),
+            ("replayed", |m| &m.replayed),
+        ] {
+            let _ = writeln!(out, "# TYPE fleetstream_queue_{metric}_total counter");
+            for q in QueueName::ALL.map(|q| self.get(q)) {
+                let v = get(&q.metrics).load(Ordering::Relaxed);
+                let _ = writeln!(out, "fleetstream_queue_{metric}_total{{queue=\"{}\"}} {v}", q.name.name());
+            }
+        }
+    }
+}
+
+impl WorkQueues for Queues {
+    async fn enqueue(&self, queue: QueueName, key: u64, payload: Vec<u8>) -> Result<u64, Error> {
+        self.get(queue).enqueue(key, payload).await
+    }
+
+    async fn lease(
+        &self,
+        queue: QueueName,
+        consumer: u64,
+        keys: KeyRange,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Vec<Leased>, Error> {
+        Ok(self.get(queue).lease(consumer, keys, max, wait).await)
+    }
+
+    fn settle(&self, queue: QueueName, id: u64, token: u64, verdict: Verdict) -> Result<(), Error> {
+        self.get(queue).settle(id, token, verdict)
+    }
+
+    fn release(&self, queue: QueueName, consumer: u64) {
+        self.get(queue).release(consumer);
+    }
+
+    fn new_consumer(&self) -> u64 {
+        self.next_consumer.fetch_add(1, Ordering::Relaxed)
+    }
+}
