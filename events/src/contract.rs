@@ -165,6 +165,40 @@ impl<T: FleetControl> FleetControl for Arc<T> {
     }
 }
 
+impl<T: crate::WorkQueues> crate::WorkQueues for Arc<T> {
+    fn enqueue(
+        &self,
+        queue: crate::QueueName,
+        key: u64,
+        payload: Vec<u8>,
+    ) -> impl Future<Output = Result<u64, Error>> + Send {
+        (**self).enqueue(queue, key, payload)
+    }
+
+    fn lease(
+        &self,
+        queue: crate::QueueName,
+        consumer: u64,
+        keys: crate::KeyRange,
+        max: usize,
+        wait: std::time::Duration,
+    ) -> impl Future<Output = Result<Vec<crate::Leased>, Error>> + Send {
+        (**self).lease(queue, consumer, keys, max, wait)
+    }
+
+    fn settle(&self, queue: crate::QueueName, id: u64, token: u64, verdict: crate::Verdict) -> Result<(), Error> {
+        (**self).settle(queue, id, token, verdict)
+    }
+
+    fn release(&self, queue: crate::QueueName, consumer: u64) {
+        (**self).release(queue, consumer);
+    }
+
+    fn new_consumer(&self) -> u64 {
+        (**self).new_consumer()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

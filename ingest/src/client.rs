@@ -97,6 +97,17 @@ impl IngestClient {
         Ok(Self { endpoint, conn, cfg: cfg.clone() })
     }
 
+    /// Consumes a queue: messages with keys in `keys`, at most `max_unsettled` held unsettled
+    /// at a time (see [`crate::consume`]).
+    pub async fn consume(
+        &self,
+        queue: events::QueueName,
+        keys: events::KeyRange,
+        max_unsettled: u16,
+    ) -> Result<crate::consume::QueueConsumer, Error> {
+        crate::consume::QueueConsumer::open(&self.conn, queue, keys, max_unsettled).await
+    }
+
     /// Opens an ingest stream. Answers arrive on the returned channel in send order.
     pub async fn open_lane(&self) -> Result<(Lane, mpsc::Receiver<Answer>), Error> {
         let (mut send, recv) = self.conn.open_bi().await?;
@@ -277,7 +288,7 @@ fn topic_byte(topic: Topic) -> u8 {
     }
 }
 
-fn read_error(e: ReadError) -> Error {
+pub(crate) fn read_error(e: ReadError) -> Error {
     match e {
         ReadError::Reset(code) => {
             let code = u16::try_from(code.into_inner()).unwrap_or(u16::MAX);

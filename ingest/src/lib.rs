@@ -8,6 +8,7 @@
 //! ALPN: `fleetstream/1` ([`ALPN`]). TLS 1.3 only.
 
 pub mod client;
+pub mod consume;
 pub mod producer;
 pub mod proto;
 pub mod server;
@@ -16,6 +17,7 @@ pub mod tls;
 use std::net::SocketAddr;
 
 pub use client::{Answer, ClientConfig, IngestClient, Lane, LogSubscription, RemoteSubscription};
+pub use consume::QueueConsumer;
 pub use producer::{Producer, ProducerConfig, ProducerStats};
 pub use server::{IngestMetrics, IngestServer, ServerConfig};
 pub use tls::Trust;

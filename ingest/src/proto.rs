@@ -17,6 +17,9 @@
 //!   not yet) holds resets the stream with code 22 (`offset_unavailable`). A server that ends a subscription resets the stream with an
 //!   `events::Error` code (16 = lagged, 14 = shutting down).
 //!
+//! - [`STREAM_CONSUME`]: a queue consumer; the request and the frames are described in
+//!   [`crate::consume`].
+//!
 //! A response is 16 bytes plus an optional UTF-8 reason: batch sequence number (u64), code (u16,
 //! 0 = accepted, otherwise an `events::Error` code), reason length (u16), event count (u32).
 
@@ -28,6 +31,8 @@ pub const STREAM_INGEST: u8 = 1;
 pub const STREAM_SUBSCRIBE: u8 = 2;
 /// Stream purpose: reading the telemetry log from an offset, then following it.
 pub const STREAM_SUBSCRIBE_FROM: u8 = 3;
+/// Stream purpose: consuming a queue (see [`crate::consume`]).
+pub const STREAM_CONSUME: u8 = 4;
 /// Topic byte for `drone-telemetry`.
 pub const TOPIC_TELEMETRY: u8 = 1;
 /// Topic byte for `delivery-events`.

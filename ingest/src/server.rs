@@ -25,7 +25,9 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 use events::wire::{Batch, BatchHeader, Buffer, HEADER_LEN, Payload};
-use events::{BatchSink, Error as WireError, Limits, Overflow, StartAt, StreamSource, Subscription, TelemetryBatch};
+use events::{
+    BatchSink, Error as WireError, Limits, Overflow, StartAt, StreamSource, Subscription, TelemetryBatch, WorkQueues,
+};
 use quinn::{ReadExactError, RecvStream, SendStream, VarInt};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Semaphore, mpsc, watch};
@@ -34,7 +36,7 @@ use tracing::{debug, info, warn};
 
 use crate::Error;
 use crate::proto::{
-    Response, STREAM_INGEST, STREAM_SUBSCRIBE, STREAM_SUBSCRIBE_FROM, TOPIC_DELIVERIES, TOPIC_TELEMETRY,
+    Response, STREAM_CONSUME, STREAM_INGEST, STREAM_SUBSCRIBE, STREAM_SUBSCRIBE_FROM, TOPIC_DELIVERIES, TOPIC_TELEMETRY,
 };
 use crate::tls::{Identity, server_crypto};
 
@@ -219,7 +221,7 @@ impl IngestServer {
     /// they already submitted (up to `drain_timeout_ms`), and closes.
     pub async fn serve<E>(self, engine: Arc<E>, shutdown: impl Future<Output = ()>) -> Result<(), Error>
     where
-        E: BatchSink + StreamSource,
+        E: BatchSink + StreamSource + WorkQueues,
     {
         let (stop_tx, stop_rx) = watch::channel(false);
         let permits = Arc::new(Semaphore::new(self.cfg.max_connections));
@@ -281,7 +283,7 @@ fn transport(cfg: &ServerConfig) -> Result<quinn::TransportConfig, Error> {
 
 async fn connection<E>(incoming: quinn::Incoming, engine: Arc<E>, ctx: Arc<Ctx>, mut stop: watch::Receiver<bool>)
 where
-    E: BatchSink + StreamSource,
+    E: BatchSink + StreamSource + WorkQueues,
 {
     let peer = incoming.remote_address();
     let conn = match incoming.await {
@@ -317,7 +319,7 @@ where
 
 async fn stream<E>(send: SendStream, mut recv: RecvStream, engine: Arc<E>, ctx: Arc<Ctx>, stop: watch::Receiver<bool>)
 where
-    E: BatchSink + StreamSource,
+    E: BatchSink + StreamSource + WorkQueues,
 {
     let mut kind = [0u8; 1];
     if recv.read_exact(&mut kind).await.is_err() {
@@ -327,6 +329,7 @@ where
         STREAM_INGEST => ingest_stream(send, recv, engine, ctx, stop).await,
         STREAM_SUBSCRIBE => subscribe_stream(send, recv, engine, ctx, stop).await,
         STREAM_SUBSCRIBE_FROM => subscribe_from_stream(send, recv, engine, ctx, stop).await,
+        STREAM_CONSUME => crate::consume::serve(send, recv, engine, stop).await,
         other => {
             let error = WireError::MalformedFrame("unknown stream kind");
             warn!(kind = other, %error, "stream refused");

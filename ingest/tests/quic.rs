@@ -67,6 +67,34 @@ mod parking_lot_free {
             Err(WireError::ShuttingDown)
         }
     }
+
+    /// No queues here: the queue path is tested against the real engine in the pipeline crate.
+    impl events::WorkQueues for Recorder {
+        async fn enqueue(&self, _: events::QueueName, _: u64, _: Vec<u8>) -> Result<u64, WireError> {
+            Err(WireError::ShuttingDown)
+        }
+
+        async fn lease(
+            &self,
+            _: events::QueueName,
+            _: u64,
+            _: events::KeyRange,
+            _: usize,
+            _: std::time::Duration,
+        ) -> Result<Vec<events::Leased>, WireError> {
+            Err(WireError::ShuttingDown)
+        }
+
+        fn settle(&self, _: events::QueueName, id: u64, _: u64, _: events::Verdict) -> Result<(), WireError> {
+            Err(WireError::UnknownMessage(id))
+        }
+
+        fn release(&self, _: events::QueueName, _: u64) {}
+
+        fn new_consumer(&self) -> u64 {
+            0
+        }
+    }
 }
 
 struct Harness {

@@ -28,6 +28,12 @@
 //! segment_bytes = 134217728
 //! max_bytes = 0                # 0: no cap; otherwise appends past it get "storage full"
 //! retention_secs = 86400
+//!
+//! [queues.drone_commands]      # and [queues.notifications]; see queue::state::QueueConfig
+//! visibility_timeout_ms = 30000
+//! max_attempts = 5
+//! max_messages = 1000000
+//! max_payload_bytes = 65536
 //! ```
 
 use std::net::SocketAddr;
@@ -39,6 +45,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::engine::EngineConfig;
 use crate::log::LogConfig;
+use crate::queue::QueuesConfig;
 
 /// Everything `pipeline serve` needs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -54,6 +61,8 @@ pub struct Config {
     pub engine: EngineConfig,
     /// The durable log under `data_dir/log`.
     pub log: LogConfig,
+    /// The queue path, journalled under `data_dir/queues`.
+    pub queues: QueuesConfig,
 }
 
 impl Default for Config {
@@ -64,6 +73,7 @@ impl Default for Config {
             http: HttpConfig::default(),
             engine: EngineConfig::default(),
             log: LogConfig::default(),
+            queues: QueuesConfig::default(),
         }
     }
 }

@@ -22,6 +22,7 @@ pub struct Discard {
 }
 
 const NO_SUBSCRIPTIONS: Error = Error::MalformedFrame("a discard server serves no subscriptions");
+const NO_QUEUES: Error = Error::MalformedFrame("a discard server serves no queues");
 
 impl BatchSink for Discard {
     type Ack = Ready<Result<(), Error>>;
@@ -48,5 +49,32 @@ impl StreamSource for Discard {
 
     fn subscribe_deliveries(&self, _: Overflow) -> Result<Subscription<DeliveryEvent>, Error> {
         Err(NO_SUBSCRIPTIONS)
+    }
+}
+
+impl events::WorkQueues for Discard {
+    async fn enqueue(&self, _: events::QueueName, _: u64, _: Vec<u8>) -> Result<u64, Error> {
+        Err(NO_QUEUES)
+    }
+
+    async fn lease(
+        &self,
+        _: events::QueueName,
+        _: u64,
+        _: events::KeyRange,
+        _: usize,
+        _: std::time::Duration,
+    ) -> Result<Vec<events::Leased>, Error> {
+        Err(NO_QUEUES)
+    }
+
+    fn settle(&self, _: events::QueueName, id: u64, _: u64, _: events::Verdict) -> Result<(), Error> {
+        Err(Error::UnknownMessage(id))
+    }
+
+    fn release(&self, _: events::QueueName, _: u64) {}
+
+    fn new_consumer(&self) -> u64 {
+        0
     }
 }

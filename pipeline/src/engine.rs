@@ -36,7 +36,8 @@ use std::time::{Duration, Instant, SystemTime};
 use events::wire::{Buffer, DeliveryBatch, Limits, TelemetryBatch};
 use events::{
     BatchMeta, BatchSink, DeliveryCommand, DeliveryEvent, DeliveryId, DroneEvent, DroneId, DroneSnapshot, Error,
-    FleetControl, OffsetSubscription, Overflow, StartAt, StreamSource, Subscription,
+    FleetControl, KeyRange, Leased, OffsetSubscription, Overflow, QueueName, StartAt, StreamSource, Subscription,
+    Verdict, WorkQueues,
 };
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
@@ -48,6 +49,7 @@ use crate::checkpoint::{self, Checkpoint};
 use crate::dedup::ProducerWindows;
 use crate::derive::{DeriveConfig, DeriveStats, Deriver};
 use crate::log::{FsyncPolicy, Log, LogConfig, RecordKind};
+use crate::queue::{Queues, QueuesConfig};
 
 /// Engine settings.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -206,6 +208,7 @@ struct Inner {
     deliveries: Arc<Topic<DeliveryEvent>>,
     metrics: Arc<EngineMetrics>,
     stopping: AtomicBool,
+    queues: Arc<Queues>,
 }
 
 /// Handle to a running engine. Cheap to clone; [`Engine::shutdown`] drains and stops it.
@@ -234,7 +237,22 @@ impl Engine {
     /// Opens the storage, restores checkpoints, replays the log after them into the shards, and
     /// starts the threads. Blocks for the replay.
     pub fn start(cfg: EngineConfig, storage: Storage) -> Result<(Self, EngineThreads, StartReport), crate::Error> {
+        Self::start_with_queues(cfg, storage, &QueuesConfig::default())
+    }
+
+    /// [`Engine::start`] with the queue path configured: queues are journalled under
+    /// `DATA_DIR/queues` with durable storage, in memory otherwise.
+    pub fn start_with_queues(
+        cfg: EngineConfig,
+        storage: Storage,
+        queues_cfg: &QueuesConfig,
+    ) -> Result<(Self, EngineThreads, StartReport), crate::Error> {
         let n = cfg.shard_count();
+        let queue_dir = match &storage {
+            Storage::Durable { dir, .. } => Some(dir.join("queues")),
+            Storage::Memory => None,
+        };
+        let (queues, queue_timer) = Queues::open(queues_cfg, queue_dir.as_deref())?;
         let telemetry = Arc::new(Topic::new("drone-telemetry", cfg.subscriber_queue));
         let deliveries = Arc::new(Topic::new("delivery-events", cfg.subscriber_queue));
         let metrics = Arc::new(EngineMetrics::default());
@@ -284,7 +302,8 @@ impl Engine {
         let needed: Arc<[AtomicU64]> =
             checkpoints.iter().map(|c| AtomicU64::new(c.as_ref().map_or(0, |c| c.offset + 1))).collect();
 
-        let mut threads = Vec::with_capacity(n + 3);
+        let mut threads = Vec::with_capacity(n + 4);
+        threads.push(queue_timer);
         let out_next = out_log.as_ref().map_or(0, |l| l.lock().next_offset());
         let out_tail = Arc::new(Tail { end: parking_lot::Mutex::new(out_next), grew: parking_lot::Condvar::new() });
         let (publish_tx, publish_rx) = flume::bounded(cfg.shard_queue.max(1));
@@ -382,6 +401,7 @@ impl Engine {
             out_log,
             out_tail,
             subscriber_queue: cfg.subscriber_queue.max(1),
+            queues,
         };
         Ok((Self { inner: Arc::new(inner) }, EngineThreads(threads), report))
     }
@@ -390,6 +410,7 @@ impl Engine {
     /// joins the threads.
     pub async fn shutdown(&self, threads: EngineThreads) {
         self.inner.stopping.store(true, Ordering::Release);
+        self.inner.queues.stop();
         let _ = self.inner.append.send_async(AppendReq::Stop).await;
         let _ = tokio::task::spawn_blocking(move || {
             for t in threads.0 {
@@ -397,6 +418,11 @@ impl Engine {
             }
         })
         .await;
+    }
+
+    /// The queue path.
+    pub fn queues(&self) -> &Arc<Queues> {
+        &self.inner.queues
     }
 
     /// Number of shards.
@@ -552,6 +578,38 @@ impl StreamSource for Engine {
 
     fn subscribe_deliveries(&self, overflow: Overflow) -> Result<Subscription<DeliveryEvent>, Error> {
         Ok(self.inner.deliveries.subscribe(overflow))
+    }
+}
+
+impl WorkQueues for Engine {
+    async fn enqueue(&self, queue: QueueName, key: u64, payload: Vec<u8>) -> Result<u64, Error> {
+        self.inner.queues.get(queue).enqueue(key, payload).await
+    }
+
+    async fn lease(
+        &self,
+        queue: QueueName,
+        consumer: u64,
+        keys: KeyRange,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Vec<Leased>, Error> {
+        if self.inner.stopping.load(Ordering::Acquire) {
+            return Err(Error::ShuttingDown);
+        }
+        Ok(self.inner.queues.get(queue).lease(consumer, keys, max, wait).await)
+    }
+
+    fn settle(&self, queue: QueueName, id: u64, token: u64, verdict: Verdict) -> Result<(), Error> {
+        self.inner.queues.settle(queue, id, token, verdict)
+    }
+
+    fn release(&self, queue: QueueName, consumer: u64) {
+        self.inner.queues.release(queue, consumer);
+    }
+
+    fn new_consumer(&self) -> u64 {
+        self.inner.queues.new_consumer()
     }
 }
 

@@ -7,6 +7,7 @@
 //! - [`config`]: the typed configuration of `pipeline serve`.
 //! - [`node`]: starts ingest, engine and services from a config and stops them in order.
 
+pub mod admin;
 pub mod bus;
 pub mod checkpoint;
 pub mod config;

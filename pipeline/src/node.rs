@@ -52,10 +52,11 @@ impl Node {
     /// clients on this machine can trust a self-signed one.
     pub async fn start(cfg: &Config) -> Result<Self, Error> {
         let storage = Storage::Durable { dir: cfg.data_dir.clone(), log: cfg.log };
-        let engine_cfg = cfg.engine;
-        let (engine, threads, report) = tokio::task::spawn_blocking(move || Engine::start(engine_cfg, storage))
-            .await
-            .map_err(|e| Error::Task(e.to_string()))??;
+        let (engine_cfg, queues_cfg) = (cfg.engine, cfg.queues);
+        let (engine, threads, report) =
+            tokio::task::spawn_blocking(move || Engine::start_with_queues(engine_cfg, storage, &queues_cfg))
+                .await
+                .map_err(|e| Error::Task(e.to_string()))??;
         let services = Arc::new(Services::new(engine.clone()));
 
         let deliveries = engine.subscribe_deliveries(Overflow::Block)?;
@@ -98,7 +99,7 @@ impl Node {
             .await
             .map_err(|e| Error::Io { context: format!("binding HTTP {}", cfg.http.listen), source: e })?;
         let http_addr = listener.local_addr().map_err(|e| Error::Io { context: "HTTP address".into(), source: e })?;
-        let router = services::router(services.clone()).route(
+        let router = services::router(services.clone()).merge(crate::admin::router(engine.clone())).route(
             "/metrics",
             get({
                 let (engine, services, ingest_metrics) = (engine.clone(), services.clone(), ingest_metrics.clone());
@@ -106,6 +107,7 @@ impl Node {
                     let mut out = String::new();
                     ingest_metrics.render(&mut out);
                     crate::engine::render_metrics(&engine, &mut out);
+                    engine.queues().render_metrics(&mut out);
                     services.render_metrics(&mut out);
                     render_process_metrics(&mut out);
                     std::future::ready(out)

@@ -21,7 +21,7 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use events::FleetControl;
+use events::{FleetControl, WorkQueues};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
@@ -29,7 +29,7 @@ use crate::Error;
 use crate::state::{CreateDelivery, Services};
 
 /// The services' routes over `svc`.
-pub fn router<F: FleetControl>(svc: Arc<Services<F>>) -> Router {
+pub fn router<F: FleetControl + WorkQueues>(svc: Arc<Services<F>>) -> Router {
     Router::new()
         .route("/v1/deliveries", post(create_delivery::<F>))
         .route("/v1/deliveries/{id}", get(get_delivery::<F>))
@@ -39,7 +39,7 @@ pub fn router<F: FleetControl>(svc: Arc<Services<F>>) -> Router {
         .with_state(svc)
 }
 
-impl<F: FleetControl> Services<F> {
+impl<F: FleetControl + WorkQueues> Services<F> {
     /// Appends the services' counters in Prometheus text format.
     pub fn render_metrics(&self, out: &mut String) {
         use events::prom::{counter, gauge};
@@ -76,7 +76,7 @@ fn parse_id(raw: &str) -> Result<u64, Error> {
     raw.parse().map_err(|_| Error::BadRequest(format!("{raw:?} is not a numeric id")))
 }
 
-async fn create_delivery<F: FleetControl>(
+async fn create_delivery<F: FleetControl + WorkQueues>(
     State(svc): State<Arc<Services<F>>>,
     ApiJson(req): ApiJson<CreateDelivery>,
 ) -> Result<impl IntoResponse, Error> {
@@ -96,7 +96,7 @@ async fn create_delivery<F: FleetControl>(
     }
 }
 
-async fn get_delivery<F: FleetControl>(
+async fn get_delivery<F: FleetControl + WorkQueues>(
     State(svc): State<Arc<Services<F>>>,
     Path(id): Path<String>,
 ) -> Result<impl IntoResponse, Error> {
@@ -123,7 +123,7 @@ struct RegisterDrones {
     drones: Vec<u64>,
 }
 
-async fn register_drones<F: FleetControl>(
+async fn register_drones<F: FleetControl + WorkQueues>(
     State(svc): State<Arc<Services<F>>>,
     ApiJson(req): ApiJson<RegisterDrones>,
 ) -> impl IntoResponse {
@@ -131,7 +131,7 @@ async fn register_drones<F: FleetControl>(
     Json(serde_json::json!({ "registered": req.drones.len(), "new": added }))
 }
 
-async fn register_drone<F: FleetControl>(
+async fn register_drone<F: FleetControl + WorkQueues>(
     State(svc): State<Arc<Services<F>>>,
     Path(id): Path<String>,
 ) -> Result<impl IntoResponse, Error> {
@@ -141,7 +141,7 @@ async fn register_drone<F: FleetControl>(
     Ok((status, Json(serde_json::json!({ "drone_id": id }))))
 }
 
-async fn get_drone<F: FleetControl>(
+async fn get_drone<F: FleetControl + WorkQueues>(
     State(svc): State<Arc<Services<F>>>,
     Path(id): Path<String>,
 ) -> Result<impl IntoResponse, Error> {

@@ -39,6 +39,10 @@ impl Error {
                     (StatusCode::CONFLICT, e.name())
                 }
                 events::Error::UnknownDelivery(_) => (StatusCode::NOT_FOUND, e.name()),
+                events::Error::UnknownMessage(_) => (StatusCode::NOT_FOUND, e.name()),
+                events::Error::LeaseLost(_) => (StatusCode::CONFLICT, e.name()),
+                events::Error::OffsetUnavailable { .. } => (StatusCode::GONE, e.name()),
+                events::Error::MalformedFrame(_) => (StatusCode::BAD_REQUEST, e.name()),
                 _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
             },
         }

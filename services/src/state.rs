@@ -8,7 +8,10 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use events::{DeliveryBatch, DeliveryCommand, DeliveryId, DeliveryStage, DroneId, FleetControl, GeoPoint};
+use events::{
+    DeliveryBatch, DeliveryCommand, DeliveryId, DeliveryStage, DroneId, FleetControl, GeoPoint, Mission, QueueName,
+    WorkQueues,
+};
 use parking_lot::{Mutex, RwLock};
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
@@ -86,7 +89,7 @@ pub struct Services<F> {
     pub(crate) refused: AtomicU64,
 }
 
-impl<F: FleetControl> Services<F> {
+impl<F: FleetControl + WorkQueues> Services<F> {
     /// Services driving `fleet`. Delivery ids start at the current time in microseconds, so ids
     /// stay unique across restarts without a stored counter.
     pub fn new(fleet: F) -> Self {
@@ -143,6 +146,20 @@ impl<F: FleetControl> Services<F> {
             ts_us: now,
         };
         if let Err(error) = self.fleet.command(cmd).await {
+            self.deliveries.write().remove(&delivery_id);
+            self.release_drone(drone_id, delivery_id);
+            return Err(error.into());
+        }
+        // The mission goes to the drone through the drone-commands queue: delivered over the
+        // drone's own connection, acknowledged by it, redelivered if it reconnects first.
+        let mission = Mission { delivery_id, drone_id, pickup: record.pickup, dropoff: record.dropoff, ts_us: now };
+        if let Err(error) = self.fleet.enqueue(QueueName::DroneCommands, drone_id, mission.to_bytes()).await {
+            // Undo the delivery so nothing half-made remains: the engine cancels it, the record
+            // goes and the drone is free again.
+            let cancel = DeliveryCommand::Cancel { delivery_id, drone_id, ts_us: events::now_us() };
+            if let Err(undo) = self.fleet.command(cancel).await {
+                tracing::error!(delivery_id, %undo, "could not cancel a delivery whose mission was not queued");
+            }
             self.deliveries.write().remove(&delivery_id);
             self.release_drone(drone_id, delivery_id);
             return Err(error.into());

@@ -20,7 +20,44 @@ use tower::ServiceExt;
 #[derive(Default)]
 struct FakeFleet {
     commands: Mutex<Vec<DeliveryCommand>>,
+    missions: Mutex<Vec<events::Mission>>,
     fail: AtomicBool,
+    fail_queue: AtomicBool,
+}
+
+impl events::WorkQueues for FakeFleet {
+    async fn enqueue(&self, queue: events::QueueName, key: u64, payload: Vec<u8>) -> Result<u64, WireError> {
+        assert_eq!(queue, events::QueueName::DroneCommands);
+        if self.fail_queue.load(Ordering::Relaxed) {
+            return Err(WireError::StorageFull);
+        }
+        let m = events::Mission::from_bytes(&payload)?;
+        assert_eq!(m.drone_id, key, "missions are keyed by drone");
+        let mut missions = self.missions.lock();
+        missions.push(m);
+        Ok(missions.len() as u64)
+    }
+
+    async fn lease(
+        &self,
+        _: events::QueueName,
+        _: u64,
+        _: events::KeyRange,
+        _: usize,
+        _: std::time::Duration,
+    ) -> Result<Vec<events::Leased>, WireError> {
+        Ok(Vec::new())
+    }
+
+    fn settle(&self, _: events::QueueName, id: u64, _: u64, _: events::Verdict) -> Result<(), WireError> {
+        Err(WireError::UnknownMessage(id))
+    }
+
+    fn release(&self, _: events::QueueName, _: u64) {}
+
+    fn new_consumer(&self) -> u64 {
+        1
+    }
 }
 
 impl FleetControl for FakeFleet {
@@ -102,6 +139,9 @@ async fn schedule_track_and_complete_a_delivery() {
     assert!(
         matches!(fleet.commands.lock()[0], DeliveryCommand::Create { delivery_id, drone_id: 7, .. } if delivery_id == id)
     );
+    let missions = fleet.missions.lock().clone();
+    assert_eq!(missions.len(), 1, "the mission went into drone-commands");
+    assert_eq!((missions[0].delivery_id, missions[0].drone_id), (id, 7));
 
     // The only drone is busy now.
     let (status, body, retry) = call(&router, "POST", "/v1/deliveries", Some(&order())).await;
@@ -183,6 +223,20 @@ async fn an_engine_failure_leaves_nothing_behind() {
     fleet.fail.store(false, Ordering::Relaxed);
     let (status, _, _) = call(&router, "POST", "/v1/deliveries", Some(&order())).await;
     assert_eq!(status, StatusCode::CREATED);
+}
+
+#[tokio::test]
+async fn a_mission_that_cannot_be_queued_undoes_the_delivery() {
+    let (fleet, svc, router) = setup();
+    call(&router, "PUT", "/v1/drones/7", None).await;
+    fleet.fail_queue.store(true, Ordering::Relaxed);
+    let (status, body, _) = call(&router, "POST", "/v1/deliveries", Some(&order())).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["error"], "storage_full");
+    let commands = fleet.commands.lock().clone();
+    assert!(matches!(commands[..], [DeliveryCommand::Create { .. }, DeliveryCommand::Cancel { drone_id: 7, .. }]));
+    assert_eq!(svc.fleet_size(), (1, 1), "the drone was released");
+    assert!(fleet.missions.lock().is_empty());
 }
 
 #[tokio::test]

@@ -34,7 +34,7 @@ use self::state::{Message, QueueConfig, QueueState, Returned, Status};
 const COMPACT_MIN_BYTES: u64 = 8 << 20;
 
 /// Settings of every queue (`[queues.drone_commands]`, `[queues.notifications]`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct QueuesConfig {
     /// The `drone-commands` queue.
