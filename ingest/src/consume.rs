@@ -228,6 +228,15 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
 pub struct QueueConsumer {
     rx: mpsc::Receiver<Result<Leased, Error>>,
     settle_tx: mpsc::Sender<Vec<u8>>,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for QueueConsumer {
+    /// Ends the stream at once, so the server hands what this consumer held to others now
+    /// rather than at the visibility timeout.
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
 }
 
 impl QueueConsumer {
@@ -242,7 +251,7 @@ impl QueueConsumer {
         send.write_all(&encode_request(queue, keys, max_unsettled.max(1))).await?;
         let (tx, rx) = mpsc::channel(usize::from(max_unsettled.max(1)));
         let (settle_tx, mut settle_rx) = mpsc::channel::<Vec<u8>>(usize::from(max_unsettled.max(1)));
-        tokio::spawn(read_deliveries(recv, tx));
+        let reader = tokio::spawn(read_deliveries(recv, tx));
         tokio::spawn(async move {
             while let Some(frame) = settle_rx.recv().await {
                 if send.write_all(&frame).await.is_err() {
@@ -251,7 +260,7 @@ impl QueueConsumer {
             }
             let _ = send.finish();
         });
-        Ok(Self { rx, settle_tx })
+        Ok(Self { rx, settle_tx, reader })
     }
 
     /// The next message; `None` once the stream has ended.
