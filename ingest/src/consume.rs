@@ -270,9 +270,25 @@ impl QueueConsumer {
 
     /// Acks or nacks a message received on this consumer.
     pub async fn settle(&self, m: &Leased, verdict: Verdict) -> Result<(), Error> {
+        self.settler().settle(m, verdict).await
+    }
+
+    /// A handle that settles this consumer's messages from another task.
+    pub fn settler(&self) -> Settler {
+        Settler(self.settle_tx.clone())
+    }
+}
+
+/// Settles messages of one [`QueueConsumer`] (see [`QueueConsumer::settler`]).
+#[derive(Debug, Clone)]
+pub struct Settler(mpsc::Sender<Vec<u8>>);
+
+impl Settler {
+    /// Acks or nacks a message received on the consumer this settler belongs to.
+    pub async fn settle(&self, m: &Leased, verdict: Verdict) -> Result<(), Error> {
         let mut frame = Vec::with_capacity(SETTLE_HEAD);
         encode_settle(m.id, m.token, &verdict, &mut frame);
-        self.settle_tx.send(frame).await.map_err(|_| Error::Closed)
+        self.0.send(frame).await.map_err(|_| Error::Closed)
     }
 }
 

@@ -75,6 +75,16 @@ pub struct Producer {
     tx: mpsc::Sender<Frame>,
     window: Arc<Semaphore>,
     task: tokio::task::JoinHandle<ProducerStats>,
+    current: CurrentConnection,
+}
+
+/// The connection the producer sends on now, for streams that share it (queue consumers).
+type CurrentConnection = Arc<std::sync::Mutex<Option<quinn::Connection>>>;
+
+fn set_current(current: &CurrentConnection, conn: Option<quinn::Connection>) {
+    if let Ok(mut c) = current.lock() {
+        *c = conn;
+    }
 }
 
 impl Producer {
@@ -87,7 +97,9 @@ impl Producer {
         let (tx, rx) = mpsc::channel(window_size);
         let (out_tx, out_rx) = mpsc::channel(window_size);
         let window = Arc::new(Semaphore::new(window_size));
+        let current: CurrentConnection = Arc::new(std::sync::Mutex::new(Some(client.connection().clone())));
         let worker = Worker {
+            current: current.clone(),
             addr,
             cfg,
             conn: Some((client, lane, answers)),
@@ -97,7 +109,20 @@ impl Producer {
             stats: ProducerStats { connections: 1, ..ProducerStats::default() },
         };
         let task = tokio::spawn(worker.run(rx));
-        Ok((Self { tx, window, task }, out_rx))
+        Ok((Self { tx, window, task, current }, out_rx))
+    }
+
+    /// Consumes a queue on the producer's current connection (a drone gateway takes its
+    /// drones' commands on the connection it sends their telemetry on). The consumer ends when
+    /// that connection does; call again to consume on the next one.
+    pub async fn consume(
+        &self,
+        queue: events::QueueName,
+        keys: events::KeyRange,
+        max_unsettled: u16,
+    ) -> Result<crate::QueueConsumer, Error> {
+        let conn = self.current.lock().ok().and_then(|c| c.clone()).ok_or(Error::Closed)?;
+        crate::QueueConsumer::open(&conn, queue, keys, max_unsettled).await
     }
 
     /// Queues one encoded batch frame (kept, not copied, until answered); waits while `max_inflight_per_lane` batches are
@@ -123,6 +148,7 @@ impl Producer {
 }
 
 struct Worker {
+    current: CurrentConnection,
     addr: SocketAddr,
     cfg: ProducerConfig,
     conn: Option<(IngestClient, Lane, mpsc::Receiver<Answer>)>,
@@ -199,6 +225,7 @@ impl Worker {
     }
 
     fn drop_connection(&mut self, why: &str) {
+        set_current(&self.current, None);
         if let Some((client, _, _)) = self.conn.take() {
             warn!(addr = %self.addr, why, pending = self.pending.len(), "ingest connection lost; will reconnect and re-send");
             client.connection().close(quinn::VarInt::from_u32(0), b"reconnecting");
@@ -225,6 +252,7 @@ impl Worker {
                         self.stats.resent += 1;
                     }
                     if ok {
+                        set_current(&self.current, Some(client.connection().clone()));
                         self.stats.connections += 1;
                         self.conn = Some((client, lane, answers));
                         return;

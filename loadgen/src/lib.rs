@@ -428,7 +428,8 @@ pub async fn run(cfg: LoadConfig, progress: Arc<dyn Fn(&Progress) + Send + Sync>
     let client_cfg = ClientConfig::new(cfg.trust.clone());
     let observing = if cfg.raw { None } else { Some(subscribe(&cfg, &client_cfg, &counters).await?) };
 
-    // Drones, spread over connections: drone i flies on connection i % C.
+    // Drones, spread over connections in contiguous blocks, so each connection takes its
+    // drones' missions from drone-commands as one key range.
     let conns = cfg.connections.min(cfg.drones);
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x5EED);
     let leg_us = u64::try_from(cfg.leg.as_micros()).unwrap_or(u64::MAX);
@@ -437,7 +438,8 @@ pub async fn run(cfg: LoadConfig, progress: Arc<dyn Fn(&Progress) + Send + Sync>
     let seq_base = now_us();
     let mut plans: Vec<Vec<SimDrone>> = vec![Vec::new(); conns];
     for (i, &id) in ids.iter().enumerate() {
-        plans[i % conns].push(SimDrone::new(id, near_center(&mut rng, 0.05), leg_us).starting_after(seq_base));
+        plans[i * conns / ids.len()]
+            .push(SimDrone::new(id, near_center(&mut rng, 0.05), leg_us).starting_after(seq_base));
     }
     // Producer ids must differ from every earlier run's, or the server takes this run's batches
     // for re-sends of those and acknowledges them without storing them again.
@@ -445,19 +447,14 @@ pub async fn run(cfg: LoadConfig, progress: Arc<dyn Fn(&Progress) + Send + Sync>
     // Connect the whole fleet first (many handshakes at a time), so the schedule's clock starts
     // with every drone ready.
     let before = if cfg.raw { None } else { server_gauges(&http, &api).await };
-    let mut mission_txs = Vec::with_capacity(conns);
     let mut connecting = tokio::task::JoinSet::new();
     let handshakes = Arc::new(Semaphore::new(CONCURRENT_HANDSHAKES));
     for (index, drones) in plans.into_iter().enumerate() {
-        let (tx, rx) = mpsc::channel(drones.len() + 16);
-        mission_txs.push(tx);
         let driver = Driver {
             producer_id: (run_id << 16) | index as u64,
             rate: cfg.rate / conns as f64,
+            first: drones.first().map_or(0, |d| d.id),
             drones,
-            base: cfg.drone_id_base,
-            conns: conns as u64,
-            missions: rx,
         };
         let (handshakes, server, producer_cfg) =
             (handshakes.clone(), cfg.server, ProducerConfig::new(client_cfg.clone()));
@@ -493,15 +490,8 @@ pub async fn run(cfg: LoadConfig, progress: Arc<dyn Fn(&Progress) + Send + Sync>
         .collect();
 
     let scheduled_ids = Arc::new(Mutex::new(Vec::new()));
-    let customers = tokio::spawn(customers(
-        cfg.clone(),
-        http.clone(),
-        api.clone(),
-        Arc::new(mission_txs),
-        counters.clone(),
-        scheduled_ids.clone(),
-        start,
-    ));
+    let customers =
+        tokio::spawn(customers(cfg.clone(), http.clone(), api.clone(), counters.clone(), scheduled_ids.clone(), start));
     let ticker = {
         let counters = counters.clone();
         tokio::spawn(async move {
@@ -712,14 +702,53 @@ where
     })
 }
 
-/// One connection's share of the fleet.
+/// One connection's share of the fleet: drones `first..first + drones.len()`.
 struct Driver {
     producer_id: u64,
     rate: f64,
+    first: u64,
     drones: Vec<SimDrone>,
-    base: u64,
-    conns: u64,
-    missions: mpsc::Receiver<(u64, Mission)>,
+}
+
+/// Takes this connection's drones' missions from `drone-commands` on the fleet connection
+/// itself, and hands each to the driver with the means to settle it; opens the consumer again
+/// when the connection was re-established, until `stop`.
+async fn take_missions(
+    producer: Arc<Producer>,
+    keys: events::KeyRange,
+    to_driver: mpsc::Sender<(events::Leased, ingest::consume::Settler)>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    while !*stop.borrow() {
+        let mut consumer = match producer.consume(events::QueueName::DroneCommands, keys, 256).await {
+            Ok(c) => c,
+            Err(error) => {
+                tracing::debug!(%error, "mission consumer not open yet");
+                tokio::select! {
+                    _ = stop.changed() => return,
+                    () = tokio::time::sleep(Duration::from_millis(200)) => continue,
+                }
+            }
+        };
+        let settler = consumer.settler();
+        loop {
+            tokio::select! {
+                _ = stop.changed() => return,
+                m = consumer.recv() => match m {
+                    Some(Ok(m)) => {
+                        if to_driver.send((m, settler.clone())).await.is_err() {
+                            return;
+                        }
+                    }
+                    Some(Err(error)) => {
+                        tracing::warn!(%error, "mission stream ended; reopening");
+                        break;
+                    }
+                    None => break,
+                },
+            }
+        }
+    }
 }
 
 impl Driver {
@@ -733,6 +762,12 @@ impl Driver {
         start: Instant,
         start_us: u64,
     ) -> anyhow::Result<(Vec<MissionOutcome>, u64, Histogram<u64>)> {
+        let producer = Arc::new(producer);
+        let (mission_tx, mut missions) = mpsc::channel(self.drones.len().clamp(16, 1024));
+        let (stop_missions, stop_rx) = tokio::sync::watch::channel(false);
+        let keys = events::KeyRange { lo: self.first, hi: self.first + self.drones.len() as u64 };
+        let taker =
+            if cfg.raw { None } else { Some(tokio::spawn(take_missions(producer.clone(), keys, mission_tx, stop_rx))) };
         let answer_counters = counters.clone();
         let answered = tokio::spawn(async move {
             let mut events = 0u64;
@@ -762,13 +797,10 @@ impl Driver {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
             tick.tick().await;
-            while let Ok((drone_id, m)) = self.missions.try_recv() {
-                let Some(idx) = self.index_of(drone_id) else { continue };
-                match self.drones[idx].assign(m, now_us()) {
-                    Ok(finished) => outcomes.extend(finished),
-                    Err(m) => {
-                        tracing::warn!(delivery = m.delivery_id, "mission for a drone still on a delivery; dropped")
-                    }
+            while let Ok((leased, settler)) = missions.try_recv() {
+                let verdict = self.take_mission(&leased, &mut outcomes);
+                if let Err(error) = settler.settle(&leased, verdict).await {
+                    tracing::debug!(%error, "could not settle a mission; it will be redelivered");
                 }
             }
             let elapsed = start.elapsed();
@@ -795,6 +827,13 @@ impl Driver {
             }
         }
         outcomes.extend(self.drones.iter().filter_map(SimDrone::outcome_so_far));
+        let _ = stop_missions.send(true);
+        if let Some(taker) = taker {
+            let _ = taker.await;
+        }
+        drop(missions);
+        let producer =
+            Arc::try_unwrap(producer).map_err(|_| anyhow::anyhow!("the mission consumer still holds the producer"))?;
         let stats = producer.finish(cfg.settle).await;
         if stats.connections > 1 {
             tracing::warn!(
@@ -808,12 +847,30 @@ impl Driver {
         Ok((outcomes, sent.saturating_sub(answered), lag))
     }
 
-    /// Where a drone sits in this connection's list: drone i (counted from the base) flies on
-    /// connection i % C at position i / C.
+    /// Where a drone sits in this connection's list.
     fn index_of(&self, drone_id: u64) -> Option<usize> {
-        let offset = drone_id.checked_sub(self.base)?;
-        let idx = usize::try_from(offset / self.conns).ok()?;
+        let idx = usize::try_from(drone_id.checked_sub(self.first)?).ok()?;
         (idx < self.drones.len() && self.drones[idx].id == drone_id).then_some(idx)
+    }
+
+    /// A drone takes a mission from the queue: acked once the drone flies it; refused (and so
+    /// offered again later) while the drone is still busy or when it is not well-formed.
+    fn take_mission(&mut self, leased: &events::Leased, outcomes: &mut Vec<MissionOutcome>) -> events::Verdict {
+        let m = match events::Mission::from_bytes(&leased.payload) {
+            Ok(m) => m,
+            Err(error) => return events::Verdict::Nack(format!("not a mission: {error}")),
+        };
+        let Some(idx) = self.index_of(m.drone_id) else {
+            return events::Verdict::Nack(format!("drone {} does not fly on this connection", m.drone_id));
+        };
+        let mission = Mission { delivery_id: m.delivery_id, pickup: m.pickup, dropoff: m.dropoff };
+        match self.drones[idx].assign(mission, now_us()) {
+            Ok(finished) => {
+                outcomes.extend(finished);
+                events::Verdict::Ack
+            }
+            Err(_) => events::Verdict::Nack(format!("drone {} is still on a delivery", m.drone_id)),
+        }
     }
 
     /// Encodes and hands one batch to the producer, which keeps it until it is answered.
@@ -838,12 +895,11 @@ impl Driver {
     }
 }
 
-/// Schedules deliveries at the configured rate and routes each assignment to its drone.
+/// Schedules deliveries at the configured rate; the server sends each mission to its drone.
 async fn customers(
     cfg: LoadConfig,
     http: reqwest::Client,
     api: String,
-    missions: Arc<Vec<mpsc::Sender<(u64, Mission)>>>,
     counters: Arc<Counters>,
     scheduled: Arc<Mutex<Vec<u64>>>,
     start: Instant,
@@ -861,7 +917,6 @@ async fn customers(
     let mut rng = rand::rngs::StdRng::seed_from_u64(0xC057);
     let mut issued = 0u64;
     let mut tick = tokio::time::interval(Duration::from_millis(10));
-    let conns = missions.len() as u64;
     while start.elapsed() < stop_at {
         tick.tick().await;
         let target = (start.elapsed().as_secs_f64() * cfg.deliveries_per_s) as u64;
@@ -876,9 +931,8 @@ async fn customers(
                 "dropoff": dropoff,
                 "package": { "size": "small", "weight_kg": 1.5 },
             });
-            let (http, url, missions, counters, scheduled) =
-                (http.clone(), format!("{api}/v1/deliveries"), missions.clone(), counters.clone(), scheduled.clone());
-            let base = cfg.drone_id_base;
+            let (http, url, counters, scheduled) =
+                (http.clone(), format!("{api}/v1/deliveries"), counters.clone(), scheduled.clone());
             tokio::spawn(async move {
                 let _permit = permit;
                 let resp = match http.post(&url).json(&body).send().await {
@@ -894,16 +948,12 @@ async fn customers(
                     return;
                 }
                 let Ok(v) = resp.json::<serde_json::Value>().await else { return };
-                let (Some(delivery_id), Some(drone_id)) = (v["delivery_id"].as_u64(), v["drone_id"].as_u64()) else {
-                    return;
-                };
+                let Some(delivery_id) = v["delivery_id"].as_u64() else { return };
                 counters.scheduled.fetch_add(1, Ordering::Relaxed);
                 if let Ok(mut s) = scheduled.lock() {
                     s.push(delivery_id);
                 }
-                let Some(offset) = drone_id.checked_sub(base) else { return };
-                let mission = Mission { delivery_id, pickup, dropoff };
-                let _ = missions[(offset % conns) as usize].send((drone_id, mission)).await;
+                // The drone learns of it from drone-commands, over its own connection.
             });
         }
     }
