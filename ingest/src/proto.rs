@@ -83,6 +83,20 @@ impl Response {
     }
 }
 
+/// Default upper bound of QUIC path-MTU discovery, bytes of UDP payload: the most UDP allows.
+/// Connections start at 1,200 bytes and probe upward; a probe larger than the path carries is
+/// simply lost, so a high bound costs a few probes on a 1,500-byte Internet path while letting
+/// loopback, jumbo-frame and gateway links use far fewer, larger packets (fewer system calls and
+/// per-packet crypto operations for the same bytes).
+pub const DEFAULT_MAX_UDP_PAYLOAD: u16 = 65_527;
+
+/// Path-MTU discovery searching up to `max_udp_payload` (clamped to what QUIC allows).
+pub(crate) fn mtu_discovery(max_udp_payload: u16) -> quinn::MtuDiscoveryConfig {
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(max_udp_payload.clamp(1200, DEFAULT_MAX_UDP_PAYLOAD));
+    mtu
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -115,18 +129,4 @@ mod tests {
         assert!(buf.len() - RESPONSE_LEN <= MAX_REASON);
         assert!(std::str::from_utf8(&buf[RESPONSE_LEN..]).is_ok());
     }
-}
-
-/// Default upper bound of QUIC path-MTU discovery, bytes of UDP payload: the most UDP allows.
-/// Connections start at 1,200 bytes and probe upward; a probe larger than the path carries is
-/// simply lost, so a high bound costs a few probes on a 1,500-byte Internet path while letting
-/// loopback, jumbo-frame and gateway links use far fewer, larger packets (fewer system calls and
-/// per-packet crypto operations for the same bytes).
-pub const DEFAULT_MAX_UDP_PAYLOAD: u16 = 65_527;
-
-/// Path-MTU discovery searching up to `max_udp_payload` (clamped to what QUIC allows).
-pub(crate) fn mtu_discovery(max_udp_payload: u16) -> quinn::MtuDiscoveryConfig {
-    let mut mtu = quinn::MtuDiscoveryConfig::default();
-    mtu.upper_bound(max_udp_payload.clamp(1200, DEFAULT_MAX_UDP_PAYLOAD));
-    mtu
 }

@@ -43,6 +43,11 @@ async fn a_simulated_fleet_completes_its_deliveries_without_loss() {
     assert_eq!(report.delivery_events_observed, report.delivery_events_expected, "{report}");
     assert_eq!((report.lost, report.duplicates), (0, 0), "{report}");
     assert!(report.latency_us.count > 0 && report.latency_us.p50 > 0, "{report}");
+    // Every mission reached its drone through drone-commands over QUIC and was acked by it.
+    let commands = node.engine.queues().get(events::QueueName::DroneCommands);
+    let acked = commands.metrics().acked.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(acked, report.deliveries_scheduled, "{report}");
+    assert_eq!(commands.counts(), (0, 0, 0), "no mission left behind");
 
     // The API agrees with the stream: a completed delivery reads as complete, with its drone's
     // last position from the engine.

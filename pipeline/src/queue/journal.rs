@@ -277,7 +277,7 @@ mod tests {
         let cfg = QueueConfig { max_attempts: 2, ..QueueConfig::default() };
         let (acked, dead, waiting);
         {
-            let mut s = QueueState::new(cfg.clone());
+            let mut s = QueueState::new(cfg);
             let mut j = Journal::open(&path, &mut s).unwrap();
             let mut ids = Vec::new();
             for i in 0..3u8 {
@@ -301,7 +301,7 @@ mod tests {
         }
         // A torn record at the end: half a header.
         OpenOptions::new().append(true).open(&path).unwrap().write_all(&[9, 0, 0]).unwrap();
-        let mut s = QueueState::new(cfg.clone());
+        let mut s = QueueState::new(cfg);
         let j = Journal::open(&path, &mut s).unwrap();
         assert!(s.get(acked).is_none());
         let d1 = s.get(dead).unwrap();
