@@ -230,6 +230,30 @@ mod tests {
         assert!(Mission::from_bytes(&bad).is_err(), "latitude 500 is refused");
     }
 
+    proptest::proptest! {
+        /// Any bytes of a mission's length either decode to a mission that encodes back to the
+        /// same bytes or are refused; none panic.
+        #[test]
+        fn arbitrary_mission_bytes_round_trip_or_are_refused(bytes in proptest::collection::vec(proptest::num::u8::ANY, Mission::LEN)) {
+            let mut bytes = bytes;
+            bytes[0] = 1;
+            if let Ok(m) = Mission::from_bytes(&bytes) {
+                proptest::prop_assert_eq!(m.to_bytes(), bytes);
+            }
+        }
+
+        /// Every valid mission survives encoding.
+        #[test]
+        fn valid_missions_round_trip(
+            ids in (proptest::num::u64::ANY, proptest::num::u64::ANY, proptest::num::u64::ANY),
+            lat in -90.0f64..=90.0, lon in -180.0f64..=180.0, alt in -100.0f32..10_000.0,
+        ) {
+            let p = GeoPoint { lat, lon, alt_m: alt };
+            let m = Mission { delivery_id: ids.0, drone_id: ids.1, pickup: p, dropoff: GeoPoint::new(-lat, -lon), ts_us: ids.2 };
+            proptest::prop_assert_eq!(Mission::from_bytes(&m.to_bytes()), Ok(m));
+        }
+    }
+
     #[test]
     fn names_and_bytes_round_trip() {
         for q in QueueName::ALL {

@@ -299,6 +299,12 @@ async fn demo(
     let m = node.engine.metrics();
     let (applied, derived) = (m.applied.load(Ordering::Relaxed), m.derived.load(Ordering::Relaxed));
     let rejected = node.ingest_metrics.rejected_total();
+    let commands = node.engine.queues().get(events::QueueName::DroneCommands);
+    let (missions_acked, missions_redelivered, (_, _, missions_dead)) = (
+        commands.metrics().acked.load(Ordering::Relaxed),
+        commands.metrics().redelivered.load(Ordering::Relaxed),
+        commands.counts(),
+    );
     node.shutdown().await.context("shutting down")?;
     let _ = std::fs::remove_dir_all(&data_dir);
     let Some(report) = outcome else {
@@ -309,6 +315,9 @@ async fn demo(
     println!("{report}");
     println!(
         "engine      applied {applied} drone events, derived {derived} delivery events, rejected {rejected} batches"
+    );
+    println!(
+        "missions    {missions_acked} acked by their drones over QUIC (drone-commands), {missions_redelivered} redelivered, {missions_dead} dead-lettered"
     );
     if let Some(path) = report_path {
         std::fs::write(&path, serde_json::to_vec_pretty(&report)?)
