@@ -583,7 +583,7 @@ impl StreamSource for Engine {
 
 impl WorkQueues for Engine {
     async fn enqueue(&self, queue: QueueName, key: u64, payload: Vec<u8>) -> Result<u64, Error> {
-        self.inner.queues.get(queue).enqueue(key, payload).await
+        self.inner.queues.enqueue(queue, key, payload).await
     }
 
     async fn lease(
@@ -597,7 +597,7 @@ impl WorkQueues for Engine {
         if self.inner.stopping.load(Ordering::Acquire) {
             return Err(Error::ShuttingDown);
         }
-        Ok(self.inner.queues.get(queue).lease(consumer, keys, max, wait).await)
+        self.inner.queues.lease(queue, consumer, keys, max, wait).await
     }
 
     fn settle(&self, queue: QueueName, id: u64, token: u64, verdict: Verdict) -> Result<(), Error> {

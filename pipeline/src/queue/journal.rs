@@ -64,12 +64,7 @@ impl Journal {
     /// Journals a message in full (enqueue, or a snapshot line).
     pub fn put(&mut self, m: &Message) -> Result<u64, Error> {
         self.buf.clear();
-        self.buf.push(PUT);
-        self.buf.extend_from_slice(&m.id.to_le_bytes());
-        self.buf.extend_from_slice(&m.key.to_le_bytes());
-        self.buf.extend_from_slice(&m.enqueued_us.to_le_bytes());
-        encode_status(&mut self.buf, m);
-        self.buf.extend_from_slice(&m.payload);
+        encode_put(&mut self.buf, m);
         self.write()
     }
 
@@ -112,12 +107,7 @@ impl Journal {
         let mut out = Vec::new();
         for m in state.messages() {
             self.buf.clear();
-            self.buf.push(PUT);
-            self.buf.extend_from_slice(&m.id.to_le_bytes());
-            self.buf.extend_from_slice(&m.key.to_le_bytes());
-            self.buf.extend_from_slice(&m.enqueued_us.to_le_bytes());
-            encode_status(&mut self.buf, m);
-            self.buf.extend_from_slice(&m.payload);
+            encode_put(&mut self.buf, m);
             frame(&mut out, &self.buf);
         }
         {
@@ -159,6 +149,15 @@ fn frame(out: &mut Vec<u8>, body: &[u8]) {
     out.extend_from_slice(&(body.len() as u32).to_le_bytes());
     out.extend_from_slice(&crc32c::crc32c(body).to_le_bytes());
     out.extend_from_slice(body);
+}
+
+fn encode_put(buf: &mut Vec<u8>, m: &Message) {
+    buf.push(PUT);
+    buf.extend_from_slice(&m.id.to_le_bytes());
+    buf.extend_from_slice(&m.key.to_le_bytes());
+    buf.extend_from_slice(&m.enqueued_us.to_le_bytes());
+    encode_status(buf, m);
+    buf.extend_from_slice(&m.payload);
 }
 
 fn encode_status(buf: &mut Vec<u8>, m: &Message) {
