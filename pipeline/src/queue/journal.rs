@@ -34,6 +34,8 @@ pub struct Journal {
     path: PathBuf,
     file: Arc<File>,
     bytes: u64,
+    /// Bytes right after opening or the last compaction: about what the queue holds.
+    base_bytes: u64,
     seq: u64,
     buf: Vec<u8>,
 }
@@ -58,7 +60,8 @@ impl Journal {
             file.set_len(valid as u64).map_err(io(format!("truncating {}", path.display())))?;
             file.sync_all().map_err(io(format!("syncing {}", path.display())))?;
         }
-        Ok(Self { path: path.to_path_buf(), file: Arc::new(file), bytes: valid as u64, seq: 0, buf: Vec::new() })
+        let bytes = valid as u64;
+        Ok(Self { path: path.to_path_buf(), file: Arc::new(file), bytes, base_bytes: bytes, seq: 0, buf: Vec::new() })
     }
 
     /// Journals a message in full (enqueue, or a snapshot line).
@@ -88,6 +91,11 @@ impl Journal {
     /// Bytes in the file.
     pub fn bytes(&self) -> u64 {
         self.bytes
+    }
+
+    /// Bytes right after opening or the last compaction.
+    pub fn base_bytes(&self) -> u64 {
+        self.base_bytes
     }
 
     /// The number of the last record written; [`Journal::sync_handle`] makes it durable.
@@ -126,6 +134,7 @@ impl Journal {
             .map_err(io(format!("opening {}", self.path.display())))?;
         self.file = Arc::new(file);
         self.bytes = out.len() as u64;
+        self.base_bytes = self.bytes;
         Ok(())
     }
 
