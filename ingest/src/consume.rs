@@ -29,6 +29,9 @@ use crate::proto::STREAM_CONSUME;
 pub const REQUEST_LEN: usize = 1 + 8 + 8 + 2;
 const DELIVERY_HEAD: usize = 8 + 8 + 4 + 8 + 4;
 const SETTLE_HEAD: usize = 8 + 8 + 1 + 2;
+/// How long one lease call waits for a message before the loop asks again. Long: a message
+/// wakes its waiting consumer directly, and a stop or a gone client ends the wait at once.
+const LEASE_WAIT: Duration = Duration::from_secs(30);
 /// Largest payload a consumer accepts.
 pub const MAX_PAYLOAD: usize = 1 << 20;
 /// Longest nack reason carried.
@@ -131,7 +134,7 @@ pub(crate) async fn serve<E: WorkQueues>(
             biased;
             () = stopped(&mut stop) => { credit.add_permits(1); break }
             _ = send.stopped() => { credit.add_permits(1); break }
-            leased = engine.lease(queue, consumer, keys, room, Duration::from_secs(1)) => leased,
+            leased = engine.lease(queue, consumer, keys, room, LEASE_WAIT) => leased,
         };
         let leased = match leased {
             Ok(l) => l,

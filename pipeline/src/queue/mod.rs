@@ -104,7 +104,7 @@ struct Inner {
 pub struct Queue {
     name: QueueName,
     inner: Mutex<Inner>,
-    ready: Notify,
+    waiters: Waiters,
     synced: AtomicU64,
     sync_lock: Mutex<()>,
     metrics: QueueMetrics,
@@ -131,7 +131,7 @@ impl Queue {
         Ok(Self {
             name,
             inner: Mutex::new(Inner { state, journal }),
-            ready: Notify::new(),
+            waiters: Waiters::default(),
             synced: AtomicU64::new(0),
             sync_lock: Mutex::new(()),
             metrics: QueueMetrics::default(),
@@ -176,7 +176,7 @@ impl Queue {
             (id, seq)
         };
         self.metrics.enqueued.fetch_add(1, Ordering::Relaxed);
-        self.ready.notify_waiters();
+        self.waiters.wake(key);
         if let Some(seq) = seq {
             self.sync_to_blocking(seq).await?;
         }
@@ -213,15 +213,14 @@ impl Queue {
     /// Leases up to `max` messages with keys in `keys`, waiting up to `wait` for the first.
     pub async fn lease(&self, consumer: u64, keys: KeyRange, max: usize, wait: Duration) -> Vec<Leased> {
         let deadline = tokio::time::Instant::now() + wait;
+        // Registered before looking, so a message that turns up in between leaves a wake-up.
+        let waiter = self.waiters.register(keys);
         loop {
-            let notified = self.ready.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
             let got = self.lease_now(consumer, keys, max);
             if !got.is_empty() {
                 return got;
             }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+            if tokio::time::timeout_at(deadline, waiter.notify.notified()).await.is_err() {
                 return Vec::new();
             }
         }
@@ -295,6 +294,9 @@ impl Queue {
             let id = match r {
                 Returned::Requeued { id } => {
                     self.metrics.redelivered.fetch_add(1, Ordering::Relaxed);
+                    if let Some(m) = state.get(*id) {
+                        self.waiters.wake(m.key);
+                    }
                     *id
                 }
                 Returned::DeadLettered { id, attempts, reason } => {
@@ -309,7 +311,6 @@ impl Queue {
                 tracing::warn!(queue = self.name.name(), %error, "could not journal a redelivery");
             }
         }
-        self.ready.notify_waiters();
     }
 
     /// Dead letters with ids above `after`, oldest first.
@@ -327,12 +328,15 @@ impl Queue {
         let mut inner = self.inner.lock();
         let Inner { state, journal } = &mut *inner;
         state.replay(id)?;
+        let key = state.get(id).map(|m| m.key);
         if let (Some(j), Some(m)) = (journal.as_mut(), state.get(id)) {
             j.update(m).map_err(storage)?;
         }
         self.metrics.replayed.fetch_add(1, Ordering::Relaxed);
         drop(inner);
-        self.ready.notify_waiters();
+        if let Some(key) = key {
+            self.waiters.wake(key);
+        }
         Ok(())
     }
 
@@ -345,6 +349,46 @@ impl Queue {
             j.remove(id).map_err(storage)?;
         }
         Ok(())
+    }
+}
+
+/// Consumers waiting for messages, each with its key range: a message that becomes ready wakes
+/// only the waiters whose range holds its key, so a queue keyed by drone with a consumer per
+/// fleet connection wakes one task per mission, not every connection's.
+#[derive(Default)]
+struct Waiters {
+    next: AtomicU64,
+    list: Mutex<Vec<(u64, KeyRange, Arc<Notify>)>>,
+}
+
+/// A registration in [`Waiters`], removed on drop.
+struct Waiter<'a> {
+    id: u64,
+    notify: Arc<Notify>,
+    waiters: &'a Waiters,
+}
+
+impl Drop for Waiter<'_> {
+    fn drop(&mut self) {
+        self.waiters.list.lock().retain(|(id, _, _)| *id != self.id);
+    }
+}
+
+impl Waiters {
+    fn register(&self, keys: KeyRange) -> Waiter<'_> {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let notify = Arc::new(Notify::new());
+        self.list.lock().push((id, keys, notify.clone()));
+        Waiter { id, notify, waiters: self }
+    }
+
+    /// Wakes the waiters whose range holds `key` (a waiter not yet asleep keeps the wake-up).
+    fn wake(&self, key: u64) {
+        for (_, keys, notify) in self.list.lock().iter() {
+            if keys.contains(key) {
+                notify.notify_one();
+            }
+        }
     }
 }
 
@@ -486,5 +530,28 @@ impl WorkQueues for Queues {
 
     fn new_consumer(&self) -> u64 {
         self.next_consumer.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_ready_key_wakes_only_the_waiters_whose_range_holds_it() {
+        let waiters = Waiters::default();
+        let low = waiters.register(KeyRange { lo: 0, hi: 10 });
+        let high = waiters.register(KeyRange { lo: 10, hi: 20 });
+        let all = waiters.register(KeyRange::ALL);
+        waiters.wake(15);
+        let woke = |w: &Waiter<'_>| {
+            let n = w.notify.clone();
+            async move { tokio::time::timeout(Duration::from_millis(20), n.notified()).await.is_ok() }
+        };
+        assert!(!woke(&low).await, "a waiter for other keys sleeps on");
+        assert!(woke(&high).await, "the wake-up is kept even though it came before the wait");
+        assert!(woke(&all).await);
+        drop(high);
+        assert_eq!(waiters.list.lock().len(), 2, "a finished wait deregisters");
     }
 }
