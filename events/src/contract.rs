@@ -93,6 +93,9 @@ pub enum StartAt {
     Latest,
     /// This log offset (an [`Error::OffsetUnavailable`] if the log no longer or not yet holds it).
     Offset(u64),
+    /// The first batch whose first event was created at or after this time (µs since the
+    /// epoch); the end of the log if none was.
+    Time(u64),
 }
 
 impl StartAt {
@@ -102,6 +105,7 @@ impl StartAt {
             StartAt::Offset(offset) => (0, offset),
             StartAt::Earliest => (1, 0),
             StartAt::Latest => (2, 0),
+            StartAt::Time(us) => (3, us),
         }
     }
 
@@ -111,6 +115,7 @@ impl StartAt {
             0 => Ok(StartAt::Offset(value)),
             1 => Ok(StartAt::Earliest),
             2 => Ok(StartAt::Latest),
+            3 => Ok(StartAt::Time(value)),
             _ => Err(Error::MalformedFrame("unknown subscription start position")),
         }
     }
@@ -138,10 +143,35 @@ pub trait StreamSource: Send + Sync + 'static {
     /// Subscribes to the delivery-events log in the same way.
     fn subscribe_deliveries_from(&self, from: StartAt) -> Result<OffsetSubscription<DeliveryEvent>, Error>;
 
+    /// Where the named cursor of `topic` stands: the next offset its subscriber reads. `None`
+    /// for a cursor never committed.
+    fn cursor(&self, topic: Topic, name: &str) -> Result<Option<u64>, Error> {
+        let _ = (topic, name);
+        Ok(None)
+    }
+
+    /// Moves a named cursor: its subscriber has processed everything before `next`. A
+    /// subscriber that reconnects under the same name resumes there.
+    fn commit_cursor(&self, topic: Topic, name: &str, next: u64) -> Result<(), Error> {
+        let _ = (topic, name, next);
+        Err(Error::MalformedFrame("this source keeps no cursors"))
+    }
+
     /// Subscribes to telemetry from now on.
     fn subscribe_telemetry(&self, overflow: Overflow) -> Result<Subscription<DroneEvent>, Error>;
     /// Subscribes to delivery events from now on.
     fn subscribe_deliveries(&self, overflow: Overflow) -> Result<Subscription<DeliveryEvent>, Error>;
+}
+
+/// Longest cursor name.
+pub const MAX_CURSOR_NAME: usize = 64;
+
+/// Checks a cursor name: 1 to 64 ASCII letters, digits, `-`, `_` or `.`.
+pub fn valid_cursor_name(name: &str) -> Result<(), Error> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_CURSOR_NAME
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if ok { Ok(()) } else { Err(Error::MalformedFrame("a cursor name is 1 to 64 of A-Z a-z 0-9 - _ .")) }
 }
 
 /// What the scheduling edge needs from the engine.
@@ -205,10 +235,22 @@ mod tests {
 
     #[test]
     fn start_positions_round_trip_and_unknown_kinds_are_refused() {
-        for start in [StartAt::Earliest, StartAt::Latest, StartAt::Offset(0), StartAt::Offset(u64::MAX)] {
+        for start in
+            [StartAt::Earliest, StartAt::Latest, StartAt::Offset(0), StartAt::Offset(u64::MAX), StartAt::Time(17)]
+        {
             let (kind, value) = start.to_wire();
             assert_eq!(StartAt::from_wire(kind, value).ok(), Some(start));
         }
         assert!(matches!(StartAt::from_wire(9, 0), Err(Error::MalformedFrame(_))));
+    }
+
+    #[test]
+    fn cursor_names_are_short_and_plain() {
+        for good in ["history", "dash-1", "svc.delivery_2"] {
+            assert!(valid_cursor_name(good).is_ok(), "{good}");
+        }
+        for bad in ["", "has space", "ünïcode", &"x".repeat(65)] {
+            assert!(valid_cursor_name(bad).is_err(), "{bad}");
+        }
     }
 }

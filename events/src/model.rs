@@ -95,8 +95,9 @@ impl ArchivedFlightStatus {
 }
 
 /// Why a drone event was sent.
-#[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[rkyv(derive(Debug))]
+#[serde(rename_all = "snake_case", tag = "type")]
 pub enum DroneEventKind {
     /// A periodic position report.
     Position,
@@ -118,7 +119,7 @@ pub enum DroneEventKind {
 }
 
 /// One telemetry event from one drone.
-#[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq)]
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, serde::Serialize)]
 #[rkyv(derive(Debug))]
 pub struct DroneEvent {
     /// The reporting drone.
@@ -199,7 +200,7 @@ impl ArchivedDeliveryStage {
 ///
 /// `(delivery_id, seq)` identifies the event: the engine derives it deterministically, so a
 /// subscriber that sees the same pair twice (after a replay) knows it is a repeat.
-#[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq)]
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, serde::Serialize)]
 #[rkyv(derive(Debug))]
 pub struct DeliveryEvent {
     /// The delivery.

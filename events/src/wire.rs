@@ -206,6 +206,9 @@ pub trait Payload: rkyv::Archive + Sized + 'static {
 
     /// Appends the archive of `events` to `buf`.
     fn archive_into(events: &[Self], buf: Buffer) -> Result<Buffer, rancor::Error>;
+
+    /// When an archived event was created, µs since the epoch.
+    fn created_us(event: &Self::Archived) -> u64;
 }
 
 macro_rules! payload {
@@ -219,6 +222,10 @@ macro_rules! payload {
 
             fn archive_into(events: &[Self], buf: Buffer) -> Result<Buffer, rancor::Error> {
                 rkyv::api::high::to_bytes_in::<_, rancor::Error>(&SliceBody(events), buf)
+            }
+
+            fn created_us(event: &Self::Archived) -> u64 {
+                event.ts_us.to_native()
             }
         }
     };
@@ -311,6 +318,12 @@ impl<T: Payload> Batch<T> {
     /// The header.
     pub fn header(&self) -> &BatchHeader {
         &self.header
+    }
+
+    /// When the batch's first event was created (µs since the epoch); `None` for an empty
+    /// batch.
+    pub fn first_created_us(&self) -> Option<u64> {
+        self.events().first().map(T::created_us)
     }
 
     /// The events, read in place.

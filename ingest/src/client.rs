@@ -18,7 +18,8 @@ use tokio::sync::{Semaphore, mpsc};
 
 use crate::Error;
 use crate::proto::{
-    RESPONSE_LEN, Response, STREAM_INGEST, STREAM_SUBSCRIBE, STREAM_SUBSCRIBE_FROM, TOPIC_DELIVERIES, TOPIC_TELEMETRY,
+    RESPONSE_LEN, Response, STREAM_INGEST, STREAM_SUBSCRIBE, STREAM_SUBSCRIBE_CURSOR, STREAM_SUBSCRIBE_FROM,
+    TOPIC_DELIVERIES, TOPIC_TELEMETRY,
 };
 use crate::tls::{Trust, client_crypto};
 
@@ -123,7 +124,7 @@ impl IngestClient {
     pub async fn subscribe<T: Payload>(&self, topic: Topic) -> Result<RemoteSubscription<T>, Error> {
         let (mut send, recv) = self.conn.open_bi().await?;
         send.write_all(&[STREAM_SUBSCRIBE, topic_byte(topic)]).await?;
-        let mut sub = RemoteSubscription { _send: send, recv, limits: self.cfg.limits, _payload: PhantomData };
+        let mut sub = RemoteSubscription { send, recv, limits: self.cfg.limits, _payload: PhantomData };
         match sub.next().await? {
             Some(ready) if ready.is_empty() => Ok(sub),
             Some(_) => Err(WireError::MalformedFrame("subscription did not start with its ready marker").into()),
@@ -135,18 +136,45 @@ impl IngestClient {
     /// subscription in place (so with [`StartAt::Latest`] every batch appended after this returns
     /// arrives); [`LogSubscription::start`] tells the offset it resolved to.
     pub async fn subscribe_from<T: Payload>(&self, topic: Topic, from: StartAt) -> Result<LogSubscription<T>, Error> {
+        self.open_log_subscription(topic, from, None).await
+    }
+
+    /// Reads a topic's log under the named cursor `name`: from where that cursor stands, or
+    /// from `from` when the name is new. Commit progress with [`LogSubscription::commit`]; a
+    /// later subscription under the same name resumes at the last commit.
+    pub async fn subscribe_named<T: Payload>(
+        &self,
+        topic: Topic,
+        name: &str,
+        from: StartAt,
+    ) -> Result<LogSubscription<T>, Error> {
+        events::contract::valid_cursor_name(name)?;
+        self.open_log_subscription(topic, from, Some(name)).await
+    }
+
+    async fn open_log_subscription<T: Payload>(
+        &self,
+        topic: Topic,
+        from: StartAt,
+        name: Option<&str>,
+    ) -> Result<LogSubscription<T>, Error> {
         let (mut send, recv) = self.conn.open_bi().await?;
         let (kind, value) = from.to_wire();
-        let mut request = [0u8; 11];
-        request[..3].copy_from_slice(&[STREAM_SUBSCRIBE_FROM, topic_byte(topic), kind]);
-        request[3..].copy_from_slice(&value.to_le_bytes());
+        let stream_kind = if name.is_some() { STREAM_SUBSCRIBE_CURSOR } else { STREAM_SUBSCRIBE_FROM };
+        let mut request = Vec::with_capacity(12 + events::contract::MAX_CURSOR_NAME);
+        request.extend_from_slice(&[stream_kind, topic_byte(topic), kind]);
+        request.extend_from_slice(&value.to_le_bytes());
+        if let Some(name) = name {
+            request.push(name.len() as u8);
+            request.extend_from_slice(name.as_bytes());
+        }
         send.write_all(&request).await?;
-        let mut inner = RemoteSubscription { _send: send, recv, limits: self.cfg.limits, _payload: PhantomData };
+        let mut inner = RemoteSubscription { send, recv, limits: self.cfg.limits, _payload: PhantomData };
         let start = match inner.read_offset().await? {
             Some(start) => start,
             None => return Err(Error::Closed),
         };
-        Ok(LogSubscription { inner, start })
+        Ok(LogSubscription { inner, start, named: name.is_some() })
     }
 
     /// The underlying connection, for callers that speak the framing themselves.
@@ -211,7 +239,7 @@ async fn read_answers(mut recv: RecvStream, window: Arc<Semaphore>, tx: mpsc::Se
 /// A subscription over the network.
 #[derive(Debug)]
 pub struct RemoteSubscription<T: Payload> {
-    _send: SendStream,
+    send: SendStream,
     recv: RecvStream,
     limits: Limits,
     _payload: PhantomData<fn() -> T>,
@@ -249,12 +277,23 @@ impl<T: Payload> RemoteSubscription<T> {
 pub struct LogSubscription<T: Payload> {
     inner: RemoteSubscription<T>,
     start: u64,
+    named: bool,
 }
 
 impl<T: Payload> LogSubscription<T> {
     /// The log offset the subscription started at.
     pub fn start(&self) -> u64 {
         self.start
+    }
+
+    /// Commits a named subscription's cursor: everything before `next` is processed (pass the
+    /// offset of the last batch handled plus one).
+    pub async fn commit(&mut self, next: u64) -> Result<(), Error> {
+        if !self.named {
+            return Err(WireError::MalformedFrame("only a named subscription has a cursor to commit").into());
+        }
+        self.inner.send.write_all(&next.to_le_bytes()).await?;
+        Ok(())
     }
 
     /// The next batch with its log offset; `None` when the server finished the stream.

@@ -10,13 +10,19 @@
 //!   [`TOPIC_DELIVERIES`]); the server answers with an empty batch once the subscription is in
 //!   place, then writes batch frames of that topic, live, until the client stops reading.
 //! - [`STREAM_SUBSCRIBE_FROM`]: the client writes a topic byte, a start kind byte (0 = the
-//!   offset that follows, 1 = earliest retained, 2 = latest) and a u64 offset (ignored unless
-//!   the kind is 0). Once the subscription is in place the server writes the resolved start
+//!   offset that follows, 1 = earliest retained, 2 = latest, 3 = the first batch created at or
+//!   after the u64 time in µs since the epoch) and a u64 (ignored for 1 and 2). Once the subscription is in place the server writes the resolved start
 //!   offset (u64), then each batch of that topic's log from there on as its offset (u64)
 //!   followed by the batch frame, from the log and then live. An offset the log no longer (or
 //!   not yet) holds resets the stream with code 22 (`offset_unavailable`). A server that ends a subscription resets the stream with an
 //!   `events::Error` code (16 = lagged, 14 = shutting down).
 //!
+//! - [`STREAM_SUBSCRIBE_CURSOR`]: as [`STREAM_SUBSCRIBE_FROM`], with a cursor name after the
+//!   offset (u8 length, then 1 to 64 of `A-Z a-z 0-9 - _ .`). When the cursor exists the
+//!   subscription starts where it stands and the start position only applies to a new name.
+//!   The client then writes u64 commits on its side of the stream: "everything before this
+//!   offset is processed". A reconnect under the same name resumes at the last commit, so a
+//!   subscriber sees again at most what it read after its last commit.
 //! - [`STREAM_CONSUME`]: a queue consumer; the request and the frames are described in
 //!   [`crate::consume`].
 //!
@@ -33,6 +39,8 @@ pub const STREAM_SUBSCRIBE: u8 = 2;
 pub const STREAM_SUBSCRIBE_FROM: u8 = 3;
 /// Stream purpose: consuming a queue (see [`crate::consume`]).
 pub const STREAM_CONSUME: u8 = 4;
+/// Stream purpose: reading a topic's log under a named cursor, committing as it goes.
+pub const STREAM_SUBSCRIBE_CURSOR: u8 = 5;
 /// Topic byte for `drone-telemetry`.
 pub const TOPIC_TELEMETRY: u8 = 1;
 /// Topic byte for `delivery-events`.

@@ -26,7 +26,8 @@ use std::time::Duration;
 
 use events::wire::{Batch, BatchHeader, Buffer, HEADER_LEN, Payload};
 use events::{
-    BatchSink, Error as WireError, Limits, Overflow, StartAt, StreamSource, Subscription, TelemetryBatch, WorkQueues,
+    BatchSink, Error as WireError, Limits, Overflow, StartAt, StreamSource, Subscription, TelemetryBatch, Topic,
+    WorkQueues,
 };
 use quinn::{ReadExactError, RecvStream, SendStream, VarInt};
 use serde::{Deserialize, Serialize};
@@ -36,7 +37,8 @@ use tracing::{debug, info, warn};
 
 use crate::Error;
 use crate::proto::{
-    Response, STREAM_CONSUME, STREAM_INGEST, STREAM_SUBSCRIBE, STREAM_SUBSCRIBE_FROM, TOPIC_DELIVERIES, TOPIC_TELEMETRY,
+    Response, STREAM_CONSUME, STREAM_INGEST, STREAM_SUBSCRIBE, STREAM_SUBSCRIBE_CURSOR, STREAM_SUBSCRIBE_FROM,
+    TOPIC_DELIVERIES, TOPIC_TELEMETRY,
 };
 use crate::tls::{Identity, server_crypto};
 
@@ -328,7 +330,8 @@ where
     match kind[0] {
         STREAM_INGEST => ingest_stream(send, recv, engine, ctx, stop).await,
         STREAM_SUBSCRIBE => subscribe_stream(send, recv, engine, ctx, stop).await,
-        STREAM_SUBSCRIBE_FROM => subscribe_from_stream(send, recv, engine, ctx, stop).await,
+        STREAM_SUBSCRIBE_FROM => subscribe_from_stream(send, recv, engine, ctx, stop, false).await,
+        STREAM_SUBSCRIBE_CURSOR => subscribe_from_stream(send, recv, engine, ctx, stop, true).await,
         STREAM_CONSUME => crate::consume::serve(send, recv, engine, stop).await,
         other => {
             let error = WireError::MalformedFrame("unknown stream kind");
@@ -479,34 +482,82 @@ async fn subscribe_stream<E: StreamSource>(
     ctx.metrics.subscribers_open.fetch_sub(1, Ordering::Relaxed);
 }
 
+/// An offset subscription (stream kind 3), or a named one (kind 5): the request names a cursor
+/// after the start position, the subscription starts at that cursor when it exists, and the
+/// client commits on its side of the stream (u64 next offsets) as it processes.
 async fn subscribe_from_stream<E: StreamSource>(
     send: SendStream,
     mut recv: RecvStream,
     engine: Arc<E>,
     ctx: Arc<Ctx>,
     stop: watch::Receiver<bool>,
+    named: bool,
 ) {
     let mut request = [0u8; 10];
     if recv.read_exact(&mut request).await.is_err() {
         return;
     }
-    let from = match StartAt::from_wire(request[1], u64_at(&request, 2)) {
+    let topic = match request[0] {
+        TOPIC_TELEMETRY => Topic::DroneTelemetry,
+        TOPIC_DELIVERIES => Topic::DeliveryEvents,
+        _ => return refuse(send, &WireError::MalformedFrame("unknown topic")),
+    };
+    let mut from = match StartAt::from_wire(request[1], u64_at(&request, 2)) {
         Ok(from) => from,
         Err(error) => return refuse(send, &error),
     };
+    let mut name = None;
+    if named {
+        let mut len = [0u8; 1];
+        if recv.read_exact(&mut len).await.is_err() {
+            return;
+        }
+        let mut raw = vec![0u8; usize::from(len[0])];
+        if recv.read_exact(&mut raw).await.is_err() {
+            return;
+        }
+        let Ok(n) = String::from_utf8(raw) else {
+            return refuse(send, &WireError::MalformedFrame("a cursor name is UTF-8"));
+        };
+        match engine.cursor(topic, &n) {
+            Ok(Some(next)) => from = StartAt::Offset(next),
+            Ok(None) => {}
+            Err(error) => return refuse(send, &error),
+        }
+        name = Some(n);
+    }
     ctx.metrics.subscribers_open.fetch_add(1, Ordering::Relaxed);
-    match request[0] {
-        TOPIC_TELEMETRY => match engine.subscribe_telemetry_from(from) {
+    let commits = name.map(|name| {
+        let engine = engine.clone();
+        tokio::spawn(async move { read_commits(recv, engine, topic, name).await })
+    });
+    match topic {
+        Topic::DroneTelemetry => match engine.subscribe_telemetry_from(from) {
             Ok(sub) => follow(send, sub, stop).await,
             Err(error) => refuse(send, &error),
         },
-        TOPIC_DELIVERIES => match engine.subscribe_deliveries_from(from) {
+        Topic::DeliveryEvents => match engine.subscribe_deliveries_from(from) {
             Ok(sub) => follow(send, sub, stop).await,
             Err(error) => refuse(send, &error),
         },
-        _ => refuse(send, &WireError::MalformedFrame("unknown topic")),
+    }
+    if let Some(commits) = commits {
+        // Commits already in flight when the stream ends still count.
+        let _ = tokio::time::timeout(Duration::from_millis(500), commits).await;
     }
     ctx.metrics.subscribers_open.fetch_sub(1, Ordering::Relaxed);
+}
+
+/// Applies a named subscriber's commits until it stops sending them.
+async fn read_commits<E: StreamSource>(mut recv: RecvStream, engine: Arc<E>, topic: Topic, name: String) {
+    let mut next = [0u8; 8];
+    while recv.read_exact(&mut next).await.is_ok() {
+        if let Err(error) = engine.commit_cursor(topic, &name, u64::from_le_bytes(next)) {
+            warn!(%error, cursor = %name, topic = topic.name(), "cursor commit refused");
+            let _ = recv.stop(VarInt::from_u32(u32::from(error.code())));
+            return;
+        }
+    }
 }
 
 fn refuse(mut send: SendStream, error: &WireError) {

@@ -1,5 +1,6 @@
-//! The engine's own HTTP routes, beside the services': the queue path's dead-letter queues and
-//! counts.
+//! The engine's own HTTP routes, beside the services': the stream path for dashboards and
+//! simple clients (topics as Server-Sent Events, cursors and their lag) and the queue path's
+//! dead-letter queues and counts.
 //!
 //! | method | path | what |
 //! |---|---|---|
@@ -8,6 +9,8 @@
 //! | GET | `/v1/queues/{queue}/dead-letters/{id}` | one dead letter with its payload (hex; a mission decoded) |
 //! | POST | `/v1/queues/{queue}/dead-letters/{id}/replay` | back into the queue with fresh attempts |
 //! | DELETE | `/v1/queues/{queue}/dead-letters/{id}` | delete it for good |
+//! | GET | `/v1/streams` | each topic's first and next offsets, its named cursors and their lag |
+//! | GET | `/v1/streams/{topic}/events?from=&cursor=` | the topic as Server-Sent Events (JSON) |
 //!
 //! Errors are the services' JSON errors (`{"error": code, "message": text}`).
 
@@ -15,10 +18,12 @@ use std::fmt::Write;
 use std::sync::atomic::Ordering;
 
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use events::{Mission, QueueName};
+use events::{Mission, QueueName, StartAt, StreamSource, Topic};
+use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use services::Error;
@@ -33,6 +38,8 @@ pub fn router(engine: Engine) -> Router {
         .route("/v1/queues/{queue}/dead-letters", get(dead_letters))
         .route("/v1/queues/{queue}/dead-letters/{id}", get(dead_letter).delete(purge))
         .route("/v1/queues/{queue}/dead-letters/{id}/replay", post(replay))
+        .route("/v1/streams", get(streams))
+        .route("/v1/streams/{topic}/events", get(stream_events))
         .with_state(engine)
 }
 
@@ -139,4 +146,133 @@ async fn purge(State(engine): State<Engine>, Path((name, id)): Path<(String, Str
     q.purge(id)?;
     tracing::info!(queue = %name, id, "dead letter deleted");
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// `GET /v1/streams`: each topic's log bounds and its named cursors with their lag.
+async fn streams(State(engine): State<Engine>) -> Json<Value> {
+    let topics: Vec<Value> = [Topic::DroneTelemetry, Topic::DeliveryEvents]
+        .into_iter()
+        .map(|topic| {
+            let (first, next) = engine.topic_bounds(topic);
+            let cursors: Vec<Value> = engine
+                .cursors()
+                .list(topic)
+                .into_iter()
+                .map(|(name, c)| json!({ "name": name, "next": c.next, "lag": next.saturating_sub(c.next), "updated_us": c.updated_us }))
+                .collect();
+            json!({ "topic": topic.name(), "first": first, "next": next, "cursors": cursors })
+        })
+        .collect();
+    Json(json!({ "streams": topics }))
+}
+
+/// Appends `fleetstream_stream_cursor_lag{topic,cursor}`: batches between each named cursor
+/// and the end of its topic.
+pub fn render_cursor_metrics(engine: &Engine, out: &mut String) {
+    let _ = writeln!(out, "# TYPE fleetstream_stream_cursor_lag gauge");
+    for topic in [Topic::DroneTelemetry, Topic::DeliveryEvents] {
+        let (_, next) = engine.topic_bounds(topic);
+        for (name, c) in engine.cursors().list(topic) {
+            let lag = next.saturating_sub(c.next);
+            let _ =
+                writeln!(out, "fleetstream_stream_cursor_lag{{topic=\"{}\",cursor=\"{name}\"}} {lag}", topic.name());
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StreamQuery {
+    /// `earliest`, `latest` (default), an offset, or `time:<µs since the epoch>`.
+    #[serde(default)]
+    from: Option<String>,
+    /// A named cursor: start where it stands and commit as batches are sent.
+    #[serde(default)]
+    cursor: Option<String>,
+}
+
+fn parse_start(raw: Option<&str>) -> Result<StartAt, Error> {
+    match raw {
+        None | Some("latest") => Ok(StartAt::Latest),
+        Some("earliest") => Ok(StartAt::Earliest),
+        Some(t) if t.starts_with("time:") => t[5..]
+            .parse()
+            .map(StartAt::Time)
+            .map_err(|_| Error::BadRequest(format!("{t:?}: time: takes µs since the epoch"))),
+        Some(o) => o
+            .parse()
+            .map(StartAt::Offset)
+            .map_err(|_| Error::BadRequest(format!("from={o:?}: use earliest, latest, an offset or time:<µs>"))),
+    }
+}
+
+/// `GET /v1/streams/{topic}/events`: the topic as Server-Sent Events, one `batch` event per log
+/// batch with the offset as its id and the events as JSON. A reconnecting client sends
+/// `Last-Event-ID` and resumes after it; with `cursor=NAME` the server keeps the cursor and
+/// commits each batch once the next one is handed to the connection.
+async fn stream_events(
+    State(engine): State<Engine>,
+    Path(topic): Path<String>,
+    Query(q): Query<StreamQuery>,
+    headers: HeaderMap,
+) -> Result<Sse<impl futures_util::Stream<Item = Result<SseEvent, std::convert::Infallible>>>, Error> {
+    let topic = Topic::from_name(&topic).ok_or_else(|| {
+        Error::BadRequest(format!("no topic {topic:?}; topics are drone-telemetry and delivery-events"))
+    })?;
+    let mut from = parse_start(q.from.as_deref())?;
+    if let Some(name) = &q.cursor
+        && let Some(next) = engine.cursor(topic, name)?
+    {
+        from = StartAt::Offset(next);
+    }
+    let last_id = headers.get("last-event-id").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if let Some(id) = last_id {
+        from = StartAt::Offset(id + 1);
+    }
+    let batches = match topic {
+        Topic::DroneTelemetry => {
+            let sub = engine.subscribe_telemetry_from(from)?;
+            sub.rx.into_stream().map(|item| item.map(|(offset, b)| (offset, batch_json(&b)))).left_stream()
+        }
+        Topic::DeliveryEvents => {
+            let sub = engine.subscribe_deliveries_from(from)?;
+            sub.rx.into_stream().map(|item| item.map(|(offset, b)| (offset, batch_json(&b)))).right_stream()
+        }
+    };
+    let cursor = q.cursor.clone();
+    let mut handed: Option<u64> = None;
+    let events = batches.map(move |item| {
+        // The previous batch has been handed to the connection: commit past it.
+        if let (Some(name), Some(next)) = (&cursor, handed)
+            && let Err(error) = engine.commit_cursor(topic, name, next)
+        {
+            tracing::warn!(%error, cursor = %name, "SSE cursor commit refused");
+        }
+        Ok(match item {
+            Ok((offset, events)) => {
+                handed = Some(offset + 1);
+                SseEvent::default()
+                    .event("batch")
+                    .id(offset.to_string())
+                    .data(json!({ "offset": offset, "events": events }).to_string())
+            }
+            Err(error) => SseEvent::default()
+                .event("error")
+                .data(json!({ "error": error.name(), "message": error.to_string() }).to_string()),
+        })
+    });
+    Ok(Sse::new(events).keep_alive(KeepAlive::default()))
+}
+
+/// A batch's events as JSON values (owned copies: this is the dashboard path, not the hot one).
+fn batch_json<T>(b: &events::Batch<T>) -> Vec<Value>
+where
+    T: events::wire::Payload + serde::Serialize,
+    T::Archived: rkyv::Deserialize<T, rkyv::rancor::Strategy<rkyv::de::Pool, rkyv::rancor::Error>>,
+{
+    b.events()
+        .iter()
+        .filter_map(|e| rkyv::deserialize::<T, rkyv::rancor::Error>(e).ok())
+        .map(|e| serde_json::to_value(e).unwrap_or(Value::Null))
+        .collect()
 }

@@ -37,7 +37,7 @@ use events::wire::{Buffer, DeliveryBatch, Limits, TelemetryBatch};
 use events::{
     BatchMeta, BatchSink, DeliveryCommand, DeliveryEvent, DeliveryId, DroneEvent, DroneId, DroneSnapshot, Error,
     FleetControl, KeyRange, Leased, OffsetSubscription, Overflow, QueueName, StartAt, StreamSource, Subscription,
-    Verdict, WorkQueues,
+    Topic as StreamTopic, Verdict, WorkQueues,
 };
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
@@ -46,6 +46,7 @@ use tracing::{error, info, warn};
 
 use crate::bus::Topic;
 use crate::checkpoint::{self, Checkpoint};
+use crate::cursor::CursorStore;
 use crate::dedup::ProducerWindows;
 use crate::derive::{DeriveConfig, DeriveStats, Deriver};
 use crate::log::{FsyncPolicy, Log, LogConfig, RecordKind};
@@ -209,6 +210,7 @@ struct Inner {
     metrics: Arc<EngineMetrics>,
     stopping: AtomicBool,
     queues: Arc<Queues>,
+    cursors: CursorStore,
 }
 
 /// Handle to a running engine. Cheap to clone; [`Engine::shutdown`] drains and stops it.
@@ -253,6 +255,10 @@ impl Engine {
             Storage::Memory => None,
         };
         let (queues, queue_timer) = Queues::open(queues_cfg, queue_dir.as_deref())?;
+        let cursors = match &storage {
+            Storage::Durable { dir, .. } => CursorStore::open(Some(&dir.join("cursors.json")))?,
+            Storage::Memory => CursorStore::open(None)?,
+        };
         let telemetry = Arc::new(Topic::new("drone-telemetry", cfg.subscriber_queue));
         let deliveries = Arc::new(Topic::new("delivery-events", cfg.subscriber_queue));
         let metrics = Arc::new(EngineMetrics::default());
@@ -402,8 +408,22 @@ impl Engine {
             out_tail,
             subscriber_queue: cfg.subscriber_queue.max(1),
             queues,
+            cursors,
         };
-        Ok((Self { inner: Arc::new(inner) }, EngineThreads(threads), report))
+        let inner = Arc::new(inner);
+        // Cursors committed and then left alone still reach the file within a flush interval.
+        let weak = Arc::downgrade(&inner);
+        threads.push(std::thread::Builder::new().name("cursor-flush".into()).spawn(move || {
+            while let Some(inner) = weak.upgrade() {
+                if inner.stopping.load(Ordering::Acquire) {
+                    return;
+                }
+                inner.cursors.flush(false);
+                drop(inner);
+                std::thread::sleep(crate::cursor::FLUSH_EVERY);
+            }
+        })?);
+        Ok((Self { inner }, EngineThreads(threads), report))
     }
 
     /// Refuses new work, lets every queue drain (the appender syncs, shards checkpoint), and
@@ -411,6 +431,7 @@ impl Engine {
     pub async fn shutdown(&self, threads: EngineThreads) {
         self.inner.stopping.store(true, Ordering::Release);
         self.inner.queues.stop();
+        self.inner.cursors.flush(true);
         let _ = self.inner.append.send_async(AppendReq::Stop).await;
         let _ = tokio::task::spawn_blocking(move || {
             for t in threads.0 {
@@ -418,6 +439,24 @@ impl Engine {
             }
         })
         .await;
+    }
+
+    /// A topic's log bounds: the first offset still held and the delivered end (the offset
+    /// the next batch subscribers see will have). `(0, 0)` without a log.
+    pub fn topic_bounds(&self, topic: StreamTopic) -> (u64, u64) {
+        let (log, tail) = match topic {
+            StreamTopic::DroneTelemetry => (&self.inner.log, &self.inner.tail),
+            StreamTopic::DeliveryEvents => (&self.inner.out_log, &self.inner.out_tail),
+        };
+        match log {
+            Some(log) => (log.lock().first_offset(), *tail.end.lock()),
+            None => (0, 0),
+        }
+    }
+
+    /// The named cursors of the stream path.
+    pub fn cursors(&self) -> &CursorStore {
+        &self.inner.cursors
     }
 
     /// The queue path.
@@ -473,6 +512,7 @@ impl Engine {
             let requested = if let StartAt::Offset(o) = start { o } else { 0 };
             return Err(Error::OffsetUnavailable { requested, first: 0, next: 0 });
         };
+        let self_log = log.clone();
         let from = {
             let log = log.lock();
             let (first, next) = (log.first_offset(), log.next_offset());
@@ -485,6 +525,11 @@ impl Engine {
                     return Err(Error::OffsetUnavailable { requested: from, first, next });
                 }
                 StartAt::Offset(from) => from,
+                StartAt::Time(t_us) => {
+                    drop(log);
+                    let end = *tail.end.lock();
+                    offset_at_time::<T>(&self_log, kind, end, t_us)?
+                }
             }
         };
         let (tx, rx) = flume::bounded(self.inner.subscriber_queue);
@@ -574,6 +619,21 @@ impl StreamSource for Engine {
 
     fn subscribe_telemetry(&self, overflow: Overflow) -> Result<Subscription<DroneEvent>, Error> {
         Ok(self.inner.telemetry.subscribe(overflow))
+    }
+
+    fn cursor(&self, topic: StreamTopic, name: &str) -> Result<Option<u64>, Error> {
+        events::contract::valid_cursor_name(name)?;
+        Ok(self.inner.cursors.get(topic, name).map(|c| c.next))
+    }
+
+    fn commit_cursor(&self, topic: StreamTopic, name: &str, next: u64) -> Result<(), Error> {
+        events::contract::valid_cursor_name(name)?;
+        let (first, end) = self.topic_bounds(topic);
+        if next > end {
+            return Err(Error::OffsetUnavailable { requested: next, first, next: end });
+        }
+        self.inner.cursors.commit(topic, name, next, events::now_us());
+        Ok(())
     }
 
     fn subscribe_deliveries(&self, overflow: Overflow) -> Result<Subscription<DeliveryEvent>, Error> {
@@ -694,6 +754,44 @@ fn follow_log<T: events::wire::Payload>(
         resume = reader.resume_point();
         next = next.max(end);
     }
+}
+
+/// The first offset whose batch of `kind` was created at or after `t_us` (by its first event),
+/// found by bisecting `[first, end)`: batches are appended in about the order they were created,
+/// so this is where a replay "from that time" starts. `end` when every batch is older.
+fn offset_at_time<T: events::wire::Payload>(
+    log: &SharedLog,
+    kind: RecordKind,
+    end: u64,
+    t_us: u64,
+) -> Result<u64, Error> {
+    let limits = Limits { max_body_bytes: u32::MAX, max_events: u32::MAX };
+    let storage = |e: crate::Error| Error::Storage(e.to_string());
+    let mut lo = log.lock().first_offset();
+    let mut hi = end;
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        // The first batch of this kind with events at or after `mid` (the lock is held only to
+        // open the reader, never while reading).
+        let reader = log.lock().reader_near(mid, None).map_err(storage)?.until(hi);
+        let mut found = None;
+        for record in reader {
+            let record = record.map_err(storage)?;
+            if record.kind != kind {
+                continue;
+            }
+            let created = events::Batch::<T>::validate(record.payload, &limits)?.first_created_us();
+            if let Some(created) = created {
+                found = Some((record.offset, created));
+                break;
+            }
+        }
+        match found {
+            Some((offset, created)) if created < t_us => lo = offset + 1,
+            _ => hi = mid,
+        }
+    }
+    Ok(lo)
 }
 
 /// What shards send the publisher.

@@ -11,6 +11,7 @@ pub mod admin;
 pub mod bus;
 pub mod checkpoint;
 pub mod config;
+pub mod cursor;
 pub mod dedup;
 pub mod derive;
 pub mod discard;

@@ -108,6 +108,7 @@ impl Node {
                     ingest_metrics.render(&mut out);
                     crate::engine::render_metrics(&engine, &mut out);
                     engine.queues().render_metrics(&mut out);
+                    crate::admin::render_cursor_metrics(&engine, &mut out);
                     services.render_metrics(&mut out);
                     render_process_metrics(&mut out);
                     std::future::ready(out)

@@ -1,0 +1,146 @@
+//! Named subscriber cursors of the stream path: for each topic and name, the next offset that
+//! subscriber reads. A subscriber that reconnects under its name resumes where it committed,
+//! and the distance from its cursor to the end of the log is its lag (`/v1/streams`,
+//! `fleetstream_stream_cursor_lag`).
+//!
+//! Cursors live in memory and in `DATA_DIR/cursors.json`, rewritten (temp file, rename)
+//! within [`FLUSH_EVERY`] of a change (by the engine's `cursor-flush` thread, or by the commit
+//! itself when commits come fast) and fsynced at shutdown. A subscriber
+//! commits often; losing the last fraction of a second of commits in a crash only means its
+//! subscriber sees those batches again, which at-least-once subscribers handle anyway.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use events::Topic;
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+
+use crate::Error;
+
+/// Least time between two rewrites of the cursor file.
+pub const FLUSH_EVERY: Duration = Duration::from_millis(200);
+
+/// One cursor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cursor {
+    /// The next offset its subscriber reads.
+    pub next: u64,
+    /// When it was last committed, µs since the epoch.
+    pub updated_us: u64,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct File {
+    /// Topic name → cursor name → cursor.
+    topics: BTreeMap<String, BTreeMap<String, Cursor>>,
+}
+
+#[derive(Debug)]
+struct State {
+    file: File,
+    dirty: bool,
+    last_flush: Instant,
+}
+
+/// Every named cursor.
+#[derive(Debug)]
+pub struct CursorStore {
+    path: Option<PathBuf>,
+    state: Mutex<State>,
+}
+
+impl CursorStore {
+    /// Cursors kept at `path` (loaded if it exists), or in memory only.
+    pub fn open(path: Option<&Path>) -> Result<Self, Error> {
+        let file = match path {
+            Some(p) if p.exists() => {
+                let bytes = std::fs::read(p)
+                    .map_err(|e| Error::Io { context: format!("reading {}", p.display()), source: e })?;
+                serde_json::from_slice(&bytes)
+                    .map_err(|e| Error::Config(format!("{} is not a cursor file: {e}", p.display())))?
+            }
+            _ => File::default(),
+        };
+        Ok(Self {
+            path: path.map(Path::to_path_buf),
+            state: Mutex::new(State { file, dirty: false, last_flush: Instant::now() }),
+        })
+    }
+
+    /// A cursor.
+    pub fn get(&self, topic: Topic, name: &str) -> Option<Cursor> {
+        self.state.lock().file.topics.get(topic.name()).and_then(|t| t.get(name)).copied()
+    }
+
+    /// Every cursor of `topic`, by name.
+    pub fn list(&self, topic: Topic) -> Vec<(String, Cursor)> {
+        let state = self.state.lock();
+        state.file.topics.get(topic.name()).map_or_else(Vec::new, |t| t.iter().map(|(n, c)| (n.clone(), *c)).collect())
+    }
+
+    /// Sets a cursor; the file follows within [`FLUSH_EVERY`].
+    pub fn commit(&self, topic: Topic, name: &str, next: u64, now_us: u64) {
+        let mut state = self.state.lock();
+        let cursor = Cursor { next, updated_us: now_us };
+        state.file.topics.entry(topic.name().to_string()).or_default().insert(name.to_string(), cursor);
+        state.dirty = true;
+        if state.last_flush.elapsed() >= FLUSH_EVERY {
+            self.write(&mut state, false);
+        }
+    }
+
+    /// Writes the file if anything changed; `sync` also fsyncs it (at shutdown).
+    pub fn flush(&self, sync: bool) {
+        let mut state = self.state.lock();
+        if state.dirty {
+            self.write(&mut state, sync);
+        }
+    }
+
+    fn write(&self, state: &mut State, sync: bool) {
+        state.last_flush = Instant::now();
+        let Some(path) = &self.path else {
+            state.dirty = false;
+            return;
+        };
+        let tmp = path.with_extension("json.tmp");
+        let written = serde_json::to_vec_pretty(&state.file).map_err(std::io::Error::other).and_then(|bytes| {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&bytes)?;
+            if sync {
+                f.sync_all()?;
+            }
+            std::fs::rename(&tmp, path)
+        });
+        match written {
+            Ok(()) => state.dirty = false,
+            Err(error) => tracing::warn!(path = %path.display(), %error, "could not write the cursor file; will retry"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_survive_a_reopen_after_a_flush() {
+        let dir = std::env::temp_dir().join(format!("fleetstream-cursors-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("cursors.json");
+        let store = CursorStore::open(Some(&path)).unwrap();
+        store.commit(Topic::DeliveryEvents, "history", 42, 7);
+        store.commit(Topic::DroneTelemetry, "dash", 5, 8);
+        store.flush(true);
+        let again = CursorStore::open(Some(&path)).unwrap();
+        assert_eq!(again.get(Topic::DeliveryEvents, "history"), Some(Cursor { next: 42, updated_us: 7 }));
+        assert_eq!(again.get(Topic::DeliveryEvents, "dash"), None, "cursors are per topic");
+        assert_eq!(again.list(Topic::DroneTelemetry), vec![("dash".to_string(), Cursor { next: 5, updated_us: 8 })]);
+        std::fs::write(&path, b"{ not json").unwrap();
+        assert!(CursorStore::open(Some(&path)).is_err(), "a damaged file is reported, not ignored");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
