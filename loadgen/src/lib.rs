@@ -13,6 +13,7 @@
 
 pub mod observe;
 pub mod plot;
+pub mod readers;
 pub mod sim;
 
 use std::collections::BTreeMap;
@@ -68,6 +69,12 @@ pub struct LoadConfig {
     /// and no subscriber (for `pipeline serve --discard`, the transport ceiling). Loss and
     /// latency are not measured in this mode.
     pub raw: bool,
+    /// Extra telemetry subscribers that only measure what they receive (see [`readers`]).
+    pub readers: usize,
+    /// How long the first extra reader stops reading (zero: never).
+    pub stall_reader: Duration,
+    /// When, after the start of sending, it stops.
+    pub stall_reader_after: Duration,
 }
 
 impl LoadConfig {
@@ -89,6 +96,9 @@ impl LoadConfig {
             settle: Duration::from_secs(15),
             telemetry_check: TelemetryCheck::During,
             raw: false,
+            readers: 0,
+            stall_reader: Duration::ZERO,
+            stall_reader_after: Duration::from_secs(2),
         }
     }
 
@@ -289,6 +299,10 @@ pub struct Report {
     pub drones: usize,
     /// Connections used.
     pub connections: usize,
+    /// The extra readers (`--readers`), the first one stalled when `--stall-reader-s` is set.
+    pub readers: Vec<readers::ReaderReport>,
+    /// The server's largest resident memory sampled during the run (every 250 ms).
+    pub server_rss_peak_bytes: Option<u64>,
 }
 
 impl std::fmt::Display for Report {
@@ -352,6 +366,18 @@ impl std::fmt::Display for Report {
                 m.connections,
                 m.per_connection_bytes as f64 / 1024.0
             )?;
+        }
+        for r in &self.readers {
+            let p = &r.latency_us;
+            let what = if r.stalled_s > 0.0 { format!("stalled {:.0} s", r.stalled_s) } else { "reading".to_string() };
+            write!(
+                f,
+                "\nreader {}    ({what}) events {}  {:.0} ev/s  latency µs p50 {} p99 {} p999 {} max {}",
+                r.index, r.events, r.throughput_eps, p.p50, p.p99, p.p999, p.max
+            )?;
+        }
+        if let Some(peak) = self.server_rss_peak_bytes {
+            write!(f, "\nserver      peak resident memory during the run {:.1} MiB", peak as f64 / 1048576.0)?;
         }
         if !self.rejections.is_empty() {
             write!(f, "\nrejections  {:?}", self.rejections)?;
@@ -427,6 +453,16 @@ pub async fn run(cfg: LoadConfig, progress: Arc<dyn Fn(&Progress) + Send + Sync>
 
     let client_cfg = ClientConfig::new(cfg.trust.clone());
     let observing = if cfg.raw { None } else { Some(subscribe(&cfg, &client_cfg, &counters).await?) };
+    let (readers_stop, readers_stop_rx) = watch::channel(false);
+    let extra_readers = if cfg.raw || cfg.readers == 0 {
+        Vec::new()
+    } else {
+        readers::start(cfg.readers, cfg.stall_reader, cfg.stall_reader_after, cfg.server, &client_cfg, &readers_stop_rx)
+            .await
+            .context("starting the extra readers")?
+    };
+    let memory_peak =
+        if cfg.raw { None } else { Some(readers::watch_memory(http.clone(), api.clone(), readers_stop_rx.clone())) };
 
     // Drones, spread over connections in contiguous blocks, so each connection takes its
     // drones' missions from drone-commands as one key range.
@@ -542,18 +578,28 @@ pub async fn run(cfg: LoadConfig, progress: Arc<dyn Fn(&Progress) + Send + Sync>
         let _ = o.read_telemetry.send(true);
     }
     let mut last_progress = (Instant::now(), 0u64);
+    let readers_seen = || extra_readers.iter().map(|r| r.seen.load(Ordering::Relaxed)).sum::<u64>();
     while observing.is_some()
         && last_progress.0.elapsed() < cfg.settle
         && (counters.telemetry_unique.load(Ordering::Relaxed) < acked
-            || counters.delivery_unique.load(Ordering::Relaxed) < expected_delivery)
+            || counters.delivery_unique.load(Ordering::Relaxed) < expected_delivery
+            || extra_readers.iter().any(|r| r.seen.load(Ordering::Relaxed) < acked))
     {
         tokio::time::sleep(Duration::from_millis(20)).await;
-        let seen = counters.telemetry_unique.load(Ordering::Relaxed) + counters.delivery_unique.load(Ordering::Relaxed);
+        let seen = counters.telemetry_unique.load(Ordering::Relaxed)
+            + counters.delivery_unique.load(Ordering::Relaxed)
+            + readers_seen();
         if seen != last_progress.1 {
             last_progress = (Instant::now(), seen);
         }
     }
     ticker.abort();
+    let _ = readers_stop.send(true);
+    let reader_reports = readers::finish(extra_readers).await;
+    let server_rss_peak_bytes = match memory_peak {
+        Some(task) => task.await.ok().filter(|peak| *peak > 0),
+        None => None,
+    };
     let (tel, del) = match observing {
         Some(o) => {
             let _ = o.stop.send(true);
@@ -607,6 +653,8 @@ pub async fn run(cfg: LoadConfig, progress: Arc<dyn Fn(&Progress) + Send + Sync>
         connections: conns,
         mode: if cfg.raw { "raw" } else { "full" },
         telemetry_check: cfg.telemetry_check,
+        readers: reader_reports,
+        server_rss_peak_bytes,
     })
 }
 
@@ -995,6 +1043,8 @@ pub(crate) mod tests {
             telemetry_check: TelemetryCheck::During,
             drones: 1,
             connections: 1,
+            readers: Vec::new(),
+            server_rss_peak_bytes: None,
         }
     }
 

@@ -77,6 +77,15 @@ struct Args {
     /// against --server, and report the full throughput as a fraction of the raw one.
     #[arg(long, value_name = "DISCARD_ADDR")]
     compare_raw: Option<SocketAddr>,
+    /// Extra telemetry subscribers (each its own connection) that measure what they receive.
+    #[arg(long, default_value_t = 0)]
+    readers: usize,
+    /// Seconds the first extra reader stops reading (then it catches up from the log).
+    #[arg(long, default_value_t = 0.0)]
+    stall_reader_s: f64,
+    /// Seconds after the start of sending at which that reader stops.
+    #[arg(long, default_value_t = 2.0)]
+    stall_reader_after_s: f64,
 }
 
 #[tokio::main]
@@ -110,6 +119,9 @@ async fn main() -> anyhow::Result<()> {
     );
     cfg.raw = args.raw;
     cfg.telemetry_check = args.telemetry_check;
+    cfg.readers = args.readers;
+    cfg.stall_reader = Duration::from_secs_f64(args.stall_reader_s.max(0.0));
+    cfg.stall_reader_after = Duration::from_secs_f64(args.stall_reader_after_s.max(0.0));
     let ceiling = match args.compare_raw {
         Some(discard) => {
             let raw = loadgen::LoadConfig { server: discard, raw: true, ..cfg.clone() };

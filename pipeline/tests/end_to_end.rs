@@ -33,8 +33,16 @@ async fn a_simulated_fleet_completes_its_deliveries_without_loss() {
     load.duration = Duration::from_secs(5);
     load.leg = Duration::from_millis(400);
     load.deliveries_per_s = 20.0;
+    // Two extra readers, the first stalled for a second mid-run: both still get everything.
+    load.readers = 2;
+    load.stall_reader = Duration::from_secs(1);
+    load.stall_reader_after = Duration::from_secs(1);
     let report = loadgen::run(load, Arc::new(|_: &loadgen::Progress| {})).await.unwrap();
     assert_eq!(report.events_sent, 15_000, "{report}");
+    assert_eq!(report.readers.len(), 2, "{report}");
+    assert_eq!(report.readers[0].stalled_s, 1.0);
+    assert!(report.readers.iter().all(|r| r.events == report.events_acked), "{report}");
+    assert!(report.server_rss_peak_bytes.is_some_and(|b| b > 0), "{report}");
     assert_eq!(report.events_acked, report.events_sent, "{report}");
     assert_eq!(report.events_rejected, 0, "{report}");
     assert_eq!(report.telemetry_events_observed, report.events_acked, "{report}");
