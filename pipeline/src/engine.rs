@@ -202,7 +202,6 @@ struct Inner {
     /// The delivery-events log and how far it has been published.
     out_log: Option<SharedLog>,
     out_tail: Arc<Tail>,
-    subscriber_queue: usize,
     append: flume::Sender<AppendReq>,
     shards: Vec<flume::Sender<ShardMsg>>,
     telemetry: Arc<Topic<DroneEvent>>,
@@ -406,7 +405,6 @@ impl Engine {
             tail,
             out_log,
             out_tail,
-            subscriber_queue: cfg.subscriber_queue.max(1),
             queues,
             cursors,
         };
@@ -532,7 +530,7 @@ impl Engine {
                 }
             }
         };
-        let (tx, rx) = flume::bounded(self.inner.subscriber_queue);
+        let (tx, rx) = flume::bounded(FOLLOW_QUEUE);
         let inner = self.inner.clone();
         std::thread::Builder::new()
             .name("log-subscriber".into())
@@ -755,6 +753,11 @@ fn follow_log<T: events::wire::Payload>(
         next = next.max(end);
     }
 }
+
+/// Batches a log follower reads ahead of its subscriber. Short: a follower that falls behind
+/// re-reads from the log instead of holding batches in memory, so a stalled subscriber pins at
+/// most this many batches (plus its connection's QUIC window) however long it stalls.
+const FOLLOW_QUEUE: usize = 64;
 
 /// The first offset whose batch of `kind` was created at or after `t_us` (by its first event),
 /// found by bisecting `[first, end)`: batches are appended in about the order they were created,
