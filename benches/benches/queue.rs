@@ -50,7 +50,7 @@ fn queue(c: &mut Criterion) {
             b.iter(|| {
                 rt.block_on(async {
                     let _ = q.enqueue(3, payload.to_vec()).await;
-                    for m in q.lease(1, KeyRange::ALL, 1, Duration::ZERO).await {
+                    for m in q.lease(1, KeyRange::ALL, 1, Duration::ZERO).await.unwrap_or_default() {
                         black_box(q.settle(m.id, m.token, Verdict::Ack).is_ok());
                     }
                 })

@@ -224,8 +224,8 @@ impl<T: crate::WorkQueues> crate::WorkQueues for Arc<T> {
         (**self).release(queue, consumer);
     }
 
-    fn new_consumer(&self) -> u64 {
-        (**self).new_consumer()
+    fn attach(&self, queue: crate::QueueName, keys: crate::KeyRange) -> Result<u64, Error> {
+        (**self).attach(queue, keys)
     }
 }
 

@@ -147,6 +147,9 @@ pub enum Error {
     /// A queue operation named a message the queue does not hold.
     #[error("no message {0} in this queue")]
     UnknownMessage(u64),
+    /// A newer consumer took this consumer's keys over (the drone reconnected elsewhere).
+    #[error("a newer consumer took over these keys")]
+    Superseded,
 }
 
 /// Stable wire codes with their names. Codes never change meaning; new ones are appended.
@@ -175,6 +178,7 @@ const CODES: &[(u16, &str)] = &[
     (22, "offset_unavailable"),
     (23, "lease_lost"),
     (24, "unknown_message"),
+    (25, "superseded"),
 ];
 
 impl Error {
@@ -205,6 +209,7 @@ impl Error {
             Error::OffsetUnavailable { .. } => 22,
             Error::LeaseLost(_) => 23,
             Error::UnknownMessage(_) => 24,
+            Error::Superseded => 25,
             Error::Rejected { code, .. } => *code,
         }
     }

@@ -127,8 +127,11 @@ pub trait WorkQueues: Send + Sync + 'static {
     /// The consumer went away: everything it holds is offered again now.
     fn release(&self, queue: QueueName, consumer: u64);
 
-    /// A fresh consumer id.
-    fn new_consumer(&self) -> u64;
+    /// Attaches a consumer for `keys` and returns its id. On a queue whose keys are exclusive
+    /// (`drone-commands`: one session per drone), an older consumer of overlapping keys is
+    /// superseded: what it holds is offered again at once and its next lease fails with
+    /// [`Error::Superseded`].
+    fn attach(&self, queue: QueueName, keys: KeyRange) -> Result<u64, Error>;
 }
 
 /// A mission for one drone, as it travels in the `drone-commands` queue.

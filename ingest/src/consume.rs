@@ -112,7 +112,13 @@ pub(crate) async fn serve<E: WorkQueues>(
             return;
         }
     };
-    let consumer = engine.new_consumer();
+    let consumer = match engine.attach(queue, keys) {
+        Ok(c) => c,
+        Err(error) => {
+            let _ = send.reset(VarInt::from_u32(u32::from(error.code())));
+            return;
+        }
+    };
     debug!(queue = queue.name(), consumer, ?keys, max, "consumer attached");
     let credit = Arc::new(Semaphore::new(usize::from(max)));
     let settler = {
@@ -162,7 +168,12 @@ pub(crate) async fn serve<E: WorkQueues>(
             }
         }
     }
-    settler.abort();
+    // Settles the client sent before it went (a graceful close finishes its side after the last
+    // one) still count; then whatever it holds goes back.
+    let abort = settler.abort_handle();
+    if tokio::time::timeout(Duration::from_millis(500), settler).await.is_err() {
+        abort.abort();
+    }
     engine.release(queue, consumer);
     debug!(queue = queue.name(), consumer, "consumer detached; its unsettled messages are offered again");
 }
@@ -232,6 +243,7 @@ pub struct QueueConsumer {
     rx: mpsc::Receiver<Result<Leased, Error>>,
     settle_tx: mpsc::Sender<Vec<u8>>,
     reader: tokio::task::JoinHandle<()>,
+    writer: tokio::task::JoinHandle<()>,
 }
 
 impl Drop for QueueConsumer {
@@ -255,15 +267,26 @@ impl QueueConsumer {
         let (tx, rx) = mpsc::channel(usize::from(max_unsettled.max(1)));
         let (settle_tx, mut settle_rx) = mpsc::channel::<Vec<u8>>(usize::from(max_unsettled.max(1)));
         let reader = tokio::spawn(read_deliveries(recv, tx));
-        tokio::spawn(async move {
+        let writer = tokio::spawn(async move {
             while let Some(frame) = settle_rx.recv().await {
                 if send.write_all(&frame).await.is_err() {
                     return;
                 }
             }
             let _ = send.finish();
+            // Hold the stream until the server has read every settle (or gone).
+            let _ = send.stopped().await;
         });
-        Ok(Self { rx, settle_tx, reader })
+        Ok(Self { rx, settle_tx, reader, writer })
+    }
+
+    /// Ends the consumer gracefully: every settle already given (here or through a
+    /// [`Settler`], all of which must have been dropped) reaches the server before the stream
+    /// ends; what is still unsettled is then offered again by the server. Waits at most 2 s.
+    pub async fn close(mut self) {
+        let (closed, _) = mpsc::channel(1);
+        drop(std::mem::replace(&mut self.settle_tx, closed));
+        let _ = tokio::time::timeout(Duration::from_secs(2), &mut self.writer).await;
     }
 
     /// The next message; `None` once the stream has ended.

@@ -766,6 +766,40 @@ struct Driver {
     drones: Vec<SimDrone>,
 }
 
+/// A mission leased from `drone-commands` and the means to settle it.
+type HeldMission = (events::Leased, ingest::consume::Settler);
+
+/// The missions a fleet connection's drones hold. A mission is acked only once the batch
+/// carrying its drop-off has been acknowledged by the server, so a load generator killed
+/// mid-flight leaves its missions unacked and the next session flies them again.
+#[derive(Default)]
+struct MissionBook {
+    /// Leased and being flown, by delivery.
+    flying: std::collections::HashMap<u64, HeldMission>,
+    /// Leased, waiting for the drone to finish its current mission.
+    waiting: Vec<(events::Mission, events::Leased, ingest::consume::Settler)>,
+    /// Dropped off in the batch being filled.
+    in_batch: Vec<HeldMission>,
+    /// Deliveries dropped off in this run (a redelivery of one is acked at once).
+    done: std::collections::HashSet<u64>,
+}
+
+impl MissionBook {
+    fn dropped_off(&mut self, delivery: u64) {
+        self.done.insert(delivery);
+        if let Some(held) = self.flying.remove(&delivery) {
+            self.in_batch.push(held);
+        }
+    }
+
+    /// The drop-offs of the batch about to be sent as `batch_seq`: acked when it is.
+    async fn ride_with(&mut self, batch_seq: u64, tx: &mpsc::Sender<(u64, Vec<HeldMission>)>) {
+        if !self.in_batch.is_empty() {
+            let _ = tx.send((batch_seq, std::mem::take(&mut self.in_batch))).await;
+        }
+    }
+}
+
 /// Takes this connection's drones' missions from `drone-commands` on the fleet connection
 /// itself, and hands each to the driver with the means to settle it; opens the consumer again
 /// when the connection was re-established, until `stop`.
@@ -789,7 +823,11 @@ async fn take_missions(
         let settler = consumer.settler();
         loop {
             tokio::select! {
-                _ = stop.changed() => return,
+                _ = stop.changed() => {
+                    drop(settler);
+                    consumer.close().await;
+                    return;
+                }
                 m = consumer.recv() => match m {
                     Some(Ok(m)) => {
                         if to_driver.send((m, settler.clone())).await.is_err() {
@@ -825,10 +863,35 @@ impl Driver {
         let taker =
             if cfg.raw { None } else { Some(tokio::spawn(take_missions(producer.clone(), keys, mission_tx, stop_rx))) };
         let answer_counters = counters.clone();
+        // Missions whose drop-off rides in a batch, by batch number: acked once that batch is.
+        let (dropoffs_tx, mut dropoffs_rx) = mpsc::channel::<(u64, Vec<HeldMission>)>(1024);
+        let answered_events = Arc::new(AtomicU64::new(0));
+        let answered_count = answered_events.clone();
         let answered = tokio::spawn(async move {
             let mut events = 0u64;
-            while let Some(a) = answers.recv().await {
+            let mut waiting: BTreeMap<u64, Vec<HeldMission>> = BTreeMap::new();
+            let mut dropoffs_open = true;
+            loop {
+                // Drop-offs are registered before their batch is sent, so take them first.
+                let a = tokio::select! {
+                    biased;
+                    d = dropoffs_rx.recv(), if dropoffs_open => {
+                        match d {
+                            Some((seq, held)) => { waiting.insert(seq, held); }
+                            None => dropoffs_open = false,
+                        }
+                        continue;
+                    }
+                    a = answers.recv() => match a { Some(a) => a, None => break },
+                };
                 events += u64::from(a.events);
+                let verdict = match &a.result {
+                    Ok(()) => events::Verdict::Ack,
+                    Err(e) => events::Verdict::Nack(format!("the batch with the drop-off was rejected: {e}")),
+                };
+                for (leased, settler) in waiting.remove(&a.batch_seq).unwrap_or_default() {
+                    let _ = settler.settle(&leased, verdict.clone()).await;
+                }
                 match a.result {
                     Ok(()) => answer_counters.acked.fetch_add(u64::from(a.events), Ordering::Relaxed),
                     Err(e) => {
@@ -838,9 +901,11 @@ impl Driver {
                         answer_counters.rejected.fetch_add(u64::from(a.events), Ordering::Relaxed)
                     }
                 };
+                answered_count.store(events, Ordering::Relaxed);
             }
             events
         });
+        let mut book = MissionBook::default();
         let total = (cfg.duration.as_secs_f64() * self.rate) as u64;
         let mut emitted = 0u64;
         let mut sent = 0u64;
@@ -854,11 +919,11 @@ impl Driver {
         loop {
             tick.tick().await;
             while let Ok((leased, settler)) = missions.try_recv() {
-                let verdict = self.take_mission(&leased, &mut outcomes);
-                if let Err(error) = settler.settle(&leased, verdict).await {
-                    tracing::debug!(%error, "could not settle a mission; it will be redelivered");
+                if let Some((verdict, leased, settler)) = self.take_mission(&mut book, leased, settler) {
+                    let _ = settler.settle(&leased, verdict).await;
                 }
             }
+            self.start_waiting(&mut book, &mut outcomes);
             let elapsed = start.elapsed();
             let done = elapsed >= cfg.duration;
             let target = if done { total } else { ((elapsed.as_secs_f64() * self.rate) as u64).min(total) };
@@ -868,14 +933,19 @@ impl Driver {
                 next_drone = (next_drone + 1) % self.drones.len();
                 emitted += 1;
                 outcomes.extend(finished);
+                if let events::DroneEventKind::DroppedOff { delivery } = ev.kind {
+                    book.dropped_off(delivery);
+                }
                 events.push(ev);
                 if events.len() == cfg.batch_max_events {
+                    book.ride_with(batch_seq, &dropoffs_tx).await;
                     self.send(&producer, &mut events, &mut batch_seq, &counters, &mut lag).await?;
                     sent += cfg.batch_max_events as u64;
                 }
             }
             if !events.is_empty() {
                 sent += events.len() as u64;
+                book.ride_with(batch_seq, &dropoffs_tx).await;
                 self.send(&producer, &mut events, &mut batch_seq, &counters, &mut lag).await?;
             }
             if done {
@@ -883,11 +953,19 @@ impl Driver {
             }
         }
         outcomes.extend(self.drones.iter().filter_map(SimDrone::outcome_so_far));
+        // Let the last drop-offs' batches be answered (and their missions acked) before the
+        // mission stream closes; missions still in flight stay unacked and go back to the queue.
+        drop(dropoffs_tx);
+        drop(book);
+        let waited = Instant::now();
+        while answered_events.load(Ordering::Relaxed) < sent && waited.elapsed() < cfg.settle {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        drop(missions);
         let _ = stop_missions.send(true);
         if let Some(taker) = taker {
             let _ = taker.await;
         }
-        drop(missions);
         let producer =
             Arc::try_unwrap(producer).map_err(|_| anyhow::anyhow!("the mission consumer still holds the producer"))?;
         let stats = producer.finish(cfg.settle).await;
@@ -909,23 +987,50 @@ impl Driver {
         (idx < self.drones.len() && self.drones[idx].id == drone_id).then_some(idx)
     }
 
-    /// A drone takes a mission from the queue: acked once the drone flies it; refused (and so
-    /// offered again later) while the drone is still busy or when it is not well-formed.
-    fn take_mission(&mut self, leased: &events::Leased, outcomes: &mut Vec<MissionOutcome>) -> events::Verdict {
+    /// A mission arrives from the queue. A malformed one, or one for a drone not on this
+    /// connection, is refused at once; one already dropped off (a redelivery) is acked at once;
+    /// otherwise it waits for its drone (see [`MissionBook`]). Returns a verdict to give now.
+    fn take_mission(
+        &mut self,
+        book: &mut MissionBook,
+        leased: events::Leased,
+        settler: ingest::consume::Settler,
+    ) -> Option<(events::Verdict, events::Leased, ingest::consume::Settler)> {
         let m = match events::Mission::from_bytes(&leased.payload) {
             Ok(m) => m,
-            Err(error) => return events::Verdict::Nack(format!("not a mission: {error}")),
+            Err(error) => return Some((events::Verdict::Nack(format!("not a mission: {error}")), leased, settler)),
         };
-        let Some(idx) = self.index_of(m.drone_id) else {
-            return events::Verdict::Nack(format!("drone {} does not fly on this connection", m.drone_id));
-        };
-        let mission = Mission { delivery_id: m.delivery_id, pickup: m.pickup, dropoff: m.dropoff };
-        match self.drones[idx].assign(mission, now_us()) {
-            Ok(finished) => {
-                outcomes.extend(finished);
-                events::Verdict::Ack
+        if self.index_of(m.drone_id).is_none() {
+            let why = format!("drone {} does not fly on this connection", m.drone_id);
+            return Some((events::Verdict::Nack(why), leased, settler));
+        }
+        if book.done.contains(&m.delivery_id) {
+            return Some((events::Verdict::Ack, leased, settler));
+        }
+        if let Some(flying) = book.flying.get_mut(&m.delivery_id) {
+            // Redelivered while the drone flies it (the lease ran out or the session changed):
+            // the newest lease is the one to ack.
+            *flying = (leased, settler);
+            return None;
+        }
+        book.waiting.retain(|(w, _, _)| w.delivery_id != m.delivery_id);
+        book.waiting.push((m, leased, settler));
+        None
+    }
+
+    /// Starts every waiting mission whose drone can take it.
+    fn start_waiting(&mut self, book: &mut MissionBook, outcomes: &mut Vec<MissionOutcome>) {
+        let waiting = std::mem::take(&mut book.waiting);
+        for (m, leased, settler) in waiting {
+            let Some(idx) = self.index_of(m.drone_id) else { continue };
+            let mission = Mission { delivery_id: m.delivery_id, pickup: m.pickup, dropoff: m.dropoff };
+            match self.drones[idx].assign(mission, now_us()) {
+                Ok(finished) => {
+                    outcomes.extend(finished);
+                    book.flying.insert(m.delivery_id, (leased, settler));
+                }
+                Err(_) => book.waiting.push((m, leased, settler)),
             }
-            Err(_) => events::Verdict::Nack(format!("drone {} is still on a delivery", m.drone_id)),
         }
     }
 

@@ -666,8 +666,8 @@ impl WorkQueues for Engine {
         self.inner.queues.release(queue, consumer);
     }
 
-    fn new_consumer(&self) -> u64 {
-        self.inner.queues.new_consumer()
+    fn attach(&self, queue: QueueName, keys: KeyRange) -> Result<u64, Error> {
+        self.inner.queues.attach(queue, keys)
     }
 }
 

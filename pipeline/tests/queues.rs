@@ -92,12 +92,15 @@ async fn three_consumers_share_a_queue_and_each_message_is_processed_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn held_messages_come_back_after_the_visibility_timeout_or_at_once_on_disconnect() {
     let dir = temp("redeliver");
-    let node = Node::start(&config(&dir, 600, 5)).await.unwrap();
+    let mut cfg = config(&dir, 600, 5);
+    // Competing consumers on the same keys here; takeover has its own test below.
+    cfg.queues.drone_commands.exclusive_keys = false;
+    let node = Node::start(&cfg).await.unwrap();
     for i in 0..4u64 {
         node.engine.enqueue(QueueName::DroneCommands, 100 + i, vec![i as u8]).await.unwrap();
     }
     // A consumer that stalls: it holds two messages and never settles or goes away.
-    let stalled = node.engine.new_consumer();
+    let stalled = node.engine.attach(QueueName::DroneCommands, KeyRange { lo: 100, hi: 102 }).unwrap();
     let held = node
         .engine
         .lease(QueueName::DroneCommands, stalled, KeyRange { lo: 100, hi: 102 }, 10, Duration::ZERO)
@@ -202,6 +205,52 @@ async fn a_poison_message_is_dead_lettered_inspected_and_replayed_and_queues_sur
     assert_eq!(q.counts(), (0, 0, 0));
     drop(consumer);
     drop(c);
+    node.shutdown().await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnecting_drone_takes_its_commands_over_from_its_old_session_at_once() {
+    let dir = temp("takeover");
+    // A long visibility timeout: nothing here may wait for it.
+    let node = Node::start(&config(&dir, 60_000, 5)).await.unwrap();
+    for i in 0..3u64 {
+        node.engine.enqueue(QueueName::DroneCommands, 500 + i, vec![i as u8]).await.unwrap();
+    }
+    // The old session leases the drone's commands and goes silent without closing (a drone
+    // that lost its link: its connection lingers until the idle timeout).
+    let old = client(&node).await;
+    let mut old_consumer = old.consume(QueueName::DroneCommands, KeyRange { lo: 500, hi: 503 }, 8).await.unwrap();
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(tokio::time::timeout(Duration::from_secs(3), old_consumer.recv()).await.unwrap().unwrap().unwrap());
+    }
+    // The drone reconnects: its new session gets every unacked command at once.
+    let new = client(&node).await;
+    let mut consumer = new.consume(QueueName::DroneCommands, KeyRange { lo: 500, hi: 503 }, 8).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        let m = tokio::time::timeout(Duration::from_secs(3), consumer.recv()).await.unwrap().unwrap().unwrap();
+        got.push((m.id, m.attempt));
+        consumer.settle(&m, Verdict::Ack).await.unwrap();
+    }
+    assert!(started.elapsed() < Duration::from_secs(3), "no timeout was waited for");
+    got.sort_unstable();
+    let expected: Vec<(u64, u32)> = held.iter().map(|m| (m.id, 2)).collect();
+    assert_eq!(got, expected, "the same commands, second attempt");
+    // The old session was told it was superseded, and its late acks are refused.
+    let end = tokio::time::timeout(Duration::from_secs(3), old_consumer.recv()).await.unwrap();
+    assert!(matches!(end, Some(Err(_)) | None), "the old session ends");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(node.engine.queues().get(QueueName::DroneCommands).counts(), (0, 0, 0));
+    assert_eq!(
+        node.engine.settle(QueueName::DroneCommands, held[0].id, held[0].token, Verdict::Ack),
+        Err(events::Error::UnknownMessage(held[0].id)),
+        "acked by the new session already"
+    );
+    drop((old_consumer, consumer));
+    drop((old, new));
     node.shutdown().await.unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -55,8 +55,8 @@ impl events::WorkQueues for FakeFleet {
 
     fn release(&self, _: events::QueueName, _: u64) {}
 
-    fn new_consumer(&self) -> u64 {
-        1
+    fn attach(&self, _: events::QueueName, _: events::KeyRange) -> Result<u64, WireError> {
+        Ok(1)
     }
 }
 

@@ -34,13 +34,22 @@ use self::state::{Message, QueueConfig, QueueState, Returned, Status};
 const COMPACT_MIN_BYTES: u64 = 8 << 20;
 
 /// Settings of every queue (`[queues.drone_commands]`, `[queues.notifications]`).
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct QueuesConfig {
-    /// The `drone-commands` queue.
+    /// The `drone-commands` queue: keys exclusive by default (a drone has one session).
     pub drone_commands: QueueConfig,
-    /// The `notifications` queue.
+    /// The `notifications` queue: competing consumers over every key.
     pub notifications: QueueConfig,
+}
+
+impl Default for QueuesConfig {
+    fn default() -> Self {
+        Self {
+            drone_commands: QueueConfig { exclusive_keys: true, ..QueueConfig::default() },
+            notifications: QueueConfig::default(),
+        }
+    }
 }
 
 /// A message in a dead-letter queue, for listing and inspection.
@@ -104,6 +113,9 @@ struct Inner {
 pub struct Queue {
     name: QueueName,
     inner: Mutex<Inner>,
+    /// Attached consumers: their key ranges, and whether a newer consumer took their keys over.
+    consumers: Mutex<std::collections::HashMap<u64, (KeyRange, bool)>>,
+    exclusive: bool,
     waiters: Waiters,
     synced: AtomicU64,
     sync_lock: Mutex<()>,
@@ -126,11 +138,14 @@ fn storage(e: crate::Error) -> Error {
 impl Queue {
     /// Opens a queue, journalled at `path` (replayed if it exists), or in memory only.
     pub fn open(name: QueueName, cfg: QueueConfig, path: Option<&Path>) -> Result<Self, crate::Error> {
+        let exclusive = cfg.exclusive_keys;
         let mut state = QueueState::new(cfg);
         let journal = path.map(|p| Journal::open(p, &mut state)).transpose()?;
         Ok(Self {
             name,
             inner: Mutex::new(Inner { state, journal }),
+            consumers: Mutex::default(),
+            exclusive,
             waiters: Waiters::default(),
             synced: AtomicU64::new(0),
             sync_lock: Mutex::new(()),
@@ -210,26 +225,61 @@ impl Queue {
         Ok(())
     }
 
+    /// Attaches consumer `consumer` for `keys`. On a queue with `exclusive_keys`, a consumer
+    /// whose range overlaps is superseded: what it holds is offered again now and its next
+    /// lease fails with [`Error::Superseded`]. That is a drone reconnecting: its new session
+    /// takes its commands over at once instead of waiting for the old one to time out.
+    pub fn attach(&self, consumer: u64, keys: KeyRange) {
+        let mut superseded = Vec::new();
+        {
+            let mut consumers = self.consumers.lock();
+            if self.exclusive {
+                for (id, (range, gone)) in consumers.iter_mut() {
+                    if !*gone && range.lo < keys.hi && keys.lo < range.hi {
+                        *gone = true;
+                        superseded.push(*id);
+                    }
+                }
+            }
+            consumers.insert(consumer, (keys, false));
+        }
+        for old in superseded {
+            tracing::info!(queue = self.name.name(), old, new = consumer, "a newer consumer took over these keys");
+            self.give_back(old);
+            self.waiters.wake_consumer(old);
+        }
+    }
+
+    fn check_attached(&self, consumer: u64) -> Result<(), Error> {
+        match self.consumers.lock().get(&consumer) {
+            Some((_, false)) => Ok(()),
+            Some((_, true)) => Err(Error::Superseded),
+            // Not attached (in-process callers that lease directly): nothing to check.
+            None => Ok(()),
+        }
+    }
+
     /// Leases up to `max` messages with keys in `keys`, waiting up to `wait` for the first.
-    pub async fn lease(&self, consumer: u64, keys: KeyRange, max: usize, wait: Duration) -> Vec<Leased> {
+    pub async fn lease(&self, consumer: u64, keys: KeyRange, max: usize, wait: Duration) -> Result<Vec<Leased>, Error> {
         let deadline = tokio::time::Instant::now() + wait;
         // Registered before looking, so a message that turns up in between leaves a wake-up.
-        let waiter = self.waiters.register(keys);
+        let waiter = self.waiters.register(keys, consumer);
         loop {
-            let got = self.lease_now(consumer, keys, max);
+            let got = self.lease_now(consumer, keys, max)?;
             if !got.is_empty() {
-                return got;
+                return Ok(got);
             }
             if tokio::time::timeout_at(deadline, waiter.notify.notified()).await.is_err() {
-                return Vec::new();
+                return Ok(Vec::new());
             }
         }
     }
 
     /// Leases what is ready now, without waiting.
-    pub fn lease_now(&self, consumer: u64, keys: KeyRange, max: usize) -> Vec<Leased> {
+    pub fn lease_now(&self, consumer: u64, keys: KeyRange, max: usize) -> Result<Vec<Leased>, Error> {
+        self.check_attached(consumer)?;
         if max == 0 {
-            return Vec::new();
+            return Ok(Vec::new());
         }
         let mut inner = self.inner.lock();
         let Inner { state, journal } = &mut *inner;
@@ -245,7 +295,7 @@ impl Queue {
             }
         }
         self.metrics.delivered.fetch_add(got.len() as u64, Ordering::Relaxed);
-        got
+        Ok(got)
     }
 
     /// Acks or nacks a leased message.
@@ -269,8 +319,13 @@ impl Queue {
         Ok(())
     }
 
-    /// Offers again at once everything `consumer` holds.
+    /// The consumer went away: it is detached, and everything it holds is offered again now.
     pub fn release(&self, consumer: u64) {
+        self.consumers.lock().remove(&consumer);
+        self.give_back(consumer);
+    }
+
+    fn give_back(&self, consumer: u64) {
         let mut inner = self.inner.lock();
         let Inner { state, journal } = &mut *inner;
         let back = state.release(consumer, events::now_us());
@@ -358,7 +413,15 @@ impl Queue {
 #[derive(Default)]
 struct Waiters {
     next: AtomicU64,
-    list: Mutex<Vec<(u64, KeyRange, Arc<Notify>)>>,
+    list: Mutex<Vec<Registration>>,
+}
+
+/// One wait in [`Waiters`].
+struct Registration {
+    id: u64,
+    keys: KeyRange,
+    consumer: u64,
+    notify: Arc<Notify>,
 }
 
 /// A registration in [`Waiters`], removed on drop.
@@ -370,23 +433,32 @@ struct Waiter<'a> {
 
 impl Drop for Waiter<'_> {
     fn drop(&mut self) {
-        self.waiters.list.lock().retain(|(id, _, _)| *id != self.id);
+        self.waiters.list.lock().retain(|r| r.id != self.id);
     }
 }
 
 impl Waiters {
-    fn register(&self, keys: KeyRange) -> Waiter<'_> {
+    fn register(&self, keys: KeyRange, consumer: u64) -> Waiter<'_> {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let notify = Arc::new(Notify::new());
-        self.list.lock().push((id, keys, notify.clone()));
+        self.list.lock().push(Registration { id, keys, consumer, notify: notify.clone() });
         Waiter { id, notify, waiters: self }
     }
 
     /// Wakes the waiters whose range holds `key` (a waiter not yet asleep keeps the wake-up).
     fn wake(&self, key: u64) {
-        for (_, keys, notify) in self.list.lock().iter() {
-            if keys.contains(key) {
-                notify.notify_one();
+        for r in self.list.lock().iter() {
+            if r.keys.contains(key) {
+                r.notify.notify_one();
+            }
+        }
+    }
+
+    /// Wakes `consumer`'s waits (it was superseded and must learn so).
+    fn wake_consumer(&self, consumer: u64) {
+        for r in self.list.lock().iter() {
+            if r.consumer == consumer {
+                r.notify.notify_one();
             }
         }
     }
@@ -517,7 +589,7 @@ impl WorkQueues for Queues {
         max: usize,
         wait: Duration,
     ) -> Result<Vec<Leased>, Error> {
-        Ok(self.get(queue).lease(consumer, keys, max, wait).await)
+        self.get(queue).lease(consumer, keys, max, wait).await
     }
 
     fn settle(&self, queue: QueueName, id: u64, token: u64, verdict: Verdict) -> Result<(), Error> {
@@ -528,8 +600,10 @@ impl WorkQueues for Queues {
         self.get(queue).release(consumer);
     }
 
-    fn new_consumer(&self) -> u64 {
-        self.next_consumer.fetch_add(1, Ordering::Relaxed)
+    fn attach(&self, queue: QueueName, keys: KeyRange) -> Result<u64, Error> {
+        let consumer = self.next_consumer.fetch_add(1, Ordering::Relaxed);
+        self.get(queue).attach(consumer, keys);
+        Ok(consumer)
     }
 }
 
@@ -540,9 +614,9 @@ mod tests {
     #[tokio::test]
     async fn a_ready_key_wakes_only_the_waiters_whose_range_holds_it() {
         let waiters = Waiters::default();
-        let low = waiters.register(KeyRange { lo: 0, hi: 10 });
-        let high = waiters.register(KeyRange { lo: 10, hi: 20 });
-        let all = waiters.register(KeyRange::ALL);
+        let low = waiters.register(KeyRange { lo: 0, hi: 10 }, 1);
+        let high = waiters.register(KeyRange { lo: 10, hi: 20 }, 2);
+        let all = waiters.register(KeyRange::ALL, 3);
         waiters.wake(15);
         let woke = |w: &Waiter<'_>| {
             let n = w.notify.clone();
@@ -551,6 +625,8 @@ mod tests {
         assert!(!woke(&low).await, "a waiter for other keys sleeps on");
         assert!(woke(&high).await, "the wake-up is kept even though it came before the wait");
         assert!(woke(&all).await);
+        waiters.wake_consumer(1);
+        assert!(woke(&low).await, "a consumer can be woken by id");
         drop(high);
         assert_eq!(waiters.list.lock().len(), 2, "a finished wait deregisters");
     }

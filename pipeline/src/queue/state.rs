@@ -25,6 +25,11 @@ pub struct QueueConfig {
     pub max_messages: usize,
     /// Largest payload accepted, bytes. Default 65,536.
     pub max_payload_bytes: usize,
+    /// Whether a consumer that attaches for keys another consumer holds takes them over (the
+    /// other is superseded and what it held is offered again at once). Default false
+    /// (competing consumers); true for `drone-commands`, where a key is one drone and a
+    /// reconnecting drone replaces its old session.
+    pub exclusive_keys: bool,
 }
 
 impl Default for QueueConfig {
@@ -34,6 +39,7 @@ impl Default for QueueConfig {
             max_attempts: 5,
             max_messages: 1_000_000,
             max_payload_bytes: 64 << 10,
+            exclusive_keys: false,
         }
     }
 }
