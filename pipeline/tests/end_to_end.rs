@@ -87,6 +87,68 @@ async fn a_simulated_fleet_completes_its_deliveries_without_loss() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A load generator killed mid-run leaves missions leased and unacked; the next one's drones
+/// take them over at once (the old sessions are superseded, no timeout is waited for), fly them
+/// and ack them, so every mission ends acked and none is dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missions_of_a_killed_fleet_are_flown_by_the_next_one() {
+    let dir = std::env::temp_dir().join(format!("fleetstream-e2e-kill-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut cfg = config(&dir);
+    // Long enough that only a takeover, not a timeout, can explain a quick redelivery.
+    cfg.queues.drone_commands.visibility_timeout_ms = 120_000;
+    let node = Node::start(&cfg).await.unwrap();
+    let load = |duration_s: u64, deliveries: f64| {
+        let mut load = loadgen::LoadConfig::new(
+            node.quic_addr,
+            format!("http://{}", node.http_addr),
+            ingest::Trust::Pem(node.certificate_pem.clone()),
+        );
+        load.drones = 40;
+        load.connections = 2;
+        load.rate = 2_000.0;
+        load.duration = Duration::from_secs(duration_s);
+        load.leg = Duration::from_millis(800);
+        load.deliveries_per_s = deliveries;
+        load
+    };
+    // The first fleet runs on its own runtime, which is then dropped mid-run: its sockets close
+    // without a word to the server, as when the process is killed.
+    let first = load(20, 20.0);
+    let killed = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        rt.spawn(async move {
+            let _ = loadgen::run(first, Arc::new(|_: &loadgen::Progress| {})).await;
+        });
+        std::thread::sleep(Duration::from_millis(3_500));
+        rt.shutdown_background();
+    });
+    killed.join().unwrap();
+    let commands = node.engine.queues().get(events::QueueName::DroneCommands);
+    let (_, held, _) = commands.counts();
+    assert!(held > 0, "missions were in flight when the fleet died");
+
+    let report = loadgen::run(load(6, 2.0), Arc::new(|_: &loadgen::Progress| {})).await.unwrap();
+    assert_eq!((report.lost, report.duplicates), (0, 0), "{report}");
+    let m = commands.metrics();
+    let (enqueued, acked, redelivered) = (
+        m.enqueued.load(std::sync::atomic::Ordering::Relaxed),
+        m.acked.load(std::sync::atomic::Ordering::Relaxed),
+        m.redelivered.load(std::sync::atomic::Ordering::Relaxed),
+    );
+    assert!(redelivered >= held as u64, "the dead fleet's missions were redelivered: {redelivered} < {held}");
+    assert_eq!(acked, enqueued, "every mission was flown and acked");
+    assert_eq!(commands.counts(), (0, 0, 0), "none left, none dead");
+    // (A mission whose drop-off the server took just before the kill, but whose ack never left,
+    // is flown again without a second completion; so only "more than its own" is certain.)
+    assert!(
+        report.deliveries_completed > report.deliveries_scheduled,
+        "the second fleet completed the first fleet's deliveries too: {report}"
+    );
+    node.shutdown().await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// The transport ceiling: `loadgen --raw` against a discard server gets every batch answered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn raw_mode_against_a_discard_server() {
