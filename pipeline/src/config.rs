@@ -34,6 +34,7 @@
 //! max_attempts = 5
 //! max_messages = 1000000
 //! max_payload_bytes = 65536
+//! exclusive_keys = true        # false for notifications: competing consumers
 //! ```
 
 use std::net::SocketAddr;

@@ -187,3 +187,51 @@ async fn replay_from_an_offset_or_a_time_and_over_server_sent_events() {
     node.shutdown().await.unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_asking_for_data_retention_deleted_gets_a_clear_error() {
+    let dir = std::env::temp_dir().join(format!("fleetstream-streams-retention-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut cfg = config(&dir);
+    cfg.log.segment_bytes = 2_048;
+    cfg.log.retention_secs = 0;
+    cfg.engine.checkpoint_interval_ms = 50;
+    let node = Node::start(&cfg).await.unwrap();
+    produce(&node, 0..40).await;
+    let client = IngestClient::connect(node.quic_addr, &ClientConfig::new(Trust::Pem(node.certificate_pem.clone())))
+        .await
+        .unwrap();
+    let mut named =
+        client.subscribe_named::<DroneEvent>(Topic::DroneTelemetry, "slow", StartAt::Earliest).await.unwrap();
+    read(&mut named, 1).await;
+    named.commit(1).await.unwrap();
+    drop(named);
+    // A batch after the checkpoint interval has the shard checkpoint past the old segments;
+    // the appender applies retention every 10 s, on its next batch.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    produce(&node, 40..41).await;
+    tokio::time::sleep(Duration::from_millis(10_500)).await;
+    produce(&node, 41..42).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while node.engine.topic_bounds(Topic::DroneTelemetry).0 == 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (first, _) = node.engine.topic_bounds(Topic::DroneTelemetry);
+    assert!(first > 1, "old segments were deleted (first offset {first})");
+    for sub in [
+        client.subscribe_from::<DroneEvent>(Topic::DroneTelemetry, StartAt::Offset(0)).await,
+        client.subscribe_named::<DroneEvent>(Topic::DroneTelemetry, "slow", StartAt::Earliest).await,
+    ] {
+        let err = match sub {
+            Err(e) => e,
+            Ok(mut s) => s.next().await.unwrap_err(),
+        };
+        assert!(err.to_string().contains("offset unavailable"), "{err}");
+    }
+    let earliest = client.subscribe_from::<DroneEvent>(Topic::DroneTelemetry, StartAt::Earliest).await.unwrap();
+    assert_eq!(earliest.start(), first, "earliest is what retention kept");
+    drop(earliest);
+    client.close().await;
+    node.shutdown().await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
