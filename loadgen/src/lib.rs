@@ -375,13 +375,12 @@ impl std::fmt::Display for Report {
                 "\nreader {}    ({what}) events {}  {:.0} ev/s  latency µs p50 {} p99 {} p999 {} max {}",
                 r.index, r.events, r.throughput_eps, p.p50, p.p99, p.p999, p.max
             )?;
-            let (i, o) = (&r.latency_in_stall_us, &r.latency_outside_stall_us);
-            if i.count > 0 {
-                write!(
-                    f,
-                    "\n            in the stall window {:.0} ev/s p50 {} p99 {}  |  outside it {:.0} ev/s p50 {} p99 {}",
-                    r.eps_in_stall, i.p50, i.p99, r.eps_outside_stall, o.p50, o.p99
-                )?;
+            if r.phases.len() > 1 {
+                write!(f, "\n           ")?;
+                for p in &r.phases {
+                    let l = &p.latency_us;
+                    write!(f, " {} the stall: {:.0} ev/s p50 {} p99 {} |", p.phase, p.eps, l.p50, l.p99)?;
+                }
             }
         }
         if let Some(peak) = self.server_rss_peak_bytes {

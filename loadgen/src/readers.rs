@@ -30,17 +30,26 @@ pub struct ReaderReport {
     pub throughput_eps: f64,
     /// From an event's creation to its arrival at this reader, µs.
     pub latency_us: Percentiles,
-    /// The same, for events received while the stalled reader was stalled (the window
-    /// `--stall-reader-after-s` to that plus `--stall-reader-s`), and outside that window: for a
-    /// reader that kept reading, the two show within one run whether the stall cost it anything.
-    pub latency_in_stall_us: Percentiles,
-    /// See `latency_in_stall_us`.
-    pub latency_outside_stall_us: Percentiles,
-    /// Events per second received inside and outside the stall window.
-    pub eps_in_stall: f64,
-    /// See `eps_in_stall`.
-    pub eps_outside_stall: f64,
+    /// The run in three phases: `before` the stall (a window as long as the stall, just before
+    /// it; anything earlier is warm-up and only counts in the totals), `during` it
+    /// (`--stall-reader-after-s` to that plus `--stall-reader-s`) and `after` it (the stalled
+    /// reader catching up, then the rest). For a reader that kept reading, `before` against
+    /// `during` shows within one run whether another reader's stall cost it anything.
+    pub phases: Vec<PhaseReport>,
 }
+
+/// What a reader received in one phase of the run.
+#[derive(Debug, Clone, Serialize)]
+pub struct PhaseReport {
+    /// `before`, `during` or `after` the stall.
+    pub phase: &'static str,
+    /// Events per second received in the phase.
+    pub eps: f64,
+    /// Creation to arrival, µs.
+    pub latency_us: Percentiles,
+}
+
+const PHASES: [&str; 3] = ["before", "during", "after"];
 
 /// A reader in progress.
 #[derive(Debug)]
@@ -57,10 +66,11 @@ pub struct Reader {
 struct Seen {
     events: u64,
     elapsed: Duration,
-    /// Index 0: inside the stall window, 1: outside.
-    latency: [Histogram<u64>; 2],
-    events_in: [u64; 2],
-    window: Duration,
+    /// By phase: before, during, after the stall, and warm-up.
+    latency: [Histogram<u64>; 4],
+    events_in: [u64; 4],
+    /// The first three phases' lengths.
+    lengths: [Duration; 3],
 }
 
 /// Starts `n` readers; reader 0 stalls for `stall` beginning `stall_after` after the start.
@@ -85,8 +95,9 @@ pub async fn start(
         let task = tokio::spawn(async move {
             let started = Instant::now();
             let mut events = 0u64;
-            let mut latency = [histogram(), histogram()];
-            let mut events_in = [0u64; 2];
+            let mut latency = [histogram(), histogram(), histogram(), histogram()];
+            let mut events_in = [0u64; 4];
+            let control = window.start.saturating_sub(window.end - window.start);
             let mut stalled = stall.is_zero();
             loop {
                 if !stalled && origin.elapsed() >= stall_after {
@@ -100,7 +111,16 @@ pub async fn start(
                     next = sub.next() => match next? {
                         Some((_, batch)) => {
                             let now = now_us();
-                            let side = usize::from(!window.contains(&origin.elapsed()));
+                            let at = origin.elapsed();
+                            let side = if at < control {
+                                3
+                            } else if at < window.start {
+                                0
+                            } else if at < window.end {
+                                1
+                            } else {
+                                2
+                            };
                             for e in batch.events().iter() {
                                 let _ = latency[side].record(now.saturating_sub(e.ts_us.to_native()).max(1));
                             }
@@ -114,7 +134,13 @@ pub async fn start(
             }
             drop(sub);
             client.close().await;
-            Ok(Seen { events, elapsed: started.elapsed(), latency, events_in, window: window.end - window.start })
+            let end = origin.elapsed();
+            let lengths = [
+                window.start.min(end).saturating_sub(control),
+                window.end.min(end).saturating_sub(window.start),
+                end.saturating_sub(window.end),
+            ];
+            Ok(Seen { events, elapsed: started.elapsed(), latency, events_in, lengths })
         });
         readers.push(Reader { index, stall, seen, task });
     }
@@ -129,18 +155,23 @@ pub async fn finish(readers: Vec<Reader>) -> Vec<ReaderReport> {
             Ok(Ok(seen)) => {
                 let mut all = seen.latency[0].clone();
                 let _ = all.add(&seen.latency[1]);
-                let (inside, outside) =
-                    (seen.window.as_secs_f64(), (seen.elapsed.saturating_sub(seen.window)).as_secs_f64());
+                let _ = all.add(&seen.latency[2]);
+                let _ = all.add(&seen.latency[3]);
+                let phases = (0..3)
+                    .filter(|&i| !seen.lengths[i].is_zero())
+                    .map(|i| PhaseReport {
+                        phase: PHASES[i],
+                        eps: seen.events_in[i] as f64 / seen.lengths[i].as_secs_f64(),
+                        latency_us: Percentiles::of(&seen.latency[i]),
+                    })
+                    .collect();
                 out.push(ReaderReport {
                     index: r.index,
                     stalled_s: r.stall.as_secs_f64(),
                     events: seen.events,
                     throughput_eps: seen.events as f64 / seen.elapsed.as_secs_f64().max(1e-9),
                     latency_us: Percentiles::of(&all),
-                    latency_in_stall_us: Percentiles::of(&seen.latency[0]),
-                    latency_outside_stall_us: Percentiles::of(&seen.latency[1]),
-                    eps_in_stall: if inside > 0.0 { seen.events_in[0] as f64 / inside } else { 0.0 },
-                    eps_outside_stall: seen.events_in[1] as f64 / outside.max(1e-9),
+                    phases,
                 })
             }
             Ok(Err(error)) => tracing::error!(reader = r.index, %error, "reader failed"),
