@@ -17,16 +17,21 @@ fn config(dir: &std::path::Path) -> Config {
     cfg
 }
 
+/// A load configuration aimed at `node`, trusting its certificate.
+fn load_for(node: &Node) -> loadgen::LoadConfig {
+    loadgen::LoadConfig::new(
+        node.quic_addr,
+        format!("http://{}", node.http_addr),
+        ingest::Trust::Pem(node.certificate_pem.clone()),
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_simulated_fleet_completes_its_deliveries_without_loss() {
     let dir = std::env::temp_dir().join(format!("fleetstream-e2e-{}", std::process::id()));
     let node = Node::start(&config(&dir)).await.unwrap();
     assert!(dir.join("tls/ingest-cert.pem").exists(), "the certificate is written for local clients");
-    let mut load = loadgen::LoadConfig::new(
-        node.quic_addr,
-        format!("http://{}", node.http_addr),
-        ingest::Trust::Pem(node.certificate_pem.clone()),
-    );
+    let mut load = load_for(&node);
     load.drones = 60;
     load.connections = 3;
     load.rate = 3_000.0;
@@ -99,11 +104,7 @@ async fn missions_of_a_killed_fleet_are_flown_by_the_next_one() {
     cfg.queues.drone_commands.visibility_timeout_ms = 120_000;
     let node = Node::start(&cfg).await.unwrap();
     let load = |duration_s: u64, deliveries: f64| {
-        let mut load = loadgen::LoadConfig::new(
-            node.quic_addr,
-            format!("http://{}", node.http_addr),
-            ingest::Trust::Pem(node.certificate_pem.clone()),
-        );
+        let mut load = load_for(&node);
         load.drones = 40;
         load.connections = 2;
         load.rate = 2_000.0;
