@@ -4,6 +4,8 @@
 //! |---|---|---|
 //! | POST | `/v1/deliveries` | schedule a delivery; `201 {delivery_id, drone_id, stage}` |
 //! | GET | `/v1/deliveries/{id}` | stage, drone and the drone's last known position |
+//! | PATCH | `/v1/deliveries/{id}` | reschedule `{pickup?, dropoff?}` before pickup; `409` after |
+//! | DELETE | `/v1/deliveries/{id}` | cancel before completion (`202`: the stage follows); `409` after |
 //! | POST | `/v1/drones` | register drones `{"drones": [ids]}` as available |
 //! | PUT | `/v1/drones/{id}` | register one drone |
 //! | GET | `/v1/drones/{id}` | the engine's live state of a drone |
@@ -26,13 +28,16 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
 use crate::Error;
-use crate::state::{CreateDelivery, Services};
+use crate::state::{CreateDelivery, Reschedule, Services};
 
 /// The services' routes over `svc`.
 pub fn router<F: FleetControl + WorkQueues>(svc: Arc<Services<F>>) -> Router {
     Router::new()
         .route("/v1/deliveries", post(create_delivery::<F>))
-        .route("/v1/deliveries/{id}", get(get_delivery::<F>))
+        .route(
+            "/v1/deliveries/{id}",
+            get(get_delivery::<F>).patch(reschedule_delivery::<F>).delete(cancel_delivery::<F>),
+        )
         .route("/v1/drones", post(register_drones::<F>))
         .route("/v1/drones/{id}", get(get_drone::<F>).put(register_drone::<F>))
         .route("/healthz", get(|| async { "ok" }))
@@ -94,6 +99,29 @@ async fn create_delivery<F: FleetControl + WorkQueues>(
             Err(e)
         }
     }
+}
+
+async fn reschedule_delivery<F: FleetControl + WorkQueues>(
+    State(svc): State<Arc<Services<F>>>,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<Reschedule>,
+) -> Result<impl IntoResponse, Error> {
+    let id = parse_id(&id)?;
+    let record = svc.reschedule(id, req).await?;
+    Ok(Json(serde_json::json!({
+        "delivery_id": record.delivery_id,
+        "pickup": record.pickup,
+        "dropoff": record.dropoff,
+    })))
+}
+
+async fn cancel_delivery<F: FleetControl + WorkQueues>(
+    State(svc): State<Arc<Services<F>>>,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, Error> {
+    let id = parse_id(&id)?;
+    let record = svc.cancel(id).await?;
+    Ok((StatusCode::ACCEPTED, Json(serde_json::json!({ "delivery_id": record.delivery_id, "cancelling": true }))))
 }
 
 async fn get_delivery<F: FleetControl + WorkQueues>(

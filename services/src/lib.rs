@@ -17,4 +17,4 @@ mod state;
 
 pub use api::router;
 pub use error::Error;
-pub use state::{CreateDelivery, DeliveryRecord, Package, Services};
+pub use state::{CreateDelivery, DeliveryRecord, Package, Reschedule, Services};

@@ -32,6 +32,18 @@ pub struct CreateDelivery {
     pub package: Package,
 }
 
+/// What a customer sends to reschedule: new places (either may be left out).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Reschedule {
+    /// New pickup point.
+    #[serde(default)]
+    pub pickup: Option<GeoPoint>,
+    /// New drop-off point.
+    #[serde(default)]
+    pub dropoff: Option<GeoPoint>,
+}
+
 /// A package's description.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -166,6 +178,56 @@ impl<F: FleetControl + WorkQueues> Services<F> {
         }
         self.scheduled.fetch_add(1, Ordering::Relaxed);
         Ok(record)
+    }
+
+    /// Moves a delivery that has not been picked up yet to new places: the engine applies it
+    /// on the drone's shard (and derives `Rescheduled`), then the drone gets the updated mission
+    /// through drone-commands. The engine's refusal (already picked up, finished) is the
+    /// caller's `409`.
+    pub async fn reschedule(&self, id: DeliveryId, req: Reschedule) -> Result<DeliveryRecord, Error> {
+        let current = self.delivery(id).ok_or(Error::NotFound { what: "delivery", id })?;
+        if current.stage.is_terminal() {
+            return Err(events::Error::InvalidTransition { delivery: id, reason: "the delivery is finished" }.into());
+        }
+        let pickup = req.pickup.unwrap_or(current.pickup);
+        let dropoff = req.dropoff.unwrap_or(current.dropoff);
+        for (name, p) in [("pickup", &pickup), ("dropoff", &dropoff)] {
+            if !p.is_valid() {
+                return Err(Error::BadRequest(format!(
+                    "{name} is not a valid coordinate (lat -90..90, lon -180..180)"
+                )));
+            }
+        }
+        let drone_id = current.drone_id;
+        let now = events::now_us();
+        self.fleet
+            .command(DeliveryCommand::Reschedule { delivery_id: id, drone_id, pickup, dropoff, ts_us: now })
+            .await?;
+        let mission = Mission { delivery_id: id, drone_id, pickup, dropoff, ts_us: now };
+        self.fleet.enqueue(QueueName::DroneCommands, drone_id, mission.to_bytes()).await?;
+        let mut deliveries = self.deliveries.write();
+        let record = deliveries.get_mut(&id).ok_or(Error::NotFound { what: "delivery", id })?;
+        record.pickup = pickup;
+        record.dropoff = dropoff;
+        Ok(record.clone())
+    }
+
+    /// Cancels a delivery that has not been completed: the engine derives `Cancelled`, which
+    /// frees the drone. Cancelling a cancelled delivery again changes nothing.
+    pub async fn cancel(&self, id: DeliveryId) -> Result<DeliveryRecord, Error> {
+        let current = self.delivery(id).ok_or(Error::NotFound { what: "delivery", id })?;
+        match current.stage {
+            DeliveryStage::Cancelled => return Ok(current),
+            DeliveryStage::DeliveryComplete => {
+                return Err(
+                    events::Error::InvalidTransition { delivery: id, reason: "the delivery is complete" }.into()
+                );
+            }
+            _ => {}
+        }
+        let cmd = DeliveryCommand::Cancel { delivery_id: id, drone_id: current.drone_id, ts_us: events::now_us() };
+        self.fleet.command(cmd).await?;
+        Ok(current)
     }
 
     /// The current record of a delivery.

@@ -1,0 +1,108 @@
+//! Reschedule and cancel through the public API of a real node: the engine applies them on the
+//! drone's shard, the delivery's events change, and the read model follows.
+
+#![allow(clippy::unwrap_used)] // helpers in a test crate may panic: that fails the test
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use events::StreamSource;
+use pipeline::{Config, Node};
+use serde_json::{Value, json};
+
+async fn stage_becomes(http: &reqwest::Client, base: &str, id: u64, stage: &str) -> Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let v: Value = http.get(format!("{base}/v1/deliveries/{id}")).send().await.unwrap().json().await.unwrap();
+        if v["stage"] == stage || std::time::Instant::now() > deadline {
+            assert_eq!(v["stage"], stage, "{v}");
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reschedule_and_cancel_change_the_delivery_and_its_events() {
+    let dir = std::env::temp_dir().join(format!("fleetstream-deliveries-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut cfg = Config { data_dir: dir.clone(), ..Config::default() };
+    cfg.ingest.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    cfg.http.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    cfg.engine.shards = 2;
+    let node = Node::start(&cfg).await.unwrap();
+    let base = format!("http://{}", node.http_addr);
+    let http = reqwest::Client::new();
+    http.post(format!("{base}/v1/drones")).json(&json!({"drones": [1, 2]})).send().await.unwrap();
+    let order = json!({
+        "owner": "acme", "pickup": {"lat": 47.6, "lon": -122.3}, "dropoff": {"lat": 47.61, "lon": -122.31},
+        "package": {"size": "small", "weight_kg": 1.0}
+    });
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let v: Value =
+            http.post(format!("{base}/v1/deliveries")).json(&order).send().await.unwrap().json().await.unwrap();
+        ids.push(v["delivery_id"].as_u64().unwrap());
+    }
+    let events = node.engine.subscribe_deliveries_from(events::StartAt::Earliest).unwrap();
+
+    // Reschedule the first: new drop-off, stage Rescheduled, and the drone gets the new mission.
+    let resp = http
+        .patch(format!("{base}/v1/deliveries/{}", ids[0]))
+        .json(&json!({"dropoff": {"lat": 47.7, "lon": -122.2}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let v = stage_becomes(&http, &base, ids[0], "rescheduled").await;
+    assert_eq!(v["dropoff"]["lat"], 47.7);
+    assert_eq!(v["pickup"]["lat"], 47.6, "what was left out stays");
+    let missions = node.engine.queues().get(events::QueueName::DroneCommands);
+    assert_eq!(missions.counts().0, 3, "two missions and the rescheduled one wait for their drones");
+
+    // Cancel the second: stage Cancelled and its drone is free again.
+    let resp = http.delete(format!("{base}/v1/deliveries/{}", ids[1])).send().await.unwrap();
+    assert_eq!(resp.status(), 202);
+    stage_becomes(&http, &base, ids[1], "cancelled").await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while node.services.fleet_size().1 != 1 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(node.services.fleet_size(), (2, 1), "the cancelled delivery's drone is free");
+
+    // A cancelled delivery cannot be rescheduled; an unknown one is 404; bad input is 400.
+    let resp = http
+        .patch(format!("{base}/v1/deliveries/{}", ids[1]))
+        .json(&json!({"pickup": {"lat": 1.0, "lon": 1.0}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 409);
+    assert_eq!(http.delete(format!("{base}/v1/deliveries/999")).send().await.unwrap().status(), 404);
+    let resp = http
+        .patch(format!("{base}/v1/deliveries/{}", ids[0]))
+        .json(&json!({"pickup": {"lat": 100.0, "lon": 1.0}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+
+    // The delivery-events stream carries the changes, in order per delivery.
+    let mut seen = Vec::new();
+    while seen.len() < 4 {
+        let (_, batch) =
+            tokio::time::timeout(Duration::from_secs(5), events.rx.recv_async()).await.unwrap().unwrap().unwrap();
+        for e in batch.events().iter() {
+            seen.push((e.delivery_id.to_native(), e.seq.to_native(), e.stage.to_stage()));
+        }
+    }
+    seen.sort_unstable();
+    use events::DeliveryStage::*;
+    assert_eq!(
+        seen,
+        vec![(ids[0], 0, Created), (ids[0], 1, Rescheduled), (ids[1], 0, Created), (ids[1], 1, Cancelled)]
+    );
+    drop(events);
+    node.shutdown().await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
