@@ -2,7 +2,7 @@
 //!
 //! | method | path | what |
 //! |---|---|---|
-//! | POST | `/v1/deliveries` | schedule a delivery; `201 {delivery_id, drone_id, stage}` |
+//! | POST | `/v1/deliveries` | schedule a delivery; `201 {delivery_id, drone_id, stage}`; with an `Idempotency-Key` header a retry gets the first result (`Idempotent-Replayed: true`) |
 //! | GET | `/v1/deliveries/{id}` | stage, drone and the drone's last known position |
 //! | PATCH | `/v1/deliveries/{id}` | reschedule `{pickup?, dropoff?}` before pickup; `409` after |
 //! | DELETE | `/v1/deliveries/{id}` | cancel before completion (`202`: the stage follows); `409` after |
@@ -19,7 +19,7 @@ use std::sync::atomic::Ordering;
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, Path, Request, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -83,11 +83,21 @@ fn parse_id(raw: &str) -> Result<u64, Error> {
 
 async fn create_delivery<F: FleetControl + WorkQueues>(
     State(svc): State<Arc<Services<F>>>,
+    headers: HeaderMap,
     ApiJson(req): ApiJson<CreateDelivery>,
 ) -> Result<impl IntoResponse, Error> {
-    match svc.schedule(req).await {
-        Ok(record) => Ok((
+    let key = match headers.get("idempotency-key") {
+        Some(v) => Some(v.to_str().map_err(|_| Error::BadRequest("Idempotency-Key must be visible ASCII".into()))?),
+        None => None,
+    };
+    let outcome = match key {
+        Some(key) => svc.schedule_once(key, req).await,
+        None => svc.schedule(req).await.map(|r| (r, false)),
+    };
+    match outcome {
+        Ok((record, replayed)) => Ok((
             StatusCode::CREATED,
+            [("idempotent-replayed", if replayed { "true" } else { "false" })],
             Json(serde_json::json!({
                 "delivery_id": record.delivery_id,
                 "drone_id": record.drone_id,

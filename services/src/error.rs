@@ -19,6 +19,10 @@ pub enum Error {
         /// Its id.
         id: u64,
     },
+    /// An `Idempotency-Key` came back with a different request than the one it was first used
+    /// for.
+    #[error("this Idempotency-Key was used for a different request")]
+    KeyReused,
     /// Every registered drone is busy; the client may retry.
     #[error("no drone is available; retry later")]
     NoDroneAvailable,
@@ -33,6 +37,7 @@ impl Error {
             Error::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             Error::NotFound { .. } => (StatusCode::NOT_FOUND, "not_found"),
             Error::NoDroneAvailable => (StatusCode::SERVICE_UNAVAILABLE, "no_drone_available"),
+            Error::KeyReused => (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused"),
             Error::Engine(e) => match e {
                 events::Error::ShuttingDown | events::Error::StorageFull => (StatusCode::SERVICE_UNAVAILABLE, e.name()),
                 events::Error::DroneBusy { .. } | events::Error::InvalidTransition { .. } => {

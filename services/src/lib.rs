@@ -13,6 +13,7 @@
 
 mod api;
 mod error;
+mod idempotency;
 mod state;
 
 pub use api::router;

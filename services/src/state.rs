@@ -99,6 +99,7 @@ pub struct Services<F> {
     next_id: AtomicU64,
     pub(crate) scheduled: AtomicU64,
     pub(crate) refused: AtomicU64,
+    pub(crate) keys: crate::idempotency::Keys,
 }
 
 impl<F: FleetControl + WorkQueues> Services<F> {
@@ -112,6 +113,7 @@ impl<F: FleetControl + WorkQueues> Services<F> {
             next_id: AtomicU64::new(events::now_us()),
             scheduled: AtomicU64::new(0),
             refused: AtomicU64::new(0),
+            keys: crate::idempotency::Keys::default(),
         }
     }
 
@@ -228,6 +230,23 @@ impl<F: FleetControl + WorkQueues> Services<F> {
         let cmd = DeliveryCommand::Cancel { delivery_id: id, drone_id: current.drone_id, ts_us: events::now_us() };
         self.fleet.command(cmd).await?;
         Ok(current)
+    }
+
+    /// [`Services::schedule`] under an `Idempotency-Key`: the first request with the key runs,
+    /// a retry gets its result (`true`: replayed).
+    pub async fn schedule_once(&self, key: &str, req: CreateDelivery) -> Result<(DeliveryRecord, bool), Error> {
+        use crate::idempotency::{Begin, MAX_KEY_LEN};
+        if key.is_empty() || key.len() > MAX_KEY_LEN {
+            return Err(Error::BadRequest(format!("Idempotency-Key must be 1 to {MAX_KEY_LEN} characters")));
+        }
+        match self.keys.begin(key, &req).await {
+            Begin::Replay(record) => return Ok((record, true)),
+            Begin::Mismatch => return Err(Error::KeyReused),
+            Begin::Run => {}
+        }
+        let outcome = self.schedule(req.clone()).await;
+        self.keys.finish(key, &req, outcome.as_ref().ok().cloned());
+        outcome.map(|r| (r, false))
     }
 
     /// The current record of a delivery.

@@ -248,3 +248,60 @@ async fn drones_are_read_from_the_engine() {
     let (status, _, _) = call(&router, "GET", "/v1/drones/500", None).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 }
+
+async fn post_keyed(router: &axum::Router, key: &str, body: &str) -> (StatusCode, Value, Option<String>) {
+    let req = Request::builder()
+        .method("POST")
+        .uri("/v1/deliveries")
+        .header(header::CONTENT_TYPE, "application/json")
+        .header("idempotency-key", key)
+        .body(Body::from(body.to_string()))
+        .unwrap();
+    let resp = router.clone().oneshot(req).await.unwrap();
+    let status = resp.status();
+    let replayed = resp.headers().get("idempotent-replayed").map(|v| v.to_str().unwrap().to_string());
+    let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20).await.unwrap();
+    (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null), replayed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotency_key_makes_a_retried_post_return_the_first_result() {
+    let (fleet, _, router) = setup();
+    call(&router, "POST", "/v1/drones", Some(r#"{"drones":[1,2,3]}"#)).await;
+    let (status, first, replayed) = post_keyed(&router, "order-17", &order()).await;
+    assert_eq!((status, replayed.as_deref()), (StatusCode::CREATED, Some("false")), "{first}");
+    let (status, again, replayed) = post_keyed(&router, "order-17", &order()).await;
+    assert_eq!((status, replayed.as_deref()), (StatusCode::CREATED, Some("true")));
+    assert_eq!(again["delivery_id"], first["delivery_id"], "the same delivery");
+    assert_eq!(fleet.commands.lock().len(), 1, "the engine saw one create");
+    assert_eq!(fleet.missions.lock().len(), 1, "one mission");
+
+    // Concurrent retries of a new key: one runs, the others wait for it and get its result.
+    let tasks: Vec<_> = (0..4)
+        .map(|_| {
+            let router = router.clone();
+            tokio::spawn(async move { post_keyed(&router, "order-18", &order()).await })
+        })
+        .collect();
+    let mut ids = Vec::new();
+    for t in tasks {
+        let (status, v, _) = t.await.unwrap();
+        assert_eq!(status, StatusCode::CREATED);
+        ids.push(v["delivery_id"].as_u64().unwrap());
+    }
+    ids.dedup();
+    assert_eq!(ids.len(), 1, "one delivery for one key");
+    assert_eq!(fleet.commands.lock().len(), 2);
+
+    // The same key with a different request is refused; a failed request can be retried.
+    let other = order().replace("1.2", "3.4");
+    let (status, v, _) = post_keyed(&router, "order-17", &other).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    assert_eq!(v["error"], "idempotency_key_reused");
+    fleet.fail.store(true, Ordering::Relaxed);
+    let (status, _, _) = post_keyed(&router, "order-19", &order()).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    fleet.fail.store(false, Ordering::Relaxed);
+    let (status, _, replayed) = post_keyed(&router, "order-19", &order()).await;
+    assert_eq!((status, replayed.as_deref()), (StatusCode::CREATED, Some("false")), "a failure is not remembered");
+}
