@@ -14,6 +14,9 @@
 //!
 //! [http]
 //! listen = "127.0.0.1:8080"
+//! [http.throttle]              # per client (x-api-key, else IP) on /v1/deliveries
+//! rate_per_s = 20000
+//! burst = 40000
 //!
 //! [engine]
 //! shards = 0                   # 0: one per core
@@ -85,11 +88,16 @@ impl Default for Config {
 pub struct HttpConfig {
     /// TCP address. Default `127.0.0.1:8080`: loopback until an operator exposes it.
     pub listen: SocketAddr,
+    /// Per-client limits on the public delivery API (see `services::throttle`).
+    pub throttle: services::throttle::ThrottleConfig,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        Self { listen: SocketAddr::from(([127, 0, 0, 1], 8080)) }
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            throttle: services::throttle::ThrottleConfig::default(),
+        }
     }
 }
 

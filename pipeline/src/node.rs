@@ -99,25 +99,34 @@ impl Node {
             .await
             .map_err(|e| Error::Io { context: format!("binding HTTP {}", cfg.http.listen), source: e })?;
         let http_addr = listener.local_addr().map_err(|e| Error::Io { context: "HTTP address".into(), source: e })?;
-        let router = services::router(services.clone()).merge(crate::admin::router(engine.clone())).route(
-            "/metrics",
-            get({
-                let (engine, services, ingest_metrics) = (engine.clone(), services.clone(), ingest_metrics.clone());
-                move || {
-                    let mut out = String::new();
-                    ingest_metrics.render(&mut out);
-                    crate::engine::render_metrics(&engine, &mut out);
-                    engine.queues().render_metrics(&mut out);
-                    crate::admin::render_cursor_metrics(&engine, &mut out);
-                    services.render_metrics(&mut out);
-                    render_process_metrics(&mut out);
-                    std::future::ready(out)
-                }
-            }),
-        );
+        let throttle = services::throttle::Throttle::new(cfg.http.throttle);
+        let router = services::router_with(services.clone(), throttle.clone())
+            .merge(crate::admin::router(engine.clone()))
+            .route(
+                "/metrics",
+                get({
+                    let (engine, services, ingest_metrics) = (engine.clone(), services.clone(), ingest_metrics.clone());
+                    let throttle = throttle.clone();
+                    move || {
+                        let mut out = String::new();
+                        ingest_metrics.render(&mut out);
+                        crate::engine::render_metrics(&engine, &mut out);
+                        engine.queues().render_metrics(&mut out);
+                        crate::admin::render_cursor_metrics(&engine, &mut out);
+                        events::prom::counter(
+                            &mut out,
+                            "fleetstream_http_throttled_total",
+                            throttle.throttled.load(std::sync::atomic::Ordering::Relaxed),
+                        );
+                        services.render_metrics(&mut out);
+                        render_process_metrics(&mut out);
+                        std::future::ready(out)
+                    }
+                }),
+            );
         let (http_stop, http_rx) = oneshot::channel::<()>();
         let http_task = tokio::spawn(async move {
-            axum::serve(listener, router)
+            axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
                 .with_graceful_shutdown(async {
                     let _ = http_rx.await;
                 })

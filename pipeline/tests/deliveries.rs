@@ -106,3 +106,33 @@ async fn reschedule_and_cancel_change_the_delivery_and_its_events() {
     node.shutdown().await.unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_over_its_rate_gets_429_with_retry_after() {
+    let dir = std::env::temp_dir().join(format!("fleetstream-throttle-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut cfg = Config { data_dir: dir.clone(), ..Config::default() };
+    cfg.ingest.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    cfg.http.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    cfg.http.throttle = services::throttle::ThrottleConfig { rate_per_s: 1, burst: 2 };
+    let node = Node::start(&cfg).await.unwrap();
+    let base = format!("http://{}", node.http_addr);
+    let http = reqwest::Client::new();
+    let statuses = {
+        let mut v = Vec::new();
+        for _ in 0..3 {
+            v.push(http.get(format!("{base}/v1/deliveries/1")).send().await.unwrap());
+        }
+        v
+    };
+    assert_eq!(statuses.iter().map(|r| r.status().as_u16()).collect::<Vec<_>>(), vec![404, 404, 429]);
+    let retry: u64 = statuses[2].headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!(retry >= 1);
+    // Another client (by API key) is not affected; the unthrottled routes are not limited.
+    let other = http.get(format!("{base}/v1/deliveries/1")).header("x-api-key", "partner-7").send().await.unwrap();
+    assert_eq!(other.status(), 404);
+    let metrics = http.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("fleetstream_http_throttled_total 1"), "{metrics}");
+    node.shutdown().await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -30,18 +30,31 @@ use serde::de::DeserializeOwned;
 use crate::Error;
 use crate::state::{CreateDelivery, Reschedule, Services};
 
-/// The services' routes over `svc`.
+/// The services' routes over `svc`, with the default per-client limits.
 pub fn router<F: FleetControl + WorkQueues>(svc: Arc<Services<F>>) -> Router {
-    Router::new()
+    router_with(svc, crate::throttle::Throttle::new(crate::throttle::ThrottleConfig::default()))
+}
+
+/// The services' routes over `svc`; the public delivery routes are limited per client by
+/// `throttle` (see [`crate::throttle`]).
+pub fn router_with<F: FleetControl + WorkQueues>(
+    svc: Arc<Services<F>>,
+    throttle: Arc<crate::throttle::Throttle>,
+) -> Router {
+    let public = Router::new()
         .route("/v1/deliveries", post(create_delivery::<F>))
         .route(
             "/v1/deliveries/{id}",
             get(get_delivery::<F>).patch(reschedule_delivery::<F>).delete(cancel_delivery::<F>),
         )
+        .route_layer(axum::middleware::from_fn_with_state(throttle, crate::throttle::limit))
+        .with_state(svc.clone());
+    Router::new()
         .route("/v1/drones", post(register_drones::<F>))
         .route("/v1/drones/{id}", get(get_drone::<F>).put(register_drone::<F>))
         .route("/healthz", get(|| async { "ok" }))
         .with_state(svc)
+        .merge(public)
 }
 
 impl<F: FleetControl + WorkQueues> Services<F> {

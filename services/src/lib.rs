@@ -15,7 +15,8 @@ mod api;
 mod error;
 mod idempotency;
 mod state;
+pub mod throttle;
 
-pub use api::router;
+pub use api::{router, router_with};
 pub use error::Error;
 pub use state::{CreateDelivery, DeliveryRecord, Package, Reschedule, Services};
