@@ -45,6 +45,7 @@ pub struct Node {
     http_task: JoinHandle<std::io::Result<()>>,
     consumer_stop: oneshot::Sender<()>,
     consumer_task: JoinHandle<()>,
+    history_task: std::thread::JoinHandle<()>,
 }
 
 impl Node {
@@ -57,7 +58,11 @@ impl Node {
             tokio::task::spawn_blocking(move || Engine::start_with_queues(engine_cfg, storage, &queues_cfg))
                 .await
                 .map_err(|e| Error::Task(e.to_string()))??;
-        let services = Arc::new(Services::new(engine.clone()));
+        let history_path = cfg.data_dir.join("history").join("history.redb");
+        let history =
+            Arc::new(services::history::History::open(&history_path).map_err(|e| Error::Task(e.to_string()))?);
+        let history_task = start_history(&engine, history.clone())?;
+        let services = Arc::new(Services::new(engine.clone()).with_history(history.clone()));
 
         let deliveries = engine.subscribe_deliveries(Overflow::Block)?;
         let (consumer_stop, mut stop_rx) = oneshot::channel::<()>();
@@ -102,6 +107,7 @@ impl Node {
         let throttle = services::throttle::Throttle::new(cfg.http.throttle);
         let router = services::router_with(services.clone(), throttle.clone())
             .merge(crate::admin::router(engine.clone()))
+            .merge(services::history::router(history))
             .route(
                 "/metrics",
                 get({
@@ -153,6 +159,7 @@ impl Node {
             http_task,
             consumer_stop,
             consumer_task,
+            history_task,
         })
     }
 
@@ -168,12 +175,54 @@ impl Node {
         self.engine.shutdown(self.threads).await;
         let _ = self.consumer_stop.send(());
         let _ = self.consumer_task.await;
+        let history = self.history_task;
+        let _ = tokio::task::spawn_blocking(move || history.join()).await;
         info!("stopped");
         ingest.map_err(|e| Error::Task(e.to_string()))??;
         http.map_err(|e| Error::Task(e.to_string()))?
             .map_err(|e| Error::Io { context: "HTTP server".into(), source: e })?;
         Ok(())
     }
+}
+
+/// Delivery History's consumer: reads the delivery-events log from where the store's last
+/// commit left off and stores each batch with the offset after it (one transaction), until
+/// the engine stops.
+fn start_history(
+    engine: &Engine,
+    history: Arc<services::history::History>,
+) -> Result<std::thread::JoinHandle<()>, Error> {
+    let resume = history.next_offset().map_err(|e| Error::Task(e.to_string()))?;
+    let sub = match resume {
+        Some(next) => match engine.subscribe_deliveries_from(events::StartAt::Offset(next)) {
+            Ok(sub) => sub,
+            Err(error) => {
+                tracing::error!(%error, next, "delivery history is behind retention: events were lost to it; resuming at the earliest held");
+                engine.subscribe_deliveries_from(events::StartAt::Earliest)?
+            }
+        },
+        None => engine.subscribe_deliveries_from(events::StartAt::Earliest)?,
+    };
+    std::thread::Builder::new()
+        .name("delivery-history".into())
+        .spawn(move || {
+            while let Ok(item) = sub.rx.recv() {
+                match item {
+                    Ok((offset, batch)) => {
+                        if let Err(error) = history.apply(offset, &batch) {
+                            tracing::error!(%error, offset, "delivery history could not store a batch; it resumes there after a restart");
+                            return;
+                        }
+                    }
+                    Err(events::Error::ShuttingDown) => return,
+                    Err(error) => {
+                        tracing::error!(%error, "delivery history's subscription ended");
+                        return;
+                    }
+                }
+            }
+        })
+        .map_err(|e| Error::Io { context: "starting the delivery-history thread".into(), source: e })
 }
 
 /// The process's resident memory as `process_resident_memory_bytes` (the name Prometheus client

@@ -103,6 +103,48 @@ async fn reschedule_and_cancel_change_the_delivery_and_its_events() {
         vec![(ids[0], 0, Created), (ids[0], 1, Rescheduled), (ids[1], 0, Created), (ids[1], 1, Cancelled)]
     );
     drop(events);
+
+    // Delivery History has every event, queryable by delivery and by owner, across a restart.
+    let history = |base: String, id: u64| {
+        let http = http.clone();
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            loop {
+                let v: Value =
+                    http.get(format!("{base}/v1/deliveries/{id}/history")).send().await.unwrap().json().await.unwrap();
+                let stages: Vec<String> =
+                    v["events"].as_array().unwrap().iter().map(|e| e["stage"].as_str().unwrap().to_string()).collect();
+                if stages.len() >= 2 || std::time::Instant::now() > deadline {
+                    return stages;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    assert_eq!(history(base.clone(), ids[0]).await, ["created", "rescheduled"]);
+    assert_eq!(history(base.clone(), ids[1]).await, ["created", "cancelled"]);
+    let page: Value =
+        http.get(format!("{base}/v1/history?owner=acme&limit=1")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(page["deliveries"][0]["delivery_id"], ids[0], "{page}");
+    let next = page["next"].as_str().unwrap().to_string();
+    let page2: Value = http
+        .get(format!("{base}/v1/history?owner=acme&limit=1&after={next}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(page2["deliveries"][0]["delivery_id"], ids[1], "{page2}");
+    assert_eq!(page2["deliveries"][0]["stage"], "cancelled");
+    assert_eq!(http.get(format!("{base}/v1/deliveries/424242/history")).send().await.unwrap().status(), 404);
+
+    node.shutdown().await.unwrap();
+    let node = Node::start(&cfg).await.unwrap();
+    let base = format!("http://{}", node.http_addr);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(history(base.clone(), ids[0]).await, ["created", "rescheduled"], "no gap, no duplicate after a restart");
+    assert_eq!(history(base.clone(), ids[1]).await, ["created", "cancelled"]);
     node.shutdown().await.unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }

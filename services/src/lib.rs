@@ -13,6 +13,7 @@
 
 mod api;
 mod error;
+pub mod history;
 mod idempotency;
 mod state;
 pub mod throttle;

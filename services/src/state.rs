@@ -100,6 +100,7 @@ pub struct Services<F> {
     pub(crate) scheduled: AtomicU64,
     pub(crate) refused: AtomicU64,
     pub(crate) keys: crate::idempotency::Keys,
+    history: Option<std::sync::Arc<crate::history::History>>,
 }
 
 impl<F: FleetControl + WorkQueues> Services<F> {
@@ -114,7 +115,14 @@ impl<F: FleetControl + WorkQueues> Services<F> {
             scheduled: AtomicU64::new(0),
             refused: AtomicU64::new(0),
             keys: crate::idempotency::Keys::default(),
+            history: None,
         }
+    }
+
+    /// Tells `history` who ordered each delivery scheduled from now on (for its owner queries).
+    pub fn with_history(mut self, history: std::sync::Arc<crate::history::History>) -> Self {
+        self.history = Some(history);
+        self
     }
 
     /// Registers drones as available (idempotent: a known drone keeps its state).
@@ -152,6 +160,13 @@ impl<F: FleetControl + WorkQueues> Services<F> {
         };
         // Record first, so the Created event finds its record whichever arrives first.
         self.deliveries.write().insert(delivery_id, record.clone());
+        if let Some(history) = &self.history
+            && let Err(error) = history.note_delivery(delivery_id, &record.owner, now)
+        {
+            self.deliveries.write().remove(&delivery_id);
+            self.release_drone(drone_id, delivery_id);
+            return Err(error);
+        }
         let cmd = DeliveryCommand::Create {
             delivery_id,
             drone_id,

@@ -1,0 +1,321 @@
+//! Delivery History: every event of every delivery, kept for good in an embedded store, with
+//! a query API (`GET /v1/deliveries/{id}/history`, `GET /v1/history?owner=&from_us=&to_us=`).
+//!
+//! The store is [redb](https://docs.rs/redb): pure Rust (nothing to build or install beside
+//! the toolchain), one file, ACID transactions with an fsync per commit, and ordered keys so a
+//! delivery's events and an owner's deliveries by time are range scans. The history consumes
+//! the `delivery-events` log and writes each batch's events **and the log offset after it in
+//! the same transaction**, so after a restart it resumes exactly where its last commit ended:
+//! no gap, no duplicate. Event keys are `(delivery, seq)`, which the engine derives
+//! deterministically, so even a replayed batch changes nothing.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use axum::extract::{Path as UrlPath, Query, State};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use events::{DeliveryBatch, DeliveryId, DeliveryStage, GeoPoint};
+use redb::{Database, TableDefinition};
+use serde::Serialize;
+
+use crate::Error;
+
+/// `(delivery, seq)` → stage, drone, time, position.
+/// A stored event: stage code, drone, time (µs), latitude, longitude.
+type EventRow = (u8, u64, u64, f64, f64);
+const EVENTS: TableDefinition<'static, (u64, u32), EventRow> = TableDefinition::new("events");
+/// `(owner, created_us, delivery)` → ().
+const BY_OWNER: TableDefinition<'static, (&str, u64, u64), ()> = TableDefinition::new("by_owner");
+/// delivery → (owner, created_us).
+const DELIVERIES: TableDefinition<'static, u64, (&str, u64)> = TableDefinition::new("deliveries");
+/// `"next_offset"` → the delivery-events offset after the last batch stored.
+const META: TableDefinition<'static, &str, u64> = TableDefinition::new("meta");
+const NEXT_OFFSET: &str = "next_offset";
+
+fn store(e: impl std::fmt::Display) -> Error {
+    Error::Engine(events::Error::Storage(format!("history store: {e}")))
+}
+
+/// One stored event.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct HistoryEvent {
+    /// Per-delivery sequence number.
+    pub seq: u32,
+    /// The stage reached.
+    pub stage: DeliveryStage,
+    /// The drone.
+    pub drone_id: u64,
+    /// When, µs since the epoch.
+    pub ts_us: u64,
+    /// Where.
+    pub location: GeoPoint,
+}
+
+/// One delivery in an owner query.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct OwnedDelivery {
+    /// The delivery.
+    pub delivery_id: DeliveryId,
+    /// When it was scheduled, µs since the epoch.
+    pub created_us: u64,
+    /// Its latest stage, if any event is stored yet.
+    pub stage: Option<DeliveryStage>,
+}
+
+/// The history store.
+pub struct History {
+    db: Database,
+}
+
+impl std::fmt::Debug for History {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("History").finish_non_exhaustive()
+    }
+}
+
+const STAGES: [DeliveryStage; 6] = [
+    DeliveryStage::Created,
+    DeliveryStage::Rescheduled,
+    DeliveryStage::HeadedToPickup,
+    DeliveryStage::InTransit,
+    DeliveryStage::DeliveryComplete,
+    DeliveryStage::Cancelled,
+];
+
+fn stage_code(s: DeliveryStage) -> u8 {
+    STAGES.iter().position(|x| *x == s).unwrap_or(0) as u8
+}
+
+fn stage_of(code: u8) -> DeliveryStage {
+    STAGES.get(usize::from(code)).copied().unwrap_or(DeliveryStage::Created)
+}
+
+impl History {
+    /// Opens (or creates) the store at `path`.
+    pub fn open(path: &Path) -> Result<Self, Error> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(store)?;
+        }
+        let db = Database::create(path).map_err(store)?;
+        let txn = db.begin_write().map_err(store)?;
+        {
+            txn.open_table(EVENTS).map_err(store)?;
+            txn.open_table(BY_OWNER).map_err(store)?;
+            txn.open_table(DELIVERIES).map_err(store)?;
+            txn.open_table(META).map_err(store)?;
+        }
+        txn.commit().map_err(store)?;
+        Ok(Self { db })
+    }
+
+    /// The delivery-events offset to resume from: the one after the last batch stored.
+    pub fn next_offset(&self) -> Result<Option<u64>, Error> {
+        let txn = self.db.begin_read().map_err(store)?;
+        let meta = txn.open_table(META).map_err(store)?;
+        Ok(meta.get(NEXT_OFFSET).map_err(store)?.map(|v| v.value()))
+    }
+
+    /// Records who ordered a delivery and when (from the scheduler).
+    /// The commit is not fsynced on its own: the next stored batch (the delivery's `Created`
+    /// event, milliseconds later) makes it durable with its own commit.
+    pub fn note_delivery(&self, id: DeliveryId, owner: &str, created_us: u64) -> Result<(), Error> {
+        let mut txn = self.db.begin_write().map_err(store)?;
+        txn.set_durability(redb::Durability::None);
+        {
+            txn.open_table(DELIVERIES).map_err(store)?.insert(id, (owner, created_us)).map_err(store)?;
+            txn.open_table(BY_OWNER).map_err(store)?.insert((owner, created_us, id), ()).map_err(store)?;
+        }
+        txn.commit().map_err(store)
+    }
+
+    /// Stores the batch at `offset` of the delivery-events log and moves the resume point past
+    /// it, in one transaction.
+    pub fn apply(&self, offset: u64, batch: &DeliveryBatch) -> Result<(), Error> {
+        let txn = self.db.begin_write().map_err(store)?;
+        {
+            let mut events = txn.open_table(EVENTS).map_err(store)?;
+            for e in batch.events().iter() {
+                let value = (
+                    stage_code(e.stage.to_stage()),
+                    e.drone_id.to_native(),
+                    e.ts_us.to_native(),
+                    e.location.lat.to_native(),
+                    e.location.lon.to_native(),
+                );
+                events.insert((e.delivery_id.to_native(), e.seq.to_native()), value).map_err(store)?;
+            }
+            txn.open_table(META).map_err(store)?.insert(NEXT_OFFSET, offset + 1).map_err(store)?;
+        }
+        txn.commit().map_err(store)
+    }
+
+    /// Every stored event of a delivery, in order; `None` if the history knows nothing of it.
+    pub fn events_of(&self, id: DeliveryId) -> Result<Option<Vec<HistoryEvent>>, Error> {
+        let txn = self.db.begin_read().map_err(store)?;
+        let table = txn.open_table(EVENTS).map_err(store)?;
+        let mut out = Vec::new();
+        for row in table.range((id, 0)..=(id, u32::MAX)).map_err(store)? {
+            let (k, v) = row.map_err(store)?;
+            let (seq, (stage, drone_id, ts_us, lat, lon)) = (k.value().1, v.value());
+            out.push(HistoryEvent { seq, stage: stage_of(stage), drone_id, ts_us, location: GeoPoint::new(lat, lon) });
+        }
+        let known = !out.is_empty() || txn.open_table(DELIVERIES).map_err(store)?.get(id).map_err(store)?.is_some();
+        Ok(known.then_some(out))
+    }
+
+    /// An owner's deliveries created in `from_us..to_us`, oldest first, at most `limit`,
+    /// starting after `after` (the `(created_us, delivery)` of the previous page's last one).
+    pub fn by_owner(
+        &self,
+        owner: &str,
+        from_us: u64,
+        to_us: u64,
+        after: Option<(u64, u64)>,
+        limit: usize,
+    ) -> Result<Vec<OwnedDelivery>, Error> {
+        let txn = self.db.begin_read().map_err(store)?;
+        let index = txn.open_table(BY_OWNER).map_err(store)?;
+        let events = txn.open_table(EVENTS).map_err(store)?;
+        let start = match after {
+            Some((created, id)) => (owner, created, id.saturating_add(1)),
+            None => (owner, from_us, 0),
+        };
+        let mut out = Vec::new();
+        for row in index.range(start..(owner, to_us, 0)).map_err(store)? {
+            let (k, _) = row.map_err(store)?;
+            let (_, created_us, delivery_id) = k.value();
+            let last = events.range((delivery_id, 0)..=(delivery_id, u32::MAX)).map_err(store)?.next_back();
+            let stage = match last {
+                Some(row) => Some(stage_of(row.map_err(store)?.1.value().0)),
+                None => None,
+            };
+            out.push(OwnedDelivery { delivery_id, created_us, stage });
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// `GET /v1/deliveries/{id}/history` and `GET /v1/history?owner=&from_us=&to_us=&after=&limit=`.
+pub fn router(history: Arc<History>) -> Router {
+    Router::new()
+        .route("/v1/deliveries/{id}/history", get(delivery_history))
+        .route("/v1/history", get(owner_history))
+        .with_state(history)
+}
+
+async fn delivery_history(State(h): State<Arc<History>>, UrlPath(id): UrlPath<String>) -> Result<Json<Value>, Error> {
+    let id: u64 = id.parse().map_err(|_| Error::BadRequest(format!("{id:?} is not a numeric id")))?;
+    let events = tokio::task::spawn_blocking(move || h.events_of(id))
+        .await
+        .map_err(store)??
+        .ok_or(Error::NotFound { what: "delivery", id })?;
+    Ok(Json(json!({ "delivery_id": id, "events": events })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OwnerQuery {
+    owner: String,
+    #[serde(default)]
+    from_us: u64,
+    #[serde(default = "max_u64")]
+    to_us: u64,
+    /// The previous page's `next` token: `created_us:delivery_id`.
+    #[serde(default)]
+    after: Option<String>,
+    #[serde(default = "default_limit")]
+    limit: usize,
+}
+
+fn max_u64() -> u64 {
+    u64::MAX
+}
+
+fn default_limit() -> usize {
+    100
+}
+
+async fn owner_history(State(h): State<Arc<History>>, Query(q): Query<OwnerQuery>) -> Result<Json<Value>, Error> {
+    let after = match &q.after {
+        None => None,
+        Some(token) => {
+            let parsed = token.split_once(':').and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)));
+            Some(parsed.ok_or_else(|| Error::BadRequest(format!("after={token:?} is not a page token")))?)
+        }
+    };
+    let limit = q.limit.clamp(1, 1000);
+    let owner = q.owner.clone();
+    let page = tokio::task::spawn_blocking(move || h.by_owner(&owner, q.from_us, q.to_us, after, limit))
+        .await
+        .map_err(store)??;
+    let next =
+        (page.len() == limit).then(|| page.last().map(|d| format!("{}:{}", d.created_us, d.delivery_id))).flatten();
+    Ok(Json(json!({ "owner": q.owner, "deliveries": page, "next": next })))
+}
+
+#[cfg(test)]
+mod tests {
+    use events::wire::Buffer;
+    use events::{BatchMeta, DeliveryEvent};
+
+    use super::*;
+
+    fn batch(events: &[(u64, u32, DeliveryStage)]) -> Result<DeliveryBatch, events::Error> {
+        let evs: Vec<DeliveryEvent> = events
+            .iter()
+            .map(|&(delivery_id, seq, stage)| DeliveryEvent {
+                delivery_id,
+                seq,
+                drone_id: 9,
+                ts_us: 1_000 + u64::from(seq),
+                location: GeoPoint::new(1.0, 2.0),
+                stage,
+            })
+            .collect();
+        DeliveryBatch::encode(BatchMeta::default(), &evs, Buffer::new())
+    }
+
+    #[test]
+    fn events_and_the_resume_point_are_stored_together_and_replays_change_nothing()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let dir = std::env::temp_dir().join(format!("fleetstream-history-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("history.redb");
+        {
+            let h = History::open(&path)?;
+            assert_eq!(h.next_offset()?, None);
+            h.note_delivery(1, "acme", 100)?;
+            h.note_delivery(2, "acme", 200)?;
+            h.note_delivery(3, "other", 150)?;
+            h.apply(0, &batch(&[(1, 0, DeliveryStage::Created), (2, 0, DeliveryStage::Created)])?)?;
+            h.apply(1, &batch(&[(1, 1, DeliveryStage::HeadedToPickup)])?)?;
+            h.apply(1, &batch(&[(1, 1, DeliveryStage::HeadedToPickup)])?)?;
+        }
+        let h = History::open(&path)?;
+        assert_eq!(h.next_offset()?, Some(2), "resume after the last stored batch");
+        let one = h.events_of(1)?.ok_or("delivery 1 unknown")?;
+        assert_eq!(
+            one.iter().map(|e| (e.seq, e.stage)).collect::<Vec<_>>(),
+            vec![(0, DeliveryStage::Created), (1, DeliveryStage::HeadedToPickup)]
+        );
+        assert_eq!(h.events_of(3)?, Some(Vec::new()), "known, no events yet");
+        assert_eq!(h.events_of(99)?, None);
+        let page = h.by_owner("acme", 0, u64::MAX, None, 1)?;
+        assert_eq!(
+            page,
+            vec![OwnedDelivery { delivery_id: 1, created_us: 100, stage: Some(DeliveryStage::HeadedToPickup) }]
+        );
+        let next = h.by_owner("acme", 0, u64::MAX, Some((100, 1)), 10)?;
+        assert_eq!(next, vec![OwnedDelivery { delivery_id: 2, created_us: 200, stage: Some(DeliveryStage::Created) }]);
+        assert!(h.by_owner("acme", 150, 199, None, 10)?.is_empty(), "time range");
+        std::fs::remove_dir_all(&dir)?;
+        Ok(())
+    }
+}
