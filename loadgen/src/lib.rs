@@ -809,7 +809,10 @@ async fn take_missions(
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     while !*stop.borrow() {
-        let mut consumer = match producer.consume(events::QueueName::DroneCommands, keys, 256).await {
+        // Each drone holds its mission until the drop-off is acknowledged, and may have the next
+        // one waiting: room for two per drone, so the credit never holds missions back.
+        let credit = u16::try_from(keys.hi.saturating_sub(keys.lo).saturating_mul(2)).unwrap_or(u16::MAX).max(16);
+        let mut consumer = match producer.consume(events::QueueName::DroneCommands, keys, credit).await {
             Ok(c) => c,
             Err(error) => {
                 tracing::debug!(%error, "mission consumer not open yet");
@@ -1055,6 +1058,9 @@ impl Driver {
     }
 }
 
+/// Scheduling requests in flight at once (HTTP/1.1, one connection each).
+const CUSTOMER_REQUESTS: usize = 256;
+
 /// Schedules deliveries at the configured rate; the server sends each mission to its drone.
 async fn customers(
     cfg: LoadConfig,
@@ -1073,7 +1079,7 @@ async fn customers(
         tracing::warn!("duration too short for a whole mission: no deliveries are scheduled");
         return;
     }
-    let inflight = Arc::new(Semaphore::new(64));
+    let inflight = Arc::new(Semaphore::new(CUSTOMER_REQUESTS));
     let mut rng = rand::rngs::StdRng::seed_from_u64(0xC057);
     let mut issued = 0u64;
     let mut tick = tokio::time::interval(Duration::from_millis(10));
@@ -1118,7 +1124,7 @@ async fn customers(
         }
     }
     // Wait for the requests still in flight.
-    let _ = inflight.acquire_many(64).await;
+    let _ = inflight.acquire_many(CUSTOMER_REQUESTS as u32).await;
 }
 
 #[cfg(test)]
