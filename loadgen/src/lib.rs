@@ -14,6 +14,7 @@
 pub mod observe;
 pub mod plot;
 pub mod readers;
+pub mod schedule;
 pub mod sim;
 
 use std::collections::BTreeMap;

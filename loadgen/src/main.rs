@@ -86,6 +86,10 @@ struct Args {
     /// Seconds after the start of sending at which that reader stops.
     #[arg(long, default_value_t = 2.0)]
     stall_reader_after_s: f64,
+    /// Scheduling benchmark instead of a fleet: only customers, this many requests in flight,
+    /// for --duration seconds; --drones drones are registered so every delivery finds one.
+    #[arg(long, value_name = "REQUESTS_IN_FLIGHT")]
+    schedule_bench: Option<usize>,
 }
 
 #[tokio::main]
@@ -103,6 +107,22 @@ async fn main() -> anyhow::Result<()> {
         })?;
         Trust::Pem(pem)
     };
+    if let Some(concurrency) = args.schedule_bench {
+        let report = loadgen::schedule::bench(
+            &args.api,
+            args.drones,
+            args.drone_id_base,
+            Duration::from_secs_f64(args.duration),
+            concurrency.max(1),
+        )
+        .await?;
+        println!("{report}");
+        if let Some(path) = &args.report {
+            std::fs::write(path, serde_json::to_vec_pretty(&report)?)
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
+        return Ok(());
+    }
     let mut cfg = LoadConfig::new(args.server, args.api.clone(), trust);
     cfg.drones = args.drones;
     cfg.drone_id_base = args.drone_id_base;

@@ -46,6 +46,7 @@ pub struct Node {
     consumer_stop: oneshot::Sender<()>,
     consumer_task: JoinHandle<()>,
     history_task: std::thread::JoinHandle<()>,
+    history: Arc<services::history::History>,
 }
 
 impl Node {
@@ -107,7 +108,7 @@ impl Node {
         let throttle = services::throttle::Throttle::new(cfg.http.throttle);
         let router = services::router_with(services.clone(), throttle.clone())
             .merge(crate::admin::router(engine.clone()))
-            .merge(services::history::router(history))
+            .merge(services::history::router(history.clone()))
             .route(
                 "/metrics",
                 get({
@@ -160,6 +161,7 @@ impl Node {
             consumer_stop,
             consumer_task,
             history_task,
+            history,
         })
     }
 
@@ -175,8 +177,11 @@ impl Node {
         self.engine.shutdown(self.threads).await;
         let _ = self.consumer_stop.send(());
         let _ = self.consumer_task.await;
-        let history = self.history_task;
-        let _ = tokio::task::spawn_blocking(move || history.join()).await;
+        let history_task = self.history_task;
+        let _ = tokio::task::spawn_blocking(move || history_task.join()).await;
+        if let Err(error) = self.history.flush() {
+            tracing::error!(%error, "could not store the last owner notes of delivery history");
+        }
         info!("stopped");
         ingest.map_err(|e| Error::Task(e.to_string()))??;
         http.map_err(|e| Error::Task(e.to_string()))?

@@ -66,9 +66,19 @@ pub struct OwnedDelivery {
     pub stage: Option<DeliveryStage>,
 }
 
+/// Owner notes waiting for the next write transaction.
+type PendingOwners = Vec<(DeliveryId, String, u64)>;
+
+/// Owner notes kept before they are written on their own (normally the next batch of events,
+/// milliseconds later, takes them along).
+const MAX_PENDING_OWNERS: usize = 10_000;
+
 /// The history store.
 pub struct History {
     db: Database,
+    /// Who ordered the deliveries scheduled since the last write: written with the next batch,
+    /// so scheduling never waits for the store's single writer.
+    pending: parking_lot::Mutex<PendingOwners>,
 }
 
 impl std::fmt::Debug for History {
@@ -109,7 +119,7 @@ impl History {
             txn.open_table(META).map_err(store)?;
         }
         txn.commit().map_err(store)?;
-        Ok(Self { db })
+        Ok(Self { db, pending: parking_lot::Mutex::new(Vec::new()) })
     }
 
     /// The delivery-events offset to resume from: the one after the last batch stored.
@@ -119,23 +129,45 @@ impl History {
         Ok(meta.get(NEXT_OFFSET).map_err(store)?.map(|v| v.value()))
     }
 
-    /// Records who ordered a delivery and when (from the scheduler).
-    /// The commit is not fsynced on its own: the next stored batch (the delivery's `Created`
-    /// event, milliseconds later) makes it durable with its own commit.
+    /// Records who ordered a delivery and when (from the scheduler). It is written with the
+    /// next stored batch (the delivery's `Created` event, milliseconds later), in the same
+    /// transaction, so the scheduler never waits for the store; after [`MAX_PENDING_OWNERS`]
+    /// notes without a batch they are written on their own.
     pub fn note_delivery(&self, id: DeliveryId, owner: &str, created_us: u64) -> Result<(), Error> {
-        let mut txn = self.db.begin_write().map_err(store)?;
-        txn.set_durability(redb::Durability::None);
-        {
-            txn.open_table(DELIVERIES).map_err(store)?.insert(id, (owner, created_us)).map_err(store)?;
-            txn.open_table(BY_OWNER).map_err(store)?.insert((owner, created_us, id), ()).map_err(store)?;
-        }
+        let full = {
+            let mut pending = self.pending.lock();
+            pending.push((id, owner.to_string(), created_us));
+            pending.len() >= MAX_PENDING_OWNERS
+        };
+        if full { self.flush() } else { Ok(()) }
+    }
+
+    /// Writes (and fsyncs) the owner notes not yet stored; for shutdown.
+    pub fn flush(&self) -> Result<(), Error> {
+        let txn = self.db.begin_write().map_err(store)?;
+        self.write_pending(&txn)?;
         txn.commit().map_err(store)
+    }
+
+    fn write_pending(&self, txn: &redb::WriteTransaction) -> Result<(), Error> {
+        let pending = std::mem::take(&mut *self.pending.lock());
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let mut deliveries = txn.open_table(DELIVERIES).map_err(store)?;
+        let mut by_owner = txn.open_table(BY_OWNER).map_err(store)?;
+        for (id, owner, created_us) in &pending {
+            deliveries.insert(*id, (owner.as_str(), *created_us)).map_err(store)?;
+            by_owner.insert((owner.as_str(), *created_us, *id), ()).map_err(store)?;
+        }
+        Ok(())
     }
 
     /// Stores the batch at `offset` of the delivery-events log and moves the resume point past
     /// it, in one transaction.
     pub fn apply(&self, offset: u64, batch: &DeliveryBatch) -> Result<(), Error> {
         let txn = self.db.begin_write().map_err(store)?;
+        self.write_pending(&txn)?;
         {
             let mut events = txn.open_table(EVENTS).map_err(store)?;
             for e in batch.events().iter() {
