@@ -12,6 +12,7 @@
 //! ```
 
 mod api;
+pub mod breaker;
 mod error;
 pub mod history;
 mod idempotency;
