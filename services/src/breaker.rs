@@ -160,7 +160,7 @@ mod tests {
             b.record(0, false);
         }
         assert_eq!(b.state(), State::Closed, "three calls are fewer than min_calls");
-        b.allow(S).unwrap();
+        assert_eq!(b.allow(S), Ok(()));
         b.record(S, true);
         assert_eq!(b.state(), State::Open { until_us: S + 5 * S }, "3 of 4 failed");
         assert_eq!(b.allow(2 * S), Err(Refused { retry_at_us: 6 * S }), "open: refused at once");
@@ -170,15 +170,15 @@ mod tests {
     fn old_failures_leave_the_window() {
         let mut b = breaker();
         for _ in 0..3 {
-            b.allow(0).unwrap();
+            assert_eq!(b.allow(0), Ok(()));
             b.record(0, false);
         }
         // Eleven seconds later those failures are out of the 10 s window.
         for _ in 0..4 {
-            b.allow(11 * S).unwrap();
+            assert_eq!(b.allow(11 * S), Ok(()));
             b.record(11 * S, true);
         }
-        b.allow(11 * S).unwrap();
+        assert_eq!(b.allow(11 * S), Ok(()));
         b.record(11 * S, false);
         assert_eq!(b.state(), State::Closed, "1 failure in 5 calls");
     }
@@ -187,7 +187,7 @@ mod tests {
     fn half_open_probes_close_it_or_open_it_again() {
         let mut b = breaker();
         for _ in 0..4 {
-            b.allow(0).unwrap();
+            assert_eq!(b.allow(0), Ok(()));
             b.record(0, false);
         }
         assert!(matches!(b.state(), State::Open { .. }));
@@ -202,10 +202,10 @@ mod tests {
 
         // Trip again; this time a probe fails and it reopens for another open_ms.
         for _ in 0..4 {
-            b.allow(6 * S).unwrap();
+            assert_eq!(b.allow(6 * S), Ok(()));
             b.record(6 * S, false);
         }
-        b.allow(11 * S).unwrap();
+        assert_eq!(b.allow(11 * S), Ok(()));
         b.record(11 * S, false);
         assert_eq!(b.state(), State::Open { until_us: 16 * S });
     }
