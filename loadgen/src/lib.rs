@@ -76,6 +76,8 @@ pub struct LoadConfig {
     pub stall_reader: Duration,
     /// When, after the start of sending, it stops.
     pub stall_reader_after: Duration,
+    /// API key for the HTTP API (`Authorization: Bearer`), when the server requires one.
+    pub api_key: Option<String>,
 }
 
 impl LoadConfig {
@@ -100,6 +102,7 @@ impl LoadConfig {
             readers: 0,
             stall_reader: Duration::ZERO,
             stall_reader_after: Duration::from_secs(2),
+            api_key: None,
         }
     }
 
@@ -444,7 +447,7 @@ fn near_center(rng: &mut impl Rng, spread_deg: f64) -> GeoPoint {
 pub async fn run(cfg: LoadConfig, progress: Arc<dyn Fn(&Progress) + Send + Sync>) -> anyhow::Result<Report> {
     cfg.check()?;
     let counters = Arc::new(Counters::default());
-    let http = reqwest::Client::builder().pool_max_idle_per_host(128).build().context("building the HTTP client")?;
+    let http = http_client(128, cfg.api_key.as_deref())?;
     let api = cfg.api.trim_end_matches('/').to_string();
     let ids: Vec<u64> = (0..cfg.drones as u64).map(|i| cfg.drone_id_base + i).collect();
     for chunk in ids.chunks(5_000).filter(|_| !cfg.raw) {
@@ -1057,6 +1060,20 @@ impl Driver {
         events.clear();
         Ok(())
     }
+}
+
+/// An HTTP client for the API, presenting `api_key` on every request when there is one.
+pub fn http_client(pool: usize, api_key: Option<&str>) -> anyhow::Result<reqwest::Client> {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(key) = api_key {
+        let value = reqwest::header::HeaderValue::from_str(&format!("Bearer {key}")).context("the API key")?;
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+    }
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(pool)
+        .default_headers(headers)
+        .build()
+        .context("building the HTTP client")
 }
 
 /// Scheduling requests in flight at once (HTTP/1.1, one connection each).

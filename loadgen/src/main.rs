@@ -90,6 +90,9 @@ struct Args {
     /// for --duration seconds; --drones drones are registered so every delivery finds one.
     #[arg(long, value_name = "REQUESTS_IN_FLIGHT")]
     schedule_bench: Option<usize>,
+    /// API key for the HTTP API, when the server requires one ([http] api_keys).
+    #[arg(long, env = "FLEETSTREAM_API_KEY")]
+    api_key: Option<String>,
 }
 
 #[tokio::main]
@@ -114,6 +117,7 @@ async fn main() -> anyhow::Result<()> {
             args.drone_id_base,
             Duration::from_secs_f64(args.duration),
             concurrency.max(1),
+            args.api_key.as_deref(),
         )
         .await?;
         println!("{report}");
@@ -140,6 +144,7 @@ async fn main() -> anyhow::Result<()> {
     cfg.raw = args.raw;
     cfg.telemetry_check = args.telemetry_check;
     cfg.readers = args.readers;
+    cfg.api_key = args.api_key.clone();
     cfg.stall_reader = Duration::from_secs_f64(args.stall_reader_s.max(0.0));
     cfg.stall_reader_after = Duration::from_secs_f64(args.stall_reader_after_s.max(0.0));
     let ceiling = match args.compare_raw {

@@ -52,8 +52,9 @@ pub async fn bench(
     drone_id_base: u64,
     duration: Duration,
     concurrency: usize,
+    api_key: Option<&str>,
 ) -> anyhow::Result<ScheduleReport> {
-    let http = reqwest::Client::builder().pool_max_idle_per_host(concurrency).build()?;
+    let http = crate::http_client(concurrency, api_key)?;
     let ids: Vec<u64> = (0..drones as u64).map(|i| drone_id_base + i).collect();
     for chunk in ids.chunks(5_000) {
         let resp = http

@@ -14,6 +14,7 @@
 //!
 //! [http]
 //! listen = "127.0.0.1:8080"
+//! api_keys = []                # none: open; otherwise required on all but /healthz, /metrics
 //! [http.throttle]              # per client (x-api-key, else IP) on /v1/deliveries
 //! rate_per_s = 20000
 //! burst = 40000
@@ -90,6 +91,10 @@ pub struct HttpConfig {
     pub listen: SocketAddr,
     /// Per-client limits on the public delivery API (see `services::throttle`).
     pub throttle: services::throttle::ThrottleConfig,
+    /// API keys clients must present (`Authorization: Bearer <key>` or `x-api-key`) on every
+    /// route but `/healthz` and `/metrics`. Default none: the API is open, which suits a
+    /// loopback listener; set keys before exposing it.
+    pub api_keys: Vec<String>,
 }
 
 impl Default for HttpConfig {
@@ -97,6 +102,7 @@ impl Default for HttpConfig {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             throttle: services::throttle::ThrottleConfig::default(),
+            api_keys: Vec::new(),
         }
     }
 }

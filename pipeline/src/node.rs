@@ -106,6 +106,10 @@ impl Node {
             .map_err(|e| Error::Io { context: format!("binding HTTP {}", cfg.http.listen), source: e })?;
         let http_addr = listener.local_addr().map_err(|e| Error::Io { context: "HTTP address".into(), source: e })?;
         let throttle = services::throttle::Throttle::new(cfg.http.throttle);
+        let api_keys = services::auth::ApiKeys::new(cfg.http.api_keys.iter().cloned());
+        if !api_keys.enforced() {
+            tracing::warn!(http = %http_addr, "the HTTP API is open: no API keys are configured ([http] api_keys)");
+        }
         let router = services::router_with(services.clone(), throttle.clone())
             .merge(crate::admin::router(engine.clone()))
             .merge(services::history::router(history.clone()))
@@ -113,7 +117,7 @@ impl Node {
                 "/metrics",
                 get({
                     let (engine, services, ingest_metrics) = (engine.clone(), services.clone(), ingest_metrics.clone());
-                    let throttle = throttle.clone();
+                    let (throttle, api_keys) = (throttle.clone(), api_keys.clone());
                     move || {
                         let mut out = String::new();
                         ingest_metrics.render(&mut out);
@@ -125,12 +129,19 @@ impl Node {
                             "fleetstream_http_throttled_total",
                             throttle.throttled.load(std::sync::atomic::Ordering::Relaxed),
                         );
+                        for (reason, counter) in [("missing", &api_keys.missing), ("unknown", &api_keys.unknown)] {
+                            let n = counter.load(std::sync::atomic::Ordering::Relaxed);
+                            out.push_str(&format!(
+                                "fleetstream_http_unauthenticated_total{{reason=\"{reason}\"}} {n}\n"
+                            ));
+                        }
                         services.render_metrics(&mut out);
                         render_process_metrics(&mut out);
                         std::future::ready(out)
                     }
                 }),
-            );
+            )
+            .layer(axum::middleware::from_fn_with_state(api_keys, services::auth::require));
         let (http_stop, http_rx) = oneshot::channel::<()>();
         let http_task = tokio::spawn(async move {
             axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())

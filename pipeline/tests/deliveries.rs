@@ -178,3 +178,33 @@ async fn a_client_over_its_rate_gets_429_with_retry_after() {
     node.shutdown().await.unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_api_keys_configured_callers_without_one_get_401_and_with_a_wrong_one_403() {
+    let dir = std::env::temp_dir().join(format!("fleetstream-auth-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut cfg = Config { data_dir: dir.clone(), ..Config::default() };
+    cfg.ingest.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    cfg.http.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    cfg.http.api_keys = vec!["k-partner-1".into()];
+    let node = Node::start(&cfg).await.unwrap();
+    let base = format!("http://{}", node.http_addr);
+    let http = reqwest::Client::new();
+    let none = http.get(format!("{base}/v1/deliveries/1")).send().await.unwrap();
+    assert_eq!(none.status(), 401);
+    assert_eq!(none.headers()["www-authenticate"], "Bearer");
+    let wrong = http.get(format!("{base}/v1/queues")).bearer_auth("nope").send().await.unwrap();
+    assert_eq!(wrong.status(), 403);
+    let body: Value = wrong.json().await.unwrap();
+    assert_eq!(body["error"], "forbidden");
+    let ok = http.get(format!("{base}/v1/deliveries/1")).bearer_auth("k-partner-1").send().await.unwrap();
+    assert_eq!(ok.status(), 404, "authenticated: the delivery just does not exist");
+    let ok = http.get(format!("{base}/v1/queues")).header("x-api-key", "k-partner-1").send().await.unwrap();
+    assert_eq!(ok.status(), 200);
+    assert_eq!(http.get(format!("{base}/healthz")).send().await.unwrap().status(), 200, "health stays open");
+    let metrics = http.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("fleetstream_http_unauthenticated_total{reason=\"missing\"} 1"), "{metrics}");
+    assert!(metrics.contains("fleetstream_http_unauthenticated_total{reason=\"unknown\"} 1"), "{metrics}");
+    node.shutdown().await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}

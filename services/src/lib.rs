@@ -12,6 +12,7 @@
 //! ```
 
 mod api;
+pub mod auth;
 pub mod breaker;
 mod error;
 pub mod history;

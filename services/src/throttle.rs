@@ -1,4 +1,4 @@
-//! Per-client rate limits on the public API: each client (its `x-api-key` when it sends one,
+//! Per-client rate limits on the public API: each client (its API key when it sends one,
 //! otherwise its IP address) gets `rate_per_s` requests per second with bursts of up to
 //! `burst`; past that it gets `429` with `Retry-After` (whole seconds, at least 1) and the
 //! request is not run. The limiter keeps one small state per recently seen client and forgets
@@ -79,8 +79,9 @@ impl Throttle {
 
 /// Who a request comes from, for throttling.
 fn client_of(req: &Request) -> String {
-    if let Some(key) = req.headers().get("x-api-key").and_then(|v| v.to_str().ok()) {
-        return format!("key:{key}");
+    let bearer = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()?.strip_prefix("Bearer "));
+    if let Some(key) = bearer.or_else(|| req.headers().get("x-api-key").and_then(|v| v.to_str().ok())) {
+        return format!("key:{}", key.trim());
     }
     match req.extensions().get::<ConnectInfo<SocketAddr>>() {
         Some(ConnectInfo(addr)) => format!("ip:{}", addr.ip()),
