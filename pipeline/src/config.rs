@@ -39,6 +39,11 @@
 //! max_messages = 1000000
 //! max_payload_bytes = 65536
 //! exclusive_keys = true        # false for notifications: competing consumers
+//!
+//! [notify]
+//! notifier = true              # this node consumes `notifications`
+//! # sms_webhook = "https://sms-gateway.example/send"   # JSON {to, text}; unset: SMS refused
+//! timeout_ms = 5000
 //! ```
 
 use std::net::SocketAddr;
@@ -68,6 +73,8 @@ pub struct Config {
     pub log: LogConfig,
     /// The queue path, journalled under `data_dir/queues`.
     pub queues: QueuesConfig,
+    /// Where customer notifications are sent.
+    pub notify: services::notify::NotifyConfig,
 }
 
 impl Default for Config {
@@ -79,6 +86,7 @@ impl Default for Config {
             engine: EngineConfig::default(),
             log: LogConfig::default(),
             queues: QueuesConfig::default(),
+            notify: services::notify::NotifyConfig::default(),
         }
     }
 }

@@ -47,6 +47,8 @@ pub struct Node {
     consumer_task: JoinHandle<()>,
     history_task: std::thread::JoinHandle<()>,
     history: Arc<services::history::History>,
+    notifier_stop: tokio::sync::watch::Sender<bool>,
+    notifier_task: JoinHandle<()>,
 }
 
 impl Node {
@@ -63,6 +65,12 @@ impl Node {
         let history =
             Arc::new(services::history::History::open(&history_path).map_err(|e| Error::Task(e.to_string()))?);
         let history_task = start_history(&engine, history.clone())?;
+        let (notifier_stop, notifier_rx) = tokio::sync::watch::channel(false);
+        let notifier_task = if cfg.notify.notifier {
+            tokio::spawn(services::notify::run(Arc::new(engine.clone()), cfg.notify.clone(), notifier_rx))
+        } else {
+            tokio::spawn(async {})
+        };
         let services = Arc::new(Services::new(engine.clone()).with_history(history.clone()));
 
         let deliveries = engine.subscribe_deliveries(Overflow::Block)?;
@@ -73,7 +81,12 @@ impl Node {
                 tokio::select! {
                     _ = &mut stop_rx => break,
                     batch = deliveries.rx.recv_async() => match batch {
-                        Ok(batch) => svc.apply_delivery_events(&batch),
+                        Ok(batch) => {
+                            svc.apply_delivery_events(&batch);
+                            if let Err(error) = svc.notify(&batch).await {
+                                tracing::warn!(%error, "could not queue notifications");
+                            }
+                        }
                         Err(_) => return,
                     }
                 }
@@ -173,6 +186,8 @@ impl Node {
             consumer_task,
             history_task,
             history,
+            notifier_stop,
+            notifier_task,
         })
     }
 
@@ -184,6 +199,8 @@ impl Node {
         info!("shutting down: http");
         let _ = self.http_stop.send(());
         let http = self.http_task.await;
+        let _ = self.notifier_stop.send(true);
+        let _ = self.notifier_task.await;
         info!("shutting down: engine");
         self.engine.shutdown(self.threads).await;
         let _ = self.consumer_stop.send(());

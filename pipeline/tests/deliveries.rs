@@ -208,3 +208,90 @@ async fn with_api_keys_configured_callers_without_one_get_401_and_with_a_wrong_o
     node.shutdown().await.unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribers_are_notified_of_stage_changes_through_the_notifications_queue() {
+    // A local HTTP server stands in for the SMS gateway.
+    let (got_tx, mut got) = tokio::sync::mpsc::channel::<Value>(16);
+    let gateway = axum::Router::new().route(
+        "/send",
+        axum::routing::post(move |axum::Json(body): axum::Json<Value>| {
+            let got_tx = got_tx.clone();
+            async move {
+                let _ = got_tx.send(body).await;
+                "sent"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let gateway_addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, gateway).await });
+
+    let dir = std::env::temp_dir().join(format!("fleetstream-notify-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut cfg = Config { data_dir: dir.clone(), ..Config::default() };
+    cfg.ingest.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    cfg.http.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    cfg.notify.sms_webhook = Some(format!("http://{gateway_addr}/send"));
+    cfg.queues.notifications.max_attempts = 2;
+    let node = Node::start(&cfg).await.unwrap();
+    let base = format!("http://{}", node.http_addr);
+    let http = reqwest::Client::new();
+    http.post(format!("{base}/v1/drones")).json(&json!({"drones": [1]})).send().await.unwrap();
+    let order = json!({
+        "owner": "acme", "pickup": {"lat": 47.6, "lon": -122.3}, "dropoff": {"lat": 47.61, "lon": -122.31},
+        "package": {"size": "small", "weight_kg": 1.0}
+    });
+    let v: Value = http.post(format!("{base}/v1/deliveries")).json(&order).send().await.unwrap().json().await.unwrap();
+    let id = v["delivery_id"].as_u64().unwrap();
+    let bad = http
+        .post(format!("{base}/v1/deliveries/{id}/notifications"))
+        .json(&json!({"sms": "call me"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+    let ok = http
+        .post(format!("{base}/v1/deliveries/{id}/notifications"))
+        .json(&json!({"sms": "+15551234567"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 201);
+    let email = http
+        .post(format!("{base}/v1/deliveries/{id}/notifications"))
+        .json(&json!({"email": "ops@example.com"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(email.status(), 201);
+
+    // Cancelling changes the stage; the SMS subscriber hears of it through the gateway.
+    http.delete(format!("{base}/v1/deliveries/{id}")).send().await.unwrap();
+    let sms = tokio::time::timeout(Duration::from_secs(5), got.recv()).await.unwrap().unwrap();
+    assert_eq!(sms["to"], "+15551234567");
+    assert_eq!(sms["text"], format!("Delivery {id} was cancelled."));
+
+    // The email channel is not wired: that notification ends in the dead-letter queue with
+    // the reason, after its attempts.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let dead = loop {
+        let v: Value = http
+            .get(format!("{base}/v1/queues/notifications/dead-letters"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if !v["dead_letters"].as_array().unwrap().is_empty() || std::time::Instant::now() > deadline {
+            break v;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let d = &dead["dead_letters"][0];
+    assert_eq!(d["attempts"], 2, "{dead}");
+    assert!(d["reason"].as_str().unwrap().contains("email"), "{dead}");
+    node.shutdown().await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -19,6 +19,8 @@ fn config(dir: &std::path::Path, visibility_ms: u64, attempts: u32) -> Config {
     cfg.ingest.listen = SocketAddr::from(([127, 0, 0, 1], 0));
     cfg.http.listen = SocketAddr::from(([127, 0, 0, 1], 0));
     cfg.engine.shards = 1;
+    // These tests consume the queues themselves.
+    cfg.notify.notifier = false;
     for q in [&mut cfg.queues.drone_commands, &mut cfg.queues.notifications] {
         q.visibility_timeout_ms = visibility_ms;
         q.max_attempts = attempts;

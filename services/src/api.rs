@@ -5,6 +5,7 @@
 //! | POST | `/v1/deliveries` | schedule a delivery; `201 {delivery_id, drone_id, stage}`; with an `Idempotency-Key` header a retry gets the first result (`Idempotent-Replayed: true`) |
 //! | GET | `/v1/deliveries/{id}` | stage, drone and the drone's last known position |
 //! | PATCH | `/v1/deliveries/{id}` | reschedule `{pickup?, dropoff?}` before pickup; `409` after |
+//! | POST | `/v1/deliveries/{id}/notifications` | `{sms?, email?}`: be told of each stage change (through the notifications queue) |
 //! | DELETE | `/v1/deliveries/{id}` | cancel before completion (`202`: the stage follows); `409` after |
 //! | POST | `/v1/drones` | register drones `{"drones": [ids]}` as available |
 //! | PUT | `/v1/drones/{id}` | register one drone |
@@ -47,6 +48,7 @@ pub fn router_with<F: FleetControl + WorkQueues>(
             "/v1/deliveries/{id}",
             get(get_delivery::<F>).patch(reschedule_delivery::<F>).delete(cancel_delivery::<F>),
         )
+        .route("/v1/deliveries/{id}/notifications", post(subscribe_notifications::<F>))
         .route_layer(axum::middleware::from_fn_with_state(throttle, crate::throttle::limit))
         .with_state(svc.clone());
     Router::new()
@@ -136,6 +138,16 @@ async fn reschedule_delivery<F: FleetControl + WorkQueues>(
         "pickup": record.pickup,
         "dropoff": record.dropoff,
     })))
+}
+
+async fn subscribe_notifications<F: FleetControl + WorkQueues>(
+    State(svc): State<Arc<Services<F>>>,
+    Path(id): Path<String>,
+    ApiJson(sub): ApiJson<crate::notify::Subscription>,
+) -> Result<impl IntoResponse, Error> {
+    let id = parse_id(&id)?;
+    svc.subscribe_notifications(id, sub.clone())?;
+    Ok((StatusCode::CREATED, Json(serde_json::json!({ "delivery_id": id, "sms": sub.sms, "email": sub.email }))))
 }
 
 async fn cancel_delivery<F: FleetControl + WorkQueues>(

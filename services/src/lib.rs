@@ -17,6 +17,7 @@ pub mod breaker;
 mod error;
 pub mod history;
 mod idempotency;
+pub mod notify;
 mod state;
 pub mod throttle;
 

@@ -101,6 +101,7 @@ pub struct Services<F> {
     pub(crate) refused: AtomicU64,
     pub(crate) keys: crate::idempotency::Keys,
     history: Option<std::sync::Arc<crate::history::History>>,
+    subscriptions: RwLock<FxHashMap<DeliveryId, Vec<crate::notify::Subscription>>>,
 }
 
 impl<F: FleetControl + WorkQueues> Services<F> {
@@ -116,6 +117,7 @@ impl<F: FleetControl + WorkQueues> Services<F> {
             refused: AtomicU64::new(0),
             keys: crate::idempotency::Keys::default(),
             history: None,
+            subscriptions: RwLock::default(),
         }
     }
 
@@ -262,6 +264,41 @@ impl<F: FleetControl + WorkQueues> Services<F> {
         let outcome = self.schedule(req.clone()).await;
         self.keys.finish(key, &req, outcome.as_ref().ok().cloned());
         outcome.map(|r| (r, false))
+    }
+
+    /// Subscribes `sub` to a delivery's stage changes from now on.
+    pub fn subscribe_notifications(&self, id: DeliveryId, sub: crate::notify::Subscription) -> Result<(), Error> {
+        sub.validate()?;
+        let record = self.delivery(id).ok_or(Error::NotFound { what: "delivery", id })?;
+        if record.stage.is_terminal() {
+            return Err(events::Error::InvalidTransition { delivery: id, reason: "the delivery is finished" }.into());
+        }
+        let mut subs = self.subscriptions.write();
+        let list = subs.entry(id).or_default();
+        if !list.contains(&sub) {
+            list.push(sub);
+        }
+        Ok(())
+    }
+
+    /// Queues the notifications a batch of delivery events causes; subscriptions of finished
+    /// deliveries are dropped after their last notification.
+    pub async fn notify(&self, batch: &DeliveryBatch) -> Result<(), Error> {
+        let due = {
+            let subs = self.subscriptions.read();
+            if subs.is_empty() {
+                return Ok(());
+            }
+            crate::notify::notifications_for(batch, |id| subs.get(&id).cloned().unwrap_or_default())
+        };
+        for n in &due {
+            let payload = serde_json::to_vec(n).map_err(|e| Error::BadRequest(e.to_string()))?;
+            self.fleet.enqueue(QueueName::Notifications, n.delivery_id, payload).await?;
+            if n.stage.is_terminal() {
+                self.subscriptions.write().remove(&n.delivery_id);
+            }
+        }
+        Ok(())
     }
 
     /// The current record of a delivery.

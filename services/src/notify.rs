@@ -1,0 +1,179 @@
+//! Customer notifications: a customer subscribes to a delivery (`POST
+//! /v1/deliveries/{id}/notifications` with an SMS number and/or an email address); each stage
+//! change of that delivery puts a notification into the `notifications` queue, and the notifier
+//! consumes the queue and sends it. Going through the queue means a notification survives a
+//! restart, a failing channel is retried with the queue's attempts and ends in its dead-letter
+//! queue with the reason, and a slow channel never holds up the delivery-events consumer.
+//!
+//! Channels: SMS is a JSON `POST {to, text}` to a configured webhook (the SMS gateway's);
+//! email is not wired yet, so a notification asking for it is nacked with that reason.
+
+use std::time::Duration;
+
+use events::{DeliveryBatch, DeliveryId, DeliveryStage, KeyRange, QueueName, Verdict, WorkQueues};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::Error;
+
+/// Where notifications go. Every field is optional: a channel without a destination is
+/// refused per notification (and so dead-lettered with the reason), not at start.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NotifyConfig {
+    /// Whether this node runs a notifier (consumes `notifications`). Default true; notifiers
+    /// on several nodes compete for the queue.
+    pub notifier: bool,
+    /// URL the SMS notifications are posted to as JSON `{to, text}`.
+    pub sms_webhook: Option<String>,
+    /// Per-send timeout, ms. Default 5,000.
+    pub timeout_ms: Option<u64>,
+}
+
+impl Default for NotifyConfig {
+    fn default() -> Self {
+        Self { notifier: true, sms_webhook: None, timeout_ms: None }
+    }
+}
+
+/// A customer's subscription to one delivery.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Subscription {
+    /// Phone number for SMS, `+` and digits.
+    #[serde(default)]
+    pub sms: Option<String>,
+    /// Email address.
+    #[serde(default)]
+    pub email: Option<String>,
+}
+
+impl Subscription {
+    /// Checks the destinations.
+    pub fn validate(&self) -> Result<(), Error> {
+        if self.sms.is_none() && self.email.is_none() {
+            return Err(Error::BadRequest("give sms and/or email".into()));
+        }
+        if let Some(n) = &self.sms {
+            let digits = n.strip_prefix('+').unwrap_or(n);
+            if digits.len() < 5 || digits.len() > 15 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(Error::BadRequest(format!("sms {n:?} is not a phone number (+ and 5 to 15 digits)")));
+            }
+        }
+        if let Some(e) = &self.email
+            && !(e.len() <= 254 && e.split_once('@').is_some_and(|(user, host)| !user.is_empty() && host.contains('.')))
+        {
+            return Err(Error::BadRequest(format!("email {e:?} is not an address")));
+        }
+        Ok(())
+    }
+}
+
+/// One notification, as queued.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Notification {
+    /// The delivery.
+    pub delivery_id: DeliveryId,
+    /// The stage it reached.
+    pub stage: DeliveryStage,
+    /// When, µs since the epoch.
+    pub ts_us: u64,
+    /// Where to send it.
+    pub to: Subscription,
+}
+
+impl Notification {
+    /// The text a customer reads.
+    pub fn text(&self) -> String {
+        let what = match self.stage {
+            DeliveryStage::Created => "is scheduled",
+            DeliveryStage::Rescheduled => "was rescheduled",
+            DeliveryStage::HeadedToPickup => "has a drone on its way to the pickup",
+            DeliveryStage::InTransit => "is in the air",
+            DeliveryStage::DeliveryComplete => "was delivered",
+            DeliveryStage::Cancelled => "was cancelled",
+        };
+        format!("Delivery {} {what}.", self.delivery_id)
+    }
+}
+
+/// The notifications a batch of delivery events causes, given the subscriptions.
+pub fn notifications_for(
+    batch: &DeliveryBatch,
+    subscribed: impl Fn(DeliveryId) -> Vec<Subscription>,
+) -> Vec<Notification> {
+    let mut out = Vec::new();
+    for e in batch.events().iter() {
+        let delivery_id = e.delivery_id.to_native();
+        for to in subscribed(delivery_id) {
+            out.push(Notification { delivery_id, stage: e.stage.to_stage(), ts_us: e.ts_us.to_native(), to });
+        }
+    }
+    out
+}
+
+/// Sends one notification on every channel it asks for.
+async fn send(http: &reqwest::Client, cfg: &NotifyConfig, n: &Notification) -> Result<(), String> {
+    if let Some(to) = &n.to.sms {
+        let url = cfg.sms_webhook.as_deref().ok_or("no SMS webhook is configured ([notify] sms_webhook)")?;
+        let resp = http
+            .post(url)
+            .json(&serde_json::json!({ "to": to, "text": n.text() }))
+            .send()
+            .await
+            .map_err(|e| format!("SMS webhook: {e}"))?;
+        if !resp.status().is_success() {
+            return Err(format!("SMS webhook answered {}", resp.status()));
+        }
+    }
+    if n.to.email.is_some() {
+        return Err("email notifications are not wired yet".into());
+    }
+    Ok(())
+}
+
+/// The notifier: consumes `notifications` until `stop`, sending each and acking it, or nacking
+/// it with the reason (the queue retries it, then dead-letters it).
+pub async fn run<Q: WorkQueues>(queues: std::sync::Arc<Q>, cfg: NotifyConfig, mut stop: watch::Receiver<bool>) {
+    let timeout = Duration::from_millis(cfg.timeout_ms.unwrap_or(5_000));
+    let http = match reqwest::Client::builder().timeout(timeout).build() {
+        Ok(c) => c,
+        Err(error) => {
+            tracing::error!(%error, "the notifier could not start");
+            return;
+        }
+    };
+    let consumer = match queues.attach(QueueName::Notifications, KeyRange::ALL) {
+        Ok(c) => c,
+        Err(error) => {
+            tracing::error!(%error, "the notifier could not attach to the notifications queue");
+            return;
+        }
+    };
+    loop {
+        let leased = tokio::select! {
+            _ = stop.changed() => break,
+            l = queues.lease(QueueName::Notifications, consumer, KeyRange::ALL, 16, Duration::from_secs(1)) => l,
+        };
+        let leased = match leased {
+            Ok(l) => l,
+            Err(error) => {
+                tracing::warn!(%error, "the notifier stops");
+                break;
+            }
+        };
+        for m in leased {
+            let verdict = match serde_json::from_slice::<Notification>(&m.payload) {
+                Ok(n) => match send(&http, &cfg, &n).await {
+                    Ok(()) => Verdict::Ack,
+                    Err(reason) => Verdict::Nack(reason),
+                },
+                Err(e) => Verdict::Nack(format!("not a notification: {e}")),
+            };
+            if let Err(error) = queues.settle(QueueName::Notifications, m.id, m.token, verdict) {
+                tracing::debug!(%error, id = m.id, "could not settle a notification");
+            }
+        }
+    }
+    queues.release(QueueName::Notifications, consumer);
+}
