@@ -43,6 +43,8 @@
 //! [notify]
 //! notifier = true              # this node consumes `notifications`
 //! # sms_webhook = "https://sms-gateway.example/send"   # JSON {to, text}; unset: SMS refused
+//! # smtp_relay = "127.0.0.1:25"                        # plain SMTP; unset: email refused
+//! email_from = "fleetstream@localhost"
 //! timeout_ms = 5000
 //! ```
 

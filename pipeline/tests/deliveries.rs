@@ -233,6 +233,8 @@ async fn subscribers_are_notified_of_stage_changes_through_the_notifications_que
     cfg.ingest.listen = SocketAddr::from(([127, 0, 0, 1], 0));
     cfg.http.listen = SocketAddr::from(([127, 0, 0, 1], 0));
     cfg.notify.sms_webhook = Some(format!("http://{gateway_addr}/send"));
+    let (mail_tx, mut mail) = tokio::sync::mpsc::channel::<String>(16);
+    cfg.notify.smtp_relay = Some(smtp_sink(mail_tx).await.to_string());
     cfg.queues.notifications.max_attempts = 2;
     let node = Node::start(&cfg).await.unwrap();
     let base = format!("http://{}", node.http_addr);
@@ -272,26 +274,63 @@ async fn subscribers_are_notified_of_stage_changes_through_the_notifications_que
     assert_eq!(sms["to"], "+15551234567");
     assert_eq!(sms["text"], format!("Delivery {id} was cancelled."));
 
-    // The email channel is not wired: that notification ends in the dead-letter queue with
-    // the reason, after its attempts.
+    // And the email subscriber gets a mail through the SMTP relay.
+    let message = tokio::time::timeout(Duration::from_secs(5), mail.recv()).await.unwrap().unwrap();
+    assert!(message.contains("To: ops@example.com"), "{message}");
+    assert!(message.contains(&format!("Delivery {id} was cancelled.")), "{message}");
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    let dead = loop {
-        let v: Value = http
-            .get(format!("{base}/v1/queues/notifications/dead-letters"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if !v["dead_letters"].as_array().unwrap().is_empty() || std::time::Instant::now() > deadline {
+    let queues = loop {
+        let v: Value = http.get(format!("{base}/v1/queues")).send().await.unwrap().json().await.unwrap();
+        if v["queues"][1]["acked"] == 2 || std::time::Instant::now() > deadline {
             break v;
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    let d = &dead["dead_letters"][0];
-    assert_eq!(d["attempts"], 2, "{dead}");
-    assert!(d["reason"].as_str().unwrap().contains("email"), "{dead}");
+    let notifications = &queues["queues"][1];
+    assert_eq!((notifications["acked"].as_u64(), notifications["dead"].as_u64()), (Some(2), Some(0)), "{queues}");
     node.shutdown().await.unwrap();
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A minimal SMTP server that accepts every message and hands its text to `tx`.
+async fn smtp_sink(tx: tokio::sync::mpsc::Sender<String>) -> SocketAddr {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let (read, mut write) = socket.into_split();
+                let mut lines = BufReader::new(read).lines();
+                let _ = write.write_all(b"220 sink\r\n").await;
+                while let Ok(Some(line)) = lines.next_line().await {
+                    let verb = line.get(..4).unwrap_or("").to_ascii_uppercase();
+                    let reply: &[u8] = match verb.as_str() {
+                        "EHLO" | "HELO" => b"250 sink\r\n",
+                        "DATA" => {
+                            let _ = write.write_all(b"354 go on\r\n").await;
+                            let mut message = String::new();
+                            while let Ok(Some(l)) = lines.next_line().await {
+                                if l == "." {
+                                    break;
+                                }
+                                message.push_str(&l);
+                                message.push('\n');
+                            }
+                            let _ = tx.send(message).await;
+                            b"250 queued\r\n"
+                        }
+                        "QUIT" => {
+                            let _ = write.write_all(b"221 bye\r\n").await;
+                            return;
+                        }
+                        _ => b"250 ok\r\n",
+                    };
+                    let _ = write.write_all(reply).await;
+                }
+            });
+        }
+    });
+    addr
 }

@@ -6,7 +6,8 @@
 //! queue with the reason, and a slow channel never holds up the delivery-events consumer.
 //!
 //! Channels: SMS is a JSON `POST {to, text}` to a configured webhook (the SMS gateway's);
-//! email is not wired yet, so a notification asking for it is nacked with that reason.
+//! email is sent over SMTP (lettre) to a configured relay. A channel without a destination
+//! configured nacks its notifications with that reason.
 
 use std::time::Duration;
 
@@ -26,13 +27,23 @@ pub struct NotifyConfig {
     pub notifier: bool,
     /// URL the SMS notifications are posted to as JSON `{to, text}`.
     pub sms_webhook: Option<String>,
+    /// SMTP relay for email, `host:port` (plain SMTP, as to a local relay or sink).
+    pub smtp_relay: Option<String>,
+    /// Sender address of the emails. Default `fleetstream@localhost`.
+    pub email_from: String,
     /// Per-send timeout, ms. Default 5,000.
     pub timeout_ms: Option<u64>,
 }
 
 impl Default for NotifyConfig {
     fn default() -> Self {
-        Self { notifier: true, sms_webhook: None, timeout_ms: None }
+        Self {
+            notifier: true,
+            sms_webhook: None,
+            smtp_relay: None,
+            email_from: "fleetstream@localhost".into(),
+            timeout_ms: None,
+        }
     }
 }
 
@@ -112,8 +123,16 @@ pub fn notifications_for(
     out
 }
 
+/// The channels' clients.
+struct Channels {
+    http: reqwest::Client,
+    smtp: Option<lettre::AsyncSmtpTransport<lettre::Tokio1Executor>>,
+}
+
 /// Sends one notification on every channel it asks for.
-async fn send(http: &reqwest::Client, cfg: &NotifyConfig, n: &Notification) -> Result<(), String> {
+async fn send(ch: &Channels, cfg: &NotifyConfig, n: &Notification) -> Result<(), String> {
+    use lettre::AsyncTransport;
+    let http = &ch.http;
     if let Some(to) = &n.to.sms {
         let url = cfg.sms_webhook.as_deref().ok_or("no SMS webhook is configured ([notify] sms_webhook)")?;
         let resp = http
@@ -126,8 +145,17 @@ async fn send(http: &reqwest::Client, cfg: &NotifyConfig, n: &Notification) -> R
             return Err(format!("SMS webhook answered {}", resp.status()));
         }
     }
-    if n.to.email.is_some() {
-        return Err("email notifications are not wired yet".into());
+    if let Some(to) = &n.to.email {
+        let smtp = ch.smtp.as_ref().ok_or("no SMTP relay is configured ([notify] smtp_relay)")?;
+        let from = cfg.email_from.parse().map_err(|e| format!("email_from: {e}"))?;
+        let to = to.parse().map_err(|e| format!("email address: {e}"))?;
+        let message = lettre::Message::builder()
+            .from(from)
+            .to(to)
+            .subject(format!("Delivery {}", n.delivery_id))
+            .body(n.text())
+            .map_err(|e| format!("building the email: {e}"))?;
+        smtp.send(message).await.map_err(|e| format!("SMTP: {e}"))?;
     }
     Ok(())
 }
@@ -143,6 +171,14 @@ pub async fn run<Q: WorkQueues>(queues: std::sync::Arc<Q>, cfg: NotifyConfig, mu
             return;
         }
     };
+    let smtp = cfg.smtp_relay.as_deref().map(|relay| {
+        let (host, port) = relay.rsplit_once(':').map_or((relay, 25), |(h, p)| (h, p.parse().unwrap_or(25)));
+        lettre::AsyncSmtpTransport::<lettre::Tokio1Executor>::builder_dangerous(host)
+            .port(port)
+            .timeout(Some(timeout))
+            .build()
+    });
+    let channels = Channels { http, smtp };
     let consumer = match queues.attach(QueueName::Notifications, KeyRange::ALL) {
         Ok(c) => c,
         Err(error) => {
@@ -164,7 +200,7 @@ pub async fn run<Q: WorkQueues>(queues: std::sync::Arc<Q>, cfg: NotifyConfig, mu
         };
         for m in leased {
             let verdict = match serde_json::from_slice::<Notification>(&m.payload) {
-                Ok(n) => match send(&http, &cfg, &n).await {
+                Ok(n) => match send(&channels, &cfg, &n).await {
                     Ok(()) => Verdict::Ack,
                     Err(reason) => Verdict::Nack(reason),
                 },
