@@ -443,6 +443,31 @@ fn near_center(rng: &mut impl Rng, spread_deg: f64) -> GeoPoint {
     )
 }
 
+/// How many customer accounts the simulated orders are spread over (`customer-0` ...).
+pub(crate) const CUSTOMERS: u64 = 1000;
+
+/// Opens the simulated customers' accounts (an idempotent PUT each, so a second run against
+/// the same server changes nothing).
+pub(crate) async fn open_accounts(http: &reqwest::Client, api: &str) -> anyhow::Result<()> {
+    let ids: Vec<u64> = (0..CUSTOMERS).collect();
+    for chunk in ids.chunks(100) {
+        let calls: Vec<_> = chunk
+            .iter()
+            .map(|i| {
+                let req = http.put(format!("{api}/internal/v1/accounts/customer-{i}")).json(&serde_json::json!({}));
+                tokio::spawn(async move { req.send().await })
+            })
+            .collect();
+        for call in calls {
+            let resp = call.await?.with_context(|| format!("opening customer accounts at {api}"))?;
+            if !resp.status().is_success() {
+                bail!("opening customer accounts: {} {}", resp.status(), resp.text().await.unwrap_or_default());
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Runs the simulation. `progress` is called about once a second.
 pub async fn run(cfg: LoadConfig, progress: Arc<dyn Fn(&Progress) + Send + Sync>) -> anyhow::Result<Report> {
     cfg.check()?;
@@ -460,6 +485,10 @@ pub async fn run(cfg: LoadConfig, progress: Arc<dyn Fn(&Progress) + Send + Sync>
         if !resp.status().is_success() {
             bail!("registering drones: {} {}", resp.status(), resp.text().await.unwrap_or_default());
         }
+    }
+
+    if !cfg.raw {
+        open_accounts(&http, &api).await?;
     }
 
     let client_cfg = ClientConfig::new(cfg.trust.clone());
@@ -1110,7 +1139,7 @@ async fn customers(
             let pickup = near_center(&mut rng, 0.04);
             let dropoff = near_center(&mut rng, 0.04);
             let body = serde_json::json!({
-                "owner": format!("customer-{}", issued % 1000),
+                "owner": format!("customer-{}", issued % CUSTOMERS),
                 "pickup": pickup,
                 "dropoff": dropoff,
                 "package": { "size": "small", "weight_kg": 1.5 },

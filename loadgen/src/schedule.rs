@@ -67,6 +67,7 @@ pub async fn bench(
             bail!("registering drones: {}", resp.status());
         }
     }
+    crate::open_accounts(&http, api).await?;
     let scheduled = Arc::new(AtomicU64::new(0));
     let refused = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
@@ -80,7 +81,7 @@ pub async fn bench(
             while start.elapsed() < duration {
                 n += 1;
                 let body = serde_json::json!({
-                    "owner": format!("customer-{}", (lane as u64 * 7919 + n) % 1000),
+                    "owner": format!("customer-{}", (lane as u64 * 7919 + n) % crate::CUSTOMERS),
                     "pickup": { "lat": 47.6, "lon": -122.3 },
                     "dropoff": { "lat": 47.61, "lon": -122.31 },
                     "package": { "size": "small", "weight_kg": 1.0 },

@@ -46,6 +46,23 @@
 //! # smtp_relay = "127.0.0.1:25"                        # plain SMTP; unset: email refused
 //! email_from = "fleetstream@localhost"
 //! timeout_ms = 5000
+//!
+//! [services.calls]             # every internal call (scheduler → accounts, package, ...)
+//! timeout_ms = 2000            # per attempt
+//! retries = 2                  # idempotent calls only, backoff with full jitter:
+//! backoff_min_ms = 20
+//! backoff_max_ms = 500
+//! concurrency = 1024           # in flight per dependency; more are refused at once
+//! health_interval_ms = 1000    # remote instances' health checks
+//! [services.calls.breaker]
+//! window_s = 10
+//! min_calls = 20
+//! failure_ratio = 0.5
+//! open_ms = 5000
+//! probes = 3
+//! [services.drones]
+//! min_battery_pct = 30.0       # a drone needs this much to be assigned
+//! max_distance_km = 200.0      # from the pickup
 //! ```
 
 use std::net::SocketAddr;
@@ -77,6 +94,8 @@ pub struct Config {
     pub queues: QueuesConfig,
     /// Where customer notifications are sent.
     pub notify: services::notify::NotifyConfig,
+    /// The edge services: internal call policy, drone assignment.
+    pub services: services::ServicesConfig,
 }
 
 impl Default for Config {
@@ -89,6 +108,7 @@ impl Default for Config {
             log: LogConfig::default(),
             queues: QueuesConfig::default(),
             notify: services::notify::NotifyConfig::default(),
+            services: services::ServicesConfig::default(),
         }
     }
 }

@@ -71,7 +71,12 @@ impl Node {
         } else {
             tokio::spawn(async {})
         };
-        let services = Arc::new(Services::new(engine.clone()).with_history(history.clone()));
+        let services_dir = cfg.data_dir.join("services");
+        let services = Arc::new(
+            Services::open(engine.clone(), &services_dir, cfg.services)
+                .map_err(|e| Error::Task(format!("opening the services' stores in {}: {e}", services_dir.display())))?
+                .with_history(history.clone()),
+        );
 
         let deliveries = engine.subscribe_deliveries(Overflow::Block)?;
         let (consumer_stop, mut stop_rx) = oneshot::channel::<()>();
@@ -82,8 +87,7 @@ impl Node {
                     _ = &mut stop_rx => break,
                     batch = deliveries.rx.recv_async() => match batch {
                         Ok(batch) => {
-                            svc.apply_delivery_events(&batch);
-                            if let Err(error) = svc.notify(&batch).await {
+                            if let Err(error) = svc.apply_delivery_events(&batch).await {
                                 tracing::warn!(%error, "could not queue notifications");
                             }
                         }
@@ -91,8 +95,11 @@ impl Node {
                     }
                 }
             }
-            for batch in deliveries.rx.try_iter() {
-                svc.apply_delivery_events(&batch);
+            let rest: Vec<_> = deliveries.rx.try_iter().collect();
+            for batch in rest {
+                if let Err(error) = svc.apply_delivery_events(&batch).await {
+                    tracing::warn!(%error, "could not queue notifications");
+                }
             }
         });
 
@@ -123,7 +130,7 @@ impl Node {
         if !api_keys.enforced() {
             tracing::warn!(http = %http_addr, "the HTTP API is open: no API keys are configured ([http] api_keys)");
         }
-        let router = services::router_with(services.clone(), throttle.clone())
+        let router = services::router_with(&services, throttle.clone())
             .merge(crate::admin::router(engine.clone()))
             .merge(services::history::router(history.clone()))
             .route(

@@ -125,6 +125,8 @@ async fn one_run(run: u32) {
     let web = reqwest::Client::new();
     let drones: Vec<u64> = (1..=PRODUCERS * DRONES_PER_PRODUCER).collect();
     web.post(format!("{api}/v1/drones")).json(&serde_json::json!({ "drones": drones })).send().await.unwrap();
+    let account = web.put(format!("{api}/internal/v1/accounts/crash-test")).json(&serde_json::json!({})).send().await;
+    assert!(account.unwrap().status().is_success());
     let dropoff = GeoPoint::new(47.62, -122.35);
     let mut delivery_of = BTreeMap::new();
     for _ in &drones {

@@ -34,6 +34,7 @@ async fn reschedule_and_cancel_change_the_delivery_and_its_events() {
     let base = format!("http://{}", node.http_addr);
     let http = reqwest::Client::new();
     http.post(format!("{base}/v1/drones")).json(&json!({"drones": [1, 2]})).send().await.unwrap();
+    http.put(format!("{base}/internal/v1/accounts/acme")).json(&json!({})).send().await.unwrap();
     let order = json!({
         "owner": "acme", "pickup": {"lat": 47.6, "lon": -122.3}, "dropoff": {"lat": 47.61, "lon": -122.31},
         "package": {"size": "small", "weight_kg": 1.0}
@@ -240,6 +241,7 @@ async fn subscribers_are_notified_of_stage_changes_through_the_notifications_que
     let base = format!("http://{}", node.http_addr);
     let http = reqwest::Client::new();
     http.post(format!("{base}/v1/drones")).json(&json!({"drones": [1]})).send().await.unwrap();
+    http.put(format!("{base}/internal/v1/accounts/acme")).json(&json!({})).send().await.unwrap();
     let order = json!({
         "owner": "acme", "pickup": {"lat": 47.6, "lon": -122.3}, "dropoff": {"lat": 47.61, "lon": -122.31},
         "package": {"size": "small", "weight_kg": 1.0}

@@ -23,6 +23,28 @@ pub enum Error {
     /// for.
     #[error("this Idempotency-Key was used for a different request")]
     KeyReused,
+    /// No such resource (named by a string).
+    #[error("{what} {name:?} not found")]
+    NotFoundNamed {
+        /// Kind of resource.
+        what: &'static str,
+        /// Its name.
+        name: String,
+    },
+    /// The ordering account does not exist.
+    #[error("account {0:?} does not exist")]
+    UnknownAccount(String),
+    /// The ordering account may not order.
+    #[error("account {0:?} may not order deliveries")]
+    AccountNotAllowed(String),
+    /// An internal service the operation needs failed; nothing of the operation remains.
+    #[error("the {service} service failed: {reason}")]
+    Dependency {
+        /// Which one.
+        service: &'static str,
+        /// What happened.
+        reason: String,
+    },
     /// Every registered drone is busy; the client may retry.
     #[error("no drone is available; retry later")]
     NoDroneAvailable,
@@ -35,7 +57,10 @@ impl Error {
     fn status_and_code(&self) -> (StatusCode, &'static str) {
         match self {
             Error::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
-            Error::NotFound { .. } => (StatusCode::NOT_FOUND, "not_found"),
+            Error::NotFound { .. } | Error::NotFoundNamed { .. } => (StatusCode::NOT_FOUND, "not_found"),
+            Error::UnknownAccount(_) => (StatusCode::UNPROCESSABLE_ENTITY, "unknown_account"),
+            Error::AccountNotAllowed(_) => (StatusCode::FORBIDDEN, "account_not_allowed"),
+            Error::Dependency { .. } => (StatusCode::SERVICE_UNAVAILABLE, "dependency_failed"),
             Error::NoDroneAvailable => (StatusCode::SERVICE_UNAVAILABLE, "no_drone_available"),
             Error::KeyReused => (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused"),
             Error::Engine(e) => match e {
@@ -64,7 +89,12 @@ impl IntoResponse for Error {
             tracing::debug!(error = %self, code, "request refused");
             self.to_string()
         };
-        let mut response = (status, Json(serde_json::json!({ "error": code, "message": message }))).into_response();
+        let mut body = serde_json::json!({ "error": code, "message": message });
+        if let Error::Dependency { service, .. } = &self {
+            body["dependency"] = (*service).into();
+            tracing::warn!(error = %self, "operation failed in a dependency");
+        }
+        let mut response = (status, Json(body)).into_response();
         if status == StatusCode::SERVICE_UNAVAILABLE {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }

@@ -11,16 +11,23 @@
 //!  GET /v1/deliveries/{id} ─► read model + FleetControl::drone (last known position)
 //! ```
 
+pub mod accounts;
 mod api;
 pub mod auth;
 pub mod breaker;
+pub mod client;
+pub mod deliveries;
+pub mod drones;
 mod error;
 pub mod history;
 mod idempotency;
 pub mod notify;
+pub mod packages;
+pub mod scheduler;
 mod state;
+pub mod store;
 pub mod throttle;
 
 pub use api::{router, router_with};
 pub use error::Error;
-pub use state::{CreateDelivery, DeliveryRecord, Package, Reschedule, Services};
+pub use state::{CreateDelivery, DeliveryRecord, Package, Reschedule, Services, ServicesConfig};

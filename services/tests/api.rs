@@ -72,7 +72,7 @@ impl FleetControl for FakeFleet {
     async fn drone(&self, id: DroneId) -> Result<Option<DroneSnapshot>, WireError> {
         Ok((id < 100).then_some(DroneSnapshot {
             drone_id: id,
-            position: GeoPoint::new(1.5, 2.5),
+            position: GeoPoint::new(47.61, -122.31),
             status: FlightStatus::Flying,
             battery_pct: 77.0,
             last_seq: 9,
@@ -82,10 +82,12 @@ impl FleetControl for FakeFleet {
     }
 }
 
-fn setup() -> (Arc<FakeFleet>, Arc<Services<Arc<FakeFleet>>>, axum::Router) {
+async fn setup() -> (Arc<FakeFleet>, Arc<Services<Arc<FakeFleet>>>, axum::Router) {
     let fleet = Arc::new(FakeFleet::default());
-    let svc = Arc::new(Services::new(fleet.clone()));
-    let router = services::router(svc.clone());
+    let svc = Arc::new(Services::new(fleet.clone()).unwrap());
+    let router = services::router(&svc);
+    let (status, _, _) = call(&router, "PUT", "/internal/v1/accounts/acme", Some("{}")).await;
+    assert_eq!(status, StatusCode::CREATED);
     (fleet, svc, router)
 }
 
@@ -123,12 +125,19 @@ fn events_batch(events: &[DeliveryEvent]) -> DeliveryBatch {
 }
 
 fn stage_event(delivery_id: u64, drone_id: u64, seq: u32, stage: DeliveryStage) -> DeliveryEvent {
-    DeliveryEvent { delivery_id, seq, drone_id, ts_us: 1000 + u64::from(seq), location: GeoPoint::new(0.0, 0.0), stage }
+    DeliveryEvent {
+        delivery_id,
+        seq,
+        drone_id,
+        ts_us: 1000 + u64::from(seq),
+        location: GeoPoint::new(47.62, -122.35),
+        stage,
+    }
 }
 
 #[tokio::test]
 async fn schedule_track_and_complete_a_delivery() {
-    let (fleet, svc, router) = setup();
+    let (fleet, svc, router) = setup().await;
     let (status, _, _) = call(&router, "PUT", "/v1/drones/7", None).await;
     assert_eq!(status, StatusCode::CREATED);
     let (status, body, _) = call(&router, "POST", "/v1/deliveries", Some(&order())).await;
@@ -153,18 +162,23 @@ async fn schedule_track_and_complete_a_delivery() {
         stage_event(id, 7, 0, DeliveryStage::Created),
         stage_event(id, 7, 1, DeliveryStage::HeadedToPickup),
         stage_event(id, 7, 2, DeliveryStage::InTransit),
-    ]));
+    ]))
+    .await
+    .unwrap();
     let (status, body, _) = call(&router, "GET", &format!("/v1/deliveries/{id}"), None).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body["stage"], "in_transit");
-    assert_eq!(body["drone"]["position"]["lat"], 1.5);
+    assert_eq!(body["drone"]["position"]["lat"], 47.61);
+    assert_eq!(body["eta_s"], 213, "3.2 km to the drop-off at 15 m/s: {body}");
     assert_eq!(body["owner"], "acme");
 
     // A replayed older event changes nothing; completion frees the drone.
     svc.apply_delivery_events(&events_batch(&[
         stage_event(id, 7, 1, DeliveryStage::HeadedToPickup),
         stage_event(id, 7, 3, DeliveryStage::DeliveryComplete),
-    ]));
+    ]))
+    .await
+    .unwrap();
     let (_, body, _) = call(&router, "GET", &format!("/v1/deliveries/{id}"), None).await;
     assert_eq!(body["stage"], "delivery_complete");
     assert_eq!(svc.fleet_size(), (1, 1));
@@ -174,7 +188,7 @@ async fn schedule_track_and_complete_a_delivery() {
 
 #[tokio::test]
 async fn malformed_requests_get_400_with_a_reason() {
-    let (_, _, router) = setup();
+    let (_, _, router) = setup().await;
     call(&router, "POST", "/v1/drones", Some(r#"{"drones":[1,2,3]}"#)).await;
     let cases = [
         ("{not json", "parse the request body as JSON"),
@@ -213,13 +227,15 @@ async fn malformed_requests_get_400_with_a_reason() {
 
 #[tokio::test]
 async fn an_engine_failure_leaves_nothing_behind() {
-    let (fleet, svc, router) = setup();
+    let (fleet, svc, router) = setup().await;
     call(&router, "PUT", "/v1/drones/7", None).await;
     fleet.fail.store(true, Ordering::Relaxed);
     let (status, body, _) = call(&router, "POST", "/v1/deliveries", Some(&order())).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     assert_eq!(body["error"], "shutting_down");
     assert_eq!(svc.fleet_size(), (1, 1), "the drone was released");
+    assert_eq!(svc.packages.ids().unwrap(), Vec::<u64>::new(), "the package was removed");
+    assert_eq!(svc.deliveries.record_count(), 0, "the delivery record was removed");
     fleet.fail.store(false, Ordering::Relaxed);
     let (status, _, _) = call(&router, "POST", "/v1/deliveries", Some(&order())).await;
     assert_eq!(status, StatusCode::CREATED);
@@ -227,7 +243,7 @@ async fn an_engine_failure_leaves_nothing_behind() {
 
 #[tokio::test]
 async fn a_mission_that_cannot_be_queued_undoes_the_delivery() {
-    let (fleet, svc, router) = setup();
+    let (fleet, svc, router) = setup().await;
     call(&router, "PUT", "/v1/drones/7", None).await;
     fleet.fail_queue.store(true, Ordering::Relaxed);
     let (status, body, _) = call(&router, "POST", "/v1/deliveries", Some(&order())).await;
@@ -241,7 +257,7 @@ async fn a_mission_that_cannot_be_queued_undoes_the_delivery() {
 
 #[tokio::test]
 async fn drones_are_read_from_the_engine() {
-    let (_, _, router) = setup();
+    let (_, _, router) = setup().await;
     let (status, body, _) = call(&router, "GET", "/v1/drones/5", None).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body["battery_pct"], 77.0);
@@ -266,7 +282,7 @@ async fn post_keyed(router: &axum::Router, key: &str, body: &str) -> (StatusCode
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idempotency_key_makes_a_retried_post_return_the_first_result() {
-    let (fleet, _, router) = setup();
+    let (fleet, _, router) = setup().await;
     call(&router, "POST", "/v1/drones", Some(r#"{"drones":[1,2,3]}"#)).await;
     let (status, first, replayed) = post_keyed(&router, "order-17", &order()).await;
     assert_eq!((status, replayed.as_deref()), (StatusCode::CREATED, Some("false")), "{first}");
@@ -304,4 +320,42 @@ async fn an_idempotency_key_makes_a_retried_post_return_the_first_result() {
     fleet.fail.store(false, Ordering::Relaxed);
     let (status, _, replayed) = post_keyed(&router, "order-19", &order()).await;
     assert_eq!((status, replayed.as_deref()), (StatusCode::CREATED, Some("false")), "a failure is not remembered");
+}
+
+#[tokio::test]
+async fn only_existing_accounts_that_may_order_can_schedule() {
+    let (fleet, svc, router) = setup().await;
+    call(&router, "PUT", "/v1/drones/7", None).await;
+    let (status, body, _) = call(&router, "POST", "/v1/deliveries", Some(&order().replace("acme", "nobody"))).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(body["error"], "unknown_account");
+    let (status, _, _) = call(&router, "PUT", "/internal/v1/accounts/acme", Some(r#"{"may_order":false}"#)).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, body, _) = call(&router, "POST", "/v1/deliveries", Some(&order())).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert_eq!(body["error"], "account_not_allowed");
+    assert!(fleet.commands.lock().is_empty());
+    assert_eq!(svc.fleet_size(), (1, 1));
+    let (status, body, _) = call(&router, "PUT", "/internal/v1/accounts/a%2Fb", Some("{}")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+}
+
+#[tokio::test]
+async fn the_package_and_the_record_are_stored_with_the_delivery() {
+    let (_, svc, router) = setup().await;
+    call(&router, "PUT", "/v1/drones/7", None).await;
+    let (status, body, _) = call(&router, "POST", "/v1/deliveries", Some(&order())).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let id = body["delivery_id"].as_u64().unwrap();
+    let (status, package, _) = call(&router, "GET", &format!("/internal/v1/packages/{id}"), None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(package["size"], "small");
+    let (status, assignment, _) = call(&router, "GET", &format!("/internal/v1/assignments/{id}"), None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(assignment["drone_id"], 7);
+    // Assignment is idempotent per delivery: asking again gives the same drone.
+    let again = r#"{"pickup":{"lat":1.0,"lon":2.0}}"#;
+    let (status, assignment, _) = call(&router, "PUT", &format!("/internal/v1/assignments/{id}"), Some(again)).await;
+    assert_eq!((status, assignment["drone_id"].as_u64()), (StatusCode::OK, Some(7)));
+    assert_eq!(svc.delivery(id).map(|r| r.drone_id), Some(7));
 }

@@ -1,0 +1,264 @@
+//! Delivery: the record of every delivery and where it stands. The scheduler writes records
+//! (an idempotent PUT per delivery, kept in the service's own store); the delivery-events
+//! stream moves their stage; customers read them and subscribe to notifications.
+//!
+//! | method | path | what |
+//! |---|---|---|
+//! | GET | `/v1/deliveries/{id}` | stage, drone, the drone's last known position and an ETA |
+//! | POST | `/v1/deliveries/{id}/notifications` | `{sms?, email?}`: be told of each stage change |
+//! | PUT | `/internal/v1/deliveries/{id}` | create or update a record (`201` new, `200` updated) |
+//! | GET | `/internal/v1/deliveries/{id}` | the record |
+//! | DELETE | `/internal/v1/deliveries/{id}` | remove it (a failed order's compensation); `204` |
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use events::{DeliveryBatch, DeliveryId, DeliveryStage, DroneId, FleetControl, GeoPoint, QueueName, WorkQueues};
+use parking_lot::RwLock;
+use rustc_hash::FxHashMap;
+use serde::{Deserialize, Serialize};
+
+use crate::Error;
+use crate::api::{ApiJson, parse_id};
+use crate::state::Package;
+use crate::store::Store;
+
+/// Cruise speed assumed for ETAs, m/s.
+const CRUISE_M_PER_S: f64 = 15.0;
+
+/// The record of one delivery.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeliveryRecord {
+    /// Its id.
+    pub delivery_id: DeliveryId,
+    /// The ordering account.
+    pub owner: String,
+    /// The assigned drone.
+    pub drone_id: DroneId,
+    /// Pickup point.
+    pub pickup: GeoPoint,
+    /// Drop-off point.
+    pub dropoff: GeoPoint,
+    /// The package.
+    pub package: Package,
+    /// Current stage, from the delivery-events stream.
+    pub stage: DeliveryStage,
+    /// When it was scheduled, µs since the epoch.
+    pub created_us: u64,
+    /// Time of the last stage change, µs since the epoch.
+    pub updated_us: u64,
+    #[serde(skip)]
+    pub(crate) last_seq: Option<u32>,
+}
+
+/// The Delivery service.
+#[derive(Debug)]
+pub struct DeliveryService<F> {
+    fleet: F,
+    records: RwLock<FxHashMap<DeliveryId, DeliveryRecord>>,
+    store: Store,
+    subscriptions: RwLock<FxHashMap<DeliveryId, Vec<crate::notify::Subscription>>>,
+}
+
+fn key(id: DeliveryId) -> String {
+    format!("{id:020}")
+}
+
+impl<F: FleetControl + WorkQueues> DeliveryService<F> {
+    /// The service over `store`, with the records it holds loaded.
+    pub fn open(fleet: F, store: Store) -> Result<Arc<Self>, Error> {
+        let records = store.all::<DeliveryRecord>()?.into_iter().map(|(_, r)| (r.delivery_id, r)).collect();
+        Ok(Arc::new(Self { fleet, records: RwLock::new(records), store, subscriptions: RwLock::default() }))
+    }
+
+    /// Stores a record (a new one, or new places for a known one, whose stage is kept).
+    pub async fn put(&self, mut record: DeliveryRecord) -> Result<bool, Error> {
+        if let Some(current) = self.record(record.delivery_id) {
+            record.stage = current.stage;
+            record.updated_us = current.updated_us;
+            record.last_seq = current.last_seq;
+        }
+        let fresh = self.store.put(&key(record.delivery_id), &record).await?;
+        let mut records = self.records.write();
+        match records.get_mut(&record.delivery_id) {
+            // Events may have moved the stage while the write was in flight: keep theirs.
+            Some(current) => {
+                current.pickup = record.pickup;
+                current.dropoff = record.dropoff;
+                current.package = record.package;
+            }
+            None => {
+                records.insert(record.delivery_id, record);
+            }
+        }
+        Ok(fresh)
+    }
+
+    /// Removes a record.
+    pub async fn remove(&self, id: DeliveryId) -> Result<(), Error> {
+        self.store.delete(&key(id)).await?;
+        self.records.write().remove(&id);
+        self.subscriptions.write().remove(&id);
+        Ok(())
+    }
+
+    /// How many records the service holds.
+    pub fn record_count(&self) -> usize {
+        self.records.read().len()
+    }
+
+    /// The current record of a delivery.
+    pub fn record(&self, id: DeliveryId) -> Option<DeliveryRecord> {
+        self.records.read().get(&id).cloned()
+    }
+
+    /// Updates stages from a batch of the delivery-events stream. Repeats (same delivery, same
+    /// or older seq) are ignored.
+    pub fn apply_delivery_events(&self, batch: &DeliveryBatch) {
+        let mut records = self.records.write();
+        for ev in batch.events().iter() {
+            let id = ev.delivery_id.to_native();
+            let seq = ev.seq.to_native();
+            let Some(record) = records.get_mut(&id) else { continue };
+            if record.last_seq.is_some_and(|last| seq <= last) {
+                continue;
+            }
+            record.last_seq = Some(seq);
+            record.stage = ev.stage.to_stage();
+            record.updated_us = ev.ts_us.to_native();
+        }
+    }
+
+    /// Subscribes `sub` to a delivery's stage changes from now on.
+    pub fn subscribe_notifications(&self, id: DeliveryId, sub: crate::notify::Subscription) -> Result<(), Error> {
+        sub.validate()?;
+        let record = self.record(id).ok_or(Error::NotFound { what: "delivery", id })?;
+        if record.stage.is_terminal() {
+            return Err(events::Error::InvalidTransition { delivery: id, reason: "the delivery is finished" }.into());
+        }
+        let mut subs = self.subscriptions.write();
+        let list = subs.entry(id).or_default();
+        if !list.contains(&sub) {
+            list.push(sub);
+        }
+        Ok(())
+    }
+
+    /// Queues the notifications a batch of delivery events causes; subscriptions of finished
+    /// deliveries are dropped after their last notification.
+    pub async fn notify(&self, batch: &DeliveryBatch) -> Result<(), Error> {
+        let due = {
+            let subs = self.subscriptions.read();
+            if subs.is_empty() {
+                return Ok(());
+            }
+            crate::notify::notifications_for(batch, |id| subs.get(&id).cloned().unwrap_or_default())
+        };
+        for n in &due {
+            let payload = serde_json::to_vec(n).map_err(|e| Error::BadRequest(e.to_string()))?;
+            self.fleet.enqueue(QueueName::Notifications, n.delivery_id, payload).await?;
+            if n.stage.is_terminal() {
+                self.subscriptions.write().remove(&n.delivery_id);
+            }
+        }
+        Ok(())
+    }
+
+    /// The public routes.
+    pub fn public_router(self: &Arc<Self>) -> Router {
+        Router::new()
+            .route("/v1/deliveries/{id}", get(get_delivery::<F>))
+            .route("/v1/deliveries/{id}/notifications", post(subscribe_notifications::<F>))
+            .with_state(self.clone())
+    }
+
+    /// The internal routes.
+    pub fn internal_router(self: &Arc<Self>) -> Router {
+        Router::new()
+            .route("/internal/v1/deliveries/{id}", get(get_record::<F>).put(put_record::<F>).delete(delete_record::<F>))
+            .with_state(self.clone())
+    }
+}
+
+/// Seconds to fly from `from` through `via` (when not yet picked up) to `to`.
+fn eta_s(from: GeoPoint, via: Option<GeoPoint>, to: GeoPoint) -> u64 {
+    let legs = match via {
+        Some(v) => crate::drones::distance_km(from, v) + crate::drones::distance_km(v, to),
+        None => crate::drones::distance_km(from, to),
+    };
+    (legs * 1000.0 / CRUISE_M_PER_S).round() as u64
+}
+
+async fn get_delivery<F: FleetControl + WorkQueues>(
+    State(svc): State<Arc<DeliveryService<F>>>,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, Error> {
+    let id = parse_id(&id)?;
+    let record = svc.record(id).ok_or(Error::NotFound { what: "delivery", id })?;
+    let drone = svc.fleet.drone(record.drone_id).await?;
+    let eta = match (record.stage, &drone) {
+        (DeliveryStage::Created | DeliveryStage::Rescheduled | DeliveryStage::HeadedToPickup, Some(d)) => {
+            Some(eta_s(d.position, Some(record.pickup), record.dropoff))
+        }
+        (DeliveryStage::InTransit, Some(d)) => Some(eta_s(d.position, None, record.dropoff)),
+        _ => None,
+    };
+    Ok(Json(serde_json::json!({
+        "delivery_id": record.delivery_id,
+        "owner": record.owner,
+        "stage": record.stage,
+        "drone_id": record.drone_id,
+        "pickup": record.pickup,
+        "dropoff": record.dropoff,
+        "package": record.package,
+        "created_us": record.created_us,
+        "updated_us": record.updated_us,
+        "eta_s": eta,
+        "drone": drone,
+    })))
+}
+
+async fn subscribe_notifications<F: FleetControl + WorkQueues>(
+    State(svc): State<Arc<DeliveryService<F>>>,
+    Path(id): Path<String>,
+    ApiJson(sub): ApiJson<crate::notify::Subscription>,
+) -> Result<impl IntoResponse, Error> {
+    let id = parse_id(&id)?;
+    svc.subscribe_notifications(id, sub.clone())?;
+    Ok((StatusCode::CREATED, Json(serde_json::json!({ "delivery_id": id, "sms": sub.sms, "email": sub.email }))))
+}
+
+async fn put_record<F: FleetControl + WorkQueues>(
+    State(svc): State<Arc<DeliveryService<F>>>,
+    Path(id): Path<String>,
+    ApiJson(record): ApiJson<DeliveryRecord>,
+) -> Result<impl IntoResponse, Error> {
+    let id = parse_id(&id)?;
+    if record.delivery_id != id {
+        return Err(Error::BadRequest(format!("the record is of delivery {}, not {id}", record.delivery_id)));
+    }
+    let fresh = svc.put(record).await?;
+    let record = svc.record(id).ok_or(Error::NotFound { what: "delivery", id })?;
+    Ok((if fresh { StatusCode::CREATED } else { StatusCode::OK }, Json(record)))
+}
+
+async fn get_record<F: FleetControl + WorkQueues>(
+    State(svc): State<Arc<DeliveryService<F>>>,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, Error> {
+    let id = parse_id(&id)?;
+    svc.record(id).map(Json).ok_or(Error::NotFound { what: "delivery", id })
+}
+
+async fn delete_record<F: FleetControl + WorkQueues>(
+    State(svc): State<Arc<DeliveryService<F>>>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, Error> {
+    let id = parse_id(&id)?;
+    svc.remove(id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

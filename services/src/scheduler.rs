@@ -1,0 +1,390 @@
+//! Delivery Scheduler: the public API that schedules, reschedules and cancels deliveries.
+//!
+//! Scheduling is a saga over the internal services, run synchronously, each step an idempotent
+//! PUT of a resource named by the new delivery's id (so a retried step never makes a second
+//! one):
+//!
+//! ```text
+//!  1 Accounts          GET  /internal/v1/accounts/{owner}        owner exists and may order
+//!  2 Package           PUT  /internal/v1/packages/{id}           ┐
+//!  3 Drone Management  PUT  /internal/v1/assignments/{id}        │ undone in reverse order
+//!  4 Delivery          PUT  /internal/v1/deliveries/{id}         │ if a later step fails
+//!  5 engine            Create on the drone's shard               │
+//!  6 drone-commands    the mission, keyed by drone               ┘
+//! ```
+//!
+//! If a step fails, the steps already done are compensated (DELETE, or a Cancel command for
+//! the engine) and the caller gets an error naming the failed dependency (`503
+//! dependency_failed`, `"dependency": "package"`). A compensation that cannot be made is
+//! logged and counted (`fleetstream_scheduler_compensation_failures_total`).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, Method, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::{patch, post};
+use axum::{Json, Router};
+use events::{DeliveryCommand, DeliveryId, DeliveryStage, DroneId, FleetControl, Mission, QueueName, WorkQueues};
+
+use crate::Error;
+use crate::api::{ApiJson, parse_id};
+use crate::client::{Call, Dependency, Reply};
+use crate::deliveries::DeliveryRecord;
+use crate::drones::{AssignRequest, Assignment};
+use crate::state::{CreateDelivery, Reschedule, validate};
+
+/// The internal services the scheduler calls.
+#[derive(Debug, Clone)]
+pub struct Deps {
+    /// Accounts.
+    pub accounts: Dependency,
+    /// Package.
+    pub packages: Dependency,
+    /// Delivery.
+    pub deliveries: Dependency,
+    /// Drone Management.
+    pub drones: Dependency,
+}
+
+impl Deps {
+    /// Every dependency, for metrics.
+    pub fn all(&self) -> [&Dependency; 4] {
+        [&self.accounts, &self.packages, &self.deliveries, &self.drones]
+    }
+}
+
+/// The Delivery Scheduler.
+#[derive(Debug)]
+pub struct Scheduler<F> {
+    fleet: F,
+    deps: Deps,
+    next_id: AtomicU64,
+    pub(crate) keys: crate::idempotency::Keys,
+    history: Option<Arc<crate::history::History>>,
+    /// Deliveries scheduled.
+    pub scheduled: AtomicU64,
+    /// Requests refused.
+    pub refused: AtomicU64,
+    /// Compensations that could not be made.
+    pub compensation_failures: AtomicU64,
+}
+
+/// A call that must succeed with a 2xx; a failure or an unexpected answer names the dependency.
+async fn call(dep: &Dependency, c: Call) -> Result<Reply, Error> {
+    let reply = dep.call(c).await.map_err(|e| Error::Dependency { service: dep.name(), reason: e.to_string() })?;
+    if reply.status.is_success() {
+        return Ok(reply);
+    }
+    let message = serde_json::from_slice::<serde_json::Value>(&reply.body)
+        .ok()
+        .and_then(|v| v.get("message").and_then(|m| m.as_str()).map(str::to_string))
+        .unwrap_or_default();
+    Err(Error::Dependency { service: dep.name(), reason: format!("answered {}: {message}", reply.status) })
+}
+
+/// What the saga has done so far, to undo on failure.
+#[derive(Default)]
+struct Done {
+    package: bool,
+    assignment: bool,
+    record: bool,
+    engine: Option<DroneId>,
+}
+
+impl<F: FleetControl + WorkQueues> Scheduler<F> {
+    /// A scheduler driving `fleet` (engine commands, missions) through `deps`. Delivery ids
+    /// start at the current time in microseconds, so they stay unique across restarts without a
+    /// stored counter.
+    pub fn new(fleet: F, deps: Deps) -> Self {
+        Self {
+            fleet,
+            deps,
+            next_id: AtomicU64::new(events::now_us()),
+            keys: crate::idempotency::Keys::default(),
+            history: None,
+            scheduled: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+            compensation_failures: AtomicU64::new(0),
+        }
+    }
+
+    /// Tells `history` who ordered each delivery scheduled from now on (for its owner queries).
+    pub fn with_history(mut self, history: Arc<crate::history::History>) -> Self {
+        self.history = Some(history);
+        self
+    }
+
+    /// The dependencies, for metrics.
+    pub fn deps(&self) -> &Deps {
+        &self.deps
+    }
+
+    /// Schedules a delivery (the saga in the module docs).
+    pub async fn schedule(&self, req: CreateDelivery) -> Result<DeliveryRecord, Error> {
+        validate(&req)?;
+        self.check_account(&req.owner).await?;
+        let delivery_id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut done = Done::default();
+        match self.schedule_steps(delivery_id, req, &mut done).await {
+            Ok(record) => {
+                self.scheduled.fetch_add(1, Ordering::Relaxed);
+                Ok(record)
+            }
+            Err(error) => {
+                self.compensate(delivery_id, &done).await;
+                Err(error)
+            }
+        }
+    }
+
+    async fn check_account(&self, owner: &str) -> Result<(), Error> {
+        crate::accounts::valid_owner(owner)?;
+        let accounts = &self.deps.accounts;
+        let reply = accounts
+            .call(Call::new(Method::GET, format!("/internal/v1/accounts/{owner}")))
+            .await
+            .map_err(|e| Error::Dependency { service: accounts.name(), reason: e.to_string() })?;
+        if reply.status == StatusCode::NOT_FOUND {
+            return Err(Error::UnknownAccount(owner.to_string()));
+        }
+        if !reply.status.is_success() {
+            return Err(Error::Dependency { service: accounts.name(), reason: format!("answered {}", reply.status) });
+        }
+        let account: crate::accounts::Account =
+            reply.json().map_err(|e| Error::Dependency { service: accounts.name(), reason: e.to_string() })?;
+        if !account.may_order {
+            return Err(Error::AccountNotAllowed(owner.to_string()));
+        }
+        Ok(())
+    }
+
+    async fn schedule_steps(
+        &self,
+        id: DeliveryId,
+        req: CreateDelivery,
+        done: &mut Done,
+    ) -> Result<DeliveryRecord, Error> {
+        let now = events::now_us();
+        call(&self.deps.packages, Call::json(Method::PUT, format!("/internal/v1/packages/{id}"), &req.package)).await?;
+        done.package = true;
+
+        let drones = &self.deps.drones;
+        let path = format!("/internal/v1/assignments/{id}");
+        let reply = drones
+            .call(Call::json(Method::PUT, path, &AssignRequest { pickup: req.pickup }))
+            .await
+            .map_err(|e| Error::Dependency { service: drones.name(), reason: e.to_string() })?;
+        if reply.status == StatusCode::CONFLICT {
+            return Err(Error::NoDroneAvailable);
+        }
+        if !reply.status.is_success() {
+            return Err(Error::Dependency { service: drones.name(), reason: format!("answered {}", reply.status) });
+        }
+        let assignment: Assignment =
+            reply.json().map_err(|e| Error::Dependency { service: drones.name(), reason: e.to_string() })?;
+        done.assignment = true;
+        let drone_id = assignment.drone_id;
+
+        let record = DeliveryRecord {
+            delivery_id: id,
+            owner: req.owner,
+            drone_id,
+            pickup: req.pickup,
+            dropoff: req.dropoff,
+            package: req.package,
+            stage: DeliveryStage::Created,
+            created_us: now,
+            updated_us: now,
+            last_seq: None,
+        };
+        call(&self.deps.deliveries, Call::json(Method::PUT, format!("/internal/v1/deliveries/{id}"), &record)).await?;
+        done.record = true;
+        if let Some(history) = &self.history {
+            history.note_delivery(id, &record.owner, now)?;
+        }
+
+        let cmd = DeliveryCommand::Create {
+            delivery_id: id,
+            drone_id,
+            pickup: record.pickup,
+            dropoff: record.dropoff,
+            ts_us: now,
+        };
+        self.fleet.command(cmd).await?;
+        done.engine = Some(drone_id);
+
+        // The mission goes to the drone through the drone-commands queue: delivered over the
+        // drone's own connection, acknowledged by it, redelivered if it reconnects first.
+        let mission = Mission { delivery_id: id, drone_id, pickup: record.pickup, dropoff: record.dropoff, ts_us: now };
+        self.fleet.enqueue(QueueName::DroneCommands, drone_id, mission.to_bytes()).await?;
+        Ok(record)
+    }
+
+    /// Undoes what a failed schedule did, newest first.
+    async fn compensate(&self, id: DeliveryId, done: &Done) {
+        if let Some(drone_id) = done.engine {
+            let cancel = DeliveryCommand::Cancel { delivery_id: id, drone_id, ts_us: events::now_us() };
+            if let Err(error) = self.fleet.command(cancel).await {
+                self.compensation_failed(id, "engine", &error.to_string());
+            }
+        }
+        let undo = [
+            (done.record, &self.deps.deliveries, format!("/internal/v1/deliveries/{id}")),
+            (done.assignment, &self.deps.drones, format!("/internal/v1/assignments/{id}")),
+            (done.package, &self.deps.packages, format!("/internal/v1/packages/{id}")),
+        ];
+        for (was_done, dep, path) in undo {
+            if was_done && let Err(error) = call(dep, Call::new(Method::DELETE, path)).await {
+                self.compensation_failed(id, dep.name(), &error.to_string());
+            }
+        }
+    }
+
+    fn compensation_failed(&self, id: DeliveryId, step: &str, error: &str) {
+        self.compensation_failures.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(delivery_id = id, step, error, "could not undo a step of a failed schedule");
+    }
+
+    /// [`Scheduler::schedule`] under an `Idempotency-Key`: the first request with the key runs,
+    /// a retry gets its result (`true`: replayed).
+    pub async fn schedule_once(&self, key: &str, req: CreateDelivery) -> Result<(DeliveryRecord, bool), Error> {
+        use crate::idempotency::{Begin, MAX_KEY_LEN};
+        if key.is_empty() || key.len() > MAX_KEY_LEN {
+            return Err(Error::BadRequest(format!("Idempotency-Key must be 1 to {MAX_KEY_LEN} characters")));
+        }
+        match self.keys.begin(key, &req).await {
+            Begin::Replay(record) => return Ok((record, true)),
+            Begin::Mismatch => return Err(Error::KeyReused),
+            Begin::Run => {}
+        }
+        let outcome = self.schedule(req.clone()).await;
+        self.keys.finish(key, &req, outcome.as_ref().ok().cloned());
+        outcome.map(|r| (r, false))
+    }
+
+    async fn record(&self, id: DeliveryId) -> Result<DeliveryRecord, Error> {
+        let dep = &self.deps.deliveries;
+        let reply = dep
+            .call(Call::new(Method::GET, format!("/internal/v1/deliveries/{id}")))
+            .await
+            .map_err(|e| Error::Dependency { service: dep.name(), reason: e.to_string() })?;
+        if reply.status == StatusCode::NOT_FOUND {
+            return Err(Error::NotFound { what: "delivery", id });
+        }
+        if !reply.status.is_success() {
+            return Err(Error::Dependency { service: dep.name(), reason: format!("answered {}", reply.status) });
+        }
+        reply.json().map_err(|e| Error::Dependency { service: dep.name(), reason: e.to_string() })
+    }
+
+    /// Moves a delivery that has not been picked up yet to new places: the engine applies it
+    /// on the drone's shard (and derives `Rescheduled`), the drone gets the updated mission,
+    /// and the record is updated. The engine's refusal (already picked up, finished) is `409`.
+    pub async fn reschedule(&self, id: DeliveryId, req: Reschedule) -> Result<DeliveryRecord, Error> {
+        let mut record = self.record(id).await?;
+        if record.stage.is_terminal() {
+            return Err(events::Error::InvalidTransition { delivery: id, reason: "the delivery is finished" }.into());
+        }
+        let pickup = req.pickup.unwrap_or(record.pickup);
+        let dropoff = req.dropoff.unwrap_or(record.dropoff);
+        for (name, p) in [("pickup", &pickup), ("dropoff", &dropoff)] {
+            if !p.is_valid() {
+                return Err(Error::BadRequest(format!(
+                    "{name} is not a valid coordinate (lat -90..90, lon -180..180)"
+                )));
+            }
+        }
+        let drone_id = record.drone_id;
+        let now = events::now_us();
+        self.fleet
+            .command(DeliveryCommand::Reschedule { delivery_id: id, drone_id, pickup, dropoff, ts_us: now })
+            .await?;
+        let mission = Mission { delivery_id: id, drone_id, pickup, dropoff, ts_us: now };
+        self.fleet.enqueue(QueueName::DroneCommands, drone_id, mission.to_bytes()).await?;
+        record.pickup = pickup;
+        record.dropoff = dropoff;
+        call(&self.deps.deliveries, Call::json(Method::PUT, format!("/internal/v1/deliveries/{id}"), &record)).await?;
+        Ok(record)
+    }
+
+    /// Cancels a delivery that has not been completed: the engine derives `Cancelled`, which
+    /// frees the drone. Cancelling a cancelled delivery again changes nothing.
+    pub async fn cancel(&self, id: DeliveryId) -> Result<DeliveryRecord, Error> {
+        let record = self.record(id).await?;
+        match record.stage {
+            DeliveryStage::Cancelled => return Ok(record),
+            DeliveryStage::DeliveryComplete => {
+                return Err(
+                    events::Error::InvalidTransition { delivery: id, reason: "the delivery is complete" }.into()
+                );
+            }
+            _ => {}
+        }
+        let cmd = DeliveryCommand::Cancel { delivery_id: id, drone_id: record.drone_id, ts_us: events::now_us() };
+        self.fleet.command(cmd).await?;
+        Ok(record)
+    }
+
+    /// The public routes.
+    pub fn router(self: &Arc<Self>) -> Router {
+        Router::new()
+            .route("/v1/deliveries", post(create_delivery::<F>))
+            .route("/v1/deliveries/{id}", patch(reschedule_delivery::<F>).delete(cancel_delivery::<F>))
+            .with_state(self.clone())
+    }
+}
+
+async fn create_delivery<F: FleetControl + WorkQueues>(
+    State(svc): State<Arc<Scheduler<F>>>,
+    headers: HeaderMap,
+    ApiJson(req): ApiJson<CreateDelivery>,
+) -> Result<impl IntoResponse, Error> {
+    let key = match headers.get("idempotency-key") {
+        Some(v) => Some(v.to_str().map_err(|_| Error::BadRequest("Idempotency-Key must be visible ASCII".into()))?),
+        None => None,
+    };
+    let outcome = match key {
+        Some(key) => svc.schedule_once(key, req).await,
+        None => svc.schedule(req).await.map(|r| (r, false)),
+    };
+    match outcome {
+        Ok((record, replayed)) => Ok((
+            StatusCode::CREATED,
+            [("idempotent-replayed", if replayed { "true" } else { "false" })],
+            Json(serde_json::json!({
+                "delivery_id": record.delivery_id,
+                "drone_id": record.drone_id,
+                "stage": record.stage,
+            })),
+        )),
+        Err(e) => {
+            svc.refused.fetch_add(1, Ordering::Relaxed);
+            Err(e)
+        }
+    }
+}
+
+async fn reschedule_delivery<F: FleetControl + WorkQueues>(
+    State(svc): State<Arc<Scheduler<F>>>,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<Reschedule>,
+) -> Result<impl IntoResponse, Error> {
+    let id = parse_id(&id)?;
+    let record = svc.reschedule(id, req).await?;
+    Ok(Json(serde_json::json!({
+        "delivery_id": record.delivery_id,
+        "pickup": record.pickup,
+        "dropoff": record.dropoff,
+    })))
+}
+
+async fn cancel_delivery<F: FleetControl + WorkQueues>(
+    State(svc): State<Arc<Scheduler<F>>>,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, Error> {
+    let id = parse_id(&id)?;
+    let record = svc.cancel(id).await?;
+    Ok((StatusCode::ACCEPTED, Json(serde_json::json!({ "delivery_id": record.delivery_id, "cancelling": true }))))
+}
