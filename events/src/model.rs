@@ -271,7 +271,7 @@ impl DeliveryCommand {
 }
 
 /// The engine's latest knowledge of a drone.
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct DroneSnapshot {
     /// The drone.
     pub drone_id: DroneId,

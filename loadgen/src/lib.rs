@@ -78,6 +78,31 @@ pub struct LoadConfig {
     pub stall_reader_after: Duration,
     /// API key for the HTTP API (`Authorization: Bearer`), when the server requires one.
     pub api_key: Option<String>,
+    /// Split mode: where the services other than the scheduler are, and the certificates.
+    pub split: SplitTargets,
+}
+
+/// Where loadgen finds the services when each runs in its own process (`pipeline serve
+/// --role ...`). Unset URLs fall back to the main API URL (one process serves everything).
+#[derive(Debug, Clone, Default)]
+pub struct SplitTargets {
+    /// Drone Management, for registering the fleet.
+    pub drones_api: Option<String>,
+    /// Accounts, for opening the customers' accounts (an internal route: needs `tls_dir`).
+    pub accounts_api: Option<String>,
+    /// A `pipeline certs init` directory: trust its CA for HTTPS and present its `client`
+    /// certificate.
+    pub tls_dir: Option<std::path::PathBuf>,
+}
+
+impl SplitTargets {
+    fn drones<'a>(&'a self, api: &'a str) -> String {
+        self.drones_api.as_deref().unwrap_or(api).trim_end_matches('/').to_string()
+    }
+
+    fn accounts<'a>(&'a self, api: &'a str) -> String {
+        self.accounts_api.as_deref().unwrap_or(api).trim_end_matches('/').to_string()
+    }
 }
 
 impl LoadConfig {
@@ -103,6 +128,7 @@ impl LoadConfig {
             stall_reader: Duration::ZERO,
             stall_reader_after: Duration::from_secs(2),
             api_key: None,
+            split: SplitTargets::default(),
         }
     }
 
@@ -472,23 +498,24 @@ pub(crate) async fn open_accounts(http: &reqwest::Client, api: &str) -> anyhow::
 pub async fn run(cfg: LoadConfig, progress: Arc<dyn Fn(&Progress) + Send + Sync>) -> anyhow::Result<Report> {
     cfg.check()?;
     let counters = Arc::new(Counters::default());
-    let http = http_client(128, cfg.api_key.as_deref())?;
+    let http = http_client(128, cfg.api_key.as_deref(), cfg.split.tls_dir.as_deref())?;
     let api = cfg.api.trim_end_matches('/').to_string();
+    let (drones_api, accounts_api) = (cfg.split.drones(&api), cfg.split.accounts(&api));
     let ids: Vec<u64> = (0..cfg.drones as u64).map(|i| cfg.drone_id_base + i).collect();
     for chunk in ids.chunks(5_000).filter(|_| !cfg.raw) {
         let resp = http
-            .post(format!("{api}/v1/drones"))
+            .post(format!("{drones_api}/v1/drones"))
             .json(&serde_json::json!({ "drones": chunk }))
             .send()
             .await
-            .with_context(|| format!("registering drones at {api}"))?;
+            .with_context(|| format!("registering drones at {drones_api}"))?;
         if !resp.status().is_success() {
             bail!("registering drones: {} {}", resp.status(), resp.text().await.unwrap_or_default());
         }
     }
 
     if !cfg.raw {
-        open_accounts(&http, &api).await?;
+        open_accounts(&http, &accounts_api).await?;
     }
 
     let client_cfg = ClientConfig::new(cfg.trust.clone());
@@ -1092,17 +1119,22 @@ impl Driver {
 }
 
 /// An HTTP client for the API, presenting `api_key` on every request when there is one.
-pub fn http_client(pool: usize, api_key: Option<&str>) -> anyhow::Result<reqwest::Client> {
+pub fn http_client(
+    pool: usize,
+    api_key: Option<&str>,
+    tls_dir: Option<&std::path::Path>,
+) -> anyhow::Result<reqwest::Client> {
     let mut headers = reqwest::header::HeaderMap::new();
     if let Some(key) = api_key {
         let value = reqwest::header::HeaderValue::from_str(&format!("Bearer {key}")).context("the API key")?;
         headers.insert(reqwest::header::AUTHORIZATION, value);
     }
-    reqwest::Client::builder()
-        .pool_max_idle_per_host(pool)
-        .default_headers(headers)
-        .build()
-        .context("building the HTTP client")
+    let builder = match tls_dir {
+        Some(dir) => services::tls::client_builder(&services::tls::TlsFiles::in_dir(dir, "client"))
+            .with_context(|| format!("the client certificate in {}", dir.display()))?,
+        None => services::tls::plain_client_builder(),
+    };
+    builder.pool_max_idle_per_host(pool).default_headers(headers).build().context("building the HTTP client")
 }
 
 /// Scheduling requests in flight at once (HTTP/1.1, one connection each).

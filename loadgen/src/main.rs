@@ -93,6 +93,17 @@ struct Args {
     /// API key for the HTTP API, when the server requires one ([http] api_keys).
     #[arg(long, env = "FLEETSTREAM_API_KEY")]
     api_key: Option<String>,
+    /// Split mode: Drone Management's base URL (drones are registered there) [default: --api].
+    #[arg(long)]
+    drones_api: Option<String>,
+    /// Split mode: the Accounts service's base URL (customer accounts are opened there)
+    /// [default: --api].
+    #[arg(long)]
+    accounts_api: Option<String>,
+    /// Split mode: a `pipeline certs init` directory; HTTPS trusts its CA and presents its
+    /// `client` certificate.
+    #[arg(long)]
+    tls_dir: Option<PathBuf>,
 }
 
 #[tokio::main]
@@ -110,6 +121,11 @@ async fn main() -> anyhow::Result<()> {
         })?;
         Trust::Pem(pem)
     };
+    let split = loadgen::SplitTargets {
+        drones_api: args.drones_api.clone(),
+        accounts_api: args.accounts_api.clone(),
+        tls_dir: args.tls_dir.clone(),
+    };
     if let Some(concurrency) = args.schedule_bench {
         let report = loadgen::schedule::bench(
             &args.api,
@@ -118,6 +134,7 @@ async fn main() -> anyhow::Result<()> {
             Duration::from_secs_f64(args.duration),
             concurrency.max(1),
             args.api_key.as_deref(),
+            &split,
         )
         .await?;
         println!("{report}");
@@ -145,6 +162,7 @@ async fn main() -> anyhow::Result<()> {
     cfg.telemetry_check = args.telemetry_check;
     cfg.readers = args.readers;
     cfg.api_key = args.api_key.clone();
+    cfg.split = split;
     cfg.stall_reader = Duration::from_secs_f64(args.stall_reader_s.max(0.0));
     cfg.stall_reader_after = Duration::from_secs_f64(args.stall_reader_after_s.max(0.0));
     let ceiling = match args.compare_raw {

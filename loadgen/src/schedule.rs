@@ -53,12 +53,14 @@ pub async fn bench(
     duration: Duration,
     concurrency: usize,
     api_key: Option<&str>,
+    split: &crate::SplitTargets,
 ) -> anyhow::Result<ScheduleReport> {
-    let http = crate::http_client(concurrency, api_key)?;
+    let http = crate::http_client(concurrency, api_key, split.tls_dir.as_deref())?;
     let ids: Vec<u64> = (0..drones as u64).map(|i| drone_id_base + i).collect();
+    let drones_api = split.drones(api);
     for chunk in ids.chunks(5_000) {
         let resp = http
-            .post(format!("{api}/v1/drones"))
+            .post(format!("{drones_api}/v1/drones"))
             .json(&serde_json::json!({ "drones": chunk }))
             .send()
             .await
@@ -67,7 +69,7 @@ pub async fn bench(
             bail!("registering drones: {}", resp.status());
         }
     }
-    crate::open_accounts(&http, api).await?;
+    crate::open_accounts(&http, &split.accounts(api)).await?;
     let scheduled = Arc::new(AtomicU64::new(0));
     let refused = Arc::new(AtomicU64::new(0));
     let start = Instant::now();

@@ -15,6 +15,7 @@
 //! [http]
 //! listen = "127.0.0.1:8080"
 //! api_keys = []                # none: open; otherwise required on all but /healthz, /metrics
+//! # tls = { cert = "ca/scheduler.pem", key = "ca/scheduler-key.pem" }   # HTTPS instead of HTTP
 //! [http.throttle]              # per client (x-api-key, else IP) on /v1/deliveries
 //! rate_per_s = 20000
 //! burst = 40000
@@ -96,6 +97,8 @@ pub struct Config {
     pub notify: services::notify::NotifyConfig,
     /// The edge services: internal call policy, drone assignment.
     pub services: services::ServicesConfig,
+    /// Split mode: where each role is (see [`crate::roles`]).
+    pub split: crate::roles::SplitConfig,
 }
 
 impl Default for Config {
@@ -109,6 +112,7 @@ impl Default for Config {
             queues: QueuesConfig::default(),
             notify: services::notify::NotifyConfig::default(),
             services: services::ServicesConfig::default(),
+            split: crate::roles::SplitConfig::default(),
         }
     }
 }
@@ -125,6 +129,19 @@ pub struct HttpConfig {
     /// route but `/healthz` and `/metrics`. Default none: the API is open, which suits a
     /// loopback listener; set keys before exposing it.
     pub api_keys: Vec<String>,
+    /// Serve HTTPS with this certificate and key (PEM) instead of plain HTTP. Default none:
+    /// plain HTTP, for a loopback listener; set it before exposing the API.
+    pub tls: Option<HttpTls>,
+}
+
+/// The public listener's certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpTls {
+    /// Certificate chain, PEM.
+    pub cert: PathBuf,
+    /// Private key, PEM.
+    pub key: PathBuf,
 }
 
 impl Default for HttpConfig {
@@ -133,6 +150,7 @@ impl Default for HttpConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             throttle: services::throttle::ThrottleConfig::default(),
             api_keys: Vec::new(),
+            tls: None,
         }
     }
 }

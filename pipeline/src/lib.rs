@@ -19,6 +19,7 @@ pub mod engine;
 pub mod log;
 pub mod node;
 pub mod queue;
+pub mod roles;
 
 pub use config::Config;
 pub use engine::{Engine, EngineConfig};

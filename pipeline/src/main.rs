@@ -47,6 +47,16 @@ enum Command {
         /// no HTTP). Measure it with `loadgen --raw`.
         #[arg(long)]
         discard: bool,
+        /// Which part to run: `all` (one process, the default) or one role of a split
+        /// deployment: ingest, scheduler, delivery, history, drones, accounts, packages (see
+        /// the `[split]` config section).
+        #[arg(long, default_value = "all")]
+        role: pipeline::roles::Role,
+    },
+    /// Certificates for split mode.
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
     },
     /// Print the durable log's segments, offsets, record counts and the shard checkpoints, and
     /// verify every record's CRC. Exits 1 if anything is damaged.
@@ -73,6 +83,21 @@ enum Command {
     },
 }
 
+#[derive(Debug, Subcommand)]
+enum CertsCommand {
+    /// Create a private CA and a certificate for every role (server and client), for mutual
+    /// TLS between the services.
+    Init {
+        /// Where to write them [default ./ca, the `[split] tls_dir` default].
+        #[arg(long, default_value = "ca")]
+        dir: PathBuf,
+        /// Extra host names or IP addresses the certificates are valid for (localhost and
+        /// 127.0.0.1 always are).
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+    },
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_level = if matches!(cli.command, Command::Demo { .. }) { "warn" } else { "info" };
@@ -89,7 +114,16 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Serve { config, quic, http, shards, data_dir, discard } => {
+            Command::Certs { command: CertsCommand::Init { dir, hosts } } => {
+                let written = services::tls::init_ca(&dir, &hosts)?;
+                println!("wrote a private CA and certificates for {} roles:", services::tls::ROLES.len());
+                for path in written {
+                    println!("  {}", path.display());
+                }
+                println!("keep ca-key.pem offline once the certificates are issued");
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Serve { config, quic, http, shards, data_dir, discard, role } => {
                 let mut cfg = match Config::load(config.as_deref()) {
                     Ok(cfg) => cfg,
                     Err(e) => {
@@ -112,7 +146,7 @@ fn main() -> ExitCode {
                 if discard {
                     return serve_discard(cfg).await.map(|()| ExitCode::SUCCESS);
                 }
-                serve(cfg).await.map(|()| ExitCode::SUCCESS)
+                serve(cfg, role).await.map(|()| ExitCode::SUCCESS)
             }
             Command::Inspect { data_dir } => inspect(&data_dir),
             Command::Demo { drones, duration, rate_per_drone, report } => {
@@ -207,15 +241,43 @@ fn inspect_log(what: &str, dir: &std::path::Path, cfg: &pipeline::log::LogConfig
     }
 }
 
-async fn serve(cfg: Config) -> anyhow::Result<()> {
-    let node = Node::start(&cfg).await.context("starting the node")?;
-    eprintln!(
-        "fleetstream serving: QUIC {} (ALPN fleetstream/1), HTTP http://{}  (Ctrl-C to stop)",
-        node.quic_addr, node.http_addr
-    );
-    shutdown_signal().await;
-    eprintln!("draining…");
-    node.shutdown().await.context("shutting down")?;
+async fn serve(mut cfg: Config, role: pipeline::roles::Role) -> anyhow::Result<()> {
+    use pipeline::roles::{self, Role};
+    match role {
+        Role::All | Role::Ingest => {
+            if role == Role::Ingest {
+                roles::use_ca_certificate_for_quic(&mut cfg);
+            }
+            let node = Node::start(&cfg).await.context("starting the node")?;
+            let engine_api = match role {
+                Role::Ingest => {
+                    Some(roles::start_engine_api(node.engine.clone(), &cfg).await.context("starting the engine API")?)
+                }
+                _ => None,
+            };
+            eprintln!(
+                "fleetstream serving ({}): QUIC {} (ALPN fleetstream/1), HTTP {}{}  (Ctrl-C to stop)",
+                role.name(),
+                node.quic_addr,
+                node.http_url(),
+                engine_api.as_ref().map(|a| format!(", engine API https://{}", a.addr)).unwrap_or_default()
+            );
+            shutdown_signal().await;
+            eprintln!("draining…");
+            if let Some(api) = engine_api {
+                api.shutdown().await.context("stopping the engine API")?;
+            }
+            node.shutdown().await.context("shutting down")?;
+        }
+        _ => {
+            let process =
+                roles::start(role, &cfg).await.with_context(|| format!("starting the {} role", role.name()))?;
+            eprintln!("fleetstream serving ({}): HTTPS https://{}  (Ctrl-C to stop)", role.name(), process.addr);
+            shutdown_signal().await;
+            eprintln!("draining…");
+            process.shutdown().await.context("shutting down")?;
+        }
+    }
     Ok(())
 }
 

@@ -28,6 +28,7 @@ pub struct Node {
     pub quic_addr: SocketAddr,
     /// The HTTP API address.
     pub http_addr: SocketAddr,
+    http_scheme: &'static str,
     /// The ingest server's certificate chain (PEM), for clients to trust.
     pub certificate_pem: String,
     /// The engine.
@@ -163,13 +164,27 @@ impl Node {
             )
             .layer(axum::middleware::from_fn_with_state(api_keys, services::auth::require));
         let (http_stop, http_rx) = oneshot::channel::<()>();
-        let http_task = tokio::spawn(async move {
-            axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
-                .with_graceful_shutdown(async {
-                    let _ = http_rx.await;
-                })
-                .await
-        });
+        let http_stopped = async {
+            let _ = http_rx.await;
+        };
+        let http_task = match &cfg.http.tls {
+            None => tokio::spawn(async move {
+                axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
+                    .with_graceful_shutdown(http_stopped)
+                    .await
+            }),
+            Some(tls) => {
+                // The CA is read only to check client certificates, which the public API does
+                // not ask for.
+                let files =
+                    services::tls::TlsFiles { cert: tls.cert.clone(), key: tls.key.clone(), ca: Default::default() };
+                let tls = services::tls::server_config(&files, services::tls::ClientAuth::None)
+                    .map_err(|e| Error::Config(format!("[http] tls: {e}")))?;
+                let metrics = Arc::new(services::tls::TlsMetrics::default());
+                tokio::spawn(services::tls::serve(listener, router, tls, metrics, http_stopped))
+            }
+        };
+        let http_scheme = if cfg.http.tls.is_some() { "https" } else { "http" };
         let (ingest_stop, ingest_rx) = oneshot::channel::<()>();
         let sink = Arc::new(engine.clone());
         let ingest_task = tokio::spawn(ingest.serve(sink, async {
@@ -179,6 +194,7 @@ impl Node {
         Ok(Self {
             quic_addr,
             http_addr,
+            http_scheme,
             certificate_pem,
             engine,
             services,
@@ -196,6 +212,11 @@ impl Node {
             notifier_stop,
             notifier_task,
         })
+    }
+
+    /// The HTTP API's base URL.
+    pub fn http_url(&self) -> String {
+        format!("{}://{}", self.http_scheme, self.http_addr)
     }
 
     /// Drains and stops everything, in order.

@@ -122,7 +122,7 @@ async fn one_run(run: u32) {
     let (quic, http) = (free_port(), free_tcp_port());
     let mut server = spawn(&dir, quic, http);
     let api = format!("http://127.0.0.1:{http}");
-    let web = reqwest::Client::new();
+    let web = services::tls::plain_client().unwrap();
     let drones: Vec<u64> = (1..=PRODUCERS * DRONES_PER_PRODUCER).collect();
     web.post(format!("{api}/v1/drones")).json(&serde_json::json!({ "drones": drones })).send().await.unwrap();
     let account = web.put(format!("{api}/internal/v1/accounts/crash-test")).json(&serde_json::json!({})).send().await;

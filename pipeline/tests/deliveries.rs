@@ -32,7 +32,7 @@ async fn reschedule_and_cancel_change_the_delivery_and_its_events() {
     cfg.engine.shards = 2;
     let node = Node::start(&cfg).await.unwrap();
     let base = format!("http://{}", node.http_addr);
-    let http = reqwest::Client::new();
+    let http = services::tls::plain_client().unwrap();
     http.post(format!("{base}/v1/drones")).json(&json!({"drones": [1, 2]})).send().await.unwrap();
     http.put(format!("{base}/internal/v1/accounts/acme")).json(&json!({})).send().await.unwrap();
     let order = json!({
@@ -160,7 +160,7 @@ async fn a_client_over_its_rate_gets_429_with_retry_after() {
     cfg.http.throttle = services::throttle::ThrottleConfig { rate_per_s: 1, burst: 2 };
     let node = Node::start(&cfg).await.unwrap();
     let base = format!("http://{}", node.http_addr);
-    let http = reqwest::Client::new();
+    let http = services::tls::plain_client().unwrap();
     let statuses = {
         let mut v = Vec::new();
         for _ in 0..3 {
@@ -190,7 +190,7 @@ async fn with_api_keys_configured_callers_without_one_get_401_and_with_a_wrong_o
     cfg.http.api_keys = vec!["k-partner-1".into()];
     let node = Node::start(&cfg).await.unwrap();
     let base = format!("http://{}", node.http_addr);
-    let http = reqwest::Client::new();
+    let http = services::tls::plain_client().unwrap();
     let none = http.get(format!("{base}/v1/deliveries/1")).send().await.unwrap();
     assert_eq!(none.status(), 401);
     assert_eq!(none.headers()["www-authenticate"], "Bearer");
@@ -239,7 +239,7 @@ async fn subscribers_are_notified_of_stage_changes_through_the_notifications_que
     cfg.queues.notifications.max_attempts = 2;
     let node = Node::start(&cfg).await.unwrap();
     let base = format!("http://{}", node.http_addr);
-    let http = reqwest::Client::new();
+    let http = services::tls::plain_client().unwrap();
     http.post(format!("{base}/v1/drones")).json(&json!({"drones": [1]})).send().await.unwrap();
     http.put(format!("{base}/internal/v1/accounts/acme")).json(&json!({})).send().await.unwrap();
     let order = json!({

@@ -64,7 +64,7 @@ async fn a_simulated_fleet_completes_its_deliveries_without_loss() {
 
     // The API agrees with the stream: a completed delivery reads as complete, with its drone's
     // last position from the engine.
-    let http = reqwest::Client::new();
+    let http = services::tls::plain_client().unwrap();
     let account = http.put(format!("http://{}/internal/v1/accounts/e2e", node.http_addr)).json(&serde_json::json!({}));
     assert!(account.send().await.unwrap().status().is_success());
     let body: serde_json::Value = http

@@ -157,7 +157,7 @@ async fn a_poison_message_is_dead_lettered_inspected_and_replayed_and_queues_sur
         tokio::time::timeout(Duration::from_millis(500), consumer.recv()).await.is_err(),
         "a dead letter is not offered again"
     );
-    let http = reqwest::Client::new();
+    let http = services::tls::plain_client().unwrap();
     let base = format!("http://{}", node.http_addr);
     let list: serde_json::Value =
         http.get(format!("{base}/v1/queues/notifications/dead-letters")).send().await.unwrap().json().await.unwrap();

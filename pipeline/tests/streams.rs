@@ -158,7 +158,7 @@ async fn replay_from_an_offset_or_a_time_and_over_server_sent_events() {
     }
 
     // The same log over HTTP as Server-Sent Events, resuming after Last-Event-ID.
-    let http = reqwest::Client::new();
+    let http = services::tls::plain_client().unwrap();
     let mut resp = http
         .get(format!("http://{}/v1/streams/drone-telemetry/events?from=earliest", node.http_addr))
         .header("Last-Event-ID", "16")

@@ -57,6 +57,21 @@ pub async fn require(State(keys): State<Arc<ApiKeys>>, req: Request, next: Next)
     if !keys.enforced() || matches!(req.uri().path(), "/healthz" | "/metrics") {
         return next.run(req).await;
     }
+    check(&keys, req, next).await
+}
+
+/// The middleware for a split-mode service: as [`require`], but `/internal/` routes are left
+/// to the client certificate check ([`crate::tls::internal_only`]), since services present
+/// certificates, not API keys.
+pub async fn require_public(State(keys): State<Arc<ApiKeys>>, req: Request, next: Next) -> Response {
+    let path = req.uri().path();
+    if !keys.enforced() || matches!(path, "/healthz" | "/metrics") || path.starts_with("/internal/") {
+        return next.run(req).await;
+    }
+    check(&keys, req, next).await
+}
+
+async fn check(keys: &ApiKeys, req: Request, next: Next) -> Response {
     match key_of(&req) {
         None => {
             keys.missing.fetch_add(1, Ordering::Relaxed);

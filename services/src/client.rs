@@ -576,7 +576,7 @@ mod tests {
         // A port nothing listens on.
         let down = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
         let urls = vec![format!("http://{down}"), format!("http://{up}")];
-        let dep = Dependency::remote("thing", &urls, reqwest::Client::new(), quick());
+        let dep = Dependency::remote("thing", &urls, crate::tls::plain_client()?, quick());
         for _ in 0..6 {
             let reply = dep.call(Call::new(Method::PUT, "/thing")).await;
             assert_eq!(reply.map(|r| r.status), Ok(StatusCode::OK));

@@ -339,10 +339,14 @@ impl<F: FleetControl> DroneManagement<F> {
     }
 
     /// Re-reads a drone's position and battery from the engine (`at` wins for the position).
+    /// A drone that never reported keeps what the registry knew: the engine's placeholder
+    /// state for it (no position, no charge) says nothing.
     async fn refresh(&self, id: DroneId, at: Option<GeoPoint>) {
         match self.fleet.drone(id).await {
-            Ok(Some(snap)) => self.registry.lock().place(id, at.or(Some(snap.position)), Some(snap.battery_pct)),
-            Ok(None) => self.registry.lock().place(id, at, None),
+            Ok(Some(snap)) if snap.updated_us > 0 => {
+                self.registry.lock().place(id, at.or(Some(snap.position)), Some(snap.battery_pct));
+            }
+            Ok(_) => {}
             Err(error) => tracing::debug!(drone = id, %error, "no live state for a drone"),
         }
     }
@@ -362,16 +366,17 @@ impl<F: FleetControl> DroneManagement<F> {
         self.registry.lock().size()
     }
 
-    /// Frees the drones of deliveries that reached a terminal stage, placing each where its
-    /// last event happened, then refreshes their battery from the engine.
+    /// Frees the drones of deliveries that reached a terminal stage and places each where its
+    /// last event happened, with its battery as the engine last heard.
     pub async fn apply_delivery_events(&self, batch: &DeliveryBatch) {
         let mut freed = Vec::new();
         {
             let mut reg = self.registry.lock();
             for ev in batch.events().iter() {
                 if ev.stage.to_stage().is_terminal() {
+                    // Where it ended is placed by the refresh, and only if the drone reported.
                     let at = GeoPoint::new(ev.location.lat.to_native(), ev.location.lon.to_native());
-                    if let Some(drone) = reg.release(ev.delivery_id.to_native(), Some(at)) {
+                    if let Some(drone) = reg.release(ev.delivery_id.to_native(), None) {
                         freed.push((drone, at));
                     }
                 }

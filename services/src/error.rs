@@ -45,6 +45,9 @@ pub enum Error {
         /// What happened.
         reason: String,
     },
+    /// A certificate or key could not be read or used.
+    #[error("TLS: {0}")]
+    Tls(String),
     /// Every registered drone is busy; the client may retry.
     #[error("no drone is available; retry later")]
     NoDroneAvailable,
@@ -61,18 +64,16 @@ impl Error {
             Error::UnknownAccount(_) => (StatusCode::UNPROCESSABLE_ENTITY, "unknown_account"),
             Error::AccountNotAllowed(_) => (StatusCode::FORBIDDEN, "account_not_allowed"),
             Error::Dependency { .. } => (StatusCode::SERVICE_UNAVAILABLE, "dependency_failed"),
+            Error::Tls(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
             Error::NoDroneAvailable => (StatusCode::SERVICE_UNAVAILABLE, "no_drone_available"),
             Error::KeyReused => (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused"),
-            Error::Engine(e) => match e {
-                events::Error::ShuttingDown | events::Error::StorageFull => (StatusCode::SERVICE_UNAVAILABLE, e.name()),
-                events::Error::DroneBusy { .. } | events::Error::InvalidTransition { .. } => {
-                    (StatusCode::CONFLICT, e.name())
-                }
-                events::Error::UnknownDelivery(_) => (StatusCode::NOT_FOUND, e.name()),
-                events::Error::UnknownMessage(_) => (StatusCode::NOT_FOUND, e.name()),
-                events::Error::LeaseLost(_) => (StatusCode::CONFLICT, e.name()),
-                events::Error::OffsetUnavailable { .. } => (StatusCode::GONE, e.name()),
-                events::Error::MalformedFrame(_) => (StatusCode::BAD_REQUEST, e.name()),
+            // By name, so an engine error relayed from another process maps the same way.
+            Error::Engine(e) => match e.name() {
+                name @ ("shutting_down" | "storage_full") => (StatusCode::SERVICE_UNAVAILABLE, name),
+                name @ ("drone_busy" | "invalid_transition" | "lease_lost") => (StatusCode::CONFLICT, name),
+                name @ ("unknown_delivery" | "unknown_message") => (StatusCode::NOT_FOUND, name),
+                name @ "offset_unavailable" => (StatusCode::GONE, name),
+                name @ "malformed_frame" => (StatusCode::BAD_REQUEST, name),
                 _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
             },
         }

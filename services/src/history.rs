@@ -239,7 +239,29 @@ pub fn router(history: Arc<History>) -> Router {
     Router::new()
         .route("/v1/deliveries/{id}/history", get(delivery_history))
         .route("/v1/history", get(owner_history))
+        .route("/internal/v1/history/owners/{id}", axum::routing::put(put_owner))
         .with_state(history)
+}
+
+/// Who ordered a delivery, as the scheduler tells a history in another process.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OwnerNote {
+    /// The ordering account.
+    pub owner: String,
+    /// When the delivery was scheduled, µs since the epoch.
+    pub created_us: u64,
+}
+
+async fn put_owner(
+    State(h): State<Arc<History>>,
+    UrlPath(id): UrlPath<String>,
+    Json(note): Json<OwnerNote>,
+) -> Result<axum::http::StatusCode, Error> {
+    let id: u64 = id.parse().map_err(|_| Error::BadRequest(format!("{id:?} is not a numeric id")))?;
+    crate::accounts::valid_owner(&note.owner)?;
+    h.note_delivery(id, &note.owner, note.created_us)?;
+    Ok(axum::http::StatusCode::NO_CONTENT)
 }
 
 async fn delivery_history(State(h): State<Arc<History>>, UrlPath(id): UrlPath<String>) -> Result<Json<Value>, Error> {

@@ -27,6 +27,7 @@ pub mod scheduler;
 mod state;
 pub mod store;
 pub mod throttle;
+pub mod tls;
 
 pub use api::{router, router_with};
 pub use error::Error;

@@ -164,7 +164,7 @@ async fn send(ch: &Channels, cfg: &NotifyConfig, n: &Notification) -> Result<(),
 /// it with the reason (the queue retries it, then dead-letters it).
 pub async fn run<Q: WorkQueues>(queues: std::sync::Arc<Q>, cfg: NotifyConfig, mut stop: watch::Receiver<bool>) {
     let timeout = Duration::from_millis(cfg.timeout_ms.unwrap_or(5_000));
-    let http = match reqwest::Client::builder().timeout(timeout).build() {
+    let http = match crate::tls::plain_client_builder().timeout(timeout).build() {
         Ok(c) => c,
         Err(error) => {
             tracing::error!(%error, "the notifier could not start");

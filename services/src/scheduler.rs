@@ -46,12 +46,17 @@ pub struct Deps {
     pub deliveries: Dependency,
     /// Drone Management.
     pub drones: Dependency,
+    /// Delivery History in another process, told who ordered each delivery (in one process the
+    /// scheduler writes the note itself).
+    pub history: Option<Dependency>,
 }
 
 impl Deps {
     /// Every dependency, for metrics.
-    pub fn all(&self) -> [&Dependency; 4] {
-        [&self.accounts, &self.packages, &self.deliveries, &self.drones]
+    pub fn all(&self) -> Vec<&Dependency> {
+        let mut all = vec![&self.accounts, &self.packages, &self.deliveries, &self.drones];
+        all.extend(self.history.as_ref());
+        all
     }
 }
 
@@ -203,6 +208,10 @@ impl<F: FleetControl + WorkQueues> Scheduler<F> {
         done.record = true;
         if let Some(history) = &self.history {
             history.note_delivery(id, &record.owner, now)?;
+        }
+        if let Some(history) = &self.deps.history {
+            let note = crate::history::OwnerNote { owner: record.owner.clone(), created_us: now };
+            call(history, Call::json(Method::PUT, format!("/internal/v1/history/owners/{id}"), &note)).await?;
         }
 
         let cmd = DeliveryCommand::Create {

@@ -120,6 +120,7 @@ impl<F: FleetControl + WorkQueues + Clone> Services<F> {
             packages: Dependency::local("package", packages.router(), policy),
             deliveries: Dependency::local("delivery", deliveries.internal_router(), policy),
             drones: Dependency::local("drone-management", drones.router(), policy),
+            history: None,
         };
         let scheduler = Arc::new(Scheduler::new(fleet, deps));
         Ok(Self { scheduler, deliveries, drones, accounts, packages })

@@ -1,0 +1,571 @@
+//! Split mode: each service of the edge in a process of its own (`pipeline serve --role ...`),
+//! calling the others over HTTPS with mutual TLS (certificates from `pipeline certs init`).
+//!
+//! ```text
+//!  loadgen / drones ──QUIC──► ingest (engine, log, queues; engine API over mTLS)
+//!  customers ──HTTPS──► scheduler ──mTLS──► accounts, packages, delivery, drones, history
+//!                                 └─mTLS──► ingest: engine commands, missions
+//!  delivery, drones ◄──QUIC named cursor── delivery-events ──► history (offset kept in its store)
+//! ```
+//!
+//! Every role reads the same `[split]` section, so one file describes the deployment: the
+//! HTTPS base URLs of every role (several per role are load-balanced with health checks) and
+//! the ingest's QUIC address. A role listens on the address of its own first endpoint. Listeners
+//! of internal-only roles (accounts, packages, ingest's engine API) require a client
+//! certificate from the CA in the handshake; those with public routes (scheduler, delivery,
+//! drones, history) accept any TLS client, check API keys on public routes, and require a
+//! client certificate on `/internal/` routes.
+//!
+//! ```toml
+//! [split]
+//! tls_dir = "ca"                        # from `pipeline certs init --dir ca`
+//! engine_quic = "127.0.0.1:4433"        # the ingest role's QUIC address
+//! [split.endpoints]
+//! ingest = ["https://127.0.0.1:9100"]   # its engine API (mTLS)
+//! scheduler = ["https://127.0.0.1:9101"]
+//! delivery = ["https://127.0.0.1:9102"]
+//! history = ["https://127.0.0.1:9103"]
+//! drones = ["https://127.0.0.1:9104"]
+//! accounts = ["https://127.0.0.1:9105"]
+//! packages = ["https://127.0.0.1:9106"]
+//! ```
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Path, Query, State};
+use axum::http::{Method, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use events::{
+    DeliveryBatch, DeliveryCommand, DeliveryEvent, DroneId, DroneSnapshot, FleetControl, QueueName, StartAt, Topic,
+    WorkQueues,
+};
+use serde::{Deserialize, Serialize};
+use services::client::{Call, CallPolicy, Dependency, Reply};
+use services::tls::{ClientAuth, TlsFiles, TlsMetrics};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::Error;
+use crate::config::Config;
+use crate::engine::Engine;
+
+/// Which part of the system a process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Everything in one process (the default).
+    All,
+    /// QUIC ingest, engine, log and queues, with the engine API for the other roles.
+    Ingest,
+    /// Delivery Scheduler.
+    Scheduler,
+    /// Delivery (records, status, notifications).
+    Delivery,
+    /// Delivery History.
+    History,
+    /// Drone Management.
+    Drones,
+    /// Accounts.
+    Accounts,
+    /// Package.
+    Packages,
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "all" => Role::All,
+            "ingest" => Role::Ingest,
+            "scheduler" => Role::Scheduler,
+            "delivery" => Role::Delivery,
+            "history" => Role::History,
+            "drones" => Role::Drones,
+            "accounts" => Role::Accounts,
+            "packages" => Role::Packages,
+            other => {
+                return Err(format!(
+                    "unknown role {other:?}: all, ingest, scheduler, delivery, history, drones, accounts or packages"
+                ));
+            }
+        })
+    }
+}
+
+impl Role {
+    /// The role's name, as in certificates and config.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::All => "all",
+            Role::Ingest => "ingest",
+            Role::Scheduler => "scheduler",
+            Role::Delivery => "delivery",
+            Role::History => "history",
+            Role::Drones => "drones",
+            Role::Accounts => "accounts",
+            Role::Packages => "packages",
+        }
+    }
+}
+
+/// `[split]`: where every role of a split deployment is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SplitConfig {
+    /// Directory with `ca.pem` and `<role>.pem` / `<role>-key.pem`. Default `ca`.
+    pub tls_dir: PathBuf,
+    /// The ingest role's QUIC address (delivery-event subscriptions). Default `127.0.0.1:4433`.
+    pub engine_quic: SocketAddr,
+    /// HTTPS base URLs of each role.
+    pub endpoints: Endpoints,
+}
+
+impl Default for SplitConfig {
+    fn default() -> Self {
+        Self {
+            tls_dir: PathBuf::from("ca"),
+            engine_quic: SocketAddr::from(([127, 0, 0, 1], 4433)),
+            endpoints: Endpoints::default(),
+        }
+    }
+}
+
+/// HTTPS base URLs per role; the first is where that role listens.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Endpoints {
+    /// The ingest role's engine API.
+    pub ingest: Vec<String>,
+    /// Delivery Scheduler.
+    pub scheduler: Vec<String>,
+    /// Delivery.
+    pub delivery: Vec<String>,
+    /// Delivery History.
+    pub history: Vec<String>,
+    /// Drone Management.
+    pub drones: Vec<String>,
+    /// Accounts.
+    pub accounts: Vec<String>,
+    /// Package.
+    pub packages: Vec<String>,
+}
+
+impl Endpoints {
+    fn of(&self, role: Role) -> &[String] {
+        match role {
+            Role::All => &[],
+            Role::Ingest => &self.ingest,
+            Role::Scheduler => &self.scheduler,
+            Role::Delivery => &self.delivery,
+            Role::History => &self.history,
+            Role::Drones => &self.drones,
+            Role::Accounts => &self.accounts,
+            Role::Packages => &self.packages,
+        }
+    }
+
+    fn required(&self, role: Role) -> Result<&[String], Error> {
+        let urls = self.of(role);
+        if urls.is_empty() {
+            return Err(Error::Config(format!("[split.endpoints] {} is not set", role.name())));
+        }
+        Ok(urls)
+    }
+}
+
+/// The socket address a role listens on: its first endpoint's host and port.
+async fn listen_addr(split: &SplitConfig, role: Role) -> Result<SocketAddr, Error> {
+    let url = &split.endpoints.required(role)?[0];
+    let parsed = reqwest::Url::parse(url).map_err(|e| Error::Config(format!("{url}: {e}")))?;
+    let host = parsed.host_str().ok_or_else(|| Error::Config(format!("{url}: no host")))?;
+    let port = parsed.port_or_known_default().ok_or_else(|| Error::Config(format!("{url}: no port")))?;
+    tokio::net::lookup_host((host, port))
+        .await
+        .map_err(|e| Error::Io { context: format!("resolving {url}"), source: e })?
+        .next()
+        .ok_or_else(|| Error::Config(format!("{url} resolves to no address")))
+}
+
+/// The engine as the other roles reach it: commands, missions and drone state over the ingest
+/// role's engine API, through the same resilience stack as every internal call.
+#[derive(Debug, Clone)]
+pub struct RemoteEngine {
+    dep: Dependency,
+}
+
+fn engine_error(reply: &Reply) -> events::Error {
+    let body: serde_json::Value = serde_json::from_slice(&reply.body).unwrap_or_default();
+    let name = body["error"].as_str().unwrap_or("");
+    let message = body["message"].as_str().unwrap_or("").to_string();
+    match events::all_codes().iter().find(|(_, n)| *n == name) {
+        Some(&(code, _)) => events::Error::from_wire(code, message),
+        None => events::Error::Storage(format!("engine answered {}: {message}", reply.status)),
+    }
+}
+
+impl RemoteEngine {
+    /// The engine at `urls`, called with `client`.
+    pub fn new(urls: &[String], client: reqwest::Client, policy: CallPolicy) -> Self {
+        Self { dep: Dependency::remote("engine", urls, client, policy) }
+    }
+
+    async fn call(&self, call: Call) -> Result<Reply, events::Error> {
+        self.dep.call(call).await.map_err(|e| events::Error::Storage(format!("engine unreachable: {e}")))
+    }
+}
+
+impl FleetControl for RemoteEngine {
+    async fn command(&self, cmd: DeliveryCommand) -> Result<(), events::Error> {
+        let reply = self.call(Call::json(Method::POST, "/internal/v1/engine/commands", &cmd)).await?;
+        if reply.status.is_success() { Ok(()) } else { Err(engine_error(&reply)) }
+    }
+
+    async fn drone(&self, id: DroneId) -> Result<Option<DroneSnapshot>, events::Error> {
+        let reply = self.call(Call::new(Method::GET, format!("/internal/v1/engine/drones/{id}"))).await?;
+        match reply.status {
+            StatusCode::NOT_FOUND => Ok(None),
+            s if s.is_success() => serde_json::from_slice(&reply.body)
+                .map(Some)
+                .map_err(|e| events::Error::Storage(format!("engine's drone state: {e}"))),
+            _ => Err(engine_error(&reply)),
+        }
+    }
+}
+
+fn not_here() -> events::Error {
+    events::Error::Storage("consuming a queue is done over QUIC against the ingest role".into())
+}
+
+impl WorkQueues for RemoteEngine {
+    async fn enqueue(&self, queue: QueueName, key: u64, payload: Vec<u8>) -> Result<u64, events::Error> {
+        let path = format!("/internal/v1/engine/queues/{}/messages?key={key}", queue.name());
+        let call = Call { method: Method::POST, path, body: payload.into(), traceparent: None };
+        let reply = self.call(call).await?;
+        if !reply.status.is_success() {
+            return Err(engine_error(&reply));
+        }
+        let body: serde_json::Value = serde_json::from_slice(&reply.body).unwrap_or_default();
+        body["id"].as_u64().ok_or_else(|| events::Error::Storage("engine's enqueue answer has no id".into()))
+    }
+
+    async fn lease(
+        &self,
+        _: QueueName,
+        _: u64,
+        _: events::KeyRange,
+        _: usize,
+        _: Duration,
+    ) -> Result<Vec<events::Leased>, events::Error> {
+        Err(not_here())
+    }
+
+    fn settle(&self, _: QueueName, _: u64, _: u64, _: events::Verdict) -> Result<(), events::Error> {
+        Err(not_here())
+    }
+
+    fn release(&self, _: QueueName, _: u64) {}
+
+    fn attach(&self, _: QueueName, _: events::KeyRange) -> Result<u64, events::Error> {
+        Err(not_here())
+    }
+}
+
+/// The engine API the ingest role serves to the other roles.
+pub fn engine_router(engine: Engine) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/internal/v1/engine/commands", post(engine_command))
+        .route("/internal/v1/engine/queues/{queue}/messages", post(engine_enqueue))
+        .route("/internal/v1/engine/drones/{id}", get(engine_drone))
+        .with_state(engine)
+}
+
+async fn engine_command(
+    State(engine): State<Engine>,
+    body: axum::body::Bytes,
+) -> Result<impl IntoResponse, services::Error> {
+    let cmd: DeliveryCommand =
+        serde_json::from_slice(&body).map_err(|e| services::Error::BadRequest(format!("a delivery command: {e}")))?;
+    engine.command(cmd).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeyQuery {
+    key: u64,
+}
+
+async fn engine_enqueue(
+    State(engine): State<Engine>,
+    Path(queue): Path<String>,
+    Query(q): Query<KeyQuery>,
+    body: axum::body::Bytes,
+) -> Result<impl IntoResponse, services::Error> {
+    let queue = QueueName::ALL
+        .into_iter()
+        .find(|n| n.name() == queue)
+        .ok_or_else(|| services::Error::BadRequest(format!("no queue {queue:?}")))?;
+    let id = engine.enqueue(queue, q.key, body.to_vec()).await?;
+    Ok(axum::Json(serde_json::json!({ "id": id })))
+}
+
+async fn engine_drone(State(engine): State<Engine>, Path(id): Path<u64>) -> Result<impl IntoResponse, services::Error> {
+    let snapshot = engine.drone(id).await?.ok_or(services::Error::NotFound { what: "drone", id })?;
+    Ok(axum::Json(snapshot))
+}
+
+/// A running role other than `all` and `ingest`.
+#[derive(Debug)]
+pub struct RoleProcess {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+    server: JoinHandle<std::io::Result<()>>,
+}
+
+impl RoleProcess {
+    /// Stops listening, lets requests in flight finish, stops the consumers.
+    pub async fn shutdown(self) -> Result<(), Error> {
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        self.server
+            .await
+            .map_err(|e| Error::Task(e.to_string()))?
+            .map_err(|e| Error::Io { context: "HTTPS server".into(), source: e })
+    }
+}
+
+fn svc_error(e: services::Error) -> Error {
+    Error::Task(e.to_string())
+}
+
+/// Starts `role` (not `all` or `ingest`, which run a [`crate::Node`]) from `cfg`.
+pub async fn start(role: Role, cfg: &Config) -> Result<RoleProcess, Error> {
+    let split = &cfg.split;
+    let files = TlsFiles::in_dir(&split.tls_dir, role.name());
+    let client = services::tls::client(&files).map_err(svc_error)?;
+    let policy = cfg.services.calls;
+    let engine = || -> Result<RemoteEngine, Error> {
+        Ok(RemoteEngine::new(split.endpoints.required(Role::Ingest)?, client.clone(), policy))
+    };
+    let dep = |name: &'static str, role: Role| -> Result<Dependency, Error> {
+        Ok(Dependency::remote(name, split.endpoints.required(role)?, client.clone(), policy))
+    };
+    let (stop, stop_rx) = watch::channel(false);
+    let mut tasks = Vec::new();
+    let data = &cfg.data_dir;
+    let quic_trust = || -> Result<ingest::Trust, Error> {
+        let pem = std::fs::read_to_string(&files.ca)
+            .map_err(|e| Error::Io { context: format!("reading {}", files.ca.display()), source: e })?;
+        Ok(ingest::Trust::Pem(pem))
+    };
+    let (router, auth) = match role {
+        Role::All | Role::Ingest => return Err(Error::Config(format!("role {} runs a full node", role.name()))),
+        Role::Accounts => {
+            let store = services::store::Store::open(&data.join("accounts.redb")).map_err(svc_error)?;
+            (services::accounts::Accounts::new(store).router(), ClientAuth::Required)
+        }
+        Role::Packages => {
+            let store = services::store::Store::open(&data.join("packages.redb")).map_err(svc_error)?;
+            (services::packages::Packages::new(store).router(), ClientAuth::Required)
+        }
+        Role::Delivery => {
+            let store = services::store::Store::open(&data.join("deliveries.redb")).map_err(svc_error)?;
+            let svc = services::deliveries::DeliveryService::open(engine()?, store).map_err(svc_error)?;
+            let router = svc.public_router().merge(svc.internal_router());
+            let apply = move |batch: DeliveryBatch| {
+                let svc = svc.clone();
+                async move {
+                    svc.apply_delivery_events(&batch);
+                    if let Err(error) = svc.notify(&batch).await {
+                        tracing::warn!(%error, "could not queue notifications");
+                    }
+                }
+            };
+            tasks.push(tokio::spawn(follow_named(
+                split.engine_quic,
+                quic_trust()?,
+                "delivery-service",
+                apply,
+                stop_rx.clone(),
+            )));
+            (router, ClientAuth::Optional)
+        }
+        Role::Drones => {
+            let svc = services::drones::DroneManagement::new(engine()?, cfg.services.drones);
+            let router = svc.router();
+            let apply = move |batch: DeliveryBatch| {
+                let svc = svc.clone();
+                async move { svc.apply_delivery_events(&batch).await }
+            };
+            tasks.push(tokio::spawn(follow_named(
+                split.engine_quic,
+                quic_trust()?,
+                "drone-management",
+                apply,
+                stop_rx.clone(),
+            )));
+            (router, ClientAuth::Optional)
+        }
+        Role::History => {
+            let history = Arc::new(services::history::History::open(&data.join("history.redb")).map_err(svc_error)?);
+            let router = services::history::router(history.clone());
+            tasks.push(tokio::spawn(follow_history(split.engine_quic, quic_trust()?, history, stop_rx.clone())));
+            (router, ClientAuth::Optional)
+        }
+        Role::Scheduler => {
+            let deps = services::scheduler::Deps {
+                accounts: dep("accounts", Role::Accounts)?,
+                packages: dep("package", Role::Packages)?,
+                deliveries: dep("delivery", Role::Delivery)?,
+                drones: dep("drone-management", Role::Drones)?,
+                history: if split.endpoints.history.is_empty() { None } else { Some(dep("history", Role::History)?) },
+            };
+            let scheduler = Arc::new(services::scheduler::Scheduler::new(engine()?, deps));
+            let throttle = services::throttle::Throttle::new(cfg.http.throttle);
+            let router = scheduler
+                .router()
+                .route_layer(axum::middleware::from_fn_with_state(throttle, services::throttle::limit));
+            (router, ClientAuth::Optional)
+        }
+    };
+    let api_keys = services::auth::ApiKeys::new(cfg.http.api_keys.iter().cloned());
+    let router = router
+        .route("/healthz", get(|| async { "ok" }))
+        .layer(axum::middleware::from_fn_with_state(api_keys, services::auth::require_public))
+        .layer(axum::middleware::from_fn(services::tls::internal_only));
+    let addr = listen_addr(split, role).await?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| Error::Io { context: format!("binding {} HTTPS {addr}", role.name()), source: e })?;
+    let addr = listener.local_addr().map_err(|e| Error::Io { context: "HTTPS address".into(), source: e })?;
+    let tls = services::tls::server_config(&files, auth).map_err(svc_error)?;
+    let mut server_stop = stop_rx;
+    let server =
+        tokio::spawn(services::tls::serve(listener, router, tls, Arc::new(TlsMetrics::default()), async move {
+            let _ = server_stop.wait_for(|s| *s).await;
+        }));
+    tracing::info!(role = role.name(), https = %addr, "role started");
+    Ok(RoleProcess { addr, stop, tasks, server })
+}
+
+/// The ingest role's engine API for the other roles, on its first `[split.endpoints] ingest`
+/// address; callers need a certificate from the CA.
+pub async fn start_engine_api(engine: Engine, cfg: &Config) -> Result<RoleProcess, Error> {
+    let files = TlsFiles::in_dir(&cfg.split.tls_dir, Role::Ingest.name());
+    let addr = listen_addr(&cfg.split, Role::Ingest).await?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| Error::Io { context: format!("binding the engine API {addr}"), source: e })?;
+    let addr = listener.local_addr().map_err(|e| Error::Io { context: "HTTPS address".into(), source: e })?;
+    let tls = services::tls::server_config(&files, ClientAuth::Required).map_err(svc_error)?;
+    let (stop, mut stop_rx) = watch::channel(false);
+    let server = tokio::spawn(services::tls::serve(
+        listener,
+        engine_router(engine),
+        tls,
+        Arc::new(TlsMetrics::default()),
+        async move {
+            let _ = stop_rx.wait_for(|s| *s).await;
+        },
+    ));
+    tracing::info!(https = %addr, "engine API started");
+    Ok(RoleProcess { addr, stop, tasks: Vec::new(), server })
+}
+
+/// For the ingest role: serve QUIC with the CA-issued `ingest` certificate (unless one is
+/// configured), so the other roles' subscriptions verify it against the CA.
+pub fn use_ca_certificate_for_quic(cfg: &mut Config) {
+    if cfg.ingest.cert.is_none() {
+        let files = TlsFiles::in_dir(&cfg.split.tls_dir, Role::Ingest.name());
+        cfg.ingest.cert = Some(files.cert);
+        cfg.ingest.key = Some(files.key);
+    }
+}
+
+/// Follows delivery-events under the named cursor `name`, applying each batch and then
+/// committing past it; reconnects after a failure and resumes at the last commit.
+async fn follow_named<A, Fut>(
+    quic: SocketAddr,
+    trust: ingest::Trust,
+    name: &'static str,
+    apply: A,
+    mut stop: watch::Receiver<bool>,
+) where
+    A: Fn(DeliveryBatch) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let cfg = ingest::ClientConfig::new(trust);
+    loop {
+        let run = async {
+            let client = ingest::IngestClient::connect(quic, &cfg).await?;
+            let mut sub = client.subscribe_named::<DeliveryEvent>(Topic::DeliveryEvents, name, StartAt::Latest).await?;
+            tracing::info!(cursor = name, start = sub.start(), "following delivery-events");
+            while let Some((offset, batch)) = sub.next().await? {
+                apply(batch).await;
+                sub.commit(offset + 1).await?;
+            }
+            Ok::<(), ingest::Error>(())
+        };
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            outcome = run => if let Err(error) = outcome {
+                tracing::warn!(cursor = name, %error, "delivery-events subscription ended; reconnecting");
+            },
+        }
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+/// Delivery History's consumer in its own process: reads delivery-events from the offset its
+/// store says comes next and stores each batch with the offset after it.
+async fn follow_history(
+    quic: SocketAddr,
+    trust: ingest::Trust,
+    history: Arc<services::history::History>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let cfg = ingest::ClientConfig::new(trust);
+    loop {
+        let run = async {
+            let next = history.next_offset().map_err(|e| ingest::Error::from(events::Error::Storage(e.to_string())))?;
+            let from = next.map_or(StartAt::Earliest, StartAt::Offset);
+            let client = ingest::IngestClient::connect(quic, &cfg).await?;
+            let mut sub = client.subscribe_from::<DeliveryEvent>(Topic::DeliveryEvents, from).await?;
+            while let Some((offset, batch)) = sub.next().await? {
+                let h = history.clone();
+                tokio::task::spawn_blocking(move || h.apply(offset, &batch))
+                    .await
+                    .map_err(|e| ingest::Error::from(events::Error::Storage(e.to_string())))?
+                    .map_err(|e| ingest::Error::from(events::Error::Storage(e.to_string())))?;
+            }
+            Ok::<(), ingest::Error>(())
+        };
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => break,
+            outcome = run => if let Err(error) = outcome {
+                tracing::warn!(%error, "history's delivery-events subscription ended; reconnecting");
+            },
+        }
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => break,
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+    if let Err(error) = history.flush() {
+        tracing::error!(%error, "could not store the last owner notes of delivery history");
+    }
+}

@@ -1,0 +1,368 @@
+//! TLS for the services: HTTPS on the public API, and mutual TLS between services with a
+//! private certificate authority.
+//!
+//! [`init_ca`] (what `pipeline certs init` runs) creates the CA and one certificate per service
+//! role, each good as a server and as a client, all signed by the CA. A service then serves
+//! HTTPS with its own certificate and, for internal traffic, **requires** a client certificate
+//! signed by the same CA ([`server_config`] with `client_ca`): a caller without one, or with
+//! one from another CA, fails the handshake and never reaches a route. Its calls to other
+//! services present its own certificate ([`client`]). Handshake failures are logged and
+//! counted ([`TlsMetrics`]).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use axum::Router;
+use axum::extract::ConnectInfo;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use serde::{Deserialize, Serialize};
+
+use crate::Error;
+
+fn tls_error(e: impl std::fmt::Display) -> Error {
+    Error::Tls(e.to_string())
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Where a service finds its certificate, key and the CA it trusts (PEM files).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    /// Certificate chain.
+    pub cert: PathBuf,
+    /// Private key.
+    pub key: PathBuf,
+    /// The CA whose certificates are trusted (for peers and, when required, clients).
+    pub ca: PathBuf,
+}
+
+impl TlsFiles {
+    /// The files `pipeline certs init` wrote for `role` under `dir`.
+    pub fn in_dir(dir: &Path, role: &str) -> Self {
+        Self { cert: dir.join(format!("{role}.pem")), key: dir.join(format!("{role}-key.pem")), ca: dir.join("ca.pem") }
+    }
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, Error> {
+    std::fs::read(path).map_err(|e| Error::Tls(format!("reading {}: {e}", path.display())))
+}
+
+fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, Error> {
+    let pem = read(path)?;
+    let certs = rustls_pemfile::certs(&mut pem.as_slice())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| Error::Tls(format!("{}: {e}", path.display())))?;
+    if certs.is_empty() {
+        return Err(Error::Tls(format!("{} holds no certificate", path.display())));
+    }
+    Ok(certs)
+}
+
+fn key(path: &Path) -> Result<PrivateKeyDer<'static>, Error> {
+    let pem = read(path)?;
+    rustls_pemfile::private_key(&mut pem.as_slice())
+        .map_err(|e| Error::Tls(format!("{}: {e}", path.display())))?
+        .ok_or_else(|| Error::Tls(format!("{} holds no private key", path.display())))
+}
+
+fn roots(ca: &Path) -> Result<rustls::RootCertStore, Error> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in certs(ca)? {
+        roots.add(cert).map_err(|e| Error::Tls(format!("{}: {e}", ca.display())))?;
+    }
+    Ok(roots)
+}
+
+/// Whom a TLS listener lets through the handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAuth {
+    /// Anyone (public HTTPS).
+    None,
+    /// Anyone, but a client certificate, if presented, must be signed by the CA; routes under
+    /// `/internal/` then require one ([`internal_only`]). For a service with public and
+    /// internal routes on one listener.
+    Optional,
+    /// Only clients with a certificate signed by the CA.
+    Required,
+}
+
+/// Server settings: this service's certificate, and client certificates checked against the
+/// CA as `auth` says (the CA file is read only when `auth` is not [`ClientAuth::None`]).
+pub fn server_config(files: &TlsFiles, auth: ClientAuth) -> Result<Arc<rustls::ServerConfig>, Error> {
+    let builder = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(tls_error)?;
+    let verifier = || -> Result<_, Error> {
+        Ok(rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots(&files.ca)?), provider()))
+    };
+    let builder = match auth {
+        ClientAuth::None => builder.with_no_client_auth(),
+        ClientAuth::Optional => {
+            builder.with_client_cert_verifier(verifier()?.allow_unauthenticated().build().map_err(tls_error)?)
+        }
+        ClientAuth::Required => builder.with_client_cert_verifier(verifier()?.build().map_err(tls_error)?),
+    };
+    let mut cfg = builder.with_single_cert(certs(&files.cert)?, key(&files.key)?).map_err(tls_error)?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// Makes ring the process's rustls provider if none is installed yet. reqwest needs one to
+/// build a client that is not handed a TLS configuration ([`plain_client`]); the ring
+/// provider is the one everything else here uses.
+pub fn install_crypto_provider() {
+    if rustls::crypto::CryptoProvider::get_default().is_none() {
+        // Losing a race to another thread's install is fine: a provider is installed.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
+}
+
+/// A client builder for plain HTTP and HTTPS with the system's roots (webhooks, tests).
+pub fn plain_client_builder() -> reqwest::ClientBuilder {
+    install_crypto_provider();
+    reqwest::Client::builder()
+}
+
+/// [`plain_client_builder`] with defaults.
+pub fn plain_client() -> Result<reqwest::Client, Error> {
+    plain_client_builder().build().map_err(tls_error)
+}
+
+/// An HTTP client that trusts the CA and presents this service's certificate.
+pub fn client(files: &TlsFiles) -> Result<reqwest::Client, Error> {
+    client_builder(files)?.pool_max_idle_per_host(256).build().map_err(tls_error)
+}
+
+/// [`client`]'s builder, for callers that add their own settings.
+pub fn client_builder(files: &TlsFiles) -> Result<reqwest::ClientBuilder, Error> {
+    let cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(tls_error)?
+        .with_root_certificates(roots(&files.ca)?)
+        .with_client_auth_cert(certs(&files.cert)?, key(&files.key)?)
+        .map_err(tls_error)?;
+    Ok(reqwest::Client::builder().tls_backend_preconfigured(cfg))
+}
+
+/// Handshake counters of one TLS listener.
+#[derive(Debug, Default)]
+pub struct TlsMetrics {
+    /// Handshakes completed.
+    pub handshakes: AtomicU64,
+    /// Handshakes refused or failed (no client certificate, an untrusted one, not TLS).
+    pub refused: AtomicU64,
+}
+
+/// Serves `router` over TLS on `listener` until `shutdown` resolves; open connections are
+/// then given the rest of their current request. Each request carries the peer address as
+/// `ConnectInfo<SocketAddr>`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    tls: Arc<rustls::ServerConfig>,
+    metrics: Arc<TlsMetrics>,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> std::io::Result<()> {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut connections = tokio::task::JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(error) => {
+                    tracing::warn!(%error, "accepting a TLS connection");
+                    continue;
+                }
+            },
+        };
+        let (acceptor, router, metrics, mut stop_rx) =
+            (acceptor.clone(), router.clone(), metrics.clone(), stop_rx.clone());
+        connections.spawn(async move {
+            let stream = match tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(tcp)).await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(error)) => {
+                    metrics.refused.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%peer, %error, "TLS handshake refused");
+                    return;
+                }
+                Err(_) => {
+                    metrics.refused.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%peer, "TLS handshake timed out");
+                    return;
+                }
+            };
+            metrics.handshakes.fetch_add(1, Ordering::Relaxed);
+            let verified = PeerCertificate(stream.get_ref().1.peer_certificates().is_some_and(|c| !c.is_empty()));
+            let svc = tower::ServiceExt::map_request(router, move |req: hyper::Request<hyper::body::Incoming>| {
+                let mut req = req.map(axum::body::Body::new);
+                req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
+                req.extensions_mut().insert(verified);
+                req
+            });
+            let conn = hyper::server::conn::http1::Builder::new().serve_connection(
+                hyper_util::rt::TokioIo::new(stream),
+                hyper_util::service::TowerToHyperService::new(svc),
+            );
+            tokio::pin!(conn);
+            tokio::select! {
+                result = conn.as_mut() => {
+                    if let Err(error) = result {
+                        tracing::debug!(%peer, %error, "TLS connection ended with an error");
+                    }
+                }
+                _ = stop_rx.changed() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        });
+        // Reap finished connections so the set stays small.
+        while connections.try_join_next().is_some() {}
+    }
+    let _ = stop_tx.send(true);
+    while connections.join_next().await.is_some() {}
+    Ok(())
+}
+
+/// Whether the caller presented a client certificate the CA signed (the handshake verified
+/// it), as a request extension set by [`serve`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerCertificate(pub bool);
+
+/// Refuses requests under `/internal/` from callers without a verified client certificate
+/// (`401`, logged): on a listener with [`ClientAuth::Optional`], public routes stay open to
+/// API clients while internal ones are for services only.
+pub async fn internal_only(req: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let verified = req.extensions().get::<PeerCertificate>().is_some_and(|p| p.0);
+    if req.uri().path().starts_with("/internal/") && !verified {
+        let peer = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.to_string()).unwrap_or_default();
+        tracing::warn!(%peer, path = %req.uri().path(), "internal route called without a service certificate");
+        return (
+            axum::http::StatusCode::UNAUTHORIZED,
+            axum::Json(serde_json::json!({
+                "error": "client_certificate_required",
+                "message": "internal routes need a client certificate from the services' CA",
+            })),
+        )
+            .into_response();
+    }
+    next.run(req).await
+}
+
+/// The roles `pipeline certs init` issues certificates for.
+pub const ROLES: [&str; 8] = ["scheduler", "delivery", "history", "drones", "accounts", "packages", "ingest", "client"];
+
+/// Creates a private CA in `dir` (`ca.pem`, `ca-key.pem`) and, for each role, a certificate
+/// and key (`<role>.pem`, `<role>-key.pem`) for the names `hosts` (plus `localhost` and
+/// `127.0.0.1`), usable as server and as client. Refuses to overwrite an existing CA.
+pub fn init_ca(dir: &Path, hosts: &[String]) -> Result<Vec<PathBuf>, Error> {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    };
+    let ca_path = dir.join("ca.pem");
+    if ca_path.exists() {
+        return Err(Error::Tls(format!("{} exists; remove it to make a new CA", ca_path.display())));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| Error::Tls(format!("creating {}: {e}", dir.display())))?;
+    let mut ca = CertificateParams::new(Vec::<String>::new()).map_err(tls_error)?;
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name.push(DnType::CommonName, "fleetstream private CA");
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    let ca_key = KeyPair::generate().map_err(tls_error)?;
+    let ca_cert = ca.self_signed(&ca_key).map_err(tls_error)?;
+    let mut written = Vec::new();
+    let mut write = |name: String, contents: String, secret: bool| -> Result<(), Error> {
+        let path = dir.join(name);
+        std::fs::write(&path, contents).map_err(|e| Error::Tls(format!("writing {}: {e}", path.display())))?;
+        if secret {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| Error::Tls(format!("restricting {}: {e}", path.display())))?;
+        }
+        written.push(path);
+        Ok(())
+    };
+    write("ca.pem".into(), ca_cert.pem(), false)?;
+    write("ca-key.pem".into(), ca_key.serialize_pem(), true)?;
+    let issuer = Issuer::new(ca, ca_key);
+    let mut names: Vec<String> = vec!["localhost".into(), "127.0.0.1".into()];
+    names.extend(hosts.iter().cloned());
+    for role in ROLES {
+        let mut params = CertificateParams::new(names.clone()).map_err(tls_error)?;
+        params.distinguished_name.push(DnType::CommonName, format!("fleetstream {role}"));
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        let key = KeyPair::generate().map_err(tls_error)?;
+        let cert = params.signed_by(&key, &issuer).map_err(tls_error)?;
+        write(format!("{role}.pem"), cert.pem(), false)?;
+        write(format!("{role}-key.pem"), key.serialize_pem(), true)?;
+    }
+    Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::routing::get;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn only_clients_with_a_certificate_from_the_ca_get_through() -> anyhow::Result<()> {
+        let base = std::env::temp_dir().join(format!("fleetstream-tls-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let (ours, theirs) = (base.join("ours"), base.join("theirs"));
+        init_ca(&ours, &[])?;
+        init_ca(&theirs, &[])?;
+        assert!(init_ca(&ours, &[]).is_err(), "an existing CA is not overwritten");
+
+        let server = server_config(&TlsFiles::in_dir(&ours, "packages"), ClientAuth::Required)?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let metrics = Arc::new(TlsMetrics::default());
+        let router = Router::new().route("/healthz", get(|| async { "ok" }));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(serve(listener, router, server, metrics.clone(), async {
+            let _ = stopped.await;
+        }));
+        let url = format!("https://localhost:{}/healthz", addr.port());
+
+        let good = client(&TlsFiles::in_dir(&ours, "scheduler"))?;
+        assert_eq!(good.get(&url).send().await?.text().await?, "ok");
+
+        // A certificate from another CA: the server refuses the handshake.
+        let mut foreign = TlsFiles::in_dir(&theirs, "scheduler");
+        foreign.ca = ours.join("ca.pem");
+        assert!(client(&foreign)?.get(&url).send().await.is_err());
+
+        // No client certificate at all.
+        let anonymous = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots(&ours.join("ca.pem"))?)
+            .with_no_client_auth();
+        let anonymous = reqwest::Client::builder().tls_backend_preconfigured(anonymous).build()?;
+        assert!(anonymous.get(&url).send().await.is_err());
+
+        // The server counts a refusal once its side of the handshake has ended.
+        for _ in 0..100 {
+            if metrics.refused.load(Ordering::Relaxed) == 2 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_eq!(metrics.handshakes.load(Ordering::Relaxed), 1);
+        assert_eq!(metrics.refused.load(Ordering::Relaxed), 2);
+        let _ = stop.send(());
+        task.await??;
+        let _ = std::fs::remove_dir_all(&base);
+        Ok(())
+    }
+}
