@@ -149,6 +149,16 @@ pub fn client_builder(files: &TlsFiles) -> Result<reqwest::ClientBuilder, Error>
     Ok(reqwest::Client::builder().tls_backend_preconfigured(cfg))
 }
 
+/// An HTTP client that trusts the CA in `ca` and presents no certificate (a public API client).
+pub fn trusting_client(ca: &Path) -> Result<reqwest::Client, Error> {
+    let cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(tls_error)?
+        .with_root_certificates(roots(ca)?)
+        .with_no_client_auth();
+    reqwest::Client::builder().tls_backend_preconfigured(cfg).build().map_err(tls_error)
+}
+
 /// Handshake counters of one TLS listener.
 #[derive(Debug, Default)]
 pub struct TlsMetrics {
@@ -344,11 +354,7 @@ mod tests {
         assert!(client(&foreign)?.get(&url).send().await.is_err());
 
         // No client certificate at all.
-        let anonymous = rustls::ClientConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()?
-            .with_root_certificates(roots(&ours.join("ca.pem"))?)
-            .with_no_client_auth();
-        let anonymous = reqwest::Client::builder().tls_backend_preconfigured(anonymous).build()?;
+        let anonymous = trusting_client(&ours.join("ca.pem"))?;
         assert!(anonymous.get(&url).send().await.is_err());
 
         // The server counts a refusal once its side of the handshake has ended.

@@ -1,0 +1,245 @@
+//! Split mode with every service as its own `pipeline serve --role ...` process, calling each
+//! other over HTTPS with mutual TLS from a CA made by `pipeline certs init`: loadgen drones fly
+//! scheduled deliveries to completion, their history is queryable from the history process,
+//! a reschedule and a cancel change the delivery and its events, and callers without a
+//! service certificate are refused.
+
+#![allow(clippy::unwrap_used)] // helpers in a test crate may panic: that fails the test
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+/// A child process killed when the test ends, however it ends.
+struct Proc {
+    child: Child,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_tcp() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn free_udp() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+const ROLES: [&str; 7] = ["ingest", "accounts", "packages", "delivery", "drones", "history", "scheduler"];
+
+fn spawn_role(role: &str, config: &Path, dir: &Path) -> Proc {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pipeline"))
+        .args(["serve", "--role", role, "--shards", "2", "--config"])
+        .arg(config)
+        .arg("--data-dir")
+        .arg(dir.join(format!("data-{role}")))
+        .env("RUST_LOG", "warn")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let tag = role.to_string();
+    std::thread::spawn(move || {
+        let mut started = false;
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if !started && line.starts_with("fleetstream serving (") {
+                started = true;
+                let _ = tx.send(());
+            } else {
+                eprintln!("[{tag}] {line}");
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|_| panic!("the {role} role did not start"));
+    Proc { child }
+}
+
+async fn eventually<F, Fut>(what: &str, mut check: F) -> Value
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<Value>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn stages(history: &Value) -> Vec<String> {
+    history["events"].as_array().map_or_else(Vec::new, |evs| {
+        evs.iter().map(|e| e["stage"].as_str().unwrap_or("").to_string()).collect()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_as_separate_processes_schedule_fly_complete_and_keep_history() {
+    let dir = std::env::temp_dir().join(format!("fleetstream-split-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca: PathBuf = dir.join("ca");
+    let status = Command::new(env!("CARGO_BIN_EXE_pipeline"))
+        .args(["certs", "init", "--dir"])
+        .arg(&ca)
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+
+    let quic = free_udp();
+    let port: std::collections::BTreeMap<&str, u16> = ROLES.iter().map(|r| (*r, free_tcp())).collect();
+    let url = |role: &str| format!("https://127.0.0.1:{}", port[role]);
+    let mut config = format!(
+        "[ingest]\nlisten = \"127.0.0.1:{quic}\"\n[http]\nlisten = \"127.0.0.1:{}\"\n[split]\ntls_dir = {:?}\nengine_quic = \"127.0.0.1:{quic}\"\n[split.endpoints]\n",
+        free_tcp(),
+        ca.display().to_string(),
+    );
+    for role in ROLES {
+        config.push_str(&format!("{role} = [\"{}\"]\n", url(role)));
+    }
+    let config_path = dir.join("split.toml");
+    std::fs::write(&config_path, config).unwrap();
+    let _procs: Vec<Proc> = ROLES.iter().map(|role| spawn_role(role, &config_path, &dir)).collect();
+
+    let internal = services::tls::client(&services::tls::TlsFiles::in_dir(&ca, "client")).unwrap();
+    let public = services::tls::trusting_client(&ca.join("ca.pem")).unwrap();
+    // Every role answers its health check over TLS.
+    for role in ROLES {
+        eventually(&format!("{role} healthy"), || {
+            let req = internal.get(format!("{}/healthz", url(role)));
+            async move { req.send().await.ok().filter(|r| r.status().is_success()).map(|_| Value::Null) }
+        })
+        .await;
+    }
+
+    // A fleet of loadgen drones: the customers schedule through the scheduler process, the
+    // drones get their missions over QUIC from the ingest process and fly them.
+    let pem = std::fs::read_to_string(ca.join("ca.pem")).unwrap();
+    let mut cfg = loadgen::LoadConfig::new(
+        format!("127.0.0.1:{quic}").parse().unwrap(),
+        url("scheduler"),
+        ingest::Trust::Pem(pem),
+    );
+    cfg.split = loadgen::SplitTargets {
+        drones_api: Some(url("drones")),
+        accounts_api: Some(url("accounts")),
+        tls_dir: Some(ca.clone()),
+    };
+    cfg.drones = 20;
+    cfg.drone_id_base = 1;
+    cfg.rate = 2_000.0;
+    cfg.connections = 2;
+    cfg.duration = Duration::from_secs(6);
+    cfg.deliveries_per_s = 3.0;
+    cfg.leg = Duration::from_millis(400);
+    cfg.settle = Duration::from_secs(10);
+    let report = loadgen::run(cfg, Arc::new(|_| {})).await.unwrap();
+    assert!(report.deliveries_scheduled > 0, "{report}");
+    assert_eq!(report.deliveries_completed, report.deliveries_scheduled, "{report}");
+    assert_eq!((report.lost, report.duplicates), (0, 0), "{report}");
+
+    // The history process stored every completed delivery's events; find one by its owner.
+    let complete = eventually("a completed delivery in the history", || {
+        let (public, base) = (public.clone(), url("history"));
+        async move {
+            for customer in 0..report.deliveries_scheduled {
+                let page: Value = public
+                    .get(format!("{base}/v1/history?owner=customer-{customer}"))
+                    .send()
+                    .await
+                    .ok()?
+                    .json()
+                    .await
+                    .ok()?;
+                let done = page["deliveries"].as_array()?.iter().find(|d| d["stage"] == "delivery_complete").cloned();
+                if done.is_some() {
+                    return done;
+                }
+            }
+            None
+        }
+    })
+    .await;
+    let id = complete["delivery_id"].as_u64().unwrap();
+    let history: Value =
+        public.get(format!("{}/v1/deliveries/{id}/history", url("history"))).send().await.unwrap().json().await.unwrap();
+    let seen = stages(&history);
+    assert_eq!(seen.first().map(String::as_str), Some("created"), "{history}");
+    assert_eq!(seen.last().map(String::as_str), Some("delivery_complete"), "{history}");
+    assert!(seen.iter().any(|s| s == "in_transit"), "{history}");
+    let record: Value =
+        public.get(format!("{}/v1/deliveries/{id}", url("delivery"))).send().await.unwrap().json().await.unwrap();
+    assert_eq!(record["stage"], "delivery_complete", "{record}");
+
+    // Reschedule and cancel through the scheduler process change the delivery and its events.
+    let r = internal.put(format!("{}/internal/v1/accounts/split-test", url("accounts"))).json(&json!({})).send().await;
+    assert!(r.unwrap().status().is_success());
+    let order = json!({
+        "owner": "split-test", "pickup": {"lat": 47.6, "lon": -122.3}, "dropoff": {"lat": 47.61, "lon": -122.31},
+        "package": {"size": "large", "weight_kg": 4.0}
+    });
+    let resp = public.post(format!("{}/v1/deliveries", url("scheduler"))).json(&order).send().await.unwrap();
+    assert_eq!(resp.status(), 201);
+    let created: Value = resp.json().await.unwrap();
+    let id = created["delivery_id"].as_u64().unwrap();
+    let resp = public
+        .patch(format!("{}/v1/deliveries/{id}", url("scheduler")))
+        .json(&json!({"dropoff": {"lat": 47.65, "lon": -122.4}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap_or_default());
+    let record: Value =
+        public.get(format!("{}/v1/deliveries/{id}", url("delivery"))).send().await.unwrap().json().await.unwrap();
+    assert_eq!(record["dropoff"]["lat"], 47.65, "{record}");
+    let resp = public.delete(format!("{}/v1/deliveries/{id}", url("scheduler"))).send().await.unwrap();
+    assert_eq!(resp.status(), 202);
+    eventually("the cancellation in the delivery record", || {
+        let req = public.get(format!("{}/v1/deliveries/{id}", url("delivery")));
+        async move {
+            let v: Value = req.send().await.ok()?.json().await.ok()?;
+            (v["stage"] == "cancelled").then_some(v)
+        }
+    })
+    .await;
+    let history = eventually("the cancellation in the history", || {
+        let req = public.get(format!("{}/v1/deliveries/{id}/history", url("history")));
+        async move {
+            let v: Value = req.send().await.ok()?.json().await.ok()?;
+            (stages(&v).last().map(String::as_str) == Some("cancelled")).then_some(v)
+        }
+    })
+    .await;
+    assert_eq!(stages(&history), ["created", "rescheduled", "cancelled"], "{history}");
+    let package: Value =
+        internal.get(format!("{}/internal/v1/packages/{id}", url("packages"))).send().await.unwrap().json().await.unwrap();
+    assert_eq!(package["size"], "large");
+
+    // Without a service certificate: the internal-only accounts process refuses the TLS
+    // handshake, and the drones process refuses its internal routes.
+    assert!(public.get(format!("{}/internal/v1/accounts/split-test", url("accounts"))).send().await.is_err());
+    let resp = public
+        .put(format!("{}/internal/v1/assignments/1", url("drones")))
+        .json(&json!({"pickup": {"lat": 1.0, "lon": 1.0}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"], "client_certificate_required");
+    let _ = std::fs::remove_dir_all(&dir);
+}
