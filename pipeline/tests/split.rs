@@ -81,9 +81,9 @@ where
 }
 
 fn stages(history: &Value) -> Vec<String> {
-    history["events"].as_array().map_or_else(Vec::new, |evs| {
-        evs.iter().map(|e| e["stage"].as_str().unwrap_or("").to_string()).collect()
-    })
+    history["events"]
+        .as_array()
+        .map_or_else(Vec::new, |evs| evs.iter().map(|e| e["stage"].as_str().unwrap_or("").to_string()).collect())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -175,8 +175,14 @@ async fn services_as_separate_processes_schedule_fly_complete_and_keep_history()
     })
     .await;
     let id = complete["delivery_id"].as_u64().unwrap();
-    let history: Value =
-        public.get(format!("{}/v1/deliveries/{id}/history", url("history"))).send().await.unwrap().json().await.unwrap();
+    let history: Value = public
+        .get(format!("{}/v1/deliveries/{id}/history", url("history")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     let seen = stages(&history);
     assert_eq!(seen.first().map(String::as_str), Some("created"), "{history}");
     assert_eq!(seen.last().map(String::as_str), Some("delivery_complete"), "{history}");
@@ -225,8 +231,14 @@ async fn services_as_separate_processes_schedule_fly_complete_and_keep_history()
     })
     .await;
     assert_eq!(stages(&history), ["created", "rescheduled", "cancelled"], "{history}");
-    let package: Value =
-        internal.get(format!("{}/internal/v1/packages/{id}", url("packages"))).send().await.unwrap().json().await.unwrap();
+    let package: Value = internal
+        .get(format!("{}/internal/v1/packages/{id}", url("packages")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(package["size"], "large");
 
     // Without a service certificate: the internal-only accounts process refuses the TLS

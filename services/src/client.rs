@@ -297,11 +297,14 @@ struct Instance {
 }
 
 impl Pool {
-    /// The next healthy instance, round robin.
+    /// The next healthy instance, round robin. When none is marked healthy the marks may be
+    /// stale (every instance restarted since the last check), so any instance is tried rather
+    /// than failing every call until the next health check.
     fn pick(&self) -> Option<&Instance> {
         let n = self.instances.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
-        (0..n).map(|i| &self.instances[(start + i) % n]).find(|inst| inst.healthy.load(Ordering::Relaxed))
+        let mut ring = (0..n).map(|i| &self.instances[(start + i) % n]);
+        ring.clone().find(|inst| inst.healthy.load(Ordering::Relaxed)).or_else(|| ring.next())
     }
 }
 
@@ -363,7 +366,7 @@ impl Service<Call> for Backend {
             Backend::Remote(pool) => {
                 let pool = pool.clone();
                 Box::pin(async move {
-                    let inst = pool.pick().ok_or_else(|| CallError::Unavailable("no healthy instance".into()))?;
+                    let inst = pool.pick().ok_or_else(|| CallError::Unavailable("no instance configured".into()))?;
                     let method = reqwest::Method::from_bytes(call.method.as_str().as_bytes())
                         .map_err(|e| CallError::Unavailable(e.to_string()))?;
                     let mut req = pool

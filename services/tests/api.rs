@@ -2,85 +2,19 @@
 
 #![allow(clippy::unwrap_used)] // helpers in a test crate may panic: that fails the test
 
+mod common;
+
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
+use common::FakeFleet;
 use events::wire::Buffer;
-use events::{
-    BatchMeta, DeliveryBatch, DeliveryCommand, DeliveryEvent, DeliveryStage, DroneId, DroneSnapshot,
-    Error as WireError, FleetControl, FlightStatus, GeoPoint,
-};
-use parking_lot::Mutex;
+use events::{BatchMeta, DeliveryBatch, DeliveryCommand, DeliveryEvent, DeliveryStage, GeoPoint};
 use serde_json::{Value, json};
 use services::Services;
 use tower::ServiceExt;
-
-#[derive(Default)]
-struct FakeFleet {
-    commands: Mutex<Vec<DeliveryCommand>>,
-    missions: Mutex<Vec<events::Mission>>,
-    fail: AtomicBool,
-    fail_queue: AtomicBool,
-}
-
-impl events::WorkQueues for FakeFleet {
-    async fn enqueue(&self, queue: events::QueueName, key: u64, payload: Vec<u8>) -> Result<u64, WireError> {
-        assert_eq!(queue, events::QueueName::DroneCommands);
-        if self.fail_queue.load(Ordering::Relaxed) {
-            return Err(WireError::StorageFull);
-        }
-        let m = events::Mission::from_bytes(&payload)?;
-        assert_eq!(m.drone_id, key, "missions are keyed by drone");
-        let mut missions = self.missions.lock();
-        missions.push(m);
-        Ok(missions.len() as u64)
-    }
-
-    async fn lease(
-        &self,
-        _: events::QueueName,
-        _: u64,
-        _: events::KeyRange,
-        _: usize,
-        _: std::time::Duration,
-    ) -> Result<Vec<events::Leased>, WireError> {
-        Ok(Vec::new())
-    }
-
-    fn settle(&self, _: events::QueueName, id: u64, _: u64, _: events::Verdict) -> Result<(), WireError> {
-        Err(WireError::UnknownMessage(id))
-    }
-
-    fn release(&self, _: events::QueueName, _: u64) {}
-
-    fn attach(&self, _: events::QueueName, _: events::KeyRange) -> Result<u64, WireError> {
-        Ok(1)
-    }
-}
-
-impl FleetControl for FakeFleet {
-    async fn command(&self, cmd: DeliveryCommand) -> Result<(), WireError> {
-        if self.fail.load(Ordering::Relaxed) {
-            return Err(WireError::ShuttingDown);
-        }
-        self.commands.lock().push(cmd);
-        Ok(())
-    }
-
-    async fn drone(&self, id: DroneId) -> Result<Option<DroneSnapshot>, WireError> {
-        Ok((id < 100).then_some(DroneSnapshot {
-            drone_id: id,
-            position: GeoPoint::new(47.61, -122.31),
-            status: FlightStatus::Flying,
-            battery_pct: 77.0,
-            last_seq: 9,
-            updated_us: 5,
-            delivery: None,
-        }))
-    }
-}
 
 async fn setup() -> (Arc<FakeFleet>, Arc<Services<Arc<FakeFleet>>>, axum::Router) {
     let fleet = Arc::new(FakeFleet::default());
