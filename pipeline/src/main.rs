@@ -255,9 +255,9 @@ async fn serve(mut cfg: Config, role: pipeline::roles::Role) -> anyhow::Result<(
                 }
                 _ => None,
             };
+            let which = if role == Role::All { String::new() } else { format!(" ({})", role.name()) };
             eprintln!(
-                "fleetstream serving ({}): QUIC {} (ALPN fleetstream/1), HTTP {}{}  (Ctrl-C to stop)",
-                role.name(),
+                "fleetstream serving{which}: QUIC {} (ALPN fleetstream/1), HTTP {}{}  (Ctrl-C to stop)",
                 node.quic_addr,
                 node.http_url(),
                 engine_api.as_ref().map(|a| format!(", engine API https://{}", a.addr)).unwrap_or_default()

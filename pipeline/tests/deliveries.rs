@@ -113,8 +113,10 @@ async fn reschedule_and_cancel_change_the_delivery_and_its_events() {
             loop {
                 let v: Value =
                     http.get(format!("{base}/v1/deliveries/{id}/history")).send().await.unwrap().json().await.unwrap();
-                let stages: Vec<String> =
-                    v["events"].as_array().unwrap().iter().map(|e| e["stage"].as_str().unwrap().to_string()).collect();
+                // Not stored yet is a 404 without events: ask again.
+                let stages: Vec<String> = v["events"].as_array().map_or_else(Vec::new, |evs| {
+                    evs.iter().map(|e| e["stage"].as_str().unwrap().to_string()).collect()
+                });
                 if stages.len() >= 2 || std::time::Instant::now() > deadline {
                     return stages;
                 }

@@ -166,21 +166,31 @@ impl History {
     /// Stores the batch at `offset` of the delivery-events log and moves the resume point past
     /// it, in one transaction.
     pub fn apply(&self, offset: u64, batch: &DeliveryBatch) -> Result<(), Error> {
+        self.apply_many(std::slice::from_ref(&(offset, batch)))
+    }
+
+    /// Stores consecutive batches of the delivery-events log (offset, batch) and moves the
+    /// resume point past the last, in one transaction: a consumer that fell behind catches up
+    /// with one commit (one fsync) for everything it has, not one per batch.
+    pub fn apply_many<B: std::borrow::Borrow<DeliveryBatch>>(&self, batches: &[(u64, B)]) -> Result<(), Error> {
+        let Some(last) = batches.last().map(|(offset, _)| *offset) else { return Ok(()) };
         let txn = self.db.begin_write().map_err(store)?;
         self.write_pending(&txn)?;
         {
             let mut events = txn.open_table(EVENTS).map_err(store)?;
-            for e in batch.events().iter() {
-                let value = (
-                    stage_code(e.stage.to_stage()),
-                    e.drone_id.to_native(),
-                    e.ts_us.to_native(),
-                    e.location.lat.to_native(),
-                    e.location.lon.to_native(),
-                );
-                events.insert((e.delivery_id.to_native(), e.seq.to_native()), value).map_err(store)?;
+            for (_, batch) in batches {
+                for e in batch.borrow().events().iter() {
+                    let value = (
+                        stage_code(e.stage.to_stage()),
+                        e.drone_id.to_native(),
+                        e.ts_us.to_native(),
+                        e.location.lat.to_native(),
+                        e.location.lon.to_native(),
+                    );
+                    events.insert((e.delivery_id.to_native(), e.seq.to_native()), value).map_err(store)?;
+                }
             }
-            txn.open_table(META).map_err(store)?.insert(NEXT_OFFSET, offset + 1).map_err(store)?;
+            txn.open_table(META).map_err(store)?.insert(NEXT_OFFSET, last + 1).map_err(store)?;
         }
         txn.commit().map_err(store)
     }

@@ -6,12 +6,15 @@
 //!
 //! ```text
 //!  1 Accounts          GET  /internal/v1/accounts/{owner}        owner exists and may order
-//!  2 Package           PUT  /internal/v1/packages/{id}           ┐
-//!  3 Drone Management  PUT  /internal/v1/assignments/{id}        │ undone in reverse order
-//!  4 Delivery          PUT  /internal/v1/deliveries/{id}         │ if a later step fails
-//!  5 engine            Create on the drone's shard               │
-//!  6 drone-commands    the mission, keyed by drone               ┘
+//!  2 Package           PUT  /internal/v1/packages/{id}           ┐ 2 and 3 at once
+//!  3 Drone Management  PUT  /internal/v1/assignments/{id}        │
+//!  4 Delivery          PUT  /internal/v1/deliveries/{id}         │ 4 and 5 at once
+//!  5 engine            Create on the drone's shard               │ undone in reverse order
+//!  6 drone-commands    the mission, keyed by drone               ┘ if a later step fails
 //! ```
+//!
+//! Steps that do not depend on each other run concurrently, so a schedule waits for three
+//! durable writes in a row (one of 2/3, one of 4/5, then 6), not five.
 //!
 //! If a step fails, the steps already done are compensated (DELETE, or a Cancel command for
 //! the engine) and the caller gets an error naming the failed dependency (`503
@@ -172,25 +175,14 @@ impl<F: FleetControl + WorkQueues> Scheduler<F> {
         done: &mut Done,
     ) -> Result<DeliveryRecord, Error> {
         let now = events::now_us();
-        call(&self.deps.packages, Call::json(Method::PUT, format!("/internal/v1/packages/{id}"), &req.package)).await?;
-        done.package = true;
-
-        let drones = &self.deps.drones;
-        let path = format!("/internal/v1/assignments/{id}");
-        let reply = drones
-            .call(Call::json(Method::PUT, path, &AssignRequest { pickup: req.pickup }))
-            .await
-            .map_err(|e| Error::Dependency { service: drones.name(), reason: e.to_string() })?;
-        if reply.status == StatusCode::CONFLICT {
-            return Err(Error::NoDroneAvailable);
-        }
-        if !reply.status.is_success() {
-            return Err(Error::Dependency { service: drones.name(), reason: format!("answered {}", reply.status) });
-        }
-        let assignment: Assignment =
-            reply.json().map_err(|e| Error::Dependency { service: drones.name(), reason: e.to_string() })?;
-        done.assignment = true;
-        let drone_id = assignment.drone_id;
+        // The package and the drone do not depend on each other: ask for both at once.
+        let package =
+            call(&self.deps.packages, Call::json(Method::PUT, format!("/internal/v1/packages/{id}"), &req.package));
+        let (package, assignment) = tokio::join!(package, self.assign(id, req.pickup));
+        done.package = package.is_ok();
+        done.assignment = assignment.is_ok();
+        package?;
+        let drone_id = assignment?;
 
         let record = DeliveryRecord {
             delivery_id: id,
@@ -204,8 +196,25 @@ impl<F: FleetControl + WorkQueues> Scheduler<F> {
             updated_us: now,
             last_seq: None,
         };
-        call(&self.deps.deliveries, Call::json(Method::PUT, format!("/internal/v1/deliveries/{id}"), &record)).await?;
-        done.record = true;
+        // The record and the engine's delivery at once too: the engine's Created event finds
+        // the record either way (the record starts at Created), and the drone is told to fly
+        // only once both exist.
+        let put_record =
+            call(&self.deps.deliveries, Call::json(Method::PUT, format!("/internal/v1/deliveries/{id}"), &record));
+        let cmd = DeliveryCommand::Create {
+            delivery_id: id,
+            drone_id,
+            pickup: record.pickup,
+            dropoff: record.dropoff,
+            ts_us: now,
+        };
+        let (put_record, created) = tokio::join!(put_record, self.fleet.command(cmd));
+        done.record = put_record.is_ok();
+        if created.is_ok() {
+            done.engine = Some(drone_id);
+        }
+        put_record?;
+        created?;
         if let Some(history) = &self.history {
             history.note_delivery(id, &record.owner, now)?;
         }
@@ -214,21 +223,30 @@ impl<F: FleetControl + WorkQueues> Scheduler<F> {
             call(history, Call::json(Method::PUT, format!("/internal/v1/history/owners/{id}"), &note)).await?;
         }
 
-        let cmd = DeliveryCommand::Create {
-            delivery_id: id,
-            drone_id,
-            pickup: record.pickup,
-            dropoff: record.dropoff,
-            ts_us: now,
-        };
-        self.fleet.command(cmd).await?;
-        done.engine = Some(drone_id);
-
         // The mission goes to the drone through the drone-commands queue: delivered over the
         // drone's own connection, acknowledged by it, redelivered if it reconnects first.
         let mission = Mission { delivery_id: id, drone_id, pickup: record.pickup, dropoff: record.dropoff, ts_us: now };
         self.fleet.enqueue(QueueName::DroneCommands, drone_id, mission.to_bytes()).await?;
         Ok(record)
+    }
+
+    /// Step 3: a drone from Drone Management.
+    async fn assign(&self, id: DeliveryId, pickup: events::GeoPoint) -> Result<DroneId, Error> {
+        let drones = &self.deps.drones;
+        let path = format!("/internal/v1/assignments/{id}");
+        let reply = drones
+            .call(Call::json(Method::PUT, path, &AssignRequest { pickup }))
+            .await
+            .map_err(|e| Error::Dependency { service: drones.name(), reason: e.to_string() })?;
+        if reply.status == StatusCode::CONFLICT {
+            return Err(Error::NoDroneAvailable);
+        }
+        if !reply.status.is_success() {
+            return Err(Error::Dependency { service: drones.name(), reason: format!("answered {}", reply.status) });
+        }
+        let assignment: Assignment =
+            reply.json().map_err(|e| Error::Dependency { service: drones.name(), reason: e.to_string() })?;
+        Ok(assignment.drone_id)
     }
 
     /// Undoes what a failed schedule did, newest first.

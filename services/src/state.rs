@@ -94,12 +94,13 @@ impl<F: FleetControl + WorkQueues + Clone> Services<F> {
         Self::with_stores(fleet, a, p, d, CallPolicy::default(), DronesConfig::default())
     }
 
-    /// The services with their stores under `dir` (`accounts.redb`, `packages.redb`,
-    /// `deliveries.redb`).
+    /// The services with their stores in `dir/services.redb`: one file with a namespace per
+    /// service, so the writes of one schedule (package, delivery record) share commits. In
+    /// split mode each service has a file of its own.
     pub fn open(fleet: F, dir: &Path, cfg: ServicesConfig) -> Result<Self, Error> {
-        let accounts = Store::open(&dir.join("accounts.redb"))?;
-        let packages = Store::open(&dir.join("packages.redb"))?;
-        let deliveries = Store::open(&dir.join("deliveries.redb"))?;
+        let file = Store::open(&dir.join("services.redb"))?;
+        let (accounts, packages, deliveries) =
+            (file.namespace("accounts"), file.namespace("packages"), file.namespace("deliveries"));
         Self::with_stores(fleet, accounts, packages, deliveries, cfg.calls, cfg.drones)
     }
 

@@ -10,7 +10,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use redb::{Database, ReadableTable, TableDefinition};
+use redb::{Database, TableDefinition};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -37,11 +37,13 @@ struct Op {
     done: tokio::sync::oneshot::Sender<Result<bool, String>>,
 }
 
-/// One service's store.
+/// One service's store: a namespace of keys in a database file. Services in one process may
+/// share a file ([`Store::namespace`]), so one commit (one fsync) carries all their writes.
 #[derive(Clone)]
 pub struct Store {
     db: Arc<Database>,
     tx: flume::Sender<Op>,
+    prefix: String,
 }
 
 impl std::fmt::Debug for Store {
@@ -82,18 +84,28 @@ impl Store {
             .name(format!("store-{name}"))
             .spawn(move || writer(&writer_db, &rx))
             .map_err(store_error)?;
-        Ok(Self { db, tx })
+        Ok(Self { db, tx, prefix: String::new() })
+    }
+
+    /// The same database under the namespace `name`: its keys cannot meet another
+    /// namespace's, and [`Store::all`] sees only its own.
+    pub fn namespace(&self, name: &str) -> Self {
+        Self { db: self.db.clone(), tx: self.tx.clone(), prefix: format!("{}{name}/", self.prefix) }
+    }
+
+    fn key(&self, key: &str) -> String {
+        format!("{}{key}", self.prefix)
     }
 
     /// Stores `value` under `key`, durably, once committed. `true`: the key is new.
     pub async fn put(&self, key: &str, value: &impl Serialize) -> Result<bool, Error> {
         let bytes = serde_json::to_vec(value).map_err(store_error)?;
-        self.submit(Write::Put(key.to_string(), bytes)).await
+        self.submit(Write::Put(self.key(key), bytes)).await
     }
 
     /// Deletes `key`, durably. `true`: it existed.
     pub async fn delete(&self, key: &str) -> Result<bool, Error> {
-        self.submit(Write::Delete(key.to_string())).await
+        self.submit(Write::Delete(self.key(key))).await
     }
 
     async fn submit(&self, write: Write) -> Result<bool, Error> {
@@ -106,7 +118,7 @@ impl Store {
     pub fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, Error> {
         let txn = self.db.begin_read().map_err(store_error)?;
         let table = txn.open_table(RECORDS).map_err(store_error)?;
-        match table.get(key).map_err(store_error)? {
+        match table.get(self.key(key).as_str()).map_err(store_error)? {
             Some(v) => serde_json::from_slice(v.value()).map(Some).map_err(store_error),
             None => Ok(None),
         }
@@ -117,9 +129,10 @@ impl Store {
         let txn = self.db.begin_read().map_err(store_error)?;
         let table = txn.open_table(RECORDS).map_err(store_error)?;
         let mut out = Vec::new();
-        for entry in table.iter().map_err(store_error)? {
+        for entry in table.range(self.prefix.as_str()..).map_err(store_error)? {
             let (k, v) = entry.map_err(store_error)?;
-            out.push((k.value().to_string(), serde_json::from_slice(v.value()).map_err(store_error)?));
+            let Some(key) = k.value().strip_prefix(self.prefix.as_str()) else { break };
+            out.push((key.to_string(), serde_json::from_slice(v.value()).map_err(store_error)?));
         }
         Ok(out)
     }
@@ -204,6 +217,21 @@ mod tests {
         assert_eq!(all.len(), 200, "a plus k001..k199");
         assert_eq!(all.first(), Some(&("a".to_string(), 2)));
         let _ = std::fs::remove_dir_all(&dir);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn namespaces_share_a_file_but_not_keys() -> Result<(), Error> {
+        let store = Store::in_memory()?;
+        let (a, b) = (store.namespace("a"), store.namespace("b"));
+        a.put("k", &1u32).await?;
+        b.put("k", &2u32).await?;
+        b.put("l", &3u32).await?;
+        assert_eq!((a.get::<u32>("k")?, b.get::<u32>("k")?), (Some(1), Some(2)));
+        assert_eq!(a.all::<u32>()?, vec![("k".to_string(), 1)]);
+        assert_eq!(b.all::<u32>()?, vec![("k".to_string(), 2), ("l".to_string(), 3)]);
+        assert!(a.delete("k").await?);
+        assert_eq!(b.get::<u32>("k")?, Some(2));
         Ok(())
     }
 }
