@@ -183,6 +183,17 @@ pub trait FleetControl: Send + Sync + 'static {
 
     /// The engine's latest state of a drone, `None` if it never reported.
     fn drone(&self, id: DroneId) -> impl Future<Output = Result<Option<DroneSnapshot>, Error>> + Send;
+
+    /// [`FleetControl::command`] as part of the trace `trace`: the delivery events it derives
+    /// carry it. An engine that does not trace ignores it.
+    fn command_traced(
+        &self,
+        cmd: DeliveryCommand,
+        trace: crate::TraceContext,
+    ) -> impl Future<Output = Result<(), Error>> + Send {
+        let _ = trace;
+        self.command(cmd)
+    }
 }
 
 impl<T: FleetControl> FleetControl for Arc<T> {
@@ -192,6 +203,14 @@ impl<T: FleetControl> FleetControl for Arc<T> {
 
     fn drone(&self, id: DroneId) -> impl Future<Output = Result<Option<DroneSnapshot>, Error>> + Send {
         (**self).drone(id)
+    }
+
+    fn command_traced(
+        &self,
+        cmd: DeliveryCommand,
+        trace: crate::TraceContext,
+    ) -> impl Future<Output = Result<(), Error>> + Send {
+        (**self).command_traced(cmd, trace)
     }
 }
 

@@ -16,6 +16,7 @@ mod error;
 pub mod model;
 pub mod prom;
 pub mod queue;
+pub mod trace;
 pub mod wire;
 
 pub use contract::{BatchSink, FleetControl, OffsetSubscription, Overflow, StartAt, StreamSource, Subscription, Topic};

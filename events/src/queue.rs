@@ -147,18 +147,25 @@ pub struct Mission {
     pub dropoff: GeoPoint,
     /// When the delivery was scheduled, µs since the epoch.
     pub ts_us: u64,
+    /// The scheduling request's trace, for the drone to carry on the batch that flies the
+    /// mission (all zero: none).
+    pub trace: crate::TraceContext,
 }
 
 impl Mission {
-    /// Encoded length.
+    /// Encoded length of version 1 (no trace).
     pub const LEN: usize = 1 + 8 + 8 + 2 * 20 + 8;
+    /// Encoded length of version 2: version 1 and the trace context (id, span, flags).
+    pub const LEN_TRACED: usize = Self::LEN + 16 + 8 + 1;
     const VERSION: u8 = 1;
+    const VERSION_TRACED: u8 = 2;
 
     /// Little-endian fixed layout: version, delivery, drone, pickup (lat, lon, alt), drop-off,
-    /// time.
+    /// time; version 2 (written when there is a trace) appends trace id, span id and flags.
     pub fn to_bytes(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(Self::LEN);
-        out.push(Self::VERSION);
+        let traced = self.trace.is_some();
+        let mut out = Vec::with_capacity(Self::LEN_TRACED);
+        out.push(if traced { Self::VERSION_TRACED } else { Self::VERSION });
         out.extend_from_slice(&self.delivery_id.to_le_bytes());
         out.extend_from_slice(&self.drone_id.to_le_bytes());
         for p in [self.pickup, self.dropoff] {
@@ -167,16 +174,24 @@ impl Mission {
             out.extend_from_slice(&p.alt_m.to_le_bytes());
         }
         out.extend_from_slice(&self.ts_us.to_le_bytes());
+        if traced {
+            out.extend_from_slice(&self.trace.trace_id);
+            out.extend_from_slice(&self.trace.span_id);
+            out.push(self.trace.flags);
+        }
         out
     }
 
-    /// Decodes a mission; anything but a well-formed one of this version is an error.
+    /// Decodes a mission of version 1 or 2; anything else is an error.
     pub fn from_bytes(b: &[u8]) -> Result<Self, Error> {
-        if b.len() != Self::LEN {
+        let Some(&version) = b.first() else { return Err(Error::MalformedFrame("mission has the wrong length")) };
+        let expected = match version {
+            Self::VERSION => Self::LEN,
+            Self::VERSION_TRACED => Self::LEN_TRACED,
+            found => return Err(Error::UnsupportedVersion { found, supported: Self::VERSION_TRACED }),
+        };
+        if b.len() != expected {
             return Err(Error::MalformedFrame("mission has the wrong length"));
-        }
-        if b[0] != Self::VERSION {
-            return Err(Error::UnsupportedVersion { found: b[0], supported: Self::VERSION });
         }
         let mut at = 1;
         let mut take = |n: usize| {
@@ -197,7 +212,16 @@ impl Mission {
         let pickup = point();
         let dropoff = point();
         let ts_us = u64_of(take(8));
-        let m = Mission { delivery_id, drone_id, pickup, dropoff, ts_us };
+        let mut trace = crate::TraceContext::default();
+        if version == Self::VERSION_TRACED {
+            trace.trace_id.copy_from_slice(take(16));
+            trace.span_id.copy_from_slice(take(8));
+            trace.flags = take(1)[0];
+            if !trace.is_some() {
+                return Err(Error::MalformedFrame("a version 2 mission must carry a trace"));
+            }
+        }
+        let m = Mission { delivery_id, drone_id, pickup, dropoff, ts_us, trace };
         if !(m.pickup.is_valid() && m.dropoff.is_valid()) {
             return Err(Error::MalformedFrame("mission has an invalid coordinate"));
         }
@@ -220,26 +244,43 @@ mod tests {
             pickup: GeoPoint::new(47.6, -122.3),
             dropoff: GeoPoint { lat: 47.7, lon: -122.2, alt_m: 3.5 },
             ts_us: 1_700_000_000_000_000,
+            trace: crate::TraceContext::default(),
         };
         let bytes = m.to_bytes();
         assert_eq!(bytes.len(), Mission::LEN);
         assert_eq!(Mission::from_bytes(&bytes), Ok(m));
         assert!(Mission::from_bytes(&bytes[1..]).is_err());
-        let mut v2 = bytes.clone();
-        v2[0] = 9;
-        assert!(matches!(Mission::from_bytes(&v2), Err(Error::UnsupportedVersion { found: 9, .. })));
+        assert!(Mission::from_bytes(&[]).is_err());
+        let mut v9 = bytes.clone();
+        v9[0] = 9;
+        assert!(matches!(Mission::from_bytes(&v9), Err(Error::UnsupportedVersion { found: 9, .. })));
+        // With a trace: version 2, and the trace comes back.
+        let traced = Mission { trace: crate::TraceContext::new_root(), ..m };
+        let tb = traced.to_bytes();
+        assert_eq!((tb[0], tb.len()), (2, Mission::LEN_TRACED));
+        assert_eq!(Mission::from_bytes(&tb), Ok(traced));
+        let mut short = tb.clone();
+        short[0] = 1;
+        assert!(Mission::from_bytes(&short).is_err(), "version 1 with a trace's length");
         let mut bad = bytes;
         bad[17..25].copy_from_slice(&500.0f64.to_le_bytes());
         assert!(Mission::from_bytes(&bad).is_err(), "latitude 500 is refused");
     }
 
     proptest::proptest! {
-        /// Any bytes of a mission's length either decode to a mission that encodes back to the
-        /// same bytes or are refused; none panic.
+        /// Any bytes of a mission's length (either version) either decode to a mission that
+        /// encodes back to the same bytes or are refused; none panic.
         #[test]
-        fn arbitrary_mission_bytes_round_trip_or_are_refused(bytes in proptest::collection::vec(proptest::num::u8::ANY, Mission::LEN)) {
+        fn arbitrary_mission_bytes_round_trip_or_are_refused(
+            bytes in proptest::collection::vec(proptest::num::u8::ANY, Mission::LEN_TRACED), v2 in proptest::bool::ANY,
+        ) {
             let mut bytes = bytes;
-            bytes[0] = 1;
+            if v2 {
+                bytes[0] = 2;
+            } else {
+                bytes.truncate(Mission::LEN);
+                bytes[0] = 1;
+            }
             if let Ok(m) = Mission::from_bytes(&bytes) {
                 proptest::prop_assert_eq!(m.to_bytes(), bytes);
             }
@@ -252,8 +293,13 @@ mod tests {
             lat in -90.0f64..=90.0, lon in -180.0f64..=180.0, alt in -100.0f32..10_000.0,
         ) {
             let p = GeoPoint { lat, lon, alt_m: alt };
-            let m = Mission { delivery_id: ids.0, drone_id: ids.1, pickup: p, dropoff: GeoPoint::new(-lat, -lon), ts_us: ids.2 };
+            let m = Mission {
+                delivery_id: ids.0, drone_id: ids.1, pickup: p, dropoff: GeoPoint::new(-lat, -lon), ts_us: ids.2,
+                trace: crate::TraceContext::default(),
+            };
             proptest::prop_assert_eq!(Mission::from_bytes(&m.to_bytes()), Ok(m));
+            let traced = Mission { trace: crate::TraceContext::new_root(), ..m };
+            proptest::prop_assert_eq!(Mission::from_bytes(&traced.to_bytes()), Ok(traced));
         }
     }
 

@@ -841,11 +841,18 @@ struct MissionBook {
     in_batch: Vec<HeldMission>,
     /// Deliveries dropped off in this run (a redelivery of one is acked at once).
     done: std::collections::HashSet<u64>,
+    /// The scheduling trace of each mission being flown, put on the batch with its drop-off.
+    traces: std::collections::HashMap<u64, events::TraceContext>,
+    /// The trace of the batch being filled.
+    batch_trace: Option<events::TraceContext>,
 }
 
 impl MissionBook {
     fn dropped_off(&mut self, delivery: u64) {
         self.done.insert(delivery);
+        if let Some(trace) = self.traces.remove(&delivery) {
+            self.batch_trace.get_or_insert(trace);
+        }
         if let Some(held) = self.flying.remove(&delivery) {
             self.in_batch.push(held);
         }
@@ -1001,14 +1008,15 @@ impl Driver {
                 events.push(ev);
                 if events.len() == cfg.batch_max_events {
                     book.ride_with(batch_seq, &dropoffs_tx).await;
-                    self.send(&producer, &mut events, &mut batch_seq, &counters, &mut lag).await?;
+                    self.send(&producer, &mut events, &mut batch_seq, &counters, &mut lag, &mut book.batch_trace)
+                        .await?;
                     sent += cfg.batch_max_events as u64;
                 }
             }
             if !events.is_empty() {
                 sent += events.len() as u64;
                 book.ride_with(batch_seq, &dropoffs_tx).await;
-                self.send(&producer, &mut events, &mut batch_seq, &counters, &mut lag).await?;
+                self.send(&producer, &mut events, &mut batch_seq, &counters, &mut lag, &mut book.batch_trace).await?;
             }
             if done {
                 break;
@@ -1062,6 +1070,9 @@ impl Driver {
             Ok(m) => m,
             Err(error) => return Some((events::Verdict::Nack(format!("not a mission: {error}")), leased, settler)),
         };
+        if m.trace.is_some() {
+            book.traces.insert(m.delivery_id, m.trace.child());
+        }
         if self.index_of(m.drone_id).is_none() {
             let why = format!("drone {} does not fly on this connection", m.drone_id);
             return Some((events::Verdict::Nack(why), leased, settler));
@@ -1104,9 +1115,11 @@ impl Driver {
         batch_seq: &mut u64,
         counters: &Counters,
         lag: &mut Histogram<u64>,
+        trace: &mut Option<events::TraceContext>,
     ) -> anyhow::Result<()> {
         let oldest = events.first().map_or(0, |e| e.ts_us);
-        let meta = BatchMeta { producer_id: self.producer_id, batch_seq: *batch_seq, ..BatchMeta::default() };
+        let trace = trace.take().unwrap_or_default();
+        let meta = BatchMeta { producer_id: self.producer_id, batch_seq: *batch_seq, trace };
         let buf = Buffer::with_capacity(events::wire::HEADER_LEN + events.len() * 96);
         let batch = TelemetryBatch::encode(meta, events, buf)?;
         producer.send(*batch_seq, batch.into_buffer()).await.context("sending a batch")?;

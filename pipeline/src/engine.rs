@@ -37,7 +37,7 @@ use events::wire::{Buffer, DeliveryBatch, Limits, TelemetryBatch};
 use events::{
     BatchMeta, BatchSink, DeliveryCommand, DeliveryEvent, DeliveryId, DroneEvent, DroneId, DroneSnapshot, Error,
     FleetControl, KeyRange, Leased, OffsetSubscription, Overflow, QueueName, StartAt, StreamSource, Subscription,
-    Topic as StreamTopic, Verdict, WorkQueues,
+    Topic as StreamTopic, TraceContext, Verdict, WorkQueues,
 };
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
@@ -139,6 +139,8 @@ enum ShardMsg {
         offset: u64,
         cmd: DeliveryCommand,
         reply: Option<oneshot::Sender<Result<(), Error>>>,
+        /// The caller's trace (not logged: a replayed command has none).
+        trace: TraceContext,
     },
     /// Every record up to `offset` has been routed.
     Watermark(u64),
@@ -151,7 +153,7 @@ enum ShardMsg {
 
 enum AppendReq {
     Batch { batch: TelemetryBatch, ack: oneshot::Sender<Result<(), Error>> },
-    Command { cmd: DeliveryCommand, reply: oneshot::Sender<Result<(), Error>> },
+    Command { cmd: DeliveryCommand, reply: oneshot::Sender<Result<(), Error>>, trace: TraceContext },
     Stop,
 }
 
@@ -342,6 +344,7 @@ impl Engine {
                 metrics: metrics.clone(),
                 out: Vec::new(),
                 published: 0,
+                out_trace: None,
                 reported: DeriveStats::default(),
                 covered,
                 applied: covered,
@@ -673,8 +676,12 @@ impl WorkQueues for Engine {
 
 impl FleetControl for Engine {
     async fn command(&self, cmd: DeliveryCommand) -> Result<(), Error> {
+        self.command_traced(cmd, TraceContext::default()).await
+    }
+
+    async fn command_traced(&self, cmd: DeliveryCommand, trace: TraceContext) -> Result<(), Error> {
         let (reply, rx) = oneshot::channel();
-        self.to_appender(AppendReq::Command { cmd, reply }).await?;
+        self.to_appender(AppendReq::Command { cmd, reply, trace }).await?;
         rx.await.map_err(|_| Error::ShuttingDown)?
     }
 
@@ -952,7 +959,7 @@ const MAX_GROUP: usize = 1024;
 enum Appended {
     Batch { offset: u64, batch: TelemetryBatch, ack: oneshot::Sender<Result<(), Error>> },
     Duplicate { ack: oneshot::Sender<Result<(), Error>> },
-    Command { offset: u64, cmd: DeliveryCommand, reply: oneshot::Sender<Result<(), Error>> },
+    Command { offset: u64, cmd: DeliveryCommand, reply: oneshot::Sender<Result<(), Error>>, trace: TraceContext },
 }
 
 /// The appender thread: the log's one writer.
@@ -1007,7 +1014,12 @@ impl Appender {
                     })?;
                     if record.offset >= replay_after {
                         let shard = shard_of(cmd.drone_id(), self.shards.len());
-                        let _ = self.shards[shard].send(ShardMsg::Command { offset: record.offset, cmd, reply: None });
+                        let _ = self.shards[shard].send(ShardMsg::Command {
+                            offset: record.offset,
+                            cmd,
+                            reply: None,
+                            trace: TraceContext::default(),
+                        });
                         routed += 1;
                     }
                 }
@@ -1051,7 +1063,7 @@ impl Appender {
                 match req {
                     AppendReq::Stop => stop = true,
                     AppendReq::Batch { batch, ack } => self.append_batch(batch, ack, &mut appended),
-                    AppendReq::Command { cmd, reply } => self.append_command(cmd, reply, &mut appended),
+                    AppendReq::Command { cmd, reply, trace } => self.append_command(cmd, reply, trace, &mut appended),
                 }
             }
             let must_sync = match self.policy {
@@ -1114,6 +1126,7 @@ impl Appender {
         &mut self,
         cmd: DeliveryCommand,
         reply: oneshot::Sender<Result<(), Error>>,
+        trace: TraceContext,
         out: &mut Vec<Appended>,
     ) {
         let payload = match serde_json::to_vec(&cmd) {
@@ -1124,7 +1137,7 @@ impl Appender {
             }
         };
         match self.append(RecordKind::Command, &payload) {
-            Ok(offset) => out.push(Appended::Command { offset, cmd, reply }),
+            Ok(offset) => out.push(Appended::Command { offset, cmd, reply, trace }),
             Err(e) => {
                 let _ = reply.send(Err(e));
             }
@@ -1191,9 +1204,9 @@ impl Appender {
                 Appended::Duplicate { ack } => {
                     let _ = ack.send(Ok(()));
                 }
-                Appended::Command { offset, cmd, reply } => {
+                Appended::Command { offset, cmd, reply, trace } => {
                     let shard = shard_of(cmd.drone_id(), self.shards.len());
-                    let _ = self.shards[shard].send(ShardMsg::Command { offset, cmd, reply: Some(reply) });
+                    let _ = self.shards[shard].send(ShardMsg::Command { offset, cmd, reply: Some(reply), trace });
                     last = Some(offset);
                 }
             }
@@ -1258,6 +1271,8 @@ struct Shard {
     metrics: Arc<EngineMetrics>,
     out: Vec<DeliveryEvent>,
     published: u64,
+    /// Trace for the delivery batch being built.
+    out_trace: Option<TraceContext>,
     reported: DeriveStats,
     /// The offset the restored checkpoint covers: replayed records up to it are skipped.
     covered: Option<u64>,
@@ -1309,6 +1324,7 @@ impl Shard {
         match msg {
             ShardMsg::Events { offset, batch, indices } => {
                 if !self.covered(offset) {
+                    let derived_before = self.out.len();
                     let events = batch.events();
                     match indices {
                         None => {
@@ -1324,10 +1340,17 @@ impl Shard {
                             }
                         }
                     }
+                    let trace = batch.header().meta.trace;
+                    if self.out.len() > derived_before && trace.is_some() && self.out_trace.is_none() {
+                        self.out_trace = Some(trace);
+                    }
                 }
                 self.advance(offset);
             }
-            ShardMsg::Command { offset, cmd, reply } => {
+            ShardMsg::Command { offset, cmd, reply, trace } => {
+                if trace.is_some() && self.out_trace.is_none() {
+                    self.out_trace = Some(trace);
+                }
                 let result = if self.covered(offset) {
                     Ok(())
                 } else {
@@ -1361,7 +1384,9 @@ impl Shard {
         if self.out.is_empty() {
             return;
         }
-        let meta = BatchMeta { producer_id: self.index as u64, batch_seq: self.published, ..BatchMeta::default() };
+        // The batch carries the trace of the first traced input that derived something in it.
+        let trace = self.out_trace.take().unwrap_or_default();
+        let meta = BatchMeta { producer_id: self.index as u64, batch_seq: self.published, trace };
         match DeliveryBatch::encode(meta, &self.out, Buffer::with_capacity(64 + self.out.len() * 64)) {
             Ok(batch) => {
                 self.published += 1;

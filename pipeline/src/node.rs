@@ -290,10 +290,17 @@ fn start_history(
                         item = sub.rx.recv_deadline(until).ok();
                     }
                 }
+                let started = std::time::Instant::now();
                 if let Err(error) = history.apply_many(&group) {
                     let offset = group.first().map(|(o, _)| *o);
                     tracing::error!(%error, ?offset, "delivery history could not store its batches; it resumes there after a restart");
                     return;
+                }
+                for (_, batch) in &group {
+                    let trace = batch.header().meta.trace;
+                    if trace.is_some() {
+                        services::trace::log_span(&trace.child(), Some(&trace), "history store", "consumer", 0, started);
+                    }
                 }
                 group.clear();
                 match ended.take() {

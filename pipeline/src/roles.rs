@@ -42,7 +42,7 @@ use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use events::{
     DeliveryBatch, DeliveryCommand, DeliveryEvent, DroneId, DroneSnapshot, FleetControl, QueueName, StartAt, Topic,
-    WorkQueues,
+    TraceContext, WorkQueues,
 };
 use serde::{Deserialize, Serialize};
 use services::client::{Call, CallPolicy, Dependency, Reply};
@@ -222,7 +222,12 @@ impl RemoteEngine {
 
 impl FleetControl for RemoteEngine {
     async fn command(&self, cmd: DeliveryCommand) -> Result<(), events::Error> {
-        let reply = self.call(Call::json(Method::POST, "/internal/v1/engine/commands", &cmd)).await?;
+        self.command_traced(cmd, TraceContext::default()).await
+    }
+
+    async fn command_traced(&self, cmd: DeliveryCommand, trace: TraceContext) -> Result<(), events::Error> {
+        let call = Call::json(Method::POST, "/internal/v1/engine/commands", &cmd).traced(&trace);
+        let reply = self.call(call).await?;
         if reply.status.is_success() { Ok(()) } else { Err(engine_error(&reply)) }
     }
 
@@ -284,15 +289,18 @@ pub fn engine_router(engine: Engine) -> Router {
         .route("/internal/v1/engine/queues/{queue}/messages", post(engine_enqueue))
         .route("/internal/v1/engine/drones/{id}", get(engine_drone))
         .with_state(engine)
+        .layer(axum::middleware::from_fn(services::trace::propagate))
 }
 
 async fn engine_command(
     State(engine): State<Engine>,
+    trace: Option<axum::Extension<TraceContext>>,
     body: axum::body::Bytes,
 ) -> Result<impl IntoResponse, services::Error> {
     let cmd: DeliveryCommand =
         serde_json::from_slice(&body).map_err(|e| services::Error::BadRequest(format!("a delivery command: {e}")))?;
-    engine.command(cmd).await?;
+    let trace = trace.map(|axum::Extension(t)| t).unwrap_or_default();
+    engine.command_traced(cmd, trace).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -443,7 +451,8 @@ pub async fn start(role: Role, cfg: &Config) -> Result<RoleProcess, Error> {
     let router = router
         .route("/healthz", get(|| async { "ok" }))
         .layer(axum::middleware::from_fn_with_state(api_keys, services::auth::require_public))
-        .layer(axum::middleware::from_fn(services::tls::internal_only));
+        .layer(axum::middleware::from_fn(services::tls::internal_only))
+        .layer(axum::middleware::from_fn(services::trace::propagate));
     let addr = listen_addr(split, role).await?;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -546,11 +555,16 @@ async fn follow_history(
             let client = ingest::IngestClient::connect(quic, &cfg).await?;
             let mut sub = client.subscribe_from::<DeliveryEvent>(Topic::DeliveryEvents, from).await?;
             while let Some((offset, batch)) = sub.next().await? {
+                let started = std::time::Instant::now();
+                let trace = batch.header().meta.trace;
                 let h = history.clone();
                 tokio::task::spawn_blocking(move || h.apply(offset, &batch))
                     .await
                     .map_err(|e| ingest::Error::from(events::Error::Storage(e.to_string())))?
                     .map_err(|e| ingest::Error::from(events::Error::Storage(e.to_string())))?;
+                if trace.is_some() {
+                    services::trace::log_span(&trace.child(), Some(&trace), "history store", "consumer", 0, started);
+                }
             }
             Ok::<(), ingest::Error>(())
         };

@@ -338,3 +338,101 @@ async fn smtp_sink(tx: tokio::sync::mpsc::Sender<String>) -> SocketAddr {
     });
     addr
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_trace_follows_a_delivery_from_the_request_through_the_drone_to_its_events() {
+    use events::wire::Buffer;
+    use events::{BatchMeta, DroneEvent, DroneEventKind, FlightStatus, GeoPoint, TelemetryBatch, TraceContext};
+
+    let dir = std::env::temp_dir().join(format!("fleetstream-trace-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut cfg = Config { data_dir: dir.clone(), ..Config::default() };
+    cfg.ingest.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    cfg.http.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    cfg.engine.shards = 2;
+    let node = Node::start(&cfg).await.unwrap();
+    let base = format!("http://{}", node.http_addr);
+    let http = services::tls::plain_client().unwrap();
+    http.put(format!("{base}/v1/drones/5")).send().await.unwrap();
+    http.put(format!("{base}/internal/v1/accounts/acme")).json(&json!({})).send().await.unwrap();
+    let events = node.engine.subscribe_deliveries_from(events::StartAt::Earliest).unwrap();
+
+    // The customer's request carries a trace; the answer continues it.
+    let caller = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let resp = http
+        .post(format!("{base}/v1/deliveries"))
+        .header("traceparent", caller)
+        .json(&json!({
+            "owner": "acme", "pickup": {"lat": 47.6, "lon": -122.3}, "dropoff": {"lat": 47.61, "lon": -122.31},
+            "package": {"size": "small", "weight_kg": 1.0}
+        }))
+        .send()
+        .await
+        .unwrap();
+    let answered = TraceContext::parse(resp.headers()["traceparent"].to_str().unwrap()).unwrap();
+    assert_eq!(answered.trace_hex(), "0af7651916cd43dd8448eb211c80319c");
+    let id = resp.json::<Value>().await.unwrap()["delivery_id"].as_u64().unwrap();
+
+    // The drone's mission carries the trace ...
+    let consumer = events::WorkQueues::attach(&node.engine, events::QueueName::DroneCommands, events::KeyRange::ALL);
+    let leased = events::WorkQueues::lease(
+        &node.engine,
+        events::QueueName::DroneCommands,
+        consumer.unwrap(),
+        events::KeyRange::ALL,
+        1,
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    let mission = events::Mission::from_bytes(&leased[0].payload).unwrap();
+    assert_eq!((mission.delivery_id, mission.trace.trace_hex()), (id, answered.trace_hex()));
+
+    // ... and the drone puts it on the batch that flies it.
+    let drone = |seq: u64, kind: DroneEventKind, at: GeoPoint| DroneEvent {
+        drone_id: 5,
+        seq,
+        ts_us: events::now_us(),
+        position: at,
+        speed_mps: 10.0,
+        heading_deg: 0.0,
+        battery_pct: 80.0,
+        status: FlightStatus::Flying,
+        kind,
+    };
+    let flight = [
+        drone(1, DroneEventKind::StatusChanged { from: FlightStatus::Idle }, GeoPoint::new(47.59, -122.29)),
+        drone(2, DroneEventKind::PickedUp { delivery: id }, mission.pickup),
+        drone(3, DroneEventKind::DroppedOff { delivery: id }, mission.dropoff),
+    ];
+    let meta = BatchMeta { producer_id: 77, batch_seq: 0, trace: mission.trace.child() };
+    let batch = TelemetryBatch::encode(meta, &flight, Buffer::new()).unwrap();
+    let client = ingest::IngestClient::connect(
+        node.quic_addr,
+        &ingest::ClientConfig::new(ingest::Trust::Pem(node.certificate_pem.clone())),
+    )
+    .await
+    .unwrap();
+    let (mut lane, mut answers) = client.open_lane().await.unwrap();
+    lane.send(batch.as_bytes()).await.unwrap();
+    assert_eq!(answers.recv().await.unwrap().batch_seq, 0);
+
+    // Every delivery-event batch of this delivery, Created through DeliveryComplete, is in
+    // the caller's trace.
+    let mut stages = Vec::new();
+    while stages.last() != Some(&events::DeliveryStage::DeliveryComplete) {
+        let (_, batch) =
+            tokio::time::timeout(Duration::from_secs(5), events.rx.recv_async()).await.unwrap().unwrap().unwrap();
+        let ours: Vec<_> =
+            batch.events().iter().filter(|e| e.delivery_id.to_native() == id).map(|e| e.stage.to_stage()).collect();
+        if !ours.is_empty() {
+            assert_eq!(batch.header().meta.trace.trace_hex(), answered.trace_hex(), "{ours:?}");
+            stages.extend(ours);
+        }
+    }
+    use events::DeliveryStage::*;
+    assert_eq!(stages, [Created, HeadedToPickup, InTransit, DeliveryComplete]);
+    client.close().await;
+    node.shutdown().await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}

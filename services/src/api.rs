@@ -56,6 +56,7 @@ pub fn router_with<F: FleetControl + WorkQueues + Clone>(
         .merge(svc.deliveries.internal_router())
         .merge(svc.accounts.router())
         .merge(svc.packages.router())
+        .layer(axum::middleware::from_fn(crate::trace::propagate))
 }
 
 /// `Json` whose rejections are our `400` with the reason.

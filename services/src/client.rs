@@ -105,6 +105,14 @@ impl Call {
         Self { method, path: path.into(), body, traceparent: None }
     }
 
+    /// The call as part of `trace` (it carries its `traceparent`).
+    pub fn traced(mut self, trace: &events::TraceContext) -> Self {
+        if trace.is_some() {
+            self.traceparent = Some(trace.to_header());
+        }
+        self
+    }
+
     fn idempotent(&self) -> bool {
         self.method != Method::POST
     }

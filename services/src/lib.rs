@@ -28,6 +28,7 @@ mod state;
 pub mod store;
 pub mod throttle;
 pub mod tls;
+pub mod trace;
 
 pub use api::{router, router_with};
 pub use error::Error;

@@ -28,8 +28,10 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, Method, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::{patch, post};
-use axum::{Json, Router};
-use events::{DeliveryCommand, DeliveryId, DeliveryStage, DroneId, FleetControl, Mission, QueueName, WorkQueues};
+use axum::{Extension, Json, Router};
+use events::{
+    DeliveryCommand, DeliveryId, DeliveryStage, DroneId, FleetControl, Mission, QueueName, TraceContext, WorkQueues,
+};
 
 use crate::Error;
 use crate::api::{ApiJson, parse_id};
@@ -130,12 +132,12 @@ impl<F: FleetControl + WorkQueues> Scheduler<F> {
     }
 
     /// Schedules a delivery (the saga in the module docs).
-    pub async fn schedule(&self, req: CreateDelivery) -> Result<DeliveryRecord, Error> {
+    pub async fn schedule(&self, req: CreateDelivery, trace: TraceContext) -> Result<DeliveryRecord, Error> {
         validate(&req)?;
-        self.check_account(&req.owner).await?;
+        self.check_account(&req.owner, &trace).await?;
         let delivery_id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut done = Done::default();
-        match self.schedule_steps(delivery_id, req, &mut done).await {
+        match self.schedule_steps(delivery_id, req, trace, &mut done).await {
             Ok(record) => {
                 self.scheduled.fetch_add(1, Ordering::Relaxed);
                 Ok(record)
@@ -147,11 +149,11 @@ impl<F: FleetControl + WorkQueues> Scheduler<F> {
         }
     }
 
-    async fn check_account(&self, owner: &str) -> Result<(), Error> {
+    async fn check_account(&self, owner: &str, trace: &TraceContext) -> Result<(), Error> {
         crate::accounts::valid_owner(owner)?;
         let accounts = &self.deps.accounts;
         let reply = accounts
-            .call(Call::new(Method::GET, format!("/internal/v1/accounts/{owner}")))
+            .call(Call::new(Method::GET, format!("/internal/v1/accounts/{owner}")).traced(trace))
             .await
             .map_err(|e| Error::Dependency { service: accounts.name(), reason: e.to_string() })?;
         if reply.status == StatusCode::NOT_FOUND {
@@ -172,13 +174,16 @@ impl<F: FleetControl + WorkQueues> Scheduler<F> {
         &self,
         id: DeliveryId,
         req: CreateDelivery,
+        trace: TraceContext,
         done: &mut Done,
     ) -> Result<DeliveryRecord, Error> {
         let now = events::now_us();
         // The package and the drone do not depend on each other: ask for both at once.
-        let package =
-            call(&self.deps.packages, Call::json(Method::PUT, format!("/internal/v1/packages/{id}"), &req.package));
-        let (package, assignment) = tokio::join!(package, self.assign(id, req.pickup));
+        let package = call(
+            &self.deps.packages,
+            Call::json(Method::PUT, format!("/internal/v1/packages/{id}"), &req.package).traced(&trace),
+        );
+        let (package, assignment) = tokio::join!(package, self.assign(id, req.pickup, &trace));
         done.package = package.is_ok();
         done.assignment = assignment.is_ok();
         package?;
@@ -199,8 +204,10 @@ impl<F: FleetControl + WorkQueues> Scheduler<F> {
         // The record and the engine's delivery at once too: the engine's Created event finds
         // the record either way (the record starts at Created), and the drone is told to fly
         // only once both exist.
-        let put_record =
-            call(&self.deps.deliveries, Call::json(Method::PUT, format!("/internal/v1/deliveries/{id}"), &record));
+        let put_record = call(
+            &self.deps.deliveries,
+            Call::json(Method::PUT, format!("/internal/v1/deliveries/{id}"), &record).traced(&trace),
+        );
         let cmd = DeliveryCommand::Create {
             delivery_id: id,
             drone_id,
@@ -208,7 +215,7 @@ impl<F: FleetControl + WorkQueues> Scheduler<F> {
             dropoff: record.dropoff,
             ts_us: now,
         };
-        let (put_record, created) = tokio::join!(put_record, self.fleet.command(cmd));
+        let (put_record, created) = tokio::join!(put_record, self.fleet.command_traced(cmd, trace));
         done.record = put_record.is_ok();
         if created.is_ok() {
             done.engine = Some(drone_id);
@@ -220,22 +227,24 @@ impl<F: FleetControl + WorkQueues> Scheduler<F> {
         }
         if let Some(history) = &self.deps.history {
             let note = crate::history::OwnerNote { owner: record.owner.clone(), created_us: now };
-            call(history, Call::json(Method::PUT, format!("/internal/v1/history/owners/{id}"), &note)).await?;
+            call(history, Call::json(Method::PUT, format!("/internal/v1/history/owners/{id}"), &note).traced(&trace))
+                .await?;
         }
 
         // The mission goes to the drone through the drone-commands queue: delivered over the
         // drone's own connection, acknowledged by it, redelivered if it reconnects first.
-        let mission = Mission { delivery_id: id, drone_id, pickup: record.pickup, dropoff: record.dropoff, ts_us: now };
+        let mission =
+            Mission { delivery_id: id, drone_id, pickup: record.pickup, dropoff: record.dropoff, ts_us: now, trace };
         self.fleet.enqueue(QueueName::DroneCommands, drone_id, mission.to_bytes()).await?;
         Ok(record)
     }
 
     /// Step 3: a drone from Drone Management.
-    async fn assign(&self, id: DeliveryId, pickup: events::GeoPoint) -> Result<DroneId, Error> {
+    async fn assign(&self, id: DeliveryId, pickup: events::GeoPoint, trace: &TraceContext) -> Result<DroneId, Error> {
         let drones = &self.deps.drones;
         let path = format!("/internal/v1/assignments/{id}");
         let reply = drones
-            .call(Call::json(Method::PUT, path, &AssignRequest { pickup }))
+            .call(Call::json(Method::PUT, path, &AssignRequest { pickup }).traced(trace))
             .await
             .map_err(|e| Error::Dependency { service: drones.name(), reason: e.to_string() })?;
         if reply.status == StatusCode::CONFLICT {
@@ -276,7 +285,12 @@ impl<F: FleetControl + WorkQueues> Scheduler<F> {
 
     /// [`Scheduler::schedule`] under an `Idempotency-Key`: the first request with the key runs,
     /// a retry gets its result (`true`: replayed).
-    pub async fn schedule_once(&self, key: &str, req: CreateDelivery) -> Result<(DeliveryRecord, bool), Error> {
+    pub async fn schedule_once(
+        &self,
+        key: &str,
+        req: CreateDelivery,
+        trace: TraceContext,
+    ) -> Result<(DeliveryRecord, bool), Error> {
         use crate::idempotency::{Begin, MAX_KEY_LEN};
         if key.is_empty() || key.len() > MAX_KEY_LEN {
             return Err(Error::BadRequest(format!("Idempotency-Key must be 1 to {MAX_KEY_LEN} characters")));
@@ -286,15 +300,15 @@ impl<F: FleetControl + WorkQueues> Scheduler<F> {
             Begin::Mismatch => return Err(Error::KeyReused),
             Begin::Run => {}
         }
-        let outcome = self.schedule(req.clone()).await;
+        let outcome = self.schedule(req.clone(), trace).await;
         self.keys.finish(key, &req, outcome.as_ref().ok().cloned());
         outcome.map(|r| (r, false))
     }
 
-    async fn record(&self, id: DeliveryId) -> Result<DeliveryRecord, Error> {
+    async fn record(&self, id: DeliveryId, trace: &TraceContext) -> Result<DeliveryRecord, Error> {
         let dep = &self.deps.deliveries;
         let reply = dep
-            .call(Call::new(Method::GET, format!("/internal/v1/deliveries/{id}")))
+            .call(Call::new(Method::GET, format!("/internal/v1/deliveries/{id}")).traced(trace))
             .await
             .map_err(|e| Error::Dependency { service: dep.name(), reason: e.to_string() })?;
         if reply.status == StatusCode::NOT_FOUND {
@@ -309,8 +323,13 @@ impl<F: FleetControl + WorkQueues> Scheduler<F> {
     /// Moves a delivery that has not been picked up yet to new places: the engine applies it
     /// on the drone's shard (and derives `Rescheduled`), the drone gets the updated mission,
     /// and the record is updated. The engine's refusal (already picked up, finished) is `409`.
-    pub async fn reschedule(&self, id: DeliveryId, req: Reschedule) -> Result<DeliveryRecord, Error> {
-        let mut record = self.record(id).await?;
+    pub async fn reschedule(
+        &self,
+        id: DeliveryId,
+        req: Reschedule,
+        trace: TraceContext,
+    ) -> Result<DeliveryRecord, Error> {
+        let mut record = self.record(id, &trace).await?;
         if record.stage.is_terminal() {
             return Err(events::Error::InvalidTransition { delivery: id, reason: "the delivery is finished" }.into());
         }
@@ -326,20 +345,24 @@ impl<F: FleetControl + WorkQueues> Scheduler<F> {
         let drone_id = record.drone_id;
         let now = events::now_us();
         self.fleet
-            .command(DeliveryCommand::Reschedule { delivery_id: id, drone_id, pickup, dropoff, ts_us: now })
+            .command_traced(
+                DeliveryCommand::Reschedule { delivery_id: id, drone_id, pickup, dropoff, ts_us: now },
+                trace,
+            )
             .await?;
-        let mission = Mission { delivery_id: id, drone_id, pickup, dropoff, ts_us: now };
+        let mission = Mission { delivery_id: id, drone_id, pickup, dropoff, ts_us: now, trace };
         self.fleet.enqueue(QueueName::DroneCommands, drone_id, mission.to_bytes()).await?;
         record.pickup = pickup;
         record.dropoff = dropoff;
-        call(&self.deps.deliveries, Call::json(Method::PUT, format!("/internal/v1/deliveries/{id}"), &record)).await?;
+        let put = Call::json(Method::PUT, format!("/internal/v1/deliveries/{id}"), &record).traced(&trace);
+        call(&self.deps.deliveries, put).await?;
         Ok(record)
     }
 
     /// Cancels a delivery that has not been completed: the engine derives `Cancelled`, which
     /// frees the drone. Cancelling a cancelled delivery again changes nothing.
-    pub async fn cancel(&self, id: DeliveryId) -> Result<DeliveryRecord, Error> {
-        let record = self.record(id).await?;
+    pub async fn cancel(&self, id: DeliveryId, trace: TraceContext) -> Result<DeliveryRecord, Error> {
+        let record = self.record(id, &trace).await?;
         match record.stage {
             DeliveryStage::Cancelled => return Ok(record),
             DeliveryStage::DeliveryComplete => {
@@ -350,7 +373,7 @@ impl<F: FleetControl + WorkQueues> Scheduler<F> {
             _ => {}
         }
         let cmd = DeliveryCommand::Cancel { delivery_id: id, drone_id: record.drone_id, ts_us: events::now_us() };
-        self.fleet.command(cmd).await?;
+        self.fleet.command_traced(cmd, trace).await?;
         Ok(record)
     }
 
@@ -363,18 +386,26 @@ impl<F: FleetControl + WorkQueues> Scheduler<F> {
     }
 }
 
+/// The request's span (set by [`crate::trace::propagate`]); a new trace when the router runs
+/// without that layer.
+fn span(trace: Option<Extension<TraceContext>>) -> TraceContext {
+    trace.map_or_else(TraceContext::new_root, |Extension(t)| t)
+}
+
 async fn create_delivery<F: FleetControl + WorkQueues>(
     State(svc): State<Arc<Scheduler<F>>>,
+    trace: Option<Extension<TraceContext>>,
     headers: HeaderMap,
     ApiJson(req): ApiJson<CreateDelivery>,
 ) -> Result<impl IntoResponse, Error> {
+    let trace = span(trace);
     let key = match headers.get("idempotency-key") {
         Some(v) => Some(v.to_str().map_err(|_| Error::BadRequest("Idempotency-Key must be visible ASCII".into()))?),
         None => None,
     };
     let outcome = match key {
-        Some(key) => svc.schedule_once(key, req).await,
-        None => svc.schedule(req).await.map(|r| (r, false)),
+        Some(key) => svc.schedule_once(key, req, trace).await,
+        None => svc.schedule(req, trace).await.map(|r| (r, false)),
     };
     match outcome {
         Ok((record, replayed)) => Ok((
@@ -396,10 +427,11 @@ async fn create_delivery<F: FleetControl + WorkQueues>(
 async fn reschedule_delivery<F: FleetControl + WorkQueues>(
     State(svc): State<Arc<Scheduler<F>>>,
     Path(id): Path<String>,
+    trace: Option<Extension<TraceContext>>,
     ApiJson(req): ApiJson<Reschedule>,
 ) -> Result<impl IntoResponse, Error> {
     let id = parse_id(&id)?;
-    let record = svc.reschedule(id, req).await?;
+    let record = svc.reschedule(id, req, span(trace)).await?;
     Ok(Json(serde_json::json!({
         "delivery_id": record.delivery_id,
         "pickup": record.pickup,
@@ -410,8 +442,9 @@ async fn reschedule_delivery<F: FleetControl + WorkQueues>(
 async fn cancel_delivery<F: FleetControl + WorkQueues>(
     State(svc): State<Arc<Scheduler<F>>>,
     Path(id): Path<String>,
+    trace: Option<Extension<TraceContext>>,
 ) -> Result<impl IntoResponse, Error> {
     let id = parse_id(&id)?;
-    let record = svc.cancel(id).await?;
+    let record = svc.cancel(id, span(trace)).await?;
     Ok((StatusCode::ACCEPTED, Json(serde_json::json!({ "delivery_id": record.delivery_id, "cancelling": true }))))
 }

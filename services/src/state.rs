@@ -138,7 +138,7 @@ impl<F: FleetControl + WorkQueues + Clone> Services<F> {
 
     /// Schedules a delivery.
     pub async fn schedule(&self, req: CreateDelivery) -> Result<DeliveryRecord, Error> {
-        self.scheduler.schedule(req).await
+        self.scheduler.schedule(req, events::TraceContext::new_root()).await
     }
 
     /// The current record of a delivery.

@@ -95,7 +95,7 @@ async fn with_package_down_scheduling_fails_fast_leaves_nothing_and_the_circuit_
 
     // Down: each attempt is refused at once; the error names the dependency.
     let started = Instant::now();
-    let err = s.scheduler.schedule(order()).await.unwrap_err();
+    let err = s.scheduler.schedule(order(), events::TraceContext::new_root()).await.unwrap_err();
     assert!(matches!(err, Error::Dependency { service: "package", .. }), "{err}");
     assert!(started.elapsed() < Duration::from_secs(1), "failed fast: {:?}", started.elapsed());
     let resp = axum::response::IntoResponse::into_response(err);
@@ -110,10 +110,10 @@ async fn with_package_down_scheduling_fails_fast_leaves_nothing_and_the_circuit_
 
     // Another failing call (three attempts each) fills the breaker's window: it opens and
     // the next call is refused without touching the network.
-    let _ = s.scheduler.schedule(order()).await.unwrap_err();
+    let _ = s.scheduler.schedule(order(), events::TraceContext::new_root()).await.unwrap_err();
     assert!(matches!(packages.breaker_state(), State::Open { .. }), "{:?}", packages.breaker_state());
     let started = Instant::now();
-    let err = s.scheduler.schedule(order()).await.unwrap_err();
+    let err = s.scheduler.schedule(order(), events::TraceContext::new_root()).await.unwrap_err();
     assert!(err.to_string().contains("circuit open"), "{err}");
     assert!(started.elapsed() < Duration::from_millis(100), "short-circuited: {:?}", started.elapsed());
     assert!(packages.metrics().short_circuited.load(Ordering::Relaxed) >= 1);
@@ -125,7 +125,7 @@ async fn with_package_down_scheduling_fails_fast_leaves_nothing_and_the_circuit_
     let deadline = Instant::now() + Duration::from_secs(10);
     let record = loop {
         assert!(Instant::now() < deadline, "the circuit did not close");
-        match s.scheduler.schedule(order()).await {
+        match s.scheduler.schedule(order(), events::TraceContext::new_root()).await {
             Ok(record) => break record,
             Err(Error::Dependency { service: "package", .. }) => tokio::time::sleep(Duration::from_millis(50)).await,
             Err(other) => panic!("{other}"),
@@ -157,7 +157,7 @@ async fn a_retried_write_whose_answer_was_lost_is_stored_once() {
         }
     }));
     let _stop = serve_packages(&s, router).await;
-    let record = s.scheduler.schedule(order()).await.unwrap();
+    let record = s.scheduler.schedule(order(), events::TraceContext::new_root()).await.unwrap();
     let packages = s.scheduler.deps().packages.metrics();
     assert_eq!(packages.retries.load(Ordering::Relaxed), 1, "the lost answer was retried");
     assert!(!lose_next.load(Ordering::SeqCst));
