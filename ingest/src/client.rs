@@ -42,6 +42,9 @@ pub struct ClientConfig {
     pub keep_alive: Duration,
     /// Limits applied to batches received on subscriptions.
     pub limits: Limits,
+    /// Client certificate and key (PEM files) for a server that requires one
+    /// (`ingest.client_ca`). Default none.
+    pub identity: Option<(std::path::PathBuf, std::path::PathBuf)>,
 }
 
 impl ClientConfig {
@@ -56,6 +59,7 @@ impl ClientConfig {
             max_udp_payload_bytes: crate::proto::DEFAULT_MAX_UDP_PAYLOAD,
             keep_alive: Duration::from_secs(5),
             limits: Limits::default(),
+            identity: None,
         }
     }
 }
@@ -84,7 +88,11 @@ impl IngestClient {
     pub async fn connect(addr: SocketAddr, cfg: &ClientConfig) -> Result<Self, Error> {
         let bind: SocketAddr = if addr.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { ([0u16; 8], 0).into() };
         let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| Error::Bind(bind, e))?;
-        let mut client = quinn::ClientConfig::new(Arc::new(client_crypto(&cfg.trust)?));
+        let identity = match &cfg.identity {
+            Some((cert, key)) => Some(crate::tls::Identity::from_files(cert, key)?),
+            None => None,
+        };
+        let mut client = quinn::ClientConfig::new(Arc::new(client_crypto(&cfg.trust, identity.as_ref())?));
         let mut t = quinn::TransportConfig::default();
         let varint = |v: u64| VarInt::from_u64(v).map_err(|_| Error::Config("window too large".into()));
         t.stream_receive_window(varint(cfg.stream_window_bytes)?);

@@ -54,6 +54,10 @@ pub struct ServerConfig {
     pub cert: Option<PathBuf>,
     /// PEM private key for `cert`.
     pub key: Option<PathBuf>,
+    /// PEM CA certificates. Set: every client must present a certificate signed by one of
+    /// them, or its handshake fails (refused connections are counted). Unset (the default):
+    /// clients are not asked for one.
+    pub client_ca: Option<PathBuf>,
     /// Where a self-signed identity is kept across restarts (`ingest-cert.pem`,
     /// `ingest-key.pem`). `pipeline serve` sets it to `DATA_DIR/tls`.
     #[serde(skip)]
@@ -91,6 +95,7 @@ impl Default for ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 4433)),
             cert: None,
             key: None,
+            client_ca: None,
             self_signed_dir: None,
             max_body_bytes: events::wire::DEFAULT_MAX_BODY_BYTES,
             max_events: events::wire::DEFAULT_MAX_EVENTS,
@@ -121,6 +126,9 @@ pub struct IngestMetrics {
     pub connections_total: AtomicU64,
     /// Connections refused at the limit.
     pub connections_refused: AtomicU64,
+    /// Handshakes that failed: an untrusted or missing client certificate (with
+    /// `client_ca`), a protocol error, a client that gave up.
+    pub handshakes_failed: AtomicU64,
     /// Batches acknowledged.
     pub batches_accepted: AtomicU64,
     /// Events in acknowledged batches.
@@ -156,6 +164,7 @@ impl IngestMetrics {
         gauge(out, "fleetstream_ingest_connections", self.connections_open.load(Ordering::Relaxed));
         counter(out, "fleetstream_ingest_connections_total", c(&self.connections_total));
         counter(out, "fleetstream_ingest_connections_refused_total", c(&self.connections_refused));
+        counter(out, "fleetstream_ingest_handshakes_failed_total", c(&self.handshakes_failed));
         counter(out, "fleetstream_ingest_batches_total", c(&self.batches_accepted));
         counter(out, "fleetstream_ingest_events_total", c(&self.events_accepted));
         counter(out, "fleetstream_ingest_received_bytes_total", c(&self.bytes_received));
@@ -198,7 +207,13 @@ impl IngestServer {
             },
             _ => return Err(Error::Config("ingest.cert and ingest.key must be set together".into())),
         };
-        let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_crypto(&identity)?));
+        let client_ca = match &cfg.client_ca {
+            Some(path) => Some(
+                std::fs::read_to_string(path).map_err(|e| Error::Tls(format!("reading {}: {e}", path.display())))?,
+            ),
+            None => None,
+        };
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_crypto(&identity, client_ca.as_deref())?));
         server.transport_config(Arc::new(transport(cfg)?));
         let endpoint = quinn::Endpoint::server(server, cfg.listen).map_err(|e| Error::Bind(cfg.listen, e))?;
         Ok(Self { endpoint, cfg: cfg.clone(), certificate_pem: identity.chain_pem, metrics: Arc::default() })
@@ -291,7 +306,8 @@ where
     let conn = match incoming.await {
         Ok(conn) => conn,
         Err(error) => {
-            debug!(%peer, %error, "handshake failed");
+            ctx.metrics.handshakes_failed.fetch_add(1, Ordering::Relaxed);
+            warn!(%peer, %error, "handshake failed");
             return;
         }
     };

@@ -104,12 +104,38 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<(), Error> {
     f.write_all(bytes).map_err(|e| Error::Tls(format!("writing {}: {e}", path.display())))
 }
 
-/// rustls server settings: TLS 1.3 only, fleetstream ALPN.
-pub fn server_crypto(identity: &Identity) -> Result<quinn::crypto::rustls::QuicServerConfig, Error> {
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+fn roots_of(pem: &str) -> Result<rustls::RootCertStore, Error> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut pem.as_bytes()) {
+        let cert = cert.map_err(|e| Error::Tls(format!("parsing trusted certificate: {e}")))?;
+        roots.add(cert).map_err(|e| Error::Tls(e.to_string()))?;
+    }
+    if roots.is_empty() {
+        return Err(Error::Tls("no certificate to trust in the given PEM".into()));
+    }
+    Ok(roots)
+}
+
+/// rustls server settings: TLS 1.3 only, fleetstream ALPN; with `client_ca` (PEM), clients
+/// must present a certificate it signed.
+pub fn server_crypto(
+    identity: &Identity,
+    client_ca: Option<&str>,
+) -> Result<quinn::crypto::rustls::QuicServerConfig, Error> {
+    let builder = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| Error::Tls(e.to_string()))?
-        .with_no_client_auth()
+        .map_err(|e| Error::Tls(e.to_string()))?;
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(pem) => {
+            let verifier =
+                rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots_of(pem)?), provider())
+                    .build()
+                    .map_err(|e| Error::Tls(e.to_string()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut tls = builder
         .with_single_cert(identity.chain.clone(), identity.key.clone_key())
         .map_err(|e| Error::Tls(e.to_string()))?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
@@ -127,26 +153,26 @@ pub enum Trust {
     InsecureSkipVerify,
 }
 
-/// rustls client settings matching [`server_crypto`].
-pub fn client_crypto(trust: &Trust) -> Result<quinn::crypto::rustls::QuicClientConfig, Error> {
+/// rustls client settings matching [`server_crypto`]; `identity` is the client certificate
+/// to present to a server that asks for one.
+pub fn client_crypto(
+    trust: &Trust,
+    identity: Option<&Identity>,
+) -> Result<quinn::crypto::rustls::QuicClientConfig, Error> {
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| Error::Tls(e.to_string()))?;
-    let mut tls = match trust {
-        Trust::Pem(pem) => {
-            let mut roots = rustls::RootCertStore::empty();
-            for cert in rustls_pemfile::certs(&mut pem.as_bytes()) {
-                let cert = cert.map_err(|e| Error::Tls(format!("parsing trusted certificate: {e}")))?;
-                roots.add(cert).map_err(|e| Error::Tls(e.to_string()))?;
-            }
-            if roots.is_empty() {
-                return Err(Error::Tls("no certificate to trust in the given PEM".into()));
-            }
-            builder.with_root_certificates(roots).with_no_client_auth()
-        }
+    let builder = match trust {
+        Trust::Pem(pem) => builder.with_root_certificates(roots_of(pem)?),
         Trust::InsecureSkipVerify => {
-            builder.dangerous().with_custom_certificate_verifier(Arc::new(SkipVerify(provider()))).with_no_client_auth()
+            builder.dangerous().with_custom_certificate_verifier(Arc::new(SkipVerify(provider())))
         }
+    };
+    let mut tls = match identity {
+        None => builder.with_no_client_auth(),
+        Some(id) => builder
+            .with_client_auth_cert(id.chain.clone(), id.key.clone_key())
+            .map_err(|e| Error::Tls(e.to_string()))?,
     };
     tls.alpn_protocols = vec![ALPN.to_vec()];
     quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| Error::Tls(e.to_string()))

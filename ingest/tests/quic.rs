@@ -288,3 +288,54 @@ async fn a_client_that_does_not_trust_the_certificate_cannot_connect() {
     assert!(IngestClient::connect(h.addr, &cfg).await.is_err());
     h.shutdown().await;
 }
+
+/// A CA and one certificate it signed, written as PEM files under `dir`.
+fn ca_and_client(dir: &std::path::Path, name: &str) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    use rcgen::{BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair};
+    std::fs::create_dir_all(dir).unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_key = KeyPair::generate().unwrap();
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let mut leaf = CertificateParams::new(vec![name.to_string()]).unwrap();
+    leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let key = KeyPair::generate().unwrap();
+    let cert = leaf.signed_by(&key, &Issuer::new(ca, ca_key)).unwrap();
+    let paths = (dir.join("ca.pem"), dir.join(format!("{name}.pem")), dir.join(format!("{name}-key.pem")));
+    std::fs::write(&paths.0, ca_cert.pem()).unwrap();
+    std::fs::write(&paths.1, cert.pem()).unwrap();
+    std::fs::write(&paths.2, key.serialize_pem()).unwrap();
+    paths
+}
+
+/// Whether a batch sent over `cfg` is answered.
+async fn accepted(addr: std::net::SocketAddr, cfg: &ClientConfig) -> bool {
+    let Ok(client) = IngestClient::connect(addr, cfg).await else { return false };
+    let Ok((mut lane, mut answers)) = client.open_lane().await else { return false };
+    if lane.send(&frame(0, 3)).await.is_err() {
+        return false;
+    }
+    matches!(tokio::time::timeout(Duration::from_secs(5), answers.recv()).await, Ok(Some(a)) if a.result.is_ok())
+}
+
+#[tokio::test]
+async fn with_client_ca_set_only_clients_with_a_certificate_it_signed_get_in() {
+    let dir = std::env::temp_dir().join(format!("fleetstream-quic-mtls-{}", std::process::id()));
+    let (ca, _, _) = ca_and_client(&dir.join("ours"), "drone-gateway");
+    let (_, foreign_cert, foreign_key) = ca_and_client(&dir.join("theirs"), "drone-gateway");
+    let h = start(ServerConfig { client_ca: Some(ca), ..ServerConfig::default() }).await;
+
+    let ours = dir.join("ours");
+    let with_cert = ClientConfig {
+        identity: Some((ours.join("drone-gateway.pem"), ours.join("drone-gateway-key.pem"))),
+        ..h.cfg.clone()
+    };
+    assert!(accepted(h.addr, &with_cert).await, "a certificate from the CA is let in");
+    assert!(!accepted(h.addr, &h.cfg).await, "no certificate: refused");
+    let foreign = ClientConfig { identity: Some((foreign_cert, foreign_key)), ..h.cfg.clone() };
+    assert!(!accepted(h.addr, &foreign).await, "a certificate from another CA: refused");
+    assert_eq!(h.sink.batches.lock().unwrap().len(), 1, "only the authenticated client's batch arrived");
+    assert_eq!(h.metrics.handshakes_failed.load(Ordering::Relaxed), 2, "both refusals are counted");
+    h.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -80,6 +80,9 @@ pub struct LoadConfig {
     pub api_key: Option<String>,
     /// Split mode: where the services other than the scheduler are, and the certificates.
     pub split: SplitTargets,
+    /// Client certificate and key (PEM) for a QUIC ingest that requires one
+    /// (`ingest.client_ca`).
+    pub quic_identity: Option<(std::path::PathBuf, std::path::PathBuf)>,
 }
 
 /// Where loadgen finds the services when each runs in its own process (`pipeline serve
@@ -129,6 +132,7 @@ impl LoadConfig {
             stall_reader_after: Duration::from_secs(2),
             api_key: None,
             split: SplitTargets::default(),
+            quic_identity: None,
         }
     }
 
@@ -518,7 +522,7 @@ pub async fn run(cfg: LoadConfig, progress: Arc<dyn Fn(&Progress) + Send + Sync>
         open_accounts(&http, &accounts_api).await?;
     }
 
-    let client_cfg = ClientConfig::new(cfg.trust.clone());
+    let client_cfg = ClientConfig { identity: cfg.quic_identity.clone(), ..ClientConfig::new(cfg.trust.clone()) };
     let observing = if cfg.raw { None } else { Some(subscribe(&cfg, &client_cfg, &counters).await?) };
     let (readers_stop, readers_stop_rx) = watch::channel(false);
     let extra_readers = if cfg.raw || cfg.readers == 0 {

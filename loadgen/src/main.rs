@@ -104,6 +104,13 @@ struct Args {
     /// `client` certificate.
     #[arg(long)]
     tls_dir: Option<PathBuf>,
+    /// Client certificate (PEM) to present to a QUIC ingest that requires one
+    /// (`ingest.client_ca`); needs --client-key.
+    #[arg(long, requires = "client_key")]
+    client_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, requires = "client_cert")]
+    client_key: Option<PathBuf>,
 }
 
 #[tokio::main]
@@ -163,6 +170,7 @@ async fn main() -> anyhow::Result<()> {
     cfg.readers = args.readers;
     cfg.api_key = args.api_key.clone();
     cfg.split = split;
+    cfg.quic_identity = args.client_cert.clone().zip(args.client_key.clone());
     cfg.stall_reader = Duration::from_secs_f64(args.stall_reader_s.max(0.0));
     cfg.stall_reader_after = Duration::from_secs_f64(args.stall_reader_after_s.max(0.0));
     let ceiling = match args.compare_raw {
