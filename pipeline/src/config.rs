@@ -61,6 +61,10 @@
 //! failure_ratio = 0.5
 //! open_ms = 5000
 //! probes = 3
+//! [tracing]
+//! # otlp_endpoint = "http://127.0.0.1:4318"   # OTLP/HTTP collector; unset: spans only logged
+//! # service_name = "fleetstream"              # split roles default to fleetstream-<role>
+//!
 //! [services.drones]
 //! min_battery_pct = 30.0       # a drone needs this much to be assigned
 //! max_distance_km = 200.0      # from the pickup
@@ -99,6 +103,8 @@ pub struct Config {
     pub services: services::ServicesConfig,
     /// Split mode: where each role is (see [`crate::roles`]).
     pub split: crate::roles::SplitConfig,
+    /// Span export over OTLP (spans are always logged under `fleetstream::span` at debug).
+    pub tracing: services::trace::TracingConfig,
 }
 
 impl Default for Config {
@@ -113,6 +119,7 @@ impl Default for Config {
             notify: services::notify::NotifyConfig::default(),
             services: services::ServicesConfig::default(),
             split: crate::roles::SplitConfig::default(),
+            tracing: services::trace::TracingConfig::default(),
         }
     }
 }

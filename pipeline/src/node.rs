@@ -56,6 +56,7 @@ impl Node {
     /// Starts everything. The ingest certificate is at `DATA_DIR/tls/ingest-cert.pem` so
     /// clients on this machine can trust a self-signed one.
     pub async fn start(cfg: &Config) -> Result<Self, Error> {
+        services::trace::install_exporter(&cfg.tracing);
         let storage = Storage::Durable { dir: cfg.data_dir.clone(), log: cfg.log };
         let (engine_cfg, queues_cfg) = (cfg.engine, cfg.queues);
         let (engine, threads, report) =
@@ -157,6 +158,11 @@ impl Node {
                             ));
                         }
                         services.render_metrics(&mut out);
+                        events::prom::counter(
+                            &mut out,
+                            "fleetstream_spans_dropped_total",
+                            services::trace::spans_dropped(),
+                        );
                         render_process_metrics(&mut out);
                         std::future::ready(out)
                     }

@@ -359,6 +359,9 @@ fn svc_error(e: services::Error) -> Error {
 
 /// Starts `role` (not `all` or `ingest`, which run a [`crate::Node`]) from `cfg`.
 pub async fn start(role: Role, cfg: &Config) -> Result<RoleProcess, Error> {
+    let mut tracing_cfg = cfg.tracing.clone();
+    tracing_cfg.service_name.get_or_insert_with(|| format!("fleetstream-{}", role.name()));
+    services::trace::install_exporter(&tracing_cfg);
     let split = &cfg.split;
     let files = TlsFiles::in_dir(&split.tls_dir, role.name());
     let client = services::tls::client(&files).map_err(svc_error)?;

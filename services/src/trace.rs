@@ -3,7 +3,8 @@
 //! handlers read as an extension ([`TraceContext`]) and pass on to the calls they make, and
 //! which the response carries back in its own `traceparent`. Each finished span is logged at
 //! debug level under the `fleetstream::span` target (`RUST_LOG=fleetstream::span=debug`) with
-//! its trace, span and parent ids, name, status and duration.
+//! its trace, span and parent ids, name, status and duration, and, when a collector is
+//! configured ([`TracingConfig`]), exported over OTLP/HTTP as JSON.
 
 use std::time::Instant;
 
@@ -32,7 +33,117 @@ pub async fn propagate(mut req: Request, next: Next) -> Response {
     resp
 }
 
-/// Logs a finished span (debug level, target `fleetstream::span`).
+/// Where spans are exported over OTLP (`[tracing]` in the pipeline's config).
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TracingConfig {
+    /// OTLP/HTTP collector base URL, e.g. `http://127.0.0.1:4318`; spans are POSTed as JSON to
+    /// `<endpoint>/v1/traces`. Unset (the default): spans are only logged.
+    pub otlp_endpoint: Option<String>,
+    /// `service.name` of the exported spans. Default `fleetstream`.
+    pub service_name: Option<String>,
+}
+
+/// One finished span waiting for export.
+struct Finished {
+    span: TraceContext,
+    parent: Option<TraceContext>,
+    name: String,
+    kind: u8,
+    status: u16,
+    start_ns: u64,
+    end_ns: u64,
+}
+
+/// The OTLP exporter: spans go through a bounded queue to a task that posts them in batches;
+/// when the collector is slow or gone, spans beyond the queue are dropped and counted rather
+/// than held in memory or slowing requests.
+struct Exporter {
+    tx: flume::Sender<Finished>,
+    dropped: std::sync::atomic::AtomicU64,
+}
+
+static EXPORTER: std::sync::OnceLock<Exporter> = std::sync::OnceLock::new();
+
+/// Spans queued for export, at most.
+const EXPORT_QUEUE: usize = 8192;
+/// Spans per export request, at most.
+const EXPORT_BATCH: usize = 512;
+
+/// Starts exporting spans over OTLP as `cfg` says (nothing when no endpoint is set). Must run
+/// inside a tokio runtime; the first call wins for the life of the process.
+pub fn install_exporter(cfg: &TracingConfig) {
+    let Some(endpoint) = cfg.otlp_endpoint.clone() else { return };
+    let service = cfg.service_name.clone().unwrap_or_else(|| "fleetstream".into());
+    let (tx, rx) = flume::bounded(EXPORT_QUEUE);
+    if EXPORTER.set(Exporter { tx, dropped: std::sync::atomic::AtomicU64::new(0) }).is_ok() {
+        tracing::info!(%endpoint, service, "exporting spans over OTLP/HTTP");
+        tokio::spawn(export(endpoint, service, rx));
+    }
+}
+
+/// Spans dropped because the export queue was full.
+pub fn spans_dropped() -> u64 {
+    EXPORTER.get().map_or(0, |e| e.dropped.load(std::sync::atomic::Ordering::Relaxed))
+}
+
+async fn export(endpoint: String, service: String, rx: flume::Receiver<Finished>) {
+    let url = format!("{}/v1/traces", endpoint.trim_end_matches('/'));
+    let http = match crate::tls::plain_client_builder().timeout(std::time::Duration::from_secs(5)).build() {
+        Ok(c) => c,
+        Err(error) => {
+            tracing::error!(%error, "no HTTP client for span export");
+            return;
+        }
+    };
+    while let Ok(first) = rx.recv_async().await {
+        let mut batch = vec![first];
+        // Gather what else arrives within a second, up to a batch.
+        let until = tokio::time::Instant::now() + std::time::Duration::from_secs(1);
+        while batch.len() < EXPORT_BATCH {
+            match tokio::time::timeout_at(until, rx.recv_async()).await {
+                Ok(Ok(span)) => batch.push(span),
+                _ => break,
+            }
+        }
+        let body = otlp_json(&service, &batch);
+        match http.post(&url).json(&body).send().await {
+            Ok(resp) if resp.status().is_success() => {}
+            Ok(resp) => {
+                tracing::warn!(status = %resp.status(), spans = batch.len(), "the OTLP collector refused spans")
+            }
+            Err(error) => tracing::warn!(%error, spans = batch.len(), "could not export spans"),
+        }
+    }
+}
+
+/// The OTLP/JSON body for `spans` (ids in hex, times as decimal strings, as OTLP/JSON has them).
+fn otlp_json(service: &str, spans: &[Finished]) -> serde_json::Value {
+    let spans: Vec<_> = spans
+        .iter()
+        .map(|f| {
+            serde_json::json!({
+                "traceId": f.span.trace_hex(),
+                "spanId": f.span.span_hex(),
+                "parentSpanId": f.parent.map(|p| p.span_hex()).unwrap_or_default(),
+                "name": f.name,
+                "kind": f.kind,
+                "startTimeUnixNano": f.start_ns.to_string(),
+                "endTimeUnixNano": f.end_ns.to_string(),
+                "attributes": [{"key": "http.response.status_code", "value": {"intValue": f.status.to_string()}}],
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "resourceSpans": [{
+            "resource": {"attributes": [{"key": "service.name", "value": {"stringValue": service}}]},
+            "scopeSpans": [{"scope": {"name": "fleetstream"}, "spans": spans}],
+        }]
+    })
+}
+
+/// Logs a finished span (debug level, target `fleetstream::span`) and queues it for OTLP
+/// export when an exporter is installed.
 pub fn log_span(
     span: &TraceContext,
     parent: Option<&TraceContext>,
@@ -41,6 +152,28 @@ pub fn log_span(
     status: u16,
     started: Instant,
 ) {
+    if let Some(exporter) = EXPORTER.get() {
+        let elapsed = started.elapsed();
+        let end_ns = events::now_us().saturating_mul(1000);
+        let finished = Finished {
+            span: *span,
+            parent: parent.copied(),
+            name: name.to_string(),
+            // OTLP span kinds: 2 server, 3 client, 5 consumer, 1 internal.
+            kind: match kind {
+                "server" => 2,
+                "client" => 3,
+                "consumer" => 5,
+                _ => 1,
+            },
+            status,
+            start_ns: end_ns.saturating_sub(elapsed.as_nanos() as u64),
+            end_ns,
+        };
+        if exporter.tx.try_send(finished).is_err() {
+            exporter.dropped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
     tracing::debug!(
         target: "fleetstream::span",
         trace_id = %span.trace_hex(),
@@ -85,6 +218,45 @@ mod tests {
         let body = axum::body::to_bytes(app.oneshot(req).await?.into_body(), 1024).await?;
         assert_eq!(body.len(), 32);
         assert_ne!(&body[..], b"4bf92f3577b34da6a3ce929d0e0e4736");
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn spans_are_exported_to_an_otlp_collector() -> anyhow::Result<()> {
+        // A collector that hands over what it receives.
+        let (got_tx, got_rx) = flume::unbounded::<serde_json::Value>();
+        let collector = Router::new().route(
+            "/v1/traces",
+            axum::routing::post(move |axum::Json(body): axum::Json<serde_json::Value>| {
+                let got_tx = got_tx.clone();
+                async move {
+                    let _ = got_tx.send(body);
+                    "{}"
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let endpoint = format!("http://{}", listener.local_addr()?);
+        tokio::spawn(async move { axum::serve(listener, collector).await });
+        install_exporter(&TracingConfig { otlp_endpoint: Some(endpoint), service_name: Some("scheduler".into()) });
+
+        let app = Router::new().route("/v1/x", get(|| async { "ok" })).layer(axum::middleware::from_fn(propagate));
+        let parent = "00-11111111111111112222222222222222-3333333333333333-01";
+        let req = Request::builder().uri("/v1/x").header("traceparent", parent).body(axum::body::Body::empty())?;
+        app.oneshot(req).await?;
+        // The exporter is the process's: other tests' spans may come along; find ours.
+        let span = loop {
+            let body = tokio::time::timeout(std::time::Duration::from_secs(5), got_rx.recv_async()).await??;
+            let resource = &body["resourceSpans"][0];
+            assert_eq!(resource["resource"]["attributes"][0]["value"]["stringValue"], "scheduler");
+            let spans = resource["scopeSpans"][0]["spans"].as_array().cloned().unwrap_or_default();
+            if let Some(ours) = spans.into_iter().find(|s| s["traceId"] == "11111111111111112222222222222222") {
+                break ours;
+            }
+        };
+        assert_eq!(span["parentSpanId"], "3333333333333333");
+        assert_eq!((span["name"].as_str(), span["kind"].as_u64()), (Some("GET /v1/x"), Some(2)));
+        assert_eq!(spans_dropped(), 0);
         Ok(())
     }
 }
