@@ -14,7 +14,17 @@ pub type DeliveryId = u64;
 
 /// A point on the earth: WGS84 degrees and metres above ground.
 #[derive(
-    Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Default, serde::Serialize, serde::Deserialize,
+    Archive,
+    Serialize,
+    Deserialize,
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+    utoipa::ToSchema,
 )]
 #[rkyv(derive(Debug))]
 pub struct GeoPoint {
@@ -67,7 +77,18 @@ pub fn haversine_m(lat1: f64, lon1: f64, lat2: f64, lon2: f64) -> f64 {
 
 /// What a drone says it is doing.
 #[derive(
-    Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+    Archive,
+    Serialize,
+    Deserialize,
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    serde::Serialize,
+    serde::Deserialize,
+    utoipa::ToSchema,
 )]
 #[rkyv(derive(Debug, PartialEq, Eq), compare(PartialEq))]
 #[serde(rename_all = "snake_case")]
@@ -157,6 +178,7 @@ pub struct DroneEvent {
     Hash,
     serde::Serialize,
     serde::Deserialize,
+    utoipa::ToSchema,
 )]
 #[rkyv(derive(Debug, PartialEq, Eq), compare(PartialEq))]
 #[serde(rename_all = "snake_case")]
@@ -271,7 +293,7 @@ impl DeliveryCommand {
 }
 
 /// The engine's latest knowledge of a drone.
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct DroneSnapshot {
     /// The drone.
     pub drone_id: DroneId,

@@ -451,6 +451,11 @@ pub async fn start(role: Role, cfg: &Config) -> Result<RoleProcess, Error> {
         }
     };
     let api_keys = services::auth::ApiKeys::new(cfg.http.api_keys.iter().cloned());
+    // The public API's description, on every role that serves part of it.
+    let router = match auth {
+        ClientAuth::Optional => router.merge(services::openapi_router()),
+        _ => router,
+    };
     let router = router
         .route("/healthz", get(|| async { "ok" }))
         .layer(axum::middleware::from_fn_with_state(api_keys, services::auth::require_public))

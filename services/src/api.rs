@@ -51,12 +51,47 @@ pub fn router_with<F: FleetControl + WorkQueues + Clone>(
         .route_layer(axum::middleware::from_fn_with_state(throttle, crate::throttle::limit));
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
+        .merge(openapi_router())
         .merge(public)
         .merge(svc.drones.router())
         .merge(svc.deliveries.internal_router())
         .merge(svc.accounts.router())
         .merge(svc.packages.router())
         .layer(axum::middleware::from_fn(crate::trace::propagate))
+}
+
+/// The public API's OpenAPI document, generated from the handlers' and types' annotations;
+/// served at `GET /v1/openapi.json`.
+#[derive(Debug, utoipa::OpenApi)]
+#[openapi(
+    info(
+        title = "fleetstream public API",
+        version = "v1",
+        description = "Schedule, follow and look back on drone deliveries. Within v1 fields and routes may be added; anything else needs /v2."
+    ),
+    paths(
+        crate::scheduler::create_delivery,
+        crate::scheduler::reschedule_delivery,
+        crate::scheduler::cancel_delivery,
+        crate::deliveries::get_delivery,
+        crate::deliveries::subscribe_notifications,
+        crate::drones::register_drones,
+        crate::drones::get_drone,
+        crate::history::delivery_history,
+        crate::history::owner_history,
+    ),
+    components(schemas(
+        crate::error::ErrorBody,
+        crate::scheduler::Scheduled,
+        events::GeoPoint,
+        events::DeliveryStage
+    ))
+)]
+pub struct ApiDoc;
+
+/// `GET /v1/openapi.json`.
+pub fn openapi_router() -> Router {
+    Router::new().route("/v1/openapi.json", get(|| async { Json(<ApiDoc as utoipa::OpenApi>::openapi()) }))
 }
 
 /// `Json` whose rejections are our `400` with the reason.

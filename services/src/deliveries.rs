@@ -31,7 +31,7 @@ use crate::store::Store;
 const CRUISE_M_PER_S: f64 = 15.0;
 
 /// The record of one delivery.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct DeliveryRecord {
     /// Its id.
     pub delivery_id: DeliveryId,
@@ -193,6 +193,15 @@ fn eta_s(from: GeoPoint, via: Option<GeoPoint>, to: GeoPoint) -> u64 {
     (legs * 1000.0 / CRUISE_M_PER_S).round() as u64
 }
 
+/// Where a delivery stands: its record, stage, ETA (`eta_s`) and its drone's live state (`drone`).
+#[utoipa::path(
+    get, path = "/v1/deliveries/{id}", tag = "deliveries",
+    params(("id" = u64, Path, description = "delivery id")),
+    responses(
+        (status = 200, description = "the delivery, with `eta_s` and `drone` beside the record's fields", body = DeliveryRecord),
+        (status = 404, description = "no such delivery", body = crate::error::ErrorBody),
+    )
+)]
 async fn get_delivery<F: FleetControl + WorkQueues>(
     State(svc): State<Arc<DeliveryService<F>>>,
     Path(id): Path<String>,
@@ -224,6 +233,18 @@ async fn get_delivery<F: FleetControl + WorkQueues>(
     })))
 }
 
+/// Be told of each stage change by SMS and/or email.
+#[utoipa::path(
+    post, path = "/v1/deliveries/{id}/notifications", tag = "deliveries",
+    params(("id" = u64, Path, description = "delivery id")),
+    request_body = crate::notify::Subscription,
+    responses(
+        (status = 201, description = "subscribed"),
+        (status = 400, description = "not a phone number or email address", body = crate::error::ErrorBody),
+        (status = 404, description = "no such delivery", body = crate::error::ErrorBody),
+        (status = 409, description = "the delivery is finished", body = crate::error::ErrorBody),
+    )
+)]
 async fn subscribe_notifications<F: FleetControl + WorkQueues>(
     State(svc): State<Arc<DeliveryService<F>>>,
     Path(id): Path<String>,

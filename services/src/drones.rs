@@ -297,10 +297,12 @@ pub struct DroneManagement<F> {
     cfg: DronesConfig,
 }
 
-#[derive(Deserialize)]
+/// Drones to register.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct RegisterDrones {
-    drones: Vec<u64>,
+pub struct RegisterDrones {
+    /// Their ids.
+    pub drones: Vec<u64>,
 }
 
 /// An assignment request.
@@ -400,6 +402,12 @@ impl<F: FleetControl> DroneManagement<F> {
     }
 }
 
+/// Register drones as available for deliveries.
+#[utoipa::path(
+    post, path = "/v1/drones", tag = "drones",
+    request_body = RegisterDrones,
+    responses((status = 200, description = "`{registered, new}`: how many were sent and how many were new"))
+)]
 async fn register_drones<F: FleetControl>(
     State(svc): State<Arc<DroneManagement<F>>>,
     ApiJson(req): ApiJson<RegisterDrones>,
@@ -418,6 +426,15 @@ async fn register_drone<F: FleetControl>(
     Ok((status, Json(serde_json::json!({ "drone_id": id }))))
 }
 
+/// A drone's live state from the engine and its assignment.
+#[utoipa::path(
+    get, path = "/v1/drones/{id}", tag = "drones",
+    params(("id" = u64, Path, description = "drone id")),
+    responses(
+        (status = 200, description = "live state, with `registered` and `assigned_delivery`", body = events::DroneSnapshot),
+        (status = 404, description = "neither registered nor ever reported", body = crate::error::ErrorBody),
+    )
+)]
 async fn get_drone<F: FleetControl>(
     State(svc): State<Arc<DroneManagement<F>>>,
     Path(id): Path<String>,

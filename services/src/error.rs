@@ -5,6 +5,18 @@ use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
+/// The body of every error response.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    /// Stable machine-readable code, e.g. `bad_request`, `no_drone_available`.
+    pub error: String,
+    /// What went wrong, for a person.
+    pub message: String,
+    /// For `dependency_failed`: which internal service failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dependency: Option<String>,
+}
+
 /// Errors of the HTTP services.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -41,7 +41,7 @@ fn store(e: impl std::fmt::Display) -> Error {
 }
 
 /// One stored event.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct HistoryEvent {
     /// Per-delivery sequence number.
     pub seq: u32,
@@ -56,7 +56,7 @@ pub struct HistoryEvent {
 }
 
 /// One delivery in an owner query.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct OwnedDelivery {
     /// The delivery.
     pub delivery_id: DeliveryId,
@@ -274,6 +274,15 @@ async fn put_owner(
     Ok(axum::http::StatusCode::NO_CONTENT)
 }
 
+/// Every event of a delivery, in order.
+#[utoipa::path(
+    get, path = "/v1/deliveries/{id}/history", tag = "history",
+    params(("id" = u64, Path, description = "delivery id")),
+    responses(
+        (status = 200, description = "`{delivery_id, events}`", body = [HistoryEvent]),
+        (status = 404, description = "the history knows nothing of it", body = crate::error::ErrorBody),
+    )
+)]
 async fn delivery_history(State(h): State<Arc<History>>, UrlPath(id): UrlPath<String>) -> Result<Json<Value>, Error> {
     let id: u64 = id.parse().map_err(|_| Error::BadRequest(format!("{id:?} is not a numeric id")))?;
     let events = tokio::task::spawn_blocking(move || h.events_of(id))
@@ -306,6 +315,18 @@ fn default_limit() -> usize {
     100
 }
 
+/// An owner's deliveries by creation time, a page at a time.
+#[utoipa::path(
+    get, path = "/v1/history", tag = "history",
+    params(
+        ("owner" = String, Query, description = "the ordering account"),
+        ("from_us" = Option<u64>, Query, description = "created at or after, µs since the epoch"),
+        ("to_us" = Option<u64>, Query, description = "created at or before"),
+        ("after" = Option<String>, Query, description = "the previous page's `next`"),
+        ("limit" = Option<usize>, Query, description = "page size, 1..=1000, default 100"),
+    ),
+    responses((status = 200, description = "`{owner, deliveries, next}`", body = [OwnedDelivery]))
+)]
 async fn owner_history(State(h): State<Arc<History>>, Query(q): Query<OwnerQuery>) -> Result<Json<Value>, Error> {
     let after = match &q.after {
         None => None,

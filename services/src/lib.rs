@@ -18,7 +18,7 @@ pub mod breaker;
 pub mod client;
 pub mod deliveries;
 pub mod drones;
-mod error;
+pub mod error;
 pub mod history;
 mod idempotency;
 pub mod notify;
@@ -30,6 +30,6 @@ pub mod throttle;
 pub mod tls;
 pub mod trace;
 
-pub use api::{router, router_with};
+pub use api::{ApiDoc, openapi_router, router, router_with};
 pub use error::Error;
 pub use state::{CreateDelivery, DeliveryRecord, Package, Reschedule, Services, ServicesConfig};

@@ -48,7 +48,7 @@ impl Default for NotifyConfig {
 }
 
 /// A customer's subscription to one delivery.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Subscription {
     /// Phone number for SMS, `+` and digits.

@@ -65,6 +65,17 @@ impl Deps {
     }
 }
 
+/// A scheduled delivery, as `POST /v1/deliveries` answers.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct Scheduled {
+    /// The new delivery.
+    pub delivery_id: DeliveryId,
+    /// The drone assigned to it.
+    pub drone_id: DroneId,
+    /// Its stage: `created`.
+    pub stage: DeliveryStage,
+}
+
 /// The Delivery Scheduler.
 #[derive(Debug)]
 pub struct Scheduler<F> {
@@ -392,6 +403,19 @@ fn span(trace: Option<Extension<TraceContext>>) -> TraceContext {
     trace.map_or_else(TraceContext::new_root, |Extension(t)| t)
 }
 
+/// Schedule a delivery.
+#[utoipa::path(
+    post, path = "/v1/deliveries", tag = "deliveries",
+    request_body = CreateDelivery,
+    params(("Idempotency-Key" = Option<String>, Header, description = "a retry with the same key returns the first result")),
+    responses(
+        (status = 201, description = "scheduled", body = Scheduled),
+        (status = 400, description = "malformed request", body = crate::error::ErrorBody),
+        (status = 403, description = "the account may not order", body = crate::error::ErrorBody),
+        (status = 422, description = "unknown account, or an Idempotency-Key reused for another request", body = crate::error::ErrorBody),
+        (status = 503, description = "no drone free, or a dependency failed (`dependency` names it)", body = crate::error::ErrorBody),
+    )
+)]
 async fn create_delivery<F: FleetControl + WorkQueues>(
     State(svc): State<Arc<Scheduler<F>>>,
     trace: Option<Extension<TraceContext>>,
@@ -411,11 +435,7 @@ async fn create_delivery<F: FleetControl + WorkQueues>(
         Ok((record, replayed)) => Ok((
             StatusCode::CREATED,
             [("idempotent-replayed", if replayed { "true" } else { "false" })],
-            Json(serde_json::json!({
-                "delivery_id": record.delivery_id,
-                "drone_id": record.drone_id,
-                "stage": record.stage,
-            })),
+            Json(Scheduled { delivery_id: record.delivery_id, drone_id: record.drone_id, stage: record.stage }),
         )),
         Err(e) => {
             svc.refused.fetch_add(1, Ordering::Relaxed);
@@ -424,6 +444,17 @@ async fn create_delivery<F: FleetControl + WorkQueues>(
     }
 }
 
+/// Reschedule a delivery that has not been picked up.
+#[utoipa::path(
+    patch, path = "/v1/deliveries/{id}", tag = "deliveries",
+    params(("id" = u64, Path, description = "delivery id")),
+    request_body = Reschedule,
+    responses(
+        (status = 200, description = "rescheduled; the drone gets the new mission"),
+        (status = 404, description = "no such delivery", body = crate::error::ErrorBody),
+        (status = 409, description = "already picked up or finished", body = crate::error::ErrorBody),
+    )
+)]
 async fn reschedule_delivery<F: FleetControl + WorkQueues>(
     State(svc): State<Arc<Scheduler<F>>>,
     Path(id): Path<String>,
@@ -439,6 +470,16 @@ async fn reschedule_delivery<F: FleetControl + WorkQueues>(
     })))
 }
 
+/// Cancel a delivery that is not complete.
+#[utoipa::path(
+    delete, path = "/v1/deliveries/{id}", tag = "deliveries",
+    params(("id" = u64, Path, description = "delivery id")),
+    responses(
+        (status = 202, description = "cancelling: the stage becomes `cancelled`"),
+        (status = 404, description = "no such delivery", body = crate::error::ErrorBody),
+        (status = 409, description = "already complete", body = crate::error::ErrorBody),
+    )
+)]
 async fn cancel_delivery<F: FleetControl + WorkQueues>(
     State(svc): State<Arc<Scheduler<F>>>,
     Path(id): Path<String>,

@@ -24,7 +24,7 @@ use crate::scheduler::{Deps, Scheduler};
 use crate::store::Store;
 
 /// What a customer sends to schedule a delivery.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateDelivery {
     /// The ordering account.
@@ -38,7 +38,7 @@ pub struct CreateDelivery {
 }
 
 /// What a customer sends to reschedule: new places (either may be left out).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Reschedule {
     /// New pickup point.
@@ -50,7 +50,7 @@ pub struct Reschedule {
 }
 
 /// A package's description.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Package {
     /// Size class: `small`, `medium` or `large`.

@@ -293,3 +293,29 @@ async fn the_package_and_the_record_are_stored_with_the_delivery() {
     assert_eq!((status, assignment["drone_id"].as_u64()), (StatusCode::OK, Some(7)));
     assert_eq!(svc.delivery(id).map(|r| r.drone_id), Some(7));
 }
+
+#[tokio::test]
+async fn the_openapi_document_describes_the_public_api() {
+    let (_, _, router) = setup().await;
+    let (status, doc, _) = call(&router, "GET", "/v1/openapi.json", None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(doc["info"]["version"], "v1");
+    for (path, method) in [
+        ("/v1/deliveries", "post"),
+        ("/v1/deliveries/{id}", "get"),
+        ("/v1/deliveries/{id}", "patch"),
+        ("/v1/deliveries/{id}", "delete"),
+        ("/v1/deliveries/{id}/notifications", "post"),
+        ("/v1/deliveries/{id}/history", "get"),
+        ("/v1/history", "get"),
+        ("/v1/drones/{id}", "get"),
+    ] {
+        assert!(doc["paths"][path][method].is_object(), "{method} {path} is described");
+    }
+    let create = &doc["components"]["schemas"]["CreateDelivery"];
+    assert_eq!(create["properties"]["pickup"]["$ref"], "#/components/schemas/GeoPoint", "{create}");
+    let required: Vec<&str> = create["required"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    assert_eq!(required, ["owner", "pickup", "dropoff", "package"]);
+    let stages = doc["components"]["schemas"]["DeliveryStage"]["enum"].as_array().unwrap();
+    assert!(stages.iter().any(|s| s == "delivery_complete"), "{stages:?}");
+}
