@@ -61,6 +61,11 @@
 //! failure_ratio = 0.5
 //! open_ms = 5000
 //! probes = 3
+//! [history]
+//! store = "embedded"           # or "postgres": Delivery History in PostgreSQL
+//! # url = "postgresql://postgres@127.0.0.1:5432/fleetstream"
+//! # schema = "fleetstream"     # created and migrated at start
+//!
 //! [tracing]
 //! # otlp_endpoint = "http://127.0.0.1:4318"   # OTLP/HTTP collector; unset: spans only logged
 //! # service_name = "fleetstream"              # split roles default to fleetstream-<role>
@@ -105,6 +110,8 @@ pub struct Config {
     pub split: crate::roles::SplitConfig,
     /// Span export over OTLP (spans are always logged under `fleetstream::span` at debug).
     pub tracing: services::trace::TracingConfig,
+    /// Where Delivery History is kept: embedded (default) or PostgreSQL.
+    pub history: services::history::HistoryConfig,
 }
 
 impl Default for Config {
@@ -120,6 +127,7 @@ impl Default for Config {
             services: services::ServicesConfig::default(),
             split: crate::roles::SplitConfig::default(),
             tracing: services::trace::TracingConfig::default(),
+            history: services::history::HistoryConfig::default(),
         }
     }
 }

@@ -64,8 +64,10 @@ impl Node {
                 .await
                 .map_err(|e| Error::Task(e.to_string()))??;
         let history_path = cfg.data_dir.join("history").join("history.redb");
-        let history =
-            Arc::new(services::history::History::open(&history_path).map_err(|e| Error::Task(e.to_string()))?);
+        let history = Arc::new(
+            services::history::History::open_configured(&cfg.history, &history_path)
+                .map_err(|e| Error::Task(format!("opening delivery history: {e}")))?,
+        );
         let history_task = start_history(&engine, history.clone())?;
         let (notifier_stop, notifier_rx) = tokio::sync::watch::channel(false);
         let notifier_task = if cfg.notify.notifier {

@@ -429,7 +429,10 @@ pub async fn start(role: Role, cfg: &Config) -> Result<RoleProcess, Error> {
             (router, ClientAuth::Optional)
         }
         Role::History => {
-            let history = Arc::new(services::history::History::open(&data.join("history.redb")).map_err(svc_error)?);
+            let history = Arc::new(
+                services::history::History::open_configured(&cfg.history, &data.join("history.redb"))
+                    .map_err(svc_error)?,
+            );
             let router = services::history::router(history.clone());
             tasks.push(tokio::spawn(follow_history(split.engine_quic, quic_trust()?, history, stop_rx.clone())));
             (router, ClientAuth::Optional)

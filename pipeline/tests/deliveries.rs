@@ -436,3 +436,64 @@ async fn one_trace_follows_a_delivery_from_the_request_through_the_drone_to_its_
     node.shutdown().await.unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivery_history_on_postgres_follows_the_delivery_through_the_same_api() {
+    let url =
+        std::env::var("FLEETSTREAM_PG_URL").unwrap_or_else(|_| "postgresql://postgres@127.0.0.1:5432/test".into());
+    let schema = format!("fleetstream_node_{}", std::process::id());
+    let dir = std::env::temp_dir().join(format!("fleetstream-pg-history-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut cfg = Config { data_dir: dir.clone(), ..Config::default() };
+    cfg.ingest.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    cfg.http.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    cfg.engine.shards = 2;
+    cfg.history = services::history::HistoryConfig {
+        store: services::history::HistoryStore::Postgres,
+        url: url.clone(),
+        schema: schema.clone(),
+    };
+    let node = match Node::start(&cfg).await {
+        Ok(node) => node,
+        Err(error) if std::env::var("FLEETSTREAM_REQUIRE_SERVICES").as_deref() != Ok("1") => {
+            println!("SKIP delivery_history_on_postgres: no PostgreSQL at {url}: {error}");
+            return;
+        }
+        Err(error) => panic!("PostgreSQL at {url} is required (FLEETSTREAM_REQUIRE_SERVICES=1): {error}"),
+    };
+    let base = format!("http://{}", node.http_addr);
+    let http = services::tls::plain_client().unwrap();
+    http.put(format!("{base}/v1/drones/3")).send().await.unwrap();
+    http.put(format!("{base}/internal/v1/accounts/pg-owner")).json(&json!({})).send().await.unwrap();
+    let order = json!({
+        "owner": "pg-owner", "pickup": {"lat": 47.6, "lon": -122.3}, "dropoff": {"lat": 47.61, "lon": -122.31},
+        "package": {"size": "small", "weight_kg": 1.0}
+    });
+    let v: Value = http.post(format!("{base}/v1/deliveries")).json(&order).send().await.unwrap().json().await.unwrap();
+    let id = v["delivery_id"].as_u64().unwrap();
+    assert_eq!(http.delete(format!("{base}/v1/deliveries/{id}")).send().await.unwrap().status(), 202);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let stages = loop {
+        let v: Value =
+            http.get(format!("{base}/v1/deliveries/{id}/history")).send().await.unwrap().json().await.unwrap();
+        let stages: Vec<String> = v["events"]
+            .as_array()
+            .map_or_else(Vec::new, |evs| evs.iter().map(|e| e["stage"].as_str().unwrap().to_string()).collect());
+        if stages.len() >= 2 || std::time::Instant::now() > deadline {
+            break stages;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(stages, ["created", "cancelled"]);
+    let page: Value = http.get(format!("{base}/v1/history?owner=pg-owner")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(page["deliveries"][0]["delivery_id"], id, "{page}");
+    assert_eq!(page["deliveries"][0]["stage"], "cancelled");
+    node.shutdown().await.unwrap();
+    let mut admin =
+        tokio::task::spawn_blocking(move || postgres::Client::connect(&url, postgres::NoTls)).await.unwrap().unwrap();
+    tokio::task::spawn_blocking(move || admin.batch_execute(&format!("DROP SCHEMA {schema} CASCADE")))
+        .await
+        .unwrap()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -73,9 +73,51 @@ type PendingOwners = Vec<(DeliveryId, String, u64)>;
 /// milliseconds later, takes them along).
 const MAX_PENDING_OWNERS: usize = 10_000;
 
+/// Where the history is kept.
+enum Backend {
+    /// redb, one file (the default).
+    Embedded(Database),
+    /// PostgreSQL (see [`crate::history_pg`]).
+    Postgres(crate::history_pg::PgHistory),
+}
+
+/// Where Delivery History is kept: `[history]` in the pipeline's config.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HistoryStore {
+    /// redb under the data directory (the default).
+    #[default]
+    Embedded,
+    /// PostgreSQL at `url`.
+    Postgres,
+}
+
+/// `[history]`: which store, and PostgreSQL's settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HistoryConfig {
+    /// `embedded` (default) or `postgres`.
+    pub store: HistoryStore,
+    /// PostgreSQL connection URL (`store = "postgres"`). Default
+    /// `postgresql://postgres@127.0.0.1:5432/fleetstream`.
+    pub url: String,
+    /// Schema the tables live in (created if missing). Default `fleetstream`.
+    pub schema: String,
+}
+
+impl Default for HistoryConfig {
+    fn default() -> Self {
+        Self {
+            store: HistoryStore::Embedded,
+            url: "postgresql://postgres@127.0.0.1:5432/fleetstream".into(),
+            schema: "fleetstream".into(),
+        }
+    }
+}
+
 /// The history store.
 pub struct History {
-    db: Database,
+    backend: Backend,
     /// Who ordered the deliveries scheduled since the last write: written with the next batch,
     /// so scheduling never waits for the store's single writer.
     pending: parking_lot::Mutex<PendingOwners>,
@@ -100,7 +142,12 @@ fn stage_code(s: DeliveryStage) -> u8 {
     STAGES.iter().position(|x| *x == s).unwrap_or(0) as u8
 }
 
-fn stage_of(code: u8) -> DeliveryStage {
+/// A u64 id, offset or time in a BIGINT column (all of them are below 2^63).
+fn pg_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+pub(crate) fn stage_of(code: u8) -> DeliveryStage {
     STAGES.get(usize::from(code)).copied().unwrap_or(DeliveryStage::Created)
 }
 
@@ -119,12 +166,38 @@ impl History {
             txn.open_table(META).map_err(store)?;
         }
         txn.commit().map_err(store)?;
-        Ok(Self { db, pending: parking_lot::Mutex::new(Vec::new()) })
+        Ok(Self { backend: Backend::Embedded(db), pending: parking_lot::Mutex::new(Vec::new()) })
+    }
+
+    /// Connects to PostgreSQL at `url` and keeps the history in `schema` (tables created and
+    /// migrated as needed).
+    pub fn open_postgres(url: &str, schema: &str) -> Result<Self, Error> {
+        let pg = crate::history_pg::PgHistory::open(url, schema)?;
+        Ok(Self { backend: Backend::Postgres(pg), pending: parking_lot::Mutex::new(Vec::new()) })
+    }
+
+    /// The store `cfg` names; the embedded one at `embedded_path`.
+    pub fn open_configured(cfg: &HistoryConfig, embedded_path: &Path) -> Result<Self, Error> {
+        match cfg.store {
+            HistoryStore::Embedded => Self::open(embedded_path),
+            HistoryStore::Postgres => Self::open_postgres(&cfg.url, &cfg.schema),
+        }
+    }
+
+    fn take_owner_rows(&self) -> Vec<crate::history_pg::OwnerRow> {
+        std::mem::take(&mut *self.pending.lock())
+            .into_iter()
+            .map(|(id, owner, created)| (pg_i64(id), owner, pg_i64(created)))
+            .collect()
     }
 
     /// The delivery-events offset to resume from: the one after the last batch stored.
     pub fn next_offset(&self) -> Result<Option<u64>, Error> {
-        let txn = self.db.begin_read().map_err(store)?;
+        let db = match &self.backend {
+            Backend::Embedded(db) => db,
+            Backend::Postgres(pg) => return pg.next_offset(),
+        };
+        let txn = db.begin_read().map_err(store)?;
         let meta = txn.open_table(META).map_err(store)?;
         Ok(meta.get(NEXT_OFFSET).map_err(store)?.map(|v| v.value()))
     }
@@ -144,7 +217,11 @@ impl History {
 
     /// Writes (and fsyncs) the owner notes not yet stored; for shutdown.
     pub fn flush(&self) -> Result<(), Error> {
-        let txn = self.db.begin_write().map_err(store)?;
+        let db = match &self.backend {
+            Backend::Embedded(db) => db,
+            Backend::Postgres(pg) => return pg.apply(self.take_owner_rows(), Vec::new(), None),
+        };
+        let txn = db.begin_write().map_err(store)?;
         self.write_pending(&txn)?;
         txn.commit().map_err(store)
     }
@@ -174,7 +251,27 @@ impl History {
     /// with one commit (one fsync) for everything it has, not one per batch.
     pub fn apply_many<B: std::borrow::Borrow<DeliveryBatch>>(&self, batches: &[(u64, B)]) -> Result<(), Error> {
         let Some(last) = batches.last().map(|(offset, _)| *offset) else { return Ok(()) };
-        let txn = self.db.begin_write().map_err(store)?;
+        let db = match &self.backend {
+            Backend::Embedded(db) => db,
+            Backend::Postgres(pg) => {
+                let mut rows = Vec::new();
+                for (_, batch) in batches {
+                    for e in batch.borrow().events().iter() {
+                        rows.push((
+                            pg_i64(e.delivery_id.to_native()),
+                            i32::try_from(e.seq.to_native()).unwrap_or(i32::MAX),
+                            i16::from(stage_code(e.stage.to_stage())),
+                            pg_i64(e.drone_id.to_native()),
+                            pg_i64(e.ts_us.to_native()),
+                            e.location.lat.to_native(),
+                            e.location.lon.to_native(),
+                        ));
+                    }
+                }
+                return pg.apply(self.take_owner_rows(), rows, Some(last + 1));
+            }
+        };
+        let txn = db.begin_write().map_err(store)?;
         self.write_pending(&txn)?;
         {
             let mut events = txn.open_table(EVENTS).map_err(store)?;
@@ -197,7 +294,11 @@ impl History {
 
     /// Every stored event of a delivery, in order; `None` if the history knows nothing of it.
     pub fn events_of(&self, id: DeliveryId) -> Result<Option<Vec<HistoryEvent>>, Error> {
-        let txn = self.db.begin_read().map_err(store)?;
+        let db = match &self.backend {
+            Backend::Embedded(db) => db,
+            Backend::Postgres(pg) => return pg.events_of(id),
+        };
+        let txn = db.begin_read().map_err(store)?;
         let table = txn.open_table(EVENTS).map_err(store)?;
         let mut out = Vec::new();
         for row in table.range((id, 0)..=(id, u32::MAX)).map_err(store)? {
@@ -219,7 +320,11 @@ impl History {
         after: Option<(u64, u64)>,
         limit: usize,
     ) -> Result<Vec<OwnedDelivery>, Error> {
-        let txn = self.db.begin_read().map_err(store)?;
+        let db = match &self.backend {
+            Backend::Embedded(db) => db,
+            Backend::Postgres(pg) => return pg.by_owner(owner, from_us, to_us, after, limit),
+        };
+        let txn = db.begin_read().map_err(store)?;
         let index = txn.open_table(BY_OWNER).map_err(store)?;
         let events = txn.open_table(EVENTS).map_err(store)?;
         let start = match after {

@@ -20,6 +20,7 @@ pub mod deliveries;
 pub mod drones;
 pub mod error;
 pub mod history;
+mod history_pg;
 mod idempotency;
 pub mod notify;
 pub mod packages;

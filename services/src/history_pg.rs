@@ -1,0 +1,300 @@
+//! Delivery History on PostgreSQL, for when one machine is not enough: the same operations as
+//! the embedded store, the same guarantee (each stored group of batches and the log offset
+//! after it commit in one transaction), the same query results and pagination.
+//!
+//! The schema is created and migrated at open (`history_schema` records the version; an
+//! advisory lock keeps two nodes from migrating at once). A dedicated thread owns the
+//! connection, so callers on async runtimes never run the driver's own runtime inside theirs.
+//! Events are inserted in multi-row statements with `ON CONFLICT DO NOTHING`, keyed by
+//! `(delivery_id, seq)` as the engine derives them, so a replayed batch changes nothing.
+
+use std::sync::mpsc;
+
+use events::{DeliveryId, DeliveryStage, GeoPoint};
+
+use crate::Error;
+use crate::history::{HistoryEvent, OwnedDelivery};
+
+fn pg_error(e: impl std::fmt::Display) -> Error {
+    Error::Engine(events::Error::Storage(format!("history (postgres): {e}")))
+}
+
+/// The schema, one migration per entry; the index is the version it brings the schema to,
+/// minus one.
+const MIGRATIONS: &[&str] = &["
+    CREATE TABLE history_events (
+        delivery_id BIGINT NOT NULL,
+        seq INTEGER NOT NULL,
+        stage SMALLINT NOT NULL,
+        drone_id BIGINT NOT NULL,
+        ts_us BIGINT NOT NULL,
+        lat DOUBLE PRECISION NOT NULL,
+        lon DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (delivery_id, seq)
+    );
+    CREATE TABLE history_deliveries (
+        delivery_id BIGINT PRIMARY KEY,
+        owner TEXT NOT NULL,
+        created_us BIGINT NOT NULL
+    );
+    CREATE INDEX history_deliveries_by_owner ON history_deliveries (owner, created_us, delivery_id);
+    CREATE TABLE history_meta (key TEXT PRIMARY KEY, value BIGINT NOT NULL);
+"];
+
+/// One event row: delivery, seq, stage code, drone, time, lat, lon.
+pub(crate) type EventRow = (i64, i32, i16, i64, i64, f64, f64);
+/// One owner note: delivery, owner, created.
+pub(crate) type OwnerRow = (i64, String, i64);
+
+enum Req {
+    NextOffset(mpsc::Sender<Result<Option<u64>, String>>),
+    Apply {
+        owners: Vec<OwnerRow>,
+        events: Vec<EventRow>,
+        next: Option<u64>,
+        done: mpsc::Sender<Result<(), String>>,
+    },
+    EventsOf(DeliveryId, mpsc::Sender<Result<Option<Vec<HistoryEvent>>, String>>),
+    ByOwner {
+        owner: String,
+        from_us: u64,
+        to_us: u64,
+        after: Option<(u64, u64)>,
+        limit: usize,
+        done: mpsc::Sender<Result<Vec<OwnedDelivery>, String>>,
+    },
+}
+
+/// The PostgreSQL history store.
+pub(crate) struct PgHistory {
+    tx: parking_lot::Mutex<mpsc::Sender<Req>>,
+}
+
+impl std::fmt::Debug for PgHistory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgHistory").finish_non_exhaustive()
+    }
+}
+
+/// u64 ids and offsets are stored in BIGINT: values below 2^63, which ids (µs timestamps)
+/// and offsets are.
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn to_u64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+impl PgHistory {
+    /// Connects to `url`, uses `schema` (created if missing) and applies migrations.
+    pub(crate) fn open(url: &str, schema: &str) -> Result<Self, Error> {
+        if schema.is_empty() || !schema.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            return Err(Error::BadRequest(format!("history schema {schema:?} must be letters, digits and _")));
+        }
+        let (tx, rx) = mpsc::channel::<Req>();
+        let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
+        let (url, schema) = (url.to_string(), schema.to_string());
+        std::thread::Builder::new()
+            .name("history-postgres".into())
+            .spawn(move || {
+                let mut client = match connect(&url, &schema) {
+                    Ok(c) => {
+                        let _ = ready_tx.send(Ok(()));
+                        c
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e.to_string()));
+                        return;
+                    }
+                };
+                while let Ok(req) = rx.recv() {
+                    serve(&mut client, req);
+                }
+            })
+            .map_err(pg_error)?;
+        ready_rx.recv().map_err(pg_error)?.map_err(pg_error)?;
+        Ok(Self { tx: parking_lot::Mutex::new(tx) })
+    }
+
+    fn ask<T>(&self, make: impl FnOnce(mpsc::Sender<Result<T, String>>) -> Req) -> Result<T, Error> {
+        let (done, rx) = mpsc::channel();
+        self.tx.lock().send(make(done)).map_err(|_| pg_error("the connection thread stopped"))?;
+        rx.recv().map_err(|_| pg_error("the connection thread stopped"))?.map_err(pg_error)
+    }
+
+    pub(crate) fn next_offset(&self) -> Result<Option<u64>, Error> {
+        self.ask(Req::NextOffset)
+    }
+
+    /// Stores owners and events and, when given, the resume offset, in one transaction.
+    pub(crate) fn apply(&self, owners: Vec<OwnerRow>, events: Vec<EventRow>, next: Option<u64>) -> Result<(), Error> {
+        self.ask(|done| Req::Apply { owners, events, next, done })
+    }
+
+    pub(crate) fn events_of(&self, id: DeliveryId) -> Result<Option<Vec<HistoryEvent>>, Error> {
+        self.ask(|done| Req::EventsOf(id, done))
+    }
+
+    pub(crate) fn by_owner(
+        &self,
+        owner: &str,
+        from_us: u64,
+        to_us: u64,
+        after: Option<(u64, u64)>,
+        limit: usize,
+    ) -> Result<Vec<OwnedDelivery>, Error> {
+        let owner = owner.to_string();
+        self.ask(|done| Req::ByOwner { owner, from_us, to_us, after, limit, done })
+    }
+}
+
+fn connect(url: &str, schema: &str) -> Result<postgres::Client, postgres::Error> {
+    let mut client = postgres::Client::connect(url, postgres::NoTls)?;
+    client.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {schema}; SET search_path TO {schema}"))?;
+    let mut txn = client.transaction()?;
+    // One migrator at a time across nodes sharing the database.
+    txn.execute("SELECT pg_advisory_xact_lock(hashtext('fleetstream_history_schema'))", &[])?;
+    txn.batch_execute("CREATE TABLE IF NOT EXISTS history_schema (version INTEGER NOT NULL)")?;
+    let version: i32 = match txn.query_opt("SELECT version FROM history_schema", &[])? {
+        Some(row) => row.get(0),
+        None => {
+            txn.execute("INSERT INTO history_schema (version) VALUES (0)", &[])?;
+            0
+        }
+    };
+    for (i, migration) in MIGRATIONS.iter().enumerate().skip(usize::try_from(version).unwrap_or(0)) {
+        txn.batch_execute(migration)?;
+        let to = i32::try_from(i + 1).unwrap_or(i32::MAX);
+        txn.execute("UPDATE history_schema SET version = $1", &[&to])?;
+        tracing::info!(schema, version = to, "history schema migrated");
+    }
+    txn.commit()?;
+    Ok(client)
+}
+
+/// Rows per multi-row INSERT (7 parameters each, well under the protocol's 65,535).
+const ROWS_PER_INSERT: usize = 1000;
+
+fn serve(client: &mut postgres::Client, req: Req) {
+    match req {
+        Req::NextOffset(done) => {
+            let r = client
+                .query_opt("SELECT value FROM history_meta WHERE key = 'next_offset'", &[])
+                .map(|row| row.map(|r| to_u64(r.get(0))));
+            let _ = done.send(r.map_err(|e| e.to_string()));
+        }
+        Req::Apply { owners, events, next, done } => {
+            let _ = done.send(apply(client, &owners, &events, next).map_err(|e| e.to_string()));
+        }
+        Req::EventsOf(id, done) => {
+            let _ = done.send(events_of(client, id).map_err(|e| e.to_string()));
+        }
+        Req::ByOwner { owner, from_us, to_us, after, limit, done } => {
+            let _ = done.send(by_owner(client, &owner, from_us, to_us, after, limit).map_err(|e| e.to_string()));
+        }
+    }
+}
+
+fn apply(
+    client: &mut postgres::Client,
+    owners: &[OwnerRow],
+    events: &[EventRow],
+    next: Option<u64>,
+) -> Result<(), postgres::Error> {
+    let mut txn = client.transaction()?;
+    for chunk in owners.chunks(ROWS_PER_INSERT) {
+        let mut sql = String::from("INSERT INTO history_deliveries (delivery_id, owner, created_us) VALUES ");
+        let mut params: Vec<&(dyn postgres::types::ToSql + Sync)> = Vec::with_capacity(chunk.len() * 3);
+        for (i, (id, owner, created)) in chunk.iter().enumerate() {
+            if i > 0 {
+                sql.push(',');
+            }
+            sql.push_str(&format!("(${},${},${})", i * 3 + 1, i * 3 + 2, i * 3 + 3));
+            params.extend([id as &(dyn postgres::types::ToSql + Sync), owner, created]);
+        }
+        sql.push_str(" ON CONFLICT (delivery_id) DO NOTHING");
+        txn.execute(sql.as_str(), &params)?;
+    }
+    for chunk in events.chunks(ROWS_PER_INSERT) {
+        let mut sql =
+            String::from("INSERT INTO history_events (delivery_id, seq, stage, drone_id, ts_us, lat, lon) VALUES ");
+        let mut params: Vec<&(dyn postgres::types::ToSql + Sync)> = Vec::with_capacity(chunk.len() * 7);
+        for (i, (id, seq, stage, drone, ts, lat, lon)) in chunk.iter().enumerate() {
+            if i > 0 {
+                sql.push(',');
+            }
+            let b = i * 7;
+            sql.push_str(&format!("(${},${},${},${},${},${},${})", b + 1, b + 2, b + 3, b + 4, b + 5, b + 6, b + 7));
+            params.extend([id as &(dyn postgres::types::ToSql + Sync), seq, stage, drone, ts, lat, lon]);
+        }
+        sql.push_str(" ON CONFLICT (delivery_id, seq) DO NOTHING");
+        txn.execute(sql.as_str(), &params)?;
+    }
+    if let Some(next) = next {
+        txn.execute(
+            "INSERT INTO history_meta (key, value) VALUES ('next_offset', $1)
+             ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+            &[&to_i64(next)],
+        )?;
+    }
+    txn.commit()
+}
+
+fn events_of(client: &mut postgres::Client, id: DeliveryId) -> Result<Option<Vec<HistoryEvent>>, postgres::Error> {
+    let rows = client.query(
+        "SELECT seq, stage, drone_id, ts_us, lat, lon FROM history_events WHERE delivery_id = $1 ORDER BY seq",
+        &[&to_i64(id)],
+    )?;
+    let out: Vec<HistoryEvent> = rows
+        .iter()
+        .map(|r| HistoryEvent {
+            seq: u32::try_from(r.get::<_, i32>(0)).unwrap_or(0),
+            stage: crate::history::stage_of(u8::try_from(r.get::<_, i16>(1)).unwrap_or(0)),
+            drone_id: to_u64(r.get(2)),
+            ts_us: to_u64(r.get(3)),
+            location: GeoPoint::new(r.get(4), r.get(5)),
+        })
+        .collect();
+    if !out.is_empty() {
+        return Ok(Some(out));
+    }
+    let known = client.query_opt("SELECT 1 FROM history_deliveries WHERE delivery_id = $1", &[&to_i64(id)])?;
+    Ok(known.map(|_| out))
+}
+
+fn by_owner(
+    client: &mut postgres::Client,
+    owner: &str,
+    from_us: u64,
+    to_us: u64,
+    after: Option<(u64, u64)>,
+    limit: usize,
+) -> Result<Vec<OwnedDelivery>, postgres::Error> {
+    // The page starts after (created, id) when given, else at from_us, and ends before to_us,
+    // as the embedded store's range does.
+    let (start_created, start_id) = match after {
+        Some((created, id)) => (to_i64(created), to_i64(id.saturating_add(1))),
+        None => (to_i64(from_us), 0),
+    };
+    let rows = client.query(
+        "SELECT d.delivery_id, d.created_us,
+                (SELECT e.stage FROM history_events e WHERE e.delivery_id = d.delivery_id ORDER BY e.seq DESC LIMIT 1)
+         FROM history_deliveries d
+         WHERE d.owner = $1 AND (d.created_us, d.delivery_id) >= ($2, $3) AND d.created_us < $4
+         ORDER BY d.created_us, d.delivery_id
+         LIMIT $5",
+        &[&owner, &start_created, &start_id, &to_i64(to_us), &i64::try_from(limit).unwrap_or(i64::MAX)],
+    )?;
+    Ok(rows
+        .iter()
+        .map(|r| OwnedDelivery {
+            delivery_id: to_u64(r.get(0)),
+            created_us: to_u64(r.get(1)),
+            stage: r
+                .get::<_, Option<i16>>(2)
+                .map(|s| crate::history::stage_of(u8::try_from(s).unwrap_or(0)))
+                .map(|s: DeliveryStage| s),
+        })
+        .collect())
+}
