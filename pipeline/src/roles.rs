@@ -397,7 +397,10 @@ pub async fn start(role: Role, cfg: &Config) -> Result<RoleProcess, Error> {
             let apply = move |batch: DeliveryBatch| {
                 let svc = svc.clone();
                 async move {
-                    svc.apply_delivery_events(&batch);
+                    let changed = svc.apply_delivery_events(&batch);
+                    if let Err(error) = svc.persist(changed).await {
+                        tracing::error!(%error, "could not store delivery stages");
+                    }
                     if let Err(error) = svc.notify(&batch).await {
                         tracing::warn!(%error, "could not queue notifications");
                     }

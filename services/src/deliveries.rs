@@ -51,7 +51,9 @@ pub struct DeliveryRecord {
     pub created_us: u64,
     /// Time of the last stage change, µs since the epoch.
     pub updated_us: u64,
-    #[serde(skip)]
+    /// The seq of the last event applied (so a replayed older event changes nothing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(ignore)]
     pub(crate) last_seq: Option<u32>,
 }
 
@@ -118,7 +120,9 @@ impl<F: FleetControl + WorkQueues> DeliveryService<F> {
 
     /// Updates stages from a batch of the delivery-events stream. Repeats (same delivery, same
     /// or older seq) are ignored.
-    pub fn apply_delivery_events(&self, batch: &DeliveryBatch) {
+    /// Returns the records whose stage changed, for [`DeliveryService::persist`].
+    pub fn apply_delivery_events(&self, batch: &DeliveryBatch) -> Vec<DeliveryRecord> {
+        let mut changed: Vec<DeliveryRecord> = Vec::new();
         let mut records = self.records.write();
         for ev in batch.events().iter() {
             let id = ev.delivery_id.to_native();
@@ -128,9 +132,28 @@ impl<F: FleetControl + WorkQueues> DeliveryService<F> {
                 continue;
             }
             record.last_seq = Some(seq);
-            record.stage = ev.stage.to_stage();
+            let stage = ev.stage.to_stage();
             record.updated_us = ev.ts_us.to_native();
+            if record.stage != stage {
+                record.stage = stage;
+                match changed.iter_mut().find(|r| r.delivery_id == id) {
+                    Some(c) => *c = record.clone(),
+                    None => changed.push(record.clone()),
+                }
+            }
         }
+        changed
+    }
+
+    /// Stores records whose stage changed, so a restarted service reads each delivery where it
+    /// stood. The writes are submitted together and so share the store's commits.
+    pub async fn persist(&self, changed: Vec<DeliveryRecord>) -> Result<(), Error> {
+        let keys: Vec<String> = changed.iter().map(|r| key(r.delivery_id)).collect();
+        let writes = changed.iter().zip(&keys).map(|(r, k)| self.store.put(k, r));
+        for outcome in futures_util::future::join_all(writes).await {
+            outcome?;
+        }
+        Ok(())
     }
 
     /// Subscribes `sub` to a delivery's stage changes from now on.

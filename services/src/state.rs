@@ -155,9 +155,11 @@ impl<F: FleetControl + WorkQueues + Clone> Services<F> {
     /// Delivery records (stage), Drone Management (a finished delivery frees its drone) and
     /// the notifications.
     pub async fn apply_delivery_events(&self, batch: &DeliveryBatch) -> Result<(), Error> {
-        self.deliveries.apply_delivery_events(batch);
+        let changed = self.deliveries.apply_delivery_events(batch);
         self.drones.apply_delivery_events(batch).await;
-        self.deliveries.notify(batch).await
+        let persisted = self.deliveries.persist(changed).await;
+        self.deliveries.notify(batch).await?;
+        persisted
     }
 
     /// Registered drones and how many are free.
