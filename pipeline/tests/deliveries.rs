@@ -10,6 +10,17 @@ use events::StreamSource;
 use pipeline::{Config, Node};
 use serde_json::{Value, json};
 
+/// A fresh data directory for `tag` and a loopback config over it (any free ports, 2 shards).
+fn loopback_config(tag: &str) -> (std::path::PathBuf, Config) {
+    let dir = std::env::temp_dir().join(format!("fleetstream-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut cfg = Config { data_dir: dir.clone(), ..Config::default() };
+    cfg.ingest.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    cfg.http.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    cfg.engine.shards = 2;
+    (dir, cfg)
+}
+
 async fn stage_becomes(http: &reqwest::Client, base: &str, id: u64, stage: &str) -> Value {
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     loop {
@@ -24,12 +35,7 @@ async fn stage_becomes(http: &reqwest::Client, base: &str, id: u64, stage: &str)
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reschedule_and_cancel_change_the_delivery_and_its_events() {
-    let dir = std::env::temp_dir().join(format!("fleetstream-deliveries-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let mut cfg = Config { data_dir: dir.clone(), ..Config::default() };
-    cfg.ingest.listen = SocketAddr::from(([127, 0, 0, 1], 0));
-    cfg.http.listen = SocketAddr::from(([127, 0, 0, 1], 0));
-    cfg.engine.shards = 2;
+    let (dir, cfg) = loopback_config("deliveries");
     let node = Node::start(&cfg).await.unwrap();
     let base = format!("http://{}", node.http_addr);
     let http = services::tls::plain_client().unwrap();
@@ -154,11 +160,7 @@ async fn reschedule_and_cancel_change_the_delivery_and_its_events() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_over_its_rate_gets_429_with_retry_after() {
-    let dir = std::env::temp_dir().join(format!("fleetstream-throttle-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let mut cfg = Config { data_dir: dir.clone(), ..Config::default() };
-    cfg.ingest.listen = SocketAddr::from(([127, 0, 0, 1], 0));
-    cfg.http.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    let (dir, mut cfg) = loopback_config("throttle");
     cfg.http.throttle = services::throttle::ThrottleConfig { rate_per_s: 1, burst: 2 };
     let node = Node::start(&cfg).await.unwrap();
     let base = format!("http://{}", node.http_addr);
@@ -184,11 +186,7 @@ async fn a_client_over_its_rate_gets_429_with_retry_after() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_api_keys_configured_callers_without_one_get_401_and_with_a_wrong_one_403() {
-    let dir = std::env::temp_dir().join(format!("fleetstream-auth-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let mut cfg = Config { data_dir: dir.clone(), ..Config::default() };
-    cfg.ingest.listen = SocketAddr::from(([127, 0, 0, 1], 0));
-    cfg.http.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    let (dir, mut cfg) = loopback_config("auth");
     cfg.http.api_keys = vec!["k-partner-1".into()];
     let node = Node::start(&cfg).await.unwrap();
     let base = format!("http://{}", node.http_addr);
@@ -230,11 +228,7 @@ async fn subscribers_are_notified_of_stage_changes_through_the_notifications_que
     let gateway_addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, gateway).await });
 
-    let dir = std::env::temp_dir().join(format!("fleetstream-notify-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let mut cfg = Config { data_dir: dir.clone(), ..Config::default() };
-    cfg.ingest.listen = SocketAddr::from(([127, 0, 0, 1], 0));
-    cfg.http.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    let (dir, mut cfg) = loopback_config("notify");
     cfg.notify.sms_webhook = Some(format!("http://{gateway_addr}/send"));
     let (mail_tx, mut mail) = tokio::sync::mpsc::channel::<String>(16);
     cfg.notify.smtp_relay = Some(smtp_sink(mail_tx).await.to_string());
@@ -344,12 +338,7 @@ async fn one_trace_follows_a_delivery_from_the_request_through_the_drone_to_its_
     use events::wire::Buffer;
     use events::{BatchMeta, DroneEvent, DroneEventKind, FlightStatus, GeoPoint, TelemetryBatch, TraceContext};
 
-    let dir = std::env::temp_dir().join(format!("fleetstream-trace-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let mut cfg = Config { data_dir: dir.clone(), ..Config::default() };
-    cfg.ingest.listen = SocketAddr::from(([127, 0, 0, 1], 0));
-    cfg.http.listen = SocketAddr::from(([127, 0, 0, 1], 0));
-    cfg.engine.shards = 2;
+    let (dir, cfg) = loopback_config("trace");
     let node = Node::start(&cfg).await.unwrap();
     let base = format!("http://{}", node.http_addr);
     let http = services::tls::plain_client().unwrap();
@@ -442,12 +431,7 @@ async fn delivery_history_on_postgres_follows_the_delivery_through_the_same_api(
     let url =
         std::env::var("FLEETSTREAM_PG_URL").unwrap_or_else(|_| "postgresql://postgres@127.0.0.1:5432/test".into());
     let schema = format!("fleetstream_node_{}", std::process::id());
-    let dir = std::env::temp_dir().join(format!("fleetstream-pg-history-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let mut cfg = Config { data_dir: dir.clone(), ..Config::default() };
-    cfg.ingest.listen = SocketAddr::from(([127, 0, 0, 1], 0));
-    cfg.http.listen = SocketAddr::from(([127, 0, 0, 1], 0));
-    cfg.engine.shards = 2;
+    let (dir, mut cfg) = loopback_config("pg-history");
     cfg.history = services::history::HistoryConfig {
         store: services::history::HistoryStore::Postgres,
         url: url.clone(),

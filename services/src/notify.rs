@@ -115,6 +115,11 @@ pub fn notifications_for(
 ) -> Vec<Notification> {
     let mut out = Vec::new();
     for e in batch.events().iter() {
+        // One subscribes to a delivery that exists: its Created event, however late it is
+        // processed, is never a change that came after the subscription.
+        if e.stage.to_stage() == DeliveryStage::Created {
+            continue;
+        }
         let delivery_id = e.delivery_id.to_native();
         for to in subscribed(delivery_id) {
             out.push(Notification { delivery_id, stage: e.stage.to_stage(), ts_us: e.ts_us.to_native(), to });
@@ -212,4 +217,34 @@ pub async fn run<Q: WorkQueues>(queues: std::sync::Arc<Q>, cfg: NotifyConfig, mu
         }
     }
     queues.release(QueueName::Notifications, consumer);
+}
+
+#[cfg(test)]
+mod tests {
+    use events::wire::Buffer;
+    use events::{BatchMeta, DeliveryEvent, GeoPoint};
+
+    use super::*;
+
+    #[test]
+    fn subscribers_hear_of_later_changes_only_and_unsubscribed_deliveries_of_none() -> Result<(), events::Error> {
+        let ev = |delivery_id, seq, stage| DeliveryEvent {
+            delivery_id,
+            seq,
+            drone_id: 1,
+            ts_us: 5,
+            location: GeoPoint::new(0.0, 0.0),
+            stage,
+        };
+        let batch = DeliveryBatch::encode(
+            BatchMeta::default(),
+            &[ev(1, 0, DeliveryStage::Created), ev(1, 1, DeliveryStage::Cancelled), ev(2, 1, DeliveryStage::InTransit)],
+            Buffer::new(),
+        )?;
+        let sub = Subscription { sms: Some("+15550000000".into()), email: None };
+        let due = notifications_for(&batch, |id| if id == 1 { vec![sub.clone()] } else { Vec::new() });
+        let stages: Vec<_> = due.iter().map(|n| (n.delivery_id, n.stage)).collect();
+        assert_eq!(stages, [(1, DeliveryStage::Cancelled)], "Created is never news to a subscriber");
+        Ok(())
+    }
 }
