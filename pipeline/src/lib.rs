@@ -16,6 +16,7 @@ pub mod dedup;
 pub mod derive;
 pub mod discard;
 pub mod engine;
+pub mod jetstream;
 pub mod log;
 pub mod node;
 pub mod queue;
@@ -76,6 +77,9 @@ pub enum Error {
     /// A background task failed.
     #[error("task failed: {0}")]
     Task(String),
+    /// NATS JetStream refused or failed an operation.
+    #[error("jetstream: {0}")]
+    JetStream(String),
 }
 
 impl From<std::io::Error> for Error {
