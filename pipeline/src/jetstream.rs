@@ -164,3 +164,279 @@ impl TopicReader {
         Ok((seq.saturating_sub(1), msg.payload.clone()))
     }
 }
+
+/// One message taken from a [`JetStreamQueue`], to settle with [`JetStreamQueue::ack`] or
+/// [`JetStreamQueue::nack`].
+pub struct JsLeased {
+    /// Its sequence in the queue's stream (unique within the queue).
+    pub id: u64,
+    /// Its key (the drone, for drone-commands).
+    pub key: u64,
+    /// Which delivery this is, from 1.
+    pub attempt: u32,
+    /// The payload.
+    pub payload: Bytes,
+    msg: jetstream::Message,
+}
+
+impl std::fmt::Debug for JsLeased {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JsLeased")
+            .field("id", &self.id)
+            .field("key", &self.key)
+            .field("attempt", &self.attempt)
+            .finish()
+    }
+}
+
+/// A dead letter: a message that used its attempts, with why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JsDeadLetter {
+    /// Its key.
+    pub key: u64,
+    /// The last failure.
+    pub reason: String,
+    /// Deliveries made.
+    pub attempts: u32,
+    /// The payload.
+    pub payload: Bytes,
+}
+
+const REASON: &str = "Fleetstream-Reason";
+const ATTEMPTS: &str = "Fleetstream-Attempts";
+const KEY: &str = "Fleetstream-Key";
+
+/// The queue path on JetStream: a work-queue stream per queue (a message is removed once
+/// acknowledged), one durable pull consumer its consumers compete on, the ack wait as the
+/// visibility timeout and `max_deliver` as the attempts. A message that uses its attempts goes
+/// to the dead-letter stream with its reason: at once when a consumer nacks its last attempt,
+/// and, when its last lease simply expires, by a watcher of JetStream's max-deliveries
+/// advisory, which copies it with the reason and removes it from the queue.
+pub struct JetStreamQueue {
+    js: jetstream::Context,
+    stream: jetstream::stream::Stream,
+    consumer: jetstream::consumer::PullConsumer,
+    subject_prefix: String,
+    dead_subject: String,
+    dead_stream: jetstream::stream::Stream,
+    max_attempts: u32,
+    watcher: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for JetStreamQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JetStreamQueue").field("subject", &self.subject_prefix).finish_non_exhaustive()
+    }
+}
+
+impl Drop for JetStreamQueue {
+    fn drop(&mut self) {
+        self.watcher.abort();
+    }
+}
+
+impl JetStreamQueue {
+    /// Creates (or uses) the queue's stream, its consumer and the dead-letter stream, and
+    /// starts the advisory watcher. Must run inside a tokio runtime.
+    pub async fn open(
+        client: &async_nats::Client,
+        queue: events::QueueName,
+        settings: &crate::queue::state::QueueConfig,
+        cfg: &JetStreamConfig,
+    ) -> Result<Self, Error> {
+        let js = jetstream::new(client.clone());
+        let name = queue.name();
+        let stream_name = format!("{}_QUEUE_{}", cfg.stream_prefix, name.replace('-', "_").to_uppercase());
+        let subject_prefix = format!("{}.queue.{name}", cfg.subject_prefix);
+        let stream = js
+            .get_or_create_stream(jetstream::stream::Config {
+                name: stream_name.clone(),
+                subjects: vec![format!("{subject_prefix}.*")],
+                retention: jetstream::stream::RetentionPolicy::WorkQueue,
+                max_messages: i64::try_from(settings.max_messages).unwrap_or(i64::MAX),
+                max_message_size: i32::try_from(settings.max_payload_bytes).unwrap_or(i32::MAX),
+                duplicate_window: Duration::from_secs(cfg.duplicate_window_s),
+                num_replicas: cfg.replicas.max(1),
+                storage: StorageType::File,
+                ..Default::default()
+            })
+            .await
+            .map_err(js_error)?;
+        let consumer: jetstream::consumer::PullConsumer = stream
+            .get_or_create_consumer(
+                "workers",
+                jetstream::consumer::pull::Config {
+                    durable_name: Some("workers".into()),
+                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                    ack_wait: Duration::from_millis(settings.visibility_timeout_ms.max(1)),
+                    max_deliver: i64::from(settings.max_attempts.max(1)),
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(js_error)?;
+        let dead_subject = format!("{}.dead.{name}", cfg.subject_prefix);
+        let dead_stream = js
+            .get_or_create_stream(jetstream::stream::Config {
+                name: format!("{}_DEAD_LETTERS", cfg.stream_prefix),
+                subjects: vec![format!("{}.dead.*", cfg.subject_prefix)],
+                num_replicas: cfg.replicas.max(1),
+                storage: StorageType::File,
+                ..Default::default()
+            })
+            .await
+            .map_err(js_error)?;
+        let advisories = client
+            .subscribe(format!("$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream_name}.workers"))
+            .await
+            .map_err(js_error)?;
+        let watcher = tokio::spawn(watch_max_deliveries(
+            advisories,
+            js.clone(),
+            stream.clone(),
+            dead_subject.clone(),
+            settings.visibility_timeout_ms,
+        ));
+        Ok(Self {
+            js,
+            stream,
+            consumer,
+            subject_prefix,
+            dead_subject,
+            dead_stream,
+            max_attempts: settings.max_attempts.max(1),
+            watcher,
+        })
+    }
+
+    /// Adds a message for `key`; resolves once JetStream stored it. Returns its id.
+    pub async fn enqueue(&self, key: u64, payload: Bytes) -> Result<u64, Error> {
+        let ack = self
+            .js
+            .publish(format!("{}.{key}", self.subject_prefix), payload)
+            .await
+            .map_err(js_error)?
+            .await
+            .map_err(js_error)?;
+        Ok(ack.sequence)
+    }
+
+    /// Up to `max` messages, waiting up to `wait` for the first; each is leased to this caller
+    /// until it settles it or the visibility timeout passes.
+    pub async fn lease(&self, max: usize, wait: Duration) -> Result<Vec<JsLeased>, Error> {
+        let mut batch = self
+            .consumer
+            .fetch()
+            .max_messages(max.max(1))
+            .expires(wait.max(Duration::from_millis(10)))
+            .messages()
+            .await
+            .map_err(js_error)?;
+        let mut out = Vec::new();
+        while let Some(msg) = batch.next().await {
+            let msg = msg.map_err(js_error)?;
+            let info = msg.info().map_err(js_error)?;
+            let (id, attempt) = (info.stream_sequence, u32::try_from(info.delivered).unwrap_or(u32::MAX));
+            let key = msg.subject.rsplit('.').next().and_then(|k| k.parse().ok()).unwrap_or(0);
+            let payload = msg.payload.clone();
+            out.push(JsLeased { id, key, attempt, payload, msg });
+        }
+        Ok(out)
+    }
+
+    /// The message is done: it leaves the queue.
+    pub async fn ack(&self, leased: &JsLeased) -> Result<(), Error> {
+        leased.msg.double_ack().await.map_err(js_error)
+    }
+
+    /// The message failed: it is delivered again, or, on its last attempt, dead-lettered with
+    /// `reason`.
+    pub async fn nack(&self, leased: &JsLeased, reason: &str) -> Result<(), Error> {
+        if leased.attempt >= self.max_attempts {
+            dead_letter(&self.js, &self.dead_subject, leased.key, reason, leased.attempt, leased.payload.clone())
+                .await?;
+            return leased.msg.ack_with(jetstream::AckKind::Term).await.map_err(js_error);
+        }
+        leased.msg.ack_with(jetstream::AckKind::Nak(None)).await.map_err(js_error)
+    }
+
+    /// Messages waiting or leased.
+    pub async fn len(&self) -> Result<u64, Error> {
+        let mut stream = self.stream.clone();
+        Ok(stream.info().await.map_err(js_error)?.state.messages)
+    }
+
+    /// Whether no message waits or is leased.
+    pub async fn is_empty(&self) -> Result<bool, Error> {
+        Ok(self.len().await? == 0)
+    }
+
+    /// This queue's dead letters, oldest first.
+    pub async fn dead_letters(&self) -> Result<Vec<JsDeadLetter>, Error> {
+        let mut dead = self.dead_stream.clone();
+        let last = dead.info().await.map_err(js_error)?.state.last_sequence;
+        let mut out = Vec::new();
+        for seq in 1..=last {
+            let Ok(m) = dead.get_raw_message(seq).await else { continue };
+            if m.subject.as_str() != self.dead_subject {
+                continue;
+            }
+            let header = |name: &str| m.headers.get(name).map(|v| v.as_str().to_string()).unwrap_or_default();
+            out.push(JsDeadLetter {
+                key: header(KEY).parse().unwrap_or(0),
+                reason: header(REASON),
+                attempts: header(ATTEMPTS).parse().unwrap_or(0),
+                payload: m.payload.clone(),
+            });
+        }
+        Ok(out)
+    }
+}
+
+async fn dead_letter(
+    js: &jetstream::Context,
+    subject: &str,
+    key: u64,
+    reason: &str,
+    attempts: u32,
+    payload: Bytes,
+) -> Result<(), Error> {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(REASON, reason);
+    headers.insert(ATTEMPTS, attempts.to_string().as_str());
+    headers.insert(KEY, key.to_string().as_str());
+    js.publish_with_headers(subject.to_string(), headers, payload).await.map_err(js_error)?.await.map_err(js_error)?;
+    Ok(())
+}
+
+/// Moves messages whose last lease expired (JetStream's max-deliveries advisory) to the
+/// dead-letter stream with the reason, then out of the queue.
+async fn watch_max_deliveries(
+    mut advisories: async_nats::Subscriber,
+    js: jetstream::Context,
+    stream: jetstream::stream::Stream,
+    dead_subject: String,
+    visibility_ms: u64,
+) {
+    #[derive(Deserialize)]
+    struct Advisory {
+        stream_seq: u64,
+        deliveries: u64,
+    }
+    while let Some(msg) = advisories.next().await {
+        let Ok(advisory) = serde_json::from_slice::<Advisory>(&msg.payload) else { continue };
+        let Ok(m) = stream.get_raw_message(advisory.stream_seq).await else { continue };
+        let key = m.subject.rsplit('.').next().and_then(|k| k.parse().ok()).unwrap_or(0);
+        let reason =
+            format!("not settled within the {visibility_ms} ms visibility timeout, {} times", advisory.deliveries);
+        let attempts = u32::try_from(advisory.deliveries).unwrap_or(u32::MAX);
+        match dead_letter(&js, &dead_subject, key, &reason, attempts, m.payload.clone()).await {
+            Ok(()) => {
+                if let Err(error) = stream.delete_message(advisory.stream_seq).await {
+                    tracing::warn!(%error, seq = advisory.stream_seq, "dead-lettered message left in its queue");
+                }
+            }
+            Err(error) => tracing::error!(%error, seq = advisory.stream_seq, "could not dead-letter a message"),
+        }
+    }
+}

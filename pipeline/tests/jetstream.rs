@@ -108,3 +108,95 @@ async fn jetstream_cleanup(client: &async_nats::Client, stream: &str) {
     let js = async_nats::jetstream::new(client.clone());
     js.delete_stream(stream).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_queue_path_leases_redelivers_and_dead_letters_with_the_reason() {
+    use pipeline::jetstream::JetStreamQueue;
+    let url = std::env::var("FLEETSTREAM_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
+    let client = match async_nats::connect(&url).await {
+        Ok(c) => c,
+        Err(error) if std::env::var("FLEETSTREAM_REQUIRE_SERVICES").as_deref() != Ok("1") => {
+            println!(
+                "SKIP the_queue_path_leases_redelivers_and_dead_letters_with_the_reason: no NATS at {url}: {error}"
+            );
+            return;
+        }
+        Err(error) => panic!("NATS at {url} is required (FLEETSTREAM_REQUIRE_SERVICES=1): {error}"),
+    };
+    let cfg = JetStreamConfig {
+        url,
+        stream_prefix: format!("FSQTEST{}", std::process::id()),
+        subject_prefix: format!("fsqtest{}", std::process::id()),
+        ..JetStreamConfig::default()
+    };
+    let settings = pipeline::queue::state::QueueConfig {
+        visibility_timeout_ms: 400,
+        max_attempts: 3,
+        ..pipeline::queue::state::QueueConfig::default()
+    };
+    let queue = JetStreamQueue::open(&client, events::QueueName::Notifications, &settings, &cfg).await.unwrap();
+    for key in 1..=3u64 {
+        queue.enqueue(key, Bytes::from(format!("message {key}"))).await.unwrap();
+    }
+
+    // Competing consumers: each message goes to one of them.
+    let first = queue.lease(2, Duration::from_secs(2)).await.unwrap();
+    let second = queue.lease(2, Duration::from_millis(500)).await.unwrap();
+    let mut keys: Vec<u64> = first.iter().chain(&second).map(|l| l.key).collect();
+    keys.sort_unstable();
+    assert_eq!(keys, [1, 2, 3], "each message leased once");
+    assert!(first.iter().chain(&second).all(|l| l.attempt == 1));
+
+    // Two are done; the third fails until its attempts run out, then is dead-lettered with
+    // the consumer's reason.
+    let (done, failing): (Vec<_>, Vec<_>) = first.into_iter().chain(second).partition(|l| l.key != 3);
+    for l in &done {
+        queue.ack(l).await.unwrap();
+    }
+    let mut current = failing.into_iter().next().unwrap();
+    loop {
+        queue.nack(&current, "smtp relay refused").await.unwrap();
+        if current.attempt == 3 {
+            break;
+        }
+        let again = queue.lease(1, Duration::from_secs(2)).await.unwrap();
+        assert_eq!(again.len(), 1);
+        assert_eq!((again[0].key, again[0].attempt), (3, current.attempt + 1));
+        current = again.into_iter().next().unwrap();
+    }
+
+    // A message whose leases all expire is moved by the max-deliveries advisory.
+    queue.enqueue(4, Bytes::from_static(b"stalled")).await.unwrap();
+    for attempt in 1..=3 {
+        let leased = queue.lease(1, Duration::from_secs(3)).await.unwrap();
+        assert_eq!((leased.len(), leased[0].attempt), (1, attempt), "redelivered after the visibility timeout");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // JetStream notices the exhausted message when it next would deliver it: to a consumer
+    // still asking, as a live one is.
+    assert!(queue.lease(1, Duration::from_secs(1)).await.unwrap().is_empty(), "no fourth delivery");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let dead = loop {
+        let dead = queue.dead_letters().await.unwrap();
+        if dead.len() == 2 || std::time::Instant::now() > deadline {
+            break dead;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(dead.len(), 2, "{dead:?}");
+    assert_eq!((dead[0].key, dead[0].reason.as_str(), dead[0].attempts), (3, "smtp relay refused", 3));
+    assert_eq!(&dead[0].payload[..], b"message 3");
+    assert_eq!((dead[1].key, dead[1].attempts), (4, 3));
+    assert!(dead[1].reason.contains("visibility timeout"), "{}", dead[1].reason);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !queue.is_empty().await.unwrap() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(queue.is_empty().await.unwrap(), "nothing left in the queue");
+
+    drop(queue);
+    let js = async_nats::jetstream::new(client.clone());
+    for stream in ["QUEUE_NOTIFICATIONS", "DEAD_LETTERS"] {
+        js.delete_stream(format!("{}_{stream}", cfg.stream_prefix)).await.unwrap();
+    }
+}
