@@ -66,6 +66,11 @@
 //! # url = "postgresql://postgres@127.0.0.1:5432/fleetstream"
 //! # schema = "fleetstream"     # created and migrated at start
 //!
+//! [jetstream]
+//! url = "nats://127.0.0.1:4222"
+//! queues = []                  # ["notifications"]: that queue on JetStream (work-queue stream,
+//!                              # ack wait = visibility timeout, max deliver = attempts, DLQ)
+//!
 //! [tracing]
 //! # otlp_endpoint = "http://127.0.0.1:4318"   # OTLP/HTTP collector; unset: spans only logged
 //! # service_name = "fleetstream"              # split roles default to fleetstream-<role>
@@ -112,6 +117,8 @@ pub struct Config {
     pub tracing: services::trace::TracingConfig,
     /// Where Delivery History is kept: embedded (default) or PostgreSQL.
     pub history: services::history::HistoryConfig,
+    /// NATS JetStream: the broker, and which queues live there.
+    pub jetstream: crate::jetstream::JetStreamConfig,
 }
 
 impl Default for Config {
@@ -128,6 +135,7 @@ impl Default for Config {
             split: crate::roles::SplitConfig::default(),
             tracing: services::trace::TracingConfig::default(),
             history: services::history::HistoryConfig::default(),
+            jetstream: crate::jetstream::JetStreamConfig::default(),
         }
     }
 }

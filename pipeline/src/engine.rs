@@ -211,6 +211,8 @@ struct Inner {
     metrics: Arc<EngineMetrics>,
     stopping: AtomicBool,
     queues: Arc<Queues>,
+    /// Queues kept on JetStream instead of the local journal (`[jetstream] queues`).
+    external_queues: parking_lot::RwLock<Vec<(QueueName, Arc<crate::jetstream::JsWorkQueue>)>>,
     cursors: CursorStore,
 }
 
@@ -409,6 +411,7 @@ impl Engine {
             out_log,
             out_tail,
             queues,
+            external_queues: parking_lot::RwLock::default(),
             cursors,
         };
         let inner = Arc::new(inner);
@@ -642,8 +645,24 @@ impl StreamSource for Engine {
     }
 }
 
+impl Engine {
+    /// Serves `queue` from JetStream from now on (set before consumers attach).
+    pub fn use_jetstream_queue(&self, queue: QueueName, q: Arc<crate::jetstream::JsWorkQueue>) {
+        let mut external = self.inner.external_queues.write();
+        external.retain(|(name, _)| *name != queue);
+        external.push((queue, q));
+    }
+
+    fn external(&self, queue: QueueName) -> Option<Arc<crate::jetstream::JsWorkQueue>> {
+        self.inner.external_queues.read().iter().find(|(name, _)| *name == queue).map(|(_, q)| q.clone())
+    }
+}
+
 impl WorkQueues for Engine {
     async fn enqueue(&self, queue: QueueName, key: u64, payload: Vec<u8>) -> Result<u64, Error> {
+        if let Some(q) = self.external(queue) {
+            return q.enqueue(key, payload).await;
+        }
         self.inner.queues.enqueue(queue, key, payload).await
     }
 
@@ -658,18 +677,30 @@ impl WorkQueues for Engine {
         if self.inner.stopping.load(Ordering::Acquire) {
             return Err(Error::ShuttingDown);
         }
+        if let Some(q) = self.external(queue) {
+            return q.lease(consumer, max, wait).await;
+        }
         self.inner.queues.lease(queue, consumer, keys, max, wait).await
     }
 
     fn settle(&self, queue: QueueName, id: u64, token: u64, verdict: Verdict) -> Result<(), Error> {
+        if let Some(q) = self.external(queue) {
+            return q.settle(id, token, verdict);
+        }
         self.inner.queues.settle(queue, id, token, verdict)
     }
 
     fn release(&self, queue: QueueName, consumer: u64) {
+        if let Some(q) = self.external(queue) {
+            return q.release(consumer);
+        }
         self.inner.queues.release(queue, consumer);
     }
 
     fn attach(&self, queue: QueueName, keys: KeyRange) -> Result<u64, Error> {
+        if let Some(q) = self.external(queue) {
+            return Ok(q.attach());
+        }
         self.inner.queues.attach(queue, keys)
     }
 }

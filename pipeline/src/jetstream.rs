@@ -43,6 +43,10 @@ pub struct JetStreamConfig {
     pub duplicate_window_s: u64,
     /// Replicas of each stream (1 on one server; 3 on a cluster). Default 1.
     pub replicas: usize,
+    /// Queues kept on JetStream instead of the local journal. Default none. Only
+    /// `notifications` can be: `drone-commands` gives each drone session its keys exclusively,
+    /// which this mapping does not do yet.
+    pub queues: Vec<String>,
 }
 
 impl Default for JetStreamConfig {
@@ -55,6 +59,7 @@ impl Default for JetStreamConfig {
             max_bytes: 0,
             duplicate_window_s: 120,
             replicas: 1,
+            queues: Vec::new(),
         }
     }
 }
@@ -439,4 +444,147 @@ async fn watch_max_deliveries(
             Err(error) => tracing::error!(%error, seq = advisory.stream_seq, "could not dead-letter a message"),
         }
     }
+}
+
+/// A [`JetStreamQueue`] behind the engine's [`events::WorkQueues`] operations: leases are
+/// remembered by message id until settled, so the QUIC and in-process consumers (the
+/// notifier) use a JetStream queue exactly as they use a local one.
+pub struct JsWorkQueue {
+    queue: JetStreamQueue,
+    leased: parking_lot::Mutex<rustc_hash::FxHashMap<u64, (u64, JsLeased)>>,
+    next_consumer: std::sync::atomic::AtomicU64,
+}
+
+impl std::fmt::Debug for JsWorkQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JsWorkQueue").field("queue", &self.queue).finish_non_exhaustive()
+    }
+}
+
+fn queue_error(e: Error) -> events::Error {
+    events::Error::Storage(e.to_string())
+}
+
+impl JsWorkQueue {
+    /// Wraps `queue`.
+    pub fn new(queue: JetStreamQueue) -> Self {
+        Self { queue, leased: parking_lot::Mutex::default(), next_consumer: std::sync::atomic::AtomicU64::new(1) }
+    }
+
+    /// The queue.
+    pub fn queue(&self) -> &JetStreamQueue {
+        &self.queue
+    }
+
+    /// See [`events::WorkQueues::enqueue`].
+    pub async fn enqueue(&self, key: u64, payload: Vec<u8>) -> Result<u64, events::Error> {
+        self.queue.enqueue(key, Bytes::from(payload)).await.map_err(queue_error)
+    }
+
+    /// See [`events::WorkQueues::lease`]; every key (the consumers compete).
+    pub async fn lease(&self, consumer: u64, max: usize, wait: Duration) -> Result<Vec<events::Leased>, events::Error> {
+        let got = self.queue.lease(max, wait).await.map_err(queue_error)?;
+        let mut leased = self.leased.lock();
+        Ok(got
+            .into_iter()
+            .map(|l| {
+                let out = events::Leased {
+                    id: l.id,
+                    key: l.key,
+                    attempt: l.attempt,
+                    token: u64::from(l.attempt),
+                    payload: std::sync::Arc::from(&l.payload[..]),
+                };
+                leased.insert(l.id, (consumer, l));
+                out
+            })
+            .collect())
+    }
+
+    /// See [`events::WorkQueues::settle`]: the acknowledgement goes to JetStream in the
+    /// background (the lease is the consumer's until then, as JetStream counts it).
+    pub fn settle(&self, id: u64, token: u64, verdict: events::Verdict) -> Result<(), events::Error> {
+        let mut leased = self.leased.lock();
+        match leased.get(&id) {
+            Some((_, l)) if u64::from(l.attempt) == token => {}
+            Some(_) => return Err(events::Error::LeaseLost(id)),
+            None => return Err(events::Error::UnknownMessage(id)),
+        }
+        let Some((_, l)) = leased.remove(&id) else { return Err(events::Error::UnknownMessage(id)) };
+        let (msg_ack, reason) = match verdict {
+            events::Verdict::Ack => (true, String::new()),
+            events::Verdict::Nack(reason) => (false, reason),
+        };
+        let handle = tokio::runtime::Handle::try_current().map_err(|_| events::Error::ShuttingDown)?;
+        let dead_subject = self.queue.dead_subject.clone();
+        let (js, max_attempts) = (self.queue.js.clone(), self.queue.max_attempts);
+        handle.spawn(async move {
+            let outcome = if msg_ack {
+                l.msg.double_ack().await.map_err(js_error)
+            } else if l.attempt >= max_attempts {
+                match dead_letter(&js, &dead_subject, l.key, &reason, l.attempt, l.payload.clone()).await {
+                    Ok(()) => l.msg.ack_with(jetstream::AckKind::Term).await.map_err(js_error),
+                    Err(e) => Err(e),
+                }
+            } else {
+                l.msg.ack_with(jetstream::AckKind::Nak(None)).await.map_err(js_error)
+            };
+            if let Err(error) = outcome {
+                tracing::warn!(%error, id, "could not settle a JetStream message; it is redelivered after its visibility timeout");
+            }
+        });
+        Ok(())
+    }
+
+    /// See [`events::WorkQueues::release`]: the consumer's leases go back at once.
+    pub fn release(&self, consumer: u64) {
+        let mine: Vec<JsLeased> = {
+            let mut leased = self.leased.lock();
+            let ids: Vec<u64> = leased.iter().filter(|(_, (c, _))| *c == consumer).map(|(id, _)| *id).collect();
+            ids.into_iter().filter_map(|id| leased.remove(&id).map(|(_, l)| l)).collect()
+        };
+        if mine.is_empty() {
+            return;
+        }
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move {
+                for l in mine {
+                    let _ = l.msg.ack_with(jetstream::AckKind::Nak(None)).await;
+                }
+            });
+        }
+    }
+
+    /// See [`events::WorkQueues::attach`].
+    pub fn attach(&self) -> u64 {
+        self.next_consumer.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// Moves the queues `cfg.queues` names onto JetStream for `engine`.
+pub async fn attach_queues(
+    engine: &crate::engine::Engine,
+    cfg: &JetStreamConfig,
+    settings: &crate::queue::QueuesConfig,
+) -> Result<(), Error> {
+    if cfg.queues.is_empty() {
+        return Ok(());
+    }
+    let client =
+        async_nats::connect(&cfg.url).await.map_err(|e| js_error(format!("connecting to {}: {e}", cfg.url)))?;
+    for name in &cfg.queues {
+        let queue = match events::QueueName::from_name(name) {
+            Some(events::QueueName::Notifications) => events::QueueName::Notifications,
+            Some(events::QueueName::DroneCommands) => {
+                return Err(Error::Config(
+                    "[jetstream] queues: drone-commands gives each drone session its keys exclusively and stays on the local journal".into(),
+                ));
+            }
+            None => return Err(Error::Config(format!("[jetstream] queues: no queue {name:?}"))),
+        };
+        let q = JetStreamQueue::open(&client, queue, &settings.notifications, cfg).await?;
+        engine.use_jetstream_queue(queue, std::sync::Arc::new(JsWorkQueue::new(q)));
+        tracing::info!(queue = name, url = %cfg.url, "queue kept on JetStream");
+    }
+    Ok(())
 }

@@ -63,6 +63,10 @@ impl Node {
             tokio::task::spawn_blocking(move || Engine::start_with_queues(engine_cfg, storage, &queues_cfg))
                 .await
                 .map_err(|e| Error::Task(e.to_string()))??;
+        if let Err(error) = crate::jetstream::attach_queues(&engine, &cfg.jetstream, &cfg.queues).await {
+            engine.shutdown(threads).await;
+            return Err(error);
+        }
         let history_path = cfg.data_dir.join("history").join("history.redb");
         let history = Arc::new(
             services::history::History::open_configured(&cfg.history, &history_path)

@@ -210,10 +210,9 @@ async fn with_api_keys_configured_callers_without_one_get_401_and_with_a_wrong_o
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn subscribers_are_notified_of_stage_changes_through_the_notifications_queue() {
-    // A local HTTP server stands in for the SMS gateway.
-    let (got_tx, mut got) = tokio::sync::mpsc::channel::<Value>(16);
+/// A local HTTP server standing in for the SMS gateway: what it is sent, and its address.
+async fn sms_gateway() -> (tokio::sync::mpsc::Receiver<Value>, SocketAddr) {
+    let (got_tx, got) = tokio::sync::mpsc::channel::<Value>(16);
     let gateway = axum::Router::new().route(
         "/send",
         axum::routing::post(move |axum::Json(body): axum::Json<Value>| {
@@ -227,6 +226,71 @@ async fn subscribers_are_notified_of_stage_changes_through_the_notifications_que
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let gateway_addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, gateway).await });
+    (got, gateway_addr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notifications_can_live_on_jetstream() {
+    let url = std::env::var("FLEETSTREAM_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
+    if let Err(error) = async_nats::connect(&url).await {
+        if std::env::var("FLEETSTREAM_REQUIRE_SERVICES").as_deref() != Ok("1") {
+            println!("SKIP notifications_can_live_on_jetstream: no NATS at {url}: {error}");
+            return;
+        }
+        panic!("NATS at {url} is required (FLEETSTREAM_REQUIRE_SERVICES=1): {error}");
+    }
+    let (mut got, gateway_addr) = sms_gateway().await;
+    let (dir, mut cfg) = loopback_config("js-notify");
+    cfg.notify.sms_webhook = Some(format!("http://{gateway_addr}/send"));
+    cfg.jetstream.url = url.clone();
+    cfg.jetstream.stream_prefix = format!("FSNODE{}", std::process::id());
+    cfg.jetstream.subject_prefix = format!("fsnode{}", std::process::id());
+    cfg.jetstream.queues = vec!["notifications".into()];
+    let node = Node::start(&cfg).await.unwrap();
+    let base = format!("http://{}", node.http_addr);
+    let http = services::tls::plain_client().unwrap();
+    http.put(format!("{base}/v1/drones/1")).send().await.unwrap();
+    http.put(format!("{base}/internal/v1/accounts/acme")).json(&json!({})).send().await.unwrap();
+    let order = json!({
+        "owner": "acme", "pickup": {"lat": 47.6, "lon": -122.3}, "dropoff": {"lat": 47.61, "lon": -122.31},
+        "package": {"size": "small", "weight_kg": 1.0}
+    });
+    let v: Value = http.post(format!("{base}/v1/deliveries")).json(&order).send().await.unwrap().json().await.unwrap();
+    let id = v["delivery_id"].as_u64().unwrap();
+    let sub = json!({"sms": "+15551234567"});
+    let ok = http.post(format!("{base}/v1/deliveries/{id}/notifications")).json(&sub).send().await.unwrap();
+    assert_eq!(ok.status(), 201);
+    http.delete(format!("{base}/v1/deliveries/{id}")).send().await.unwrap();
+    let sms = tokio::time::timeout(Duration::from_secs(10), got.recv()).await.unwrap().unwrap();
+    assert_eq!(sms["text"], format!("Delivery {id} was cancelled."));
+
+    // It went through JetStream, and was acknowledged there: the work queue is empty.
+    let client = async_nats::connect(&url).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let stream_name = format!("{}_QUEUE_NOTIFICATIONS", cfg.jetstream.stream_prefix);
+    let mut stream = js.get_stream(&stream_name).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let info = stream.info().await.unwrap();
+        if info.state.messages == 0 || std::time::Instant::now() > deadline {
+            assert_eq!((info.state.messages, info.state.last_sequence), (0, 1), "one message, acknowledged");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The local journal never saw it.
+    let local = node.engine.queues().get(events::QueueName::Notifications);
+    assert_eq!(local.metrics().enqueued.load(std::sync::atomic::Ordering::Relaxed), 0);
+    node.shutdown().await.unwrap();
+    for name in [stream_name, format!("{}_DEAD_LETTERS", cfg.jetstream.stream_prefix)] {
+        js.delete_stream(name).await.unwrap();
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribers_are_notified_of_stage_changes_through_the_notifications_queue() {
+    let (mut got, gateway_addr) = sms_gateway().await;
 
     let (dir, mut cfg) = loopback_config("notify");
     cfg.notify.sms_webhook = Some(format!("http://{gateway_addr}/send"));

@@ -26,8 +26,10 @@ impl Drop for Proc {
     }
 }
 
-fn free_tcp() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+/// `n` distinct free TCP ports (all held while choosing, so none is handed out twice).
+fn free_tcp_ports(n: usize) -> Vec<u16> {
+    let held: Vec<_> = (0..n).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+    held.iter().map(|l| l.local_addr().unwrap().port()).collect()
 }
 
 fn free_udp() -> u16 {
@@ -101,11 +103,13 @@ async fn services_as_separate_processes_schedule_fly_complete_and_keep_history()
     assert!(status.success());
 
     let quic = free_udp();
-    let port: std::collections::BTreeMap<&str, u16> = ROLES.iter().map(|r| (*r, free_tcp())).collect();
+    let mut ports = free_tcp_ports(ROLES.len() + 1);
+    let http_port = ports.pop().unwrap();
+    let port: std::collections::BTreeMap<&str, u16> = ROLES.iter().copied().zip(ports).collect();
     let url = |role: &str| format!("https://127.0.0.1:{}", port[role]);
     let mut config = format!(
         "[ingest]\nlisten = \"127.0.0.1:{quic}\"\n[http]\nlisten = \"127.0.0.1:{}\"\n[split]\ntls_dir = {:?}\nengine_quic = \"127.0.0.1:{quic}\"\n[split.endpoints]\n",
-        free_tcp(),
+        http_port,
         ca.display().to_string(),
     );
     for role in ROLES {
