@@ -54,9 +54,20 @@ fn parse_id(raw: &str) -> Result<u64, Error> {
 }
 
 async fn queues(State(engine): State<Engine>) -> Json<Value> {
-    let list: Vec<Value> = QueueName::ALL
-        .into_iter()
-        .map(|name| {
+    let mut list: Vec<Value> = Vec::new();
+    for name in QueueName::ALL {
+        // A queue kept on JetStream: what the stream holds (JetStream has its counters).
+        if let Some(js) = engine.jetstream_queue(name) {
+            let (messages, dead) = (js.queue().len().await, js.queue().dead_letters().await.map(|d| d.len()));
+            list.push(json!({
+                "queue": name.name(),
+                "backend": "jetstream",
+                "waiting_or_leased": messages.ok(),
+                "dead": dead.ok(),
+            }));
+            continue;
+        }
+        list.push({
             let q = engine.queues().get(name);
             let (ready, leased, dead) = q.counts();
             let m = q.metrics();
@@ -71,9 +82,10 @@ async fn queues(State(engine): State<Engine>) -> Json<Value> {
                 "redelivered": m.redelivered.load(Ordering::Relaxed),
                 "dead_lettered": m.dead_lettered.load(Ordering::Relaxed),
                 "replayed": m.replayed.load(Ordering::Relaxed),
+                "backend": "embedded",
             })
-        })
-        .collect();
+        });
+    }
     Json(json!({ "queues": list }))
 }
 

@@ -653,6 +653,11 @@ impl Engine {
         external.push((queue, q));
     }
 
+    /// The JetStream queue serving `queue`, if it is kept there.
+    pub fn jetstream_queue(&self, queue: QueueName) -> Option<Arc<crate::jetstream::JsWorkQueue>> {
+        self.external(queue)
+    }
+
     fn external(&self, queue: QueueName) -> Option<Arc<crate::jetstream::JsWorkQueue>> {
         self.inner.external_queues.read().iter().find(|(name, _)| *name == queue).map(|(_, q)| q.clone())
     }

@@ -278,7 +278,13 @@ async fn notifications_can_live_on_jetstream() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // The local journal never saw it.
+    // The API says where it lives; the local journal never saw it.
+    let listed: Value = http.get(format!("{base}/v1/queues")).send().await.unwrap().json().await.unwrap();
+    let notifications = listed["queues"].as_array().unwrap().iter().find(|q| q["queue"] == "notifications").unwrap();
+    assert_eq!(
+        (notifications["backend"].as_str(), notifications["waiting_or_leased"].as_u64()),
+        (Some("jetstream"), Some(0))
+    );
     let local = node.engine.queues().get(events::QueueName::Notifications);
     assert_eq!(local.metrics().enqueued.load(std::sync::atomic::Ordering::Relaxed), 0);
     node.shutdown().await.unwrap();
