@@ -351,18 +351,18 @@ impl JetStreamQueue {
 
     /// The message is done: it leaves the queue.
     pub async fn ack(&self, leased: &JsLeased) -> Result<(), Error> {
-        leased.msg.double_ack().await.map_err(js_error)
+        self.settler().settle(leased, None).await
     }
 
     /// The message failed: it is delivered again, or, on its last attempt, dead-lettered with
     /// `reason`.
     pub async fn nack(&self, leased: &JsLeased, reason: &str) -> Result<(), Error> {
-        if leased.attempt >= self.max_attempts {
-            dead_letter(&self.js, &self.dead_subject, leased.key, reason, leased.attempt, leased.payload.clone())
-                .await?;
-            return leased.msg.ack_with(jetstream::AckKind::Term).await.map_err(js_error);
-        }
-        leased.msg.ack_with(jetstream::AckKind::Nak(None)).await.map_err(js_error)
+        self.settler().settle(leased, Some(reason)).await
+    }
+
+    /// What settling needs, detached from the queue (to settle from a spawned task).
+    fn settler(&self) -> Settler {
+        Settler { js: self.js.clone(), dead_subject: self.dead_subject.clone(), max_attempts: self.max_attempts }
     }
 
     /// Messages waiting or leased.
@@ -395,6 +395,26 @@ impl JetStreamQueue {
             });
         }
         Ok(out)
+    }
+}
+
+/// Settles leased messages: ack, nack (redelivery), or on the last attempt dead-letter.
+struct Settler {
+    js: jetstream::Context,
+    dead_subject: String,
+    max_attempts: u32,
+}
+
+impl Settler {
+    /// `failure`: `None` acknowledges, `Some(reason)` nacks.
+    async fn settle(&self, leased: &JsLeased, failure: Option<&str>) -> Result<(), Error> {
+        let Some(reason) = failure else { return leased.msg.double_ack().await.map_err(js_error) };
+        if leased.attempt >= self.max_attempts {
+            let payload = leased.payload.clone();
+            dead_letter(&self.js, &self.dead_subject, leased.key, reason, leased.attempt, payload).await?;
+            return leased.msg.ack_with(jetstream::AckKind::Term).await.map_err(js_error);
+        }
+        leased.msg.ack_with(jetstream::AckKind::Nak(None)).await.map_err(js_error)
     }
 }
 
@@ -511,25 +531,14 @@ impl JsWorkQueue {
             None => return Err(events::Error::UnknownMessage(id)),
         }
         let Some((_, l)) = leased.remove(&id) else { return Err(events::Error::UnknownMessage(id)) };
-        let (msg_ack, reason) = match verdict {
-            events::Verdict::Ack => (true, String::new()),
-            events::Verdict::Nack(reason) => (false, reason),
-        };
         let handle = tokio::runtime::Handle::try_current().map_err(|_| events::Error::ShuttingDown)?;
-        let dead_subject = self.queue.dead_subject.clone();
-        let (js, max_attempts) = (self.queue.js.clone(), self.queue.max_attempts);
+        let settler = self.queue.settler();
         handle.spawn(async move {
-            let outcome = if msg_ack {
-                l.msg.double_ack().await.map_err(js_error)
-            } else if l.attempt >= max_attempts {
-                match dead_letter(&js, &dead_subject, l.key, &reason, l.attempt, l.payload.clone()).await {
-                    Ok(()) => l.msg.ack_with(jetstream::AckKind::Term).await.map_err(js_error),
-                    Err(e) => Err(e),
-                }
-            } else {
-                l.msg.ack_with(jetstream::AckKind::Nak(None)).await.map_err(js_error)
+            let failure = match &verdict {
+                events::Verdict::Ack => None,
+                events::Verdict::Nack(reason) => Some(reason.as_str()),
             };
-            if let Err(error) = outcome {
+            if let Err(error) = settler.settle(&l, failure).await {
                 tracing::warn!(%error, id, "could not settle a JetStream message; it is redelivered after its visibility timeout");
             }
         });

@@ -81,9 +81,8 @@ impl Node {
         };
         let services_dir = cfg.data_dir.join("services");
         let services = Arc::new(
-            Services::open(engine.clone(), &services_dir, cfg.services)
-                .map_err(|e| Error::Task(format!("opening the services' stores in {}: {e}", services_dir.display())))?
-                .with_history(history.clone()),
+            Services::open(engine.clone(), &services_dir, cfg.services, Some(history.clone()))
+                .map_err(|e| Error::Task(format!("opening the services' stores in {}: {e}", services_dir.display())))?,
         );
 
         let deliveries = engine.subscribe_deliveries(Overflow::Block)?;
@@ -310,7 +309,7 @@ fn start_history(
                 }
                 for (_, batch) in &group {
                     let trace = batch.header().meta.trace;
-                    if trace.is_some() {
+                    if trace.is_some() && services::trace::recording() {
                         services::trace::log_span(&trace.child(), Some(&trace), "history store", "consumer", 0, started);
                     }
                 }

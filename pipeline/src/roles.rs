@@ -516,34 +516,18 @@ pub fn use_ca_certificate_for_quic(cfg: &mut Config) {
     }
 }
 
-/// Follows delivery-events under the named cursor `name`, applying each batch and then
-/// committing past it; reconnects after a failure and resumes at the last commit.
-async fn follow_named<A, Fut>(
-    quic: SocketAddr,
-    trust: ingest::Trust,
-    name: &'static str,
-    apply: A,
-    mut stop: watch::Receiver<bool>,
-) where
-    A: Fn(DeliveryBatch) -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = ()> + Send,
+/// Runs `session` (a subscription to the ingest role) until `stop`, starting it again a
+/// second after each time it ends with an error (the ingest restarted, the network dropped).
+async fn reconnecting<S, Fut>(what: &'static str, mut stop: watch::Receiver<bool>, mut session: S)
+where
+    S: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), ingest::Error>>,
 {
-    let cfg = ingest::ClientConfig::new(trust);
     loop {
-        let run = async {
-            let client = ingest::IngestClient::connect(quic, &cfg).await?;
-            let mut sub = client.subscribe_named::<DeliveryEvent>(Topic::DeliveryEvents, name, StartAt::Latest).await?;
-            tracing::info!(cursor = name, start = sub.start(), "following delivery-events");
-            while let Some((offset, batch)) = sub.next().await? {
-                apply(batch).await;
-                sub.commit(offset + 1).await?;
-            }
-            Ok::<(), ingest::Error>(())
-        };
         tokio::select! {
             _ = stop.wait_for(|s| *s) => return,
-            outcome = run => if let Err(error) = outcome {
-                tracing::warn!(cursor = name, %error, "delivery-events subscription ended; reconnecting");
+            outcome = session() => if let Err(error) = outcome {
+                tracing::warn!(what, %error, "delivery-events subscription ended; reconnecting");
             },
         }
         tokio::select! {
@@ -553,46 +537,62 @@ async fn follow_named<A, Fut>(
     }
 }
 
+/// Follows delivery-events under the named cursor `name`, applying each batch and then
+/// committing past it; after a reconnect it resumes at the last commit.
+async fn follow_named<A, Fut>(
+    quic: SocketAddr,
+    trust: ingest::Trust,
+    name: &'static str,
+    apply: A,
+    stop: watch::Receiver<bool>,
+) where
+    A: Fn(DeliveryBatch) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let cfg = ingest::ClientConfig::new(trust);
+    reconnecting(name, stop, || async {
+        let client = ingest::IngestClient::connect(quic, &cfg).await?;
+        let mut sub = client.subscribe_named::<DeliveryEvent>(Topic::DeliveryEvents, name, StartAt::Latest).await?;
+        tracing::info!(cursor = name, start = sub.start(), "following delivery-events");
+        while let Some((offset, batch)) = sub.next().await? {
+            apply(batch).await;
+            sub.commit(offset + 1).await?;
+        }
+        Ok(())
+    })
+    .await;
+}
+
 /// Delivery History's consumer in its own process: reads delivery-events from the offset its
 /// store says comes next and stores each batch with the offset after it.
 async fn follow_history(
     quic: SocketAddr,
     trust: ingest::Trust,
     history: Arc<services::history::History>,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
     let cfg = ingest::ClientConfig::new(trust);
-    loop {
-        let run = async {
-            let next = history.next_offset().map_err(|e| ingest::Error::from(events::Error::Storage(e.to_string())))?;
-            let from = next.map_or(StartAt::Earliest, StartAt::Offset);
-            let client = ingest::IngestClient::connect(quic, &cfg).await?;
-            let mut sub = client.subscribe_from::<DeliveryEvent>(Topic::DeliveryEvents, from).await?;
-            while let Some((offset, batch)) = sub.next().await? {
-                let started = std::time::Instant::now();
-                let trace = batch.header().meta.trace;
-                let h = history.clone();
-                tokio::task::spawn_blocking(move || h.apply(offset, &batch))
-                    .await
-                    .map_err(|e| ingest::Error::from(events::Error::Storage(e.to_string())))?
-                    .map_err(|e| ingest::Error::from(events::Error::Storage(e.to_string())))?;
-                if trace.is_some() {
-                    services::trace::log_span(&trace.child(), Some(&trace), "history store", "consumer", 0, started);
-                }
+    let storage = |e: &dyn std::fmt::Display| ingest::Error::from(events::Error::Storage(e.to_string()));
+    reconnecting("history", stop, || async {
+        let next = history.next_offset().map_err(|e| storage(&e))?;
+        let from = next.map_or(StartAt::Earliest, StartAt::Offset);
+        let client = ingest::IngestClient::connect(quic, &cfg).await?;
+        let mut sub = client.subscribe_from::<DeliveryEvent>(Topic::DeliveryEvents, from).await?;
+        while let Some((offset, batch)) = sub.next().await? {
+            let started = std::time::Instant::now();
+            let trace = batch.header().meta.trace;
+            let h = history.clone();
+            tokio::task::spawn_blocking(move || h.apply(offset, &batch))
+                .await
+                .map_err(|e| storage(&e))?
+                .map_err(|e| storage(&e))?;
+            if trace.is_some() && services::trace::recording() {
+                services::trace::log_span(&trace.child(), Some(&trace), "history store", "consumer", 0, started);
             }
-            Ok::<(), ingest::Error>(())
-        };
-        tokio::select! {
-            _ = stop.wait_for(|s| *s) => break,
-            outcome = run => if let Err(error) = outcome {
-                tracing::warn!(%error, "history's delivery-events subscription ended; reconnecting");
-            },
         }
-        tokio::select! {
-            _ = stop.wait_for(|s| *s) => break,
-            () = tokio::time::sleep(Duration::from_secs(1)) => {}
-        }
-    }
+        Ok(())
+    })
+    .await;
     if let Err(error) = history.flush() {
         tracing::error!(%error, "could not store the last owner notes of delivery history");
     }

@@ -66,10 +66,6 @@ pub struct DeliveryService<F> {
     subscriptions: RwLock<FxHashMap<DeliveryId, Vec<crate::notify::Subscription>>>,
 }
 
-fn key(id: DeliveryId) -> String {
-    format!("{id:020}")
-}
-
 impl<F: FleetControl + WorkQueues> DeliveryService<F> {
     /// The service over `store`, with the records it holds loaded.
     pub fn open(fleet: F, store: Store) -> Result<Arc<Self>, Error> {
@@ -84,7 +80,7 @@ impl<F: FleetControl + WorkQueues> DeliveryService<F> {
             record.updated_us = current.updated_us;
             record.last_seq = current.last_seq;
         }
-        let fresh = self.store.put(&key(record.delivery_id), &record).await?;
+        let fresh = self.store.put(&crate::store::id_key(record.delivery_id), &record).await?;
         let mut records = self.records.write();
         match records.get_mut(&record.delivery_id) {
             // Events may have moved the stage while the write was in flight: keep theirs.
@@ -102,7 +98,7 @@ impl<F: FleetControl + WorkQueues> DeliveryService<F> {
 
     /// Removes a record.
     pub async fn remove(&self, id: DeliveryId) -> Result<(), Error> {
-        self.store.delete(&key(id)).await?;
+        self.store.delete(&crate::store::id_key(id)).await?;
         self.records.write().remove(&id);
         self.subscriptions.write().remove(&id);
         Ok(())
@@ -122,7 +118,9 @@ impl<F: FleetControl + WorkQueues> DeliveryService<F> {
     /// or older seq) are ignored.
     /// Returns the records whose stage changed, for [`DeliveryService::persist`].
     pub fn apply_delivery_events(&self, batch: &DeliveryBatch) -> Vec<DeliveryRecord> {
+        // Delivery id → its place in `changed`, so a delivery is written once per batch.
         let mut changed: Vec<DeliveryRecord> = Vec::new();
+        let mut slot: FxHashMap<DeliveryId, usize> = FxHashMap::default();
         let mut records = self.records.write();
         for ev in batch.events().iter() {
             let id = ev.delivery_id.to_native();
@@ -136,9 +134,12 @@ impl<F: FleetControl + WorkQueues> DeliveryService<F> {
             record.updated_us = ev.ts_us.to_native();
             if record.stage != stage {
                 record.stage = stage;
-                match changed.iter_mut().find(|r| r.delivery_id == id) {
-                    Some(c) => *c = record.clone(),
-                    None => changed.push(record.clone()),
+                match slot.get(&id) {
+                    Some(&i) => changed[i] = record.clone(),
+                    None => {
+                        slot.insert(id, changed.len());
+                        changed.push(record.clone());
+                    }
                 }
             }
         }
@@ -148,7 +149,7 @@ impl<F: FleetControl + WorkQueues> DeliveryService<F> {
     /// Stores records whose stage changed, so a restarted service reads each delivery where it
     /// stood. The writes are submitted together and so share the store's commits.
     pub async fn persist(&self, changed: Vec<DeliveryRecord>) -> Result<(), Error> {
-        let keys: Vec<String> = changed.iter().map(|r| key(r.delivery_id)).collect();
+        let keys: Vec<String> = changed.iter().map(|r| crate::store::id_key(r.delivery_id)).collect();
         let writes = changed.iter().zip(&keys).map(|(r, k)| self.store.put(k, r));
         for outcome in futures_util::future::join_all(writes).await {
             outcome?;

@@ -334,9 +334,10 @@ impl<F: FleetControl> DroneManagement<F> {
             let mut reg = self.registry.lock();
             ids.iter().copied().filter(|&id| reg.register(id)).collect()
         };
-        for &id in &fresh {
-            self.refresh(id, None).await;
-        }
+        // One engine lookup per new drone, a bounded number at a time (registering a fleet of
+        // thousands must not wait for them one by one, least of all across the network).
+        use futures_util::StreamExt;
+        futures_util::stream::iter(&fresh).for_each_concurrent(64, |&id| self.refresh(id, None)).await;
         fresh.len()
     }
 

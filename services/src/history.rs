@@ -142,11 +142,6 @@ fn stage_code(s: DeliveryStage) -> u8 {
     STAGES.iter().position(|x| *x == s).unwrap_or(0) as u8
 }
 
-/// A u64 id, offset or time in a BIGINT column (all of them are below 2^63).
-fn pg_i64(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
-}
-
 pub(crate) fn stage_of(code: u8) -> DeliveryStage {
     STAGES.get(usize::from(code)).copied().unwrap_or(DeliveryStage::Created)
 }
@@ -187,7 +182,7 @@ impl History {
     fn take_owner_rows(&self) -> Vec<crate::history_pg::OwnerRow> {
         std::mem::take(&mut *self.pending.lock())
             .into_iter()
-            .map(|(id, owner, created)| (pg_i64(id), owner, pg_i64(created)))
+            .map(|(id, owner, created)| (crate::history_pg::to_i64(id), owner, crate::history_pg::to_i64(created)))
             .collect()
     }
 
@@ -258,11 +253,11 @@ impl History {
                 for (_, batch) in batches {
                     for e in batch.borrow().events().iter() {
                         rows.push((
-                            pg_i64(e.delivery_id.to_native()),
+                            crate::history_pg::to_i64(e.delivery_id.to_native()),
                             i32::try_from(e.seq.to_native()).unwrap_or(i32::MAX),
                             i16::from(stage_code(e.stage.to_stage())),
-                            pg_i64(e.drone_id.to_native()),
-                            pg_i64(e.ts_us.to_native()),
+                            crate::history_pg::to_i64(e.drone_id.to_native()),
+                            crate::history_pg::to_i64(e.ts_us.to_native()),
                             e.location.lat.to_native(),
                             e.location.lon.to_native(),
                         ));

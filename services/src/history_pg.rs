@@ -10,7 +10,7 @@
 
 use std::sync::mpsc;
 
-use events::{DeliveryId, DeliveryStage, GeoPoint};
+use events::{DeliveryId, GeoPoint};
 
 use crate::Error;
 use crate::history::{HistoryEvent, OwnedDelivery};
@@ -78,7 +78,7 @@ impl std::fmt::Debug for PgHistory {
 
 /// u64 ids and offsets are stored in BIGINT: values below 2^63, which ids (µs timestamps)
 /// and offsets are.
-fn to_i64(v: u64) -> i64 {
+pub(crate) fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
@@ -291,10 +291,7 @@ fn by_owner(
         .map(|r| OwnedDelivery {
             delivery_id: to_u64(r.get(0)),
             created_us: to_u64(r.get(1)),
-            stage: r
-                .get::<_, Option<i16>>(2)
-                .map(|s| crate::history::stage_of(u8::try_from(s).unwrap_or(0)))
-                .map(|s: DeliveryStage| s),
+            stage: r.get::<_, Option<i16>>(2).map(|s| crate::history::stage_of(u8::try_from(s).unwrap_or(0))),
         })
         .collect())
 }

@@ -35,7 +35,7 @@ impl Packages {
 
     /// The package of delivery `id`.
     pub fn get(&self, id: u64) -> Result<Option<Package>, Error> {
-        self.store.get(&key(id))
+        self.store.get(&crate::store::id_key(id))
     }
 
     /// Every stored package id.
@@ -51,11 +51,6 @@ impl Packages {
     }
 }
 
-/// Fixed-width keys keep the store in id order.
-fn key(id: u64) -> String {
-    format!("{id:020}")
-}
-
 async fn put_package(
     State(packages): State<Arc<Packages>>,
     Path(id): Path<String>,
@@ -63,7 +58,7 @@ async fn put_package(
 ) -> Result<impl IntoResponse, Error> {
     let id = parse_id(&id)?;
     crate::state::validate_package(&package)?;
-    let fresh = packages.store.put(&key(id), &package).await?;
+    let fresh = packages.store.put(&crate::store::id_key(id), &package).await?;
     Ok((if fresh { StatusCode::CREATED } else { StatusCode::OK }, Json(package)))
 }
 
@@ -77,6 +72,6 @@ async fn get_package(
 
 async fn delete_package(State(packages): State<Arc<Packages>>, Path(id): Path<String>) -> Result<StatusCode, Error> {
     let id = parse_id(&id)?;
-    packages.store.delete(&key(id)).await?;
+    packages.store.delete(&crate::store::id_key(id)).await?;
     Ok(StatusCode::NO_CONTENT)
 }

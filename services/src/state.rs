@@ -91,26 +91,31 @@ impl<F: FleetControl + WorkQueues + Clone> Services<F> {
     /// The services with their stores in memory (tests, throwaway runs).
     pub fn new(fleet: F) -> Result<Self, Error> {
         let (a, p, d) = (Store::in_memory()?, Store::in_memory()?, Store::in_memory()?);
-        Self::with_stores(fleet, a, p, d, CallPolicy::default(), DronesConfig::default())
+        Self::with_stores(fleet, [a, p, d], CallPolicy::default(), DronesConfig::default(), None)
     }
 
     /// The services with their stores in `dir/services.redb`: one file with a namespace per
     /// service, so the writes of one schedule (package, delivery record) share commits. In
-    /// split mode each service has a file of its own.
-    pub fn open(fleet: F, dir: &Path, cfg: ServicesConfig) -> Result<Self, Error> {
+    /// split mode each service has a file of its own. `history`, when given, is told who
+    /// ordered each delivery (for its owner queries).
+    pub fn open(
+        fleet: F,
+        dir: &Path,
+        cfg: ServicesConfig,
+        history: Option<Arc<crate::history::History>>,
+    ) -> Result<Self, Error> {
         let file = Store::open(&dir.join("services.redb"))?;
-        let (accounts, packages, deliveries) =
-            (file.namespace("accounts"), file.namespace("packages"), file.namespace("deliveries"));
-        Self::with_stores(fleet, accounts, packages, deliveries, cfg.calls, cfg.drones)
+        let stores = ["accounts", "packages", "deliveries"].map(|name| file.namespace(name));
+        Self::with_stores(fleet, stores, cfg.calls, cfg.drones, history)
     }
 
+    /// `stores`: Accounts', Package's and Delivery's.
     fn with_stores(
         fleet: F,
-        accounts: Store,
-        packages: Store,
-        deliveries: Store,
+        [accounts, packages, deliveries]: [Store; 3],
         policy: CallPolicy,
         drones_cfg: DronesConfig,
+        history: Option<Arc<crate::history::History>>,
     ) -> Result<Self, Error> {
         let accounts = Accounts::new(accounts);
         let packages = Packages::new(packages);
@@ -123,17 +128,12 @@ impl<F: FleetControl + WorkQueues + Clone> Services<F> {
             drones: Dependency::local("drone-management", drones.router(), policy),
             history: None,
         };
-        let scheduler = Arc::new(Scheduler::new(fleet, deps));
+        let scheduler = Scheduler::new(fleet, deps);
+        let scheduler = Arc::new(match history {
+            Some(h) => scheduler.with_history(h),
+            None => scheduler,
+        });
         Ok(Self { scheduler, deliveries, drones, accounts, packages })
-    }
-
-    /// Tells `history` who ordered each delivery scheduled from now on. Call before sharing.
-    pub fn with_history(mut self, history: Arc<crate::history::History>) -> Self {
-        match Arc::try_unwrap(self.scheduler) {
-            Ok(s) => self.scheduler = Arc::new(s.with_history(history)),
-            Err(shared) => self.scheduler = shared,
-        }
-        self
     }
 
     /// Schedules a delivery.

@@ -37,6 +37,11 @@ struct Op {
     done: tokio::sync::oneshot::Sender<Result<bool, String>>,
 }
 
+/// The key of a numeric id: fixed width, so the store keeps ids in order.
+pub fn id_key(id: u64) -> String {
+    format!("{id:020}")
+}
+
 /// One service's store: a namespace of keys in a database file. Services in one process may
 /// share a file ([`Store::namespace`]), so one commit (one fsync) carries all their writes.
 #[derive(Clone)]

@@ -19,18 +19,25 @@ pub async fn propagate(mut req: Request, next: Next) -> Response {
     let parent = req.headers().get("traceparent").and_then(|v| v.to_str().ok()).and_then(TraceContext::parse);
     let span = parent.map_or_else(TraceContext::new_root, |p| p.child());
     req.extensions_mut().insert(span);
-    let name = format!(
-        "{} {}",
-        req.method(),
-        req.extensions().get::<MatchedPath>().map_or_else(|| req.uri().path(), |p| p.as_str())
-    );
+    // The span's name is built only when the span goes somewhere: not per request otherwise.
+    let name = recording().then(|| {
+        let route = req.extensions().get::<MatchedPath>().map_or_else(|| req.uri().path(), |p| p.as_str());
+        format!("{} {route}", req.method())
+    });
     let started = Instant::now();
     let mut resp = next.run(req).await;
     if let Ok(v) = HeaderValue::from_str(&span.to_header()) {
         resp.headers_mut().insert("traceparent", v);
     }
-    log_span(&span, parent.as_ref(), &name, "server", resp.status().as_u16(), started);
+    if let Some(name) = name {
+        log_span(&span, parent.as_ref(), &name, "server", resp.status().as_u16(), started);
+    }
     resp
+}
+
+/// Whether finished spans are logged or exported at all.
+pub fn recording() -> bool {
+    EXPORTER.get().is_some() || tracing::enabled!(target: "fleetstream::span", tracing::Level::DEBUG)
 }
 
 /// Where spans are exported over OTLP (`[tracing]` in the pipeline's config).
