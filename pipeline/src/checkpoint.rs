@@ -41,9 +41,8 @@ pub fn path(dir: &Path, shard: u32) -> PathBuf {
     dir.join(format!("shard-{shard:04}.ckpt"))
 }
 
-/// Writes a checkpoint atomically.
-pub fn write(dir: &Path, ckpt: &Checkpoint) -> Result<(), Error> {
-    fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
+/// A checkpoint's bytes: the file layout above, also what a JetStream KV entry holds.
+pub fn encode(ckpt: &Checkpoint) -> Result<Vec<u8>, Error> {
     let body = rkyv::to_bytes::<rancor::Error>(&ckpt.state).map_err(|e| Error::Io {
         context: "encoding a checkpoint".into(),
         source: std::io::Error::other(e.to_string()),
@@ -57,25 +56,19 @@ pub fn write(dir: &Path, ckpt: &Checkpoint) -> Result<(), Error> {
     out.extend_from_slice(&(body.len() as u32).to_le_bytes());
     out.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
     out.extend_from_slice(&body);
-    let final_path = path(dir, ckpt.shard);
-    let tmp = final_path.with_extension("ckpt.tmp");
-    let mut f = fs::File::create(&tmp).map_err(io(format!("creating {}", tmp.display())))?;
-    f.write_all(&out).and_then(|()| f.sync_all()).map_err(io(format!("writing {}", tmp.display())))?;
-    fs::rename(&tmp, &final_path).map_err(io(format!("renaming {}", tmp.display())))?;
-    sync_dir(dir)
+    Ok(out)
 }
 
-/// Reads a shard's checkpoint; `Ok(None)` when there is none.
-pub fn read(dir: &Path, shard: u32) -> Result<Option<Checkpoint>, Error> {
-    let p = path(dir, shard);
-    let bytes = match fs::read(&p) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(io(format!("reading {}", p.display()))(e)),
+/// Reads checkpoint bytes back; `origin` names where they came from in errors.
+pub fn decode(bytes: &[u8], origin: &Path) -> Result<Checkpoint, Error> {
+    let bad = |reason: &str| Error::Corrupt {
+        segment: origin.to_path_buf(),
+        position: 0,
+        offset: 0,
+        reason: reason.to_string(),
     };
-    let bad = |reason: &str| Error::Corrupt { segment: p.clone(), position: 0, offset: 0, reason: reason.to_string() };
     if bytes.len() < HEADER || bytes[0..4] != MAGIC {
-        return Err(bad("not a checkpoint file"));
+        return Err(bad("not a checkpoint"));
     }
     if bytes[4] != VERSION {
         return Err(bad("unknown checkpoint version"));
@@ -94,7 +87,29 @@ pub fn read(dir: &Path, shard: u32) -> Result<Option<Checkpoint>, Error> {
     body.extend_from_slice(&bytes[HEADER..]);
     let state =
         rkyv::from_bytes::<DeriverState, rancor::Error>(&body).map_err(|e| bad(&format!("invalid checkpoint: {e}")))?;
-    Ok(Some(Checkpoint { shard: u32_at(8), shards: u32_at(12), offset: u64::from_le_bytes(o), state }))
+    Ok(Checkpoint { shard: u32_at(8), shards: u32_at(12), offset: u64::from_le_bytes(o), state })
+}
+
+/// Writes a checkpoint atomically.
+pub fn write(dir: &Path, ckpt: &Checkpoint) -> Result<(), Error> {
+    fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
+    let out = encode(ckpt)?;
+    let final_path = path(dir, ckpt.shard);
+    let tmp = final_path.with_extension("ckpt.tmp");
+    let mut f = fs::File::create(&tmp).map_err(io(format!("creating {}", tmp.display())))?;
+    f.write_all(&out).and_then(|()| f.sync_all()).map_err(io(format!("writing {}", tmp.display())))?;
+    fs::rename(&tmp, &final_path).map_err(io(format!("renaming {}", tmp.display())))?;
+    sync_dir(dir)
+}
+
+/// Reads a shard's checkpoint; `Ok(None)` when there is none.
+pub fn read(dir: &Path, shard: u32) -> Result<Option<Checkpoint>, Error> {
+    let p = path(dir, shard);
+    match fs::read(&p) {
+        Ok(bytes) => decode(&bytes, &p).map(Some),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io(format!("reading {}", p.display()))(e)),
+    }
 }
 
 #[cfg(test)]

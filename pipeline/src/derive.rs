@@ -287,6 +287,11 @@ impl Deriver {
         self.deliveries.get(&id).map(|d| d.stage)
     }
 
+    /// The rules it applies.
+    pub fn config(&self) -> DeriveConfig {
+        self.cfg
+    }
+
     /// Counters so far.
     pub fn stats(&self) -> DeriveStats {
         self.stats

@@ -114,6 +114,14 @@ pub enum Storage {
         /// Log settings.
         log: LogConfig,
     },
+    /// JetStream holds the topics, shard leases and checkpoints ([`crate::cluster`]); queues
+    /// and named cursors stay under `dir`.
+    Cluster {
+        /// Data directory.
+        dir: PathBuf,
+        /// The connection to the cluster.
+        cluster: Arc<crate::cluster::Cluster>,
+    },
 }
 
 /// What the engine found and did when it started.
@@ -129,7 +137,7 @@ pub struct StartReport {
     pub next_offset: u64,
 }
 
-enum ShardMsg {
+pub(crate) enum ShardMsg {
     Events {
         offset: u64,
         batch: Arc<TelemetryBatch>,
@@ -147,6 +155,15 @@ enum ShardMsg {
     Drone {
         id: DroneId,
         reply: oneshot::Sender<Option<DroneSnapshot>>,
+    },
+    /// Start over from this checkpoint (or from nothing): the shard changed hands.
+    Restore {
+        ckpt: Option<Checkpoint>,
+        done: oneshot::Sender<()>,
+    },
+    /// Checkpoint now (the shard is being handed to another node).
+    Checkpoint {
+        done: oneshot::Sender<()>,
     },
     Stop,
 }
@@ -199,6 +216,8 @@ struct Tail {
 }
 
 struct Inner {
+    /// JetStream in place of the local log (`[log] backend = "jetstream"`).
+    cluster: Option<Arc<crate::cluster::Cluster>>,
     log: Option<SharedLog>,
     tail: Arc<Tail>,
     /// The delivery-events log and how far it has been published.
@@ -254,12 +273,18 @@ impl Engine {
     ) -> Result<(Self, EngineThreads, StartReport), crate::Error> {
         let n = cfg.shard_count();
         let queue_dir = match &storage {
-            Storage::Durable { dir, .. } => Some(dir.join("queues")),
+            Storage::Durable { dir, .. } | Storage::Cluster { dir, .. } => Some(dir.join("queues")),
             Storage::Memory => None,
+        };
+        let cluster = match &storage {
+            Storage::Cluster { cluster, .. } => Some(cluster.clone()),
+            _ => None,
         };
         let (queues, queue_timer) = Queues::open(queues_cfg, queue_dir.as_deref())?;
         let cursors = match &storage {
-            Storage::Durable { dir, .. } => CursorStore::open(Some(&dir.join("cursors.json")))?,
+            Storage::Durable { dir, .. } | Storage::Cluster { dir, .. } => {
+                CursorStore::open(Some(&dir.join("cursors.json")))?
+            }
             Storage::Memory => CursorStore::open(None)?,
         };
         let telemetry = Arc::new(Topic::new("drone-telemetry", cfg.subscriber_queue));
@@ -268,7 +293,7 @@ impl Engine {
         let mut report = StartReport::default();
 
         let (log, out_log, ckpt_dir) = match &storage {
-            Storage::Memory => (None, None, None),
+            Storage::Memory | Storage::Cluster { .. } => (None, None, None),
             Storage::Durable { dir, log } => {
                 let (opened, recovery) = Log::open(&dir.join("log"), *log)?;
                 if recovery.truncated_bytes > 0 {
@@ -324,9 +349,10 @@ impl Engine {
             tail: out_tail.clone(),
             policy: match &storage {
                 Storage::Durable { log, .. } => log.fsync,
-                Storage::Memory => FsyncPolicy::None,
+                Storage::Memory | Storage::Cluster { .. } => FsyncPolicy::None,
             },
             last_retention: Instant::now(),
+            cluster: cluster.clone(),
         };
         publisher.rebuild()?;
         threads.push(std::thread::Builder::new().name("publisher".into()).spawn(move || publisher.run(publish_rx))?);
@@ -351,6 +377,7 @@ impl Engine {
                 covered,
                 applied: covered,
                 ckpt_dir: ckpt_dir.clone(),
+                cluster: cluster.clone(),
                 ckpt_interval: Duration::from_millis(cfg.checkpoint_interval_ms.max(1)),
                 last_ckpt: Instant::now(),
                 needed: needed.clone(),
@@ -369,7 +396,7 @@ impl Engine {
 
         let (policy, interval) = match &storage {
             Storage::Durable { log, .. } => (log.fsync, Duration::from_millis(log.fsync_interval_ms.max(1))),
-            Storage::Memory => (FsyncPolicy::None, Duration::from_secs(1)),
+            Storage::Memory | Storage::Cluster { .. } => (FsyncPolicy::None, Duration::from_secs(1)),
         };
         let tail = Arc::new(Tail { end: parking_lot::Mutex::new(next_offset), grew: parking_lot::Condvar::new() });
         let mut appender = Appender {
@@ -399,7 +426,11 @@ impl Engine {
             next_offset = report.next_offset,
             "engine started"
         );
+        if let Some(cluster) = &cluster {
+            cluster.start(shards.clone(), telemetry.clone(), deliveries.clone())?;
+        }
         let inner = Inner {
+            cluster,
             append,
             shards,
             telemetry,
@@ -433,6 +464,10 @@ impl Engine {
     /// Refuses new work, lets every queue drain (the appender syncs, shards checkpoint), and
     /// joins the threads.
     pub async fn shutdown(&self, threads: EngineThreads) {
+        if let Some(cluster) = &self.inner.cluster {
+            // Shards are handed back (checkpointed) while their threads still run.
+            cluster.stop().await;
+        }
         self.inner.stopping.store(true, Ordering::Release);
         self.inner.queues.stop();
         self.inner.cursors.flush(true);
@@ -448,6 +483,9 @@ impl Engine {
     /// A topic's log bounds: the first offset still held and the delivered end (the offset
     /// the next batch subscribers see will have). `(0, 0)` without a log.
     pub fn topic_bounds(&self, topic: StreamTopic) -> (u64, u64) {
+        if let Some(cluster) = &self.inner.cluster {
+            return cluster.bounds(topic);
+        }
         let (log, tail) = match topic {
             StreamTopic::DroneTelemetry => (&self.inner.log, &self.inner.tail),
             StreamTopic::DeliveryEvents => (&self.inner.out_log, &self.inner.out_tail),
@@ -456,6 +494,11 @@ impl Engine {
             Some(log) => (log.lock().first_offset(), *tail.end.lock()),
             None => (0, 0),
         }
+    }
+
+    /// The cluster this node belongs to, on the JetStream backend.
+    pub fn cluster(&self) -> Option<&Arc<crate::cluster::Cluster>> {
+        self.inner.cluster.as_ref()
     }
 
     /// The named cursors of the stream path.
@@ -594,6 +637,21 @@ pub fn render_metrics(engine: &Engine, out: &mut String) {
         "fleetstream_stream_subscribers_lagged_total",
         engine.telemetry().cut_off() + engine.deliveries().cut_off(),
     );
+    if let Some(cluster) = engine.cluster() {
+        let m = &cluster.metrics;
+        let counters = [
+            ("fleetstream_cluster_batch_parts_published_total", &m.published),
+            ("fleetstream_cluster_batch_parts_duplicate_total", &m.duplicates),
+            ("fleetstream_cluster_delivery_events_published_total", &m.delivery_events),
+            ("fleetstream_cluster_shards_acquired_total", &m.acquired),
+            ("fleetstream_cluster_shard_leases_lost_total", &m.lost),
+            ("fleetstream_cluster_invalid_messages_total", &m.invalid),
+        ];
+        for (name, c) in counters {
+            counter(out, name, c.load(Ordering::Relaxed));
+        }
+        gauge(out, "fleetstream_cluster_shards_owned", m.owned.load(Ordering::Relaxed));
+    }
 }
 
 /// Maps a drone to a shard: a multiplicative hash spread over `n` without a division.
@@ -607,6 +665,16 @@ impl BatchSink for Engine {
 
     async fn submit(&self, batch: TelemetryBatch) -> Result<Self::Ack, Error> {
         let (ack, rx) = oneshot::channel();
+        if let Some(cluster) = &self.inner.cluster {
+            if self.inner.stopping.load(Ordering::Acquire) {
+                return Err(Error::ShuttingDown);
+            }
+            let cluster = cluster.clone();
+            tokio::spawn(async move {
+                let _ = ack.send(cluster.append_batch(batch).await);
+            });
+            return Ok(AckFuture(rx));
+        }
         self.to_appender(AppendReq::Batch { batch, ack }).await?;
         Ok(AckFuture(rx))
     }
@@ -614,10 +682,16 @@ impl BatchSink for Engine {
 
 impl StreamSource for Engine {
     fn subscribe_telemetry_from(&self, from: StartAt) -> Result<OffsetSubscription<DroneEvent>, Error> {
+        if let Some(cluster) = &self.inner.cluster {
+            return cluster.follow(StreamTopic::DroneTelemetry, from);
+        }
         self.follow(self.inner.log.clone(), self.inner.tail.clone(), RecordKind::Telemetry, from)
     }
 
     fn subscribe_deliveries_from(&self, from: StartAt) -> Result<OffsetSubscription<DeliveryEvent>, Error> {
+        if let Some(cluster) = &self.inner.cluster {
+            return cluster.follow(StreamTopic::DeliveryEvents, from);
+        }
         self.follow(self.inner.out_log.clone(), self.inner.out_tail.clone(), RecordKind::Deliveries, from)
     }
 
@@ -633,7 +707,8 @@ impl StreamSource for Engine {
     fn commit_cursor(&self, topic: StreamTopic, name: &str, next: u64) -> Result<(), Error> {
         events::contract::valid_cursor_name(name)?;
         let (first, end) = self.topic_bounds(topic);
-        if next > end {
+        // On JetStream a reader may be ahead of what this node's follower has seen.
+        if next > end && self.inner.cluster.is_none() {
             return Err(Error::OffsetUnavailable { requested: next, first, next: end });
         }
         self.inner.cursors.commit(topic, name, next, events::now_us());
@@ -716,6 +791,9 @@ impl FleetControl for Engine {
     }
 
     async fn command_traced(&self, cmd: DeliveryCommand, trace: TraceContext) -> Result<(), Error> {
+        if let Some(cluster) = &self.inner.cluster {
+            return cluster.command(cmd, trace).await;
+        }
         let (reply, rx) = oneshot::channel();
         self.to_appender(AppendReq::Command { cmd, reply, trace }).await?;
         rx.await.map_err(|_| Error::ShuttingDown)?
@@ -725,8 +803,13 @@ impl FleetControl for Engine {
         if self.inner.stopping.load(Ordering::Acquire) {
             return Err(Error::ShuttingDown);
         }
+        let index = self.shard_of(id);
+        if self.inner.cluster.as_ref().is_some_and(|c| !c.owns(index)) {
+            // Another node runs that shard; this one knows nothing current about the drone.
+            return Ok(None);
+        }
         let (reply, rx) = oneshot::channel();
-        let shard = &self.inner.shards[self.shard_of(id)];
+        let shard = &self.inner.shards[index];
         shard.send_async(ShardMsg::Drone { id, reply }).await.map_err(|_| Error::ShuttingDown)?;
         rx.await.map_err(|_| Error::ShuttingDown)
     }
@@ -800,7 +883,7 @@ fn follow_log<T: events::wire::Payload>(
 /// Batches a log follower reads ahead of its subscriber. Short: a follower that falls behind
 /// re-reads from the log instead of holding batches in memory, so a stalled subscriber pins at
 /// most this many batches (plus its connection's QUIC window) however long it stalls.
-const FOLLOW_QUEUE: usize = 64;
+pub(crate) const FOLLOW_QUEUE: usize = 64;
 
 /// The first offset whose batch of `kind` was created at or after `t_us` (by its first event),
 /// found by bisecting `[first, end)`: batches are appended in about the order they were created,
@@ -865,6 +948,8 @@ struct Publisher {
     tail: Arc<Tail>,
     policy: FsyncPolicy,
     last_retention: Instant,
+    /// On JetStream: derived events go there, and this node's topic is fed back from it.
+    cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 impl Publisher {
@@ -937,6 +1022,11 @@ impl Publisher {
             while let Some(m) = msg.take() {
                 match m {
                     PublishMsg::Barrier(done) => barriers.push(done),
+                    PublishMsg::Events(batch) if self.cluster.is_some() => {
+                        if let Some(cluster) = &self.cluster {
+                            cluster.publish_deliveries(&batch);
+                        }
+                    }
                     PublishMsg::Events(batch) => {
                         if let Some(batch) = self.fresh(batch) {
                             match &self.log {
@@ -1315,6 +1405,8 @@ struct Shard {
     /// Every record up to this offset has been applied.
     applied: Option<u64>,
     ckpt_dir: Option<PathBuf>,
+    /// On JetStream, checkpoints go to its KV bucket while this node owns the shard.
+    cluster: Option<Arc<crate::cluster::Cluster>>,
     ckpt_interval: Duration,
     last_ckpt: Instant,
     needed: Arc<[AtomicU64]>,
@@ -1403,6 +1495,25 @@ impl Shard {
             ShardMsg::Drone { id, reply } => {
                 let _ = reply.send(self.deriver.drone(id));
             }
+            ShardMsg::Restore { ckpt, done } => {
+                self.out.clear();
+                self.out_trace = None;
+                let covered = ckpt.as_ref().map(|c| c.offset);
+                self.deriver = match ckpt {
+                    Some(c) => Deriver::restore(self.deriver.config(), c.state),
+                    None => Deriver::new(self.deriver.config()),
+                };
+                self.reported = self.deriver.stats();
+                self.covered = covered;
+                self.applied = covered;
+                self.last_ckpt = Instant::now();
+                let _ = done.send(());
+            }
+            ShardMsg::Checkpoint { done } => {
+                self.flush();
+                self.checkpoint();
+                let _ = done.send(());
+            }
             ShardMsg::Stop => return false,
         }
         true
@@ -1435,8 +1546,8 @@ impl Shard {
 
     fn checkpoint(&mut self) {
         self.last_ckpt = Instant::now();
-        let (Some(dir), Some(offset)) = (&self.ckpt_dir, self.applied) else { return };
-        if self.covered == Some(offset) {
+        let Some(offset) = self.applied else { return };
+        if (self.ckpt_dir.is_none() && self.cluster.is_none()) || self.covered == Some(offset) {
             return;
         }
         // Everything this state derived must be in the delivery-events log before the
@@ -1447,8 +1558,14 @@ impl Shard {
         }
         let ckpt =
             Checkpoint { shard: self.index as u32, shards: self.shards as u32, offset, state: self.deriver.snapshot() };
-        match checkpoint::write(dir, &ckpt) {
-            Ok(()) => {
+        let written = match (&self.ckpt_dir, &self.cluster) {
+            (Some(dir), _) => checkpoint::write(dir, &ckpt).map(|()| true),
+            (None, Some(cluster)) => cluster.put_checkpoint(&ckpt),
+            (None, None) => Ok(false),
+        };
+        match written {
+            Ok(false) => {}
+            Ok(true) => {
                 self.covered = Some(offset);
                 self.needed[self.index].store(offset + 1, Ordering::Relaxed);
                 self.metrics.checkpoints.fetch_add(1, Ordering::Relaxed);

@@ -47,6 +47,14 @@ pub struct JetStreamConfig {
     /// `notifications` can be: `drone-commands` gives each drone session its keys exclusively,
     /// which this mapping does not do yet.
     pub queues: Vec<String>,
+    /// With `[log] backend = "jetstream"`: this node's name in the shard leases. Default empty:
+    /// the host name and process id.
+    pub node_id: String,
+    /// With `[log] backend = "jetstream"`: a node that stops renewing its shard leases loses
+    /// them after this long, ms, and the other nodes take the shards over. Default 3000: a
+    /// dead node's shards move within a few seconds, while a GC-free process on a loaded
+    /// machine still renews (every third of it) with a wide margin.
+    pub lease_ms: u64,
 }
 
 impl Default for JetStreamConfig {
@@ -60,6 +68,8 @@ impl Default for JetStreamConfig {
             duplicate_window_s: 120,
             replicas: 1,
             queues: Vec::new(),
+            node_id: String::new(),
+            lease_ms: 3000,
         }
     }
 }

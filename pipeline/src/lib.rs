@@ -10,6 +10,7 @@
 pub mod admin;
 pub mod bus;
 pub mod checkpoint;
+pub mod cluster;
 pub mod config;
 pub mod cursor;
 pub mod dedup;

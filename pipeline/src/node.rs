@@ -57,7 +57,18 @@ impl Node {
     /// clients on this machine can trust a self-signed one.
     pub async fn start(cfg: &Config) -> Result<Self, Error> {
         services::trace::install_exporter(&cfg.tracing);
-        let storage = Storage::Durable { dir: cfg.data_dir.clone(), log: cfg.log };
+        let storage = match cfg.log.backend {
+            crate::log::LogBackend::Embedded => Storage::Durable { dir: cfg.data_dir.clone(), log: cfg.log },
+            crate::log::LogBackend::Jetstream => Storage::Cluster {
+                dir: cfg.data_dir.clone(),
+                cluster: crate::cluster::Cluster::connect(
+                    &cfg.jetstream,
+                    cfg.engine.shard_count(),
+                    cfg.engine.append_queue,
+                )
+                .await?,
+            },
+        };
         let (engine_cfg, queues_cfg) = (cfg.engine, cfg.queues);
         let (engine, threads, report) =
             tokio::task::spawn_blocking(move || Engine::start_with_queues(engine_cfg, storage, &queues_cfg))

@@ -55,6 +55,11 @@ pub enum FsyncPolicy {
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
+    /// Where the log lives. Default `embedded`: segment files under `data_dir/log`, one node.
+    /// `jetstream`: NATS JetStream holds the topics, shard leases and checkpoints, so several
+    /// nodes share the shards (see [`crate::cluster`] and `[jetstream]`); the fsync and segment
+    /// settings below then do not apply.
+    pub backend: LogBackend,
     /// Close a segment once it holds this many bytes. Default 128 MiB: few enough files for a
     /// day of traffic at full rate, small enough that retention frees space in useful steps.
     pub segment_bytes: u64,
@@ -79,9 +84,21 @@ pub struct LogConfig {
     pub max_record_bytes: u32,
 }
 
+/// Where the engine's log lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogBackend {
+    /// Segment files in the data directory.
+    #[default]
+    Embedded,
+    /// NATS JetStream.
+    Jetstream,
+}
+
 impl Default for LogConfig {
     fn default() -> Self {
         Self {
+            backend: LogBackend::Embedded,
             segment_bytes: 128 << 20,
             fsync: FsyncPolicy::EveryBatch,
             fsync_interval_ms: 50,

@@ -1,0 +1,889 @@
+//! Several pipeline nodes on one NATS JetStream (`[log] backend = "jetstream"`): JetStream
+//! takes the place of the local log, so any node can ingest, and each shard is run by one node
+//! at a time.
+//!
+//! ```text
+//!  QUIC batch ─► split by shard ─► <prefix>.telemetry.<shard>   (one message per batch part,
+//!  command ────────────────────►   same subject, marked         msg id producer-seq-shard)
+//!                                     │
+//!         the node leasing the shard: ordered consumer from its checkpoint ─► shard thread
+//!                                     │                                     (derive)
+//!                                     ▼
+//!                       <prefix>.deliveries.<shard>  (one message per delivery event,
+//!                                                     msg id delivery-seq)
+//!  every node: live followers ─► local topics ─► its subscribers; offset readers from JetStream
+//! ```
+//!
+//! - **Ingest.** A batch is split by shard and each part published as wire bytes; the QUIC
+//!   client is acknowledged only after JetStream acknowledged every part. The message id is
+//!   the producer id, batch sequence and shard, so a re-sent batch inside the duplicate window
+//!   is dropped by JetStream.
+//! - **Commands** go on the shard's subject too, so a shard applies commands and drone events
+//!   in one order whichever node took them. The caller waits for the owning shard's answer on
+//!   this node's reply inbox.
+//! - **Leases.** Each shard has a key in the `<prefix>_SHARDS` KV bucket whose entries expire
+//!   after `lease_ms`; the owner renews it every third of that with a revision check. Every
+//!   node announces itself in the same bucket and takes shards (create-if-absent) up to its fair
+//!   share, ⌈shards ÷ live nodes⌉; a node above its share hands shards back after a checkpoint.
+//!   A node that dies stops renewing, its keys expire, and the others take its shards.
+//! - **Checkpoints** (the same bytes as the embedded checkpoint files) live in the
+//!   `<prefix>_CHECKPOINTS` bucket. A new owner restores one and reads the shard's subject from
+//!   the sequence after it, so it re-derives what the old owner derived after its last
+//!   checkpoint.
+//! - **Delivery events** are published one per message with the id `<delivery>-<seq>`, and a
+//!   shard derives the same events with the same ids from the same inputs, so what a takeover
+//!   derives again is dropped by JetStream: nothing is counted twice. A checkpoint is written
+//!   only after everything derived before it was acknowledged by JetStream.
+//!
+//! Offsets on this backend are stream sequences − 1. Named cursors stay in the node's data
+//! directory.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, consumer::DeliverPolicy, kv, stream::StorageType};
+use bytes::Bytes;
+use events::contract::LogItem;
+use events::wire::{Buffer, DeliveryBatch, Limits, Payload, TelemetryBatch, buffer_from};
+use events::{DeliveryCommand, DroneEvent, Error, StartAt, Topic as StreamTopic, TraceContext};
+use futures_util::StreamExt;
+use futures_util::future::try_join_all;
+use rustc_hash::FxHashMap;
+use tokio::sync::oneshot;
+use tracing::{debug, info, warn};
+
+use crate::bus::Topic;
+use crate::checkpoint::{self, Checkpoint};
+use crate::engine::{ShardMsg, shard_of};
+use crate::jetstream::JetStreamConfig;
+
+fn js_error(e: impl std::fmt::Display) -> crate::Error {
+    crate::Error::JetStream(e.to_string())
+}
+
+fn storage_error(e: impl std::fmt::Display) -> Error {
+    Error::Storage(format!("JetStream: {e}"))
+}
+
+const KIND: &str = "Fleetstream-Kind";
+const REPLY: &str = "Fleetstream-Reply";
+const TRACEPARENT: &str = "traceparent";
+const COMMAND: &str = "command";
+
+/// How long a command waits for the shard that owns its drone to answer. Longer than a lease,
+/// so a command sent while its shard changes hands is answered by the new owner.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(15);
+
+fn unlimited() -> Limits {
+    Limits { max_body_bytes: u32::MAX, max_events: u32::MAX }
+}
+
+/// Counters of this node's part in the cluster, read by `/metrics`.
+#[derive(Debug, Default)]
+pub struct ClusterMetrics {
+    /// Batch parts published to JetStream.
+    pub published: AtomicU64,
+    /// Batch parts JetStream already had (re-sends inside the duplicate window).
+    pub duplicates: AtomicU64,
+    /// Delivery events published (re-derived ones JetStream dropped included).
+    pub delivery_events: AtomicU64,
+    /// Shards this node owns now.
+    pub owned: AtomicU64,
+    /// Shards taken over (each acquisition).
+    pub acquired: AtomicU64,
+    /// Leases lost without handing them back (missed renewals).
+    pub lost: AtomicU64,
+    /// Messages on a shard subject that were neither a valid batch nor a valid command.
+    pub invalid: AtomicU64,
+}
+
+/// The shared pieces of a node's connection to the cluster.
+pub struct Cluster {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    telemetry: jetstream::stream::Stream,
+    deliveries: jetstream::stream::Stream,
+    leases: kv::Store,
+    checkpoints: kv::Store,
+    node: String,
+    subject_prefix: String,
+    shards: usize,
+    lease: Duration,
+    handle: tokio::runtime::Handle,
+    owned: Vec<AtomicBool>,
+    inflight: Arc<tokio::sync::Semaphore>,
+    reply_prefix: String,
+    pending: parking_lot::Mutex<FxHashMap<u64, oneshot::Sender<Result<(), Error>>>>,
+    next_reply: AtomicU64,
+    stopping: AtomicBool,
+    /// The end (next offset) of each topic as this node's followers last saw it.
+    ends: [AtomicU64; 2],
+    tasks: parking_lot::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    stop_leases: parking_lot::Mutex<Option<oneshot::Sender<oneshot::Sender<()>>>>,
+    /// Counters.
+    pub metrics: ClusterMetrics,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster").field("node", &self.node).field("shards", &self.shards).finish_non_exhaustive()
+    }
+}
+
+/// A KV bucket with one value per key. The bucket's stream is created here with the settings
+/// a KV bucket has (the client's own bucket creation does not read a 2.9 server's answer).
+async fn bucket(js: &jetstream::Context, name: String, max_age: Duration, replicas: usize) -> Result<kv::Store, crate::Error> {
+    js.get_or_create_stream(jetstream::stream::Config {
+        name: format!("KV_{name}"),
+        subjects: vec![format!("$KV.{name}.>")],
+        max_messages_per_subject: 1,
+        max_age,
+        discard: jetstream::stream::DiscardPolicy::New,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        num_replicas: replicas.max(1),
+        storage: StorageType::File,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| crate::Error::JetStream(format!("creating the KV bucket {name}: {e}")))?;
+    js.get_key_value(&name).await.map_err(|e| crate::Error::JetStream(format!("opening the KV bucket {name}: {e}")))
+}
+
+async fn topic_stream(
+    js: &jetstream::Context,
+    cfg: &JetStreamConfig,
+    name: &str,
+) -> Result<jetstream::stream::Stream, crate::Error> {
+    js.get_or_create_stream(jetstream::stream::Config {
+        name: format!("{}_{}", cfg.stream_prefix, name.to_uppercase()),
+        subjects: vec![format!("{}.{name}.*", cfg.subject_prefix)],
+        max_age: Duration::from_secs(cfg.max_age_s),
+        max_bytes: if cfg.max_bytes == 0 { -1 } else { i64::try_from(cfg.max_bytes).unwrap_or(i64::MAX) },
+        duplicate_window: Duration::from_secs(cfg.duplicate_window_s),
+        num_replicas: cfg.replicas.max(1),
+        storage: StorageType::File,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| crate::Error::JetStream(format!("creating the stream for {name}: {e}")))
+}
+
+fn default_node_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
+    let host: String = host.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').collect();
+    format!("{}-{}", if host.is_empty() { "node" } else { &host }, std::process::id())
+}
+
+impl Cluster {
+    /// Connects, creates (or checks) the streams and buckets, and agrees on the shard count
+    /// with the nodes already there. Must run inside a tokio runtime.
+    pub async fn connect(cfg: &JetStreamConfig, shards: usize, append_queue: usize) -> Result<Arc<Self>, crate::Error> {
+        let client = async_nats::connect(&cfg.url)
+            .await
+            .map_err(|e| crate::Error::JetStream(format!("connecting to NATS at {}: {e}", cfg.url)))?;
+        let js = jetstream::new(client.clone());
+        let telemetry = topic_stream(&js, cfg, "telemetry").await?;
+        let deliveries = topic_stream(&js, cfg, "deliveries").await?;
+        let lease = Duration::from_millis(cfg.lease_ms.max(300));
+        let leases = bucket(&js, format!("{}_SHARDS", cfg.stream_prefix), lease, cfg.replicas).await?;
+        let checkpoints =
+            bucket(&js, format!("{}_CHECKPOINTS", cfg.stream_prefix), Duration::ZERO, cfg.replicas).await?;
+        // Every node must split drones the same way: the first node records the count.
+        let shard_count = Bytes::from(shards.to_string());
+        if checkpoints.create("shards", shard_count).await.is_err() {
+            let agreed = checkpoints.get("shards").await.map_err(js_error)?.unwrap_or_default();
+            if agreed != shards.to_string().as_bytes() {
+                return Err(crate::Error::Config(format!(
+                    "this node has {shards} shards but the cluster on {} has {}; set [engine] shards to match",
+                    cfg.url,
+                    String::from_utf8_lossy(&agreed)
+                )));
+            }
+        }
+        let node = if cfg.node_id.is_empty() { default_node_id() } else { cfg.node_id.clone() };
+        let reply_prefix = client.new_inbox();
+        let cluster = Arc::new(Self {
+            client,
+            js,
+            telemetry,
+            deliveries,
+            leases,
+            checkpoints,
+            node,
+            subject_prefix: cfg.subject_prefix.clone(),
+            shards,
+            lease,
+            handle: tokio::runtime::Handle::current(),
+            owned: (0..shards).map(|_| AtomicBool::new(false)).collect(),
+            inflight: Arc::new(tokio::sync::Semaphore::new(append_queue.max(1))),
+            reply_prefix,
+            pending: parking_lot::Mutex::default(),
+            next_reply: AtomicU64::new(0),
+            stopping: AtomicBool::new(false),
+            ends: [AtomicU64::new(0), AtomicU64::new(0)],
+            tasks: parking_lot::Mutex::default(),
+            stop_leases: parking_lot::Mutex::default(),
+            metrics: ClusterMetrics::default(),
+        });
+        let mut replies = cluster.client.subscribe(format!("{}.*", cluster.reply_prefix)).await.map_err(js_error)?;
+        let weak = Arc::downgrade(&cluster);
+        let task = tokio::spawn(async move {
+            while let Some(msg) = replies.next().await {
+                let Some(cluster) = weak.upgrade() else { return };
+                let id = msg.subject.rsplit('.').next().and_then(|t| t.parse::<u64>().ok());
+                if let Some(tx) = id.and_then(|id| cluster.pending.lock().remove(&id)) {
+                    let _ = tx.send(decode_reply(&msg.payload));
+                }
+            }
+        });
+        cluster.tasks.lock().push(task);
+        info!(node = %cluster.node, shards, lease_ms = lease.as_millis() as u64, url = %cfg.url, "joined the cluster");
+        Ok(cluster)
+    }
+
+    /// This node's name in the leases.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// Whether this node owns `shard` now.
+    pub fn owns(&self, shard: usize) -> bool {
+        self.owned.get(shard).is_some_and(|o| o.load(Ordering::Acquire))
+    }
+
+    /// The shards this node owns now.
+    pub fn owned_shards(&self) -> Vec<usize> {
+        (0..self.shards).filter(|&s| self.owns(s)).collect()
+    }
+
+    /// `(first, end)` of a topic as far as this node knows: first is not tracked (0).
+    pub fn bounds(&self, topic: StreamTopic) -> (u64, u64) {
+        (0, self.ends[topic_index(topic)].load(Ordering::Acquire))
+    }
+
+    fn subject(&self, topic: &str, shard: usize) -> String {
+        format!("{}.{topic}.{shard}", self.subject_prefix)
+    }
+
+    /// Publishes a batch, split by shard, and resolves once JetStream has every part. At most
+    /// `append_queue` batches are in flight per node; more wait here, which the ingest turns
+    /// into QUIC flow control.
+    pub async fn append_batch(&self, batch: TelemetryBatch) -> Result<(), Error> {
+        if self.stopping.load(Ordering::Acquire) {
+            return Err(Error::ShuttingDown);
+        }
+        let _permit = self.inflight.acquire().await.map_err(|_| Error::ShuttingDown)?;
+        let meta = batch.header().meta;
+        let mut parts: Vec<(usize, Bytes)> = Vec::new();
+        let mut indices: FxHashMap<usize, Vec<u32>> = FxHashMap::default();
+        for (i, ev) in batch.events().iter().enumerate() {
+            indices.entry(shard_of(ev.drone_id.to_native(), self.shards)).or_default().push(i as u32);
+        }
+        if indices.len() <= 1 {
+            let shard = indices.keys().next().copied().unwrap_or(0);
+            parts.push((shard, Bytes::from_owner(batch.into_buffer())));
+        } else {
+            for (shard, idx) in indices {
+                let owned: Vec<DroneEvent> = idx
+                    .iter()
+                    .filter_map(|&i| batch.events().get(i as usize))
+                    .map(rkyv::deserialize::<DroneEvent, rkyv::rancor::Error>)
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| Error::Encode(e.to_string()))?;
+                let part = TelemetryBatch::encode(meta, &owned, Buffer::with_capacity(64 + owned.len() * 64))?;
+                parts.push((shard, Bytes::from_owner(part.into_buffer())));
+            }
+        }
+        let acks =
+            parts.into_iter().map(|(shard, bytes)| {
+                let publish = jetstream::context::Publish::build()
+                    .payload(bytes)
+                    .message_id(format!("{}-{}-{shard}", meta.producer_id, meta.batch_seq));
+                let subject = self.subject("telemetry", shard);
+                async move {
+                    self.js.send_publish(subject, publish).await.map_err(storage_error)?.await.map_err(storage_error)
+                }
+            });
+        for ack in try_join_all(acks).await? {
+            if ack.duplicate {
+                self.metrics.duplicates.fetch_add(1, Ordering::Relaxed);
+            } else {
+                self.metrics.published.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    }
+
+    /// Logs a command on its drone's shard and waits for the owning shard's answer.
+    pub async fn command(&self, cmd: DeliveryCommand, trace: TraceContext) -> Result<(), Error> {
+        if self.stopping.load(Ordering::Acquire) {
+            return Err(Error::ShuttingDown);
+        }
+        let shard = shard_of(cmd.drone_id(), self.shards);
+        let payload = serde_json::to_vec(&cmd).map_err(|e| Error::Encode(e.to_string()))?;
+        let id = self.next_reply.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.pending.lock().insert(id, tx);
+        let mut publish = jetstream::context::Publish::build()
+            .payload(payload.into())
+            .header(KIND, COMMAND)
+            .header(REPLY, format!("{}.{id}", self.reply_prefix).as_str());
+        if trace.is_some() {
+            publish = publish.header(TRACEPARENT, trace.to_header().as_str());
+        }
+        let sent = async {
+            self.js
+                .send_publish(self.subject("telemetry", shard), publish)
+                .await
+                .map_err(storage_error)?
+                .await
+                .map_err(storage_error)
+        }
+        .await;
+        if let Err(e) = sent {
+            self.pending.lock().remove(&id);
+            return Err(e);
+        }
+        match tokio::time::timeout(COMMAND_TIMEOUT, rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(Error::ShuttingDown),
+            Err(_) => {
+                self.pending.lock().remove(&id);
+                Err(Error::Storage(format!(
+                    "no node answered for shard {shard} within {} s; the command is logged and will be applied \
+                     when a node owns the shard",
+                    COMMAND_TIMEOUT.as_secs()
+                )))
+            }
+        }
+    }
+
+    /// Publishes derived delivery events, one message each, and returns once JetStream has them
+    /// all. Retries until it succeeds or the node stops: derived events must not be dropped,
+    /// and waiting here holds the shards back instead. Called from the publisher thread.
+    pub(crate) fn publish_deliveries(&self, batch: &DeliveryBatch) {
+        let meta = batch.header().meta;
+        let mut messages = Vec::with_capacity(batch.len());
+        for ev in batch.events().iter() {
+            let Ok(owned) = rkyv::deserialize::<events::DeliveryEvent, rkyv::rancor::Error>(ev) else { continue };
+            let shard = shard_of(owned.drone_id, self.shards);
+            match DeliveryBatch::encode(meta, std::slice::from_ref(&owned), Buffer::with_capacity(256)) {
+                Ok(one) => messages.push((
+                    self.subject("deliveries", shard),
+                    format!("{}-{}", owned.delivery_id, owned.seq),
+                    Bytes::from_owner(one.into_buffer()),
+                )),
+                Err(error) => warn!(%error, "encoding a delivery event failed"),
+            }
+        }
+        let mut delay = Duration::from_millis(50);
+        loop {
+            let sends = messages.iter().map(|(subject, id, bytes)| {
+                let publish = jetstream::context::Publish::build().payload(bytes.clone()).message_id(id);
+                async move {
+                    self.js
+                        .send_publish(subject.clone(), publish)
+                        .await
+                        .map_err(storage_error)?
+                        .await
+                        .map_err(storage_error)
+                }
+            });
+            match self.handle.block_on(try_join_all(sends)) {
+                Ok(acks) => {
+                    self.metrics.delivery_events.fetch_add(acks.len() as u64, Ordering::Relaxed);
+                    return;
+                }
+                Err(error) if !self.stopping.load(Ordering::Acquire) || delay < Duration::from_secs(5) => {
+                    warn!(%error, "publishing delivery events failed; retrying");
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+                Err(error) => {
+                    warn!(%error, events = messages.len(), "giving up publishing delivery events at shutdown");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Stores a shard's checkpoint, if this node still owns the shard. Called from its thread.
+    pub(crate) fn put_checkpoint(&self, ckpt: &Checkpoint) -> Result<bool, crate::Error> {
+        if !self.owns(ckpt.shard as usize) {
+            return Ok(false);
+        }
+        let bytes = checkpoint::encode(ckpt)?;
+        self.handle.block_on(self.checkpoints.put(format!("shard-{}", ckpt.shard), bytes.into())).map_err(js_error)?;
+        Ok(true)
+    }
+
+    async fn read_checkpoint(&self, shard: usize) -> Result<Option<Checkpoint>, crate::Error> {
+        let key = format!("shard-{shard}");
+        match self.checkpoints.get(&key).await.map_err(js_error)? {
+            None => Ok(None),
+            Some(bytes) => {
+                let ckpt = checkpoint::decode(&bytes, std::path::Path::new(&key))?;
+                Ok((ckpt.shards as usize == self.shards).then_some(ckpt))
+            }
+        }
+    }
+
+    /// Starts the lease keeper and the live followers of both topics.
+    pub(crate) fn start(
+        self: &Arc<Self>,
+        shards: Vec<flume::Sender<ShardMsg>>,
+        telemetry: Arc<Topic<DroneEvent>>,
+        deliveries: Arc<Topic<events::DeliveryEvent>>,
+    ) -> Result<(), crate::Error> {
+        let (stop_tx, stop_rx) = oneshot::channel();
+        *self.stop_leases.lock() = Some(stop_tx);
+        let keeper = Keeper { cluster: self.clone(), shards, held: FxHashMap::default() };
+        let task = self.handle.spawn(keeper.run(stop_rx));
+        self.tasks.lock().push(task);
+        self.spawn_follower(telemetry, StreamTopic::DroneTelemetry)?;
+        self.spawn_follower(deliveries, StreamTopic::DeliveryEvents)?;
+        Ok(())
+    }
+
+    fn spawn_follower<T: Payload>(
+        self: &Arc<Self>,
+        topic: Arc<Topic<T>>,
+        which: StreamTopic,
+    ) -> Result<(), crate::Error> {
+        let cluster = Arc::downgrade(self);
+        let handle = self.handle.clone();
+        std::thread::Builder::new().name(format!("js-follow-{}", topic_index(which))).spawn(move || {
+            handle.block_on(async move {
+                let Some(c) = cluster.upgrade() else { return };
+                let mut messages = match c.reader(which, DeliverPolicy::New, None).await {
+                    Ok(m) => m,
+                    Err(error) => return warn!(%error, "following a JetStream topic failed"),
+                };
+                drop(c);
+                while let Some(msg) = messages.next().await {
+                    let Some(cluster) = cluster.upgrade() else { return };
+                    if cluster.stopping.load(Ordering::Acquire) {
+                        return;
+                    }
+                    let Ok(msg) = msg else { continue };
+                    let Some((offset, batch)) = cluster.decode::<T>(&msg) else { continue };
+                    cluster.ends[topic_index(which)].fetch_max(offset + 1, Ordering::AcqRel);
+                    drop(cluster);
+                    topic.publish(Arc::new(batch));
+                }
+            });
+        })?;
+        Ok(())
+    }
+
+    async fn reader(
+        &self,
+        which: StreamTopic,
+        deliver_policy: DeliverPolicy,
+        shard: Option<usize>,
+    ) -> Result<jetstream::consumer::pull::Ordered, crate::Error> {
+        let (stream, name) = match which {
+            StreamTopic::DroneTelemetry => (&self.telemetry, "telemetry"),
+            StreamTopic::DeliveryEvents => (&self.deliveries, "deliveries"),
+        };
+        let filter_subject = match shard {
+            Some(s) => self.subject(name, s),
+            None => format!("{}.{name}.*", self.subject_prefix),
+        };
+        let consumer = stream
+            .create_consumer(jetstream::consumer::pull::OrderedConfig {
+                deliver_policy,
+                filter_subject,
+                ..Default::default()
+            })
+            .await
+            .map_err(js_error)?;
+        consumer.messages().await.map_err(js_error)
+    }
+
+    /// A batch message's offset and batch; `None` (and counted) for commands and anything
+    /// invalid.
+    fn decode<T: Payload>(&self, msg: &jetstream::Message) -> Option<(u64, events::wire::Batch<T>)> {
+        if is_command(msg.headers.as_ref()) {
+            return None;
+        }
+        let offset = msg.info().ok()?.stream_sequence.saturating_sub(1);
+        match events::wire::Batch::<T>::validate(buffer_from(&msg.payload), &unlimited()) {
+            Ok(batch) => Some((offset, batch)),
+            Err(error) => {
+                self.metrics.invalid.fetch_add(1, Ordering::Relaxed);
+                warn!(%error, offset, "skipping an invalid message on a topic");
+                None
+            }
+        }
+    }
+
+    /// An offset subscription read straight from JetStream: batches in stream order with their
+    /// offsets. Blocks the caller for one round trip to resolve where it starts.
+    pub(crate) fn follow<T: Payload>(
+        self: &Arc<Self>,
+        which: StreamTopic,
+        from: StartAt,
+    ) -> Result<events::OffsetSubscription<T>, Error> {
+        let (tx, rx) = flume::bounded::<LogItem<T>>(crate::engine::FOLLOW_QUEUE);
+        let (start_tx, start_rx) = std::sync::mpsc::channel::<Result<u64, Error>>();
+        let cluster = self.clone();
+        let handle = self.handle.clone();
+        std::thread::Builder::new()
+            .name("js-subscriber".into())
+            .spawn(move || {
+                handle.block_on(async move {
+                    let stream = match which {
+                        StreamTopic::DroneTelemetry => cluster.telemetry.clone(),
+                        StreamTopic::DeliveryEvents => cluster.deliveries.clone(),
+                    };
+                    let resolved = async {
+                        let mut stream = stream;
+                        let info = stream.info().await.map_err(storage_error)?;
+                        let (first, next) = (info.state.first_sequence.saturating_sub(1), info.state.last_sequence);
+                        let first = first.min(next);
+                        Ok::<_, Error>(match from {
+                            StartAt::Earliest => (first, DeliverPolicy::All),
+                            StartAt::Latest => (next, DeliverPolicy::New),
+                            StartAt::Offset(o) if o < first || o > next => {
+                                return Err(Error::OffsetUnavailable { requested: o, first, next });
+                            }
+                            StartAt::Offset(o) => (o, DeliverPolicy::ByStartSequence { start_sequence: o + 1 }),
+                            StartAt::Time(us) => (
+                                first,
+                                DeliverPolicy::ByStartTime {
+                                    start_time: time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(us) * 1000)
+                                        .map_err(storage_error)?,
+                                },
+                            ),
+                        })
+                    }
+                    .await;
+                    let policy = match resolved {
+                        Ok((start, policy)) => {
+                            let _ = start_tx.send(Ok(start));
+                            policy
+                        }
+                        Err(e) => {
+                            let _ = start_tx.send(Err(e));
+                            return;
+                        }
+                    };
+                    let mut messages = match cluster.reader(which, policy, None).await {
+                        Ok(m) => m,
+                        Err(e) => {
+                            let _ = tx.send(Err(storage_error(e)));
+                            return;
+                        }
+                    };
+                    loop {
+                        let next = tokio::time::timeout(Duration::from_millis(500), messages.next()).await;
+                        if tx.is_disconnected() {
+                            return;
+                        }
+                        if cluster.stopping.load(Ordering::Acquire) {
+                            let _ = tx.send(Err(Error::ShuttingDown));
+                            return;
+                        }
+                        match next {
+                            Err(_) => continue,
+                            Ok(None) => {
+                                let _ = tx.send(Err(Error::Storage("the JetStream reader ended".into())));
+                                return;
+                            }
+                            Ok(Some(Err(error))) => debug!(%error, "JetStream reader hiccup"),
+                            Ok(Some(Ok(msg))) => {
+                                if let Some((offset, batch)) = cluster.decode::<T>(&msg)
+                                    && tx.send(Ok((offset, Arc::new(batch)))).is_err()
+                                {
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                });
+            })
+            .map_err(|e| Error::Storage(format!("starting a subscriber thread: {e}")))?;
+        let start = start_rx
+            .recv_timeout(Duration::from_secs(10))
+            .map_err(|_| Error::Storage("JetStream did not answer where the topic starts".into()))??;
+        Ok(events::OffsetSubscription { start, rx })
+    }
+
+    /// Hands every shard back (after a checkpoint) and stops the followers and readers. The
+    /// shard threads must still be running.
+    pub async fn stop(&self) {
+        let stop = self.stop_leases.lock().take();
+        if let Some(stop) = stop {
+            let (done_tx, done_rx) = oneshot::channel();
+            if stop.send(done_tx).is_ok() {
+                let _ = tokio::time::timeout(Duration::from_secs(10), done_rx).await;
+            }
+        }
+        self.stopping.store(true, Ordering::Release);
+        for task in self.tasks.lock().drain(..) {
+            task.abort();
+        }
+        let _ = self.client.flush().await;
+    }
+}
+
+fn topic_index(topic: StreamTopic) -> usize {
+    match topic {
+        StreamTopic::DroneTelemetry => 0,
+        StreamTopic::DeliveryEvents => 1,
+    }
+}
+
+fn is_command(headers: Option<&HeaderMap>) -> bool {
+    headers.and_then(|h| h.get(KIND)).is_some_and(|v| v.as_str() == COMMAND)
+}
+
+fn header<'a>(headers: Option<&'a HeaderMap>, name: &str) -> Option<&'a str> {
+    headers.and_then(|h| h.get(name)).map(|v| v.as_str())
+}
+
+fn encode_reply(result: &Result<(), Error>) -> Bytes {
+    match result {
+        Ok(()) => Bytes::from_static(b"0"),
+        Err(e) => Bytes::from(format!("{}:{e}", e.code())),
+    }
+}
+
+fn decode_reply(payload: &[u8]) -> Result<(), Error> {
+    let text = String::from_utf8_lossy(payload);
+    match text.split_once(':') {
+        None if text == "0" => Ok(()),
+        Some((code, message)) => Err(Error::from_wire(code.parse().unwrap_or(0), message.to_string())),
+        None => Err(Error::Storage(format!("unreadable command answer {text:?}"))),
+    }
+}
+
+/// One shard this node holds: its lease revision and the task feeding it.
+struct Held {
+    revision: u64,
+    feed: tokio::task::JoinHandle<()>,
+}
+
+/// The lease keeper: one task per node that renews, takes and hands back shards.
+struct Keeper {
+    cluster: Arc<Cluster>,
+    shards: Vec<flume::Sender<ShardMsg>>,
+    held: FxHashMap<usize, Held>,
+}
+
+impl Keeper {
+    async fn run(mut self, mut stop: oneshot::Receiver<oneshot::Sender<()>>) {
+        let tick = self.cluster.lease / 3;
+        let mut interval = tokio::time::interval(tick);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                done = &mut stop => {
+                    let shards: Vec<usize> = self.held.keys().copied().collect();
+                    for shard in shards {
+                        self.hand_back(shard).await;
+                    }
+                    let _ = self.cluster.leases.delete(format!("node.{}", self.cluster.node)).await;
+                    if let Ok(done) = done {
+                        let _ = done.send(());
+                    }
+                    return;
+                }
+                _ = interval.tick() => {
+                    if let Err(error) = self.round().await {
+                        warn!(%error, "shard lease round failed");
+                    }
+                }
+            }
+        }
+    }
+
+    /// One round: announce this node, renew what it holds, then balance towards a fair share.
+    async fn round(&mut self) -> Result<(), crate::Error> {
+        let c = self.cluster.clone();
+        c.leases.put(format!("node.{}", c.node), Bytes::from_static(b"up")).await.map_err(js_error)?;
+        let held: Vec<(usize, u64)> = self.held.iter().map(|(s, h)| (*s, h.revision)).collect();
+        for (shard, revision) in held {
+            match c.leases.update(format!("shard-{shard}"), Bytes::from(c.node.clone()), revision).await {
+                Ok(revision) => {
+                    if let Some(h) = self.held.get_mut(&shard) {
+                        h.revision = revision;
+                    }
+                }
+                Err(error) => {
+                    warn!(shard, %error, "lost the lease on a shard");
+                    c.metrics.lost.fetch_add(1, Ordering::Relaxed);
+                    self.drop_shard(shard);
+                }
+            }
+        }
+        let mut nodes = 0usize;
+        let mut keys = c.leases.keys().await.map_err(js_error)?;
+        while let Some(key) = keys.next().await {
+            if key.map_err(js_error)?.starts_with("node.") {
+                nodes += 1;
+            }
+        }
+        let fair = c.shards.div_ceil(nodes.max(1));
+        if self.held.len() > fair {
+            let mut extra: Vec<usize> = self.held.keys().copied().collect();
+            extra.sort_unstable();
+            for shard in extra.into_iter().rev().take(self.held.len() - fair) {
+                self.hand_back(shard).await;
+            }
+        }
+        for shard in 0..c.shards {
+            if self.held.len() >= fair {
+                break;
+            }
+            if self.held.contains_key(&shard) {
+                continue;
+            }
+            if let Ok(revision) = c.leases.create(format!("shard-{shard}"), Bytes::from(c.node.clone())).await
+                && let Err(error) = self.take(shard, revision).await
+            {
+                warn!(shard, %error, "taking over a shard failed; handing it back");
+                let _ = c.leases.delete(format!("shard-{shard}")).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Restores the shard from its checkpoint and starts feeding it from the record after.
+    async fn take(&mut self, shard: usize, revision: u64) -> Result<(), crate::Error> {
+        let c = self.cluster.clone();
+        let started = Instant::now();
+        let ckpt = c.read_checkpoint(shard).await?;
+        let from = ckpt.as_ref().map(|ck| ck.offset + 1);
+        let (done_tx, done_rx) = oneshot::channel();
+        self.shards[shard]
+            .send_async(ShardMsg::Restore { ckpt, done: done_tx })
+            .await
+            .map_err(|_| crate::Error::Task("shard thread stopped".into()))?;
+        let _ = done_rx.await;
+        c.owned[shard].store(true, Ordering::Release);
+        c.metrics.owned.fetch_add(1, Ordering::Relaxed);
+        c.metrics.acquired.fetch_add(1, Ordering::Relaxed);
+        let feed = tokio::spawn(feed(c.clone(), shard, from, self.shards[shard].clone()));
+        self.held.insert(shard, Held { revision, feed });
+        info!(shard, from = from.unwrap_or(0), restore_ms = started.elapsed().as_millis() as u64, "took over a shard");
+        Ok(())
+    }
+
+    /// Stops feeding a shard whose lease is gone (no checkpoint: it is not ours any more).
+    fn drop_shard(&mut self, shard: usize) {
+        if let Some(h) = self.held.remove(&shard) {
+            h.feed.abort();
+            self.cluster.owned[shard].store(false, Ordering::Release);
+            self.cluster.metrics.owned.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Stops feeding a shard, checkpoints what it applied and frees the lease for another node.
+    async fn hand_back(&mut self, shard: usize) {
+        let Some(h) = self.held.remove(&shard) else { return };
+        h.feed.abort();
+        let (done_tx, done_rx) = oneshot::channel();
+        if self.shards[shard].send_async(ShardMsg::Checkpoint { done: done_tx }).await.is_ok() {
+            let _ = done_rx.await;
+        }
+        self.cluster.owned[shard].store(false, Ordering::Release);
+        self.cluster.metrics.owned.fetch_sub(1, Ordering::Relaxed);
+        let _ = self.cluster.leases.delete(format!("shard-{shard}")).await;
+        info!(shard, "handed a shard back");
+    }
+}
+
+/// Feeds one owned shard from its subject, starting after `from`, until aborted.
+async fn feed(cluster: Arc<Cluster>, shard: usize, from: Option<u64>, tx: flume::Sender<ShardMsg>) {
+    let mut next = from.map_or(0, |o| o + 1);
+    loop {
+        let policy =
+            if next == 0 { DeliverPolicy::All } else { DeliverPolicy::ByStartSequence { start_sequence: next + 1 } };
+        let mut messages = match cluster.reader(StreamTopic::DroneTelemetry, policy, Some(shard)).await {
+            Ok(m) => m,
+            Err(error) => {
+                warn!(shard, %error, "reading a shard from JetStream failed; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        while let Some(msg) = messages.next().await {
+            let msg = match msg {
+                Ok(m) => m,
+                Err(error) => {
+                    warn!(shard, %error, "shard reader error; reopening");
+                    break;
+                }
+            };
+            let Ok(info) = msg.info() else { continue };
+            let offset = info.stream_sequence.saturating_sub(1);
+            next = offset + 1;
+            let Some(item) = shard_msg(&cluster, &msg, offset) else { continue };
+            if tx.send_async(item).await.is_err() {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// What a message on a shard subject asks the shard to do.
+fn shard_msg(cluster: &Arc<Cluster>, msg: &jetstream::Message, offset: u64) -> Option<ShardMsg> {
+    let headers = msg.headers.as_ref();
+    if !is_command(headers) {
+        return match TelemetryBatch::validate(buffer_from(&msg.payload), &unlimited()) {
+            Ok(batch) => Some(ShardMsg::Events { offset, batch: Arc::new(batch), indices: None }),
+            Err(error) => {
+                cluster.metrics.invalid.fetch_add(1, Ordering::Relaxed);
+                warn!(%error, offset, "skipping an invalid batch on a shard subject");
+                None
+            }
+        };
+    }
+    let cmd: DeliveryCommand = match serde_json::from_slice(&msg.payload) {
+        Ok(cmd) => cmd,
+        Err(error) => {
+            cluster.metrics.invalid.fetch_add(1, Ordering::Relaxed);
+            warn!(%error, offset, "skipping an invalid command on a shard subject");
+            return None;
+        }
+    };
+    let trace = header(headers, TRACEPARENT).and_then(TraceContext::parse).unwrap_or_default();
+    let reply = header(headers, REPLY).map(str::to_string).map(|subject| {
+        let (tx, rx) = oneshot::channel::<Result<(), Error>>();
+        let client = cluster.client.clone();
+        tokio::spawn(async move {
+            if let Ok(result) = rx.await {
+                let _ = client.publish(subject, encode_reply(&result)).await;
+            }
+        });
+        tx
+    });
+    Some(ShardMsg::Command { offset, cmd, reply, trace })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replies_round_trip() {
+        assert_eq!(decode_reply(&encode_reply(&Ok(()))), Ok(()));
+        let err = Error::DroneBusy { drone: 3, delivery: 9 };
+        match decode_reply(&encode_reply(&Err(err.clone()))) {
+            Err(Error::Rejected { code, name, message }) => {
+                assert_eq!(code, err.code());
+                assert_eq!(name, err.name());
+                assert_eq!(message, err.to_string());
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(matches!(decode_reply(b"garbage"), Err(Error::Storage(_))));
+    }
+}
