@@ -134,7 +134,12 @@ impl std::fmt::Debug for Cluster {
 
 /// A KV bucket with one value per key. The bucket's stream is created here with the settings
 /// a KV bucket has (the client's own bucket creation does not read a 2.9 server's answer).
-async fn bucket(js: &jetstream::Context, name: String, max_age: Duration, replicas: usize) -> Result<kv::Store, crate::Error> {
+async fn bucket(
+    js: &jetstream::Context,
+    name: String,
+    max_age: Duration,
+    replicas: usize,
+) -> Result<kv::Store, crate::Error> {
     js.get_or_create_stream(jetstream::stream::Config {
         name: format!("KV_{name}"),
         subjects: vec![format!("$KV.{name}.>")],
@@ -206,6 +211,11 @@ impl Cluster {
         }
         let node = if cfg.node_id.is_empty() { default_node_id() } else { cfg.node_id.clone() };
         let reply_prefix = client.new_inbox();
+        let mut ends = [0, 0];
+        for (end, stream) in ends.iter_mut().zip([&telemetry, &deliveries]) {
+            let mut stream = stream.clone();
+            *end = stream.info().await.map_err(js_error)?.state.last_sequence;
+        }
         let cluster = Arc::new(Self {
             client,
             js,
@@ -224,7 +234,7 @@ impl Cluster {
             pending: parking_lot::Mutex::default(),
             next_reply: AtomicU64::new(0),
             stopping: AtomicBool::new(false),
-            ends: [AtomicU64::new(0), AtomicU64::new(0)],
+            ends: ends.map(AtomicU64::new),
             tasks: parking_lot::Mutex::default(),
             stop_leases: parking_lot::Mutex::default(),
             metrics: ClusterMetrics::default(),
@@ -269,53 +279,79 @@ impl Cluster {
         format!("{}.{topic}.{shard}", self.subject_prefix)
     }
 
-    /// Publishes a batch, split by shard, and resolves once JetStream has every part. At most
-    /// `append_queue` batches are in flight per node; more wait here, which the ingest turns
-    /// into QUIC flow control.
-    pub async fn append_batch(&self, batch: TelemetryBatch) -> Result<(), Error> {
+    /// Hands a batch, split by shard, to the NATS connection, and returns what resolves once
+    /// JetStream has stored every part. Callers await this in arrival order, so batches from
+    /// one connection reach each shard subject in the order they were sent, while their
+    /// acknowledgements overlap. At most `append_queue` batches are in flight per node; more
+    /// wait here, which the ingest turns into QUIC flow control.
+    pub async fn publish_batch(
+        self: &Arc<Self>,
+        batch: TelemetryBatch,
+    ) -> Result<impl Future<Output = Result<(), Error>> + Send + 'static, Error> {
         if self.stopping.load(Ordering::Acquire) {
             return Err(Error::ShuttingDown);
         }
-        let _permit = self.inflight.acquire().await.map_err(|_| Error::ShuttingDown)?;
+        let permit = self.inflight.clone().acquire_owned().await.map_err(|_| Error::ShuttingDown)?;
+        let parts = self.split(batch);
+        let mut acks = Vec::new();
+        let mut failed = None;
+        match parts {
+            Ok(parts) => {
+                for (shard, id, bytes) in parts {
+                    let publish = jetstream::context::Publish::build().payload(bytes).message_id(id);
+                    match self.js.send_publish(self.subject("telemetry", shard), publish).await {
+                        Ok(ack) => acks.push(ack),
+                        Err(e) => {
+                            failed = Some(storage_error(e));
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(e) => failed = Some(e),
+        }
+        let cluster = self.clone();
+        Ok(async move {
+            let _permit = permit;
+            let acked = try_join_all(acks.into_iter().map(std::future::IntoFuture::into_future))
+                .await
+                .map_err(storage_error)?;
+            for ack in &acked {
+                cluster.ends[0].fetch_max(ack.sequence, Ordering::AcqRel);
+            }
+            for ack in acked {
+                let counter = if ack.duplicate { &cluster.metrics.duplicates } else { &cluster.metrics.published };
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
+            failed.map_or(Ok(()), Err)
+        })
+    }
+
+    /// A batch's parts per shard with their message ids. A batch of one shard's drones goes
+    /// as it is; others are split (the only copy on this path).
+    fn split(&self, batch: TelemetryBatch) -> Result<Vec<(usize, String, Bytes)>, Error> {
         let meta = batch.header().meta;
-        let mut parts: Vec<(usize, Bytes)> = Vec::new();
+        let id = |shard: usize| format!("{}-{}-{shard}", meta.producer_id, meta.batch_seq);
         let mut indices: FxHashMap<usize, Vec<u32>> = FxHashMap::default();
         for (i, ev) in batch.events().iter().enumerate() {
             indices.entry(shard_of(ev.drone_id.to_native(), self.shards)).or_default().push(i as u32);
         }
         if indices.len() <= 1 {
             let shard = indices.keys().next().copied().unwrap_or(0);
-            parts.push((shard, Bytes::from_owner(batch.into_buffer())));
-        } else {
-            for (shard, idx) in indices {
-                let owned: Vec<DroneEvent> = idx
-                    .iter()
-                    .filter_map(|&i| batch.events().get(i as usize))
-                    .map(rkyv::deserialize::<DroneEvent, rkyv::rancor::Error>)
-                    .collect::<Result<_, _>>()
-                    .map_err(|e| Error::Encode(e.to_string()))?;
-                let part = TelemetryBatch::encode(meta, &owned, Buffer::with_capacity(64 + owned.len() * 64))?;
-                parts.push((shard, Bytes::from_owner(part.into_buffer())));
-            }
+            return Ok(vec![(shard, id(shard), Bytes::from_owner(batch.into_buffer()))]);
         }
-        let acks =
-            parts.into_iter().map(|(shard, bytes)| {
-                let publish = jetstream::context::Publish::build()
-                    .payload(bytes)
-                    .message_id(format!("{}-{}-{shard}", meta.producer_id, meta.batch_seq));
-                let subject = self.subject("telemetry", shard);
-                async move {
-                    self.js.send_publish(subject, publish).await.map_err(storage_error)?.await.map_err(storage_error)
-                }
-            });
-        for ack in try_join_all(acks).await? {
-            if ack.duplicate {
-                self.metrics.duplicates.fetch_add(1, Ordering::Relaxed);
-            } else {
-                self.metrics.published.fetch_add(1, Ordering::Relaxed);
-            }
+        let mut parts = Vec::with_capacity(indices.len());
+        for (shard, idx) in indices {
+            let owned: Vec<DroneEvent> = idx
+                .iter()
+                .filter_map(|&i| batch.events().get(i as usize))
+                .map(rkyv::deserialize::<DroneEvent, rkyv::rancor::Error>)
+                .collect::<Result<_, _>>()
+                .map_err(|e| Error::Encode(e.to_string()))?;
+            let part = TelemetryBatch::encode(meta, &owned, Buffer::with_capacity(64 + owned.len() * 64))?;
+            parts.push((shard, id(shard), Bytes::from_owner(part.into_buffer())));
         }
-        Ok(())
+        Ok(parts)
     }
 
     /// Logs a command on its drone's shard and waits for the owning shard's answer.
@@ -381,24 +417,27 @@ impl Cluster {
             }
         }
         let mut delay = Duration::from_millis(50);
+        let mut attempts = 0;
         loop {
-            let sends = messages.iter().map(|(subject, id, bytes)| {
-                let publish = jetstream::context::Publish::build().payload(bytes.clone()).message_id(id);
-                async move {
-                    self.js
-                        .send_publish(subject.clone(), publish)
-                        .await
-                        .map_err(storage_error)?
-                        .await
-                        .map_err(storage_error)
+            attempts += 1;
+            // Handed over one after another, so a delivery's events are stored in order.
+            let publish_all = async {
+                let mut acks = Vec::with_capacity(messages.len());
+                for (subject, id, bytes) in &messages {
+                    let publish = jetstream::context::Publish::build().payload(bytes.clone()).message_id(id);
+                    acks.push(self.js.send_publish(subject.clone(), publish).await.map_err(storage_error)?);
                 }
-            });
-            match self.handle.block_on(try_join_all(sends)) {
+                try_join_all(acks.into_iter().map(std::future::IntoFuture::into_future)).await.map_err(storage_error)
+            };
+            match self.handle.block_on(publish_all) {
                 Ok(acks) => {
+                    for ack in &acks {
+                        self.ends[1].fetch_max(ack.sequence, Ordering::AcqRel);
+                    }
                     self.metrics.delivery_events.fetch_add(acks.len() as u64, Ordering::Relaxed);
                     return;
                 }
-                Err(error) if !self.stopping.load(Ordering::Acquire) || delay < Duration::from_secs(5) => {
+                Err(error) if !self.stopping.load(Ordering::Acquire) || attempts < 3 => {
                     warn!(%error, "publishing delivery events failed; retrying");
                     std::thread::sleep(delay);
                     delay = (delay * 2).min(Duration::from_secs(2));
@@ -546,21 +585,16 @@ impl Cluster {
                         let info = stream.info().await.map_err(storage_error)?;
                         let (first, next) = (info.state.first_sequence.saturating_sub(1), info.state.last_sequence);
                         let first = first.min(next);
-                        Ok::<_, Error>(match from {
-                            StartAt::Earliest => (first, DeliverPolicy::All),
-                            StartAt::Latest => (next, DeliverPolicy::New),
+                        let start = match from {
+                            StartAt::Earliest => first,
+                            StartAt::Latest => next,
                             StartAt::Offset(o) if o < first || o > next => {
                                 return Err(Error::OffsetUnavailable { requested: o, first, next });
                             }
-                            StartAt::Offset(o) => (o, DeliverPolicy::ByStartSequence { start_sequence: o + 1 }),
-                            StartAt::Time(us) => (
-                                first,
-                                DeliverPolicy::ByStartTime {
-                                    start_time: time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(us) * 1000)
-                                        .map_err(storage_error)?,
-                                },
-                            ),
-                        })
+                            StartAt::Offset(o) => o,
+                            StartAt::Time(us) => offset_at_time::<T>(&stream, first, next, us).await?,
+                        };
+                        Ok::<_, Error>((start, DeliverPolicy::ByStartSequence { start_sequence: start + 1 }))
                     }
                     .await;
                     let policy = match resolved {
@@ -630,6 +664,40 @@ impl Cluster {
         }
         let _ = self.client.flush().await;
     }
+}
+
+/// The first offset whose batch was created at or after `t_us` (by the creation time of its
+/// first event, as the embedded log answers it), or `end` when there is none: a binary search
+/// over the stream that reads a handful of messages.
+async fn offset_at_time<T: Payload>(
+    stream: &jetstream::stream::Stream,
+    first: u64,
+    end: u64,
+    t_us: u64,
+) -> Result<u64, Error> {
+    let (mut lo, mut hi) = (first, end);
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        let mut found = None;
+        for offset in mid..hi {
+            let msg = stream.get_raw_message(offset + 1).await.map_err(storage_error)?;
+            if is_command(Some(&msg.headers)) {
+                continue;
+            }
+            let created = events::wire::Batch::<T>::validate(buffer_from(&msg.payload), &unlimited())
+                .ok()
+                .and_then(|b| b.first_created_us());
+            if let Some(created) = created {
+                found = Some((offset, created));
+                break;
+            }
+        }
+        match found {
+            Some((offset, created)) if created < t_us => lo = offset + 1,
+            _ => hi = mid,
+        }
+    }
+    Ok(lo)
 }
 
 fn topic_index(topic: StreamTopic) -> usize {

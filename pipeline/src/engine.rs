@@ -669,9 +669,9 @@ impl BatchSink for Engine {
             if self.inner.stopping.load(Ordering::Acquire) {
                 return Err(Error::ShuttingDown);
             }
-            let cluster = cluster.clone();
+            let stored = cluster.publish_batch(batch).await?;
             tokio::spawn(async move {
-                let _ = ack.send(cluster.append_batch(batch).await);
+                let _ = ack.send(stored.await);
             });
             return Ok(AckFuture(rx));
         }

@@ -1,6 +1,9 @@
 //! The stream path on a real node, over QUIC and HTTP: subscribers each see every batch in
 //! order, named cursors resume where they were committed and show their lag, replay starts at
-//! an offset or a time, and the HTTP Server-Sent Events view carries the same batches.
+//! an offset or a time, and the HTTP Server-Sent Events view carries the same batches. The
+//! same tests run on the embedded log and on NATS JetStream (`[log] backend = "jetstream"`);
+//! the JetStream runs read `FLEETSTREAM_NATS_URL` (default `nats://127.0.0.1:4222`) and print
+//! SKIP without a server, unless `FLEETSTREAM_REQUIRE_SERVICES=1`, when they fail.
 
 #![allow(clippy::unwrap_used)] // helpers in a test crate may panic: that fails the test
 
@@ -14,11 +17,53 @@ use events::{
 use ingest::{ClientConfig, IngestClient, LogSubscription, Trust};
 use pipeline::{Config, Node};
 
-fn config(dir: &std::path::Path) -> Config {
+/// Where the node keeps its topics: the embedded log, or JetStream under a prefix of its own.
+#[derive(Clone)]
+enum Backend {
+    Embedded,
+    JetStream { url: String, prefix: String },
+}
+
+impl Backend {
+    /// A JetStream backend with fresh streams, or `None` (after printing SKIP) without NATS.
+    async fn jetstream(test: &str) -> Option<Self> {
+        let url = std::env::var("FLEETSTREAM_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
+        if let Err(error) = async_nats::connect(&url).await {
+            assert!(
+                std::env::var("FLEETSTREAM_REQUIRE_SERVICES").as_deref() != Ok("1"),
+                "NATS at {url} is required (FLEETSTREAM_REQUIRE_SERVICES=1): {error}"
+            );
+            println!("SKIP {test}: no NATS at {url}: {error}");
+            return None;
+        }
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+        Some(Backend::JetStream { url, prefix: format!("fsst{}x{nanos}", std::process::id()) })
+    }
+
+    /// Deletes what the JetStream backend created.
+    async fn clean(&self) {
+        if let Backend::JetStream { url, prefix } = self {
+            let js = async_nats::jetstream::new(async_nats::connect(url).await.unwrap());
+            let p = prefix.to_uppercase();
+            for stream in [format!("{p}_TELEMETRY"), format!("{p}_DELIVERIES"), format!("KV_{p}_SHARDS")] {
+                let _ = js.delete_stream(&stream).await;
+            }
+            let _ = js.delete_stream(format!("KV_{p}_CHECKPOINTS")).await;
+        }
+    }
+}
+
+fn config(dir: &std::path::Path, backend: &Backend) -> Config {
     let mut cfg = Config { data_dir: dir.to_path_buf(), ..Config::default() };
     cfg.ingest.listen = SocketAddr::from(([127, 0, 0, 1], 0));
     cfg.http.listen = SocketAddr::from(([127, 0, 0, 1], 0));
     cfg.engine.shards = 1;
+    if let Backend::JetStream { url, prefix } = backend {
+        cfg.log.backend = pipeline::log::LogBackend::Jetstream;
+        cfg.jetstream.url = url.clone();
+        cfg.jetstream.stream_prefix = prefix.to_uppercase();
+        cfg.jetstream.subject_prefix = prefix.clone();
+    }
     cfg
 }
 
@@ -67,9 +112,21 @@ fn cursor_lag(v: &serde_json::Value, name: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn named_subscribers_see_everything_in_order_and_resume_from_their_cursors() {
-    let dir = std::env::temp_dir().join(format!("fleetstream-streams-cursors-{}", std::process::id()));
+    named_subscribers(Backend::Embedded, "embedded").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn named_subscribers_see_everything_in_order_and_resume_from_their_cursors_on_jetstream() {
+    if let Some(backend) = Backend::jetstream("named_subscribers_on_jetstream").await {
+        named_subscribers(backend.clone(), "jetstream").await;
+        backend.clean().await;
+    }
+}
+
+async fn named_subscribers(backend: Backend, tag: &str) {
+    let dir = std::env::temp_dir().join(format!("fleetstream-streams-cursors-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let node = Node::start(&config(&dir)).await.unwrap();
+    let node = Node::start(&config(&dir, &backend)).await.unwrap();
     produce(&node, 0..10).await;
     let client = IngestClient::connect(node.quic_addr, &ClientConfig::new(Trust::Pem(node.certificate_pem.clone())))
         .await
@@ -109,7 +166,7 @@ async fn named_subscribers_see_everything_in_order_and_resume_from_their_cursors
     tokio::time::sleep(Duration::from_millis(300)).await;
     client.close().await;
     node.shutdown().await.unwrap();
-    let node = Node::start(&config(&dir)).await.unwrap();
+    let node = Node::start(&config(&dir, &backend)).await.unwrap();
     let v = streams_json(&node).await;
     assert_eq!((cursor_lag(&v, "alpha"), cursor_lag(&v, "beta")), (0, 2), "{v}");
     let client = IngestClient::connect(node.quic_addr, &ClientConfig::new(Trust::Pem(node.certificate_pem.clone())))
@@ -129,9 +186,21 @@ async fn named_subscribers_see_everything_in_order_and_resume_from_their_cursors
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_from_an_offset_or_a_time_and_over_server_sent_events() {
-    let dir = std::env::temp_dir().join(format!("fleetstream-streams-replay-{}", std::process::id()));
+    replay(Backend::Embedded, "embedded").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_from_an_offset_or_a_time_and_over_server_sent_events_on_jetstream() {
+    if let Some(backend) = Backend::jetstream("replay_on_jetstream").await {
+        replay(backend.clone(), "jetstream").await;
+        backend.clean().await;
+    }
+}
+
+async fn replay(backend: Backend, tag: &str) {
+    let dir = std::env::temp_dir().join(format!("fleetstream-streams-replay-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let node = Node::start(&config(&dir)).await.unwrap();
+    let node = Node::start(&config(&dir, &backend)).await.unwrap();
     produce(&node, 0..20).await;
     let client = IngestClient::connect(node.quic_addr, &ClientConfig::new(Trust::Pem(node.certificate_pem.clone())))
         .await
@@ -192,7 +261,7 @@ async fn replay_from_an_offset_or_a_time_and_over_server_sent_events() {
 async fn a_subscriber_asking_for_data_retention_deleted_gets_a_clear_error() {
     let dir = std::env::temp_dir().join(format!("fleetstream-streams-retention-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let mut cfg = config(&dir);
+    let mut cfg = config(&dir, &Backend::Embedded);
     cfg.log.segment_bytes = 2_048;
     cfg.log.retention_secs = 0;
     cfg.engine.checkpoint_interval_ms = 50;

@@ -1,0 +1,324 @@
+//! Two `pipeline serve` nodes sharing the shards on one NATS JetStream
+//! (`[log] backend = "jetstream"`), with producers on both. One node is killed with SIGKILL
+//! mid-load; its producers re-send what it did not answer to the survivor, which takes the
+//! dead node's shards over from their checkpoints. Afterwards every acknowledged drone event is
+//! on the stream exactly once, every delivery completes, and no delivery event is there twice.
+//!
+//! Reads `FLEETSTREAM_NATS_URL` (default `nats://127.0.0.1:4222`); without a server it prints
+//! SKIP, unless `FLEETSTREAM_REQUIRE_SERVICES=1`, when it fails.
+
+#![allow(clippy::unwrap_used)] // helpers in a test crate may panic: that fails the test
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use events::wire::Buffer;
+use events::{BatchMeta, DeliveryEvent, DeliveryStage, DroneEvent, DroneEventKind, FlightStatus, GeoPoint, StartAt};
+use events::{TelemetryBatch, Topic};
+use ingest::{ClientConfig, Producer, ProducerConfig, Trust};
+
+const SHARDS: u32 = 4;
+const PRODUCERS: u64 = 4;
+const DRONES_PER_PRODUCER: u64 = 6;
+const EVENTS_PER_DRONE: u64 = 300;
+const PICKUP_AT: u64 = 100;
+const DROPOFF_AT: u64 = 200;
+
+fn free_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+struct Node {
+    child: Child,
+    quic: SocketAddr,
+    api: String,
+    pem: String,
+}
+
+fn spawn(dir: &Path, url: &str, prefix: &str, name: &str) -> Node {
+    let (quic, http) = (free_port(), free_tcp_port());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pipeline"))
+        .args(["serve", "--shards", &SHARDS.to_string()])
+        .args(["--quic", &format!("127.0.0.1:{quic}"), "--http", &format!("127.0.0.1:{http}")])
+        .arg("--data-dir")
+        .arg(dir)
+        .env("FLEETSTREAM_LOG__BACKEND", "jetstream")
+        .env("FLEETSTREAM_JETSTREAM__URL", url)
+        .env("FLEETSTREAM_JETSTREAM__STREAM_PREFIX", prefix.to_uppercase())
+        .env("FLEETSTREAM_JETSTREAM__SUBJECT_PREFIX", prefix.to_lowercase())
+        .env("FLEETSTREAM_JETSTREAM__NODE_ID", name)
+        .env("FLEETSTREAM_JETSTREAM__LEASE_MS", "1500")
+        .env("FLEETSTREAM_ENGINE__CHECKPOINT_INTERVAL_MS", "50")
+        .env("RUST_LOG", "warn,pipeline::cluster=info")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let tag = name.to_string();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.starts_with("fleetstream serving:") {
+                let _ = tx.send(());
+            }
+            eprintln!("[{tag}] {line}");
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(60)).expect("the node starts");
+    let pem = std::fs::read_to_string(dir.join("tls/ingest-cert.pem")).unwrap();
+    Node { child, quic: format!("127.0.0.1:{quic}").parse().unwrap(), api: format!("http://127.0.0.1:{http}"), pem }
+}
+
+async fn metric(web: &reqwest::Client, api: &str, name: &str) -> u64 {
+    let text = web.get(format!("{api}/metrics")).send().await.unwrap().text().await.unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or_else(|| panic!("{name} missing from {api}/metrics"))
+}
+
+async fn wait_for_owned(web: &reqwest::Client, api: &str, want: u64) {
+    let started = Instant::now();
+    loop {
+        let owned = metric(web, api, "fleetstream_cluster_shards_owned ").await;
+        if owned == want {
+            return;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "{api} owns {owned} shards, not {want}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn drone_event(drone: u64, seq: u64, delivery: u64, dropoff: GeoPoint) -> DroneEvent {
+    let (status, kind, at) = match seq {
+        s if s < 50 => (FlightStatus::Idle, DroneEventKind::Position, GeoPoint::new(47.6, -122.3)),
+        50 => (
+            FlightStatus::Flying,
+            DroneEventKind::StatusChanged { from: FlightStatus::Idle },
+            GeoPoint::new(47.6, -122.3),
+        ),
+        PICKUP_AT => (FlightStatus::Flying, DroneEventKind::PickedUp { delivery }, GeoPoint::new(47.6, -122.3)),
+        DROPOFF_AT => (FlightStatus::Flying, DroneEventKind::DroppedOff { delivery }, dropoff),
+        _ => (FlightStatus::Flying, DroneEventKind::Position, GeoPoint::new(47.61, -122.31)),
+    };
+    DroneEvent {
+        drone_id: drone,
+        seq,
+        ts_us: 1_000_000 * drone + seq,
+        position: at,
+        speed_mps: 10.0,
+        heading_deg: 0.0,
+        battery_pct: 80.0,
+        status,
+        kind,
+    }
+}
+
+fn frame(p: u64, seq: u64, delivery_of: &BTreeMap<u64, u64>, dropoff: GeoPoint) -> Buffer {
+    let events: Vec<_> = (0..DRONES_PER_PRODUCER)
+        .map(|i| {
+            let drone = p * DRONES_PER_PRODUCER + i + 1;
+            drone_event(drone, seq, delivery_of[&drone], dropoff)
+        })
+        .collect();
+    let meta = BatchMeta { producer_id: 7000 + p, batch_seq: seq, ..BatchMeta::default() };
+    TelemetryBatch::encode(meta, &events, Buffer::new()).unwrap().into_buffer()
+}
+
+fn producer_config(pem: &str) -> ProducerConfig {
+    let mut cfg = ProducerConfig::new(ClientConfig::new(Trust::Pem(pem.to_string())));
+    cfg.answer_timeout = Duration::from_secs(2);
+    cfg.connect_timeout = Duration::from_millis(500);
+    cfg.max_backoff = Duration::from_millis(200);
+    cfg
+}
+
+/// Sends batches `seqs` through `node` until done or `stop` is set; returns the sequences
+/// acknowledged.
+async fn produce(
+    p: u64,
+    addr: SocketAddr,
+    pem: String,
+    seqs: Vec<u64>,
+    delivery_of: Arc<BTreeMap<u64, u64>>,
+    stop: Arc<AtomicBool>,
+) -> BTreeSet<u64> {
+    let dropoff = GeoPoint::new(47.62, -122.35);
+    let (producer, mut answers) = Producer::connect(addr, producer_config(&pem)).await.unwrap();
+    let collector = tokio::spawn(async move {
+        let mut acked = BTreeSet::new();
+        while let Some(a) = answers.recv().await {
+            if a.result.is_ok() {
+                acked.insert(a.batch_seq);
+            }
+        }
+        acked
+    });
+    for (i, &seq) in seqs.iter().enumerate() {
+        if stop.load(Ordering::Acquire) {
+            break;
+        }
+        let sent =
+            tokio::time::timeout(Duration::from_secs(1), producer.send(seq, frame(p, seq, &delivery_of, dropoff)));
+        if !matches!(sent.await, Ok(Ok(()))) {
+            break;
+        }
+        if i % 2 == 1 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    let deadline = if stop.load(Ordering::Acquire) { Duration::from_secs(1) } else { Duration::from_secs(60) };
+    let stats = producer.finish(deadline).await;
+    eprintln!("producer {p} on {addr}: {stats:?}");
+    collector.await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_node_s_shards_move_to_the_survivor_without_loss_or_double_counting() {
+    let url = std::env::var("FLEETSTREAM_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
+    let nats = match async_nats::connect(&url).await {
+        Ok(c) => c,
+        Err(error) if std::env::var("FLEETSTREAM_REQUIRE_SERVICES").as_deref() != Ok("1") => {
+            println!("SKIP a_killed_node_s_shards_move_to_the_survivor: no NATS at {url}: {error}");
+            return;
+        }
+        Err(error) => panic!("NATS at {url} is required (FLEETSTREAM_REQUIRE_SERVICES=1): {error}"),
+    };
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+    let prefix = format!("fscl{}x{nanos}", std::process::id());
+    let root = std::env::temp_dir().join(format!("fleetstream-cluster-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+
+    let a = spawn(&root.join("a"), &url, &prefix, "a");
+    let mut b = spawn(&root.join("b"), &url, &prefix, "b");
+    let web = services::tls::plain_client().unwrap();
+    // The shards are shared out: two each.
+    wait_for_owned(&web, &a.api, 2).await;
+    wait_for_owned(&web, &b.api, 2).await;
+
+    // Deliveries scheduled on A; their Create commands are answered by whichever node owns
+    // each drone's shard.
+    let drones: Vec<u64> = (1..=PRODUCERS * DRONES_PER_PRODUCER).collect();
+    let registered = web.post(format!("{}/v1/drones", a.api)).json(&serde_json::json!({ "drones": drones })).send();
+    assert!(registered.await.unwrap().status().is_success());
+    let account = web.put(format!("{}/internal/v1/accounts/cluster-test", a.api)).json(&serde_json::json!({}));
+    assert!(account.send().await.unwrap().status().is_success());
+    let mut delivery_of = BTreeMap::new();
+    for _ in &drones {
+        let response = web
+            .post(format!("{}/v1/deliveries", a.api))
+            .json(&serde_json::json!({
+                "owner": "cluster-test", "pickup": {"lat": 47.6, "lon": -122.3}, "dropoff": {"lat": 47.62, "lon": -122.35},
+                "package": {"size": "small", "weight_kg": 1.0}
+            }))
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert!(status.is_success(), "scheduling: {status} {body}");
+        delivery_of.insert(body["drone_id"].as_u64().unwrap(), body["delivery_id"].as_u64().unwrap());
+    }
+    assert_eq!(delivery_of.len(), drones.len());
+    let delivery_of = Arc::new(delivery_of);
+
+    // Producers 0 and 1 send through B, 2 and 3 through A.
+    let all: Vec<u64> = (1..=EVENTS_PER_DRONE).collect();
+    let b_down = Arc::new(AtomicBool::new(false));
+    let never = Arc::new(AtomicBool::new(false));
+    let mut on_b = Vec::new();
+    let mut on_a = Vec::new();
+    for p in 0..PRODUCERS {
+        let (node, stop) = if p < 2 { (&b, b_down.clone()) } else { (&a, never.clone()) };
+        let task = tokio::spawn(produce(p, node.quic, node.pem.clone(), all.clone(), delivery_of.clone(), stop));
+        if p < 2 { on_b.push((p, task)) } else { on_a.push((p, task)) }
+    }
+
+    // B dies mid-load, without a chance to hand anything back.
+    let jitter = u64::from(nanos % 400);
+    tokio::time::sleep(Duration::from_millis(300 + jitter)).await;
+    Command::new("kill").args(["-KILL", &b.child.id().to_string()]).status().unwrap();
+    b.child.wait().unwrap();
+    b_down.store(true, Ordering::Release);
+    eprintln!("node b killed after {} ms", 300 + jitter);
+
+    // Its producers re-send to A whatever B did not acknowledge.
+    let mut resent = 0;
+    for (p, task) in on_b {
+        let acked_by_b = task.await.unwrap();
+        let rest: Vec<u64> = all.iter().copied().filter(|s| !acked_by_b.contains(s)).collect();
+        resent += rest.len();
+        let acked_by_a = produce(p, a.quic, a.pem.clone(), rest.clone(), delivery_of.clone(), never.clone()).await;
+        assert_eq!(acked_by_a, rest.into_iter().collect(), "producer {p}: A acknowledged every re-sent batch");
+        eprintln!("producer {p}: {} batches acknowledged by B, the rest re-sent to A", acked_by_b.len());
+    }
+    assert!(resent > 0, "B was killed before its producers finished");
+    for (p, task) in on_a {
+        assert_eq!(task.await.unwrap(), all.iter().copied().collect(), "producer {p}: A acknowledged every batch");
+    }
+
+    // A took the dead node's shards over.
+    wait_for_owned(&web, &a.api, u64::from(SHARDS)).await;
+    assert!(metric(&web, &a.api, "fleetstream_cluster_shards_acquired_total ").await >= u64::from(SHARDS));
+
+    // Every acknowledged drone event is on the stream exactly once.
+    let reader = ingest::IngestClient::connect(a.quic, &ClientConfig::new(Trust::Pem(a.pem.clone()))).await.unwrap();
+    let mut sub = reader.subscribe_from::<DroneEvent>(Topic::DroneTelemetry, StartAt::Earliest).await.unwrap();
+    let mut seen = BTreeSet::new();
+    let expected = (PRODUCERS * DRONES_PER_PRODUCER * EVENTS_PER_DRONE) as usize;
+    while seen.len() < expected {
+        let next = tokio::time::timeout(Duration::from_secs(10), sub.next()).await;
+        let (_, batch) = next.expect("telemetry arrives").unwrap().unwrap();
+        for e in batch.events().iter() {
+            let key = (e.drone_id.to_native(), e.seq.to_native());
+            assert!(seen.insert(key), "drone event {key:?} stored twice");
+        }
+    }
+
+    // Every delivery completed, with each delivery event exactly once.
+    let mut sub = reader.subscribe_from::<DeliveryEvent>(Topic::DeliveryEvents, StartAt::Earliest).await.unwrap();
+    let mut delivered = BTreeMap::new();
+    while delivered.len() < delivery_of.len() * 4 {
+        let next = tokio::time::timeout(Duration::from_secs(20), sub.next()).await;
+        let (_, batch) = next.expect("delivery events arrive").unwrap().unwrap();
+        for e in batch.events().iter() {
+            let key = (e.delivery_id.to_native(), e.seq.to_native());
+            let value = (e.stage.to_stage(), e.ts_us.to_native(), e.drone_id.to_native());
+            assert!(delivered.insert(key, value).is_none(), "delivery event {key:?} published twice");
+        }
+    }
+    for (&drone, &delivery) in delivery_of.iter() {
+        let ts = |seq: u64| 1_000_000 * drone + seq;
+        assert_eq!(delivered[&(delivery, 0)].0, DeliveryStage::Created);
+        assert_eq!(delivered[&(delivery, 1)], (DeliveryStage::HeadedToPickup, ts(50), drone));
+        assert_eq!(delivered[&(delivery, 2)], (DeliveryStage::InTransit, ts(PICKUP_AT), drone));
+        assert_eq!(delivered[&(delivery, 3)], (DeliveryStage::DeliveryComplete, ts(DROPOFF_AT), drone));
+    }
+    // Nothing beyond them: a short wait shows no late duplicate.
+    let late = tokio::time::timeout(Duration::from_millis(500), sub.next()).await;
+    assert!(late.is_err(), "no further delivery events: {:?}", late.map(|r| r.map(|b| b.map(|(o, _)| o))));
+    reader.close().await;
+
+    let mut a = a;
+    Command::new("kill").args(["-TERM", &a.child.id().to_string()]).status().unwrap();
+    assert!(a.child.wait().unwrap().success());
+    let js = async_nats::jetstream::new(nats);
+    let upper = prefix.to_uppercase();
+    for stream in [format!("{upper}_TELEMETRY"), format!("{upper}_DELIVERIES")]
+        .into_iter()
+        .chain([format!("KV_{upper}_SHARDS"), format!("KV_{upper}_CHECKPOINTS")])
+    {
+        let _ = js.delete_stream(&stream).await;
+    }
+    let _ = std::fs::remove_dir_all(&root);
+}
