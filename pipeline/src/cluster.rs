@@ -163,18 +163,9 @@ async fn topic_stream(
     cfg: &JetStreamConfig,
     name: &str,
 ) -> Result<jetstream::stream::Stream, crate::Error> {
-    js.get_or_create_stream(jetstream::stream::Config {
-        name: format!("{}_{}", cfg.stream_prefix, name.to_uppercase()),
-        subjects: vec![format!("{}.{name}.*", cfg.subject_prefix)],
-        max_age: Duration::from_secs(cfg.max_age_s),
-        max_bytes: if cfg.max_bytes == 0 { -1 } else { i64::try_from(cfg.max_bytes).unwrap_or(i64::MAX) },
-        duplicate_window: Duration::from_secs(cfg.duplicate_window_s),
-        num_replicas: cfg.replicas.max(1),
-        storage: StorageType::File,
-        ..Default::default()
-    })
-    .await
-    .map_err(|e| crate::Error::JetStream(format!("creating the stream for {name}: {e}")))
+    js.get_or_create_stream(crate::jetstream::topic_stream_config(cfg, name))
+        .await
+        .map_err(|e| crate::Error::JetStream(format!("creating the stream for {name}: {e}")))
 }
 
 fn default_node_id() -> String {
@@ -401,20 +392,13 @@ impl Cluster {
     /// Publishes derived delivery events, one message each, and returns once JetStream has them
     /// all. Retries until it succeeds or the node stops: derived events must not be dropped,
     /// and waiting here holds the shards back instead. Called from the publisher thread.
-    pub(crate) fn publish_deliveries(&self, batch: &DeliveryBatch) {
-        let meta = batch.header().meta;
-        let mut messages = Vec::with_capacity(batch.len());
-        for ev in batch.events().iter() {
-            let Ok(owned) = rkyv::deserialize::<events::DeliveryEvent, rkyv::rancor::Error>(ev) else { continue };
-            let shard = shard_of(owned.drone_id, self.shards);
-            match DeliveryBatch::encode(meta, std::slice::from_ref(&owned), Buffer::with_capacity(256)) {
-                Ok(one) => messages.push((
-                    self.subject("deliveries", shard),
-                    format!("{}-{}", owned.delivery_id, owned.seq),
-                    Bytes::from_owner(one.into_buffer()),
-                )),
-                Err(error) => warn!(%error, "encoding a delivery event failed"),
-            }
+    pub(crate) fn publish_deliveries(&self, batches: impl Iterator<Item = DeliveryBatch>) {
+        let mut messages = Vec::new();
+        for batch in batches {
+            self.delivery_messages(&batch, &mut messages);
+        }
+        if messages.is_empty() {
+            return;
         }
         let mut delay = Duration::from_millis(50);
         let mut attempts = 0;
@@ -446,6 +430,23 @@ impl Cluster {
                     warn!(%error, events = messages.len(), "giving up publishing delivery events at shutdown");
                     return;
                 }
+            }
+        }
+    }
+
+    /// One message per event of `batch`: (subject, message id, a batch of that one event).
+    fn delivery_messages(&self, batch: &DeliveryBatch, out: &mut Vec<(String, String, Bytes)>) {
+        let meta = batch.header().meta;
+        for ev in batch.events().iter() {
+            let Ok(owned) = rkyv::deserialize::<events::DeliveryEvent, rkyv::rancor::Error>(ev) else { continue };
+            let shard = shard_of(owned.drone_id, self.shards);
+            match DeliveryBatch::encode(meta, std::slice::from_ref(&owned), Buffer::with_capacity(256)) {
+                Ok(one) => out.push((
+                    self.subject("deliveries", shard),
+                    format!("{}-{}", owned.delivery_id, owned.seq),
+                    Bytes::from_owner(one.into_buffer()),
+                )),
+                Err(error) => warn!(%error, "encoding a delivery event failed"),
             }
         }
     }
@@ -503,12 +504,18 @@ impl Cluster {
                     Err(error) => return warn!(%error, "following a JetStream topic failed"),
                 };
                 drop(c);
-                while let Some(msg) = messages.next().await {
+                loop {
+                    // Wakes at least twice a second to notice the node stopping.
+                    let next = tokio::time::timeout(Duration::from_millis(500), messages.next()).await;
                     let Some(cluster) = cluster.upgrade() else { return };
                     if cluster.stopping.load(Ordering::Acquire) {
                         return;
                     }
-                    let Ok(msg) = msg else { continue };
+                    let msg = match next {
+                        Err(_) | Ok(Some(Err(_))) => continue,
+                        Ok(None) => return warn!("a JetStream topic follower ended"),
+                        Ok(Some(Ok(msg))) => msg,
+                    };
                     let Some((offset, batch)) = cluster.decode::<T>(&msg) else { continue };
                     cluster.ends[topic_index(which)].fetch_max(offset + 1, Ordering::AcqRel);
                     drop(cluster);

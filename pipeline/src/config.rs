@@ -29,6 +29,7 @@
 //! dropoff_radius_m = 30.0
 //!
 //! [log]
+//! backend = "embedded"         # or "jetstream": several nodes share the shards ([jetstream])
 //! fsync = "every_batch"        # or "interval" (fsync_interval_ms) or "none"
 //! segment_bytes = 134217728
 //! max_bytes = 0                # 0: no cap; otherwise appends past it get "storage full"
@@ -70,6 +71,8 @@
 //! url = "nats://127.0.0.1:4222"
 //! queues = []                  # ["notifications"]: that queue on JetStream (work-queue stream,
 //!                              # ack wait = visibility timeout, max deliver = attempts, DLQ)
+//! node_id = ""                 # backend = "jetstream": this node's lease name (default host-pid)
+//! lease_ms = 3000              # a dead node's shards move to the others after this long
 //!
 //! [tracing]
 //! # otlp_endpoint = "http://127.0.0.1:4318"   # OTLP/HTTP collector; unset: spans only logged

@@ -1022,11 +1022,7 @@ impl Publisher {
             while let Some(m) = msg.take() {
                 match m {
                     PublishMsg::Barrier(done) => barriers.push(done),
-                    PublishMsg::Events(batch) if self.cluster.is_some() => {
-                        if let Some(cluster) = &self.cluster {
-                            cluster.publish_deliveries(&batch);
-                        }
-                    }
+                    PublishMsg::Events(batch) if self.cluster.is_some() => appended.push((None, batch)),
                     PublishMsg::Events(batch) => {
                         if let Some(batch) = self.fresh(batch) {
                             match &self.log {
@@ -1052,6 +1048,11 @@ impl Publisher {
                 && let Err(e) = log.lock().sync()
             {
                 error!(error = %e, "syncing the delivery-events log failed");
+            }
+            if let Some(cluster) = &self.cluster {
+                // The whole group in one go (acknowledgements overlap); this node's topic is
+                // fed back from JetStream.
+                cluster.publish_deliveries(appended.drain(..).map(|(_, batch)| batch));
             }
             let mut last = None;
             for (offset, batch) in appended.drain(..) {

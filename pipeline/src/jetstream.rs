@@ -1,5 +1,5 @@
-//! NATS JetStream as the stream path's store: the first piece of running the pipeline on an
-//! existing distributed engine instead of the local log.
+//! NATS JetStream building blocks: the topic streams (which the JetStream backend of the engine,
+//! [`crate::cluster`], writes and reads) and the work queues of the queue path.
 //!
 //! A topic is one JetStream stream (`FLEETSTREAM_TELEMETRY`, `FLEETSTREAM_DELIVERIES`) whose
 //! subjects are partitioned by shard (`fleetstream.telemetry.<shard>`). Each batch is one
@@ -81,6 +81,21 @@ fn topic_name(topic: Topic) -> &'static str {
     }
 }
 
+/// The stream of a topic (`telemetry`, `deliveries`): `<stream_prefix>_<NAME>` on
+/// `<subject_prefix>.<name>.*`, file storage, retention and duplicate window from `cfg`.
+pub(crate) fn topic_stream_config(cfg: &JetStreamConfig, name: &str) -> jetstream::stream::Config {
+    jetstream::stream::Config {
+        name: format!("{}_{}", cfg.stream_prefix, name.to_uppercase()),
+        subjects: vec![format!("{}.{name}.*", cfg.subject_prefix)],
+        max_age: Duration::from_secs(cfg.max_age_s),
+        max_bytes: if cfg.max_bytes == 0 { -1 } else { i64::try_from(cfg.max_bytes).unwrap_or(i64::MAX) },
+        duplicate_window: Duration::from_secs(cfg.duplicate_window_s),
+        num_replicas: cfg.replicas.max(1),
+        storage: StorageType::File,
+        ..Default::default()
+    }
+}
+
 /// What an append did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Appended {
@@ -104,19 +119,7 @@ impl JetStreamTopic {
         let js = jetstream::new(client.clone());
         let name = topic_name(topic);
         let subject_prefix = format!("{}.{name}", cfg.subject_prefix);
-        let stream = js
-            .get_or_create_stream(jetstream::stream::Config {
-                name: format!("{}_{}", cfg.stream_prefix, name.to_uppercase()),
-                subjects: vec![format!("{subject_prefix}.*")],
-                max_age: Duration::from_secs(cfg.max_age_s),
-                max_bytes: if cfg.max_bytes == 0 { -1 } else { i64::try_from(cfg.max_bytes).unwrap_or(i64::MAX) },
-                duplicate_window: Duration::from_secs(cfg.duplicate_window_s),
-                num_replicas: cfg.replicas.max(1),
-                storage: StorageType::File,
-                ..Default::default()
-            })
-            .await
-            .map_err(js_error)?;
+        let stream = js.get_or_create_stream(topic_stream_config(cfg, name)).await.map_err(js_error)?;
         Ok(Self { js, stream, subject_prefix })
     }
 
