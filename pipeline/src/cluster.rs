@@ -113,6 +113,8 @@ pub struct Cluster {
     lease: Duration,
     handle: tokio::runtime::Handle,
     owned: Vec<AtomicBool>,
+    /// Per shard: the revision of its checkpoint entry this node last read or wrote.
+    ckpt_revisions: Vec<AtomicU64>,
     inflight: Arc<tokio::sync::Semaphore>,
     reply_prefix: String,
     pending: parking_lot::Mutex<FxHashMap<u64, oneshot::Sender<Result<(), Error>>>>,
@@ -220,6 +222,7 @@ impl Cluster {
             lease,
             handle: tokio::runtime::Handle::current(),
             owned: (0..shards).map(|_| AtomicBool::new(false)).collect(),
+            ckpt_revisions: (0..shards).map(|_| AtomicU64::new(0)).collect(),
             inflight: Arc::new(tokio::sync::Semaphore::new(append_queue.max(1))),
             reply_prefix,
             pending: parking_lot::Mutex::default(),
@@ -452,21 +455,49 @@ impl Cluster {
     }
 
     /// Stores a shard's checkpoint, if this node still owns the shard. Called from its thread.
+    ///
+    /// The write expects the revision this node last read or wrote, so a node that lost the
+    /// shard without noticing yet (a stalled process whose lease ran out) cannot overwrite the
+    /// new owner's checkpoint: its write is refused and the shard is marked not owned.
     pub(crate) fn put_checkpoint(&self, ckpt: &Checkpoint) -> Result<bool, crate::Error> {
-        if !self.owns(ckpt.shard as usize) {
+        let shard = ckpt.shard as usize;
+        if !self.owns(shard) {
             return Ok(false);
         }
-        let bytes = checkpoint::encode(ckpt)?;
-        self.handle.block_on(self.checkpoints.put(format!("shard-{}", ckpt.shard), bytes.into())).map_err(js_error)?;
-        Ok(true)
+        let bytes = Bytes::from(checkpoint::encode(ckpt)?);
+        let key = format!("shard-{shard}");
+        let expected = self.ckpt_revisions[shard].load(Ordering::Acquire);
+        let written = self.handle.block_on(async {
+            if expected == 0 {
+                self.checkpoints.create(&key, bytes).await.map_err(js_error)
+            } else {
+                self.checkpoints.update(&key, bytes, expected).await.map_err(js_error)
+            }
+        });
+        match written {
+            Ok(revision) => {
+                self.ckpt_revisions[shard].store(revision, Ordering::Release);
+                Ok(true)
+            }
+            Err(error) => {
+                warn!(shard, %error, "the shard's checkpoint changed under this node: another node owns it now");
+                self.owned[shard].store(false, Ordering::Release);
+                Ok(false)
+            }
+        }
     }
 
+    /// A shard's checkpoint (if any, and made with this shard count), remembering its revision
+    /// for the next write.
     async fn read_checkpoint(&self, shard: usize) -> Result<Option<Checkpoint>, crate::Error> {
         let key = format!("shard-{shard}");
-        match self.checkpoints.get(&key).await.map_err(js_error)? {
+        let entry = self.checkpoints.entry(&key).await.map_err(js_error)?;
+        let entry = entry.filter(|e| e.operation == kv::Operation::Put);
+        self.ckpt_revisions[shard].store(entry.as_ref().map_or(0, |e| e.revision), Ordering::Release);
+        match entry {
             None => Ok(None),
-            Some(bytes) => {
-                let ckpt = checkpoint::decode(&bytes, std::path::Path::new(&key))?;
+            Some(entry) => {
+                let ckpt = checkpoint::decode(&entry.value, std::path::Path::new(&key))?;
                 Ok((ckpt.shards as usize == self.shards).then_some(ckpt))
             }
         }
