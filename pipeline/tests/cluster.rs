@@ -3,6 +3,9 @@
 //! mid-load; its producers re-send what it did not answer to the survivor, which takes the
 //! dead node's shards over from their checkpoints. Afterwards every acknowledged drone event is
 //! on the stream exactly once, every delivery completes, and no delivery event is there twice.
+//! A second run stops the node with SIGSTOP instead and resumes it after the takeover: the
+//! paused node wakes up believing it owns its shards, and still nothing is stored or derived
+//! twice; then it rejoins and gets its share back.
 //!
 //! Reads `FLEETSTREAM_NATS_URL` (default `nats://127.0.0.1:4222`); without a server it prints
 //! SKIP, unless `FLEETSTREAM_REQUIRE_SERVICES=1`, when it fails.
@@ -184,20 +187,34 @@ async fn produce(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_killed_node_s_shards_move_to_the_survivor_without_loss_or_double_counting() {
+async fn a_killed_or_paused_node_s_shards_move_to_the_survivor_without_loss_or_double_counting() {
     let url = std::env::var("FLEETSTREAM_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
     let nats = match async_nats::connect(&url).await {
         Ok(c) => c,
         Err(error) if std::env::var("FLEETSTREAM_REQUIRE_SERVICES").as_deref() != Ok("1") => {
-            println!("SKIP a_killed_node_s_shards_move_to_the_survivor: no NATS at {url}: {error}");
+            println!("SKIP a_killed_or_paused_node_s_shards_move_to_the_survivor: no NATS at {url}: {error}");
             return;
         }
         Err(error) => panic!("NATS at {url} is required (FLEETSTREAM_REQUIRE_SERVICES=1): {error}"),
     };
+    one_run(&url, &nats, Failure::Kill).await;
+    one_run(&url, &nats, Failure::Pause).await;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Failure {
+    /// SIGKILL: the node is gone.
+    Kill,
+    /// SIGSTOP, and SIGCONT once the survivor took its shards over.
+    Pause,
+}
+
+async fn one_run(url: &str, nats: &async_nats::Client, failure: Failure) {
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
     let prefix = format!("fscl{}x{nanos}", std::process::id());
-    let root = std::env::temp_dir().join(format!("fleetstream-cluster-{}", std::process::id()));
+    let root = std::env::temp_dir().join(format!("fleetstream-cluster-{}-{failure:?}", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);
+    let url = url.to_string();
 
     let a = spawn(&root.join("a"), &url, &prefix, "a");
     let mut b = spawn(&root.join("b"), &url, &prefix, "b");
@@ -244,13 +261,16 @@ async fn a_killed_node_s_shards_move_to_the_survivor_without_loss_or_double_coun
         if p < 2 { on_b.push((p, task)) } else { on_a.push((p, task)) }
     }
 
-    // B dies mid-load, without a chance to hand anything back.
+    // B dies (or freezes) mid-load, without a chance to hand anything back.
     let jitter = u64::from(nanos % 400);
     tokio::time::sleep(Duration::from_millis(300 + jitter)).await;
-    Command::new("kill").args(["-KILL", &b.child.id().to_string()]).status().unwrap();
-    b.child.wait().unwrap();
+    let signal = if failure == Failure::Kill { "-KILL" } else { "-STOP" };
+    Command::new("kill").args([signal, &b.child.id().to_string()]).status().unwrap();
+    if failure == Failure::Kill {
+        b.child.wait().unwrap();
+    }
     b_down.store(true, Ordering::Release);
-    eprintln!("node b killed after {} ms", 300 + jitter);
+    eprintln!("node b {failure:?} after {} ms", 300 + jitter);
 
     // Its producers re-send to A whatever B did not acknowledge.
     let mut resent = 0;
@@ -270,6 +290,14 @@ async fn a_killed_node_s_shards_move_to_the_survivor_without_loss_or_double_coun
     // A took the dead node's shards over.
     wait_for_owned(&web, &a.api, u64::from(SHARDS)).await;
     assert!(metric(&web, &a.api, "fleetstream_cluster_shards_acquired_total ").await >= u64::from(SHARDS));
+    if failure == Failure::Pause {
+        // B wakes up still believing it owns its shards: it finds its leases gone and its
+        // checkpoint writes refused, and then rejoins for its share.
+        Command::new("kill").args(["-CONT", &b.child.id().to_string()]).status().unwrap();
+        wait_for_owned(&web, &b.api, u64::from(SHARDS) / 2).await;
+        wait_for_owned(&web, &a.api, u64::from(SHARDS) / 2).await;
+        assert!(metric(&web, &b.api, "fleetstream_cluster_shard_leases_lost_total ").await >= 1);
+    }
 
     // Every acknowledged drone event is on the stream exactly once.
     let reader = ingest::IngestClient::connect(a.quic, &ClientConfig::new(Trust::Pem(a.pem.clone()))).await.unwrap();
@@ -312,7 +340,11 @@ async fn a_killed_node_s_shards_move_to_the_survivor_without_loss_or_double_coun
     let mut a = a;
     Command::new("kill").args(["-TERM", &a.child.id().to_string()]).status().unwrap();
     assert!(a.child.wait().unwrap().success());
-    let js = async_nats::jetstream::new(nats);
+    if failure == Failure::Pause {
+        Command::new("kill").args(["-TERM", &b.child.id().to_string()]).status().unwrap();
+        assert!(b.child.wait().unwrap().success());
+    }
+    let js = async_nats::jetstream::new(nats.clone());
     let upper = prefix.to_uppercase();
     for stream in [format!("{upper}_TELEMETRY"), format!("{upper}_DELIVERIES")]
         .into_iter()
