@@ -1,6 +1,9 @@
 //! The queue path on a real node: competing consumers over QUIC, redelivery after the
 //! visibility timeout and on disconnect, dead letters over HTTP, and queue contents across a
-//! restart.
+//! restart. The competing-consumers test also runs with `notifications` on NATS JetStream
+//! (`[jetstream] queues = ["notifications"]`); it reads `FLEETSTREAM_NATS_URL` (default
+//! `nats://127.0.0.1:4222`) and prints SKIP without a server, unless
+//! `FLEETSTREAM_REQUIRE_SERVICES=1`, when it fails.
 
 #![allow(clippy::unwrap_used)] // helpers in a test crate may panic: that fails the test
 
@@ -40,8 +43,49 @@ async fn client(node: &Node) -> IngestClient {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_consumers_share_a_queue_and_each_message_is_processed_once() {
-    let dir = temp("three");
-    let node = Node::start(&config(&dir, 30_000, 5)).await.unwrap();
+    three_consumers(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_consumers_share_a_queue_and_each_message_is_processed_once_on_jetstream() {
+    let url = std::env::var("FLEETSTREAM_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
+    let nats = match async_nats::connect(&url).await {
+        Ok(c) => c,
+        Err(error) if std::env::var("FLEETSTREAM_REQUIRE_SERVICES").as_deref() != Ok("1") => {
+            println!("SKIP three_consumers_share_a_queue_on_jetstream: no NATS at {url}: {error}");
+            return;
+        }
+        Err(error) => panic!("NATS at {url} is required (FLEETSTREAM_REQUIRE_SERVICES=1): {error}"),
+    };
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+    let prefix = format!("FSQ{}X{nanos}", std::process::id());
+    three_consumers(Some((url, prefix.clone()))).await;
+    let js = async_nats::jetstream::new(nats);
+    let mut names = js.stream_names();
+    let mut ours = Vec::new();
+    while let Some(Ok(name)) = futures_util::StreamExt::next(&mut names).await {
+        if name.starts_with(&prefix) {
+            ours.push(name);
+        }
+    }
+    assert!(!ours.is_empty(), "the queue lived on JetStream");
+    for name in ours {
+        js.delete_stream(&name).await.unwrap();
+    }
+}
+
+/// Three QUIC consumers compete on `notifications`, kept locally or, with `(url, prefix)`, on
+/// JetStream.
+async fn three_consumers(jetstream: Option<(String, String)>) {
+    let dir = temp(if jetstream.is_some() { "three-js" } else { "three" });
+    let mut cfg = config(&dir, 30_000, 5);
+    if let Some((url, prefix)) = &jetstream {
+        cfg.jetstream.url = url.clone();
+        cfg.jetstream.stream_prefix = prefix.clone();
+        cfg.jetstream.subject_prefix = prefix.to_lowercase();
+        cfg.jetstream.queues = vec!["notifications".into()];
+    }
+    let node = Node::start(&cfg).await.unwrap();
     let total = 300u64;
     let processed = Arc::new(Mutex::new(Vec::new()));
     let mut tasks = Vec::new();
@@ -83,9 +127,21 @@ async fn three_consumers_share_a_queue_and_each_message_is_processed_once() {
     assert!(processed.iter().all(|(_, _, attempt)| *attempt == 1), "nothing was redelivered");
     assert_eq!(per_worker.iter().sum::<u64>(), total);
     assert!(per_worker.iter().filter(|n| **n > 0).count() >= 2, "the work was shared: {per_worker:?}");
-    let q = node.engine.queues().get(QueueName::Notifications);
     tokio::time::sleep(Duration::from_millis(100)).await;
-    assert_eq!(q.counts(), (0, 0, 0), "every message acked");
+    match node.engine.jetstream_queue(QueueName::Notifications) {
+        None => {
+            assert!(jetstream.is_none());
+            assert_eq!(node.engine.queues().get(QueueName::Notifications).counts(), (0, 0, 0), "every message acked");
+        }
+        Some(q) => {
+            assert!(jetstream.is_some());
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while !q.queue().is_empty().await.unwrap() && std::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            assert!(q.queue().is_empty().await.unwrap(), "every message acked");
+        }
+    }
     drop(clients);
     node.shutdown().await.unwrap();
     let _ = std::fs::remove_dir_all(&dir);
