@@ -58,7 +58,7 @@ async fn queues(State(engine): State<Engine>) -> Json<Value> {
     for name in QueueName::ALL {
         // A queue kept on JetStream: what the stream holds (JetStream has its counters).
         if let Some(js) = engine.jetstream_queue(name) {
-            let (messages, dead) = (js.queue().len().await, js.queue().dead_letters().await.map(|d| d.len()));
+            let (messages, dead) = (js.len().await, js.dead_letters().await.map(|d| d.len()));
             list.push(json!({
                 "queue": name.name(),
                 "backend": "jetstream",

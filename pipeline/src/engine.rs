@@ -758,7 +758,7 @@ impl WorkQueues for Engine {
             return Err(Error::ShuttingDown);
         }
         if let Some(q) = self.external(queue) {
-            return q.lease(consumer, max, wait).await;
+            return q.lease(consumer, keys, max, wait).await;
         }
         self.inner.queues.lease(queue, consumer, keys, max, wait).await
     }
@@ -772,7 +772,7 @@ impl WorkQueues for Engine {
 
     fn release(&self, queue: QueueName, consumer: u64) {
         if let Some(q) = self.external(queue) {
-            return q.release(consumer);
+            return crate::jetstream::release_session(q, consumer);
         }
         self.inner.queues.release(queue, consumer);
     }

@@ -200,3 +200,102 @@ async fn the_queue_path_leases_redelivers_and_dead_letters_with_the_reason() {
         js.delete_stream(format!("{}_{stream}", cfg.stream_prefix)).await.unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drone_commands_go_only_to_the_session_holding_their_keys_and_dead_letter_with_the_reason() {
+    use events::KeyRange;
+    use pipeline::jetstream::keyed::KeyedQueue;
+    let url = std::env::var("FLEETSTREAM_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
+    let client = match async_nats::connect(&url).await {
+        Ok(c) => c,
+        Err(error) if std::env::var("FLEETSTREAM_REQUIRE_SERVICES").as_deref() != Ok("1") => {
+            println!("SKIP drone_commands_go_only_to_the_session_holding_their_keys: no NATS at {url}: {error}");
+            return;
+        }
+        Err(error) => panic!("NATS at {url} is required (FLEETSTREAM_REQUIRE_SERVICES=1): {error}"),
+    };
+    let cfg = JetStreamConfig {
+        url,
+        stream_prefix: format!("FSKTEST{}", std::process::id()),
+        subject_prefix: format!("fsktest{}", std::process::id()),
+        ..JetStreamConfig::default()
+    };
+    let settings = pipeline::queue::state::QueueConfig {
+        visibility_timeout_ms: 400,
+        max_attempts: 3,
+        ..pipeline::queue::state::QueueConfig::default()
+    };
+    let queue = KeyedQueue::open(&client, events::QueueName::DroneCommands, &settings, &cfg).await.unwrap();
+    for key in [10u64, 11, 20] {
+        queue.enqueue(key, Bytes::from(format!("mission for {key}"))).await.unwrap();
+    }
+    let wait = Duration::from_secs(2);
+
+    // Each session gets the commands of its own drones, and nothing else.
+    let (low, high) = (queue.attach(), queue.attach());
+    let (low_keys, high_keys) = (KeyRange { lo: 10, hi: 12 }, KeyRange { lo: 20, hi: 21 });
+    let mut got = queue.lease(low, low_keys, 8, wait).await.unwrap();
+    if got.len() < 2 {
+        got.extend(queue.lease(low, low_keys, 8, wait).await.unwrap());
+    }
+    let mut keys: Vec<u64> = got.iter().map(|l| l.key).collect();
+    keys.sort_unstable();
+    assert_eq!(keys, [10, 11]);
+    let other = queue.lease(high, high_keys, 8, wait).await.unwrap();
+    assert_eq!(other.iter().map(|l| (l.key, l.attempt)).collect::<Vec<_>>(), [(20, 1)]);
+
+    // 10 is flown; 11 fails until its attempts run out and is dead-lettered with the reason.
+    let (done, failing): (Vec<_>, Vec<_>) = got.into_iter().partition(|l| l.key == 10);
+    queue.ack(&done[0]).await.unwrap();
+    let mut current = failing.into_iter().next().unwrap();
+    loop {
+        queue.nack(&current, "drone refused: battery low").await.unwrap();
+        if current.attempt == 3 {
+            break;
+        }
+        let again = queue.lease(low, low_keys, 1, wait).await.unwrap();
+        assert_eq!((again.len(), again[0].key, again[0].attempt), (1, 11, current.attempt + 1));
+        current = again.into_iter().next().unwrap();
+    }
+
+    // 20's leases all expire: the max-deliveries advisory moves it.
+    for attempt in 2..=3 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let leased = queue.lease(high, high_keys, 1, Duration::from_secs(3)).await.unwrap();
+        assert_eq!((leased.len(), leased[0].attempt), (1, attempt), "redelivered after the visibility timeout");
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(queue.lease(high, high_keys, 1, Duration::from_secs(1)).await.unwrap().is_empty(), "no fourth delivery");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let dead = loop {
+        let dead = queue.dead_letters().await.unwrap();
+        if dead.len() == 2 || std::time::Instant::now() > deadline {
+            break dead;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(dead.len(), 2, "{dead:?}");
+    assert_eq!((dead[0].key, dead[0].reason.as_str(), dead[0].attempts), (11, "drone refused: battery low", 3));
+    assert_eq!((dead[1].key, dead[1].attempts), (20, 3));
+    assert!(dead[1].reason.contains("visibility timeout"), "{}", dead[1].reason);
+
+    // A new session for keys both hold takes them over: the old sessions are told so.
+    queue.enqueue(11, Bytes::from_static(b"second mission for 11")).await.unwrap();
+    let wide = queue.attach();
+    let taken = queue.lease(wide, KeyRange { lo: 0, hi: 100 }, 8, wait).await.unwrap();
+    assert_eq!(taken.iter().map(|l| l.key).collect::<Vec<_>>(), [11]);
+    assert_eq!(queue.lease(low, low_keys, 1, wait).await.unwrap_err(), events::Error::Superseded);
+    queue.ack(&taken[0]).await.unwrap();
+    queue.release(wide).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !queue.is_empty().await.unwrap() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(queue.is_empty().await.unwrap(), "nothing left in the queue");
+
+    drop(queue);
+    let js = async_nats::jetstream::new(client.clone());
+    for stream in ["QUEUE_DRONE_COMMANDS", "DEAD_LETTERS"] {
+        js.delete_stream(format!("{}_{stream}", cfg.stream_prefix)).await.unwrap();
+    }
+}

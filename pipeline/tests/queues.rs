@@ -48,30 +48,58 @@ async fn three_consumers_share_a_queue_and_each_message_is_processed_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_consumers_share_a_queue_and_each_message_is_processed_once_on_jetstream() {
-    let url = std::env::var("FLEETSTREAM_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
-    let nats = match async_nats::connect(&url).await {
-        Ok(c) => c,
-        Err(error) if std::env::var("FLEETSTREAM_REQUIRE_SERVICES").as_deref() != Ok("1") => {
-            println!("SKIP three_consumers_share_a_queue_on_jetstream: no NATS at {url}: {error}");
-            return;
-        }
-        Err(error) => panic!("NATS at {url} is required (FLEETSTREAM_REQUIRE_SERVICES=1): {error}"),
-    };
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
-    let prefix = format!("FSQ{}X{nanos}", std::process::id());
-    three_consumers(Some((url, prefix.clone()))).await;
-    let js = async_nats::jetstream::new(nats);
-    let mut names = js.stream_names();
-    let mut ours = Vec::new();
-    while let Some(Ok(name)) = futures_util::StreamExt::next(&mut names).await {
-        if name.starts_with(&prefix) {
-            ours.push(name);
+    if let Some(js) = JetStream::connect("three_consumers_share_a_queue_on_jetstream").await {
+        three_consumers(Some((js.url.clone(), js.prefix.clone()))).await;
+        js.clean().await;
+    }
+}
+
+/// A NATS server for a test, with a stream prefix of its own.
+struct JetStream {
+    nats: async_nats::Client,
+    url: String,
+    prefix: String,
+}
+
+impl JetStream {
+    /// `None` (after printing SKIP) without NATS, unless `FLEETSTREAM_REQUIRE_SERVICES=1`.
+    async fn connect(test: &str) -> Option<Self> {
+        let url = std::env::var("FLEETSTREAM_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
+        match async_nats::connect(&url).await {
+            Ok(nats) => {
+                let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+                Some(Self { nats, url, prefix: format!("FSQ{}X{nanos}", std::process::id()) })
+            }
+            Err(error) if std::env::var("FLEETSTREAM_REQUIRE_SERVICES").as_deref() != Ok("1") => {
+                println!("SKIP {test}: no NATS at {url}: {error}");
+                None
+            }
+            Err(error) => panic!("NATS at {url} is required (FLEETSTREAM_REQUIRE_SERVICES=1): {error}"),
         }
     }
-    assert!(!ours.is_empty(), "the queue lived on JetStream");
-    for name in ours {
-        js.delete_stream(&name).await.unwrap();
+
+    /// Deletes the streams the test made (there must be some: the queue lived there).
+    async fn clean(&self) {
+        let js = async_nats::jetstream::new(self.nats.clone());
+        let mut names = js.stream_names();
+        let mut ours = Vec::new();
+        while let Some(Ok(name)) = futures_util::StreamExt::next(&mut names).await {
+            if name.starts_with(&self.prefix) {
+                ours.push(name);
+            }
+        }
+        assert!(!ours.is_empty(), "the queue lived on JetStream");
+        for name in ours {
+            js.delete_stream(&name).await.unwrap();
+        }
     }
+}
+
+fn on_jetstream(cfg: &mut Config, (url, prefix): &(String, String), queue: &str) {
+    cfg.jetstream.url = url.clone();
+    cfg.jetstream.stream_prefix = prefix.clone();
+    cfg.jetstream.subject_prefix = prefix.to_lowercase();
+    cfg.jetstream.queues = vec![queue.into()];
 }
 
 /// Three QUIC consumers compete on `notifications`, kept locally or, with `(url, prefix)`, on
@@ -79,11 +107,8 @@ async fn three_consumers_share_a_queue_and_each_message_is_processed_once_on_jet
 async fn three_consumers(jetstream: Option<(String, String)>) {
     let dir = temp(if jetstream.is_some() { "three-js" } else { "three" });
     let mut cfg = config(&dir, 30_000, 5);
-    if let Some((url, prefix)) = &jetstream {
-        cfg.jetstream.url = url.clone();
-        cfg.jetstream.stream_prefix = prefix.clone();
-        cfg.jetstream.subject_prefix = prefix.to_lowercase();
-        cfg.jetstream.queues = vec!["notifications".into()];
+    if let Some(js) = &jetstream {
+        on_jetstream(&mut cfg, js, "notifications");
     }
     let node = Node::start(&cfg).await.unwrap();
     let total = 300u64;
@@ -136,10 +161,10 @@ async fn three_consumers(jetstream: Option<(String, String)>) {
         Some(q) => {
             assert!(jetstream.is_some());
             let deadline = std::time::Instant::now() + Duration::from_secs(5);
-            while !q.queue().is_empty().await.unwrap() && std::time::Instant::now() < deadline {
+            while !q.is_empty().await.unwrap() && std::time::Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            assert!(q.queue().is_empty().await.unwrap(), "every message acked");
+            assert!(q.is_empty().await.unwrap(), "every message acked");
         }
     }
     drop(clients);
@@ -269,9 +294,27 @@ async fn a_poison_message_is_dead_lettered_inspected_and_replayed_and_queues_sur
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reconnecting_drone_takes_its_commands_over_from_its_old_session_at_once() {
-    let dir = temp("takeover");
+    takeover(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnecting_drone_takes_its_commands_over_from_its_old_session_at_once_on_jetstream() {
+    if let Some(js) = JetStream::connect("a_reconnecting_drone_takes_its_commands_over_on_jetstream").await {
+        takeover(Some((js.url.clone(), js.prefix.clone()))).await;
+        js.clean().await;
+    }
+}
+
+/// A drone session superseded by a newer one for the same keys, with `drone-commands` kept
+/// locally or, with `(url, prefix)`, on JetStream.
+async fn takeover(jetstream: Option<(String, String)>) {
+    let dir = temp(if jetstream.is_some() { "takeover-js" } else { "takeover" });
     // A long visibility timeout: nothing here may wait for it.
-    let node = Node::start(&config(&dir, 60_000, 5)).await.unwrap();
+    let mut cfg = config(&dir, 60_000, 5);
+    if let Some(js) = &jetstream {
+        on_jetstream(&mut cfg, js, "drone-commands");
+    }
+    let node = Node::start(&cfg).await.unwrap();
     for i in 0..3u64 {
         node.engine.enqueue(QueueName::DroneCommands, 500 + i, vec![i as u8]).await.unwrap();
     }
@@ -295,13 +338,28 @@ async fn a_reconnecting_drone_takes_its_commands_over_from_its_old_session_at_on
     }
     assert!(started.elapsed() < Duration::from_secs(3), "no timeout was waited for");
     got.sort_unstable();
-    let expected: Vec<(u64, u32)> = held.iter().map(|m| (m.id, 2)).collect();
-    assert_eq!(got, expected, "the same commands, second attempt");
+    // JetStream counts attempts per session (per consumer): the new session's are its first.
+    let attempt = if jetstream.is_some() { 1 } else { 2 };
+    let mut expected: Vec<(u64, u32)> = held.iter().map(|m| (m.id, attempt)).collect();
+    expected.sort_unstable();
+    assert_eq!(got, expected, "the same commands");
+    if jetstream.is_some() {
+        assert!(held.iter().all(|m| m.attempt == 1));
+    }
     // The old session was told it was superseded, and its late acks are refused.
     let end = tokio::time::timeout(Duration::from_secs(3), old_consumer.recv()).await.unwrap();
     assert!(matches!(end, Some(Err(_)) | None), "the old session ends");
     tokio::time::sleep(Duration::from_millis(100)).await;
-    assert_eq!(node.engine.queues().get(QueueName::DroneCommands).counts(), (0, 0, 0));
+    match node.engine.jetstream_queue(QueueName::DroneCommands) {
+        None => assert_eq!(node.engine.queues().get(QueueName::DroneCommands).counts(), (0, 0, 0)),
+        Some(q) => {
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while !q.is_empty().await.unwrap() && std::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            assert!(q.is_empty().await.unwrap(), "every command acked");
+        }
+    }
     assert_eq!(
         node.engine.settle(QueueName::DroneCommands, held[0].id, held[0].token, Verdict::Ack),
         Err(events::Error::UnknownMessage(held[0].id)),

@@ -20,6 +20,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::Error;
 
+pub mod keyed;
+
 fn js_error(e: impl std::fmt::Display) -> Error {
     Error::JetStream(e.to_string())
 }
@@ -293,28 +295,16 @@ impl JetStreamQueue {
             )
             .await
             .map_err(js_error)?;
-        let dead_subject = format!("{}.dead.{name}", cfg.subject_prefix);
-        let dead_stream = js
-            .get_or_create_stream(jetstream::stream::Config {
-                name: format!("{}_DEAD_LETTERS", cfg.stream_prefix),
-                subjects: vec![format!("{}.dead.*", cfg.subject_prefix)],
-                num_replicas: cfg.replicas.max(1),
-                storage: StorageType::File,
-                ..Default::default()
-            })
-            .await
-            .map_err(js_error)?;
-        let advisories = client
-            .subscribe(format!("$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream_name}.workers"))
-            .await
-            .map_err(js_error)?;
-        let watcher = tokio::spawn(watch_max_deliveries(
-            advisories,
-            js.clone(),
-            stream.clone(),
+        let (dead_stream, dead_subject) = dead_letter_stream(&js, cfg, name).await?;
+        let watcher = spawn_watcher(
+            client,
+            &js,
+            &stream,
+            format!("$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream_name}.workers"),
             dead_subject.clone(),
             settings.visibility_timeout_ms,
-        ));
+        )
+        .await?;
         Ok(Self {
             js,
             stream,
@@ -355,7 +345,7 @@ impl JetStreamQueue {
             let msg = msg.map_err(js_error)?;
             let info = msg.info().map_err(js_error)?;
             let (id, attempt) = (info.stream_sequence, u32::try_from(info.delivered).unwrap_or(u32::MAX));
-            let key = msg.subject.rsplit('.').next().and_then(|k| k.parse().ok()).unwrap_or(0);
+            let key = keyed::key_of(&msg.subject);
             let payload = msg.payload.clone();
             out.push(JsLeased { id, key, attempt, payload, msg });
         }
@@ -391,24 +381,62 @@ impl JetStreamQueue {
 
     /// This queue's dead letters, oldest first.
     pub async fn dead_letters(&self) -> Result<Vec<JsDeadLetter>, Error> {
-        let mut dead = self.dead_stream.clone();
-        let last = dead.info().await.map_err(js_error)?.state.last_sequence;
-        let mut out = Vec::new();
-        for seq in 1..=last {
-            let Ok(m) = dead.get_raw_message(seq).await else { continue };
-            if m.subject.as_str() != self.dead_subject {
-                continue;
-            }
-            let header = |name: &str| m.headers.get(name).map(|v| v.as_str().to_string()).unwrap_or_default();
-            out.push(JsDeadLetter {
-                key: header(KEY).parse().unwrap_or(0),
-                reason: header(REASON),
-                attempts: header(ATTEMPTS).parse().unwrap_or(0),
-                payload: m.payload.clone(),
-            });
-        }
-        Ok(out)
+        read_dead_letters(&self.dead_stream, &self.dead_subject).await
     }
+}
+
+/// The dead-letter stream (`<prefix>_DEAD_LETTERS`, one subject per queue) and `queue`'s subject
+/// in it.
+async fn dead_letter_stream(
+    js: &jetstream::Context,
+    cfg: &JetStreamConfig,
+    queue: &str,
+) -> Result<(jetstream::stream::Stream, String), Error> {
+    let stream = js
+        .get_or_create_stream(jetstream::stream::Config {
+            name: format!("{}_DEAD_LETTERS", cfg.stream_prefix),
+            subjects: vec![format!("{}.dead.*", cfg.subject_prefix)],
+            num_replicas: cfg.replicas.max(1),
+            storage: StorageType::File,
+            ..Default::default()
+        })
+        .await
+        .map_err(js_error)?;
+    Ok((stream, format!("{}.dead.{queue}", cfg.subject_prefix)))
+}
+
+/// Starts the max-deliveries watcher on `advisories` (a subject of JetStream's advisories).
+async fn spawn_watcher(
+    client: &async_nats::Client,
+    js: &jetstream::Context,
+    stream: &jetstream::stream::Stream,
+    advisories: String,
+    dead_subject: String,
+    visibility_ms: u64,
+) -> Result<tokio::task::JoinHandle<()>, Error> {
+    let advisories = client.subscribe(advisories).await.map_err(js_error)?;
+    Ok(tokio::spawn(watch_max_deliveries(advisories, js.clone(), stream.clone(), dead_subject, visibility_ms)))
+}
+
+/// The dead letters on `subject`, oldest first.
+async fn read_dead_letters(dead: &jetstream::stream::Stream, subject: &str) -> Result<Vec<JsDeadLetter>, Error> {
+    let mut dead = dead.clone();
+    let last = dead.info().await.map_err(js_error)?.state.last_sequence;
+    let mut out = Vec::new();
+    for seq in 1..=last {
+        let Ok(m) = dead.get_raw_message(seq).await else { continue };
+        if m.subject.as_str() != subject {
+            continue;
+        }
+        let header = |name: &str| m.headers.get(name).map(|v| v.as_str().to_string()).unwrap_or_default();
+        out.push(JsDeadLetter {
+            key: header(KEY).parse().unwrap_or(0),
+            reason: header(REASON),
+            attempts: header(ATTEMPTS).parse().unwrap_or(0),
+            payload: m.payload.clone(),
+        });
+    }
+    Ok(out)
 }
 
 /// Settles leased messages: ack, nack (redelivery), or on the last attempt dead-letter.
@@ -464,7 +492,7 @@ async fn watch_max_deliveries(
     while let Some(msg) = advisories.next().await {
         let Ok(advisory) = serde_json::from_slice::<Advisory>(&msg.payload) else { continue };
         let Ok(m) = stream.get_raw_message(advisory.stream_seq).await else { continue };
-        let key = m.subject.rsplit('.').next().and_then(|k| k.parse().ok()).unwrap_or(0);
+        let key = keyed::key_of(&m.subject);
         let reason =
             format!("not settled within the {visibility_ms} ms visibility timeout, {} times", advisory.deliveries);
         let attempts = u32::try_from(advisory.deliveries).unwrap_or(u32::MAX);
@@ -479,18 +507,27 @@ async fn watch_max_deliveries(
     }
 }
 
-/// A [`JetStreamQueue`] behind the engine's [`events::WorkQueues`] operations: leases are
+/// Which kind of JetStream queue a [`JsWorkQueue`] serves.
+#[derive(Debug)]
+pub enum JsQueueKind {
+    /// Every consumer competes for every message (`notifications`).
+    Competing(Box<JetStreamQueue>),
+    /// Each session holds its keys exclusively (`drone-commands`).
+    Keyed(Box<keyed::KeyedQueue>),
+}
+
+/// A JetStream queue behind the engine's [`events::WorkQueues`] operations: leases are
 /// remembered by message id until settled, so the QUIC and in-process consumers (the
 /// notifier) use a JetStream queue exactly as they use a local one.
 pub struct JsWorkQueue {
-    queue: JetStreamQueue,
+    kind: JsQueueKind,
     leased: parking_lot::Mutex<rustc_hash::FxHashMap<u64, (u64, JsLeased)>>,
     next_consumer: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for JsWorkQueue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("JsWorkQueue").field("queue", &self.queue).finish_non_exhaustive()
+        f.debug_struct("JsWorkQueue").field("kind", &self.kind).finish_non_exhaustive()
     }
 }
 
@@ -499,24 +536,63 @@ fn queue_error(e: Error) -> events::Error {
 }
 
 impl JsWorkQueue {
-    /// Wraps `queue`.
+    /// Wraps a competing queue.
     pub fn new(queue: JetStreamQueue) -> Self {
-        Self { queue, leased: parking_lot::Mutex::default(), next_consumer: std::sync::atomic::AtomicU64::new(1) }
+        Self::of(JsQueueKind::Competing(Box::new(queue)))
+    }
+
+    /// Wraps either kind.
+    pub fn of(kind: JsQueueKind) -> Self {
+        Self { kind, leased: parking_lot::Mutex::default(), next_consumer: std::sync::atomic::AtomicU64::new(1) }
     }
 
     /// The queue.
-    pub fn queue(&self) -> &JetStreamQueue {
-        &self.queue
+    pub fn kind(&self) -> &JsQueueKind {
+        &self.kind
+    }
+
+    /// Messages waiting or leased.
+    pub async fn len(&self) -> Result<u64, Error> {
+        match &self.kind {
+            JsQueueKind::Competing(q) => q.len().await,
+            JsQueueKind::Keyed(q) => q.len().await,
+        }
+    }
+
+    /// Whether no message waits or is leased.
+    pub async fn is_empty(&self) -> Result<bool, Error> {
+        Ok(self.len().await? == 0)
+    }
+
+    /// The dead letters, oldest first.
+    pub async fn dead_letters(&self) -> Result<Vec<JsDeadLetter>, Error> {
+        match &self.kind {
+            JsQueueKind::Competing(q) => q.dead_letters().await,
+            JsQueueKind::Keyed(q) => q.dead_letters().await,
+        }
     }
 
     /// See [`events::WorkQueues::enqueue`].
     pub async fn enqueue(&self, key: u64, payload: Vec<u8>) -> Result<u64, events::Error> {
-        self.queue.enqueue(key, Bytes::from(payload)).await.map_err(queue_error)
+        match &self.kind {
+            JsQueueKind::Competing(q) => q.enqueue(key, Bytes::from(payload)).await,
+            JsQueueKind::Keyed(q) => q.enqueue(key, Bytes::from(payload)).await,
+        }
+        .map_err(queue_error)
     }
 
-    /// See [`events::WorkQueues::lease`]; every key (the consumers compete).
-    pub async fn lease(&self, consumer: u64, max: usize, wait: Duration) -> Result<Vec<events::Leased>, events::Error> {
-        let got = self.queue.lease(max, wait).await.map_err(queue_error)?;
+    /// See [`events::WorkQueues::lease`]: every key on a competing queue, `keys` on a keyed one.
+    pub async fn lease(
+        &self,
+        consumer: u64,
+        keys: events::KeyRange,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Vec<events::Leased>, events::Error> {
+        let got = match &self.kind {
+            JsQueueKind::Competing(q) => q.lease(max, wait).await.map_err(queue_error)?,
+            JsQueueKind::Keyed(q) => q.lease(consumer, keys, max, wait).await?,
+        };
         let mut leased = self.leased.lock();
         Ok(got
             .into_iter()
@@ -534,6 +610,13 @@ impl JsWorkQueue {
             .collect())
     }
 
+    fn settler(&self) -> std::sync::Arc<Settler> {
+        match &self.kind {
+            JsQueueKind::Competing(q) => std::sync::Arc::new(q.settler()),
+            JsQueueKind::Keyed(q) => q.settler(),
+        }
+    }
+
     /// See [`events::WorkQueues::settle`]: the acknowledgement goes to JetStream in the
     /// background (the lease is the consumer's until then, as JetStream counts it).
     pub fn settle(&self, id: u64, token: u64, verdict: events::Verdict) -> Result<(), events::Error> {
@@ -545,7 +628,7 @@ impl JsWorkQueue {
         }
         let Some((_, l)) = leased.remove(&id) else { return Err(events::Error::UnknownMessage(id)) };
         let handle = tokio::runtime::Handle::try_current().map_err(|_| events::Error::ShuttingDown)?;
-        let settler = self.queue.settler();
+        let settler = self.settler();
         handle.spawn(async move {
             let failure = match &verdict {
                 events::Verdict::Ack => None,
@@ -558,28 +641,51 @@ impl JsWorkQueue {
         Ok(())
     }
 
-    /// See [`events::WorkQueues::release`]: the consumer's leases go back at once.
+    /// See [`events::WorkQueues::release`]: the consumer's leases go back at once (a keyed
+    /// session's consumers are deleted, which gives back everything it held).
     pub fn release(&self, consumer: u64) {
         let mine: Vec<JsLeased> = {
             let mut leased = self.leased.lock();
             let ids: Vec<u64> = leased.iter().filter(|(_, (c, _))| *c == consumer).map(|(id, _)| *id).collect();
             ids.into_iter().filter_map(|id| leased.remove(&id).map(|(_, l)| l)).collect()
         };
-        if mine.is_empty() {
-            return;
-        }
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            handle.spawn(async move {
-                for l in mine {
-                    let _ = l.msg.ack_with(jetstream::AckKind::Nak(None)).await;
-                }
-            });
+        let Ok(handle) = tokio::runtime::Handle::try_current() else { return };
+        match &self.kind {
+            JsQueueKind::Competing(_) if mine.is_empty() => {}
+            JsQueueKind::Competing(_) => {
+                handle.spawn(async move {
+                    for l in mine {
+                        let _ = l.msg.ack_with(jetstream::AckKind::Nak(None)).await;
+                    }
+                });
+            }
+            JsQueueKind::Keyed(_) => {
+                // The adapter is shared behind an Arc by the engine; releasing needs the queue
+                // for the consumers' deletion, so the engine calls `release_session`.
+            }
         }
     }
 
     /// See [`events::WorkQueues::attach`].
     pub fn attach(&self) -> u64 {
-        self.next_consumer.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        match &self.kind {
+            JsQueueKind::Competing(_) => self.next_consumer.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            JsQueueKind::Keyed(q) => q.attach(),
+        }
+    }
+}
+
+/// Releases a keyed session in the background (see [`JsWorkQueue::release`]).
+pub fn release_session(queue: std::sync::Arc<JsWorkQueue>, consumer: u64) {
+    queue.release(consumer);
+    if matches!(queue.kind, JsQueueKind::Keyed(_))
+        && let Ok(handle) = tokio::runtime::Handle::try_current()
+    {
+        handle.spawn(async move {
+            if let JsQueueKind::Keyed(q) = &queue.kind {
+                q.release(consumer).await;
+            }
+        });
     }
 }
 
@@ -595,17 +701,20 @@ pub async fn attach_queues(
     let client =
         async_nats::connect(&cfg.url).await.map_err(|e| js_error(format!("connecting to {}: {e}", cfg.url)))?;
     for name in &cfg.queues {
-        let queue = match events::QueueName::from_name(name) {
-            Some(events::QueueName::Notifications) => events::QueueName::Notifications,
-            Some(events::QueueName::DroneCommands) => {
-                return Err(Error::Config(
-                    "[jetstream] queues: drone-commands gives each drone session its keys exclusively and stays on the local journal".into(),
-                ));
-            }
+        let kind = match events::QueueName::from_name(name) {
+            Some(queue @ events::QueueName::Notifications) => JsQueueKind::Competing(Box::new(
+                JetStreamQueue::open(&client, queue, &settings.notifications, cfg).await?,
+            )),
+            Some(queue @ events::QueueName::DroneCommands) => JsQueueKind::Keyed(Box::new(
+                keyed::KeyedQueue::open(&client, queue, &settings.drone_commands, cfg).await?,
+            )),
             None => return Err(Error::Config(format!("[jetstream] queues: no queue {name:?}"))),
         };
-        let q = JetStreamQueue::open(&client, queue, &settings.notifications, cfg).await?;
-        engine.use_jetstream_queue(queue, std::sync::Arc::new(JsWorkQueue::new(q)));
+        let queue = match kind {
+            JsQueueKind::Competing(_) => events::QueueName::Notifications,
+            JsQueueKind::Keyed(_) => events::QueueName::DroneCommands,
+        };
+        engine.use_jetstream_queue(queue, std::sync::Arc::new(JsWorkQueue::of(kind)));
         tracing::info!(queue = name, url = %cfg.url, "queue kept on JetStream");
     }
     Ok(())
