@@ -180,6 +180,9 @@ impl Cluster {
     /// Connects, creates (or checks) the streams and buckets, and agrees on the shard count
     /// with the nodes already there. Must run inside a tokio runtime.
     pub async fn connect(cfg: &JetStreamConfig, shards: usize, append_queue: usize) -> Result<Arc<Self>, crate::Error> {
+        if tokio::runtime::Handle::current().runtime_flavor() != tokio::runtime::RuntimeFlavor::MultiThread {
+            return Err(crate::Error::Config("the JetStream backend needs a multi-threaded tokio runtime".into()));
+        }
         let client = async_nats::connect(&cfg.url)
             .await
             .map_err(|e| crate::Error::JetStream(format!("connecting to NATS at {}: {e}", cfg.url)))?;
@@ -526,34 +529,34 @@ impl Cluster {
         which: StreamTopic,
     ) -> Result<(), crate::Error> {
         let cluster = Arc::downgrade(self);
-        let handle = self.handle.clone();
-        std::thread::Builder::new().name(format!("js-follow-{}", topic_index(which))).spawn(move || {
-            handle.block_on(async move {
-                let Some(c) = cluster.upgrade() else { return };
-                let mut messages = match c.reader(which, DeliverPolicy::New, None).await {
-                    Ok(m) => m,
-                    Err(error) => return warn!(%error, "following a JetStream topic failed"),
-                };
-                drop(c);
-                loop {
-                    // Wakes at least twice a second to notice the node stopping.
-                    let next = tokio::time::timeout(Duration::from_millis(500), messages.next()).await;
-                    let Some(cluster) = cluster.upgrade() else { return };
-                    if cluster.stopping.load(Ordering::Acquire) {
-                        return;
-                    }
-                    let msg = match next {
-                        Err(_) | Ok(Some(Err(_))) => continue,
-                        Ok(None) => return warn!("a JetStream topic follower ended"),
-                        Ok(Some(Ok(msg))) => msg,
-                    };
-                    let Some((offset, batch)) = cluster.decode::<T>(&msg) else { continue };
-                    cluster.ends[topic_index(which)].fetch_max(offset + 1, Ordering::AcqRel);
-                    drop(cluster);
-                    topic.publish(Arc::new(batch));
+        // A task, not a thread: it goes with the runtime, and its timers with it. Publishing
+        // may wait for a blocking subscriber, which `block_in_place` allows on a worker.
+        let task = self.handle.spawn(async move {
+            let Some(c) = cluster.upgrade() else { return };
+            let mut messages = match c.reader(which, DeliverPolicy::New, None).await {
+                Ok(m) => m,
+                Err(error) => return warn!(%error, "following a JetStream topic failed"),
+            };
+            drop(c);
+            loop {
+                // Wakes at least twice a second to notice the node stopping.
+                let next = tokio::time::timeout(Duration::from_millis(500), messages.next()).await;
+                let Some(cluster) = cluster.upgrade() else { return };
+                if cluster.stopping.load(Ordering::Acquire) {
+                    return;
                 }
-            });
-        })?;
+                let msg = match next {
+                    Err(_) | Ok(Some(Err(_))) => continue,
+                    Ok(None) => return warn!("a JetStream topic follower ended"),
+                    Ok(Some(Ok(msg))) => msg,
+                };
+                let Some((offset, batch)) = cluster.decode::<T>(&msg) else { continue };
+                cluster.ends[topic_index(which)].fetch_max(offset + 1, Ordering::AcqRel);
+                drop(cluster);
+                tokio::task::block_in_place(|| topic.publish(Arc::new(batch)));
+            }
+        });
+        self.tasks.lock().push(task);
         Ok(())
     }
 
@@ -609,77 +612,72 @@ impl Cluster {
         let (tx, rx) = flume::bounded::<LogItem<T>>(crate::engine::FOLLOW_QUEUE);
         let (start_tx, start_rx) = std::sync::mpsc::channel::<Result<u64, Error>>();
         let cluster = self.clone();
-        let handle = self.handle.clone();
-        std::thread::Builder::new()
-            .name("js-subscriber".into())
-            .spawn(move || {
-                handle.block_on(async move {
-                    let stream = match which {
-                        StreamTopic::DroneTelemetry => cluster.telemetry.clone(),
-                        StreamTopic::DeliveryEvents => cluster.deliveries.clone(),
-                    };
-                    let resolved = async {
-                        let mut stream = stream;
-                        let info = stream.info().await.map_err(storage_error)?;
-                        let (first, next) = (info.state.first_sequence.saturating_sub(1), info.state.last_sequence);
-                        let first = first.min(next);
-                        let start = match from {
-                            StartAt::Earliest => first,
-                            StartAt::Latest => next,
-                            StartAt::Offset(o) if o < first || o > next => {
-                                return Err(Error::OffsetUnavailable { requested: o, first, next });
-                            }
-                            StartAt::Offset(o) => o,
-                            StartAt::Time(us) => offset_at_time::<T>(&stream, first, next, us).await?,
-                        };
-                        Ok::<_, Error>((start, DeliverPolicy::ByStartSequence { start_sequence: start + 1 }))
+        // A task, not a thread: it goes with the runtime, and its timers with it.
+        self.handle.spawn(async move {
+            let stream = match which {
+                StreamTopic::DroneTelemetry => cluster.telemetry.clone(),
+                StreamTopic::DeliveryEvents => cluster.deliveries.clone(),
+            };
+            let resolved = async {
+                let mut stream = stream;
+                let info = stream.info().await.map_err(storage_error)?;
+                let (first, next) = (info.state.first_sequence.saturating_sub(1), info.state.last_sequence);
+                let first = first.min(next);
+                let start = match from {
+                    StartAt::Earliest => first,
+                    StartAt::Latest => next,
+                    StartAt::Offset(o) if o < first || o > next => {
+                        return Err(Error::OffsetUnavailable { requested: o, first, next });
                     }
-                    .await;
-                    let policy = match resolved {
-                        Ok((start, policy)) => {
-                            let _ = start_tx.send(Ok(start));
-                            policy
-                        }
-                        Err(e) => {
-                            let _ = start_tx.send(Err(e));
+                    StartAt::Offset(o) => o,
+                    StartAt::Time(us) => offset_at_time::<T>(&stream, first, next, us).await?,
+                };
+                Ok::<_, Error>((start, DeliverPolicy::ByStartSequence { start_sequence: start + 1 }))
+            }
+            .await;
+            let policy = match resolved {
+                Ok((start, policy)) => {
+                    let _ = start_tx.send(Ok(start));
+                    policy
+                }
+                Err(e) => {
+                    let _ = start_tx.send(Err(e));
+                    return;
+                }
+            };
+            let mut messages = match cluster.reader(which, policy, None).await {
+                Ok(m) => m,
+                Err(e) => {
+                    let _ = tx.send_async(Err(storage_error(e))).await;
+                    return;
+                }
+            };
+            loop {
+                let next = tokio::time::timeout(Duration::from_millis(500), messages.next()).await;
+                if tx.is_disconnected() {
+                    return;
+                }
+                if cluster.stopping.load(Ordering::Acquire) {
+                    let _ = tx.send_async(Err(Error::ShuttingDown)).await;
+                    return;
+                }
+                match next {
+                    Err(_) => continue,
+                    Ok(None) => {
+                        let _ = tx.send_async(Err(Error::Storage("the JetStream reader ended".into()))).await;
+                        return;
+                    }
+                    Ok(Some(Err(error))) => debug!(%error, "JetStream reader hiccup"),
+                    Ok(Some(Ok(msg))) => {
+                        if let Some((offset, batch)) = cluster.decode::<T>(&msg)
+                            && tx.send_async(Ok((offset, Arc::new(batch)))).await.is_err()
+                        {
                             return;
-                        }
-                    };
-                    let mut messages = match cluster.reader(which, policy, None).await {
-                        Ok(m) => m,
-                        Err(e) => {
-                            let _ = tx.send(Err(storage_error(e)));
-                            return;
-                        }
-                    };
-                    loop {
-                        let next = tokio::time::timeout(Duration::from_millis(500), messages.next()).await;
-                        if tx.is_disconnected() {
-                            return;
-                        }
-                        if cluster.stopping.load(Ordering::Acquire) {
-                            let _ = tx.send(Err(Error::ShuttingDown));
-                            return;
-                        }
-                        match next {
-                            Err(_) => continue,
-                            Ok(None) => {
-                                let _ = tx.send(Err(Error::Storage("the JetStream reader ended".into())));
-                                return;
-                            }
-                            Ok(Some(Err(error))) => debug!(%error, "JetStream reader hiccup"),
-                            Ok(Some(Ok(msg))) => {
-                                if let Some((offset, batch)) = cluster.decode::<T>(&msg)
-                                    && tx.send(Ok((offset, Arc::new(batch)))).is_err()
-                                {
-                                    return;
-                                }
-                            }
                         }
                     }
-                });
-            })
-            .map_err(|e| Error::Storage(format!("starting a subscriber thread: {e}")))?;
+                }
+            }
+        });
         let start = start_rx
             .recv_timeout(Duration::from_secs(10))
             .map_err(|_| Error::Storage("JetStream did not answer where the topic starts".into()))??;

@@ -69,8 +69,9 @@
 //!
 //! [jetstream]
 //! url = "nats://127.0.0.1:4222"
-//! queues = []                  # ["notifications"]: that queue on JetStream (work-queue stream,
-//!                              # ack wait = visibility timeout, max deliver = attempts, DLQ)
+//! queues = []                  # "notifications", "drone-commands": those queues on JetStream
+//!                              # (work-queue streams, ack wait = visibility timeout, max
+//!                              # deliver = attempts, DLQ; drone sessions hold their keys)
 //! node_id = ""                 # backend = "jetstream": this node's lease name (default host-pid)
 //! lease_ms = 3000              # a dead node's shards move to the others after this long
 //!

@@ -122,7 +122,7 @@ pub struct KeyedQueue {
     max_deliver: i64,
     /// Tells this process's sessions apart from other nodes' in consumer names.
     tag: String,
-    sessions: tokio::sync::Mutex<FxHashMap<u64, Session>>,
+    sessions: parking_lot::Mutex<FxHashMap<u64, Session>>,
     next_session: AtomicU64,
     watcher: tokio::task::JoinHandle<()>,
 }
@@ -192,7 +192,7 @@ impl KeyedQueue {
             ack_wait: Duration::from_millis(settings.visibility_timeout_ms.max(1)),
             max_deliver: i64::from(settings.max_attempts.max(1)),
             tag,
-            sessions: tokio::sync::Mutex::default(),
+            sessions: parking_lot::Mutex::default(),
             next_session: AtomicU64::new(1),
             watcher,
         })
@@ -219,22 +219,25 @@ impl KeyedQueue {
         max: usize,
         wait: Duration,
     ) -> Result<Vec<JsLeased>, events::Error> {
-        let (rx, ended) = {
-            let mut sessions = self.sessions.lock().await;
-            if !sessions.get(&session).is_some_and(|s| s.keys == keys) {
-                if let Some(old) = sessions.remove(&session) {
+        let current = {
+            let sessions = self.sessions.lock();
+            sessions.get(&session).filter(|s| s.keys == keys).map(|s| (s.rx.clone(), s.ended.clone()))
+        };
+        let (rx, ended) = match current {
+            Some(current) => current,
+            None => {
+                let old = self.sessions.lock().remove(&session);
+                if let Some(old) = old {
                     self.close(old).await;
                 }
-                let opened = self
-                    .open_session(&mut sessions, session, keys)
-                    .await
-                    .map_err(|e| events::Error::Storage(e.to_string()))?;
-                sessions.insert(session, opened);
+                // Opened without holding the map: other sessions keep leasing meanwhile.
+                let opened =
+                    self.open_session(session, keys).await.map_err(|e| events::Error::Storage(e.to_string()))?;
+                let current = (opened.rx.clone(), opened.ended.clone());
+                self.sessions.lock().insert(session, opened);
+                current
             }
-            let s = sessions.get(&session).ok_or(events::Error::ShuttingDown)?;
-            (s.rx.clone(), s.ended.clone())
         };
-        let mut out = Vec::new();
         if ended.load(Ordering::Acquire) {
             return Err(events::Error::Superseded);
         }
@@ -244,6 +247,7 @@ impl KeyedQueue {
             Ok(Ok(msg)) => Some(msg),
             _ => None,
         };
+        let mut out = Vec::new();
         while let Some(msg) = next.take() {
             if let Ok(info) = msg.info() {
                 let (id, attempt) = (info.stream_sequence, u32::try_from(info.delivered).unwrap_or(u32::MAX));
@@ -259,7 +263,7 @@ impl KeyedQueue {
     /// Ends a session: its consumers are deleted, so what it held goes to the next session for
     /// those keys at once.
     pub async fn release(&self, session: u64) {
-        let old = self.sessions.lock().await.remove(&session);
+        let old = self.sessions.lock().remove(&session);
         if let Some(old) = old {
             self.close(old).await;
         }
@@ -272,72 +276,27 @@ impl KeyedQueue {
         }
     }
 
-    /// Deletes every consumer (of any node) whose keys overlap `keys`, then makes this
-    /// session's consumers and starts handing their messages over.
-    async fn open_session(
-        &self,
-        sessions: &mut FxHashMap<u64, Session>,
-        session: u64,
-        keys: KeyRange,
-    ) -> Result<Session, Error> {
-        let (lo, hi) =
-            if keys == KeyRange::ALL { (0, 1u128 << 64) } else { (u128::from(keys.lo), u128::from(keys.hi)) };
-        let mut existing = self.stream.consumers();
-        let mut overlapping = Vec::new();
-        while let Some(info) = existing.next().await {
-            let info = info.map_err(js_error)?;
-            let filter = info.config.filter_subject.clone();
-            if let Some((first, end)) = filter_keys(&self.subject_prefix, &filter)
-                && first < hi
-                && lo < end
-            {
-                overlapping.push(info.name.clone());
+    /// Makes this session's consumers (all at once) and starts handing their messages over.
+    /// JetStream refuses them while another session's consumers overlap `keys`: then every
+    /// overlapping consumer (of any node) is deleted first and they are made again.
+    async fn open_session(&self, session: u64, keys: KeyRange) -> Result<Session, Error> {
+        let names: Vec<String> = (0..blocks(keys).len()).map(|i| format!("s{}-{session}-{i}", self.tag)).collect();
+        let consumers = match self.create_consumers(&names, keys).await {
+            Ok(consumers) => consumers,
+            Err(_) => {
+                self.take_over(keys).await?;
+                self.create_consumers(&names, keys).await?
             }
-        }
-        for name in &overlapping {
-            tracing::info!(consumer = %name, ?keys, "a newer session takes these keys over");
-            let _ = self.stream.delete_consumer(name).await;
-        }
-        // A superseded session of this node ends now, and what it had been handed but not
-        // leased yet is dropped (the new session gets those messages from JetStream). One on
-        // another node learns it when its consumers report they were deleted.
-        for old in sessions.values() {
-            if old.consumers.iter().any(|c| overlapping.contains(c)) {
-                old.task.abort();
-                old.ended.store(true, Ordering::Release);
-                old.rx.drain().for_each(drop);
-            }
-        }
-        let mut consumers = Vec::new();
-        let mut streams = Vec::new();
-        for (i, block) in blocks(keys).into_iter().enumerate() {
-            let name = format!("s{}-{session}-{i}", self.tag);
-            let consumer: jetstream::consumer::PullConsumer = self
-                .stream
-                .create_consumer(pull::Config {
-                    durable_name: Some(name.clone()),
-                    filter_subject: block_filter(&self.subject_prefix, block),
-                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                    ack_wait: self.ack_wait,
-                    max_deliver: self.max_deliver,
-                    // A session whose node died without releasing it goes away on its own.
-                    inactive_threshold: Duration::from_secs(60),
-                    ..Default::default()
-                })
-                .await
-                .map_err(js_error)?;
-            consumers.push(name);
-            streams.push(
-                consumer
-                    .stream()
-                    .max_messages_per_batch(PREFETCH)
-                    .heartbeat(Duration::from_secs(5))
-                    .expires(Duration::from_secs(30))
-                    .messages()
-                    .await
-                    .map_err(js_error)?,
-            );
-        }
+        };
+        let streams = futures_util::future::try_join_all(consumers.iter().map(|c| {
+            c.stream()
+                .max_messages_per_batch(PREFETCH)
+                .heartbeat(Duration::from_secs(5))
+                .expires(Duration::from_secs(30))
+                .messages()
+        }))
+        .await
+        .map_err(js_error)?;
         let (tx, rx) = flume::bounded(PREFETCH);
         let ended = Arc::new(AtomicBool::new(false));
         let flag = ended.clone();
@@ -356,7 +315,57 @@ impl KeyedQueue {
             }
             flag.store(true, Ordering::Release);
         });
-        Ok(Session { keys, consumers, rx, ended, task })
+        Ok(Session { keys, consumers: names, rx, ended, task })
+    }
+
+    async fn create_consumers(
+        &self,
+        names: &[String],
+        keys: KeyRange,
+    ) -> Result<Vec<jetstream::consumer::PullConsumer>, Error> {
+        let creating = names.iter().zip(blocks(keys)).map(|(name, block)| {
+            self.stream.create_consumer(pull::Config {
+                durable_name: Some(name.clone()),
+                filter_subject: block_filter(&self.subject_prefix, block),
+                ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                ack_wait: self.ack_wait,
+                max_deliver: self.max_deliver,
+                // A session whose node died without releasing it goes away on its own.
+                inactive_threshold: Duration::from_secs(60),
+                ..Default::default()
+            })
+        });
+        futures_util::future::try_join_all(creating).await.map_err(js_error)
+    }
+
+    /// Deletes every consumer whose keys overlap `keys`, this node's or another's. A
+    /// superseded session of this node ends at once, and what it had been handed but not
+    /// leased yet is dropped (the new session gets those messages from JetStream); one on
+    /// another node learns it when its consumers report they were deleted.
+    async fn take_over(&self, keys: KeyRange) -> Result<(), Error> {
+        let (lo, hi) =
+            if keys == KeyRange::ALL { (0, 1u128 << 64) } else { (u128::from(keys.lo), u128::from(keys.hi)) };
+        let mut existing = self.stream.consumers();
+        let mut overlapping = Vec::new();
+        while let Some(info) = existing.next().await {
+            let info = info.map_err(js_error)?;
+            if let Some((first, end)) = filter_keys(&self.subject_prefix, &info.config.filter_subject)
+                && first < hi
+                && lo < end
+            {
+                overlapping.push(info.name.clone());
+            }
+        }
+        for old in self.sessions.lock().values() {
+            if old.consumers.iter().any(|c| overlapping.contains(c)) {
+                old.task.abort();
+                old.ended.store(true, Ordering::Release);
+                old.rx.drain().for_each(drop);
+            }
+        }
+        tracing::info!(?keys, consumers = overlapping.len(), "a newer session takes these keys over");
+        futures_util::future::join_all(overlapping.iter().map(|name| self.stream.delete_consumer(name))).await;
+        Ok(())
     }
 
     /// The message is done: it leaves the queue.

@@ -45,9 +45,9 @@ pub struct JetStreamConfig {
     pub duplicate_window_s: u64,
     /// Replicas of each stream (1 on one server; 3 on a cluster). Default 1.
     pub replicas: usize,
-    /// Queues kept on JetStream instead of the local journal. Default none. Only
-    /// `notifications` can be: `drone-commands` gives each drone session its keys exclusively,
-    /// which this mapping does not do yet.
+    /// Queues kept on JetStream instead of the local journal: `notifications` (competing
+    /// consumers) and `drone-commands` (each drone session holds its keys; see [`keyed`]).
+    /// Default none.
     pub queues: Vec<String>,
     /// With `[log] backend = "jetstream"`: this node's name in the shard leases. Default empty:
     /// the host name and process id.
