@@ -610,41 +610,17 @@ impl Cluster {
         from: StartAt,
     ) -> Result<events::OffsetSubscription<T>, Error> {
         let (tx, rx) = flume::bounded::<LogItem<T>>(crate::engine::FOLLOW_QUEUE);
-        let (start_tx, start_rx) = std::sync::mpsc::channel::<Result<u64, Error>>();
+        let stream = match which {
+            StreamTopic::DroneTelemetry => self.telemetry.clone(),
+            StreamTopic::DeliveryEvents => self.deliveries.clone(),
+        };
+        // Where it starts is answered before returning. `block_in_place` lets a runtime worker
+        // wait for it without holding up the tasks queued behind it.
+        let start = tokio::task::block_in_place(|| self.handle.block_on(start_of::<T>(stream, from)))?;
         let cluster = self.clone();
-        // A task, not a thread: it goes with the runtime, and its timers with it.
+        // The reading is a task, not a thread: it goes with the runtime, and its timers with it.
         self.handle.spawn(async move {
-            let stream = match which {
-                StreamTopic::DroneTelemetry => cluster.telemetry.clone(),
-                StreamTopic::DeliveryEvents => cluster.deliveries.clone(),
-            };
-            let resolved = async {
-                let mut stream = stream;
-                let info = stream.info().await.map_err(storage_error)?;
-                let (first, next) = (info.state.first_sequence.saturating_sub(1), info.state.last_sequence);
-                let first = first.min(next);
-                let start = match from {
-                    StartAt::Earliest => first,
-                    StartAt::Latest => next,
-                    StartAt::Offset(o) if o < first || o > next => {
-                        return Err(Error::OffsetUnavailable { requested: o, first, next });
-                    }
-                    StartAt::Offset(o) => o,
-                    StartAt::Time(us) => offset_at_time::<T>(&stream, first, next, us).await?,
-                };
-                Ok::<_, Error>((start, DeliverPolicy::ByStartSequence { start_sequence: start + 1 }))
-            }
-            .await;
-            let policy = match resolved {
-                Ok((start, policy)) => {
-                    let _ = start_tx.send(Ok(start));
-                    policy
-                }
-                Err(e) => {
-                    let _ = start_tx.send(Err(e));
-                    return;
-                }
-            };
+            let policy = DeliverPolicy::ByStartSequence { start_sequence: start + 1 };
             let mut messages = match cluster.reader(which, policy, None).await {
                 Ok(m) => m,
                 Err(e) => {
@@ -678,9 +654,6 @@ impl Cluster {
                 }
             }
         });
-        let start = start_rx
-            .recv_timeout(Duration::from_secs(10))
-            .map_err(|_| Error::Storage("JetStream did not answer where the topic starts".into()))??;
         Ok(events::OffsetSubscription { start, rx })
     }
 
@@ -699,6 +672,20 @@ impl Cluster {
             task.abort();
         }
         let _ = self.client.flush().await;
+    }
+}
+
+/// The offset a subscription from `from` starts at: checked against what the stream holds.
+async fn start_of<T: Payload>(mut stream: jetstream::stream::Stream, from: StartAt) -> Result<u64, Error> {
+    let info = stream.info().await.map_err(storage_error)?;
+    let (first, next) = (info.state.first_sequence.saturating_sub(1), info.state.last_sequence);
+    let first = first.min(next);
+    match from {
+        StartAt::Earliest => Ok(first),
+        StartAt::Latest => Ok(next),
+        StartAt::Offset(o) if o < first || o > next => Err(Error::OffsetUnavailable { requested: o, first, next }),
+        StartAt::Offset(o) => Ok(o),
+        StartAt::Time(us) => offset_at_time::<T>(&stream, first, next, us).await,
     }
 }
 
