@@ -528,9 +528,15 @@ impl Cluster {
         topic: Arc<Topic<T>>,
         which: StreamTopic,
     ) -> Result<(), crate::Error> {
+        // Reading is a task (it goes with the runtime, and its timers with it); publishing is a
+        // thread, since a subscriber that blocks may hold it up. A bounded channel joins them.
+        let (tx, rx) = flume::bounded::<Arc<events::wire::Batch<T>>>(crate::engine::FOLLOW_QUEUE);
+        std::thread::Builder::new().name(format!("js-follow-{}", topic_index(which))).spawn(move || {
+            while let Ok(batch) = rx.recv() {
+                topic.publish(batch);
+            }
+        })?;
         let cluster = Arc::downgrade(self);
-        // A task, not a thread: it goes with the runtime, and its timers with it. Publishing
-        // may wait for a blocking subscriber, which `block_in_place` allows on a worker.
         let task = self.handle.spawn(async move {
             let Some(c) = cluster.upgrade() else { return };
             let mut messages = match c.reader(which, DeliverPolicy::New, None).await {
@@ -553,7 +559,9 @@ impl Cluster {
                 let Some((offset, batch)) = cluster.decode::<T>(&msg) else { continue };
                 cluster.ends[topic_index(which)].fetch_max(offset + 1, Ordering::AcqRel);
                 drop(cluster);
-                tokio::task::block_in_place(|| topic.publish(Arc::new(batch)));
+                if tx.send_async(Arc::new(batch)).await.is_err() {
+                    return;
+                }
             }
         });
         self.tasks.lock().push(task);
