@@ -35,8 +35,8 @@
 //!   derives again is dropped by JetStream: nothing is counted twice. A checkpoint is written
 //!   only after everything derived before it was acknowledged by JetStream.
 //!
-//! Offsets on this backend are stream sequences − 1. Named cursors stay in the node's data
-//! directory.
+//! Offsets on this backend are stream sequences − 1. Named cursors are kept in the node's data
+//! directory and shared with every node through the `<prefix>_CURSORS` KV bucket.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -107,6 +107,8 @@ pub struct Cluster {
     deliveries: jetstream::stream::Stream,
     leases: kv::Store,
     checkpoints: kv::Store,
+    /// Named cursors, shared by every node.
+    cursors: kv::Store,
     node: String,
     subject_prefix: String,
     shards: usize,
@@ -193,6 +195,7 @@ impl Cluster {
         let leases = bucket(&js, format!("{}_SHARDS", cfg.stream_prefix), lease, cfg.replicas).await?;
         let checkpoints =
             bucket(&js, format!("{}_CHECKPOINTS", cfg.stream_prefix), Duration::ZERO, cfg.replicas).await?;
+        let cursors = bucket(&js, format!("{}_CURSORS", cfg.stream_prefix), Duration::ZERO, cfg.replicas).await?;
         // Every node must split drones the same way: the first node records the count.
         let shard_count = Bytes::from(shards.to_string());
         if checkpoints.create("shards", shard_count).await.is_err() {
@@ -219,6 +222,7 @@ impl Cluster {
             deliveries,
             leases,
             checkpoints,
+            cursors,
             node,
             subject_prefix: cfg.subject_prefix.clone(),
             shards,
@@ -504,6 +508,48 @@ impl Cluster {
                 Ok((ckpt.shards as usize == self.shards).then_some(ckpt))
             }
         }
+    }
+
+    /// Stores a named cursor for every node to see (in the background: the local store already
+    /// has it).
+    pub(crate) fn put_cursor(&self, topic: StreamTopic, name: &str, cursor: crate::cursor::Cursor) {
+        let Ok(value) = serde_json::to_vec(&cursor) else { return };
+        let (store, key) = (self.cursors.clone(), format!("{}.{name}", topic.name()));
+        self.handle.spawn(async move {
+            if let Err(error) = store.put(&key, value.into()).await {
+                warn!(%error, key, "could not share a cursor commit");
+            }
+        });
+    }
+
+    /// Loads every node's named cursors into `local`, then keeps taking their commits as they
+    /// happen, so a subscriber resumes under its name on whichever node it reconnects to.
+    pub async fn share_cursors(&self, local: Arc<crate::cursor::CursorStore>) -> Result<(), crate::Error> {
+        fn apply(local: &crate::cursor::CursorStore, key: &str, value: &[u8]) {
+            let Some((topic, name)) = key.split_once('.') else { return };
+            let (Some(topic), Ok(cursor)) = (StreamTopic::from_name(topic), serde_json::from_slice(value)) else {
+                return;
+            };
+            local.merge(topic, name, cursor);
+        }
+        // The watch starts before the current values are read, so no commit falls between.
+        let mut watch = self.cursors.watch_all().await.map_err(js_error)?;
+        let mut keys = self.cursors.keys().await.map_err(js_error)?;
+        while let Some(key) = keys.next().await {
+            let key = key.map_err(js_error)?;
+            if let Some(value) = self.cursors.get(&key).await.map_err(js_error)? {
+                apply(&local, &key, &value);
+            }
+        }
+        let task = self.handle.spawn(async move {
+            while let Some(Ok(entry)) = watch.next().await {
+                if entry.operation == kv::Operation::Put {
+                    apply(&local, &entry.key, &entry.value);
+                }
+            }
+        });
+        self.tasks.lock().push(task);
+        Ok(())
     }
 
     /// Starts the lease keeper and the live followers of both topics.

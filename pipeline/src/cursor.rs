@@ -91,6 +91,18 @@ impl CursorStore {
         }
     }
 
+    /// Takes a cursor committed elsewhere (another node of a cluster) unless this store has a
+    /// newer commit of it.
+    pub fn merge(&self, topic: Topic, name: &str, cursor: Cursor) {
+        let mut state = self.state.lock();
+        let cursors = state.file.topics.entry(topic.name().to_string()).or_default();
+        if cursors.get(name).is_some_and(|c| c.updated_us >= cursor.updated_us) {
+            return;
+        }
+        cursors.insert(name.to_string(), cursor);
+        state.dirty = true;
+    }
+
     /// Writes the file if anything changed; `sync` also fsyncs it (at shutdown).
     pub fn flush(&self, sync: bool) {
         let mut state = self.state.lock();

@@ -232,7 +232,7 @@ struct Inner {
     queues: Arc<Queues>,
     /// Queues kept on JetStream instead of the local journal (`[jetstream] queues`).
     external_queues: parking_lot::RwLock<Vec<(QueueName, Arc<crate::jetstream::JsWorkQueue>)>>,
-    cursors: CursorStore,
+    cursors: Arc<CursorStore>,
 }
 
 /// Handle to a running engine. Cheap to clone; [`Engine::shutdown`] drains and stops it.
@@ -283,9 +283,9 @@ impl Engine {
         let (queues, queue_timer) = Queues::open(queues_cfg, queue_dir.as_deref())?;
         let cursors = match &storage {
             Storage::Durable { dir, .. } | Storage::Cluster { dir, .. } => {
-                CursorStore::open(Some(&dir.join("cursors.json")))?
+                Arc::new(CursorStore::open(Some(&dir.join("cursors.json")))?)
             }
-            Storage::Memory => CursorStore::open(None)?,
+            Storage::Memory => Arc::new(CursorStore::open(None)?),
         };
         let telemetry = Arc::new(Topic::new("drone-telemetry", cfg.subscriber_queue));
         let deliveries = Arc::new(Topic::new("delivery-events", cfg.subscriber_queue));
@@ -502,7 +502,7 @@ impl Engine {
     }
 
     /// The named cursors of the stream path.
-    pub fn cursors(&self) -> &CursorStore {
+    pub fn cursors(&self) -> &Arc<CursorStore> {
         &self.inner.cursors
     }
 
@@ -711,7 +711,11 @@ impl StreamSource for Engine {
         if next > end && self.inner.cluster.is_none() {
             return Err(Error::OffsetUnavailable { requested: next, first, next: end });
         }
-        self.inner.cursors.commit(topic, name, next, events::now_us());
+        let now = events::now_us();
+        self.inner.cursors.commit(topic, name, next, now);
+        if let Some(cluster) = &self.inner.cluster {
+            cluster.put_cursor(topic, name, crate::cursor::Cursor { next, updated_us: now });
+        }
         Ok(())
     }
 

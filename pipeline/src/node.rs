@@ -74,6 +74,12 @@ impl Node {
             tokio::task::spawn_blocking(move || Engine::start_with_queues(engine_cfg, storage, &queues_cfg))
                 .await
                 .map_err(|e| Error::Task(e.to_string()))??;
+        if let Some(cluster) = engine.cluster()
+            && let Err(error) = cluster.share_cursors(engine.cursors().clone()).await
+        {
+            engine.shutdown(threads).await;
+            return Err(error);
+        }
         if let Err(error) = crate::jetstream::attach_queues(&engine, &cfg.jetstream, &cfg.queues).await {
             engine.shutdown(threads).await;
             return Err(error);
