@@ -346,10 +346,11 @@ async fn one_run(url: &str, nats: &async_nats::Client, failure: Failure) {
     }
     let js = async_nats::jetstream::new(nats.clone());
     let upper = prefix.to_uppercase();
-    for stream in [format!("{upper}_TELEMETRY"), format!("{upper}_DELIVERIES")]
-        .into_iter()
-        .chain([format!("KV_{upper}_SHARDS"), format!("KV_{upper}_CHECKPOINTS")])
-    {
+    for stream in [format!("{upper}_TELEMETRY"), format!("{upper}_DELIVERIES")].into_iter().chain([
+        format!("KV_{upper}_SHARDS"),
+        format!("KV_{upper}_CHECKPOINTS"),
+        format!("KV_{upper}_CURSORS"),
+    ]) {
         let _ = js.delete_stream(&stream).await;
     }
     let _ = std::fs::remove_dir_all(&root);

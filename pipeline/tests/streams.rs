@@ -49,6 +49,7 @@ impl Backend {
                 let _ = js.delete_stream(&stream).await;
             }
             let _ = js.delete_stream(format!("KV_{p}_CHECKPOINTS")).await;
+            let _ = js.delete_stream(format!("KV_{p}_CURSORS")).await;
         }
     }
 }
