@@ -12,6 +12,8 @@
 
 #![allow(clippy::unwrap_used)] // helpers in a test crate may panic: that fails the test
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -188,14 +190,8 @@ async fn produce(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_or_paused_node_s_shards_move_to_the_survivor_without_loss_or_double_counting() {
-    let url = std::env::var("FLEETSTREAM_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
-    let nats = match async_nats::connect(&url).await {
-        Ok(c) => c,
-        Err(error) if std::env::var("FLEETSTREAM_REQUIRE_SERVICES").as_deref() != Ok("1") => {
-            println!("SKIP a_killed_or_paused_node_s_shards_move_to_the_survivor: no NATS at {url}: {error}");
-            return;
-        }
-        Err(error) => panic!("NATS at {url} is required (FLEETSTREAM_REQUIRE_SERVICES=1): {error}"),
+    let Some((nats, url)) = common::nats("a_killed_or_paused_node_s_shards_move_to_the_survivor").await else {
+        return;
     };
     one_run(&url, &nats, Failure::Kill).await;
     one_run(&url, &nats, Failure::Pause).await;

@@ -3,6 +3,8 @@
 
 #![allow(clippy::unwrap_used)] // helpers in a test crate may panic: that fails the test
 
+mod common;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -231,14 +233,7 @@ async fn sms_gateway() -> (tokio::sync::mpsc::Receiver<Value>, SocketAddr) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn notifications_can_live_on_jetstream() {
-    let url = std::env::var("FLEETSTREAM_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
-    if let Err(error) = async_nats::connect(&url).await {
-        if std::env::var("FLEETSTREAM_REQUIRE_SERVICES").as_deref() != Ok("1") {
-            println!("SKIP notifications_can_live_on_jetstream: no NATS at {url}: {error}");
-            return;
-        }
-        panic!("NATS at {url} is required (FLEETSTREAM_REQUIRE_SERVICES=1): {error}");
-    }
+    let Some((_, url)) = common::nats("notifications_can_live_on_jetstream").await else { return };
     let (mut got, gateway_addr) = sms_gateway().await;
     let (dir, mut cfg) = loopback_config("js-notify");
     cfg.notify.sms_webhook = Some(format!("http://{gateway_addr}/send"));

@@ -6,6 +6,8 @@
 
 #![allow(clippy::unwrap_used)] // helpers in a test crate may panic: that fails the test
 
+mod common;
+
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -38,15 +40,7 @@ async fn next(reader: &mut pipeline::jetstream::TopicReader) -> (u64, Bytes) {
 
 #[tokio::test]
 async fn batches_are_stored_once_and_read_from_any_start() {
-    let url = std::env::var("FLEETSTREAM_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
-    let client = match async_nats::connect(&url).await {
-        Ok(c) => c,
-        Err(error) if std::env::var("FLEETSTREAM_REQUIRE_SERVICES").as_deref() != Ok("1") => {
-            println!("SKIP batches_are_stored_once_and_read_from_any_start: no NATS at {url}: {error}");
-            return;
-        }
-        Err(error) => panic!("NATS at {url} is required (FLEETSTREAM_REQUIRE_SERVICES=1): {error}"),
-    };
+    let Some((client, url)) = common::nats("batches_are_stored_once_and_read_from_any_start").await else { return };
     let cfg = JetStreamConfig {
         url: url.clone(),
         stream_prefix: format!("FSTEST{}", std::process::id()),
@@ -112,16 +106,9 @@ async fn jetstream_cleanup(client: &async_nats::Client, stream: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_queue_path_leases_redelivers_and_dead_letters_with_the_reason() {
     use pipeline::jetstream::JetStreamQueue;
-    let url = std::env::var("FLEETSTREAM_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
-    let client = match async_nats::connect(&url).await {
-        Ok(c) => c,
-        Err(error) if std::env::var("FLEETSTREAM_REQUIRE_SERVICES").as_deref() != Ok("1") => {
-            println!(
-                "SKIP the_queue_path_leases_redelivers_and_dead_letters_with_the_reason: no NATS at {url}: {error}"
-            );
-            return;
-        }
-        Err(error) => panic!("NATS at {url} is required (FLEETSTREAM_REQUIRE_SERVICES=1): {error}"),
+    let Some((client, url)) = common::nats("the_queue_path_leases_redelivers_and_dead_letters_with_the_reason").await
+    else {
+        return;
     };
     let cfg = JetStreamConfig {
         url,
@@ -205,14 +192,8 @@ async fn the_queue_path_leases_redelivers_and_dead_letters_with_the_reason() {
 async fn drone_commands_go_only_to_the_session_holding_their_keys_and_dead_letter_with_the_reason() {
     use events::KeyRange;
     use pipeline::jetstream::keyed::KeyedQueue;
-    let url = std::env::var("FLEETSTREAM_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
-    let client = match async_nats::connect(&url).await {
-        Ok(c) => c,
-        Err(error) if std::env::var("FLEETSTREAM_REQUIRE_SERVICES").as_deref() != Ok("1") => {
-            println!("SKIP drone_commands_go_only_to_the_session_holding_their_keys: no NATS at {url}: {error}");
-            return;
-        }
-        Err(error) => panic!("NATS at {url} is required (FLEETSTREAM_REQUIRE_SERVICES=1): {error}"),
+    let Some((client, url)) = common::nats("drone_commands_go_only_to_the_session_holding_their_keys").await else {
+        return;
     };
     let cfg = JetStreamConfig {
         url,

@@ -7,6 +7,8 @@
 
 #![allow(clippy::unwrap_used)] // helpers in a test crate may panic: that fails the test
 
+mod common;
+
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -64,18 +66,9 @@ struct JetStream {
 impl JetStream {
     /// `None` (after printing SKIP) without NATS, unless `FLEETSTREAM_REQUIRE_SERVICES=1`.
     async fn connect(test: &str) -> Option<Self> {
-        let url = std::env::var("FLEETSTREAM_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
-        match async_nats::connect(&url).await {
-            Ok(nats) => {
-                let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
-                Some(Self { nats, url, prefix: format!("FSQ{}X{nanos}", std::process::id()) })
-            }
-            Err(error) if std::env::var("FLEETSTREAM_REQUIRE_SERVICES").as_deref() != Ok("1") => {
-                println!("SKIP {test}: no NATS at {url}: {error}");
-                None
-            }
-            Err(error) => panic!("NATS at {url} is required (FLEETSTREAM_REQUIRE_SERVICES=1): {error}"),
-        }
+        let (nats, url) = common::nats(test).await?;
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+        Some(Self { nats, url, prefix: format!("FSQ{}X{nanos}", std::process::id()) })
     }
 
     /// Deletes the streams the test made (there must be some: the queue lived there).

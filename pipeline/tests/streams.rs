@@ -7,6 +7,8 @@
 
 #![allow(clippy::unwrap_used)] // helpers in a test crate may panic: that fails the test
 
+mod common;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -27,15 +29,7 @@ enum Backend {
 impl Backend {
     /// A JetStream backend with fresh streams, or `None` (after printing SKIP) without NATS.
     async fn jetstream(test: &str) -> Option<Self> {
-        let url = std::env::var("FLEETSTREAM_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
-        if let Err(error) = async_nats::connect(&url).await {
-            assert!(
-                std::env::var("FLEETSTREAM_REQUIRE_SERVICES").as_deref() != Ok("1"),
-                "NATS at {url} is required (FLEETSTREAM_REQUIRE_SERVICES=1): {error}"
-            );
-            println!("SKIP {test}: no NATS at {url}: {error}");
-            return None;
-        }
+        let (_, url) = common::nats(test).await?;
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
         Some(Backend::JetStream { url, prefix: format!("fsst{}x{nanos}", std::process::id()) })
     }

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer::pull, stream::StorageType};
+use async_nats::jetstream::{self, consumer::pull};
 use bytes::Bytes;
 use events::KeyRange;
 use futures_util::StreamExt;
@@ -150,22 +150,7 @@ impl KeyedQueue {
     ) -> Result<Self, Error> {
         let js = jetstream::new(client.clone());
         let name = queue.name();
-        let stream_name = format!("{}_QUEUE_{}", cfg.stream_prefix, name.replace('-', "_").to_uppercase());
-        let subject_prefix = format!("{}.queue.{name}", cfg.subject_prefix);
-        let stream = js
-            .get_or_create_stream(jetstream::stream::Config {
-                name: stream_name.clone(),
-                subjects: vec![format!("{subject_prefix}.k.>")],
-                retention: jetstream::stream::RetentionPolicy::WorkQueue,
-                max_messages: i64::try_from(settings.max_messages).unwrap_or(i64::MAX),
-                max_message_size: i32::try_from(settings.max_payload_bytes).unwrap_or(i32::MAX),
-                duplicate_window: Duration::from_secs(cfg.duplicate_window_s),
-                num_replicas: cfg.replicas.max(1),
-                storage: StorageType::File,
-                ..Default::default()
-            })
-            .await
-            .map_err(js_error)?;
+        let (stream, stream_name, subject_prefix) = super::queue_stream(&js, cfg, queue, settings, "k.>").await?;
         let (dead_stream, dead_subject) = super::dead_letter_stream(&js, cfg, name).await?;
         let watcher = super::spawn_watcher(
             client,

@@ -266,22 +266,7 @@ impl JetStreamQueue {
     ) -> Result<Self, Error> {
         let js = jetstream::new(client.clone());
         let name = queue.name();
-        let stream_name = format!("{}_QUEUE_{}", cfg.stream_prefix, name.replace('-', "_").to_uppercase());
-        let subject_prefix = format!("{}.queue.{name}", cfg.subject_prefix);
-        let stream = js
-            .get_or_create_stream(jetstream::stream::Config {
-                name: stream_name.clone(),
-                subjects: vec![format!("{subject_prefix}.*")],
-                retention: jetstream::stream::RetentionPolicy::WorkQueue,
-                max_messages: i64::try_from(settings.max_messages).unwrap_or(i64::MAX),
-                max_message_size: i32::try_from(settings.max_payload_bytes).unwrap_or(i32::MAX),
-                duplicate_window: Duration::from_secs(cfg.duplicate_window_s),
-                num_replicas: cfg.replicas.max(1),
-                storage: StorageType::File,
-                ..Default::default()
-            })
-            .await
-            .map_err(js_error)?;
+        let (stream, stream_name, subject_prefix) = queue_stream(&js, cfg, queue, settings, "*").await?;
         let consumer: jetstream::consumer::PullConsumer = stream
             .get_or_create_consumer(
                 "workers",
@@ -383,6 +368,35 @@ impl JetStreamQueue {
     pub async fn dead_letters(&self) -> Result<Vec<JsDeadLetter>, Error> {
         read_dead_letters(&self.dead_stream, &self.dead_subject).await
     }
+}
+
+/// A queue's work-queue stream, `<prefix>_QUEUE_<NAME>` on `<subject_prefix>.queue.<name>.<tail>`,
+/// with the queue's limits: the stream, its name and the subject prefix.
+async fn queue_stream(
+    js: &jetstream::Context,
+    cfg: &JetStreamConfig,
+    queue: events::QueueName,
+    settings: &crate::queue::state::QueueConfig,
+    tail: &str,
+) -> Result<(jetstream::stream::Stream, String, String), Error> {
+    let name = queue.name();
+    let stream_name = format!("{}_QUEUE_{}", cfg.stream_prefix, name.replace('-', "_").to_uppercase());
+    let subject_prefix = format!("{}.queue.{name}", cfg.subject_prefix);
+    let stream = js
+        .get_or_create_stream(jetstream::stream::Config {
+            name: stream_name.clone(),
+            subjects: vec![format!("{subject_prefix}.{tail}")],
+            retention: jetstream::stream::RetentionPolicy::WorkQueue,
+            max_messages: i64::try_from(settings.max_messages).unwrap_or(i64::MAX),
+            max_message_size: i32::try_from(settings.max_payload_bytes).unwrap_or(i32::MAX),
+            duplicate_window: Duration::from_secs(cfg.duplicate_window_s),
+            num_replicas: cfg.replicas.max(1),
+            storage: StorageType::File,
+            ..Default::default()
+        })
+        .await
+        .map_err(js_error)?;
+    Ok((stream, stream_name, subject_prefix))
 }
 
 /// The dead-letter stream (`<prefix>_DEAD_LETTERS`, one subject per queue) and `queue`'s subject
