@@ -461,6 +461,28 @@ impl Cluster {
         }
     }
 
+    /// A drone's live state from the node that runs its shard; `None` when the drone never
+    /// reported, or when no node answers within a second (while a shard changes hands nobody
+    /// runs it for a moment: the question is asked again until then).
+    pub(crate) async fn drone(&self, id: events::DroneId) -> Result<Option<events::DroneSnapshot>, Error> {
+        let subject = self.subject("drone", shard_of(id, self.shards));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+        loop {
+            let asked = self.client.request(subject.clone(), id.to_string().into());
+            match tokio::time::timeout_at(deadline, asked).await {
+                Ok(Ok(answer)) => {
+                    return serde_json::from_slice(&answer.payload)
+                        .map_err(|e| storage_error(format!("drone answer: {e}")));
+                }
+                Ok(Err(error)) if tokio::time::Instant::now() + Duration::from_millis(50) < deadline => {
+                    debug!(drone = id, %error, "no node answered for a drone yet");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Ok(Err(_)) | Err(_) => return Ok(None),
+            }
+        }
+    }
+
     /// Stores a shard's checkpoint, if this node still owns the shard. Called from its thread.
     ///
     /// The write expects the revision this node last read or wrote, so a node that lost the
@@ -812,6 +834,8 @@ fn decode_reply(payload: &[u8]) -> Result<(), Error> {
 struct Held {
     revision: u64,
     feed: tokio::task::JoinHandle<()>,
+    /// Answers other nodes' questions about this shard's drones.
+    queries: tokio::task::JoinHandle<()>,
 }
 
 /// The lease keeper: one task per node that renews, takes and hands back shards.
@@ -915,7 +939,9 @@ impl Keeper {
         c.metrics.owned.fetch_add(1, Ordering::Relaxed);
         c.metrics.acquired.fetch_add(1, Ordering::Relaxed);
         let feed = tokio::spawn(feed(c.clone(), shard, from, self.shards[shard].clone()));
-        self.held.insert(shard, Held { revision, feed });
+        let questions = c.client.subscribe(c.subject("drone", shard)).await.map_err(js_error)?;
+        let queries = tokio::spawn(answer_drone_queries(c.client.clone(), questions, self.shards[shard].clone()));
+        self.held.insert(shard, Held { revision, feed, queries });
         info!(shard, from = from.unwrap_or(0), restore_ms = started.elapsed().as_millis() as u64, "took over a shard");
         Ok(())
     }
@@ -924,6 +950,7 @@ impl Keeper {
     fn drop_shard(&mut self, shard: usize) {
         if let Some(h) = self.held.remove(&shard) {
             h.feed.abort();
+            h.queries.abort();
             self.cluster.owned[shard].store(false, Ordering::Release);
             self.cluster.metrics.owned.fetch_sub(1, Ordering::Relaxed);
         }
@@ -933,6 +960,7 @@ impl Keeper {
     async fn hand_back(&mut self, shard: usize) {
         let Some(h) = self.held.remove(&shard) else { return };
         h.feed.abort();
+        h.queries.abort();
         let (done_tx, done_rx) = oneshot::channel();
         if self.shards[shard].send_async(ShardMsg::Checkpoint { done: done_tx }).await.is_ok() {
             let _ = done_rx.await;
@@ -941,6 +969,26 @@ impl Keeper {
         self.cluster.metrics.owned.fetch_sub(1, Ordering::Relaxed);
         let _ = self.cluster.leases.delete(format!("shard-{shard}")).await;
         info!(shard, "handed a shard back");
+    }
+}
+
+/// Answers `<prefix>.drone.<shard>` requests (a drone id) with the shard's snapshot of that
+/// drone (JSON, `null` when it knows none), for the nodes that do not run the shard.
+async fn answer_drone_queries(
+    client: async_nats::Client,
+    mut questions: async_nats::Subscriber,
+    shard: flume::Sender<ShardMsg>,
+) {
+    while let Some(question) = questions.next().await {
+        let Some(reply_to) = question.reply.clone() else { continue };
+        let Some(id) = std::str::from_utf8(&question.payload).ok().and_then(|t| t.parse().ok()) else { continue };
+        let (reply, rx) = oneshot::channel();
+        if shard.send_async(ShardMsg::Drone { id, reply }).await.is_err() {
+            return;
+        }
+        let snapshot = rx.await.ok().flatten();
+        let Ok(answer) = serde_json::to_vec(&snapshot) else { continue };
+        let _ = client.publish(reply_to, answer.into()).await;
     }
 }
 

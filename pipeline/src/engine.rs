@@ -808,9 +808,9 @@ impl FleetControl for Engine {
             return Err(Error::ShuttingDown);
         }
         let index = self.shard_of(id);
-        if self.inner.cluster.as_ref().is_some_and(|c| !c.owns(index)) {
-            // Another node runs that shard; this one knows nothing current about the drone.
-            return Ok(None);
+        if let Some(cluster) = self.inner.cluster.as_ref().filter(|c| !c.owns(index)) {
+            // Another node runs that shard: it is asked.
+            return cluster.drone(id).await;
         }
         let (reply, rx) = oneshot::channel();
         let shard = &self.inner.shards[index];

@@ -290,9 +290,13 @@ async fn one_run(url: &str, nats: &async_nats::Client, failure: Failure) {
         // B wakes up still believing it owns its shards: it finds its leases gone and its
         // checkpoint writes refused, and then rejoins for its share.
         Command::new("kill").args(["-CONT", &b.child.id().to_string()]).status().unwrap();
+        let started = Instant::now();
+        while metric(&web, &b.api, "fleetstream_cluster_shard_leases_lost_total ").await == 0 {
+            assert!(started.elapsed() < Duration::from_secs(30), "B never noticed it lost its leases");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         wait_for_owned(&web, &b.api, u64::from(SHARDS) / 2).await;
         wait_for_owned(&web, &a.api, u64::from(SHARDS) / 2).await;
-        assert!(metric(&web, &b.api, "fleetstream_cluster_shard_leases_lost_total ").await >= 1);
     }
 
     // Every acknowledged drone event is on the stream exactly once.
@@ -327,6 +331,14 @@ async fn one_run(url: &str, nats: &async_nats::Client, failure: Failure) {
         assert_eq!(delivered[&(delivery, 1)], (DeliveryStage::HeadedToPickup, ts(50), drone));
         assert_eq!(delivered[&(delivery, 2)], (DeliveryStage::InTransit, ts(PICKUP_AT), drone));
         assert_eq!(delivered[&(delivery, 3)], (DeliveryStage::DeliveryComplete, ts(DROPOFF_AT), drone));
+    }
+    // Any node answers for any drone: the node running its shard is asked (after a pause,
+    // B runs half of them again).
+    for &drone in delivery_of.keys() {
+        let snap: serde_json::Value =
+            web.get(format!("{}/v1/drones/{drone}", a.api)).send().await.unwrap().json().await.unwrap();
+        assert_eq!(snap["last_seq"], EVENTS_PER_DRONE, "drone {drone}: {snap}");
+        assert!(snap["delivery"].is_null(), "drone {drone} finished its delivery: {snap}");
     }
     // Nothing beyond them: a short wait shows no late duplicate.
     let late = tokio::time::timeout(Duration::from_millis(500), sub.next()).await;
