@@ -49,6 +49,16 @@ fn queue<'a>(engine: &'a Engine, name: &str) -> Result<&'a std::sync::Arc<Queue>
         .ok_or_else(|| Error::BadRequest(format!("no queue {name:?}; queues are drone-commands and notifications")))
 }
 
+/// The JetStream queue behind `name`, if that queue is kept on JetStream.
+fn jetstream_queue(
+    engine: &Engine,
+    name: &str,
+) -> Result<Option<std::sync::Arc<crate::jetstream::JsWorkQueue>>, Error> {
+    let queue = QueueName::from_name(name)
+        .ok_or_else(|| Error::BadRequest(format!("no queue {name:?}; queues are drone-commands and notifications")))?;
+    Ok(engine.jetstream_queue(queue))
+}
+
 fn parse_id(raw: &str) -> Result<u64, Error> {
     raw.parse().map_err(|_| Error::BadRequest(format!("{raw:?} is not a numeric id")))
 }
@@ -107,8 +117,20 @@ async fn dead_letters(
     Path(name): Path<String>,
     Query(page): Query<Page>,
 ) -> Result<Json<Value>, Error> {
+    let limit = page.limit.clamp(1, 1000);
+    if let Some(js) = jetstream_queue(&engine, &name)? {
+        let items: Vec<DeadLetter> = js
+            .dead_letter_page(page.after, limit)
+            .await
+            .map_err(|e| Error::Engine(events::Error::Storage(e.to_string())))?
+            .iter()
+            .map(crate::jetstream::JsDeadLetter::to_local)
+            .collect();
+        let next_after = items.last().map(|d| d.id);
+        return Ok(Json(json!({ "queue": name, "dead_letters": items, "next_after": next_after })));
+    }
     let q = queue(&engine, &name)?;
-    let items = q.dead_letters(page.after, page.limit.clamp(1, 1000));
+    let items = q.dead_letters(page.after, limit);
     let next_after = items.last().map(|d| d.id);
     Ok(Json(json!({ "queue": name, "dead_letters": items, "next_after": next_after })))
 }
@@ -117,8 +139,13 @@ async fn dead_letter(
     State(engine): State<Engine>,
     Path((name, id)): Path<(String, String)>,
 ) -> Result<Json<Value>, Error> {
-    let q = queue(&engine, &name)?;
     let id = parse_id(&id)?;
+    if let Some(js) = jetstream_queue(&engine, &name)? {
+        let d = js.dead_letter(id).await.ok_or(Error::NotFound { what: "dead letter", id })?;
+        let queue = QueueName::from_name(&name).unwrap_or(QueueName::Notifications);
+        return Ok(Json(describe(queue, &d.to_local())));
+    }
+    let q = queue(&engine, &name)?;
     let d = q.dead_letter(id).ok_or(Error::NotFound { what: "dead letter", id })?;
     Ok(Json(describe(q.name(), &d)))
 }
@@ -145,17 +172,27 @@ fn describe(queue: QueueName, d: &DeadLetter) -> Value {
 }
 
 async fn replay(State(engine): State<Engine>, Path((name, id)): Path<(String, String)>) -> Result<Json<Value>, Error> {
-    let q = queue(&engine, &name)?;
     let id = parse_id(&id)?;
-    q.replay(id)?;
+    if let Some(js) = jetstream_queue(&engine, &name)? {
+        if !js.replay(id).await.map_err(|e| Error::Engine(events::Error::Storage(e.to_string())))? {
+            return Err(Error::NotFound { what: "dead letter", id });
+        }
+    } else {
+        queue(&engine, &name)?.replay(id)?;
+    }
     tracing::info!(queue = %name, id, "dead letter replayed");
     Ok(Json(json!({ "replayed": id })))
 }
 
 async fn purge(State(engine): State<Engine>, Path((name, id)): Path<(String, String)>) -> Result<StatusCode, Error> {
-    let q = queue(&engine, &name)?;
     let id = parse_id(&id)?;
-    q.purge(id)?;
+    if let Some(js) = jetstream_queue(&engine, &name)? {
+        if !js.purge(id).await.map_err(|e| Error::Engine(events::Error::Storage(e.to_string())))? {
+            return Err(Error::NotFound { what: "dead letter", id });
+        }
+    } else {
+        queue(&engine, &name)?.purge(id)?;
+    }
     tracing::info!(queue = %name, id, "dead letter deleted");
     Ok(StatusCode::NO_CONTENT)
 }

@@ -363,3 +363,59 @@ async fn takeover(jetstream: Option<(String, String)>) {
     node.shutdown().await.unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_drone_commands_on_jetstream_are_listed_replayed_and_deleted_over_http() {
+    let Some(js) = JetStream::connect("dead_drone_commands_on_jetstream").await else { return };
+    let dir = temp("dlq-js");
+    let mut cfg = config(&dir, 30_000, 2);
+    on_jetstream(&mut cfg, &(js.url.clone(), js.prefix.clone()), "drone-commands");
+    let node = Node::start(&cfg).await.unwrap();
+    for (key, payload) in [(7u64, &b"poison"[..]), (8, b"doomed too")] {
+        node.engine.enqueue(QueueName::DroneCommands, key, payload.to_vec()).await.unwrap();
+    }
+    let c = client(&node).await;
+    let mut consumer = c.consume(QueueName::DroneCommands, KeyRange { lo: 7, hi: 9 }, 4).await.unwrap();
+    let mut nacked = 0;
+    while nacked < 4 {
+        let m = tokio::time::timeout(Duration::from_secs(5), consumer.recv()).await.unwrap().unwrap().unwrap();
+        consumer.settle(&m, Verdict::Nack(format!("drone {} refused", m.key))).await.unwrap();
+        nacked += 1;
+    }
+    let http = services::tls::plain_client().unwrap();
+    let base = format!("http://{}/v1/queues/drone-commands/dead-letters", node.http_addr);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let items = loop {
+        let list: serde_json::Value = http.get(&base).send().await.unwrap().json().await.unwrap();
+        let items = list["dead_letters"].as_array().unwrap().clone();
+        if items.len() == 2 || std::time::Instant::now() > deadline {
+            break items;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(items.len(), 2, "{items:?}");
+    let poison = items.iter().find(|d| d["key"] == 7).unwrap();
+    assert_eq!((poison["attempts"].as_u64(), poison["reason"].as_str()), (Some(2), Some("drone 7 refused")));
+    let id = poison["id"].as_u64().unwrap();
+    let doomed = items.iter().find(|d| d["key"] == 8).unwrap()["id"].as_u64().unwrap();
+    let one: serde_json::Value = http.get(format!("{base}/{id}")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(one["payload_hex"], "706f69736f6e");
+    let page: serde_json::Value = http.get(format!("{base}?after={id}")).send().await.unwrap().json().await.unwrap();
+    assert!(page["dead_letters"].as_array().unwrap().iter().all(|d| d["id"].as_u64().unwrap() > id), "{page}");
+
+    // Replayed, it is delivered again with fresh attempts; deleted, it is gone.
+    assert_eq!(http.post(format!("{base}/{id}/replay")).send().await.unwrap().status(), 200);
+    let again = tokio::time::timeout(Duration::from_secs(5), consumer.recv()).await.unwrap().unwrap().unwrap();
+    assert_eq!((again.key, again.attempt, &again.payload[..]), (7, 1, &b"poison"[..]));
+    consumer.settle(&again, Verdict::Ack).await.unwrap();
+    assert_eq!(http.delete(format!("{base}/{doomed}")).send().await.unwrap().status(), 204);
+    assert_eq!(http.get(format!("{base}/{doomed}")).send().await.unwrap().status(), 404);
+    assert_eq!(http.post(format!("{base}/{doomed}/replay")).send().await.unwrap().status(), 404);
+    let list: serde_json::Value = http.get(&base).send().await.unwrap().json().await.unwrap();
+    assert_eq!(list["dead_letters"].as_array().unwrap().len(), 0, "{list}");
+    drop(consumer);
+    drop(c);
+    node.shutdown().await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    js.clean().await;
+}

@@ -384,6 +384,10 @@ impl KeyedQueue {
     pub async fn dead_letters(&self) -> Result<Vec<super::JsDeadLetter>, Error> {
         super::read_dead_letters(&self.dead_stream, &self.dead_subject).await
     }
+
+    pub(super) fn dead(&self) -> (&jetstream::stream::Stream, &str) {
+        (&self.dead_stream, &self.dead_subject)
+    }
 }
 
 #[cfg(test)]

@@ -212,14 +212,33 @@ impl std::fmt::Debug for JsLeased {
 /// A dead letter: a message that used its attempts, with why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JsDeadLetter {
+    /// Its id: its sequence in the dead-letter stream.
+    pub id: u64,
     /// Its key.
     pub key: u64,
     /// The last failure.
     pub reason: String,
     /// Deliveries made.
     pub attempts: u32,
+    /// When it was dead-lettered, µs since the epoch.
+    pub dead_at_us: u64,
     /// The payload.
     pub payload: Bytes,
+}
+
+impl JsDeadLetter {
+    /// The same dead letter as the local queues describe theirs (the enqueue time is not kept).
+    pub fn to_local(&self) -> crate::queue::DeadLetter {
+        crate::queue::DeadLetter {
+            id: self.id,
+            key: self.key,
+            attempts: self.attempts,
+            reason: self.reason.clone(),
+            enqueued_us: 0,
+            dead_at_us: self.dead_at_us,
+            payload: std::sync::Arc::from(&self.payload[..]),
+        }
+    }
 }
 
 const REASON: &str = "Fleetstream-Reason";
@@ -434,23 +453,46 @@ async fn spawn_watcher(
 
 /// The dead letters on `subject`, oldest first.
 async fn read_dead_letters(dead: &jetstream::stream::Stream, subject: &str) -> Result<Vec<JsDeadLetter>, Error> {
-    let mut dead = dead.clone();
-    let last = dead.info().await.map_err(js_error)?.state.last_sequence;
+    dead_letters_after(dead, subject, 0, usize::MAX).await
+}
+
+/// Up to `limit` dead letters on `subject` whose id (their sequence in the dead-letter stream)
+/// is above `after`, oldest first.
+async fn dead_letters_after(
+    dead: &jetstream::stream::Stream,
+    subject: &str,
+    after: u64,
+    limit: usize,
+) -> Result<Vec<JsDeadLetter>, Error> {
+    let mut stream = dead.clone();
+    let state = stream.info().await.map_err(js_error)?.state.clone();
     let mut out = Vec::new();
-    for seq in 1..=last {
-        let Ok(m) = dead.get_raw_message(seq).await else { continue };
-        if m.subject.as_str() != subject {
-            continue;
+    for seq in (after + 1).max(state.first_sequence)..=state.last_sequence {
+        if out.len() >= limit {
+            break;
         }
-        let header = |name: &str| m.headers.get(name).map(|v| v.as_str().to_string()).unwrap_or_default();
-        out.push(JsDeadLetter {
-            key: header(KEY).parse().unwrap_or(0),
-            reason: header(REASON),
-            attempts: header(ATTEMPTS).parse().unwrap_or(0),
-            payload: m.payload.clone(),
-        });
+        if let Some(d) = dead_letter_at(dead, subject, seq).await {
+            out.push(d);
+        }
     }
     Ok(out)
+}
+
+/// The dead letter with id `seq`, if it is one of `subject`'s (and still there).
+async fn dead_letter_at(dead: &jetstream::stream::Stream, subject: &str, seq: u64) -> Option<JsDeadLetter> {
+    let m = dead.get_raw_message(seq).await.ok()?;
+    if m.subject.as_str() != subject {
+        return None;
+    }
+    let header = |name: &str| m.headers.get(name).map(|v| v.as_str().to_string()).unwrap_or_default();
+    Some(JsDeadLetter {
+        id: seq,
+        key: header(KEY).parse().unwrap_or(0),
+        reason: header(REASON),
+        attempts: header(ATTEMPTS).parse().unwrap_or(0),
+        dead_at_us: u64::try_from(m.time.unix_timestamp_nanos() / 1000).unwrap_or(0),
+        payload: m.payload.clone(),
+    })
 }
 
 /// Settles leased messages: ack, nack (redelivery), or on the last attempt dead-letter.
@@ -580,10 +622,45 @@ impl JsWorkQueue {
 
     /// The dead letters, oldest first.
     pub async fn dead_letters(&self) -> Result<Vec<JsDeadLetter>, Error> {
+        let (stream, subject) = self.dead();
+        read_dead_letters(stream, subject).await
+    }
+
+    fn dead(&self) -> (&jetstream::stream::Stream, &str) {
         match &self.kind {
-            JsQueueKind::Competing(q) => q.dead_letters().await,
-            JsQueueKind::Keyed(q) => q.dead_letters().await,
+            JsQueueKind::Competing(q) => (&q.dead_stream, &q.dead_subject),
+            JsQueueKind::Keyed(q) => q.dead(),
         }
+    }
+
+    /// A page of dead letters: up to `limit` with ids above `after`.
+    pub async fn dead_letter_page(&self, after: u64, limit: usize) -> Result<Vec<JsDeadLetter>, Error> {
+        let (stream, subject) = self.dead();
+        dead_letters_after(stream, subject, after, limit).await
+    }
+
+    /// One dead letter.
+    pub async fn dead_letter(&self, id: u64) -> Option<JsDeadLetter> {
+        let (stream, subject) = self.dead();
+        dead_letter_at(stream, subject, id).await
+    }
+
+    /// Puts a dead letter back on the queue (with fresh attempts) and removes it from the dead
+    /// letters; `false` when there is no such dead letter.
+    pub async fn replay(&self, id: u64) -> Result<bool, Error> {
+        let Some(d) = self.dead_letter(id).await else { return Ok(false) };
+        self.enqueue(d.key, d.payload.to_vec()).await.map_err(|e| Error::JetStream(e.to_string()))?;
+        self.dead().0.delete_message(id).await.map_err(js_error)?;
+        Ok(true)
+    }
+
+    /// Deletes a dead letter; `false` when there is no such dead letter.
+    pub async fn purge(&self, id: u64) -> Result<bool, Error> {
+        if self.dead_letter(id).await.is_none() {
+            return Ok(false);
+        }
+        self.dead().0.delete_message(id).await.map_err(js_error)?;
+        Ok(true)
     }
 
     /// See [`events::WorkQueues::enqueue`].
