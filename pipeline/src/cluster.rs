@@ -599,36 +599,61 @@ impl Cluster {
         // Reading is a task (it goes with the runtime, and its timers with it); publishing is a
         // thread, since a subscriber that blocks may hold it up. A bounded channel joins them.
         let (tx, rx) = flume::bounded::<Arc<events::wire::Batch<T>>>(crate::engine::FOLLOW_QUEUE);
+        let publishing = topic.clone();
         std::thread::Builder::new().name(format!("js-follow-{}", topic_index(which))).spawn(move || {
             while let Ok(batch) = rx.recv() {
-                topic.publish(batch);
+                publishing.publish(batch);
             }
         })?;
         let cluster = Arc::downgrade(self);
         let task = self.handle.spawn(async move {
-            let Some(c) = cluster.upgrade() else { return };
-            let mut messages = match c.reader(which, DeliverPolicy::New, None).await {
-                Ok(m) => m,
-                Err(error) => return warn!(%error, "following a JetStream topic failed"),
-            };
-            drop(c);
+            // Reading costs the broker as much as writing; with no live subscriber there is
+            // nothing to read for. Waking for one, reading starts a little before now, so a
+            // subscriber sees at least everything published after it subscribed.
             loop {
-                // Wakes at least twice a second to notice the node stopping.
-                let next = tokio::time::timeout(Duration::from_millis(500), messages.next()).await;
-                let Some(cluster) = cluster.upgrade() else { return };
-                if cluster.stopping.load(Ordering::Acquire) {
-                    return;
+                loop {
+                    let Some(cluster) = cluster.upgrade() else { return };
+                    if cluster.stopping.load(Ordering::Acquire) {
+                        return;
+                    }
+                    if topic.subscribers() > 0 {
+                        break;
+                    }
+                    drop(cluster);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                 }
-                let msg = match next {
-                    Err(_) | Ok(Some(Err(_))) => continue,
-                    Ok(None) => return warn!("a JetStream topic follower ended"),
-                    Ok(Some(Ok(msg))) => msg,
+                let since = time::OffsetDateTime::now_utc() - Duration::from_millis(250);
+                let Some(c) = cluster.upgrade() else { return };
+                let mut messages = match c.reader(which, DeliverPolicy::ByStartTime { start_time: since }, None).await {
+                    Ok(m) => m,
+                    Err(error) => {
+                        warn!(%error, "following a JetStream topic failed; retrying");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        continue;
+                    }
                 };
-                let Some((offset, batch)) = cluster.decode::<T>(&msg) else { continue };
-                cluster.ends[topic_index(which)].fetch_max(offset + 1, Ordering::AcqRel);
-                drop(cluster);
-                if tx.send_async(Arc::new(batch)).await.is_err() {
-                    return;
+                drop(c);
+                loop {
+                    // Wakes at least twice a second to notice the node stopping.
+                    let next = tokio::time::timeout(Duration::from_millis(500), messages.next()).await;
+                    let Some(cluster) = cluster.upgrade() else { return };
+                    if cluster.stopping.load(Ordering::Acquire) {
+                        return;
+                    }
+                    if topic.subscribers() == 0 {
+                        break;
+                    }
+                    let msg = match next {
+                        Err(_) | Ok(Some(Err(_))) => continue,
+                        Ok(None) => break,
+                        Ok(Some(Ok(msg))) => msg,
+                    };
+                    let Some((offset, batch)) = cluster.decode::<T>(&msg) else { continue };
+                    cluster.ends[topic_index(which)].fetch_max(offset + 1, Ordering::AcqRel);
+                    drop(cluster);
+                    if tx.send_async(Arc::new(batch)).await.is_err() {
+                        return;
+                    }
                 }
             }
         });
@@ -899,6 +924,13 @@ impl Keeper {
             }
         }
         let fair = c.shards.div_ceil(nodes.max(1));
+        // Where each topic ends, for cursor lag: every node's appends, not only this one's.
+        for (end, stream) in c.ends.iter().zip([&c.telemetry, &c.deliveries]) {
+            let mut stream = stream.clone();
+            if let Ok(info) = stream.info().await {
+                end.fetch_max(info.state.last_sequence, Ordering::AcqRel);
+            }
+        }
         if self.held.len() > fair {
             let mut extra: Vec<usize> = self.held.keys().copied().collect();
             extra.sort_unstable();

@@ -188,6 +188,43 @@ async fn named_subscribers(backend: Backend, tag: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_subscribers_see_what_is_published_after_they_subscribe() {
+    live(Backend::Embedded, "embedded").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_subscribers_see_what_is_published_after_they_subscribe_on_jetstream() {
+    if let Some(backend) = Backend::jetstream("live_subscribers_on_jetstream").await {
+        live(backend.clone(), "jetstream").await;
+        backend.clean().await;
+    }
+}
+
+async fn live(backend: Backend, tag: &str) {
+    let dir = std::env::temp_dir().join(format!("fleetstream-streams-live-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let node = Node::start(&config(&dir, &backend)).await.unwrap();
+    produce(&node, 0..3).await;
+    let client = IngestClient::connect(node.quic_addr, &ClientConfig::new(Trust::Pem(node.certificate_pem.clone())))
+        .await
+        .unwrap();
+    let mut live = client.subscribe::<DroneEvent>(Topic::DroneTelemetry).await.unwrap();
+    // On JetStream the node reads the topic only while someone subscribes: give it a moment.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    produce(&node, 3..8).await;
+    let mut seen = Vec::new();
+    while seen.last() != Some(&7) {
+        let b = tokio::time::timeout(Duration::from_secs(5), live.next()).await.unwrap().unwrap().unwrap();
+        seen.push(b.header().meta.batch_seq);
+    }
+    assert!(seen.ends_with(&[3, 4, 5, 6, 7]), "every batch after subscribing, in order: {seen:?}");
+    drop(live);
+    client.close().await;
+    node.shutdown().await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_from_an_offset_or_a_time_and_over_server_sent_events() {
     replay(Backend::Embedded, "embedded").await;
 }
