@@ -72,6 +72,10 @@ const REPLY: &str = "Fleetstream-Reply";
 const TRACEPARENT: &str = "traceparent";
 const COMMAND: &str = "command";
 
+/// How long a publish may wait for JetStream's acknowledgement before it is reported failed.
+/// Long: a broker that falls behind is waited for, not given up on (see `Cluster::connect`).
+const PUBLISH_ACK_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// How long a command waits for the shard that owns its drone to answer. Longer than a lease,
 /// so a command sent while its shard changes hands is answered by the new owner.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(15);
@@ -188,7 +192,11 @@ impl Cluster {
         let client = async_nats::connect(&cfg.url)
             .await
             .map_err(|e| crate::Error::JetStream(format!("connecting to NATS at {}: {e}", cfg.url)))?;
-        let js = jetstream::new(client.clone());
+        let mut js = jetstream::new(client.clone());
+        // A publish whose acknowledgement is late is not failed: failing it makes its producer
+        // re-send it after batches that were stored meanwhile, out of order for its drones.
+        // Waiting holds the ingest back instead (at most `append_queue` batches in flight).
+        js.set_timeout(PUBLISH_ACK_TIMEOUT);
         let telemetry = topic_stream(&js, cfg, "telemetry").await?;
         let deliveries = topic_stream(&js, cfg, "deliveries").await?;
         let lease = Duration::from_millis(cfg.lease_ms.max(300));
