@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use events::wire::Buffer;
-use events::{BatchMeta, DeliveryEvent, DeliveryStage, DroneEvent, DroneEventKind, FlightStatus, GeoPoint, StartAt};
+use events::{BatchMeta, DeliveryEvent, DeliveryStage, DroneEvent, GeoPoint, StartAt};
 use events::{TelemetryBatch, Topic};
 use ingest::{ClientConfig, Producer, ProducerConfig, Trust};
 
@@ -32,8 +32,6 @@ const SHARDS: u32 = 4;
 const PRODUCERS: u64 = 4;
 const DRONES_PER_PRODUCER: u64 = 6;
 const EVENTS_PER_DRONE: u64 = 300;
-const PICKUP_AT: u64 = 100;
-const DROPOFF_AT: u64 = 200;
 
 fn free_port() -> u16 {
     std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
@@ -104,36 +102,11 @@ async fn wait_for_owned(web: &reqwest::Client, api: &str, want: u64) {
     }
 }
 
-fn drone_event(drone: u64, seq: u64, delivery: u64, dropoff: GeoPoint) -> DroneEvent {
-    let (status, kind, at) = match seq {
-        s if s < 50 => (FlightStatus::Idle, DroneEventKind::Position, GeoPoint::new(47.6, -122.3)),
-        50 => (
-            FlightStatus::Flying,
-            DroneEventKind::StatusChanged { from: FlightStatus::Idle },
-            GeoPoint::new(47.6, -122.3),
-        ),
-        PICKUP_AT => (FlightStatus::Flying, DroneEventKind::PickedUp { delivery }, GeoPoint::new(47.6, -122.3)),
-        DROPOFF_AT => (FlightStatus::Flying, DroneEventKind::DroppedOff { delivery }, dropoff),
-        _ => (FlightStatus::Flying, DroneEventKind::Position, GeoPoint::new(47.61, -122.31)),
-    };
-    DroneEvent {
-        drone_id: drone,
-        seq,
-        ts_us: 1_000_000 * drone + seq,
-        position: at,
-        speed_mps: 10.0,
-        heading_deg: 0.0,
-        battery_pct: 80.0,
-        status,
-        kind,
-    }
-}
-
 fn frame(p: u64, seq: u64, delivery_of: &BTreeMap<u64, u64>, dropoff: GeoPoint) -> Buffer {
     let events: Vec<_> = (0..DRONES_PER_PRODUCER)
         .map(|i| {
             let drone = p * DRONES_PER_PRODUCER + i + 1;
-            drone_event(drone, seq, delivery_of[&drone], dropoff)
+            common::drone_event(drone, seq, delivery_of[&drone], dropoff)
         })
         .collect();
     let meta = BatchMeta { producer_id: 7000 + p, batch_seq: seq, ..BatchMeta::default() };
@@ -329,8 +302,8 @@ async fn one_run(url: &str, nats: &async_nats::Client, failure: Failure) {
         let ts = |seq: u64| 1_000_000 * drone + seq;
         assert_eq!(delivered[&(delivery, 0)].0, DeliveryStage::Created);
         assert_eq!(delivered[&(delivery, 1)], (DeliveryStage::HeadedToPickup, ts(50), drone));
-        assert_eq!(delivered[&(delivery, 2)], (DeliveryStage::InTransit, ts(PICKUP_AT), drone));
-        assert_eq!(delivered[&(delivery, 3)], (DeliveryStage::DeliveryComplete, ts(DROPOFF_AT), drone));
+        assert_eq!(delivered[&(delivery, 2)], (DeliveryStage::InTransit, ts(common::PICKUP_AT), drone));
+        assert_eq!(delivered[&(delivery, 3)], (DeliveryStage::DeliveryComplete, ts(common::DROPOFF_AT), drone));
     }
     // Any node answers for any drone: the node running its shard is asked (after a pause,
     // B runs half of them again).

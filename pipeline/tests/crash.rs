@@ -5,6 +5,8 @@
 
 #![allow(clippy::unwrap_used)] // helpers in a test crate may panic: that fails the test
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -13,10 +15,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use events::wire::{Buffer, Limits};
-use events::{
-    BatchMeta, DeliveryCommand, DeliveryEvent, DeliveryStage, DroneEvent, DroneEventKind, FlightStatus, GeoPoint,
-    TelemetryBatch,
-};
+use events::{BatchMeta, DeliveryCommand, DeliveryEvent, DeliveryStage, DroneEvent, GeoPoint, TelemetryBatch};
 use ingest::{ClientConfig, Producer, ProducerConfig, Trust};
 use pipeline::derive::{DeriveConfig, Deriver};
 use pipeline::log::{Log, LogConfig, RecordKind};
@@ -24,8 +23,6 @@ use pipeline::log::{Log, LogConfig, RecordKind};
 const PRODUCERS: u64 = 3;
 const DRONES_PER_PRODUCER: u64 = 8;
 const EVENTS_PER_DRONE: u64 = 300;
-const PICKUP_AT: u64 = 100;
-const DROPOFF_AT: u64 = 200;
 
 fn free_port() -> u16 {
     let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -78,31 +75,6 @@ fn kill9(child: &mut Child) {
 fn jitter(max_ms: u64) -> u64 {
     let n = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() as u64;
     n.wrapping_mul(0x9E37_79B9_7F4A_7C15) % max_ms
-}
-
-fn drone_event(drone: u64, seq: u64, delivery: u64, dropoff: GeoPoint) -> DroneEvent {
-    let (status, kind, at) = match seq {
-        s if s < 50 => (FlightStatus::Idle, DroneEventKind::Position, GeoPoint::new(47.6, -122.3)),
-        50 => (
-            FlightStatus::Flying,
-            DroneEventKind::StatusChanged { from: FlightStatus::Idle },
-            GeoPoint::new(47.6, -122.3),
-        ),
-        PICKUP_AT => (FlightStatus::Flying, DroneEventKind::PickedUp { delivery }, GeoPoint::new(47.6, -122.3)),
-        DROPOFF_AT => (FlightStatus::Flying, DroneEventKind::DroppedOff { delivery }, dropoff),
-        _ => (FlightStatus::Flying, DroneEventKind::Position, GeoPoint::new(47.61, -122.31)),
-    };
-    DroneEvent {
-        drone_id: drone,
-        seq,
-        ts_us: 1_000_000 * drone + seq,
-        position: at,
-        speed_mps: 10.0,
-        heading_deg: 0.0,
-        battery_pct: 80.0,
-        status,
-        kind,
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -170,7 +142,7 @@ async fn one_run(run: u32) {
                 let events: Vec<_> = (0..DRONES_PER_PRODUCER)
                     .map(|i| {
                         let drone = p * DRONES_PER_PRODUCER + i + 1;
-                        drone_event(drone, seq, delivery_of[&drone], dropoff)
+                        common::drone_event(drone, seq, delivery_of[&drone], dropoff)
                     })
                     .collect();
                 let meta = BatchMeta { producer_id: 1000 + p, batch_seq: seq, ..BatchMeta::default() };
@@ -249,8 +221,8 @@ async fn one_run(run: u32) {
     for (&drone, &delivery) in &delivery_of {
         let ts = |seq: u64| 1_000_000 * drone + seq;
         assert_eq!(delivered[&(delivery, 1)], (DeliveryStage::HeadedToPickup, ts(50), drone));
-        assert_eq!(delivered[&(delivery, 2)], (DeliveryStage::InTransit, ts(PICKUP_AT), drone));
-        assert_eq!(delivered[&(delivery, 3)], (DeliveryStage::DeliveryComplete, ts(DROPOFF_AT), drone));
+        assert_eq!(delivered[&(delivery, 2)], (DeliveryStage::InTransit, ts(common::PICKUP_AT), drone));
+        assert_eq!(delivered[&(delivery, 3)], (DeliveryStage::DeliveryComplete, ts(common::DROPOFF_AT), drone));
         assert_eq!(delivered[&(delivery, 0)].0, DeliveryStage::Created);
     }
     reader.close().await;
@@ -268,8 +240,8 @@ async fn one_run(run: u32) {
             stages[1..],
             [
                 (1, DeliveryStage::HeadedToPickup, ts(50)),
-                (2, DeliveryStage::InTransit, ts(PICKUP_AT)),
-                (3, DeliveryStage::DeliveryComplete, ts(DROPOFF_AT)),
+                (2, DeliveryStage::InTransit, ts(common::PICKUP_AT)),
+                (3, DeliveryStage::DeliveryComplete, ts(common::DROPOFF_AT)),
             ],
             "delivery {delivery} of drone {drone}"
         );

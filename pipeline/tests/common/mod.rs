@@ -1,4 +1,5 @@
-//! What several integration tests share: finding the NATS server they need.
+//! What several integration tests share: finding the NATS server they need, and a scripted
+//! drone flight.
 
 #![allow(dead_code)] // each test crate uses part of it
 
@@ -17,5 +18,40 @@ pub async fn nats(test: &str) -> Option<(async_nats::Client, String)> {
             println!("SKIP {test}: no NATS at {url}: {error}");
             None
         }
+    }
+}
+
+use events::{DroneEvent, DroneEventKind, FlightStatus, GeoPoint};
+
+/// The sequence number at which a scripted drone picks its package up.
+pub const PICKUP_AT: u64 = 100;
+/// ... and drops it off.
+pub const DROPOFF_AT: u64 = 200;
+
+/// Event `seq` of a scripted flight of `drone` for `delivery`: idle until 50, flying from 50,
+/// pickup at [`PICKUP_AT`], drop-off at `dropoff` at [`DROPOFF_AT`]. Its time is derived from
+/// the drone and the sequence, so runs can compare derived events exactly.
+pub fn drone_event(drone: u64, seq: u64, delivery: u64, dropoff: GeoPoint) -> DroneEvent {
+    let (status, kind, at) = match seq {
+        s if s < 50 => (FlightStatus::Idle, DroneEventKind::Position, GeoPoint::new(47.6, -122.3)),
+        50 => (
+            FlightStatus::Flying,
+            DroneEventKind::StatusChanged { from: FlightStatus::Idle },
+            GeoPoint::new(47.6, -122.3),
+        ),
+        PICKUP_AT => (FlightStatus::Flying, DroneEventKind::PickedUp { delivery }, GeoPoint::new(47.6, -122.3)),
+        DROPOFF_AT => (FlightStatus::Flying, DroneEventKind::DroppedOff { delivery }, dropoff),
+        _ => (FlightStatus::Flying, DroneEventKind::Position, GeoPoint::new(47.61, -122.31)),
+    };
+    DroneEvent {
+        drone_id: drone,
+        seq,
+        ts_us: 1_000_000 * drone + seq,
+        position: at,
+        speed_mps: 10.0,
+        heading_deg: 0.0,
+        battery_pct: 80.0,
+        status,
+        kind,
     }
 }
