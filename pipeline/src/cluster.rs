@@ -57,7 +57,7 @@ use tracing::{debug, info, warn};
 use crate::bus::Topic;
 use crate::checkpoint::{self, Checkpoint};
 use crate::engine::{ShardMsg, shard_of};
-use crate::jetstream::JetStreamConfig;
+use crate::jetstream::{JetStreamConfig, JetStreamTopic};
 
 fn js_error(e: impl std::fmt::Display) -> crate::Error {
     crate::Error::JetStream(e.to_string())
@@ -107,8 +107,8 @@ pub struct ClusterMetrics {
 pub struct Cluster {
     client: async_nats::Client,
     js: jetstream::Context,
-    telemetry: jetstream::stream::Stream,
-    deliveries: jetstream::stream::Stream,
+    telemetry: JetStreamTopic,
+    deliveries: JetStreamTopic,
     leases: kv::Store,
     checkpoints: kv::Store,
     /// Named cursors, shared by every node.
@@ -166,16 +166,6 @@ async fn bucket(
     js.get_key_value(&name).await.map_err(|e| crate::Error::JetStream(format!("opening the KV bucket {name}: {e}")))
 }
 
-async fn topic_stream(
-    js: &jetstream::Context,
-    cfg: &JetStreamConfig,
-    name: &str,
-) -> Result<jetstream::stream::Stream, crate::Error> {
-    js.get_or_create_stream(crate::jetstream::topic_stream_config(cfg, name))
-        .await
-        .map_err(|e| crate::Error::JetStream(format!("creating the stream for {name}: {e}")))
-}
-
 fn default_node_id() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
     let host: String = host.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').collect();
@@ -197,8 +187,8 @@ impl Cluster {
         // re-send it after batches that were stored meanwhile, out of order for its drones.
         // Waiting holds the ingest back instead (at most `append_queue` batches in flight).
         js.set_timeout(PUBLISH_ACK_TIMEOUT);
-        let telemetry = topic_stream(&js, cfg, "telemetry").await?;
-        let deliveries = topic_stream(&js, cfg, "deliveries").await?;
+        let telemetry = JetStreamTopic::open_with(js.clone(), StreamTopic::DroneTelemetry, cfg).await?;
+        let deliveries = JetStreamTopic::open_with(js.clone(), StreamTopic::DeliveryEvents, cfg).await?;
         let lease = Duration::from_millis(cfg.lease_ms.max(300));
         let leases = bucket(&js, format!("{}_SHARDS", cfg.stream_prefix), lease, cfg.replicas).await?;
         let checkpoints =
@@ -219,7 +209,7 @@ impl Cluster {
         let node = if cfg.node_id.is_empty() { default_node_id() } else { cfg.node_id.clone() };
         let reply_prefix = client.new_inbox();
         let mut ends = [0, 0];
-        for (end, stream) in ends.iter_mut().zip([&telemetry, &deliveries]) {
+        for (end, stream) in ends.iter_mut().zip([telemetry.stream(), deliveries.stream()]) {
             let mut stream = stream.clone();
             *end = stream.info().await.map_err(js_error)?.state.last_sequence;
         }
@@ -284,8 +274,16 @@ impl Cluster {
         (0, self.ends[topic_index(topic)].load(Ordering::Acquire))
     }
 
-    fn subject(&self, topic: &str, shard: usize) -> String {
-        format!("{}.{topic}.{shard}", self.subject_prefix)
+    fn topic(&self, which: StreamTopic) -> &JetStreamTopic {
+        match which {
+            StreamTopic::DroneTelemetry => &self.telemetry,
+            StreamTopic::DeliveryEvents => &self.deliveries,
+        }
+    }
+
+    /// Where the node running `shard` answers questions about its drones.
+    fn drone_subject(&self, shard: usize) -> String {
+        format!("{}.drone.{shard}", self.subject_prefix)
     }
 
     /// Hands a batch, split by shard, to the NATS connection, and returns what resolves once
@@ -308,7 +306,7 @@ impl Cluster {
             Ok(parts) => {
                 for (shard, id, bytes) in parts {
                     let publish = jetstream::context::Publish::build().payload(bytes).message_id(id);
-                    match self.js.send_publish(self.subject("telemetry", shard), publish).await {
+                    match self.js.send_publish(self.telemetry.subject(shard), publish).await {
                         Ok(ack) => acks.push(ack),
                         Err(e) => {
                             failed = Some(storage_error(e));
@@ -340,7 +338,7 @@ impl Cluster {
     /// as it is; others are split (the only copy on this path).
     fn split(&self, batch: TelemetryBatch) -> Result<Vec<(usize, String, Bytes)>, Error> {
         let meta = batch.header().meta;
-        let id = |shard: usize| format!("{}-{}-{shard}", meta.producer_id, meta.batch_seq);
+        let id = |shard: usize| JetStreamTopic::batch_id(meta, shard);
         let mut indices: FxHashMap<usize, Vec<u32>> = FxHashMap::default();
         for (i, ev) in batch.events().iter().enumerate() {
             indices.entry(shard_of(ev.drone_id.to_native(), self.shards)).or_default().push(i as u32);
@@ -382,7 +380,7 @@ impl Cluster {
         }
         let sent = async {
             self.js
-                .send_publish(self.subject("telemetry", shard), publish)
+                .send_publish(self.telemetry.subject(shard), publish)
                 .await
                 .map_err(storage_error)?
                 .await
@@ -460,7 +458,7 @@ impl Cluster {
             let shard = shard_of(owned.drone_id, self.shards);
             match DeliveryBatch::encode(meta, std::slice::from_ref(&owned), Buffer::with_capacity(256)) {
                 Ok(one) => out.push((
-                    self.subject("deliveries", shard),
+                    self.deliveries.subject(shard),
                     format!("{}-{}", owned.delivery_id, owned.seq),
                     Bytes::from_owner(one.into_buffer()),
                 )),
@@ -473,7 +471,7 @@ impl Cluster {
     /// reported, or when no node answers within a second (while a shard changes hands nobody
     /// runs it for a moment: the question is asked again until then).
     pub(crate) async fn drone(&self, id: events::DroneId) -> Result<Option<events::DroneSnapshot>, Error> {
-        let subject = self.subject("drone", shard_of(id, self.shards));
+        let subject = self.drone_subject(shard_of(id, self.shards));
         let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
         loop {
             let asked = self.client.request(subject.clone(), id.to_string().into());
@@ -675,23 +673,7 @@ impl Cluster {
         deliver_policy: DeliverPolicy,
         shard: Option<usize>,
     ) -> Result<jetstream::consumer::pull::Ordered, crate::Error> {
-        let (stream, name) = match which {
-            StreamTopic::DroneTelemetry => (&self.telemetry, "telemetry"),
-            StreamTopic::DeliveryEvents => (&self.deliveries, "deliveries"),
-        };
-        let filter_subject = match shard {
-            Some(s) => self.subject(name, s),
-            None => format!("{}.{name}.*", self.subject_prefix),
-        };
-        let consumer = stream
-            .create_consumer(jetstream::consumer::pull::OrderedConfig {
-                deliver_policy,
-                filter_subject,
-                ..Default::default()
-            })
-            .await
-            .map_err(js_error)?;
-        consumer.messages().await.map_err(js_error)
+        self.topic(which).ordered(deliver_policy, shard).await
     }
 
     /// A batch message's offset and batch; `None` (and counted) for commands and anything
@@ -719,10 +701,7 @@ impl Cluster {
         from: StartAt,
     ) -> Result<events::OffsetSubscription<T>, Error> {
         let (tx, rx) = flume::bounded::<LogItem<T>>(crate::engine::FOLLOW_QUEUE);
-        let stream = match which {
-            StreamTopic::DroneTelemetry => self.telemetry.clone(),
-            StreamTopic::DeliveryEvents => self.deliveries.clone(),
-        };
+        let stream = self.topic(which).stream().clone();
         // Where it starts is answered before returning. `block_in_place` lets a runtime worker
         // wait for it without holding up the tasks queued behind it.
         let start = tokio::task::block_in_place(|| self.handle.block_on(start_of::<T>(stream, from)))?;
@@ -933,7 +912,7 @@ impl Keeper {
         }
         let fair = c.shards.div_ceil(nodes.max(1));
         // Where each topic ends, for cursor lag: every node's appends, not only this one's.
-        for (end, stream) in c.ends.iter().zip([&c.telemetry, &c.deliveries]) {
+        for (end, stream) in c.ends.iter().zip([c.telemetry.stream(), c.deliveries.stream()]) {
             let mut stream = stream.clone();
             if let Ok(info) = stream.info().await {
                 end.fetch_max(info.state.last_sequence, Ordering::AcqRel);
@@ -979,7 +958,7 @@ impl Keeper {
         c.metrics.owned.fetch_add(1, Ordering::Relaxed);
         c.metrics.acquired.fetch_add(1, Ordering::Relaxed);
         let feed = tokio::spawn(feed(c.clone(), shard, from, self.shards[shard].clone()));
-        let questions = c.client.subscribe(c.subject("drone", shard)).await.map_err(js_error)?;
+        let questions = c.client.subscribe(c.drone_subject(shard)).await.map_err(js_error)?;
         let queries = tokio::spawn(answer_drone_queries(c.client.clone(), questions, self.shards[shard].clone()));
         self.held.insert(shard, Held { revision, feed, queries });
         info!(shard, from = from.unwrap_or(0), restore_ms = started.elapsed().as_millis() as u64, "took over a shard");

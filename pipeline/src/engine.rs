@@ -776,7 +776,7 @@ impl WorkQueues for Engine {
 
     fn release(&self, queue: QueueName, consumer: u64) {
         if let Some(q) = self.external(queue) {
-            return crate::jetstream::release_session(q, consumer);
+            return q.release(consumer);
         }
         self.inner.queues.release(queue, consumer);
     }

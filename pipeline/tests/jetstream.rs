@@ -110,17 +110,7 @@ async fn the_queue_path_leases_redelivers_and_dead_letters_with_the_reason() {
     else {
         return;
     };
-    let cfg = JetStreamConfig {
-        url,
-        stream_prefix: format!("FSQTEST{}", std::process::id()),
-        subject_prefix: format!("fsqtest{}", std::process::id()),
-        ..JetStreamConfig::default()
-    };
-    let settings = pipeline::queue::state::QueueConfig {
-        visibility_timeout_ms: 400,
-        max_attempts: 3,
-        ..pipeline::queue::state::QueueConfig::default()
-    };
+    let (cfg, settings) = queue_test_config(url, "FSQTEST");
     let queue = JetStreamQueue::open(&client, events::QueueName::Notifications, &settings, &cfg).await.unwrap();
     for key in 1..=3u64 {
         queue.enqueue(key, Bytes::from(format!("message {key}"))).await.unwrap();
@@ -195,17 +185,7 @@ async fn drone_commands_go_only_to_the_session_holding_their_keys_and_dead_lette
     let Some((client, url)) = common::nats("drone_commands_go_only_to_the_session_holding_their_keys").await else {
         return;
     };
-    let cfg = JetStreamConfig {
-        url,
-        stream_prefix: format!("FSKTEST{}", std::process::id()),
-        subject_prefix: format!("fsktest{}", std::process::id()),
-        ..JetStreamConfig::default()
-    };
-    let settings = pipeline::queue::state::QueueConfig {
-        visibility_timeout_ms: 400,
-        max_attempts: 3,
-        ..pipeline::queue::state::QueueConfig::default()
-    };
+    let (cfg, settings) = queue_test_config(url, "FSKTEST");
     let queue = KeyedQueue::open(&client, events::QueueName::DroneCommands, &settings, &cfg).await.unwrap();
     for key in [10u64, 11, 20] {
         queue.enqueue(key, Bytes::from(format!("mission for {key}"))).await.unwrap();
@@ -279,4 +259,21 @@ async fn drone_commands_go_only_to_the_session_holding_their_keys_and_dead_lette
     for stream in ["QUEUE_DRONE_COMMANDS", "DEAD_LETTERS"] {
         js.delete_stream(format!("{}_{stream}", cfg.stream_prefix)).await.unwrap();
     }
+}
+
+/// A JetStream config under `prefix` (with this process's id) and queue settings whose 400 ms
+/// visibility timeout and three attempts let a test see redelivery and dead letters quickly.
+fn queue_test_config(url: String, prefix: &str) -> (JetStreamConfig, pipeline::queue::state::QueueConfig) {
+    let cfg = JetStreamConfig {
+        url,
+        stream_prefix: format!("{prefix}{}", std::process::id()),
+        subject_prefix: format!("{}{}", prefix.to_lowercase(), std::process::id()),
+        ..JetStreamConfig::default()
+    };
+    let settings = pipeline::queue::state::QueueConfig {
+        visibility_timeout_ms: 400,
+        max_attempts: 3,
+        ..pipeline::queue::state::QueueConfig::default()
+    };
+    (cfg, settings)
 }

@@ -118,11 +118,55 @@ pub struct JetStreamTopic {
 impl JetStreamTopic {
     /// Creates the topic's stream if it does not exist (and otherwise uses it as it is).
     pub async fn open(client: &async_nats::Client, topic: Topic, cfg: &JetStreamConfig) -> Result<Self, Error> {
-        let js = jetstream::new(client.clone());
+        Self::open_with(jetstream::new(client.clone()), topic, cfg).await
+    }
+
+    /// [`JetStreamTopic::open`] on a context of the caller's (its timeouts apply).
+    pub(crate) async fn open_with(js: jetstream::Context, topic: Topic, cfg: &JetStreamConfig) -> Result<Self, Error> {
         let name = topic_name(topic);
         let subject_prefix = format!("{}.{name}", cfg.subject_prefix);
-        let stream = js.get_or_create_stream(topic_stream_config(cfg, name)).await.map_err(js_error)?;
+        let stream = js
+            .get_or_create_stream(topic_stream_config(cfg, name))
+            .await
+            .map_err(|e| Error::JetStream(format!("creating the stream for {name}: {e}")))?;
         Ok(Self { js, stream, subject_prefix })
+    }
+
+    /// The stream.
+    pub(crate) fn stream(&self) -> &jetstream::stream::Stream {
+        &self.stream
+    }
+
+    /// `shard`'s subject.
+    pub(crate) fn subject(&self, shard: usize) -> String {
+        format!("{}.{shard}", self.subject_prefix)
+    }
+
+    /// The message id of `shard`'s part of a batch: a re-send of it is dropped by JetStream.
+    pub(crate) fn batch_id(meta: BatchMeta, shard: usize) -> String {
+        format!("{}-{}-{shard}", meta.producer_id, meta.batch_seq)
+    }
+
+    /// An ordered reader of the topic (or of one shard's subject) from `deliver_policy`.
+    pub(crate) async fn ordered(
+        &self,
+        deliver_policy: DeliverPolicy,
+        shard: Option<usize>,
+    ) -> Result<jetstream::consumer::pull::Ordered, Error> {
+        let filter_subject = match shard {
+            Some(s) => self.subject(s),
+            None => format!("{}.*", self.subject_prefix),
+        };
+        let consumer = self
+            .stream
+            .create_consumer(jetstream::consumer::pull::OrderedConfig {
+                deliver_policy,
+                filter_subject,
+                ..Default::default()
+            })
+            .await
+            .map_err(js_error)?;
+        consumer.messages().await.map_err(js_error)
     }
 
     /// The stream's name.
@@ -133,11 +177,15 @@ impl JetStreamTopic {
     /// Appends one batch (its wire bytes) on `shard`'s subject; resolves once JetStream has
     /// stored it (or recognised it as a re-send).
     pub async fn append(&self, shard: u32, meta: BatchMeta, bytes: Bytes) -> Result<Appended, Error> {
-        let subject = format!("{}.{shard}", self.subject_prefix);
-        let publish = jetstream::context::Publish::build()
-            .payload(bytes)
-            .message_id(format!("{}-{}", meta.producer_id, meta.batch_seq));
-        let ack = self.js.send_publish(subject, publish).await.map_err(js_error)?.await.map_err(js_error)?;
+        let publish =
+            jetstream::context::Publish::build().payload(bytes).message_id(Self::batch_id(meta, shard as usize));
+        let ack = self
+            .js
+            .send_publish(self.subject(shard as usize), publish)
+            .await
+            .map_err(js_error)?
+            .await
+            .map_err(js_error)?;
         Ok(Appended { offset: ack.sequence.saturating_sub(1), duplicate: ack.duplicate })
     }
 
@@ -151,17 +199,7 @@ impl JetStreamTopic {
                 start_time: time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(us) * 1000).map_err(js_error)?,
             },
         };
-        let consumer = self
-            .stream
-            .create_consumer(jetstream::consumer::pull::OrderedConfig {
-                deliver_policy,
-                filter_subject: format!("{}.*", self.subject_prefix),
-                ..Default::default()
-            })
-            .await
-            .map_err(js_error)?;
-        let messages = consumer.messages().await.map_err(js_error)?;
-        Ok(TopicReader { messages })
+        Ok(TopicReader { messages: self.ordered(deliver_policy, None).await? })
     }
 }
 
@@ -258,7 +296,7 @@ pub struct JetStreamQueue {
     subject_prefix: String,
     dead_subject: String,
     dead_stream: jetstream::stream::Stream,
-    max_attempts: u32,
+    settler: std::sync::Arc<Settler>,
     watcher: tokio::task::JoinHandle<()>,
 }
 
@@ -309,16 +347,12 @@ impl JetStreamQueue {
             settings.visibility_timeout_ms,
         )
         .await?;
-        Ok(Self {
-            js,
-            stream,
-            consumer,
-            subject_prefix,
-            dead_subject,
-            dead_stream,
+        let settler = std::sync::Arc::new(Settler {
+            js: js.clone(),
+            dead_subject: dead_subject.clone(),
             max_attempts: settings.max_attempts.max(1),
-            watcher,
-        })
+        });
+        Ok(Self { js, stream, consumer, subject_prefix, dead_subject, dead_stream, settler, watcher })
     }
 
     /// Adds a message for `key`; resolves once JetStream stored it. Returns its id.
@@ -368,8 +402,8 @@ impl JetStreamQueue {
     }
 
     /// What settling needs, detached from the queue (to settle from a spawned task).
-    fn settler(&self) -> Settler {
-        Settler { js: self.js.clone(), dead_subject: self.dead_subject.clone(), max_attempts: self.max_attempts }
+    fn settler(&self) -> std::sync::Arc<Settler> {
+        self.settler.clone()
     }
 
     /// Messages waiting or leased.
@@ -703,7 +737,7 @@ impl JsWorkQueue {
 
     fn settler(&self) -> std::sync::Arc<Settler> {
         match &self.kind {
-            JsQueueKind::Competing(q) => std::sync::Arc::new(q.settler()),
+            JsQueueKind::Competing(q) => q.settler(),
             JsQueueKind::Keyed(q) => q.settler(),
         }
     }
@@ -734,27 +768,24 @@ impl JsWorkQueue {
 
     /// See [`events::WorkQueues::release`]: the consumer's leases go back at once (a keyed
     /// session's consumers are deleted, which gives back everything it held).
-    pub fn release(&self, consumer: u64) {
+    pub fn release(self: &std::sync::Arc<Self>, consumer: u64) {
         let mine: Vec<JsLeased> = {
             let mut leased = self.leased.lock();
             let ids: Vec<u64> = leased.iter().filter(|(_, (c, _))| *c == consumer).map(|(id, _)| *id).collect();
             ids.into_iter().filter_map(|id| leased.remove(&id).map(|(_, l)| l)).collect()
         };
         let Ok(handle) = tokio::runtime::Handle::try_current() else { return };
-        match &self.kind {
-            JsQueueKind::Competing(_) if mine.is_empty() => {}
-            JsQueueKind::Competing(_) => {
-                handle.spawn(async move {
+        let queue = self.clone();
+        handle.spawn(async move {
+            match &queue.kind {
+                JsQueueKind::Competing(_) => {
                     for l in mine {
                         let _ = l.msg.ack_with(jetstream::AckKind::Nak(None)).await;
                     }
-                });
+                }
+                JsQueueKind::Keyed(q) => q.release(consumer).await,
             }
-            JsQueueKind::Keyed(_) => {
-                // The adapter is shared behind an Arc by the engine; releasing needs the queue
-                // for the consumers' deletion, so the engine calls `release_session`.
-            }
-        }
+        });
     }
 
     /// See [`events::WorkQueues::attach`].
@@ -763,20 +794,6 @@ impl JsWorkQueue {
             JsQueueKind::Competing(_) => self.next_consumer.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             JsQueueKind::Keyed(q) => q.attach(),
         }
-    }
-}
-
-/// Releases a keyed session in the background (see [`JsWorkQueue::release`]).
-pub fn release_session(queue: std::sync::Arc<JsWorkQueue>, consumer: u64) {
-    queue.release(consumer);
-    if matches!(queue.kind, JsQueueKind::Keyed(_))
-        && let Ok(handle) = tokio::runtime::Handle::try_current()
-    {
-        handle.spawn(async move {
-            if let JsQueueKind::Keyed(q) = &queue.kind {
-                q.release(consumer).await;
-            }
-        });
     }
 }
 
