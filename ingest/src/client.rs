@@ -38,6 +38,9 @@ pub struct ClientConfig {
     pub connection_window_bytes: u64,
     /// Largest UDP payload path-MTU discovery may try, bytes. Default 65,527, as on the server.
     pub max_udp_payload_bytes: u16,
+    /// Kernel receive and send buffer asked for the UDP socket, bytes; 0 keeps the system's
+    /// default. Default 4 MiB, as on the server: a subscriber receives as much as a server.
+    pub udp_buffer_bytes: usize,
     /// Keep-alive interval. Default 5 s, well inside the server's idle timeout.
     pub keep_alive: Duration,
     /// Limits applied to batches received on subscriptions.
@@ -57,6 +60,7 @@ impl ClientConfig {
             stream_window_bytes: 4 << 20,
             connection_window_bytes: 16 << 20,
             max_udp_payload_bytes: crate::proto::DEFAULT_MAX_UDP_PAYLOAD,
+            udp_buffer_bytes: crate::udp::DEFAULT_UDP_BUFFER_BYTES,
             keep_alive: Duration::from_secs(5),
             limits: Limits::default(),
             identity: None,
@@ -87,7 +91,10 @@ impl IngestClient {
     /// Connects (TLS 1.3 handshake included).
     pub async fn connect(addr: SocketAddr, cfg: &ClientConfig) -> Result<Self, Error> {
         let bind: SocketAddr = if addr.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { ([0u16; 8], 0).into() };
-        let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| Error::Bind(bind, e))?;
+        let socket = crate::udp::bind(bind, cfg.udp_buffer_bytes)?;
+        let mut endpoint =
+            quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, Arc::new(quinn::TokioRuntime))
+                .map_err(|e| Error::Bind(bind, e))?;
         let identity = match &cfg.identity {
             Some((cert, key)) => Some(crate::tls::Identity::from_files(cert, key)?),
             None => None,

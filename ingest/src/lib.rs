@@ -1,6 +1,7 @@
 //! QUIC ingest for fleetstream: the server that receives telemetry batches and serves
 //! subscriptions ([`server`]), the client library drones, gateways and `loadgen` use
-//! ([`client`]), the stream framing they share ([`proto`]) and TLS ([`tls`]).
+//! ([`client`]), the stream framing they share ([`proto`]), TLS ([`tls`]) and the UDP sockets
+//! under both ([`udp`]).
 //!
 //! The crate depends on the contract in `events` only: the server hands batches to any
 //! `events::BatchSink` and serves any `events::StreamSource`, so it never sees the engine.
@@ -13,6 +14,7 @@ pub mod producer;
 pub mod proto;
 pub mod server;
 pub mod tls;
+pub mod udp;
 
 use std::net::SocketAddr;
 

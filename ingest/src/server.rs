@@ -83,6 +83,10 @@ pub struct ServerConfig {
     /// [`crate::proto::DEFAULT_MAX_UDP_PAYLOAD`] for why); 1,452 keeps every packet inside an
     /// Ethernet frame from the start.
     pub max_udp_payload_bytes: u16,
+    /// Kernel receive and send buffer asked for the UDP socket, bytes; 0 keeps the system's
+    /// default. Default 4 MiB (see [`crate::udp`]: a small buffer drops packets whenever the
+    /// server is descheduled for a few milliseconds, and every drop stalls a stream).
+    pub udp_buffer_bytes: usize,
     /// Close a connection after this long without traffic, ms. Default 30,000.
     pub idle_timeout_ms: u64,
     /// On shutdown, how long in-flight streams get to finish, ms. Default 5,000.
@@ -105,6 +109,7 @@ impl Default for ServerConfig {
             stream_window_bytes: 4 << 20,
             connection_window_bytes: 16 << 20,
             max_udp_payload_bytes: crate::proto::DEFAULT_MAX_UDP_PAYLOAD,
+            udp_buffer_bytes: crate::udp::DEFAULT_UDP_BUFFER_BYTES,
             idle_timeout_ms: 30_000,
             drain_timeout_ms: 5_000,
         }
@@ -215,7 +220,10 @@ impl IngestServer {
         };
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_crypto(&identity, client_ca.as_deref())?));
         server.transport_config(Arc::new(transport(cfg)?));
-        let endpoint = quinn::Endpoint::server(server, cfg.listen).map_err(|e| Error::Bind(cfg.listen, e))?;
+        let socket = crate::udp::bind(cfg.listen, cfg.udp_buffer_bytes)?;
+        let endpoint =
+            quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(server), socket, Arc::new(quinn::TokioRuntime))
+                .map_err(|e| Error::Bind(cfg.listen, e))?;
         Ok(Self { endpoint, cfg: cfg.clone(), certificate_pem: identity.chain_pem, metrics: Arc::default() })
     }
 

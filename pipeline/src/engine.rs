@@ -169,8 +169,17 @@ pub(crate) enum ShardMsg {
 }
 
 enum AppendReq {
-    Batch { batch: TelemetryBatch, ack: oneshot::Sender<Result<(), Error>> },
-    Command { cmd: DeliveryCommand, reply: oneshot::Sender<Result<(), Error>>, trace: TraceContext },
+    /// `queued`: when the batch was handed to the appender.
+    Batch {
+        batch: TelemetryBatch,
+        ack: oneshot::Sender<Result<(), Error>>,
+        queued: Instant,
+    },
+    Command {
+        cmd: DeliveryCommand,
+        reply: oneshot::Sender<Result<(), Error>>,
+        trace: TraceContext,
+    },
     Stop,
 }
 
@@ -189,6 +198,13 @@ pub struct EngineMetrics {
     pub fsyncs: AtomicU64,
     /// Time spent in fsync, µs.
     pub fsync_us: AtomicU64,
+    /// From a batch handed to the appender to its acknowledgement: the queue, the write, the
+    /// group's fsync and the routing to shards.
+    pub append_time: events::prom::Histogram,
+    /// How long each fsync of the input log took.
+    pub fsync_time: events::prom::Histogram,
+    /// How long each fsync of the delivery-events log took.
+    pub delivery_fsync_time: events::prom::Histogram,
     /// Drone events applied by shards.
     pub applied: AtomicU64,
     /// Drone events dropped as repeats.
@@ -353,6 +369,7 @@ impl Engine {
             },
             last_retention: Instant::now(),
             cluster: cluster.clone(),
+            metrics: metrics.clone(),
         };
         publisher.rebuild()?;
         threads.push(std::thread::Builder::new().name("publisher".into()).spawn(move || publisher.run(publish_rx))?);
@@ -624,6 +641,11 @@ pub fn render_metrics(engine: &Engine, out: &mut String) {
         counter(out, name, c.load(Ordering::Relaxed));
     }
     gauge(out, "fleetstream_log_bytes", m.log_bytes.load(Ordering::Relaxed));
+    declare(out, "fleetstream_engine_append_seconds", "histogram");
+    m.append_time.render(out, "fleetstream_engine_append_seconds", "log", "input");
+    declare(out, "fleetstream_log_fsync_seconds", "histogram");
+    m.fsync_time.render(out, "fleetstream_log_fsync_seconds", "log", "input");
+    m.delivery_fsync_time.render(out, "fleetstream_log_fsync_seconds", "log", "delivery-events");
     gauge(out, "fleetstream_engine_append_queue_depth", engine.append_depth());
     declare(out, "fleetstream_engine_shard_queue_depth", "gauge");
     for (shard, depth) in engine.queue_depths().into_iter().enumerate() {
@@ -675,7 +697,7 @@ impl BatchSink for Engine {
             });
             return Ok(AckFuture(rx));
         }
-        self.to_appender(AppendReq::Batch { batch, ack }).await?;
+        self.to_appender(AppendReq::Batch { batch, ack, queued: Instant::now() }).await?;
         Ok(AckFuture(rx))
     }
 }
@@ -954,6 +976,7 @@ struct Publisher {
     last_retention: Instant,
     /// On JetStream: derived events go there, and this node's topic is fed back from it.
     cluster: Option<Arc<crate::cluster::Cluster>>,
+    metrics: Arc<EngineMetrics>,
 }
 
 impl Publisher {
@@ -1049,9 +1072,13 @@ impl Publisher {
             if unsynced
                 && (self.policy == FsyncPolicy::EveryBatch || !barriers.is_empty())
                 && let Some(log) = &self.log
-                && let Err(e) = log.lock().sync()
             {
-                error!(error = %e, "syncing the delivery-events log failed");
+                let started = Instant::now();
+                let synced = log.lock().sync();
+                self.metrics.delivery_fsync_time.record(started.elapsed());
+                if let Err(e) = synced {
+                    error!(error = %e, "syncing the delivery-events log failed");
+                }
             }
             if let Some(cluster) = &self.cluster {
                 // The whole group in one go (acknowledgements overlap); this node's topic is
@@ -1088,7 +1115,7 @@ const MAX_GROUP: usize = 1024;
 
 /// What an appended request still needs after the group's sync.
 enum Appended {
-    Batch { offset: u64, batch: TelemetryBatch, ack: oneshot::Sender<Result<(), Error>> },
+    Batch { offset: u64, batch: TelemetryBatch, ack: oneshot::Sender<Result<(), Error>>, queued: Instant },
     Duplicate { ack: oneshot::Sender<Result<(), Error>> },
     Command { offset: u64, cmd: DeliveryCommand, reply: oneshot::Sender<Result<(), Error>>, trace: TraceContext },
 }
@@ -1193,7 +1220,7 @@ impl Appender {
             for req in group.drain(..) {
                 match req {
                     AppendReq::Stop => stop = true,
-                    AppendReq::Batch { batch, ack } => self.append_batch(batch, ack, &mut appended),
+                    AppendReq::Batch { batch, ack, queued } => self.append_batch(batch, ack, queued, &mut appended),
                     AppendReq::Command { cmd, reply, trace } => self.append_command(cmd, reply, trace, &mut appended),
                 }
             }
@@ -1232,6 +1259,7 @@ impl Appender {
         &mut self,
         batch: TelemetryBatch,
         ack: oneshot::Sender<Result<(), Error>>,
+        queued: Instant,
         out: &mut Vec<Appended>,
     ) {
         let meta = batch.header().meta;
@@ -1245,7 +1273,7 @@ impl Appender {
                 self.windows.insert(meta.producer_id, meta.batch_seq, offset);
                 self.metrics.batches.fetch_add(1, Ordering::Relaxed);
                 self.metrics.events.fetch_add(batch.len() as u64, Ordering::Relaxed);
-                out.push(Appended::Batch { offset, batch, ack });
+                out.push(Appended::Batch { offset, batch, ack, queued });
             }
             Err(e) => {
                 let _ = ack.send(Err(e));
@@ -1311,6 +1339,7 @@ impl Appender {
         let result = shared.lock().sync();
         self.metrics.fsyncs.fetch_add(1, Ordering::Relaxed);
         self.metrics.fsync_us.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        self.metrics.fsync_time.record(started.elapsed());
         self.last_sync = Instant::now();
         self.unsynced = false;
         result.map_err(|e| {
@@ -1325,11 +1354,12 @@ impl Appender {
         let mut last = None;
         for a in appended.drain(..) {
             match a {
-                Appended::Batch { offset, batch, ack } => {
+                Appended::Batch { offset, batch, ack, queued } => {
                     let batch = Arc::new(batch);
                     self.route(offset, batch.clone());
                     let _ = self.fanout.send(Some(batch));
                     let _ = ack.send(Ok(()));
+                    self.metrics.append_time.record(queued.elapsed());
                     last = Some(offset);
                 }
                 Appended::Duplicate { ack } => {

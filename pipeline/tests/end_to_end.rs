@@ -87,6 +87,18 @@ async fn a_simulated_fleet_completes_its_deliveries_without_loss() {
     let metrics = http.get(format!("http://{}/metrics", node.http_addr)).send().await.unwrap().text().await.unwrap();
     assert!(metrics.contains("fleetstream_ingest_events_total 15000"), "{metrics}");
     assert!(metrics.contains("fleetstream_engine_events_applied_total 15000"), "{metrics}");
+    // Every appended batch is timed from the appender's queue to its acknowledgement.
+    let value = |name: &str| {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("{name}"))
+    };
+    let batches = value("fleetstream_engine_batches_total ");
+    assert!(batches > 0);
+    assert_eq!(value("fleetstream_engine_append_seconds_count{log=\"input\"} "), batches, "{metrics}");
+    assert_eq!(value("fleetstream_engine_append_seconds_bucket{log=\"input\",le=\"+Inf\"} "), batches);
+    assert!(value("fleetstream_log_fsync_seconds_count{log=\"input\"} ") > 0, "{metrics}");
     #[cfg(target_os = "linux")]
     assert!(metrics.contains("\nprocess_resident_memory_bytes "), "{metrics}");
 
