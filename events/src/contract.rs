@@ -54,8 +54,11 @@ impl Topic {
 /// What happens when a subscriber's queue is full.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Overflow {
-    /// The publisher waits: nothing is dropped, and a slow subscriber slows the pipeline. For
-    /// in-process consumers that must see everything (the services' read models).
+    /// The publisher waits: nothing is dropped, and a slow subscriber slows the pipeline. Only
+    /// for a consumer that never waits on the pipeline itself (a shard, a command, a query):
+    /// the publisher blocked on it would then wait in a cycle. A consumer that must see
+    /// everything and may call back into the pipeline follows the log instead
+    /// ([`StreamSource::subscribe_deliveries_from`]).
     Block,
     /// The subscriber is cut off with [`Error::Lagged`]; the pipeline never waits for it. For
     /// remote subscribers, whose speed the server does not control.

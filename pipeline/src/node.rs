@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::routing::get;
-use events::{Overflow, StreamSource};
+use events::StreamSource;
 use ingest::{IngestMetrics, IngestServer};
 use services::Services;
 use tokio::sync::oneshot;
@@ -102,27 +102,41 @@ impl Node {
                 .map_err(|e| Error::Task(format!("opening the services' stores in {}: {e}", services_dir.display())))?,
         );
 
-        let deliveries = engine.subscribe_deliveries(Overflow::Block)?;
+        // The services follow delivery events through the log, never through a blocking live
+        // subscription: applying a batch asks the shards for drone state, and a shard that is
+        // checkpointing waits for the publisher, so a publisher blocked on this consumer's full
+        // queue would close a cycle (seen at 1.2 M events/s: every thread waiting, nothing acked).
+        // A log follower blocks only itself.
+        let deliveries = engine.subscribe_deliveries_from(events::StartAt::Latest)?;
         let (consumer_stop, mut stop_rx) = oneshot::channel::<()>();
         let svc = services.clone();
         let consumer_task = tokio::spawn(async move {
+            let apply = async |item: events::contract::LogItem<events::DeliveryEvent>| match item {
+                Ok((_, batch)) => {
+                    if let Err(error) = svc.apply_delivery_events(&batch).await {
+                        tracing::warn!(%error, "could not queue notifications");
+                    }
+                    true
+                }
+                Err(events::Error::ShuttingDown) => false,
+                Err(error) => {
+                    tracing::error!(%error, "the services stopped following delivery events");
+                    false
+                }
+            };
             loop {
                 tokio::select! {
                     _ = &mut stop_rx => break,
-                    batch = deliveries.rx.recv_async() => match batch {
-                        Ok(batch) => {
-                            if let Err(error) = svc.apply_delivery_events(&batch).await {
-                                tracing::warn!(%error, "could not queue notifications");
-                            }
-                        }
+                    item = deliveries.rx.recv_async() => match item {
+                        Ok(item) => if !apply(item).await { return },
                         Err(_) => return,
                     }
                 }
             }
             let rest: Vec<_> = deliveries.rx.try_iter().collect();
-            for batch in rest {
-                if let Err(error) = svc.apply_delivery_events(&batch).await {
-                    tracing::warn!(%error, "could not queue notifications");
+            for item in rest {
+                if !apply(item).await {
+                    return;
                 }
             }
         });

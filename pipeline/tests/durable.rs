@@ -285,3 +285,38 @@ async fn an_offset_subscription_reads_history_then_follows_live() {
     assert_eq!((offset, b.header().meta.batch_seq), (7, 6), "nothing older, nothing missed");
     engine.shutdown(threads).await;
 }
+
+/// A consumer following delivery events through the log that stops reading, while the shards
+/// checkpoint and answer drone queries (what the services do for every terminal event), never
+/// stalls the engine: the publisher does not wait for log followers. The services once used a
+/// blocking live subscription here, which closed a cycle under load (publisher waiting for the
+/// consumer, the consumer for a shard's answer, the checkpointing shard for the publisher).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_follower_that_stops_reading_never_stalls_the_engine() {
+    let dir = TempDir::new("stalled-follower");
+    let config = EngineConfig { subscriber_queue: 16, ..cfg() };
+    let (engine, threads, _) = Engine::start(config, durable(&dir.0, LogConfig::default())).unwrap();
+    let stalled = engine.subscribe_deliveries_from(StartAt::Latest).unwrap();
+    const DELIVERIES: u64 = 600;
+    let work = async {
+        for d in 0..DELIVERIES {
+            engine.command(create(d, d)).await.unwrap();
+            if d % 50 == 0 {
+                // Long enough for every shard to checkpoint between commands.
+                tokio::time::sleep(Duration::from_millis(30)).await;
+                assert!(engine.drone(d).await.is_ok());
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), work).await.expect("the engine stalled behind a stopped reader");
+    // Reading again, the follower gets every event, in order.
+    let mut created = Vec::new();
+    while created.len() < DELIVERIES as usize {
+        let (_, b) =
+            tokio::time::timeout(Duration::from_secs(10), stalled.rx.recv_async()).await.unwrap().unwrap().unwrap();
+        created.extend(b.events().iter().map(|e| (e.delivery_id.to_native(), e.stage.to_stage())));
+    }
+    created.sort_unstable();
+    assert_eq!(created, (0..DELIVERIES).map(|d| (d, DeliveryStage::Created)).collect::<Vec<_>>());
+    engine.shutdown(threads).await;
+}
