@@ -54,6 +54,10 @@ pub struct LoadConfig {
     pub connections: usize,
     /// How long drones send telemetry.
     pub duration: Duration,
+    /// The first part of `duration` whose events are sent and checked but not timed, so the
+    /// latency figures describe the steady state (connections past slow start, buffers grown).
+    /// Default 0: every event is timed.
+    pub warmup: Duration,
     /// Most events in one batch.
     pub batch_max_events: usize,
     /// Longest an event waits for its batch to fill before the batch is sent anyway.
@@ -120,6 +124,7 @@ impl LoadConfig {
             rate: 10_000.0,
             connections: 4,
             duration: Duration::from_secs(10),
+            warmup: Duration::ZERO,
             batch_max_events: 1_024,
             linger: Duration::from_millis(5),
             deliveries_per_s: 100.0,
@@ -306,6 +311,8 @@ pub struct Report {
     pub duplicates: u64,
     /// Length of the sending phase, seconds.
     pub duration_s: f64,
+    /// Its first part, whose events were checked but not timed (see [`LoadConfig::warmup`]).
+    pub warmup_s: f64,
     /// Acknowledged events per second over the sending phase.
     pub throughput_eps: f64,
     /// The rate asked for.
@@ -375,6 +382,13 @@ impl std::fmt::Display for Report {
             "lost        {} (telemetry {}, delivery events {})   duplicates {}",
             self.lost, self.lost_telemetry, self.lost_delivery_events, self.duplicates
         )?;
+        if self.warmup_s > 0.0 {
+            writeln!(
+                f,
+                "latency     of events created after the first {:.1} s (warm-up, checked but not timed)",
+                self.warmup_s
+            )?;
+        }
         writeln!(
             f,
             "latency µs  delivery events p50 {} p90 {} p99 {} p999 {} max {}  (n={})",
@@ -461,6 +475,8 @@ struct Counters {
     completed: AtomicU64,
     telemetry_unique: AtomicU64,
     delivery_unique: AtomicU64,
+    /// Events created from this time on (µs since the epoch) are timed.
+    measure_from_us: AtomicU64,
     rejections: Mutex<BTreeMap<String, u64>>,
 }
 
@@ -591,6 +607,8 @@ pub async fn run(cfg: LoadConfig, progress: Arc<dyn Fn(&Progress) + Send + Sync>
     };
     let start = Instant::now();
     let start_us = now_us();
+    let warmup_us = u64::try_from(cfg.warmup.min(cfg.duration).as_micros()).unwrap_or(u64::MAX);
+    counters.measure_from_us.store(start_us.saturating_add(warmup_us), Ordering::Relaxed);
     let drivers: Vec<_> = ready
         .into_iter()
         .map(|(driver, producer)| tokio::spawn(driver.run(producer, cfg.clone(), counters.clone(), start, start_us)))
@@ -708,6 +726,7 @@ pub async fn run(cfg: LoadConfig, progress: Arc<dyn Fn(&Progress) + Send + Sync>
         lost_delivery_events,
         duplicates: tel.duplicates + del.duplicates,
         duration_s,
+        warmup_s: cfg.warmup.min(cfg.duration).as_secs_f64(),
         throughput_eps: acked as f64 / duration_s.max(1e-9),
         target_eps: cfg.rate,
         latency_us: Percentiles::of(&del.latency),
@@ -771,6 +790,7 @@ async fn subscribe(cfg: &LoadConfig, client_cfg: &ClientConfig, counters: &Arc<C
             }
         };
         observe(tsub, obs, hold, stop_rx.clone(), move |obs, batch| {
+            obs.measure_from_us = counters.measure_from_us.load(Ordering::Relaxed);
             obs.observe(batch, now_us());
             counters.telemetry_unique.store(obs.unique, Ordering::Relaxed);
         })
@@ -779,6 +799,7 @@ async fn subscribe(cfg: &LoadConfig, client_cfg: &ClientConfig, counters: &Arc<C
         let counters = counters.clone();
         let obs = DeliveryObserver::new(cfg.drone_id_base, cfg.drones);
         observe(dsub, obs, std::future::ready(true), stop_rx, move |obs, batch| {
+            obs.measure_from_us = counters.measure_from_us.load(Ordering::Relaxed);
             obs.observe(batch, now_us());
             counters.delivery_unique.store(obs.unique, Ordering::Relaxed);
             counters.completed.store(obs.completed, Ordering::Relaxed);
@@ -1127,7 +1148,9 @@ impl Driver {
         let buf = Buffer::with_capacity(events::wire::HEADER_LEN + events.len() * 96);
         let batch = TelemetryBatch::encode(meta, events, buf)?;
         producer.send(*batch_seq, batch.into_buffer()).await.context("sending a batch")?;
-        let _ = lag.record(now_us().saturating_sub(oldest).max(1));
+        if oldest >= counters.measure_from_us.load(Ordering::Relaxed) {
+            let _ = lag.record(now_us().saturating_sub(oldest).max(1));
+        }
         *batch_seq += 1;
         counters.sent.fetch_add(events.len() as u64, Ordering::Relaxed);
         events.clear();
@@ -1245,6 +1268,7 @@ pub(crate) mod tests {
             lost_delivery_events: 0,
             duplicates: 0,
             duration_s: 1.0,
+            warmup_s: 0.0,
             throughput_eps: 1.0,
             target_eps: 1.0,
             latency_us: Percentiles::default(),

@@ -47,6 +47,10 @@ struct Args {
     /// Most events per batch.
     #[arg(long, default_value_t = 1_024)]
     batch: usize,
+    /// Seconds at the start of the run whose events are sent and checked for loss but not
+    /// timed, so the latency figures describe the steady state (part of --duration).
+    #[arg(long, default_value_t = 0.0)]
+    warmup_s: f64,
     /// Milliseconds an event may wait for its batch to fill.
     #[arg(long, default_value_t = 5.0)]
     linger_ms: f64,
@@ -157,6 +161,7 @@ async fn main() -> anyhow::Result<()> {
     cfg.rate = args.rate.unwrap_or(args.drones as f64 * 10.0);
     cfg.connections = args.connections;
     cfg.duration = Duration::from_secs_f64(args.duration);
+    cfg.warmup = Duration::from_secs_f64(args.warmup_s.max(0.0));
     cfg.batch_max_events = args.batch;
     cfg.linger = Duration::from_secs_f64(args.linger_ms / 1000.0);
     cfg.deliveries_per_s = args.deliveries_per_s.unwrap_or(args.drones as f64 / 10.0);

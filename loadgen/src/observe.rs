@@ -28,14 +28,25 @@ pub struct TelemetryObserver {
     pub duplicates: u64,
     /// Events of drones outside this fleet (ignored).
     pub foreign: u64,
-    /// Creation-to-arrival latency.
+    /// Creation-to-arrival latency of events created from `measure_from_us` on.
     pub latency: Histogram<u64>,
+    /// Events created before this time (µs since the epoch) are checked but not timed: the
+    /// run's warm-up.
+    pub measure_from_us: u64,
 }
 
 impl TelemetryObserver {
     /// Observes drones `base..base + drones`.
     pub fn new(base: u64, drones: usize) -> Self {
-        Self { base, last: vec![0; drones], unique: 0, duplicates: 0, foreign: 0, latency: histogram() }
+        Self {
+            base,
+            last: vec![0; drones],
+            unique: 0,
+            duplicates: 0,
+            foreign: 0,
+            latency: histogram(),
+            measure_from_us: 0,
+        }
     }
 
     /// Accounts one batch received at `now_us`.
@@ -57,7 +68,10 @@ impl TelemetryObserver {
             }
             *slot = seq;
             self.unique += 1;
-            let _ = self.latency.record(now_us.saturating_sub(ev.ts_us.to_native()).max(1));
+            let created = ev.ts_us.to_native();
+            if created >= self.measure_from_us {
+                let _ = self.latency.record(now_us.saturating_sub(created).max(1));
+            }
         }
     }
 }
@@ -75,8 +89,10 @@ pub struct DeliveryObserver {
     /// `DeliveryComplete` events.
     pub completed: u64,
     /// Creation-to-arrival latency of events derived from drone events (HeadedToPickup,
-    /// InTransit, DeliveryComplete).
+    /// InTransit, DeliveryComplete), for events created from `measure_from_us` on.
     pub latency: Histogram<u64>,
+    /// As [`TelemetryObserver::measure_from_us`].
+    pub measure_from_us: u64,
 }
 
 impl DeliveryObserver {
@@ -90,6 +106,7 @@ impl DeliveryObserver {
             duplicates: 0,
             completed: 0,
             latency: histogram(),
+            measure_from_us: 0,
         }
     }
 
@@ -116,7 +133,8 @@ impl DeliveryObserver {
             if matches!(
                 stage,
                 DeliveryStage::HeadedToPickup | DeliveryStage::InTransit | DeliveryStage::DeliveryComplete
-            ) {
+            ) && ev.ts_us.to_native() >= self.measure_from_us
+            {
                 let _ = self.latency.record(now_us.saturating_sub(ev.ts_us.to_native()).max(1));
             }
         }
@@ -160,6 +178,18 @@ mod tests {
         assert_eq!((o.unique, o.duplicates, o.foreign), (3, 2, 1));
         assert_eq!(o.latency.len(), 3);
         assert_eq!(o.latency.max(), 50);
+    }
+
+    #[test]
+    fn warm_up_events_are_checked_but_not_timed() {
+        let mut o = TelemetryObserver::new(10, 1);
+        o.measure_from_us = 101;
+        o.observe(&telemetry(&[(10, 1), (10, 1)]), 150);
+        assert_eq!((o.unique, o.duplicates), (1, 1));
+        assert_eq!(o.latency.len(), 0, "created at 100, before the warm-up ended");
+        o.measure_from_us = 100;
+        o.observe(&telemetry(&[(10, 2)]), 150);
+        assert_eq!(o.latency.len(), 1);
     }
 
     #[test]
