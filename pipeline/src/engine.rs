@@ -201,6 +201,10 @@ pub struct EngineMetrics {
     /// From a batch handed to the appender to its acknowledgement: the queue, the write, the
     /// group's fsync and the routing to shards.
     pub append_time: events::prom::Histogram,
+    /// Age of each batch's first event (by its own timestamp) when the batch is acknowledged:
+    /// creation at the drone to durable and routed, for drones whose clocks agree with this
+    /// node's (the load generator's do; a drone's clock ahead of the node's counts as 0).
+    pub event_age_at_ack: events::prom::Histogram,
     /// How long each fsync of the input log took.
     pub fsync_time: events::prom::Histogram,
     /// How long each fsync of the delivery-events log took.
@@ -643,6 +647,8 @@ pub fn render_metrics(engine: &Engine, out: &mut String) {
     gauge(out, "fleetstream_log_bytes", m.log_bytes.load(Ordering::Relaxed));
     declare(out, "fleetstream_engine_append_seconds", "histogram");
     m.append_time.render(out, "fleetstream_engine_append_seconds", "log", "input");
+    declare(out, "fleetstream_engine_event_age_at_ack_seconds", "histogram");
+    m.event_age_at_ack.render(out, "fleetstream_engine_event_age_at_ack_seconds", "log", "input");
     declare(out, "fleetstream_log_fsync_seconds", "histogram");
     m.fsync_time.render(out, "fleetstream_log_fsync_seconds", "log", "input");
     m.delivery_fsync_time.render(out, "fleetstream_log_fsync_seconds", "log", "delivery-events");
@@ -674,6 +680,12 @@ pub fn render_metrics(engine: &Engine, out: &mut String) {
         }
         gauge(out, "fleetstream_cluster_shards_owned", m.owned.load(Ordering::Relaxed));
     }
+}
+
+/// How long ago `ts_us` (µs since the Unix epoch) was; 0 for a time in the future.
+fn age(ts_us: u64) -> Duration {
+    let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    now.saturating_sub(Duration::from_micros(ts_us))
 }
 
 /// Maps a drone to a shard: a multiplicative hash spread over `n` without a division.
@@ -1355,11 +1367,15 @@ impl Appender {
         for a in appended.drain(..) {
             match a {
                 Appended::Batch { offset, batch, ack, queued } => {
+                    let created = batch.events().first().map(|e| e.ts_us.to_native());
                     let batch = Arc::new(batch);
                     self.route(offset, batch.clone());
                     let _ = self.fanout.send(Some(batch));
                     let _ = ack.send(Ok(()));
                     self.metrics.append_time.record(queued.elapsed());
+                    if let Some(created) = created {
+                        self.metrics.event_age_at_ack.record(age(created));
+                    }
                     last = Some(offset);
                 }
                 Appended::Duplicate { ack } => {

@@ -111,18 +111,31 @@ impl Node {
         let (consumer_stop, mut stop_rx) = oneshot::channel::<()>();
         let svc = services.clone();
         let consumer_task = tokio::spawn(async move {
-            let apply = async |item: events::contract::LogItem<events::DeliveryEvent>| match item {
-                Ok((_, batch)) => {
-                    if let Err(error) = svc.apply_delivery_events(&batch).await {
-                        tracing::warn!(%error, "could not queue notifications");
+            // Applies `first` and whatever else is already waiting (up to a round's worth):
+            // the records they change are stored in one go. False once the stream has ended.
+            let apply = async |first: events::contract::LogItem<events::DeliveryEvent>| {
+                let mut round = Vec::new();
+                let mut item = Some(first);
+                let mut going = true;
+                while let Some(next) = item.take() {
+                    match next {
+                        Ok((_, batch)) => round.push(batch),
+                        Err(events::Error::ShuttingDown) => going = false,
+                        Err(error) => {
+                            tracing::error!(%error, "the services stopped following delivery events");
+                            going = false;
+                        }
                     }
-                    true
+                    if going && round.len() < SERVICES_ROUND {
+                        item = deliveries.rx.try_recv().ok();
+                    }
                 }
-                Err(events::Error::ShuttingDown) => false,
-                Err(error) => {
-                    tracing::error!(%error, "the services stopped following delivery events");
-                    false
+                if !round.is_empty()
+                    && let Err(error) = svc.apply_delivery_event_batches(&round).await
+                {
+                    tracing::warn!(%error, "could not queue notifications");
                 }
+                going
             };
             loop {
                 tokio::select! {
@@ -133,8 +146,7 @@ impl Node {
                     }
                 }
             }
-            let rest: Vec<_> = deliveries.rx.try_iter().collect();
-            for item in rest {
+            while let Ok(item) = deliveries.rx.try_recv() {
                 if !apply(item).await {
                     return;
                 }
@@ -291,6 +303,10 @@ impl Node {
 /// Delivery History's consumer: reads the delivery-events log from where the store's last
 /// commit left off and stores each batch with the offset after it (one transaction), until
 /// the engine stops.
+/// Delivery-event batches the services apply in one round at most: as many as a log follower
+/// reads ahead, so a follower that fell behind is caught up in one store commit.
+const SERVICES_ROUND: usize = crate::engine::FOLLOW_QUEUE;
+
 fn start_history(
     engine: &Engine,
     history: Arc<services::history::History>,

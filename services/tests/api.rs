@@ -120,6 +120,33 @@ async fn schedule_track_and_complete_a_delivery() {
     assert_eq!(status, StatusCode::CREATED);
 }
 
+/// Batches applied as one round end where applying them one by one would: the delivery at its
+/// last stage (an older event in a later batch changes nothing) and its drone freed.
+#[tokio::test]
+async fn batches_applied_in_one_round_end_as_if_applied_one_by_one() {
+    let (_, svc, router) = setup().await;
+    call(&router, "PUT", "/v1/drones/7", None).await;
+    let (_, body, _) = call(&router, "POST", "/v1/deliveries", Some(&order())).await;
+    let id = body["delivery_id"].as_u64().unwrap();
+    assert_eq!(svc.fleet_size(), (1, 0));
+    let first = events_batch(&[
+        stage_event(id, 7, 0, DeliveryStage::Created),
+        stage_event(id, 7, 1, DeliveryStage::HeadedToPickup),
+    ]);
+    let second = events_batch(&[
+        stage_event(id, 7, 2, DeliveryStage::InTransit),
+        stage_event(id, 7, 1, DeliveryStage::HeadedToPickup),
+    ]);
+    svc.apply_delivery_event_batches(&[&first, &second]).await.unwrap();
+    let (_, body, _) = call(&router, "GET", &format!("/v1/deliveries/{id}"), None).await;
+    assert_eq!(body["stage"], "in_transit", "{body}");
+    let done = events_batch(&[stage_event(id, 7, 3, DeliveryStage::DeliveryComplete)]);
+    svc.apply_delivery_event_batches(&[&second, &done]).await.unwrap();
+    let (_, body, _) = call(&router, "GET", &format!("/v1/deliveries/{id}"), None).await;
+    assert_eq!(body["stage"], "delivery_complete", "{body}");
+    assert_eq!(svc.fleet_size(), (1, 1), "the finished delivery freed its drone");
+}
+
 #[tokio::test]
 async fn malformed_requests_get_400_with_a_reason() {
     let (_, _, router) = setup().await;
