@@ -38,8 +38,9 @@ pub struct ClientConfig {
     pub connection_window_bytes: u64,
     /// Largest UDP payload path-MTU discovery may try, bytes. Default 65,527, as on the server.
     pub max_udp_payload_bytes: u16,
-    /// Kernel receive and send buffer asked for the UDP socket, bytes; 0 keeps the system's
-    /// default. Default 4 MiB, as on the server: a subscriber receives as much as a server.
+    /// Kernel receive and send buffer asked for the UDP socket, bytes; 0 (the default) keeps
+    /// the system's. A subscriber to a busy topic receives as much as a server and should ask
+    /// for [`crate::udp::DEFAULT_UDP_BUFFER_BYTES`]; a producer receives only answers.
     pub udp_buffer_bytes: usize,
     /// Keep-alive interval. Default 5 s, well inside the server's idle timeout.
     pub keep_alive: Duration,
@@ -48,6 +49,12 @@ pub struct ClientConfig {
     /// Client certificate and key (PEM files) for a server that requires one
     /// (`ingest.client_ca`). Default none.
     pub identity: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    /// A QUIC endpoint (one UDP socket) that connections made with this config share, from
+    /// [`IngestClient::endpoint`]. Default none: each connection binds its own. quinn's receive
+    /// path holds about 3 MB per endpoint (room for 32 reads of 64 coalesced datagrams), so a
+    /// process with thousands of connections, such as a load generator with a connection per
+    /// drone, shares endpoints between them; each connection keeps its own TLS session.
+    pub endpoint: Option<quinn::Endpoint>,
 }
 
 impl ClientConfig {
@@ -60,10 +67,11 @@ impl ClientConfig {
             stream_window_bytes: 4 << 20,
             connection_window_bytes: 16 << 20,
             max_udp_payload_bytes: crate::proto::DEFAULT_MAX_UDP_PAYLOAD,
-            udp_buffer_bytes: crate::udp::DEFAULT_UDP_BUFFER_BYTES,
+            udp_buffer_bytes: 0,
             keep_alive: Duration::from_secs(5),
             limits: Limits::default(),
             identity: None,
+            endpoint: None,
         }
     }
 }
@@ -74,6 +82,8 @@ pub struct IngestClient {
     endpoint: quinn::Endpoint,
     conn: quinn::Connection,
     cfg: ClientConfig,
+    /// The endpoint is `cfg.endpoint`, which other connections use too.
+    shared: bool,
 }
 
 /// The server's answer to one batch sent on a lane.
@@ -88,13 +98,21 @@ pub struct Answer {
 }
 
 impl IngestClient {
+    /// A client endpoint (one UDP socket, with `cfg.udp_buffer_bytes` of kernel buffers) for
+    /// reaching `server`; put it in [`ClientConfig::endpoint`] to share it between connections.
+    pub fn endpoint(server: SocketAddr, cfg: &ClientConfig) -> Result<quinn::Endpoint, Error> {
+        let bind: SocketAddr = if server.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { ([0u16; 8], 0).into() };
+        let socket = crate::udp::bind(bind, cfg.udp_buffer_bytes)?;
+        quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, Arc::new(quinn::TokioRuntime))
+            .map_err(|e| Error::Bind(bind, e))
+    }
+
     /// Connects (TLS 1.3 handshake included).
     pub async fn connect(addr: SocketAddr, cfg: &ClientConfig) -> Result<Self, Error> {
-        let bind: SocketAddr = if addr.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { ([0u16; 8], 0).into() };
-        let socket = crate::udp::bind(bind, cfg.udp_buffer_bytes)?;
-        let mut endpoint =
-            quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, Arc::new(quinn::TokioRuntime))
-                .map_err(|e| Error::Bind(bind, e))?;
+        let (endpoint, shared) = match &cfg.endpoint {
+            Some(endpoint) => (endpoint.clone(), true),
+            None => (Self::endpoint(addr, cfg)?, false),
+        };
         let identity = match &cfg.identity {
             Some((cert, key)) => Some(crate::tls::Identity::from_files(cert, key)?),
             None => None,
@@ -108,9 +126,8 @@ impl IngestClient {
         t.mtu_discovery_config(Some(crate::proto::mtu_discovery(cfg.max_udp_payload_bytes)));
         t.keep_alive_interval(Some(cfg.keep_alive));
         client.transport_config(Arc::new(t));
-        endpoint.set_default_client_config(client);
-        let conn = endpoint.connect(addr, &cfg.server_name)?.await?;
-        Ok(Self { endpoint, conn, cfg: cfg.clone() })
+        let conn = endpoint.connect_with(client, addr, &cfg.server_name)?.await?;
+        Ok(Self { endpoint, conn, cfg: cfg.clone(), shared })
     }
 
     /// Consumes a queue: messages with keys in `keys`, at most `max_unsettled` held unsettled
@@ -197,10 +214,13 @@ impl IngestClient {
         &self.conn
     }
 
-    /// Closes the connection and waits until the peer has been told.
+    /// Closes the connection and waits until the peer has been told (on a shared endpoint, which
+    /// goes on sending for the others, it only closes).
     pub async fn close(self) {
         self.conn.close(VarInt::from_u32(0), b"done");
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        if !self.shared {
+            let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        }
     }
 }
 

@@ -178,6 +178,35 @@ async fn batches_are_acknowledged_in_order() {
     h.shutdown().await;
 }
 
+/// Connections made with a shared endpoint use one UDP socket, each with its own QUIC
+/// connection; closing one leaves the others working.
+#[tokio::test]
+async fn connections_sharing_an_endpoint_are_answered_separately() {
+    let h = start(ServerConfig::default()).await;
+    let endpoint = IngestClient::endpoint(h.addr, &h.cfg).unwrap();
+    let cfg = ClientConfig { endpoint: Some(endpoint.clone()), ..h.cfg.clone() };
+    let a = IngestClient::connect(h.addr, &cfg).await.unwrap();
+    let b = IngestClient::connect(h.addr, &cfg).await.unwrap();
+    assert_eq!(a.connection().local_ip(), b.connection().local_ip());
+    assert_ne!(a.connection().stable_id(), b.connection().stable_id());
+    assert_eq!(endpoint.open_connections(), 2);
+    let (mut lane_a, mut answers_a) = a.open_lane().await.unwrap();
+    lane_a.send(&frame(0, 3)).await.unwrap();
+    assert_eq!(answer(&mut answers_a).await, Answer { batch_seq: 0, events: 3, result: Ok(()) });
+    a.close().await;
+    let (mut lane_b, mut answers_b) = b.open_lane().await.unwrap();
+    lane_b.send(&frame(1, 4)).await.unwrap();
+    assert_eq!(answer(&mut answers_b).await, Answer { batch_seq: 1, events: 4, result: Ok(()) });
+    // The closed connection leaves the endpoint once it has drained; the other stays.
+    let waited = std::time::Instant::now();
+    while endpoint.open_connections() > 1 && waited.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(endpoint.open_connections(), 1, "only the closed connection went away");
+    b.close().await;
+    h.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_corrupt_batch_is_rejected_and_the_stream_goes_on() {
     let h = start(ServerConfig::default()).await;

@@ -177,6 +177,10 @@ pub enum TelemetryCheck {
 /// Fleet connections handshaking at once while the fleet connects.
 const CONCURRENT_HANDSHAKES: usize = 64;
 
+/// Fleet connections sharing one UDP socket, at most: a run with a few connections gets a socket
+/// each, a run with a connection per drone one socket per hundred of them.
+const CONNECTIONS_PER_SOCKET: usize = 100;
+
 /// The server's resident memory before the fleet connected and with it connected, from the
 /// server's `/metrics` (`process_resident_memory_bytes`, `fleetstream_ingest_connections`).
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -539,14 +543,23 @@ pub async fn run(cfg: LoadConfig, progress: Arc<dyn Fn(&Progress) + Send + Sync>
     }
 
     let client_cfg = ClientConfig { identity: cfg.quic_identity.clone(), ..ClientConfig::new(cfg.trust.clone()) };
-    let observing = if cfg.raw { None } else { Some(subscribe(&cfg, &client_cfg, &counters).await?) };
+    // Subscribers receive whole topics: their sockets get the buffers a server's has.
+    let subscriber_cfg = ClientConfig { udp_buffer_bytes: ingest::udp::DEFAULT_UDP_BUFFER_BYTES, ..client_cfg.clone() };
+    let observing = if cfg.raw { None } else { Some(subscribe(&cfg, &subscriber_cfg, &counters).await?) };
     let (readers_stop, readers_stop_rx) = watch::channel(false);
     let extra_readers = if cfg.raw || cfg.readers == 0 {
         Vec::new()
     } else {
-        readers::start(cfg.readers, cfg.stall_reader, cfg.stall_reader_after, cfg.server, &client_cfg, &readers_stop_rx)
-            .await
-            .context("starting the extra readers")?
+        readers::start(
+            cfg.readers,
+            cfg.stall_reader,
+            cfg.stall_reader_after,
+            cfg.server,
+            &subscriber_cfg,
+            &readers_stop_rx,
+        )
+        .await
+        .context("starting the extra readers")?
     };
     let memory_peak =
         if cfg.raw { None } else { Some(readers::watch_memory(http.clone(), api.clone(), readers_stop_rx.clone())) };
@@ -572,6 +585,15 @@ pub async fn run(cfg: LoadConfig, progress: Arc<dyn Fn(&Progress) + Send + Sync>
     let before = if cfg.raw { None } else { server_gauges(&http, &api).await };
     let mut connecting = tokio::task::JoinSet::new();
     let handshakes = Arc::new(Semaphore::new(CONCURRENT_HANDSHAKES));
+    // Up to CONNECTIONS_PER_SOCKET connections share a UDP socket (each keeps its own QUIC
+    // connection and TLS session): quinn's receive path holds about 3 MB per socket, which at
+    // a socket per drone took a 10,000-connection run past 24 GiB.
+    // A shared socket receives for all its connections, so it gets a server's buffers.
+    let socket_cfg = ClientConfig { udp_buffer_bytes: ingest::udp::DEFAULT_UDP_BUFFER_BYTES, ..client_cfg.clone() };
+    let sockets = (0..conns.div_ceil(CONNECTIONS_PER_SOCKET))
+        .map(|_| IngestClient::endpoint(cfg.server, &socket_cfg))
+        .collect::<Result<Vec<_>, _>>()
+        .context("binding the fleet's UDP sockets")?;
     for (index, drones) in plans.into_iter().enumerate() {
         let driver = Driver {
             producer_id: (run_id << 16) | index as u64,
@@ -579,8 +601,12 @@ pub async fn run(cfg: LoadConfig, progress: Arc<dyn Fn(&Progress) + Send + Sync>
             first: drones.first().map_or(0, |d| d.id),
             drones,
         };
-        let (handshakes, server, producer_cfg) =
-            (handshakes.clone(), cfg.server, ProducerConfig::new(client_cfg.clone()));
+        let socket = sockets.get(index / CONNECTIONS_PER_SOCKET).cloned();
+        let (handshakes, server, producer_cfg) = (
+            handshakes.clone(),
+            cfg.server,
+            ProducerConfig::new(ClientConfig { endpoint: socket, ..client_cfg.clone() }),
+        );
         connecting.spawn(async move {
             let _turn = handshakes.acquire_owned().await;
             (index, driver, Producer::connect(server, producer_cfg).await)
