@@ -585,12 +585,14 @@ pub async fn run(cfg: LoadConfig, progress: Arc<dyn Fn(&Progress) + Send + Sync>
     let before = if cfg.raw { None } else { server_gauges(&http, &api).await };
     let mut connecting = tokio::task::JoinSet::new();
     let handshakes = Arc::new(Semaphore::new(CONCURRENT_HANDSHAKES));
-    // Up to CONNECTIONS_PER_SOCKET connections share a UDP socket (each keeps its own QUIC
-    // connection and TLS session): quinn's receive path holds about 3 MB per socket, which at
-    // a socket per drone took a 10,000-connection run past 24 GiB.
-    // A shared socket receives for all its connections, so it gets a server's buffers.
+    // Fleet sockets get a server's buffers: a fleet connection receives little, but a shared
+    // socket receives for all its connections. Up to CONNECTIONS_PER_SOCKET connections each
+    // have their own socket; beyond that they share, CONNECTIONS_PER_SOCKET to a socket (each
+    // keeps its own QUIC connection and TLS session): quinn's receive path holds about 3 MB
+    // per socket, which at a socket per drone took a 10,000-connection run past 24 GiB.
     let socket_cfg = ClientConfig { udp_buffer_bytes: ingest::udp::DEFAULT_UDP_BUFFER_BYTES, ..client_cfg.clone() };
-    let sockets = (0..conns.div_ceil(CONNECTIONS_PER_SOCKET))
+    let shared = if conns > CONNECTIONS_PER_SOCKET { conns.div_ceil(CONNECTIONS_PER_SOCKET) } else { 0 };
+    let sockets = (0..shared)
         .map(|_| IngestClient::endpoint(cfg.server, &socket_cfg))
         .collect::<Result<Vec<_>, _>>()
         .context("binding the fleet's UDP sockets")?;
@@ -605,7 +607,7 @@ pub async fn run(cfg: LoadConfig, progress: Arc<dyn Fn(&Progress) + Send + Sync>
         let (handshakes, server, producer_cfg) = (
             handshakes.clone(),
             cfg.server,
-            ProducerConfig::new(ClientConfig { endpoint: socket, ..client_cfg.clone() }),
+            ProducerConfig::new(ClientConfig { endpoint: socket, ..socket_cfg.clone() }),
         );
         connecting.spawn(async move {
             let _turn = handshakes.acquire_owned().await;
