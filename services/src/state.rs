@@ -183,10 +183,14 @@ impl<F: FleetControl + WorkQueues + Clone> Services<F> {
             self.drones.apply_delivery_events(batch).await;
         }
         let persisted = self.deliveries.persist(changed).await;
+        // Every batch's notifications are queued even when one batch's could not be.
+        let mut notified = Ok(());
         for batch in batches {
-            self.deliveries.notify(batch).await?;
+            if let Err(e) = self.deliveries.notify(batch).await {
+                notified = notified.and(Err(e));
+            }
         }
-        persisted
+        persisted.and(notified)
     }
 
     /// Registered drones and how many are free.
