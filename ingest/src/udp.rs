@@ -60,14 +60,14 @@ mod tests {
 
     #[test]
     fn buffers_are_asked_for_and_the_socket_is_bound() {
-        let socket = bind(SocketAddr::from(([127, 0, 0, 1], 0)), 1 << 20).expect("bind");
-        let addr = socket.local_addr().expect("local address");
+        let socket = bind(SocketAddr::from(([127, 0, 0, 1], 0)), 1 << 20).expect("bind"); // ok: test code
+        let addr = socket.local_addr().expect("local address"); // ok: test code
         assert_ne!(addr.port(), 0);
         let s = Socket::from(socket);
         // The kernel grants what was asked up to its cap (and reports twice the grant).
         let cap =
             std::fs::read_to_string("/proc/sys/net/core/rmem_max").ok().and_then(|s| s.trim().parse::<usize>().ok());
-        let granted = s.recv_buffer_size().expect("receive buffer");
+        let granted = s.recv_buffer_size().expect("receive buffer"); // ok: test code
         if let Some(cap) = cap {
             assert!(granted >= (1 << 20).min(cap), "granted {granted}, cap {cap}");
         }
@@ -75,8 +75,8 @@ mod tests {
 
     #[test]
     fn a_taken_address_is_a_bind_error_naming_it() {
-        let first = bind(SocketAddr::from(([127, 0, 0, 1], 0)), 0).expect("bind");
-        let addr = first.local_addr().expect("local address");
+        let first = bind(SocketAddr::from(([127, 0, 0, 1], 0)), 0).expect("bind"); // ok: test code
+        let addr = first.local_addr().expect("local address"); // ok: test code
         match bind(addr, 0) {
             Err(Error::Bind(at, _)) => assert_eq!(at, addr),
             other => panic!("expected a bind error, got {other:?}"),

@@ -542,24 +542,21 @@ pub async fn run(cfg: LoadConfig, progress: Arc<dyn Fn(&Progress) + Send + Sync>
         open_accounts(&http, &accounts_api).await?;
     }
 
-    let client_cfg = ClientConfig { identity: cfg.quic_identity.clone(), ..ClientConfig::new(cfg.trust.clone()) };
-    // Subscribers receive whole topics: their sockets get the buffers a server's has.
-    let subscriber_cfg = ClientConfig { udp_buffer_bytes: ingest::udp::DEFAULT_UDP_BUFFER_BYTES, ..client_cfg.clone() };
-    let observing = if cfg.raw { None } else { Some(subscribe(&cfg, &subscriber_cfg, &counters).await?) };
+    // Every socket gets the buffers a server's has: subscribers receive whole topics, and a
+    // fleet socket shared by many connections receives for all of them.
+    let client_cfg = ClientConfig {
+        identity: cfg.quic_identity.clone(),
+        udp_buffer_bytes: ingest::udp::DEFAULT_UDP_BUFFER_BYTES,
+        ..ClientConfig::new(cfg.trust.clone())
+    };
+    let observing = if cfg.raw { None } else { Some(subscribe(&cfg, &client_cfg, &counters).await?) };
     let (readers_stop, readers_stop_rx) = watch::channel(false);
     let extra_readers = if cfg.raw || cfg.readers == 0 {
         Vec::new()
     } else {
-        readers::start(
-            cfg.readers,
-            cfg.stall_reader,
-            cfg.stall_reader_after,
-            cfg.server,
-            &subscriber_cfg,
-            &readers_stop_rx,
-        )
-        .await
-        .context("starting the extra readers")?
+        readers::start(cfg.readers, cfg.stall_reader, cfg.stall_reader_after, cfg.server, &client_cfg, &readers_stop_rx)
+            .await
+            .context("starting the extra readers")?
     };
     let memory_peak =
         if cfg.raw { None } else { Some(readers::watch_memory(http.clone(), api.clone(), readers_stop_rx.clone())) };
@@ -585,15 +582,13 @@ pub async fn run(cfg: LoadConfig, progress: Arc<dyn Fn(&Progress) + Send + Sync>
     let before = if cfg.raw { None } else { server_gauges(&http, &api).await };
     let mut connecting = tokio::task::JoinSet::new();
     let handshakes = Arc::new(Semaphore::new(CONCURRENT_HANDSHAKES));
-    // Fleet sockets get a server's buffers: a fleet connection receives little, but a shared
-    // socket receives for all its connections. Up to CONNECTIONS_PER_SOCKET connections each
-    // have their own socket; beyond that they share, CONNECTIONS_PER_SOCKET to a socket (each
-    // keeps its own QUIC connection and TLS session): quinn's receive path holds about 3 MB
-    // per socket, which at a socket per drone took a 10,000-connection run past 24 GiB.
-    let socket_cfg = ClientConfig { udp_buffer_bytes: ingest::udp::DEFAULT_UDP_BUFFER_BYTES, ..client_cfg.clone() };
+    // Up to CONNECTIONS_PER_SOCKET connections each have their own socket; beyond that they
+    // share, CONNECTIONS_PER_SOCKET to a socket (each keeps its own QUIC connection and TLS
+    // session): quinn's receive path holds about 3 MB per socket, which at a socket per drone
+    // took a 10,000-connection run past 24 GiB.
     let shared = if conns > CONNECTIONS_PER_SOCKET { conns.div_ceil(CONNECTIONS_PER_SOCKET) } else { 0 };
     let sockets = (0..shared)
-        .map(|_| IngestClient::endpoint(cfg.server, &socket_cfg))
+        .map(|_| IngestClient::endpoint(cfg.server, &client_cfg))
         .collect::<Result<Vec<_>, _>>()
         .context("binding the fleet's UDP sockets")?;
     for (index, drones) in plans.into_iter().enumerate() {
@@ -607,7 +602,7 @@ pub async fn run(cfg: LoadConfig, progress: Arc<dyn Fn(&Progress) + Send + Sync>
         let (handshakes, server, producer_cfg) = (
             handshakes.clone(),
             cfg.server,
-            ProducerConfig::new(ClientConfig { endpoint: socket, ..socket_cfg.clone() }),
+            ProducerConfig::new(ClientConfig { endpoint: socket, ..client_cfg.clone() }),
         );
         connecting.spawn(async move {
             let _turn = handshakes.acquire_owned().await;

@@ -194,10 +194,6 @@ pub struct EngineMetrics {
     pub duplicate_batches: AtomicU64,
     /// Appends refused for lack of space.
     pub storage_full: AtomicU64,
-    /// fsync calls.
-    pub fsyncs: AtomicU64,
-    /// Time spent in fsync, µs.
-    pub fsync_us: AtomicU64,
     /// From a batch handed to the appender to its acknowledgement: the queue, the write, the
     /// group's fsync and the routing to shards.
     pub append_time: events::prom::Histogram,
@@ -205,7 +201,7 @@ pub struct EngineMetrics {
     /// creation at the drone to durable and routed, for drones whose clocks agree with this
     /// node's (the load generator's do; a drone's clock ahead of the node's counts as 0).
     pub event_age_at_ack: events::prom::Histogram,
-    /// How long each fsync of the input log took.
+    /// How long each fsync of the input log took (its count is the number of fsyncs).
     pub fsync_time: events::prom::Histogram,
     /// How long each fsync of the delivery-events log took.
     pub delivery_fsync_time: events::prom::Histogram,
@@ -631,8 +627,6 @@ pub fn render_metrics(engine: &Engine, out: &mut String) {
         ("fleetstream_engine_batches_total", &m.batches),
         ("fleetstream_engine_batches_duplicate_total", &m.duplicate_batches),
         ("fleetstream_log_storage_full_total", &m.storage_full),
-        ("fleetstream_log_fsyncs_total", &m.fsyncs),
-        ("fleetstream_log_fsync_microseconds_total", &m.fsync_us),
         ("fleetstream_engine_checkpoints_total", &m.checkpoints),
         ("fleetstream_engine_events_total", &m.events),
         ("fleetstream_engine_events_applied_total", &m.applied),
@@ -1349,8 +1343,6 @@ impl Appender {
         let Some(shared) = self.log.as_ref() else { return Ok(()) };
         let started = Instant::now();
         let result = shared.lock().sync();
-        self.metrics.fsyncs.fetch_add(1, Ordering::Relaxed);
-        self.metrics.fsync_us.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
         self.metrics.fsync_time.record(started.elapsed());
         self.last_sync = Instant::now();
         self.unsynced = false;

@@ -219,7 +219,7 @@ async fn every_fsync_policy_acknowledges_and_recovers() {
         for seq in 0..20 {
             submit(&engine, batch(4, seq, &[ev(2, seq + 1, PICKUP, DroneEventKind::Position)])).await.unwrap();
         }
-        let fsyncs = engine.metrics().fsyncs.load(std::sync::atomic::Ordering::Relaxed);
+        let fsyncs = engine.metrics().fsync_time.count();
         match policy {
             FsyncPolicy::EveryBatch => assert!(fsyncs >= 1),
             FsyncPolicy::None => assert_eq!(fsyncs, 0),

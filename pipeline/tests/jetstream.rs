@@ -152,14 +152,7 @@ async fn the_queue_path_leases_redelivers_and_dead_letters_with_the_reason() {
     // JetStream notices the exhausted message when it next would deliver it: to a consumer
     // still asking, as a live one is.
     assert!(queue.lease(1, Duration::from_secs(1)).await.unwrap().is_empty(), "no fourth delivery");
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let dead = loop {
-        let dead = queue.dead_letters().await.unwrap();
-        if dead.len() == 2 || std::time::Instant::now() > deadline {
-            break dead;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let dead = until_dead_letters(2, || queue.dead_letters()).await;
     assert_eq!(dead.len(), 2, "{dead:?}");
     assert_eq!((dead[0].key, dead[0].reason.as_str(), dead[0].attempts), (3, "smtp relay refused", 3));
     assert_eq!(&dead[0].payload[..], b"message 3");
@@ -227,14 +220,7 @@ async fn drone_commands_go_only_to_the_session_holding_their_keys_and_dead_lette
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(queue.lease(high, high_keys, 1, Duration::from_secs(1)).await.unwrap().is_empty(), "no fourth delivery");
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let dead = loop {
-        let dead = queue.dead_letters().await.unwrap();
-        if dead.len() == 2 || std::time::Instant::now() > deadline {
-            break dead;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let dead = until_dead_letters(2, || queue.dead_letters()).await;
     assert_eq!(dead.len(), 2, "{dead:?}");
     assert_eq!((dead[0].key, dead[0].reason.as_str(), dead[0].attempts), (11, "drone refused: battery low", 3));
     assert_eq!((dead[1].key, dead[1].attempts), (20, 3));
@@ -263,6 +249,23 @@ async fn drone_commands_go_only_to_the_session_holding_their_keys_and_dead_lette
 
 /// A JetStream config under `prefix` (with this process's id) and queue settings whose 400 ms
 /// visibility timeout and three attempts let a test see redelivery and dead letters quickly.
+/// The dead letters `read` returns once there are `n` of them, or after 10 s whatever there is.
+async fn until_dead_letters<
+    F: std::future::Future<Output = Result<Vec<pipeline::jetstream::JsDeadLetter>, pipeline::Error>>,
+>(
+    n: usize,
+    read: impl Fn() -> F,
+) -> Vec<pipeline::jetstream::JsDeadLetter> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let dead = read().await.unwrap();
+        if dead.len() == n || std::time::Instant::now() > deadline {
+            return dead;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 fn queue_test_config(url: String, prefix: &str) -> (JetStreamConfig, pipeline::queue::state::QueueConfig) {
     let cfg = JetStreamConfig {
         url,

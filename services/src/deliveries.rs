@@ -118,11 +118,20 @@ impl<F: FleetControl + WorkQueues> DeliveryService<F> {
     /// or older seq) are ignored.
     /// Returns the records whose stage changed, for [`DeliveryService::persist`].
     pub fn apply_delivery_events(&self, batch: &DeliveryBatch) -> Vec<DeliveryRecord> {
-        // Delivery id → its place in `changed`, so a delivery is written once per batch.
+        self.apply_delivery_event_batches(&[batch])
+    }
+
+    /// [`Self::apply_delivery_events`] for consecutive batches, in order: a delivery changed
+    /// in several of them is returned once, as it ended up.
+    pub fn apply_delivery_event_batches<B: std::ops::Deref<Target = DeliveryBatch>>(
+        &self,
+        batches: &[B],
+    ) -> Vec<DeliveryRecord> {
+        // Delivery id → its place in `changed`, so a delivery is written once.
         let mut changed: Vec<DeliveryRecord> = Vec::new();
         let mut slot: FxHashMap<DeliveryId, usize> = FxHashMap::default();
         let mut records = self.records.write();
-        for ev in batch.events().iter() {
+        for ev in batches.iter().flat_map(|b| b.events().iter()) {
             let id = ev.delivery_id.to_native();
             let seq = ev.seq.to_native();
             let Some(record) = records.get_mut(&id) else { continue };

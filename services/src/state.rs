@@ -166,19 +166,7 @@ impl<F: FleetControl + WorkQueues + Clone> Services<F> {
         &self,
         batches: &[B],
     ) -> Result<(), Error> {
-        let mut changed: Vec<crate::DeliveryRecord> = Vec::new();
-        let mut slot: rustc_hash::FxHashMap<DeliveryId, usize> = rustc_hash::FxHashMap::default();
-        for batch in batches {
-            for record in self.deliveries.apply_delivery_events(batch) {
-                match slot.get(&record.delivery_id) {
-                    Some(&i) => changed[i] = record,
-                    None => {
-                        slot.insert(record.delivery_id, changed.len());
-                        changed.push(record);
-                    }
-                }
-            }
-        }
+        let changed = self.deliveries.apply_delivery_event_batches(batches);
         for batch in batches {
             self.drones.apply_delivery_events(batch).await;
         }

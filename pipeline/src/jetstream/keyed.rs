@@ -124,18 +124,12 @@ pub struct KeyedQueue {
     tag: String,
     sessions: parking_lot::Mutex<FxHashMap<u64, Session>>,
     next_session: AtomicU64,
-    watcher: tokio::task::JoinHandle<()>,
+    _watcher: super::Watcher,
 }
 
 impl std::fmt::Debug for KeyedQueue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KeyedQueue").field("subject", &self.subject_prefix).finish_non_exhaustive()
-    }
-}
-
-impl Drop for KeyedQueue {
-    fn drop(&mut self) {
-        self.watcher.abort();
     }
 }
 
@@ -179,7 +173,7 @@ impl KeyedQueue {
             tag,
             sessions: parking_lot::Mutex::default(),
             next_session: AtomicU64::new(1),
-            watcher,
+            _watcher: watcher,
         })
     }
 

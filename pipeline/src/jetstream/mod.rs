@@ -297,18 +297,12 @@ pub struct JetStreamQueue {
     dead_subject: String,
     dead_stream: jetstream::stream::Stream,
     settler: std::sync::Arc<Settler>,
-    watcher: tokio::task::JoinHandle<()>,
+    _watcher: Watcher,
 }
 
 impl std::fmt::Debug for JetStreamQueue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("JetStreamQueue").field("subject", &self.subject_prefix).finish_non_exhaustive()
-    }
-}
-
-impl Drop for JetStreamQueue {
-    fn drop(&mut self) {
-        self.watcher.abort();
     }
 }
 
@@ -352,7 +346,7 @@ impl JetStreamQueue {
             dead_subject: dead_subject.clone(),
             max_attempts: settings.max_attempts.max(1),
         });
-        Ok(Self { js, stream, consumer, subject_prefix, dead_subject, dead_stream, settler, watcher })
+        Ok(Self { js, stream, consumer, subject_prefix, dead_subject, dead_stream, settler, _watcher: watcher })
     }
 
     /// Adds a message for `key`; resolves once JetStream stored it. Returns its id.
@@ -472,6 +466,16 @@ async fn dead_letter_stream(
     Ok((stream, format!("{}.dead.{queue}", cfg.subject_prefix)))
 }
 
+/// The max-deliveries watcher of a queue; it stops when the queue is dropped.
+#[derive(Debug)]
+struct Watcher(tokio::task::JoinHandle<()>);
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Starts the max-deliveries watcher on `advisories` (a subject of JetStream's advisories).
 async fn spawn_watcher(
     client: &async_nats::Client,
@@ -480,9 +484,9 @@ async fn spawn_watcher(
     advisories: String,
     dead_subject: String,
     visibility_ms: u64,
-) -> Result<tokio::task::JoinHandle<()>, Error> {
+) -> Result<Watcher, Error> {
     let advisories = client.subscribe(advisories).await.map_err(js_error)?;
-    Ok(tokio::spawn(watch_max_deliveries(advisories, js.clone(), stream.clone(), dead_subject, visibility_ms)))
+    Ok(Watcher(tokio::spawn(watch_max_deliveries(advisories, js.clone(), stream.clone(), dead_subject, visibility_ms))))
 }
 
 /// The dead letters on `subject`, oldest first.
