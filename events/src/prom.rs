@@ -26,9 +26,12 @@ pub fn declare(out: &mut String, name: &str, kind: &str) {
 }
 
 /// Upper bounds of [`Histogram`] buckets, µs: fine where a disk flush or a hop normally lands
-/// (0.1–1 ms), coarse out to the stalls worth knowing about (up to a second).
-pub const BUCKETS_US: [u64; 14] =
-    [50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000];
+/// (0.1–1 ms) and where end-to-end latency targets sit (1–20 ms), coarse out to the stalls
+/// worth knowing about (up to a second).
+pub const BUCKETS_US: [u64; 21] = [
+    50, 100, 250, 500, 750, 1_000, 1_500, 2_000, 3_000, 4_000, 5_000, 7_500, 10_000, 15_000, 20_000, 25_000, 50_000,
+    100_000, 250_000, 500_000, 1_000_000,
+];
 
 /// A latency histogram with fixed buckets that any thread can record into without a lock,
 /// rendered as a Prometheus histogram in seconds.

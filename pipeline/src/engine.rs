@@ -71,7 +71,8 @@ pub struct EngineConfig {
     /// consumers) or cut off (remote ones).
     pub subscriber_queue: usize,
     /// How often each shard checkpoints, ms. Default 1000: replay after a crash covers about
-    /// a second of traffic, and a checkpoint costs a few milliseconds of one shard per second.
+    /// a second of traffic. A shard only takes a snapshot of its state (well under a
+    /// millisecond for thousands of drones); a background thread writes it.
     pub checkpoint_interval_ms: u64,
     /// Producers whose recent batch numbers are remembered for dedup. Default 100,000: every
     /// drone of a large fleet sending directly, at about 500 bytes each.
@@ -201,6 +202,13 @@ pub struct EngineMetrics {
     /// creation at the drone to durable and routed, for drones whose clocks agree with this
     /// node's (the load generator's do; a drone's clock ahead of the node's counts as 0).
     pub event_age_at_ack: events::prom::Histogram,
+    /// Age of each batch's first event when the ingest hands the batch to the engine: the
+    /// drone's batching and sending, the transport and validation. With `event_age_at_ack` it
+    /// splits an event's time before acknowledgement into the way here and the append.
+    pub event_age_at_submit: events::prom::Histogram,
+    /// Age of each derived delivery event (by the timestamp it carries, its drone event's or
+    /// its command's) when it becomes visible to subscribers: logged, synced and published.
+    pub delivery_age_at_publish: events::prom::Histogram,
     /// How long each fsync of the input log took (its count is the number of fsyncs).
     pub fsync_time: events::prom::Histogram,
     /// How long each fsync of the delivery-events log took.
@@ -373,6 +381,15 @@ impl Engine {
         };
         publisher.rebuild()?;
         threads.push(std::thread::Builder::new().name("publisher".into()).spawn(move || publisher.run(publish_rx))?);
+        let (ckpt_tx, ckpt_rx) = flume::bounded(n);
+        let checkpointer = Checkpointer {
+            dir: ckpt_dir.clone(),
+            cluster: cluster.clone(),
+            needed: needed.clone(),
+            metrics: metrics.clone(),
+        };
+        threads.push(std::thread::Builder::new().name("checkpointer".into()).spawn(move || checkpointer.run(ckpt_rx))?);
+        let checkpoints_enabled = ckpt_dir.is_some() || cluster.is_some();
         let mut shards = Vec::with_capacity(n);
         for (index, ckpt) in checkpoints.into_iter().enumerate() {
             let (tx, rx) = flume::bounded(cfg.shard_queue.max(1));
@@ -393,16 +410,17 @@ impl Engine {
                 reported: DeriveStats::default(),
                 covered,
                 applied: covered,
-                ckpt_dir: ckpt_dir.clone(),
-                cluster: cluster.clone(),
+                checkpointed: covered,
+                checkpoints: checkpoints_enabled.then(|| ckpt_tx.clone()),
+                needed: needed.clone(),
                 ckpt_interval: Duration::from_millis(cfg.checkpoint_interval_ms.max(1)),
                 last_ckpt: Instant::now(),
-                needed: needed.clone(),
             };
             threads.push(std::thread::Builder::new().name(format!("shard-{index}")).spawn(move || shard.run())?);
             shards.push(tx);
         }
         drop(publish_tx);
+        drop(ckpt_tx);
         let (fanout, fanout_rx) = flume::bounded::<Option<Arc<TelemetryBatch>>>(cfg.shard_queue.max(1));
         let topic = telemetry.clone();
         threads.push(std::thread::Builder::new().name("fanout".into()).spawn(move || {
@@ -643,6 +661,15 @@ pub fn render_metrics(engine: &Engine, out: &mut String) {
     m.append_time.render(out, "fleetstream_engine_append_seconds", "log", "input");
     declare(out, "fleetstream_engine_event_age_at_ack_seconds", "histogram");
     m.event_age_at_ack.render(out, "fleetstream_engine_event_age_at_ack_seconds", "log", "input");
+    declare(out, "fleetstream_engine_event_age_at_submit_seconds", "histogram");
+    m.event_age_at_submit.render(out, "fleetstream_engine_event_age_at_submit_seconds", "log", "input");
+    declare(out, "fleetstream_engine_delivery_event_age_at_publish_seconds", "histogram");
+    m.delivery_age_at_publish.render(
+        out,
+        "fleetstream_engine_delivery_event_age_at_publish_seconds",
+        "log",
+        "delivery-events",
+    );
     declare(out, "fleetstream_log_fsync_seconds", "histogram");
     m.fsync_time.render(out, "fleetstream_log_fsync_seconds", "log", "input");
     m.delivery_fsync_time.render(out, "fleetstream_log_fsync_seconds", "log", "delivery-events");
@@ -702,6 +729,9 @@ impl BatchSink for Engine {
                 let _ = ack.send(stored.await);
             });
             return Ok(AckFuture(rx));
+        }
+        if let Some(first) = batch.events().first() {
+            self.inner.metrics.event_age_at_submit.record(age(first.ts_us.to_native()));
         }
         self.to_appender(AppendReq::Batch { batch, ack, queued: Instant::now() }).await?;
         Ok(AckFuture(rx))
@@ -1094,6 +1124,9 @@ impl Publisher {
             let mut last = None;
             for (offset, batch) in appended.drain(..) {
                 last = offset.or(last);
+                for ev in batch.events().iter() {
+                    self.metrics.delivery_age_at_publish.record(age(ev.ts_us.to_native()));
+                }
                 self.topic.publish(Arc::new(batch));
             }
             if let Some(last) = last {
@@ -1447,12 +1480,15 @@ struct Shard {
     covered: Option<u64>,
     /// Every record up to this offset has been applied.
     applied: Option<u64>,
-    ckpt_dir: Option<PathBuf>,
-    /// On JetStream, checkpoints go to its KV bucket while this node owns the shard.
-    cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// The offset of the last checkpoint handed to the checkpointer (or restored); a failed
+    /// write is retried at the next interval that has something new, or at an explicit request.
+    checkpointed: Option<u64>,
+    /// The checkpointer, when checkpoints are kept (a data dir or JetStream).
+    checkpoints: Option<flume::Sender<CkptJob>>,
+    /// Per shard, the first offset the log must keep: one past the last checkpoint written.
+    needed: Arc<[AtomicU64]>,
     ckpt_interval: Duration,
     last_ckpt: Instant,
-    needed: Arc<[AtomicU64]>,
 }
 
 /// Messages a shard applies before it publishes what they derived: enough to amortise the
@@ -1477,7 +1513,7 @@ impl Shard {
             }
             self.flush();
             if stop || self.last_ckpt.elapsed() >= self.ckpt_interval {
-                self.checkpoint();
+                self.checkpoint(None, stop);
             }
         }
     }
@@ -1549,13 +1585,13 @@ impl Shard {
                 self.reported = self.deriver.stats();
                 self.covered = covered;
                 self.applied = covered;
+                self.checkpointed = covered;
                 self.last_ckpt = Instant::now();
                 let _ = done.send(());
             }
             ShardMsg::Checkpoint { done } => {
                 self.flush();
-                self.checkpoint();
-                let _ = done.send(());
+                self.checkpoint(Some(done), true);
             }
             ShardMsg::Stop => return false,
         }
@@ -1587,33 +1623,88 @@ impl Shard {
         self.out.clear();
     }
 
-    fn checkpoint(&mut self) {
+    /// Snapshots the state and hands it to the checkpointer, which writes it once the delivery
+    /// events it derived are durable; the shard goes straight back to its queue. `done` is told
+    /// once the checkpoint is written. A periodic checkpoint (`wait` false) is skipped while the
+    /// checkpointer is still busy with earlier ones, and retried at the next interval.
+    fn checkpoint(&mut self, done: Option<oneshot::Sender<()>>, wait: bool) {
         self.last_ckpt = Instant::now();
-        let Some(offset) = self.applied else { return };
-        if (self.ckpt_dir.is_none() && self.cluster.is_none()) || self.covered == Some(offset) {
-            return;
+        let (Some(offset), Some(checkpoints)) = (self.applied, &self.checkpoints) else {
+            return tell(done);
+        };
+        // A checkpoint of this offset is written, or (for a periodic one) already on its way.
+        let written = self.needed[self.index].load(Ordering::Relaxed) == offset + 1;
+        if written || (!wait && self.checkpointed == Some(offset)) {
+            return tell(done);
         }
         // Everything this state derived must be in the delivery-events log before the
-        // checkpoint says it need not be derived again.
-        let (done, durable) = flume::bounded(1);
-        if self.publisher.send(PublishMsg::Barrier(done)).is_err() || durable.recv().is_err() {
-            return;
+        // checkpoint says it need not be derived again: the barrier follows this shard's events
+        // into the publisher's queue, and the checkpointer waits for its answer.
+        let (barrier, durable) = flume::bounded(1);
+        if self.publisher.send(PublishMsg::Barrier(barrier)).is_err() {
+            return tell(done);
         }
         let ckpt =
             Checkpoint { shard: self.index as u32, shards: self.shards as u32, offset, state: self.deriver.snapshot() };
-        let written = match (&self.ckpt_dir, &self.cluster) {
-            (Some(dir), _) => checkpoint::write(dir, &ckpt).map(|()| true),
-            (None, Some(cluster)) => cluster.put_checkpoint(&ckpt),
-            (None, None) => Ok(false),
+        let job = CkptJob { ckpt, durable, done };
+        let sent = if wait {
+            checkpoints.send(job).map_err(|e| e.into_inner())
+        } else {
+            checkpoints.try_send(job).map_err(|e| e.into_inner())
         };
-        match written {
-            Ok(false) => {}
-            Ok(true) => {
-                self.covered = Some(offset);
-                self.needed[self.index].store(offset + 1, Ordering::Relaxed);
-                self.metrics.checkpoints.fetch_add(1, Ordering::Relaxed);
+        match sent {
+            Ok(()) => self.checkpointed = Some(offset),
+            Err(job) => tell(job.done),
+        }
+    }
+}
+
+fn tell(done: Option<oneshot::Sender<()>>) {
+    if let Some(done) = done {
+        let _ = done.send(());
+    }
+}
+
+/// A shard's checkpoint waiting to be written.
+struct CkptJob {
+    ckpt: Checkpoint,
+    /// Answers once the publisher has synced everything the shard derived before the snapshot.
+    durable: flume::Receiver<()>,
+    /// Told once the checkpoint is written (or has failed).
+    done: Option<oneshot::Sender<()>>,
+}
+
+/// Writes shard checkpoints off the shard threads: waiting for the delivery-events log, the
+/// file write with its fsyncs (or the JetStream round trip) would otherwise stall a shard's queue
+/// for milliseconds every interval, and every batch queued behind it would wait that long.
+struct Checkpointer {
+    dir: Option<PathBuf>,
+    /// On JetStream, checkpoints go to its KV bucket while this node owns the shard.
+    cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// Per shard, the first offset the log must keep for a replay from its checkpoint.
+    needed: Arc<[AtomicU64]>,
+    metrics: Arc<EngineMetrics>,
+}
+
+impl Checkpointer {
+    fn run(self, rx: flume::Receiver<CkptJob>) {
+        while let Ok(CkptJob { ckpt, durable, done }) = rx.recv() {
+            if durable.recv().is_ok() {
+                let written = match (&self.dir, &self.cluster) {
+                    (Some(dir), _) => checkpoint::write(dir, &ckpt).map(|()| true),
+                    (None, Some(cluster)) => cluster.put_checkpoint(&ckpt),
+                    (None, None) => Ok(false),
+                };
+                match written {
+                    Ok(false) => {}
+                    Ok(true) => {
+                        self.needed[ckpt.shard as usize].store(ckpt.offset + 1, Ordering::Relaxed);
+                        self.metrics.checkpoints.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => warn!(error = %e, shard = ckpt.shard, "checkpoint failed; will retry"),
+                }
             }
-            Err(e) => warn!(error = %e, shard = self.index, "checkpoint failed; will retry"),
+            tell(done);
         }
     }
 }
@@ -1636,6 +1727,86 @@ mod tests {
             status: FlightStatus::Flying,
             kind,
         }
+    }
+
+    /// A checkpoint waits for the delivery-events log to be durable, then writes a file with
+    /// fsyncs. The shard hands both to the checkpointer: while the publisher has not answered the
+    /// barrier, the shard still answers, and the checkpoint lands once it does.
+    #[test]
+    fn a_pending_checkpoint_does_not_stall_its_shard() {
+        let dir = std::env::temp_dir().join(format!("fleetstream-ckpt-async-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let needed: Arc<[AtomicU64]> = vec![AtomicU64::new(0)].into();
+        let metrics = Arc::new(EngineMetrics::default());
+        let (ckpt_tx, ckpt_rx) = flume::bounded(1);
+        let checkpointer =
+            Checkpointer { dir: Some(dir.clone()), cluster: None, needed: needed.clone(), metrics: metrics.clone() };
+        let writer = std::thread::spawn(move || checkpointer.run(ckpt_rx));
+        let (publish_tx, publish_rx) = flume::unbounded();
+        let (tx, rx) = flume::unbounded();
+        let shard = Shard {
+            index: 0,
+            shards: 1,
+            deriver: Deriver::new(DeriveConfig::default()),
+            rx,
+            publisher: publish_tx,
+            metrics: metrics.clone(),
+            out: Vec::new(),
+            published: 0,
+            out_trace: None,
+            reported: DeriveStats::default(),
+            covered: None,
+            applied: None,
+            checkpointed: None,
+            checkpoints: Some(ckpt_tx),
+            needed: needed.clone(),
+            ckpt_interval: Duration::ZERO,
+            last_ckpt: Instant::now(),
+        };
+        let running = std::thread::spawn(move || shard.run());
+        let batch =
+            TelemetryBatch::encode(BatchMeta::default(), &[ev(3, 1, DroneEventKind::Position)], Buffer::new()).unwrap();
+        tx.send(ShardMsg::Events { offset: 0, batch: Arc::new(batch), indices: None }).unwrap();
+        // The shard's periodic checkpoint sends its barrier, which nobody answers yet.
+        let barrier = loop {
+            match publish_rx.recv_timeout(Duration::from_secs(10)).unwrap() {
+                PublishMsg::Barrier(done) => break done,
+                PublishMsg::Events(_) => {}
+            }
+        };
+        let (reply, mut answer) = oneshot::channel();
+        tx.send(ShardMsg::Drone { id: 3, reply }).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let snapshot = loop {
+            match answer.try_recv() {
+                Ok(snapshot) => break snapshot,
+                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+                Err(_) => panic!("the shard stalled behind its pending checkpoint"),
+            }
+        };
+        assert!(snapshot.is_some(), "the shard knows the drone it applied");
+        assert_eq!(needed[0].load(Ordering::Relaxed), 0, "nothing is written before the log is durable");
+        barrier.send(()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while needed[0].load(Ordering::Relaxed) != 1 {
+            assert!(Instant::now() < deadline, "the checkpoint was never written");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(checkpoint::read(&dir, 0).unwrap().map(|c| c.offset), Some(0));
+        assert_eq!(metrics.checkpoints.load(Ordering::Relaxed), 1);
+        // Further barriers (from checkpoints of later offsets) get answers so the shard can stop.
+        let answering = std::thread::spawn(move || {
+            while let Ok(msg) = publish_rx.recv() {
+                if let PublishMsg::Barrier(done) = msg {
+                    let _ = done.send(());
+                }
+            }
+        });
+        tx.send(ShardMsg::Stop).unwrap();
+        running.join().unwrap();
+        writer.join().unwrap();
+        answering.join().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
