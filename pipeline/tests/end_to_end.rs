@@ -99,6 +99,9 @@ async fn a_simulated_fleet_completes_its_deliveries_without_loss() {
     assert_eq!(value("fleetstream_engine_append_seconds_count{log=\"input\"} "), batches, "{metrics}");
     assert_eq!(value("fleetstream_engine_append_seconds_bucket{log=\"input\",le=\"+Inf\"} "), batches);
     assert!(value("fleetstream_log_fsync_seconds_count{log=\"input\"} ") > 0, "{metrics}");
+    // ... and by its first event's age on the way in; the Created event by its age at publish.
+    assert_eq!(value("fleetstream_engine_event_age_at_submit_seconds_count{log=\"input\"} "), batches);
+    assert!(value("fleetstream_engine_delivery_event_age_at_publish_seconds_count{log=\"delivery-events\"} ") > 0);
     #[cfg(target_os = "linux")]
     assert!(metrics.contains("\nprocess_resident_memory_bytes "), "{metrics}");
 
