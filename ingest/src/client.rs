@@ -102,7 +102,7 @@ impl IngestClient {
     /// reaching `server`; put it in [`ClientConfig::endpoint`] to share it between connections.
     pub fn endpoint(server: SocketAddr, cfg: &ClientConfig) -> Result<quinn::Endpoint, Error> {
         let bind: SocketAddr = if server.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { ([0u16; 8], 0).into() };
-        let socket = crate::udp::bind(bind, cfg.udp_buffer_bytes)?;
+        let socket = crate::udp::bind(bind, cfg.udp_buffer_bytes, false)?;
         quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, Arc::new(quinn::TokioRuntime))
             .map_err(|e| Error::Bind(bind, e))
     }

@@ -87,6 +87,13 @@ pub struct ServerConfig {
     /// default. Default 4 MiB (see [`crate::udp`]: a small buffer drops packets whenever the
     /// server is descheduled for a few milliseconds, and every drop stalls a stream).
     pub udp_buffer_bytes: usize,
+    /// UDP sockets sharing the listen address (`SO_REUSEPORT`), each with its own QUIC endpoint.
+    /// Default 1. The kernel spreads clients over them by address, so with thousands of
+    /// connections no single endpoint task has to drain every packet, and each socket brings
+    /// its own kernel buffer. A client whose address changes mid-connection (NAT rebinding,
+    /// QUIC migration) then reaches a socket that does not know it and must reconnect (the
+    /// producer re-sends what was unanswered), so keep 1 where drones roam. Unix only.
+    pub sockets: usize,
     /// Close a connection after this long without traffic, ms. Default 30,000.
     pub idle_timeout_ms: u64,
     /// On shutdown, how long in-flight streams get to finish, ms. Default 5,000.
@@ -110,6 +117,7 @@ impl Default for ServerConfig {
             connection_window_bytes: 16 << 20,
             max_udp_payload_bytes: crate::proto::DEFAULT_MAX_UDP_PAYLOAD,
             udp_buffer_bytes: crate::udp::DEFAULT_UDP_BUFFER_BYTES,
+            sockets: 1,
             idle_timeout_ms: 30_000,
             drain_timeout_ms: 5_000,
         }
@@ -184,10 +192,11 @@ impl IngestMetrics {
     }
 }
 
-/// A bound ingest endpoint, ready to [`serve`](IngestServer::serve).
+/// A bound ingest endpoint (or several on one address), ready to [`serve`](IngestServer::serve).
 #[derive(Debug)]
 pub struct IngestServer {
-    endpoint: quinn::Endpoint,
+    /// One per UDP socket ([`ServerConfig::sockets`]); the first one's address is the server's.
+    endpoints: Vec<quinn::Endpoint>,
     cfg: ServerConfig,
     certificate_pem: String,
     metrics: Arc<IngestMetrics>,
@@ -220,16 +229,36 @@ impl IngestServer {
         };
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_crypto(&identity, client_ca.as_deref())?));
         server.transport_config(Arc::new(transport(cfg)?));
-        let socket = crate::udp::bind(cfg.listen, cfg.udp_buffer_bytes)?;
-        let endpoint =
-            quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(server), socket, Arc::new(quinn::TokioRuntime))
-                .map_err(|e| Error::Bind(cfg.listen, e))?;
-        Ok(Self { endpoint, cfg: cfg.clone(), certificate_pem: identity.chain_pem, metrics: Arc::default() })
+        let shared = cfg.sockets > 1;
+        let first = crate::udp::bind(cfg.listen, cfg.udp_buffer_bytes, shared)?;
+        // With port 0 the first socket picks the port; the others join it there.
+        let addr = first.local_addr().map_err(|e| Error::Bind(cfg.listen, e))?;
+        let mut sockets = vec![first];
+        for _ in 1..cfg.sockets {
+            sockets.push(crate::udp::bind(addr, cfg.udp_buffer_bytes, true)?);
+        }
+        let endpoints = sockets
+            .into_iter()
+            .map(|socket| {
+                let runtime = Arc::new(quinn::TokioRuntime);
+                quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(server.clone()), socket, runtime)
+                    .map_err(|e| Error::Bind(addr, e))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self { endpoints, cfg: cfg.clone(), certificate_pem: identity.chain_pem, metrics: Arc::default() })
+    }
+
+    /// The QUIC endpoints, one per UDP socket.
+    pub fn endpoints(&self) -> &[quinn::Endpoint] {
+        &self.endpoints
     }
 
     /// The address actually bound (useful with port 0).
     pub fn local_addr(&self) -> Result<SocketAddr, Error> {
-        self.endpoint.local_addr().map_err(Error::Io)
+        match self.endpoints.first() {
+            Some(endpoint) => endpoint.local_addr().map_err(Error::Io),
+            None => Err(Error::Config("the server has no socket".into())),
+        }
     }
 
     /// The served certificate chain in PEM, for clients to trust.
@@ -257,11 +286,25 @@ impl IngestServer {
         });
         let mut connections = JoinSet::new();
         tokio::pin!(shutdown);
-        info!(addr = %self.local_addr()?, "ingest listening");
+        // Each endpoint's new connections come through one queue, so one loop admits them all.
+        let (incoming_tx, mut incoming_rx) = tokio::sync::mpsc::channel::<quinn::Incoming>(64);
+        let mut acceptors = JoinSet::new();
+        for endpoint in &self.endpoints {
+            let (endpoint, tx) = (endpoint.clone(), incoming_tx.clone());
+            acceptors.spawn(async move {
+                while let Some(incoming) = endpoint.accept().await {
+                    if tx.send(incoming).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        drop(incoming_tx);
+        info!(addr = %self.local_addr()?, sockets = self.endpoints.len(), "ingest listening");
         loop {
             tokio::select! {
                 () = &mut shutdown => break,
-                incoming = self.endpoint.accept() => {
+                incoming = incoming_rx.recv() => {
                     let Some(incoming) = incoming else { break };
                     let Ok(permit) = permits.clone().try_acquire_owned() else {
                         self.metrics.connections_refused.fetch_add(1, Ordering::Relaxed);
@@ -278,6 +321,11 @@ impl IngestServer {
                 Some(_) = connections.join_next(), if !connections.is_empty() => {}
             }
         }
+        acceptors.abort_all();
+        incoming_rx.close();
+        while let Ok(incoming) = incoming_rx.try_recv() {
+            incoming.refuse();
+        }
         info!(connections = connections.len(), "ingest draining");
         let _ = stop_tx.send(true);
         let drain = async { while connections.join_next().await.is_some() {} };
@@ -285,8 +333,12 @@ impl IngestServer {
             warn!("ingest drain timed out; closing the remaining connections");
             connections.abort_all();
         }
-        self.endpoint.close(VarInt::from_u32(0), b"server shutting down");
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        for endpoint in &self.endpoints {
+            endpoint.close(VarInt::from_u32(0), b"server shutting down");
+        }
+        for endpoint in &self.endpoints {
+            let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+        }
         info!("ingest stopped");
         Ok(())
     }

@@ -26,9 +26,17 @@ static WARNED: AtomicBool = AtomicBool::new(false);
 
 /// A bound UDP socket with receive and send buffers of (up to) `buffer_bytes` each; 0 keeps the
 /// system's defaults. An IPv6 address gets a dual-stack socket where the system allows it.
-pub fn bind(addr: SocketAddr, buffer_bytes: usize) -> Result<std::net::UdpSocket, Error> {
+/// `shared`: the socket joins the others bound to the same address with `SO_REUSEPORT`, and the
+/// kernel spreads incoming datagrams over them by the sender's address (Unix only).
+pub fn bind(addr: SocketAddr, buffer_bytes: usize, shared: bool) -> Result<std::net::UdpSocket, Error> {
     let bind_err = |e| Error::Bind(addr, e);
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP)).map_err(bind_err)?;
+    if shared {
+        #[cfg(unix)]
+        socket.set_reuse_port(true).map_err(bind_err)?;
+        #[cfg(not(unix))]
+        return Err(Error::Config("several ingest sockets need SO_REUSEPORT, which only Unix systems have".into()));
+    }
     if addr.is_ipv6() {
         // Best effort: some systems refuse dual-stack sockets.
         let _ = socket.set_only_v6(false);
@@ -60,7 +68,7 @@ mod tests {
 
     #[test]
     fn buffers_are_asked_for_and_the_socket_is_bound() {
-        let socket = bind(SocketAddr::from(([127, 0, 0, 1], 0)), 1 << 20).expect("bind"); // ok: test code
+        let socket = bind(SocketAddr::from(([127, 0, 0, 1], 0)), 1 << 20, false).expect("bind"); // ok: test code
         let addr = socket.local_addr().expect("local address"); // ok: test code
         assert_ne!(addr.port(), 0);
         let s = Socket::from(socket);
@@ -75,9 +83,9 @@ mod tests {
 
     #[test]
     fn a_taken_address_is_a_bind_error_naming_it() {
-        let first = bind(SocketAddr::from(([127, 0, 0, 1], 0)), 0).expect("bind"); // ok: test code
+        let first = bind(SocketAddr::from(([127, 0, 0, 1], 0)), 0, false).expect("bind"); // ok: test code
         let addr = first.local_addr().expect("local address"); // ok: test code
-        match bind(addr, 0) {
+        match bind(addr, 0, false) {
             Err(Error::Bind(at, _)) => assert_eq!(at, addr),
             other => panic!("expected a bind error, got {other:?}"),
         }

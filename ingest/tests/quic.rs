@@ -207,6 +207,45 @@ async fn connections_sharing_an_endpoint_are_answered_separately() {
     h.shutdown().await;
 }
 
+/// With several sockets on one address the kernel spreads clients over them; each client's
+/// connection stays on its socket's endpoint and is answered there.
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_spread_over_several_sockets_on_one_address() {
+    let server =
+        IngestServer::bind(&ServerConfig { listen: "127.0.0.1:0".parse().unwrap(), sockets: 2, ..Default::default() })
+            .unwrap();
+    let endpoints: Vec<_> = server.endpoints().to_vec();
+    assert_eq!(endpoints.len(), 2);
+    let addr = server.local_addr().unwrap();
+    assert_eq!(endpoints[1].local_addr().unwrap(), addr, "both sockets listen on the one address");
+    let cfg = ClientConfig::new(Trust::Pem(server.certificate_pem().to_string()));
+    let sink = Arc::new(Recorder::default());
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(server.serve(sink.clone(), async {
+        let _ = stopped.await;
+    }));
+    // 16 clients, each from a socket of its own: all land on one of two sockets only with
+    // probability 2^-15.
+    let mut clients = Vec::new();
+    for seq in 0..16u64 {
+        let client = IngestClient::connect(addr, &cfg).await.unwrap();
+        let (mut lane, mut answers) = client.open_lane().await.unwrap();
+        lane.send(&frame(seq, 2)).await.unwrap();
+        assert_eq!(answer(&mut answers).await, Answer { batch_seq: seq, events: 2, result: Ok(()) });
+        clients.push(client);
+    }
+    let per_socket: Vec<_> = endpoints.iter().map(quinn::Endpoint::open_connections).collect();
+    assert_eq!(per_socket.iter().sum::<usize>(), 16, "{per_socket:?}");
+    assert!(per_socket.iter().all(|&n| n > 0), "every socket took clients: {per_socket:?}");
+    assert_eq!(sink.batches.lock().unwrap().len(), 16);
+    for client in clients {
+        client.close().await;
+    }
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(10), task).await.unwrap().unwrap().unwrap();
+}
+
 #[tokio::test]
 async fn a_corrupt_batch_is_rejected_and_the_stream_goes_on() {
     let h = start(ServerConfig::default()).await;
