@@ -195,8 +195,9 @@ impl IngestMetrics {
 /// A bound ingest endpoint (or several on one address), ready to [`serve`](IngestServer::serve).
 #[derive(Debug)]
 pub struct IngestServer {
-    /// One per UDP socket ([`ServerConfig::sockets`]); the first one's address is the server's.
+    /// One per UDP socket ([`ServerConfig::sockets`]), all bound to `addr`.
     endpoints: Vec<quinn::Endpoint>,
+    addr: SocketAddr,
     cfg: ServerConfig,
     certificate_pem: String,
     metrics: Arc<IngestMetrics>,
@@ -245,7 +246,7 @@ impl IngestServer {
                     .map_err(|e| Error::Bind(addr, e))
             })
             .collect::<Result<_, _>>()?;
-        Ok(Self { endpoints, cfg: cfg.clone(), certificate_pem: identity.chain_pem, metrics: Arc::default() })
+        Ok(Self { endpoints, addr, cfg: cfg.clone(), certificate_pem: identity.chain_pem, metrics: Arc::default() })
     }
 
     /// The QUIC endpoints, one per UDP socket.
@@ -255,10 +256,7 @@ impl IngestServer {
 
     /// The address actually bound (useful with port 0).
     pub fn local_addr(&self) -> Result<SocketAddr, Error> {
-        match self.endpoints.first() {
-            Some(endpoint) => endpoint.local_addr().map_err(Error::Io),
-            None => Err(Error::Config("the server has no socket".into())),
-        }
+        Ok(self.addr)
     }
 
     /// The served certificate chain in PEM, for clients to trust.

@@ -410,7 +410,6 @@ impl Engine {
                 reported: DeriveStats::default(),
                 covered,
                 applied: covered,
-                checkpointed: covered,
                 checkpoints: checkpoints_enabled.then(|| ckpt_tx.clone()),
                 needed: needed.clone(),
                 ckpt_interval: Duration::from_millis(cfg.checkpoint_interval_ms.max(1)),
@@ -703,10 +702,10 @@ pub fn render_metrics(engine: &Engine, out: &mut String) {
     }
 }
 
-/// How long ago `ts_us` (µs since the Unix epoch) was; 0 for a time in the future.
-fn age(ts_us: u64) -> Duration {
-    let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
-    now.saturating_sub(Duration::from_micros(ts_us))
+/// How long before `now_us` the event time `ts_us` was (both from [`events::now_us`]); 0 for
+/// a time after it.
+fn age(now_us: u64, ts_us: u64) -> Duration {
+    Duration::from_micros(now_us.saturating_sub(ts_us))
 }
 
 /// Maps a drone to a shard: a multiplicative hash spread over `n` without a division.
@@ -731,7 +730,7 @@ impl BatchSink for Engine {
             return Ok(AckFuture(rx));
         }
         if let Some(first) = batch.events().first() {
-            self.inner.metrics.event_age_at_submit.record(age(first.ts_us.to_native()));
+            self.inner.metrics.event_age_at_submit.record(age(events::now_us(), first.ts_us.to_native()));
         }
         self.to_appender(AppendReq::Batch { batch, ack, queued: Instant::now() }).await?;
         Ok(AckFuture(rx))
@@ -1124,8 +1123,9 @@ impl Publisher {
             let mut last = None;
             for (offset, batch) in appended.drain(..) {
                 last = offset.or(last);
+                let now = events::now_us();
                 for ev in batch.events().iter() {
-                    self.metrics.delivery_age_at_publish.record(age(ev.ts_us.to_native()));
+                    self.metrics.delivery_age_at_publish.record(age(now, ev.ts_us.to_native()));
                 }
                 self.topic.publish(Arc::new(batch));
             }
@@ -1399,7 +1399,7 @@ impl Appender {
                     let _ = ack.send(Ok(()));
                     self.metrics.append_time.record(queued.elapsed());
                     if let Some(created) = created {
-                        self.metrics.event_age_at_ack.record(age(created));
+                        self.metrics.event_age_at_ack.record(age(events::now_us(), created));
                     }
                     last = Some(offset);
                 }
@@ -1480,9 +1480,6 @@ struct Shard {
     covered: Option<u64>,
     /// Every record up to this offset has been applied.
     applied: Option<u64>,
-    /// The offset of the last checkpoint handed to the checkpointer (or restored); a failed
-    /// write is retried at the next interval that has something new, or at an explicit request.
-    checkpointed: Option<u64>,
     /// The checkpointer, when checkpoints are kept (a data dir or JetStream).
     checkpoints: Option<flume::Sender<CkptJob>>,
     /// Per shard, the first offset the log must keep: one past the last checkpoint written.
@@ -1585,7 +1582,8 @@ impl Shard {
                 self.reported = self.deriver.stats();
                 self.covered = covered;
                 self.applied = covered;
-                self.checkpointed = covered;
+                // The checkpoint it starts from is written: nothing to write again until it moves on.
+                self.needed[self.index].store(covered.map_or(0, |c| c + 1), Ordering::Relaxed);
                 self.last_ckpt = Instant::now();
                 let _ = done.send(());
             }
@@ -1626,16 +1624,15 @@ impl Shard {
     /// Snapshots the state and hands it to the checkpointer, which writes it once the delivery
     /// events it derived are durable; the shard goes straight back to its queue. `done` is told
     /// once the checkpoint is written. A periodic checkpoint (`wait` false) is skipped while the
-    /// checkpointer is still busy with earlier ones, and retried at the next interval.
+    /// checkpointer is still busy with earlier ones; until a checkpoint of the applied offset is
+    /// written (one that failed included), each interval hands over another.
     fn checkpoint(&mut self, done: Option<oneshot::Sender<()>>, wait: bool) {
         self.last_ckpt = Instant::now();
         let (Some(offset), Some(checkpoints)) = (self.applied, &self.checkpoints) else {
             return tell(done);
         };
-        // A checkpoint of this offset is written, or (for a periodic one) already on its way.
-        let written = self.needed[self.index].load(Ordering::Relaxed) == offset + 1;
-        if written || (!wait && self.checkpointed == Some(offset)) {
-            return tell(done);
+        if self.needed[self.index].load(Ordering::Relaxed) == offset + 1 {
+            return tell(done); // a checkpoint of this offset is written
         }
         // Everything this state derived must be in the delivery-events log before the
         // checkpoint says it need not be derived again: the barrier follows this shard's events
@@ -1652,9 +1649,8 @@ impl Shard {
         } else {
             checkpoints.try_send(job).map_err(|e| e.into_inner())
         };
-        match sent {
-            Ok(()) => self.checkpointed = Some(offset),
-            Err(job) => tell(job.done),
+        if let Err(job) = sent {
+            tell(job.done);
         }
     }
 }
@@ -1757,7 +1753,6 @@ mod tests {
             reported: DeriveStats::default(),
             covered: None,
             applied: None,
-            checkpointed: None,
             checkpoints: Some(ckpt_tx),
             needed: needed.clone(),
             ckpt_interval: Duration::ZERO,

@@ -300,13 +300,13 @@ impl Node {
     }
 }
 
-/// Delivery History's consumer: reads the delivery-events log from where the store's last
-/// commit left off and stores each batch with the offset after it (one transaction), until
-/// the engine stops.
 /// Delivery-event batches the services apply in one round at most: as many as a log follower
 /// reads ahead, so a follower that fell behind is caught up in one store commit.
 const SERVICES_ROUND: usize = crate::engine::FOLLOW_QUEUE;
 
+/// Delivery History's consumer: reads the delivery-events log from where the store's last
+/// commit left off and stores each batch with the offset after it (one transaction), until
+/// the engine stops.
 fn start_history(
     engine: &Engine,
     history: Arc<services::history::History>,
