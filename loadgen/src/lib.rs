@@ -299,6 +299,9 @@ pub struct Report {
     pub deliveries_refused: u64,
     /// `DeliveryComplete` events the subscriber received.
     pub deliveries_completed: u64,
+    /// Scheduled deliveries the subscriber never saw finish (complete or cancelled): still in
+    /// flight when the run stopped, which is not loss (nothing acknowledged went missing).
+    pub deliveries_unfinished: u64,
     /// Distinct delivery events the subscriber received.
     pub delivery_events_observed: u64,
     /// Delivery events the scheduled deliveries must have produced, given what the drones sent.
@@ -367,8 +370,8 @@ impl std::fmt::Display for Report {
         }
         writeln!(
             f,
-            "deliveries  scheduled {}  refused {}  completed {}",
-            self.deliveries_scheduled, self.deliveries_refused, self.deliveries_completed
+            "deliveries  scheduled {}  refused {}  completed {}  unfinished {} (in flight when the run stopped)",
+            self.deliveries_scheduled, self.deliveries_refused, self.deliveries_completed, self.deliveries_unfinished
         )?;
         writeln!(
             f,
@@ -441,7 +444,34 @@ impl std::fmt::Display for Report {
         if !self.rejections.is_empty() {
             write!(f, "\nrejections  {:?}", self.rejections)?;
         }
-        Ok(())
+        match self.verdict() {
+            Ok(()) => write!(f, "\nresult      OK"),
+            Err(why) => write!(f, "\nresult      FAILED: {why}"),
+        }
+    }
+}
+
+impl Report {
+    /// Whether the run kept every promise: nothing acknowledged lost, nothing seen twice, no
+    /// order refused, every scheduled delivery seen to its end. `Err` says what was broken.
+    pub fn verdict(&self) -> Result<(), String> {
+        if self.mode == "raw" {
+            return Ok(());
+        }
+        let mut broken = Vec::new();
+        if self.lost > 0 {
+            broken.push(format!("{} acknowledged events never received", self.lost));
+        }
+        if self.duplicates > 0 {
+            broken.push(format!("{} events received twice", self.duplicates));
+        }
+        if self.deliveries_refused > 0 {
+            broken.push(format!("{} orders refused", self.deliveries_refused));
+        }
+        if self.deliveries_unfinished > 0 {
+            broken.push(format!("{} deliveries still in flight at the end", self.deliveries_unfinished));
+        }
+        if broken.is_empty() { Ok(()) } else { Err(broken.join(", ")) }
     }
 }
 
@@ -717,8 +747,6 @@ pub async fn run(cfg: LoadConfig, progress: Arc<dyn Fn(&Progress) + Send + Sync>
             let _ = o.stop.send(true);
             let tel = o.telemetry.await.context("telemetry observer panicked")?;
             let del = o.deliveries.await.context("delivery observer panicked")?;
-            o.telemetry_client.close().await;
-            o.delivery_client.close().await;
             (tel, del)
         }
         None => (TelemetryObserver::new(cfg.drone_id_base, 0), DeliveryObserver::new(cfg.drone_id_base, 0)),
@@ -741,6 +769,7 @@ pub async fn run(cfg: LoadConfig, progress: Arc<dyn Fn(&Progress) + Send + Sync>
         deliveries_scheduled: counters.scheduled.load(Ordering::Relaxed),
         deliveries_refused: counters.refused.load(Ordering::Relaxed),
         deliveries_completed: del.completed,
+        deliveries_unfinished: scheduled_ids.iter().filter(|id| !del.finished(**id)).count() as u64,
         delivery_events_observed: del.unique,
         delivery_events_expected: expected_delivery,
         telemetry_events_observed: tel.unique,
@@ -774,8 +803,6 @@ pub async fn run(cfg: LoadConfig, progress: Arc<dyn Fn(&Progress) + Send + Sync>
 /// The subscriber side of a full run: a connection and an observer task per topic, so delivery
 /// events never queue behind the telemetry firehose on a shared connection.
 struct Observing {
-    telemetry_client: IngestClient,
-    delivery_client: IngestClient,
     stop: watch::Sender<bool>,
     /// Set when telemetry may be read (at once, or after the run).
     read_telemetry: watch::Sender<bool>,
@@ -783,23 +810,84 @@ struct Observing {
     deliveries: tokio::task::JoinHandle<DeliveryObserver>,
 }
 
-async fn subscribe(cfg: &LoadConfig, client_cfg: &ClientConfig, counters: &Arc<Counters>) -> anyhow::Result<Observing> {
-    let connect = || async {
-        IngestClient::connect(cfg.server, client_cfg)
+/// A log subscription that rides through a server restart as a real subscriber does: when its
+/// connection is lost it reconnects (backing off, 50 ms doubling to 2 s) and resumes at the
+/// offset after the last batch it handed out, so nothing acknowledged is missed and nothing is
+/// seen twice.
+struct Resuming<T: events::wire::Payload> {
+    server: SocketAddr,
+    client_cfg: ClientConfig,
+    topic: Topic,
+    client: IngestClient,
+    sub: ingest::LogSubscription<T>,
+    /// The offset to resume at.
+    next: u64,
+    /// Reconnections made.
+    resumed: u64,
+}
+
+impl<T: events::wire::Payload> Resuming<T> {
+    async fn open(server: SocketAddr, client_cfg: &ClientConfig, topic: Topic, from: StartAt) -> anyhow::Result<Self> {
+        let client = IngestClient::connect(server, client_cfg)
             .await
-            .with_context(|| format!("connecting to the ingest server at {}", cfg.server))
-    };
-    let (telemetry_client, delivery_client) = (connect().await?, connect().await?);
+            .with_context(|| format!("connecting to the ingest server at {server}"))?;
+        let sub = client.subscribe_from::<T>(topic, from).await.with_context(|| format!("subscribing to {topic:?}"))?;
+        let next = sub.start();
+        Ok(Self { server, client_cfg: client_cfg.clone(), topic, client, sub, next, resumed: 0 })
+    }
+
+    /// The next batch and its offset; across a lost connection, after reconnecting. `None` only
+    /// when the server ended the stream on purpose.
+    async fn next(&mut self) -> Option<(u64, events::Batch<T>)> {
+        loop {
+            match self.sub.next().await {
+                Ok(Some((offset, batch))) => {
+                    self.next = offset + 1;
+                    return Some((offset, batch));
+                }
+                Ok(None) => return None,
+                Err(error) => {
+                    tracing::warn!(%error, topic = ?self.topic, next = self.next, "subscription lost; reconnecting to resume");
+                    self.reconnect().await;
+                }
+            }
+        }
+    }
+
+    async fn reconnect(&mut self) {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            tokio::time::sleep(backoff).await;
+            let attempt = async {
+                let client = IngestClient::connect(self.server, &self.client_cfg).await?;
+                let sub = client.subscribe_from::<T>(self.topic, StartAt::Offset(self.next)).await?;
+                Ok::<_, ingest::Error>((client, sub))
+            };
+            match attempt.await {
+                Ok((client, sub)) => {
+                    let old = std::mem::replace(&mut self.client, client);
+                    old.connection().close(0u32.into(), b"resumed elsewhere");
+                    self.sub = sub;
+                    self.resumed += 1;
+                    tracing::info!(topic = ?self.topic, next = self.next, "subscription resumed");
+                    return;
+                }
+                Err(error) => tracing::debug!(%error, "reconnecting the subscription failed"),
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    async fn close(self) {
+        self.client.close().await;
+    }
+}
+
+async fn subscribe(cfg: &LoadConfig, client_cfg: &ClientConfig, counters: &Arc<Counters>) -> anyhow::Result<Observing> {
     // Log subscriptions: the subscriber reads at its own pace and catches up from the log if it
     // falls behind, instead of being cut off, so every acknowledged event can be accounted for.
-    let tsub = telemetry_client
-        .subscribe_from::<DroneEvent>(Topic::DroneTelemetry, StartAt::Latest)
-        .await
-        .context("subscribing to telemetry")?;
-    let dsub = delivery_client
-        .subscribe_from::<DeliveryEvent>(Topic::DeliveryEvents, StartAt::Latest)
-        .await
-        .context("subscribing to deliveries")?;
+    let tsub = Resuming::<DroneEvent>::open(cfg.server, client_cfg, Topic::DroneTelemetry, StartAt::Latest).await?;
+    let dsub = Resuming::<DeliveryEvent>::open(cfg.server, client_cfg, Topic::DeliveryEvents, StartAt::Latest).await?;
     let (stop, stop_rx) = watch::channel(false);
     let (read_telemetry, mut may_read) = watch::channel(cfg.telemetry_check == TelemetryCheck::During);
     let telemetry = {
@@ -828,13 +916,13 @@ async fn subscribe(cfg: &LoadConfig, client_cfg: &ClientConfig, counters: &Arc<C
             counters.completed.store(obs.completed, Ordering::Relaxed);
         })
     };
-    Ok(Observing { telemetry_client, delivery_client, stop, read_telemetry, telemetry, deliveries })
+    Ok(Observing { stop, read_telemetry, telemetry, deliveries })
 }
 
 /// Once `hold` resolves to true, feeds every batch of a subscription to `on_batch` until `stop`
-/// changes or the stream ends; the task returns the observer.
+/// changes or the stream ends; the task closes the connection and returns the observer.
 fn observe<T, O>(
-    mut sub: ingest::LogSubscription<T>,
+    mut sub: Resuming<T>,
     mut obs: O,
     hold: impl Future<Output = bool> + Send + 'static,
     mut stop: watch::Receiver<bool>,
@@ -845,22 +933,21 @@ where
     O: Send + 'static,
 {
     tokio::spawn(async move {
-        if !hold.await {
-            return obs;
-        }
-        loop {
-            tokio::select! {
-                _ = stop.changed() => break,
-                next = sub.next() => match next {
-                    Ok(Some((_, batch))) => on_batch(&mut obs, &batch),
-                    Ok(None) => break,
-                    Err(error) => {
-                        tracing::error!(%error, "subscription ended");
-                        break;
+        if hold.await {
+            loop {
+                tokio::select! {
+                    _ = stop.changed() => break,
+                    next = sub.next() => match next {
+                        Some((_, batch)) => on_batch(&mut obs, &batch),
+                        None => break,
                     }
                 }
             }
         }
+        if sub.resumed > 0 {
+            tracing::info!(topic = ?sub.topic, resumed = sub.resumed, "the subscription resumed after lost connections");
+        }
+        sub.close().await;
         obs
     })
 }
@@ -1223,6 +1310,7 @@ async fn customers(
     }
     let inflight = Arc::new(Semaphore::new(CUSTOMER_REQUESTS));
     let mut rng = rand::rngs::StdRng::seed_from_u64(0xC057);
+    let run_nonce = now_us();
     let mut issued = 0u64;
     let mut tick = tokio::time::interval(Duration::from_millis(10));
     while start.elapsed() < stop_at {
@@ -1241,25 +1329,22 @@ async fn customers(
             });
             let (http, url, counters, scheduled) =
                 (http.clone(), format!("{api}/v1/deliveries"), counters.clone(), scheduled.clone());
+            // A key per order, unique across runs: a retry after a lost answer (the server
+            // restarted mid-request) gets the first result instead of a second delivery.
+            let key = format!("loadgen-{run_nonce:x}-{issued}");
+            let give_up = start + stop_at + cfg.leg;
             tokio::spawn(async move {
                 let _permit = permit;
-                let resp = match http.post(&url).json(&body).send().await {
-                    Ok(resp) => resp,
-                    Err(error) => {
-                        tracing::warn!(%error, "scheduling request failed");
-                        counters.refused.fetch_add(1, Ordering::Relaxed);
-                        return;
+                match schedule_with_retries(&http, &url, &key, &body, give_up).await {
+                    Some(delivery_id) => {
+                        counters.scheduled.fetch_add(1, Ordering::Relaxed);
+                        if let Ok(mut s) = scheduled.lock() {
+                            s.push(delivery_id);
+                        }
                     }
-                };
-                if resp.status() != reqwest::StatusCode::CREATED {
-                    counters.refused.fetch_add(1, Ordering::Relaxed);
-                    return;
-                }
-                let Ok(v) = resp.json::<serde_json::Value>().await else { return };
-                let Some(delivery_id) = v["delivery_id"].as_u64() else { return };
-                counters.scheduled.fetch_add(1, Ordering::Relaxed);
-                if let Ok(mut s) = scheduled.lock() {
-                    s.push(delivery_id);
+                    None => {
+                        counters.refused.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
                 // The drone learns of it from drone-commands, over its own connection.
             });
@@ -1267,6 +1352,47 @@ async fn customers(
     }
     // Wait for the requests still in flight.
     let _ = inflight.acquire_many(CUSTOMER_REQUESTS as u32).await;
+}
+
+/// `POST`s one order as a real client does: with its `Idempotency-Key`, again after a lost
+/// connection, a `5xx` or a `429` (backing off, 50 ms doubling to 2 s, with jitter), until
+/// `give_up`. The delivery id of a `201`; `None` when refused outright (another `4xx`) or out of
+/// time.
+async fn schedule_with_retries(
+    http: &reqwest::Client,
+    url: &str,
+    key: &str,
+    body: &serde_json::Value,
+    give_up: Instant,
+) -> Option<u64> {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let outcome = http.post(url).header("idempotency-key", key).json(body).send().await;
+        let why = match outcome {
+            Ok(resp) if resp.status() == reqwest::StatusCode::CREATED => {
+                let v = resp.json::<serde_json::Value>().await.ok()?;
+                return v["delivery_id"].as_u64();
+            }
+            Ok(resp) if resp.status().is_server_error() || resp.status() == reqwest::StatusCode::TOO_MANY_REQUESTS => {
+                resp.status().to_string()
+            }
+            Ok(resp) => {
+                let status = resp.status();
+                let body = resp.text().await.unwrap_or_default();
+                tracing::warn!(%status, body, "scheduling refused");
+                return None;
+            }
+            Err(error) => error.to_string(),
+        };
+        if Instant::now() + backoff > give_up {
+            tracing::warn!(why, key, "scheduling gave up: still failing at the end of the run");
+            return None;
+        }
+        tracing::debug!(why, key, "scheduling will be retried");
+        let jitter = rand::random_range(0..=backoff.as_millis() as u64 / 2);
+        tokio::time::sleep(backoff + Duration::from_millis(jitter)).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
 }
 
 #[cfg(test)]
@@ -1283,6 +1409,7 @@ pub(crate) mod tests {
             deliveries_scheduled: 0,
             deliveries_refused: 0,
             deliveries_completed: 0,
+            deliveries_unfinished: 0,
             delivery_events_observed: 0,
             delivery_events_expected: 0,
             telemetry_events_observed: 1,

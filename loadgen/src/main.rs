@@ -217,7 +217,7 @@ async fn main() -> anyhow::Result<()> {
         std::fs::write(path, loadgen::plot::svg(&report)).with_context(|| format!("writing {}", path.display()))?;
         eprintln!("latency plot written to {}", path.display());
     }
-    if report.lost > 0 || report.duplicates > 0 {
+    if report.verdict().is_err() {
         std::process::exit(2);
     }
     Ok(())

@@ -88,6 +88,8 @@ pub struct DeliveryObserver {
     pub duplicates: u64,
     /// `DeliveryComplete` events.
     pub completed: u64,
+    /// Deliveries seen reach a terminal stage (complete or cancelled).
+    finished: rustc_hash::FxHashSet<u64>,
     /// Creation-to-arrival latency of events derived from drone events (HeadedToPickup,
     /// InTransit, DeliveryComplete), for events created from `measure_from_us` on.
     pub latency: Histogram<u64>,
@@ -105,6 +107,7 @@ impl DeliveryObserver {
             unique: 0,
             duplicates: 0,
             completed: 0,
+            finished: rustc_hash::FxHashSet::default(),
             latency: histogram(),
             measure_from_us: 0,
         }
@@ -130,6 +133,9 @@ impl DeliveryObserver {
             if stage == DeliveryStage::DeliveryComplete {
                 self.completed += 1;
             }
+            if stage.is_terminal() {
+                self.finished.insert(ev.delivery_id.to_native());
+            }
             if matches!(
                 stage,
                 DeliveryStage::HeadedToPickup | DeliveryStage::InTransit | DeliveryStage::DeliveryComplete
@@ -138,6 +144,11 @@ impl DeliveryObserver {
                 let _ = self.latency.record(now_us.saturating_sub(ev.ts_us.to_native()).max(1));
             }
         }
+    }
+
+    /// Whether a delivery was seen complete or cancelled.
+    pub fn finished(&self, delivery: u64) -> bool {
+        self.finished.contains(&delivery)
     }
 
     /// Distinct events seen for one delivery.

@@ -13,6 +13,7 @@ pub mod checkpoint;
 pub mod cluster;
 pub mod config;
 pub mod cursor;
+pub mod datadir;
 pub mod dedup;
 pub mod derive;
 pub mod discard;
@@ -78,6 +79,16 @@ pub enum Error {
     /// A background task failed.
     #[error("task failed: {0}")]
     Task(String),
+    /// Another process holds the data directory (see [`datadir`]).
+    #[error(
+        "data directory {dir} is in use by another fleetstream process ({holder}); stop it first, or give this one another --data-dir"
+    )]
+    DataDirInUse {
+        /// The directory.
+        dir: std::path::PathBuf,
+        /// What the lock file says of its holder (`pid N`).
+        holder: String,
+    },
     /// NATS JetStream refused or failed an operation.
     #[error("jetstream: {0}")]
     JetStream(String),

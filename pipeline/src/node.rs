@@ -46,16 +46,23 @@ pub struct Node {
     http_task: JoinHandle<std::io::Result<()>>,
     consumer_stop: oneshot::Sender<()>,
     consumer_task: JoinHandle<()>,
+    /// False once the services stopped following delivery events (an error, or shutdown).
+    pub services_following: Arc<std::sync::atomic::AtomicBool>,
+    sweeper_task: JoinHandle<()>,
     history_task: std::thread::JoinHandle<()>,
     history: Arc<services::history::History>,
     notifier_stop: tokio::sync::watch::Sender<bool>,
     notifier_task: JoinHandle<()>,
+    /// Held until the node is dropped, after shutdown has closed everything in the data dir.
+    _data_dir_lock: crate::datadir::DataDirLock,
 }
 
 impl Node {
     /// Starts everything. The ingest certificate is at `DATA_DIR/tls/ingest-cert.pem` so
     /// clients on this machine can trust a self-signed one.
     pub async fn start(cfg: &Config) -> Result<Self, Error> {
+        // Before anything in the data dir is opened: a second node there would damage the logs.
+        let data_dir_lock = crate::datadir::DataDirLock::acquire(&cfg.data_dir)?;
         services::trace::install_exporter(&cfg.tracing);
         let storage = match cfg.log.backend {
             crate::log::LogBackend::Embedded => Storage::Durable { dir: cfg.data_dir.clone(), log: cfg.log },
@@ -99,6 +106,7 @@ impl Node {
         let services_dir = cfg.data_dir.join("services");
         let services = Arc::new(
             Services::open(engine.clone(), &services_dir, cfg.services, Some(history.clone()))
+                .await
                 .map_err(|e| Error::Task(format!("opening the services' stores in {}: {e}", services_dir.display())))?,
         );
 
@@ -106,20 +114,37 @@ impl Node {
         // subscription: applying a batch asks the shards for drone state, and a shard that is
         // checkpointing waits for the publisher, so a publisher blocked on this consumer's full
         // queue would close a cycle (seen at 1.2 M events/s: every thread waiting, nothing acked).
-        // A log follower blocks only itself.
-        let deliveries = engine.subscribe_deliveries_from(events::StartAt::Latest)?;
+        // A log follower blocks only itself. They resume where their store says they stopped
+        // (the position commits with the records), never at the latest offset: what was derived
+        // while the node was down, or before a crash, is applied too.
+        let resume = services.delivery_events_position().map_err(|e| Error::Task(e.to_string()))?;
+        let deliveries = match resume {
+            Some(next) => engine.subscribe_deliveries_from(events::StartAt::Offset(next)).or_else(|error| {
+                tracing::error!(%error, next, "the services are behind retention: delivery events were lost to them; resuming at the earliest held");
+                engine.subscribe_deliveries_from(events::StartAt::Earliest)
+            })?,
+            None => engine.subscribe_deliveries_from(events::StartAt::Earliest)?,
+        };
+        let following = Arc::new(std::sync::atomic::AtomicBool::new(true));
         let (consumer_stop, mut stop_rx) = oneshot::channel::<()>();
         let svc = services.clone();
+        let consumer_following = following.clone();
         let consumer_task = tokio::spawn(async move {
             // Applies `first` and whatever else is already waiting (up to a round's worth):
-            // the records they change are stored in one go. False once the stream has ended.
+            // the records they change are stored in one go with the position after them. False
+            // once the stream has ended or a round could not be stored: the services stop
+            // following (a restart applies the round again) rather than carry on past a hole.
             let apply = async |first: events::contract::LogItem<events::DeliveryEvent>| {
                 let mut round = Vec::new();
+                let mut next_offset = None;
                 let mut item = Some(first);
                 let mut going = true;
                 while let Some(next) = item.take() {
                     match next {
-                        Ok((_, batch)) => round.push(batch),
+                        Ok((offset, batch)) => {
+                            next_offset = Some(offset + 1);
+                            round.push(batch);
+                        }
                         Err(events::Error::ShuttingDown) => going = false,
                         Err(error) => {
                             tracing::error!(%error, "the services stopped following delivery events");
@@ -131,9 +156,10 @@ impl Node {
                     }
                 }
                 if !round.is_empty()
-                    && let Err(error) = svc.apply_delivery_event_batches(&round).await
+                    && let Err(error) = svc.apply_delivery_event_batches(&round, next_offset).await
                 {
-                    tracing::warn!(%error, "could not queue notifications");
+                    tracing::error!(%error, ?next_offset, "the services could not store what delivery events changed; they stop following until a restart");
+                    return false;
                 }
                 going
             };
@@ -141,14 +167,26 @@ impl Node {
                 tokio::select! {
                     _ = &mut stop_rx => break,
                     item = deliveries.rx.recv_async() => match item {
-                        Ok(item) => if !apply(item).await { return },
-                        Err(_) => return,
+                        Ok(item) => if !apply(item).await { break },
+                        Err(_) => break,
                     }
                 }
             }
             while let Ok(item) = deliveries.rx.try_recv() {
                 if !apply(item).await {
-                    return;
+                    break;
+                }
+            }
+            consumer_following.store(false, std::sync::atomic::Ordering::SeqCst);
+        });
+        // Drones registered before they ever reported are looked up until they do.
+        let sweeper_task = tokio::spawn({
+            let drones = services.drones.clone();
+            async move {
+                let mut every = tokio::time::interval(std::time::Duration::from_secs(1));
+                loop {
+                    every.tick().await;
+                    drones.sweep().await;
                 }
             }
         });
@@ -261,10 +299,13 @@ impl Node {
             http_task,
             consumer_stop,
             consumer_task,
+            services_following: following,
+            sweeper_task,
             history_task,
             history,
             notifier_stop,
             notifier_task,
+            _data_dir_lock: data_dir_lock,
         })
     }
 
@@ -281,6 +322,7 @@ impl Node {
         info!("shutting down: http");
         let _ = self.http_stop.send(());
         let http = self.http_task.await;
+        self.sweeper_task.abort();
         let _ = self.notifier_stop.send(true);
         let _ = self.notifier_task.await;
         info!("shutting down: engine");

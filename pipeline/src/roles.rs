@@ -337,6 +337,8 @@ pub struct RoleProcess {
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     server: JoinHandle<std::io::Result<()>>,
+    /// A role's own hold on its data dir (the engine API's node holds its own).
+    _data_dir_lock: Option<crate::datadir::DataDirLock>,
 }
 
 impl RoleProcess {
@@ -359,6 +361,7 @@ fn svc_error(e: services::Error) -> Error {
 
 /// Starts `role` (not `all` or `ingest`, which run a [`crate::Node`]) from `cfg`.
 pub async fn start(role: Role, cfg: &Config) -> Result<RoleProcess, Error> {
+    let data_dir_lock = crate::datadir::DataDirLock::acquire(&cfg.data_dir)?;
     let mut tracing_cfg = cfg.tracing.clone();
     tracing_cfg.service_name.get_or_insert_with(|| format!("fleetstream-{}", role.name()));
     services::trace::install_exporter(&tracing_cfg);
@@ -392,17 +395,22 @@ pub async fn start(role: Role, cfg: &Config) -> Result<RoleProcess, Error> {
         }
         Role::Delivery => {
             let store = services::store::Store::open(&data.join("deliveries.redb")).map_err(svc_error)?;
-            let svc = services::deliveries::DeliveryService::open(engine()?, store).map_err(svc_error)?;
+            let stores = services::deliveries::DeliveryStores::in_file(&store);
+            let svc = services::deliveries::DeliveryService::open(engine()?, stores).map_err(svc_error)?;
             let router = svc.public_router().merge(svc.internal_router());
             let apply = move |batch: DeliveryBatch| {
                 let svc = svc.clone();
                 async move {
                     let changed = svc.apply_delivery_events(&batch);
-                    if let Err(error) = svc.persist(changed).await {
+                    let ended = match svc.notify(&batch).await {
+                        Ok(ended) => ended,
+                        Err(error) => {
+                            tracing::warn!(%error, "could not queue notifications");
+                            Vec::new()
+                        }
+                    };
+                    if let Err(error) = svc.persist(&changed, &ended, services::store::Batch::new()).await {
                         tracing::error!(%error, "could not store delivery stages");
-                    }
-                    if let Err(error) = svc.notify(&batch).await {
-                        tracing::warn!(%error, "could not queue notifications");
                     }
                 }
             };
@@ -416,11 +424,34 @@ pub async fn start(role: Role, cfg: &Config) -> Result<RoleProcess, Error> {
             (router, ClientAuth::Optional)
         }
         Role::Drones => {
-            let svc = services::drones::DroneManagement::new(engine()?, cfg.services.drones);
+            let store = services::store::Store::open(&data.join("drones.redb")).map_err(svc_error)?;
+            let svc =
+                services::drones::DroneManagement::open(engine()?, cfg.services.drones, store.namespace("drones"))
+                    .map_err(svc_error)?;
             let router = svc.router();
+            tasks.push(tokio::spawn({
+                let (svc, mut stop) = (svc.clone(), stop_rx.clone());
+                async move {
+                    let mut every = tokio::time::interval(std::time::Duration::from_secs(1));
+                    loop {
+                        tokio::select! {
+                            _ = stop.wait_for(|s| *s) => break,
+                            _ = every.tick() => {}
+                        }
+                        tokio::select! {
+                            _ = stop.wait_for(|s| *s) => break,
+                            _ = svc.sweep() => {}
+                        }
+                    }
+                }
+            }));
             let apply = move |batch: DeliveryBatch| {
                 let svc = svc.clone();
-                async move { svc.apply_delivery_events(&batch).await }
+                async move {
+                    if let Err(error) = svc.apply_delivery_events(&batch).await {
+                        tracing::error!(%error, "could not store freed drones");
+                    }
+                }
             };
             tasks.push(tokio::spawn(follow_named(
                 split.engine_quic,
@@ -479,7 +510,7 @@ pub async fn start(role: Role, cfg: &Config) -> Result<RoleProcess, Error> {
             let _ = server_stop.wait_for(|s| *s).await;
         }));
     tracing::info!(role = role.name(), https = %addr, "role started");
-    Ok(RoleProcess { addr, stop, tasks, server })
+    Ok(RoleProcess { addr, stop, tasks, server, _data_dir_lock: Some(data_dir_lock) })
 }
 
 /// The ingest role's engine API for the other roles, on its first `[split.endpoints] ingest`
@@ -503,7 +534,7 @@ pub async fn start_engine_api(engine: Engine, cfg: &Config) -> Result<RoleProces
         },
     ));
     tracing::info!(https = %addr, "engine API started");
-    Ok(RoleProcess { addr, stop, tasks: Vec::new(), server })
+    Ok(RoleProcess { addr, stop, tasks: Vec::new(), server, _data_dir_lock: None })
 }
 
 /// For the ingest role: serve QUIC with the CA-issued `ingest` certificate (unless one is

@@ -195,6 +195,7 @@ async fn one_run(url: &str, nats: &async_nats::Client, failure: Failure) {
     // Deliveries scheduled on A; their Create commands are answered by whichever node owns
     // each drone's shard.
     let drones: Vec<u64> = (1..=PRODUCERS * DRONES_PER_PRODUCER).collect();
+    common::report_in(a.quic, &a.pem, &a.api, &drones).await;
     let registered = web.post(format!("{}/v1/drones", a.api)).json(&serde_json::json!({ "drones": drones })).send();
     assert!(registered.await.unwrap().status().is_success());
     let account = web.put(format!("{}/internal/v1/accounts/cluster-test", a.api)).json(&serde_json::json!({}));

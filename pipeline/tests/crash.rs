@@ -96,6 +96,8 @@ async fn one_run(run: u32) {
     let api = format!("http://127.0.0.1:{http}");
     let web = services::tls::plain_client().unwrap();
     let drones: Vec<u64> = (1..=PRODUCERS * DRONES_PER_PRODUCER).collect();
+    let pem = std::fs::read_to_string(dir.join("tls/ingest-cert.pem")).unwrap();
+    common::report_in(format!("127.0.0.1:{quic}").parse().unwrap(), &pem, &api, &drones).await;
     web.post(format!("{api}/v1/drones")).json(&serde_json::json!({ "drones": drones })).send().await.unwrap();
     let account = web.put(format!("{api}/internal/v1/accounts/crash-test")).json(&serde_json::json!({})).send().await;
     assert!(account.unwrap().status().is_success());
@@ -276,7 +278,8 @@ fn check_log(dir: &Path) -> Vec<DeliveryEvent> {
             RecordKind::Deliveries => panic!("delivery events in the telemetry log"),
         }
     }
-    assert_eq!(seen.len() as u64, PRODUCERS * EVENTS_PER_DRONE, "every acknowledged batch is in the log");
+    // The producers' batches and the drones' report-in batch before them.
+    assert_eq!(seen.len() as u64, PRODUCERS * EVENTS_PER_DRONE + 1, "every acknowledged batch is in the log");
     assert_eq!(deriver.stats().duplicates, 0, "no event was logged twice");
     out
 }

@@ -41,6 +41,7 @@ async fn reschedule_and_cancel_change_the_delivery_and_its_events() {
     let node = Node::start(&cfg).await.unwrap();
     let base = format!("http://{}", node.http_addr);
     let http = services::tls::plain_client().unwrap();
+    common::report_in(node.quic_addr, &node.certificate_pem, &base, &[1, 2]).await;
     http.post(format!("{base}/v1/drones")).json(&json!({"drones": [1, 2]})).send().await.unwrap();
     http.put(format!("{base}/internal/v1/accounts/acme")).json(&json!({})).send().await.unwrap();
     let order = json!({
@@ -244,6 +245,7 @@ async fn notifications_can_live_on_jetstream() {
     let node = Node::start(&cfg).await.unwrap();
     let base = format!("http://{}", node.http_addr);
     let http = services::tls::plain_client().unwrap();
+    common::report_in(node.quic_addr, &node.certificate_pem, &base, &[1]).await;
     http.put(format!("{base}/v1/drones/1")).send().await.unwrap();
     http.put(format!("{base}/internal/v1/accounts/acme")).json(&json!({})).send().await.unwrap();
     let order = json!({
@@ -301,6 +303,7 @@ async fn subscribers_are_notified_of_stage_changes_through_the_notifications_que
     let node = Node::start(&cfg).await.unwrap();
     let base = format!("http://{}", node.http_addr);
     let http = services::tls::plain_client().unwrap();
+    common::report_in(node.quic_addr, &node.certificate_pem, &base, &[1]).await;
     http.post(format!("{base}/v1/drones")).json(&json!({"drones": [1]})).send().await.unwrap();
     http.put(format!("{base}/internal/v1/accounts/acme")).json(&json!({})).send().await.unwrap();
     let order = json!({
@@ -407,6 +410,7 @@ async fn one_trace_follows_a_delivery_from_the_request_through_the_drone_to_its_
     let node = Node::start(&cfg).await.unwrap();
     let base = format!("http://{}", node.http_addr);
     let http = services::tls::plain_client().unwrap();
+    common::report_in(node.quic_addr, &node.certificate_pem, &base, &[5]).await;
     http.put(format!("{base}/v1/drones/5")).send().await.unwrap();
     http.put(format!("{base}/internal/v1/accounts/acme")).json(&json!({})).send().await.unwrap();
     let events = node.engine.subscribe_deliveries_from(events::StartAt::Earliest).unwrap();
@@ -512,6 +516,7 @@ async fn delivery_history_on_postgres_follows_the_delivery_through_the_same_api(
     };
     let base = format!("http://{}", node.http_addr);
     let http = services::tls::plain_client().unwrap();
+    common::report_in(node.quic_addr, &node.certificate_pem, &base, &[3]).await;
     http.put(format!("{base}/v1/drones/3")).send().await.unwrap();
     http.put(format!("{base}/internal/v1/accounts/pg-owner")).json(&json!({})).send().await.unwrap();
     let order = json!({

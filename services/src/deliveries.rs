@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use crate::Error;
 use crate::api::{ApiJson, parse_id};
 use crate::state::Package;
-use crate::store::Store;
+use crate::store::{Batch, Store};
 
 /// Cruise speed assumed for ETAs, m/s.
 const CRUISE_M_PER_S: f64 = 15.0;
@@ -62,46 +62,83 @@ pub struct DeliveryRecord {
 pub struct DeliveryService<F> {
     fleet: F,
     records: RwLock<FxHashMap<DeliveryId, DeliveryRecord>>,
-    store: Store,
+    store: DeliveryStores,
     subscriptions: RwLock<FxHashMap<DeliveryId, Vec<crate::notify::Subscription>>>,
 }
 
+/// Where the Delivery service keeps its state: two namespaces of one file, so a read model's
+/// round (records, ended subscriptions, its log position) commits at once.
+#[derive(Debug, Clone)]
+pub struct DeliveryStores {
+    /// The delivery records.
+    pub records: Store,
+    /// Notification subscriptions, per delivery.
+    pub subscriptions: Store,
+}
+
+impl DeliveryStores {
+    /// The service's namespaces in `file`.
+    pub fn in_file(file: &Store) -> Self {
+        Self { records: file.namespace("deliveries"), subscriptions: file.namespace("delivery-subscriptions") }
+    }
+}
+
 impl<F: FleetControl + WorkQueues> DeliveryService<F> {
-    /// The service over `store`, with the records it holds loaded.
-    pub fn open(fleet: F, store: Store) -> Result<Arc<Self>, Error> {
-        let records = store.all::<DeliveryRecord>()?.into_iter().map(|(_, r)| (r.delivery_id, r)).collect();
-        Ok(Arc::new(Self { fleet, records: RwLock::new(records), store, subscriptions: RwLock::default() }))
+    /// The service over `store`, with the records and subscriptions it holds loaded.
+    pub fn open(fleet: F, store: DeliveryStores) -> Result<Arc<Self>, Error> {
+        let records = store.records.all::<DeliveryRecord>()?.into_iter().map(|(_, r)| (r.delivery_id, r)).collect();
+        let subscriptions = store
+            .subscriptions
+            .all::<Vec<crate::notify::Subscription>>()?
+            .into_iter()
+            .filter_map(|(k, subs)| k.parse::<DeliveryId>().ok().map(|id| (id, subs)))
+            .collect();
+        Ok(Arc::new(Self { fleet, records: RwLock::new(records), store, subscriptions: RwLock::new(subscriptions) }))
     }
 
     /// Stores a record (a new one, or new places for a known one, whose stage is kept).
-    pub async fn put(&self, mut record: DeliveryRecord) -> Result<bool, Error> {
-        if let Some(current) = self.record(record.delivery_id) {
-            record.stage = current.stage;
-            record.updated_us = current.updated_us;
-            record.last_seq = current.last_seq;
-        }
-        let fresh = self.store.put(&crate::store::id_key(record.delivery_id), &record).await?;
-        let mut records = self.records.write();
-        match records.get_mut(&record.delivery_id) {
-            // Events may have moved the stage while the write was in flight: keep theirs.
-            Some(current) => {
-                current.pickup = record.pickup;
-                current.dropoff = record.dropoff;
-                current.package = record.package;
-            }
-            None => {
-                records.insert(record.delivery_id, record);
-            }
-        }
-        Ok(fresh)
+    pub async fn put(&self, record: DeliveryRecord) -> Result<bool, Error> {
+        // Merged and queued under the lock, so the store sees the record's changes in the order
+        // memory did (a stage change and new places racing must not store a stale mix).
+        let stored = {
+            let mut records = self.records.write();
+            let merged = match records.get_mut(&record.delivery_id) {
+                Some(current) => {
+                    current.pickup = record.pickup;
+                    current.dropoff = record.dropoff;
+                    current.package = record.package;
+                    current.clone()
+                }
+                None => {
+                    records.insert(record.delivery_id, record.clone());
+                    record
+                }
+            };
+            let mut batch = Batch::new();
+            batch.put(&self.store.records, &crate::store::id_key(merged.delivery_id), &merged)?;
+            self.store.records.enqueue(batch)
+        };
+        Ok(stored.await?.first().copied().unwrap_or(false))
     }
 
-    /// Removes a record.
+    /// Removes a record and its subscriptions.
     pub async fn remove(&self, id: DeliveryId) -> Result<(), Error> {
-        self.store.delete(&crate::store::id_key(id)).await?;
-        self.records.write().remove(&id);
-        self.subscriptions.write().remove(&id);
+        let stored = {
+            let mut records = self.records.write();
+            records.remove(&id);
+            self.subscriptions.write().remove(&id);
+            let mut batch = Batch::new();
+            batch.delete(&self.store.records, &crate::store::id_key(id));
+            batch.delete(&self.store.subscriptions, &crate::store::id_key(id));
+            self.store.records.enqueue(batch)
+        };
+        stored.await?;
         Ok(())
+    }
+
+    /// Why the service's store stopped taking writes, if it did.
+    pub fn store_failure(&self) -> Option<String> {
+        self.store.records.failure()
     }
 
     /// How many records the service holds.
@@ -116,20 +153,19 @@ impl<F: FleetControl + WorkQueues> DeliveryService<F> {
 
     /// Updates stages from a batch of the delivery-events stream. Repeats (same delivery, same
     /// or older seq) are ignored.
-    /// Returns the records whose stage changed, for [`DeliveryService::persist`].
-    pub fn apply_delivery_events(&self, batch: &DeliveryBatch) -> Vec<DeliveryRecord> {
+    /// Returns the deliveries whose record changed, for [`DeliveryService::persist`].
+    pub fn apply_delivery_events(&self, batch: &DeliveryBatch) -> Vec<DeliveryId> {
         self.apply_delivery_event_batches(&[batch])
     }
 
     /// [`Self::apply_delivery_events`] for consecutive batches, in order: a delivery changed
-    /// in several of them is returned once, as it ended up.
+    /// in several of them is named once.
     pub fn apply_delivery_event_batches<B: std::ops::Deref<Target = DeliveryBatch>>(
         &self,
         batches: &[B],
-    ) -> Vec<DeliveryRecord> {
-        // Delivery id → its place in `changed`, so a delivery is written once.
-        let mut changed: Vec<DeliveryRecord> = Vec::new();
-        let mut slot: FxHashMap<DeliveryId, usize> = FxHashMap::default();
+    ) -> Vec<DeliveryId> {
+        let mut changed: Vec<DeliveryId> = Vec::new();
+        let mut seen: rustc_hash::FxHashSet<DeliveryId> = rustc_hash::FxHashSet::default();
         let mut records = self.records.write();
         for ev in batches.iter().flat_map(|b| b.events().iter()) {
             let id = ev.delivery_id.to_native();
@@ -139,66 +175,86 @@ impl<F: FleetControl + WorkQueues> DeliveryService<F> {
                 continue;
             }
             record.last_seq = Some(seq);
-            let stage = ev.stage.to_stage();
+            record.stage = ev.stage.to_stage();
             record.updated_us = ev.ts_us.to_native();
-            if record.stage != stage {
-                record.stage = stage;
-                match slot.get(&id) {
-                    Some(&i) => changed[i] = record.clone(),
-                    None => {
-                        slot.insert(id, changed.len());
-                        changed.push(record.clone());
-                    }
-                }
+            if seen.insert(id) {
+                changed.push(id);
             }
         }
         changed
     }
 
-    /// Stores records whose stage changed, so a restarted service reads each delivery where it
-    /// stood. The writes are submitted together and so share the store's commits.
-    pub async fn persist(&self, changed: Vec<DeliveryRecord>) -> Result<(), Error> {
-        let keys: Vec<String> = changed.iter().map(|r| crate::store::id_key(r.delivery_id)).collect();
-        let writes = changed.iter().zip(&keys).map(|(r, k)| self.store.put(k, r));
-        for outcome in futures_util::future::join_all(writes).await {
-            outcome?;
-        }
+    /// Stores the records `changed` names as they stand now, drops the stored subscriptions of
+    /// `ended` deliveries, and adds `extra` (a read model's log position), all in one commit:
+    /// a restarted service reads each delivery where it stood at the position it resumes from.
+    pub async fn persist(&self, changed: &[DeliveryId], ended: &[DeliveryId], mut extra: Batch) -> Result<(), Error> {
+        let stored = {
+            let records = self.records.read();
+            for id in changed {
+                if let Some(record) = records.get(id) {
+                    extra.put(&self.store.records, &crate::store::id_key(*id), record)?;
+                }
+            }
+            for id in ended {
+                extra.delete(&self.store.subscriptions, &crate::store::id_key(*id));
+            }
+            if extra.is_empty() {
+                return Ok(());
+            }
+            self.store.records.enqueue(extra)
+        };
+        stored.await?;
         Ok(())
     }
 
-    /// Subscribes `sub` to a delivery's stage changes from now on.
-    pub fn subscribe_notifications(&self, id: DeliveryId, sub: crate::notify::Subscription) -> Result<(), Error> {
+    /// Subscribes `sub` to a delivery's stage changes from now on, durably.
+    pub async fn subscribe_notifications(&self, id: DeliveryId, sub: crate::notify::Subscription) -> Result<(), Error> {
         sub.validate()?;
         let record = self.record(id).ok_or(Error::NotFound { what: "delivery", id })?;
         if record.stage.is_terminal() {
             return Err(events::Error::InvalidTransition { delivery: id, reason: "the delivery is finished" }.into());
         }
-        let mut subs = self.subscriptions.write();
-        let list = subs.entry(id).or_default();
-        if !list.contains(&sub) {
+        let stored = {
+            let mut subs = self.subscriptions.write();
+            let list = subs.entry(id).or_default();
+            if list.contains(&sub) {
+                return Ok(());
+            }
             list.push(sub);
-        }
+            let mut batch = Batch::new();
+            batch.put(&self.store.subscriptions, &crate::store::id_key(id), list)?;
+            self.store.subscriptions.enqueue(batch)
+        };
+        stored.await?;
         Ok(())
     }
 
-    /// Queues the notifications a batch of delivery events causes; subscriptions of finished
-    /// deliveries are dropped after their last notification.
-    pub async fn notify(&self, batch: &DeliveryBatch) -> Result<(), Error> {
+    /// Queues (durably) the notifications a batch of delivery events causes. Returns the
+    /// deliveries that finished with subscribers: their subscriptions are dropped from memory
+    /// here and from the store by [`Self::persist`].
+    pub async fn notify(&self, batch: &DeliveryBatch) -> Result<Vec<DeliveryId>, Error> {
         let due = {
             let subs = self.subscriptions.read();
             if subs.is_empty() {
-                return Ok(());
+                return Ok(Vec::new());
             }
             crate::notify::notifications_for(batch, |id| subs.get(&id).cloned().unwrap_or_default())
         };
+        let mut ended = Vec::new();
         for n in &due {
             let payload = serde_json::to_vec(n).map_err(|e| Error::BadRequest(e.to_string()))?;
             self.fleet.enqueue(QueueName::Notifications, n.delivery_id, payload).await?;
-            if n.stage.is_terminal() {
-                self.subscriptions.write().remove(&n.delivery_id);
+            if n.stage.is_terminal() && !ended.contains(&n.delivery_id) {
+                ended.push(n.delivery_id);
             }
         }
-        Ok(())
+        if !ended.is_empty() {
+            let mut subs = self.subscriptions.write();
+            for id in &ended {
+                subs.remove(id);
+            }
+        }
+        Ok(ended)
     }
 
     /// The public routes.
@@ -284,7 +340,7 @@ async fn subscribe_notifications<F: FleetControl + WorkQueues>(
     ApiJson(sub): ApiJson<crate::notify::Subscription>,
 ) -> Result<impl IntoResponse, Error> {
     let id = parse_id(&id)?;
-    svc.subscribe_notifications(id, sub.clone())?;
+    svc.subscribe_notifications(id, sub.clone()).await?;
     Ok((StatusCode::CREATED, Json(serde_json::json!({ "delivery_id": id, "sms": sub.sms, "email": sub.email }))))
 }
 

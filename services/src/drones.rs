@@ -1,17 +1,28 @@
 //! Drone Management: the fleet registry, and assignment of a free drone near the pickup with
 //! enough battery.
 //!
-//! The core is [`Registry`], a pure state machine: drones are registered, placed (position and
-//! battery as last known), assigned to a delivery and released. Free drones with a known
-//! position sit in a grid of cells, so finding the nearest one looks at the cells around the
-//! pickup ring by ring instead of at every drone. A drone that never reported its position is
-//! used only when no placed drone is in range; one whose battery is below `min_battery_pct` is
-//! passed over. Assignment is idempotent per delivery: asking again for the same delivery
-//! returns the same drone.
+//! The core is [`Registry`], a pure state machine (time passed in): drones are registered,
+//! placed (position, battery and when it was last heard from), assigned to a delivery and
+//! released. Free drones with a known position sit in a grid of cells, so finding the nearest
+//! one looks at the cells around the pickup ring by ring instead of at every drone.
+//!
+//! **Who may be assigned.** Only a drone that is free, whose position and battery are known,
+//! whose battery is at least `min_battery_pct`, that is within `max_distance_km` of the pickup,
+//! and that was heard from within `liveness_s` (by the creation time of its last event). A drone
+//! that never reported is never assigned: an unknown position does not bypass the distance
+//! limit, nor an unknown charge the battery limit. Assignment is idempotent per delivery:
+//! asking again for the same delivery returns the same drone.
 //!
 //! [`DroneManagement`] drives it: positions and battery come from the engine's live state when
-//! a drone registers and when it finishes a delivery (its delivery's terminal event also says
-//! where it is), so an assignment itself does no I/O.
+//! a drone registers, when it finishes a delivery, and for the chosen candidate at every
+//! assignment (so a drone that went quiet or drained since it was placed is passed over and
+//! moved where it now is). Drones registered before they ever reported are looked up again by
+//! [`DroneManagement::sweep`] until they do.
+//!
+//! **Durability.** With a store, every registration and every change of assignment is written
+//! before it is answered (one record per drone: `{"delivery": id | null}`), in the order the
+//! registry made them, so a restart knows every drone and which delivery it flies. Positions are
+//! not stored: they come back from the engine.
 //!
 //! | method | path | what |
 //! |---|---|---|
@@ -22,7 +33,6 @@
 //! | GET | `/internal/v1/assignments/{delivery}` | the assigned drone |
 //! | DELETE | `/internal/v1/assignments/{delivery}` | release it (`204`, also when none) |
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 
 use axum::extract::{Path, State};
@@ -37,6 +47,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::Error;
 use crate::api::{ApiJson, parse_id};
+use crate::store::{Batch, Store};
 
 /// Assignment settings.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -46,11 +57,21 @@ pub struct DronesConfig {
     pub min_battery_pct: f32,
     /// How far from the pickup a placed drone may be, km. Default 200.
     pub max_distance_km: f64,
+    /// A drone is assignable only if its last event was created at most this many seconds ago.
+    /// Default 30: a flying drone reports several times a second, a parked one at least every
+    /// few seconds; one silent for half a minute is off, out of range, or gone.
+    pub liveness_s: f64,
 }
 
 impl Default for DronesConfig {
     fn default() -> Self {
-        Self { min_battery_pct: 30.0, max_distance_km: 200.0 }
+        Self { min_battery_pct: 30.0, max_distance_km: 200.0, liveness_s: 30.0 }
+    }
+}
+
+impl DronesConfig {
+    fn live(&self, heard_us: Option<u64>, now_us: u64) -> bool {
+        heard_us.is_some_and(|h| now_us.saturating_sub(h) as f64 <= self.liveness_s * 1e6)
     }
 }
 
@@ -82,6 +103,8 @@ pub struct DroneState {
     pub position: Option<GeoPoint>,
     /// Last known battery charge, percent.
     pub battery_pct: Option<f32>,
+    /// Creation time of its last event the registry knows of, µs since the epoch.
+    pub heard_us: Option<u64>,
 }
 
 /// Why no drone was assigned.
@@ -93,15 +116,23 @@ pub enum NoDrone {
     NoneSuitable,
 }
 
-/// The fleet registry (pure: no clock, no I/O).
+/// The fleet registry (pure: time passed in, no I/O).
+///
+/// A free drone is listed in one of two places: the grid, when its position is known and it
+/// was live when last looked at; or the unplaced set otherwise (never reported, or gone
+/// quiet), which [`Registry::unplaced`] hands out in turns to be looked at again.
 #[derive(Debug, Default)]
 pub struct Registry {
     drones: FxHashMap<DroneId, DroneState>,
+    /// Free drones listed in the grid (the rest of the free ones are in `unplaced`).
+    in_grid: rustc_hash::FxHashSet<DroneId>,
     assignments: FxHashMap<DeliveryId, DroneId>,
-    /// Free drones with a known position, by cell.
+    /// Free drones with a known position, live when last looked at, by cell.
     cells: FxHashMap<Cell, Vec<DroneId>>,
-    /// Free drones that never reported a position, oldest first.
-    unplaced: VecDeque<DroneId>,
+    /// Free drones of unknown position or gone quiet.
+    unplaced: rustc_hash::FxHashSet<DroneId>,
+    /// Where the next [`Registry::unplaced`] turn starts.
+    sweep_cursor: usize,
     free: usize,
 }
 
@@ -111,28 +142,57 @@ impl Registry {
         if self.drones.contains_key(&id) {
             return false;
         }
-        self.drones.insert(id, DroneState { delivery: None, position: None, battery_pct: None });
-        self.unplaced.push_back(id);
-        self.free += 1;
+        self.drones.insert(id, DroneState { delivery: None, position: None, battery_pct: None, heard_us: None });
+        self.list(id, false);
         true
     }
 
-    /// Records where a drone is and its battery (unknown drones are ignored).
-    pub fn place(&mut self, id: DroneId, position: Option<GeoPoint>, battery_pct: Option<f32>) {
+    /// Restores a drone as stored: registered, flying `delivery` or free, position unknown.
+    pub fn restore(&mut self, id: DroneId, delivery: Option<DeliveryId>) {
+        self.register(id);
+        if let Some(delivery) = delivery {
+            self.assign_to(delivery, id);
+        }
+    }
+
+    /// Records where a drone is, its battery and when it was heard from (unknown drones are
+    /// ignored; `None` keeps what was known). A free drone is listed for assignment only while
+    /// live at `now_us`.
+    pub fn place(
+        &mut self,
+        id: DroneId,
+        position: Option<GeoPoint>,
+        battery_pct: Option<f32>,
+        heard_us: Option<u64>,
+        cfg: &DronesConfig,
+        now_us: u64,
+    ) {
         let Some(state) = self.drones.get(&id).copied() else { return };
         let free = state.delivery.is_none();
         if free {
-            self.unlist(id, state.position);
+            self.unlist(id);
         }
         let state = DroneState {
             delivery: state.delivery,
             position: position.or(state.position),
             battery_pct: battery_pct.or(state.battery_pct),
+            heard_us: heard_us.max(state.heard_us),
         };
         self.drones.insert(id, state);
         if free {
-            self.list(id, state.position);
+            self.list(id, cfg.live(state.heard_us, now_us));
         }
+    }
+
+    /// The next turn of up to `max` free drones not listed in the grid (never reported, or
+    /// gone quiet), to be looked at again; successive calls go round all of them.
+    pub fn unplaced(&mut self, max: usize) -> Vec<DroneId> {
+        if self.sweep_cursor >= self.unplaced.len() {
+            self.sweep_cursor = 0;
+        }
+        let turn: Vec<DroneId> = self.unplaced.iter().skip(self.sweep_cursor).take(max).copied().collect();
+        self.sweep_cursor += turn.len();
+        turn
     }
 
     /// A drone's state.
@@ -150,24 +210,72 @@ impl Registry {
         (self.drones.len(), self.free)
     }
 
-    /// Assigns the nearest suitable free drone to `delivery` (the same drone again if it already
-    /// has one).
-    pub fn assign(&mut self, delivery: DeliveryId, pickup: GeoPoint, cfg: &DronesConfig) -> Result<DroneId, NoDrone> {
-        if let Some(&drone) = self.assignments.get(&delivery) {
-            return Ok(drone);
-        }
+    /// The nearest free drone in the grid with enough battery within `max_distance_km` of the
+    /// pickup. Liveness is the caller's to check against fresh state ([`Registry::suitable`]):
+    /// the grid holds drones that were live when last looked at.
+    pub fn candidate(&self, pickup: GeoPoint, cfg: &DronesConfig) -> Result<DroneId, NoDrone> {
         if self.free == 0 {
             return Err(NoDrone::AllBusy);
         }
-        let chosen = self.nearest(pickup, cfg).or_else(|| {
-            self.unplaced.iter().copied().find(|id| self.drones.get(id).is_some_and(|s| battery_ok(s, cfg)))
-        });
-        let drone = chosen.ok_or(NoDrone::NoneSuitable)?;
-        let Some(state) = self.drones.get(&drone).copied() else { return Err(NoDrone::NoneSuitable) };
-        self.unlist(drone, state.position);
+        self.nearest(pickup, cfg).ok_or(NoDrone::NoneSuitable)
+    }
+
+    /// Whether `id` is free and suitable for `pickup` at `now_us`, liveness included.
+    pub fn suitable(&self, id: DroneId, pickup: GeoPoint, cfg: &DronesConfig, now_us: u64) -> bool {
+        self.drones
+            .get(&id)
+            .is_some_and(|s| s.delivery.is_none() && cfg.live(s.heard_us, now_us) && in_reach(s, pickup, cfg).is_some())
+    }
+
+    /// Takes a free drone out of the grid (it was found gone quiet): it waits among the
+    /// unplaced until it is heard from again.
+    pub fn park(&mut self, id: DroneId) {
+        if self.in_grid.contains(&id) {
+            self.unlist(id);
+            self.list(id, false);
+        }
+    }
+
+    /// [`Registry::park`] if the drone has not been heard from within the liveness window.
+    pub fn park_if_silent(&mut self, id: DroneId, cfg: &DronesConfig, now_us: u64) {
+        if self.drones.get(&id).is_some_and(|s| !cfg.live(s.heard_us, now_us)) {
+            self.park(id);
+        }
+    }
+
+    /// Gives `drone` (free) to `delivery`; false if it is not free.
+    pub fn assign_to(&mut self, delivery: DeliveryId, drone: DroneId) -> bool {
+        let Some(state) = self.drones.get(&drone).copied() else { return false };
+        if state.delivery.is_some() {
+            return false;
+        }
+        self.unlist(drone);
         self.drones.insert(drone, DroneState { delivery: Some(delivery), ..state });
         self.assignments.insert(delivery, drone);
-        Ok(drone)
+        true
+    }
+
+    /// Assigns the nearest suitable free drone to `delivery` (the same drone again if it already
+    /// has one), parking candidates found gone quiet at `now_us`. This is
+    /// [`DroneManagement::assign`] without the look at the engine's fresh state.
+    pub fn assign(
+        &mut self,
+        delivery: DeliveryId,
+        pickup: GeoPoint,
+        cfg: &DronesConfig,
+        now_us: u64,
+    ) -> Result<DroneId, NoDrone> {
+        if let Some(&drone) = self.assignments.get(&delivery) {
+            return Ok(drone);
+        }
+        loop {
+            let drone = self.candidate(pickup, cfg)?;
+            if self.suitable(drone, pickup, cfg, now_us) {
+                self.assign_to(delivery, drone);
+                return Ok(drone);
+            }
+            self.park(drone);
+        }
     }
 
     /// Ends `delivery`'s assignment; its drone is free again, at `at` if given. Returns the
@@ -177,27 +285,34 @@ impl Registry {
         let state = self.drones.get_mut(&drone)?;
         state.delivery = None;
         state.position = at.or(state.position);
-        let position = state.position;
-        self.list(drone, position);
+        // It just flew: listed by its position until the next look says otherwise.
+        self.list(drone, true);
         Some(drone)
     }
 
-    fn list(&mut self, id: DroneId, position: Option<GeoPoint>) {
-        match position {
-            Some(p) => self.cells.entry(cell_of(p)).or_default().push(id),
-            None => self.unplaced.push_back(id),
+    /// Lists a free drone: in the grid when `live` and its position is known, else unplaced.
+    fn list(&mut self, id: DroneId, live: bool) {
+        let Some(state) = self.drones.get(&id) else { return };
+        match (live, state.position) {
+            (true, Some(p)) => {
+                self.cells.entry(cell_of(p)).or_default().push(id);
+                self.in_grid.insert(id);
+            }
+            _ => {
+                self.unplaced.insert(id);
+            }
         }
         self.free += 1;
     }
 
-    fn unlist(&mut self, id: DroneId, position: Option<GeoPoint>) {
-        let removed = match position {
-            Some(p) => {
-                let cell = cell_of(p);
-                let list = self.cells.get_mut(&cell);
-                let found = list.and_then(|l| l.iter().position(|&d| d == id).map(|i| (l, i)));
-                match found {
-                    Some((list, i)) => {
+    /// Takes a free drone off whichever list holds it (before its position changes).
+    fn unlist(&mut self, id: DroneId) {
+        let removed = if self.in_grid.remove(&id) {
+            let position = self.drones.get(&id).and_then(|s| s.position);
+            let cell = position.map(cell_of);
+            match cell.and_then(|c| self.cells.get_mut(&c).map(|l| (c, l))) {
+                Some((cell, list)) => match list.iter().position(|&d| d == id) {
+                    Some(i) => {
                         list.swap_remove(i);
                         if list.is_empty() {
                             self.cells.remove(&cell);
@@ -205,12 +320,11 @@ impl Registry {
                         true
                     }
                     None => false,
-                }
-            }
-            None => match self.unplaced.iter().position(|&d| d == id) {
-                Some(i) => self.unplaced.remove(i).is_some(),
+                },
                 None => false,
-            },
+            }
+        } else {
+            self.unplaced.remove(&id)
         };
         if removed {
             self.free -= 1;
@@ -229,12 +343,8 @@ impl Registry {
         let mut best: Option<(f64, DroneId)> = None;
         let consider = |best: &mut Option<(f64, DroneId)>, id: DroneId| {
             let Some(state) = self.drones.get(&id) else { return };
-            let Some(p) = state.position else { return };
-            if !battery_ok(state, cfg) {
-                return;
-            }
-            let d = distance_km(pickup, p);
-            if d <= cfg.max_distance_km && best.is_none_or(|(bd, bid)| d < bd || (d == bd && id < bid)) {
+            let Some(d) = in_reach(state, pickup, cfg) else { return };
+            if best.is_none_or(|(bd, bid)| d < bd || (d == bd && id < bid)) {
                 *best = Some((d, id));
             }
         };
@@ -269,8 +379,15 @@ impl Registry {
     }
 }
 
-fn battery_ok(state: &DroneState, cfg: &DronesConfig) -> bool {
-    state.battery_pct.is_none_or(|b| b >= cfg.min_battery_pct)
+/// The drone's distance to the pickup if it can fly it: position and battery known, charged
+/// enough, and in range (liveness is checked apart, against fresh state).
+fn in_reach(state: &DroneState, pickup: GeoPoint, cfg: &DronesConfig) -> Option<f64> {
+    let position = state.position?;
+    if !state.battery_pct.is_some_and(|b| b >= cfg.min_battery_pct) {
+        return None;
+    }
+    let d = distance_km(pickup, position);
+    (d <= cfg.max_distance_km).then_some(d)
 }
 
 /// The cells at Chebyshev distance `ring` from `(ci, cj)`.
@@ -295,6 +412,14 @@ pub struct DroneManagement<F> {
     fleet: F,
     registry: Mutex<Registry>,
     cfg: DronesConfig,
+    /// Where registrations and assignments are kept (`None`: in memory only, for tests).
+    store: Option<Store>,
+}
+
+/// What the store keeps of a drone.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+struct StoredDrone {
+    delivery: Option<DeliveryId>,
 }
 
 /// Drones to register.
@@ -322,46 +447,146 @@ pub struct Assignment {
     pub drone_id: DroneId,
 }
 
+/// Candidates an assignment looks up in the engine before it gives up.
+const ASSIGN_TRIES: usize = 8;
+/// Drones of unknown position looked up again per sweep.
+const SWEEP_MAX: usize = 4_096;
+
 impl<F: FleetControl> DroneManagement<F> {
-    /// The service, reading drones' live state from `fleet`.
+    /// The service, reading drones' live state from `fleet`, keeping nothing across restarts.
     pub fn new(fleet: F, cfg: DronesConfig) -> Arc<Self> {
-        Arc::new(Self { fleet, registry: Mutex::default(), cfg })
+        Arc::new(Self { fleet, registry: Mutex::default(), cfg, store: None })
     }
 
-    /// Registers drones; each new one is placed from the engine's live state when it has one.
-    pub async fn register(&self, ids: &[DroneId]) -> usize {
-        let fresh: Vec<DroneId> = {
+    /// The service with its registry in `store`, loaded from what it holds.
+    pub fn open(fleet: F, cfg: DronesConfig, store: Store) -> Result<Arc<Self>, Error> {
+        let mut registry = Registry::default();
+        for (key, drone) in store.all::<StoredDrone>()? {
+            if let Ok(id) = key.parse::<DroneId>() {
+                registry.restore(id, drone.delivery);
+            }
+        }
+        Ok(Arc::new(Self { fleet, registry: Mutex::new(registry), cfg, store: Some(store) }))
+    }
+
+    /// Queues the store writes of `drones`' current registry state (called under the registry
+    /// lock, so writes land in the order the registry changed).
+    fn queue_writes(
+        &self,
+        reg: &Registry,
+        drones: &[DroneId],
+    ) -> Option<impl std::future::Future<Output = Result<Vec<bool>, Error>> + Send + 'static + use<F>> {
+        let store = self.store.as_ref()?;
+        if drones.is_empty() {
+            return None;
+        }
+        let mut batch = Batch::new();
+        for &id in drones {
+            let delivery = reg.get(id).and_then(|s| s.delivery);
+            if let Err(error) = batch.put(store, &crate::store::id_key(id), &StoredDrone { delivery }) {
+                return Some(futures_util::future::Either::Left(std::future::ready(Err(error))));
+            }
+        }
+        Some(futures_util::future::Either::Right(store.enqueue(batch)))
+    }
+
+    /// Registers drones, durably; each new one is placed from the engine's live state when it
+    /// has one. Returns how many were new.
+    pub async fn register(&self, ids: &[DroneId]) -> Result<usize, Error> {
+        let (fresh, stored) = {
             let mut reg = self.registry.lock();
-            ids.iter().copied().filter(|&id| reg.register(id)).collect()
+            let fresh: Vec<DroneId> = ids.iter().copied().filter(|&id| reg.register(id)).collect();
+            let stored = self.queue_writes(&reg, &fresh);
+            (fresh, stored)
         };
+        if let Some(stored) = stored {
+            stored.await?;
+        }
         // One engine lookup per new drone, a bounded number at a time (registering a fleet of
         // thousands must not wait for them one by one, least of all across the network).
         use futures_util::StreamExt;
         futures_util::stream::iter(&fresh).for_each_concurrent(64, |&id| self.refresh(id, None)).await;
-        fresh.len()
+        Ok(fresh.len())
     }
 
-    /// Re-reads a drone's position and battery from the engine (`at` wins for the position).
-    /// A drone that never reported keeps what the registry knew: the engine's placeholder
-    /// state for it (no position, no charge) says nothing.
+    /// Re-reads a drone's position, battery and last event time from the engine (`at` wins for
+    /// the position). A drone that never reported keeps what the registry knew: the engine's
+    /// placeholder state for it (no position, no charge) says nothing.
     async fn refresh(&self, id: DroneId, at: Option<GeoPoint>) {
         match self.fleet.drone(id).await {
             Ok(Some(snap)) if snap.updated_us > 0 => {
-                self.registry.lock().place(id, at.or(Some(snap.position)), Some(snap.battery_pct));
+                self.registry.lock().place(
+                    id,
+                    at.or(Some(snap.position)),
+                    Some(snap.battery_pct),
+                    Some(snap.updated_us),
+                    &self.cfg,
+                    events::now_us(),
+                );
             }
             Ok(_) => {}
             Err(error) => tracing::debug!(drone = id, %error, "no live state for a drone"),
         }
     }
 
-    /// Assigns a drone to `delivery`.
-    pub fn assign(&self, delivery: DeliveryId, pickup: GeoPoint) -> Result<DroneId, Error> {
-        self.registry.lock().assign(delivery, pickup, &self.cfg).map_err(|_| Error::NoDroneAvailable)
+    /// Looks up drones registered before they ever reported (up to a few thousand per call), so
+    /// they become assignable once they do. Returns how many were looked up.
+    pub async fn sweep(&self) -> usize {
+        let ids = self.registry.lock().unplaced(SWEEP_MAX);
+        use futures_util::StreamExt;
+        futures_util::stream::iter(&ids).for_each_concurrent(64, |&id| self.refresh(id, None)).await;
+        ids.len()
     }
 
-    /// Ends `delivery`'s assignment.
-    pub fn release(&self, delivery: DeliveryId) -> Option<DroneId> {
-        self.registry.lock().release(delivery, None)
+    /// Assigns a drone to `delivery`, durably. The registry's nearest candidate is checked
+    /// against the engine's live state first (position, battery, last heard), and passed over
+    /// for the next one when it no longer qualifies.
+    pub async fn assign(&self, delivery: DeliveryId, pickup: GeoPoint) -> Result<DroneId, Error> {
+        for _ in 0..ASSIGN_TRIES {
+            let candidate = {
+                let reg = self.registry.lock();
+                if let Some(drone) = reg.assigned(delivery) {
+                    return Ok(drone);
+                }
+                reg.candidate(pickup, &self.cfg).map_err(|_| Error::NoDroneAvailable)?
+            };
+            self.refresh(candidate, None).await;
+            let stored = {
+                let mut reg = self.registry.lock();
+                if let Some(drone) = reg.assigned(delivery) {
+                    return Ok(drone);
+                }
+                if !reg.suitable(candidate, pickup, &self.cfg, events::now_us()) {
+                    // Gone quiet, drained or moved out of range since it was listed: the
+                    // refresh re-listed it where it is now; a silent one waits unplaced.
+                    reg.park_if_silent(candidate, &self.cfg, events::now_us());
+                    continue;
+                }
+                if !reg.assign_to(delivery, candidate) {
+                    continue;
+                }
+                self.queue_writes(&reg, &[candidate])
+            };
+            if let Some(stored) = stored {
+                stored.await?;
+            }
+            return Ok(candidate);
+        }
+        Err(Error::NoDroneAvailable)
+    }
+
+    /// Ends `delivery`'s assignment, durably.
+    pub async fn release(&self, delivery: DeliveryId) -> Result<Option<DroneId>, Error> {
+        let (drone, stored) = {
+            let mut reg = self.registry.lock();
+            let drone = reg.release(delivery, None);
+            let stored = drone.and_then(|d| self.queue_writes(&reg, &[d]));
+            (drone, stored)
+        };
+        if let Some(stored) = stored {
+            stored.await?;
+        }
+        Ok(drone)
     }
 
     /// Registered drones and how many are free.
@@ -369,25 +594,40 @@ impl<F: FleetControl> DroneManagement<F> {
         self.registry.lock().size()
     }
 
-    /// Frees the drones of deliveries that reached a terminal stage and places each where its
-    /// last event happened, with its battery as the engine last heard.
-    pub async fn apply_delivery_events(&self, batch: &DeliveryBatch) {
-        let mut freed = Vec::new();
-        {
+    /// Frees the drones of deliveries that reached a terminal stage (durably), then places each
+    /// where its last event happened, with its battery as the engine last heard.
+    pub async fn apply_delivery_events(&self, batch: &DeliveryBatch) -> Result<(), Error> {
+        self.apply_delivery_event_batches(&[batch]).await
+    }
+
+    /// [`Self::apply_delivery_events`] for consecutive batches.
+    pub async fn apply_delivery_event_batches<B: std::ops::Deref<Target = DeliveryBatch>>(
+        &self,
+        batches: &[B],
+    ) -> Result<(), Error> {
+        let (freed, stored) = {
             let mut reg = self.registry.lock();
-            for ev in batch.events().iter() {
+            let mut freed = Vec::new();
+            for ev in batches.iter().flat_map(|b| b.events().iter()) {
                 if ev.stage.to_stage().is_terminal() {
-                    // Where it ended is placed by the refresh, and only if the drone reported.
                     let at = GeoPoint::new(ev.location.lat.to_native(), ev.location.lon.to_native());
                     if let Some(drone) = reg.release(ev.delivery_id.to_native(), None) {
                         freed.push((drone, at));
                     }
                 }
             }
+            let ids: Vec<DroneId> = freed.iter().map(|(d, _)| *d).collect();
+            let stored = self.queue_writes(&reg, &ids);
+            (freed, stored)
+        };
+        if let Some(stored) = stored {
+            stored.await?;
         }
+        // Where it ended is placed by the refresh, and only if the drone reported.
         for (drone, at) in freed {
             self.refresh(drone, Some(at)).await;
         }
+        Ok(())
     }
 
     /// The service's routes.
@@ -412,9 +652,9 @@ impl<F: FleetControl> DroneManagement<F> {
 async fn register_drones<F: FleetControl>(
     State(svc): State<Arc<DroneManagement<F>>>,
     ApiJson(req): ApiJson<RegisterDrones>,
-) -> impl IntoResponse {
-    let added = svc.register(&req.drones).await;
-    Json(serde_json::json!({ "registered": req.drones.len(), "new": added }))
+) -> Result<impl IntoResponse, Error> {
+    let added = svc.register(&req.drones).await?;
+    Ok(Json(serde_json::json!({ "registered": req.drones.len(), "new": added })))
 }
 
 async fn register_drone<F: FleetControl>(
@@ -422,7 +662,7 @@ async fn register_drone<F: FleetControl>(
     Path(id): Path<String>,
 ) -> Result<impl IntoResponse, Error> {
     let id = parse_id(&id)?;
-    let added = svc.register(&[id]).await;
+    let added = svc.register(&[id]).await?;
     let status = if added == 1 { StatusCode::CREATED } else { StatusCode::OK };
     Ok((status, Json(serde_json::json!({ "drone_id": id }))))
 }
@@ -446,9 +686,12 @@ async fn get_drone<F: FleetControl>(
     if snapshot.is_none() && registered.is_none() {
         return Err(Error::NotFound { what: "drone", id });
     }
-    let mut body = serde_json::to_value(snapshot).unwrap_or_default();
+    // A drone that never reported has no position or charge: say so, instead of the engine's
+    // placeholder zeros.
+    let reported = snapshot.filter(|s| s.updated_us > 0);
+    let mut body = serde_json::to_value(reported).unwrap_or_default();
     if body.is_null() {
-        body = serde_json::json!({ "drone_id": id });
+        body = serde_json::json!({ "drone_id": id, "position": null, "battery_pct": null, "status": null, "updated_us": null });
     }
     if let Some(obj) = body.as_object_mut() {
         obj.insert("registered".into(), registered.is_some().into());
@@ -468,13 +711,14 @@ async fn put_assignment<F: FleetControl>(
     }
     // No drone is a 409 here, not the public 503: it is an answer, not a failure of this
     // service, so callers must neither retry it nor count it against the circuit.
-    match svc.assign(delivery_id, req.pickup) {
+    match svc.assign(delivery_id, req.pickup).await {
         Ok(drone_id) => Ok(Json(Assignment { delivery_id, drone_id }).into_response()),
-        Err(e) => Ok((
+        Err(e @ Error::NoDroneAvailable) => Ok((
             StatusCode::CONFLICT,
             Json(serde_json::json!({ "error": "no_drone_available", "message": e.to_string() })),
         )
             .into_response()),
+        Err(e) => Err(e),
     }
 }
 
@@ -493,13 +737,15 @@ async fn delete_assignment<F: FleetControl>(
     Path(delivery): Path<String>,
 ) -> Result<StatusCode, Error> {
     let delivery_id = parse_id(&delivery)?;
-    svc.release(delivery_id);
+    svc.release(delivery_id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const NOW: u64 = 1_000_000_000_000_000;
 
     fn at(lat: f64, lon: f64) -> Option<GeoPoint> {
         Some(GeoPoint::new(lat, lon))
@@ -513,36 +759,65 @@ mod tests {
             assert!(reg.register(id));
         }
         assert!(!reg.register(1), "registering twice changes nothing");
-        reg.place(1, at(47.60, -122.30), Some(90.0));
-        reg.place(2, at(47.70, -122.30), Some(90.0));
-        reg.place(3, at(47.601, -122.301), Some(10.0)); // nearest, but its battery is low
-        reg.place(4, at(48.50, -122.30), Some(90.0));
+        reg.place(1, at(47.60, -122.30), Some(90.0), Some(NOW), &cfg, NOW);
+        reg.place(2, at(47.70, -122.30), Some(90.0), Some(NOW), &cfg, NOW);
+        reg.place(3, at(47.601, -122.301), Some(10.0), Some(NOW), &cfg, NOW); // nearest, but its battery is low
+        reg.place(4, at(48.50, -122.30), Some(90.0), Some(NOW), &cfg, NOW);
         let pickup = GeoPoint::new(47.6005, -122.3005);
-        assert_eq!(reg.assign(100, pickup, &cfg), Ok(1));
-        assert_eq!(reg.assign(100, pickup, &cfg), Ok(1), "the same delivery gets the same drone");
-        assert_eq!(reg.assign(101, pickup, &cfg), Ok(2));
-        assert_eq!(reg.assign(102, pickup, &cfg), Ok(4));
-        assert_eq!(reg.assign(103, pickup, &cfg), Err(NoDrone::NoneSuitable), "only the low-battery drone is left");
+        assert_eq!(reg.assign(100, pickup, &cfg, NOW), Ok(1));
+        assert_eq!(reg.assign(100, pickup, &cfg, NOW), Ok(1), "the same delivery gets the same drone");
+        assert_eq!(reg.assign(101, pickup, &cfg, NOW), Ok(2));
+        assert_eq!(reg.assign(102, pickup, &cfg, NOW), Ok(4));
+        assert_eq!(
+            reg.assign(103, pickup, &cfg, NOW),
+            Err(NoDrone::NoneSuitable),
+            "only the low-battery drone is left"
+        );
         assert_eq!(reg.size(), (4, 1));
         // Drone 1 finishes far away and becomes the nearest to a pickup there.
         assert_eq!(reg.release(100, at(40.0, -100.0)), Some(1));
         assert_eq!(reg.release(100, None), None, "released once");
-        assert_eq!(reg.assign(104, GeoPoint::new(40.01, -100.01), &cfg), Ok(1));
+        assert_eq!(reg.assign(104, GeoPoint::new(40.01, -100.01), &cfg, NOW), Ok(1));
         assert_eq!(reg.size(), (4, 1));
     }
 
     #[test]
-    fn drones_out_of_range_are_not_used_and_unplaced_drones_are_the_fallback() {
+    fn drones_out_of_range_unheard_silent_or_of_unknown_charge_are_never_assigned() {
         let cfg = DronesConfig { max_distance_km: 50.0, ..DronesConfig::default() };
         let mut reg = Registry::default();
-        reg.register(1);
-        reg.register(2);
-        reg.place(1, at(10.0, 10.0), None);
-        // Drone 2 never reported where it is: used only when no placed drone is in range.
-        assert_eq!(reg.assign(7, GeoPoint::new(50.0, 50.0), &cfg), Ok(2));
-        assert_eq!(reg.assign(8, GeoPoint::new(50.0, 50.0), &cfg), Err(NoDrone::NoneSuitable));
-        assert_eq!(reg.assign(9, GeoPoint::new(10.1, 10.1), &cfg), Ok(1));
-        assert_eq!(reg.assign(10, GeoPoint::new(10.1, 10.1), &cfg), Err(NoDrone::AllBusy));
+        for id in 1..=5 {
+            reg.register(id);
+        }
+        reg.place(1, at(10.0, 10.0), Some(90.0), Some(NOW), &cfg, NOW);
+        // 2 never reported; 3 reported its place but not its charge; 4 went quiet a minute ago;
+        // 5 is in range and live.
+        reg.place(3, at(50.0, 50.0), None, Some(NOW), &cfg, NOW);
+        reg.place(4, at(50.0, 50.0), Some(90.0), Some(NOW - 60_000_000), &cfg, NOW);
+        let far = GeoPoint::new(50.0, 50.0);
+        assert_eq!(reg.assign(7, far, &cfg, NOW), Err(NoDrone::NoneSuitable), "no unknown drone is a fallback");
+        assert_eq!(reg.assign(9, GeoPoint::new(10.1, 10.1), &cfg, NOW), Ok(1));
+        reg.place(5, at(50.01, 50.01), Some(80.0), Some(NOW - 1_000_000), &cfg, NOW);
+        assert_eq!(reg.assign(10, far, &cfg, NOW), Ok(5));
+        // Heard from again, the quiet one qualifies.
+        reg.place(4, None, None, Some(NOW), &cfg, NOW);
+        assert_eq!(reg.assign(11, far, &cfg, NOW), Ok(4));
+        assert_eq!(reg.size(), (5, 2), "2 and 3 stay free and unassigned");
+        assert_eq!(reg.unplaced(10), vec![2], "only the one that never reported is looked up again");
+    }
+
+    #[test]
+    fn a_restored_registry_knows_its_assignments() {
+        let cfg = DronesConfig::default();
+        let mut reg = Registry::default();
+        reg.restore(1, Some(100));
+        reg.restore(2, None);
+        assert_eq!(reg.assigned(100), Some(1));
+        assert_eq!(reg.size(), (2, 1));
+        reg.place(1, at(1.0, 1.0), Some(90.0), Some(NOW), &cfg, NOW);
+        reg.place(2, at(1.0, 1.0), Some(90.0), Some(NOW), &cfg, NOW);
+        assert_eq!(reg.assign(101, GeoPoint::new(1.0, 1.0), &cfg, NOW), Ok(2), "the flying drone is not offered");
+        assert_eq!(reg.release(100, None), Some(1));
+        assert_eq!(reg.assign(102, GeoPoint::new(1.0, 1.0), &cfg, NOW), Ok(1));
     }
 
     #[test]
@@ -556,7 +831,7 @@ mod tests {
                 let id = i * 20 + j + 1;
                 reg.register(id);
                 let p = GeoPoint::new(45.0 + 0.03 * i as f64, 7.0 + 0.03 * j as f64);
-                reg.place(id, Some(p), Some(80.0));
+                reg.place(id, Some(p), Some(80.0), Some(NOW), &cfg, NOW);
                 positions.push((id, p));
             }
         }
@@ -569,7 +844,7 @@ mod tests {
                 .map(|&(id, p)| (distance_km(pickup, p), id))
                 .min_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)))
                 .map(|(_, id)| id);
-            assert_eq!(reg.assign(1000 + k as u64, pickup, &cfg).ok(), expected);
+            assert_eq!(reg.assign(1000 + k as u64, pickup, &cfg, NOW).ok(), expected);
         }
     }
 }

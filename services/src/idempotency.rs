@@ -2,18 +2,25 @@
 //! dropped connection) with the same key gets the first result instead of a second delivery.
 //!
 //! Keys are scoped to the ordering account, remembered for the last [`CAPACITY`] successful
-//! requests (oldest forgotten first, so memory is bounded), and tied to the request they came
-//! with: the same key with a different body is refused (`422`). A retry that arrives while the
-//! first request is still running waits for it. A failed request is not remembered, so it can
-//! be retried under the same key.
+//! requests and at most the retention period (oldest forgotten first, so memory is bounded),
+//! and tied to the request they came with: the same key with a different body is refused
+//! (`422`). A retry that arrives while the first request is still running waits for it. A
+//! failed request is not remembered, so it can be retried under the same key.
+//!
+//! With a store, a success is written before it is answered, so a retry after a crash (the
+//! answer was lost with the connection) still gets the first result; keys past their retention
+//! are dropped when loaded at start.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
+use crate::Error;
 use crate::state::{CreateDelivery, DeliveryRecord};
+use crate::store::{Batch, Store};
 
 /// Successful keyed requests remembered.
 pub const CAPACITY: usize = 100_000;
@@ -25,7 +32,16 @@ enum Slot {
     Done(DeliveryRecord, CreateDelivery),
 }
 
+/// A remembered success as stored.
+#[derive(Serialize, Deserialize)]
+struct StoredKey {
+    record: DeliveryRecord,
+    request: CreateDelivery,
+    at_us: u64,
+}
+
 /// What a keyed request should do.
+#[derive(Debug)]
 pub enum Begin {
     /// Run it; call [`Keys::finish`] afterwards.
     Run,
@@ -39,6 +55,7 @@ pub enum Begin {
 #[derive(Default)]
 pub struct Keys {
     inner: Mutex<(HashMap<String, Slot>, VecDeque<String>)>,
+    store: Option<Store>,
 }
 
 impl std::fmt::Debug for Keys {
@@ -52,6 +69,35 @@ fn scoped(req: &CreateDelivery, key: &str) -> String {
 }
 
 impl Keys {
+    /// Keys kept in `store`: those written within `retention_s` are loaded, older ones deleted.
+    pub async fn open(store: Store, retention_s: u64) -> Result<Self, Error> {
+        let now = events::now_us();
+        let mut kept: Vec<(String, StoredKey)> = Vec::new();
+        let mut expired = Batch::new();
+        for (key, stored) in store.all::<StoredKey>()? {
+            if now.saturating_sub(stored.at_us) > retention_s.saturating_mul(1_000_000) {
+                expired.delete(&store, &key);
+            } else {
+                kept.push((key, stored));
+            }
+        }
+        kept.sort_by_key(|(_, s)| s.at_us);
+        while kept.len() > CAPACITY {
+            let (key, _) = kept.remove(0);
+            expired.delete(&store, &key);
+        }
+        if !expired.is_empty() {
+            store.enqueue(expired).await?;
+        }
+        let mut map = HashMap::with_capacity(kept.len());
+        let mut order = VecDeque::with_capacity(kept.len());
+        for (key, stored) in kept {
+            map.insert(key.clone(), Slot::Done(stored.record, stored.request));
+            order.push_back(key);
+        }
+        Ok(Self { inner: Mutex::new((map, order)), store: Some(store) })
+    }
+
     /// Claims `key` for `req`, waiting while an identical request with the key is running.
     pub async fn begin(&self, key: &str, req: &CreateDelivery) -> Begin {
         let scoped = scoped(req, key);
@@ -79,27 +125,46 @@ impl Keys {
         }
     }
 
-    /// Records how the claimed request ended: a success is remembered, a failure forgotten.
-    pub fn finish(&self, key: &str, req: &CreateDelivery, outcome: Option<DeliveryRecord>) {
+    /// Records how the claimed request ended: a success is remembered (durably, with a store,
+    /// before this returns), a failure forgotten. A success that cannot be stored is an error:
+    /// the caller must not answer as if a retry would replay it.
+    pub async fn finish(&self, key: &str, req: &CreateDelivery, outcome: Option<DeliveryRecord>) -> Result<(), Error> {
         let scoped = scoped(req, key);
-        let mut inner = self.inner.lock();
-        let (map, order) = &mut *inner;
-        let waiting = match map.remove(&scoped) {
-            Some(Slot::Running(done, _)) => Some(done),
-            _ => None,
-        };
-        if let Some(record) = outcome {
-            map.insert(scoped.clone(), Slot::Done(record, req.clone()));
-            order.push_back(scoped);
-            while order.len() > CAPACITY {
-                if let Some(old) = order.pop_front() {
-                    map.remove(&old);
-                }
-            }
+        // Serialised before the lock is taken: nothing below can fail while a waiter waits.
+        let mut batch = Batch::new();
+        if let (Some(store), Some(record)) = (&self.store, &outcome) {
+            let entry = StoredKey { record: record.clone(), request: req.clone(), at_us: events::now_us() };
+            batch.put(store, &scoped, &entry)?;
         }
-        drop(inner);
+        let (waiting, stored) = {
+            let mut inner = self.inner.lock();
+            let (map, order) = &mut *inner;
+            let waiting = match map.remove(&scoped) {
+                Some(Slot::Running(done, _)) => Some(done),
+                _ => None,
+            };
+            let mut stored = None;
+            if let Some(record) = outcome {
+                map.insert(scoped.clone(), Slot::Done(record, req.clone()));
+                order.push_back(scoped);
+                while order.len() > CAPACITY {
+                    if let Some(old) = order.pop_front() {
+                        map.remove(&old);
+                        if let Some(store) = &self.store {
+                            batch.delete(store, &old);
+                        }
+                    }
+                }
+                stored = self.store.as_ref().map(|store| store.enqueue(batch));
+            }
+            (waiting, stored)
+        };
         if let Some(done) = waiting {
             done.notify_waiters();
         }
+        if let Some(stored) = stored {
+            stored.await?;
+        }
+        Ok(())
     }
 }

@@ -81,10 +81,18 @@ impl Subscription {
 }
 
 /// One notification, as queued.
+///
+/// Notifications are sent at least once: after a crash the services re-apply delivery events
+/// from their last stored position and may queue a notification again. [`Notification::id`]
+/// (`<delivery_id>-<seq>`, the delivery event's identity) is the same every time, so a receiver
+/// drops repeats by it: SMS posts carry it as `id`, emails as their `Message-ID`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Notification {
     /// The delivery.
     pub delivery_id: DeliveryId,
+    /// The delivery event's sequence number within its delivery.
+    #[serde(default)]
+    pub seq: u32,
     /// The stage it reached.
     pub stage: DeliveryStage,
     /// When, µs since the epoch.
@@ -94,6 +102,11 @@ pub struct Notification {
 }
 
 impl Notification {
+    /// The stable id receivers deduplicate on: `<delivery_id>-<seq>`.
+    pub fn id(&self) -> String {
+        format!("{}-{}", self.delivery_id, self.seq)
+    }
+
     /// The text a customer reads.
     pub fn text(&self) -> String {
         let what = match self.stage {
@@ -122,7 +135,13 @@ pub fn notifications_for(
         }
         let delivery_id = e.delivery_id.to_native();
         for to in subscribed(delivery_id) {
-            out.push(Notification { delivery_id, stage: e.stage.to_stage(), ts_us: e.ts_us.to_native(), to });
+            out.push(Notification {
+                delivery_id,
+                seq: e.seq.to_native(),
+                stage: e.stage.to_stage(),
+                ts_us: e.ts_us.to_native(),
+                to,
+            });
         }
     }
     out
@@ -142,7 +161,7 @@ async fn send(ch: &Channels, cfg: &NotifyConfig, n: &Notification) -> Result<(),
         let url = cfg.sms_webhook.as_deref().ok_or("no SMS webhook is configured ([notify] sms_webhook)")?;
         let resp = http
             .post(url)
-            .json(&serde_json::json!({ "to": to, "text": n.text() }))
+            .json(&serde_json::json!({ "id": n.id(), "to": to, "text": n.text() }))
             .send()
             .await
             .map_err(|e| format!("SMS webhook: {e}"))?;
@@ -157,6 +176,7 @@ async fn send(ch: &Channels, cfg: &NotifyConfig, n: &Notification) -> Result<(),
         let message = lettre::Message::builder()
             .from(from)
             .to(to)
+            .message_id(Some(format!("<{}@fleetstream>", n.id())))
             .subject(format!("Delivery {}", n.delivery_id))
             .body(n.text())
             .map_err(|e| format!("building the email: {e}"))?;
@@ -245,6 +265,7 @@ mod tests {
         let due = notifications_for(&batch, |id| if id == 1 { vec![sub.clone()] } else { Vec::new() });
         let stages: Vec<_> = due.iter().map(|n| (n.delivery_id, n.stage)).collect();
         assert_eq!(stages, [(1, DeliveryStage::Cancelled)], "Created is never news to a subscriber");
+        assert_eq!(due[0].id(), "1-1", "the id is the delivery event's, the same on every re-send");
         Ok(())
     }
 }

@@ -131,6 +131,12 @@ impl<F: FleetControl + WorkQueues> Scheduler<F> {
         }
     }
 
+    /// Remembers `Idempotency-Key`s in `keys` (for example kept in a store) instead of memory.
+    pub fn with_keys(mut self, keys: crate::idempotency::Keys) -> Self {
+        self.keys = keys;
+        self
+    }
+
     /// Tells `history` who ordered each delivery scheduled from now on (for its owner queries).
     pub fn with_history(mut self, history: Arc<crate::history::History>) -> Self {
         self.history = Some(history);
@@ -312,7 +318,7 @@ impl<F: FleetControl + WorkQueues> Scheduler<F> {
             Begin::Run => {}
         }
         let outcome = self.schedule(req.clone(), trace).await;
-        self.keys.finish(key, &req, outcome.as_ref().ok().cloned());
+        self.keys.finish(key, &req, outcome.as_ref().ok().cloned()).await?;
         outcome.map(|r| (r, false))
     }
 
@@ -427,10 +433,20 @@ async fn create_delivery<F: FleetControl + WorkQueues>(
         Some(v) => Some(v.to_str().map_err(|_| Error::BadRequest("Idempotency-Key must be visible ASCII".into()))?),
         None => None,
     };
-    let outcome = match key {
-        Some(key) => svc.schedule_once(key, req, trace).await,
-        None => svc.schedule(req, trace).await.map(|r| (r, false)),
+    // The saga runs in a task of its own: a client that goes away mid-request must not stop it
+    // between two steps (its undo steps would never run, and its Idempotency-Key would stay
+    // claimed); it is carried to its end and its key answers retries.
+    let key = key.map(str::to_string);
+    let saga = {
+        let svc = svc.clone();
+        tokio::spawn(async move {
+            match key {
+                Some(key) => svc.schedule_once(&key, req, trace).await,
+                None => svc.schedule(req, trace).await.map(|r| (r, false)),
+            }
+        })
     };
+    let outcome = saga.await.map_err(|e| Error::Dependency { service: "scheduler", reason: e.to_string() })?;
     match outcome {
         Ok((record, replayed)) => Ok((
             StatusCode::CREATED,

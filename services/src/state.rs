@@ -63,14 +63,28 @@ pub struct Package {
 }
 
 /// Settings of the services, `[services]` in the pipeline's config.
-#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServicesConfig {
     /// How internal calls behave (timeouts, retries, breaker, concurrency).
     pub calls: CallPolicy,
     /// Drone assignment.
     pub drones: DronesConfig,
+    /// How long a successful request's `Idempotency-Key` answers retries, seconds. Default
+    /// 86,400 (a day): longer than any client's retry loop, short enough that the keys of a
+    /// busy day fit the cap of 100,000.
+    pub idempotency_retention_s: u64,
 }
+
+impl Default for ServicesConfig {
+    fn default() -> Self {
+        Self { calls: CallPolicy::default(), drones: DronesConfig::default(), idempotency_retention_s: 86_400 }
+    }
+}
+
+/// The key under which the services keep how far into the delivery-events log they have
+/// applied (the next offset), in the same commit as what those events changed.
+const DELIVERY_EVENTS_POSITION: &str = "delivery-events";
 
 /// Every service of the edge in one process.
 #[derive(Debug)]
@@ -85,42 +99,45 @@ pub struct Services<F> {
     pub accounts: Arc<Accounts>,
     /// Package.
     pub packages: Arc<Packages>,
+    /// The file every service's state is in, for the read models' positions and health.
+    store: Store,
 }
 
 impl<F: FleetControl + WorkQueues + Clone> Services<F> {
     /// The services with their stores in memory (tests, throwaway runs).
-    pub fn new(fleet: F) -> Result<Self, Error> {
-        let (a, p, d) = (Store::in_memory()?, Store::in_memory()?, Store::in_memory()?);
-        Self::with_stores(fleet, [a, p, d], CallPolicy::default(), DronesConfig::default(), None)
+    pub async fn new(fleet: F) -> Result<Self, Error> {
+        Self::with_store(fleet, Store::in_memory()?, ServicesConfig::default(), None).await
     }
 
-    /// The services with their stores in `dir/services.redb`: one file with a namespace per
-    /// service, so the writes of one schedule (package, delivery record) share commits. In
-    /// split mode each service has a file of its own. `history`, when given, is told who
-    /// ordered each delivery (for its owner queries).
-    pub fn open(
+    /// The services with their state in `dir/services.redb`: one file with a namespace per
+    /// service (accounts, packages, delivery records and subscriptions, the drone registry,
+    /// idempotency keys, the read models' log positions), so the writes of one schedule share
+    /// commits and a read model's changes commit with its position. In split mode each service
+    /// has a file of its own. `history`, when given, is told who ordered each delivery (for
+    /// its owner queries).
+    pub async fn open(
         fleet: F,
         dir: &Path,
         cfg: ServicesConfig,
         history: Option<Arc<crate::history::History>>,
     ) -> Result<Self, Error> {
         let file = Store::open(&dir.join("services.redb"))?;
-        let stores = ["accounts", "packages", "deliveries"].map(|name| file.namespace(name));
-        Self::with_stores(fleet, stores, cfg.calls, cfg.drones, history)
+        Self::with_store(fleet, file, cfg, history).await
     }
 
-    /// `stores`: Accounts', Package's and Delivery's.
-    fn with_stores(
+    async fn with_store(
         fleet: F,
-        [accounts, packages, deliveries]: [Store; 3],
-        policy: CallPolicy,
-        drones_cfg: DronesConfig,
+        file: Store,
+        cfg: ServicesConfig,
         history: Option<Arc<crate::history::History>>,
     ) -> Result<Self, Error> {
-        let accounts = Accounts::new(accounts);
-        let packages = Packages::new(packages);
-        let deliveries = DeliveryService::open(fleet.clone(), deliveries)?;
-        let drones = DroneManagement::new(fleet.clone(), drones_cfg);
+        let policy = cfg.calls;
+        let accounts = Accounts::new(file.namespace("accounts"));
+        let packages = Packages::new(file.namespace("packages"));
+        let deliveries = DeliveryService::open(fleet.clone(), crate::deliveries::DeliveryStores::in_file(&file))?;
+        let drones = DroneManagement::open(fleet.clone(), cfg.drones, file.namespace("drones"))?;
+        let keys =
+            crate::idempotency::Keys::open(file.namespace("idempotency-keys"), cfg.idempotency_retention_s).await?;
         let deps = Deps {
             accounts: Dependency::local("accounts", accounts.router(), policy),
             packages: Dependency::local("package", packages.router(), policy),
@@ -128,12 +145,23 @@ impl<F: FleetControl + WorkQueues + Clone> Services<F> {
             drones: Dependency::local("drone-management", drones.router(), policy),
             history: None,
         };
-        let scheduler = Scheduler::new(fleet, deps);
+        let scheduler = Scheduler::new(fleet, deps).with_keys(keys);
         let scheduler = Arc::new(match history {
             Some(h) => scheduler.with_history(h),
             None => scheduler,
         });
-        Ok(Self { scheduler, deliveries, drones, accounts, packages })
+        Ok(Self { scheduler, deliveries, drones, accounts, packages, store: file })
+    }
+
+    /// Where the services' read models resume in the delivery-events log: the offset after the
+    /// last batch whose effects they stored (`None`: nothing applied yet, start at the earliest).
+    pub fn delivery_events_position(&self) -> Result<Option<u64>, Error> {
+        self.store.namespace("positions").get::<u64>(DELIVERY_EVENTS_POSITION)
+    }
+
+    /// Why the services' store stopped taking writes, if it did (a failed commit).
+    pub fn store_failure(&self) -> Option<String> {
+        self.store.failure()
     }
 
     /// Schedules a delivery.
@@ -146,39 +174,45 @@ impl<F: FleetControl + WorkQueues + Clone> Services<F> {
         self.deliveries.record(id)
     }
 
-    /// Registers drones as available (idempotent).
-    pub async fn register_drones(&self, ids: &[DroneId]) -> usize {
+    /// Registers drones as available (idempotent, durable). Returns how many were new.
+    pub async fn register_drones(&self, ids: &[DroneId]) -> Result<usize, Error> {
         self.drones.register(ids).await
     }
 
     /// Feeds a batch of the delivery-events stream to the services that follow it: the
     /// Delivery records (stage), Drone Management (a finished delivery frees its drone) and
-    /// the notifications.
-    pub async fn apply_delivery_events(&self, batch: &DeliveryBatch) -> Result<(), Error> {
-        self.apply_delivery_event_batches(&[batch]).await
+    /// the notifications. `next_offset`: the log offset after it, stored with its effects.
+    pub async fn apply_delivery_events(&self, batch: &DeliveryBatch, next_offset: Option<u64>) -> Result<(), Error> {
+        self.apply_delivery_event_batches(&[batch], next_offset).await
     }
 
     /// [`Self::apply_delivery_events`] for consecutive batches at once: each is applied in
-    /// order, and the records they changed are stored together, each delivery once as it ended
-    /// up. A follower that fell behind passes what it has waiting, so under load the records
-    /// cost one store commit (one fsync) per round instead of one per batch.
+    /// order, and the records they changed are stored together with `next_offset` (the log
+    /// offset after the last of them) in one commit, each delivery once as it ended up. A
+    /// follower that fell behind passes what it has waiting, so under load the records cost one
+    /// store commit (one fsync) per round instead of one per batch.
+    ///
+    /// Order of effects, so that a crash anywhere repeats work instead of losing it: freed
+    /// drones are stored first, then the notifications are queued (durably), then the records
+    /// with the position. Applying a batch again changes nothing but queuing its notifications
+    /// again, under the same ids. An error means the round's position was not stored: the
+    /// caller must stop following, and a restart applies the round again.
     pub async fn apply_delivery_event_batches<B: std::ops::Deref<Target = DeliveryBatch>>(
         &self,
         batches: &[B],
+        next_offset: Option<u64>,
     ) -> Result<(), Error> {
         let changed = self.deliveries.apply_delivery_event_batches(batches);
+        self.drones.apply_delivery_event_batches(batches).await?;
+        let mut ended = Vec::new();
         for batch in batches {
-            self.drones.apply_delivery_events(batch).await;
+            ended.extend(self.deliveries.notify(batch).await?);
         }
-        let persisted = self.deliveries.persist(changed).await;
-        // Every batch's notifications are queued even when one batch's could not be.
-        let mut notified = Ok(());
-        for batch in batches {
-            if let Err(e) = self.deliveries.notify(batch).await {
-                notified = notified.and(Err(e));
-            }
+        let mut position = crate::store::Batch::new();
+        if let Some(next) = next_offset {
+            position.put(&self.store.namespace("positions"), DELIVERY_EVENTS_POSITION, &next)?;
         }
-        persisted.and(notified)
+        self.deliveries.persist(&changed, &ended, position).await
     }
 
     /// Registered drones and how many are free.

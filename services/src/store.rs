@@ -1,15 +1,29 @@
 //! A small durable key-value store for an internal service's own records (accounts, packages,
-//! delivery records): one redb file per service, JSON values under string keys.
+//! delivery records, the drone registry, read-model positions): one redb file, JSON values
+//! under string keys, a namespace per service.
 //!
 //! Writes are group-committed: a writer thread takes every write waiting at the moment, applies
 //! them in one transaction and commits once (redb fsyncs each commit), then answers each caller.
 //! Under load a commit carries many writes, so one fsync serves many requests; alone, a write
 //! waits for just its own commit. Reads go straight to a read transaction. The write queue is
 //! bounded, so callers wait instead of piling up memory.
+//!
+//! A [`Batch`] is several writes, across the namespaces of one file, that land in one commit or
+//! not at all: a read model stores what it changed together with the log position it reached,
+//! so a restart resumes exactly where its records stand. Writes are queued in the order they
+//! are enqueued ([`Store::enqueue`] queues before it awaits), so a caller that orders its
+//! changes under a lock gets them stored in that order.
+//!
+//! A failed commit stops the store: every later write is refused with the first failure's
+//! reason, and [`Store::failure`] says so for readiness and metrics. What a failed commit would
+//! have written is unknown to the callers that were answered before it, so carrying on would
+//! acknowledge writes on top of a hole; a restart recovers from what redb holds.
 
+use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
 
+use parking_lot::Mutex;
 use redb::{Database, TableDefinition};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -20,7 +34,7 @@ const RECORDS: TableDefinition<'static, &str, &[u8]> = TableDefinition::new("rec
 
 /// Writes waiting for a commit, at most.
 const QUEUE: usize = 4096;
-/// Writes in one commit, at most.
+/// Writes in one commit, at most (a batch is never split, so one may carry more).
 const MAX_GROUP: usize = 1024;
 
 fn store_error(e: impl std::fmt::Display) -> Error {
@@ -33,8 +47,8 @@ enum Write {
 }
 
 struct Op {
-    write: Write,
-    done: tokio::sync::oneshot::Sender<Result<bool, String>>,
+    writes: Vec<Write>,
+    done: tokio::sync::oneshot::Sender<Result<Vec<bool>, String>>,
 }
 
 /// The key of a numeric id: fixed width, so the store keeps ids in order.
@@ -49,11 +63,66 @@ pub struct Store {
     db: Arc<Database>,
     tx: flume::Sender<Op>,
     prefix: String,
+    failed: Arc<Mutex<Option<String>>>,
+    inject: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").finish_non_exhaustive()
+        f.debug_struct("Store").field("prefix", &self.prefix).finish_non_exhaustive()
+    }
+}
+
+/// Writes that commit together, across namespaces of one file.
+#[derive(Default)]
+pub struct Batch {
+    writes: Vec<Write>,
+    db: Option<Arc<Database>>,
+    mixed: bool,
+}
+
+impl std::fmt::Debug for Batch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Batch").field("writes", &self.writes.len()).finish()
+    }
+}
+
+impl Batch {
+    /// An empty batch.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn note(&mut self, store: &Store) {
+        match &self.db {
+            None => self.db = Some(store.db.clone()),
+            Some(db) if !Arc::ptr_eq(db, &store.db) => self.mixed = true,
+            Some(_) => {}
+        }
+    }
+
+    /// Adds a put of `value` under `key` in `store`'s namespace.
+    pub fn put(&mut self, store: &Store, key: &str, value: &impl Serialize) -> Result<(), Error> {
+        self.note(store);
+        let bytes = serde_json::to_vec(value).map_err(store_error)?;
+        self.writes.push(Write::Put(store.key(key), bytes));
+        Ok(())
+    }
+
+    /// Adds a delete of `key` in `store`'s namespace.
+    pub fn delete(&mut self, store: &Store, key: &str) {
+        self.note(store);
+        self.writes.push(Write::Delete(store.key(key)));
+    }
+
+    /// How many writes it holds.
+    pub fn len(&self) -> usize {
+        self.writes.len()
+    }
+
+    /// Whether it holds none.
+    pub fn is_empty(&self) -> bool {
+        self.writes.is_empty()
     }
 }
 
@@ -82,41 +151,90 @@ impl Store {
         txn.open_table(RECORDS).map_err(store_error)?;
         txn.commit().map_err(store_error)?;
         let (tx, rx) = flume::bounded::<Op>(QUEUE);
+        let failed = Arc::new(Mutex::new(None));
         // The writer holds the database weakly, so it closes (and its file lock goes) as soon as
         // the last handle is dropped, not when the writer thread next wakes up.
         let writer_db = Arc::downgrade(&db);
+        let (writer_failed, inject) = (failed.clone(), Arc::new(std::sync::atomic::AtomicBool::new(false)));
+        let writer_inject = inject.clone();
         std::thread::Builder::new()
             .name(format!("store-{name}"))
-            .spawn(move || writer(&writer_db, &rx))
+            .spawn(move || writer(&writer_db, &rx, &writer_failed, &writer_inject))
             .map_err(store_error)?;
-        Ok(Self { db, tx, prefix: String::new() })
+        Ok(Self { db, tx, prefix: String::new(), failed, inject })
     }
 
     /// The same database under the namespace `name`: its keys cannot meet another
     /// namespace's, and [`Store::all`] sees only its own.
     pub fn namespace(&self, name: &str) -> Self {
-        Self { db: self.db.clone(), tx: self.tx.clone(), prefix: format!("{}{name}/", self.prefix) }
+        Self {
+            db: self.db.clone(),
+            tx: self.tx.clone(),
+            prefix: format!("{}{name}/", self.prefix),
+            failed: self.failed.clone(),
+            inject: self.inject.clone(),
+        }
     }
 
     fn key(&self, key: &str) -> String {
         format!("{}{key}", self.prefix)
     }
 
+    /// Fault injection: from now on every commit of this file fails as a broken disk's would,
+    /// so the failure path can be exercised.
+    #[doc(hidden)]
+    pub fn fail_commits(&self) {
+        self.inject.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Why the store stopped taking writes, if it did (a failed commit).
+    pub fn failure(&self) -> Option<String> {
+        self.failed.lock().clone()
+    }
+
     /// Stores `value` under `key`, durably, once committed. `true`: the key is new.
     pub async fn put(&self, key: &str, value: &impl Serialize) -> Result<bool, Error> {
-        let bytes = serde_json::to_vec(value).map_err(store_error)?;
-        self.submit(Write::Put(self.key(key), bytes)).await
+        let mut batch = Batch::new();
+        batch.put(self, key, value)?;
+        Ok(self.enqueue(batch).await?.first().copied().unwrap_or(false))
     }
 
     /// Deletes `key`, durably. `true`: it existed.
     pub async fn delete(&self, key: &str) -> Result<bool, Error> {
-        self.submit(Write::Delete(self.key(key))).await
+        let mut batch = Batch::new();
+        batch.delete(self, key);
+        Ok(self.enqueue(batch).await?.first().copied().unwrap_or(false))
     }
 
-    async fn submit(&self, write: Write) -> Result<bool, Error> {
+    /// Queues `batch` now (waiting only while the queue is full) and returns a future that
+    /// resolves once it is committed, with one flag per write (put: the key was new; delete:
+    /// it existed). Batches are committed in the order they were queued.
+    pub fn enqueue(&self, batch: Batch) -> impl Future<Output = Result<Vec<bool>, Error>> + Send + 'static + use<> {
+        let queued = self.queue(batch);
+        async move {
+            let rx = queued?;
+            rx.await.map_err(|_| store_error("the writer stopped"))?.map_err(store_error)
+        }
+    }
+
+    fn queue(&self, batch: Batch) -> Result<tokio::sync::oneshot::Receiver<Result<Vec<bool>, String>>, Error> {
+        if batch.mixed || batch.db.as_ref().is_some_and(|db| !Arc::ptr_eq(db, &self.db)) {
+            return Err(store_error("a batch spans several database files"));
+        }
+        if let Some(reason) = self.failure() {
+            return Err(store_error(format!("stopped after a failed commit: {reason}")));
+        }
         let (done, rx) = tokio::sync::oneshot::channel();
-        self.tx.send_async(Op { write, done }).await.map_err(|_| store_error("the writer stopped"))?;
-        rx.await.map_err(|_| store_error("the writer stopped"))?.map_err(store_error)
+        let op = Op { writes: batch.writes, done };
+        // Queued synchronously so that the order of calls is the order of commits.
+        match self.tx.try_send(op) {
+            Ok(()) => {}
+            Err(flume::TrySendError::Full(op)) => {
+                self.tx.send(op).map_err(|_| store_error("the writer stopped"))?;
+            }
+            Err(flume::TrySendError::Disconnected(_)) => return Err(store_error("the writer stopped")),
+        }
+        Ok(rx)
     }
 
     /// The value under `key`.
@@ -143,18 +261,38 @@ impl Store {
     }
 }
 
-fn writer(db: &std::sync::Weak<Database>, rx: &flume::Receiver<Op>) {
+fn writer(
+    db: &std::sync::Weak<Database>,
+    rx: &flume::Receiver<Op>,
+    failed: &Mutex<Option<String>>,
+    inject: &std::sync::atomic::AtomicBool,
+) {
     while let Ok(first) = rx.recv() {
+        let mut writes = first.writes.len();
         let mut group = vec![first];
-        while group.len() < MAX_GROUP {
+        while writes < MAX_GROUP {
             match rx.try_recv() {
-                Ok(op) => group.push(op),
+                Ok(op) => {
+                    writes += op.writes.len();
+                    group.push(op);
+                }
                 Err(_) => break,
             }
         }
-        let outcome = match db.upgrade() {
-            Some(db) => commit(&db, &group),
-            None => Err("the store is closed".to_string()),
+        let stopped = failed.lock().clone();
+        let outcome = match (stopped, db.upgrade()) {
+            (Some(reason), _) => Err(format!("stopped after a failed commit: {reason}")),
+            (None, Some(_)) if inject.load(std::sync::atomic::Ordering::Relaxed) => {
+                let e = "injected failure".to_string();
+                tracing::error!(error = %e, "service store commit failed; the store takes no more writes until a restart");
+                *failed.lock() = Some(e.clone());
+                Err(e)
+            }
+            (None, Some(db)) => commit(&db, &group).inspect_err(|e| {
+                tracing::error!(error = %e, "service store commit failed; the store takes no more writes until a restart");
+                *failed.lock() = Some(e.clone());
+            }),
+            (None, None) => Err("the store is closed".to_string()),
         };
         match outcome {
             Ok(results) => {
@@ -163,7 +301,6 @@ fn writer(db: &std::sync::Weak<Database>, rx: &flume::Receiver<Op>) {
                 }
             }
             Err(e) => {
-                tracing::error!(error = %e, "service store commit failed");
                 for op in group {
                     let _ = op.done.send(Err(e.clone()));
                 }
@@ -172,17 +309,20 @@ fn writer(db: &std::sync::Weak<Database>, rx: &flume::Receiver<Op>) {
     }
 }
 
-fn commit(db: &Database, group: &[Op]) -> Result<Vec<bool>, String> {
+fn commit(db: &Database, group: &[Op]) -> Result<Vec<Vec<bool>>, String> {
     let txn = db.begin_write().map_err(|e| e.to_string())?;
     let mut results = Vec::with_capacity(group.len());
     {
         let mut table = txn.open_table(RECORDS).map_err(|e| e.to_string())?;
         for op in group {
-            let fresh = match &op.write {
-                Write::Put(k, v) => table.insert(k.as_str(), v.as_slice()).map_err(|e| e.to_string())?.is_none(),
-                Write::Delete(k) => table.remove(k.as_str()).map_err(|e| e.to_string())?.is_some(),
-            };
-            results.push(fresh);
+            let mut flags = Vec::with_capacity(op.writes.len());
+            for write in &op.writes {
+                flags.push(match write {
+                    Write::Put(k, v) => table.insert(k.as_str(), v.as_slice()).map_err(|e| e.to_string())?.is_none(),
+                    Write::Delete(k) => table.remove(k.as_str()).map_err(|e| e.to_string())?.is_some(),
+                });
+            }
+            results.push(flags);
         }
     }
     txn.commit().map_err(|e| e.to_string())?;
@@ -237,6 +377,45 @@ mod tests {
         assert_eq!(b.all::<u32>()?, vec![("k".to_string(), 2), ("l".to_string(), 3)]);
         assert!(a.delete("k").await?);
         assert_eq!(b.get::<u32>("k")?, Some(2));
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_batch_commits_across_namespaces_in_queue_order() -> Result<(), Error> {
+        let store = Store::in_memory()?;
+        let (a, b) = (store.namespace("a"), store.namespace("b"));
+        let mut first = Batch::new();
+        first.put(&a, "k", &1u32)?;
+        first.put(&b, "pos", &10u64)?;
+        let mut second = Batch::new();
+        second.put(&a, "k", &2u32)?;
+        second.delete(&b, "pos");
+        // Both queued before either is awaited: the second lands last.
+        let (f1, f2) = (store.enqueue(first), store.enqueue(second));
+        assert_eq!(f2.await?, vec![false, true]);
+        assert_eq!(f1.await?, vec![true, true]);
+        assert_eq!((a.get::<u32>("k")?, b.get::<u64>("pos")?), (Some(2), None));
+        let other = Store::in_memory()?;
+        let mut mixed = Batch::new();
+        mixed.put(&a, "x", &1u32)?;
+        mixed.put(&other, "x", &1u32)?;
+        assert!(store.enqueue(mixed).await.is_err(), "one batch, one file");
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_failed_commit_stops_every_later_write() -> Result<(), Error> {
+        let store = Store::in_memory()?;
+        store.put("a", &1u32).await?;
+        assert_eq!(store.failure(), None);
+        store.fail_commits();
+        assert!(store.put("b", &2u32).await.is_err());
+        let reason = store.failure().ok_or_else(|| store_error("no failure recorded"))?;
+        assert!(reason.contains("injected"), "{reason}");
+        // Refused before it reaches the disk, namespaces included.
+        let err = store.namespace("x").put("c", &3u32).await.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("stopped after a failed commit"), "{err}");
+        assert_eq!(store.get::<u32>("a")?, Some(1), "what was committed stays readable");
         Ok(())
     }
 }

@@ -18,7 +18,7 @@ use tower::ServiceExt;
 
 async fn setup() -> (Arc<FakeFleet>, Arc<Services<Arc<FakeFleet>>>, axum::Router) {
     let fleet = Arc::new(FakeFleet::default());
-    let svc = Arc::new(Services::new(fleet.clone()).unwrap());
+    let svc = Arc::new(Services::new(fleet.clone()).await.unwrap());
     let router = services::router(&svc);
     let (status, _, _) = call(&router, "PUT", "/internal/v1/accounts/acme", Some("{}")).await;
     assert_eq!(status, StatusCode::CREATED);
@@ -92,11 +92,14 @@ async fn schedule_track_and_complete_a_delivery() {
     assert_eq!(body["error"], "no_drone_available");
     assert_eq!(retry.as_deref(), Some("1"));
 
-    svc.apply_delivery_events(&events_batch(&[
-        stage_event(id, 7, 0, DeliveryStage::Created),
-        stage_event(id, 7, 1, DeliveryStage::HeadedToPickup),
-        stage_event(id, 7, 2, DeliveryStage::InTransit),
-    ]))
+    svc.apply_delivery_events(
+        &events_batch(&[
+            stage_event(id, 7, 0, DeliveryStage::Created),
+            stage_event(id, 7, 1, DeliveryStage::HeadedToPickup),
+            stage_event(id, 7, 2, DeliveryStage::InTransit),
+        ]),
+        None,
+    )
     .await
     .unwrap();
     let (status, body, _) = call(&router, "GET", &format!("/v1/deliveries/{id}"), None).await;
@@ -107,10 +110,13 @@ async fn schedule_track_and_complete_a_delivery() {
     assert_eq!(body["owner"], "acme");
 
     // A replayed older event changes nothing; completion frees the drone.
-    svc.apply_delivery_events(&events_batch(&[
-        stage_event(id, 7, 1, DeliveryStage::HeadedToPickup),
-        stage_event(id, 7, 3, DeliveryStage::DeliveryComplete),
-    ]))
+    svc.apply_delivery_events(
+        &events_batch(&[
+            stage_event(id, 7, 1, DeliveryStage::HeadedToPickup),
+            stage_event(id, 7, 3, DeliveryStage::DeliveryComplete),
+        ]),
+        None,
+    )
     .await
     .unwrap();
     let (_, body, _) = call(&router, "GET", &format!("/v1/deliveries/{id}"), None).await;
@@ -137,11 +143,12 @@ async fn batches_applied_in_one_round_end_as_if_applied_one_by_one() {
         stage_event(id, 7, 2, DeliveryStage::InTransit),
         stage_event(id, 7, 1, DeliveryStage::HeadedToPickup),
     ]);
-    svc.apply_delivery_event_batches(&[&first, &second]).await.unwrap();
+    svc.apply_delivery_event_batches(&[&first, &second], Some(1)).await.unwrap();
     let (_, body, _) = call(&router, "GET", &format!("/v1/deliveries/{id}"), None).await;
     assert_eq!(body["stage"], "in_transit", "{body}");
     let done = events_batch(&[stage_event(id, 7, 3, DeliveryStage::DeliveryComplete)]);
-    svc.apply_delivery_event_batches(&[&second, &done]).await.unwrap();
+    svc.apply_delivery_event_batches(&[&second, &done], Some(3)).await.unwrap();
+    assert_eq!(svc.delivery_events_position().unwrap(), Some(3), "the position commits with the round");
     let (_, body, _) = call(&router, "GET", &format!("/v1/deliveries/{id}"), None).await;
     assert_eq!(body["stage"], "delivery_complete", "{body}");
     assert_eq!(svc.fleet_size(), (1, 1), "the finished delivery freed its drone");
@@ -352,7 +359,8 @@ async fn a_restarted_delivery_service_reads_each_delivery_where_it_stood() {
     use services::deliveries::DeliveryService;
     let fleet = Arc::new(FakeFleet::default());
     let store = services::store::Store::in_memory().unwrap();
-    let svc = DeliveryService::open(fleet.clone(), store.clone()).unwrap();
+    let stores = services::deliveries::DeliveryStores::in_file(&store);
+    let svc = DeliveryService::open(fleet.clone(), stores.clone()).unwrap();
     let record: services::DeliveryRecord = serde_json::from_value(json!({
         "delivery_id": 42, "owner": "acme", "drone_id": 7,
         "pickup": {"lat": 47.6, "lon": -122.3}, "dropoff": {"lat": 47.62, "lon": -122.35},
@@ -367,10 +375,10 @@ async fn a_restarted_delivery_service_reads_each_delivery_where_it_stood() {
         stage_event(42, 7, 2, DeliveryStage::InTransit),
     ]));
     assert_eq!(changed.len(), 1, "one write per delivery per batch, with its latest stage");
-    svc.persist(changed).await.unwrap();
+    svc.persist(&changed, &[], services::store::Batch::new()).await.unwrap();
     drop(svc);
 
-    let again = DeliveryService::open(fleet, store).unwrap();
+    let again = DeliveryService::open(fleet, stores).unwrap();
     assert_eq!(again.record(42).map(|r| r.stage), Some(DeliveryStage::InTransit));
     // An older event replayed after the restart changes nothing.
     assert!(

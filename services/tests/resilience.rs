@@ -49,9 +49,9 @@ async fn setup(tag: &str) -> Setup {
     let _ = std::fs::remove_dir_all(&ca);
     services::tls::init_ca(&ca, &[]).unwrap();
     let fleet = Arc::new(FakeFleet::default());
-    let local = Services::new(fleet.clone()).unwrap();
+    let local = Services::new(fleet.clone()).await.unwrap();
     local.accounts.put("acme", true).await.unwrap();
-    local.register_drones(&[1, 2, 3]).await;
+    local.register_drones(&[1, 2, 3]).await.unwrap();
     let addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     let client = services::tls::client(&TlsFiles::in_dir(&ca, "scheduler")).unwrap();
     let deps = Deps {

@@ -55,3 +55,50 @@ pub fn drone_event(drone: u64, seq: u64, delivery: u64, dropoff: GeoPoint) -> Dr
         kind,
     }
 }
+
+/// Drones report in before they are registered: one position event each (seq 0, created now,
+/// idle at the scripted pickup, fully charged) over QUIC to `quic`, acknowledged, then waits
+/// until the node at `api` shows each one's live state. Drone Management assigns only drones
+/// it has heard from recently, so tests that schedule deliveries start with this.
+pub async fn report_in(quic: std::net::SocketAddr, pem: &str, api: &str, drones: &[u64]) {
+    use events::wire::Buffer;
+    use events::{BatchMeta, TelemetryBatch};
+    let client = ingest::IngestClient::connect(quic, &ingest::ClientConfig::new(ingest::Trust::Pem(pem.to_string())))
+        .await
+        .expect("connecting to report in");
+    let (mut lane, mut answers) = client.open_lane().await.expect("a lane to report in on");
+    let events: Vec<DroneEvent> = drones
+        .iter()
+        .map(|&drone_id| DroneEvent {
+            drone_id,
+            seq: 0,
+            ts_us: events::now_us(),
+            position: GeoPoint::new(47.6, -122.3),
+            speed_mps: 0.0,
+            heading_deg: 0.0,
+            battery_pct: 100.0,
+            status: FlightStatus::Idle,
+            kind: DroneEventKind::Position,
+        })
+        .collect();
+    // A producer id of its own, so its batch never meets a test producer's in dedup.
+    let meta = BatchMeta { producer_id: u64::MAX - 7, batch_seq: events::now_us(), ..BatchMeta::default() };
+    let batch = TelemetryBatch::encode(meta, &events, Buffer::new()).expect("encoding the report-in batch");
+    lane.send(batch.as_bytes()).await.expect("sending the report-in batch");
+    let answer = answers.recv().await.expect("an answer to the report-in batch");
+    assert!(answer.result.is_ok(), "report-in refused: {:?}", answer.result);
+    client.close().await;
+    let web = services::tls::plain_client().expect("an HTTP client");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    for &drone in drones {
+        loop {
+            let state: serde_json::Value =
+                web.get(format!("{api}/v1/drones/{drone}")).send().await.unwrap().json().await.unwrap_or_default();
+            if !state["updated_us"].is_null() && state["updated_us"].is_u64() {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "drone {drone} never showed its report-in: {state}");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+}

@@ -66,7 +66,7 @@ impl FleetControl for FakeFleet {
             status: FlightStatus::Flying,
             battery_pct: 77.0,
             last_seq: 9,
-            updated_us: 5,
+            updated_us: events::now_us(),
             delivery: None,
         }))
     }
