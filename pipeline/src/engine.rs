@@ -227,6 +227,32 @@ pub struct EngineMetrics {
     pub checkpoints: AtomicU64,
     /// Bytes in the log.
     pub log_bytes: AtomicU64,
+    /// Parts that stopped after a storage error, with the first reason (see [`Stopped`]).
+    pub stopped: Stopped,
+}
+
+/// The parts of a node that stopped after an error on their durable path (a failed append,
+/// fsync or commit): each stops acknowledging and answering barriers rather than carry on past
+/// a hole, is logged once with the reason, shows in `/metrics` (`fleetstream_stopped{part}`) and
+/// in readiness, and recovers from what is on disk at the next start.
+#[derive(Debug, Default)]
+pub struct Stopped(parking_lot::Mutex<Vec<(String, String)>>);
+
+impl Stopped {
+    /// Records that `part` stopped because of `reason`; the first time per part it is logged.
+    pub fn stop(&self, part: &str, reason: &str) {
+        let mut parts = self.0.lock();
+        if parts.iter().any(|(p, _)| p == part) {
+            return;
+        }
+        error!(part, reason, "stopped after a storage error: it acknowledges nothing more until a restart");
+        parts.push((part.to_string(), reason.to_string()));
+    }
+
+    /// Every stopped part and why.
+    pub fn parts(&self) -> Vec<(String, String)> {
+        self.0.lock().clone()
+    }
 }
 
 /// The log, shared between its one writer (the appender) and readers being opened.
@@ -378,6 +404,7 @@ impl Engine {
             last_retention: Instant::now(),
             cluster: cluster.clone(),
             metrics: metrics.clone(),
+            failed: false,
         };
         publisher.rebuild()?;
         threads.push(std::thread::Builder::new().name("publisher".into()).spawn(move || publisher.run(publish_rx))?);
@@ -1012,6 +1039,10 @@ struct Publisher {
     /// On JetStream: derived events go there, and this node's topic is fed back from it.
     cluster: Option<Arc<crate::cluster::Cluster>>,
     metrics: Arc<EngineMetrics>,
+    /// Set by a failed append or sync of the delivery-events log: from then on nothing is
+    /// published and no barrier is answered, so no checkpoint claims events that may not be on
+    /// disk; a restart re-derives them from the input log.
+    failed: bool,
 }
 
 impl Publisher {
@@ -1043,6 +1074,11 @@ impl Publisher {
                 self.seen.remove(&old);
             }
         }
+    }
+
+    fn fail(&mut self, reason: &str) {
+        self.failed = true;
+        self.metrics.stopped.stop("delivery-events log", reason);
     }
 
     /// The batch without events already logged (`None` if nothing is left).
@@ -1085,17 +1121,20 @@ impl Publisher {
                 match m {
                     PublishMsg::Barrier(done) => barriers.push(done),
                     PublishMsg::Events(batch) if self.cluster.is_some() => appended.push((None, batch)),
+                    PublishMsg::Events(_) if self.failed => {}
                     PublishMsg::Events(batch) => {
                         if let Some(batch) = self.fresh(batch) {
-                            match &self.log {
+                            let written = self
+                                .log
+                                .as_ref()
+                                .map(|log| log.lock().append(RecordKind::Deliveries, batch.as_bytes()));
+                            match written {
                                 None => appended.push((None, batch)),
-                                Some(log) => match log.lock().append(RecordKind::Deliveries, batch.as_bytes()) {
-                                    Ok(offset) => {
-                                        unsynced = true;
-                                        appended.push((Some(offset), batch));
-                                    }
-                                    Err(e) => error!(error = %e, "appending delivery events failed"),
-                                },
+                                Some(Ok(offset)) => {
+                                    unsynced = true;
+                                    appended.push((Some(offset), batch));
+                                }
+                                Some(Err(e)) => self.fail(&format!("append failed: {e}")),
                             }
                         }
                     }
@@ -1112,8 +1151,15 @@ impl Publisher {
                 let synced = log.lock().sync();
                 self.metrics.delivery_fsync_time.record(started.elapsed());
                 if let Err(e) = synced {
-                    error!(error = %e, "syncing the delivery-events log failed");
+                    self.fail(&format!("fsync failed: {e}"));
                 }
+            }
+            if self.failed {
+                // What this group appended may not be on disk: it is neither published nor
+                // vouched for; dropping the barriers tells their checkpoints so.
+                appended.clear();
+                barriers.clear();
+                continue;
             }
             if let Some(cluster) = &self.cluster {
                 // The whole group in one go (acknowledgements overlap); this node's topic is
@@ -1380,7 +1426,7 @@ impl Appender {
         self.last_sync = Instant::now();
         self.unsynced = false;
         result.map_err(|e| {
-            error!(error = %e, "fsync failed: refusing all further appends until restart");
+            self.metrics.stopped.stop("log", &format!("fsync failed: {e}"));
             self.failed = Some(e.to_string());
             Error::Storage(e.to_string())
         })
@@ -1728,6 +1774,63 @@ mod tests {
     /// A checkpoint waits for the delivery-events log to be durable, then writes a file with
     /// fsyncs. The shard hands both to the checkpointer: while the publisher has not answered the
     /// barrier, the shard still answers, and the checkpoint lands once it does.
+    #[test]
+    fn a_failed_sync_of_the_delivery_events_log_stops_publishing_and_answering_barriers() {
+        let dir = std::env::temp_dir().join(format!("fleetstream-publisher-fail-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (log, _) = Log::open(&dir, LogConfig::default()).unwrap();
+        let log: SharedLog = Arc::new(parking_lot::Mutex::new(log));
+        let metrics = Arc::new(EngineMetrics::default());
+        let topic = Arc::new(Topic::<DeliveryEvent>::new("delivery-events", 16));
+        let sub = topic.subscribe(events::Overflow::Block);
+        let publisher = Publisher {
+            log: Some(log.clone()),
+            seen: FxHashMap::default(),
+            finished: std::collections::VecDeque::new(),
+            topic: topic.clone(),
+            tail: Arc::new(Tail { end: parking_lot::Mutex::new(0), grew: parking_lot::Condvar::new() }),
+            policy: FsyncPolicy::EveryBatch,
+            last_retention: Instant::now(),
+            cluster: None,
+            metrics: metrics.clone(),
+            failed: false,
+        };
+        let (tx, rx) = flume::unbounded();
+        let running = std::thread::spawn(move || publisher.run(rx));
+        let event = |delivery_id| DeliveryEvent {
+            delivery_id,
+            seq: 0,
+            drone_id: 1,
+            ts_us: 1,
+            location: GeoPoint::new(0.0, 0.0),
+            stage: DeliveryStage::Created,
+        };
+        let batch = |id| DeliveryBatch::encode(BatchMeta::default(), &[event(id)], Buffer::new()).unwrap();
+        // While the disk works: published, and the barrier behind it answered.
+        let (barrier, durable) = flume::bounded(1);
+        tx.send(PublishMsg::Events(batch(1))).unwrap();
+        tx.send(PublishMsg::Barrier(barrier)).unwrap();
+        assert!(durable.recv_timeout(Duration::from_secs(5)).is_ok());
+        assert_eq!(sub.rx.recv_timeout(Duration::from_secs(5)).unwrap().events()[0].delivery_id.to_native(), 1);
+        // The next sync fails: the batch is not published, its barrier never answered (dropped),
+        // and neither is anything after it.
+        log.lock().fail_syncs();
+        for id in [2, 3] {
+            let (barrier, durable) = flume::bounded(1);
+            tx.send(PublishMsg::Events(batch(id))).unwrap();
+            tx.send(PublishMsg::Barrier(barrier)).unwrap();
+            assert!(durable.recv_timeout(Duration::from_secs(5)).is_err(), "no checkpoint may vouch for it");
+        }
+        assert!(sub.rx.try_recv().is_err(), "nothing unsynced reaches a subscriber");
+        let stopped = metrics.stopped.parts();
+        assert_eq!(stopped.len(), 1, "{stopped:?}");
+        assert_eq!(stopped[0].0, "delivery-events log");
+        assert!(stopped[0].1.contains("injected failure"), "{stopped:?}");
+        drop(tx);
+        running.join().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn a_pending_checkpoint_does_not_stall_its_shard() {
         let dir = std::env::temp_dir().join(format!("fleetstream-ckpt-async-{}", std::process::id()));

@@ -46,8 +46,8 @@ pub struct Node {
     http_task: JoinHandle<std::io::Result<()>>,
     consumer_stop: oneshot::Sender<()>,
     consumer_task: JoinHandle<()>,
-    /// False once the services stopped following delivery events (an error, or shutdown).
-    pub services_following: Arc<std::sync::atomic::AtomicBool>,
+    /// Which parts are running (readiness).
+    pub health: Health,
     sweeper_task: JoinHandle<()>,
     history_task: std::thread::JoinHandle<()>,
     history: Arc<services::history::History>,
@@ -96,7 +96,8 @@ impl Node {
             services::history::History::open_configured(&cfg.history, &history_path)
                 .map_err(|e| Error::Task(format!("opening delivery history: {e}")))?,
         );
-        let history_task = start_history(&engine, history.clone())?;
+        let history_following = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let history_task = start_history(&engine, history.clone(), history_following.clone())?;
         let (notifier_stop, notifier_rx) = tokio::sync::watch::channel(false);
         let notifier_task = if cfg.notify.notifier {
             tokio::spawn(services::notify::run(Arc::new(engine.clone()), cfg.notify.clone(), notifier_rx))
@@ -126,6 +127,12 @@ impl Node {
             None => engine.subscribe_deliveries_from(events::StartAt::Earliest)?,
         };
         let following = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        // Test hook: hold each round this long before applying it, so a test can kill the node
+        // while delivery events are derived but not yet applied by the services.
+        let hold = std::env::var("FLEETSTREAM_TEST_SERVICES_DELAY_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(std::time::Duration::from_millis);
         let (consumer_stop, mut stop_rx) = oneshot::channel::<()>();
         let svc = services.clone();
         let consumer_following = following.clone();
@@ -154,6 +161,9 @@ impl Node {
                     if going && round.len() < SERVICES_ROUND {
                         item = deliveries.rx.try_recv().ok();
                     }
+                }
+                if let Some(hold) = hold {
+                    tokio::time::sleep(hold).await;
                 }
                 if !round.is_empty()
                     && let Err(error) = svc.apply_delivery_event_batches(&round, next_offset).await
@@ -213,6 +223,13 @@ impl Node {
             .await
             .map_err(|e| Error::Io { context: format!("binding HTTP {}", cfg.http.listen), source: e })?;
         let http_addr = listener.local_addr().map_err(|e| Error::Io { context: "HTTP address".into(), source: e })?;
+        let health = Health {
+            engine: engine.clone(),
+            services: services.clone(),
+            services_following: following.clone(),
+            history_following,
+            stopping: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        };
         let throttle = services::throttle::Throttle::new(cfg.http.throttle);
         let api_keys = services::auth::ApiKeys::new(cfg.http.api_keys.iter().cloned());
         if !api_keys.enforced() {
@@ -221,10 +238,12 @@ impl Node {
         let router = services::router_with(&services, throttle.clone())
             .merge(crate::admin::router(engine.clone()))
             .merge(services::history::router(history.clone()))
+            .merge(health.router())
             .route(
                 "/metrics",
                 get({
                     let (engine, services, ingest_metrics) = (engine.clone(), services.clone(), ingest_metrics.clone());
+                    let health = health.clone();
                     let (throttle, api_keys) = (throttle.clone(), api_keys.clone());
                     move || {
                         let mut out = String::new();
@@ -249,6 +268,7 @@ impl Node {
                             "fleetstream_spans_dropped_total",
                             services::trace::spans_dropped(),
                         );
+                        health.render_metrics(&mut out);
                         render_process_metrics(&mut out);
                         std::future::ready(out)
                     }
@@ -299,7 +319,7 @@ impl Node {
             http_task,
             consumer_stop,
             consumer_task,
-            services_following: following,
+            health,
             sweeper_task,
             history_task,
             history,
@@ -316,6 +336,7 @@ impl Node {
 
     /// Drains and stops everything, in order.
     pub async fn shutdown(self) -> Result<(), Error> {
+        self.health.stopping.store(true, std::sync::atomic::Ordering::SeqCst);
         info!("shutting down: ingest");
         let _ = self.ingest_stop.send(());
         let ingest = self.ingest_task.await;
@@ -342,6 +363,70 @@ impl Node {
     }
 }
 
+/// What readiness and `/metrics` report: every part of the node that stopped after an error on
+/// its durable path (see [`crate::engine::Stopped`]) or stopped following the log it feeds on.
+/// A stopped part acknowledges nothing more; a restart recovers it from what is on disk.
+#[derive(Debug, Clone)]
+pub struct Health {
+    engine: Engine,
+    services: Arc<Services<Engine>>,
+    services_following: Arc<std::sync::atomic::AtomicBool>,
+    history_following: Arc<std::sync::atomic::AtomicBool>,
+    stopping: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Health {
+    /// Each stopped part and why.
+    pub fn stopped(&self) -> Vec<(String, String)> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let mut parts = self.engine.metrics().stopped.parts();
+        for (queue, reason) in self.engine.queues().failures() {
+            parts.push((format!("queue {}", queue.name()), reason));
+        }
+        if let Some(reason) = self.services.store_failure() {
+            parts.push(("services store".into(), reason));
+        }
+        let stopping = self.stopping.load(SeqCst);
+        if !stopping && !self.services_following.load(SeqCst) {
+            parts.push(("services".into(), "stopped following delivery events (see the log)".into()));
+        }
+        if !stopping && !self.history_following.load(SeqCst) {
+            parts.push(("delivery history".into(), "stopped following delivery events (see the log)".into()));
+        }
+        parts
+    }
+
+    /// `GET /readyz`: `200 {"ready": true}`, or `503` naming every stopped part.
+    pub fn router(&self) -> axum::Router {
+        let health = self.clone();
+        axum::Router::new().route(
+            "/readyz",
+            get(move || {
+                let stopped = health.stopped();
+                let parts: Vec<_> =
+                    stopped.iter().map(|(part, reason)| serde_json::json!({"part": part, "reason": reason})).collect();
+                let status = if stopped.is_empty() {
+                    axum::http::StatusCode::OK
+                } else {
+                    axum::http::StatusCode::SERVICE_UNAVAILABLE
+                };
+                std::future::ready((
+                    status,
+                    axum::Json(serde_json::json!({"ready": stopped.is_empty(), "stopped": parts})),
+                ))
+            }),
+        )
+    }
+
+    /// `fleetstream_stopped{part}`: 1 for each stopped part.
+    pub fn render_metrics(&self, out: &mut String) {
+        events::prom::declare(out, "fleetstream_stopped", "gauge");
+        for (part, _) in self.stopped() {
+            out.push_str(&format!("fleetstream_stopped{{part=\"{part}\"}} 1\n"));
+        }
+    }
+}
+
 /// Delivery-event batches the services apply in one round at most: as many as a log follower
 /// reads ahead, so a follower that fell behind is caught up in one store commit.
 const SERVICES_ROUND: usize = crate::engine::FOLLOW_QUEUE;
@@ -352,6 +437,7 @@ const SERVICES_ROUND: usize = crate::engine::FOLLOW_QUEUE;
 fn start_history(
     engine: &Engine,
     history: Arc<services::history::History>,
+    following: Arc<std::sync::atomic::AtomicBool>,
 ) -> Result<std::thread::JoinHandle<()>, Error> {
     let resume = history.next_offset().map_err(|e| Error::Task(e.to_string()))?;
     let sub = match resume {
@@ -394,6 +480,7 @@ fn start_history(
                 if let Err(error) = history.apply_many(&group) {
                     let offset = group.first().map(|(o, _)| *o);
                     tracing::error!(%error, ?offset, "delivery history could not store its batches; it resumes there after a restart");
+                    following.store(false, std::sync::atomic::Ordering::SeqCst);
                     return;
                 }
                 for (_, batch) in &group {
@@ -408,6 +495,7 @@ fn start_history(
                     Some(events::Error::ShuttingDown) => return,
                     Some(error) => {
                         tracing::error!(%error, "delivery history's subscription ended");
+                        following.store(false, std::sync::atomic::Ordering::SeqCst);
                         return;
                     }
                 }

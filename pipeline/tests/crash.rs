@@ -1,7 +1,10 @@
 //! `pipeline serve` killed with SIGKILL at random moments under load and restarted on the same
 //! data directory, while producers reconnect and re-send what was not answered. Afterwards:
 //! every acknowledged batch is in the log exactly once, the engine applied every event exactly
-//! once, and the log derives exactly the delivery events a run without crashes derives.
+//! once, and the log derives exactly the delivery events a run without crashes derives. The
+//! product around the engine rides the kills too: every delivery's stage in the Delivery
+//! service is its last stage in Delivery History, every drone is still registered and free
+//! again, and scheduling works at once; again after a clean restart.
 
 #![allow(clippy::unwrap_used)] // helpers in a test crate may panic: that fails the test
 
@@ -228,6 +231,25 @@ async fn one_run(run: u32) {
         assert_eq!(delivered[&(delivery, 0)].0, DeliveryStage::Created);
     }
     reader.close().await;
+    check_product(&web, &api, &delivery_of).await;
+    // The drones report again (their scripted events carry made-up times), and scheduling
+    // works at once: the registry came through the kills.
+    common::report_in_at(addr, &pem, &api, &drones, EVENTS_PER_DRONE + 1).await;
+    let order = serde_json::json!({
+        "owner": "crash-test", "pickup": {"lat": 47.6, "lon": -122.3}, "dropoff": dropoff,
+        "package": {"size": "small", "weight_kg": 1.0}
+    });
+    let resp = web.post(format!("{api}/v1/deliveries")).json(&order).send().await.unwrap();
+    assert_eq!(resp.status(), 201, "scheduling after the kills");
+    let extra = resp.json::<serde_json::Value>().await.unwrap()["delivery_id"].as_u64().unwrap();
+    // Cancelled again, which frees its drone: the clean restart below finds every drone free.
+    let resp = web.delete(format!("{api}/v1/deliveries/{extra}")).send().await.unwrap();
+    assert_eq!(resp.status(), 202);
+    Command::new("kill").args(["-TERM", &server.id().to_string()]).status().unwrap();
+    assert!(server.wait().unwrap().success());
+    // And after a clean restart the product reads the same.
+    let mut server = spawn(&dir, quic, http);
+    check_product(&web, &api, &delivery_of).await;
     Command::new("kill").args(["-TERM", &server.id().to_string()]).status().unwrap();
     assert!(server.wait().unwrap().success());
 
@@ -250,6 +272,35 @@ async fn one_run(run: u32) {
         assert_eq!((stages[0].0, stages[0].1), (0, DeliveryStage::Created));
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Every delivery is complete in the Delivery service, with the stage its history ends with,
+/// and its drone is registered and free (read models catch up within a few seconds).
+async fn check_product(web: &reqwest::Client, api: &str, delivery_of: &BTreeMap<u64, u64>) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for (&drone, &delivery) in delivery_of {
+        loop {
+            let record: serde_json::Value =
+                web.get(format!("{api}/v1/deliveries/{delivery}")).send().await.unwrap().json().await.unwrap();
+            let history: serde_json::Value =
+                web.get(format!("{api}/v1/deliveries/{delivery}/history")).send().await.unwrap().json().await.unwrap();
+            let last = history["events"].as_array().and_then(|e| e.last()).map(|e| e["stage"].clone());
+            let state: serde_json::Value =
+                web.get(format!("{api}/v1/drones/{drone}")).send().await.unwrap().json().await.unwrap();
+            let settled = record["stage"] == "delivery_complete"
+                && last.as_ref() == Some(&record["stage"])
+                && state["registered"] == true
+                && state["assigned_delivery"].is_null();
+            if settled {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "delivery {delivery}: record {record}, history ends {last:?}, drone {drone}: {state}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 }
 
 /// Reads the whole log: checks each (producer, batch) appears once and all are there, and
@@ -278,8 +329,8 @@ fn check_log(dir: &Path) -> Vec<DeliveryEvent> {
             RecordKind::Deliveries => panic!("delivery events in the telemetry log"),
         }
     }
-    // The producers' batches and the drones' report-in batch before them.
-    assert_eq!(seen.len() as u64, PRODUCERS * EVENTS_PER_DRONE + 1, "every acknowledged batch is in the log");
+    // The producers' batches and the drones' two report-in batches.
+    assert_eq!(seen.len() as u64, PRODUCERS * EVENTS_PER_DRONE + 2, "every acknowledged batch is in the log");
     assert_eq!(deriver.stats().duplicates, 0, "no event was logged twice");
     out
 }

@@ -551,3 +551,37 @@ async fn delivery_history_on_postgres_follows_the_delivery_through_the_same_api(
         .unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A failed commit of the services' store stops it: scheduling is refused (nothing half-made
+/// is answered as done), and readiness and `/metrics` name the stopped part.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_store_commit_stops_scheduling_and_shows_in_readiness() {
+    let (dir, cfg) = loopback_config("store-fails");
+    let node = Node::start(&cfg).await.unwrap();
+    let base = format!("http://{}", node.http_addr);
+    let http = services::tls::plain_client().unwrap();
+    common::report_in(node.quic_addr, &node.certificate_pem, &base, &[1, 2]).await;
+    http.post(format!("{base}/v1/drones")).json(&json!({"drones": [1, 2]})).send().await.unwrap();
+    http.put(format!("{base}/internal/v1/accounts/acme")).json(&json!({})).send().await.unwrap();
+    let order = json!({
+        "owner": "acme", "pickup": {"lat": 47.6, "lon": -122.3}, "dropoff": {"lat": 47.61, "lon": -122.31},
+        "package": {"size": "small", "weight_kg": 1.0}
+    });
+    let ready = http.get(format!("{base}/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 200);
+    assert_eq!(http.post(format!("{base}/v1/deliveries")).json(&order).send().await.unwrap().status(), 201);
+
+    node.services.fail_store_commits();
+    let refused = http.post(format!("{base}/v1/deliveries")).json(&order).send().await.unwrap();
+    assert_eq!(refused.status(), 503, "{}", refused.text().await.unwrap());
+    let again = http.post(format!("{base}/v1/deliveries")).json(&order).send().await.unwrap();
+    assert_eq!(again.status(), 503, "the store stays stopped");
+    let ready = http.get(format!("{base}/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 503);
+    let body: Value = ready.json().await.unwrap();
+    assert_eq!(body["stopped"][0]["part"], "services store", "{body}");
+    let metrics = http.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("fleetstream_stopped{part=\"services store\"} 1"), "{metrics}");
+    node.shutdown().await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}

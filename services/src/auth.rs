@@ -1,4 +1,4 @@
-//! API keys for HTTP clients. With keys configured, every route but `/healthz` and `/metrics`
+//! API keys for HTTP clients. With keys configured, every route but `/healthz`, `/readyz` and `/metrics`
 //! needs one, as `Authorization: Bearer <key>` or `x-api-key: <key>`: none is `401` (with
 //! `WWW-Authenticate: Bearer`), an unknown one `403`; both are logged and counted. With no keys
 //! configured the API is open (loopback development, the demo), and the node says so at start.
@@ -54,7 +54,7 @@ fn refuse(status: StatusCode, code: &str, message: &str) -> Response {
 
 /// The middleware.
 pub async fn require(State(keys): State<Arc<ApiKeys>>, req: Request, next: Next) -> Response {
-    if !keys.enforced() || matches!(req.uri().path(), "/healthz" | "/metrics") {
+    if !keys.enforced() || matches!(req.uri().path(), "/healthz" | "/readyz" | "/metrics") {
         return next.run(req).await;
     }
     check(&keys, req, next).await
@@ -65,7 +65,7 @@ pub async fn require(State(keys): State<Arc<ApiKeys>>, req: Request, next: Next)
 /// certificates, not API keys.
 pub async fn require_public(State(keys): State<Arc<ApiKeys>>, req: Request, next: Next) -> Response {
     let path = req.uri().path();
-    if !keys.enforced() || matches!(path, "/healthz" | "/metrics") || path.starts_with("/internal/") {
+    if !keys.enforced() || matches!(path, "/healthz" | "/readyz" | "/metrics") || path.starts_with("/internal/") {
         return next.run(req).await;
     }
     check(&keys, req, next).await

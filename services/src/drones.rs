@@ -451,6 +451,8 @@ pub struct Assignment {
 const ASSIGN_TRIES: usize = 8;
 /// Drones of unknown position looked up again per sweep.
 const SWEEP_MAX: usize = 4_096;
+/// Unplaced drones an assignment looks up itself when no listed drone fits.
+const UNPLACED_PER_ASSIGN: usize = 64;
 
 impl<F: FleetControl> DroneManagement<F> {
     /// The service, reading drones' live state from `fleet`, keeping nothing across restarts.
@@ -542,13 +544,31 @@ impl<F: FleetControl> DroneManagement<F> {
     /// against the engine's live state first (position, battery, last heard), and passed over
     /// for the next one when it no longer qualifies.
     pub async fn assign(&self, delivery: DeliveryId, pickup: GeoPoint) -> Result<DroneId, Error> {
+        let mut looked_unplaced = false;
         for _ in 0..ASSIGN_TRIES {
-            let candidate = {
-                let reg = self.registry.lock();
+            let found = {
+                let mut reg = self.registry.lock();
                 if let Some(drone) = reg.assigned(delivery) {
                     return Ok(drone);
                 }
-                reg.candidate(pickup, &self.cfg).map_err(|_| Error::NoDroneAvailable)?
+                match reg.candidate(pickup, &self.cfg) {
+                    Ok(drone) => Ok(drone),
+                    Err(NoDrone::AllBusy) => return Err(Error::NoDroneAvailable),
+                    // None listed fits: look at a turn of the unplaced ones now rather than wait
+                    // for the sweep (after a restart every drone starts unplaced).
+                    Err(NoDrone::NoneSuitable) if !looked_unplaced => Err(reg.unplaced(UNPLACED_PER_ASSIGN)),
+                    Err(NoDrone::NoneSuitable) => return Err(Error::NoDroneAvailable),
+                }
+            };
+            let candidate = match found {
+                Ok(drone) => drone,
+                Err(turn) if turn.is_empty() => return Err(Error::NoDroneAvailable),
+                Err(turn) => {
+                    looked_unplaced = true;
+                    use futures_util::StreamExt;
+                    futures_util::stream::iter(&turn).for_each_concurrent(64, |&id| self.refresh(id, None)).await;
+                    continue;
+                }
             };
             self.refresh(candidate, None).await;
             let stored = {

@@ -159,6 +159,12 @@ impl<F: FleetControl + WorkQueues + Clone> Services<F> {
         self.store.namespace("positions").get::<u64>(DELIVERY_EVENTS_POSITION)
     }
 
+    /// Fault injection: every later commit of the services' store fails, as on a broken disk.
+    #[doc(hidden)]
+    pub fn fail_store_commits(&self) {
+        self.store.fail_commits();
+    }
+
     /// Why the services' store stopped taking writes, if it did (a failed commit).
     pub fn store_failure(&self) -> Option<String> {
         self.store.failure()

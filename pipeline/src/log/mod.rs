@@ -165,6 +165,8 @@ pub struct Log {
     closed: Vec<Segment>,
     active: Segment,
     total_bytes: u64,
+    /// Fault injection: every sync fails from the moment it is set.
+    fail_syncs: bool,
 }
 
 impl Log {
@@ -215,7 +217,7 @@ impl Log {
             None => Segment::create(&segment_path(dir, 0), 0)?,
         };
         let total_bytes = closed.iter().map(|s| s.size).sum::<u64>() + active.size;
-        Ok((Self { dir: dir.to_path_buf(), cfg, closed, active, total_bytes }, recovery))
+        Ok((Self { dir: dir.to_path_buf(), cfg, closed, active, total_bytes, fail_syncs: false }, recovery))
     }
 
     /// Appends one record (not yet durable: see [`Log::sync`]) and returns its offset.
@@ -234,7 +236,20 @@ impl Log {
 
     /// Forces everything appended so far to disk.
     pub fn sync(&mut self) -> Result<(), Error> {
+        if self.fail_syncs {
+            return Err(Error::Io {
+                context: format!("syncing {}", self.dir.display()),
+                source: std::io::Error::other("injected failure"),
+            });
+        }
         self.active.sync()
+    }
+
+    /// Fault injection: from now on every [`Log::sync`] fails as a broken disk's would, so the
+    /// failure paths of the log's writers can be exercised.
+    #[doc(hidden)]
+    pub fn fail_syncs(&mut self) {
+        self.fail_syncs = true;
     }
 
     /// Offset the next append gets.

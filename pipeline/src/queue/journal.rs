@@ -38,6 +38,9 @@ pub struct Journal {
     base_bytes: u64,
     seq: u64,
     buf: Vec<u8>,
+    /// Set by a failed write or sync: the file may hold a partial record or unsynced ones the
+    /// kernel has dropped, so nothing more is written to it until a restart replays it.
+    failed: Option<String>,
 }
 
 impl Journal {
@@ -61,7 +64,15 @@ impl Journal {
             file.sync_all().map_err(io(format!("syncing {}", path.display())))?;
         }
         let bytes = valid as u64;
-        Ok(Self { path: path.to_path_buf(), file: Arc::new(file), bytes, base_bytes: bytes, seq: 0, buf: Vec::new() })
+        Ok(Self {
+            path: path.to_path_buf(),
+            file: Arc::new(file),
+            bytes,
+            base_bytes: bytes,
+            seq: 0,
+            buf: Vec::new(),
+            failed: None,
+        })
     }
 
     /// Journals a message in full (enqueue, or a snapshot line).
@@ -138,15 +149,37 @@ impl Journal {
         Ok(())
     }
 
+    /// Why the journal stopped taking writes, if it did.
+    pub fn failure(&self) -> Option<&str> {
+        self.failed.as_deref()
+    }
+
+    /// Swaps the file for a read-only handle, so the next write fails (fault injection).
+    #[cfg(test)]
+    pub fn break_file_for_tests(&mut self, path: &Path) {
+        if let Ok(file) = File::open(path) {
+            self.file = Arc::new(file);
+        }
+    }
+
+    /// Stops the journal: every later write is refused with `reason`.
+    pub fn fail(&mut self, reason: String) {
+        self.failed.get_or_insert(reason);
+    }
+
     fn write(&mut self) -> Result<u64, Error> {
+        if let Some(reason) = &self.failed {
+            return Err(Error::Task(format!("the journal {} stopped after an error: {reason}", self.path.display())));
+        }
         let mut rec = Vec::with_capacity(8 + self.buf.len());
         frame(&mut rec, &self.buf);
-        match (&*self.file).write_all(&rec) {
-            Ok(()) => {}
-            Err(e) if e.kind() == ErrorKind::StorageFull => {
+        if let Err(e) = (&*self.file).write_all(&rec) {
+            // A partial record may be on disk: appending after it would bury it mid-file.
+            self.fail(e.to_string());
+            if e.kind() == ErrorKind::StorageFull {
                 return Err(Error::Full(format!("the disk is full ({})", self.path.display())));
             }
-            Err(e) => return Err(io(format!("appending to {}", self.path.display()))(e)),
+            return Err(io(format!("appending to {}", self.path.display()))(e));
         }
         self.bytes += rec.len() as u64;
         self.seq += 1;

@@ -220,9 +220,22 @@ impl Queue {
                 None => return Ok(()),
             }
         };
-        file.sync_data().map_err(|e| Error::Storage(format!("syncing the {} journal: {e}", self.name.name())))?;
+        if let Err(e) = file.sync_data() {
+            let reason = format!("syncing the {} journal: {e}", self.name.name());
+            tracing::error!(queue = self.name.name(), %reason, "queue journal sync failed: the queue acknowledges nothing more until a restart");
+            if let Some(j) = self.inner.lock().journal.as_mut() {
+                j.fail(reason.clone());
+            }
+            return Err(Error::Storage(reason));
+        }
         self.synced.fetch_max(target, Ordering::AcqRel);
         Ok(())
+    }
+
+    /// Why the queue's journal stopped taking writes, if it did (a failed write or sync): the
+    /// queue then refuses enqueues, leases and settles until a restart.
+    pub fn failure(&self) -> Option<String> {
+        self.inner.lock().journal.as_ref().and_then(|j| j.failure().map(str::to_string))
     }
 
     /// Attaches consumer `consumer` for `keys`. On a queue with `exclusive_keys`, a consumer
@@ -283,6 +296,9 @@ impl Queue {
         }
         let mut inner = self.inner.lock();
         let Inner { state, journal } = &mut *inner;
+        if let Some(reason) = journal.as_ref().and_then(|j| j.failure()) {
+            return Err(Error::Storage(format!("the {} queue stopped: {reason}", self.name.name())));
+        }
         let got = state.lease(consumer, keys, max, events::now_us());
         if let Some(j) = journal {
             for m in &got {
@@ -530,6 +546,14 @@ impl Queues {
         }
     }
 
+    /// The queues whose journal stopped taking writes, and why.
+    pub fn failures(&self) -> Vec<(QueueName, String)> {
+        [QueueName::DroneCommands, QueueName::Notifications]
+            .into_iter()
+            .filter_map(|name| self.get(name).failure().map(|reason| (name, reason)))
+            .collect()
+    }
+
     /// Stops the timer thread.
     pub fn stop(&self) {
         self.stop.store(true, Ordering::Release);
@@ -629,5 +653,30 @@ mod tests {
         assert!(woke(&low).await, "a consumer can be woken by id");
         drop(high);
         assert_eq!(waiters.list.lock().len(), 2, "a finished wait deregisters");
+    }
+
+    #[tokio::test]
+    async fn a_failed_journal_write_stops_the_queue_until_a_restart() {
+        let dir = std::env::temp_dir().join(format!("fleetstream-queue-fail-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("q.journal");
+        let queue = Arc::new(Queue::open(QueueName::Notifications, QueueConfig::default(), Some(&path)).unwrap());
+        assert!(queue.enqueue(1, b"before".to_vec()).await.is_ok());
+        // The journal's file turns unwritable, as a broken disk would.
+        if let Some(j) = queue.inner.lock().journal.as_mut() {
+            j.break_file_for_tests(&path);
+        }
+        assert!(queue.enqueue(2, b"lost".to_vec()).await.is_err(), "a write that failed is refused");
+        assert!(queue.failure().is_some());
+        // Nothing is acknowledged afterwards, not even what the disk might take again.
+        assert!(queue.enqueue(3, b"after".to_vec()).await.is_err());
+        queue.attach(9, KeyRange::ALL);
+        assert!(queue.lease_now(9, KeyRange::ALL, 10).is_err(), "no lease from a stopped queue");
+        drop(queue);
+        // A restart replays what was acknowledged.
+        let again = Queue::open(QueueName::Notifications, QueueConfig::default(), Some(&path)).unwrap();
+        assert_eq!(again.counts(), (1, 0, 0));
+        assert!(again.failure().is_none());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -61,6 +61,12 @@ pub fn drone_event(drone: u64, seq: u64, delivery: u64, dropoff: GeoPoint) -> Dr
 /// until the node at `api` shows each one's live state. Drone Management assigns only drones
 /// it has heard from recently, so tests that schedule deliveries start with this.
 pub async fn report_in(quic: std::net::SocketAddr, pem: &str, api: &str, drones: &[u64]) {
+    report_in_at(quic, pem, api, drones, 0).await;
+}
+
+/// [`report_in`] with event sequence number `seq` (above what the drones sent so far, for a
+/// drone that already flew).
+pub async fn report_in_at(quic: std::net::SocketAddr, pem: &str, api: &str, drones: &[u64], seq: u64) {
     use events::wire::Buffer;
     use events::{BatchMeta, TelemetryBatch};
     let client = ingest::IngestClient::connect(quic, &ingest::ClientConfig::new(ingest::Trust::Pem(pem.to_string())))
@@ -71,7 +77,7 @@ pub async fn report_in(quic: std::net::SocketAddr, pem: &str, api: &str, drones:
         .iter()
         .map(|&drone_id| DroneEvent {
             drone_id,
-            seq: 0,
+            seq,
             ts_us: events::now_us(),
             position: GeoPoint::new(47.6, -122.3),
             speed_mps: 0.0,
@@ -94,7 +100,7 @@ pub async fn report_in(quic: std::net::SocketAddr, pem: &str, api: &str, drones:
         loop {
             let state: serde_json::Value =
                 web.get(format!("{api}/v1/drones/{drone}")).send().await.unwrap().json().await.unwrap_or_default();
-            if !state["updated_us"].is_null() && state["updated_us"].is_u64() {
+            if state["last_seq"].as_u64().is_some_and(|s| s >= seq) && state["updated_us"].is_u64() {
                 break;
             }
             assert!(std::time::Instant::now() < deadline, "drone {drone} never showed its report-in: {state}");
