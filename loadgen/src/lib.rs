@@ -516,7 +516,7 @@ struct Counters {
 
 const CENTER: GeoPoint = GeoPoint::new(47.6062, -122.3321);
 
-fn near_center(rng: &mut impl Rng, spread_deg: f64) -> GeoPoint {
+pub(crate) fn near_center(rng: &mut impl Rng, spread_deg: f64) -> GeoPoint {
     GeoPoint::new(
         CENTER.lat + rng.random_range(-spread_deg..spread_deg),
         CENTER.lon + rng.random_range(-spread_deg..spread_deg),

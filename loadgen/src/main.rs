@@ -138,8 +138,11 @@ async fn main() -> anyhow::Result<()> {
         tls_dir: args.tls_dir.clone(),
     };
     if let Some(concurrency) = args.schedule_bench {
+        let client = ingest::ClientConfig::new(trust.clone());
         let report = loadgen::schedule::bench(
             &args.api,
+            args.server,
+            &client,
             args.drones,
             args.drone_id_base,
             Duration::from_secs_f64(args.duration),

@@ -1,14 +1,21 @@
-//! The scheduling benchmark (`loadgen --schedule-bench`): customers only, no telemetry. It
-//! registers enough drones for every delivery it will schedule (a drone stays busy until its
+//! The scheduling benchmark (`loadgen --schedule-bench`): customers only, no flights. Its
+//! drones report in once (one position event each over QUIC: Drone Management assigns only
+//! drones it has heard from recently), spread over a 2° square around the fleet's centre; it
+//! registers enough of them for every delivery it will schedule (a drone stays busy until its
 //! delivery completes, and nothing flies here), then keeps `concurrency` `POST /v1/deliveries`
-//! requests in flight for `duration` and reports deliveries per second and the latency of each
-//! request (closed loop: a request starts when the previous one of its lane ends).
+//! requests in flight for `duration`, with pickups spread over the same square, and reports
+//! deliveries per second and the latency of each request (closed loop: a request starts when
+//! the previous one of its lane ends).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use events::wire::Buffer;
+use events::{BatchMeta, DroneEvent, DroneEventKind, FlightStatus, GeoPoint, TelemetryBatch};
+use ingest::{ClientConfig, IngestClient};
+use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
 use crate::Percentiles;
@@ -45,9 +52,69 @@ impl std::fmt::Display for ScheduleReport {
     }
 }
 
-/// Runs the benchmark against the API at `api`, with drones `drone_id_base..+drones`.
+/// Half the side of the square the drones and pickups are spread over, degrees.
+const SPREAD_DEG: f64 = 1.0;
+
+/// Where the benchmark's drones are, and where one order picks up: the same square.
+fn spot(rng: &mut impl Rng) -> GeoPoint {
+    crate::near_center(rng, SPREAD_DEG)
+}
+
+/// Each drone sends one position event (fully charged, idle, created now), in batches over one
+/// QUIC connection to the ingest at `server`; returns once every batch is acknowledged.
+async fn report_in(server: std::net::SocketAddr, client: &ClientConfig, ids: &[u64]) -> anyhow::Result<()> {
+    let conn = IngestClient::connect(server, client)
+        .await
+        .with_context(|| format!("connecting to the ingest at {server} for the drones to report in"))?;
+    let (mut lane, mut answers) = conn.open_lane().await.context("opening a lane")?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0xD207E5);
+    let producer_id = crate::now_us();
+    let chunks: Vec<&[u64]> = ids.chunks(1_000).collect();
+    let sending = async {
+        for (seq, chunk) in chunks.iter().enumerate() {
+            let events: Vec<DroneEvent> = chunk
+                .iter()
+                .map(|&drone_id| DroneEvent {
+                    drone_id,
+                    seq: crate::now_us(),
+                    ts_us: crate::now_us(),
+                    position: spot(&mut rng),
+                    speed_mps: 0.0,
+                    heading_deg: 0.0,
+                    battery_pct: 100.0,
+                    status: FlightStatus::Idle,
+                    kind: DroneEventKind::Position,
+                })
+                .collect();
+            let meta = BatchMeta { producer_id, batch_seq: seq as u64, ..BatchMeta::default() };
+            let batch = TelemetryBatch::encode(meta, &events, Buffer::new())?;
+            lane.send(batch.as_bytes()).await?;
+        }
+        anyhow::Ok(())
+    };
+    let answering = async {
+        for _ in 0..chunks.len() {
+            let answer = answers.recv().await.context("the ingest closed the lane")?;
+            if let Err(e) = answer.result {
+                bail!("the drones' report-in batch was refused: {e}");
+            }
+        }
+        anyhow::Ok(())
+    };
+    let (sent, answered) = tokio::join!(sending, answering);
+    sent?;
+    answered?;
+    conn.close().await;
+    Ok(())
+}
+
+/// Runs the benchmark against the API at `api` and the ingest at `server`, with drones
+/// `drone_id_base..+drones`.
+#[allow(clippy::too_many_arguments)] // one per command-line option it takes
 pub async fn bench(
     api: &str,
+    server: std::net::SocketAddr,
+    client: &ClientConfig,
     drones: usize,
     drone_id_base: u64,
     duration: Duration,
@@ -57,6 +124,7 @@ pub async fn bench(
 ) -> anyhow::Result<ScheduleReport> {
     let http = crate::http_client(concurrency, api_key, split.tls_dir.as_deref())?;
     let ids: Vec<u64> = (0..drones as u64).map(|i| drone_id_base + i).collect();
+    report_in(server, client, &ids).await?;
     let drones_api = split.drones(api);
     for chunk in ids.chunks(5_000) {
         let resp = http
@@ -80,12 +148,14 @@ pub async fn bench(
         lanes.push(tokio::spawn(async move {
             let mut h = histogram();
             let mut n = 0u64;
+            let mut rng = rand::rngs::StdRng::seed_from_u64(lane as u64);
             while start.elapsed() < duration {
                 n += 1;
+                let pickup = spot(&mut rng);
                 let body = serde_json::json!({
                     "owner": format!("customer-{}", (lane as u64 * 7919 + n) % crate::CUSTOMERS),
-                    "pickup": { "lat": 47.6, "lon": -122.3 },
-                    "dropoff": { "lat": 47.61, "lon": -122.31 },
+                    "pickup": pickup,
+                    "dropoff": { "lat": pickup.lat + 0.01, "lon": pickup.lon - 0.01 },
                     "package": { "size": "small", "weight_kg": 1.0 },
                 });
                 let sent = Instant::now();

@@ -522,6 +522,35 @@ impl Cluster {
         }
     }
 
+    /// Reserves `n` delivery ids in the counter every node shares (the `delivery-ids` entry of
+    /// the checkpoints bucket, updated by compare-and-swap); returns the first.
+    pub async fn reserve_ids(&self, n: u64) -> Result<u64, crate::Error> {
+        const KEY: &str = "delivery-ids";
+        for _ in 0..100 {
+            let entry = self.checkpoints.entry(KEY).await.map_err(js_error)?;
+            let entry = entry.filter(|e| e.operation == kv::Operation::Put);
+            let (first, revision) = match &entry {
+                Some(e) => {
+                    let bytes: [u8; 8] = e.value.as_ref().try_into().map_err(|_| {
+                        crate::Error::JetStream(format!("the {KEY} entry is not a counter ({} bytes)", e.value.len()))
+                    })?;
+                    (u64::from_le_bytes(bytes), Some(e.revision))
+                }
+                None => (services::ids::counter_start(), None),
+            };
+            let next = Bytes::copy_from_slice(&(first + n).to_le_bytes());
+            let written = match revision {
+                Some(revision) => self.checkpoints.update(KEY, next, revision).await.map(|_| ()).map_err(js_error),
+                None => self.checkpoints.create(KEY, next).await.map(|_| ()).map_err(js_error),
+            };
+            if written.is_ok() {
+                return Ok(first);
+            }
+            // Another node reserved in between: read again.
+        }
+        Err(crate::Error::JetStream("could not reserve delivery ids: the counter kept changing".into()))
+    }
+
     /// A shard's checkpoint (if any, and made with this shard count), remembering its revision
     /// for the next write.
     async fn read_checkpoint(&self, shard: usize) -> Result<Option<Checkpoint>, crate::Error> {
@@ -1097,5 +1126,23 @@ mod tests {
             other => panic!("unexpected {other:?}"),
         }
         assert!(matches!(decode_reply(b"garbage"), Err(Error::Storage(_))));
+    }
+}
+
+/// Delivery ids from the counter the nodes share in JetStream (see [`services::ids`]).
+#[derive(Debug)]
+pub struct ClusterIdBlocks(pub Arc<Cluster>);
+
+impl services::ids::IdBlocks for ClusterIdBlocks {
+    fn reserve(
+        &self,
+        n: u64,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<u64, services::Error>> + Send + '_>> {
+        Box::pin(async move {
+            self.0
+                .reserve_ids(n)
+                .await
+                .map_err(|e| services::Error::Dependency { service: "delivery-ids", reason: e.to_string() })
+        })
     }
 }

@@ -106,10 +106,25 @@ impl Node {
         };
         let services_dir = cfg.data_dir.join("services");
         let services = Arc::new(
-            Services::open(engine.clone(), &services_dir, cfg.services, Some(history.clone()))
-                .await
-                .map_err(|e| Error::Task(format!("opening the services' stores in {}: {e}", services_dir.display())))?,
+            Services::open(
+                engine.clone(),
+                &services_dir,
+                cfg.services,
+                Some(history.clone()),
+                engine
+                    .cluster()
+                    .map(|c| Arc::new(crate::cluster::ClusterIdBlocks(c.clone())) as Arc<dyn services::ids::IdBlocks>),
+            )
+            .await
+            .map_err(|e| Error::Task(format!("opening the services' stores in {}: {e}", services_dir.display())))?,
         );
+
+        // Owner notes reach Delivery History with its next batch, so a crash can lose the last
+        // few: the notes of the newest deliveries are written again (idempotently).
+        for (id, owner, created_us) in services.deliveries.recent_owners(OWNER_NOTES_REPLAYED_US) {
+            history.note_delivery(id, &owner, created_us).map_err(|e| Error::Task(format!("delivery history: {e}")))?;
+        }
+        history.flush().map_err(|e| Error::Task(format!("delivery history: {e}")))?;
 
         // The services follow delivery events through the log, never through a blocking live
         // subscription: applying a batch asks the shards for drone state, and a shard that is
@@ -426,6 +441,10 @@ impl Health {
         }
     }
 }
+
+/// How far back from the newest delivery a starting node writes owner notes again: notes wait
+/// milliseconds for Delivery History's next batch, so ten minutes covers any crash.
+const OWNER_NOTES_REPLAYED_US: u64 = 600_000_000;
 
 /// Delivery-event batches the services apply in one round at most: as many as a log follower
 /// reads ahead, so a follower that fell behind is caught up in one store commit.

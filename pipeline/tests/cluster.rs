@@ -192,29 +192,50 @@ async fn one_run(url: &str, nats: &async_nats::Client, failure: Failure) {
     wait_for_owned(&web, &a.api, 2).await;
     wait_for_owned(&web, &b.api, 2).await;
 
-    // Deliveries scheduled on A; their Create commands are answered by whichever node owns
-    // each drone's shard.
+    // Deliveries scheduled through both nodes at once (each registers half the fleet: the
+    // registry is per node); their Create commands are answered by whichever node owns each
+    // drone's shard. Delivery ids come from the counter the nodes share, so none collide.
     let drones: Vec<u64> = (1..=PRODUCERS * DRONES_PER_PRODUCER).collect();
     common::report_in(a.quic, &a.pem, &a.api, &drones).await;
-    let registered = web.post(format!("{}/v1/drones", a.api)).json(&serde_json::json!({ "drones": drones })).send();
-    assert!(registered.await.unwrap().status().is_success());
-    let account = web.put(format!("{}/internal/v1/accounts/cluster-test", a.api)).json(&serde_json::json!({}));
-    assert!(account.send().await.unwrap().status().is_success());
+    let halves: [(&Node, Vec<u64>); 2] = [
+        (&a, drones.iter().copied().filter(|d| d % 2 == 1).collect()),
+        (&b, drones.iter().copied().filter(|d| d % 2 == 0).collect()),
+    ];
+    for (node, half) in &halves {
+        let registered =
+            web.post(format!("{}/v1/drones", node.api)).json(&serde_json::json!({ "drones": half })).send();
+        assert!(registered.await.unwrap().status().is_success());
+        let account = web.put(format!("{}/internal/v1/accounts/cluster-test", node.api)).json(&serde_json::json!({}));
+        assert!(account.send().await.unwrap().status().is_success());
+    }
+    let schedule_all = |node: &Node, n: usize| {
+        let (web, api) = (web.clone(), node.api.clone());
+        async move {
+            let mut got = Vec::new();
+            for _ in 0..n {
+                let response = web
+                    .post(format!("{api}/v1/deliveries"))
+                    .json(&serde_json::json!({
+                        "owner": "cluster-test", "pickup": {"lat": 47.6, "lon": -122.3}, "dropoff": {"lat": 47.62, "lon": -122.35},
+                        "package": {"size": "small", "weight_kg": 1.0}
+                    }))
+                    .send()
+                    .await
+                    .unwrap();
+                let status = response.status();
+                let body: serde_json::Value = response.json().await.unwrap();
+                assert!(status.is_success(), "scheduling on {api}: {status} {body}");
+                got.push((body["drone_id"].as_u64().unwrap(), body["delivery_id"].as_u64().unwrap()));
+            }
+            got
+        }
+    };
+    let (on_a, on_b) = tokio::join!(schedule_all(&a, halves[0].1.len()), schedule_all(&b, halves[1].1.len()));
     let mut delivery_of = BTreeMap::new();
-    for _ in &drones {
-        let response = web
-            .post(format!("{}/v1/deliveries", a.api))
-            .json(&serde_json::json!({
-                "owner": "cluster-test", "pickup": {"lat": 47.6, "lon": -122.3}, "dropoff": {"lat": 47.62, "lon": -122.35},
-                "package": {"size": "small", "weight_kg": 1.0}
-            }))
-            .send()
-            .await
-            .unwrap();
-        let status = response.status();
-        let body: serde_json::Value = response.json().await.unwrap();
-        assert!(status.is_success(), "scheduling: {status} {body}");
-        delivery_of.insert(body["drone_id"].as_u64().unwrap(), body["delivery_id"].as_u64().unwrap());
+    let mut ids = BTreeSet::new();
+    for (drone, delivery) in on_a.into_iter().chain(on_b) {
+        assert!(ids.insert(delivery), "delivery id {delivery} minted twice");
+        delivery_of.insert(drone, delivery);
     }
     assert_eq!(delivery_of.len(), drones.len());
     let delivery_of = Arc::new(delivery_of);

@@ -150,6 +150,9 @@ async fn a_killed_node_comes_back_with_everything_a_customer_and_an_operator_saw
     assert_eq!(note["to"], "+15550001111");
     assert!(note["text"].as_str().unwrap().contains("was cancelled"), "{note}");
     assert!(note["id"].as_str().unwrap().starts_with(&format!("{delivery}-")), "{note}");
+    // Delivery History lists it under its owner.
+    let owned = get(&web, format!("{api}/v1/history?owner=acme")).await;
+    assert_eq!(owned["deliveries"][0]["delivery_id"], delivery, "{owned}");
     // The idempotency key answers its first result.
     let again = schedule().send().await.unwrap();
     assert_eq!(again.status(), 201);

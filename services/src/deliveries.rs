@@ -141,6 +141,20 @@ impl<F: FleetControl + WorkQueues> DeliveryService<F> {
         self.store.records.failure()
     }
 
+    /// Who ordered the deliveries scheduled within `window_us` before the newest one: Delivery
+    /// History's owner notes of these may have been lost with a crash (they are stored with its
+    /// next batch), so a starting node writes them again (they are idempotent).
+    pub fn recent_owners(&self, window_us: u64) -> Vec<(DeliveryId, String, u64)> {
+        let records = self.records.read();
+        let newest = records.values().map(|r| r.created_us).max().unwrap_or(0);
+        let since = newest.saturating_sub(window_us);
+        records
+            .values()
+            .filter(|r| r.created_us >= since)
+            .map(|r| (r.delivery_id, r.owner.clone(), r.created_us))
+            .collect()
+    }
+
     /// How many records the service holds.
     pub fn record_count(&self) -> usize {
         self.records.read().len()

@@ -22,6 +22,7 @@ pub mod error;
 pub mod history;
 mod history_pg;
 mod idempotency;
+pub mod ids;
 pub mod notify;
 pub mod packages;
 pub mod scheduler;

@@ -81,7 +81,7 @@ pub struct Scheduled {
 pub struct Scheduler<F> {
     fleet: F,
     deps: Deps,
-    next_id: AtomicU64,
+    ids: crate::ids::Allocator,
     pub(crate) keys: crate::idempotency::Keys,
     history: Option<Arc<crate::history::History>>,
     /// Deliveries scheduled.
@@ -115,20 +115,26 @@ struct Done {
 }
 
 impl<F: FleetControl + WorkQueues> Scheduler<F> {
-    /// A scheduler driving `fleet` (engine commands, missions) through `deps`. Delivery ids
-    /// start at the current time in microseconds, so they stay unique across restarts without a
-    /// stored counter.
+    /// A scheduler driving `fleet` (engine commands, missions) through `deps`, taking delivery
+    /// ids from an in-memory counter started from the clock ([`Scheduler::with_ids`] for a
+    /// durable, shared one).
     pub fn new(fleet: F, deps: Deps) -> Self {
         Self {
             fleet,
             deps,
-            next_id: AtomicU64::new(events::now_us()),
+            ids: crate::ids::Allocator::new(crate::ids::ClockIdBlocks::new()),
             keys: crate::idempotency::Keys::default(),
             history: None,
             scheduled: AtomicU64::new(0),
             refused: AtomicU64::new(0),
             compensation_failures: AtomicU64::new(0),
         }
+    }
+
+    /// Takes delivery ids from `blocks` (see [`crate::ids`]): unique across restarts and nodes.
+    pub fn with_ids(mut self, blocks: std::sync::Arc<dyn crate::ids::IdBlocks>) -> Self {
+        self.ids = crate::ids::Allocator::new(blocks);
+        self
     }
 
     /// Remembers `Idempotency-Key`s in `keys` (for example kept in a store) instead of memory.
@@ -152,7 +158,7 @@ impl<F: FleetControl + WorkQueues> Scheduler<F> {
     pub async fn schedule(&self, req: CreateDelivery, trace: TraceContext) -> Result<DeliveryRecord, Error> {
         validate(&req)?;
         self.check_account(&req.owner, &trace).await?;
-        let delivery_id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let delivery_id = self.ids.next().await?;
         let mut done = Done::default();
         match self.schedule_steps(delivery_id, req, trace, &mut done).await {
             Ok(record) => {

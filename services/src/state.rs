@@ -106,7 +106,7 @@ pub struct Services<F> {
 impl<F: FleetControl + WorkQueues + Clone> Services<F> {
     /// The services with their stores in memory (tests, throwaway runs).
     pub async fn new(fleet: F) -> Result<Self, Error> {
-        Self::with_store(fleet, Store::in_memory()?, ServicesConfig::default(), None).await
+        Self::with_store(fleet, Store::in_memory()?, ServicesConfig::default(), None, None).await
     }
 
     /// The services with their state in `dir/services.redb`: one file with a namespace per
@@ -115,14 +115,17 @@ impl<F: FleetControl + WorkQueues + Clone> Services<F> {
     /// commits and a read model's changes commit with its position. In split mode each service
     /// has a file of its own. `history`, when given, is told who ordered each delivery (for
     /// its owner queries).
+    /// Delivery ids come from `ids` when given (a counter the nodes share), else from a counter
+    /// in this file.
     pub async fn open(
         fleet: F,
         dir: &Path,
         cfg: ServicesConfig,
         history: Option<Arc<crate::history::History>>,
+        ids: Option<Arc<dyn crate::ids::IdBlocks>>,
     ) -> Result<Self, Error> {
         let file = Store::open(&dir.join("services.redb"))?;
-        Self::with_store(fleet, file, cfg, history).await
+        Self::with_store(fleet, file, cfg, history, ids).await
     }
 
     async fn with_store(
@@ -130,6 +133,7 @@ impl<F: FleetControl + WorkQueues + Clone> Services<F> {
         file: Store,
         cfg: ServicesConfig,
         history: Option<Arc<crate::history::History>>,
+        ids: Option<Arc<dyn crate::ids::IdBlocks>>,
     ) -> Result<Self, Error> {
         let policy = cfg.calls;
         let accounts = Accounts::new(file.namespace("accounts"));
@@ -145,7 +149,8 @@ impl<F: FleetControl + WorkQueues + Clone> Services<F> {
             drones: Dependency::local("drone-management", drones.router(), policy),
             history: None,
         };
-        let scheduler = Scheduler::new(fleet, deps).with_keys(keys);
+        let ids = ids.unwrap_or_else(|| crate::ids::StoreIdBlocks::new(file.namespace("delivery-ids")));
+        let scheduler = Scheduler::new(fleet, deps).with_keys(keys).with_ids(ids);
         let scheduler = Arc::new(match history {
             Some(h) => scheduler.with_history(h),
             None => scheduler,
