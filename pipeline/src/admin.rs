@@ -290,6 +290,8 @@ async fn stream_events(
     };
     let cursor = q.cursor.clone();
     let mut handed: Option<u64> = None;
+    // The stream ends when the node drains, so the HTTP server is not held open by it.
+    let batches = batches.take_until(engine.drained());
     let events = batches.map(move |item| {
         // The previous batch has been handed to the connection: commit past it.
         if let (Some(name), Some(next)) = (&cursor, handed)

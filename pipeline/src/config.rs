@@ -16,6 +16,7 @@
 //! listen = "127.0.0.1:8080"
 //! api_keys = []                # none: open; otherwise required on all but /healthz, /metrics
 //! # tls = { cert = "ca/scheduler.pem", key = "ca/scheduler-key.pem" }   # HTTPS instead of HTTP
+//! drain_timeout_ms = 5000      # on shutdown, then lingering connections are dropped
 //! [http.throttle]              # per client (x-api-key, else IP) on /v1/deliveries
 //! rate_per_s = 20000
 //! burst = 40000
@@ -159,6 +160,11 @@ pub struct HttpConfig {
     /// Serve HTTPS with this certificate and key (PEM) instead of plain HTTP. Default none:
     /// plain HTTP, for a loopback listener; set it before exposing the API.
     pub tls: Option<HttpTls>,
+    /// On shutdown, how long requests in flight may take to finish, ms; connections still
+    /// open then (a client that never finishes sending, a lingering keep-alive) are dropped,
+    /// so the engine can drain. Default 5,000: a scheduling saga takes milliseconds, and SSE
+    /// streams end as soon as the drain starts.
+    pub drain_timeout_ms: u64,
 }
 
 /// The public listener's certificate.
@@ -178,6 +184,7 @@ impl Default for HttpConfig {
             throttle: services::throttle::ThrottleConfig::default(),
             api_keys: Vec::new(),
             tls: None,
+            drain_timeout_ms: 5_000,
         }
     }
 }

@@ -279,6 +279,9 @@ struct Inner {
     deliveries: Arc<Topic<DeliveryEvent>>,
     metrics: Arc<EngineMetrics>,
     stopping: AtomicBool,
+    /// Set when the node starts draining: long-lived readers outside the engine (SSE streams)
+    /// end, so the HTTP server can finish.
+    draining: tokio::sync::watch::Sender<bool>,
     queues: Arc<Queues>,
     /// Queues kept on JetStream instead of the local journal (`[jetstream] queues`).
     external_queues: parking_lot::RwLock<Vec<(QueueName, Arc<crate::jetstream::JsWorkQueue>)>>,
@@ -498,6 +501,7 @@ impl Engine {
             deliveries,
             metrics,
             stopping: AtomicBool::new(false),
+            draining: tokio::sync::watch::Sender::new(false),
             log,
             tail,
             out_log,
@@ -554,6 +558,19 @@ impl Engine {
         match log {
             Some(log) => (log.lock().first_offset(), *tail.end.lock()),
             None => (0, 0),
+        }
+    }
+
+    /// Tells long-lived readers outside the engine (SSE streams) to end: the node is draining.
+    pub fn begin_drain(&self) {
+        self.inner.draining.send_replace(true);
+    }
+
+    /// Resolves once the node starts draining.
+    pub fn drained(&self) -> impl std::future::Future<Output = ()> + Send + 'static + use<> {
+        let mut rx = self.inner.draining.subscribe();
+        async move {
+            let _ = rx.wait_for(|d| *d).await;
         }
     }
 

@@ -263,7 +263,8 @@ async fn serve(mut cfg: Config, role: pipeline::roles::Role) -> anyhow::Result<(
                 engine_api.as_ref().map(|a| format!(", engine API https://{}", a.addr)).unwrap_or_default()
             );
             shutdown_signal().await;
-            eprintln!("draining…");
+            eprintln!("draining… (a second signal exits at once)");
+            exit_on_second_signal();
             if let Some(api) = engine_api {
                 api.shutdown().await.context("stopping the engine API")?;
             }
@@ -274,7 +275,8 @@ async fn serve(mut cfg: Config, role: pipeline::roles::Role) -> anyhow::Result<(
                 roles::start(role, &cfg).await.with_context(|| format!("starting the {} role", role.name()))?;
             eprintln!("fleetstream serving ({}): HTTPS https://{}  (Ctrl-C to stop)", role.name(), process.addr);
             shutdown_signal().await;
-            eprintln!("draining…");
+            eprintln!("draining… (a second signal exits at once)");
+            exit_on_second_signal();
             process.shutdown().await.context("shutting down")?;
         }
     }
@@ -297,6 +299,16 @@ async fn serve_discard(cfg: Config) -> anyhow::Result<()> {
         sink.events.load(Ordering::Relaxed)
     );
     Ok(())
+}
+
+/// After the first signal started a drain, a second one ends the process at once (what was
+/// acknowledged is on disk; the next start recovers the rest).
+fn exit_on_second_signal() {
+    tokio::spawn(async {
+        shutdown_signal().await;
+        eprintln!("second signal: exiting without finishing the drain");
+        std::process::exit(130);
+    });
 }
 
 async fn shutdown_signal() {

@@ -44,6 +44,7 @@ pub struct Node {
     ingest_task: JoinHandle<Result<(), ingest::Error>>,
     http_stop: oneshot::Sender<()>,
     http_task: JoinHandle<std::io::Result<()>>,
+    drain_timeout: std::time::Duration,
     consumer_stop: oneshot::Sender<()>,
     consumer_task: JoinHandle<()>,
     /// Which parts are running (readiness).
@@ -332,6 +333,7 @@ impl Node {
             ingest_task,
             http_stop,
             http_task,
+            drain_timeout: std::time::Duration::from_millis(cfg.http.drain_timeout_ms),
             consumer_stop,
             consumer_task,
             health,
@@ -356,8 +358,22 @@ impl Node {
         let _ = self.ingest_stop.send(());
         let ingest = self.ingest_task.await;
         info!("shutting down: http");
+        self.engine.begin_drain();
         let _ = self.http_stop.send(());
-        let http = self.http_task.await;
+        // Requests in flight get `drain_timeout` to finish; a client that lingers (a request
+        // never finished, an idle keep-alive) must not keep the engine from draining.
+        let mut http_task = self.http_task;
+        let http = match tokio::time::timeout(self.drain_timeout, &mut http_task).await {
+            Ok(joined) => joined,
+            Err(_) => {
+                tracing::warn!(
+                    timeout_ms = self.drain_timeout.as_millis() as u64,
+                    "HTTP connections still open after the drain timeout: dropping them"
+                );
+                http_task.abort();
+                Ok(Ok(()))
+            }
+        };
         self.sweeper_task.abort();
         let _ = self.notifier_stop.send(true);
         let _ = self.notifier_task.await;

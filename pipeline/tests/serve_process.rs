@@ -15,15 +15,21 @@ use ingest::{ClientConfig, IngestClient, Trust};
 struct Server {
     child: Child,
     quic: SocketAddr,
+    http: SocketAddr,
     dir: std::path::PathBuf,
     lines: std::sync::mpsc::Receiver<String>,
 }
 
 fn spawn_server(tag: &str) -> Server {
+    spawn_server_with(tag, &[])
+}
+
+fn spawn_server_with(tag: &str, env: &[(&str, &str)]) -> Server {
     let dir = std::env::temp_dir().join(format!("fleetstream-serve-{tag}-{}", std::process::id()));
     let mut child = Command::new(env!("CARGO_BIN_EXE_pipeline"))
         .args(["serve", "--quic", "127.0.0.1:0", "--http", "127.0.0.1:0", "--shards", "2", "--data-dir"])
         .arg(&dir)
+        .envs(env.iter().copied())
         .env("RUST_LOG", "info")
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
@@ -43,7 +49,8 @@ fn spawn_server(tag: &str) -> Server {
         }
     };
     let quic = banner.split("QUIC ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
-    Server { child, quic, dir, lines }
+    let http = banner.split("HTTP http://").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
+    Server { child, quic, http, dir, lines }
 }
 
 fn frame(seq: u64) -> Vec<u8> {
@@ -152,4 +159,69 @@ async fn inspect_verifies_the_log_and_finds_corruption() {
     );
     assert!(text.contains("9 records before it are intact"), "{text}");
     let _ = std::fs::remove_dir_all(&server.dir);
+}
+
+/// Opens an SSE stream and a request whose body never arrives, then signals the server.
+async fn lingering_clients(server: &Server) -> (reqwest::Response, tokio::net::TcpStream) {
+    let url = format!("http://{}/v1/streams/delivery-events/events?from=earliest", server.http);
+    let sse = services::tls::plain_client().unwrap().get(url).send().await.unwrap();
+    assert_eq!(sse.status(), 200);
+    let mut half = tokio::net::TcpStream::connect(server.http).await.unwrap();
+    use tokio::io::AsyncWriteExt;
+    half.write_all(b"POST /v1/deliveries HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 500\r\n\r\n{\"owner\"")
+        .await
+        .unwrap();
+    (sse, half)
+}
+
+fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the server did not exit within {within:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[tokio::test]
+async fn drain_ends_sse_streams_and_gives_up_on_lingering_requests_after_its_timeout() {
+    let mut server = spawn_server_with("linger", &[("FLEETSTREAM_HTTP__DRAIN_TIMEOUT_MS", "3000")]);
+    let (mut sse, _half) = lingering_clients(&server).await;
+    let started = std::time::Instant::now();
+    Command::new("kill").args(["-TERM", &server.child.id().to_string()]).status().unwrap();
+    // The SSE stream ends at the start of the drain, long before the drain timeout.
+    while let Ok(Some(_)) = tokio::time::timeout(Duration::from_secs(10), sse.chunk()).await.unwrap() {}
+    assert!(started.elapsed() < Duration::from_secs(2), "the SSE stream ended only after {:?}", started.elapsed());
+    let status = tokio::task::spawn_blocking(move || {
+        let status = wait_exit(&mut server.child, Duration::from_secs(15));
+        (status, server)
+    })
+    .await
+    .unwrap();
+    assert!(status.0.success(), "{:?}", status.0);
+    assert!(started.elapsed() < Duration::from_secs(10), "drain took {:?}", started.elapsed());
+    let log: Vec<String> = status.1.lines.try_iter().collect();
+    assert!(log.iter().any(|l| l.contains("drain timeout")), "{log:?}");
+    assert!(log.iter().any(|l| l.contains("stopped")), "the engine drained: {log:?}");
+    let _ = std::fs::remove_dir_all(&status.1.dir);
+}
+
+#[tokio::test]
+async fn a_second_signal_exits_at_once() {
+    let mut server = spawn_server_with("twice", &[("FLEETSTREAM_HTTP__DRAIN_TIMEOUT_MS", "600000")]);
+    let (_sse, _half) = lingering_clients(&server).await;
+    let pid = server.child.id().to_string();
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    let dir = server.dir.clone();
+    let status =
+        tokio::task::spawn_blocking(move || wait_exit(&mut server.child, Duration::from_secs(10))).await.unwrap();
+    assert_eq!(status.code(), Some(130), "{status:?}");
+    let _ = std::fs::remove_dir_all(&dir);
 }
