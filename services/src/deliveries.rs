@@ -155,6 +155,11 @@ impl<F: FleetControl + WorkQueues> DeliveryService<F> {
             .collect()
     }
 
+    /// `(drone, delivery)` for every delivery not yet complete or cancelled: the drones they hold.
+    pub fn in_flight(&self) -> Vec<(DroneId, DeliveryId)> {
+        self.records.read().values().filter(|r| !r.stage.is_terminal()).map(|r| (r.drone_id, r.delivery_id)).collect()
+    }
+
     /// How many records the service holds.
     pub fn record_count(&self) -> usize {
         self.records.read().len()
@@ -189,10 +194,16 @@ impl<F: FleetControl + WorkQueues> DeliveryService<F> {
                 continue;
             }
             record.last_seq = Some(seq);
-            record.stage = ev.stage.to_stage();
             record.updated_us = ev.ts_us.to_native();
-            if seen.insert(id) {
-                changed.push(id);
+            let stage = ev.stage.to_stage();
+            // Only a new stage is stored: an event that leaves the stage as it was (the
+            // `Created` of a record the scheduler just wrote) changes nothing a reader sees, and
+            // a restart resumes after it anyway.
+            if record.stage != stage {
+                record.stage = stage;
+                if seen.insert(id) {
+                    changed.push(id);
+                }
             }
         }
         changed

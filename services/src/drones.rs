@@ -116,6 +116,15 @@ pub enum NoDrone {
     NoneSuitable,
 }
 
+/// A drone in the grid, with what the search needs of it kept beside its id (no lookup per
+/// drone considered).
+#[derive(Debug, Clone, Copy)]
+struct Listed {
+    id: DroneId,
+    position: GeoPoint,
+    battery_pct: Option<f32>,
+}
+
 /// The fleet registry (pure: time passed in, no I/O).
 ///
 /// A free drone is listed in one of two places: the grid, when its position is known and it
@@ -128,7 +137,7 @@ pub struct Registry {
     in_grid: rustc_hash::FxHashSet<DroneId>,
     assignments: FxHashMap<DeliveryId, DroneId>,
     /// Free drones with a known position, live when last looked at, by cell.
-    cells: FxHashMap<Cell, Vec<DroneId>>,
+    cells: FxHashMap<Cell, Vec<Listed>>,
     /// Free drones of unknown position or gone quiet.
     unplaced: rustc_hash::FxHashSet<DroneId>,
     /// Where the next [`Registry::unplaced`] turn starts.
@@ -222,9 +231,11 @@ impl Registry {
 
     /// Whether `id` is free and suitable for `pickup` at `now_us`, liveness included.
     pub fn suitable(&self, id: DroneId, pickup: GeoPoint, cfg: &DronesConfig, now_us: u64) -> bool {
-        self.drones
-            .get(&id)
-            .is_some_and(|s| s.delivery.is_none() && cfg.live(s.heard_us, now_us) && in_reach(s, pickup, cfg).is_some())
+        self.drones.get(&id).is_some_and(|s| {
+            s.delivery.is_none()
+                && cfg.live(s.heard_us, now_us)
+                && in_reach(s.position, s.battery_pct, pickup, cfg).is_some()
+        })
     }
 
     /// Takes a free drone out of the grid (it was found gone quiet): it waits among the
@@ -294,8 +305,9 @@ impl Registry {
     fn list(&mut self, id: DroneId, live: bool) {
         let Some(state) = self.drones.get(&id) else { return };
         match (live, state.position) {
-            (true, Some(p)) => {
-                self.cells.entry(cell_of(p)).or_default().push(id);
+            (true, Some(position)) => {
+                let listed = Listed { id, position, battery_pct: state.battery_pct };
+                self.cells.entry(cell_of(position)).or_default().push(listed);
                 self.in_grid.insert(id);
             }
             _ => {
@@ -311,7 +323,7 @@ impl Registry {
             let position = self.drones.get(&id).and_then(|s| s.position);
             let cell = position.map(cell_of);
             match cell.and_then(|c| self.cells.get_mut(&c).map(|l| (c, l))) {
-                Some((cell, list)) => match list.iter().position(|&d| d == id) {
+                Some((cell, list)) => match list.iter().position(|d| d.id == id) {
                     Some(i) => {
                         list.swap_remove(i);
                         if list.is_empty() {
@@ -341,37 +353,39 @@ impl Registry {
         let (ci, cj) = cell_of(pickup);
         let max_ring = (cfg.max_distance_km / (CELL_DEG * KM_PER_DEG * 0.5)).ceil().min(4000.0) as i32;
         let mut best: Option<(f64, DroneId)> = None;
-        let consider = |best: &mut Option<(f64, DroneId)>, id: DroneId| {
-            let Some(state) = self.drones.get(&id) else { return };
-            let Some(d) = in_reach(state, pickup, cfg) else { return };
+        let consider = |best: &mut Option<(f64, DroneId)>, listed: &Listed| {
+            let Some(d) = in_reach(Some(listed.position), listed.battery_pct, pickup, cfg) else { return };
+            let id = listed.id;
             if best.is_none_or(|(bd, bid)| d < bd || (d == bd && id < bid)) {
                 *best = Some((d, id));
             }
         };
         // Few occupied cells: scanning them beats walking many empty rings.
         if self.cells.len() < 64 {
-            for ids in self.cells.values() {
-                for &id in ids {
-                    consider(&mut best, id);
-                }
+            for listed in self.cells.values().flatten() {
+                consider(&mut best, listed);
             }
             return best.map(|(_, id)| id);
         }
+        // How far the pickup is from the nearest edge of its own cell, in degrees: every point
+        // of ring r is at least (r - 1) cells plus this much away on one axis.
+        let (lat_off, lon_off) = (pickup.lat / CELL_DEG - f64::from(ci), pickup.lon / CELL_DEG - f64::from(cj));
+        let edge_deg = lat_off.min(1.0 - lat_off).min(lon_off).min(1.0 - lon_off).max(0.0) * CELL_DEG;
         for ring in 0..=max_ring {
-            // Every point of this ring is at least (ring - 1) cells away on either axis; a
-            // degree of longitude shrinks by cos(latitude), taken at the ring's far edge.
-            if let Some((best_d, _)) = best {
+            // A degree of longitude shrinks by cos(latitude), taken at the ring's far edge (a
+            // degree of latitude does not: the bound stays a lower one on either axis).
+            if let Some((best_d, _)) = best
+                && ring > 0
+            {
                 let far_lat = (pickup.lat.abs() + f64::from(ring) * CELL_DEG).min(89.0);
-                let floor = f64::from(ring - 1) * CELL_DEG * KM_PER_DEG * far_lat.to_radians().cos();
+                let floor = (f64::from(ring - 1) * CELL_DEG + edge_deg) * KM_PER_DEG * far_lat.to_radians().cos();
                 if floor > best_d {
                     break;
                 }
             }
             for (i, j) in ring_cells(ci, cj, ring) {
-                if let Some(ids) = self.cells.get(&(i, j)) {
-                    for &id in ids {
-                        consider(&mut best, id);
-                    }
+                for listed in self.cells.get(&(i, j)).into_iter().flatten() {
+                    consider(&mut best, listed);
                 }
             }
         }
@@ -381,9 +395,9 @@ impl Registry {
 
 /// The drone's distance to the pickup if it can fly it: position and battery known, charged
 /// enough, and in range (liveness is checked apart, against fresh state).
-fn in_reach(state: &DroneState, pickup: GeoPoint, cfg: &DronesConfig) -> Option<f64> {
-    let position = state.position?;
-    if !state.battery_pct.is_some_and(|b| b >= cfg.min_battery_pct) {
+fn in_reach(position: Option<GeoPoint>, battery_pct: Option<f32>, pickup: GeoPoint, cfg: &DronesConfig) -> Option<f64> {
+    let position = position?;
+    if !battery_pct.is_some_and(|b| b >= cfg.min_battery_pct) {
         return None;
     }
     let d = distance_km(pickup, position);
@@ -412,8 +426,22 @@ pub struct DroneManagement<F> {
     fleet: F,
     registry: Mutex<Registry>,
     cfg: DronesConfig,
-    /// Where registrations and assignments are kept (`None`: in memory only, for tests).
+    /// Where registrations (and, [`Assignments::Stored`], assignments) are kept (`None`: in
+    /// memory only, for tests).
     store: Option<Store>,
+    assignments: Assignments,
+}
+
+/// Where a restarted Drone Management learns which drone flies which delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Assignments {
+    /// From its own store: every assignment and release is written before it is answered
+    /// (Drone Management in a process of its own).
+    Stored,
+    /// From the Delivery records beside it (one process): a delivery not yet complete or
+    /// cancelled holds its drone. The records are stored with the saga and with the read
+    /// model's position, so nothing more is written per assignment.
+    FromRecords,
 }
 
 /// What the store keeps of a drone.
@@ -457,18 +485,55 @@ const UNPLACED_PER_ASSIGN: usize = 64;
 impl<F: FleetControl> DroneManagement<F> {
     /// The service, reading drones' live state from `fleet`, keeping nothing across restarts.
     pub fn new(fleet: F, cfg: DronesConfig) -> Arc<Self> {
-        Arc::new(Self { fleet, registry: Mutex::default(), cfg, store: None })
+        Arc::new(Self { fleet, registry: Mutex::default(), cfg, store: None, assignments: Assignments::Stored })
     }
 
-    /// The service with its registry in `store`, loaded from what it holds.
+    /// The service with its registry and assignments in `store`, loaded from what it holds.
     pub fn open(fleet: F, cfg: DronesConfig, store: Store) -> Result<Arc<Self>, Error> {
+        Self::open_with(fleet, cfg, store, Assignments::Stored, std::iter::empty())
+    }
+
+    /// The service with its registrations in `store` and its assignments taken from the
+    /// Delivery records beside it: `(drone, delivery)` for each delivery not yet finished.
+    pub fn open_beside_records(
+        fleet: F,
+        cfg: DronesConfig,
+        store: Store,
+        in_flight: impl IntoIterator<Item = (DroneId, DeliveryId)>,
+    ) -> Result<Arc<Self>, Error> {
+        Self::open_with(fleet, cfg, store, Assignments::FromRecords, in_flight)
+    }
+
+    fn open_with(
+        fleet: F,
+        cfg: DronesConfig,
+        store: Store,
+        assignments: Assignments,
+        in_flight: impl IntoIterator<Item = (DroneId, DeliveryId)>,
+    ) -> Result<Arc<Self>, Error> {
         let mut registry = Registry::default();
         for (key, drone) in store.all::<StoredDrone>()? {
             if let Ok(id) = key.parse::<DroneId>() {
-                registry.restore(id, drone.delivery);
+                registry.restore(id, drone.delivery.filter(|_| assignments == Assignments::Stored));
             }
         }
-        Ok(Arc::new(Self { fleet, registry: Mutex::new(registry), cfg, store: Some(store) }))
+        for (drone, delivery) in in_flight {
+            registry.restore(drone, Some(delivery));
+        }
+        Ok(Arc::new(Self { fleet, registry: Mutex::new(registry), cfg, store: Some(store), assignments }))
+    }
+
+    /// [`Self::queue_writes`] for a change of assignment: nothing when assignments are taken
+    /// from the Delivery records.
+    fn queue_assignment_writes(
+        &self,
+        reg: &Registry,
+        drones: &[DroneId],
+    ) -> Option<impl std::future::Future<Output = Result<Vec<bool>, Error>> + Send + 'static + use<F>> {
+        if self.assignments == Assignments::FromRecords {
+            return None;
+        }
+        self.queue_writes(reg, drones)
     }
 
     /// Queues the store writes of `drones`' current registry state (called under the registry
@@ -570,7 +635,13 @@ impl<F: FleetControl> DroneManagement<F> {
                     continue;
                 }
             };
-            self.refresh(candidate, None).await;
+            // What the registry heard is trusted for a third of the liveness window; older, the
+            // engine is asked (one shard round trip) whether the drone is still there.
+            let heard = self.registry.lock().get(candidate).and_then(|s| s.heard_us);
+            let fresh_for = (self.cfg.liveness_s / 3.0 * 1e6) as u64;
+            if heard.is_none_or(|h| events::now_us().saturating_sub(h) > fresh_for) {
+                self.refresh(candidate, None).await;
+            }
             let stored = {
                 let mut reg = self.registry.lock();
                 if let Some(drone) = reg.assigned(delivery) {
@@ -585,7 +656,7 @@ impl<F: FleetControl> DroneManagement<F> {
                 if !reg.assign_to(delivery, candidate) {
                     continue;
                 }
-                self.queue_writes(&reg, &[candidate])
+                self.queue_assignment_writes(&reg, &[candidate])
             };
             if let Some(stored) = stored {
                 stored.await?;
@@ -600,7 +671,7 @@ impl<F: FleetControl> DroneManagement<F> {
         let (drone, stored) = {
             let mut reg = self.registry.lock();
             let drone = reg.release(delivery, None);
-            let stored = drone.and_then(|d| self.queue_writes(&reg, &[d]));
+            let stored = drone.and_then(|d| self.queue_assignment_writes(&reg, &[d]));
             (drone, stored)
         };
         if let Some(stored) = stored {
@@ -637,7 +708,7 @@ impl<F: FleetControl> DroneManagement<F> {
                 }
             }
             let ids: Vec<DroneId> = freed.iter().map(|(d, _)| *d).collect();
-            let stored = self.queue_writes(&reg, &ids);
+            let stored = self.queue_assignment_writes(&reg, &ids);
             (freed, stored)
         };
         if let Some(stored) = stored {
@@ -855,9 +926,19 @@ mod tests {
                 positions.push((id, p));
             }
         }
-        for (k, pickup) in
-            [GeoPoint::new(45.1, 7.1), GeoPoint::new(45.31, 7.52), GeoPoint::new(44.0, 6.0)].into_iter().enumerate()
-        {
+        // Three chosen pickups, then 300 scattered ones (a fixed-seed generator), each taking the
+        // drone it gets out of the grid.
+        let mut seed = 0x2545_F491_4F6C_DD1Du64;
+        let mut unit = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed >> 11) as f64 / (1u64 << 53) as f64
+        };
+        let scattered: Vec<GeoPoint> =
+            (0..300).map(|_| GeoPoint::new(44.9 + 0.8 * unit(), 6.9 + 0.8 * unit())).collect();
+        let pickups = [GeoPoint::new(45.1, 7.1), GeoPoint::new(45.31, 7.52), GeoPoint::new(44.0, 6.0)];
+        for (k, pickup) in pickups.into_iter().chain(scattered).enumerate() {
             let expected = positions
                 .iter()
                 .filter(|(id, _)| reg.get(*id).is_some_and(|s| s.delivery.is_none()))

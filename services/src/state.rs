@@ -139,7 +139,12 @@ impl<F: FleetControl + WorkQueues + Clone> Services<F> {
         let accounts = Accounts::new(file.namespace("accounts"));
         let packages = Packages::new(file.namespace("packages"));
         let deliveries = DeliveryService::open(fleet.clone(), crate::deliveries::DeliveryStores::in_file(&file))?;
-        let drones = DroneManagement::open(fleet.clone(), cfg.drones, file.namespace("drones"))?;
+        let drones = DroneManagement::open_beside_records(
+            fleet.clone(),
+            cfg.drones,
+            file.namespace("drones"),
+            deliveries.in_flight(),
+        )?;
         let keys =
             crate::idempotency::Keys::open(file.namespace("idempotency-keys"), cfg.idempotency_retention_s).await?;
         let deps = Deps {
