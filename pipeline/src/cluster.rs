@@ -189,6 +189,8 @@ impl Cluster {
         js.set_timeout(PUBLISH_ACK_TIMEOUT);
         let telemetry = JetStreamTopic::open_with(js.clone(), StreamTopic::DroneTelemetry, cfg).await?;
         let deliveries = JetStreamTopic::open_with(js.clone(), StreamTopic::DeliveryEvents, cfg).await?;
+        let means = crate::jetstream::durability::assess(cfg, &js).await;
+        crate::jetstream::durability::enforce(cfg, &means)?;
         let lease = Duration::from_millis(cfg.lease_ms.max(300));
         let leases = bucket(&js, format!("{}_SHARDS", cfg.stream_prefix), lease, cfg.replicas).await?;
         let checkpoints =

@@ -585,3 +585,44 @@ async fn a_failed_store_commit_stops_scheduling_and_shows_in_readiness() {
     node.shutdown().await.unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// With `[jetstream] require_sync`, a node refuses to start unless the server is known to sync
+/// every write before acknowledging it: without a monitoring endpoint it cannot know; with one
+/// that says `sync_always` (a stand-in for the server's `/varz` here) it starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn require_sync_refuses_a_jetstream_whose_acknowledgements_may_not_be_on_disk() {
+    let Some((_, url)) = common::nats("require_sync_refuses").await else { return };
+    let (dir, mut cfg) = loopback_config("js-sync");
+    cfg.jetstream.url = url;
+    cfg.jetstream.stream_prefix = format!("FSSYNC{}", std::process::id());
+    cfg.jetstream.subject_prefix = format!("fssync{}", std::process::id());
+    cfg.jetstream.queues = vec!["notifications".into()];
+    cfg.jetstream.require_sync = true;
+    let refused = Node::start(&cfg).await.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(refused.contains("require_sync") && refused.contains("monitor_url"), "{refused}");
+
+    let sync_always = |always: bool| {
+        axum::Router::new().route(
+            "/varz",
+            axum::routing::get(move || async move {
+                axum::Json(
+                    json!({"jetstream": {"config": {"sync_always": always, "sync_interval": 120_000_000_000u64}}}),
+                )
+            }),
+        )
+    };
+    for (always, starts) in [(false, false), (true, true)] {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let monitor = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, sync_always(always)).await });
+        cfg.jetstream.monitor_url = Some(format!("http://{monitor}"));
+        match Node::start(&cfg).await {
+            Ok(node) => {
+                assert!(starts, "started although the server syncs every 120 s");
+                node.shutdown().await.unwrap();
+            }
+            Err(e) => assert!(!starts && e.to_string().contains("120s"), "{e}"),
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

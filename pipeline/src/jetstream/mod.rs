@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::Error;
 
+pub mod durability;
 pub mod keyed;
 
 fn js_error(e: impl std::fmt::Display) -> Error {
@@ -57,6 +58,13 @@ pub struct JetStreamConfig {
     /// dead node's shards move within a few seconds, while a GC-free process on a loaded
     /// machine still renews (every third of it) with a wide margin.
     pub lease_ms: u64,
+    /// The NATS server's monitoring endpoint (`http://host:8222`), read at start to learn
+    /// whether JetStream syncs a write before acknowledging it (see [`durability`]). Default
+    /// none: that stays unknown, and the node warns.
+    pub monitor_url: Option<String>,
+    /// Refuse to start unless a JetStream acknowledgement is known to mean "on disk" (file
+    /// storage, and the server's `sync_interval: always`). Default false: the node warns.
+    pub require_sync: bool,
 }
 
 impl Default for JetStreamConfig {
@@ -72,6 +80,8 @@ impl Default for JetStreamConfig {
             queues: Vec::new(),
             node_id: String::new(),
             lease_ms: 3000,
+            monitor_url: None,
+            require_sync: false,
         }
     }
 }
@@ -812,6 +822,12 @@ pub async fn attach_queues(
     }
     let client =
         async_nats::connect(&cfg.url).await.map_err(|e| js_error(format!("connecting to {}: {e}", cfg.url)))?;
+    // On the embedded log the queues are all this node keeps in JetStream: say what their
+    // acknowledgements mean (the JetStream backend said so when it connected).
+    if engine.cluster().is_none() {
+        let means = durability::assess(cfg, &jetstream::new(client.clone())).await;
+        durability::enforce(cfg, &means)?;
+    }
     for name in &cfg.queues {
         let kind = match events::QueueName::from_name(name) {
             Some(queue @ events::QueueName::Notifications) => JsQueueKind::Competing(Box::new(
