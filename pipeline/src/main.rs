@@ -64,6 +64,11 @@ enum Command {
         /// Data directory [default ./data].
         #[arg(long, default_value = "data")]
         data_dir: PathBuf,
+        /// Repair damage (with the node stopped): cut each damaged log at its last intact
+        /// record, keep every cut byte in a side file beside it, move aside shard checkpoints
+        /// that cover cut offsets, and say what was lost. Then inspect again.
+        #[arg(long)]
+        repair: bool,
     },
     /// Run a node and a simulated fleet in one process on loopback, with a live progress line
     /// and a final summary.
@@ -148,7 +153,11 @@ fn main() -> ExitCode {
                 }
                 serve(cfg, role).await.map(|()| ExitCode::SUCCESS)
             }
-            Command::Inspect { data_dir } => inspect(&data_dir),
+            Command::Inspect { data_dir, repair: true } => {
+                repair(&data_dir)?;
+                inspect(&data_dir)
+            }
+            Command::Inspect { data_dir, repair: false } => inspect(&data_dir),
             Command::Demo { drones, duration, rate_per_drone, report } => {
                 demo(drones, duration, rate_per_drone, report).await
             }
@@ -161,6 +170,54 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `inspect --repair`: cuts both logs at their first damage (see `pipeline::log::repair`) and
+/// moves aside the checkpoints of the telemetry log that cover cut offsets, so the engine
+/// replays from what is left. Refuses while a node holds the data dir.
+fn repair(data_dir: &std::path::Path) -> anyhow::Result<()> {
+    let _held = pipeline::datadir::DataDirLock::acquire(data_dir)?;
+    let cfg = Config::load(None).map(|c| c.log).unwrap_or_default();
+    let mut telemetry_cut = None;
+    for (what, dir) in [("telemetry log", data_dir.join("log")), ("delivery-events log", data_dir.join("deliveries"))] {
+        if !dir.is_dir() {
+            continue;
+        }
+        match pipeline::log::repair(&dir, &cfg)? {
+            None => println!("repair: {what} has no damage; nothing cut"),
+            Some(r) => {
+                println!(
+                    "repair: {what} cut at offset {} ({}): offsets {}..{} are gone from the log, {} intact records after the damage among them",
+                    r.from_offset, r.reason, r.from_offset, r.to_offset, r.intact_records_cut
+                );
+                for f in &r.side_files {
+                    println!("  cut bytes kept in {}", f.display());
+                }
+                if what == "telemetry log" {
+                    telemetry_cut = Some(r.from_offset);
+                }
+            }
+        }
+    }
+    if let Some(cut) = telemetry_cut {
+        let ckpt_dir = data_dir.join("checkpoints");
+        for shard in 0u32.. {
+            let path = pipeline::checkpoint::path(&ckpt_dir, shard);
+            if !path.exists() {
+                break;
+            }
+            let covers_cut = match pipeline::checkpoint::read(&ckpt_dir, shard) {
+                Ok(Some(c)) => c.offset >= cut,
+                _ => true,
+            };
+            if covers_cut {
+                let aside = path.with_extension(format!("cut-{cut}"));
+                std::fs::rename(&path, &aside).with_context(|| format!("moving {} aside", path.display()))?;
+                println!("  checkpoint of shard {shard} covered cut offsets: moved to {}", aside.display());
+            }
+        }
+    }
+    Ok(())
 }
 
 fn inspect(data_dir: &std::path::Path) -> anyhow::Result<ExitCode> {

@@ -483,6 +483,64 @@ pub fn inspect(dir: &Path, cfg: &LogConfig) -> Result<InspectReport, Error> {
     Ok(report)
 }
 
+/// What [`repair`] cut away.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Repair {
+    /// The first offset no longer in the log: the damaged record's.
+    pub from_offset: u64,
+    /// The offset the log had reached before the cut (records of later segments included).
+    pub to_offset: u64,
+    /// Intact records after the damage that went with the cut (they followed a hole).
+    pub intact_records_cut: u64,
+    /// Files holding every byte cut away, for whoever wants to dig.
+    pub side_files: Vec<PathBuf>,
+    /// What was wrong with the damaged record.
+    pub reason: String,
+}
+
+/// Cuts the log in `dir` at its first damaged record, when asked explicitly (`pipeline
+/// inspect --repair`): the damaged segment is truncated there and later segments are moved
+/// aside, every cut byte kept in a side file (`<segment>.cut-<unix seconds>`) next to it.
+/// `None` when nothing is damaged. Offsets from the damaged record on are lost to the log:
+/// producers that still hold those batches re-send them, the rest is gone, and the report
+/// says how much.
+pub fn repair(dir: &Path, cfg: &LogConfig) -> Result<Option<Repair>, Error> {
+    let report = inspect(dir, cfg)?;
+    let Some(damage) = report.damage else { return Ok(None) };
+    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let side = |path: &Path| {
+        let mut name = path.as_os_str().to_owned();
+        name.push(format!(".cut-{stamp}"));
+        PathBuf::from(name)
+    };
+    let mut side_files = Vec::new();
+    // The damaged segment's bytes from the damage on go to a side file, then it is cut.
+    let bytes = fs::read(&damage.segment).map_err(io(format!("reading {}", damage.segment.display())))?;
+    let cut_at = usize::try_from(damage.position).unwrap_or(bytes.len()).min(bytes.len());
+    let kept = side(&damage.segment);
+    fs::write(&kept, &bytes[cut_at..]).map_err(io(format!("writing {}", kept.display())))?;
+    fs::File::open(&kept).and_then(|f| f.sync_all()).map_err(io(format!("syncing {}", kept.display())))?;
+    side_files.push(kept);
+    let file = fs::OpenOptions::new()
+        .write(true)
+        .open(&damage.segment)
+        .map_err(io(format!("opening {}", damage.segment.display())))?;
+    file.set_len(damage.position).map_err(io(format!("truncating {}", damage.segment.display())))?;
+    file.sync_all().map_err(io(format!("syncing {}", damage.segment.display())))?;
+    // Later segments follow a hole: they are moved aside whole.
+    let mut intact_records_cut = 0;
+    let mut to_offset = damage.offset;
+    for seg in report.segments.iter().filter(|s| s.path != damage.segment && s.base > damage.offset) {
+        intact_records_cut += seg.end - seg.base;
+        to_offset = to_offset.max(seg.end);
+        let aside = side(&seg.path);
+        fs::rename(&seg.path, &aside).map_err(io(format!("moving {} aside", seg.path.display())))?;
+        side_files.push(aside);
+    }
+    sync_dir(dir)?;
+    Ok(Some(Repair { from_offset: damage.offset, to_offset, intact_records_cut, side_files, reason: damage.reason }))
+}
+
 fn segment_path(dir: &Path, base: u64) -> PathBuf {
     dir.join(format!("{base:020}.log"))
 }
