@@ -33,14 +33,6 @@ const PRODUCERS: u64 = 4;
 const DRONES_PER_PRODUCER: u64 = 6;
 const EVENTS_PER_DRONE: u64 = 300;
 
-fn free_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn free_tcp_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 struct Node {
     child: Child,
     quic: SocketAddr,
@@ -49,7 +41,7 @@ struct Node {
 }
 
 fn spawn(dir: &Path, url: &str, prefix: &str, name: &str) -> Node {
-    let (quic, http) = (free_port(), free_tcp_port());
+    let (quic, http) = (common::free_udp_port(), common::free_tcp_port());
     let mut child = Command::new(env!("CARGO_BIN_EXE_pipeline"))
         .args(["serve", "--shards", &SHARDS.to_string()])
         .args(["--quic", &format!("127.0.0.1:{quic}"), "--http", &format!("127.0.0.1:{http}")])

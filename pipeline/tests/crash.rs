@@ -11,10 +11,9 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use events::wire::{Buffer, Limits};
@@ -27,51 +26,8 @@ const PRODUCERS: u64 = 3;
 const DRONES_PER_PRODUCER: u64 = 8;
 const EVENTS_PER_DRONE: u64 = 300;
 
-fn free_port() -> u16 {
-    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    udp.local_addr().unwrap().port()
-}
-
-fn free_tcp_port() -> u16 {
-    let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    tcp.local_addr().unwrap().port()
-}
-
 fn spawn(dir: &Path, quic: u16, http: u16) -> Child {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_pipeline"))
-        .args([
-            "serve",
-            "--shards",
-            "2",
-            "--quic",
-            &format!("127.0.0.1:{quic}"),
-            "--http",
-            &format!("127.0.0.1:{http}"),
-        ])
-        .arg("--data-dir")
-        .arg(dir)
-        .env("FLEETSTREAM_ENGINE__CHECKPOINT_INTERVAL_MS", "50")
-        .env("RUST_LOG", "warn")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.starts_with("fleetstream serving:") {
-                let _ = tx.send(());
-            }
-        }
-    });
-    rx.recv_timeout(Duration::from_secs(60)).expect("the server starts");
-    child
-}
-
-fn kill9(child: &mut Child) {
-    Command::new("kill").args(["-KILL", &child.id().to_string()]).status().unwrap();
-    child.wait().unwrap();
+    common::spawn_serve(dir, quic, http, &[("FLEETSTREAM_ENGINE__CHECKPOINT_INTERVAL_MS", "50")])
 }
 
 /// A cheap pseudo-random number from the clock, so each run kills at different moments.
@@ -94,7 +50,7 @@ async fn sigkill_mid_load_loses_nothing_and_counts_nothing_twice() {
 async fn one_run(run: u32) {
     let dir = std::env::temp_dir().join(format!("fleetstream-crash-{}-{run}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let (quic, http) = (free_port(), free_tcp_port());
+    let (quic, http) = (common::free_udp_port(), common::free_tcp_port());
     let mut server = spawn(&dir, quic, http);
     let api = format!("http://127.0.0.1:{http}");
     let web = services::tls::plain_client().unwrap();
@@ -165,7 +121,7 @@ async fn one_run(run: u32) {
     // Kill and restart twice while they send.
     for k in 0..2 {
         tokio::time::sleep(Duration::from_millis(100 + jitter(500))).await;
-        kill9(&mut server);
+        common::kill9(&mut server);
         server = spawn(&dir, quic, http);
         eprintln!("run {run}: kill {k} done, server restarted");
     }

@@ -213,29 +213,10 @@ async fn with_api_keys_configured_callers_without_one_get_401_and_with_a_wrong_o
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// A local HTTP server standing in for the SMS gateway: what it is sent, and its address.
-async fn sms_gateway() -> (tokio::sync::mpsc::Receiver<Value>, SocketAddr) {
-    let (got_tx, got) = tokio::sync::mpsc::channel::<Value>(16);
-    let gateway = axum::Router::new().route(
-        "/send",
-        axum::routing::post(move |axum::Json(body): axum::Json<Value>| {
-            let got_tx = got_tx.clone();
-            async move {
-                let _ = got_tx.send(body).await;
-                "sent"
-            }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let gateway_addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, gateway).await });
-    (got, gateway_addr)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn notifications_can_live_on_jetstream() {
     let Some((_, url)) = common::nats("notifications_can_live_on_jetstream").await else { return };
-    let (mut got, gateway_addr) = sms_gateway().await;
+    let (mut got, gateway_addr) = common::sms_gateway().await;
     let (dir, mut cfg) = loopback_config("js-notify");
     cfg.notify.sms_webhook = Some(format!("http://{gateway_addr}/send"));
     cfg.jetstream.url = url.clone();
@@ -293,7 +274,7 @@ async fn notifications_can_live_on_jetstream() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscribers_are_notified_of_stage_changes_through_the_notifications_queue() {
-    let (mut got, gateway_addr) = sms_gateway().await;
+    let (mut got, gateway_addr) = common::sms_gateway().await;
 
     let (dir, mut cfg) = loopback_config("notify");
     cfg.notify.sms_webhook = Some(format!("http://{gateway_addr}/send"));

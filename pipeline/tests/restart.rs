@@ -10,77 +10,11 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-
-fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn free_tcp_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-struct Ports {
-    quic: u16,
-    http: u16,
-}
-
-/// Starts `pipeline serve` on `dir` with `env`, and waits until it serves.
-fn spawn(dir: &Path, ports: &Ports, env: &[(&str, String)]) -> Child {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pipeline"));
-    cmd.args(["serve", "--shards", "2"])
-        .args(["--quic", &format!("127.0.0.1:{}", ports.quic), "--http", &format!("127.0.0.1:{}", ports.http)])
-        .arg("--data-dir")
-        .arg(dir)
-        .env("RUST_LOG", "warn")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.spawn().unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.starts_with("fleetstream serving:") {
-                let _ = tx.send(());
-            }
-        }
-    });
-    rx.recv_timeout(Duration::from_secs(60)).expect("the server starts");
-    child
-}
-
-fn kill9(child: &mut Child) {
-    Command::new("kill").args(["-KILL", &child.id().to_string()]).status().unwrap();
-    child.wait().unwrap();
-}
-
-/// A local stand-in for the SMS gateway: every notification it is sent.
-async fn sms_gateway() -> (tokio::sync::mpsc::Receiver<Value>, SocketAddr) {
-    let (got_tx, got) = tokio::sync::mpsc::channel::<Value>(64);
-    let gateway = axum::Router::new().route(
-        "/send",
-        axum::routing::post(move |axum::Json(body): axum::Json<Value>| {
-            let got_tx = got_tx.clone();
-            async move {
-                let _ = got_tx.send(body).await;
-                "sent"
-            }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, gateway).await });
-    (got, addr)
-}
 
 async fn get(web: &reqwest::Client, url: String) -> Value {
     web.get(url).send().await.unwrap().json().await.unwrap()
@@ -90,14 +24,15 @@ async fn get(web: &reqwest::Client, url: String) -> Value {
 async fn a_killed_node_comes_back_with_everything_a_customer_and_an_operator_saw() {
     let dir = std::env::temp_dir().join(format!("fleetstream-restart-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let ports = Ports { quic: free_udp_port(), http: free_tcp_port() };
-    let (mut sms, gateway) = sms_gateway().await;
-    let webhook = ("FLEETSTREAM_NOTIFY__SMS_WEBHOOK", format!("http://{gateway}/send"));
+    let (quic_port, http_port) = (common::free_udp_port(), common::free_tcp_port());
+    let (mut sms, gateway) = common::sms_gateway().await;
+    let webhook_url = format!("http://{gateway}/send");
+    let webhook = ("FLEETSTREAM_NOTIFY__SMS_WEBHOOK", webhook_url.as_str());
     // The services hold every round of delivery events for 3 s before applying it.
-    let held = [webhook.clone(), ("FLEETSTREAM_TEST_SERVICES_DELAY_MS", "3000".to_string())];
-    let mut server = spawn(&dir, &ports, &held);
-    let api = format!("http://127.0.0.1:{}", ports.http);
-    let quic: SocketAddr = format!("127.0.0.1:{}", ports.quic).parse().unwrap();
+    let held = [webhook, ("FLEETSTREAM_TEST_SERVICES_DELAY_MS", "3000")];
+    let mut server = common::spawn_serve(&dir, quic_port, http_port, &held);
+    let api = format!("http://127.0.0.1:{http_port}");
+    let quic: SocketAddr = format!("127.0.0.1:{quic_port}").parse().unwrap();
     let pem = std::fs::read_to_string(dir.join("tls/ingest-cert.pem")).unwrap();
     let web = services::tls::plain_client().unwrap();
 
@@ -125,10 +60,10 @@ async fn a_killed_node_comes_back_with_everything_a_customer_and_an_operator_saw
     assert_eq!(cancelled.status(), 202);
     let record = get(&web, format!("{api}/v1/deliveries/{delivery}")).await;
     assert_eq!(record["stage"], "created", "the services have not applied the cancel yet: {record}");
-    kill9(&mut server);
+    common::kill9(&mut server);
 
     // Back without the hold: the services apply what they had not.
-    let mut server = spawn(&dir, &ports, std::slice::from_ref(&webhook));
+    let mut server = common::spawn_serve(&dir, quic_port, http_port, &[webhook]);
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let record = get(&web, format!("{api}/v1/deliveries/{delivery}")).await;

@@ -1,5 +1,5 @@
-//! What several integration tests share: finding the NATS server they need, and a scripted
-//! drone flight.
+//! What several integration tests share: finding the NATS server they need, a scripted drone
+//! flight, drones reporting in, `pipeline serve` as a child process, and a stand-in SMS gateway.
 
 #![allow(dead_code)] // each test crate uses part of it
 
@@ -107,4 +107,67 @@ pub async fn report_in_at(quic: std::net::SocketAddr, pem: &str, api: &str, dron
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
     }
+}
+
+/// A UDP port free right now on loopback.
+pub fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A TCP port free right now on loopback.
+pub fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Starts `pipeline serve` (2 shards) on `dir` at the given ports with `env` set, and waits
+/// until it serves.
+pub fn spawn_serve(dir: &std::path::Path, quic: u16, http: u16, env: &[(&str, &str)]) -> std::process::Child {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pipeline"))
+        .args(["serve", "--shards", "2"])
+        .args(["--quic", &format!("127.0.0.1:{quic}"), "--http", &format!("127.0.0.1:{http}")])
+        .arg("--data-dir")
+        .arg(dir)
+        .env("RUST_LOG", "warn")
+        .envs(env.iter().copied())
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.starts_with("fleetstream serving:") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(60)).expect("the server starts");
+    child
+}
+
+/// SIGKILL, and reap.
+pub fn kill9(child: &mut std::process::Child) {
+    std::process::Command::new("kill").args(["-KILL", &child.id().to_string()]).status().unwrap();
+    child.wait().unwrap();
+}
+
+/// A local HTTP server standing in for the SMS gateway: what it is sent, and its address.
+pub async fn sms_gateway() -> (tokio::sync::mpsc::Receiver<serde_json::Value>, std::net::SocketAddr) {
+    let (got_tx, got) = tokio::sync::mpsc::channel::<serde_json::Value>(64);
+    let gateway = axum::Router::new().route(
+        "/send",
+        axum::routing::post(move |axum::Json(body): axum::Json<serde_json::Value>| {
+            let got_tx = got_tx.clone();
+            async move {
+                let _ = got_tx.send(body).await;
+                "sent"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, gateway).await });
+    (got, addr)
 }
