@@ -115,6 +115,7 @@ impl<F: FleetControl + WorkQueues + Clone> Services<F> {
     /// commits and a read model's changes commit with its position. In split mode each service
     /// has a file of its own. `history`, when given, is told who ordered each delivery (for
     /// its owner queries).
+    ///
     /// Delivery ids come from `ids` when given (a counter the nodes share), else from a counter
     /// in this file.
     pub async fn open(
