@@ -1443,4 +1443,19 @@ pub(crate) mod tests {
             assert!(text.contains(needle), "{needle}: {text}");
         }
     }
+
+    #[test]
+    fn the_report_ends_with_ok_or_what_was_broken() {
+        let clean = report_with(Vec::new());
+        assert!(clean.to_string().ends_with("result      OK"), "{clean}");
+        let broken = Report { lost: 3, deliveries_refused: 2, deliveries_unfinished: 1, ..report_with(Vec::new()) };
+        let text = broken.to_string();
+        let last = text.lines().last().unwrap_or_default();
+        assert!(last.starts_with("result      FAILED"), "{text}");
+        for needle in ["3 acknowledged events never received", "2 orders refused", "1 deliveries still in flight"] {
+            assert!(last.contains(needle), "{needle}: {last}");
+        }
+        let raw = Report { mode: "raw", lost: 5, ..report_with(Vec::new()) };
+        assert!(raw.verdict().is_ok(), "a raw run measures no loss");
+    }
 }
