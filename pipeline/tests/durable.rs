@@ -210,6 +210,73 @@ async fn a_full_store_refuses_with_a_typed_error_and_keeps_running() {
     _engine.shutdown(threads2).await;
 }
 
+/// A small tmpfs mounted for one test (unmounted when dropped), so the disk really fills up.
+struct SmallDisk(PathBuf);
+
+impl SmallDisk {
+    /// Mounts `size` of tmpfs; `None` (after a SKIP line) where this process may not mount,
+    /// unless `FLEETSTREAM_REQUIRE_SERVICES=1`, where that fails the test.
+    fn mount(tag: &str, size: &str) -> Option<Self> {
+        let dir = std::env::temp_dir().join(format!("fleetstream-small-disk-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&dir)
+            .output();
+        match out {
+            Ok(o) if o.status.success() => Some(Self(dir)),
+            other => {
+                let _ = std::fs::remove_dir(&dir);
+                let why = format!("{other:?}");
+                assert!(
+                    std::env::var("FLEETSTREAM_REQUIRE_SERVICES").as_deref() != Ok("1"),
+                    "a size-limited tmpfs is required (FLEETSTREAM_REQUIRE_SERVICES=1; run as root): {why}"
+                );
+                println!("SKIP {tag}: cannot mount a tmpfs here: {why}");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// The same on a disk that really fills up (ENOSPC, no configured cap): appends that do not fit
+/// are refused with the typed `storage_full`, nothing refused reaches the log, the engine keeps
+/// answering, and a restart on the full disk finds every acknowledged batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_really_full_disk_refuses_with_a_typed_error_and_loses_nothing_acknowledged() {
+    let Some(disk) = SmallDisk::mount("enospc", "3m") else { return };
+    let dir = disk.0.join("data");
+    let log = LogConfig::default();
+    let (engine, threads, _) = start(&dir, log);
+    let events: Vec<_> = (0..400).map(|i| ev(1, i + 1, PICKUP, DroneEventKind::Position)).collect();
+    let (mut accepted, mut refused) = (0u64, 0u64);
+    for seq in 0..400 {
+        match submit(&engine, batch(5, seq, &events)).await {
+            Ok(()) => accepted += 1,
+            Err(Error::StorageFull) => refused += 1,
+            Err(other) => panic!("unexpected {other}"),
+        }
+        if refused >= 3 {
+            break;
+        }
+    }
+    assert!(accepted >= 1 && refused >= 1, "accepted {accepted}, refused {refused}");
+    assert!(engine.metrics().storage_full.load(std::sync::atomic::Ordering::Relaxed) >= refused);
+    assert!(engine.drone(1).await.unwrap().is_some(), "still answering");
+    engine.shutdown(threads).await;
+    let (engine, threads, report) = start(&dir, log);
+    assert_eq!(report.next_offset, accepted, "every acknowledged batch, and nothing refused, is in the log");
+    engine.shutdown(threads).await;
+    drop(disk);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_fsync_policy_acknowledges_and_recovers() {
     for policy in [FsyncPolicy::EveryBatch, FsyncPolicy::Interval, FsyncPolicy::None] {
