@@ -6,6 +6,7 @@ mod common;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
@@ -246,6 +247,23 @@ async fn post_keyed(router: &axum::Router, key: &str, body: &str) -> (StatusCode
     let replayed = resp.headers().get("idempotent-replayed").map(|v| v.to_str().unwrap().to_string());
     let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20).await.unwrap();
     (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null), replayed)
+}
+
+/// A client that goes away mid-request (its request future dropped) does not stop the saga:
+/// it runs to its end, and a retry with the same key gets its result instead of waiting for a
+/// key that would never be finished.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_whose_client_went_away_is_carried_to_its_end() {
+    let (fleet, _, router) = setup().await;
+    call(&router, "POST", "/v1/drones", Some(r#"{"drones":[1,2,3]}"#)).await;
+    fleet.command_delay_ms.store(300, Ordering::Relaxed);
+    let gone = tokio::time::timeout(Duration::from_millis(50), post_keyed(&router, "order-gone", &order())).await;
+    assert!(gone.is_err(), "the client gave up mid-saga");
+    let retry = tokio::time::timeout(Duration::from_secs(5), post_keyed(&router, "order-gone", &order())).await;
+    let (status, body, replayed) = retry.expect("the retry must not wait forever for the abandoned key");
+    assert_eq!((status, replayed.as_deref()), (StatusCode::CREATED, Some("true")), "{body}");
+    assert_eq!(fleet.commands.lock().len(), 1, "the abandoned request created the delivery once");
+    assert_eq!(fleet.missions.lock().len(), 1, "and its drone was told");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

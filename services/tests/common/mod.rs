@@ -2,7 +2,7 @@
 
 #![allow(dead_code)] // each test crate uses part of it
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use events::{DeliveryCommand, DroneId, DroneSnapshot, Error as WireError, FleetControl, FlightStatus, GeoPoint};
 use parking_lot::Mutex;
@@ -13,6 +13,8 @@ pub struct FakeFleet {
     pub missions: Mutex<Vec<events::Mission>>,
     pub fail: AtomicBool,
     pub fail_queue: AtomicBool,
+    /// How long each command takes, ms (a slow shard).
+    pub command_delay_ms: AtomicU64,
 }
 
 impl events::WorkQueues for FakeFleet {
@@ -52,6 +54,10 @@ impl events::WorkQueues for FakeFleet {
 
 impl FleetControl for FakeFleet {
     async fn command(&self, cmd: DeliveryCommand) -> Result<(), WireError> {
+        let delay = self.command_delay_ms.load(Ordering::Relaxed);
+        if delay > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+        }
         if self.fail.load(Ordering::Relaxed) {
             return Err(WireError::ShuttingDown);
         }
