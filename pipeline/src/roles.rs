@@ -398,26 +398,27 @@ pub async fn start(role: Role, cfg: &Config) -> Result<RoleProcess, Error> {
             let stores = services::deliveries::DeliveryStores::in_file(&store);
             let svc = services::deliveries::DeliveryService::open(engine()?, stores).map_err(svc_error)?;
             let router = svc.public_router().merge(svc.internal_router());
-            let apply = move |batch: DeliveryBatch| {
-                let svc = svc.clone();
-                async move {
-                    let changed = svc.apply_delivery_events(&batch);
-                    let ended = match svc.notify(&batch).await {
-                        Ok(ended) => ended,
-                        Err(error) => {
-                            tracing::warn!(%error, "could not queue notifications");
-                            Vec::new()
-                        }
-                    };
-                    if let Err(error) = svc.persist(&changed, &ended, services::store::Batch::new()).await {
-                        tracing::error!(%error, "could not store delivery stages");
+            let positions = store.namespace("positions");
+            let apply = {
+                let positions = positions.clone();
+                move |batch: DeliveryBatch, next: u64| {
+                    let (svc, positions) = (svc.clone(), positions.clone());
+                    async move {
+                        // Notifications first, then the records with the position, in one commit:
+                        // a crash in between repeats notifications (same ids), never skips a stage.
+                        let changed = svc.apply_delivery_events(&batch);
+                        let ended = svc.notify(&batch).await?;
+                        let mut position = services::store::Batch::new();
+                        position.put(&positions, POSITION_KEY, &next)?;
+                        svc.persist(&changed, &ended, position).await
                     }
                 }
             };
-            tasks.push(tokio::spawn(follow_named(
+            tasks.push(tokio::spawn(follow_positioned(
                 split.engine_quic,
                 quic_trust()?,
                 "delivery-service",
+                positions,
                 apply,
                 stop_rx.clone(),
             )));
@@ -445,18 +446,24 @@ pub async fn start(role: Role, cfg: &Config) -> Result<RoleProcess, Error> {
                     }
                 }
             }));
-            let apply = move |batch: DeliveryBatch| {
-                let svc = svc.clone();
-                async move {
-                    if let Err(error) = svc.apply_delivery_events(&batch).await {
-                        tracing::error!(%error, "could not store freed drones");
+            let positions = store.namespace("positions");
+            let apply = {
+                let positions = positions.clone();
+                move |batch: DeliveryBatch, next: u64| {
+                    let (svc, positions) = (svc.clone(), positions.clone());
+                    async move {
+                        // The freed drones are stored first; a crash before the position is
+                        // stored frees them again, which changes nothing.
+                        svc.apply_delivery_events(&batch).await?;
+                        positions.put(POSITION_KEY, &next).await.map(|_| ())
                     }
                 }
             };
-            tasks.push(tokio::spawn(follow_named(
+            tasks.push(tokio::spawn(follow_positioned(
                 split.engine_quic,
                 quic_trust()?,
                 "drone-management",
+                positions,
                 apply,
                 stop_rx.clone(),
             )));
@@ -570,24 +577,36 @@ where
 
 /// Follows delivery-events under the named cursor `name`, applying each batch and then
 /// committing past it; after a reconnect it resumes at the last commit.
-async fn follow_named<A, Fut>(
+/// Where a split role's read model keeps the offset after the last delivery-events batch it
+/// applied, in its own store.
+const POSITION_KEY: &str = "delivery-events";
+
+/// A read model's consumer in its own process: reads delivery-events from the position its
+/// store holds (the earliest offset when it holds none, never the latest) and hands each batch
+/// to `apply` with the offset after it, which `apply` stores with its writes. An error stops
+/// the round: after a backoff the consumer reconnects and starts again from the stored
+/// position, so nothing is skipped.
+async fn follow_positioned<A, Fut>(
     quic: SocketAddr,
     trust: ingest::Trust,
     name: &'static str,
+    positions: services::store::Store,
     apply: A,
     stop: watch::Receiver<bool>,
 ) where
-    A: Fn(DeliveryBatch) -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = ()> + Send,
+    A: Fn(DeliveryBatch, u64) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<(), services::Error>> + Send,
 {
     let cfg = ingest::ClientConfig::new(trust);
+    let failed = |e: services::Error| ingest::Error::from(events::Error::Storage(e.to_string()));
     reconnecting(name, stop, || async {
+        let next = positions.get::<u64>(POSITION_KEY).map_err(failed)?;
+        let from = next.map_or(StartAt::Earliest, StartAt::Offset);
         let client = ingest::IngestClient::connect(quic, &cfg).await?;
-        let mut sub = client.subscribe_named::<DeliveryEvent>(Topic::DeliveryEvents, name, StartAt::Latest).await?;
-        tracing::info!(cursor = name, start = sub.start(), "following delivery-events");
+        let mut sub = client.subscribe_from::<DeliveryEvent>(Topic::DeliveryEvents, from).await?;
+        tracing::info!(consumer = name, start = sub.start(), "following delivery-events");
         while let Some((offset, batch)) = sub.next().await? {
-            apply(batch).await;
-            sub.commit(offset + 1).await?;
+            apply(batch, offset + 1).await.map_err(failed)?;
         }
         Ok(())
     })

@@ -117,7 +117,7 @@ async fn services_as_separate_processes_schedule_fly_complete_and_keep_history()
     }
     let config_path = dir.join("split.toml");
     std::fs::write(&config_path, config).unwrap();
-    let _procs: Vec<Proc> = ROLES.iter().map(|role| spawn_role(role, &config_path, &dir)).collect();
+    let mut procs: Vec<Proc> = ROLES.iter().map(|role| spawn_role(role, &config_path, &dir)).collect();
 
     let internal = services::tls::client(&services::tls::TlsFiles::in_dir(&ca, "client")).unwrap();
     let public = services::tls::trusting_client(&ca.join("ca.pem")).unwrap();
@@ -155,6 +155,18 @@ async fn services_as_separate_processes_schedule_fly_complete_and_keep_history()
     assert!(report.deliveries_scheduled > 0, "{report}");
     assert_eq!(report.deliveries_completed, report.deliveries_scheduled, "{report}");
     assert_eq!((report.lost, report.duplicates), (0, 0), "{report}");
+
+    // The Delivery role killed with SIGKILL and started again on its data dir: its records come
+    // back, and it follows delivery-events on from the position stored with them.
+    let delivery = ROLES.iter().position(|r| *r == "delivery").unwrap();
+    procs[delivery].child.kill().unwrap();
+    procs[delivery].child.wait().unwrap();
+    procs[delivery] = spawn_role("delivery", &config_path, &dir);
+    eventually("delivery healthy again", || {
+        let req = internal.get(format!("{}/healthz", url("delivery")));
+        async move { req.send().await.ok().filter(|r| r.status().is_success()).map(|_| Value::Null) }
+    })
+    .await;
 
     // The history process stored every completed delivery's events; find one by its owner.
     let complete = eventually("a completed delivery in the history", || {
