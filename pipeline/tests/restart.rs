@@ -28,8 +28,8 @@ async fn a_killed_node_comes_back_with_everything_a_customer_and_an_operator_saw
     let (mut sms, gateway) = common::sms_gateway().await;
     let webhook_url = format!("http://{gateway}/send");
     let webhook = ("FLEETSTREAM_NOTIFY__SMS_WEBHOOK", webhook_url.as_str());
-    // The services hold every round of delivery events for 3 s before applying it.
-    let held = [webhook, ("FLEETSTREAM_TEST_SERVICES_DELAY_MS", "3000")];
+    // The services hold every round of delivery events for 10 s before applying it.
+    let held = [webhook, ("FLEETSTREAM_TEST_SERVICES_DELAY_MS", "10000")];
     let mut server = common::spawn_serve(&dir, quic_port, http_port, &held);
     let api = format!("http://127.0.0.1:{http_port}");
     let quic: SocketAddr = format!("127.0.0.1:{quic_port}").parse().unwrap();

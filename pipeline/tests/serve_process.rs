@@ -218,13 +218,13 @@ fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
 
 #[tokio::test]
 async fn drain_ends_sse_streams_and_gives_up_on_lingering_requests_after_its_timeout() {
-    let mut server = spawn_server_with("linger", &[("FLEETSTREAM_HTTP__DRAIN_TIMEOUT_MS", "3000")]);
+    let mut server = spawn_server_with("linger", &[("FLEETSTREAM_HTTP__DRAIN_TIMEOUT_MS", "6000")]);
     let (mut sse, _half) = lingering_clients(&server).await;
     let started = std::time::Instant::now();
     Command::new("kill").args(["-TERM", &server.child.id().to_string()]).status().unwrap();
     // The SSE stream ends at the start of the drain, long before the drain timeout.
     while let Ok(Some(_)) = tokio::time::timeout(Duration::from_secs(10), sse.chunk()).await.unwrap() {}
-    assert!(started.elapsed() < Duration::from_secs(2), "the SSE stream ended only after {:?}", started.elapsed());
+    assert!(started.elapsed() < Duration::from_secs(4), "the SSE stream ended only after {:?}", started.elapsed());
     let status = tokio::task::spawn_blocking(move || {
         let status = wait_exit(&mut server.child, Duration::from_secs(15));
         (status, server)
@@ -232,7 +232,7 @@ async fn drain_ends_sse_streams_and_gives_up_on_lingering_requests_after_its_tim
     .await
     .unwrap();
     assert!(status.0.success(), "{:?}", status.0);
-    assert!(started.elapsed() < Duration::from_secs(10), "drain took {:?}", started.elapsed());
+    assert!(started.elapsed() < Duration::from_secs(14), "drain took {:?}", started.elapsed());
     let log: Vec<String> = status.1.lines.try_iter().collect();
     assert!(log.iter().any(|l| l.contains("drain timeout")), "{log:?}");
     assert!(log.iter().any(|l| l.contains("stopped")), "the engine drained: {log:?}");
