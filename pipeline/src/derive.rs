@@ -282,6 +282,13 @@ impl Deriver {
         })
     }
 
+    /// [`Deriver::drone`] for a drone that has reported at least once: one known only from a
+    /// command (assigned before it ever sent an event) has no position or charge to tell, and
+    /// the contract answers `None` for it ([`events::FleetControl::drone`]).
+    pub fn reported_drone(&self, id: DroneId) -> Option<DroneSnapshot> {
+        self.drones.get(&id).filter(|d| d.last_seq.is_some()).and_then(|_| self.drone(id))
+    }
+
     /// The stage of a delivery still in flight on this shard (terminal deliveries are forgotten).
     pub fn delivery_stage(&self, id: DeliveryId) -> Option<DeliveryStage> {
         self.deliveries.get(&id).map(|d| d.stage)

@@ -1632,7 +1632,7 @@ impl Shard {
             }
             ShardMsg::Watermark(offset) => self.advance(offset),
             ShardMsg::Drone { id, reply } => {
-                let _ = reply.send(self.deriver.drone(id));
+                let _ = reply.send(self.deriver.reported_drone(id));
             }
             ShardMsg::Restore { ckpt, done } => {
                 self.out.clear();

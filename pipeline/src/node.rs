@@ -135,13 +135,7 @@ impl Node {
         // (the position commits with the records), never at the latest offset: what was derived
         // while the node was down, or before a crash, is applied too.
         let resume = services.delivery_events_position().map_err(|e| Error::Task(e.to_string()))?;
-        let deliveries = match resume {
-            Some(next) => engine.subscribe_deliveries_from(events::StartAt::Offset(next)).or_else(|error| {
-                tracing::error!(%error, next, "the services are behind retention: delivery events were lost to them; resuming at the earliest held");
-                engine.subscribe_deliveries_from(events::StartAt::Earliest)
-            })?,
-            None => engine.subscribe_deliveries_from(events::StartAt::Earliest)?,
-        };
+        let deliveries = follow_deliveries(&engine, "the services", resume)?;
         let following = Arc::new(std::sync::atomic::AtomicBool::new(true));
         // Test hook: hold each round this long before applying it, so a test can kill the node
         // while delivery events are derived but not yet applied by the services.
@@ -466,6 +460,21 @@ const OWNER_NOTES_REPLAYED_US: u64 = 600_000_000;
 /// reads ahead, so a follower that fell behind is caught up in one store commit.
 const SERVICES_ROUND: usize = crate::engine::FOLLOW_QUEUE;
 
+/// A read model's subscription to the delivery-events log from the offset its store says comes
+/// next (the earliest held when it has none). An offset retention already deleted is logged:
+/// `who` missed those events, and resumes at the earliest held.
+fn follow_deliveries(
+    engine: &Engine,
+    who: &str,
+    next: Option<u64>,
+) -> Result<events::OffsetSubscription<events::DeliveryEvent>, Error> {
+    let Some(next) = next else { return Ok(engine.subscribe_deliveries_from(events::StartAt::Earliest)?) };
+    engine.subscribe_deliveries_from(events::StartAt::Offset(next)).or_else(|error| {
+        tracing::error!(%error, next, who, "behind retention: delivery events were lost to it; resuming at the earliest held");
+        Ok(engine.subscribe_deliveries_from(events::StartAt::Earliest)?)
+    })
+}
+
 /// Delivery History's consumer: reads the delivery-events log from where the store's last
 /// commit left off and stores each batch with the offset after it (one transaction), until
 /// the engine stops.
@@ -475,16 +484,7 @@ fn start_history(
     following: Arc<std::sync::atomic::AtomicBool>,
 ) -> Result<std::thread::JoinHandle<()>, Error> {
     let resume = history.next_offset().map_err(|e| Error::Task(e.to_string()))?;
-    let sub = match resume {
-        Some(next) => match engine.subscribe_deliveries_from(events::StartAt::Offset(next)) {
-            Ok(sub) => sub,
-            Err(error) => {
-                tracing::error!(%error, next, "delivery history is behind retention: events were lost to it; resuming at the earliest held");
-                engine.subscribe_deliveries_from(events::StartAt::Earliest)?
-            }
-        },
-        None => engine.subscribe_deliveries_from(events::StartAt::Earliest)?,
-    };
+    let sub = follow_deliveries(engine, "delivery history", resume)?;
     std::thread::Builder::new()
         .name("delivery-history".into())
         .spawn(move || {

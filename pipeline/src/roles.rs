@@ -398,7 +398,7 @@ pub async fn start(role: Role, cfg: &Config) -> Result<RoleProcess, Error> {
             let stores = services::deliveries::DeliveryStores::in_file(&store);
             let svc = services::deliveries::DeliveryService::open(engine()?, stores).map_err(svc_error)?;
             let router = svc.public_router().merge(svc.internal_router());
-            let positions = store.namespace("positions");
+            let positions = services::positions(&store);
             let apply = {
                 let positions = positions.clone();
                 move |batch: DeliveryBatch, next: u64| {
@@ -409,7 +409,7 @@ pub async fn start(role: Role, cfg: &Config) -> Result<RoleProcess, Error> {
                         let changed = svc.apply_delivery_events(&batch);
                         let ended = svc.notify(&batch).await?;
                         let mut position = services::store::Batch::new();
-                        position.put(&positions, POSITION_KEY, &next)?;
+                        position.put(&positions, services::DELIVERY_EVENTS_POSITION, &next)?;
                         svc.persist(&changed, &ended, position).await
                     }
                 }
@@ -446,7 +446,7 @@ pub async fn start(role: Role, cfg: &Config) -> Result<RoleProcess, Error> {
                     }
                 }
             }));
-            let positions = store.namespace("positions");
+            let positions = services::positions(&store);
             let apply = {
                 let positions = positions.clone();
                 move |batch: DeliveryBatch, next: u64| {
@@ -455,7 +455,7 @@ pub async fn start(role: Role, cfg: &Config) -> Result<RoleProcess, Error> {
                         // The freed drones are stored first; a crash before the position is
                         // stored frees them again, which changes nothing.
                         svc.apply_delivery_events(&batch).await?;
-                        positions.put(POSITION_KEY, &next).await.map(|_| ())
+                        positions.put(services::DELIVERY_EVENTS_POSITION, &next).await.map(|_| ())
                     }
                 }
             };
@@ -577,10 +577,6 @@ where
 
 /// Follows delivery-events under the named cursor `name`, applying each batch and then
 /// committing past it; after a reconnect it resumes at the last commit.
-/// Where a split role's read model keeps the offset after the last delivery-events batch it
-/// applied, in its own store.
-const POSITION_KEY: &str = "delivery-events";
-
 /// A read model's consumer in its own process: reads delivery-events from the position its
 /// store holds (the earliest offset when it holds none, never the latest) and hands each batch
 /// to `apply` with the offset after it, which `apply` stores with its writes. An error stops
@@ -600,7 +596,7 @@ async fn follow_positioned<A, Fut>(
     let cfg = ingest::ClientConfig::new(trust);
     let failed = |e: services::Error| ingest::Error::from(events::Error::Storage(e.to_string()));
     reconnecting(name, stop, || async {
-        let next = positions.get::<u64>(POSITION_KEY).map_err(failed)?;
+        let next = positions.get::<u64>(services::DELIVERY_EVENTS_POSITION).map_err(failed)?;
         let from = next.map_or(StartAt::Earliest, StartAt::Offset);
         let client = ingest::IngestClient::connect(quic, &cfg).await?;
         let mut sub = client.subscribe_from::<DeliveryEvent>(Topic::DeliveryEvents, from).await?;

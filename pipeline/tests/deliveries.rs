@@ -23,6 +23,20 @@ fn loopback_config(tag: &str) -> (std::path::PathBuf, Config) {
     (dir, cfg)
 }
 
+/// The drones report in and are registered, the owner's account is opened, and the order a
+/// test schedules is returned (a pickup beside the drones, a drop-off 1.4 km away).
+async fn ready_to_order(node: &Node, http: &reqwest::Client, base: &str, owner: &str, drones: &[u64]) -> Value {
+    common::report_in(node.quic_addr, &node.certificate_pem, base, drones).await;
+    let registered = http.post(format!("{base}/v1/drones")).json(&json!({ "drones": drones })).send().await.unwrap();
+    assert!(registered.status().is_success());
+    let account = http.put(format!("{base}/internal/v1/accounts/{owner}")).json(&json!({})).send().await.unwrap();
+    assert!(account.status().is_success());
+    json!({
+        "owner": owner, "pickup": {"lat": 47.6, "lon": -122.3}, "dropoff": {"lat": 47.61, "lon": -122.31},
+        "package": {"size": "small", "weight_kg": 1.0}
+    })
+}
+
 async fn stage_becomes(http: &reqwest::Client, base: &str, id: u64, stage: &str) -> Value {
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     loop {
@@ -41,13 +55,7 @@ async fn reschedule_and_cancel_change_the_delivery_and_its_events() {
     let node = Node::start(&cfg).await.unwrap();
     let base = format!("http://{}", node.http_addr);
     let http = services::tls::plain_client().unwrap();
-    common::report_in(node.quic_addr, &node.certificate_pem, &base, &[1, 2]).await;
-    http.post(format!("{base}/v1/drones")).json(&json!({"drones": [1, 2]})).send().await.unwrap();
-    http.put(format!("{base}/internal/v1/accounts/acme")).json(&json!({})).send().await.unwrap();
-    let order = json!({
-        "owner": "acme", "pickup": {"lat": 47.6, "lon": -122.3}, "dropoff": {"lat": 47.61, "lon": -122.31},
-        "package": {"size": "small", "weight_kg": 1.0}
-    });
+    let order = ready_to_order(&node, &http, &base, "acme", &[1, 2]).await;
     let mut ids = Vec::new();
     for _ in 0..2 {
         let v: Value =
@@ -226,13 +234,7 @@ async fn notifications_can_live_on_jetstream() {
     let node = Node::start(&cfg).await.unwrap();
     let base = format!("http://{}", node.http_addr);
     let http = services::tls::plain_client().unwrap();
-    common::report_in(node.quic_addr, &node.certificate_pem, &base, &[1]).await;
-    http.put(format!("{base}/v1/drones/1")).send().await.unwrap();
-    http.put(format!("{base}/internal/v1/accounts/acme")).json(&json!({})).send().await.unwrap();
-    let order = json!({
-        "owner": "acme", "pickup": {"lat": 47.6, "lon": -122.3}, "dropoff": {"lat": 47.61, "lon": -122.31},
-        "package": {"size": "small", "weight_kg": 1.0}
-    });
+    let order = ready_to_order(&node, &http, &base, "acme", &[1]).await;
     let v: Value = http.post(format!("{base}/v1/deliveries")).json(&order).send().await.unwrap().json().await.unwrap();
     let id = v["delivery_id"].as_u64().unwrap();
     let sub = json!({"sms": "+15551234567"});
@@ -284,13 +286,7 @@ async fn subscribers_are_notified_of_stage_changes_through_the_notifications_que
     let node = Node::start(&cfg).await.unwrap();
     let base = format!("http://{}", node.http_addr);
     let http = services::tls::plain_client().unwrap();
-    common::report_in(node.quic_addr, &node.certificate_pem, &base, &[1]).await;
-    http.post(format!("{base}/v1/drones")).json(&json!({"drones": [1]})).send().await.unwrap();
-    http.put(format!("{base}/internal/v1/accounts/acme")).json(&json!({})).send().await.unwrap();
-    let order = json!({
-        "owner": "acme", "pickup": {"lat": 47.6, "lon": -122.3}, "dropoff": {"lat": 47.61, "lon": -122.31},
-        "package": {"size": "small", "weight_kg": 1.0}
-    });
+    let order = ready_to_order(&node, &http, &base, "acme", &[1]).await;
     let v: Value = http.post(format!("{base}/v1/deliveries")).json(&order).send().await.unwrap().json().await.unwrap();
     let id = v["delivery_id"].as_u64().unwrap();
     let bad = http
@@ -497,13 +493,7 @@ async fn delivery_history_on_postgres_follows_the_delivery_through_the_same_api(
     };
     let base = format!("http://{}", node.http_addr);
     let http = services::tls::plain_client().unwrap();
-    common::report_in(node.quic_addr, &node.certificate_pem, &base, &[3]).await;
-    http.put(format!("{base}/v1/drones/3")).send().await.unwrap();
-    http.put(format!("{base}/internal/v1/accounts/pg-owner")).json(&json!({})).send().await.unwrap();
-    let order = json!({
-        "owner": "pg-owner", "pickup": {"lat": 47.6, "lon": -122.3}, "dropoff": {"lat": 47.61, "lon": -122.31},
-        "package": {"size": "small", "weight_kg": 1.0}
-    });
+    let order = ready_to_order(&node, &http, &base, "pg-owner", &[3]).await;
     let v: Value = http.post(format!("{base}/v1/deliveries")).json(&order).send().await.unwrap().json().await.unwrap();
     let id = v["delivery_id"].as_u64().unwrap();
     assert_eq!(http.delete(format!("{base}/v1/deliveries/{id}")).send().await.unwrap().status(), 202);
@@ -541,13 +531,7 @@ async fn a_failed_store_commit_stops_scheduling_and_shows_in_readiness() {
     let node = Node::start(&cfg).await.unwrap();
     let base = format!("http://{}", node.http_addr);
     let http = services::tls::plain_client().unwrap();
-    common::report_in(node.quic_addr, &node.certificate_pem, &base, &[1, 2]).await;
-    http.post(format!("{base}/v1/drones")).json(&json!({"drones": [1, 2]})).send().await.unwrap();
-    http.put(format!("{base}/internal/v1/accounts/acme")).json(&json!({})).send().await.unwrap();
-    let order = json!({
-        "owner": "acme", "pickup": {"lat": 47.6, "lon": -122.3}, "dropoff": {"lat": 47.61, "lon": -122.31},
-        "package": {"size": "small", "weight_kg": 1.0}
-    });
+    let order = ready_to_order(&node, &http, &base, "acme", &[1, 2]).await;
     let ready = http.get(format!("{base}/readyz")).send().await.unwrap();
     assert_eq!(ready.status(), 200);
     assert_eq!(http.post(format!("{base}/v1/deliveries")).json(&order).send().await.unwrap().status(), 201);

@@ -323,9 +323,7 @@ async fn get_delivery<F: FleetControl + WorkQueues>(
     let id = parse_id(&id)?;
     let record = svc.record(id).ok_or(Error::NotFound { what: "delivery", id })?;
     let drone = svc.fleet.drone(record.drone_id).await?;
-    // A drone that never reported has no position to reckon from.
-    let reported = drone.filter(|d| d.updated_us > 0);
-    let eta = match (record.stage, &reported) {
+    let eta = match (record.stage, &drone) {
         (DeliveryStage::Created | DeliveryStage::Rescheduled | DeliveryStage::HeadedToPickup, Some(d)) => {
             Some(eta_s(d.position, Some(record.pickup), record.dropoff))
         }

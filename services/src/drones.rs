@@ -569,19 +569,15 @@ impl<F: FleetControl> DroneManagement<F> {
         if let Some(stored) = stored {
             stored.await?;
         }
-        // One engine lookup per new drone, a bounded number at a time (registering a fleet of
-        // thousands must not wait for them one by one, least of all across the network).
-        use futures_util::StreamExt;
-        futures_util::stream::iter(&fresh).for_each_concurrent(64, |&id| self.refresh(id, None)).await;
+        self.refresh_all(&fresh).await;
         Ok(fresh.len())
     }
 
     /// Re-reads a drone's position, battery and last event time from the engine (`at` wins for
-    /// the position). A drone that never reported keeps what the registry knew: the engine's
-    /// placeholder state for it (no position, no charge) says nothing.
+    /// the position). A drone that never reported keeps what the registry knew.
     async fn refresh(&self, id: DroneId, at: Option<GeoPoint>) {
         match self.fleet.drone(id).await {
-            Ok(Some(snap)) if snap.updated_us > 0 => {
+            Ok(Some(snap)) => {
                 self.registry.lock().place(
                     id,
                     at.or(Some(snap.position)),
@@ -596,12 +592,18 @@ impl<F: FleetControl> DroneManagement<F> {
         }
     }
 
+    /// [`Self::refresh`] for many drones: one engine lookup each, a bounded number at a time (a
+    /// fleet of thousands must not wait for them one by one, least of all across the network).
+    async fn refresh_all(&self, ids: &[DroneId]) {
+        use futures_util::StreamExt;
+        futures_util::stream::iter(ids).for_each_concurrent(64, |&id| self.refresh(id, None)).await;
+    }
+
     /// Looks up drones registered before they ever reported (up to a few thousand per call), so
     /// they become assignable once they do. Returns how many were looked up.
     pub async fn sweep(&self) -> usize {
         let ids = self.registry.lock().unplaced(SWEEP_MAX);
-        use futures_util::StreamExt;
-        futures_util::stream::iter(&ids).for_each_concurrent(64, |&id| self.refresh(id, None)).await;
+        self.refresh_all(&ids).await;
         ids.len()
     }
 
@@ -630,8 +632,7 @@ impl<F: FleetControl> DroneManagement<F> {
                 Err(turn) if turn.is_empty() => return Err(Error::NoDroneAvailable),
                 Err(turn) => {
                     looked_unplaced = true;
-                    use futures_util::StreamExt;
-                    futures_util::stream::iter(&turn).for_each_concurrent(64, |&id| self.refresh(id, None)).await;
+                    self.refresh_all(&turn).await;
                     continue;
                 }
             };
@@ -777,10 +778,8 @@ async fn get_drone<F: FleetControl>(
     if snapshot.is_none() && registered.is_none() {
         return Err(Error::NotFound { what: "drone", id });
     }
-    // A drone that never reported has no position or charge: say so, instead of the engine's
-    // placeholder zeros.
-    let reported = snapshot.filter(|s| s.updated_us > 0);
-    let mut body = serde_json::to_value(reported).unwrap_or_default();
+    // A drone that never reported has no position or charge: they read as null.
+    let mut body = serde_json::to_value(snapshot).unwrap_or_default();
     if body.is_null() {
         body = serde_json::json!({ "drone_id": id, "position": null, "battery_pct": null, "status": null, "updated_us": null });
     }

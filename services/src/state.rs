@@ -82,9 +82,14 @@ impl Default for ServicesConfig {
     }
 }
 
-/// The key under which the services keep how far into the delivery-events log they have
-/// applied (the next offset), in the same commit as what those events changed.
-const DELIVERY_EVENTS_POSITION: &str = "delivery-events";
+/// Where a read model keeps how far into the delivery-events log it has applied (the next
+/// offset), in the same commit as what those events changed: this key in [`positions`].
+pub const DELIVERY_EVENTS_POSITION: &str = "delivery-events";
+
+/// The namespace of a store file that holds its read models' log positions.
+pub fn positions(file: &Store) -> Store {
+    file.namespace("positions")
+}
 
 /// Every service of the edge in one process.
 #[derive(Debug)]
@@ -167,7 +172,7 @@ impl<F: FleetControl + WorkQueues + Clone> Services<F> {
     /// Where the services' read models resume in the delivery-events log: the offset after the
     /// last batch whose effects they stored (`None`: nothing applied yet, start at the earliest).
     pub fn delivery_events_position(&self) -> Result<Option<u64>, Error> {
-        self.store.namespace("positions").get::<u64>(DELIVERY_EVENTS_POSITION)
+        positions(&self.store).get::<u64>(DELIVERY_EVENTS_POSITION)
     }
 
     /// Fault injection: every later commit of the services' store fails, as on a broken disk.
@@ -227,7 +232,7 @@ impl<F: FleetControl + WorkQueues + Clone> Services<F> {
         }
         let mut position = crate::store::Batch::new();
         if let Some(next) = next_offset {
-            position.put(&self.store.namespace("positions"), DELIVERY_EVENTS_POSITION, &next)?;
+            position.put(&positions(&self.store), DELIVERY_EVENTS_POSITION, &next)?;
         }
         self.deliveries.persist(&changed, &ended, position).await
     }

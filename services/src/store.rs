@@ -282,13 +282,7 @@ fn writer(
         let stopped = failed.lock().clone();
         let outcome = match (stopped, db.upgrade()) {
             (Some(reason), _) => Err(format!("stopped after a failed commit: {reason}")),
-            (None, Some(_)) if inject.load(std::sync::atomic::Ordering::Relaxed) => {
-                let e = "injected failure".to_string();
-                tracing::error!(error = %e, "service store commit failed; the store takes no more writes until a restart");
-                *failed.lock() = Some(e.clone());
-                Err(e)
-            }
-            (None, Some(db)) => commit(&db, &group).inspect_err(|e| {
+            (None, Some(db)) => commit(&db, &group, inject).inspect_err(|e| {
                 tracing::error!(error = %e, "service store commit failed; the store takes no more writes until a restart");
                 *failed.lock() = Some(e.clone());
             }),
@@ -309,7 +303,10 @@ fn writer(
     }
 }
 
-fn commit(db: &Database, group: &[Op]) -> Result<Vec<Vec<bool>>, String> {
+fn commit(db: &Database, group: &[Op], inject: &std::sync::atomic::AtomicBool) -> Result<Vec<Vec<bool>>, String> {
+    if inject.load(std::sync::atomic::Ordering::Relaxed) {
+        return Err("injected failure".into());
+    }
     let txn = db.begin_write().map_err(|e| e.to_string())?;
     let mut results = Vec::with_capacity(group.len());
     {
