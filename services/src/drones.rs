@@ -575,10 +575,16 @@ impl<F: FleetControl> DroneManagement<F> {
 
     /// Re-reads a drone's position, battery and last event time from the engine (`at` wins for
     /// the position). A drone that never reported keeps what the registry knew.
+    ///
+    /// The engine also says which delivery a drone flies. One the registry holds free while the
+    /// engine has it on a delivery (a schedule cut short by a crash after the engine took its
+    /// create, before the delivery record was stored) is held for that delivery, not offered
+    /// again: every order for it would be refused with `drone_busy`. Its delivery's end frees it.
     async fn refresh(&self, id: DroneId, at: Option<GeoPoint>) {
         match self.fleet.drone(id).await {
             Ok(Some(snap)) => {
-                self.registry.lock().place(
+                let mut reg = self.registry.lock();
+                reg.place(
                     id,
                     at.or(Some(snap.position)),
                     Some(snap.battery_pct),
@@ -586,6 +592,17 @@ impl<F: FleetControl> DroneManagement<F> {
                     &self.cfg,
                     events::now_us(),
                 );
+                if let Some(delivery) = snap.delivery
+                    && reg.get(id).is_some_and(|s| s.delivery.is_none())
+                    && reg.assigned(delivery).is_none()
+                {
+                    tracing::warn!(
+                        drone = id,
+                        delivery,
+                        "the engine has this drone on a delivery the registry did not know: held for it"
+                    );
+                    reg.assign_to(delivery, id);
+                }
             }
             Ok(_) => {}
             Err(error) => tracing::debug!(drone = id, %error, "no live state for a drone"),

@@ -249,6 +249,27 @@ async fn post_keyed(router: &axum::Router, key: &str, body: &str) -> (StatusCode
     (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null), replayed)
 }
 
+/// A drone the engine has on a delivery the registry does not know of (a schedule cut short
+/// by a crash after the engine took its create) is never offered: it is held for that delivery.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drone_the_engine_has_on_an_unknown_delivery_is_not_offered() {
+    let (fleet, svc, router) = setup().await;
+    fleet.flying.lock().push((42, 999));
+    call(&router, "POST", "/v1/drones", Some(r#"{"drones":[42]}"#)).await;
+    let (status, body, _) = call(&router, "POST", "/v1/deliveries", Some(&order())).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["error"], "no_drone_available");
+    let (_, drone, _) = call(&router, "GET", "/v1/drones/42", None).await;
+    assert_eq!(drone["assigned_delivery"], 999, "{drone}");
+    assert!(fleet.commands.lock().is_empty(), "no create was sent for the busy drone");
+    // The delivery's end frees it.
+    fleet.flying.lock().clear();
+    svc.apply_delivery_events(&events_batch(&[stage_event(999, 42, 0, DeliveryStage::Cancelled)]), None).await.unwrap();
+    let (status, body, _) = call(&router, "POST", "/v1/deliveries", Some(&order())).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(body["drone_id"], 42);
+}
+
 /// A client that goes away mid-request (its request future dropped) does not stop the saga:
 /// it runs to its end, and a retry with the same key gets its result instead of waiting for a
 /// key that would never be finished.

@@ -15,6 +15,8 @@ pub struct FakeFleet {
     pub fail_queue: AtomicBool,
     /// How long each command takes, ms (a slow shard).
     pub command_delay_ms: AtomicU64,
+    /// Drones the engine has on a delivery: (drone, delivery).
+    pub flying: Mutex<Vec<(DroneId, u64)>>,
 }
 
 impl events::WorkQueues for FakeFleet {
@@ -73,7 +75,7 @@ impl FleetControl for FakeFleet {
             battery_pct: 77.0,
             last_seq: 9,
             updated_us: events::now_us(),
-            delivery: None,
+            delivery: self.flying.lock().iter().find(|(d, _)| *d == id).map(|(_, delivery)| *delivery),
         }))
     }
 }
