@@ -22,7 +22,7 @@ pub mod wire;
 pub use contract::{BatchSink, FleetControl, OffsetSubscription, Overflow, StartAt, StreamSource, Subscription, Topic};
 pub use error::{Error, all_codes, code_name};
 pub use model::*;
-pub use queue::{KeyRange, Leased, Mission, QueueName, Verdict, WorkQueues};
+pub use queue::{KeyRange, Leased, Mission, MissionKind, QueueName, Verdict, WorkQueues};
 pub use wire::{Batch, BatchMeta, DeliveryBatch, Limits, TelemetryBatch, TraceContext};
 
 /// Microseconds since the Unix epoch, from the system clock: the time base of every event

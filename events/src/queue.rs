@@ -134,9 +134,24 @@ pub trait WorkQueues: Send + Sync + 'static {
     fn attach(&self, queue: QueueName, keys: KeyRange) -> Result<u64, Error>;
 }
 
+/// What a drone is told to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MissionKind {
+    /// Fly the delivery: to the pickup, then to the drop-off. A second `Fly` for the delivery
+    /// a drone already has replaces its places (a reschedule) while the package is not yet
+    /// picked up, and is otherwise the same mission again (a redelivery): taken once.
+    #[default]
+    Fly,
+    /// The delivery is cancelled: drop a mission for it that has not started, or stop flying
+    /// it and return to base. A drone that never had it remembers not to fly it.
+    ReturnToBase,
+}
+
 /// A mission for one drone, as it travels in the `drone-commands` queue.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Mission {
+    /// What to do.
+    pub kind: MissionKind,
     /// The delivery to fly.
     pub delivery_id: DeliveryId,
     /// The drone that flies it (the message's key).
@@ -159,13 +174,35 @@ impl Mission {
     pub const LEN_TRACED: usize = Self::LEN + 16 + 8 + 1;
     const VERSION: u8 = 1;
     const VERSION_TRACED: u8 = 2;
+    const VERSION_KIND: u8 = 3;
+
+    /// A mission to fly `delivery_id`.
+    pub fn fly(
+        delivery_id: DeliveryId,
+        drone_id: DroneId,
+        pickup: GeoPoint,
+        dropoff: GeoPoint,
+        ts_us: u64,
+        trace: crate::TraceContext,
+    ) -> Self {
+        Self { kind: MissionKind::Fly, delivery_id, drone_id, pickup, dropoff, ts_us, trace }
+    }
 
     /// Little-endian fixed layout: version, delivery, drone, pickup (lat, lon, alt), drop-off,
-    /// time; version 2 (written when there is a trace) appends trace id, span id and flags.
+    /// time; version 2 (written when there is a trace) appends trace id, span id and flags. A
+    /// `Fly` is written as version 1 or 2, which every drone reads. Version 3 carries any
+    /// kind: a kind byte after the version, then version 1's fields, a byte saying whether a
+    /// trace follows, and the trace when it does.
     pub fn to_bytes(&self) -> Vec<u8> {
         let traced = self.trace.is_some();
-        let mut out = Vec::with_capacity(Self::LEN_TRACED);
-        out.push(if traced { Self::VERSION_TRACED } else { Self::VERSION });
+        let mut out = Vec::with_capacity(Self::LEN_TRACED + 2);
+        let versioned = self.kind != MissionKind::Fly;
+        if versioned {
+            out.push(Self::VERSION_KIND);
+            out.push(1);
+        } else {
+            out.push(if traced { Self::VERSION_TRACED } else { Self::VERSION });
+        }
         out.extend_from_slice(&self.delivery_id.to_le_bytes());
         out.extend_from_slice(&self.drone_id.to_le_bytes());
         for p in [self.pickup, self.dropoff] {
@@ -174,6 +211,9 @@ impl Mission {
             out.extend_from_slice(&p.alt_m.to_le_bytes());
         }
         out.extend_from_slice(&self.ts_us.to_le_bytes());
+        if versioned {
+            out.push(u8::from(traced));
+        }
         if traced {
             out.extend_from_slice(&self.trace.trace_id);
             out.extend_from_slice(&self.trace.span_id);
@@ -182,18 +222,32 @@ impl Mission {
         out
     }
 
-    /// Decodes a mission of version 1 or 2; anything else is an error.
+    /// Decodes a mission of version 1, 2 or 3; anything else is an error.
     pub fn from_bytes(b: &[u8]) -> Result<Self, Error> {
         let Some(&version) = b.first() else { return Err(Error::MalformedFrame("mission has the wrong length")) };
-        let expected = match version {
-            Self::VERSION => Self::LEN,
-            Self::VERSION_TRACED => Self::LEN_TRACED,
-            found => return Err(Error::UnsupportedVersion { found, supported: Self::VERSION_TRACED }),
+        let (kind, traced, expected) = match version {
+            Self::VERSION => (MissionKind::Fly, false, Self::LEN),
+            Self::VERSION_TRACED => (MissionKind::Fly, true, Self::LEN_TRACED),
+            Self::VERSION_KIND => {
+                // A `Fly` is always written as version 1 or 2: one encoding per mission.
+                let kind = match b.get(1) {
+                    Some(1) => MissionKind::ReturnToBase,
+                    Some(_) => return Err(Error::MalformedFrame("mission of an unknown kind")),
+                    None => return Err(Error::MalformedFrame("mission has the wrong length")),
+                };
+                let traced = match b.get(Self::LEN + 1) {
+                    Some(0) => false,
+                    Some(1) => true,
+                    _ => return Err(Error::MalformedFrame("mission has the wrong length")),
+                };
+                (kind, traced, if traced { Self::LEN_TRACED + 2 } else { Self::LEN + 2 })
+            }
+            found => return Err(Error::UnsupportedVersion { found, supported: Self::VERSION_KIND }),
         };
         if b.len() != expected {
             return Err(Error::MalformedFrame("mission has the wrong length"));
         }
-        let mut at = 1;
+        let mut at = if version == Self::VERSION_KIND { 2 } else { 1 };
         let mut take = |n: usize| {
             let s = &b[at..at + n];
             at += n;
@@ -212,16 +266,19 @@ impl Mission {
         let pickup = point();
         let dropoff = point();
         let ts_us = u64_of(take(8));
+        if version == Self::VERSION_KIND {
+            take(1);
+        }
         let mut trace = crate::TraceContext::default();
-        if version == Self::VERSION_TRACED {
+        if traced {
             trace.trace_id.copy_from_slice(take(16));
             trace.span_id.copy_from_slice(take(8));
             trace.flags = take(1)[0];
             if !trace.is_some() {
-                return Err(Error::MalformedFrame("a version 2 mission must carry a trace"));
+                return Err(Error::MalformedFrame("a mission that says it is traced must carry a trace"));
             }
         }
-        let m = Mission { delivery_id, drone_id, pickup, dropoff, ts_us, trace };
+        let m = Mission { kind, delivery_id, drone_id, pickup, dropoff, ts_us, trace };
         if !(m.pickup.is_valid() && m.dropoff.is_valid()) {
             return Err(Error::MalformedFrame("mission has an invalid coordinate"));
         }
@@ -239,6 +296,7 @@ mod tests {
     #[test]
     fn missions_round_trip_and_bad_bytes_are_refused() {
         let m = Mission {
+            kind: MissionKind::Fly,
             delivery_id: 7,
             drone_id: 42,
             pickup: GeoPoint::new(47.6, -122.3),
@@ -267,19 +325,46 @@ mod tests {
         assert!(Mission::from_bytes(&bad).is_err(), "latitude 500 is refused");
     }
 
+    #[test]
+    fn return_to_base_is_version_3_with_or_without_a_trace_and_fly_stays_readable() {
+        let fly = Mission::fly(7, 42, GeoPoint::new(47.6, -122.3), GeoPoint::new(47.7, -122.2), 9, Default::default());
+        let back = Mission { kind: MissionKind::ReturnToBase, ..fly };
+        let bytes = back.to_bytes();
+        assert_eq!((bytes[0], bytes[1], bytes.len()), (3, 1, Mission::LEN + 2));
+        assert_eq!(Mission::from_bytes(&bytes), Ok(back));
+        let traced = Mission { trace: crate::TraceContext::new_root(), ..back };
+        let tb = traced.to_bytes();
+        assert_eq!(tb.len(), Mission::LEN_TRACED + 2);
+        assert_eq!(Mission::from_bytes(&tb), Ok(traced));
+        assert_eq!(fly.to_bytes()[0], 1, "a Fly stays version 1, which older drones read");
+        for kind in [0, 7] {
+            let mut other = bytes.clone();
+            other[1] = kind;
+            assert!(Mission::from_bytes(&other).is_err(), "kind {kind} is refused in version 3");
+        }
+        let mut says_traced = bytes;
+        says_traced[Mission::LEN + 1] = 1;
+        assert!(Mission::from_bytes(&says_traced).is_err(), "a trace flag without its trace");
+    }
+
     proptest::proptest! {
-        /// Any bytes of a mission's length (either version) either decode to a mission that
+        /// Any bytes of a mission's length (any version) either decode to a mission that
         /// encodes back to the same bytes or are refused; none panic.
         #[test]
         fn arbitrary_mission_bytes_round_trip_or_are_refused(
-            bytes in proptest::collection::vec(proptest::num::u8::ANY, Mission::LEN_TRACED), v2 in proptest::bool::ANY,
+            bytes in proptest::collection::vec(proptest::num::u8::ANY, Mission::LEN_TRACED + 2), version in 1u8..=3,
+            traced in proptest::bool::ANY,
         ) {
             let mut bytes = bytes;
-            if v2 {
-                bytes[0] = 2;
-            } else {
-                bytes.truncate(Mission::LEN);
-                bytes[0] = 1;
+            bytes[0] = version;
+            match (version, traced) {
+                (1, _) => bytes.truncate(Mission::LEN),
+                (2, _) => bytes.truncate(Mission::LEN_TRACED),
+                (_, false) => {
+                    bytes.truncate(Mission::LEN + 2);
+                    bytes[Mission::LEN + 1] = 0;
+                }
+                (_, true) => bytes[Mission::LEN + 1] = 1,
             }
             if let Ok(m) = Mission::from_bytes(&bytes) {
                 proptest::prop_assert_eq!(m.to_bytes(), bytes);
@@ -294,12 +379,15 @@ mod tests {
         ) {
             let p = GeoPoint { lat, lon, alt_m: alt };
             let m = Mission {
+                kind: MissionKind::Fly,
                 delivery_id: ids.0, drone_id: ids.1, pickup: p, dropoff: GeoPoint::new(-lat, -lon), ts_us: ids.2,
                 trace: crate::TraceContext::default(),
             };
             proptest::prop_assert_eq!(Mission::from_bytes(&m.to_bytes()), Ok(m));
             let traced = Mission { trace: crate::TraceContext::new_root(), ..m };
             proptest::prop_assert_eq!(Mission::from_bytes(&traced.to_bytes()), Ok(traced));
+            let back = Mission { kind: MissionKind::ReturnToBase, ..traced };
+            proptest::prop_assert_eq!(Mission::from_bytes(&back.to_bytes()), Ok(back));
         }
     }
 

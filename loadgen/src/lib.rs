@@ -976,6 +976,9 @@ struct MissionBook {
     in_batch: Vec<HeldMission>,
     /// Deliveries dropped off in this run (a redelivery of one is acked at once).
     done: std::collections::HashSet<u64>,
+    /// Deliveries cancelled (told `ReturnToBase`): never flown, even if their mission comes
+    /// again.
+    cancelled: std::collections::HashSet<u64>,
     /// The scheduling trace of each mission being flown, put on the batch with its drop-off.
     traces: std::collections::HashMap<u64, events::TraceContext>,
     /// The trace of the batch being filled.
@@ -1123,7 +1126,7 @@ impl Driver {
         loop {
             tick.tick().await;
             while let Ok((leased, settler)) = missions.try_recv() {
-                if let Some((verdict, leased, settler)) = self.take_mission(&mut book, leased, settler) {
+                for (verdict, leased, settler) in self.take_mission(&mut book, leased, settler) {
                     let _ = settler.settle(&leased, verdict).await;
                 }
             }
@@ -1193,37 +1196,89 @@ impl Driver {
     }
 
     /// A mission arrives from the queue. A malformed one, or one for a drone not on this
-    /// connection, is refused at once; one already dropped off (a redelivery) is acked at once;
-    /// otherwise it waits for its drone (see [`MissionBook`]). Returns a verdict to give now.
+    /// connection, is refused at once; one already dropped off or cancelled (a redelivery) is
+    /// acked at once; otherwise it waits for its drone (see [`MissionBook`]). A `Fly` for the
+    /// delivery a drone already has is a reschedule (newer) or a redelivery; a `ReturnToBase`
+    /// withdraws the delivery's waiting mission, or turns its drone home. Returns the verdicts
+    /// to give now.
     fn take_mission(
         &mut self,
         book: &mut MissionBook,
         leased: events::Leased,
         settler: ingest::consume::Settler,
-    ) -> Option<(events::Verdict, events::Leased, ingest::consume::Settler)> {
+    ) -> Vec<(events::Verdict, events::Leased, ingest::consume::Settler)> {
         let m = match events::Mission::from_bytes(&leased.payload) {
             Ok(m) => m,
-            Err(error) => return Some((events::Verdict::Nack(format!("not a mission: {error}")), leased, settler)),
+            Err(error) => return vec![(events::Verdict::Nack(format!("not a mission: {error}")), leased, settler)],
         };
+        let Some(idx) = self.index_of(m.drone_id) else {
+            let why = format!("drone {} does not fly on this connection", m.drone_id);
+            return vec![(events::Verdict::Nack(why), leased, settler)];
+        };
+        let mut settle = Vec::new();
+        if m.kind == events::MissionKind::ReturnToBase {
+            book.cancelled.insert(m.delivery_id);
+            book.traces.remove(&m.delivery_id);
+            let (withdrawn, kept) =
+                std::mem::take(&mut book.waiting).into_iter().partition(|(w, _, _)| w.delivery_id == m.delivery_id);
+            book.waiting = kept;
+            for (_, l, s) in withdrawn {
+                settle.push((events::Verdict::Ack, l, s));
+            }
+            self.drones[idx].abort(m.delivery_id, now_us());
+            if let Some((l, s)) = book.flying.remove(&m.delivery_id) {
+                settle.push((events::Verdict::Ack, l, s));
+            }
+            settle.push((events::Verdict::Ack, leased, settler));
+            return settle;
+        }
+        if book.done.contains(&m.delivery_id) || book.cancelled.contains(&m.delivery_id) {
+            return vec![(events::Verdict::Ack, leased, settler)];
+        }
         if m.trace.is_some() {
             book.traces.insert(m.delivery_id, m.trace.child());
         }
-        if self.index_of(m.drone_id).is_none() {
-            let why = format!("drone {} does not fly on this connection", m.drone_id);
-            return Some((events::Verdict::Nack(why), leased, settler));
-        }
-        if book.done.contains(&m.delivery_id) {
-            return Some((events::Verdict::Ack, leased, settler));
-        }
+        let newer =
+            |held: &events::Leased| events::Mission::from_bytes(&held.payload).map_or(true, |h| m.ts_us >= h.ts_us);
         if let Some(flying) = book.flying.get_mut(&m.delivery_id) {
-            // Redelivered while the drone flies it (the lease ran out or the session changed):
-            // the newest lease is the one to ack.
-            *flying = (leased, settler);
-            return None;
+            if flying.0.id == leased.id {
+                // Redelivered while the drone flies it (the lease ran out or the session
+                // changed): the newest lease is the one to ack.
+                *flying = (leased, settler);
+            } else if newer(&flying.0) {
+                // A reschedule: the new places, if the package is not picked up yet; the
+                // mission it replaces is done with.
+                self.drones[idx].reroute(m.delivery_id, m.pickup, m.dropoff, now_us());
+                let (l, s) = std::mem::replace(flying, (leased, settler));
+                settle.push((events::Verdict::Ack, l, s));
+            } else {
+                settle.push((events::Verdict::Ack, leased, settler));
+            }
+            return settle;
         }
-        book.waiting.retain(|(w, _, _)| w.delivery_id != m.delivery_id);
+        let mut replaced = Vec::new();
+        let mut older = false;
+        book.waiting.retain(|(w, l, s)| {
+            if w.delivery_id != m.delivery_id {
+                return true;
+            }
+            if l.id != leased.id && !newer(l) {
+                older = true;
+                return true;
+            }
+            if l.id != leased.id {
+                replaced.push((l.clone(), s.clone()));
+            }
+            false
+        });
+        if older {
+            return vec![(events::Verdict::Ack, leased, settler)];
+        }
+        for (l, s) in replaced {
+            settle.push((events::Verdict::Ack, l, s));
+        }
         book.waiting.push((m, leased, settler));
-        None
+        settle
     }
 
     /// Starts every waiting mission whose drone can take it.

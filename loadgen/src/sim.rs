@@ -85,6 +85,51 @@ impl SimDrone {
         Ok(finished)
     }
 
+    /// Moves the mission for `delivery` to new places if the package is not picked up yet (a
+    /// reschedule): the drone heads for the new pickup from where it is. `false`: it is not
+    /// flying that delivery, or has picked the package up.
+    pub fn reroute(&mut self, delivery: DeliveryId, pickup: GeoPoint, dropoff: GeoPoint, now_us: u64) -> bool {
+        let position = self.position;
+        match self.flight.as_mut() {
+            Some(f) if f.mission.delivery_id == delivery && matches!(f.phase, Phase::TakeOff | Phase::ToPickup) => {
+                f.mission.pickup = pickup;
+                f.mission.dropoff = dropoff;
+                if f.phase == Phase::ToPickup {
+                    f.origin = position;
+                    f.start_us = now_us;
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Stops flying `delivery` (it was cancelled) and returns to base from where the drone is;
+    /// a package already dropped off is past stopping. `true`: the drone was flying it and
+    /// turned back.
+    pub fn abort(&mut self, delivery: DeliveryId, now_us: u64) -> bool {
+        let position = self.position;
+        let leg = self.leg_us;
+        match self.flight.as_mut() {
+            Some(f)
+                if f.mission.delivery_id == delivery
+                    && matches!(f.phase, Phase::TakeOff | Phase::ToPickup | Phase::ToDropoff) =>
+            {
+                // The way home starts here and now: the return leg runs from the "drop-off".
+                f.mission.dropoff = position;
+                f.phase = Phase::Returning;
+                f.start_us = now_us.saturating_sub(2 * leg);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The delivery being flown, if any (also while returning from it).
+    pub fn flying(&self) -> Option<DeliveryId> {
+        self.flight.map(|f| f.mission.delivery_id)
+    }
+
     /// Whether a mission is under way.
     pub fn busy(&self) -> bool {
         self.flight.is_some()
@@ -207,5 +252,34 @@ mod tests {
         }
         let next = Mission { delivery_id: 10, ..m };
         assert_eq!(d.assign(next, 9_500), Ok(Some(MissionOutcome { delivery_id: 9, milestones: 3 })));
+    }
+
+    #[test]
+    fn a_reroute_before_pickup_changes_the_places_and_a_cancel_turns_the_drone_home() {
+        let home = GeoPoint::new(47.0, -122.0);
+        let m = Mission { delivery_id: 9, pickup: GeoPoint::new(47.01, -122.0), dropoff: GeoPoint::new(47.02, -122.0) };
+        let mut d = SimDrone::new(1, home, 1_000);
+        d.assign(m, 0).unwrap();
+        d.next_event(0);
+        let elsewhere = GeoPoint::new(47.05, -122.0);
+        assert!(d.reroute(9, elsewhere, m.dropoff, 100));
+        assert!(!d.reroute(8, elsewhere, m.dropoff, 100), "another delivery is not rerouted");
+        let (e, _) = d.next_event(1_200);
+        assert_eq!(e.kind, DroneEventKind::PickedUp { delivery: 9 });
+        assert_eq!(e.position, elsewhere, "the package is collected at the new pickup");
+        assert!(!d.reroute(9, m.pickup, m.dropoff, 1_300), "too late once picked up");
+
+        assert!(d.abort(9, 1_500));
+        let mut kinds = Vec::new();
+        let mut outcome = None;
+        for t in (1_600..4_000).step_by(100) {
+            let (e, done) = d.next_event(t);
+            kinds.push(e.kind);
+            outcome = outcome.or(done);
+        }
+        assert!(!kinds.iter().any(|k| matches!(k, DroneEventKind::DroppedOff { .. })), "never dropped off: {kinds:?}");
+        assert_eq!(outcome, Some(MissionOutcome { delivery_id: 9, milestones: 2 }));
+        assert!(!d.busy());
+        assert!(!d.abort(9, 5_000), "nothing to abort once home");
     }
 }

@@ -251,6 +251,11 @@ impl Deriver {
                         reason: "the package is already picked up",
                     });
                 }
+                if state.pickup == pickup && state.dropoff == dropoff {
+                    // Already there (a reschedule carried forward again after a crash): nothing
+                    // changes, so nothing is derived.
+                    return Ok(());
+                }
                 state.pickup = pickup;
                 state.dropoff = dropoff;
                 state.emit(delivery_id, DeliveryStage::Rescheduled, at(ts_us), pickup, out);
@@ -475,6 +480,8 @@ mod tests {
         d.on_command(&resched, 8, &mut out).unwrap();
         assert_eq!(stages(&out), vec![(1, DeliveryStage::Rescheduled)]);
         out.clear();
+        d.on_command(&resched, 8, &mut out).unwrap();
+        assert!(out.is_empty(), "the same reschedule again (carried forward after a crash) derives nothing");
         d.on_command(&DeliveryCommand::Cancel { delivery_id: 10, drone_id: 1, ts_us: 9 }, 9, &mut out).unwrap();
         assert_eq!(stages(&out), vec![(2, DeliveryStage::Cancelled)]);
         assert_eq!(d.drone(1).unwrap().delivery, None);

@@ -50,6 +50,7 @@ pub struct Node {
     /// Which parts are running (readiness).
     pub health: Health,
     sweeper_task: JoinHandle<()>,
+    recovery_task: JoinHandle<services::scheduler::Recovered>,
     history_task: std::thread::JoinHandle<()>,
     history: Arc<services::history::History>,
     notifier_stop: tokio::sync::watch::Sender<bool>,
@@ -146,6 +147,8 @@ impl Node {
         let (consumer_stop, mut stop_rx) = oneshot::channel::<()>();
         let svc = services.clone();
         let consumer_following = following.clone();
+        // How far the records are: the scheduler's recovery waits for them to catch up.
+        let (position_tx, position_rx) = tokio::sync::watch::channel(resume.unwrap_or(0));
         let consumer_task = tokio::spawn(async move {
             // Applies `first` and whatever else is already waiting (up to a round's worth):
             // the records they change are stored in one go with the position after them. False
@@ -181,6 +184,9 @@ impl Node {
                     tracing::error!(%error, ?next_offset, "the services could not store what delivery events changed; they stop following until a restart");
                     return false;
                 }
+                if let Some(next) = next_offset {
+                    position_tx.send_replace(next);
+                }
                 going
             };
             loop {
@@ -199,6 +205,15 @@ impl Node {
             }
             consumer_following.store(false, std::sync::atomic::Ordering::SeqCst);
         });
+        // Schedules, reschedules and cancels a crash cut short are carried to an end once the
+        // records have caught up with the delivery events logged before the restart (a record's
+        // stage tells whether the engine had a cut-short delivery).
+        let logged = engine.topic_bounds(events::Topic::DeliveryEvents).1;
+        let recovery_task = services
+            .scheduler
+            .start_recovery(records_caught_up(position_rx, logged))
+            .await
+            .map_err(|e| Error::Task(format!("reading the saga journal: {e}")))?;
         // Drones registered before they ever reported are looked up until they do.
         let sweeper_task = tokio::spawn({
             let drones = services.drones.clone();
@@ -332,6 +347,7 @@ impl Node {
             consumer_task,
             health,
             sweeper_task,
+            recovery_task,
             history_task,
             history,
             notifier_stop,
@@ -369,6 +385,7 @@ impl Node {
             }
         };
         self.sweeper_task.abort();
+        self.recovery_task.abort();
         let _ = self.notifier_stop.send(true);
         let _ = self.notifier_task.await;
         info!("shutting down: engine");
@@ -463,6 +480,19 @@ const SERVICES_ROUND: usize = crate::engine::FOLLOW_QUEUE;
 /// A read model's subscription to the delivery-events log from the offset its store says comes
 /// next (the earliest held when it has none). An offset retention already deleted is logged:
 /// `who` missed those events, and resumes at the earliest held.
+/// Resolves once the services' records have applied delivery events up to `logged` (the
+/// delivery-events log's end at start), or after a minute without (the node then says in
+/// readiness that the services stopped following).
+async fn records_caught_up(mut position: tokio::sync::watch::Receiver<u64>, logged: u64) {
+    let caught_up = position.wait_for(|next| *next >= logged);
+    if tokio::time::timeout(std::time::Duration::from_secs(60), caught_up).await.is_err() {
+        tracing::warn!(
+            logged,
+            "the delivery records did not catch up within a minute; recovering cut-short operations anyway"
+        );
+    }
+}
+
 fn follow_deliveries(
     engine: &Engine,
     who: &str,

@@ -486,7 +486,21 @@ pub async fn start(role: Role, cfg: &Config) -> Result<RoleProcess, Error> {
                 drones: dep("drone-management", Role::Drones)?,
                 history: if split.endpoints.history.is_empty() { None } else { Some(dep("history", Role::History)?) },
             };
-            let scheduler = Arc::new(services::scheduler::Scheduler::new(engine()?, deps));
+            // Its idempotency keys and saga journal in a file of its own; cut-short operations
+            // are carried to an end at once (the Delivery role keeps its records itself).
+            let store = services::store::Store::open(&data.join("scheduler.redb")).map_err(svc_error)?;
+            let scheduler = Arc::new(
+                services::scheduler::Scheduler::new(engine()?, deps)
+                    .with_store(&store, cfg.services.idempotency_retention_s)
+                    .await
+                    .map_err(svc_error)?,
+            );
+            tasks.push({
+                let recovery = scheduler.start_recovery(async {}).await.map_err(svc_error)?;
+                tokio::spawn(async move {
+                    let _ = recovery.await;
+                })
+            });
             let throttle = services::throttle::Throttle::new(cfg.http.throttle);
             let router = scheduler
                 .router()

@@ -125,16 +125,39 @@ impl Keys {
         }
     }
 
+    /// Adds `record` as the stored answer of `key` to `batch`, for a caller that commits it
+    /// together with other writes (the scheduler, with the removal of its saga's entry) and
+    /// then calls [`Keys::finish`] with `stored`. The batch must be for the keys' own file.
+    pub fn stage(
+        &self,
+        key: &str,
+        req: &CreateDelivery,
+        record: &DeliveryRecord,
+        batch: &mut Batch,
+    ) -> Result<(), Error> {
+        if let Some(store) = &self.store {
+            let entry = StoredKey { record: record.clone(), request: req.clone(), at_us: events::now_us() };
+            batch.put(store, &scoped(req, key), &entry)?;
+        }
+        Ok(())
+    }
+
     /// Records how the claimed request ended: a success is remembered (durably, with a store,
-    /// before this returns), a failure forgotten. A success that cannot be stored is an error:
-    /// the caller must not answer as if a retry would replay it.
-    pub async fn finish(&self, key: &str, req: &CreateDelivery, outcome: Option<DeliveryRecord>) -> Result<(), Error> {
+    /// before this returns, unless `stored`: the caller committed it with [`Keys::stage`]), a
+    /// failure forgotten. A success that cannot be stored is an error: the caller must not
+    /// answer as if a retry would replay it.
+    pub async fn finish(
+        &self,
+        key: &str,
+        req: &CreateDelivery,
+        outcome: Option<DeliveryRecord>,
+        stored: bool,
+    ) -> Result<(), Error> {
         let scoped = scoped(req, key);
         // Serialised before the lock is taken: nothing below can fail while a waiter waits.
         let mut batch = Batch::new();
-        if let (Some(store), Some(record)) = (&self.store, &outcome) {
-            let entry = StoredKey { record: record.clone(), request: req.clone(), at_us: events::now_us() };
-            batch.put(store, &scoped, &entry)?;
+        if let (false, Some(record)) = (stored, &outcome) {
+            self.stage(key, req, record, &mut batch)?;
         }
         let (waiting, stored) = {
             let mut inner = self.inner.lock();
@@ -155,7 +178,7 @@ impl Keys {
                         }
                     }
                 }
-                stored = self.store.as_ref().map(|store| store.enqueue(batch));
+                stored = self.store.as_ref().filter(|_| !batch.is_empty()).map(|store| store.enqueue(batch));
             }
             (waiting, stored)
         };

@@ -25,6 +25,7 @@ mod idempotency;
 pub mod ids;
 pub mod notify;
 pub mod packages;
+pub mod saga;
 pub mod scheduler;
 mod state;
 pub mod store;

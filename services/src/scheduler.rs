@@ -38,6 +38,7 @@ use crate::api::{ApiJson, parse_id};
 use crate::client::{Call, Dependency, Reply};
 use crate::deliveries::DeliveryRecord;
 use crate::drones::{AssignRequest, Assignment};
+use crate::saga::{Journal, Saga, ScheduleStep, crash_point};
 use crate::state::{CreateDelivery, Reschedule, validate};
 
 /// The internal services the scheduler calls.
@@ -83,6 +84,7 @@ pub struct Scheduler<F> {
     deps: Deps,
     ids: crate::ids::Allocator,
     pub(crate) keys: crate::idempotency::Keys,
+    journal: Journal,
     history: Option<Arc<crate::history::History>>,
     /// Deliveries scheduled.
     pub scheduled: AtomicU64,
@@ -105,6 +107,39 @@ async fn call(dep: &Dependency, c: Call) -> Result<Reply, Error> {
     Err(Error::Dependency { service: dep.name(), reason: format!("answered {}: {message}", reply.status) })
 }
 
+/// How a step of a reschedule or cancel failed.
+enum Step {
+    /// Before anything changed (the engine refused it): the operation is over.
+    Refused(Error),
+    /// After something changed: the operation stays in the journal for recovery.
+    Failed(Error),
+}
+
+impl Step {
+    fn failed(e: events::Error) -> Self {
+        Step::Failed(e.into())
+    }
+}
+
+/// What [`Scheduler::start_recovery`] did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Recovered {
+    /// Operations completed (or found complete).
+    pub completed: u64,
+    /// Schedules undone.
+    pub undone: u64,
+    /// Operations that could not be finished (left for the next start).
+    pub left: u64,
+}
+
+/// A DELETE that must succeed; one of something already gone (`404`) did what it should.
+async fn delete(dep: &Dependency, path: String) -> Result<(), Error> {
+    match call(dep, Call::new(Method::DELETE, path)).await {
+        Err(Error::Dependency { reason, .. }) if reason.starts_with("answered 404") => Ok(()),
+        other => other.map(|_| ()),
+    }
+}
+
 /// What the saga has done so far, to undo on failure.
 #[derive(Default)]
 struct Done {
@@ -124,6 +159,7 @@ impl<F: FleetControl + WorkQueues> Scheduler<F> {
             deps,
             ids: crate::ids::Allocator::new(crate::ids::ClockIdBlocks::new()),
             keys: crate::idempotency::Keys::default(),
+            journal: Journal::default(),
             history: None,
             scheduled: AtomicU64::new(0),
             refused: AtomicU64::new(0),
@@ -143,6 +179,21 @@ impl<F: FleetControl + WorkQueues> Scheduler<F> {
         self
     }
 
+    /// Keeps the `Idempotency-Key`s (for `retention_s`) and the saga journal in `store`, a
+    /// file of the scheduler's own (split mode; in one process they share the services' file).
+    pub async fn with_store(self, store: &crate::store::Store, retention_s: u64) -> Result<Self, Error> {
+        let keys = crate::idempotency::Keys::open(store.namespace("idempotency-keys"), retention_s).await?;
+        Ok(self.with_keys(keys).with_journal(store.namespace("sagas")))
+    }
+
+    /// Journals every schedule, reschedule and cancel in `store` (see [`crate::saga`]), which
+    /// must be the file the keys of [`Scheduler::with_keys`] are in: an operation's answer
+    /// commits with the removal of its entry.
+    pub fn with_journal(mut self, store: crate::store::Store) -> Self {
+        self.journal = Journal::in_store(store);
+        self
+    }
+
     /// Tells `history` who ordered each delivery scheduled from now on (for its owner queries).
     pub fn with_history(mut self, history: Arc<crate::history::History>) -> Self {
         self.history = Some(history);
@@ -156,19 +207,54 @@ impl<F: FleetControl + WorkQueues> Scheduler<F> {
 
     /// Schedules a delivery (the saga in the module docs).
     pub async fn schedule(&self, req: CreateDelivery, trace: TraceContext) -> Result<DeliveryRecord, Error> {
+        self.run_schedule(None, req, trace).await.map(|(record, _)| record)
+    }
+
+    /// Runs a schedule, journaled (see [`crate::saga`]). With `key`, its stored answer commits
+    /// with the removal of the journal entry; the flag says whether it did.
+    async fn run_schedule(
+        &self,
+        key: Option<&str>,
+        req: CreateDelivery,
+        trace: TraceContext,
+    ) -> Result<(DeliveryRecord, bool), Error> {
         validate(&req)?;
-        self.check_account(&req.owner, &trace).await?;
         let delivery_id = self.ids.next().await?;
+        let mut saga = Saga::Schedule {
+            delivery_id,
+            key: key.map(str::to_string),
+            request: req.clone(),
+            step: ScheduleStep::Started,
+            at_us: events::now_us(),
+        };
+        // The entry and the account check at once: the check changes nothing.
+        let (journaled, account) = tokio::join!(self.journal.write(&saga), self.check_account(&req.owner, &trace));
+        journaled?;
+        if let Err(error) = account {
+            self.forget(&saga).await;
+            return Err(error);
+        }
+        crash_point("schedule-started");
         let mut done = Done::default();
-        match self.schedule_steps(delivery_id, req, trace, &mut done).await {
-            Ok(record) => {
+        match self.schedule_steps(&mut saga, req, trace, &mut done).await {
+            Ok(outcome) => {
                 self.scheduled.fetch_add(1, Ordering::Relaxed);
-                Ok(record)
+                Ok(outcome)
             }
             Err(error) => {
-                self.compensate(delivery_id, &done).await;
+                if self.compensate(delivery_id, &done).await {
+                    self.forget(&saga).await;
+                }
                 Err(error)
             }
+        }
+    }
+
+    /// Removes a finished operation's journal entry. One that cannot be removed is left for
+    /// recovery, which finds nothing to do.
+    async fn forget(&self, saga: &Saga) {
+        if let Err(error) = self.journal.remove(saga).await {
+            tracing::warn!(%error, "could not remove a finished operation from the saga journal");
         }
     }
 
@@ -195,30 +281,39 @@ impl<F: FleetControl + WorkQueues> Scheduler<F> {
 
     async fn schedule_steps(
         &self,
-        id: DeliveryId,
+        saga: &mut Saga,
         req: CreateDelivery,
         trace: TraceContext,
         done: &mut Done,
-    ) -> Result<DeliveryRecord, Error> {
+    ) -> Result<(DeliveryRecord, bool), Error> {
+        let Saga::Schedule { delivery_id: id, key, step, .. } = saga else {
+            return Err(Error::BadRequest("not a schedule".into()));
+        };
+        let (id, key) = (*id, key.clone());
         let now = events::now_us();
-        // The package and the drone do not depend on each other: ask for both at once.
+        // The drone first (in one process a reservation in memory), then its entry in the
+        // journal and the package at once: from here on the journal names everything to undo.
+        let assignment = self.assign(id, req.pickup, &trace).await;
+        done.assignment = assignment.is_ok();
+        let drone_id = assignment?;
+        *step = ScheduleStep::Assigned { drone_id };
         let package = call(
             &self.deps.packages,
             Call::json(Method::PUT, format!("/internal/v1/packages/{id}"), &req.package).traced(&trace),
         );
-        let (package, assignment) = tokio::join!(package, self.assign(id, req.pickup, &trace));
+        let (journaled, package) = tokio::join!(self.journal.write(saga), package);
         done.package = package.is_ok();
-        done.assignment = assignment.is_ok();
+        journaled?;
         package?;
-        let drone_id = assignment?;
+        crash_point("schedule-assigned");
 
         let record = DeliveryRecord {
             delivery_id: id,
-            owner: req.owner,
+            owner: req.owner.clone(),
             drone_id,
             pickup: req.pickup,
             dropoff: req.dropoff,
-            package: req.package,
+            package: req.package.clone(),
             stage: DeliveryStage::Created,
             created_us: now,
             updated_us: now,
@@ -245,21 +340,55 @@ impl<F: FleetControl + WorkQueues> Scheduler<F> {
         }
         put_record?;
         created?;
+        crash_point("schedule-created");
+        self.finish_schedule(saga, &record, key.as_deref(), &req, trace).await.map(|staged| (record, staged))
+    }
+
+    /// The last steps of a schedule whose record and engine delivery exist (also when a
+    /// recovery completes one): the owner note for History, the mission, and then the answer
+    /// under its key together with the removal of the journal entry. `true`: the key's answer
+    /// was stored.
+    async fn finish_schedule(
+        &self,
+        saga: &Saga,
+        record: &DeliveryRecord,
+        key: Option<&str>,
+        req: &CreateDelivery,
+        trace: TraceContext,
+    ) -> Result<bool, Error> {
+        let id = record.delivery_id;
         if let Some(history) = &self.history {
-            history.note_delivery(id, &record.owner, now)?;
+            history.note_delivery(id, &record.owner, record.created_us)?;
         }
         if let Some(history) = &self.deps.history {
-            let note = crate::history::OwnerNote { owner: record.owner.clone(), created_us: now };
+            let note = crate::history::OwnerNote { owner: record.owner.clone(), created_us: record.created_us };
             call(history, Call::json(Method::PUT, format!("/internal/v1/history/owners/{id}"), &note).traced(&trace))
                 .await?;
         }
 
         // The mission goes to the drone through the drone-commands queue: delivered over the
-        // drone's own connection, acknowledged by it, redelivered if it reconnects first.
-        let mission =
-            Mission { delivery_id: id, drone_id, pickup: record.pickup, dropoff: record.dropoff, ts_us: now, trace };
-        self.fleet.enqueue(QueueName::DroneCommands, drone_id, mission.to_bytes()).await?;
-        Ok(record)
+        // drone's own connection, acknowledged by it, redelivered if it reconnects first. A
+        // second copy (a recovery after a crash right after this) is the same mission, which
+        // a drone takes once.
+        let mission = Mission::fly(id, record.drone_id, record.pickup, record.dropoff, record.created_us, trace);
+        self.fleet.enqueue(QueueName::DroneCommands, record.drone_id, mission.to_bytes()).await?;
+        crash_point("schedule-mission");
+
+        let Some(store) = self.journal.store() else { return Ok(false) };
+        let mut batch = crate::store::Batch::new();
+        if let Some(key) = key {
+            self.keys.stage(key, req, record, &mut batch)?;
+        }
+        self.journal.remove_in(saga, &mut batch);
+        let committed = store.enqueue(batch);
+        if key.is_some() {
+            // The answer must be durable before it is given: a retry after a crash replays it.
+            committed.await?;
+            return Ok(true);
+        }
+        // Without a key nothing waits on the entry's removal: left behind by a crash, recovery
+        // finds the delivery complete and only queues the mission again.
+        Ok(false)
     }
 
     /// Step 3: a drone from Drone Management.
@@ -281,12 +410,18 @@ impl<F: FleetControl + WorkQueues> Scheduler<F> {
         Ok(assignment.drone_id)
     }
 
-    /// Undoes what a failed schedule did, newest first.
-    async fn compensate(&self, id: DeliveryId, done: &Done) {
+    /// Undoes what a failed schedule did, newest first. `true`: all of it (else the journal
+    /// entry stays, and recovery tries again).
+    async fn compensate(&self, id: DeliveryId, done: &Done) -> bool {
+        let mut undone = true;
         if let Some(drone_id) = done.engine {
             let cancel = DeliveryCommand::Cancel { delivery_id: id, drone_id, ts_us: events::now_us() };
-            if let Err(error) = self.fleet.command(cancel).await {
-                self.compensation_failed(id, "engine", &error.to_string());
+            match self.fleet.command(cancel).await {
+                Ok(()) | Err(events::Error::UnknownDelivery(_)) => {}
+                Err(error) => {
+                    self.compensation_failed(id, "engine", &error.to_string());
+                    undone = false;
+                }
             }
         }
         let undo = [
@@ -295,10 +430,12 @@ impl<F: FleetControl + WorkQueues> Scheduler<F> {
             (done.package, &self.deps.packages, format!("/internal/v1/packages/{id}")),
         ];
         for (was_done, dep, path) in undo {
-            if was_done && let Err(error) = call(dep, Call::new(Method::DELETE, path)).await {
+            if was_done && let Err(error) = delete(dep, path).await {
                 self.compensation_failed(id, dep.name(), &error.to_string());
+                undone = false;
             }
         }
+        undone
     }
 
     fn compensation_failed(&self, id: DeliveryId, step: &str, error: &str) {
@@ -323,9 +460,10 @@ impl<F: FleetControl + WorkQueues> Scheduler<F> {
             Begin::Mismatch => return Err(Error::KeyReused),
             Begin::Run => {}
         }
-        let outcome = self.schedule(req.clone(), trace).await;
-        self.keys.finish(key, &req, outcome.as_ref().ok().cloned()).await?;
-        outcome.map(|r| (r, false))
+        let outcome = self.run_schedule(Some(key), req.clone(), trace).await;
+        let stored = matches!(outcome, Ok((_, true)));
+        self.keys.finish(key, &req, outcome.as_ref().ok().map(|(r, _)| r.clone()), stored).await?;
+        outcome.map(|(r, _)| (r, false))
     }
 
     async fn record(&self, id: DeliveryId, trace: &TraceContext) -> Result<DeliveryRecord, Error> {
@@ -352,7 +490,7 @@ impl<F: FleetControl + WorkQueues> Scheduler<F> {
         req: Reschedule,
         trace: TraceContext,
     ) -> Result<DeliveryRecord, Error> {
-        let mut record = self.record(id, &trace).await?;
+        let record = self.record(id, &trace).await?;
         if record.stage.is_terminal() {
             return Err(events::Error::InvalidTransition { delivery: id, reason: "the delivery is finished" }.into());
         }
@@ -365,25 +503,56 @@ impl<F: FleetControl + WorkQueues> Scheduler<F> {
                 )));
             }
         }
-        let drone_id = record.drone_id;
-        let now = events::now_us();
-        self.fleet
-            .command_traced(
-                DeliveryCommand::Reschedule { delivery_id: id, drone_id, pickup, dropoff, ts_us: now },
-                trace,
-            )
-            .await?;
-        let mission = Mission { delivery_id: id, drone_id, pickup, dropoff, ts_us: now, trace };
-        self.fleet.enqueue(QueueName::DroneCommands, drone_id, mission.to_bytes()).await?;
+        let saga =
+            Saga::Reschedule { delivery_id: id, drone_id: record.drone_id, pickup, dropoff, at_us: events::now_us() };
+        self.journal.write(&saga).await?;
+        crash_point("reschedule-started");
+        match self.reschedule_steps(&saga, Some(record), trace).await {
+            Ok(record) => {
+                self.forget(&saga).await;
+                Ok(record)
+            }
+            Err(Step::Refused(error)) => {
+                // The engine refused it: nothing changed.
+                self.forget(&saga).await;
+                Err(error)
+            }
+            // Part of it is done: the entry stays, and recovery carries it forward.
+            Err(Step::Failed(error)) => Err(error),
+        }
+    }
+
+    /// The steps of a reschedule, each idempotent, so that recovery may run them again: the
+    /// engine's delivery (the same places again change nothing), the drone's mission (a `Fly`
+    /// for the delivery it has replaces the places), and the record.
+    async fn reschedule_steps(
+        &self,
+        saga: &Saga,
+        record: Option<DeliveryRecord>,
+        trace: TraceContext,
+    ) -> Result<DeliveryRecord, Step> {
+        let &Saga::Reschedule { delivery_id: id, drone_id, pickup, dropoff, at_us } = saga else {
+            return Err(Step::Refused(Error::BadRequest("not a reschedule".into())));
+        };
+        let cmd = DeliveryCommand::Reschedule { delivery_id: id, drone_id, pickup, dropoff, ts_us: at_us };
+        self.fleet.command_traced(cmd, trace).await.map_err(|e| Step::Refused(e.into()))?;
+        crash_point("reschedule-engine");
+        let mission = Mission::fly(id, drone_id, pickup, dropoff, at_us, trace);
+        self.fleet.enqueue(QueueName::DroneCommands, drone_id, mission.to_bytes()).await.map_err(Step::failed)?;
+        let mut record = match record {
+            Some(record) => record,
+            None => self.record(id, &trace).await.map_err(Step::Failed)?,
+        };
         record.pickup = pickup;
         record.dropoff = dropoff;
         let put = Call::json(Method::PUT, format!("/internal/v1/deliveries/{id}"), &record).traced(&trace);
-        call(&self.deps.deliveries, put).await?;
+        call(&self.deps.deliveries, put).await.map_err(Step::Failed)?;
         Ok(record)
     }
 
     /// Cancels a delivery that has not been completed: the engine derives `Cancelled`, which
-    /// frees the drone. Cancelling a cancelled delivery again changes nothing.
+    /// frees the drone, and the drone is told to return to base (a drone that has not started
+    /// the mission drops it). Cancelling a cancelled delivery again changes nothing.
     pub async fn cancel(&self, id: DeliveryId, trace: TraceContext) -> Result<DeliveryRecord, Error> {
         let record = self.record(id, &trace).await?;
         match record.stage {
@@ -395,9 +564,164 @@ impl<F: FleetControl + WorkQueues> Scheduler<F> {
             }
             _ => {}
         }
-        let cmd = DeliveryCommand::Cancel { delivery_id: id, drone_id: record.drone_id, ts_us: events::now_us() };
-        self.fleet.command_traced(cmd, trace).await?;
-        Ok(record)
+        let saga = Saga::Cancel { delivery_id: id, drone_id: record.drone_id, at_us: events::now_us() };
+        self.journal.write(&saga).await?;
+        crash_point("cancel-started");
+        match self.cancel_steps(&saga, &record, trace).await {
+            Ok(()) => {
+                self.forget(&saga).await;
+                Ok(record)
+            }
+            Err(Step::Refused(error)) => {
+                self.forget(&saga).await;
+                Err(error)
+            }
+            Err(Step::Failed(error)) => Err(error),
+        }
+    }
+
+    /// The steps of a cancel, each idempotent: the engine's cancel (a delivery it no longer
+    /// has was cancelled already, or finished), then the drone's return to base.
+    async fn cancel_steps(&self, saga: &Saga, record: &DeliveryRecord, trace: TraceContext) -> Result<(), Step> {
+        let &Saga::Cancel { delivery_id: id, drone_id, at_us } = saga else {
+            return Err(Step::Refused(Error::BadRequest("not a cancel".into())));
+        };
+        let cmd = DeliveryCommand::Cancel { delivery_id: id, drone_id, ts_us: at_us };
+        match self.fleet.command_traced(cmd, trace).await {
+            Ok(()) | Err(events::Error::UnknownDelivery(_)) => {}
+            Err(error @ events::Error::InvalidTransition { .. }) => return Err(Step::Refused(error.into())),
+            Err(error) => return Err(Step::failed(error)),
+        }
+        crash_point("cancel-engine");
+        let back = Mission {
+            kind: events::MissionKind::ReturnToBase,
+            ..Mission::fly(id, drone_id, record.pickup, record.dropoff, at_us, trace)
+        };
+        self.fleet.enqueue(QueueName::DroneCommands, drone_id, back.to_bytes()).await.map_err(Step::failed)?;
+        Ok(())
+    }
+
+    /// Carries every operation a crash left in the journal to an end (see [`crate::saga`]):
+    /// first claims the `Idempotency-Key`s of unfinished schedules, so that a retry waits for
+    /// the outcome instead of running afresh beside it, then returns the task that finishes
+    /// them once `ready` resolves (in one process: once the Delivery records have caught up
+    /// with the delivery events logged before the crash, so that a record's stage can be
+    /// trusted).
+    pub async fn start_recovery(
+        self: &Arc<Self>,
+        ready: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> Result<tokio::task::JoinHandle<Recovered>, Error> {
+        let pending = self.journal.pending()?;
+        let mut claimed = Vec::new();
+        for saga in &pending {
+            if let Saga::Schedule { key: Some(key), request, .. } = saga
+                && matches!(self.keys.begin(key, request).await, crate::idempotency::Begin::Run)
+            {
+                claimed.push((key.clone(), request.clone()));
+            }
+        }
+        let svc = self.clone();
+        Ok(tokio::spawn(async move {
+            ready.await;
+            let mut report = Recovered::default();
+            for saga in pending {
+                svc.recover_one(saga, &mut claimed, &mut report).await;
+            }
+            for (key, request) in claimed {
+                // Nothing finished it (an entry that could not be recovered): a retry runs afresh.
+                let _ = svc.keys.finish(&key, &request, None, false).await;
+            }
+            if report != Recovered::default() {
+                tracing::info!(
+                    completed = report.completed,
+                    undone = report.undone,
+                    left = report.left,
+                    "operations cut short by a crash were carried to an end"
+                );
+            }
+            report
+        }))
+    }
+
+    async fn recover_one(&self, saga: Saga, claimed: &mut Vec<(String, CreateDelivery)>, report: &mut Recovered) {
+        let trace = TraceContext::new_root();
+        let outcome = match &saga {
+            Saga::Schedule { delivery_id, key, request, step, .. } => {
+                let finished = self.recover_schedule(&saga, *delivery_id, key.as_deref(), request, step).await;
+                if let (Some(key), Ok((record, stored))) = (key, &finished) {
+                    claimed.retain(|(k, r)| !(k == key && r == request));
+                    if let Err(error) = self.keys.finish(key, request, record.clone(), *stored).await {
+                        tracing::error!(%error, delivery_id, "a recovered schedule's key could not be stored");
+                    }
+                }
+                finished.map(|(record, _)| record.is_some())
+            }
+            Saga::Reschedule { .. } => match self.reschedule_steps(&saga, None, trace).await {
+                Ok(_) | Err(Step::Refused(_)) => Ok(true),
+                Err(Step::Failed(e)) => Err(e),
+            },
+            Saga::Cancel { delivery_id, .. } => match self.record(*delivery_id, &trace).await {
+                Ok(record) => match self.cancel_steps(&saga, &record, trace).await {
+                    Ok(()) | Err(Step::Refused(_)) => Ok(true),
+                    Err(Step::Failed(e)) => Err(e),
+                },
+                Err(Error::NotFound { .. }) => Ok(false),
+                Err(e) => Err(e),
+            },
+        };
+        match outcome {
+            Ok(completed) => {
+                if completed {
+                    report.completed += 1;
+                } else {
+                    report.undone += 1;
+                }
+                if !matches!(saga, Saga::Schedule { .. }) || !completed {
+                    self.forget(&saga).await;
+                }
+            }
+            Err(error) => {
+                report.left += 1;
+                tracing::error!(%error, ?saga, "an operation cut short by a crash could not be finished; it is tried again at the next start");
+            }
+        }
+    }
+
+    /// A schedule cut short: completed when its record and the engine's delivery both exist
+    /// (`Some(record)`, and whether the key's answer was stored with it), else undone (`None`).
+    async fn recover_schedule(
+        &self,
+        saga: &Saga,
+        id: DeliveryId,
+        key: Option<&str>,
+        request: &CreateDelivery,
+        step: &ScheduleStep,
+    ) -> Result<(Option<DeliveryRecord>, bool), Error> {
+        let trace = TraceContext::new_root();
+        let mut done = Done { package: true, assignment: true, record: false, engine: None };
+        if let ScheduleStep::Assigned { drone_id } = *step {
+            done.record = true;
+            done.engine = Some(drone_id);
+            let record = match self.record(id, &trace).await {
+                Ok(record) => Some(record),
+                Err(Error::NotFound { .. }) => None,
+                Err(e) => return Err(e),
+            };
+            if let Some(record) = record {
+                // The engine has it when its drone is on it, or when delivery events for it
+                // reached the record already (it may have finished since).
+                let flying = self.fleet.drone(drone_id).await?.is_some_and(|d| d.delivery == Some(id));
+                if flying || record.stage != DeliveryStage::Created {
+                    let stored = self.finish_schedule(saga, &record, key, request, trace).await?;
+                    return Ok((Some(record), stored));
+                }
+            }
+        }
+        if self.compensate(id, &done).await {
+            Ok((None, false))
+        } else {
+            Err(Error::Dependency { service: "scheduler", reason: format!("could not undo delivery {id}") })
+        }
     }
 
     /// The public routes.
@@ -484,7 +808,13 @@ async fn reschedule_delivery<F: FleetControl + WorkQueues>(
     ApiJson(req): ApiJson<Reschedule>,
 ) -> Result<impl IntoResponse, Error> {
     let id = parse_id(&id)?;
-    let record = svc.reschedule(id, req, span(trace)).await?;
+    // In a task of its own, as a schedule: carried to its end if the client goes away.
+    let saga = {
+        let svc = svc.clone();
+        let trace = span(trace);
+        tokio::spawn(async move { svc.reschedule(id, req, trace).await })
+    };
+    let record = saga.await.map_err(|e| Error::Dependency { service: "scheduler", reason: e.to_string() })??;
     Ok(Json(serde_json::json!({
         "delivery_id": record.delivery_id,
         "pickup": record.pickup,
@@ -508,6 +838,11 @@ async fn cancel_delivery<F: FleetControl + WorkQueues>(
     trace: Option<Extension<TraceContext>>,
 ) -> Result<impl IntoResponse, Error> {
     let id = parse_id(&id)?;
-    let record = svc.cancel(id, span(trace)).await?;
+    let saga = {
+        let svc = svc.clone();
+        let trace = span(trace);
+        tokio::spawn(async move { svc.cancel(id, trace).await })
+    };
+    let record = saga.await.map_err(|e| Error::Dependency { service: "scheduler", reason: e.to_string() })??;
     Ok((StatusCode::ACCEPTED, Json(serde_json::json!({ "delivery_id": record.delivery_id, "cancelling": true }))))
 }

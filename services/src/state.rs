@@ -151,8 +151,6 @@ impl<F: FleetControl + WorkQueues + Clone> Services<F> {
             file.namespace("drones"),
             deliveries.in_flight(),
         )?;
-        let keys =
-            crate::idempotency::Keys::open(file.namespace("idempotency-keys"), cfg.idempotency_retention_s).await?;
         let deps = Deps {
             accounts: Dependency::local("accounts", accounts.router(), policy),
             packages: Dependency::local("package", packages.router(), policy),
@@ -161,7 +159,8 @@ impl<F: FleetControl + WorkQueues + Clone> Services<F> {
             history: None,
         };
         let ids = ids.unwrap_or_else(|| crate::ids::StoreIdBlocks::new(file.namespace("delivery-ids")));
-        let scheduler = Scheduler::new(fleet, deps).with_keys(keys).with_ids(ids);
+        let scheduler =
+            Scheduler::new(fleet, deps).with_ids(ids).with_store(&file, cfg.idempotency_retention_s).await?;
         let scheduler = Arc::new(match history {
             Some(h) => scheduler.with_history(h),
             None => scheduler,
