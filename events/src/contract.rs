@@ -249,6 +249,15 @@ impl<T: crate::WorkQueues> crate::WorkQueues for Arc<T> {
     fn attach(&self, queue: crate::QueueName, keys: crate::KeyRange) -> Result<u64, Error> {
         (**self).attach(queue, keys)
     }
+
+    fn withdraw<'a>(
+        &'a self,
+        queue: crate::QueueName,
+        key: u64,
+        matches: &'a (dyn Fn(&[u8]) -> bool + Send + Sync),
+    ) -> impl Future<Output = Result<usize, Error>> + Send + 'a {
+        (**self).withdraw(queue, key, matches)
+    }
 }
 
 #[cfg(test)]

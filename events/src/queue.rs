@@ -127,6 +127,20 @@ pub trait WorkQueues: Send + Sync + 'static {
     /// The consumer went away: everything it holds is offered again now.
     fn release(&self, queue: QueueName, consumer: u64);
 
+    /// Takes back the messages of `key` that are waiting and not leased, and whose payload
+    /// `matches` (a cancelled delivery's mission, before its drone has it); returns how many.
+    /// Durable once it resolves. A backend that cannot do this answers 0, and the caller
+    /// follows up in band (the drone is told to return to base).
+    fn withdraw<'a>(
+        &'a self,
+        queue: QueueName,
+        key: u64,
+        matches: &'a (dyn Fn(&[u8]) -> bool + Send + Sync),
+    ) -> impl Future<Output = Result<usize, Error>> + Send + 'a {
+        let _ = (queue, key, matches);
+        async { Ok(0) }
+    }
+
     /// Attaches a consumer for `keys` and returns its id. On a queue whose keys are exclusive
     /// (`drone-commands`: one session per drone), an older consumer of overlapping keys is
     /// superseded: what it holds is offered again at once and its next lease fails with

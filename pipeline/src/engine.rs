@@ -882,6 +882,21 @@ impl WorkQueues for Engine {
         self.inner.queues.release(queue, consumer);
     }
 
+    async fn withdraw(
+        &self,
+        queue: QueueName,
+        key: u64,
+        matches: &(dyn Fn(&[u8]) -> bool + Send + Sync),
+    ) -> Result<usize, Error> {
+        if self.external(queue).is_some() {
+            // JetStream hands messages to a session's consumers ahead of its leases, so
+            // "not yet with the drone" cannot be told apart there: the caller's in-band
+            // follow-up (return to base) covers it.
+            return Ok(0);
+        }
+        self.inner.queues.withdraw(queue, key, matches).await
+    }
+
     fn attach(&self, queue: QueueName, keys: KeyRange) -> Result<u64, Error> {
         if let Some(q) = self.external(queue) {
             return Ok(q.attach());

@@ -81,7 +81,9 @@ impl Error {
             Error::KeyReused => (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused"),
             // By name, so an engine error relayed from another process maps the same way.
             Error::Engine(e) => match e.name() {
-                name @ ("shutting_down" | "storage_full") => (StatusCode::SERVICE_UNAVAILABLE, name),
+                // A store or log that failed stops taking writes until a restart (readiness says
+                // so): the request may be retried, on this node later or on another.
+                name @ ("shutting_down" | "storage_full" | "storage_failed") => (StatusCode::SERVICE_UNAVAILABLE, name),
                 name @ ("drone_busy" | "invalid_transition" | "lease_lost") => (StatusCode::CONFLICT, name),
                 name @ ("unknown_delivery" | "unknown_message") => (StatusCode::NOT_FOUND, name),
                 name @ "offset_unavailable" => (StatusCode::GONE, name),

@@ -593,6 +593,20 @@ impl<F: FleetControl + WorkQueues> Scheduler<F> {
             Err(error) => return Err(Step::failed(error)),
         }
         crash_point("cancel-engine");
+        // A mission the drone has not been handed yet is taken back; the return to base goes
+        // out either way (the drone may have it already, or the backend cannot take it back).
+        let its_fly = move |payload: &[u8]| {
+            Mission::from_bytes(payload).is_ok_and(|m| m.delivery_id == id && m.kind == events::MissionKind::Fly)
+        };
+        let withdrawn =
+            self.fleet.withdraw(QueueName::DroneCommands, drone_id, &its_fly).await.map_err(Step::failed)?;
+        if withdrawn > 0 {
+            tracing::debug!(
+                delivery_id = id,
+                withdrawn,
+                "a cancelled delivery's mission was taken back before its drone had it"
+            );
+        }
         let back = Mission {
             kind: events::MissionKind::ReturnToBase,
             ..Mission::fly(id, drone_id, record.pickup, record.dropoff, at_us, trace)

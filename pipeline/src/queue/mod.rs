@@ -411,6 +411,31 @@ impl Queue {
         Ok(())
     }
 
+    /// Takes back the ready messages of `key` whose payload `matches`; durable once it
+    /// returns. How many.
+    pub async fn withdraw(
+        self: &Arc<Self>,
+        key: u64,
+        matches: &(dyn Fn(&[u8]) -> bool + Send + Sync),
+    ) -> Result<usize, Error> {
+        let (count, seq) = {
+            let mut inner = self.inner.lock();
+            let Inner { state, journal } = &mut *inner;
+            let ids = state.withdraw(key, matches);
+            let mut seq = None;
+            if let Some(j) = journal {
+                for id in &ids {
+                    seq = Some(j.remove(*id).map_err(storage)?);
+                }
+            }
+            (ids.len(), seq)
+        };
+        if let Some(seq) = seq {
+            self.sync_to_blocking(seq).await?;
+        }
+        Ok(count)
+    }
+
     /// Deletes a dead letter.
     pub fn purge(&self, id: u64) -> Result<(), Error> {
         let mut inner = self.inner.lock();
@@ -622,6 +647,15 @@ impl WorkQueues for Queues {
 
     fn release(&self, queue: QueueName, consumer: u64) {
         self.get(queue).release(consumer);
+    }
+
+    async fn withdraw(
+        &self,
+        queue: QueueName,
+        key: u64,
+        matches: &(dyn Fn(&[u8]) -> bool + Send + Sync),
+    ) -> Result<usize, Error> {
+        self.get(queue).withdraw(key, matches).await
     }
 
     fn attach(&self, queue: QueueName, keys: KeyRange) -> Result<u64, Error> {

@@ -209,6 +209,20 @@ impl QueueState {
         out
     }
 
+    /// Removes the ready messages of `key` whose payload `matches`; returns their ids.
+    pub fn withdraw(&mut self, key: u64, matches: &dyn Fn(&[u8]) -> bool) -> Vec<u64> {
+        let ids: Vec<u64> = self
+            .ready
+            .range((key, 0)..=(key, u64::MAX))
+            .map(|&(_, id)| id)
+            .filter(|id| self.messages.get(id).is_some_and(|m| matches(&m.payload)))
+            .collect();
+        for id in &ids {
+            self.forget(*id);
+        }
+        ids
+    }
+
     /// Whether any message with a key in `keys` is ready.
     pub fn has_ready(&self, keys: KeyRange) -> bool {
         if keys == KeyRange::ALL {
@@ -505,5 +519,22 @@ mod tests {
         let m = q.lease(1, KeyRange::ALL, 1, 0).remove(0);
         assert_eq!((m.id, m.attempt), (41, 3));
         assert_eq!(q.enqueue(0, payload("y"), 0), Ok(42));
+    }
+
+    #[test]
+    fn withdraw_takes_back_only_the_matching_ready_messages_of_one_key() {
+        let mut q = QueueState::new(QueueConfig::default());
+        let fly = q.enqueue(7, Arc::from(&b"fly-1"[..]), 0).unwrap();
+        let other = q.enqueue(7, Arc::from(&b"fly-2"[..]), 0).unwrap();
+        let elsewhere = q.enqueue(8, Arc::from(&b"fly-1"[..]), 0).unwrap();
+        let is_one = |p: &[u8]| p == b"fly-1";
+        assert_eq!(q.withdraw(7, &is_one), vec![fly]);
+        assert!(q.get(fly).is_none());
+        assert!(q.get(other).is_some() && q.get(elsewhere).is_some(), "other payloads and keys stay");
+        // A leased message is with its consumer already: it stays.
+        let leased = q.lease(1, KeyRange { lo: 8, hi: 9 }, 1, 0);
+        assert_eq!(leased.len(), 1);
+        assert!(q.withdraw(8, &is_one).is_empty());
+        assert_eq!(q.counts(), (1, 1, 0));
     }
 }
