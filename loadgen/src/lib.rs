@@ -64,6 +64,11 @@ pub struct LoadConfig {
     pub linger: Duration,
     /// Deliveries customers schedule per second.
     pub deliveries_per_s: f64,
+    /// Percent of scheduled deliveries a customer cancels soon after ordering (0..=100).
+    pub cancel_percent: u8,
+    /// Percent of scheduled deliveries a customer reschedules soon after ordering (to a new
+    /// drop-off), besides those cancelled.
+    pub reschedule_percent: u8,
     /// Flight time of each mission leg (to pickup, to drop-off, home).
     pub leg: Duration,
     /// At the end, how long to wait for answers and for the subscriber to catch up.
@@ -128,6 +133,8 @@ impl LoadConfig {
             batch_max_events: 1_024,
             linger: Duration::from_millis(5),
             deliveries_per_s: 100.0,
+            cancel_percent: 0,
+            reschedule_percent: 0,
             leg: Duration::from_secs(1),
             settle: Duration::from_secs(15),
             telemetry_check: TelemetryCheck::During,
@@ -297,6 +304,16 @@ pub struct Report {
     pub deliveries_scheduled: u64,
     /// Scheduling attempts the API refused (e.g. no free drone).
     pub deliveries_refused: u64,
+    /// Deliveries a customer cancelled (`202`; `--cancel-percent`).
+    pub deliveries_cancelled: u64,
+    /// Deliveries a customer rescheduled (`200`; `--reschedule-percent`).
+    pub deliveries_rescheduled: u64,
+    /// Cancelled deliveries the subscriber nevertheless saw complete: a mission flown for a
+    /// cancelled delivery. Must be 0.
+    pub cancelled_then_completed: u64,
+    /// Cancelled deliveries whose drone dropped the package off after the cancel was answered
+    /// (plus the time a command takes to reach a drone): the drone did not stop. Must be 0.
+    pub cancelled_but_flown: u64,
     /// `DeliveryComplete` events the subscriber received.
     pub deliveries_completed: u64,
     /// Scheduled deliveries the subscriber never saw finish (complete or cancelled): still in
@@ -373,6 +390,16 @@ impl std::fmt::Display for Report {
             "deliveries  scheduled {}  refused {}  completed {}  unfinished {} (in flight when the run stopped)",
             self.deliveries_scheduled, self.deliveries_refused, self.deliveries_completed, self.deliveries_unfinished
         )?;
+        if self.deliveries_cancelled + self.deliveries_rescheduled > 0 {
+            writeln!(
+                f,
+                "changes     cancelled {}  rescheduled {}  cancelled yet completed {}  cancelled yet flown {}",
+                self.deliveries_cancelled,
+                self.deliveries_rescheduled,
+                self.cancelled_then_completed,
+                self.cancelled_but_flown
+            )?;
+        }
         writeln!(
             f,
             "subscriber  telemetry {} (read {})  delivery events {}/{} expected",
@@ -471,6 +498,12 @@ impl Report {
         if self.deliveries_unfinished > 0 {
             broken.push(format!("{} deliveries still in flight at the end", self.deliveries_unfinished));
         }
+        if self.cancelled_then_completed > 0 {
+            broken.push(format!("{} cancelled deliveries completed anyway", self.cancelled_then_completed));
+        }
+        if self.cancelled_but_flown > 0 {
+            broken.push(format!("{} cancelled deliveries flown to their drop-off", self.cancelled_but_flown));
+        }
         if broken.is_empty() { Ok(()) } else { Err(broken.join(", ")) }
     }
 }
@@ -506,6 +539,8 @@ struct Counters {
     rejected: AtomicU64,
     scheduled: AtomicU64,
     refused: AtomicU64,
+    cancelled: AtomicU64,
+    rescheduled: AtomicU64,
     completed: AtomicU64,
     telemetry_unique: AtomicU64,
     delivery_unique: AtomicU64,
@@ -668,8 +703,15 @@ pub async fn run(cfg: LoadConfig, progress: Arc<dyn Fn(&Progress) + Send + Sync>
         .collect();
 
     let scheduled_ids = Arc::new(Mutex::new(Vec::new()));
-    let customers =
-        tokio::spawn(customers(cfg.clone(), http.clone(), api.clone(), counters.clone(), scheduled_ids.clone(), start));
+    let changes = Arc::new(Mutex::new(std::collections::HashMap::new()));
+    let customers = tokio::spawn(customers(
+        cfg.clone(),
+        http.clone(),
+        api.clone(),
+        counters.clone(),
+        (scheduled_ids.clone(), changes.clone()),
+        start,
+    ));
     let ticker = {
         let counters = counters.clone();
         tokio::spawn(async move {
@@ -709,9 +751,17 @@ pub async fn run(cfg: LoadConfig, progress: Arc<dyn Fn(&Progress) + Send + Sync>
     let duration_s = start.elapsed().as_secs_f64();
     let _ = customers.await;
     let scheduled_ids = std::mem::take(&mut *scheduled_ids.lock().map_err(|_| anyhow::anyhow!("poisoned"))?);
+    let changed = std::mem::take(&mut *changes.lock().map_err(|_| anyhow::anyhow!("poisoned"))?);
     let milestones: BTreeMap<u64, u8> = outcomes.iter().map(|o| (o.delivery_id, o.milestones)).collect();
-    let expected_delivery: u64 =
-        scheduled_ids.iter().map(|id| 1 + u64::from(milestones.get(id).copied().unwrap_or(0))).sum();
+    // The delivery events each scheduled delivery must have: Created and one per milestone its
+    // drone reported, one more when it was rescheduled. A cancelled one: Created and Cancelled
+    // (which milestones came before the engine took the cancel is a race the drone cannot see).
+    let expected_of = |id: &u64| match changed.get(id).map(|c| c.0) {
+        Some(Change::Cancelled) => 2,
+        Some(Change::Rescheduled) => 2 + u64::from(milestones.get(id).copied().unwrap_or(0)),
+        None => 1 + u64::from(milestones.get(id).copied().unwrap_or(0)),
+    };
+    let expected_delivery: u64 = scheduled_ids.iter().map(expected_of).sum();
 
     // Let the subscriber catch up with everything that was acknowledged; give up only once it
     // has made no progress for `settle`.
@@ -754,11 +804,29 @@ pub async fn run(cfg: LoadConfig, progress: Arc<dyn Fn(&Progress) + Send + Sync>
 
     let lost_delivery_events: u64 = scheduled_ids
         .iter()
-        .map(|id| {
-            u64::from(1 + u32::from(milestones.get(id).copied().unwrap_or(0)))
-                .saturating_sub(u64::from(del.events_of(*id)))
+        .map(|id| match changed.get(id).map(|c| c.0) {
+            // Created and Cancelled: at least two events, the last one Cancelled.
+            Some(Change::Cancelled) => {
+                let ended = u64::from(del.ended(*id) != Some(events::DeliveryStage::Cancelled));
+                2u64.saturating_sub(u64::from(del.events_of(*id))).max(ended)
+            }
+            _ => expected_of(id).saturating_sub(u64::from(del.events_of(*id))),
         })
         .sum();
+    let cancelled_then_completed = changed
+        .iter()
+        .filter(|(id, c)| c.0 == Change::Cancelled && del.ended(**id) == Some(events::DeliveryStage::DeliveryComplete))
+        .count() as u64;
+    // A drone told to return drops nothing off: a drop-off of a cancelled delivery later than
+    // the cancel's answer (by which the drone's return-to-base is queued) plus the time a
+    // command takes to reach a connected drone is a mission flown for a cancelled delivery.
+    let cancelled_but_flown = outcomes
+        .iter()
+        .filter(|o| match (changed.get(&o.delivery_id), o.dropped_off_us) {
+            (Some((Change::Cancelled, answered_us)), Some(dropped)) => dropped > answered_us + COMMAND_REACH_US,
+            _ => false,
+        })
+        .count() as u64;
     let lost_telemetry = if cfg.raw { 0 } else { acked.saturating_sub(tel.unique) };
     let rejections = counters.rejections.lock().map(|r| r.clone()).unwrap_or_default();
     Ok(Report {
@@ -768,6 +836,10 @@ pub async fn run(cfg: LoadConfig, progress: Arc<dyn Fn(&Progress) + Send + Sync>
         events_unanswered: unanswered,
         deliveries_scheduled: counters.scheduled.load(Ordering::Relaxed),
         deliveries_refused: counters.refused.load(Ordering::Relaxed),
+        deliveries_cancelled: counters.cancelled.load(Ordering::Relaxed),
+        deliveries_rescheduled: counters.rescheduled.load(Ordering::Relaxed),
+        cancelled_then_completed,
+        cancelled_but_flown,
         deliveries_completed: del.completed,
         deliveries_unfinished: scheduled_ids.iter().filter(|id| !del.finished(**id)).count() as u64,
         delivery_events_observed: del.unique,
@@ -1345,20 +1417,42 @@ pub fn http_client(
 /// Scheduling requests in flight at once (HTTP/1.1, one connection each).
 const CUSTOMER_REQUESTS: usize = 256;
 
+/// How long a command takes at most to reach a connected drone, µs (the drone's leases are
+/// long-polled, and the simulated fleet looks at its missions every linger).
+const COMMAND_REACH_US: u64 = 250_000;
+
+/// What customers did to their deliveries after ordering them, by delivery.
+/// With when the change was answered, µs.
+type Changes = Arc<Mutex<std::collections::HashMap<u64, (Change, u64)>>>;
+
+/// What a customer did to a delivery after ordering it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Change {
+    /// Cancelled it (`202`).
+    Cancelled,
+    /// Moved its drop-off (`200`).
+    Rescheduled,
+}
+
 /// Schedules deliveries at the configured rate; the server sends each mission to its drone.
+/// Some are then cancelled or rescheduled (`cancel_percent`, `reschedule_percent`), within
+/// half a leg of being scheduled.
 async fn customers(
     cfg: LoadConfig,
     http: reqwest::Client,
     api: String,
     counters: Arc<Counters>,
-    scheduled: Arc<Mutex<Vec<u64>>>,
+    (scheduled, changes): (Arc<Mutex<Vec<u64>>>, Changes),
     start: Instant,
 ) {
     if cfg.raw {
         return;
     }
-    // Stop early enough that every mission can finish before the drones stop sending.
-    let stop_at = cfg.duration.saturating_sub(cfg.leg * 3 + Duration::from_secs(1));
+    // Stop early enough that every mission can finish before the drones stop sending (a
+    // rescheduled one starts its way to the pickup again).
+    let changing = cfg.cancel_percent > 0 || cfg.reschedule_percent > 0;
+    let margin = if changing { cfg.leg * 4 } else { cfg.leg * 3 };
+    let stop_at = cfg.duration.saturating_sub(margin + Duration::from_secs(1));
     if stop_at.is_zero() {
         tracing::warn!("duration too short for a whole mission: no deliveries are scheduled");
         return;
@@ -1382,26 +1476,57 @@ async fn customers(
                 "dropoff": dropoff,
                 "package": { "size": "small", "weight_kg": 1.5 },
             });
-            let (http, url, counters, scheduled) =
-                (http.clone(), format!("{api}/v1/deliveries"), counters.clone(), scheduled.clone());
+            let (http, api, counters, scheduled, changes) =
+                (http.clone(), api.clone(), counters.clone(), scheduled.clone(), changes.clone());
             // A key per order, unique across runs: a retry after a lost answer (the server
             // restarted mid-request) gets the first result instead of a second delivery.
             let key = format!("loadgen-{run_nonce:x}-{issued}");
             let give_up = start + stop_at + cfg.leg;
+            let roll = rng.random_range(0..100u8);
+            let change = if roll < cfg.cancel_percent {
+                Some((Change::Cancelled, None))
+            } else if roll < cfg.cancel_percent.saturating_add(cfg.reschedule_percent) {
+                Some((Change::Rescheduled, Some(near_center(&mut rng, 0.04))))
+            } else {
+                None
+            };
+            let after = cfg.leg.mul_f64(rng.random_range(0.0..0.5));
             tokio::spawn(async move {
                 let _permit = permit;
-                match schedule_with_retries(&http, &url, &key, &body, give_up).await {
-                    Some(delivery_id) => {
-                        counters.scheduled.fetch_add(1, Ordering::Relaxed);
-                        if let Ok(mut s) = scheduled.lock() {
-                            s.push(delivery_id);
-                        }
-                    }
-                    None => {
-                        counters.refused.fetch_add(1, Ordering::Relaxed);
-                    }
+                let url = format!("{api}/v1/deliveries");
+                let post = || http.post(&url).header("idempotency-key", &key).json(&body);
+                let Some(delivery_id) = schedule_with_retries(post, give_up).await else {
+                    counters.refused.fetch_add(1, Ordering::Relaxed);
+                    return;
+                };
+                counters.scheduled.fetch_add(1, Ordering::Relaxed);
+                if let Ok(mut s) = scheduled.lock() {
+                    s.push(delivery_id);
                 }
                 // The drone learns of it from drone-commands, over its own connection.
+                let Some((change, dropoff)) = change else { return };
+                tokio::time::sleep(after).await;
+                let url = format!("{api}/v1/deliveries/{delivery_id}");
+                let (done, answer) = match dropoff {
+                    None => (reqwest::StatusCode::ACCEPTED, send_with_retries(|| http.delete(&url), give_up).await),
+                    Some(dropoff) => {
+                        let moved = serde_json::json!({ "dropoff": dropoff });
+                        (reqwest::StatusCode::OK, send_with_retries(|| http.patch(&url).json(&moved), give_up).await)
+                    }
+                };
+                match answer {
+                    Some((status, _)) if status == done => {
+                        let counter =
+                            if change == Change::Cancelled { &counters.cancelled } else { &counters.rescheduled };
+                        counter.fetch_add(1, Ordering::Relaxed);
+                        if let Ok(mut c) = changes.lock() {
+                            c.insert(delivery_id, (change, now_us()));
+                        }
+                    }
+                    // Too late (picked up, or finished): the delivery goes on as it was.
+                    Some((reqwest::StatusCode::CONFLICT, _)) => {}
+                    other => tracing::warn!(delivery_id, ?change, ?other, "a customer's change was not taken"),
+                }
             });
         }
     }
@@ -1409,41 +1534,43 @@ async fn customers(
     let _ = inflight.acquire_many(CUSTOMER_REQUESTS as u32).await;
 }
 
-/// `POST`s one order as a real client does: with its `Idempotency-Key`, again after a lost
-/// connection, a `5xx` or a `429` (backing off, 50 ms doubling to 2 s, with jitter), until
-/// `give_up`. The delivery id of a `201`; `None` when refused outright (another `4xx`) or out of
-/// time.
-async fn schedule_with_retries(
-    http: &reqwest::Client,
-    url: &str,
-    key: &str,
-    body: &serde_json::Value,
+/// `POST`s one order as a real client does (`post` builds the request with its
+/// `Idempotency-Key`), retried as [`send_with_retries`]. The delivery id of a `201`; `None`
+/// when refused outright (another `4xx`) or out of time.
+async fn schedule_with_retries(post: impl Fn() -> reqwest::RequestBuilder, give_up: Instant) -> Option<u64> {
+    match send_with_retries(post, give_up).await? {
+        (reqwest::StatusCode::CREATED, v) => v["delivery_id"].as_u64(),
+        (status, body) => {
+            tracing::warn!(%status, %body, "scheduling refused");
+            None
+        }
+    }
+}
+
+/// Sends a request (built afresh by `request` for each attempt) again after a lost connection,
+/// a `5xx` or a `429`, backing off 50 ms doubling to 2 s with jitter, until `give_up`. The
+/// first other answer's status and JSON body; `None` when out of time.
+async fn send_with_retries(
+    request: impl Fn() -> reqwest::RequestBuilder,
     give_up: Instant,
-) -> Option<u64> {
+) -> Option<(reqwest::StatusCode, serde_json::Value)> {
     let mut backoff = Duration::from_millis(50);
     loop {
-        let outcome = http.post(url).header("idempotency-key", key).json(body).send().await;
-        let why = match outcome {
-            Ok(resp) if resp.status() == reqwest::StatusCode::CREATED => {
-                let v = resp.json::<serde_json::Value>().await.ok()?;
-                return v["delivery_id"].as_u64();
-            }
+        let why = match request().send().await {
             Ok(resp) if resp.status().is_server_error() || resp.status() == reqwest::StatusCode::TOO_MANY_REQUESTS => {
                 resp.status().to_string()
             }
             Ok(resp) => {
                 let status = resp.status();
-                let body = resp.text().await.unwrap_or_default();
-                tracing::warn!(%status, body, "scheduling refused");
-                return None;
+                return Some((status, resp.json().await.unwrap_or_default()));
             }
             Err(error) => error.to_string(),
         };
         if Instant::now() + backoff > give_up {
-            tracing::warn!(why, key, "scheduling gave up: still failing at the end of the run");
+            tracing::warn!(why, "a request gave up: still failing at the end of the run");
             return None;
         }
-        tracing::debug!(why, key, "scheduling will be retried");
+        tracing::debug!(why, "a request will be retried");
         let jitter = rand::random_range(0..=backoff.as_millis() as u64 / 2);
         tokio::time::sleep(backoff + Duration::from_millis(jitter)).await;
         backoff = (backoff * 2).min(Duration::from_secs(2));
@@ -1463,6 +1590,10 @@ pub(crate) mod tests {
             events_unanswered: 0,
             deliveries_scheduled: 0,
             deliveries_refused: 0,
+            deliveries_cancelled: 0,
+            deliveries_rescheduled: 0,
+            cancelled_then_completed: 0,
+            cancelled_but_flown: 0,
             deliveries_completed: 0,
             deliveries_unfinished: 0,
             delivery_events_observed: 0,

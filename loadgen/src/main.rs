@@ -57,6 +57,13 @@ struct Args {
     /// Deliveries scheduled per second [default: one per 10 drones].
     #[arg(long)]
     deliveries_per_s: Option<f64>,
+    /// Percent of scheduled deliveries a customer cancels within half a leg of ordering.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=100))]
+    cancel_percent: u8,
+    /// Percent of scheduled deliveries a customer reschedules (a new drop-off) within half a
+    /// leg of ordering.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=100))]
+    reschedule_percent: u8,
     /// Seconds per mission leg (to pickup, to drop-off, home).
     #[arg(long, default_value_t = 1.0)]
     leg_s: f64,
@@ -169,6 +176,8 @@ async fn main() -> anyhow::Result<()> {
     cfg.linger = Duration::from_secs_f64(args.linger_ms / 1000.0);
     cfg.deliveries_per_s = args.deliveries_per_s.unwrap_or(args.drones as f64 / 10.0);
     cfg.leg = Duration::from_secs_f64(args.leg_s);
+    cfg.cancel_percent = args.cancel_percent;
+    cfg.reschedule_percent = args.reschedule_percent.min(100 - args.cancel_percent);
     eprintln!(
         "loadgen: {} drones, {:.0} events/s over {} connections for {:.0} s against {} / {}",
         cfg.drones, cfg.rate, cfg.connections, args.duration, args.server, args.api

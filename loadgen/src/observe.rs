@@ -88,8 +88,8 @@ pub struct DeliveryObserver {
     pub duplicates: u64,
     /// `DeliveryComplete` events.
     pub completed: u64,
-    /// Deliveries seen reach a terminal stage (complete or cancelled).
-    finished: rustc_hash::FxHashSet<u64>,
+    /// Deliveries seen reach a terminal stage, and which (complete or cancelled).
+    ended: FxHashMap<u64, DeliveryStage>,
     /// Creation-to-arrival latency of events derived from drone events (HeadedToPickup,
     /// InTransit, DeliveryComplete), for events created from `measure_from_us` on.
     pub latency: Histogram<u64>,
@@ -107,7 +107,7 @@ impl DeliveryObserver {
             unique: 0,
             duplicates: 0,
             completed: 0,
-            finished: rustc_hash::FxHashSet::default(),
+            ended: FxHashMap::default(),
             latency: histogram(),
             measure_from_us: 0,
         }
@@ -134,7 +134,7 @@ impl DeliveryObserver {
                 self.completed += 1;
             }
             if stage.is_terminal() {
-                self.finished.insert(ev.delivery_id.to_native());
+                self.ended.insert(ev.delivery_id.to_native(), stage);
             }
             if matches!(
                 stage,
@@ -148,7 +148,12 @@ impl DeliveryObserver {
 
     /// Whether a delivery was seen complete or cancelled.
     pub fn finished(&self, delivery: u64) -> bool {
-        self.finished.contains(&delivery)
+        self.ended.contains_key(&delivery)
+    }
+
+    /// The terminal stage a delivery was seen reach, if any.
+    pub fn ended(&self, delivery: u64) -> Option<DeliveryStage> {
+        self.ended.get(&delivery).copied()
     }
 
     /// Distinct events seen for one delivery.

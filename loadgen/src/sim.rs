@@ -30,6 +30,18 @@ struct Flight {
     phase: Phase,
     /// Milestone events sent: take-off, pickup, drop-off.
     milestones: u8,
+    /// When the package was dropped off, µs.
+    dropped_off_us: Option<u64>,
+}
+
+impl Flight {
+    fn outcome(&self) -> MissionOutcome {
+        MissionOutcome {
+            delivery_id: self.mission.delivery_id,
+            milestones: self.milestones,
+            dropped_off_us: self.dropped_off_us,
+        }
+    }
 }
 
 /// A finished (or abandoned) mission and how far it got.
@@ -40,6 +52,8 @@ pub struct MissionOutcome {
     /// Milestone events sent: 1 take-off (HeadedToPickup), 2 pickup (InTransit), 3 drop-off
     /// (DeliveryComplete).
     pub milestones: u8,
+    /// When the drone dropped the package off (the event's creation time), µs.
+    pub dropped_off_us: Option<u64>,
 }
 
 /// One simulated drone.
@@ -75,31 +89,43 @@ impl SimDrone {
     pub fn assign(&mut self, mission: Mission, now_us: u64) -> Result<Option<MissionOutcome>, Mission> {
         let finished = match self.flight {
             None => None,
-            Some(f) if f.phase == Phase::Returning => {
-                Some(MissionOutcome { delivery_id: f.mission.delivery_id, milestones: f.milestones })
-            }
+            Some(f) if f.phase == Phase::Returning => Some(f.outcome()),
             Some(_) => return Err(mission),
         };
-        self.flight =
-            Some(Flight { mission, origin: self.position, start_us: now_us, phase: Phase::TakeOff, milestones: 0 });
+        self.flight = Some(Flight {
+            mission,
+            origin: self.position,
+            start_us: now_us,
+            phase: Phase::TakeOff,
+            milestones: 0,
+            dropped_off_us: None,
+        });
         Ok(finished)
     }
 
-    /// Moves the mission for `delivery` to new places if the package is not picked up yet (a
-    /// reschedule): the drone heads for the new pickup from where it is. `false`: it is not
-    /// flying that delivery, or has picked the package up.
+    /// Moves the mission for `delivery` to new places (a reschedule): before the pickup the
+    /// drone heads for the new pickup from where it is; carrying the package (the engine took
+    /// the reschedule before it heard of the pickup) it takes the new drop-off. `false`: it is
+    /// not flying that delivery, or has dropped the package off.
     pub fn reroute(&mut self, delivery: DeliveryId, pickup: GeoPoint, dropoff: GeoPoint, now_us: u64) -> bool {
         let position = self.position;
         match self.flight.as_mut() {
-            Some(f) if f.mission.delivery_id == delivery && matches!(f.phase, Phase::TakeOff | Phase::ToPickup) => {
-                f.mission.pickup = pickup;
-                f.mission.dropoff = dropoff;
-                if f.phase == Phase::ToPickup {
-                    f.origin = position;
-                    f.start_us = now_us;
+            Some(f) if f.mission.delivery_id == delivery => match f.phase {
+                Phase::TakeOff | Phase::ToPickup => {
+                    f.mission.pickup = pickup;
+                    f.mission.dropoff = dropoff;
+                    if f.phase == Phase::ToPickup {
+                        f.origin = position;
+                        f.start_us = now_us;
+                    }
+                    true
                 }
-                true
-            }
+                Phase::ToDropoff => {
+                    f.mission.dropoff = dropoff;
+                    true
+                }
+                Phase::Returning => false,
+            },
             _ => false,
         }
     }
@@ -170,6 +196,7 @@ impl SimDrone {
                         self.position = f.mission.dropoff;
                         f.phase = Phase::Returning;
                         f.milestones = 3;
+                        f.dropped_off_us = Some(ts_us);
                         (FlightStatus::Flying, DroneEventKind::DroppedOff { delivery: f.mission.delivery_id })
                     }
                     Phase::ToDropoff => {
@@ -178,7 +205,7 @@ impl SimDrone {
                     }
                     Phase::Returning if t >= 3 * leg => {
                         self.position = self.home;
-                        done = Some(MissionOutcome { delivery_id: f.mission.delivery_id, milestones: f.milestones });
+                        done = Some(f.outcome());
                         self.flight = None;
                         (FlightStatus::Idle, DroneEventKind::StatusChanged { from: FlightStatus::Flying })
                     }
@@ -206,7 +233,7 @@ impl SimDrone {
 
     /// The mission under way, as far as it got (for the end of a run).
     pub fn outcome_so_far(&self) -> Option<MissionOutcome> {
-        self.flight.map(|f| MissionOutcome { delivery_id: f.mission.delivery_id, milestones: f.milestones })
+        self.flight.map(|f| f.outcome())
     }
 }
 
@@ -242,7 +269,7 @@ mod tests {
         assert_eq!(kinds[1], (DroneEventKind::PickedUp { delivery: 9 }, m.pickup));
         assert_eq!(kinds[2], (DroneEventKind::DroppedOff { delivery: 9 }, m.dropoff));
         assert_eq!(kinds[3].0, DroneEventKind::StatusChanged { from: FlightStatus::Flying });
-        assert_eq!(outcome, Some(MissionOutcome { delivery_id: 9, milestones: 3 }));
+        assert_eq!(outcome, Some(MissionOutcome { delivery_id: 9, milestones: 3, dropped_off_us: Some(2_000) }));
         assert!(!d.busy());
         assert_eq!(d.next_event(6_000).0.seq, 51, "sequence numbers never repeat");
         // A drone on its way home takes the next mission at once.
@@ -251,7 +278,10 @@ mod tests {
             d.next_event(ts);
         }
         let next = Mission { delivery_id: 10, ..m };
-        assert_eq!(d.assign(next, 9_500), Ok(Some(MissionOutcome { delivery_id: 9, milestones: 3 })));
+        assert_eq!(
+            d.assign(next, 9_500),
+            Ok(Some(MissionOutcome { delivery_id: 9, milestones: 3, dropped_off_us: Some(9_000) }))
+        );
     }
 
     #[test]
@@ -267,7 +297,8 @@ mod tests {
         let (e, _) = d.next_event(1_200);
         assert_eq!(e.kind, DroneEventKind::PickedUp { delivery: 9 });
         assert_eq!(e.position, elsewhere, "the package is collected at the new pickup");
-        assert!(!d.reroute(9, m.pickup, m.dropoff, 1_300), "too late once picked up");
+        let moved = GeoPoint::new(47.03, -122.0);
+        assert!(d.reroute(9, m.pickup, moved, 1_300), "carrying the package: the new drop-off");
 
         assert!(d.abort(9, 1_500));
         let mut kinds = Vec::new();
@@ -278,7 +309,7 @@ mod tests {
             outcome = outcome.or(done);
         }
         assert!(!kinds.iter().any(|k| matches!(k, DroneEventKind::DroppedOff { .. })), "never dropped off: {kinds:?}");
-        assert_eq!(outcome, Some(MissionOutcome { delivery_id: 9, milestones: 2 }));
+        assert_eq!(outcome, Some(MissionOutcome { delivery_id: 9, milestones: 2, dropped_off_us: None }));
         assert!(!d.busy());
         assert!(!d.abort(9, 5_000), "nothing to abort once home");
     }

@@ -112,6 +112,37 @@ async fn a_simulated_fleet_completes_its_deliveries_without_loss() {
 /// A load generator killed mid-run leaves missions leased and unacked; the next one's drones
 /// take them over at once (the old sessions are superseded, no timeout is waited for), fly them
 /// and ack them, so every mission ends acked and none is dead-lettered.
+/// Customers cancel and reschedule some of their deliveries soon after ordering: every
+/// cancelled one ends cancelled and its drone drops nothing off after the cancel is answered
+/// (a drone flying it turns back, a mission not yet handed over is taken back); every
+/// rescheduled one is completed at its new drop-off; no event is lost or doubled, and no
+/// command is left in the queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_deliveries_are_never_flown_to_their_drop_off_and_rescheduled_ones_land_at_the_new_one() {
+    let dir = std::env::temp_dir().join(format!("fleetstream-e2e-changes-{}", std::process::id()));
+    let node = Node::start(&config(&dir)).await.unwrap();
+    let mut load = load_for(&node);
+    load.drones = 60;
+    load.connections = 3;
+    load.rate = 3_000.0;
+    load.duration = Duration::from_secs(8);
+    load.leg = Duration::from_millis(600);
+    load.deliveries_per_s = 20.0;
+    load.cancel_percent = 30;
+    load.reschedule_percent = 30;
+    let report = loadgen::run(load, Arc::new(|_: &loadgen::Progress| {})).await.unwrap();
+    assert!(report.deliveries_cancelled >= 10 && report.deliveries_rescheduled >= 10, "{report}");
+    assert_eq!((report.cancelled_then_completed, report.cancelled_but_flown), (0, 0), "{report}");
+    assert_eq!((report.lost, report.duplicates, report.deliveries_unfinished), (0, 0, 0), "{report}");
+    assert_eq!(report.verdict(), Ok(()), "{report}");
+    // Everything scheduled ended: completed, or cancelled (a cancel answered 409 came too late).
+    assert!(report.deliveries_completed + report.deliveries_cancelled >= report.deliveries_scheduled, "{report}");
+    let commands = node.engine.queues().get(events::QueueName::DroneCommands);
+    assert_eq!(commands.counts(), (0, 0, 0), "no command left behind");
+    node.shutdown().await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missions_of_a_killed_fleet_are_flown_by_the_next_one() {
     let dir = std::env::temp_dir().join(format!("fleetstream-e2e-kill-{}", std::process::id()));

@@ -567,7 +567,7 @@ impl<F: FleetControl + WorkQueues> Scheduler<F> {
         let saga = Saga::Cancel { delivery_id: id, drone_id: record.drone_id, at_us: events::now_us() };
         self.journal.write(&saga).await?;
         crash_point("cancel-started");
-        match self.cancel_steps(&saga, &record, trace).await {
+        match self.cancel_steps(&saga, &record, trace, false).await {
             Ok(()) => {
                 self.forget(&saga).await;
                 Ok(record)
@@ -582,13 +582,27 @@ impl<F: FleetControl + WorkQueues> Scheduler<F> {
 
     /// The steps of a cancel, each idempotent: the engine's cancel (a delivery it no longer
     /// has was cancelled already, or finished), then the drone's return to base.
-    async fn cancel_steps(&self, saga: &Saga, record: &DeliveryRecord, trace: TraceContext) -> Result<(), Step> {
+    async fn cancel_steps(
+        &self,
+        saga: &Saga,
+        record: &DeliveryRecord,
+        trace: TraceContext,
+        recovering: bool,
+    ) -> Result<(), Step> {
         let &Saga::Cancel { delivery_id: id, drone_id, at_us } = saga else {
             return Err(Step::Refused(Error::BadRequest("not a cancel".into())));
         };
         let cmd = DeliveryCommand::Cancel { delivery_id: id, drone_id, ts_us: at_us };
         match self.fleet.command_traced(cmd, trace).await {
-            Ok(()) | Err(events::Error::UnknownDelivery(_)) => {}
+            Ok(()) => {}
+            // The engine forgets a delivery once it ends: carried forward after a crash, that
+            // is this cancel's own first try; asked now, the delivery finished first (its
+            // record has not caught up yet), and the drone has nothing left to stop.
+            Err(events::Error::UnknownDelivery(_)) if recovering => {}
+            Err(events::Error::UnknownDelivery(_)) => {
+                let finished = events::Error::InvalidTransition { delivery: id, reason: "the delivery is finished" };
+                return Err(Step::Refused(finished.into()));
+            }
             Err(error @ events::Error::InvalidTransition { .. }) => return Err(Step::Refused(error.into())),
             Err(error) => return Err(Step::failed(error)),
         }
@@ -675,7 +689,7 @@ impl<F: FleetControl + WorkQueues> Scheduler<F> {
                 Err(Step::Failed(e)) => Err(e),
             },
             Saga::Cancel { delivery_id, .. } => match self.record(*delivery_id, &trace).await {
-                Ok(record) => match self.cancel_steps(&saga, &record, trace).await {
+                Ok(record) => match self.cancel_steps(&saga, &record, trace, true).await {
                     Ok(()) | Err(Step::Refused(_)) => Ok(true),
                     Err(Step::Failed(e)) => Err(e),
                 },
