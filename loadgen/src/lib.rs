@@ -311,9 +311,12 @@ pub struct Report {
     /// Cancelled deliveries the subscriber nevertheless saw complete: a mission flown for a
     /// cancelled delivery. Must be 0.
     pub cancelled_then_completed: u64,
-    /// Cancelled deliveries whose drone dropped the package off after the cancel was answered
-    /// (plus the time a command takes to reach a drone): the drone did not stop. Must be 0.
+    /// Cancelled deliveries whose drone dropped the package off after it was told to return
+    /// to base: the drone did not stop. Must be 0.
     pub cancelled_but_flown: u64,
+    /// Cancels answered `202` whose drone was never told to return to base by the end of the
+    /// run. Must be 0.
+    pub cancels_unheard: u64,
     /// `DeliveryComplete` events the subscriber received.
     pub deliveries_completed: u64,
     /// Scheduled deliveries the subscriber never saw finish (complete or cancelled): still in
@@ -393,11 +396,13 @@ impl std::fmt::Display for Report {
         if self.deliveries_cancelled + self.deliveries_rescheduled > 0 {
             writeln!(
                 f,
-                "changes     cancelled {}  rescheduled {}  cancelled yet completed {}  cancelled yet flown {}",
+                "changes     cancelled {}  rescheduled {}  cancelled yet completed {}  flown after the drone was told {}  \
+                 never told {}",
                 self.deliveries_cancelled,
                 self.deliveries_rescheduled,
                 self.cancelled_then_completed,
-                self.cancelled_but_flown
+                self.cancelled_but_flown,
+                self.cancels_unheard
             )?;
         }
         writeln!(
@@ -503,6 +508,9 @@ impl Report {
         }
         if self.cancelled_but_flown > 0 {
             broken.push(format!("{} cancelled deliveries flown to their drop-off", self.cancelled_but_flown));
+        }
+        if self.cancels_unheard > 0 {
+            broken.push(format!("{} cancels never reached their drone", self.cancels_unheard));
         }
         if broken.is_empty() { Ok(()) } else { Err(broken.join(", ")) }
     }
@@ -742,11 +750,16 @@ pub async fn run(cfg: LoadConfig, progress: Arc<dyn Fn(&Progress) + Send + Sync>
     let mut outcomes = Vec::new();
     let mut unanswered = 0u64;
     let mut send_lag = observe::histogram();
+    // When each cancelled delivery's drone was first told to return to base.
+    let mut told = std::collections::HashMap::new();
     for d in drivers {
-        let (o, left, lag) = d.await.context("a fleet connection panicked")??;
-        outcomes.extend(o);
-        unanswered += left;
-        let _ = send_lag.add(&lag);
+        let done = d.await.context("a fleet connection panicked")??;
+        outcomes.extend(done.outcomes);
+        unanswered += done.unanswered;
+        let _ = send_lag.add(&done.lag);
+        for (delivery, at_us) in done.told {
+            told.entry(delivery).or_insert(at_us);
+        }
     }
     let duration_s = start.elapsed().as_secs_f64();
     let _ = customers.await;
@@ -817,16 +830,17 @@ pub async fn run(cfg: LoadConfig, progress: Arc<dyn Fn(&Progress) + Send + Sync>
         .iter()
         .filter(|(id, c)| c.0 == Change::Cancelled && del.ended(**id) == Some(events::DeliveryStage::DeliveryComplete))
         .count() as u64;
-    // A drone told to return drops nothing off: a drop-off of a cancelled delivery later than
-    // the cancel's answer (by which the drone's return-to-base is queued) plus the time a
-    // command takes to reach a connected drone is a mission flown for a cancelled delivery.
+    // Every cancel answered 202 must reach its drone as a return-to-base (a drone cut off from
+    // the node hears it once it is back), and a drone told drops nothing off afterwards.
     let cancelled_but_flown = outcomes
         .iter()
-        .filter(|o| match (changed.get(&o.delivery_id), o.dropped_off_us) {
-            (Some((Change::Cancelled, answered_us)), Some(dropped)) => dropped > answered_us + COMMAND_REACH_US,
+        .filter(|o| match (told.get(&o.delivery_id), o.dropped_off_us) {
+            (Some(told_us), Some(dropped)) => dropped > *told_us,
             _ => false,
         })
         .count() as u64;
+    let cancels_unheard =
+        changed.iter().filter(|(id, c)| c.0 == Change::Cancelled && !told.contains_key(*id)).count() as u64;
     let lost_telemetry = if cfg.raw { 0 } else { acked.saturating_sub(tel.unique) };
     let rejections = counters.rejections.lock().map(|r| r.clone()).unwrap_or_default();
     Ok(Report {
@@ -840,6 +854,7 @@ pub async fn run(cfg: LoadConfig, progress: Arc<dyn Fn(&Progress) + Send + Sync>
         deliveries_rescheduled: counters.rescheduled.load(Ordering::Relaxed),
         cancelled_then_completed,
         cancelled_but_flown,
+        cancels_unheard,
         deliveries_completed: del.completed,
         deliveries_unfinished: scheduled_ids.iter().filter(|id| !del.finished(**id)).count() as u64,
         delivery_events_observed: del.unique,
@@ -1035,6 +1050,18 @@ struct Driver {
 /// A mission leased from `drone-commands` and the means to settle it.
 type HeldMission = (events::Leased, ingest::consume::Settler);
 
+/// What one fleet connection's driver ends with.
+struct DriverOutcome {
+    /// Its drones' missions, as far as each got.
+    outcomes: Vec<MissionOutcome>,
+    /// Events never answered.
+    unanswered: u64,
+    /// Its send lag.
+    lag: Histogram<u64>,
+    /// Returns to base it was told of: (delivery, when, µs).
+    told: Vec<(u64, u64)>,
+}
+
 /// The missions a fleet connection's drones hold. A mission is acked only once the batch
 /// carrying its drop-off has been acknowledged by the server, so a load generator killed
 /// mid-flight leaves its missions unacked and the next session flies them again.
@@ -1051,6 +1078,8 @@ struct MissionBook {
     /// Deliveries cancelled (told `ReturnToBase`): never flown, even if their mission comes
     /// again.
     cancelled: std::collections::HashSet<u64>,
+    /// Each return-to-base as it arrived: the delivery and when, µs.
+    told: Vec<(u64, u64)>,
     /// The scheduling trace of each mission being flown, put on the batch with its drop-off.
     traces: std::collections::HashMap<u64, events::TraceContext>,
     /// The trace of the batch being filled.
@@ -1134,7 +1163,7 @@ impl Driver {
         counters: Arc<Counters>,
         start: Instant,
         start_us: u64,
-    ) -> anyhow::Result<(Vec<MissionOutcome>, u64, Histogram<u64>)> {
+    ) -> anyhow::Result<DriverOutcome> {
         let producer = Arc::new(producer);
         let (mission_tx, mut missions) = mpsc::channel(self.drones.len().clamp(16, 1024));
         let (stop_missions, stop_rx) = tokio::sync::watch::channel(false);
@@ -1236,6 +1265,7 @@ impl Driver {
         // Let the last drop-offs' batches be answered (and their missions acked) before the
         // mission stream closes; missions still in flight stay unacked and go back to the queue.
         drop(dropoffs_tx);
+        let told = std::mem::take(&mut book.told);
         drop(book);
         let waited = Instant::now();
         while answered_events.load(Ordering::Relaxed) < sent && waited.elapsed() < cfg.settle {
@@ -1258,7 +1288,7 @@ impl Driver {
         }
         let answered =
             tokio::time::timeout(Duration::from_secs(1), answered).await.ok().and_then(Result::ok).unwrap_or(0);
-        Ok((outcomes, sent.saturating_sub(answered), lag))
+        Ok(DriverOutcome { outcomes, unanswered: sent.saturating_sub(answered), lag, told })
     }
 
     /// Where a drone sits in this connection's list.
@@ -1290,6 +1320,7 @@ impl Driver {
         let mut settle = Vec::new();
         if m.kind == events::MissionKind::ReturnToBase {
             book.cancelled.insert(m.delivery_id);
+            book.told.push((m.delivery_id, now_us()));
             book.traces.remove(&m.delivery_id);
             let (withdrawn, kept) =
                 std::mem::take(&mut book.waiting).into_iter().partition(|(w, _, _)| w.delivery_id == m.delivery_id);
@@ -1416,10 +1447,6 @@ pub fn http_client(
 
 /// Scheduling requests in flight at once (HTTP/1.1, one connection each).
 const CUSTOMER_REQUESTS: usize = 256;
-
-/// How long a command takes at most to reach a connected drone, µs (the drone's leases are
-/// long-polled, and the simulated fleet looks at its missions every linger).
-const COMMAND_REACH_US: u64 = 250_000;
 
 /// What customers did to their deliveries after ordering them, by delivery.
 /// With when the change was answered, µs.
@@ -1594,6 +1621,7 @@ pub(crate) mod tests {
             deliveries_rescheduled: 0,
             cancelled_then_completed: 0,
             cancelled_but_flown: 0,
+            cancels_unheard: 0,
             deliveries_completed: 0,
             deliveries_unfinished: 0,
             delivery_events_observed: 0,

@@ -5,7 +5,7 @@
 //! and derives the same events. Files are written whole or not at all (temporary file, fsync,
 //! rename, directory fsync) and carry a CRC, so a crash mid-write leaves the previous one.
 //!
-//! File layout: magic `FSCP`, version u8, 3 reserved, shard u32, shards u32, offset u64,
+//! File layout: magic `FSCP`, version u8 (2; 1 is still read), 3 reserved, shard u32, shards u32, offset u64,
 //! body length u32, CRC-32C u32 of the body, then an rkyv archive of [`DeriverState`].
 
 use std::fs;
@@ -20,7 +20,8 @@ use crate::derive::DeriverState;
 use crate::log::{io, sync_dir};
 
 const MAGIC: [u8; 4] = *b"FSCP";
-const VERSION: u8 = 1;
+/// Version 2 added earlier drop-offs to the state; version 1 files are still read.
+const VERSION: u8 = 2;
 const HEADER: usize = 32;
 
 /// A shard's state as of a log offset.
@@ -70,7 +71,8 @@ pub fn decode(bytes: &[u8], origin: &Path) -> Result<Checkpoint, Error> {
     if bytes.len() < HEADER || bytes[0..4] != MAGIC {
         return Err(bad("not a checkpoint"));
     }
-    if bytes[4] != VERSION {
+    let version = bytes[4];
+    if version != VERSION && version != 1 {
         return Err(bad("unknown checkpoint version"));
     }
     let u32_at = |i: usize| u32::from_le_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
@@ -85,8 +87,12 @@ pub fn decode(bytes: &[u8], origin: &Path) -> Result<Checkpoint, Error> {
     }
     let mut body = Buffer::with_capacity(len);
     body.extend_from_slice(&bytes[HEADER..]);
-    let state =
-        rkyv::from_bytes::<DeriverState, rancor::Error>(&body).map_err(|e| bad(&format!("invalid checkpoint: {e}")))?;
+    let invalid = |e: rancor::Error| bad(&format!("invalid checkpoint: {e}"));
+    let state = if version == 1 {
+        rkyv::from_bytes::<crate::derive::DeriverStateV1, rancor::Error>(&body).map_err(invalid)?.into()
+    } else {
+        rkyv::from_bytes::<DeriverState, rancor::Error>(&body).map_err(invalid)?
+    };
     Ok(Checkpoint { shard: u32_at(8), shards: u32_at(12), offset: u64::from_le_bytes(o), state })
 }
 
@@ -145,5 +151,21 @@ mod tests {
         fs::write(&p, bytes).unwrap();
         assert!(matches!(read(&dir, 0), Err(Error::Corrupt { .. })));
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_version_1_checkpoint_is_still_read() {
+        let v1 = crate::derive::DeriverStateV1::default();
+        let body = rkyv::to_bytes::<rancor::Error>(&v1).unwrap();
+        let mut bytes = encode(&Checkpoint { shard: 1, shards: 2, offset: 7, state: DeriverState::default() }).unwrap();
+        bytes.truncate(HEADER);
+        bytes[4] = 1;
+        bytes[24..28].copy_from_slice(&(body.len() as u32).to_le_bytes());
+        bytes[28..32].copy_from_slice(&crc32c::crc32c(&body).to_le_bytes());
+        bytes.extend_from_slice(&body);
+        let read = decode(&bytes, Path::new("v1")).unwrap();
+        assert_eq!((read.shard, read.offset, read.state), (1, 7, DeriverState::from(v1)));
+        bytes[4] = 3;
+        assert!(decode(&bytes, Path::new("v3")).is_err(), "a later version is refused");
     }
 }

@@ -10,8 +10,11 @@
 //! - the drone reports `Flying` while the delivery is `Created`/`Rescheduled`: `HeadedToPickup`.
 //! - `PickedUp` for that delivery before it is in transit: `InTransit`.
 //! - `DroppedOff` for that delivery while in transit, within `dropoff_radius_m` of the drop-off
-//!   point: `DeliveryComplete`, and the drone is free again. Farther away it is not a completion;
-//!   it is counted in [`DeriveStats::far_dropoffs`] and the delivery stays in transit.
+//!   point: `DeliveryComplete`, and the drone is free again. Within the radius of a drop-off
+//!   the delivery had before a reschedule counts too (the drone could not be told in time:
+//!   disconnected, or the package was picked up before the new mission reached it; the
+//!   event's location says where it landed). Farther away it is not a completion; it is
+//!   counted in [`DeriveStats::far_dropoffs`] and the delivery stays in transit.
 //! - `Reschedule` before pickup: `Rescheduled`; `Cancel` before completion: `Cancelled`.
 //!
 //! A drone event whose sequence number is not above the last one applied for that drone is a
@@ -115,6 +118,21 @@ impl DeliveryState {
 pub struct DeriverState {
     drones: Vec<(DroneId, DroneState)>,
     deliveries: Vec<(DeliveryId, DeliveryState)>,
+    earlier_dropoffs: Vec<(DeliveryId, Vec<GeoPoint>)>,
+}
+
+/// [`DeriverState`] as checkpoint version 1 wrote it (before earlier drop-offs were kept), so
+/// a node upgraded in place restores its shards' state instead of replaying the whole log.
+#[derive(Debug, Clone, Default, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct DeriverStateV1 {
+    drones: Vec<(DroneId, DroneState)>,
+    deliveries: Vec<(DeliveryId, DeliveryState)>,
+}
+
+impl From<DeriverStateV1> for DeriverState {
+    fn from(v1: DeriverStateV1) -> Self {
+        Self { drones: v1.drones, deliveries: v1.deliveries, earlier_dropoffs: Vec::new() }
+    }
 }
 
 impl DeriverState {
@@ -130,8 +148,14 @@ pub struct Deriver {
     cfg: DeriveConfig,
     drones: FxHashMap<DroneId, DroneState>,
     deliveries: FxHashMap<DeliveryId, DeliveryState>,
+    /// Drop-offs a delivery in flight had before its reschedules (at most
+    /// [`EARLIER_DROPOFFS`]), newest last.
+    earlier_dropoffs: FxHashMap<DeliveryId, Vec<GeoPoint>>,
     stats: DeriveStats,
 }
+
+/// Earlier drop-offs remembered per delivery: a drone can only have missed so many reschedules.
+const EARLIER_DROPOFFS: usize = 4;
 
 impl Deriver {
     /// A deriver with no state.
@@ -178,10 +202,14 @@ impl Deriver {
                     ArchivedDroneEventKind::DroppedOff { delivery: d } if d.to_native() == id => {
                         if delivery.stage != DeliveryStage::InTransit {
                             self.stats.stray += 1;
-                        } else if position.distance_m(&delivery.dropoff) <= self.cfg.dropoff_radius_m {
+                        } else if std::iter::once(&delivery.dropoff)
+                            .chain(self.earlier_dropoffs.get(&id).into_iter().flatten())
+                            .any(|at| position.distance_m(at) <= self.cfg.dropoff_radius_m)
+                        {
                             delivery.emit(id, DeliveryStage::DeliveryComplete, ts_us, position, out);
                             drone.delivery = None;
                             self.deliveries.remove(&id);
+                            self.earlier_dropoffs.remove(&id);
                         } else {
                             self.stats.far_dropoffs += 1;
                         }
@@ -256,6 +284,13 @@ impl Deriver {
                     // changes, so nothing is derived.
                     return Ok(());
                 }
+                if state.dropoff != dropoff {
+                    let earlier = self.earlier_dropoffs.entry(delivery_id).or_default();
+                    if earlier.len() == EARLIER_DROPOFFS {
+                        earlier.remove(0);
+                    }
+                    earlier.push(state.dropoff);
+                }
                 state.pickup = pickup;
                 state.dropoff = dropoff;
                 state.emit(delivery_id, DeliveryStage::Rescheduled, at(ts_us), pickup, out);
@@ -263,6 +298,7 @@ impl Deriver {
             }
             DeliveryCommand::Cancel { delivery_id, ts_us, .. } => {
                 let mut state = self.deliveries.remove(&delivery_id).ok_or(Error::UnknownDelivery(delivery_id))?;
+                self.earlier_dropoffs.remove(&delivery_id);
                 let location = self.drones.get(&state.drone).map_or(state.pickup, |d| d.position);
                 state.emit(delivery_id, DeliveryStage::Cancelled, at(ts_us), location, out);
                 if let Some(drone) = self.drones.get_mut(&state.drone) {
@@ -313,9 +349,11 @@ impl Deriver {
     pub fn snapshot(&self) -> DeriverState {
         let mut drones: Vec<_> = self.drones.iter().map(|(k, v)| (*k, *v)).collect();
         let mut deliveries: Vec<_> = self.deliveries.iter().map(|(k, v)| (*k, *v)).collect();
+        let mut earlier_dropoffs: Vec<_> = self.earlier_dropoffs.iter().map(|(k, v)| (*k, v.clone())).collect();
         drones.sort_unstable_by_key(|(k, _)| *k);
         deliveries.sort_unstable_by_key(|(k, _)| *k);
-        DeriverState { drones, deliveries }
+        earlier_dropoffs.sort_unstable_by_key(|(k, _)| *k);
+        DeriverState { drones, deliveries, earlier_dropoffs }
     }
 
     /// A deriver continuing from a checkpointed state (counters start at zero).
@@ -324,6 +362,7 @@ impl Deriver {
             cfg,
             drones: state.drones.into_iter().collect(),
             deliveries: state.deliveries.into_iter().collect(),
+            earlier_dropoffs: state.earlier_dropoffs.into_iter().collect(),
             stats: DeriveStats::default(),
         }
     }
@@ -446,6 +485,30 @@ mod tests {
         let (out, _) =
             feed(&mut d, &[drone.event(inside, FlightStatus::Flying, DroneEventKind::DroppedOff { delivery: 10 })]);
         assert_eq!(stages(&out), vec![(3, DeliveryStage::DeliveryComplete)]);
+    }
+
+    #[test]
+    fn a_drone_that_missed_a_reschedule_completes_at_the_drop_off_it_had() {
+        let mut d = Deriver::new(DeriveConfig::default());
+        create(&mut d, 10, 1);
+        let moved = GeoPoint::new(47.65, -122.35);
+        let mut out = Vec::new();
+        let resched =
+            DeliveryCommand::Reschedule { delivery_id: 10, drone_id: 1, pickup: PICKUP, dropoff: moved, ts_us: 2 };
+        d.on_command(&resched, 2, &mut out).unwrap();
+        // Kept across a checkpoint.
+        let mut d = Deriver::restore(DeriveConfig::default(), d.snapshot());
+        let mut drone = Drone { id: 1, seq: 0 };
+        let (out, _) = feed(
+            &mut d,
+            &[
+                drone.event(PICKUP, FlightStatus::Flying, DroneEventKind::PickedUp { delivery: 10 }),
+                drone.event(DROPOFF, FlightStatus::Flying, DroneEventKind::DroppedOff { delivery: 10 }),
+            ],
+        );
+        let last = out.last().unwrap();
+        assert_eq!((last.stage, last.location), (DeliveryStage::DeliveryComplete, DROPOFF), "where it landed");
+        assert_eq!(d.snapshot().earlier_dropoffs, Vec::new(), "forgotten with the delivery");
     }
 
     #[test]
