@@ -122,8 +122,19 @@ impl Node {
         );
 
         // Owner notes reach Delivery History with its next batch, so a crash can lose the last
-        // few: the notes of the newest deliveries are written again (idempotently).
+        // few: the notes of the newest deliveries are written again (idempotently). Not those of
+        // schedules a crash cut short: recovery writes theirs if it completes them, and an
+        // undone one must not be listed.
+        let cut_short: std::collections::HashSet<_> = services
+            .scheduler
+            .cut_short_schedules()
+            .map_err(|e| Error::Task(format!("reading the saga journal: {e}")))?
+            .into_iter()
+            .collect();
         for (id, owner, created_us) in services.deliveries.recent_owners(OWNER_NOTES_REPLAYED_US) {
+            if cut_short.contains(&id) {
+                continue;
+            }
             history.note_delivery(id, &owner, created_us).map_err(|e| Error::Task(format!("delivery history: {e}")))?;
         }
         history.flush().map_err(|e| Error::Task(format!("delivery history: {e}")))?;

@@ -629,6 +629,20 @@ impl<F: FleetControl + WorkQueues> Scheduler<F> {
         Ok(())
     }
 
+    /// The deliveries of schedules a crash cut short (left in the journal): recovery completes
+    /// or undoes them, so nothing else should act on their records before it has.
+    pub fn cut_short_schedules(&self) -> Result<Vec<DeliveryId>, Error> {
+        Ok(self
+            .journal
+            .pending()?
+            .into_iter()
+            .filter_map(|saga| match saga {
+                Saga::Schedule { delivery_id, .. } => Some(delivery_id),
+                _ => None,
+            })
+            .collect())
+    }
+
     /// Carries every operation a crash left in the journal to an end (see [`crate::saga`]):
     /// first claims the `Idempotency-Key`s of unfinished schedules, so that a retry waits for
     /// the outcome instead of running afresh beside it, then returns the task that finishes
