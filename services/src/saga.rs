@@ -3,20 +3,21 @@
 //!
 //! Each operation writes an entry before its first step that changes anything, updates it once
 //! the schedule has a drone (the entry then names everything an undo needs), and removes it in
-//! the same commit as its outcome (the `Idempotency-Key`'s stored answer). At start, and from
-//! then on periodically, the scheduler takes every entry left behind and carries it to an end
-//! ([`crate::scheduler::Scheduler::recover`]):
+//! the same commit as its outcome (the `Idempotency-Key`'s stored answer). At start the
+//! scheduler takes every entry left behind and carries it to an end
+//! ([`crate::scheduler::Scheduler::start_recovery`]); an undo that fails while the node runs
+//! (a dependency down) leaves its entry too, for the next start:
 //!
 //! | entry left | what happened | recovery |
 //! |---|---|---|
-//! | schedule, `started` | nothing, or a package / assignment | undone (deleted) |
+//! | schedule, `started` (only where assignments are stored) | nothing, or an assignment | undone (deleted) |
 //! | schedule, `assigned` with the record and the engine's delivery | all but the answer | completed: the mission is queued (again) and the key answers with the delivery |
 //! | schedule, `assigned`, anything less | some steps | undone: the engine's delivery cancelled, record, assignment and package deleted |
 //! | reschedule | some of engine, mission, record | carried forward (each step is idempotent) |
 //! | cancel | the engine's cancel, perhaps | carried forward: cancel (again) and the drone told |
 //!
 //! An undone schedule's key answers as a failed request does: a retry runs afresh. A crash
-//! hook for tests ([`crash_point`]) stops the process at a named step, as `kill -9` would.
+//! hook for tests (`crash_point`) stops the process at a named step, as `kill -9` would.
 
 use serde::{Deserialize, Serialize};
 
@@ -147,10 +148,10 @@ impl Journal {
     }
 }
 
-/// The environment variable naming the step at which [`crash_point`] stops the process.
+/// The environment variable naming the step at which `crash_point` stops the process.
 pub const CRASH_AT_ENV: &str = "FLEETSTREAM_TEST_CRASH_AT";
 
-/// The steps [`crash_point`] knows, in the order an operation passes them.
+/// The steps `crash_point` knows, in the order an operation passes them.
 pub const CRASH_POINTS: &[&str] = &[
     "schedule-started",
     "schedule-assigned",

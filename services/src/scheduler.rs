@@ -2,24 +2,30 @@
 //!
 //! Scheduling is a saga over the internal services, run synchronously, each step an idempotent
 //! PUT of a resource named by the new delivery's id (so a retried step never makes a second
-//! one):
+//! one), journaled (see [`crate::saga`]) so that a crash between two steps is carried to an end
+//! at the next start:
 //!
 //! ```text
 //!  1 Accounts          GET  /internal/v1/accounts/{owner}        owner exists and may order
-//!  2 Package           PUT  /internal/v1/packages/{id}           ┐ 2 and 3 at once
-//!  3 Drone Management  PUT  /internal/v1/assignments/{id}        │
-//!  4 Delivery          PUT  /internal/v1/deliveries/{id}         │ 4 and 5 at once
-//!  5 engine            Create on the drone's shard               │ undone in reverse order
-//!  6 drone-commands    the mission, keyed by drone               ┘ if a later step fails
+//!  2 Drone Management  PUT  /internal/v1/assignments/{id}        a drone near the pickup
+//!    journal           the schedule and its drone                ┐ at once (with stored
+//!  3 Package           PUT  /internal/v1/packages/{id}           ┘ assignments, the schedule's
+//!                                                                  start is journaled before 2)
+//!  4 Delivery          PUT  /internal/v1/deliveries/{id}         ┐ 4 and 5 at once
+//!  5 engine            Create on the drone's shard               ┘ undone if a later step fails
+//!  6 drone-commands    the mission, keyed by drone
+//!    journal           entry removed with the key's answer, in one commit
 //! ```
 //!
 //! Steps that do not depend on each other run concurrently, so a schedule waits for three
-//! durable writes in a row (one of 2/3, one of 4/5, then 6), not five.
+//! durable writes in a row before its answer (the entry or package, the record or engine, the
+//! mission), four with an `Idempotency-Key` (its answer is stored before it is given).
 //!
 //! If a step fails, the steps already done are compensated (DELETE, or a Cancel command for
 //! the engine) and the caller gets an error naming the failed dependency (`503
 //! dependency_failed`, `"dependency": "package"`). A compensation that cannot be made is
-//! logged and counted (`fleetstream_scheduler_compensation_failures_total`).
+//! logged and counted (`fleetstream_scheduler_compensation_failures_total`), and its journal
+//! entry stays for the next start.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -85,6 +91,7 @@ pub struct Scheduler<F> {
     ids: crate::ids::Allocator,
     pub(crate) keys: crate::idempotency::Keys,
     journal: Journal,
+    durable_assignments: bool,
     history: Option<Arc<crate::history::History>>,
     /// Deliveries scheduled.
     pub scheduled: AtomicU64,
@@ -160,6 +167,7 @@ impl<F: FleetControl + WorkQueues> Scheduler<F> {
             ids: crate::ids::Allocator::new(crate::ids::ClockIdBlocks::new()),
             keys: crate::idempotency::Keys::default(),
             journal: Journal::default(),
+            durable_assignments: true,
             history: None,
             scheduled: AtomicU64::new(0),
             refused: AtomicU64::new(0),
@@ -184,6 +192,16 @@ impl<F: FleetControl + WorkQueues> Scheduler<F> {
     pub async fn with_store(self, store: &crate::store::Store, retention_s: u64) -> Result<Self, Error> {
         let keys = crate::idempotency::Keys::open(store.namespace("idempotency-keys"), retention_s).await?;
         Ok(self.with_keys(keys).with_journal(store.namespace("sagas")))
+    }
+
+    /// Drone Management keeps its assignments in memory only (one process, where they are
+    /// derived from the delivery records): a schedule's first journal entry then waits until it
+    /// has a drone, one store commit fewer per schedule. With assignments Drone Management
+    /// stores (split mode, the default here), the entry is written before the assignment, so
+    /// that a crash between the two cannot leave a drone held by a delivery nobody knows.
+    pub fn with_assignments_in_memory(mut self) -> Self {
+        self.durable_assignments = false;
+        self
     }
 
     /// Journals every schedule, reschedule and cancel in `store` (see [`crate::saga`]), which
@@ -227,12 +245,19 @@ impl<F: FleetControl + WorkQueues> Scheduler<F> {
             step: ScheduleStep::Started,
             at_us: events::now_us(),
         };
-        // The entry and the account check at once: the check changes nothing.
-        let (journaled, account) = tokio::join!(self.journal.write(&saga), self.check_account(&req.owner, &trace));
-        journaled?;
-        if let Err(error) = account {
-            self.forget(&saga).await;
-            return Err(error);
+        if self.durable_assignments {
+            // Drone Management stores the assignment it is about to make: the entry must be
+            // there first. It and the account check at once (the check changes nothing).
+            let (journaled, account) = tokio::join!(self.journal.write(&saga), self.check_account(&req.owner, &trace));
+            journaled?;
+            if let Err(error) = account {
+                self.forget(&saga).await;
+                return Err(error);
+            }
+        } else {
+            // The assignment is a reservation in memory, gone with a crash: the first entry can
+            // wait until there is a drone to name.
+            self.check_account(&req.owner, &trace).await?;
         }
         crash_point("schedule-started");
         let mut done = Done::default();
@@ -293,6 +318,9 @@ impl<F: FleetControl + WorkQueues> Scheduler<F> {
         let now = events::now_us();
         // The drone first (in one process a reservation in memory), then its entry in the
         // journal and the package at once: from here on the journal names everything to undo.
+        // (A crash between the two commits can leave a package row no delivery refers to;
+        // nothing reads it.) The package before the record and the engine's delivery, so that
+        // a Package service that is down costs no delivery events.
         let assignment = self.assign(id, req.pickup, &trace).await;
         done.assignment = assignment.is_ok();
         let drone_id = assignment?;

@@ -159,8 +159,11 @@ impl<F: FleetControl + WorkQueues + Clone> Services<F> {
             history: None,
         };
         let ids = ids.unwrap_or_else(|| crate::ids::StoreIdBlocks::new(file.namespace("delivery-ids")));
-        let scheduler =
-            Scheduler::new(fleet, deps).with_ids(ids).with_store(&file, cfg.idempotency_retention_s).await?;
+        let scheduler = Scheduler::new(fleet, deps)
+            .with_ids(ids)
+            .with_store(&file, cfg.idempotency_retention_s)
+            .await?
+            .with_assignments_in_memory();
         let scheduler = Arc::new(match history {
             Some(h) => scheduler.with_history(h),
             None => scheduler,
