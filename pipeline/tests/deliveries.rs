@@ -556,7 +556,7 @@ async fn a_failed_store_commit_stops_scheduling_and_shows_in_readiness() {
 /// that says `sync_always` (a stand-in for the server's `/varz` here) it starts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn require_sync_refuses_a_jetstream_whose_acknowledgements_may_not_be_on_disk() {
-    let Some((_, url)) = common::nats("require_sync_refuses").await else { return };
+    let Some((client, url)) = common::nats("require_sync_refuses").await else { return };
     let (dir, mut cfg) = loopback_config("js-sync");
     cfg.jetstream.url = url;
     cfg.jetstream.stream_prefix = format!("FSSYNC{}", std::process::id());
@@ -588,6 +588,11 @@ async fn require_sync_refuses_a_jetstream_whose_acknowledgements_may_not_be_on_d
             }
             Err(e) => assert!(!starts && e.to_string().contains("120s"), "{e}"),
         }
+    }
+    // The node that started made its queue's streams.
+    let js = async_nats::jetstream::new(client);
+    for stream in ["QUEUE_NOTIFICATIONS", "DEAD_LETTERS"] {
+        let _ = js.delete_stream(format!("{}_{stream}", cfg.jetstream.stream_prefix)).await;
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
