@@ -535,17 +535,23 @@ impl<F: FleetControl + WorkQueues> Scheduler<F> {
             Saga::Reschedule { delivery_id: id, drone_id: record.drone_id, pickup, dropoff, at_us: events::now_us() };
         self.journal.write(&saga).await?;
         crash_point("reschedule-started");
-        match self.reschedule_steps(&saga, Some(record), trace).await {
-            Ok(record) => {
-                self.forget(&saga).await;
-                Ok(record)
+        let outcome = self.reschedule_steps(&saga, Some(record), trace).await;
+        self.conclude(&saga, outcome).await
+    }
+
+    /// Ends a journaled reschedule or cancel: done, or refused before anything changed (the
+    /// engine said no), its entry goes; failed part-way, the entry stays and recovery carries
+    /// it forward at the next start.
+    async fn conclude<T>(&self, saga: &Saga, outcome: Result<T, Step>) -> Result<T, Error> {
+        match outcome {
+            Ok(done) => {
+                self.forget(saga).await;
+                Ok(done)
             }
             Err(Step::Refused(error)) => {
-                // The engine refused it: nothing changed.
-                self.forget(&saga).await;
+                self.forget(saga).await;
                 Err(error)
             }
-            // Part of it is done: the entry stays, and recovery carries it forward.
             Err(Step::Failed(error)) => Err(error),
         }
     }
@@ -595,17 +601,8 @@ impl<F: FleetControl + WorkQueues> Scheduler<F> {
         let saga = Saga::Cancel { delivery_id: id, drone_id: record.drone_id, at_us: events::now_us() };
         self.journal.write(&saga).await?;
         crash_point("cancel-started");
-        match self.cancel_steps(&saga, &record, trace, false).await {
-            Ok(()) => {
-                self.forget(&saga).await;
-                Ok(record)
-            }
-            Err(Step::Refused(error)) => {
-                self.forget(&saga).await;
-                Err(error)
-            }
-            Err(Step::Failed(error)) => Err(error),
-        }
+        let outcome = self.cancel_steps(&saga, &record, trace, false).await;
+        self.conclude(&saga, outcome).await.map(|()| record)
     }
 
     /// The steps of a cancel, each idempotent: the engine's cancel (a delivery it no longer
