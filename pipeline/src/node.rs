@@ -225,14 +225,21 @@ impl Node {
             .start_recovery(records_caught_up(position_rx, logged))
             .await
             .map_err(|e| Error::Task(format!("reading the saga journal: {e}")))?;
-        // Drones registered before they ever reported are looked up until they do.
+        // Drones registered before they ever reported are looked up until they do; operations
+        // that failed part-way (an undo that could not be made) are tried again every 5 s.
         let sweeper_task = tokio::spawn({
-            let drones = services.drones.clone();
+            let (drones, scheduler) = (services.drones.clone(), services.scheduler.clone());
             async move {
                 let mut every = tokio::time::interval(std::time::Duration::from_secs(1));
-                loop {
+                for tick in 0u64.. {
                     every.tick().await;
                     drones.sweep().await;
+                    if tick % 5 == 4 {
+                        let retried = scheduler.retry_left().await;
+                        if retried.completed + retried.undone > 0 {
+                            tracing::info!(?retried, "operations that had failed part-way were ended");
+                        }
+                    }
                 }
             }
         });

@@ -497,8 +497,19 @@ pub async fn start(role: Role, cfg: &Config) -> Result<RoleProcess, Error> {
             );
             tasks.push({
                 let recovery = scheduler.start_recovery(async {}).await.map_err(svc_error)?;
+                let (scheduler, mut stop) = (scheduler.clone(), stop_rx.clone());
                 tokio::spawn(async move {
                     let _ = recovery.await;
+                    // Operations that failed part-way are tried again every 5 s, until the role
+                    // stops.
+                    let mut every = tokio::time::interval(std::time::Duration::from_secs(5));
+                    loop {
+                        tokio::select! {
+                            _ = stop.wait_for(|s| *s) => break,
+                            _ = every.tick() => {}
+                        }
+                        scheduler.retry_left().await;
+                    }
                 })
             });
             let throttle = services::throttle::Throttle::new(cfg.http.throttle);

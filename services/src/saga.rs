@@ -5,8 +5,11 @@
 //! the schedule has a drone (the entry then names everything an undo needs), and removes it in
 //! the same commit as its outcome (the `Idempotency-Key`'s stored answer). At start the
 //! scheduler takes every entry left behind and carries it to an end
-//! ([`crate::scheduler::Scheduler::start_recovery`]); an undo that fails while the node runs
-//! (a dependency down) leaves its entry too, for the next start:
+//! ([`crate::scheduler::Scheduler::start_recovery`]). An operation that fails part-way while
+//! the node runs (an undo the engine refused, a step after which a dependency went down) keeps
+//! its entry and is tried again every few seconds
+//! ([`crate::scheduler::Scheduler::retry_left`]: a schedule undone, the others carried forward),
+//! and at the next start if the node stops first:
 //!
 //! | entry left | what happened | recovery |
 //! |---|---|---|

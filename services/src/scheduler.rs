@@ -91,6 +91,9 @@ pub struct Scheduler<F> {
     ids: crate::ids::Allocator,
     pub(crate) keys: crate::idempotency::Keys,
     journal: Journal,
+    /// Operations that failed part-way while the node ran and could not be ended then (an
+    /// undo or a step that failed): [`Scheduler::retry_left`] tries them again.
+    left: parking_lot::Mutex<Vec<Saga>>,
     durable_assignments: bool,
     history: Option<Arc<crate::history::History>>,
     /// Deliveries scheduled.
@@ -167,6 +170,7 @@ impl<F: FleetControl + WorkQueues> Scheduler<F> {
             ids: crate::ids::Allocator::new(crate::ids::ClockIdBlocks::new()),
             keys: crate::idempotency::Keys::default(),
             journal: Journal::default(),
+            left: parking_lot::Mutex::new(Vec::new()),
             durable_assignments: true,
             history: None,
             scheduled: AtomicU64::new(0),
@@ -269,6 +273,8 @@ impl<F: FleetControl + WorkQueues> Scheduler<F> {
             Err(error) => {
                 if self.compensate(delivery_id, &done).await {
                     self.forget(&saga).await;
+                } else {
+                    self.left.lock().push(saga);
                 }
                 Err(error)
             }
@@ -552,8 +558,45 @@ impl<F: FleetControl + WorkQueues> Scheduler<F> {
                 self.forget(saga).await;
                 Err(error)
             }
-            Err(Step::Failed(error)) => Err(error),
+            Err(Step::Failed(error)) => {
+                self.left.lock().push(saga.clone());
+                Err(error)
+            }
         }
+    }
+
+    /// Tries again to end the operations that failed part-way while the node ran (see
+    /// `left`): a schedule is undone (its caller was told it failed, and a retry may have
+    /// scheduled afresh), a reschedule or cancel carried forward. What still fails stays for
+    /// the next call, and its journal entry for the next start. The node calls this every few
+    /// seconds.
+    pub async fn retry_left(&self) -> Recovered {
+        let left = std::mem::take(&mut *self.left.lock());
+        let mut report = Recovered::default();
+        for saga in left {
+            let ended = match &saga {
+                Saga::Schedule { delivery_id, step, .. } => {
+                    let engine = match step {
+                        ScheduleStep::Assigned { drone_id } => Some(*drone_id),
+                        ScheduleStep::Started => None,
+                    };
+                    let done = Done { package: true, assignment: true, record: true, engine };
+                    self.compensate(*delivery_id, &done).await.then_some(false)
+                }
+                _ => self.carry_forward(&saga).await.ok(),
+            };
+            match ended {
+                Some(completed) => {
+                    self.forget(&saga).await;
+                    if completed { report.completed += 1 } else { report.undone += 1 }
+                }
+                None => {
+                    report.left += 1;
+                    self.left.lock().push(saga);
+                }
+            }
+        }
+        report
     }
 
     /// The steps of a reschedule, each idempotent, so that recovery may run them again: the
@@ -711,7 +754,6 @@ impl<F: FleetControl + WorkQueues> Scheduler<F> {
     }
 
     async fn recover_one(&self, saga: Saga, claimed: &mut Vec<(String, CreateDelivery)>, report: &mut Recovered) {
-        let trace = TraceContext::new_root();
         let outcome = match &saga {
             Saga::Schedule { delivery_id, key, request, step, .. } => {
                 let finished = self.recover_schedule(&saga, *delivery_id, key.as_deref(), request, step).await;
@@ -723,18 +765,7 @@ impl<F: FleetControl + WorkQueues> Scheduler<F> {
                 }
                 finished.map(|(record, _)| record.is_some())
             }
-            Saga::Reschedule { .. } => match self.reschedule_steps(&saga, None, trace).await {
-                Ok(_) | Err(Step::Refused(_)) => Ok(true),
-                Err(Step::Failed(e)) => Err(e),
-            },
-            Saga::Cancel { delivery_id, .. } => match self.record(*delivery_id, &trace).await {
-                Ok(record) => match self.cancel_steps(&saga, &record, trace, true).await {
-                    Ok(()) | Err(Step::Refused(_)) => Ok(true),
-                    Err(Step::Failed(e)) => Err(e),
-                },
-                Err(Error::NotFound { .. }) => Ok(false),
-                Err(e) => Err(e),
-            },
+            Saga::Reschedule { .. } | Saga::Cancel { .. } => self.carry_forward(&saga).await,
         };
         match outcome {
             Ok(completed) => {
@@ -751,6 +782,27 @@ impl<F: FleetControl + WorkQueues> Scheduler<F> {
                 report.left += 1;
                 tracing::error!(%error, ?saga, "an operation cut short by a crash could not be finished; it is tried again at the next start");
             }
+        }
+    }
+
+    /// Runs a reschedule's or cancel's steps again (each is idempotent). `true`: it ended (done,
+    /// or refused by the engine); `false`: there is no such delivery any more.
+    async fn carry_forward(&self, saga: &Saga) -> Result<bool, Error> {
+        let trace = TraceContext::new_root();
+        match saga {
+            Saga::Reschedule { .. } => match self.reschedule_steps(saga, None, trace).await {
+                Ok(_) | Err(Step::Refused(_)) => Ok(true),
+                Err(Step::Failed(e)) => Err(e),
+            },
+            Saga::Cancel { delivery_id, .. } => match self.record(*delivery_id, &trace).await {
+                Ok(record) => match self.cancel_steps(saga, &record, trace, true).await {
+                    Ok(()) | Err(Step::Refused(_)) => Ok(true),
+                    Err(Step::Failed(e)) => Err(e),
+                },
+                Err(Error::NotFound { .. }) => Ok(false),
+                Err(e) => Err(e),
+            },
+            Saga::Schedule { .. } => Err(Error::BadRequest("a schedule is not carried forward".into())),
         }
     }
 

@@ -224,6 +224,30 @@ async fn a_mission_that_cannot_be_queued_undoes_the_delivery() {
     assert!(fleet.missions.lock().is_empty());
 }
 
+/// An undo that cannot be made at once (the engine refuses the cancel) is tried again while
+/// the node runs, until the half-made delivery is gone and its drone free.
+#[tokio::test]
+async fn an_undo_that_failed_is_tried_again_until_it_is_made() {
+    let (fleet, svc, router) = setup().await;
+    call(&router, "PUT", "/v1/drones/7", None).await;
+    fleet.fail_queue.store(true, Ordering::Relaxed);
+    fleet.fail_cancels.store(true, Ordering::Relaxed);
+    let (status, body, _) = call(&router, "POST", "/v1/deliveries", Some(&order())).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    let left = svc.scheduler.retry_left().await;
+    assert_eq!((left.undone, left.left), (0, 1), "the engine still refuses: {left:?}");
+    assert!(!fleet.commands.lock().iter().any(|c| matches!(c, DeliveryCommand::Cancel { .. })));
+
+    fleet.fail_cancels.store(false, Ordering::Relaxed);
+    let retried = svc.scheduler.retry_left().await;
+    assert_eq!((retried.undone, retried.left), (1, 0), "{retried:?}");
+    let commands = fleet.commands.lock().clone();
+    assert!(matches!(commands[..], [DeliveryCommand::Create { .. }, DeliveryCommand::Cancel { drone_id: 7, .. }]));
+    assert_eq!(svc.deliveries.record_count(), 0, "the record is gone");
+    assert_eq!(svc.scheduler.retry_left().await, services::scheduler::Recovered::default(), "nothing left");
+    assert_eq!(svc.scheduler.cut_short_schedules().unwrap(), Vec::<u64>::new(), "nor in the journal");
+}
+
 #[tokio::test]
 async fn drones_are_read_from_the_engine() {
     let (_, _, router) = setup().await;

@@ -13,6 +13,8 @@ pub struct FakeFleet {
     pub missions: Mutex<Vec<events::Mission>>,
     pub fail: AtomicBool,
     pub fail_queue: AtomicBool,
+    /// Cancel commands fail (an undo that cannot be made).
+    pub fail_cancels: AtomicBool,
     /// How long each command takes, ms (a slow shard).
     pub command_delay_ms: AtomicU64,
     /// Drones the engine has on a delivery: (drone, delivery).
@@ -60,7 +62,9 @@ impl FleetControl for FakeFleet {
         if delay > 0 {
             tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
         }
-        if self.fail.load(Ordering::Relaxed) {
+        if self.fail.load(Ordering::Relaxed)
+            || (self.fail_cancels.load(Ordering::Relaxed) && matches!(cmd, DeliveryCommand::Cancel { .. }))
+        {
             return Err(WireError::ShuttingDown);
         }
         self.commands.lock().push(cmd);
