@@ -66,6 +66,12 @@ pub struct LoadConfig {
     pub deliveries_per_s: f64,
     /// Percent of scheduled deliveries a customer cancels soon after ordering (0..=100).
     pub cancel_percent: u8,
+    /// Percent of scheduled deliveries a customer subscribes to by SMS right after ordering;
+    /// the node must post SMS to `sms_listen` (`[notify] sms_webhook =
+    /// "http://<sms_listen>/send"`), where loadgen counts what arrives.
+    pub notify_percent: u8,
+    /// Where loadgen receives the node's SMS posts (with `notify_percent`).
+    pub sms_listen: Option<SocketAddr>,
     /// Percent of scheduled deliveries a customer reschedules soon after ordering (to a new
     /// drop-off), besides those cancelled.
     pub reschedule_percent: u8,
@@ -135,6 +141,8 @@ impl LoadConfig {
             deliveries_per_s: 100.0,
             cancel_percent: 0,
             reschedule_percent: 0,
+            notify_percent: 0,
+            sms_listen: None,
             leg: Duration::from_secs(1),
             settle: Duration::from_secs(15),
             telemetry_check: TelemetryCheck::During,
@@ -317,6 +325,16 @@ pub struct Report {
     /// Cancels answered `202` whose drone was never told to return to base by the end of the
     /// run. Must be 0.
     pub cancels_unheard: u64,
+    /// Deliveries a customer subscribed to by SMS (`--notify-percent`).
+    pub notifications_subscribed: u64,
+    /// Notifications those subscriptions must bring: one per stage change created after the
+    /// subscription was answered.
+    pub notifications_expected: u64,
+    /// Of those, how many never arrived. Must be 0.
+    pub notifications_missing: u64,
+    /// Notifications that arrived more than once (at-least-once: the receiver drops repeats by
+    /// their id).
+    pub notifications_repeated: u64,
     /// `DeliveryComplete` events the subscriber received.
     pub deliveries_completed: u64,
     /// Scheduled deliveries the subscriber never saw finish (complete or cancelled): still in
@@ -393,6 +411,16 @@ impl std::fmt::Display for Report {
             "deliveries  scheduled {}  refused {}  completed {}  unfinished {} (in flight when the run stopped)",
             self.deliveries_scheduled, self.deliveries_refused, self.deliveries_completed, self.deliveries_unfinished
         )?;
+        if self.notifications_subscribed > 0 {
+            writeln!(
+                f,
+                "notify      subscribed {}  expected {}  missing {}  repeated {} (dropped by id)",
+                self.notifications_subscribed,
+                self.notifications_expected,
+                self.notifications_missing,
+                self.notifications_repeated
+            )?;
+        }
         if self.deliveries_cancelled + self.deliveries_rescheduled > 0 {
             writeln!(
                 f,
@@ -511,6 +539,9 @@ impl Report {
         }
         if self.cancels_unheard > 0 {
             broken.push(format!("{} cancels never reached their drone", self.cancels_unheard));
+        }
+        if self.notifications_missing > 0 {
+            broken.push(format!("{} notifications never arrived", self.notifications_missing));
         }
         if broken.is_empty() { Ok(()) } else { Err(broken.join(", ")) }
     }
@@ -712,12 +743,18 @@ pub async fn run(cfg: LoadConfig, progress: Arc<dyn Fn(&Progress) + Send + Sync>
 
     let scheduled_ids = Arc::new(Mutex::new(Vec::new()));
     let changes = Arc::new(Mutex::new(std::collections::HashMap::new()));
+    let subscribed: Subscribed = Arc::new(Mutex::new(std::collections::HashMap::new()));
+    let sms = match (cfg.notify_percent, cfg.sms_listen) {
+        (0, _) => None,
+        (_, None) => anyhow::bail!("subscribing to notifications needs an address to receive them on (sms_listen)"),
+        (_, Some(addr)) => Some(SmsSink::start(addr).await?),
+    };
     let customers = tokio::spawn(customers(
         cfg.clone(),
         http.clone(),
         api.clone(),
         counters.clone(),
-        (scheduled_ids.clone(), changes.clone()),
+        (scheduled_ids.clone(), changes.clone(), subscribed.clone()),
         start,
     ));
     let ticker = {
@@ -841,6 +878,19 @@ pub async fn run(cfg: LoadConfig, progress: Arc<dyn Fn(&Progress) + Send + Sync>
         .count() as u64;
     let cancels_unheard =
         changed.iter().filter(|(id, c)| c.0 == Change::Cancelled && !told.contains_key(*id)).count() as u64;
+    // Every stage change created after a subscription was answered must be notified (the
+    // subscription was durable first); wait for stragglers as for events.
+    let subscribed = std::mem::take(&mut *subscribed.lock().map_err(|_| anyhow::anyhow!("poisoned"))?);
+    let expected_notes: Vec<String> = subscribed
+        .iter()
+        .flat_map(|(id, at_us)| {
+            del.events_seen(*id).iter().filter(|(_, ts)| ts > at_us).map(move |(seq, _)| format!("{id}-{seq}"))
+        })
+        .collect();
+    let (notifications_missing, notifications_repeated) = match &sms {
+        Some(sms) => sms.wait_for(&expected_notes, cfg.settle).await,
+        None => (0, 0),
+    };
     let lost_telemetry = if cfg.raw { 0 } else { acked.saturating_sub(tel.unique) };
     let rejections = counters.rejections.lock().map(|r| r.clone()).unwrap_or_default();
     Ok(Report {
@@ -855,6 +905,10 @@ pub async fn run(cfg: LoadConfig, progress: Arc<dyn Fn(&Progress) + Send + Sync>
         cancelled_then_completed,
         cancelled_but_flown,
         cancels_unheard,
+        notifications_subscribed: subscribed.len() as u64,
+        notifications_expected: expected_notes.len() as u64,
+        notifications_missing,
+        notifications_repeated,
         deliveries_completed: del.completed,
         deliveries_unfinished: scheduled_ids.iter().filter(|id| !del.finished(**id)).count() as u64,
         delivery_events_observed: del.unique,
@@ -1452,6 +1506,60 @@ const CUSTOMER_REQUESTS: usize = 256;
 /// With when the change was answered, µs.
 type Changes = Arc<Mutex<std::collections::HashMap<u64, (Change, u64)>>>;
 
+/// Deliveries subscribed to, with when the subscription was answered (µs).
+type Subscribed = Arc<Mutex<std::collections::HashMap<u64, u64>>>;
+
+/// Receives the node's SMS posts (`{id, to, text}`) and counts them by notification id.
+struct SmsSink {
+    got: Arc<Mutex<std::collections::HashMap<String, u32>>>,
+}
+
+impl SmsSink {
+    async fn start(addr: SocketAddr) -> anyhow::Result<Self> {
+        let got: Arc<Mutex<std::collections::HashMap<String, u32>>> = Arc::default();
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("listening for the node's SMS posts on {addr}"))?;
+        let counted = got.clone();
+        let app = axum::Router::new().route(
+            "/send",
+            axum::routing::post(move |axum::Json(sms): axum::Json<serde_json::Value>| {
+                let counted = counted.clone();
+                async move {
+                    let Some(id) = sms["id"].as_str() else { return axum::http::StatusCode::BAD_REQUEST };
+                    if let Ok(mut got) = counted.lock() {
+                        *got.entry(id.to_string()).or_default() += 1;
+                    }
+                    axum::http::StatusCode::OK
+                }
+            }),
+        );
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Ok(Self { got })
+    }
+
+    /// Waits until every id in `expected` arrived, or until nothing new arrived for `settle`:
+    /// (missing, arrived more than once).
+    async fn wait_for(&self, expected: &[String], settle: Duration) -> (u64, u64) {
+        let count = |got: &std::collections::HashMap<String, u32>| {
+            let missing = expected.iter().filter(|id| !got.contains_key(*id)).count() as u64;
+            let repeated = got.values().filter(|n| **n > 1).count() as u64;
+            (missing, repeated)
+        };
+        let mut last = (Instant::now(), u64::MAX);
+        loop {
+            let (missing, repeated) = self.got.lock().map(|g| count(&g)).unwrap_or((u64::MAX, 0));
+            if missing == 0 || last.0.elapsed() >= settle {
+                return (missing, repeated);
+            }
+            if missing != last.1 {
+                last = (Instant::now(), missing);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
 /// What a customer did to a delivery after ordering it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Change {
@@ -1469,7 +1577,7 @@ async fn customers(
     http: reqwest::Client,
     api: String,
     counters: Arc<Counters>,
-    (scheduled, changes): (Arc<Mutex<Vec<u64>>>, Changes),
+    (scheduled, changes, subscribed): (Arc<Mutex<Vec<u64>>>, Changes, Subscribed),
     start: Instant,
 ) {
     if cfg.raw {
@@ -1503,8 +1611,9 @@ async fn customers(
                 "dropoff": dropoff,
                 "package": { "size": "small", "weight_kg": 1.5 },
             });
-            let (http, api, counters, scheduled, changes) =
-                (http.clone(), api.clone(), counters.clone(), scheduled.clone(), changes.clone());
+            let (http, api, counters, scheduled, changes, subscribed) =
+                (http.clone(), api.clone(), counters.clone(), scheduled.clone(), changes.clone(), subscribed.clone());
+            let subscribe = rng.random_range(0..100u8) < cfg.notify_percent;
             // A key per order, unique across runs: a retry after a lost answer (the server
             // restarted mid-request) gets the first result instead of a second delivery.
             let key = format!("loadgen-{run_nonce:x}-{issued}");
@@ -1531,6 +1640,18 @@ async fn customers(
                     s.push(delivery_id);
                 }
                 // The drone learns of it from drone-commands, over its own connection.
+                if subscribe {
+                    let url = format!("{api}/v1/deliveries/{delivery_id}/notifications");
+                    let sms = serde_json::json!({ "sms": format!("+1555{:07}", delivery_id % 10_000_000) });
+                    match send_with_retries(|| http.post(&url).json(&sms), give_up).await {
+                        Some((reqwest::StatusCode::CREATED, _)) => {
+                            if let Ok(mut s) = subscribed.lock() {
+                                s.insert(delivery_id, now_us());
+                            }
+                        }
+                        other => tracing::warn!(delivery_id, ?other, "a subscription was not taken"),
+                    }
+                }
                 let Some((change, dropoff)) = change else { return };
                 tokio::time::sleep(after).await;
                 let url = format!("{api}/v1/deliveries/{delivery_id}");
@@ -1622,6 +1743,10 @@ pub(crate) mod tests {
             cancelled_then_completed: 0,
             cancelled_but_flown: 0,
             cancels_unheard: 0,
+            notifications_subscribed: 0,
+            notifications_expected: 0,
+            notifications_missing: 0,
+            notifications_repeated: 0,
             deliveries_completed: 0,
             deliveries_unfinished: 0,
             delivery_events_observed: 0,

@@ -64,6 +64,14 @@ struct Args {
     /// leg of ordering.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=100))]
     reschedule_percent: u8,
+    /// Percent of scheduled deliveries a customer subscribes to by SMS right after ordering;
+    /// needs --sms-listen, and the node's `[notify] sms_webhook` pointing at it.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=100), requires = "sms_listen")]
+    notify_percent: u8,
+    /// Where to receive the node's SMS posts (`[notify] sms_webhook = "http://ADDR/send"`);
+    /// every stage change after a subscription must arrive, repeats are counted.
+    #[arg(long, value_name = "ADDR")]
+    sms_listen: Option<SocketAddr>,
     /// Seconds per mission leg (to pickup, to drop-off, home).
     #[arg(long, default_value_t = 1.0)]
     leg_s: f64,
@@ -177,6 +185,8 @@ async fn main() -> anyhow::Result<()> {
     cfg.deliveries_per_s = args.deliveries_per_s.unwrap_or(args.drones as f64 / 10.0);
     cfg.leg = Duration::from_secs_f64(args.leg_s);
     cfg.cancel_percent = args.cancel_percent;
+    cfg.notify_percent = args.notify_percent;
+    cfg.sms_listen = args.sms_listen;
     cfg.reschedule_percent = args.reschedule_percent.min(100 - args.cancel_percent);
     eprintln!(
         "loadgen: {} drones, {:.0} events/s over {} connections for {:.0} s against {} / {}",

@@ -90,6 +90,8 @@ pub struct DeliveryObserver {
     pub completed: u64,
     /// Deliveries seen reach a terminal stage, and which (complete or cancelled).
     ended: FxHashMap<u64, DeliveryStage>,
+    /// Each delivery's events seen: (seq, creation time µs).
+    times: FxHashMap<u64, Vec<(u32, u64)>>,
     /// Creation-to-arrival latency of events derived from drone events (HeadedToPickup,
     /// InTransit, DeliveryComplete), for events created from `measure_from_us` on.
     pub latency: Histogram<u64>,
@@ -108,6 +110,7 @@ impl DeliveryObserver {
             duplicates: 0,
             completed: 0,
             ended: FxHashMap::default(),
+            times: FxHashMap::default(),
             latency: histogram(),
             measure_from_us: 0,
         }
@@ -129,6 +132,7 @@ impl DeliveryObserver {
             }
             *mask |= bit;
             self.unique += 1;
+            self.times.entry(ev.delivery_id.to_native()).or_default().push((seq, ev.ts_us.to_native()));
             let stage = ev.stage.to_stage();
             if stage == DeliveryStage::DeliveryComplete {
                 self.completed += 1;
@@ -149,6 +153,11 @@ impl DeliveryObserver {
     /// Whether a delivery was seen complete or cancelled.
     pub fn finished(&self, delivery: u64) -> bool {
         self.ended.contains_key(&delivery)
+    }
+
+    /// The events seen of a delivery: (seq, creation time µs).
+    pub fn events_seen(&self, delivery: u64) -> &[(u32, u64)] {
+        self.times.get(&delivery).map_or(&[], Vec::as_slice)
     }
 
     /// The terminal stage a delivery was seen reach, if any.

@@ -115,13 +115,19 @@ async fn a_simulated_fleet_completes_its_deliveries_without_loss() {
 /// Customers cancel and reschedule some of their deliveries soon after ordering: every
 /// cancelled one ends cancelled and its drone drops nothing off after the cancel is answered
 /// (a drone flying it turns back, a mission not yet handed over is taken back); every
-/// rescheduled one is completed at its new drop-off; no event is lost or doubled, and no
-/// command is left in the queue.
+/// rescheduled one is completed at its new drop-off; every stage change after an SMS
+/// subscription is notified; no event is lost or doubled, and no command is left in the queue.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancelled_deliveries_are_never_flown_to_their_drop_off_and_rescheduled_ones_land_at_the_new_one() {
     let dir = std::env::temp_dir().join(format!("fleetstream-e2e-changes-{}", std::process::id()));
-    let node = Node::start(&config(&dir)).await.unwrap();
+    // Half the orders are subscribed to by SMS: the node posts to loadgen's receiver.
+    let sms = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let mut cfg = config(&dir);
+    cfg.notify.sms_webhook = Some(format!("http://{sms}/send"));
+    let node = Node::start(&cfg).await.unwrap();
     let mut load = load_for(&node);
+    load.notify_percent = 50;
+    load.sms_listen = Some(sms);
     load.drones = 60;
     load.connections = 3;
     load.rate = 3_000.0;
@@ -134,6 +140,9 @@ async fn cancelled_deliveries_are_never_flown_to_their_drop_off_and_rescheduled_
     assert!(report.deliveries_cancelled >= 10 && report.deliveries_rescheduled >= 10, "{report}");
     let cancels = (report.cancelled_then_completed, report.cancelled_but_flown, report.cancels_unheard);
     assert_eq!(cancels, (0, 0, 0), "{report}");
+    // Every stage change after a subscription was notified, cancels and reschedules included.
+    assert!(report.notifications_subscribed >= 30 && report.notifications_expected >= 60, "{report}");
+    assert_eq!(report.notifications_missing, 0, "{report}");
     assert_eq!((report.lost, report.duplicates, report.deliveries_unfinished), (0, 0, 0), "{report}");
     assert_eq!(report.verdict(), Ok(()), "{report}");
     // Everything scheduled ended: completed, or cancelled (a cancel answered 409 came too late).
