@@ -451,7 +451,8 @@ impl<F: FleetControl + WorkQueues> Scheduler<F> {
         if let Some(drone_id) = done.engine {
             let cancel = DeliveryCommand::Cancel { delivery_id: id, drone_id, ts_us: events::now_us() };
             match self.fleet.command(cancel).await {
-                Ok(()) | Err(events::Error::UnknownDelivery(_)) => {}
+                Ok(()) => {}
+                Err(error) if error.name() == "unknown_delivery" => {}
                 Err(error) => {
                     self.compensation_failed(id, "engine", &error.to_string());
                     undone = false;
@@ -666,12 +667,13 @@ impl<F: FleetControl + WorkQueues> Scheduler<F> {
             // The engine forgets a delivery once it ends: carried forward after a crash, that
             // is this cancel's own first try; asked now, the delivery finished first (its
             // record has not caught up yet), and the drone has nothing left to stop.
-            Err(events::Error::UnknownDelivery(_)) if recovering => {}
-            Err(events::Error::UnknownDelivery(_)) => {
+            // By name: an engine on another node answers with the code, not the variant.
+            Err(error) if error.name() == "unknown_delivery" && recovering => {}
+            Err(error) if error.name() == "unknown_delivery" => {
                 let finished = events::Error::InvalidTransition { delivery: id, reason: "the delivery is finished" };
                 return Err(Step::Refused(finished.into()));
             }
-            Err(error @ events::Error::InvalidTransition { .. }) => return Err(Step::Refused(error.into())),
+            Err(error) if error.name() == "invalid_transition" => return Err(Step::Refused(error.into())),
             Err(error) => return Err(Step::failed(error)),
         }
         crash_point("cancel-engine");
@@ -780,7 +782,8 @@ impl<F: FleetControl + WorkQueues> Scheduler<F> {
             }
             Err(error) => {
                 report.left += 1;
-                tracing::error!(%error, ?saga, "an operation cut short by a crash could not be finished; it is tried again at the next start");
+                tracing::warn!(%error, ?saga, "an operation cut short by a crash could not be finished yet; it is tried again every few seconds");
+                self.left.lock().push(saga);
             }
         }
     }
