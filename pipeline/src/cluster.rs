@@ -491,6 +491,28 @@ impl Cluster {
         }
     }
 
+    /// Waits until some node answers for every shard (after a restart a shard is nobody's
+    /// until its lease is taken again and its state restored), or `timeout`. Whether all did.
+    /// The services start after this, so their first look at the fleet sees it.
+    pub async fn wait_until_served(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        for shard in 0..self.shards {
+            // Any drone id of the shard asks it (an unknown one is answered "never reported").
+            let Some(probe) = (0..u64::from(u32::MAX)).find(|id| shard_of(*id, self.shards) == shard) else {
+                continue;
+            };
+            loop {
+                let asked = self.client.request(self.drone_subject(shard), probe.to_string().into());
+                match tokio::time::timeout(Duration::from_millis(500), asked).await {
+                    Ok(Ok(_)) => break,
+                    _ if tokio::time::Instant::now() >= deadline => return false,
+                    _ => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        }
+        true
+    }
+
     /// Stores a shard's checkpoint, if this node still owns the shard. Called from its thread.
     ///
     /// The write expects the revision this node last read or wrote, so a node that lost the

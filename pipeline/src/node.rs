@@ -106,6 +106,18 @@ impl Node {
         } else {
             tokio::spawn(async {})
         };
+        // On JetStream a shard is nobody's for a moment after a restart (until its lease is
+        // taken again and its state restored): the services start once every shard answers, so
+        // Drone Management's first look at the fleet finds it and scheduling works at once.
+        if let Some(cluster) = engine.cluster() {
+            let wait = std::time::Duration::from_millis(cfg.jetstream.lease_ms.saturating_mul(5).max(5_000));
+            if !cluster.wait_until_served(wait).await {
+                tracing::warn!(
+                    waited_ms = wait.as_millis() as u64,
+                    "not every shard answers yet; starting the services anyway"
+                );
+            }
+        }
         let services_dir = cfg.data_dir.join("services");
         let services = Arc::new(
             Services::open(
