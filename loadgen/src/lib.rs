@@ -1706,7 +1706,9 @@ async fn send_with_retries(
     loop {
         let why = match request().send().await {
             Ok(resp) if resp.status().is_server_error() || resp.status() == reqwest::StatusCode::TOO_MANY_REQUESTS => {
-                resp.status().to_string()
+                let status = resp.status();
+                let body: serde_json::Value = resp.json().await.unwrap_or_default();
+                format!("{status} {} {}", body["error"].as_str().unwrap_or(""), body["message"].as_str().unwrap_or(""))
             }
             Ok(resp) => {
                 let status = resp.status();

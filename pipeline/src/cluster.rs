@@ -491,9 +491,11 @@ impl Cluster {
         }
     }
 
-    /// Waits until some node answers for every shard (after a restart a shard is nobody's
-    /// until its lease is taken again and its state restored), or `timeout`. Whether all did.
-    /// The services start after this, so their first look at the fleet sees it.
+    /// Waits until some node answers promptly for every shard, or `timeout`; whether all did.
+    /// After a restart a shard is nobody's until its lease is taken again and its state
+    /// restored, and then its owner replays the shard's subject from the checkpoint: a question
+    /// waits behind that replay, so a prompt answer (within 250 ms) means the shard has caught
+    /// up. The services start after this, so their first look at the fleet sees it as it is.
     pub async fn wait_until_served(&self, timeout: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + timeout;
         for shard in 0..self.shards {
@@ -503,7 +505,7 @@ impl Cluster {
             };
             loop {
                 let asked = self.client.request(self.drone_subject(shard), probe.to_string().into());
-                match tokio::time::timeout(Duration::from_millis(500), asked).await {
+                match tokio::time::timeout(Duration::from_millis(250), asked).await {
                     Ok(Ok(_)) => break,
                     _ if tokio::time::Instant::now() >= deadline => return false,
                     _ => tokio::time::sleep(Duration::from_millis(50)).await,
