@@ -117,6 +117,9 @@ async fn call(dep: &Dependency, c: Call) -> Result<Reply, Error> {
     Err(Error::Dependency { service: dep.name(), reason: format!("answered {}: {message}", reply.status) })
 }
 
+/// Operations that failed part-way kept in memory for retrying, at most.
+pub const MAX_LEFT: usize = 10_000;
+
 /// How a step of a reschedule or cancel failed.
 enum Step {
     /// Before anything changed (the engine refused it): the operation is over.
@@ -274,7 +277,7 @@ impl<F: FleetControl + WorkQueues> Scheduler<F> {
                 if self.compensate(delivery_id, &done).await {
                     self.forget(&saga).await;
                 } else {
-                    self.left.lock().push(saga);
+                    self.leave(saga);
                 }
                 Err(error)
             }
@@ -560,9 +563,24 @@ impl<F: FleetControl + WorkQueues> Scheduler<F> {
                 Err(error)
             }
             Err(Step::Failed(error)) => {
-                self.left.lock().push(saga.clone());
+                self.leave(saga.clone());
                 Err(error)
             }
+        }
+    }
+
+    /// Keeps an operation that failed part-way for [`Scheduler::retry_left`], up to
+    /// [`MAX_LEFT`] of them (memory stays bounded through a long outage of a dependency);
+    /// past that its journal entry alone keeps it, for the next start.
+    fn leave(&self, saga: Saga) {
+        let mut left = self.left.lock();
+        if left.len() < MAX_LEFT {
+            left.push(saga);
+        } else if left.len() == MAX_LEFT {
+            tracing::warn!(
+                max = MAX_LEFT,
+                "too many operations failed part-way to retry them all while running; the rest are ended at the next start"
+            );
         }
     }
 
@@ -593,7 +611,7 @@ impl<F: FleetControl + WorkQueues> Scheduler<F> {
                 }
                 None => {
                     report.left += 1;
-                    self.left.lock().push(saga);
+                    self.leave(saga);
                 }
             }
         }
@@ -783,7 +801,7 @@ impl<F: FleetControl + WorkQueues> Scheduler<F> {
             Err(error) => {
                 report.left += 1;
                 tracing::warn!(%error, ?saga, "an operation cut short by a crash could not be finished yet; it is tried again every few seconds");
-                self.left.lock().push(saga);
+                self.leave(saga);
             }
         }
     }
