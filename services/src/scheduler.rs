@@ -574,12 +574,15 @@ impl<F: FleetControl + WorkQueues> Scheduler<F> {
     /// past that its journal entry alone keeps it, for the next start.
     fn leave(&self, saga: Saga) {
         let mut left = self.left.lock();
-        if left.len() < MAX_LEFT {
-            left.push(saga);
-        } else if left.len() == MAX_LEFT {
+        if left.len() >= MAX_LEFT {
+            tracing::debug!(?saga, "not kept for retrying: left for the next start");
+            return;
+        }
+        left.push(saga);
+        if left.len() == MAX_LEFT {
             tracing::warn!(
                 max = MAX_LEFT,
-                "too many operations failed part-way to retry them all while running; the rest are ended at the next start"
+                "as many operations failed part-way as are retried while running; more are ended at the next start"
             );
         }
     }
