@@ -518,31 +518,18 @@ impl Report {
         if self.mode == "raw" {
             return Ok(());
         }
-        let mut broken = Vec::new();
-        if self.lost > 0 {
-            broken.push(format!("{} acknowledged events never received", self.lost));
-        }
-        if self.duplicates > 0 {
-            broken.push(format!("{} events received twice", self.duplicates));
-        }
-        if self.deliveries_refused > 0 {
-            broken.push(format!("{} orders refused", self.deliveries_refused));
-        }
-        if self.deliveries_unfinished > 0 {
-            broken.push(format!("{} deliveries still in flight at the end", self.deliveries_unfinished));
-        }
-        if self.cancelled_then_completed > 0 {
-            broken.push(format!("{} cancelled deliveries completed anyway", self.cancelled_then_completed));
-        }
-        if self.cancelled_but_flown > 0 {
-            broken.push(format!("{} cancelled deliveries flown to their drop-off", self.cancelled_but_flown));
-        }
-        if self.cancels_unheard > 0 {
-            broken.push(format!("{} cancels never reached their drone", self.cancels_unheard));
-        }
-        if self.notifications_missing > 0 {
-            broken.push(format!("{} notifications never arrived", self.notifications_missing));
-        }
+        let checks = [
+            (self.lost, "acknowledged events never received"),
+            (self.duplicates, "events received twice"),
+            (self.deliveries_refused, "orders refused"),
+            (self.deliveries_unfinished, "deliveries still in flight at the end"),
+            (self.cancelled_then_completed, "cancelled deliveries completed anyway"),
+            (self.cancelled_but_flown, "cancelled deliveries flown to their drop-off"),
+            (self.cancels_unheard, "cancels never reached their drone"),
+            (self.notifications_missing, "notifications never arrived"),
+        ];
+        let broken: Vec<String> =
+            checks.iter().filter(|(n, _)| *n > 0).map(|(n, what)| format!("{n} {what}")).collect();
         if broken.is_empty() { Ok(()) } else { Err(broken.join(", ")) }
     }
 }

@@ -72,6 +72,15 @@ impl Node {
         self.child = common::spawn_serve(&self.dir, self.quic.port(), self.http, &[]);
     }
 
+    /// Sends `request`, which the node stops in the middle of (no answer), and starts the node
+    /// again.
+    async fn cut_short(&mut self, request: reqwest::RequestBuilder, step: &str) {
+        let lost = request.send().await;
+        assert!(lost.is_err(), "{step}: the node stopped before answering: {lost:?}");
+        self.stopped();
+        self.restart();
+    }
+
     /// The drone's commands, as the drone would lease them over QUIC (left unacknowledged).
     async fn missions(&self, wanted: impl Fn(&[Mission]) -> bool) -> Vec<Mission> {
         let client =
@@ -144,10 +153,7 @@ fn post_order(api: &str) -> reqwest::RequestBuilder {
 async fn schedule_cut_short(step: &str, replayed: bool) {
     let mut node = Node::crashing_at(step, step).await;
     let api = node.api.clone();
-    let lost = post_order(&api).send().await;
-    assert!(lost.is_err(), "the node stopped before answering: {lost:?}");
-    node.stopped();
-    node.restart();
+    node.cut_short(post_order(&api), step).await;
 
     let retry = post_order(&api).send().await.unwrap();
     assert_eq!(retry.status(), 201, "{step}: the retry is served: {:?}", retry.text().await);
@@ -198,10 +204,7 @@ async fn a_cancel_cut_short_is_carried_forward_and_the_drone_is_told_to_return()
         let mut node = Node::crashing_at(step, step).await;
         let id = scheduled(&node).await;
         let api = node.api.clone();
-        let lost = web().delete(format!("{api}/v1/deliveries/{id}")).send().await;
-        assert!(lost.is_err(), "{step}: the node stopped before answering: {lost:?}");
-        node.stopped();
-        node.restart();
+        node.cut_short(web().delete(format!("{api}/v1/deliveries/{id}")), step).await;
         let (_, stages) = until(&api, id, |record, stages| {
             record["stage"] == "cancelled" && stages.last().map(String::as_str) == Some("cancelled")
         })
@@ -225,10 +228,7 @@ async fn a_reschedule_cut_short_is_carried_forward_once() {
         let id = scheduled(&node).await;
         let api = node.api.clone();
         let moved = json!({"dropoff": {"lat": 47.7, "lon": -122.4}});
-        let lost = web().patch(format!("{api}/v1/deliveries/{id}")).json(&moved).send().await;
-        assert!(lost.is_err(), "{step}: the node stopped before answering: {lost:?}");
-        node.stopped();
-        node.restart();
+        node.cut_short(web().patch(format!("{api}/v1/deliveries/{id}")).json(&moved), step).await;
         until(&api, id, |record, stages| {
             record["dropoff"]["lat"] == 47.7
                 && record["stage"] == "rescheduled"

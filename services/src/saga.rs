@@ -191,8 +191,8 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn entries_are_replaced_by_step_listed_oldest_first_and_removed() {
-        let journal = Journal::in_store(Store::in_memory().unwrap());
+    async fn entries_are_replaced_by_step_listed_oldest_first_and_removed() -> Result<(), Error> {
+        let journal = Journal::in_store(Store::in_memory()?);
         let mut first = Saga::Schedule {
             delivery_id: 7,
             key: Some("k".into()),
@@ -201,24 +201,27 @@ mod tests {
             at_us: 20,
         };
         let second = Saga::Cancel { delivery_id: 7, drone_id: 3, at_us: 10 };
-        journal.write(&first).await.unwrap();
-        journal.write(&second).await.unwrap();
+        journal.write(&first).await?;
+        journal.write(&second).await?;
         if let Saga::Schedule { step, .. } = &mut first {
             *step = ScheduleStep::Assigned { drone_id: 3 };
         }
-        journal.write(&first).await.unwrap();
-        assert_eq!(journal.pending().unwrap(), vec![second.clone(), first.clone()]);
+        journal.write(&first).await?;
+        assert_eq!(journal.pending()?, vec![second.clone(), first.clone()]);
         let mut batch = Batch::new();
         journal.remove_in(&first, &mut batch);
-        journal.store().unwrap().enqueue(batch).await.unwrap();
-        journal.remove(&second).await.unwrap();
-        assert!(journal.pending().unwrap().is_empty());
+        let store = journal.store().ok_or_else(|| Error::BadRequest("the journal has a store".into()))?;
+        store.enqueue(batch).await?;
+        journal.remove(&second).await?;
+        assert!(journal.pending()?.is_empty());
+        Ok(())
     }
 
     #[tokio::test]
-    async fn without_a_store_nothing_is_kept() {
+    async fn without_a_store_nothing_is_kept() -> Result<(), Error> {
         let journal = Journal::default();
-        journal.write(&Saga::Cancel { delivery_id: 1, drone_id: 1, at_us: 1 }).await.unwrap();
-        assert!(journal.pending().unwrap().is_empty());
+        journal.write(&Saga::Cancel { delivery_id: 1, drone_id: 1, at_us: 1 }).await?;
+        assert!(journal.pending()?.is_empty());
+        Ok(())
     }
 }

@@ -162,6 +162,20 @@ struct Done {
     engine: Option<DroneId>,
 }
 
+impl Done {
+    /// Everything a schedule that got to `step` may have done, when nobody remembers what
+    /// it did (recovery, a retried undo): every undo step is idempotent.
+    fn possibly(step: &ScheduleStep) -> Self {
+        match *step {
+            // The record and the engine's delivery come only after the drone is journaled.
+            ScheduleStep::Started => Done { package: true, assignment: true, record: false, engine: None },
+            ScheduleStep::Assigned { drone_id } => {
+                Done { package: true, assignment: true, record: true, engine: Some(drone_id) }
+            }
+        }
+    }
+}
+
 impl<F: FleetControl + WorkQueues> Scheduler<F> {
     /// A scheduler driving `fleet` (engine commands, missions) through `deps`, taking delivery
     /// ids from an in-memory counter started from the clock ([`Scheduler::with_ids`] for a
@@ -598,12 +612,7 @@ impl<F: FleetControl + WorkQueues> Scheduler<F> {
         for saga in left {
             let ended = match &saga {
                 Saga::Schedule { delivery_id, step, .. } => {
-                    let engine = match step {
-                        ScheduleStep::Assigned { drone_id } => Some(*drone_id),
-                        ScheduleStep::Started => None,
-                    };
-                    let done = Done { package: true, assignment: true, record: true, engine };
-                    self.compensate(*delivery_id, &done).await.then_some(false)
+                    self.compensate(*delivery_id, &Done::possibly(step)).await.then_some(false)
                 }
                 _ => self.carry_forward(&saga).await.ok(),
             };
@@ -841,10 +850,8 @@ impl<F: FleetControl + WorkQueues> Scheduler<F> {
         step: &ScheduleStep,
     ) -> Result<(Option<DeliveryRecord>, bool), Error> {
         let trace = TraceContext::new_root();
-        let mut done = Done { package: true, assignment: true, record: false, engine: None };
+        let done = Done::possibly(step);
         if let ScheduleStep::Assigned { drone_id } = *step {
-            done.record = true;
-            done.engine = Some(drone_id);
             let record = match self.record(id, &trace).await {
                 Ok(record) => Some(record),
                 Err(Error::NotFound { .. }) => None,
