@@ -63,6 +63,12 @@
 //! failure_ratio = 0.5
 //! open_ms = 5000
 //! probes = 3
+//! [services]
+//! idempotency_retention_s = 86400
+//! store = "embedded"           # or "postgres": the services' state in one store all nodes share
+//! # url = "postgresql://postgres@127.0.0.1:5432/fleetstream"
+//! # schema = "fleetstream"     # created and migrated at start
+//!
 //! [history]
 //! store = "embedded"           # or "postgres": Delivery History in PostgreSQL
 //! # url = "postgresql://postgres@127.0.0.1:5432/fleetstream"

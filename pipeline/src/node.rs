@@ -123,7 +123,7 @@ impl Node {
             Services::open(
                 engine.clone(),
                 &services_dir,
-                cfg.services,
+                cfg.services.clone(),
                 Some(history.clone()),
                 engine
                     .cluster()

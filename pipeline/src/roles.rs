@@ -406,7 +406,7 @@ pub async fn start(role: Role, cfg: &Config) -> Result<RoleProcess, Error> {
                     async move {
                         // Notifications first, then the records with the position, in one commit:
                         // a crash in between repeats notifications (same ids), never skips a stage.
-                        let changed = svc.apply_delivery_events(&batch);
+                        let changed = svc.apply_delivery_events(&batch)?;
                         let ended = svc.notify(&batch).await?;
                         let mut position = services::store::Batch::new();
                         position.put(&positions, services::DELIVERY_EVENTS_POSITION, &next)?;

@@ -14,11 +14,12 @@
 
 mod common;
 
+use common::ClusterNode as Node;
+
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -33,46 +34,8 @@ const PRODUCERS: u64 = 4;
 const DRONES_PER_PRODUCER: u64 = 6;
 const EVENTS_PER_DRONE: u64 = 300;
 
-struct Node {
-    child: Child,
-    quic: SocketAddr,
-    api: String,
-    pem: String,
-}
-
 fn spawn(dir: &Path, url: &str, prefix: &str, name: &str) -> Node {
-    let (quic, http) = (common::free_udp_port(), common::free_tcp_port());
-    let mut child = Command::new(env!("CARGO_BIN_EXE_pipeline"))
-        .args(["serve", "--shards", &SHARDS.to_string()])
-        .args(["--quic", &format!("127.0.0.1:{quic}"), "--http", &format!("127.0.0.1:{http}")])
-        .arg("--data-dir")
-        .arg(dir)
-        .env("FLEETSTREAM_LOG__BACKEND", "jetstream")
-        .env("FLEETSTREAM_JETSTREAM__URL", url)
-        .env("FLEETSTREAM_JETSTREAM__STREAM_PREFIX", prefix.to_uppercase())
-        .env("FLEETSTREAM_JETSTREAM__SUBJECT_PREFIX", prefix.to_lowercase())
-        .env("FLEETSTREAM_JETSTREAM__NODE_ID", name)
-        .env("FLEETSTREAM_JETSTREAM__LEASE_MS", "1500")
-        .env("FLEETSTREAM_ENGINE__CHECKPOINT_INTERVAL_MS", "50")
-        .env("RUST_LOG", "warn,pipeline::cluster=info")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let tag = name.to_string();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.starts_with("fleetstream serving:") {
-                let _ = tx.send(());
-            }
-            eprintln!("[{tag}] {line}");
-        }
-    });
-    rx.recv_timeout(Duration::from_secs(60)).expect("the node starts");
-    let pem = std::fs::read_to_string(dir.join("tls/ingest-cert.pem")).unwrap();
-    Node { child, quic: format!("127.0.0.1:{quic}").parse().unwrap(), api: format!("http://127.0.0.1:{http}"), pem }
+    common::spawn_cluster_node(dir, url, prefix, name, SHARDS, &[])
 }
 
 async fn metric(web: &reqwest::Client, api: &str, name: &str) -> u64 {

@@ -27,6 +27,12 @@ use crate::api::{ApiJson, parse_id};
 use crate::state::Package;
 use crate::store::{Batch, Store};
 
+/// A record's version in a shared store: one more than the seq of the last event applied, so a
+/// node behind another never overwrites what the other stored.
+fn version(record: &DeliveryRecord) -> u64 {
+    record.last_seq.map_or(0, |seq| u64::from(seq) + 1)
+}
+
 /// Cruise speed assumed for ETAs, m/s.
 const CRUISE_M_PER_S: f64 = 15.0;
 
@@ -115,7 +121,12 @@ impl<F: FleetControl + WorkQueues> DeliveryService<F> {
                 }
             };
             let mut batch = Batch::new();
-            batch.put(&self.store.records, &crate::store::id_key(merged.delivery_id), &merged)?;
+            batch.put_versioned(
+                &self.store.records,
+                &crate::store::id_key(merged.delivery_id),
+                &merged,
+                version(&merged),
+            )?;
             self.store.records.enqueue(batch)
         };
         Ok(stored.await?.first().copied().unwrap_or(false))
@@ -165,15 +176,74 @@ impl<F: FleetControl + WorkQueues> DeliveryService<F> {
         self.records.read().len()
     }
 
-    /// The current record of a delivery.
+    /// The current record of a delivery, as this node holds it.
     pub fn record(&self, id: DeliveryId) -> Option<DeliveryRecord> {
         self.records.read().get(&id).cloned()
+    }
+
+    /// The current record of a delivery: this node's, or on a shared store one another node
+    /// wrote (then held here too, and kept current by the delivery events this node applies).
+    pub fn lookup(&self, id: DeliveryId) -> Result<Option<DeliveryRecord>, Error> {
+        if let Some(record) = self.record(id) {
+            return Ok(Some(record));
+        }
+        if !self.store.records.is_shared() {
+            return Ok(None);
+        }
+        let Some(stored) = self.store.records.get::<DeliveryRecord>(&crate::store::id_key(id))? else {
+            return Ok(None);
+        };
+        Ok(Some(self.records.write().entry(id).or_insert(stored).clone()))
+    }
+
+    /// On a shared store, loads the records of `batches`' deliveries this node does not hold
+    /// (scheduled through another node), and the new places of those rescheduled (written by
+    /// the node that took the reschedule before the engine derived it), so that applying the
+    /// batches keeps every record current here and in the store.
+    fn read_through<B: std::ops::Deref<Target = DeliveryBatch>>(&self, batches: &[B]) -> Result<(), Error> {
+        if !self.store.records.is_shared() {
+            return Ok(());
+        }
+        let wanted: Vec<DeliveryId> = {
+            let records = self.records.read();
+            let mut wanted: Vec<DeliveryId> = batches
+                .iter()
+                .flat_map(|b| b.events().iter())
+                .filter(|ev| {
+                    let id = ev.delivery_id.to_native();
+                    !records.contains_key(&id) || ev.stage.to_stage() == DeliveryStage::Rescheduled
+                })
+                .map(|ev| ev.delivery_id.to_native())
+                .collect();
+            wanted.sort_unstable();
+            wanted.dedup();
+            wanted
+        };
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let keys: Vec<String> = wanted.iter().map(|&id| crate::store::id_key(id)).collect();
+        let found = self.store.records.get_many::<DeliveryRecord>(&keys)?;
+        let mut records = self.records.write();
+        for stored in found.into_iter().flatten() {
+            match records.get_mut(&stored.delivery_id) {
+                Some(held) => {
+                    held.pickup = stored.pickup;
+                    held.dropoff = stored.dropoff;
+                    held.package = stored.package;
+                }
+                None => {
+                    records.insert(stored.delivery_id, stored);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Updates stages from a batch of the delivery-events stream. Repeats (same delivery, same
     /// or older seq) are ignored.
     /// Returns the deliveries whose record changed, for [`DeliveryService::persist`].
-    pub fn apply_delivery_events(&self, batch: &DeliveryBatch) -> Vec<DeliveryId> {
+    pub fn apply_delivery_events(&self, batch: &DeliveryBatch) -> Result<Vec<DeliveryId>, Error> {
         self.apply_delivery_event_batches(&[batch])
     }
 
@@ -182,7 +252,8 @@ impl<F: FleetControl + WorkQueues> DeliveryService<F> {
     pub fn apply_delivery_event_batches<B: std::ops::Deref<Target = DeliveryBatch>>(
         &self,
         batches: &[B],
-    ) -> Vec<DeliveryId> {
+    ) -> Result<Vec<DeliveryId>, Error> {
+        self.read_through(batches)?;
         let mut changed: Vec<DeliveryId> = Vec::new();
         let mut seen: rustc_hash::FxHashSet<DeliveryId> = rustc_hash::FxHashSet::default();
         let mut records = self.records.write();
@@ -206,7 +277,7 @@ impl<F: FleetControl + WorkQueues> DeliveryService<F> {
                 }
             }
         }
-        changed
+        Ok(changed)
     }
 
     /// Stores the records `changed` names as they stand now, drops the stored subscriptions of
@@ -217,7 +288,7 @@ impl<F: FleetControl + WorkQueues> DeliveryService<F> {
             let records = self.records.read();
             for id in changed {
                 if let Some(record) = records.get(id) {
-                    extra.put(&self.store.records, &crate::store::id_key(*id), record)?;
+                    extra.put_versioned(&self.store.records, &crate::store::id_key(*id), record, version(record))?;
                 }
             }
             for id in ended {
@@ -235,7 +306,7 @@ impl<F: FleetControl + WorkQueues> DeliveryService<F> {
     /// Subscribes `sub` to a delivery's stage changes from now on, durably.
     pub async fn subscribe_notifications(&self, id: DeliveryId, sub: crate::notify::Subscription) -> Result<(), Error> {
         sub.validate()?;
-        let record = self.record(id).ok_or(Error::NotFound { what: "delivery", id })?;
+        let record = self.lookup(id)?.ok_or(Error::NotFound { what: "delivery", id })?;
         if record.stage.is_terminal() {
             return Err(events::Error::InvalidTransition { delivery: id, reason: "the delivery is finished" }.into());
         }
@@ -321,7 +392,7 @@ async fn get_delivery<F: FleetControl + WorkQueues>(
     Path(id): Path<String>,
 ) -> Result<impl IntoResponse, Error> {
     let id = parse_id(&id)?;
-    let record = svc.record(id).ok_or(Error::NotFound { what: "delivery", id })?;
+    let record = svc.lookup(id)?.ok_or(Error::NotFound { what: "delivery", id })?;
     let drone = svc.fleet.drone(record.drone_id).await?;
     let eta = match (record.stage, &drone) {
         (DeliveryStage::Created | DeliveryStage::Rescheduled | DeliveryStage::HeadedToPickup, Some(d)) => {
@@ -377,7 +448,7 @@ async fn put_record<F: FleetControl + WorkQueues>(
         return Err(Error::BadRequest(format!("the record is of delivery {}, not {id}", record.delivery_id)));
     }
     let fresh = svc.put(record).await?;
-    let record = svc.record(id).ok_or(Error::NotFound { what: "delivery", id })?;
+    let record = svc.lookup(id)?.ok_or(Error::NotFound { what: "delivery", id })?;
     Ok((if fresh { StatusCode::CREATED } else { StatusCode::OK }, Json(record)))
 }
 
@@ -386,7 +457,7 @@ async fn get_record<F: FleetControl + WorkQueues>(
     Path(id): Path<String>,
 ) -> Result<impl IntoResponse, Error> {
     let id = parse_id(&id)?;
-    svc.record(id).map(Json).ok_or(Error::NotFound { what: "delivery", id })
+    svc.lookup(id)?.map(Json).ok_or(Error::NotFound { what: "delivery", id })
 }
 
 async fn delete_record<F: FleetControl + WorkQueues>(

@@ -596,11 +596,16 @@ impl<F: FleetControl> DroneManagement<F> {
                     && reg.get(id).is_some_and(|s| s.delivery.is_none())
                     && reg.assigned(delivery).is_none()
                 {
-                    tracing::warn!(
-                        drone = id,
-                        delivery,
-                        "the engine has this drone on a delivery the registry did not know: held for it"
-                    );
+                    if self.store.as_ref().is_some_and(Store::is_shared) {
+                        // Another node's delivery, normal on a shared store.
+                        tracing::debug!(drone = id, delivery, "a drone on another node's delivery: held for it");
+                    } else {
+                        tracing::warn!(
+                            drone = id,
+                            delivery,
+                            "the engine has this drone on a delivery the registry did not know: held for it"
+                        );
+                    }
                     reg.assign_to(delivery, id);
                 }
             }
@@ -619,9 +624,31 @@ impl<F: FleetControl> DroneManagement<F> {
     /// Looks up drones registered before they ever reported (up to a few thousand per call), so
     /// they become assignable once they do. Returns how many were looked up.
     pub async fn sweep(&self) -> usize {
+        if let Some(store) = self.store.as_ref().filter(|s| s.is_shared()) {
+            // Other nodes register drones too: theirs join this registry on the next sweep.
+            match store.all::<StoredDrone>() {
+                Ok(stored) => {
+                    let mut reg = self.registry.lock();
+                    for id in stored.iter().filter_map(|(key, _)| key.parse::<DroneId>().ok()) {
+                        reg.register(id);
+                    }
+                }
+                Err(error) => tracing::warn!(%error, "could not read the drones other nodes registered"),
+            }
+        }
         let ids = self.registry.lock().unplaced(SWEEP_MAX);
         self.refresh_all(&ids).await;
         ids.len()
+    }
+
+    /// Ends `delivery`'s assignment because the engine refused its drone as busy with another
+    /// delivery (one another node assigned): the drone is looked up again, which holds it for
+    /// that delivery, so the next assignment passes it over.
+    pub async fn release_busy(&self, delivery: DeliveryId) -> Result<(), Error> {
+        if let Some(drone) = self.release(delivery).await? {
+            self.refresh(drone, None).await;
+        }
+        Ok(())
     }
 
     /// Assigns a drone to `delivery`, durably. The registry's nearest candidate is checked
@@ -718,11 +745,16 @@ impl<F: FleetControl> DroneManagement<F> {
             let mut reg = self.registry.lock();
             let mut freed = Vec::new();
             for ev in batches.iter().flat_map(|b| b.events().iter()) {
+                let (delivery, drone) = (ev.delivery_id.to_native(), ev.drone_id.to_native());
                 if ev.stage.to_stage().is_terminal() {
                     let at = GeoPoint::new(ev.location.lat.to_native(), ev.location.lon.to_native());
-                    if let Some(drone) = reg.release(ev.delivery_id.to_native(), None) {
+                    if let Some(drone) = reg.release(delivery, None) {
                         freed.push((drone, at));
                     }
+                } else if reg.assigned(delivery).is_none() && reg.get(drone).is_some_and(|s| s.delivery.is_none()) {
+                    // A delivery this registry did not assign (another node's, on a shared
+                    // store): its drone is taken until the delivery ends.
+                    reg.assign_to(delivery, drone);
                 }
             }
             let ids: Vec<DroneId> = freed.iter().map(|(d, _)| *d).collect();
@@ -839,12 +871,26 @@ async fn get_assignment<F: FleetControl>(
     Ok(Json(Assignment { delivery_id, drone_id }))
 }
 
+/// `DELETE /internal/v1/assignments/{delivery}?busy=true`: the engine refused the drone as
+/// busy; it is looked up again so that it is passed over.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReleaseQuery {
+    #[serde(default)]
+    busy: bool,
+}
+
 async fn delete_assignment<F: FleetControl>(
     State(svc): State<Arc<DroneManagement<F>>>,
     Path(delivery): Path<String>,
+    query: axum::extract::Query<ReleaseQuery>,
 ) -> Result<StatusCode, Error> {
     let delivery_id = parse_id(&delivery)?;
-    svc.release(delivery_id).await?;
+    if query.busy {
+        svc.release_busy(delivery_id).await?;
+    } else {
+        svc.release(delivery_id).await?;
+    }
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -89,7 +89,7 @@ fn to_u64(v: i64) -> u64 {
 impl PgHistory {
     /// Connects to `url`, uses `schema` (created if missing) and applies migrations.
     pub(crate) fn open(url: &str, schema: &str) -> Result<Self, Error> {
-        if schema.is_empty() || !schema.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+        if !valid_schema(schema) {
             return Err(Error::BadRequest(format!("history schema {schema:?} must be letters, digits and _")));
         }
         let (tx, rx) = mpsc::channel::<Req>();
@@ -150,27 +150,43 @@ impl PgHistory {
 }
 
 fn connect(url: &str, schema: &str) -> Result<postgres::Client, postgres::Error> {
+    connect_migrated(url, schema, "history_schema", MIGRATIONS)
+}
+
+/// Connects to `url`, creates `schema` if missing, makes it the search path, and applies the
+/// `migrations` not yet recorded in the table `version_table` (one per entry, in order). An
+/// advisory lock keeps two nodes from migrating the same tables at once.
+pub(crate) fn connect_migrated(
+    url: &str,
+    schema: &str,
+    version_table: &str,
+    migrations: &[&str],
+) -> Result<postgres::Client, postgres::Error> {
     let mut client = postgres::Client::connect(url, postgres::NoTls)?;
     client.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {schema}; SET search_path TO {schema}"))?;
     let mut txn = client.transaction()?;
-    // One migrator at a time across nodes sharing the database.
-    txn.execute("SELECT pg_advisory_xact_lock(hashtext('fleetstream_history_schema'))", &[])?;
-    txn.batch_execute("CREATE TABLE IF NOT EXISTS history_schema (version INTEGER NOT NULL)")?;
-    let version: i32 = match txn.query_opt("SELECT version FROM history_schema", &[])? {
+    txn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&format!("fleetstream_{version_table}")])?;
+    txn.batch_execute(&format!("CREATE TABLE IF NOT EXISTS {version_table} (version INTEGER NOT NULL)"))?;
+    let version: i32 = match txn.query_opt(&format!("SELECT version FROM {version_table}"), &[])? {
         Some(row) => row.get(0),
         None => {
-            txn.execute("INSERT INTO history_schema (version) VALUES (0)", &[])?;
+            txn.execute(&format!("INSERT INTO {version_table} (version) VALUES (0)"), &[])?;
             0
         }
     };
-    for (i, migration) in MIGRATIONS.iter().enumerate().skip(usize::try_from(version).unwrap_or(0)) {
+    for (i, migration) in migrations.iter().enumerate().skip(usize::try_from(version).unwrap_or(0)) {
         txn.batch_execute(migration)?;
         let to = i32::try_from(i + 1).unwrap_or(i32::MAX);
-        txn.execute("UPDATE history_schema SET version = $1", &[&to])?;
-        tracing::info!(schema, version = to, "history schema migrated");
+        txn.execute(&format!("UPDATE {version_table} SET version = $1"), &[&to])?;
+        tracing::info!(schema, table = version_table, version = to, "schema migrated");
     }
     txn.commit()?;
     Ok(client)
+}
+
+/// Whether `schema` is a plain identifier (letters, digits and `_`), safe to put in SQL.
+pub(crate) fn valid_schema(schema: &str) -> bool {
+    !schema.is_empty() && schema.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
 /// Rows per multi-row INSERT (7 parameters each, well under the protocol's 65,535).

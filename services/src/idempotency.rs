@@ -99,18 +99,34 @@ impl Keys {
     }
 
     /// Claims `key` for `req`, waiting while an identical request with the key is running.
-    pub async fn begin(&self, key: &str, req: &CreateDelivery) -> Begin {
+    pub async fn begin(&self, key: &str, req: &CreateDelivery) -> Result<Begin, Error> {
         let scoped = scoped(req, key);
+        // On a shared store another node may have answered the key (a client that retried
+        // through it): its stored answer is looked up once, before the key is claimed here.
+        let mut looked = !self.store.as_ref().is_some_and(Store::is_shared);
         loop {
+            if !looked && !self.inner.lock().0.contains_key(&scoped) {
+                looked = true;
+                if let Some(store) = &self.store
+                    && let Some(stored) = store.get::<StoredKey>(&scoped)?
+                {
+                    let mut inner = self.inner.lock();
+                    if !inner.0.contains_key(&scoped) {
+                        inner.0.insert(scoped.clone(), Slot::Done(stored.record, stored.request));
+                        inner.1.push_back(scoped.clone());
+                    }
+                }
+                continue;
+            }
             let wait = {
                 let mut inner = self.inner.lock();
                 match inner.0.get(&scoped) {
                     None => {
                         inner.0.insert(scoped, Slot::Running(Arc::new(Notify::new()), req.clone()));
-                        return Begin::Run;
+                        return Ok(Begin::Run);
                     }
-                    Some(Slot::Done(_, first) | Slot::Running(_, first)) if first != req => return Begin::Mismatch,
-                    Some(Slot::Done(record, _)) => return Begin::Replay(record.clone()),
+                    Some(Slot::Done(_, first) | Slot::Running(_, first)) if first != req => return Ok(Begin::Mismatch),
+                    Some(Slot::Done(record, _)) => return Ok(Begin::Replay(record.clone())),
                     Some(Slot::Running(done, _)) => done.clone(),
                 }
             };

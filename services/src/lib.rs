@@ -29,6 +29,7 @@ pub mod saga;
 pub mod scheduler;
 mod state;
 pub mod store;
+mod store_pg;
 pub mod throttle;
 pub mod tls;
 pub mod trace;

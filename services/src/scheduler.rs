@@ -153,6 +153,9 @@ async fn delete(dep: &Dependency, path: String) -> Result<(), Error> {
     }
 }
 
+/// How many times a schedule is tried when the engine refuses its drone as busy.
+const BUSY_TRIES: u32 = 4;
+
 /// What the saga has done so far, to undo on failure.
 #[derive(Default)]
 struct Done {
@@ -160,6 +163,8 @@ struct Done {
     assignment: bool,
     record: bool,
     engine: Option<DroneId>,
+    /// The engine refused the drone as busy with another delivery.
+    busy: bool,
 }
 
 impl Done {
@@ -168,9 +173,9 @@ impl Done {
     fn possibly(step: &ScheduleStep) -> Self {
         match *step {
             // The record and the engine's delivery come only after the drone is journaled.
-            ScheduleStep::Started => Done { package: true, assignment: true, record: false, engine: None },
+            ScheduleStep::Started => Done { package: true, assignment: true, ..Done::default() },
             ScheduleStep::Assigned { drone_id } => {
-                Done { package: true, assignment: true, record: true, engine: Some(drone_id) }
+                Done { package: true, assignment: true, record: true, engine: Some(drone_id), busy: false }
             }
         }
     }
@@ -212,7 +217,7 @@ impl<F: FleetControl + WorkQueues> Scheduler<F> {
     /// file of the scheduler's own (split mode; in one process they share the services' file).
     pub async fn with_store(self, store: &crate::store::Store, retention_s: u64) -> Result<Self, Error> {
         let keys = crate::idempotency::Keys::open(store.namespace("idempotency-keys"), retention_s).await?;
-        Ok(self.with_keys(keys).with_journal(store.namespace("sagas")))
+        Ok(self.with_keys(keys).with_journal(store.local("sagas")))
     }
 
     /// Drone Management keeps its assignments in memory only (one process, where they are
@@ -252,6 +257,27 @@ impl<F: FleetControl + WorkQueues> Scheduler<F> {
     /// Runs a schedule, journaled (see [`crate::saga`]). With `key`, its stored answer commits
     /// with the removal of the journal entry; the flag says whether it did.
     async fn run_schedule(
+        &self,
+        key: Option<&str>,
+        req: CreateDelivery,
+        trace: TraceContext,
+    ) -> Result<(DeliveryRecord, bool), Error> {
+        let mut tries = 1;
+        loop {
+            match self.run_schedule_once(key, req.clone(), trace).await {
+                // Another node gave the drone a delivery an instant before (each node's
+                // registry learns of the others' assignments from the delivery events): the
+                // undo has looked it up again, so the next try passes it over.
+                Err(Error::Engine(error)) if error.name() == "drone_busy" && tries < BUSY_TRIES => {
+                    tries += 1;
+                    tracing::debug!(%error, tries, "the engine refused a drone as busy; scheduling again");
+                }
+                outcome => return outcome,
+            }
+        }
+    }
+
+    async fn run_schedule_once(
         &self,
         key: Option<&str>,
         req: CreateDelivery,
@@ -386,8 +412,9 @@ impl<F: FleetControl + WorkQueues> Scheduler<F> {
         };
         let (put_record, created) = tokio::join!(put_record, self.fleet.command_traced(cmd, trace));
         done.record = put_record.is_ok();
-        if created.is_ok() {
-            done.engine = Some(drone_id);
+        match &created {
+            Ok(()) => done.engine = Some(drone_id),
+            Err(error) => done.busy = error.name() == "drone_busy",
         }
         put_record?;
         created?;
@@ -476,9 +503,10 @@ impl<F: FleetControl + WorkQueues> Scheduler<F> {
                 }
             }
         }
+        let release = if done.busy { "?busy=true" } else { "" };
         let undo = [
             (done.record, &self.deps.deliveries, format!("/internal/v1/deliveries/{id}")),
-            (done.assignment, &self.deps.drones, format!("/internal/v1/assignments/{id}")),
+            (done.assignment, &self.deps.drones, format!("/internal/v1/assignments/{id}{release}")),
             (done.package, &self.deps.packages, format!("/internal/v1/packages/{id}")),
         ];
         for (was_done, dep, path) in undo {
@@ -507,7 +535,7 @@ impl<F: FleetControl + WorkQueues> Scheduler<F> {
         if key.is_empty() || key.len() > MAX_KEY_LEN {
             return Err(Error::BadRequest(format!("Idempotency-Key must be 1 to {MAX_KEY_LEN} characters")));
         }
-        match self.keys.begin(key, &req).await {
+        match self.keys.begin(key, &req).await? {
             Begin::Replay(record) => return Ok((record, true)),
             Begin::Mismatch => return Err(Error::KeyReused),
             Begin::Run => {}
@@ -757,7 +785,7 @@ impl<F: FleetControl + WorkQueues> Scheduler<F> {
         let mut claimed = Vec::new();
         for saga in &pending {
             if let Saga::Schedule { key: Some(key), request, .. } = saga
-                && matches!(self.keys.begin(key, request).await, crate::idempotency::Begin::Run)
+                && matches!(self.keys.begin(key, request).await, Ok(crate::idempotency::Begin::Run))
             {
                 claimed.push((key.clone(), request.clone()));
             }

@@ -63,7 +63,7 @@ pub struct Package {
 }
 
 /// Settings of the services, `[services]` in the pipeline's config.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServicesConfig {
     /// How internal calls behave (timeouts, retries, breaker, concurrency).
@@ -74,11 +74,38 @@ pub struct ServicesConfig {
     /// 86,400 (a day): longer than any client's retry loop, short enough that the keys of a
     /// busy day fit the cap of 100,000.
     pub idempotency_retention_s: u64,
+    /// Where the services keep their state: `embedded` (default; `services.redb` in the data
+    /// directory) or `postgres` (one store every node shares, for `[log] backend =
+    /// "jetstream"` with several nodes).
+    pub store: ServicesStore,
+    /// PostgreSQL connection URL (`store = "postgres"`). Default
+    /// `postgresql://postgres@127.0.0.1:5432/fleetstream`.
+    pub url: String,
+    /// Schema the table lives in (created and migrated at start). Default `fleetstream`.
+    pub schema: String,
+}
+
+/// Where the services keep their state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ServicesStore {
+    /// A redb file in the node's data directory (the default).
+    #[default]
+    Embedded,
+    /// PostgreSQL, shared by every node.
+    Postgres,
 }
 
 impl Default for ServicesConfig {
     fn default() -> Self {
-        Self { calls: CallPolicy::default(), drones: DronesConfig::default(), idempotency_retention_s: 86_400 }
+        Self {
+            calls: CallPolicy::default(),
+            drones: DronesConfig::default(),
+            idempotency_retention_s: 86_400,
+            store: ServicesStore::Embedded,
+            url: "postgresql://postgres@127.0.0.1:5432/fleetstream".into(),
+            schema: "fleetstream".into(),
+        }
     }
 }
 
@@ -88,7 +115,28 @@ pub const DELIVERY_EVENTS_POSITION: &str = "delivery-events";
 
 /// The namespace of a store file that holds its read models' log positions.
 pub fn positions(file: &Store) -> Store {
-    file.namespace("positions")
+    file.local("positions")
+}
+
+/// This node's name in a shared store: made once, kept in `dir/node-name`, so a node
+/// restarted on its data directory finds its own saga journal and read-model positions.
+pub fn node_name(dir: &Path) -> Result<String, Error> {
+    let path = dir.join("node-name");
+    let storage = |e: std::io::Error| Error::Engine(events::Error::Storage(format!("{}: {e}", path.display())));
+    match std::fs::read_to_string(&path) {
+        Ok(name) if !name.trim().is_empty() => return Ok(name.trim().to_string()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(storage(e)),
+    }
+    std::fs::create_dir_all(dir).map_err(storage)?;
+    let name = format!("{:016x}", events::now_us() ^ (u64::from(std::process::id()) << 40));
+    let tmp = dir.join("node-name.tmp");
+    std::fs::write(&tmp, &name).map_err(storage)?;
+    std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(storage)?;
+    std::fs::rename(&tmp, &path).map_err(storage)?;
+    std::fs::File::open(dir).and_then(|f| f.sync_all()).map_err(storage)?;
+    Ok(name)
 }
 
 /// Every service of the edge in one process.
@@ -130,7 +178,10 @@ impl<F: FleetControl + WorkQueues + Clone> Services<F> {
         history: Option<Arc<crate::history::History>>,
         ids: Option<Arc<dyn crate::ids::IdBlocks>>,
     ) -> Result<Self, Error> {
-        let file = Store::open(&dir.join("services.redb"))?;
+        let file = match cfg.store {
+            ServicesStore::Embedded => Store::open(&dir.join("services.redb"))?,
+            ServicesStore::Postgres => Store::open_postgres(&cfg.url, &cfg.schema, &node_name(dir)?)?,
+        };
         Self::with_store(fleet, file, cfg, history, ids).await
     }
 
@@ -226,7 +277,7 @@ impl<F: FleetControl + WorkQueues + Clone> Services<F> {
         batches: &[B],
         next_offset: Option<u64>,
     ) -> Result<(), Error> {
-        let changed = self.deliveries.apply_delivery_event_batches(batches);
+        let changed = self.deliveries.apply_delivery_event_batches(batches)?;
         self.drones.apply_delivery_event_batches(batches).await?;
         let mut ended = Vec::new();
         for batch in batches {

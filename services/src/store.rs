@@ -14,6 +14,11 @@
 //! are enqueued ([`Store::enqueue`] queues before it awaits), so a caller that orders its
 //! changes under a lock gets them stored in that order.
 //!
+//! The same store runs on PostgreSQL for several nodes ([`Store::open_postgres`], see
+//! [`crate::store_pg`]): one table instead of the file, one transaction per group, and
+//! [`Store::local`] namespaces that are the node's own (its saga journal, its read models'
+//! positions) beside the shared ones.
+//!
 //! A failed commit stops the store: every later write is refused with the first failure's
 //! reason, and [`Store::failure`] says so for readiness and metrics. What a failed commit would
 //! have written is unknown to the callers that were answered before it, so carrying on would
@@ -42,8 +47,26 @@ fn store_error(e: impl std::fmt::Display) -> Error {
 }
 
 enum Write {
-    Put(String, Vec<u8>),
+    /// Key, value, and a version the value replaces only values not newer than (PostgreSQL).
+    Put(String, Vec<u8>, Option<i64>),
     Delete(String),
+}
+
+/// Where the records are: a redb file of this node, or PostgreSQL shared by the nodes.
+#[derive(Clone)]
+enum Backend {
+    Redb(Arc<Database>),
+    Pg(Arc<crate::store_pg::PgKv>),
+}
+
+impl Backend {
+    fn same(&self, other: &Backend) -> bool {
+        match (self, other) {
+            (Backend::Redb(a), Backend::Redb(b)) => Arc::ptr_eq(a, b),
+            (Backend::Pg(a), Backend::Pg(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
 }
 
 struct Op {
@@ -60,11 +83,13 @@ pub fn id_key(id: u64) -> String {
 /// share a file ([`Store::namespace`]), so one commit (one fsync) carries all their writes.
 #[derive(Clone)]
 pub struct Store {
-    db: Arc<Database>,
+    backend: Backend,
     tx: flume::Sender<Op>,
     prefix: String,
     failed: Arc<Mutex<Option<String>>>,
     inject: Arc<std::sync::atomic::AtomicBool>,
+    /// On a shared store: this node's name, which its [`Store::local`] namespaces carry.
+    node: Option<Arc<str>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -77,7 +102,7 @@ impl std::fmt::Debug for Store {
 #[derive(Default)]
 pub struct Batch {
     writes: Vec<Write>,
-    db: Option<Arc<Database>>,
+    db: Option<Backend>,
     mixed: bool,
 }
 
@@ -95,8 +120,8 @@ impl Batch {
 
     fn note(&mut self, store: &Store) {
         match &self.db {
-            None => self.db = Some(store.db.clone()),
-            Some(db) if !Arc::ptr_eq(db, &store.db) => self.mixed = true,
+            None => self.db = Some(store.backend.clone()),
+            Some(db) if !db.same(&store.backend) => self.mixed = true,
             Some(_) => {}
         }
     }
@@ -105,7 +130,24 @@ impl Batch {
     pub fn put(&mut self, store: &Store, key: &str, value: &impl Serialize) -> Result<(), Error> {
         self.note(store);
         let bytes = serde_json::to_vec(value).map_err(store_error)?;
-        self.writes.push(Write::Put(store.key(key), bytes));
+        self.writes.push(Write::Put(store.key(key), bytes, None));
+        Ok(())
+    }
+
+    /// Adds a put of `value` under `key` that lands only over a value whose version is not
+    /// newer than `version` (on a shared store, where several nodes' read models write the
+    /// same records; the embedded store has one writer, which writes in order, and ignores it).
+    pub fn put_versioned(
+        &mut self,
+        store: &Store,
+        key: &str,
+        value: &impl Serialize,
+        version: u64,
+    ) -> Result<(), Error> {
+        self.note(store);
+        let bytes = serde_json::to_vec(value).map_err(store_error)?;
+        let version = i64::try_from(version).unwrap_or(i64::MAX);
+        self.writes.push(Write::Put(store.key(key), bytes, Some(version)));
         Ok(())
     }
 
@@ -138,6 +180,48 @@ impl Store {
         Self::start(db, name)
     }
 
+    /// The store in PostgreSQL at `url`, tables in `schema` (created and migrated here), shared
+    /// with the other nodes; `node` names this node's own namespaces ([`Store::local`]) and
+    /// must stay the same across its restarts.
+    pub fn open_postgres(url: &str, schema: &str, node: &str) -> Result<Self, Error> {
+        let kv = Arc::new(crate::store_pg::PgKv::open(url, schema)?);
+        let (tx, rx) = flume::bounded::<Op>(QUEUE);
+        let failed = Arc::new(Mutex::new(None));
+        let (writer_failed, inject) = (failed.clone(), Arc::new(std::sync::atomic::AtomicBool::new(false)));
+        let writer_inject = inject.clone();
+        let (ready_tx, ready) = std::sync::mpsc::channel::<Result<(), Error>>();
+        let writer_kv = kv.clone();
+        std::thread::Builder::new()
+            .name("store-postgres".into())
+            .spawn(move || {
+                let mut pg = match writer_kv.writer() {
+                    Ok(pg) => pg,
+                    Err(error) => {
+                        let _ = ready_tx.send(Err(error));
+                        return;
+                    }
+                };
+                let _ = ready_tx.send(Ok(()));
+                writer(&rx, &writer_failed, |group| {
+                    if writer_inject.load(std::sync::atomic::Ordering::Relaxed) {
+                        return Err("injected failure".into());
+                    }
+                    pg.commit(group.iter().map(|op| {
+                        op.writes
+                            .iter()
+                            .map(|w| match w {
+                                Write::Put(k, v, version) => crate::store_pg::PgWrite::Put(k, v, *version),
+                                Write::Delete(k) => crate::store_pg::PgWrite::Delete(k),
+                            })
+                            .collect()
+                    }))
+                });
+            })
+            .map_err(store_error)?;
+        ready.recv().map_err(|_| store_error("the writer stopped"))??;
+        Ok(Self { backend: Backend::Pg(kv), tx, prefix: String::new(), failed, inject, node: Some(node.into()) })
+    }
+
     /// A store in memory, for tests and throwaway runs.
     pub fn in_memory() -> Result<Self, Error> {
         let db =
@@ -159,21 +243,43 @@ impl Store {
         let writer_inject = inject.clone();
         std::thread::Builder::new()
             .name(format!("store-{name}"))
-            .spawn(move || writer(&writer_db, &rx, &writer_failed, &writer_inject))
+            .spawn(move || {
+                writer(&rx, &writer_failed, |group| match writer_db.upgrade() {
+                    Some(db) => commit(&db, group, &writer_inject),
+                    None => Err("the store is closed".to_string()),
+                });
+            })
             .map_err(store_error)?;
-        Ok(Self { db, tx, prefix: String::new(), failed, inject })
+        Ok(Self { backend: Backend::Redb(db), tx, prefix: String::new(), failed, inject, node: None })
     }
 
     /// The same database under the namespace `name`: its keys cannot meet another
     /// namespace's, and [`Store::all`] sees only its own.
     pub fn namespace(&self, name: &str) -> Self {
         Self {
-            db: self.db.clone(),
+            backend: self.backend.clone(),
             tx: self.tx.clone(),
             prefix: format!("{}{name}/", self.prefix),
             failed: self.failed.clone(),
             inject: self.inject.clone(),
+            node: self.node.clone(),
         }
+    }
+
+    /// The namespace `name` of this node alone: on a shared store it carries the node's name
+    /// (`name@node`), so each node keeps its own (a saga journal, a read model's position);
+    /// in a node's own file it is [`Store::namespace`].
+    pub fn local(&self, name: &str) -> Self {
+        match &self.node {
+            Some(node) => self.namespace(&format!("{name}@{node}")),
+            None => self.namespace(name),
+        }
+    }
+
+    /// Whether other nodes write this store too (PostgreSQL): what a node holds in memory may
+    /// then be behind the store.
+    pub fn is_shared(&self) -> bool {
+        matches!(self.backend, Backend::Pg(_))
     }
 
     fn key(&self, key: &str) -> String {
@@ -218,7 +324,7 @@ impl Store {
     }
 
     fn queue(&self, batch: Batch) -> Result<tokio::sync::oneshot::Receiver<Result<Vec<bool>, String>>, Error> {
-        if batch.mixed || batch.db.as_ref().is_some_and(|db| !Arc::ptr_eq(db, &self.db)) {
+        if batch.mixed || batch.db.as_ref().is_some_and(|db| !db.same(&self.backend)) {
             return Err(store_error("a batch spans several database files"));
         }
         if let Some(reason) = self.failure() {
@@ -239,7 +345,13 @@ impl Store {
 
     /// The value under `key`.
     pub fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, Error> {
-        let txn = self.db.begin_read().map_err(store_error)?;
+        let db = match &self.backend {
+            Backend::Redb(db) => db,
+            Backend::Pg(kv) => {
+                return kv.get(&self.key(key))?.map(|v| serde_json::from_slice(&v).map_err(store_error)).transpose();
+            }
+        };
+        let txn = db.begin_read().map_err(store_error)?;
         let table = txn.open_table(RECORDS).map_err(store_error)?;
         match table.get(self.key(key).as_str()).map_err(store_error)? {
             Some(v) => serde_json::from_slice(v.value()).map(Some).map_err(store_error),
@@ -249,7 +361,18 @@ impl Store {
 
     /// Every record, in key order (for loading a read model at start).
     pub fn all<T: DeserializeOwned>(&self) -> Result<Vec<(String, T)>, Error> {
-        let txn = self.db.begin_read().map_err(store_error)?;
+        let db = match &self.backend {
+            Backend::Redb(db) => db,
+            Backend::Pg(kv) => {
+                let mut out = Vec::new();
+                for (k, v) in kv.range(&self.prefix)? {
+                    let Some(key) = k.strip_prefix(self.prefix.as_str()) else { continue };
+                    out.push((key.to_string(), serde_json::from_slice(&v).map_err(store_error)?));
+                }
+                return Ok(out);
+            }
+        };
+        let txn = db.begin_read().map_err(store_error)?;
         let table = txn.open_table(RECORDS).map_err(store_error)?;
         let mut out = Vec::new();
         for entry in table.range(self.prefix.as_str()..).map_err(store_error)? {
@@ -259,13 +382,30 @@ impl Store {
         }
         Ok(out)
     }
+
+    /// The values under `keys`, in their order (one round trip on a shared store).
+    pub fn get_many<T: DeserializeOwned>(&self, keys: &[String]) -> Result<Vec<Option<T>>, Error> {
+        let values = match &self.backend {
+            Backend::Pg(kv) => kv.get_many(keys.iter().map(|k| self.key(k)).collect())?,
+            Backend::Redb(db) => {
+                let txn = db.begin_read().map_err(store_error)?;
+                let table = txn.open_table(RECORDS).map_err(store_error)?;
+                let mut out = Vec::with_capacity(keys.len());
+                for key in keys {
+                    out.push(table.get(self.key(key).as_str()).map_err(store_error)?.map(|v| v.value().to_vec()));
+                }
+                out
+            }
+        };
+        values.into_iter().map(|v| v.map(|v| serde_json::from_slice(&v).map_err(store_error)).transpose()).collect()
+    }
 }
 
+/// The writer thread: takes every write waiting, commits them with `commit`, answers each.
 fn writer(
-    db: &std::sync::Weak<Database>,
     rx: &flume::Receiver<Op>,
     failed: &Mutex<Option<String>>,
-    inject: &std::sync::atomic::AtomicBool,
+    mut commit: impl FnMut(&[Op]) -> Result<Vec<Vec<bool>>, String>,
 ) {
     while let Ok(first) = rx.recv() {
         let mut writes = first.writes.len();
@@ -280,13 +420,12 @@ fn writer(
             }
         }
         let stopped = failed.lock().clone();
-        let outcome = match (stopped, db.upgrade()) {
-            (Some(reason), _) => Err(format!("stopped after a failed commit: {reason}")),
-            (None, Some(db)) => commit(&db, &group, inject).inspect_err(|e| {
+        let outcome = match stopped {
+            Some(reason) => Err(format!("stopped after a failed commit: {reason}")),
+            None => commit(&group).inspect_err(|e| {
                 tracing::error!(error = %e, "service store commit failed; the store takes no more writes until a restart");
                 *failed.lock() = Some(e.clone());
             }),
-            (None, None) => Err("the store is closed".to_string()),
         };
         match outcome {
             Ok(results) => {
@@ -315,7 +454,7 @@ fn commit(db: &Database, group: &[Op], inject: &std::sync::atomic::AtomicBool) -
             let mut flags = Vec::with_capacity(op.writes.len());
             for write in &op.writes {
                 flags.push(match write {
-                    Write::Put(k, v) => table.insert(k.as_str(), v.as_slice()).map_err(|e| e.to_string())?.is_none(),
+                    Write::Put(k, v, _) => table.insert(k.as_str(), v.as_slice()).map_err(|e| e.to_string())?.is_none(),
                     Write::Delete(k) => table.remove(k.as_str()).map_err(|e| e.to_string())?.is_some(),
                 });
             }

@@ -432,11 +432,13 @@ async fn a_restarted_delivery_service_reads_each_delivery_where_it_stood() {
     }))
     .unwrap();
     assert!(svc.put(record).await.unwrap());
-    let changed = svc.apply_delivery_events(&events_batch(&[
-        stage_event(42, 7, 0, DeliveryStage::Created),
-        stage_event(42, 7, 1, DeliveryStage::HeadedToPickup),
-        stage_event(42, 7, 2, DeliveryStage::InTransit),
-    ]));
+    let changed = svc
+        .apply_delivery_events(&events_batch(&[
+            stage_event(42, 7, 0, DeliveryStage::Created),
+            stage_event(42, 7, 1, DeliveryStage::HeadedToPickup),
+            stage_event(42, 7, 2, DeliveryStage::InTransit),
+        ]))
+        .unwrap();
     assert_eq!(changed.len(), 1, "one write per delivery per batch, with its latest stage");
     svc.persist(&changed, &[], services::store::Batch::new()).await.unwrap();
     drop(svc);
@@ -445,7 +447,10 @@ async fn a_restarted_delivery_service_reads_each_delivery_where_it_stood() {
     assert_eq!(again.record(42).map(|r| r.stage), Some(DeliveryStage::InTransit));
     // An older event replayed after the restart changes nothing.
     assert!(
-        again.apply_delivery_events(&events_batch(&[stage_event(42, 7, 1, DeliveryStage::HeadedToPickup)])).is_empty()
+        again
+            .apply_delivery_events(&events_batch(&[stage_event(42, 7, 1, DeliveryStage::HeadedToPickup)]))
+            .unwrap()
+            .is_empty()
     );
     assert_eq!(again.record(42).map(|r| r.stage), Some(DeliveryStage::InTransit));
 }

@@ -147,6 +147,66 @@ pub fn spawn_serve(dir: &std::path::Path, quic: u16, http: u16, env: &[(&str, &s
     child
 }
 
+/// A `pipeline serve` node on JetStream, started by [`spawn_cluster_node`].
+pub struct ClusterNode {
+    pub child: std::process::Child,
+    pub quic: std::net::SocketAddr,
+    pub api: String,
+    pub pem: String,
+}
+
+/// Starts `pipeline serve` on `dir` with `[log] backend = "jetstream"` at `url` (streams and
+/// subjects under `prefix`, lease name `name`, `shards` shards, leases of 1.5 s), `env` set
+/// besides; its log lines are echoed tagged with `name`. Waits until it serves.
+pub fn spawn_cluster_node(
+    dir: &std::path::Path,
+    url: &str,
+    prefix: &str,
+    name: &str,
+    shards: u32,
+    env: &[(&str, &str)],
+) -> ClusterNode {
+    use std::io::BufRead;
+    let (quic, http) = (free_udp_port(), free_tcp_port());
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pipeline"))
+        .args(["serve", "--shards", &shards.to_string()])
+        .args(["--quic", &format!("127.0.0.1:{quic}"), "--http", &format!("127.0.0.1:{http}")])
+        .arg("--data-dir")
+        .arg(dir)
+        .env("FLEETSTREAM_LOG__BACKEND", "jetstream")
+        .env("FLEETSTREAM_JETSTREAM__URL", url)
+        .env("FLEETSTREAM_JETSTREAM__STREAM_PREFIX", prefix.to_uppercase())
+        .env("FLEETSTREAM_JETSTREAM__SUBJECT_PREFIX", prefix.to_lowercase())
+        .env("FLEETSTREAM_JETSTREAM__NODE_ID", name)
+        .env("FLEETSTREAM_JETSTREAM__LEASE_MS", "1500")
+        .env("FLEETSTREAM_ENGINE__CHECKPOINT_INTERVAL_MS", "50")
+        .env("RUST_LOG", "warn,pipeline::cluster=info")
+        .envs(env.iter().copied())
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let tag = name.to_string();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.starts_with("fleetstream serving:") {
+                let _ = tx.send(());
+            }
+            eprintln!("[{tag}] {line}");
+        }
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(60)).expect("the node starts");
+    let pem = std::fs::read_to_string(dir.join("tls/ingest-cert.pem")).unwrap();
+    ClusterNode {
+        child,
+        quic: format!("127.0.0.1:{quic}").parse().unwrap(),
+        api: format!("http://127.0.0.1:{http}"),
+        pem,
+    }
+}
+
 /// SIGKILL, and reap.
 pub fn kill9(child: &mut std::process::Child) {
     std::process::Command::new("kill").args(["-KILL", &child.id().to_string()]).status().unwrap();
@@ -170,4 +230,15 @@ pub async fn sms_gateway() -> (tokio::sync::mpsc::Receiver<serde_json::Value>, s
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, gateway).await });
     (got, addr)
+}
+
+/// Deletes every JetStream stream (key-value buckets included) a test made under `prefix`.
+pub async fn delete_streams(nats: &async_nats::Client, prefix: &str) {
+    use futures_util::StreamExt;
+    let js = async_nats::jetstream::new(nats.clone());
+    let upper = prefix.to_uppercase();
+    let names: Vec<String> = js.stream_names().filter_map(|n| async move { n.ok() }).collect().await;
+    for name in names.into_iter().filter(|n| n.starts_with(&upper) || n.starts_with(&format!("KV_{upper}"))) {
+        let _ = js.delete_stream(&name).await;
+    }
 }

@@ -1,0 +1,251 @@
+//! The services' store on PostgreSQL, shared by every node of a deployment on JetStream
+//! (`[services] store = "postgres"`): the same keys, values and guarantees as the embedded
+//! file, in one table, so every node sees the same accounts, packages, delivery records,
+//! registry, idempotency keys and subscriptions.
+//!
+//! One thread owns the writing connection and commits each group of writes in one
+//! transaction (group commit, as the embedded writer does); a few threads with connections of
+//! their own answer reads, so a read never waits behind a commit. The table's `key` column
+//! sorts bytewise (`COLLATE "C"`), so a namespace is a key range as in redb.
+//!
+//! A write may carry a version ([`crate::store::Batch::put_versioned`]): it lands only over a
+//! row whose version is not newer. Read models on several nodes apply the same log, each at
+//! its own pace; with versions a node that is behind never overwrites what a node ahead of it
+//! stored.
+
+use crate::Error;
+
+/// The schema of the services' table, one migration per entry.
+const MIGRATIONS: &[&str] = &["
+    CREATE TABLE service_kv (
+        key TEXT COLLATE \"C\" PRIMARY KEY,
+        value BYTEA NOT NULL,
+        version BIGINT
+    );
+"];
+
+/// Connections answering reads.
+const READERS: usize = 3;
+
+fn pg_error(e: impl std::fmt::Display) -> Error {
+    Error::Engine(events::Error::Storage(format!("service store (postgres): {e}")))
+}
+
+/// One write of a group, as the store queues it.
+pub(crate) enum PgWrite<'a> {
+    Put(&'a str, &'a [u8], Option<i64>),
+    Delete(&'a str),
+}
+
+type Reply<T> = std::sync::mpsc::Sender<Result<T, String>>;
+
+enum Read {
+    Get(String, Reply<Option<Vec<u8>>>),
+    Many(Vec<String>, Reply<Vec<Option<Vec<u8>>>>),
+    Range(String, Reply<Vec<(String, Vec<u8>)>>),
+}
+
+/// The connections of one shared store.
+pub(crate) struct PgKv {
+    reads: flume::Sender<Read>,
+    /// Where the writer connects (it is opened by the store's writer thread).
+    url: String,
+    schema: String,
+}
+
+impl std::fmt::Debug for PgKv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgKv").field("schema", &self.schema).finish_non_exhaustive()
+    }
+}
+
+impl PgKv {
+    /// Connects, migrates the schema and starts the readers.
+    pub(crate) fn open(url: &str, schema: &str) -> Result<Self, Error> {
+        if !crate::history_pg::valid_schema(schema) {
+            return Err(Error::BadRequest(format!("services schema {schema:?} must be letters, digits and _")));
+        }
+        let (url, schema) = (url.to_string(), schema.to_string());
+        {
+            // The driver runs a runtime of its own: connections are made on threads of ours.
+            let (url, schema) = (url.clone(), schema.clone());
+            std::thread::spawn(move || {
+                crate::history_pg::connect_migrated(&url, &schema, "services_schema", MIGRATIONS).map(drop)
+            })
+            .join()
+            .map_err(|_| pg_error("the migration thread panicked"))?
+            .map_err(pg_error)?;
+        }
+        let (reads, rx) = flume::bounded::<Read>(1024);
+        let (ready_tx, ready) = std::sync::mpsc::channel::<Result<(), Error>>();
+        for i in 0..READERS {
+            let (rx, ready_tx, url, schema) = (rx.clone(), ready_tx.clone(), url.clone(), schema.clone());
+            std::thread::Builder::new()
+                .name(format!("store-pg-read-{i}"))
+                .spawn(move || {
+                    let mut client = match Self::connect(&url, &schema) {
+                        Ok(client) => client,
+                        Err(error) => {
+                            let _ = ready_tx.send(Err(error));
+                            return;
+                        }
+                    };
+                    let _ = ready_tx.send(Ok(()));
+                    while let Ok(read) = rx.recv() {
+                        serve_read(&mut client, read);
+                    }
+                })
+                .map_err(pg_error)?;
+        }
+        for _ in 0..READERS {
+            ready.recv().map_err(|_| pg_error("a reader thread stopped"))??;
+        }
+        Ok(Self { reads, url, schema })
+    }
+
+    fn connect(url: &str, schema: &str) -> Result<postgres::Client, Error> {
+        let mut client = postgres::Client::connect(url, postgres::NoTls).map_err(pg_error)?;
+        client.batch_execute(&format!("SET search_path TO {schema}")).map_err(pg_error)?;
+        Ok(client)
+    }
+
+    /// A connection for the store's writer thread (to be called on that thread).
+    pub(crate) fn writer(&self) -> Result<PgWriter, Error> {
+        let mut client = Self::connect(&self.url, &self.schema)?;
+        let put = client
+            .prepare(
+                "INSERT INTO service_kv (key, value, version) VALUES ($1, $2, $3)
+                 ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, version = EXCLUDED.version
+                 WHERE service_kv.version IS NULL OR EXCLUDED.version IS NULL
+                    OR service_kv.version <= EXCLUDED.version
+                 RETURNING (xmax = 0)",
+            )
+            .map_err(pg_error)?;
+        let delete = client.prepare("DELETE FROM service_kv WHERE key = $1").map_err(pg_error)?;
+        Ok(PgWriter { client, put, delete })
+    }
+
+    fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Read) -> Result<T, Error> {
+        let (done, rx) = std::sync::mpsc::channel();
+        self.reads.send(make(done)).map_err(|_| pg_error("the readers stopped"))?;
+        rx.recv().map_err(|_| pg_error("the readers stopped"))?.map_err(pg_error)
+    }
+
+    /// The value under `key`.
+    pub(crate) fn get(&self, key: &str) -> Result<Option<Vec<u8>>, Error> {
+        let key = key.to_string();
+        self.block(|| self.ask(|done| Read::Get(key, done)))
+    }
+
+    /// The values under `keys`, in their order.
+    pub(crate) fn get_many(&self, keys: Vec<String>) -> Result<Vec<Option<Vec<u8>>>, Error> {
+        self.block(|| self.ask(|done| Read::Many(keys, done)))
+    }
+
+    /// Every key starting with `prefix`, in key order.
+    pub(crate) fn range(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, Error> {
+        let prefix = prefix.to_string();
+        self.block(|| self.ask(|done| Read::Range(prefix, done)))
+    }
+
+    /// Runs a blocking read, telling a multi-threaded runtime first so its other tasks move on.
+    fn block<T>(&self, read: impl FnOnce() -> T) -> T {
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(read)
+            }
+            _ => read(),
+        }
+    }
+}
+
+/// The writer thread's connection and its prepared statements.
+pub(crate) struct PgWriter {
+    client: postgres::Client,
+    put: postgres::Statement,
+    delete: postgres::Statement,
+}
+
+impl PgWriter {
+    /// Applies every op's writes in one transaction; one flag per write (put: the key was new
+    /// (a versioned put over a newer row: `false`, and nothing written); delete: it existed).
+    pub(crate) fn commit<'a>(&mut self, ops: impl Iterator<Item = Vec<PgWrite<'a>>>) -> Result<Vec<Vec<bool>>, String> {
+        let mut txn = self.client.transaction().map_err(|e| e.to_string())?;
+        let mut results = Vec::new();
+        for writes in ops {
+            let mut flags = Vec::with_capacity(writes.len());
+            for write in writes {
+                flags.push(match write {
+                    PgWrite::Put(key, value, version) => txn
+                        .query_opt(&self.put, &[&key, &value, &version])
+                        .map_err(|e| e.to_string())?
+                        .is_some_and(|row| row.get::<_, bool>(0)),
+                    PgWrite::Delete(key) => txn.execute(&self.delete, &[&key]).map_err(|e| e.to_string())? > 0,
+                });
+            }
+            results.push(flags);
+        }
+        txn.commit().map_err(|e| e.to_string())?;
+        Ok(results)
+    }
+}
+
+fn serve_read(client: &mut postgres::Client, read: Read) {
+    match read {
+        Read::Get(key, done) => {
+            let r = client.query_opt("SELECT value FROM service_kv WHERE key = $1", &[&key]);
+            let _ = done.send(r.map(|row| row.map(|r| r.get(0))).map_err(|e| e.to_string()));
+        }
+        Read::Many(keys, done) => {
+            let r = client.query("SELECT key, value FROM service_kv WHERE key = ANY($1)", &[&keys]).map(|rows| {
+                let found: std::collections::HashMap<String, Vec<u8>> =
+                    rows.into_iter().map(|r| (r.get(0), r.get(1))).collect();
+                keys.iter().map(|k| found.get(k).cloned()).collect()
+            });
+            let _ = done.send(r.map_err(|e| e.to_string()));
+        }
+        Read::Range(prefix, done) => {
+            let r = match upper_bound(&prefix) {
+                Some(upper) => client.query(
+                    "SELECT key, value FROM service_kv WHERE key >= $1 AND key < $2 ORDER BY key",
+                    &[&prefix, &upper],
+                ),
+                None => client.query("SELECT key, value FROM service_kv WHERE key >= $1 ORDER BY key", &[&prefix]),
+            };
+            let _ = done.send(
+                r.map(|rows| rows.into_iter().map(|r| (r.get(0), r.get(1))).collect()).map_err(|e| e.to_string()),
+            );
+        }
+    }
+}
+
+/// The least string above every string that starts with `prefix` (`None`: there is none, the
+/// range is open). Namespaces end with `/`, whose successor is `0`.
+fn upper_bound(prefix: &str) -> Option<String> {
+    let mut chars: Vec<char> = prefix.chars().collect();
+    while let Some(last) = chars.pop() {
+        if let Some(next) = char::from_u32(u32::from(last) + 1) {
+            chars.push(next);
+            return Some(chars.into_iter().collect());
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::upper_bound;
+
+    #[test]
+    fn a_namespace_is_a_key_range() {
+        assert_eq!(upper_bound("deliveries/").as_deref(), Some("deliveries0"));
+        assert_eq!(upper_bound(""), None);
+        let (lo, hi) = ("a/".to_string(), upper_bound("a/").unwrap_or_default());
+        for key in ["a/", "a/x", "a/\u{10FFFF}"] {
+            assert!(key >= lo.as_str() && key < hi.as_str(), "{key}");
+        }
+        for key in ["a", "a0", "b/", "a.x"] {
+            assert!(!(key >= lo.as_str() && key < hi.as_str()), "{key}");
+        }
+    }
+}
