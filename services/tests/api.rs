@@ -294,6 +294,27 @@ async fn a_drone_the_engine_has_on_an_unknown_delivery_is_not_offered() {
     assert_eq!(body["drone_id"], 42);
 }
 
+/// Another node gave a drone a delivery after this node last looked (a shared store): the
+/// engine refuses the create as `drone_busy`, the schedule is undone with the drone looked up
+/// again (and held for the other delivery), and tried again, never with that drone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drone_the_engine_refuses_as_busy_is_passed_over_on_the_next_try() {
+    let (fleet, svc, router) = setup().await;
+    call(&router, "POST", "/v1/drones", Some(r#"{"drones":[42]}"#)).await;
+    fleet.flying.lock().push((42, 999));
+    let (status, body, _) = call(&router, "POST", "/v1/deliveries", Some(&order())).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "tried again, no other drone: {body}");
+    assert_eq!(body["error"], "no_drone_available");
+    let (_, drone, _) = call(&router, "GET", "/v1/drones/42", None).await;
+    assert_eq!(drone["assigned_delivery"], 999, "held for the other delivery: {drone}");
+    assert!(fleet.commands.lock().iter().all(|c| matches!(c, DeliveryCommand::Cancel { .. })), "no create landed");
+    call(&router, "POST", "/v1/drones", Some(r#"{"drones":[43]}"#)).await;
+    let (status, body, _) = call(&router, "POST", "/v1/deliveries", Some(&order())).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(body["drone_id"], 43);
+    assert_eq!(svc.fleet_size(), (2, 0));
+}
+
 /// A client that goes away mid-request (its request future dropped) does not stop the saga:
 /// it runs to its end, and a retry with the same key gets its result instead of waiting for a
 /// key that would never be finished.

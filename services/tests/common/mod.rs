@@ -67,6 +67,12 @@ impl FleetControl for FakeFleet {
         {
             return Err(WireError::ShuttingDown);
         }
+        if let DeliveryCommand::Create { drone_id, delivery_id, .. } = cmd
+            && let Some(&(_, busy)) =
+                self.flying.lock().iter().find(|(d, other)| *d == drone_id && *other != delivery_id)
+        {
+            return Err(WireError::DroneBusy { drone: drone_id, delivery: busy });
+        }
         self.commands.lock().push(cmd);
         Ok(())
     }
