@@ -30,12 +30,19 @@ fn order() -> Value {
     })
 }
 
-/// Schedules one delivery through `api`, retrying while no drone is free there yet (a node
-/// learns of drones registered through another within its next sweep). `(delivery, drone)`.
-async fn schedule(web: &reqwest::Client, api: &str) -> (u64, u64) {
+/// Schedules one delivery through `api` under the `Idempotency-Key` `key`, retrying while no
+/// drone is free there yet (a node learns of drones registered through another within its
+/// next sweep). `(delivery, drone)`.
+async fn schedule(web: &reqwest::Client, api: &str, key: &str) -> (u64, u64) {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        let response = web.post(format!("{api}/v1/deliveries")).json(&order()).send().await.unwrap();
+        let response = web
+            .post(format!("{api}/v1/deliveries"))
+            .header("Idempotency-Key", key)
+            .json(&order())
+            .send()
+            .await
+            .unwrap();
         let status = response.status();
         let body: Value = response.json().await.unwrap_or_default();
         if status.is_success() {
@@ -148,17 +155,17 @@ async fn two_nodes_on_one_postgres_store_read_the_same_deliveries_across_a_kill(
     assert!(account.unwrap().status().is_success());
 
     // Three deliveries through each node, at once.
-    let three = |api: String| {
+    let three = |api: String, node: &'static str| {
         let web = web.clone();
         async move {
             let mut got = Vec::new();
-            for _ in 0..3 {
-                got.push(schedule(&web, &api).await);
+            for i in 0..3 {
+                got.push(schedule(&web, &api, &format!("{node}-{i}")).await);
             }
             got
         }
     };
-    let (on_a, on_b) = tokio::join!(three(a.api.clone()), three(b.api.clone()));
+    let (on_a, on_b) = tokio::join!(three(a.api.clone(), "a"), three(b.api.clone(), "b"));
     let mut ids = BTreeSet::new();
     let mut drones_used = BTreeSet::new();
     for &(id, drone) in on_a.iter().chain(&on_b) {
@@ -167,6 +174,8 @@ async fn two_nodes_on_one_postgres_store_read_the_same_deliveries_across_a_kill(
     }
     let created = same_everywhere(&web, &[&a.api, &b.api], &ids, &BTreeMap::new()).await;
     assert!(created.values().all(|s| s == "created"), "{created:?}");
+    // A client retrying through B a request A answered gets A's delivery, not a second one.
+    assert_eq!(schedule(&web, &b.api, "a-1").await, on_a[1], "the key's answer is shared");
 
     // One of A's cancelled through B; one of B's flown to its drop-off through A's ingest.
     let (cancelled, _) = on_a[0];
@@ -180,7 +189,7 @@ async fn two_nodes_on_one_postgres_store_read_the_same_deliveries_across_a_kill(
     // A dies; B serves on and schedules again (A's shards move to it).
     Command::new("kill").args(["-KILL", &a.child.id().to_string()]).status().unwrap();
     a.child.wait().unwrap();
-    let (after, _) = schedule(&web, &b.api).await;
+    let (after, _) = schedule(&web, &b.api, "b-after").await;
     assert!(ids.insert(after), "delivery id {after} minted twice");
     same_everywhere(&web, &[&b.api], &ids, &want).await;
 

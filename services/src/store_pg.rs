@@ -5,8 +5,9 @@
 //!
 //! One thread owns the writing connection and commits each group of writes in one
 //! transaction (group commit, as the embedded writer does); a few threads with connections of
-//! their own answer reads, so a read never waits behind a commit. The table's `key` column
-//! sorts bytewise (`COLLATE "C"`), so a namespace is a key range as in redb.
+//! their own answer reads, so a read never waits behind a commit. Keys are stored as bytes
+//! (they may hold any character, NUL included, which PostgreSQL's text refuses) and so sort
+//! bytewise, and a namespace is a key range as in redb.
 //!
 //! A write may carry a version ([`crate::store::Batch::put_versioned`]): it lands only over a
 //! row whose version is not newer. Read models on several nodes apply the same log, each at
@@ -18,7 +19,7 @@ use crate::Error;
 /// The schema of the services' table, one migration per entry.
 const MIGRATIONS: &[&str] = &["
     CREATE TABLE service_kv (
-        key TEXT COLLATE \"C\" PRIMARY KEY,
+        key BYTEA PRIMARY KEY,
         value BYTEA NOT NULL,
         version BIGINT
     );
@@ -29,6 +30,14 @@ const READERS: usize = 3;
 
 fn pg_error(e: impl std::fmt::Display) -> Error {
     Error::Engine(events::Error::Storage(format!("service store (postgres): {e}")))
+}
+
+/// A driver error with the server's own words when it has them ("db error" alone says nothing).
+fn describe(e: &postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        None => e.to_string(),
+    }
 }
 
 /// One write of a group, as the store queues it.
@@ -170,63 +179,69 @@ impl PgWriter {
     /// Applies every op's writes in one transaction; one flag per write (put: the key was new
     /// (a versioned put over a newer row: `false`, and nothing written); delete: it existed).
     pub(crate) fn commit<'a>(&mut self, ops: impl Iterator<Item = Vec<PgWrite<'a>>>) -> Result<Vec<Vec<bool>>, String> {
-        let mut txn = self.client.transaction().map_err(|e| e.to_string())?;
+        let mut txn = self.client.transaction().map_err(|e| describe(&e))?;
         let mut results = Vec::new();
         for writes in ops {
             let mut flags = Vec::with_capacity(writes.len());
             for write in writes {
                 flags.push(match write {
                     PgWrite::Put(key, value, version) => txn
-                        .query_opt(&self.put, &[&key, &value, &version])
-                        .map_err(|e| e.to_string())?
+                        .query_opt(&self.put, &[&key.as_bytes(), &value, &version])
+                        .map_err(|e| describe(&e))?
                         .is_some_and(|row| row.get::<_, bool>(0)),
-                    PgWrite::Delete(key) => txn.execute(&self.delete, &[&key]).map_err(|e| e.to_string())? > 0,
+                    PgWrite::Delete(key) => {
+                        txn.execute(&self.delete, &[&key.as_bytes()]).map_err(|e| describe(&e))? > 0
+                    }
                 });
             }
             results.push(flags);
         }
-        txn.commit().map_err(|e| e.to_string())?;
+        txn.commit().map_err(|e| describe(&e))?;
         Ok(results)
     }
 }
 
 fn serve_read(client: &mut postgres::Client, read: Read) {
+    let text = |bytes: Vec<u8>| String::from_utf8(bytes).map_err(|e| e.to_string());
     match read {
         Read::Get(key, done) => {
-            let r = client.query_opt("SELECT value FROM service_kv WHERE key = $1", &[&key]);
-            let _ = done.send(r.map(|row| row.map(|r| r.get(0))).map_err(|e| e.to_string()));
+            let r = client.query_opt("SELECT value FROM service_kv WHERE key = $1", &[&key.as_bytes()]);
+            let _ = done.send(r.map(|row| row.map(|r| r.get(0))).map_err(|e| describe(&e)));
         }
         Read::Many(keys, done) => {
-            let r = client.query("SELECT key, value FROM service_kv WHERE key = ANY($1)", &[&keys]).map(|rows| {
-                let found: std::collections::HashMap<String, Vec<u8>> =
+            let raw: Vec<&[u8]> = keys.iter().map(|k| k.as_bytes()).collect();
+            let r = client.query("SELECT key, value FROM service_kv WHERE key = ANY($1)", &[&raw]).map(|rows| {
+                let found: std::collections::HashMap<Vec<u8>, Vec<u8>> =
                     rows.into_iter().map(|r| (r.get(0), r.get(1))).collect();
-                keys.iter().map(|k| found.get(k).cloned()).collect()
+                keys.iter().map(|k| found.get(k.as_bytes()).cloned()).collect()
             });
-            let _ = done.send(r.map_err(|e| e.to_string()));
+            let _ = done.send(r.map_err(|e| describe(&e)));
         }
         Read::Range(prefix, done) => {
-            let r = match upper_bound(&prefix) {
+            let r = match upper_bound(prefix.as_bytes()) {
                 Some(upper) => client.query(
                     "SELECT key, value FROM service_kv WHERE key >= $1 AND key < $2 ORDER BY key",
-                    &[&prefix, &upper],
+                    &[&prefix.as_bytes(), &upper],
                 ),
-                None => client.query("SELECT key, value FROM service_kv WHERE key >= $1 ORDER BY key", &[&prefix]),
+                None => client
+                    .query("SELECT key, value FROM service_kv WHERE key >= $1 ORDER BY key", &[&prefix.as_bytes()]),
             };
-            let _ = done.send(
-                r.map(|rows| rows.into_iter().map(|r| (r.get(0), r.get(1))).collect()).map_err(|e| e.to_string()),
-            );
+            let rows = r.map_err(|e| describe(&e)).and_then(|rows| {
+                rows.into_iter().map(|r| Ok((text(r.get(0))?, r.get(1)))).collect::<Result<Vec<_>, String>>()
+            });
+            let _ = done.send(rows);
         }
     }
 }
 
-/// The least string above every string that starts with `prefix` (`None`: there is none, the
-/// range is open). Namespaces end with `/`, whose successor is `0`.
-fn upper_bound(prefix: &str) -> Option<String> {
-    let mut chars: Vec<char> = prefix.chars().collect();
-    while let Some(last) = chars.pop() {
-        if let Some(next) = char::from_u32(u32::from(last) + 1) {
-            chars.push(next);
-            return Some(chars.into_iter().collect());
+/// The least byte string above every one that starts with `prefix` (`None`: there is none,
+/// the range is open). Namespaces end with `/`, whose successor is `0`.
+fn upper_bound(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut bytes = prefix.to_vec();
+    while let Some(last) = bytes.pop() {
+        if last < u8::MAX {
+            bytes.push(last + 1);
+            return Some(bytes);
         }
     }
     None
@@ -238,14 +253,16 @@ mod tests {
 
     #[test]
     fn a_namespace_is_a_key_range() {
-        assert_eq!(upper_bound("deliveries/").as_deref(), Some("deliveries0"));
-        assert_eq!(upper_bound(""), None);
-        let (lo, hi) = ("a/".to_string(), upper_bound("a/").unwrap_or_default());
-        for key in ["a/", "a/x", "a/\u{10FFFF}"] {
-            assert!(key >= lo.as_str() && key < hi.as_str(), "{key}");
+        assert_eq!(upper_bound(b"deliveries/").as_deref(), Some(&b"deliveries0"[..]));
+        assert_eq!(upper_bound(b""), None);
+        assert_eq!(upper_bound(b"a\xff").as_deref(), Some(&b"b"[..]));
+        let (lo, hi) = (b"a/".to_vec(), upper_bound(b"a/").unwrap_or_default());
+        let inside = |key: &[u8]| key >= lo.as_slice() && key < hi.as_slice();
+        for key in [&b"a/"[..], b"a/x", b"a/\0", "a/\u{10FFFF}".as_bytes()] {
+            assert!(inside(key), "{key:?}");
         }
-        for key in ["a", "a0", "b/", "a.x"] {
-            assert!(!(key >= lo.as_str() && key < hi.as_str()), "{key}");
+        for key in [&b"a"[..], b"a0", b"b/", b"a.x"] {
+            assert!(!inside(key), "{key:?}");
         }
     }
 }

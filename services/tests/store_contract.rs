@@ -29,6 +29,10 @@ async fn contract(store: &Store) {
     assert_eq!(many, vec![Some(3), None, Some(2)]);
     assert!(a.delete("k1").await.unwrap());
     assert!(!a.delete("k1").await.unwrap());
+    // Any character may be in a key (an idempotency key is scoped as `owner\0key`).
+    a.put("acme\u{0}retry-1", &7u32).await.unwrap();
+    assert_eq!(a.get::<u32>("acme\u{0}retry-1").unwrap(), Some(7));
+    assert!(a.delete("acme\u{0}retry-1").await.unwrap());
     // A namespace's range ends at its own keys: "a0" sorts right after every "a/..." key.
     store.put("a0", &99u32).await.unwrap();
     assert_eq!(a.all::<u32>().unwrap(), vec![("k2".into(), 3)]);
