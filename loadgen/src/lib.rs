@@ -48,6 +48,10 @@ pub struct LoadConfig {
     pub drones: usize,
     /// First drone id; the fleet is `drone_id_base..drone_id_base + drones`.
     pub drone_id_base: u64,
+    /// Where the fleet and its orders are (spread about 5 km around it). Default Seattle. Two
+    /// runs against one deployment, farther apart than Drone Management's `max_distance_km`,
+    /// each fly only their own deliveries.
+    pub center: GeoPoint,
     /// Telemetry events per second, whole fleet.
     pub rate: f64,
     /// QUIC connections the fleet's telemetry is spread over.
@@ -132,6 +136,7 @@ impl LoadConfig {
             trust,
             drones: 1_000,
             drone_id_base: 1,
+            center: CENTER,
             rate: 10_000.0,
             connections: 4,
             duration: Duration::from_secs(10),
@@ -575,12 +580,13 @@ struct Counters {
     rejections: Mutex<BTreeMap<String, u64>>,
 }
 
-const CENTER: GeoPoint = GeoPoint::new(47.6062, -122.3321);
+/// Where a run is unless told otherwise: Seattle.
+pub const CENTER: GeoPoint = GeoPoint::new(47.6062, -122.3321);
 
-pub(crate) fn near_center(rng: &mut impl Rng, spread_deg: f64) -> GeoPoint {
+pub(crate) fn near(center: GeoPoint, rng: &mut impl Rng, spread_deg: f64) -> GeoPoint {
     GeoPoint::new(
-        CENTER.lat + rng.random_range(-spread_deg..spread_deg),
-        CENTER.lon + rng.random_range(-spread_deg..spread_deg),
+        center.lat + rng.random_range(-spread_deg..spread_deg),
+        center.lon + rng.random_range(-spread_deg..spread_deg),
     )
 }
 
@@ -663,7 +669,7 @@ pub async fn run(cfg: LoadConfig, progress: Arc<dyn Fn(&Progress) + Send + Sync>
     let mut plans: Vec<Vec<SimDrone>> = vec![Vec::new(); conns];
     for (i, &id) in ids.iter().enumerate() {
         plans[i * conns / ids.len()]
-            .push(SimDrone::new(id, near_center(&mut rng, 0.05), leg_us).starting_after(seq_base));
+            .push(SimDrone::new(id, near(cfg.center, &mut rng, 0.05), leg_us).starting_after(seq_base));
     }
     // Producer ids must differ from every earlier run's, or the server takes this run's batches
     // for re-sends of those and acknowledges them without storing them again.
@@ -1590,8 +1596,8 @@ async fn customers(
         while issued < target {
             issued += 1;
             let Ok(permit) = inflight.clone().acquire_owned().await else { return };
-            let pickup = near_center(&mut rng, 0.04);
-            let dropoff = near_center(&mut rng, 0.04);
+            let pickup = near(cfg.center, &mut rng, 0.04);
+            let dropoff = near(cfg.center, &mut rng, 0.04);
             let body = serde_json::json!({
                 "owner": format!("customer-{}", issued % CUSTOMERS),
                 "pickup": pickup,
@@ -1609,7 +1615,7 @@ async fn customers(
             let change = if roll < cfg.cancel_percent {
                 Some((Change::Cancelled, None))
             } else if roll < cfg.cancel_percent.saturating_add(cfg.reschedule_percent) {
-                Some((Change::Rescheduled, Some(near_center(&mut rng, 0.04))))
+                Some((Change::Rescheduled, Some(near(cfg.center, &mut rng, 0.04))))
             } else {
                 None
             };

@@ -78,6 +78,11 @@ struct Args {
     /// First drone id.
     #[arg(long, default_value_t = 1)]
     drone_id_base: u64,
+    /// Where the fleet and its orders are, `LAT,LON` [default: Seattle, 47.6062,-122.3321].
+    /// Two runs against one deployment farther apart than the node's max_distance_km each fly
+    /// only their own deliveries.
+    #[arg(long, value_parser = parse_point)]
+    center: Option<events::GeoPoint>,
     /// Write the JSON report here.
     #[arg(long)]
     report: Option<PathBuf>,
@@ -176,6 +181,9 @@ async fn main() -> anyhow::Result<()> {
     let mut cfg = LoadConfig::new(args.server, args.api.clone(), trust);
     cfg.drones = args.drones;
     cfg.drone_id_base = args.drone_id_base;
+    if let Some(center) = args.center {
+        cfg.center = center;
+    }
     cfg.rate = args.rate.unwrap_or(args.drones as f64 * 10.0);
     cfg.connections = args.connections;
     cfg.duration = Duration::from_secs_f64(args.duration);
@@ -259,4 +267,16 @@ pub fn print_progress(p: &Progress) {
         p.elapsed_s, p.sent, p.acked, p.recent_eps, p.rejected, p.completed, p.scheduled, p.observed
     );
     let _ = err.flush();
+}
+
+/// `LAT,LON` in degrees.
+fn parse_point(text: &str) -> Result<events::GeoPoint, String> {
+    let (lat, lon) = text.split_once(',').ok_or("expected LAT,LON")?;
+    let lat: f64 = lat.trim().parse().map_err(|e| format!("latitude: {e}"))?;
+    let lon: f64 = lon.trim().parse().map_err(|e| format!("longitude: {e}"))?;
+    let point = events::GeoPoint::new(lat, lon);
+    if !point.is_valid() {
+        return Err("latitude must be within -90..90 and longitude within -180..180".into());
+    }
+    Ok(point)
 }

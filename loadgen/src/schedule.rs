@@ -57,7 +57,7 @@ const SPREAD_DEG: f64 = 1.0;
 
 /// Where the benchmark's drones are, and where one order picks up: the same square.
 fn spot(rng: &mut impl Rng) -> GeoPoint {
-    crate::near_center(rng, SPREAD_DEG)
+    crate::near(crate::CENTER, rng, SPREAD_DEG)
 }
 
 /// Each drone sends one position event (fully charged, idle, created now), in batches over one

@@ -206,15 +206,19 @@ impl Store {
                     if writer_inject.load(std::sync::atomic::Ordering::Relaxed) {
                         return Err("injected failure".into());
                     }
-                    pg.commit(group.iter().map(|op| {
-                        op.writes
-                            .iter()
-                            .map(|w| match w {
-                                Write::Put(k, v, version) => crate::store_pg::PgWrite::Put(k, v, *version),
-                                Write::Delete(k) => crate::store_pg::PgWrite::Delete(k),
-                            })
-                            .collect()
-                    }))
+                    let ops: Vec<Vec<crate::store_pg::PgWrite<'_>>> = group
+                        .iter()
+                        .map(|op| {
+                            op.writes
+                                .iter()
+                                .map(|w| match w {
+                                    Write::Put(k, v, version) => crate::store_pg::PgWrite::Put(k, v, *version),
+                                    Write::Delete(k) => crate::store_pg::PgWrite::Delete(k),
+                                })
+                                .collect()
+                        })
+                        .collect();
+                    pg.commit(&ops)
                 });
             })
             .map_err(store_error)?;

@@ -178,26 +178,64 @@ pub(crate) struct PgWriter {
 impl PgWriter {
     /// Applies every op's writes in one transaction; one flag per write (put: the key was new
     /// (a versioned put over a newer row: `false`, and nothing written); delete: it existed).
-    pub(crate) fn commit<'a>(&mut self, ops: impl Iterator<Item = Vec<PgWrite<'a>>>) -> Result<Vec<Vec<bool>>, String> {
-        let mut txn = self.client.transaction().map_err(|e| describe(&e))?;
-        let mut results = Vec::new();
-        for writes in ops {
-            let mut flags = Vec::with_capacity(writes.len());
-            for write in writes {
-                flags.push(match write {
-                    PgWrite::Put(key, value, version) => txn
-                        .query_opt(&self.put, &[&key.as_bytes(), &value, &version])
-                        .map_err(|e| describe(&e))?
-                        .is_some_and(|row| row.get::<_, bool>(0)),
-                    PgWrite::Delete(key) => {
-                        txn.execute(&self.delete, &[&key.as_bytes()]).map_err(|e| describe(&e))? > 0
-                    }
-                });
+    ///
+    /// Rows are written in key order (a key's writes in the order given), so two nodes whose
+    /// groups share rows lock them in the same order. A transaction PostgreSQL rolls back as a
+    /// deadlock victim or serialization failure left nothing behind and is run again.
+    pub(crate) fn commit(&mut self, ops: &[Vec<PgWrite<'_>>]) -> Result<Vec<Vec<bool>>, String> {
+        let mut order: Vec<(usize, usize)> =
+            ops.iter().enumerate().flat_map(|(o, writes)| (0..writes.len()).map(move |w| (o, w))).collect();
+        order.sort_by_key(|&(o, w)| ops[o][w].key().as_bytes());
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match self.try_commit(ops, &order) {
+                Err(e) if tries < COMMIT_TRIES && transient(&e) => {
+                    tracing::debug!(error = %describe(&e), tries, "service store commit rolled back; running it again");
+                    std::thread::sleep(std::time::Duration::from_millis(tries * 5));
+                }
+                other => return other.map_err(|e| describe(&e)),
             }
-            results.push(flags);
         }
-        txn.commit().map_err(|e| describe(&e))?;
+    }
+
+    fn try_commit(
+        &mut self,
+        ops: &[Vec<PgWrite<'_>>],
+        order: &[(usize, usize)],
+    ) -> Result<Vec<Vec<bool>>, postgres::Error> {
+        let mut results: Vec<Vec<bool>> = ops.iter().map(|writes| vec![false; writes.len()]).collect();
+        let mut txn = self.client.transaction()?;
+        for &(o, w) in order {
+            results[o][w] = match &ops[o][w] {
+                PgWrite::Put(key, value, version) => txn
+                    .query_opt(&self.put, &[&key.as_bytes(), value, version])?
+                    .is_some_and(|row| row.get::<_, bool>(0)),
+                PgWrite::Delete(key) => txn.execute(&self.delete, &[&key.as_bytes()])? > 0,
+            };
+        }
+        txn.commit()?;
         Ok(results)
+    }
+}
+
+/// Times a commit is tried when PostgreSQL rolls it back for a reason that passes.
+const COMMIT_TRIES: u64 = 8;
+
+/// A rollback that running the transaction again may not meet: a deadlock or a serialization
+/// failure.
+fn transient(e: &postgres::Error) -> bool {
+    e.code().is_some_and(|c| {
+        *c == postgres::error::SqlState::T_R_DEADLOCK_DETECTED
+            || *c == postgres::error::SqlState::T_R_SERIALIZATION_FAILURE
+    })
+}
+
+impl PgWrite<'_> {
+    fn key(&self) -> &str {
+        match self {
+            PgWrite::Put(key, ..) | PgWrite::Delete(key) => key,
+        }
     }
 }
 
