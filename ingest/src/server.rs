@@ -59,7 +59,10 @@ pub struct ServerConfig {
     /// clients are not asked for one.
     pub client_ca: Option<PathBuf>,
     /// Where a self-signed identity is kept across restarts (`ingest-cert.pem`,
-    /// `ingest-key.pem`). `pipeline serve` sets it to `DATA_DIR/tls`.
+    /// `ingest-key.pem`), and the keys of the QUIC endpoint (`quic-endpoint.key`: connection
+    /// ids and stateless resets that outlive a restart, so clients of a crashed server learn at
+    /// their next packet that their connection is gone, instead of after an idle timeout).
+    /// `pipeline serve` sets it to `DATA_DIR/tls`.
     #[serde(skip)]
     pub self_signed_dir: Option<PathBuf>,
     /// Largest batch body accepted, bytes. Default 4 MiB (see `events::wire`).
@@ -238,11 +241,15 @@ impl IngestServer {
         for _ in 1..cfg.sockets {
             sockets.push(crate::udp::bind(addr, cfg.udp_buffer_bytes, true)?);
         }
+        let endpoint_cfg = match &cfg.self_signed_dir {
+            Some(dir) => crate::tls::lasting_endpoint(&dir.join("quic-endpoint.key"))?,
+            None => quinn::EndpointConfig::default(),
+        };
         let endpoints = sockets
             .into_iter()
             .map(|socket| {
                 let runtime = Arc::new(quinn::TokioRuntime);
-                quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(server.clone()), socket, runtime)
+                quinn::Endpoint::new(endpoint_cfg.clone(), Some(server.clone()), socket, runtime)
                     .map_err(|e| Error::Bind(addr, e))
             })
             .collect::<Result<_, _>>()?;

@@ -91,6 +91,45 @@ pub fn persistent_self_signed(cert: &Path, key: &Path) -> Result<Identity, Error
     Identity::from_files(cert, key)
 }
 
+/// A QUIC endpoint configuration whose connection ids and stateless-reset key are kept in the
+/// file at `path` (made once, readable by the owner only), so that the server restarted on
+/// it recognises the connection ids its previous run handed out and answers a client still
+/// sending on one with a stateless reset the client can verify (RFC 9000, 10.3): the client
+/// drops the dead connection at once and reconnects, instead of waiting for an idle timeout.
+pub fn lasting_endpoint(path: &Path) -> Result<quinn::EndpointConfig, Error> {
+    const RESET_KEY: usize = 64;
+    const LEN: usize = RESET_KEY + 8;
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) if bytes.len() == LEN => bytes,
+        Ok(_) => return Err(Error::Tls(format!("{} is not a QUIC endpoint key ({LEN} bytes)", path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir).map_err(|e| Error::Tls(format!("creating {}: {e}", dir.display())))?;
+            }
+            let mut bytes = vec![0u8; LEN];
+            rustls::crypto::ring::default_provider()
+                .secure_random
+                .fill(&mut bytes)
+                .map_err(|_| Error::Tls("no randomness for the QUIC endpoint key".into()))?;
+            let tmp = path.with_extension("key.tmp");
+            write_private(&tmp, &bytes)?;
+            std::fs::File::open(&tmp)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| Error::Tls(format!("writing {}: {e}", tmp.display())))?;
+            std::fs::rename(&tmp, path).map_err(|e| Error::Tls(format!("writing {}: {e}", path.display())))?;
+            bytes
+        }
+        Err(e) => return Err(Error::Tls(format!("reading {}: {e}", path.display()))),
+    };
+    let (reset, cid) = bytes.split_at(RESET_KEY);
+    let mut cid_key = [0u8; 8];
+    cid_key.copy_from_slice(cid);
+    let cid_key = u64::from_le_bytes(cid_key);
+    let mut cfg = quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, reset)));
+    cfg.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key)));
+    Ok(cfg)
+}
+
 fn write_private(path: &Path, bytes: &[u8]) -> Result<(), Error> {
     use std::io::Write;
     let mut opts = std::fs::OpenOptions::new();
