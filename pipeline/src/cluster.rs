@@ -166,10 +166,15 @@ async fn bucket(
     js.get_key_value(&name).await.map_err(|e| crate::Error::JetStream(format!("opening the KV bucket {name}: {e}")))
 }
 
-fn default_node_id() -> String {
+/// This machine's host name as a lease-name part (letters, digits and `-`; `node` if none).
+pub fn host_name() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
     let host: String = host.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').collect();
-    format!("{}-{}", if host.is_empty() { "node" } else { &host }, std::process::id())
+    if host.is_empty() { "node".into() } else { host }
+}
+
+fn default_node_id() -> String {
+    format!("{}-{}", host_name(), std::process::id())
 }
 
 impl Cluster {
@@ -644,7 +649,7 @@ impl Cluster {
     ) -> Result<(), crate::Error> {
         let (stop_tx, stop_rx) = oneshot::channel();
         *self.stop_leases.lock() = Some(stop_tx);
-        let keeper = Keeper { cluster: self.clone(), shards, held: FxHashMap::default() };
+        let keeper = Keeper { cluster: self.clone(), shards, held: FxHashMap::default(), started: false };
         let task = self.handle.spawn(keeper.run(stop_rx));
         self.tasks.lock().push(task);
         self.spawn_follower(telemetry, StreamTopic::DroneTelemetry)?;
@@ -910,6 +915,8 @@ struct Keeper {
     cluster: Arc<Cluster>,
     shards: Vec<flume::Sender<ShardMsg>>,
     held: FxHashMap<usize, Held>,
+    /// Whether the first round ran (it takes back the shards whose leases name this node).
+    started: bool,
 }
 
 impl Keeper {
@@ -987,13 +994,25 @@ impl Keeper {
             if self.held.contains_key(&shard) {
                 continue;
             }
-            if let Ok(revision) = c.leases.create(format!("shard-{shard}"), Bytes::from(c.node.clone())).await
+            let key = format!("shard-{shard}");
+            let mut taken = c.leases.create(&key, Bytes::from(c.node.clone())).await.ok();
+            if taken.is_none() && !self.started {
+                // A lease naming this node at start is its previous run's (a node name is one
+                // data directory's, which one process holds at a time): taken back at once.
+                if let Ok(Some(entry)) = c.leases.entry(&key).await
+                    && entry.value == c.node.as_bytes()
+                {
+                    taken = c.leases.update(&key, Bytes::from(c.node.clone()), entry.revision).await.ok();
+                }
+            }
+            if let Some(revision) = taken
                 && let Err(error) = self.take(shard, revision).await
             {
                 warn!(shard, %error, "taking over a shard failed; handing it back");
                 let _ = c.leases.delete(format!("shard-{shard}")).await;
             }
         }
+        self.started = true;
         Ok(())
     }
 

@@ -79,7 +79,7 @@
 //! queues = []                  # "notifications", "drone-commands": those queues on JetStream
 //!                              # (work-queue streams, ack wait = visibility timeout, max
 //!                              # deliver = attempts, DLQ; drone sessions hold their keys)
-//! node_id = ""                 # backend = "jetstream": this node's lease name (default host-pid)
+//! node_id = ""                 # backend = "jetstream": this node's lease name (default host + a name kept in data_dir)
 //! lease_ms = 3000              # a dead node's shards move to the others after this long
 //!
 //! [tracing]

@@ -59,6 +59,19 @@ pub struct Node {
     _data_dir_lock: crate::datadir::DataDirLock,
 }
 
+/// The JetStream settings with this node's lease name: the configured `node_id`, or else one
+/// kept in the data directory (host name and the data directory's node name), so that the
+/// node restarted on its data directory holds its shards under the same name and takes them
+/// back at once instead of waiting for its previous run's leases to expire.
+fn lasting_node_id(cfg: &Config) -> Result<crate::jetstream::JetStreamConfig, Error> {
+    let mut js = cfg.jetstream.clone();
+    if js.node_id.is_empty() {
+        let name = services::node_name(&cfg.data_dir.join("services")).map_err(|e| Error::Task(e.to_string()))?;
+        js.node_id = format!("{}-{name}", crate::cluster::host_name());
+    }
+    Ok(js)
+}
+
 impl Node {
     /// Starts everything. The ingest certificate is at `DATA_DIR/tls/ingest-cert.pem` so
     /// clients on this machine can trust a self-signed one.
@@ -71,7 +84,7 @@ impl Node {
             crate::log::LogBackend::Jetstream => Storage::Cluster {
                 dir: cfg.data_dir.clone(),
                 cluster: crate::cluster::Cluster::connect(
-                    &cfg.jetstream,
+                    &lasting_node_id(cfg)?,
                     cfg.engine.shard_count(),
                     cfg.engine.append_queue,
                 )

@@ -313,3 +313,30 @@ async fn one_run(url: &str, nats: &async_nats::Client, failure: Failure) {
     }
     let _ = std::fs::remove_dir_all(&root);
 }
+
+/// A node restarted on its data directory keeps its lease name (kept there), so it takes back
+/// the shards its killed run held at once, long before those leases would expire (60 s here):
+/// it serves, owning every shard, as soon as it is up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_restarted_on_its_data_dir_takes_its_shards_back_at_once() {
+    let Some((nats, url)) = common::nats("a_node_restarted_on_its_data_dir_takes_its_shards_back").await else {
+        return;
+    };
+    let prefix = format!("fsback{}", std::process::id());
+    let dir = std::env::temp_dir().join(format!("fleetstream-back-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    // No node_id: the name kept in the data directory.
+    let env = [("FLEETSTREAM_JETSTREAM__NODE_ID", ""), ("FLEETSTREAM_JETSTREAM__LEASE_MS", "60000")];
+    let mut node = common::spawn_cluster_node(&dir, &url, &prefix, "node", 2, &env);
+    let web = services::tls::plain_client().unwrap();
+    wait_for_owned(&web, &node.api, 2).await;
+    common::kill9(&mut node.child);
+    let started = Instant::now();
+    let mut node = common::spawn_cluster_node(&dir, &url, &prefix, "node", 2, &env);
+    assert_eq!(metric(&web, &node.api, "fleetstream_cluster_shards_owned ").await, 2);
+    assert!(started.elapsed() < Duration::from_secs(30), "took {:?}: waited for its own leases", started.elapsed());
+    Command::new("kill").args(["-TERM", &node.child.id().to_string()]).status().unwrap();
+    assert!(node.child.wait().unwrap().success());
+    common::delete_streams(&nats, &prefix).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

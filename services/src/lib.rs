@@ -37,5 +37,6 @@ pub mod trace;
 pub use api::{ApiDoc, openapi_router, router, router_with};
 pub use error::Error;
 pub use state::{
-    CreateDelivery, DELIVERY_EVENTS_POSITION, DeliveryRecord, Package, Reschedule, Services, ServicesConfig, positions,
+    CreateDelivery, DELIVERY_EVENTS_POSITION, DeliveryRecord, Package, Reschedule, Services, ServicesConfig, node_name,
+    positions,
 };

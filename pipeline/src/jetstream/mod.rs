@@ -51,7 +51,9 @@ pub struct JetStreamConfig {
     /// Default none.
     pub queues: Vec<String>,
     /// With `[log] backend = "jetstream"`: this node's name in the shard leases. Default empty:
-    /// the host name and process id.
+    /// `pipeline serve` uses the host name and a name kept in its data directory, so a node
+    /// restarted there takes its shards back at once (its previous run's leases name it); a
+    /// name configured here must be one node's alone.
     pub node_id: String,
     /// With `[log] backend = "jetstream"`: a node that stops renewing its shard leases loses
     /// them after this long, ms, and the other nodes take the shards over. Default 3000: a
