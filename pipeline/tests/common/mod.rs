@@ -122,7 +122,6 @@ pub fn free_tcp_port() -> u16 {
 /// Starts `pipeline serve` (2 shards) on `dir` at the given ports with `env` set, and waits
 /// until it serves.
 pub fn spawn_serve(dir: &std::path::Path, quic: u16, http: u16, env: &[(&str, &str)]) -> std::process::Child {
-    use std::io::BufRead;
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pipeline"))
         .args(["serve", "--shards", "2"])
         .args(["--quic", &format!("127.0.0.1:{quic}"), "--http", &format!("127.0.0.1:{http}")])
@@ -134,6 +133,14 @@ pub fn spawn_serve(dir: &std::path::Path, quic: u16, http: u16, env: &[(&str, &s
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
+    wait_serving(&mut child, None);
+    child
+}
+
+/// Waits until `child` says it serves, reading its log; each line is echoed tagged with `tag`
+/// when given.
+fn wait_serving(child: &mut std::process::Child, tag: Option<String>) {
+    use std::io::BufRead;
     let stderr = child.stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -141,10 +148,12 @@ pub fn spawn_serve(dir: &std::path::Path, quic: u16, http: u16, env: &[(&str, &s
             if line.starts_with("fleetstream serving:") {
                 let _ = tx.send(());
             }
+            if let Some(tag) = &tag {
+                eprintln!("[{tag}] {line}");
+            }
         }
     });
     rx.recv_timeout(std::time::Duration::from_secs(60)).expect("the server starts");
-    child
 }
 
 /// A `pipeline serve` node on JetStream, started by [`spawn_cluster_node`].
@@ -166,7 +175,6 @@ pub fn spawn_cluster_node(
     shards: u32,
     env: &[(&str, &str)],
 ) -> ClusterNode {
-    use std::io::BufRead;
     let (quic, http) = (free_udp_port(), free_tcp_port());
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pipeline"))
         .args(["serve", "--shards", &shards.to_string()])
@@ -186,18 +194,7 @@ pub fn spawn_cluster_node(
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let tag = name.to_string();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.starts_with("fleetstream serving:") {
-                let _ = tx.send(());
-            }
-            eprintln!("[{tag}] {line}");
-        }
-    });
-    rx.recv_timeout(std::time::Duration::from_secs(60)).expect("the node starts");
+    wait_serving(&mut child, Some(name.to_string()));
     let pem = std::fs::read_to_string(dir.join("tls/ingest-cert.pem")).unwrap();
     ClusterNode {
         child,
