@@ -227,6 +227,16 @@ impl<T: crate::WorkQueues> crate::WorkQueues for Arc<T> {
         (**self).enqueue(queue, key, payload)
     }
 
+    fn enqueue_once(
+        &self,
+        queue: crate::QueueName,
+        key: u64,
+        id: String,
+        payload: Vec<u8>,
+    ) -> impl Future<Output = Result<u64, Error>> + Send {
+        (**self).enqueue_once(queue, key, id, payload)
+    }
+
     fn lease(
         &self,
         queue: crate::QueueName,

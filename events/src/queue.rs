@@ -109,6 +109,21 @@ pub trait WorkQueues: Send + Sync + 'static {
     /// its maximum number of messages.
     fn enqueue(&self, queue: QueueName, key: u64, payload: Vec<u8>) -> impl Future<Output = Result<u64, Error>> + Send;
 
+    /// [`WorkQueues::enqueue`] of a message that may be enqueued more than once under the same
+    /// `id` (several nodes applying the same event): a backend shared by those nodes stores it
+    /// once within its duplicate window (JetStream's message id); a queue of one process, which
+    /// only that process fills, stores each copy.
+    fn enqueue_once(
+        &self,
+        queue: QueueName,
+        key: u64,
+        id: String,
+        payload: Vec<u8>,
+    ) -> impl Future<Output = Result<u64, Error>> + Send {
+        let _ = id;
+        self.enqueue(queue, key, payload)
+    }
+
     /// Leases up to `max` ready messages with keys in `keys` to `consumer`, waiting up to `wait`
     /// for the first one. An empty result means nothing was ready in time.
     fn lease(

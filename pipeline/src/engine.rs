@@ -851,6 +851,13 @@ impl WorkQueues for Engine {
         self.inner.queues.enqueue(queue, key, payload).await
     }
 
+    async fn enqueue_once(&self, queue: QueueName, key: u64, id: String, payload: Vec<u8>) -> Result<u64, Error> {
+        if let Some(q) = self.external(queue) {
+            return q.enqueue_once(key, id, payload).await;
+        }
+        self.inner.queues.enqueue(queue, key, payload).await
+    }
+
     async fn lease(
         &self,
         queue: QueueName,

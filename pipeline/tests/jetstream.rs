@@ -113,20 +113,24 @@ async fn the_queue_path_leases_redelivers_and_dead_letters_with_the_reason() {
     let (cfg, settings) = queue_test_config(url, "FSQTEST");
     let queue = JetStreamQueue::open(&client, events::QueueName::Notifications, &settings, &cfg).await.unwrap();
     for key in 1..=3u64 {
-        queue.enqueue(key, Bytes::from(format!("message {key}"))).await.unwrap();
+        queue.enqueue(key, Bytes::from(format!("message {key}")), None).await.unwrap();
     }
+    // The same notification queued by a second node, under its id: stored once.
+    let once = queue.enqueue(3, Bytes::from("message 3, again"), Some("n-3".into())).await.unwrap();
+    assert_eq!(queue.enqueue(3, Bytes::from("message 3, again"), Some("n-3".into())).await.unwrap(), once);
 
     // Competing consumers: each message goes to one of them.
     let first = queue.lease(2, Duration::from_secs(2)).await.unwrap();
     let second = queue.lease(2, Duration::from_millis(500)).await.unwrap();
     let mut keys: Vec<u64> = first.iter().chain(&second).map(|l| l.key).collect();
     keys.sort_unstable();
-    assert_eq!(keys, [1, 2, 3], "each message leased once");
+    assert_eq!(keys, [1, 2, 3, 3], "each message leased once, the one queued twice under an id once");
     assert!(first.iter().chain(&second).all(|l| l.attempt == 1));
 
     // Two are done; the third fails until its attempts run out, then is dead-lettered with
     // the consumer's reason.
-    let (done, failing): (Vec<_>, Vec<_>) = first.into_iter().chain(second).partition(|l| l.key != 3);
+    let (done, failing): (Vec<_>, Vec<_>) =
+        first.into_iter().chain(second).partition(|l| l.key != 3 || l.payload.as_ref() != b"message 3");
     for l in &done {
         queue.ack(l).await.unwrap();
     }
@@ -143,7 +147,7 @@ async fn the_queue_path_leases_redelivers_and_dead_letters_with_the_reason() {
     }
 
     // A message whose leases all expire is moved by the max-deliveries advisory.
-    queue.enqueue(4, Bytes::from_static(b"stalled")).await.unwrap();
+    queue.enqueue(4, Bytes::from_static(b"stalled"), None).await.unwrap();
     for attempt in 1..=3 {
         let leased = queue.lease(1, Duration::from_secs(3)).await.unwrap();
         assert_eq!((leased.len(), leased[0].attempt), (1, attempt), "redelivered after the visibility timeout");

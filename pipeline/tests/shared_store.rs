@@ -136,10 +136,14 @@ async fn two_nodes_on_one_postgres_store_read_the_same_deliveries_across_a_kill(
     let prefix = format!("fsshared{}", std::process::id());
     let root = std::env::temp_dir().join(format!("fleetstream-shared-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);
+    let (mut sms, gateway) = common::sms_gateway().await;
+    let webhook = format!("http://{gateway}/send");
     let env = [
         ("FLEETSTREAM_SERVICES__STORE", "postgres"),
         ("FLEETSTREAM_SERVICES__URL", pg.as_str()),
         ("FLEETSTREAM_SERVICES__SCHEMA", schema.as_str()),
+        ("FLEETSTREAM_JETSTREAM__QUEUES", "[\"notifications\"]"),
+        ("FLEETSTREAM_NOTIFY__SMS_WEBHOOK", webhook.as_str()),
     ];
     let spawn = |name: &str| common::spawn_cluster_node(&root.join(name), &url, &prefix, name, 2, &env);
     let mut a = spawn("a");
@@ -177,14 +181,29 @@ async fn two_nodes_on_one_postgres_store_read_the_same_deliveries_across_a_kill(
     // A client retrying through B a request A answered gets A's delivery, not a second one.
     assert_eq!(schedule(&web, &b.api, "a-1").await, on_a[1], "the key's answer is shared");
 
+    // A customer subscribes through A to one of B's deliveries, which both nodes follow.
+    let (flown, flown_drone) = on_b[0];
+    let subscribed =
+        web.post(format!("{}/v1/deliveries/{flown}/notifications", a.api)).json(&json!({"sms": "+15550001111"})).send();
+    assert_eq!(subscribed.await.unwrap().status(), 201);
+
     // One of A's cancelled through B; one of B's flown to its drop-off through A's ingest.
     let (cancelled, _) = on_a[0];
     let cancel = web.delete(format!("{}/v1/deliveries/{cancelled}", b.api)).send().await.unwrap();
     assert_eq!(cancel.status(), 202, "{}", cancel.text().await.unwrap_or_default());
-    let (flown, flown_drone) = on_b[0];
     fly(&a, flown_drone, flown).await;
     let want: BTreeMap<u64, &str> = [(cancelled, "cancelled"), (flown, "delivery_complete")].into();
     same_everywhere(&web, &[&a.api, &b.api], &ids, &want).await;
+    // Each stage change is sent once, though both nodes queued it (the queue they share keeps
+    // one copy of each id).
+    let mut texts = Vec::new();
+    while texts.len() < 3 {
+        let note = tokio::time::timeout(Duration::from_secs(20), sms.recv()).await.unwrap().unwrap();
+        assert!(note["id"].as_str().unwrap().starts_with(&format!("{flown}-")), "{note}");
+        texts.push(note["text"].as_str().unwrap().to_string());
+    }
+    let late = tokio::time::timeout(Duration::from_secs(2), sms.recv()).await;
+    assert!(late.is_err(), "sent once each: {texts:?} and then {late:?}");
 
     // A dies; B serves on and schedules again (A's shards move to it).
     Command::new("kill").args(["-KILL", &a.child.id().to_string()]).status().unwrap();

@@ -310,9 +310,20 @@ impl<F: FleetControl + WorkQueues> DeliveryService<F> {
         if record.stage.is_terminal() {
             return Err(events::Error::InvalidTransition { delivery: id, reason: "the delivery is finished" }.into());
         }
+        // On a shared store another node may hold subscriptions to it too: they are kept.
+        let others = if self.store.subscriptions.is_shared() {
+            self.store.subscriptions.get::<Vec<crate::notify::Subscription>>(&crate::store::id_key(id))?
+        } else {
+            None
+        };
         let stored = {
             let mut subs = self.subscriptions.write();
             let list = subs.entry(id).or_default();
+            for other in others.into_iter().flatten() {
+                if !list.contains(&other) {
+                    list.push(other);
+                }
+            }
             if list.contains(&sub) {
                 return Ok(());
             }
@@ -328,9 +339,16 @@ impl<F: FleetControl + WorkQueues> DeliveryService<F> {
     /// Queues (durably) the notifications a batch of delivery events causes. Returns the
     /// deliveries that finished with subscribers: their subscriptions are dropped from memory
     /// here and from the store by [`Self::persist`].
+    ///
+    /// On a shared store the subscriptions of the batch's deliveries are read from it (another
+    /// node may have taken them), and every node queues what is due: each notification is
+    /// queued under its id and destination, which a queue the nodes share (JetStream) stores
+    /// once.
     pub async fn notify(&self, batch: &DeliveryBatch) -> Result<Vec<DeliveryId>, Error> {
+        let shared = if self.store.subscriptions.is_shared() { self.stored_subscriptions(batch)? } else { None };
         let due = {
             let subs = self.subscriptions.read();
+            let subs = shared.as_ref().unwrap_or(&subs);
             if subs.is_empty() {
                 return Ok(Vec::new());
             }
@@ -339,7 +357,13 @@ impl<F: FleetControl + WorkQueues> DeliveryService<F> {
         let mut ended = Vec::new();
         for n in &due {
             let payload = serde_json::to_vec(n).map_err(|e| Error::BadRequest(e.to_string()))?;
-            self.fleet.enqueue(QueueName::Notifications, n.delivery_id, payload).await?;
+            let once = format!(
+                "{}-{}-{}",
+                n.id(),
+                n.to.sms.as_deref().unwrap_or_default(),
+                n.to.email.as_deref().unwrap_or_default()
+            );
+            self.fleet.enqueue_once(QueueName::Notifications, n.delivery_id, once, payload).await?;
             if n.stage.is_terminal() && !ended.contains(&n.delivery_id) {
                 ended.push(n.delivery_id);
             }
@@ -351,6 +375,28 @@ impl<F: FleetControl + WorkQueues> DeliveryService<F> {
             }
         }
         Ok(ended)
+    }
+
+    /// The subscriptions the shared store holds for the deliveries `batch` changes (none when
+    /// nothing in it can notify).
+    fn stored_subscriptions(
+        &self,
+        batch: &DeliveryBatch,
+    ) -> Result<Option<FxHashMap<DeliveryId, Vec<crate::notify::Subscription>>>, Error> {
+        let mut ids: Vec<DeliveryId> = batch
+            .events()
+            .iter()
+            .filter(|e| e.stage.to_stage() != DeliveryStage::Created)
+            .map(|e| e.delivery_id.to_native())
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        if ids.is_empty() {
+            return Ok(None);
+        }
+        let keys: Vec<String> = ids.iter().map(|&id| crate::store::id_key(id)).collect();
+        let found = self.store.subscriptions.get_many::<Vec<crate::notify::Subscription>>(&keys)?;
+        Ok(Some(ids.into_iter().zip(found).filter_map(|(id, subs)| subs.map(|s| (id, s))).collect()))
     }
 
     /// The public routes.

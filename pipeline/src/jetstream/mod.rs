@@ -361,11 +361,16 @@ impl JetStreamQueue {
         Ok(Self { js, stream, consumer, subject_prefix, dead_subject, dead_stream, settler, _watcher: watcher })
     }
 
-    /// Adds a message for `key`; resolves once JetStream stored it. Returns its id.
-    pub async fn enqueue(&self, key: u64, payload: Bytes) -> Result<u64, Error> {
+    /// Adds a message for `key`; resolves once JetStream stored it (or, with `id`, found a
+    /// message of that id within the duplicate window). Returns its id.
+    pub async fn enqueue(&self, key: u64, payload: Bytes, id: Option<String>) -> Result<u64, Error> {
+        let mut publish = jetstream::context::Publish::build().payload(payload);
+        if let Some(id) = id {
+            publish = publish.message_id(id);
+        }
         let ack = self
             .js
-            .publish(format!("{}.{key}", self.subject_prefix), payload)
+            .send_publish(format!("{}.{key}", self.subject_prefix), publish)
             .await
             .map_err(js_error)?
             .await
@@ -716,7 +721,17 @@ impl JsWorkQueue {
     /// See [`events::WorkQueues::enqueue`].
     pub async fn enqueue(&self, key: u64, payload: Vec<u8>) -> Result<u64, events::Error> {
         match &self.kind {
-            JsQueueKind::Competing(q) => q.enqueue(key, Bytes::from(payload)).await,
+            JsQueueKind::Competing(q) => q.enqueue(key, Bytes::from(payload), None).await,
+            JsQueueKind::Keyed(q) => q.enqueue(key, Bytes::from(payload)).await,
+        }
+        .map_err(queue_error)
+    }
+
+    /// See [`events::WorkQueues::enqueue_once`]: on a competing queue the message id is `id`,
+    /// so JetStream stores one copy within its duplicate window.
+    pub async fn enqueue_once(&self, key: u64, id: String, payload: Vec<u8>) -> Result<u64, events::Error> {
+        match &self.kind {
+            JsQueueKind::Competing(q) => q.enqueue(key, Bytes::from(payload), Some(id)).await,
             JsQueueKind::Keyed(q) => q.enqueue(key, Bytes::from(payload)).await,
         }
         .map_err(queue_error)
