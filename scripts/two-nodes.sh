@@ -4,6 +4,8 @@
 # A SIGKILLed and restarted KILLS (default 3) times at random moments. Then every delivery in
 # the shared store is read through both nodes and against its history.
 # Usage: scripts/two-nodes.sh ROOT [DURATION_S] [DRONES_PER_NODE]
+# A_ARGS and B_ARGS add loadgen arguments for each side (the nodes post SMS notifications to
+# 127.0.0.1:19099, so one side may run --notify-percent P --sms-listen 127.0.0.1:19099).
 # Needs release builds, NATS at 127.0.0.1:4222 and PostgreSQL at 127.0.0.1:5432 (database
 # test, user postgres, trust auth). Uses ports 14433/18080 (A) and 24433/28080 (B).
 set -u
@@ -21,6 +23,8 @@ stream_prefix = "$PREFIX"
 subject_prefix = "two$$"
 queues = ["notifications", "drone-commands"]
 lease_ms = 3000
+[notify]
+sms_webhook = "http://127.0.0.1:19099/send"
 [services]
 store = "postgres"
 url = "postgresql://postgres@127.0.0.1:5432/test"
@@ -41,10 +45,10 @@ start a 14433 18080
 start b 24433 28080
 echo "$(date +%T) both nodes ready"
 $BIN/loadgen --server 127.0.0.1:14433 --api http://127.0.0.1:18080 --ca $ROOT/a/tls/ingest-cert.pem \
-  --drones $DRONES --duration $DUR --drone-id-base 1 > $ROOT/loadgen-a.txt 2>&1 &
+  --drones $DRONES --duration $DUR --drone-id-base 1 ${A_ARGS:-} > $ROOT/loadgen-a.txt 2>&1 &
 LA=$!
 $BIN/loadgen --server 127.0.0.1:24433 --api http://127.0.0.1:28080 --ca $ROOT/b/tls/ingest-cert.pem \
-  --drones $DRONES --duration $DUR --drone-id-base 1000001 --center 45.5152,-122.6784 > $ROOT/loadgen-b.txt 2>&1 &
+  --drones $DRONES --duration $DUR --drone-id-base 1000001 --center 45.5152,-122.6784 ${B_ARGS:-} > $ROOT/loadgen-b.txt 2>&1 &
 LB=$!
 for k in $(seq 1 $KILLS); do
   sleep $(python3 -c "import random; print(round(random.uniform(4, $DUR/$KILLS - 3), 1))")
