@@ -45,7 +45,7 @@ done
 wait $LG; echo "loadgen exit $?"
 sed -n '/fleetstream load report/,$p' $ROOT/loadgen.txt
 sleep 3; echo "check (running node):"; python3 $HERE/check-stages.py http://127.0.0.1:18080
-kill $(cat $ROOT/pid); sleep 3; start; sleep 3; echo "check (after a clean restart):"; python3 $HERE/check-stages.py http://127.0.0.1:18080
-kill $(cat $ROOT/pid); sleep 2
+kill $(cat $ROOT/pid); while kill -0 $(cat $ROOT/pid) 2>/dev/null; do sleep 0.5; done; start; sleep 3; echo "check (after a clean restart):"; python3 $HERE/check-stages.py http://127.0.0.1:18080
+kill $(cat $ROOT/pid); while kill -0 $(cat $ROOT/pid) 2>/dev/null; do sleep 0.5; done
 python3 $HERE/delete-streams.py $PREFIX > /dev/null
 rm -rf $ROOT/data

@@ -60,7 +60,8 @@ wait $LA; echo "loadgen a exit $?"
 wait $LB; echo "loadgen b exit $?"
 echo "$SCHEMA $PREFIX" > $ROOT/names
 python3 $HERE/compare-nodes.py $SCHEMA
-kill $(cat $ROOT/a.pid) $(cat $ROOT/b.pid) 2>/dev/null; sleep 2
+kill $(cat $ROOT/a.pid) $(cat $ROOT/b.pid) 2>/dev/null
+while kill -0 $(cat $ROOT/a.pid) 2>/dev/null || kill -0 $(cat $ROOT/b.pid) 2>/dev/null; do sleep 0.5; done
 python3 $HERE/delete-streams.py $PREFIX > /dev/null
 psql -h 127.0.0.1 -U postgres -d test -qc "DROP SCHEMA $SCHEMA CASCADE" 2>/dev/null
 rm -rf $ROOT/a $ROOT/b
