@@ -7,6 +7,7 @@
 #          --reschedule-percent 10 --notify-percent 20 --sms-listen 127.0.0.1:19099
 # Needs release builds (cargo build --release) and, for jetstream, NATS at 127.0.0.1:4222.
 # Uses ports 14433 (QUIC), 18080 (HTTP) and 19099 (the stand-in SMS gateway loadgen runs).
+# KEEP=1 keeps the data dir (and, on JetStream, the streams) for a look afterwards.
 set -u
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$1; BACKEND=$2; shift 2
@@ -47,5 +48,4 @@ sed -n '/fleetstream load report/,$p' $ROOT/loadgen.txt
 sleep 3; echo "check (running node):"; python3 $HERE/check-stages.py http://127.0.0.1:18080
 kill $(cat $ROOT/pid); while kill -0 $(cat $ROOT/pid) 2>/dev/null; do sleep 0.5; done; start; sleep 3; echo "check (after a clean restart):"; python3 $HERE/check-stages.py http://127.0.0.1:18080
 kill $(cat $ROOT/pid); while kill -0 $(cat $ROOT/pid) 2>/dev/null; do sleep 0.5; done
-python3 $HERE/delete-streams.py $PREFIX > /dev/null
-rm -rf $ROOT/data
+if [ -z "${KEEP:-}" ]; then python3 $HERE/delete-streams.py $PREFIX > /dev/null; rm -rf $ROOT/data; fi
