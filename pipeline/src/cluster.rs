@@ -1021,7 +1021,8 @@ impl Keeper {
         let c = self.cluster.clone();
         let started = Instant::now();
         let ckpt = c.read_checkpoint(shard).await?;
-        let from = ckpt.as_ref().map(|ck| ck.offset + 1);
+        // The last offset the checkpoint covers: the feed starts at the record after it.
+        let covered = ckpt.as_ref().map(|ck| ck.offset);
         let (done_tx, done_rx) = oneshot::channel();
         self.shards[shard]
             .send_async(ShardMsg::Restore { ckpt, done: done_tx })
@@ -1031,11 +1032,16 @@ impl Keeper {
         c.owned[shard].store(true, Ordering::Release);
         c.metrics.owned.fetch_add(1, Ordering::Relaxed);
         c.metrics.acquired.fetch_add(1, Ordering::Relaxed);
-        let feed = tokio::spawn(feed(c.clone(), shard, from, self.shards[shard].clone()));
+        let feed = tokio::spawn(feed(c.clone(), shard, covered, self.shards[shard].clone()));
         let questions = c.client.subscribe(c.drone_subject(shard)).await.map_err(js_error)?;
         let queries = tokio::spawn(answer_drone_queries(c.client.clone(), questions, self.shards[shard].clone()));
         self.held.insert(shard, Held { revision, feed, queries });
-        info!(shard, from = from.unwrap_or(0), restore_ms = started.elapsed().as_millis() as u64, "took over a shard");
+        info!(
+            shard,
+            from = covered.map_or(0, |c| c + 1),
+            restore_ms = started.elapsed().as_millis() as u64,
+            "took over a shard"
+        );
         Ok(())
     }
 
@@ -1085,9 +1091,10 @@ async fn answer_drone_queries(
     }
 }
 
-/// Feeds one owned shard from its subject, starting after `from`, until aborted.
-async fn feed(cluster: Arc<Cluster>, shard: usize, from: Option<u64>, tx: flume::Sender<ShardMsg>) {
-    let mut next = from.map_or(0, |o| o + 1);
+/// Feeds one owned shard from its subject, starting at the record after `covered` (the last
+/// offset its checkpoint reflects; `None`: from the first), until aborted.
+async fn feed(cluster: Arc<Cluster>, shard: usize, covered: Option<u64>, tx: flume::Sender<ShardMsg>) {
+    let mut next = covered.map_or(0, |o| o + 1);
     loop {
         let policy =
             if next == 0 { DeliverPolicy::All } else { DeliverPolicy::ByStartSequence { start_sequence: next + 1 } };

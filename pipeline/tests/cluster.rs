@@ -340,3 +340,49 @@ async fn a_node_restarted_on_its_data_dir_takes_its_shards_back_at_once() {
     common::delete_streams(&nats, &prefix).await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A shard taken over from its checkpoint is fed from the record right after the one the
+/// checkpoint covers. Here that record was stored while no node ran the shard (as a batch
+/// another node took, or a command its scheduler logged, is while a node restarts): the node is
+/// stopped cleanly (its shard checkpointed at the last record), a drone's next event is put on
+/// the shard's subject, and the restarted node must apply it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_record_after_a_checkpoint_is_applied_after_a_takeover() {
+    let Some((nats, url)) = common::nats("the_first_record_after_a_checkpoint_is_applied").await else {
+        return;
+    };
+    let prefix = format!("fsnext{}", std::process::id());
+    let dir = std::env::temp_dir().join(format!("fleetstream-next-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let env = [("FLEETSTREAM_ENGINE__CHECKPOINT_INTERVAL_MS", "600000")];
+    let mut node = common::spawn_cluster_node(&dir, &url, &prefix, "node", 1, &env);
+    let web = services::tls::plain_client().unwrap();
+    common::report_in(node.quic, &node.pem, &node.api, &[5]).await;
+    Command::new("kill").args(["-TERM", &node.child.id().to_string()]).status().unwrap();
+    assert!(node.child.wait().unwrap().success());
+
+    // The drone's next event, stored while the shard is nobody's.
+    let event = common::drone_event(5, 1, 0, GeoPoint::new(47.6, -122.3));
+    let meta = BatchMeta { producer_id: 9300, batch_seq: 1, ..BatchMeta::default() };
+    let batch = TelemetryBatch::encode(meta, &[event], Buffer::new()).unwrap().into_buffer();
+    let js = async_nats::jetstream::new(nats.clone());
+    let subject = format!("{}.telemetry.0", prefix.to_lowercase());
+    js.publish(subject, bytes::Bytes::copy_from_slice(batch.as_slice())).await.unwrap().await.unwrap();
+
+    let mut node = common::spawn_cluster_node(&dir, &url, &prefix, "node", 1, &env);
+    let started = Instant::now();
+    let drone = loop {
+        let drone: serde_json::Value =
+            web.get(format!("{}/v1/drones/5", node.api)).send().await.unwrap().json().await.unwrap();
+        if drone["last_seq"] == 1 || started.elapsed() > Duration::from_secs(5) {
+            break drone;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(drone["last_seq"], 1, "the record after the checkpoint was applied: {drone}");
+
+    Command::new("kill").args(["-TERM", &node.child.id().to_string()]).status().unwrap();
+    assert!(node.child.wait().unwrap().success());
+    common::delete_streams(&nats, &prefix).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
