@@ -343,7 +343,8 @@ impl<F: FleetControl + WorkQueues> DeliveryService<F> {
     /// On a shared store the subscriptions of the batch's deliveries are read from it (another
     /// node may have taken them), and every node queues what is due: each notification is
     /// queued under its id and destination, which a queue the nodes share (JetStream) stores
-    /// once.
+    /// once. (A copy a killed notifier had leased is then sent when its visibility timeout
+    /// runs out.)
     pub async fn notify(&self, batch: &DeliveryBatch) -> Result<Vec<DeliveryId>, Error> {
         let shared = if self.store.subscriptions.is_shared() { self.stored_subscriptions(batch)? } else { None };
         let due = {
@@ -357,13 +358,19 @@ impl<F: FleetControl + WorkQueues> DeliveryService<F> {
         let mut ended = Vec::new();
         for n in &due {
             let payload = serde_json::to_vec(n).map_err(|e| Error::BadRequest(e.to_string()))?;
-            let once = format!(
-                "{}-{}-{}",
-                n.id(),
-                n.to.sms.as_deref().unwrap_or_default(),
-                n.to.email.as_deref().unwrap_or_default()
-            );
-            self.fleet.enqueue_once(QueueName::Notifications, n.delivery_id, once, payload).await?;
+            if shared.is_some() {
+                let once = format!(
+                    "{}-{}-{}",
+                    n.id(),
+                    n.to.sms.as_deref().unwrap_or_default(),
+                    n.to.email.as_deref().unwrap_or_default()
+                );
+                self.fleet.enqueue_once(QueueName::Notifications, n.delivery_id, once, payload).await?;
+            } else {
+                // One node: a copy queued again after a crash is sent at once, while the first
+                // copy, leased by the killed notifier, waits out its visibility timeout.
+                self.fleet.enqueue(QueueName::Notifications, n.delivery_id, payload).await?;
+            }
             if n.stage.is_terminal() && !ended.contains(&n.delivery_id) {
                 ended.push(n.delivery_id);
             }
