@@ -758,6 +758,18 @@ pub fn shard_of(drone: DroneId, n: usize) -> usize {
     ((u128::from(h) * n as u128) >> 64) as usize
 }
 
+/// The indices of `batch`'s events for each of `n` shards, in batch order: how the router
+/// splits a batch (index lists; the batch itself is shared, never copied).
+pub fn split_by_shard(batch: &TelemetryBatch, n: usize) -> Vec<Vec<u32>> {
+    // Sized for an even spread plus slack, so a batch costs one allocation per shard.
+    let expected = batch.len() / n + batch.len() / (4 * n) + 8;
+    let mut per_shard: Vec<Vec<u32>> = (0..n).map(|_| Vec::with_capacity(expected)).collect();
+    for (i, ev) in batch.events().iter().enumerate() {
+        per_shard[shard_of(ev.drone_id.to_native(), n)].push(i as u32);
+    }
+    per_shard
+}
+
 impl BatchSink for Engine {
     type Ack = AckFuture;
 
@@ -1512,12 +1524,7 @@ impl Appender {
             let _ = self.shards[0].send(ShardMsg::Events { offset, batch, indices: None });
             return;
         }
-        // Sized for an even spread plus slack, so a batch costs one allocation per shard.
-        let expected = batch.len() / n + batch.len() / (4 * n) + 8;
-        let mut per_shard: Vec<Vec<u32>> = (0..n).map(|_| Vec::with_capacity(expected)).collect();
-        for (i, ev) in batch.events().iter().enumerate() {
-            per_shard[shard_of(ev.drone_id.to_native(), n)].push(i as u32);
-        }
+        let per_shard = split_by_shard(&batch, n);
         let whole = per_shard.iter().filter(|v| !v.is_empty()).count() == 1;
         for (shard, indices) in per_shard.into_iter().enumerate() {
             if !indices.is_empty() {
