@@ -33,6 +33,21 @@ fn version(record: &DeliveryRecord) -> u64 {
     record.last_seq.map_or(0, |seq| u64::from(seq) + 1)
 }
 
+/// What `store` holds under the deliveries `ids` (repeats read once), in one read.
+fn stored_by_id<T: serde::de::DeserializeOwned>(
+    store: &Store,
+    mut ids: Vec<DeliveryId>,
+) -> Result<Vec<(DeliveryId, T)>, Error> {
+    ids.sort_unstable();
+    ids.dedup();
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let keys: Vec<String> = ids.iter().map(|&id| crate::store::id_key(id)).collect();
+    let found = store.get_many::<T>(&keys)?;
+    Ok(ids.into_iter().zip(found).filter_map(|(id, value)| value.map(|v| (id, v))).collect())
+}
+
 /// Cruise speed assumed for ETAs, m/s.
 const CRUISE_M_PER_S: f64 = 15.0;
 
@@ -206,7 +221,7 @@ impl<F: FleetControl + WorkQueues> DeliveryService<F> {
         }
         let wanted: Vec<DeliveryId> = {
             let records = self.records.read();
-            let mut wanted: Vec<DeliveryId> = batches
+            batches
                 .iter()
                 .flat_map(|b| b.events().iter())
                 .filter(|ev| {
@@ -214,18 +229,14 @@ impl<F: FleetControl + WorkQueues> DeliveryService<F> {
                     !records.contains_key(&id) || ev.stage.to_stage() == DeliveryStage::Rescheduled
                 })
                 .map(|ev| ev.delivery_id.to_native())
-                .collect();
-            wanted.sort_unstable();
-            wanted.dedup();
-            wanted
+                .collect()
         };
-        if wanted.is_empty() {
+        let found = stored_by_id::<DeliveryRecord>(&self.store.records, wanted)?;
+        if found.is_empty() {
             return Ok(());
         }
-        let keys: Vec<String> = wanted.iter().map(|&id| crate::store::id_key(id)).collect();
-        let found = self.store.records.get_many::<DeliveryRecord>(&keys)?;
         let mut records = self.records.write();
-        for stored in found.into_iter().flatten() {
+        for (_, stored) in found {
             match records.get_mut(&stored.delivery_id) {
                 Some(held) => {
                     held.pickup = stored.pickup;
@@ -390,20 +401,16 @@ impl<F: FleetControl + WorkQueues> DeliveryService<F> {
         &self,
         batch: &DeliveryBatch,
     ) -> Result<Option<FxHashMap<DeliveryId, Vec<crate::notify::Subscription>>>, Error> {
-        let mut ids: Vec<DeliveryId> = batch
+        let ids: Vec<DeliveryId> = batch
             .events()
             .iter()
             .filter(|e| e.stage.to_stage() != DeliveryStage::Created)
             .map(|e| e.delivery_id.to_native())
             .collect();
-        ids.sort_unstable();
-        ids.dedup();
         if ids.is_empty() {
             return Ok(None);
         }
-        let keys: Vec<String> = ids.iter().map(|&id| crate::store::id_key(id)).collect();
-        let found = self.store.subscriptions.get_many::<Vec<crate::notify::Subscription>>(&keys)?;
-        Ok(Some(ids.into_iter().zip(found).filter_map(|(id, subs)| subs.map(|s| (id, s))).collect()))
+        Ok(Some(stored_by_id(&self.store.subscriptions, ids)?.into_iter().collect()))
     }
 
     /// The public routes.

@@ -185,45 +185,25 @@ impl Store {
     /// must stay the same across its restarts.
     pub fn open_postgres(url: &str, schema: &str, node: &str) -> Result<Self, Error> {
         let kv = Arc::new(crate::store_pg::PgKv::open(url, schema)?);
-        let (tx, rx) = flume::bounded::<Op>(QUEUE);
-        let failed = Arc::new(Mutex::new(None));
-        let (writer_failed, inject) = (failed.clone(), Arc::new(std::sync::atomic::AtomicBool::new(false)));
-        let writer_inject = inject.clone();
-        let (ready_tx, ready) = std::sync::mpsc::channel::<Result<(), Error>>();
         let writer_kv = kv.clone();
-        std::thread::Builder::new()
-            .name("store-postgres".into())
-            .spawn(move || {
-                let mut pg = match writer_kv.writer() {
-                    Ok(pg) => pg,
-                    Err(error) => {
-                        let _ = ready_tx.send(Err(error));
-                        return;
-                    }
-                };
-                let _ = ready_tx.send(Ok(()));
-                writer(&rx, &writer_failed, |group| {
-                    if writer_inject.load(std::sync::atomic::Ordering::Relaxed) {
-                        return Err("injected failure".into());
-                    }
-                    let ops: Vec<Vec<crate::store_pg::PgWrite<'_>>> = group
-                        .iter()
-                        .map(|op| {
-                            op.writes
-                                .iter()
-                                .map(|w| match w {
-                                    Write::Put(k, v, version) => crate::store_pg::PgWrite::Put(k, v, *version),
-                                    Write::Delete(k) => crate::store_pg::PgWrite::Delete(k),
-                                })
-                                .collect()
-                        })
-                        .collect();
-                    pg.commit(&ops)
-                });
+        Self::spawn("postgres", Backend::Pg(kv), Some(node.into()), move || {
+            let mut pg = writer_kv.writer()?;
+            Ok(move |group: &[Op]| {
+                let ops: Vec<Vec<crate::store_pg::PgWrite<'_>>> = group
+                    .iter()
+                    .map(|op| {
+                        op.writes
+                            .iter()
+                            .map(|w| match w {
+                                Write::Put(k, v, version) => crate::store_pg::PgWrite::Put(k, v, *version),
+                                Write::Delete(k) => crate::store_pg::PgWrite::Delete(k),
+                            })
+                            .collect()
+                    })
+                    .collect();
+                pg.commit(&ops)
             })
-            .map_err(store_error)?;
-        ready.recv().map_err(|_| store_error("the writer stopped"))??;
-        Ok(Self { backend: Backend::Pg(kv), tx, prefix: String::new(), failed, inject, node: Some(node.into()) })
+        })
     }
 
     /// A store in memory, for tests and throwaway runs.
@@ -238,23 +218,47 @@ impl Store {
         let txn = db.begin_write().map_err(store_error)?;
         txn.open_table(RECORDS).map_err(store_error)?;
         txn.commit().map_err(store_error)?;
-        let (tx, rx) = flume::bounded::<Op>(QUEUE);
-        let failed = Arc::new(Mutex::new(None));
         // The writer holds the database weakly, so it closes (and its file lock goes) as soon as
         // the last handle is dropped, not when the writer thread next wakes up.
         let writer_db = Arc::downgrade(&db);
-        let (writer_failed, inject) = (failed.clone(), Arc::new(std::sync::atomic::AtomicBool::new(false)));
-        let writer_inject = inject.clone();
+        Self::spawn(&name, Backend::Redb(db), None, move || {
+            Ok(move |group: &[Op]| match writer_db.upgrade() {
+                Some(db) => commit(&db, group),
+                None => Err("the store is closed".to_string()),
+            })
+        })
+    }
+
+    /// Starts the writer thread: `open` runs on it and makes the function that commits a group
+    /// (a connection of its own, for PostgreSQL); the store is returned once it has.
+    fn spawn<C>(
+        name: &str,
+        backend: Backend,
+        node: Option<Arc<str>>,
+        open: impl FnOnce() -> Result<C, Error> + Send + 'static,
+    ) -> Result<Self, Error>
+    where
+        C: FnMut(&[Op]) -> Result<Vec<Vec<bool>>, String>,
+    {
+        let (tx, rx) = flume::bounded::<Op>(QUEUE);
+        let failed = Arc::new(Mutex::new(None));
+        let inject = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (writer_failed, writer_inject) = (failed.clone(), inject.clone());
+        let (ready_tx, ready) = std::sync::mpsc::channel::<Result<(), Error>>();
         std::thread::Builder::new()
             .name(format!("store-{name}"))
-            .spawn(move || {
-                writer(&rx, &writer_failed, |group| match writer_db.upgrade() {
-                    Some(db) => commit(&db, group, &writer_inject),
-                    None => Err("the store is closed".to_string()),
-                });
+            .spawn(move || match open() {
+                Ok(commit) => {
+                    let _ = ready_tx.send(Ok(()));
+                    writer(&rx, &writer_failed, &writer_inject, commit);
+                }
+                Err(error) => {
+                    let _ = ready_tx.send(Err(error));
+                }
             })
             .map_err(store_error)?;
-        Ok(Self { backend: Backend::Redb(db), tx, prefix: String::new(), failed, inject, node: None })
+        ready.recv().map_err(|_| store_error("the writer stopped"))??;
+        Ok(Self { backend, tx, prefix: String::new(), failed, inject, node })
     }
 
     /// The same database under the namespace `name`: its keys cannot meet another
@@ -409,6 +413,7 @@ impl Store {
 fn writer(
     rx: &flume::Receiver<Op>,
     failed: &Mutex<Option<String>>,
+    inject: &std::sync::atomic::AtomicBool,
     mut commit: impl FnMut(&[Op]) -> Result<Vec<Vec<bool>>, String>,
 ) {
     while let Ok(first) = rx.recv() {
@@ -426,7 +431,12 @@ fn writer(
         let stopped = failed.lock().clone();
         let outcome = match stopped {
             Some(reason) => Err(format!("stopped after a failed commit: {reason}")),
-            None => commit(&group).inspect_err(|e| {
+            None => if inject.load(std::sync::atomic::Ordering::Relaxed) {
+                Err("injected failure".to_string())
+            } else {
+                commit(&group)
+            }
+            .inspect_err(|e| {
                 tracing::error!(error = %e, "service store commit failed; the store takes no more writes until a restart");
                 *failed.lock() = Some(e.clone());
             }),
@@ -446,10 +456,7 @@ fn writer(
     }
 }
 
-fn commit(db: &Database, group: &[Op], inject: &std::sync::atomic::AtomicBool) -> Result<Vec<Vec<bool>>, String> {
-    if inject.load(std::sync::atomic::Ordering::Relaxed) {
-        return Err("injected failure".into());
-    }
+fn commit(db: &Database, group: &[Op]) -> Result<Vec<Vec<bool>>, String> {
     let txn = db.begin_write().map_err(|e| e.to_string())?;
     let mut results = Vec::with_capacity(group.len());
     {
