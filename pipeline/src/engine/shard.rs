@@ -1,0 +1,338 @@
+//! A shard thread: applies its queue in order, publishes what it derives, checkpoints.
+//!
+//! Owns one [`Deriver`] (the state of the drones that hash to it). Reads its shard queue (filled
+//! by the appender in log order, so a drone's events arrive in order), hands derived events to
+//! the publisher queue every few messages, and at each checkpoint interval hands a snapshot to
+//! the checkpointer. It blocks only on the publisher's queue when that is full; it never waits
+//! for a disk.
+
+use super::*;
+
+pub(crate) enum ShardMsg {
+    Events {
+        offset: u64,
+        batch: Arc<TelemetryBatch>,
+        indices: Option<Vec<u32>>,
+    },
+    Command {
+        offset: u64,
+        cmd: DeliveryCommand,
+        reply: Option<oneshot::Sender<Result<(), Error>>>,
+        /// The caller's trace (not logged: a replayed command has none).
+        trace: TraceContext,
+    },
+    /// Every record up to `offset` has been routed.
+    Watermark(u64),
+    Drone {
+        id: DroneId,
+        reply: oneshot::Sender<Option<DroneSnapshot>>,
+    },
+    /// Start over from this checkpoint (or from nothing): the shard changed hands.
+    Restore {
+        ckpt: Option<Checkpoint>,
+        done: oneshot::Sender<()>,
+    },
+    /// Checkpoint now (the shard is being handed to another node).
+    Checkpoint {
+        done: oneshot::Sender<()>,
+    },
+    Stop,
+}
+
+/// One shard thread: applies its queue in order, publishes what it derives, checkpoints.
+pub(super) struct Shard {
+    pub(super) index: usize,
+    pub(super) shards: usize,
+    pub(super) deriver: Deriver,
+    pub(super) rx: flume::Receiver<ShardMsg>,
+    pub(super) publisher: flume::Sender<PublishMsg>,
+    pub(super) metrics: Arc<EngineMetrics>,
+    pub(super) out: Vec<DeliveryEvent>,
+    pub(super) published: u64,
+    /// Trace for the delivery batch being built.
+    pub(super) out_trace: Option<TraceContext>,
+    pub(super) reported: DeriveStats,
+    /// The offset the restored checkpoint covers: replayed records up to it are skipped.
+    pub(super) covered: Option<u64>,
+    /// Every record up to this offset has been applied.
+    pub(super) applied: Option<u64>,
+    /// The checkpointer, when checkpoints are kept (a data dir or JetStream).
+    pub(super) checkpoints: Option<flume::Sender<CkptJob>>,
+    /// Per shard, the first offset the log must keep: one past the last checkpoint written.
+    pub(super) needed: Arc<[AtomicU64]>,
+    pub(super) ckpt_interval: Duration,
+    pub(super) last_ckpt: Instant,
+}
+
+/// Messages a shard applies before it publishes what they derived: enough to amortise the
+/// encode and fan-out under load, few enough to keep the added latency to a few batches.
+pub(super) const PUBLISH_EVERY: usize = 32;
+
+impl Shard {
+    pub(super) fn run(mut self) {
+        let mut stop = false;
+        while !stop {
+            let Ok(msg) = self.rx.recv() else { break };
+            stop = !self.handle(msg);
+            let mut more = 0;
+            while !stop && more < PUBLISH_EVERY {
+                match self.rx.try_recv() {
+                    Ok(msg) => {
+                        more += 1;
+                        stop = !self.handle(msg);
+                    }
+                    Err(_) => break,
+                }
+            }
+            self.flush();
+            if stop || self.last_ckpt.elapsed() >= self.ckpt_interval {
+                self.checkpoint(None, stop);
+            }
+        }
+    }
+
+    pub(super) fn covered(&self, offset: u64) -> bool {
+        self.covered.is_some_and(|c| offset <= c)
+    }
+
+    pub(super) fn advance(&mut self, offset: u64) {
+        self.applied = Some(self.applied.map_or(offset, |a| a.max(offset)));
+    }
+
+    /// Applies one message; false on `Stop`.
+    pub(super) fn handle(&mut self, msg: ShardMsg) -> bool {
+        match msg {
+            ShardMsg::Events { offset, batch, indices } => {
+                if !self.covered(offset) {
+                    let derived_before = self.out.len();
+                    let events = batch.events();
+                    match indices {
+                        None => {
+                            for ev in events.iter() {
+                                self.deriver.on_drone_event(ev, &mut self.out);
+                            }
+                        }
+                        Some(indices) => {
+                            for i in indices {
+                                if let Some(ev) = events.get(i as usize) {
+                                    self.deriver.on_drone_event(ev, &mut self.out);
+                                }
+                            }
+                        }
+                    }
+                    let trace = batch.header().meta.trace;
+                    if self.out.len() > derived_before && trace.is_some() && self.out_trace.is_none() {
+                        self.out_trace = Some(trace);
+                    }
+                }
+                self.advance(offset);
+            }
+            ShardMsg::Command { offset, cmd, reply, trace } => {
+                if trace.is_some() && self.out_trace.is_none() {
+                    self.out_trace = Some(trace);
+                }
+                let result = if self.covered(offset) {
+                    Ok(())
+                } else {
+                    self.deriver.on_command(&cmd, events::now_us(), &mut self.out)
+                };
+                self.advance(offset);
+                // Publish before replying, so Created is on the stream before the caller acts.
+                self.flush();
+                if let Some(reply) = reply {
+                    let _ = reply.send(result);
+                }
+            }
+            ShardMsg::Watermark(offset) => self.advance(offset),
+            ShardMsg::Drone { id, reply } => {
+                let _ = reply.send(self.deriver.reported_drone(id));
+            }
+            ShardMsg::Restore { ckpt, done } => {
+                self.out.clear();
+                self.out_trace = None;
+                let covered = ckpt.as_ref().map(|c| c.offset);
+                self.deriver = match ckpt {
+                    Some(c) => Deriver::restore(self.deriver.config(), c.state),
+                    None => Deriver::new(self.deriver.config()),
+                };
+                self.reported = self.deriver.stats();
+                self.covered = covered;
+                self.applied = covered;
+                // The checkpoint it starts from is written: nothing to write again until it moves on.
+                self.needed[self.index].store(covered.map_or(0, |c| c + 1), Ordering::Relaxed);
+                self.last_ckpt = Instant::now();
+                let _ = done.send(());
+            }
+            ShardMsg::Checkpoint { done } => {
+                self.flush();
+                self.checkpoint(Some(done), true);
+            }
+            ShardMsg::Stop => return false,
+        }
+        true
+    }
+
+    pub(super) fn flush(&mut self) {
+        let stats = self.deriver.stats();
+        let m = &self.metrics;
+        m.applied.fetch_add(stats.applied - self.reported.applied, Ordering::Relaxed);
+        m.duplicates.fetch_add(stats.duplicates - self.reported.duplicates, Ordering::Relaxed);
+        m.derived.fetch_add(stats.derived - self.reported.derived, Ordering::Relaxed);
+        m.far_dropoffs.fetch_add(stats.far_dropoffs - self.reported.far_dropoffs, Ordering::Relaxed);
+        m.stray.fetch_add(stats.stray - self.reported.stray, Ordering::Relaxed);
+        self.reported = stats;
+        if self.out.is_empty() {
+            return;
+        }
+        // The batch carries the trace of the first traced input that derived something in it.
+        let trace = self.out_trace.take().unwrap_or_default();
+        let meta = BatchMeta { producer_id: self.index as u64, batch_seq: self.published, trace };
+        match DeliveryBatch::encode(meta, &self.out, Buffer::with_capacity(64 + self.out.len() * 64)) {
+            Ok(batch) => {
+                self.published += 1;
+                let _ = self.publisher.send(PublishMsg::Events(batch));
+            }
+            Err(error) => error!(%error, shard = self.index, "delivery batch encoding failed"),
+        }
+        self.out.clear();
+    }
+
+    /// Snapshots the state and hands it to the checkpointer, which writes it once the delivery
+    /// events it derived are durable; the shard goes straight back to its queue. `done` is told
+    /// once the checkpoint is written. A periodic checkpoint (`wait` false) is skipped while the
+    /// checkpointer is still busy with earlier ones; until a checkpoint of the applied offset is
+    /// written (one that failed included), each interval hands over another.
+    pub(super) fn checkpoint(&mut self, done: Option<oneshot::Sender<()>>, wait: bool) {
+        self.last_ckpt = Instant::now();
+        let (Some(offset), Some(checkpoints)) = (self.applied, &self.checkpoints) else {
+            return tell(done);
+        };
+        if self.needed[self.index].load(Ordering::Relaxed) == offset + 1 {
+            return tell(done); // a checkpoint of this offset is written
+        }
+        // Everything this state derived must be in the delivery-events log before the
+        // checkpoint says it need not be derived again: the barrier follows this shard's events
+        // into the publisher's queue, and the checkpointer waits for its answer.
+        let (barrier, durable) = flume::bounded(1);
+        if self.publisher.send(PublishMsg::Barrier(barrier)).is_err() {
+            return tell(done);
+        }
+        let ckpt =
+            Checkpoint { shard: self.index as u32, shards: self.shards as u32, offset, state: self.deriver.snapshot() };
+        let job = CkptJob { ckpt, durable, done };
+        let sent = if wait {
+            checkpoints.send(job).map_err(|e| e.into_inner())
+        } else {
+            checkpoints.try_send(job).map_err(|e| e.into_inner())
+        };
+        if let Err(job) = sent {
+            tell(job.done);
+        }
+    }
+}
+
+pub(super) fn tell(done: Option<oneshot::Sender<()>>) {
+    if let Some(done) = done {
+        let _ = done.send(());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use events::{DroneEventKind, FlightStatus, GeoPoint};
+
+    use super::*;
+
+    fn ev(drone_id: u64, seq: u64, kind: DroneEventKind) -> DroneEvent {
+        DroneEvent {
+            drone_id,
+            seq,
+            ts_us: seq,
+            position: GeoPoint::new(1.0, 1.0),
+            speed_mps: 0.0,
+            heading_deg: 0.0,
+            battery_pct: 50.0,
+            status: FlightStatus::Flying,
+            kind,
+        }
+    }
+
+    /// A checkpoint waits for the delivery-events log to be durable, then writes a file with
+    /// fsyncs. The shard hands both to the checkpointer: while the publisher has not answered the
+    /// barrier, the shard still answers, and the checkpoint lands once it does.
+    #[test]
+    fn a_pending_checkpoint_does_not_stall_its_shard() {
+        let dir = std::env::temp_dir().join(format!("fleetstream-ckpt-async-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let needed: Arc<[AtomicU64]> = vec![AtomicU64::new(0)].into();
+        let metrics = Arc::new(EngineMetrics::default());
+        let (ckpt_tx, ckpt_rx) = flume::bounded(1);
+        let checkpointer =
+            Checkpointer { dir: Some(dir.clone()), cluster: None, needed: needed.clone(), metrics: metrics.clone() };
+        let writer = std::thread::spawn(move || checkpointer.run(ckpt_rx));
+        let (publish_tx, publish_rx) = flume::unbounded();
+        let (tx, rx) = flume::unbounded();
+        let shard = Shard {
+            index: 0,
+            shards: 1,
+            deriver: Deriver::new(DeriveConfig::default()),
+            rx,
+            publisher: publish_tx,
+            metrics: metrics.clone(),
+            out: Vec::new(),
+            published: 0,
+            out_trace: None,
+            reported: DeriveStats::default(),
+            covered: None,
+            applied: None,
+            checkpoints: Some(ckpt_tx),
+            needed: needed.clone(),
+            ckpt_interval: Duration::ZERO,
+            last_ckpt: Instant::now(),
+        };
+        let running = std::thread::spawn(move || shard.run());
+        let batch =
+            TelemetryBatch::encode(BatchMeta::default(), &[ev(3, 1, DroneEventKind::Position)], Buffer::new()).unwrap();
+        tx.send(ShardMsg::Events { offset: 0, batch: Arc::new(batch), indices: None }).unwrap();
+        // The shard's periodic checkpoint sends its barrier, which nobody answers yet.
+        let barrier = loop {
+            match publish_rx.recv_timeout(Duration::from_secs(10)).unwrap() {
+                PublishMsg::Barrier(done) => break done,
+                PublishMsg::Events(_) => {}
+            }
+        };
+        let (reply, mut answer) = oneshot::channel();
+        tx.send(ShardMsg::Drone { id: 3, reply }).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let snapshot = loop {
+            match answer.try_recv() {
+                Ok(snapshot) => break snapshot,
+                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+                Err(_) => panic!("the shard stalled behind its pending checkpoint"),
+            }
+        };
+        assert!(snapshot.is_some(), "the shard knows the drone it applied");
+        assert_eq!(needed[0].load(Ordering::Relaxed), 0, "nothing is written before the log is durable");
+        barrier.send(()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while needed[0].load(Ordering::Relaxed) != 1 {
+            assert!(Instant::now() < deadline, "the checkpoint was never written");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(checkpoint::read(&dir, 0).unwrap().map(|c| c.offset), Some(0));
+        assert_eq!(metrics.checkpoints.load(Ordering::Relaxed), 1);
+        // Further barriers (from checkpoints of later offsets) get answers so the shard can stop.
+        let answering = std::thread::spawn(move || {
+            while let Ok(msg) = publish_rx.recv() {
+                if let PublishMsg::Barrier(done) = msg {
+                    let _ = done.send(());
+                }
+            }
+        });
+        tx.send(ShardMsg::Stop).unwrap();
+        running.join().unwrap();
+        writer.join().unwrap();
+        answering.join().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
