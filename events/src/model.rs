@@ -290,6 +290,19 @@ impl DeliveryCommand {
             | DeliveryCommand::Cancel { drone_id, .. } => *drone_id,
         }
     }
+
+    /// The command with `now_us` as its time if it carries none (`ts_us == 0`). The engine
+    /// stamps a command before logging it, so a replay derives the same events from it.
+    #[must_use]
+    pub const fn stamped(mut self, now_us: u64) -> Self {
+        let (DeliveryCommand::Create { ts_us, .. }
+        | DeliveryCommand::Reschedule { ts_us, .. }
+        | DeliveryCommand::Cancel { ts_us, .. }) = &mut self;
+        if *ts_us == 0 {
+            *ts_us = now_us;
+        }
+        self
+    }
 }
 
 /// The engine's latest knowledge of a drone.

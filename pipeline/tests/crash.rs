@@ -82,6 +82,10 @@ async fn one_run(run: u32) {
     // Producers: each sends its drones' events, one event per drone per batch.
     let pem = std::fs::read_to_string(dir.join("tls/ingest-cert.pem")).unwrap();
     let addr: SocketAddr = format!("127.0.0.1:{quic}").parse().unwrap();
+    // A subscriber follows the delivery events live across the kills, resuming after the last
+    // offset it saw each time the server comes back.
+    let (stop_live, stop_rx) = tokio::sync::watch::channel(false);
+    let live = tokio::spawn(follow_deliveries(addr, pem.clone(), stop_rx));
     let mut tasks = Vec::new();
     for p in 0..PRODUCERS {
         let mut cfg = ProducerConfig::new(ClientConfig::new(Trust::Pem(pem.clone())));
@@ -171,14 +175,34 @@ async fn one_run(run: u32) {
         .await
         .unwrap();
     let mut delivered = BTreeMap::new();
+    let mut at_offset = BTreeMap::new();
     while delivered.len() < delivery_of.len() * 4 {
-        let (_, batch) = tokio::time::timeout(Duration::from_secs(10), sub.next()).await.unwrap().unwrap().unwrap();
+        let (offset, batch) =
+            tokio::time::timeout(Duration::from_secs(10), sub.next()).await.unwrap().unwrap().unwrap();
+        let mut here = Vec::new();
         for e in batch.events().iter() {
             let key = (e.delivery_id.to_native(), e.seq.to_native());
             let value = (e.stage.to_stage(), e.ts_us.to_native(), e.drone_id.to_native());
             assert!(delivered.insert(key, value).is_none(), "delivery event {key:?} delivered twice");
+            here.push(key);
         }
+        at_offset.insert(offset, here);
     }
+    // What the live subscriber saw before, between and after the kills is what the log holds at
+    // the same offsets now: the offsets it would resume from stayed valid.
+    stop_live.send_replace(true);
+    let (live, refused) = live.await.unwrap();
+    assert!(refused.is_empty(), "the live subscriber's position was refused after a restart: {refused:?}");
+    assert!(!live.is_empty(), "the live subscriber saw delivery events");
+    for (offset, events) in &live {
+        assert_eq!(at_offset.get(offset), Some(events), "delivery-events offset {offset} changed across the kills");
+    }
+    eprintln!(
+        "run {run}: {} delivery-event records seen live (last offset {:?}) match the log after the kills ({} records)",
+        live.len(),
+        live.keys().last(),
+        at_offset.len()
+    );
     for (&drone, &delivery) in &delivery_of {
         let ts = |seq: u64| 1_000_000 * drone + seq;
         assert_eq!(delivered[&(delivery, 1)], (DeliveryStage::HeadedToPickup, ts(50), drone));
@@ -228,6 +252,56 @@ async fn one_run(run: u32) {
         assert_eq!((stages[0].0, stages[0].1), (0, DeliveryStage::Created));
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Follows the delivery-events topic until `stop`, reconnecting after each kill and resuming at
+/// the offset after the last one seen. Returns what each offset held, and the refusals of a
+/// resumed position (there should be none: a restart reproduces the offsets).
+async fn follow_deliveries(
+    addr: SocketAddr,
+    pem: String,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> (BTreeMap<u64, Vec<(u64, u32)>>, Vec<String>) {
+    let mut seen = BTreeMap::new();
+    let mut refused = Vec::new();
+    let mut next = 0u64;
+    while !*stop.borrow() {
+        let mut cfg = ClientConfig::new(Trust::Pem(pem.clone()));
+        // Pings draw a stateless reset from a restarted server: the kill is noticed at once.
+        cfg.keep_alive = Duration::from_millis(100);
+        let Ok(Ok(client)) =
+            tokio::time::timeout(Duration::from_secs(2), ingest::IngestClient::connect(addr, &cfg)).await
+        else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let from = events::StartAt::Offset(next);
+        let mut sub = match client.subscribe_from::<DeliveryEvent>(events::Topic::DeliveryEvents, from).await {
+            Ok(sub) => sub,
+            Err(e) => {
+                if e.to_string().contains("offset unavailable") {
+                    refused.push(format!("offset {next}: {e}"));
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        loop {
+            tokio::select! {
+                item = sub.next() => match item {
+                    Ok(Some((offset, batch))) => {
+                        assert!(offset >= next, "offset {offset} after {next}");
+                        let events = batch.events().iter().map(|e| (e.delivery_id.to_native(), e.seq.to_native()));
+                        seen.insert(offset, events.collect::<Vec<_>>());
+                        next = offset + 1;
+                    }
+                    _ => break,
+                },
+                _ = stop.changed() => break,
+            }
+        }
+    }
+    (seen, refused)
 }
 
 /// Every delivery is complete in the Delivery service, with the stage its history ends with,

@@ -184,6 +184,8 @@ impl FleetControl for Engine {
     }
 
     async fn command_traced(&self, cmd: DeliveryCommand, trace: TraceContext) -> Result<(), Error> {
+        // Stamped before it is logged: a replay of the command derives the same events.
+        let cmd = cmd.stamped(events::now_us());
         if let Some(cluster) = &self.inner.cluster {
             return cluster.command(cmd, trace).await;
         }

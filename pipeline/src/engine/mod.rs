@@ -68,7 +68,7 @@ use checkpointer::{Checkpointer, CkptJob};
 pub use config::EngineConfig;
 use metrics::age;
 pub use metrics::{EngineMetrics, Stopped, render_metrics};
-use publisher::{PublishMsg, Publisher};
+use publisher::{PublishMsg, Publisher, Span};
 pub(crate) use readers::FOLLOW_QUEUE;
 pub use router::{shard_of, split_by_shard};
 pub(crate) use shard::ShardMsg;
@@ -237,21 +237,8 @@ impl Engine {
         let out_next = out_log.as_ref().map_or(0, |l| l.lock().next_offset());
         let out_tail = Arc::new(Tail { end: parking_lot::Mutex::new(out_next), grew: parking_lot::Condvar::new() });
         let (publish_tx, publish_rx) = flume::bounded(cfg.shard_queue.max(1));
-        let mut publisher = Publisher {
-            log: out_log.clone(),
-            seen: FxHashMap::default(),
-            finished: std::collections::VecDeque::new(),
-            topic: deliveries.clone(),
-            tail: out_tail.clone(),
-            policy: match &storage {
-                Storage::Durable { log, .. } => log.fsync,
-                Storage::Memory | Storage::Cluster { .. } => FsyncPolicy::None,
-            },
-            last_retention: Instant::now(),
-            cluster: cluster.clone(),
-            metrics: metrics.clone(),
-            failed: false,
-        };
+        let mut publisher =
+            Publisher::new(out_log.clone(), deliveries.clone(), out_tail.clone(), cluster.clone(), metrics.clone(), n);
         publisher.rebuild()?;
         threads.push(std::thread::Builder::new().name("publisher".into()).spawn(move || publisher.run(publish_rx))?);
         let (ckpt_tx, ckpt_rx) = flume::bounded(n);
@@ -277,9 +264,9 @@ impl Engine {
                 rx,
                 publisher: publish_tx.clone(),
                 metrics: metrics.clone(),
-                out: Vec::new(),
-                published: 0,
-                out_trace: None,
+                spans: Vec::new(),
+                scratch: Vec::new(),
+                reported_applied: None,
                 reported: DeriveStats::default(),
                 covered,
                 applied: covered,
@@ -291,7 +278,6 @@ impl Engine {
             threads.push(std::thread::Builder::new().name(format!("shard-{index}")).spawn(move || shard.run())?);
             shards.push(tx);
         }
-        drop(publish_tx);
         drop(ckpt_tx);
         let (fanout, fanout_rx) = flume::bounded::<Option<Arc<TelemetryBatch>>>(cfg.shard_queue.max(1));
         let topic = telemetry.clone();
@@ -324,6 +310,17 @@ impl Engine {
         };
         report.replayed = appender.replay()?;
         report.next_offset = appender.next_offset;
+        if report.replayed > 0 && cluster.is_none() {
+            // The delivery events the replay derives again are in their log before anyone can
+            // subscribe: a reader resuming at an offset it saw before a crash finds it there.
+            let (done, caught_up) = flume::bounded(1);
+            let upto = Some(report.next_offset.saturating_sub(1));
+            let _ = publish_tx.send(PublishMsg::Barrier { upto, done });
+            caught_up.recv().map_err(|_| {
+                crate::Error::Config("the delivery-events log failed while the replay derived it again".into())
+            })?;
+        }
+        drop(publish_tx);
         let (append, append_rx) = flume::bounded(cfg.append_queue.max(1));
         threads.push(std::thread::Builder::new().name("appender".into()).spawn(move || appender.run(append_rx))?);
         info!(

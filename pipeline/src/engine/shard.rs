@@ -47,10 +47,12 @@ pub(super) struct Shard {
     pub(super) rx: flume::Receiver<ShardMsg>,
     pub(super) publisher: flume::Sender<PublishMsg>,
     pub(super) metrics: Arc<EngineMetrics>,
-    pub(super) out: Vec<DeliveryEvent>,
-    pub(super) published: u64,
-    /// Trace for the delivery batch being built.
-    pub(super) out_trace: Option<TraceContext>,
+    /// What the messages since the last report derived, by input offset.
+    pub(super) spans: Vec<Span>,
+    /// Events the message being applied derives.
+    pub(super) scratch: Vec<DeliveryEvent>,
+    /// The applied offset last reported to the publisher.
+    pub(super) reported_applied: Option<u64>,
     pub(super) reported: DeriveStats,
     /// The offset the restored checkpoint covers: replayed records up to it are skipped.
     pub(super) covered: Option<u64>,
@@ -104,37 +106,32 @@ impl Shard {
         match msg {
             ShardMsg::Events { offset, batch, indices } => {
                 if !self.covered(offset) {
-                    let derived_before = self.out.len();
                     let events = batch.events();
                     match indices {
                         None => {
                             for ev in events.iter() {
-                                self.deriver.on_drone_event(ev, &mut self.out);
+                                self.deriver.on_drone_event(ev, &mut self.scratch);
                             }
                         }
                         Some(indices) => {
                             for i in indices {
                                 if let Some(ev) = events.get(i as usize) {
-                                    self.deriver.on_drone_event(ev, &mut self.out);
+                                    self.deriver.on_drone_event(ev, &mut self.scratch);
                                 }
                             }
                         }
                     }
-                    let trace = batch.header().meta.trace;
-                    if self.out.len() > derived_before && trace.is_some() && self.out_trace.is_none() {
-                        self.out_trace = Some(trace);
-                    }
+                    self.derived(offset, batch.header().meta.trace);
                 }
                 self.advance(offset);
             }
             ShardMsg::Command { offset, cmd, reply, trace } => {
-                if trace.is_some() && self.out_trace.is_none() {
-                    self.out_trace = Some(trace);
-                }
                 let result = if self.covered(offset) {
                     Ok(())
                 } else {
-                    self.deriver.on_command(&cmd, events::now_us(), &mut self.out)
+                    let result = self.deriver.on_command(&cmd, events::now_us(), &mut self.scratch);
+                    self.derived(offset, trace);
+                    result
                 };
                 self.advance(offset);
                 // Publish before replying, so Created is on the stream before the caller acts.
@@ -148,8 +145,7 @@ impl Shard {
                 let _ = reply.send(self.deriver.reported_drone(id));
             }
             ShardMsg::Restore { ckpt, done } => {
-                self.out.clear();
-                self.out_trace = None;
+                self.spans.clear();
                 let covered = ckpt.as_ref().map(|c| c.offset);
                 self.deriver = match ckpt {
                     Some(c) => Deriver::restore(self.deriver.config(), c.state),
@@ -181,20 +177,19 @@ impl Shard {
         m.far_dropoffs.fetch_add(stats.far_dropoffs - self.reported.far_dropoffs, Ordering::Relaxed);
         m.stray.fetch_add(stats.stray - self.reported.stray, Ordering::Relaxed);
         self.reported = stats;
-        if self.out.is_empty() {
+        if self.spans.is_empty() && self.applied == self.reported_applied {
             return;
         }
-        // The batch carries the trace of the first traced input that derived something in it.
-        let trace = self.out_trace.take().unwrap_or_default();
-        let meta = BatchMeta { producer_id: self.index as u64, batch_seq: self.published, trace };
-        match DeliveryBatch::encode(meta, &self.out, Buffer::with_capacity(64 + self.out.len() * 64)) {
-            Ok(batch) => {
-                self.published += 1;
-                let _ = self.publisher.send(PublishMsg::Events(batch));
-            }
-            Err(error) => error!(%error, shard = self.index, "delivery batch encoding failed"),
+        self.reported_applied = self.applied;
+        let spans = std::mem::take(&mut self.spans);
+        let _ = self.publisher.send(PublishMsg::Derived { shard: self.index, applied: self.applied, spans });
+    }
+
+    /// Files what the message at `offset` derived (if anything) for the next report.
+    fn derived(&mut self, offset: u64, trace: TraceContext) {
+        if !self.scratch.is_empty() {
+            self.spans.push(Span { offset, trace, events: std::mem::take(&mut self.scratch) });
         }
-        self.out.clear();
     }
 
     /// Snapshots the state and hands it to the checkpointer, which writes it once the delivery
@@ -214,7 +209,7 @@ impl Shard {
         // checkpoint says it need not be derived again: the barrier follows this shard's events
         // into the publisher's queue, and the checkpointer waits for its answer.
         let (barrier, durable) = flume::bounded(1);
-        if self.publisher.send(PublishMsg::Barrier(barrier)).is_err() {
+        if self.publisher.send(PublishMsg::Barrier { upto: Some(offset), done: barrier }).is_err() {
             return tell(done);
         }
         let ckpt =
@@ -279,9 +274,9 @@ mod tests {
             rx,
             publisher: publish_tx,
             metrics: metrics.clone(),
-            out: Vec::new(),
-            published: 0,
-            out_trace: None,
+            spans: Vec::new(),
+            scratch: Vec::new(),
+            reported_applied: None,
             reported: DeriveStats::default(),
             covered: None,
             applied: None,
@@ -297,8 +292,8 @@ mod tests {
         // The shard's periodic checkpoint sends its barrier, which nobody answers yet.
         let barrier = loop {
             match publish_rx.recv_timeout(Duration::from_secs(10)).unwrap() {
-                PublishMsg::Barrier(done) => break done,
-                PublishMsg::Events(_) => {}
+                PublishMsg::Barrier { done, .. } => break done,
+                PublishMsg::Derived { .. } => {}
             }
         };
         let (reply, mut answer) = oneshot::channel();
@@ -324,7 +319,7 @@ mod tests {
         // Further barriers (from checkpoints of later offsets) get answers so the shard can stop.
         let answering = std::thread::spawn(move || {
             while let Ok(msg) = publish_rx.recv() {
-                if let PublishMsg::Barrier(done) = msg {
+                if let PublishMsg::Barrier { done, .. } = msg {
                     let _ = done.send(());
                 }
             }
