@@ -505,20 +505,27 @@ async fn ingest_stream<E: BatchSink>(
         };
         let (seq, count) = (parsed.meta.batch_seq, parsed.event_count);
         let frame_len = parsed.frame_len();
+        // The body is copied once, from QUIC's received chunks into the batch's own buffer
+        // (never zero-filled first).
         let mut buf = Buffer::with_capacity(frame_len);
         buf.extend_from_slice(&header);
-        buf.resize(frame_len, 0);
-        match recv.read_exact(&mut buf[HEADER_LEN..]).await {
-            Ok(()) => {}
-            Err(ReadExactError::FinishedEarly(got)) => {
-                let error = WireError::Truncated { needed: frame_len, got: HEADER_LEN + got };
-                let _ = tx.send(peer_reject(seq, count, error)).await;
-                break;
+        let mut broken = false;
+        while buf.len() < frame_len && !broken {
+            match recv.read_chunk(frame_len - buf.len(), true).await {
+                Ok(Some(chunk)) => buf.extend_from_slice(&chunk.bytes),
+                Ok(None) => {
+                    let error = WireError::Truncated { needed: frame_len, got: buf.len() };
+                    let _ = tx.send(peer_reject(seq, count, error)).await;
+                    broken = true;
+                }
+                Err(error) => {
+                    debug!(%error, "ingest stream ended mid-frame");
+                    broken = true;
+                }
             }
-            Err(ReadExactError::ReadError(error)) => {
-                debug!(%error, "ingest stream ended mid-frame");
-                break;
-            }
+        }
+        if broken {
+            break;
         }
         ctx.metrics.bytes_received.fetch_add(frame_len as u64, Ordering::Relaxed);
         let pending = match TelemetryBatch::validate(buf, &ctx.limits) {

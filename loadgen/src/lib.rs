@@ -52,7 +52,8 @@ pub struct LoadConfig {
     /// runs against one deployment, farther apart than Drone Management's `max_distance_km`,
     /// each fly only their own deliveries.
     pub center: GeoPoint,
-    /// Telemetry events per second, whole fleet.
+    /// Telemetry events per second, whole fleet; 0 sends as fast as the server takes them (each
+    /// connection sends its next batch as soon as its window allows), to find a ceiling.
     pub rate: f64,
     /// QUIC connections the fleet's telemetry is spread over.
     pub connections: usize,
@@ -165,10 +166,10 @@ impl LoadConfig {
         if self.drones == 0 || self.connections == 0 || self.batch_max_events == 0 {
             bail!("drones, connections and batch size must be positive");
         }
-        if !(self.rate.is_finite() && self.rate > 0.0) {
-            bail!("rate must be a positive number of events per second");
+        if !(self.rate.is_finite() && self.rate >= 0.0) {
+            bail!("rate must be a number of events per second, or 0 for as fast as the server takes them");
         }
-        if self.rate < self.drones as f64 / self.leg.as_secs_f64() {
+        if self.rate > 0.0 && self.rate < self.drones as f64 / self.leg.as_secs_f64() {
             tracing::warn!(
                 rate = self.rate,
                 drones = self.drones,
@@ -407,7 +408,11 @@ impl std::fmt::Display for Report {
             "telemetry   sent {}  acked {}  rejected {}  unanswered {}",
             self.events_sent, self.events_acked, self.events_rejected, self.events_unanswered
         )?;
-        writeln!(f, "throughput  {:.0} events/s (target {:.0})", self.throughput_eps, self.target_eps)?;
+        if self.target_eps > 0.0 {
+            writeln!(f, "throughput  {:.0} events/s (target {:.0})", self.throughput_eps, self.target_eps)?;
+        } else {
+            writeln!(f, "throughput  {:.0} events/s (sent as fast as taken)", self.throughput_eps)?;
+        }
         if self.mode == "raw" {
             return write!(f, "mode        raw: transport only; loss, duplicates and latency are not measured");
         }
@@ -516,7 +521,23 @@ impl std::fmt::Display for Report {
     }
 }
 
+/// A raw run that carried this share of its offer or more was limited by the offer, not by the
+/// transport: its throughput is no ceiling.
+pub const CAPPED_SHARE: f64 = 0.95;
+
 impl Report {
+    /// For a raw run meant as the transport's ceiling: `Some(reason)` when it only shows what it
+    /// was offered (it carried at least [`CAPPED_SHARE`] of a fixed rate).
+    pub fn capped(&self) -> Option<String> {
+        (self.target_eps > 0.0 && self.throughput_eps >= CAPPED_SHARE * self.target_eps).then(|| {
+            format!(
+                "capped: not a ceiling (carried {:.1}% of the {:.0} ev/s offered; use --rate 0)",
+                100.0 * self.throughput_eps / self.target_eps,
+                self.target_eps
+            )
+        })
+    }
+
     /// Whether the run kept every promise: nothing acknowledged lost, nothing seen twice, no
     /// order refused, every scheduled delivery seen to its end. `Err` says what was broken.
     pub fn verdict(&self) -> Result<(), String> {
@@ -1269,7 +1290,11 @@ impl Driver {
         let mut outcomes = Vec::new();
         let mut events = Vec::with_capacity(cfg.batch_max_events);
         let mut lag = observe::histogram();
-        let mut tick = tokio::time::interval(cfg.linger.max(Duration::from_micros(100)));
+        let mut tick = tokio::time::interval(if self.rate <= 0.0 {
+            Duration::from_micros(1) // no schedule to keep: the window paces the sends
+        } else {
+            cfg.linger.max(Duration::from_micros(100))
+        });
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
             tick.tick().await;
@@ -1281,9 +1306,18 @@ impl Driver {
             self.start_waiting(&mut book, &mut outcomes);
             let elapsed = start.elapsed();
             let done = elapsed >= cfg.duration;
-            let target = if done { total } else { ((elapsed.as_secs_f64() * self.rate) as u64).min(total) };
+            let unlimited = self.rate <= 0.0;
+            let target = if unlimited {
+                // One batch per round: the send waits for the window, which paces the fleet.
+                if done { emitted } else { emitted + cfg.batch_max_events as u64 }
+            } else if done {
+                total
+            } else {
+                ((elapsed.as_secs_f64() * self.rate) as u64).min(total)
+            };
+            let now_us = events::now_us();
             while emitted < target {
-                let ts = start_us + (emitted as f64 * 1e6 / self.rate) as u64;
+                let ts = if unlimited { now_us } else { start_us + (emitted as f64 * 1e6 / self.rate) as u64 };
                 let (ev, finished) = self.drones[next_drone].next_event(ts);
                 next_drone = (next_drone + 1) % self.drones.len();
                 emitted += 1;
@@ -1791,5 +1825,14 @@ pub(crate) mod tests {
         }
         let raw = Report { mode: "raw", lost: 5, ..report_with(Vec::new()) };
         assert!(raw.verdict().is_ok(), "a raw run measures no loss");
+    }
+
+    #[test]
+    fn a_raw_run_that_carried_its_offer_is_no_ceiling() {
+        let raw =
+            |target_eps, throughput_eps| Report { mode: "raw", target_eps, throughput_eps, ..report_with(Vec::new()) };
+        assert!(raw(3_200_000.0, 3_110_000.0).capped().is_some_and(|c| c.starts_with("capped: not a ceiling")));
+        assert_eq!(raw(8_000_000.0, 6_110_000.0).capped(), None, "it fell short of its offer: a ceiling");
+        assert_eq!(raw(0.0, 6_110_000.0).capped(), None, "sent as fast as taken: a ceiling");
     }
 }

@@ -35,7 +35,8 @@ struct Args {
     /// Simulated drones.
     #[arg(long, default_value_t = 1_000)]
     drones: usize,
-    /// Telemetry events per second for the whole fleet [default: 10 per drone].
+    /// Telemetry events per second for the whole fleet [default: 10 per drone]; 0 sends as fast
+    /// as the server takes them (to measure a ceiling).
     #[arg(long)]
     rate: Option<f64>,
     /// QUIC connections to spread the fleet over.
@@ -196,9 +197,10 @@ async fn main() -> anyhow::Result<()> {
     cfg.notify_percent = args.notify_percent;
     cfg.sms_listen = args.sms_listen;
     cfg.reschedule_percent = args.reschedule_percent.min(100 - args.cancel_percent);
+    let offered = if cfg.rate > 0.0 { format!("{:.0} events/s", cfg.rate) } else { "events as fast as taken".into() };
     eprintln!(
-        "loadgen: {} drones, {:.0} events/s over {} connections for {:.0} s against {} / {}",
-        cfg.drones, cfg.rate, cfg.connections, args.duration, args.server, args.api
+        "loadgen: {} drones, {offered} over {} connections for {:.0} s against {} / {}",
+        cfg.drones, cfg.connections, args.duration, args.server, args.api
     );
     cfg.raw = args.raw;
     cfg.telemetry_check = args.telemetry_check;
@@ -230,6 +232,9 @@ async fn main() -> anyhow::Result<()> {
             raw.throughput_eps,
             100.0 * report.throughput_eps / raw.throughput_eps.max(1e-9)
         );
+        if let Some(capped) = raw.capped() {
+            println!("            raw run {capped}");
+        }
     }
     if let Some(path) = &args.report {
         let json = match &ceiling {
@@ -237,6 +242,7 @@ async fn main() -> anyhow::Result<()> {
                 "full": report,
                 "raw": raw,
                 "fraction_of_ceiling": report.throughput_eps / raw.throughput_eps.max(1e-9),
+                "raw_capped": raw.capped(),
             }))?,
             None => serde_json::to_vec_pretty(&report)?,
         };

@@ -1131,7 +1131,7 @@ fn shard_msg(cluster: &Arc<Cluster>, msg: &jetstream::Message, offset: u64) -> O
     let headers = msg.headers.as_ref();
     if !is_command(headers) {
         return match TelemetryBatch::validate(buffer_from(&msg.payload), &unlimited()) {
-            Ok(batch) => Some(ShardMsg::Events { offset, batch: Arc::new(batch), indices: None }),
+            Ok(batch) => Some(ShardMsg::Events { offset, batch: Arc::new(batch), indices: None, received: None }),
             Err(error) => {
                 cluster.metrics.invalid.fetch_add(1, Ordering::Relaxed);
                 warn!(%error, offset, "skipping an invalid batch on a shard subject");

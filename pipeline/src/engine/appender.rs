@@ -75,7 +75,7 @@ impl Appender {
                     let meta = batch.header().meta;
                     self.windows.insert(meta.producer_id, meta.batch_seq, record.offset);
                     if record.offset >= replay_after {
-                        self.route(record.offset, Arc::new(batch));
+                        self.route(record.offset, Arc::new(batch), None);
                         routed += 1;
                     }
                 }
@@ -268,7 +268,7 @@ impl Appender {
                 Appended::Batch { offset, batch, ack, queued } => {
                     let created = batch.events().first().map(|e| e.ts_us.to_native());
                     let batch = Arc::new(batch);
-                    self.route(offset, batch.clone());
+                    self.route(offset, batch.clone(), Some(queued));
                     let _ = self.fanout.send(Some(batch));
                     let _ = ack.send(Ok(()));
                     self.metrics.append_time.record(queued.elapsed());
@@ -295,17 +295,18 @@ impl Appender {
     }
 
     /// Splits a batch over the shards by drone: index lists, never copies.
-    pub(super) fn route(&self, offset: u64, batch: Arc<TelemetryBatch>) {
+    pub(super) fn route(&self, offset: u64, batch: Arc<TelemetryBatch>, received: Option<Instant>) {
         let n = self.shards.len();
         if n == 1 {
-            let _ = self.shards[0].send(ShardMsg::Events { offset, batch, indices: None });
+            let _ = self.shards[0].send(ShardMsg::Events { offset, batch, indices: None, received });
             return;
         }
         let per_shard = split_by_shard(&batch, n);
         let whole = per_shard.iter().filter(|v| !v.is_empty()).count() == 1;
         for (shard, indices) in per_shard.into_iter().enumerate() {
             if !indices.is_empty() {
-                let msg = ShardMsg::Events { offset, batch: batch.clone(), indices: (!whole).then_some(indices) };
+                let msg =
+                    ShardMsg::Events { offset, batch: batch.clone(), indices: (!whole).then_some(indices), received };
                 let _ = self.shards[shard].send(msg);
             }
         }

@@ -28,6 +28,9 @@ pub struct EngineMetrics {
     /// Age of each derived delivery event (by the timestamp it carries, its drone event's or
     /// its command's) when it becomes visible to subscribers: logged, synced and published.
     pub delivery_age_at_publish: events::prom::Histogram,
+    /// The server's part of a delivery event's way: from the engine receiving the drone batch
+    /// that derived it (handed over by the ingest) to the event being published to subscribers.
+    pub delivery_server_time: events::prom::Histogram,
     /// How long each fsync of the input log took (its count is the number of fsyncs).
     pub fsync_time: events::prom::Histogram,
     /// How long each fsync of the delivery-events log took.
@@ -107,6 +110,8 @@ pub fn render_metrics(engine: &Engine, out: &mut String) {
         "log",
         "delivery-events",
     );
+    declare(out, "fleetstream_engine_delivery_server_seconds", "histogram");
+    m.delivery_server_time.render(out, "fleetstream_engine_delivery_server_seconds", "log", "delivery-events");
     declare(out, "fleetstream_log_fsync_seconds", "histogram");
     m.fsync_time.render(out, "fleetstream_log_fsync_seconds", "log", "input");
     m.delivery_fsync_time.render(out, "fleetstream_log_fsync_seconds", "log", "delivery-events");

@@ -42,6 +42,8 @@ pub(super) struct Span {
     pub(super) offset: u64,
     /// The trace of the input record (a batch's or a command's).
     pub(super) trace: TraceContext,
+    /// When the engine received the input record (a live batch's; not a replayed one's).
+    pub(super) received: Option<Instant>,
     pub(super) events: Vec<DeliveryEvent>,
 }
 
@@ -244,6 +246,7 @@ impl Publisher {
         }
         parts.sort_by_key(|(shard, _)| *shard);
         let trace = parts.iter().map(|(_, s)| s.trace).find(TraceContext::is_some).unwrap_or_default();
+        let received = parts.iter().filter_map(|(_, s)| s.received).min();
         let mut events: Vec<DeliveryEvent> = parts.into_iter().flat_map(|(_, s)| s.events).collect();
         if self.log.is_some() {
             events.retain(|e| self.seen.get(&e.delivery_id).is_none_or(|&s| e.seq > s));
@@ -277,6 +280,9 @@ impl Publisher {
             self.metrics.delivery_age_at_publish.record(age(now, ev.ts_us));
         }
         self.topic.publish(Arc::new(batch));
+        if let Some(received) = received {
+            self.metrics.delivery_server_time.record(received.elapsed());
+        }
         written
     }
 
@@ -338,6 +344,7 @@ mod tests {
             .map(|&(offset, delivery)| Span {
                 offset,
                 trace: TraceContext::default(),
+                received: None,
                 events: vec![event(delivery, 0)],
             })
             .collect();
@@ -446,7 +453,12 @@ mod tests {
         let one = |offset: u64, delivery: u64| PublishMsg::Derived {
             shard: 0,
             applied: Some(offset),
-            spans: vec![Span { offset, trace: TraceContext::default(), events: vec![event(delivery, 0)] }],
+            spans: vec![Span {
+                offset,
+                trace: TraceContext::default(),
+                received: None,
+                events: vec![event(delivery, 0)],
+            }],
         };
         // While the disk works: published, and the barrier behind it answered.
         let (barrier, durable) = flume::bounded(1);

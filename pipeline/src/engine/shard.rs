@@ -13,6 +13,8 @@ pub(crate) enum ShardMsg {
         offset: u64,
         batch: Arc<TelemetryBatch>,
         indices: Option<Vec<u32>>,
+        /// When the engine received the batch (not for a replayed one).
+        received: Option<Instant>,
     },
     Command {
         offset: u64,
@@ -104,7 +106,7 @@ impl Shard {
     /// Applies one message; false on `Stop`.
     pub(super) fn handle(&mut self, msg: ShardMsg) -> bool {
         match msg {
-            ShardMsg::Events { offset, batch, indices } => {
+            ShardMsg::Events { offset, batch, indices, received } => {
                 if !self.covered(offset) {
                     let events = batch.events();
                     match indices {
@@ -121,7 +123,7 @@ impl Shard {
                             }
                         }
                     }
-                    self.derived(offset, batch.header().meta.trace);
+                    self.derived(offset, batch.header().meta.trace, received);
                 }
                 self.advance(offset);
             }
@@ -130,7 +132,7 @@ impl Shard {
                     Ok(())
                 } else {
                     let result = self.deriver.on_command(&cmd, events::now_us(), &mut self.scratch);
-                    self.derived(offset, trace);
+                    self.derived(offset, trace, None);
                     result
                 };
                 self.advance(offset);
@@ -186,9 +188,9 @@ impl Shard {
     }
 
     /// Files what the message at `offset` derived (if anything) for the next report.
-    fn derived(&mut self, offset: u64, trace: TraceContext) {
+    fn derived(&mut self, offset: u64, trace: TraceContext, received: Option<Instant>) {
         if !self.scratch.is_empty() {
-            self.spans.push(Span { offset, trace, events: std::mem::take(&mut self.scratch) });
+            self.spans.push(Span { offset, trace, received, events: std::mem::take(&mut self.scratch) });
         }
     }
 
@@ -288,7 +290,7 @@ mod tests {
         let running = std::thread::spawn(move || shard.run());
         let batch =
             TelemetryBatch::encode(BatchMeta::default(), &[ev(3, 1, DroneEventKind::Position)], Buffer::new()).unwrap();
-        tx.send(ShardMsg::Events { offset: 0, batch: Arc::new(batch), indices: None }).unwrap();
+        tx.send(ShardMsg::Events { offset: 0, batch: Arc::new(batch), indices: None, received: None }).unwrap();
         // The shard's periodic checkpoint sends its barrier, which nobody answers yet.
         let barrier = loop {
             match publish_rx.recv_timeout(Duration::from_secs(10)).unwrap() {

@@ -70,6 +70,22 @@ pub(super) fn header(kind: RecordKind, offset: u64, payload: &[u8]) -> [u8; RECO
     h
 }
 
+/// Writes a record's header and payload with one `write(2)` (a vectored write), however many
+/// more a short write needs.
+fn write_both(file: &mut File, header: &[u8], payload: &[u8]) -> std::io::Result<()> {
+    let mut parts = [std::io::IoSlice::new(header), std::io::IoSlice::new(payload)];
+    let mut parts = &mut parts[..];
+    while !parts.is_empty() {
+        match file.write_vectored(parts) {
+            Ok(0) => return Err(std::io::Error::from(ErrorKind::WriteZero)),
+            Ok(n) => std::io::IoSlice::advance_slices(&mut parts, n),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// Checks a record header; returns (payload length, kind, stored crc).
 fn parse_header(h: &[u8; RECORD_HEADER], expected_offset: u64, max: u32) -> Result<(usize, RecordKind, u32), String> {
     let len = u32::from_le_bytes([h[0], h[1], h[2], h[3]]);
@@ -198,7 +214,7 @@ impl Segment {
         let offset = self.end;
         let h = header(kind, offset, payload);
         let before = self.size;
-        let written = self.file.write_all(&h).and_then(|()| self.file.write_all(payload));
+        let written = write_both(&mut self.file, &h, payload);
         if let Err(e) = written {
             // Leave no partial record behind: the next append must start on a boundary.
             let _ = self.file.set_len(before);
