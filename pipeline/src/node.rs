@@ -39,6 +39,8 @@ pub struct Node {
     pub ingest_metrics: Arc<IngestMetrics>,
     /// What the engine recovered at start.
     pub start_report: StartReport,
+    /// The cluster this node belongs to, on the JetStream backend.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
     threads: EngineThreads,
     ingest_stop: oneshot::Sender<()>,
     ingest_task: JoinHandle<Result<(), ingest::Error>>,
@@ -79,16 +81,22 @@ impl Node {
         // Before anything in the data dir is opened: a second node there would damage the logs.
         let data_dir_lock = crate::datadir::DataDirLock::acquire(&cfg.data_dir)?;
         services::trace::install_exporter(&cfg.tracing);
-        let storage = match cfg.log.backend {
-            crate::log::LogBackend::Embedded => Storage::Durable { dir: cfg.data_dir.clone(), log: cfg.log },
-            crate::log::LogBackend::Jetstream => Storage::Cluster {
-                dir: cfg.data_dir.clone(),
-                cluster: crate::cluster::Cluster::connect(
+        let cluster = match cfg.log.backend {
+            crate::log::LogBackend::Embedded => None,
+            crate::log::LogBackend::Jetstream => Some(
+                crate::cluster::Cluster::connect(
                     &lasting_node_id(cfg)?,
                     cfg.engine.shard_count(),
                     cfg.engine.append_queue,
                 )
                 .await?,
+            ),
+        };
+        let storage = match &cluster {
+            None => Storage::Durable { dir: cfg.data_dir.clone(), log: cfg.log },
+            Some(cluster) => Storage::External {
+                dir: cfg.data_dir.clone(),
+                backend: crate::cluster::ClusterBackend::new(cluster.clone()),
             },
         };
         let (engine_cfg, queues_cfg) = (cfg.engine, cfg.queues);
@@ -96,13 +104,15 @@ impl Node {
             tokio::task::spawn_blocking(move || Engine::start_with_queues(engine_cfg, storage, &queues_cfg))
                 .await
                 .map_err(|e| Error::Task(e.to_string()))??;
-        if let Some(cluster) = engine.cluster()
+        if let Some(cluster) = &cluster
             && let Err(error) = cluster.share_cursors(engine.cursors().clone()).await
         {
             engine.shutdown(threads).await;
             return Err(error);
         }
-        if let Err(error) = crate::jetstream::attach_queues(&engine, &cfg.jetstream, &cfg.queues).await {
+        if let Err(error) =
+            crate::jetstream::attach_queues(&engine, &cfg.jetstream, &cfg.queues, cluster.is_some()).await
+        {
             engine.shutdown(threads).await;
             return Err(error);
         }
@@ -122,7 +132,7 @@ impl Node {
         // On JetStream a shard is nobody's for a moment after a restart (until its lease is
         // taken again and its state restored): the services start once every shard answers, so
         // Drone Management's first look at the fleet finds it and scheduling works at once.
-        if let Some(cluster) = engine.cluster() {
+        if let Some(cluster) = &cluster {
             let wait = std::time::Duration::from_millis(cfg.jetstream.lease_ms.saturating_mul(5).max(5_000));
             if !cluster.wait_until_served(wait).await {
                 tracing::warn!(
@@ -138,9 +148,9 @@ impl Node {
                 &services_dir,
                 cfg.services.clone(),
                 Some(history.clone()),
-                engine
-                    .cluster()
-                    .map(|c| Arc::new(crate::cluster::ClusterIdBlocks(c.clone())) as Arc<dyn services::ids::IdBlocks>),
+                cluster
+                    .clone()
+                    .map(|c| Arc::new(crate::cluster::ClusterIdBlocks(c)) as Arc<dyn services::ids::IdBlocks>),
             )
             .await
             .map_err(|e| Error::Task(format!("opening the services' stores in {}: {e}", services_dir.display())))?,
@@ -380,6 +390,7 @@ impl Node {
             services,
             ingest_metrics,
             start_report: report,
+            cluster,
             threads,
             ingest_stop,
             ingest_task,

@@ -37,8 +37,7 @@ async fn two_nodes_drawing_delivery_ids_at_once_never_mint_the_same_one() {
     // Each node's allocator, as its scheduler holds it; four tasks per node draw at once, each
     // past several blocks, so the nodes race for the counter again and again.
     let allocator = |node: &Node| {
-        let blocks: Arc<dyn IdBlocks> =
-            Arc::new(pipeline::cluster::ClusterIdBlocks(node.engine.cluster().unwrap().clone()));
+        let blocks: Arc<dyn IdBlocks> = Arc::new(pipeline::cluster::ClusterIdBlocks(node.cluster.clone().unwrap()));
         Arc::new(Allocator::new(blocks))
     };
     let mut tasks = Vec::new();

@@ -3,9 +3,16 @@
 
 use super::*;
 
-/// Resolves when the appender has made a batch durable (or refused it).
+/// Resolves when the backend has made a batch durable (or refused it).
 #[derive(Debug)]
 pub struct AckFuture(oneshot::Receiver<Result<(), Error>>);
+
+impl AckFuture {
+    /// Resolves with what is sent on the other end (a dropped sender: shutting down).
+    pub fn new(rx: oneshot::Receiver<Result<(), Error>>) -> Self {
+        Self(rx)
+    }
+}
 
 impl Future for AckFuture {
     type Output = Result<(), Error>;
@@ -16,11 +23,11 @@ impl Future for AckFuture {
 }
 
 impl Engine {
-    async fn to_appender(&self, req: AppendReq) -> Result<(), Error> {
+    fn refuse_when_stopping(&self) -> Result<(), Error> {
         if self.inner.stopping.load(Ordering::Acquire) {
             return Err(Error::ShuttingDown);
         }
-        self.inner.append.send_async(req).await.map_err(|_| Error::ShuttingDown)
+        Ok(())
     }
 }
 
@@ -28,38 +35,18 @@ impl BatchSink for Engine {
     type Ack = AckFuture;
 
     async fn submit(&self, batch: TelemetryBatch) -> Result<Self::Ack, Error> {
-        let (ack, rx) = oneshot::channel();
-        if let Some(cluster) = &self.inner.cluster {
-            if self.inner.stopping.load(Ordering::Acquire) {
-                return Err(Error::ShuttingDown);
-            }
-            let stored = cluster.publish_batch(batch).await?;
-            tokio::spawn(async move {
-                let _ = ack.send(stored.await);
-            });
-            return Ok(AckFuture(rx));
-        }
-        if let Some(first) = batch.events().first() {
-            self.inner.metrics.event_age_at_submit.record(age(events::now_us(), first.ts_us.to_native()));
-        }
-        self.to_appender(AppendReq::Batch { batch, ack, queued: Instant::now() }).await?;
-        Ok(AckFuture(rx))
+        self.refuse_when_stopping()?;
+        self.inner.backend.submit(batch).await
     }
 }
 
 impl StreamSource for Engine {
     fn subscribe_telemetry_from(&self, from: StartAt) -> Result<OffsetSubscription<DroneEvent>, Error> {
-        if let Some(cluster) = &self.inner.cluster {
-            return cluster.follow(StreamTopic::DroneTelemetry, from);
-        }
-        self.follow(self.inner.log.clone(), self.inner.tail.clone(), RecordKind::Telemetry, from)
+        self.inner.backend.follow_telemetry(from)
     }
 
     fn subscribe_deliveries_from(&self, from: StartAt) -> Result<OffsetSubscription<DeliveryEvent>, Error> {
-        if let Some(cluster) = &self.inner.cluster {
-            return cluster.follow(StreamTopic::DeliveryEvents, from);
-        }
-        self.follow(self.inner.out_log.clone(), self.inner.out_tail.clone(), RecordKind::Deliveries, from)
+        self.inner.backend.follow_deliveries(from)
     }
 
     fn subscribe_telemetry(&self, overflow: Overflow) -> Result<Subscription<DroneEvent>, Error> {
@@ -73,16 +60,10 @@ impl StreamSource for Engine {
 
     fn commit_cursor(&self, topic: StreamTopic, name: &str, next: u64) -> Result<(), Error> {
         events::contract::valid_cursor_name(name)?;
-        let (first, end) = self.topic_bounds(topic);
-        // On JetStream a reader may be ahead of what this node's follower has seen.
-        if next > end && self.inner.cluster.is_none() {
-            return Err(Error::OffsetUnavailable { requested: next, first, next: end });
-        }
+        self.inner.backend.check_cursor(topic, next)?;
         let now = events::now_us();
         self.inner.cursors.commit(topic, name, next, now);
-        if let Some(cluster) = &self.inner.cluster {
-            cluster.put_cursor(topic, name, crate::cursor::Cursor { next, updated_us: now });
-        }
+        self.inner.backend.share_cursor(topic, name, crate::cursor::Cursor { next, updated_us: now });
         Ok(())
     }
 
@@ -186,22 +167,16 @@ impl FleetControl for Engine {
     async fn command_traced(&self, cmd: DeliveryCommand, trace: TraceContext) -> Result<(), Error> {
         // Stamped before it is logged: a replay of the command derives the same events.
         let cmd = cmd.stamped(events::now_us());
-        if let Some(cluster) = &self.inner.cluster {
-            return cluster.command(cmd, trace).await;
-        }
-        let (reply, rx) = oneshot::channel();
-        self.to_appender(AppendReq::Command { cmd, reply, trace }).await?;
-        rx.await.map_err(|_| Error::ShuttingDown)?
+        self.refuse_when_stopping()?;
+        self.inner.backend.command(cmd, trace).await
     }
 
     async fn drone(&self, id: DroneId) -> Result<Option<DroneSnapshot>, Error> {
-        if self.inner.stopping.load(Ordering::Acquire) {
-            return Err(Error::ShuttingDown);
-        }
+        self.refuse_when_stopping()?;
         let index = self.shard_of(id);
-        if let Some(cluster) = self.inner.cluster.as_ref().filter(|c| !c.owns(index)) {
+        if let Some(remote) = self.inner.backend.remote_drone(index, id) {
             // Another node runs that shard: it is asked.
-            return cluster.drone(id).await;
+            return remote.await;
         }
         let (reply, rx) = oneshot::channel();
         let shard = &self.inner.shards[index];

@@ -1,10 +1,11 @@
 //! The checkpointer thread: writes shard checkpoints once what they derived is durable.
 //!
-//! Owns nothing but the checkpoint directory (or the JetStream bucket). Reads the checkpoint
+//! Owns the backend's [`CheckpointStore`] (a directory, or JetStream's bucket). Reads the checkpoint
 //! queue the shards fill, waits for each job's barrier (the publisher's word that the shard's
 //! derived events are durable), writes the checkpoint, and then lets retention move past it. It
 //! blocks on the barrier and on the file's fsyncs, which is why this is not the shard's work.
 
+use super::backend::CheckpointStore;
 use super::*;
 
 /// A shard's checkpoint waiting to be written.
@@ -20,9 +21,8 @@ pub(super) struct CkptJob {
 /// file write with its fsyncs (or the JetStream round trip) would otherwise stall a shard's queue
 /// for milliseconds every interval, and every batch queued behind it would wait that long.
 pub(super) struct Checkpointer {
-    pub(super) dir: Option<PathBuf>,
-    /// On JetStream, checkpoints go to its KV bucket while this node owns the shard.
-    pub(super) cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// Where they go; `None` when checkpoints are not kept.
+    pub(super) store: Option<Box<dyn CheckpointStore>>,
     /// Per shard, the first offset the log must keep for a replay from its checkpoint.
     pub(super) needed: Arc<[AtomicU64]>,
     pub(super) metrics: Arc<EngineMetrics>,
@@ -32,11 +32,7 @@ impl Checkpointer {
     pub(super) fn run(self, rx: flume::Receiver<CkptJob>) {
         while let Ok(CkptJob { ckpt, durable, done }) = rx.recv() {
             if durable.recv().is_ok() {
-                let written = match (&self.dir, &self.cluster) {
-                    (Some(dir), _) => checkpoint::write(dir, &ckpt).map(|()| true),
-                    (None, Some(cluster)) => cluster.put_checkpoint(&ckpt),
-                    (None, None) => Ok(false),
-                };
+                let written = self.store.as_ref().map_or(Ok(false), |store| store.put(&ckpt));
                 match written {
                     Ok(false) => {}
                     Ok(true) => {
@@ -48,5 +44,14 @@ impl Checkpointer {
             }
             tell(done);
         }
+    }
+}
+
+/// Checkpoints as files in a directory ([`checkpoint::write`]).
+pub(super) struct DirCheckpoints(pub(super) PathBuf);
+
+impl CheckpointStore for DirCheckpoints {
+    fn put(&self, ckpt: &Checkpoint) -> Result<bool, crate::Error> {
+        checkpoint::write(&self.0, ckpt).map(|()| true)
     }
 }

@@ -128,21 +128,7 @@ pub fn render_metrics(engine: &Engine, out: &mut String) {
         "fleetstream_stream_subscribers_lagged_total",
         engine.telemetry().cut_off() + engine.deliveries().cut_off(),
     );
-    if let Some(cluster) = engine.cluster() {
-        let m = &cluster.metrics;
-        let counters = [
-            ("fleetstream_cluster_batch_parts_published_total", &m.published),
-            ("fleetstream_cluster_batch_parts_duplicate_total", &m.duplicates),
-            ("fleetstream_cluster_delivery_events_published_total", &m.delivery_events),
-            ("fleetstream_cluster_shards_acquired_total", &m.acquired),
-            ("fleetstream_cluster_shard_leases_lost_total", &m.lost),
-            ("fleetstream_cluster_invalid_messages_total", &m.invalid),
-        ];
-        for (name, c) in counters {
-            counter(out, name, c.load(Ordering::Relaxed));
-        }
-        gauge(out, "fleetstream_cluster_shards_owned", m.owned.load(Ordering::Relaxed));
-    }
+    engine.inner.backend.render_metrics(out);
 }
 
 /// How long before `now_us` the event time `ts_us` was (both from [`events::now_us`]); 0 for

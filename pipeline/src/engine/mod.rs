@@ -54,8 +54,10 @@ use crate::queue::{Queues, QueuesConfig};
 
 mod api;
 mod appender;
+pub mod backend;
 mod checkpointer;
 mod config;
+mod local;
 mod metrics;
 mod publisher;
 mod readers;
@@ -64,18 +66,22 @@ mod shard;
 
 pub use api::AckFuture;
 use appender::{AppendReq, Appender, MAX_GROUP};
+pub use backend::{Backend, BoxFuture, CheckpointStore, DerivedSink, StartContext, Started};
 use checkpointer::{Checkpointer, CkptJob};
 pub use config::EngineConfig;
+use local::Local;
 use metrics::age;
 pub use metrics::{EngineMetrics, Stopped, render_metrics};
-use publisher::{PublishMsg, Publisher, Span};
+pub(crate) use publisher::PublishMsg;
+use publisher::Publisher;
+pub use publisher::Span;
 pub(crate) use readers::FOLLOW_QUEUE;
 pub use router::{shard_of, split_by_shard};
-pub(crate) use shard::ShardMsg;
+pub use shard::ShardMsg;
 use shard::{Shard, tell};
 
 /// Where the engine keeps what it accepts.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub enum Storage {
     /// Nothing on disk: offsets are counted in memory and a restart starts empty. For tests and
     /// benches of the stages themselves.
@@ -87,14 +93,24 @@ pub enum Storage {
         /// Log settings.
         log: LogConfig,
     },
-    /// JetStream holds the topics, shard leases and checkpoints ([`crate::cluster`]); queues
-    /// and named cursors stay under `dir`.
-    Cluster {
+    /// Another [`Backend`] holds the topics, shard ownership and checkpoints (JetStream:
+    /// `crate::cluster`); queues and named cursors stay under `dir`.
+    External {
         /// Data directory.
         dir: PathBuf,
-        /// The connection to the cluster.
-        cluster: Arc<crate::cluster::Cluster>,
+        /// The backend.
+        backend: Arc<dyn Backend>,
     },
+}
+
+impl std::fmt::Debug for Storage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Storage::Memory => f.write_str("Memory"),
+            Storage::Durable { dir, log } => f.debug_struct("Durable").field("dir", dir).field("log", log).finish(),
+            Storage::External { dir, .. } => f.debug_struct("External").field("dir", dir).finish_non_exhaustive(),
+        }
+    }
 }
 
 /// What the engine found and did when it started.
@@ -120,15 +136,15 @@ struct Tail {
     grew: parking_lot::Condvar,
 }
 
+impl Tail {
+    fn at(end: u64) -> Arc<Self> {
+        Arc::new(Self { end: parking_lot::Mutex::new(end), grew: parking_lot::Condvar::new() })
+    }
+}
+
 struct Inner {
-    /// JetStream in place of the local log (`[log] backend = "jetstream"`).
-    cluster: Option<Arc<crate::cluster::Cluster>>,
-    log: Option<SharedLog>,
-    tail: Arc<Tail>,
-    /// The delivery-events log and how far it has been published.
-    out_log: Option<SharedLog>,
-    out_tail: Arc<Tail>,
-    append: flume::Sender<AppendReq>,
+    /// The log and what goes with it (`[log] backend`).
+    backend: Arc<dyn Backend>,
     shards: Vec<flume::Sender<ShardMsg>>,
     telemetry: Arc<Topic<DroneEvent>>,
     deliveries: Arc<Topic<DeliveryEvent>>,
@@ -168,88 +184,42 @@ impl Engine {
         queues_cfg: &QueuesConfig,
     ) -> Result<(Self, EngineThreads, StartReport), crate::Error> {
         let n = cfg.shard_count();
-        let queue_dir = match &storage {
-            Storage::Durable { dir, .. } | Storage::Cluster { dir, .. } => Some(dir.join("queues")),
+        let dir = match &storage {
+            Storage::Durable { dir, .. } | Storage::External { dir, .. } => Some(dir.clone()),
             Storage::Memory => None,
         };
-        let cluster = match &storage {
-            Storage::Cluster { cluster, .. } => Some(cluster.clone()),
-            _ => None,
-        };
-        let (queues, queue_timer) = Queues::open(queues_cfg, queue_dir.as_deref())?;
-        let cursors = match &storage {
-            Storage::Durable { dir, .. } | Storage::Cluster { dir, .. } => {
-                Arc::new(CursorStore::open(Some(&dir.join("cursors.json")))?)
-            }
-            Storage::Memory => Arc::new(CursorStore::open(None)?),
-        };
+        let (queues, queue_timer) = Queues::open(queues_cfg, dir.as_ref().map(|d| d.join("queues")).as_deref())?;
+        let cursors = Arc::new(CursorStore::open(dir.as_ref().map(|d| d.join("cursors.json")).as_deref())?);
         let telemetry = Arc::new(Topic::new("drone-telemetry", cfg.subscriber_queue));
         let deliveries = Arc::new(Topic::new("delivery-events", cfg.subscriber_queue));
         let metrics = Arc::new(EngineMetrics::default());
         let mut report = StartReport::default();
-
-        let (log, out_log, ckpt_dir) = match &storage {
-            Storage::Memory | Storage::Cluster { .. } => (None, None, None),
+        let backend: Arc<dyn Backend> = match storage {
+            Storage::Memory => Arc::new(Local::memory(deliveries.clone(), metrics.clone(), n)),
             Storage::Durable { dir, log } => {
-                let (opened, recovery) = Log::open(&dir.join("log"), *log)?;
-                if recovery.truncated_bytes > 0 {
-                    warn!(
-                        bytes = recovery.truncated_bytes,
-                        reason = recovery.truncated_reason.as_deref().unwrap_or(""),
-                        "log recovery truncated a torn final record (never acknowledged)"
-                    );
-                }
+                let (local, recovery) = Local::open(&dir, log, deliveries.clone(), metrics.clone(), n)?;
                 report.recovery = recovery;
-                let (out, out_recovery) = Log::open(&dir.join("deliveries"), *log)?;
-                if out_recovery.truncated_bytes > 0 {
-                    warn!(
-                        bytes = out_recovery.truncated_bytes,
-                        "delivery-events log recovery truncated a torn final record"
-                    );
-                }
-                (
-                    Some(Arc::new(parking_lot::Mutex::new(opened))),
-                    Some(Arc::new(parking_lot::Mutex::new(out))),
-                    Some(dir.join("checkpoints")),
-                )
+                Arc::new(local)
             }
+            Storage::External { backend, .. } => backend,
         };
-        let next_offset = log.as_ref().map_or(0, |l| l.lock().next_offset());
-        let mut checkpoints = Vec::with_capacity(n);
-        if let Some(dir) = &ckpt_dir {
-            for shard in 0..n {
-                let ckpt = checkpoint::read(dir, shard as u32)?;
-                checkpoints.push(ckpt.filter(|c| c.shards as usize == n && c.offset < next_offset));
-            }
-            if checkpoints.iter().any(Option::is_none) && checkpoints.iter().any(Option::is_some) {
-                warn!("some shard checkpoints are missing or stale: every shard replays the whole log");
-                checkpoints.iter_mut().for_each(|c| *c = None);
-            }
-        } else {
-            checkpoints.resize(n, None);
-        }
+        let checkpoints = backend.checkpoints(n)?;
         report.restored_shards = checkpoints.iter().filter(|c| c.is_some()).count();
         let needed: Arc<[AtomicU64]> =
             checkpoints.iter().map(|c| AtomicU64::new(c.as_ref().map_or(0, |c| c.offset + 1))).collect();
 
         let mut threads = Vec::with_capacity(n + 4);
         threads.push(queue_timer);
-        let out_next = out_log.as_ref().map_or(0, |l| l.lock().next_offset());
-        let out_tail = Arc::new(Tail { end: parking_lot::Mutex::new(out_next), grew: parking_lot::Condvar::new() });
         let (publish_tx, publish_rx) = flume::bounded(cfg.shard_queue.max(1));
-        let mut publisher =
-            Publisher::new(out_log.clone(), deliveries.clone(), out_tail.clone(), cluster.clone(), metrics.clone(), n);
-        publisher.rebuild()?;
-        threads.push(std::thread::Builder::new().name("publisher".into()).spawn(move || publisher.run(publish_rx))?);
+        let sink = backend.derived_sink()?;
+        threads.push(
+            std::thread::Builder::new().name("publisher".into()).spawn(move || publisher::run(sink, publish_rx))?,
+        );
         let (ckpt_tx, ckpt_rx) = flume::bounded(n);
-        let checkpointer = Checkpointer {
-            dir: ckpt_dir.clone(),
-            cluster: cluster.clone(),
-            needed: needed.clone(),
-            metrics: metrics.clone(),
-        };
+        let store = backend.checkpoint_store();
+        let checkpoints_enabled = store.is_some();
+        let checkpointer = Checkpointer { store, needed: needed.clone(), metrics: metrics.clone() };
         threads.push(std::thread::Builder::new().name("checkpointer".into()).spawn(move || checkpointer.run(ckpt_rx))?);
-        let checkpoints_enabled = ckpt_dir.is_some() || cluster.is_some();
         let mut shards = Vec::with_capacity(n);
         for (index, ckpt) in checkpoints.into_iter().enumerate() {
             let (tx, rx) = flume::bounded(cfg.shard_queue.max(1));
@@ -279,50 +249,18 @@ impl Engine {
             shards.push(tx);
         }
         drop(ckpt_tx);
-        let (fanout, fanout_rx) = flume::bounded::<Option<Arc<TelemetryBatch>>>(cfg.shard_queue.max(1));
-        let topic = telemetry.clone();
-        threads.push(std::thread::Builder::new().name("fanout".into()).spawn(move || {
-            while let Ok(Some(batch)) = fanout_rx.recv() {
-                topic.publish(batch);
-            }
-        })?);
-
-        let (policy, interval) = match &storage {
-            Storage::Durable { log, .. } => (log.fsync, Duration::from_millis(log.fsync_interval_ms.max(1))),
-            Storage::Memory | Storage::Cluster { .. } => (FsyncPolicy::None, Duration::from_secs(1)),
-        };
-        let tail = Arc::new(Tail { end: parking_lot::Mutex::new(next_offset), grew: parking_lot::Condvar::new() });
-        let mut appender = Appender {
-            log: log.clone(),
-            next_offset,
-            windows: ProducerWindows::new(cfg.max_producers),
+        let started = backend.start(StartContext {
             shards: shards.clone(),
-            fanout,
-            metrics: metrics.clone(),
-            policy,
-            interval,
-            last_sync: Instant::now(),
-            unsynced: false,
-            failed: None,
+            telemetry: telemetry.clone(),
+            deliveries: deliveries.clone(),
             needed,
-            last_retention: Instant::now(),
-            tail: tail.clone(),
-        };
-        report.replayed = appender.replay()?;
-        report.next_offset = appender.next_offset;
-        if report.replayed > 0 && cluster.is_none() {
-            // The delivery events the replay derives again are in their log before anyone can
-            // subscribe: a reader resuming at an offset it saw before a crash finds it there.
-            let (done, caught_up) = flume::bounded(1);
-            let upto = Some(report.next_offset.saturating_sub(1));
-            let _ = publish_tx.send(PublishMsg::Barrier { upto, done });
-            caught_up.recv().map_err(|_| {
-                crate::Error::Config("the delivery-events log failed while the replay derived it again".into())
-            })?;
-        }
-        drop(publish_tx);
-        let (append, append_rx) = flume::bounded(cfg.append_queue.max(1));
-        threads.push(std::thread::Builder::new().name("appender".into()).spawn(move || appender.run(append_rx))?);
+            publisher: publish_tx,
+            cfg,
+            metrics: metrics.clone(),
+        })?;
+        threads.extend(started.threads);
+        report.replayed = started.replayed;
+        report.next_offset = started.next_offset;
         info!(
             shards = n,
             restored = report.restored_shards,
@@ -330,22 +268,14 @@ impl Engine {
             next_offset = report.next_offset,
             "engine started"
         );
-        if let Some(cluster) = &cluster {
-            cluster.start(shards.clone(), telemetry.clone(), deliveries.clone())?;
-        }
         let inner = Inner {
-            cluster,
-            append,
+            backend,
             shards,
             telemetry,
             deliveries,
             metrics,
             stopping: AtomicBool::new(false),
             draining: tokio::sync::watch::Sender::new(false),
-            log,
-            tail,
-            out_log,
-            out_tail,
             queues,
             external_queues: parking_lot::RwLock::default(),
             cursors,
@@ -369,14 +299,12 @@ impl Engine {
     /// Refuses new work, lets every queue drain (the appender syncs, shards checkpoint), and
     /// joins the threads.
     pub async fn shutdown(&self, threads: EngineThreads) {
-        if let Some(cluster) = &self.inner.cluster {
-            // Shards are handed back (checkpointed) while their threads still run.
-            cluster.stop().await;
-        }
+        // Shards are handed back (checkpointed) while their threads still run.
+        self.inner.backend.stop().await;
         self.inner.stopping.store(true, Ordering::Release);
         self.inner.queues.stop();
         self.inner.cursors.flush(true);
-        let _ = self.inner.append.send_async(AppendReq::Stop).await;
+        self.inner.backend.close().await;
         let _ = tokio::task::spawn_blocking(move || {
             for t in threads.0 {
                 let _ = t.join();
@@ -388,17 +316,7 @@ impl Engine {
     /// A topic's log bounds: the first offset still held and the delivered end (the offset
     /// the next batch subscribers see will have). `(0, 0)` without a log.
     pub fn topic_bounds(&self, topic: StreamTopic) -> (u64, u64) {
-        if let Some(cluster) = &self.inner.cluster {
-            return cluster.bounds(topic);
-        }
-        let (log, tail) = match topic {
-            StreamTopic::DroneTelemetry => (&self.inner.log, &self.inner.tail),
-            StreamTopic::DeliveryEvents => (&self.inner.out_log, &self.inner.out_tail),
-        };
-        match log {
-            Some(log) => (log.lock().first_offset(), *tail.end.lock()),
-            None => (0, 0),
-        }
+        self.inner.backend.bounds(topic)
     }
 
     /// Tells long-lived readers outside the engine (SSE streams) to end: the node is draining.
@@ -412,11 +330,6 @@ impl Engine {
         async move {
             let _ = rx.wait_for(|d| *d).await;
         }
-    }
-
-    /// The cluster this node belongs to, on the JetStream backend.
-    pub fn cluster(&self) -> Option<&Arc<crate::cluster::Cluster>> {
-        self.inner.cluster.as_ref()
     }
 
     /// The named cursors of the stream path.
@@ -451,7 +364,7 @@ impl Engine {
 
     /// Requests waiting for the appender.
     pub fn append_depth(&self) -> usize {
-        self.inner.append.len()
+        self.inner.backend.queued()
     }
 
     /// The telemetry topic.

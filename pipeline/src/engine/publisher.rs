@@ -16,9 +16,8 @@
 //! published before, so record `k` holds the same events it held.
 //!
 //! The log is synced only when a shard's checkpoint asks (a barrier): a checkpoint may only say
-//! "no need to derive again" for events that are on disk. On JetStream offsets come from the
-//! streams there, so derived events go straight to JetStream (deduplicated by delivery and seq)
-//! and this node's topic is fed back from it.
+//! "no need to derive again" for events that are on disk. (On JetStream offsets come from the
+//! streams there, and that backend has its own [`DerivedSink`].)
 //!
 //! Owns the delivery-events log's write side and the merge. Reads the publisher queue (shards'
 //! reports and barriers); blocks on a barrier's fsync and on subscribers that block
@@ -26,10 +25,11 @@
 
 use std::collections::BTreeMap;
 
+use super::backend::DerivedSink;
 use super::*;
 
 /// What shards send the publisher.
-pub(super) enum PublishMsg {
+pub(crate) enum PublishMsg {
     /// What a shard derived since its last report, by the input offset each came from, and the
     /// offset through which it has applied its queue (every record up to it, derived or not).
     Derived { shard: usize, applied: Option<u64>, spans: Vec<Span> },
@@ -38,13 +38,14 @@ pub(super) enum PublishMsg {
 }
 
 /// The delivery events one input record derived in one shard.
-pub(super) struct Span {
-    pub(super) offset: u64,
+#[derive(Debug)]
+pub struct Span {
+    pub offset: u64,
     /// The trace of the input record (a batch's or a command's).
-    pub(super) trace: TraceContext,
+    pub trace: TraceContext,
     /// When the engine received the input record (a live batch's; not a replayed one's).
-    pub(super) received: Option<Instant>,
-    pub(super) events: Vec<DeliveryEvent>,
+    pub received: Option<Instant>,
+    pub events: Vec<DeliveryEvent>,
 }
 
 /// [`BatchMeta::producer_id`] of a delivery-events record laid out by input offset: its
@@ -56,7 +57,28 @@ pub(crate) const BY_INPUT_OFFSET: u64 = u64::MAX;
 /// fewer than this.
 pub(super) const FINISHED_REMEMBERED: usize = 200_000;
 
-/// The publisher thread's state.
+/// The publisher thread: takes what the shards report, in rounds, and hands it to the backend's
+/// [`DerivedSink`].
+pub(super) fn run(mut sink: Box<dyn DerivedSink>, rx: flume::Receiver<PublishMsg>) {
+    while let Ok(first) = rx.recv() {
+        let mut msg = Some(first);
+        let mut taken = 0;
+        while let Some(m) = msg.take() {
+            match m {
+                PublishMsg::Barrier { upto, done } => sink.barrier(upto, done),
+                PublishMsg::Derived { shard, applied, spans } => sink.report(shard, applied, spans),
+            }
+            taken += 1;
+            if taken < MAX_GROUP {
+                msg = rx.try_recv().ok();
+            }
+        }
+        sink.end_round();
+    }
+    sink.finish();
+}
+
+/// The embedded backend's sink: the delivery-events log laid out by input offset.
 pub(super) struct Publisher {
     pub(super) log: Option<SharedLog>,
     /// Highest event seq logged per delivery: a guard for logs written before they were laid
@@ -66,8 +88,6 @@ pub(super) struct Publisher {
     pub(super) topic: Arc<Topic<DeliveryEvent>>,
     pub(super) tail: Arc<Tail>,
     pub(super) last_retention: Instant,
-    /// On JetStream: derived events go there, and this node's topic is fed back from it.
-    pub(super) cluster: Option<Arc<crate::cluster::Cluster>>,
     pub(super) metrics: Arc<EngineMetrics>,
     /// Set by a failed append or sync of the delivery-events log: from then on nothing is
     /// published and no barrier is answered, so no checkpoint claims events that may not be on
@@ -86,12 +106,40 @@ pub(super) struct Publisher {
     pub(super) waiting: Vec<(Option<u64>, flume::Sender<()>)>,
 }
 
+impl DerivedSink for Publisher {
+    fn report(&mut self, shard: usize, applied: Option<u64>, spans: Vec<Span>) {
+        self.take(shard, applied, spans);
+    }
+
+    fn barrier(&mut self, upto: Option<u64>, done: flume::Sender<()>) {
+        self.waiting.push((upto, done));
+    }
+
+    fn end_round(&mut self) {
+        if !self.failed {
+            self.emit();
+        }
+        self.answer_barriers();
+        if self.last_retention.elapsed() >= Duration::from_secs(10) {
+            self.last_retention = Instant::now();
+            if let Some(log) = &self.log
+                && let Err(e) = log.lock().enforce_retention(u64::MAX, SystemTime::now())
+            {
+                warn!(error = %e, "delivery-events retention failed");
+            }
+        }
+    }
+
+    fn finish(&mut self) {
+        self.tail.grew.notify_all();
+    }
+}
+
 impl Publisher {
     pub(super) fn new(
         log: Option<SharedLog>,
         topic: Arc<Topic<DeliveryEvent>>,
         tail: Arc<Tail>,
-        cluster: Option<Arc<crate::cluster::Cluster>>,
         metrics: Arc<EngineMetrics>,
         shards: usize,
     ) -> Self {
@@ -102,7 +150,6 @@ impl Publisher {
             topic,
             tail,
             last_retention: Instant::now(),
-            cluster,
             metrics,
             failed: false,
             progress: vec![None; shards],
@@ -151,55 +198,6 @@ impl Publisher {
     pub(super) fn fail(&mut self, reason: &str) {
         self.failed = true;
         self.metrics.stopped.stop("delivery-events log", reason);
-    }
-
-    pub(super) fn run(mut self, rx: flume::Receiver<PublishMsg>) {
-        let mut direct = Vec::new();
-        while let Ok(first) = rx.recv() {
-            let mut msg = Some(first);
-            let mut taken = 0;
-            while let Some(m) = msg.take() {
-                match m {
-                    PublishMsg::Barrier { upto, done } => self.waiting.push((upto, done)),
-                    PublishMsg::Derived { spans, .. } if self.cluster.is_some() => {
-                        direct.extend(spans.into_iter().flat_map(|s| s.events));
-                    }
-                    PublishMsg::Derived { shard, applied, spans } => self.take(shard, applied, spans),
-                }
-                taken += 1;
-                if taken < MAX_GROUP {
-                    msg = rx.try_recv().ok();
-                }
-            }
-            if let Some(cluster) = &self.cluster {
-                // The whole round in one go (acknowledgements overlap); this node's topic is fed
-                // back from JetStream, and every barrier waiting is answered by the publish.
-                if !direct.is_empty() {
-                    match DeliveryBatch::encode(BatchMeta::default(), &direct, Buffer::new()) {
-                        Ok(batch) => cluster.publish_deliveries(std::iter::once(batch)),
-                        Err(error) => error!(%error, "delivery batch encoding failed"),
-                    }
-                    direct.clear();
-                }
-                for (_, done) in self.waiting.drain(..) {
-                    let _ = done.send(());
-                }
-                continue;
-            }
-            if !self.failed {
-                self.emit();
-            }
-            self.answer_barriers();
-            if self.last_retention.elapsed() >= Duration::from_secs(10) {
-                self.last_retention = Instant::now();
-                if let Some(log) = &self.log
-                    && let Err(e) = log.lock().enforce_retention(u64::MAX, SystemTime::now())
-                {
-                    warn!(error = %e, "delivery-events retention failed");
-                }
-            }
-        }
-        self.tail.grew.notify_all();
     }
 
     /// Takes a shard's report into the merge.
@@ -357,7 +355,7 @@ mod tests {
 
     fn publisher(log: &SharedLog, topic: &Arc<Topic<DeliveryEvent>>, metrics: &Arc<EngineMetrics>) -> Publisher {
         let tail = Arc::new(Tail { end: parking_lot::Mutex::new(0), grew: parking_lot::Condvar::new() });
-        let mut p = Publisher::new(Some(log.clone()), topic.clone(), tail, None, metrics.clone(), 2);
+        let mut p = Publisher::new(Some(log.clone()), topic.clone(), tail, metrics.clone(), 2);
         p.rebuild().unwrap();
         p
     }
@@ -449,7 +447,7 @@ mod tests {
         let mut publisher = publisher(&log, &topic, &metrics);
         publisher.progress = vec![None];
         let (tx, rx) = flume::unbounded();
-        let running = std::thread::spawn(move || publisher.run(rx));
+        let running = std::thread::spawn(move || run(Box::new(publisher), rx));
         let one = |offset: u64, delivery: u64| PublishMsg::Derived {
             shard: 0,
             applied: Some(offset),

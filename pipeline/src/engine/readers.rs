@@ -8,17 +8,17 @@
 
 use super::*;
 
-impl Engine {
-    /// Starts a thread that feeds an offset subscription with the `kind` records of `log`, whose
-    /// delivered end is `tail`.
-    pub(super) fn follow<T: events::wire::Payload>(
-        &self,
-        log: Option<SharedLog>,
-        tail: Arc<Tail>,
-        kind: RecordKind,
-        start: StartAt,
-    ) -> Result<OffsetSubscription<T>, Error> {
-        let Some(log) = log else {
+/// Starts a thread that feeds an offset subscription with the `kind` records of `log`, whose
+/// delivered end is `tail`, until the subscriber goes away or `stopping` is set.
+pub(super) fn follow<T: events::wire::Payload>(
+    log: Option<&SharedLog>,
+    tail: &Arc<Tail>,
+    stopping: &Arc<AtomicBool>,
+    kind: RecordKind,
+    start: StartAt,
+) -> Result<OffsetSubscription<T>, Error> {
+    {
+        let Some(log) = log.cloned() else {
             let requested = if let StartAt::Offset(o) = start { o } else { 0 };
             return Err(Error::OffsetUnavailable { requested, first: 0, next: 0 });
         };
@@ -43,10 +43,10 @@ impl Engine {
             }
         };
         let (tx, rx) = flume::bounded(FOLLOW_QUEUE);
-        let inner = self.inner.clone();
+        let (tail, stopping) = (tail.clone(), stopping.clone());
         std::thread::Builder::new()
             .name("log-subscriber".into())
-            .spawn(move || follow_log(&log, &tail, &inner.stopping, kind, from, &tx))
+            .spawn(move || follow_log(&log, &tail, &stopping, kind, from, &tx))
             .map_err(|e| Error::Storage(format!("starting a subscriber thread: {e}")))?;
         Ok(OffsetSubscription { start: from, rx })
     }

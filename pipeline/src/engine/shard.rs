@@ -8,36 +8,54 @@
 
 use super::*;
 
-pub(crate) enum ShardMsg {
+/// What a shard thread applies, in order: the protocol between a [`super::Backend`] (which
+/// feeds the shards its input) and the engine's shards.
+#[derive(Debug)]
+pub enum ShardMsg {
+    /// Drone events of the input record at `offset`.
     Events {
+        /// The input record's offset.
         offset: u64,
+        /// The whole batch, shared.
         batch: Arc<TelemetryBatch>,
+        /// The indices of this shard's events in it (`None`: all of them).
         indices: Option<Vec<u32>>,
         /// When the engine received the batch (not for a replayed one).
         received: Option<Instant>,
     },
+    /// A command from the scheduling edge, the input record at `offset`.
     Command {
+        /// The input record's offset.
         offset: u64,
+        /// The command.
         cmd: DeliveryCommand,
+        /// Told the shard's answer (`None` for a replayed command).
         reply: Option<oneshot::Sender<Result<(), Error>>>,
         /// The caller's trace (not logged: a replayed command has none).
         trace: TraceContext,
     },
     /// Every record up to `offset` has been routed.
     Watermark(u64),
+    /// A drone's live state, asked by the API.
     Drone {
+        /// The drone.
         id: DroneId,
+        /// Told its state.
         reply: oneshot::Sender<Option<DroneSnapshot>>,
     },
     /// Start over from this checkpoint (or from nothing): the shard changed hands.
     Restore {
+        /// The checkpoint.
         ckpt: Option<Checkpoint>,
+        /// Told once restored.
         done: oneshot::Sender<()>,
     },
     /// Checkpoint now (the shard is being handed to another node).
     Checkpoint {
+        /// Told once the checkpoint is written.
         done: oneshot::Sender<()>,
     },
+    /// Stop after what is queued.
     Stop,
 }
 
@@ -264,8 +282,11 @@ mod tests {
         let needed: Arc<[AtomicU64]> = vec![AtomicU64::new(0)].into();
         let metrics = Arc::new(EngineMetrics::default());
         let (ckpt_tx, ckpt_rx) = flume::bounded(1);
-        let checkpointer =
-            Checkpointer { dir: Some(dir.clone()), cluster: None, needed: needed.clone(), metrics: metrics.clone() };
+        let checkpointer = Checkpointer {
+            store: Some(Box::new(super::super::checkpointer::DirCheckpoints(dir.clone()))),
+            needed: needed.clone(),
+            metrics: metrics.clone(),
+        };
         let writer = std::thread::spawn(move || checkpointer.run(ckpt_rx));
         let (publish_tx, publish_rx) = flume::unbounded();
         let (tx, rx) = flume::unbounded();

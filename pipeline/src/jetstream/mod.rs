@@ -833,6 +833,7 @@ pub async fn attach_queues(
     engine: &crate::engine::Engine,
     cfg: &JetStreamConfig,
     settings: &crate::queue::QueuesConfig,
+    on_jetstream_backend: bool,
 ) -> Result<(), Error> {
     if cfg.queues.is_empty() {
         return Ok(());
@@ -841,7 +842,7 @@ pub async fn attach_queues(
         async_nats::connect(&cfg.url).await.map_err(|e| js_error(format!("connecting to {}: {e}", cfg.url)))?;
     // On the embedded log the queues are all this node keeps in JetStream: say what their
     // acknowledgements mean (the JetStream backend said so when it connected).
-    if engine.cluster().is_none() {
+    if !on_jetstream_backend {
         let means = durability::assess(cfg, &jetstream::new(client.clone())).await;
         durability::enforce(cfg, &means)?;
     }

@@ -59,6 +59,10 @@ use crate::checkpoint::{self, Checkpoint};
 use crate::engine::{ShardMsg, shard_of};
 use crate::jetstream::{JetStreamConfig, JetStreamTopic};
 
+mod backend;
+
+pub use backend::ClusterBackend;
+
 fn js_error(e: impl std::fmt::Display) -> crate::Error {
     crate::Error::JetStream(e.to_string())
 }
