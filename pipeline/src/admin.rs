@@ -15,7 +15,6 @@
 //! Errors are the services' JSON errors (`{"error": code, "message": text}`).
 
 use std::fmt::Write;
-use std::sync::atomic::Ordering;
 
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -29,7 +28,8 @@ use serde_json::{Value, json};
 use services::Error;
 
 use crate::engine::Engine;
-use crate::queue::{DeadLetter, Queue};
+use crate::queue::DeadLetter;
+use crate::queue::backend::QueueBackend;
 
 /// The routes over `engine`.
 pub fn router(engine: Engine) -> Router {
@@ -43,20 +43,11 @@ pub fn router(engine: Engine) -> Router {
         .with_state(engine)
 }
 
-fn queue<'a>(engine: &'a Engine, name: &str) -> Result<&'a std::sync::Arc<Queue>, Error> {
+/// What keeps queue `name`.
+fn queue(engine: &Engine, name: &str) -> Result<std::sync::Arc<dyn QueueBackend>, Error> {
     QueueName::from_name(name)
-        .map(|q| engine.queues().get(q))
+        .map(|q| engine.queue_backend(q))
         .ok_or_else(|| Error::BadRequest(format!("no queue {name:?}; queues are drone-commands and notifications")))
-}
-
-/// The JetStream queue behind `name`, if that queue is kept on JetStream.
-fn jetstream_queue(
-    engine: &Engine,
-    name: &str,
-) -> Result<Option<std::sync::Arc<crate::jetstream::JsWorkQueue>>, Error> {
-    let queue = QueueName::from_name(name)
-        .ok_or_else(|| Error::BadRequest(format!("no queue {name:?}; queues are drone-commands and notifications")))?;
-    Ok(engine.jetstream_queue(queue))
 }
 
 fn parse_id(raw: &str) -> Result<u64, Error> {
@@ -66,35 +57,7 @@ fn parse_id(raw: &str) -> Result<u64, Error> {
 async fn queues(State(engine): State<Engine>) -> Json<Value> {
     let mut list: Vec<Value> = Vec::new();
     for name in QueueName::ALL {
-        // A queue kept on JetStream: what the stream holds (JetStream has its counters).
-        if let Some(js) = engine.jetstream_queue(name) {
-            let (messages, dead) = (js.len().await, js.dead_letters().await.map(|d| d.len()));
-            list.push(json!({
-                "queue": name.name(),
-                "backend": "jetstream",
-                "waiting_or_leased": messages.ok(),
-                "dead": dead.ok(),
-            }));
-            continue;
-        }
-        list.push({
-            let q = engine.queues().get(name);
-            let (ready, leased, dead) = q.counts();
-            let m = q.metrics();
-            json!({
-                "queue": name.name(),
-                "ready": ready,
-                "leased": leased,
-                "dead": dead,
-                "enqueued": m.enqueued.load(Ordering::Relaxed),
-                "delivered": m.delivered.load(Ordering::Relaxed),
-                "acked": m.acked.load(Ordering::Relaxed),
-                "redelivered": m.redelivered.load(Ordering::Relaxed),
-                "dead_lettered": m.dead_lettered.load(Ordering::Relaxed),
-                "replayed": m.replayed.load(Ordering::Relaxed),
-                "backend": "embedded",
-            })
-        });
+        list.push(engine.queue_backend(name).summary().await);
     }
     Json(json!({ "queues": list }))
 }
@@ -118,19 +81,7 @@ async fn dead_letters(
     Query(page): Query<Page>,
 ) -> Result<Json<Value>, Error> {
     let limit = page.limit.clamp(1, 1000);
-    if let Some(js) = jetstream_queue(&engine, &name)? {
-        let items: Vec<DeadLetter> = js
-            .dead_letter_page(page.after, limit)
-            .await
-            .map_err(|e| Error::Engine(events::Error::Storage(e.to_string())))?
-            .iter()
-            .map(crate::jetstream::JsDeadLetter::to_local)
-            .collect();
-        let next_after = items.last().map(|d| d.id);
-        return Ok(Json(json!({ "queue": name, "dead_letters": items, "next_after": next_after })));
-    }
-    let q = queue(&engine, &name)?;
-    let items = q.dead_letters(page.after, limit);
+    let items = queue(&engine, &name)?.dead_letters(page.after, limit).await?;
     let next_after = items.last().map(|d| d.id);
     Ok(Json(json!({ "queue": name, "dead_letters": items, "next_after": next_after })))
 }
@@ -140,14 +91,10 @@ async fn dead_letter(
     Path((name, id)): Path<(String, String)>,
 ) -> Result<Json<Value>, Error> {
     let id = parse_id(&id)?;
-    if let Some(js) = jetstream_queue(&engine, &name)? {
-        let d = js.dead_letter(id).await.ok_or(Error::NotFound { what: "dead letter", id })?;
-        let queue = QueueName::from_name(&name).unwrap_or(QueueName::Notifications);
-        return Ok(Json(describe(queue, &d.to_local())));
-    }
     let q = queue(&engine, &name)?;
-    let d = q.dead_letter(id).ok_or(Error::NotFound { what: "dead letter", id })?;
-    Ok(Json(describe(q.name(), &d)))
+    let d = q.dead_letter(id).await.ok_or(Error::NotFound { what: "dead letter", id })?;
+    let name = QueueName::from_name(&name).unwrap_or(QueueName::Notifications);
+    Ok(Json(describe(name, &d)))
 }
 
 fn describe(queue: QueueName, d: &DeadLetter) -> Value {
@@ -173,12 +120,8 @@ fn describe(queue: QueueName, d: &DeadLetter) -> Value {
 
 async fn replay(State(engine): State<Engine>, Path((name, id)): Path<(String, String)>) -> Result<Json<Value>, Error> {
     let id = parse_id(&id)?;
-    if let Some(js) = jetstream_queue(&engine, &name)? {
-        if !js.replay(id).await.map_err(|e| Error::Engine(events::Error::Storage(e.to_string())))? {
-            return Err(Error::NotFound { what: "dead letter", id });
-        }
-    } else {
-        queue(&engine, &name)?.replay(id)?;
+    if !queue(&engine, &name)?.replay(id).await? {
+        return Err(Error::NotFound { what: "dead letter", id });
     }
     tracing::info!(queue = %name, id, "dead letter replayed");
     Ok(Json(json!({ "replayed": id })))
@@ -186,12 +129,8 @@ async fn replay(State(engine): State<Engine>, Path((name, id)): Path<(String, St
 
 async fn purge(State(engine): State<Engine>, Path((name, id)): Path<(String, String)>) -> Result<StatusCode, Error> {
     let id = parse_id(&id)?;
-    if let Some(js) = jetstream_queue(&engine, &name)? {
-        if !js.purge(id).await.map_err(|e| Error::Engine(events::Error::Storage(e.to_string())))? {
-            return Err(Error::NotFound { what: "dead letter", id });
-        }
-    } else {
-        queue(&engine, &name)?.purge(id)?;
+    if !queue(&engine, &name)?.purge(id).await? {
+        return Err(Error::NotFound { what: "dead letter", id });
     }
     tracing::info!(queue = %name, id, "dead letter deleted");
     Ok(StatusCode::NO_CONTENT)

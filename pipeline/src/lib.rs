@@ -25,6 +25,9 @@ pub mod queue;
 pub mod roles;
 
 pub use config::Config;
+
+/// A boxed future, so the seams' traits can be used as objects.
+pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
 pub use engine::{Engine, EngineConfig};
 pub use node::Node;
 

@@ -110,11 +110,16 @@ impl Node {
             engine.shutdown(threads).await;
             return Err(error);
         }
-        if let Err(error) =
-            crate::jetstream::attach_queues(&engine, &cfg.jetstream, &cfg.queues, cluster.is_some()).await
-        {
-            engine.shutdown(threads).await;
-            return Err(error);
+        match crate::jetstream::open_queues(&cfg.jetstream, &cfg.queues, cluster.is_some()).await {
+            Ok(opened) => {
+                for (queue, backend) in opened {
+                    engine.use_queue_backend(queue, backend);
+                }
+            }
+            Err(error) => {
+                engine.shutdown(threads).await;
+                return Err(error);
+            }
         }
         let history_path = cfg.data_dir.join("history").join("history.redb");
         let history = Arc::new(

@@ -73,36 +73,27 @@ impl StreamSource for Engine {
 }
 
 impl Engine {
-    /// Serves `queue` from JetStream from now on (set before consumers attach).
-    pub fn use_jetstream_queue(&self, queue: QueueName, q: Arc<crate::jetstream::JsWorkQueue>) {
-        let mut external = self.inner.external_queues.write();
-        external.retain(|(name, _)| *name != queue);
-        external.push((queue, q));
+    /// Serves `queue` from `backend` from now on (set before consumers attach).
+    pub fn use_queue_backend(&self, queue: QueueName, backend: Arc<dyn QueueBackend>) {
+        let mut backends = self.inner.queue_backends.write();
+        backends.retain(|(name, _)| *name != queue);
+        backends.push((queue, backend));
     }
 
-    /// The JetStream queue serving `queue`, if it is kept there.
-    pub fn jetstream_queue(&self, queue: QueueName) -> Option<Arc<crate::jetstream::JsWorkQueue>> {
-        self.external(queue)
-    }
-
-    fn external(&self, queue: QueueName) -> Option<Arc<crate::jetstream::JsWorkQueue>> {
-        self.inner.external_queues.read().iter().find(|(name, _)| *name == queue).map(|(_, q)| q.clone())
+    /// What keeps `queue`.
+    pub fn queue_backend(&self, queue: QueueName) -> Arc<dyn QueueBackend> {
+        let kept = self.inner.queue_backends.read().iter().find(|(name, _)| *name == queue).map(|(_, q)| q.clone());
+        kept.unwrap_or_else(|| Arc::new(Embedded::new(self.inner.queues.clone(), queue)))
     }
 }
 
 impl WorkQueues for Engine {
     async fn enqueue(&self, queue: QueueName, key: u64, payload: Vec<u8>) -> Result<u64, Error> {
-        if let Some(q) = self.external(queue) {
-            return q.enqueue(key, payload).await;
-        }
-        self.inner.queues.enqueue(queue, key, payload).await
+        self.queue_backend(queue).enqueue(key, None, payload).await
     }
 
     async fn enqueue_once(&self, queue: QueueName, key: u64, id: String, payload: Vec<u8>) -> Result<u64, Error> {
-        if let Some(q) = self.external(queue) {
-            return q.enqueue_once(key, id, payload).await;
-        }
-        self.inner.queues.enqueue(queue, key, payload).await
+        self.queue_backend(queue).enqueue(key, Some(id), payload).await
     }
 
     async fn lease(
@@ -113,27 +104,16 @@ impl WorkQueues for Engine {
         max: usize,
         wait: Duration,
     ) -> Result<Vec<Leased>, Error> {
-        if self.inner.stopping.load(Ordering::Acquire) {
-            return Err(Error::ShuttingDown);
-        }
-        if let Some(q) = self.external(queue) {
-            return q.lease(consumer, keys, max, wait).await;
-        }
-        self.inner.queues.lease(queue, consumer, keys, max, wait).await
+        self.refuse_when_stopping()?;
+        self.queue_backend(queue).lease(consumer, keys, max, wait).await
     }
 
     fn settle(&self, queue: QueueName, id: u64, token: u64, verdict: Verdict) -> Result<(), Error> {
-        if let Some(q) = self.external(queue) {
-            return q.settle(id, token, verdict);
-        }
-        self.inner.queues.settle(queue, id, token, verdict)
+        self.queue_backend(queue).settle(id, token, verdict)
     }
 
     fn release(&self, queue: QueueName, consumer: u64) {
-        if let Some(q) = self.external(queue) {
-            return q.release(consumer);
-        }
-        self.inner.queues.release(queue, consumer);
+        self.queue_backend(queue).release(consumer);
     }
 
     async fn withdraw(
@@ -142,20 +122,11 @@ impl WorkQueues for Engine {
         key: u64,
         matches: &(dyn Fn(&[u8]) -> bool + Send + Sync),
     ) -> Result<usize, Error> {
-        if self.external(queue).is_some() {
-            // JetStream hands messages to a session's consumers ahead of its leases, so
-            // "not yet with the drone" cannot be told apart there: the caller's in-band
-            // follow-up (return to base) covers it.
-            return Ok(0);
-        }
-        self.inner.queues.withdraw(queue, key, matches).await
+        self.queue_backend(queue).withdraw(key, matches).await
     }
 
     fn attach(&self, queue: QueueName, keys: KeyRange) -> Result<u64, Error> {
-        if let Some(q) = self.external(queue) {
-            return Ok(q.attach());
-        }
-        self.inner.queues.attach(queue, keys)
+        self.queue_backend(queue).attach(keys)
     }
 }
 

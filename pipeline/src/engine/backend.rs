@@ -9,8 +9,7 @@
 
 use super::*;
 
-/// A boxed future, so the trait can be used as an object.
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+pub use crate::BoxFuture;
 
 /// What a backend needs from the engine to start feeding it.
 #[derive(Debug)]

@@ -50,6 +50,7 @@ use crate::cursor::CursorStore;
 use crate::dedup::ProducerWindows;
 use crate::derive::{DeriveConfig, DeriveStats, Deriver};
 use crate::log::{FsyncPolicy, Log, LogConfig, RecordKind};
+use crate::queue::backend::{Embedded, QueueBackend};
 use crate::queue::{Queues, QueuesConfig};
 
 mod api;
@@ -154,8 +155,8 @@ struct Inner {
     /// end, so the HTTP server can finish.
     draining: tokio::sync::watch::Sender<bool>,
     queues: Arc<Queues>,
-    /// Queues kept on JetStream instead of the local journal (`[jetstream] queues`).
-    external_queues: parking_lot::RwLock<Vec<(QueueName, Arc<crate::jetstream::JsWorkQueue>)>>,
+    /// Queues kept elsewhere than the embedded journal (`[jetstream] queues`).
+    queue_backends: parking_lot::RwLock<Vec<(QueueName, Arc<dyn QueueBackend>)>>,
     cursors: Arc<CursorStore>,
 }
 
@@ -277,7 +278,7 @@ impl Engine {
             stopping: AtomicBool::new(false),
             draining: tokio::sync::watch::Sender::new(false),
             queues,
-            external_queues: parking_lot::RwLock::default(),
+            queue_backends: parking_lot::RwLock::default(),
             cursors,
         };
         let inner = Arc::new(inner);

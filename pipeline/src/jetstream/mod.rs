@@ -18,7 +18,10 @@ use events::{BatchMeta, StartAt, Topic};
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 
+use crate::BoxFuture;
 use crate::Error;
+use crate::queue::DeadLetter;
+use crate::queue::backend::QueueBackend;
 
 pub mod durability;
 pub mod keyed;
@@ -828,15 +831,16 @@ impl JsWorkQueue {
     }
 }
 
-/// Moves the queues `cfg.queues` names onto JetStream for `engine`.
-pub async fn attach_queues(
-    engine: &crate::engine::Engine,
+/// Opens on JetStream the queues `cfg.queues` names, for the engine to serve them from
+/// ([`crate::Engine::use_queue_backend`]).
+pub async fn open_queues(
     cfg: &JetStreamConfig,
     settings: &crate::queue::QueuesConfig,
     on_jetstream_backend: bool,
-) -> Result<(), Error> {
+) -> Result<Vec<(events::QueueName, std::sync::Arc<dyn QueueBackend>)>, Error> {
+    let mut opened = Vec::new();
     if cfg.queues.is_empty() {
-        return Ok(());
+        return Ok(opened);
     }
     let client =
         async_nats::connect(&cfg.url).await.map_err(|e| js_error(format!("connecting to {}: {e}", cfg.url)))?;
@@ -860,8 +864,108 @@ pub async fn attach_queues(
             JsQueueKind::Competing(_) => events::QueueName::Notifications,
             JsQueueKind::Keyed(_) => events::QueueName::DroneCommands,
         };
-        engine.use_jetstream_queue(queue, std::sync::Arc::new(JsWorkQueue::of(kind)));
+        let backend = JsQueueBackend { queue, inner: std::sync::Arc::new(JsWorkQueue::of(kind)) };
+        opened.push((queue, std::sync::Arc::new(backend) as std::sync::Arc<dyn QueueBackend>));
         tracing::info!(queue = name, url = %cfg.url, "queue kept on JetStream");
     }
-    Ok(())
+    Ok(opened)
+}
+
+/// A JetStream work queue as the queue path's seam ([`QueueBackend`]) sees it.
+#[derive(Debug)]
+pub struct JsQueueBackend {
+    queue: events::QueueName,
+    inner: std::sync::Arc<JsWorkQueue>,
+}
+
+impl JsQueueBackend {
+    /// The JetStream queue itself.
+    pub fn queue(&self) -> &std::sync::Arc<JsWorkQueue> {
+        &self.inner
+    }
+}
+
+fn admin_error(e: Error) -> events::Error {
+    events::Error::Storage(e.to_string())
+}
+
+impl QueueBackend for JsQueueBackend {
+    fn kind(&self) -> &'static str {
+        "jetstream"
+    }
+
+    fn enqueue(&self, key: u64, id: Option<String>, payload: Vec<u8>) -> BoxFuture<'_, Result<u64, events::Error>> {
+        match id {
+            Some(id) => Box::pin(self.inner.enqueue_once(key, id, payload)),
+            None => Box::pin(self.inner.enqueue(key, payload)),
+        }
+    }
+
+    fn lease(
+        &self,
+        consumer: u64,
+        keys: events::KeyRange,
+        max: usize,
+        wait: Duration,
+    ) -> BoxFuture<'_, Result<Vec<events::Leased>, events::Error>> {
+        Box::pin(self.inner.lease(consumer, keys, max, wait))
+    }
+
+    fn settle(&self, id: u64, token: u64, verdict: events::Verdict) -> Result<(), events::Error> {
+        self.inner.settle(id, token, verdict)
+    }
+
+    fn release(&self, consumer: u64) {
+        self.inner.release(consumer);
+    }
+
+    fn withdraw<'a>(
+        &'a self,
+        _key: u64,
+        _matches: &'a (dyn Fn(&[u8]) -> bool + Send + Sync),
+    ) -> BoxFuture<'a, Result<usize, events::Error>> {
+        // JetStream hands messages to a session's consumers ahead of its leases, so "not yet
+        // with the drone" cannot be told apart there: the caller's in-band follow-up (return to
+        // base) covers it.
+        Box::pin(std::future::ready(Ok(0)))
+    }
+
+    fn attach(&self, _keys: events::KeyRange) -> Result<u64, events::Error> {
+        Ok(self.inner.attach())
+    }
+
+    fn pending(&self) -> BoxFuture<'_, Result<u64, events::Error>> {
+        Box::pin(async move { self.inner.len().await.map_err(admin_error) })
+    }
+
+    fn summary(&self) -> BoxFuture<'_, serde_json::Value> {
+        Box::pin(async move {
+            let (messages, dead) = (self.inner.len().await, self.inner.dead_letters().await.map(|d| d.len()));
+            serde_json::json!({
+                "queue": self.queue.name(),
+                "backend": self.kind(),
+                "waiting_or_leased": messages.ok(),
+                "dead": dead.ok(),
+            })
+        })
+    }
+
+    fn dead_letters(&self, after: u64, limit: usize) -> BoxFuture<'_, Result<Vec<DeadLetter>, events::Error>> {
+        Box::pin(async move {
+            let page = self.inner.dead_letter_page(after, limit).await.map_err(admin_error)?;
+            Ok(page.iter().map(JsDeadLetter::to_local).collect())
+        })
+    }
+
+    fn dead_letter(&self, id: u64) -> BoxFuture<'_, Option<DeadLetter>> {
+        Box::pin(async move { self.inner.dead_letter(id).await.map(|d| d.to_local()) })
+    }
+
+    fn replay(&self, id: u64) -> BoxFuture<'_, Result<bool, events::Error>> {
+        Box::pin(async move { self.inner.replay(id).await.map_err(admin_error) })
+    }
+
+    fn purge(&self, id: u64) -> BoxFuture<'_, Result<bool, events::Error>> {
+        Box::pin(async move { self.inner.purge(id).await.map_err(admin_error) })
+    }
 }

@@ -12,6 +12,7 @@
 //! leaves its messages leased until the visibility timeout, and a full queue refuses enqueues
 //! with "storage full" instead of growing.
 
+pub mod backend;
 pub mod journal;
 pub mod state;
 
