@@ -1,10 +1,13 @@
-//! The appender thread: the input log's one writer.
+//! The appender: the input log's one writer, and the syncer behind it.
 //!
-//! Owns the log's write side, the producer dedup windows and the offset counter. Reads the
-//! append queue (`submit` and `command` callers), takes whatever is waiting as one group, appends
-//! it, syncs once under the [`FsyncPolicy`], and only then routes the group to the shard queues
-//! and the fan-out queue and answers the callers. It blocks on the fsync and on full shard
-//! queues, which is how backpressure reaches the ingest.
+//! The appender thread owns the log's write side, the producer dedup windows and the offset
+//! counter. It reads the append queue (`submit` and `command` callers), takes whatever is waiting
+//! as one group, appends it, and hands the group to the syncer with a handle on the log's file.
+//! The syncer thread fsyncs (one fsync covers every group waiting for it) and only then has the
+//! [`Router`] route the groups to the shard and fan-out queues and answer the callers, in log
+//! order. The appender writes the next group while the syncer waits for the disk, so a batch
+//! waits for at most one fsync already under way and its own. The appender blocks on a full
+//! syncer queue, the syncer on full shard queues: that is how backpressure reaches the ingest.
 
 use super::*;
 
@@ -36,17 +39,17 @@ pub(super) enum Appended {
 /// The appender thread: the log's one writer.
 pub(super) struct Appender {
     pub(super) log: Option<SharedLog>,
-    pub(super) tail: Arc<Tail>,
     pub(super) next_offset: u64,
     pub(super) windows: ProducerWindows,
-    pub(super) shards: Vec<flume::Sender<ShardMsg>>,
-    pub(super) fanout: flume::Sender<Option<Arc<TelemetryBatch>>>,
+    /// Routes what is durable; handed to the syncer when the appender runs.
+    pub(super) router: Option<Router>,
     pub(super) metrics: Arc<EngineMetrics>,
     pub(super) policy: FsyncPolicy,
     pub(super) interval: Duration,
     pub(super) last_sync: Instant,
     pub(super) unsynced: bool,
-    pub(super) failed: Option<String>,
+    /// Why the log stopped (a failed fsync, set by the syncer): nothing is appended after it.
+    pub(super) failed: Arc<parking_lot::Mutex<Option<String>>>,
     /// Per shard, the lowest offset it still needs (one past its checkpoint).
     pub(super) needed: Arc<[AtomicU64]>,
     pub(super) last_retention: Instant,
@@ -57,7 +60,7 @@ impl Appender {
     /// checkpoint to the shards (each skips what its own checkpoint covers). Returns the number
     /// of records routed.
     pub(super) fn replay(&mut self) -> Result<u64, crate::Error> {
-        let Some(shared) = self.log.clone() else { return Ok(0) };
+        let (Some(shared), Some(router)) = (self.log.clone(), self.router.as_ref()) else { return Ok(0) };
         let mut log = shared.lock();
         let from = log.first_offset();
         let replay_after = self.needed.iter().map(|n| n.load(Ordering::Relaxed)).min().unwrap_or(0);
@@ -75,7 +78,7 @@ impl Appender {
                     let meta = batch.header().meta;
                     self.windows.insert(meta.producer_id, meta.batch_seq, record.offset);
                     if record.offset >= replay_after {
-                        self.route(record.offset, Arc::new(batch), None);
+                        router.route(record.offset, Arc::new(batch), None);
                         routed += 1;
                     }
                 }
@@ -84,13 +87,7 @@ impl Appender {
                         crate::Error::Config(format!("log record {} holds an invalid command: {e}", record.offset))
                     })?;
                     if record.offset >= replay_after {
-                        let shard = shard_of(cmd.drone_id(), self.shards.len());
-                        let _ = self.shards[shard].send(ShardMsg::Command {
-                            offset: record.offset,
-                            cmd,
-                            reply: None,
-                            trace: TraceContext::default(),
-                        });
+                        router.command(record.offset, cmd, None, TraceContext::default());
                         routed += 1;
                     }
                 }
@@ -98,21 +95,33 @@ impl Appender {
             }
         }
         if let Some(last) = last {
-            self.watermark(last);
+            router.watermark(last);
         }
         Ok(routed)
     }
 
+    /// Runs the appender, and the syncer on a thread of its own (joined before this returns).
     pub(super) fn run(mut self, rx: flume::Receiver<AppendReq>) {
+        let (to_syncer, jobs) = flume::bounded::<SyncJob>(SYNC_QUEUE);
+        let Some(router) = self.router.take() else { return };
+        let syncer = Syncer { router, metrics: self.metrics.clone(), failed: self.failed.clone() };
+        let syncing = std::thread::Builder::new().name("syncer".into()).spawn(move || syncer.run(jobs));
+        let syncing = match syncing {
+            Ok(handle) => handle,
+            Err(e) => {
+                error!(error = %e, "could not start the syncer thread");
+                self.metrics.stopped.stop("log", &format!("no syncer thread: {e}"));
+                return;
+            }
+        };
         let mut group = Vec::with_capacity(MAX_GROUP);
-        let mut appended = Vec::with_capacity(MAX_GROUP);
         let mut stop = false;
         while !stop {
             let first = if self.unsynced && self.policy == FsyncPolicy::Interval {
                 match rx.recv_timeout(self.interval.saturating_sub(self.last_sync.elapsed())) {
                     Ok(req) => req,
                     Err(flume::RecvTimeoutError::Timeout) => {
-                        let _ = self.sync();
+                        self.hand_over(&to_syncer, Vec::new(), true);
                         continue;
                     }
                     Err(flume::RecvTimeoutError::Disconnected) => break,
@@ -130,6 +139,7 @@ impl Appender {
                     Err(_) => break,
                 }
             }
+            let mut appended = Vec::with_capacity(group.len());
             for req in group.drain(..) {
                 match req {
                     AppendReq::Stop => stop = true,
@@ -142,30 +152,44 @@ impl Appender {
                 FsyncPolicy::Interval => self.last_sync.elapsed() >= self.interval || stop,
                 FsyncPolicy::None => false,
             };
-            if self.unsynced
-                && must_sync
-                && let Err(e) = self.sync()
-            {
-                for a in appended.drain(..) {
-                    let (Appended::Batch { ack, .. }
-                    | Appended::Duplicate { ack }
-                    | Appended::Command { reply: ack, .. }) = a;
-                    let _ = ack.send(Err(e.clone()));
-                }
-            }
-            self.deliver(&mut appended);
+            self.hand_over(&to_syncer, appended, must_sync);
             if self.last_retention.elapsed() >= Duration::from_secs(10) {
                 self.retention();
             }
         }
         if self.unsynced {
-            let _ = self.sync();
+            self.hand_over(&to_syncer, Vec::new(), true);
         }
-        for shard in &self.shards {
-            let _ = shard.send(ShardMsg::Stop);
+        drop(to_syncer);
+        let _ = syncing.join();
+    }
+
+    /// Hands a group to the syncer, with a handle to sync the log if `sync` and anything is
+    /// unsynced.
+    fn hand_over(&mut self, to_syncer: &flume::Sender<SyncJob>, appended: Vec<Appended>, sync: bool) {
+        let mut handle = None;
+        if sync
+            && self.unsynced
+            && let Some(log) = &self.log
+        {
+            match log.lock().sync_handle() {
+                Ok(h) => handle = Some(h),
+                Err(e) => {
+                    error!(error = %e, "could not open the log for its fsync");
+                    self.metrics.stopped.stop("log", &format!("fsync failed: {e}"));
+                    *self.failed.lock() = Some(e.to_string());
+                }
+            }
+            self.unsynced = false;
+            self.last_sync = Instant::now();
         }
-        let _ = self.fanout.send(None);
-        self.tail.grew.notify_all();
+        let failed = self.failed.lock().clone();
+        let job = SyncJob { handle, appended, failed };
+        if let Err(flume::SendError(job)) = to_syncer.send(job) {
+            for a in job.appended {
+                a.answer(Err(Error::ShuttingDown));
+            }
+        }
     }
 
     pub(super) fn append_batch(
@@ -217,8 +241,8 @@ impl Appender {
     }
 
     pub(super) fn append(&mut self, kind: RecordKind, payload: &[u8]) -> Result<u64, Error> {
-        if let Some(reason) = &self.failed {
-            return Err(Error::Storage(reason.clone()));
+        if let Some(reason) = self.failed.lock().clone() {
+            return Err(Error::Storage(reason));
         }
         let Some(shared) = self.log.as_ref() else {
             self.next_offset += 1;
@@ -244,80 +268,6 @@ impl Appender {
         }
     }
 
-    /// Syncs the log. A failed fsync leaves the kernel's view of the file unknowable, so the
-    /// appender refuses everything afterwards; a restart recovers from what is on disk.
-    pub(super) fn sync(&mut self) -> Result<(), Error> {
-        let Some(shared) = self.log.as_ref() else { return Ok(()) };
-        let started = Instant::now();
-        let result = shared.lock().sync();
-        self.metrics.fsync_time.record(started.elapsed());
-        self.last_sync = Instant::now();
-        self.unsynced = false;
-        result.map_err(|e| {
-            self.metrics.stopped.stop("log", &format!("fsync failed: {e}"));
-            self.failed = Some(e.to_string());
-            Error::Storage(e.to_string())
-        })
-    }
-
-    /// Routes and acknowledges what the group appended, in log order.
-    pub(super) fn deliver(&mut self, appended: &mut Vec<Appended>) {
-        let mut last = None;
-        for a in appended.drain(..) {
-            match a {
-                Appended::Batch { offset, batch, ack, queued } => {
-                    let created = batch.events().first().map(|e| e.ts_us.to_native());
-                    let batch = Arc::new(batch);
-                    self.route(offset, batch.clone(), Some(queued));
-                    let _ = self.fanout.send(Some(batch));
-                    let _ = ack.send(Ok(()));
-                    self.metrics.append_time.record(queued.elapsed());
-                    if let Some(created) = created {
-                        self.metrics.event_age_at_ack.record(age(events::now_us(), created));
-                    }
-                    last = Some(offset);
-                }
-                Appended::Duplicate { ack } => {
-                    let _ = ack.send(Ok(()));
-                }
-                Appended::Command { offset, cmd, reply, trace } => {
-                    let shard = shard_of(cmd.drone_id(), self.shards.len());
-                    let _ = self.shards[shard].send(ShardMsg::Command { offset, cmd, reply: Some(reply), trace });
-                    last = Some(offset);
-                }
-            }
-        }
-        if let Some(last) = last {
-            self.watermark(last);
-            *self.tail.end.lock() = last + 1;
-            self.tail.grew.notify_all();
-        }
-    }
-
-    /// Splits a batch over the shards by drone: index lists, never copies.
-    pub(super) fn route(&self, offset: u64, batch: Arc<TelemetryBatch>, received: Option<Instant>) {
-        let n = self.shards.len();
-        if n == 1 {
-            let _ = self.shards[0].send(ShardMsg::Events { offset, batch, indices: None, received });
-            return;
-        }
-        let per_shard = split_by_shard(&batch, n);
-        let whole = per_shard.iter().filter(|v| !v.is_empty()).count() == 1;
-        for (shard, indices) in per_shard.into_iter().enumerate() {
-            if !indices.is_empty() {
-                let msg =
-                    ShardMsg::Events { offset, batch: batch.clone(), indices: (!whole).then_some(indices), received };
-                let _ = self.shards[shard].send(msg);
-            }
-        }
-    }
-
-    pub(super) fn watermark(&self, offset: u64) {
-        for shard in &self.shards {
-            let _ = shard.send(ShardMsg::Watermark(offset));
-        }
-    }
-
     pub(super) fn retention(&mut self) {
         self.last_retention = Instant::now();
         let keep_from = self.needed.iter().map(|n| n.load(Ordering::Relaxed)).min().unwrap_or(0);
@@ -330,5 +280,141 @@ impl Appender {
             }
             self.metrics.log_bytes.store(log.total_bytes(), Ordering::Relaxed);
         }
+    }
+}
+
+impl Appended {
+    /// Answers the caller without routing (the group was not made durable).
+    fn answer(self, result: Result<(), Error>) {
+        let (Appended::Batch { ack, .. } | Appended::Duplicate { ack } | Appended::Command { reply: ack, .. }) = self;
+        let _ = ack.send(result);
+    }
+}
+
+/// Groups the appender may have written ahead of the syncer.
+const SYNC_QUEUE: usize = 8;
+
+/// A group written to the log, waiting for its fsync.
+struct SyncJob {
+    /// Syncs the log up to this group (`None`: nothing to sync, or the policy says not now).
+    handle: Option<crate::log::SyncHandle>,
+    appended: Vec<Appended>,
+    /// The log had stopped when the group was handed over.
+    failed: Option<String>,
+}
+
+/// The syncer thread: fsyncs what the appender wrote, then routes and answers it in log order.
+struct Syncer {
+    router: Router,
+    metrics: Arc<EngineMetrics>,
+    failed: Arc<parking_lot::Mutex<Option<String>>>,
+}
+
+impl Syncer {
+    fn run(self, jobs: flume::Receiver<SyncJob>) {
+        let mut waiting = Vec::new();
+        while let Ok(first) = jobs.recv() {
+            waiting.push(first);
+            waiting.extend(jobs.try_iter());
+            // The newest handle covers every group before it: an earlier segment was synced when
+            // it was closed.
+            if let Some(handle) = waiting.iter().rev().find_map(|j| j.handle.as_ref()) {
+                let started = Instant::now();
+                let synced = handle.sync();
+                self.metrics.fsync_time.record(started.elapsed());
+                if let Err(e) = synced {
+                    // What the kernel holds of the file is unknowable after a failed fsync: the
+                    // log takes nothing more; a restart recovers from what is on disk.
+                    self.metrics.stopped.stop("log", &format!("fsync failed: {e}"));
+                    *self.failed.lock() = Some(e.to_string());
+                }
+            }
+            let failed = self.failed.lock().clone();
+            for job in waiting.drain(..) {
+                match job.failed.or_else(|| failed.clone()) {
+                    Some(reason) => {
+                        job.appended.into_iter().for_each(|a| a.answer(Err(Error::Storage(reason.clone()))))
+                    }
+                    None => self.router.deliver(job.appended),
+                }
+            }
+        }
+        self.router.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use events::{DroneEventKind, FlightStatus, GeoPoint};
+
+    use super::*;
+
+    fn batch(seq: u64) -> TelemetryBatch {
+        let ev = DroneEvent {
+            drone_id: 1,
+            seq,
+            ts_us: seq,
+            position: GeoPoint::new(1.0, 1.0),
+            speed_mps: 0.0,
+            heading_deg: 0.0,
+            battery_pct: 50.0,
+            status: FlightStatus::Flying,
+            kind: DroneEventKind::Position,
+        };
+        let meta = BatchMeta { producer_id: 7, batch_seq: seq, ..BatchMeta::default() };
+        TelemetryBatch::encode(meta, &[ev], Buffer::new()).unwrap()
+    }
+
+    async fn submit(tx: &flume::Sender<AppendReq>, seq: u64) -> Result<(), Error> {
+        let (ack, rx) = oneshot::channel();
+        tx.send_async(AppendReq::Batch { batch: batch(seq), ack, queued: Instant::now() }).await.unwrap();
+        rx.await.unwrap_or(Err(Error::ShuttingDown))
+    }
+
+    /// A batch is routed and acknowledged only after the syncer's fsync; once an fsync fails,
+    /// the group it covered is refused, nothing of it reaches a shard, and every later append is
+    /// refused with the reason.
+    #[tokio::test]
+    async fn a_failed_fsync_refuses_its_group_and_everything_after() {
+        let dir = std::env::temp_dir().join(format!("fleetstream-appender-fail-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let log: SharedLog = Arc::new(parking_lot::Mutex::new(Log::open(&dir, LogConfig::default()).unwrap().0));
+        let metrics = Arc::new(EngineMetrics::default());
+        let (shard_tx, shard_rx) = flume::unbounded();
+        let (fanout, _fanout_rx) = flume::unbounded();
+        let router = Router { shards: vec![shard_tx], fanout, tail: Tail::at(0), metrics: metrics.clone() };
+        let appender = Appender {
+            log: Some(log.clone()),
+            next_offset: 0,
+            windows: ProducerWindows::new(16),
+            router: Some(router),
+            metrics: metrics.clone(),
+            policy: FsyncPolicy::EveryBatch,
+            interval: Duration::from_secs(1),
+            last_sync: Instant::now(),
+            unsynced: false,
+            failed: Arc::default(),
+            needed: vec![AtomicU64::new(0)].into(),
+            last_retention: Instant::now(),
+        };
+        let (tx, rx) = flume::bounded(16);
+        let running = std::thread::spawn(move || appender.run(rx));
+        assert_eq!(submit(&tx, 1).await, Ok(()));
+        assert!(matches!(shard_rx.try_recv(), Ok(ShardMsg::Events { offset: 0, .. })), "routed once durable");
+        assert_eq!(metrics.fsync_time.count(), 1);
+        log.lock().fail_syncs();
+        let refused = submit(&tx, 2).await;
+        assert!(matches!(&refused, Err(Error::Storage(r)) if r.contains("injected failure")), "{refused:?}");
+        assert!(
+            shard_rx.try_iter().all(|m| !matches!(m, ShardMsg::Events { .. })),
+            "nothing of the failed group reaches a shard"
+        );
+        let after = submit(&tx, 3).await;
+        assert!(matches!(&after, Err(Error::Storage(r)) if r.contains("injected failure")), "{after:?}");
+        assert_eq!(metrics.stopped.parts().first().map(|p| p.0.clone()), Some("log".to_string()));
+        tx.send(AppendReq::Stop).unwrap();
+        running.join().unwrap();
+        assert!(shard_rx.try_iter().any(|m| matches!(m, ShardMsg::Stop)), "the shards are told to stop");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -130,21 +130,20 @@ impl Backend for Local {
             }
         })?);
         let next_offset = self.log.as_ref().map_or(0, |l| l.lock().next_offset());
+        let router = Router { shards: ctx.shards, fanout, tail: self.tail.clone(), metrics: ctx.metrics.clone() };
         let mut appender = Appender {
             log: self.log.clone(),
             next_offset,
             windows: ProducerWindows::new(ctx.cfg.max_producers),
-            shards: ctx.shards,
-            fanout,
+            router: Some(router),
             metrics: ctx.metrics,
             policy: self.policy,
             interval: self.interval,
             last_sync: Instant::now(),
             unsynced: false,
-            failed: None,
+            failed: Arc::default(),
             needed: ctx.needed,
             last_retention: Instant::now(),
-            tail: self.tail.clone(),
         };
         started.replayed = appender.replay()?;
         started.next_offset = appender.next_offset;

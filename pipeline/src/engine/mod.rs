@@ -66,7 +66,7 @@ mod router;
 mod shard;
 
 pub use api::AckFuture;
-use appender::{AppendReq, Appender, MAX_GROUP};
+use appender::{AppendReq, Appended, Appender, MAX_GROUP};
 pub use backend::{Backend, BoxFuture, CheckpointStore, DerivedSink, StartContext, Started};
 use checkpointer::{Checkpointer, CkptJob};
 pub use config::EngineConfig;
@@ -77,6 +77,7 @@ pub(crate) use publisher::PublishMsg;
 use publisher::Publisher;
 pub use publisher::Span;
 pub(crate) use readers::FOLLOW_QUEUE;
+use router::Router;
 pub use router::{shard_of, split_by_shard};
 pub use shard::ShardMsg;
 use shard::{Shard, tell};

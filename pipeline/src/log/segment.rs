@@ -230,6 +230,15 @@ impl Segment {
         Ok(offset)
     }
 
+    /// The file again (a second descriptor), to sync it without holding the segment.
+    pub(super) fn clone_file(&self) -> Result<File, Error> {
+        self.file.try_clone().map_err(io(format!("opening {} again", self.path.display())))
+    }
+
+    pub(super) fn path(&self) -> &Path {
+        &self.path
+    }
+
     pub(super) fn sync(&mut self) -> Result<(), Error> {
         self.file.sync_data().map_err(io(format!("syncing {}", self.path.display())))
     }
