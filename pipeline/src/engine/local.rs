@@ -15,9 +15,9 @@ use super::*;
 /// The embedded backend.
 pub struct Local {
     log: Option<SharedLog>,
-    tail: Arc<Tail>,
+    tail: Arc<Tail<DroneEvent>>,
     out_log: Option<SharedLog>,
-    out_tail: Arc<Tail>,
+    out_tail: Arc<Tail<DeliveryEvent>>,
     ckpt_dir: Option<PathBuf>,
     policy: FsyncPolicy,
     interval: Duration,
@@ -96,7 +96,7 @@ impl Local {
     fn follow<T: events::wire::Payload>(
         &self,
         log: Option<&SharedLog>,
-        tail: &Arc<Tail>,
+        tail: &Arc<Tail<T>>,
         kind: RecordKind,
         start: StartAt,
     ) -> Result<OffsetSubscription<T>, Error> {
@@ -193,12 +193,12 @@ impl Backend for Local {
     }
 
     fn bounds(&self, topic: StreamTopic) -> (u64, u64) {
-        let (log, tail) = match topic {
-            StreamTopic::DroneTelemetry => (&self.log, &self.tail),
-            StreamTopic::DeliveryEvents => (&self.out_log, &self.out_tail),
+        let (log, end) = match topic {
+            StreamTopic::DroneTelemetry => (&self.log, self.tail.end()),
+            StreamTopic::DeliveryEvents => (&self.out_log, self.out_tail.end()),
         };
         match log {
-            Some(log) => (log.lock().first_offset(), *tail.end.lock()),
+            Some(log) => (log.lock().first_offset(), end),
             None => (0, 0),
         }
     }

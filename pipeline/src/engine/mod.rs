@@ -64,6 +64,7 @@ mod publisher;
 mod readers;
 mod router;
 mod shard;
+mod tail;
 
 pub use api::AckFuture;
 use appender::{AppendReq, Appended, Appender, MAX_GROUP};
@@ -81,6 +82,7 @@ use router::Router;
 pub use router::{shard_of, split_by_shard};
 pub use shard::ShardMsg;
 use shard::{Shard, tell};
+use tail::Tail;
 
 /// Where the engine keeps what it accepts.
 #[derive(Clone)]
@@ -130,19 +132,6 @@ pub struct StartReport {
 
 /// The log, shared between its one writer (the appender) and readers being opened.
 type SharedLog = Arc<parking_lot::Mutex<Log>>;
-
-/// How far the log has been delivered (appended, synced under the policy, routed); readers
-/// that reached it wait on `grew`.
-struct Tail {
-    end: parking_lot::Mutex<u64>,
-    grew: parking_lot::Condvar,
-}
-
-impl Tail {
-    fn at(end: u64) -> Arc<Self> {
-        Arc::new(Self { end: parking_lot::Mutex::new(end), grew: parking_lot::Condvar::new() })
-    }
-}
 
 struct Inner {
     /// The log and what goes with it (`[log] backend`).

@@ -86,7 +86,7 @@ pub(super) struct Publisher {
     pub(super) seen: FxHashMap<DeliveryId, u32>,
     pub(super) finished: std::collections::VecDeque<DeliveryId>,
     pub(super) topic: Arc<Topic<DeliveryEvent>>,
-    pub(super) tail: Arc<Tail>,
+    pub(super) tail: Arc<Tail<DeliveryEvent>>,
     pub(super) last_retention: Instant,
     pub(super) metrics: Arc<EngineMetrics>,
     /// Set by a failed append or sync of the delivery-events log: from then on nothing is
@@ -131,7 +131,7 @@ impl DerivedSink for Publisher {
     }
 
     fn finish(&mut self) {
-        self.tail.grew.notify_all();
+        self.tail.wake();
     }
 }
 
@@ -139,7 +139,7 @@ impl Publisher {
     pub(super) fn new(
         log: Option<SharedLog>,
         topic: Arc<Topic<DeliveryEvent>>,
-        tail: Arc<Tail>,
+        tail: Arc<Tail<DeliveryEvent>>,
         metrics: Arc<EngineMetrics>,
         shards: usize,
     ) -> Self {
@@ -232,8 +232,7 @@ impl Publisher {
         }
         self.emitted = self.emitted.max(Some(safe));
         if let Some(last) = last {
-            *self.tail.end.lock() = last + 1;
-            self.tail.grew.notify_all();
+            self.tail.advance(last + 1);
         }
     }
 
@@ -277,7 +276,11 @@ impl Publisher {
         for ev in &events {
             self.metrics.delivery_age_at_publish.record(age(now, ev.ts_us));
         }
-        self.topic.publish(Arc::new(batch));
+        let batch = Arc::new(batch);
+        if let Some(written) = written {
+            self.tail.push(written, batch.clone());
+        }
+        self.topic.publish(batch);
         if let Some(received) = received {
             self.metrics.delivery_server_time.record(received.elapsed());
         }
@@ -354,7 +357,7 @@ mod tests {
     }
 
     fn publisher(log: &SharedLog, topic: &Arc<Topic<DeliveryEvent>>, metrics: &Arc<EngineMetrics>) -> Publisher {
-        let tail = Arc::new(Tail { end: parking_lot::Mutex::new(0), grew: parking_lot::Condvar::new() });
+        let tail = Tail::at(0);
         let mut p = Publisher::new(Some(log.clone()), topic.clone(), tail, metrics.clone(), 2);
         p.rebuild().unwrap();
         p

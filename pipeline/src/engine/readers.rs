@@ -1,120 +1,162 @@
-//! Offset subscriptions on the embedded log: a follower per subscriber reads records up to the
-//! delivered end and waits on the tail for more.
+//! Offset subscriptions on the embedded log.
 //!
-//! Each follower owns a read cursor into the segment files and a short bounded queue to its
-//! subscriber; it takes the log lock only to open a reader, and blocks on the tail's condition
-//! variable (caught up) or on its subscriber's queue (the subscriber is slow, which throttles only
-//! this follower).
+//! A subscriber is a task on the runtime (not a thread): it serves the batches just before the
+//! delivered end from the log's [`Tail`] (shared, as the shards got them) and reads segment files,
+//! a page at a time on the blocking pool, only for what fell out of the tail. It blocks on nothing:
+//! it waits for the end to move, or for room in its subscriber's bounded queue (a slow subscriber
+//! throttles only itself).
 
+use events::wire::Payload;
+
+use super::tail::Tail;
 use super::*;
 
-/// Starts a thread that feeds an offset subscription with the `kind` records of `log`, whose
-/// delivered end is `tail`, until the subscriber goes away or `stopping` is set.
-pub(super) fn follow<T: events::wire::Payload>(
+/// Records a subscriber takes from memory or the log per step.
+const PAGE: usize = 64;
+
+/// Starts a task that feeds an offset subscription with the `kind` records of `log`, whose
+/// delivered end and recent batches are `tail`, until the subscriber goes away or `stopping` is
+/// set.
+pub(super) fn follow<T: Payload>(
     log: Option<&SharedLog>,
-    tail: &Arc<Tail>,
+    tail: &Arc<Tail<T>>,
     stopping: &Arc<AtomicBool>,
     kind: RecordKind,
     start: StartAt,
 ) -> Result<OffsetSubscription<T>, Error> {
-    {
-        let Some(log) = log.cloned() else {
-            let requested = if let StartAt::Offset(o) = start { o } else { 0 };
-            return Err(Error::OffsetUnavailable { requested, first: 0, next: 0 });
-        };
-        let self_log = log.clone();
-        let from = {
-            let log = log.lock();
-            let (first, next) = (log.first_offset(), log.next_offset());
-            match start {
-                StartAt::Earliest => first,
-                // Everything from the delivered end on reaches this subscriber; the log may hold
-                // a few more records not yet delivered, which it then reads as well.
-                StartAt::Latest => (*tail.end.lock()).clamp(first, next),
-                StartAt::Offset(from) if from < first || from > next => {
-                    return Err(Error::OffsetUnavailable { requested: from, first, next });
-                }
-                StartAt::Offset(from) => from,
-                StartAt::Time(t_us) => {
-                    drop(log);
-                    let end = *tail.end.lock();
-                    offset_at_time::<T>(&self_log, kind, end, t_us)?
-                }
+    let Some(log) = log.cloned() else {
+        let requested = if let StartAt::Offset(o) = start { o } else { 0 };
+        return Err(Error::OffsetUnavailable { requested, first: 0, next: 0 });
+    };
+    let from = {
+        let guard = log.lock();
+        let (first, next) = (guard.first_offset(), guard.next_offset());
+        match start {
+            StartAt::Earliest => first,
+            // Everything from the delivered end on reaches this subscriber; the log may hold
+            // a few more records not yet delivered, which it then reads as well.
+            StartAt::Latest => tail.end().clamp(first, next),
+            StartAt::Offset(from) if from < first || from > next => {
+                return Err(Error::OffsetUnavailable { requested: from, first, next });
             }
-        };
-        let (tx, rx) = flume::bounded(FOLLOW_QUEUE);
-        let (tail, stopping) = (tail.clone(), stopping.clone());
-        std::thread::Builder::new()
-            .name("log-subscriber".into())
-            .spawn(move || follow_log(&log, &tail, &stopping, kind, from, &tx))
-            .map_err(|e| Error::Storage(format!("starting a subscriber thread: {e}")))?;
-        Ok(OffsetSubscription { start: from, rx })
+            StartAt::Offset(from) => from,
+            StartAt::Time(t_us) => {
+                drop(guard);
+                offset_at_time::<T>(&log, kind, tail.end(), t_us)?
+            }
+        }
+    };
+    let (tx, rx) = flume::bounded(FOLLOW_QUEUE);
+    let task = follow_task(log, tail.clone(), stopping.clone(), kind, from, tx);
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) => {
+            handle.spawn(task);
+        }
+        // Outside a runtime (a blocking caller): the same task on a small runtime of its own.
+        Err(_) => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+                .map_err(|e| Error::Storage(format!("starting a subscriber: {e}")))?;
+            std::thread::Builder::new()
+                .name("log-subscriber".into())
+                .spawn(move || runtime.block_on(task))
+                .map_err(|e| Error::Storage(format!("starting a subscriber thread: {e}")))?;
+        }
     }
+    Ok(OffsetSubscription { start: from, rx })
 }
 
-/// Feeds one offset subscription: reads the log from `next` up to the delivered end, waits for
-/// it to grow, and repeats, until the subscriber goes away or the engine stops. Blocking on the
-/// subscriber's bounded queue throttles only this reader.
-fn follow_log<T: events::wire::Payload>(
-    log: &SharedLog,
-    tail: &Tail,
-    stopping: &AtomicBool,
+/// Feeds one offset subscription from `next` on: recent batches from the tail, older ones from
+/// the log, then waits for the end to move; ends when the subscriber goes away, or once caught
+/// up while the engine stops.
+async fn follow_task<T: Payload>(
+    log: SharedLog,
+    tail: Arc<Tail<T>>,
+    stopping: Arc<AtomicBool>,
     kind: RecordKind,
     mut next: u64,
-    tx: &flume::Sender<events::contract::LogItem<T>>,
+    tx: flume::Sender<events::contract::LogItem<T>>,
 ) {
-    let limits = Limits { max_body_bytes: u32::MAX, max_events: u32::MAX };
+    let mut moved = tail.watch();
     let mut resume: Option<crate::log::ResumePoint> = None;
+    let mut page = Vec::with_capacity(PAGE);
     loop {
-        let end = {
-            let mut end = tail.end.lock();
-            while *end <= next && !stopping.load(Ordering::Acquire) {
-                tail.grew.wait_for(&mut end, Duration::from_millis(200));
-                if tx.is_disconnected() {
-                    return;
-                }
-            }
-            *end
-        };
-        if next >= end {
-            let _ = tx.send(Err(Error::ShuttingDown));
+        if tx.is_disconnected() {
             return;
         }
-        let reader = {
-            let mut log = log.lock();
-            let (first, log_next) = (log.first_offset(), log.next_offset());
-            match log.reader_near(next, resume.as_ref()) {
-                Ok(r) => r.until(end),
-                Err(_) => {
-                    let _ = tx.send(Err(Error::OffsetUnavailable { requested: next, first, next: log_next }));
-                    return;
+        let end = *moved.borrow_and_update();
+        if next >= end {
+            if stopping.load(Ordering::Acquire) {
+                let _ = tx.send_async(Err(Error::ShuttingDown)).await;
+                return;
+            }
+            // Woken when the end moves; the timeout notices a subscriber gone or a stop.
+            let _ = tokio::time::timeout(Duration::from_millis(200), moved.changed()).await;
+            continue;
+        }
+        match tail.recent(next, end, PAGE, &mut page) {
+            Ok(after) => next = after,
+            Err(memory_from) => {
+                let until = memory_from.min(end);
+                let (log, from, hint) = (log.clone(), next, resume.take());
+                let read = tokio::task::spawn_blocking(move || read_page::<T>(&log, kind, from, until, hint)).await;
+                match read {
+                    Ok(Ok((items, after, hint))) => {
+                        page.extend(items);
+                        next = after;
+                        resume = hint;
+                    }
+                    Ok(Err(e)) => {
+                        let _ = tx.send_async(Err(e)).await;
+                        return;
+                    }
+                    Err(_) => return, // the runtime is shutting down
                 }
             }
-        };
-        let mut reader = reader;
-        for record in reader.by_ref() {
-            let record = match record {
-                Ok(r) => r,
-                Err(e) => {
-                    let _ = tx.send(Err(Error::Storage(e.to_string())));
-                    return;
-                }
-            };
-            if record.offset >= end {
-                break;
-            }
-            next = record.offset + 1;
-            if record.kind != kind {
-                continue;
-            }
-            let item = events::Batch::<T>::validate(record.payload, &limits).map(|b| (record.offset, Arc::new(b)));
-            if tx.send(item).is_err() {
+        }
+        for (offset, batch) in page.drain(..) {
+            if tx.send_async(Ok((offset, batch))).await.is_err() {
                 return;
             }
         }
-        resume = reader.resume_point();
-        next = next.max(end);
     }
+}
+
+/// Up to [`PAGE`] `kind` batches of the log in `[next, until)`, the offset to go on from, and
+/// where the reader stopped (to resume there).
+#[allow(clippy::type_complexity)]
+fn read_page<T: Payload>(
+    log: &SharedLog,
+    kind: RecordKind,
+    mut next: u64,
+    until: u64,
+    hint: Option<crate::log::ResumePoint>,
+) -> Result<(Vec<(u64, Arc<events::wire::Batch<T>>)>, u64, Option<crate::log::ResumePoint>), Error> {
+    let limits = Limits { max_body_bytes: u32::MAX, max_events: u32::MAX };
+    let mut reader = {
+        let mut log = log.lock();
+        let (first, log_next) = (log.first_offset(), log.next_offset());
+        log.reader_near(next, hint.as_ref())
+            .map_err(|_| Error::OffsetUnavailable { requested: next, first, next: log_next })?
+            .until(until)
+    };
+    let mut items = Vec::new();
+    for record in reader.by_ref() {
+        let record = record.map_err(|e| Error::Storage(e.to_string()))?;
+        if record.offset >= until {
+            break;
+        }
+        next = record.offset + 1;
+        if record.kind != kind {
+            continue;
+        }
+        items.push((record.offset, Arc::new(events::wire::Batch::<T>::validate(record.payload, &limits)?)));
+        if items.len() == PAGE {
+            return Ok((items, next, reader.resume_point()));
+        }
+    }
+    Ok((items, next.max(until), reader.resume_point()))
 }
 
 /// Batches a log follower reads ahead of its subscriber. Short: a follower that falls behind

@@ -26,7 +26,7 @@ pub fn split_by_shard(batch: &TelemetryBatch, n: usize) -> Vec<Vec<u32>> {
 pub(super) struct Router {
     pub(super) shards: Vec<flume::Sender<ShardMsg>>,
     pub(super) fanout: flume::Sender<Option<Arc<TelemetryBatch>>>,
-    pub(super) tail: Arc<Tail>,
+    pub(super) tail: Arc<Tail<DroneEvent>>,
     pub(super) metrics: Arc<EngineMetrics>,
 }
 
@@ -76,6 +76,7 @@ impl Router {
                 Appended::Batch { offset, batch, ack, queued } => {
                     let created = batch.events().first().map(|e| e.ts_us.to_native());
                     let batch = Arc::new(batch);
+                    self.tail.push(offset, batch.clone());
                     self.route(offset, batch.clone(), Some(queued));
                     let _ = self.fanout.send(Some(batch));
                     let _ = ack.send(Ok(()));
@@ -96,8 +97,7 @@ impl Router {
         }
         if let Some(last) = last {
             self.watermark(last);
-            *self.tail.end.lock() = last + 1;
-            self.tail.grew.notify_all();
+            self.tail.advance(last + 1);
         }
     }
 
@@ -107,7 +107,7 @@ impl Router {
             let _ = shard.send(ShardMsg::Stop);
         }
         let _ = self.fanout.send(None);
-        self.tail.grew.notify_all();
+        self.tail.wake();
     }
 }
 

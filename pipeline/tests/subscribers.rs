@@ -1,0 +1,75 @@
+//! Offset subscribers are tasks, not threads: a thousand of them on one engine add a handful of
+//! threads at most, each receives every batch in log order (the recent ones shared from memory),
+//! and one that starts further back than memory keeps reads the segment files.
+
+#![allow(clippy::unwrap_used)] // helpers in a test crate may panic: that fails the test
+
+use std::time::Duration;
+
+use events::wire::Buffer;
+use events::{
+    BatchMeta, BatchSink, DroneEvent, DroneEventKind, FlightStatus, GeoPoint, StartAt, StreamSource, TelemetryBatch,
+};
+use pipeline::engine::{Engine, EngineConfig, Storage};
+use pipeline::log::LogConfig;
+
+fn threads() -> usize {
+    std::fs::read_dir("/proc/self/task").map(|d| d.count()).unwrap_or(0)
+}
+
+fn batch(seq: u64) -> TelemetryBatch {
+    let ev = DroneEvent {
+        drone_id: seq % 7 + 1,
+        seq,
+        ts_us: seq,
+        position: GeoPoint::new(1.0, 1.0),
+        speed_mps: 0.0,
+        heading_deg: 0.0,
+        battery_pct: 50.0,
+        status: FlightStatus::Flying,
+        kind: DroneEventKind::Position,
+    };
+    let meta = BatchMeta { producer_id: 9, batch_seq: seq, ..BatchMeta::default() };
+    TelemetryBatch::encode(meta, &[ev], Buffer::new()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_subscribers_are_tasks_and_each_gets_every_batch() {
+    let dir = std::env::temp_dir().join(format!("fleetstream-subscribers-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let storage = Storage::Durable { dir: dir.clone(), log: LogConfig::default() };
+    let (engine, threads_of_engine, _) = Engine::start(EngineConfig { shards: 2, ..EngineConfig::default() }, storage).unwrap();
+    // More batches than the tail keeps, so a subscriber from 0 starts in the segment files.
+    let early = 400u64;
+    for seq in 1..=early {
+        engine.submit(batch(seq)).await.unwrap().await.unwrap();
+    }
+    let before = threads();
+    let subs: Vec<_> =
+        (0..1000).map(|_| engine.subscribe_telemetry_from(StartAt::Latest).unwrap()).collect();
+    let from_start = engine.subscribe_telemetry_from(StartAt::Offset(0)).unwrap();
+    let added = threads().saturating_sub(before);
+    assert!(added < 20, "1,001 subscribers added {added} threads");
+    let live = 50u64;
+    for seq in early + 1..=early + live {
+        engine.submit(batch(seq)).await.unwrap().await.unwrap();
+    }
+    for (i, sub) in subs.into_iter().enumerate() {
+        let mut last = None;
+        for expected in early + 1..=early + live {
+            let (offset, got) =
+                tokio::time::timeout(Duration::from_secs(10), sub.rx.recv_async()).await.unwrap().unwrap().unwrap();
+            assert!(last < Some(offset), "subscriber {i}: log order");
+            last = Some(offset);
+            assert_eq!(got.header().meta.batch_seq, expected, "subscriber {i}");
+        }
+    }
+    for expected in 1..=early + live {
+        let (offset, got) =
+            tokio::time::timeout(Duration::from_secs(10), from_start.rx.recv_async()).await.unwrap().unwrap().unwrap();
+        assert_eq!(offset, expected - 1);
+        assert_eq!(got.header().meta.batch_seq, expected, "read back from the log, then from memory");
+    }
+    engine.shutdown(threads_of_engine).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
