@@ -199,6 +199,9 @@ async fn lingering_clients(server: &Server) -> (reqwest::Response, tokio::net::T
     half.write_all(b"POST /v1/deliveries HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 500\r\n\r\n{\"owner\"")
         .await
         .unwrap();
+    // The server must have begun reading that request before the drain starts (an accepted
+    // connection with no request under way is simply closed): give it a moment on a busy machine.
+    tokio::time::sleep(Duration::from_millis(300)).await;
     (sse, half)
 }
 
