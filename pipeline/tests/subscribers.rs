@@ -38,15 +38,15 @@ async fn a_thousand_subscribers_are_tasks_and_each_gets_every_batch() {
     let dir = std::env::temp_dir().join(format!("fleetstream-subscribers-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let storage = Storage::Durable { dir: dir.clone(), log: LogConfig::default() };
-    let (engine, threads_of_engine, _) = Engine::start(EngineConfig { shards: 2, ..EngineConfig::default() }, storage).unwrap();
+    let (engine, threads_of_engine, _) =
+        Engine::start(EngineConfig { shards: 2, ..EngineConfig::default() }, storage).unwrap();
     // More batches than the tail keeps, so a subscriber from 0 starts in the segment files.
     let early = 400u64;
     for seq in 1..=early {
         engine.submit(batch(seq)).await.unwrap().await.unwrap();
     }
     let before = threads();
-    let subs: Vec<_> =
-        (0..1000).map(|_| engine.subscribe_telemetry_from(StartAt::Latest).unwrap()).collect();
+    let subs: Vec<_> = (0..1000).map(|_| engine.subscribe_telemetry_from(StartAt::Latest).unwrap()).collect();
     let from_start = engine.subscribe_telemetry_from(StartAt::Offset(0)).unwrap();
     let added = threads().saturating_sub(before);
     assert!(added < 20, "1,001 subscribers added {added} threads");

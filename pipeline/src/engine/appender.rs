@@ -345,22 +345,13 @@ impl Syncer {
 
 #[cfg(test)]
 mod tests {
-    use events::{DroneEventKind, FlightStatus, GeoPoint};
+    use events::DroneEventKind;
 
+    use super::super::tests::ev;
     use super::*;
 
     fn batch(seq: u64) -> TelemetryBatch {
-        let ev = DroneEvent {
-            drone_id: 1,
-            seq,
-            ts_us: seq,
-            position: GeoPoint::new(1.0, 1.0),
-            speed_mps: 0.0,
-            heading_deg: 0.0,
-            battery_pct: 50.0,
-            status: FlightStatus::Flying,
-            kind: DroneEventKind::Position,
-        };
+        let ev = ev(1, seq, DroneEventKind::Position);
         let meta = BatchMeta { producer_id: 7, batch_seq: seq, ..BatchMeta::default() };
         TelemetryBatch::encode(meta, &[ev], Buffer::new()).unwrap()
     }

@@ -381,7 +381,8 @@ mod tests {
 
     use super::*;
 
-    fn ev(drone_id: u64, seq: u64, kind: DroneEventKind) -> DroneEvent {
+    /// A drone event for the engine's unit tests (flying, at a fixed place, stamped `seq`).
+    pub(super) fn ev(drone_id: u64, seq: u64, kind: DroneEventKind) -> DroneEvent {
         DroneEvent {
             drone_id,
             seq,
@@ -394,6 +395,7 @@ mod tests {
             kind,
         }
     }
+
     /// Batches interleaving many drones over several shards: every drone's events reach the
     /// telemetry subscriber and the shards in order, and a delivery completes end to end.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -254,23 +254,10 @@ pub(super) fn tell(done: Option<oneshot::Sender<()>>) {
 
 #[cfg(test)]
 mod tests {
-    use events::{DroneEventKind, FlightStatus, GeoPoint};
+    use events::DroneEventKind;
 
+    use super::super::tests::ev;
     use super::*;
-
-    fn ev(drone_id: u64, seq: u64, kind: DroneEventKind) -> DroneEvent {
-        DroneEvent {
-            drone_id,
-            seq,
-            ts_us: seq,
-            position: GeoPoint::new(1.0, 1.0),
-            speed_mps: 0.0,
-            heading_deg: 0.0,
-            battery_pct: 50.0,
-            status: FlightStatus::Flying,
-            kind,
-        }
-    }
 
     /// A checkpoint waits for the delivery-events log to be durable, then writes a file with
     /// fsyncs. The shard hands both to the checkpointer: while the publisher has not answered the
