@@ -653,6 +653,39 @@ fn refuse(mut send: SendStream, error: &WireError) {
     reset(&mut send, error);
 }
 
+/// Batches a remote subscriber's writer takes from its queue for one write.
+const COALESCE_MAX: usize = 64;
+
+/// Batches at most this size are copied together into one write; larger ones are written as
+/// they are (a copy would cost more than the write it saves).
+const COALESCE_BYTES: usize = 16 * 1024;
+
+/// Writes `(offset, batch)` frames to a subscriber's stream, small ones gathered into one write.
+async fn write_items<T: Payload>(
+    send: &mut SendStream,
+    items: impl Iterator<Item = (u64, Arc<events::Batch<T>>)>,
+) -> Result<(), quinn::WriteError> {
+    let mut gathered: Vec<u8> = Vec::new();
+    for (offset, batch) in items {
+        let bytes = batch.as_bytes();
+        if bytes.len() <= COALESCE_BYTES {
+            gathered.extend_from_slice(&offset.to_le_bytes());
+            gathered.extend_from_slice(bytes);
+            continue;
+        }
+        if !gathered.is_empty() {
+            send.write_all(&gathered).await?;
+            gathered.clear();
+        }
+        send.write_all(&offset.to_le_bytes()).await?;
+        send.write_all(bytes).await?;
+    }
+    if !gathered.is_empty() {
+        send.write_all(&gathered).await?;
+    }
+    Ok(())
+}
+
 async fn follow<T: Payload>(mut send: SendStream, sub: events::OffsetSubscription<T>, mut stop: watch::Receiver<bool>) {
     // The resolved start offset first: it tells the client the subscription is in place and
     // where it begins.
@@ -671,7 +704,28 @@ async fn follow<T: Payload>(mut send: SendStream, sub: events::OffsetSubscriptio
             _ = send.stopped() => break,
             item = sub.rx.recv_async() => match item {
                 Ok(Ok((offset, batch))) => {
-                    if send.write_all(&offset.to_le_bytes()).await.is_err() || send.write_all(batch.as_bytes()).await.is_err() {
+                    // Whatever else is already waiting goes out in the same write: a topic of
+                    // small batches (delivery events) followed by many subscribers would
+                    // otherwise cost two stream writes per batch per subscriber.
+                    let mut more = Vec::new();
+                    let mut ended = None;
+                    while more.len() < COALESCE_MAX {
+                        match sub.rx.try_recv() {
+                            Ok(Ok(item)) => more.push(item),
+                            Ok(Err(error)) => {
+                                ended = Some(error);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    let written = write_items(&mut send, std::iter::once((offset, batch)).chain(more)).await;
+                    if written.is_err() {
+                        break;
+                    }
+                    if let Some(error) = ended {
+                        warn!(%error, "offset subscription ended");
+                        reset(&mut send, &error);
                         break;
                     }
                 }

@@ -92,6 +92,9 @@ pub struct LoadConfig {
     pub raw: bool,
     /// Extra telemetry subscribers that only measure what they receive (see [`readers`]).
     pub readers: usize,
+    /// Light delivery-event subscribers that only count what they receive
+    /// ([`readers::DeliveryReaders`]).
+    pub delivery_readers: usize,
     /// How long the first extra reader stops reading (zero: never).
     pub stall_reader: Duration,
     /// When, after the start of sending, it stops.
@@ -154,6 +157,7 @@ impl LoadConfig {
             telemetry_check: TelemetryCheck::During,
             raw: false,
             readers: 0,
+            delivery_readers: 0,
             stall_reader: Duration::ZERO,
             stall_reader_after: Duration::from_secs(2),
             api_key: None,
@@ -393,6 +397,8 @@ pub struct Report {
     pub connections: usize,
     /// The extra readers (`--readers`), the first one stalled when `--stall-reader-s` is set.
     pub readers: Vec<readers::ReaderReport>,
+    /// The light delivery-event subscribers (`--delivery-readers`).
+    pub delivery_readers: Option<readers::DeliveryReadersReport>,
     /// The server's largest resident memory sampled during the run (every 250 ms).
     pub server_rss_peak_bytes: Option<u64>,
 }
@@ -490,6 +496,13 @@ impl std::fmt::Display for Report {
                 m.rss_connected_bytes as f64 / 1048576.0,
                 m.connections,
                 m.per_connection_bytes as f64 / 1024.0
+            )?;
+        }
+        if let Some(d) = &self.delivery_readers {
+            writeln!(
+                f,
+                "subscribers {} more on delivery events: each received {} to {} events",
+                d.readers, d.min_events, d.max_events
             )?;
         }
         for r in &self.readers {
@@ -678,6 +691,13 @@ pub async fn run(cfg: LoadConfig, progress: Arc<dyn Fn(&Progress) + Send + Sync>
     };
     let memory_peak =
         if cfg.raw { None } else { Some(readers::watch_memory(http.clone(), api.clone(), readers_stop_rx.clone())) };
+    let delivery_readers = if cfg.raw || cfg.delivery_readers == 0 {
+        None
+    } else {
+        let started =
+            readers::DeliveryReaders::start(cfg.delivery_readers, cfg.server, &client_cfg, &readers_stop_rx).await;
+        Some(started.context("starting the delivery-event subscribers")?)
+    };
 
     // Drones, spread over connections in contiguous blocks, so each connection takes its
     // drones' missions from drone-commands as one key range.
@@ -852,6 +872,10 @@ pub async fn run(cfg: LoadConfig, progress: Arc<dyn Fn(&Progress) + Send + Sync>
     ticker.abort();
     let _ = readers_stop.send(true);
     let reader_reports = readers::finish(extra_readers).await;
+    let delivery_readers = match delivery_readers {
+        Some(r) => Some(r.finish().await),
+        None => None,
+    };
     let server_rss_peak_bytes = match memory_peak {
         Some(task) => task.await.ok().filter(|peak| *peak > 0),
         None => None,
@@ -951,6 +975,7 @@ pub async fn run(cfg: LoadConfig, progress: Arc<dyn Fn(&Progress) + Send + Sync>
         mode: if cfg.raw { "raw" } else { "full" },
         telemetry_check: cfg.telemetry_check,
         readers: reader_reports,
+        delivery_readers,
         server_rss_peak_bytes,
     })
 }
@@ -1800,6 +1825,7 @@ pub(crate) mod tests {
             drones: 1,
             connections: 1,
             readers: Vec::new(),
+            delivery_readers: None,
             server_rss_peak_bytes: None,
         }
     }

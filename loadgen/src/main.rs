@@ -105,6 +105,10 @@ struct Args {
     /// Extra telemetry subscribers (each its own connection) that measure what they receive.
     #[arg(long, default_value_t = 0)]
     readers: usize,
+    /// Light delivery-event subscribers (60 to a connection) that only count what they receive:
+    /// what many concurrent subscribers cost the ingest.
+    #[arg(long, default_value_t = 0)]
+    delivery_readers: usize,
     /// Seconds the first extra reader stops reading (then it catches up from the log).
     #[arg(long, default_value_t = 0.0)]
     stall_reader_s: f64,
@@ -205,6 +209,7 @@ async fn main() -> anyhow::Result<()> {
     cfg.raw = args.raw;
     cfg.telemetry_check = args.telemetry_check;
     cfg.readers = args.readers;
+    cfg.delivery_readers = args.delivery_readers;
     cfg.api_key = args.api_key.clone();
     cfg.split = split;
     cfg.quic_identity = args.client_cert.clone().zip(args.client_key.clone());

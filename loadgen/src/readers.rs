@@ -202,3 +202,81 @@ pub fn watch_memory(
         }
     })
 }
+
+/// Subscriptions one connection of [`DeliveryReaders`] carries (the server allows 64 streams
+/// per connection).
+const SUBSCRIPTIONS_PER_CONNECTION: usize = 60;
+
+/// Light subscribers of the delivery-events topic (`--delivery-readers N`): N log subscriptions
+/// from the latest offset, 60 to a QUIC connection, each only counting what it receives. They
+/// show what many concurrent subscribers cost the ingest (the run's throughput beside one
+/// without them) and that each gets every event.
+#[derive(Debug)]
+pub struct DeliveryReaders {
+    clients: Vec<IngestClient>,
+    tasks: Vec<tokio::task::JoinHandle<u64>>,
+}
+
+/// What the delivery-event subscribers received.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct DeliveryReadersReport {
+    /// Subscribers.
+    pub readers: usize,
+    /// The fewest delivery events one of them received.
+    pub min_events: u64,
+    /// The most.
+    pub max_events: u64,
+}
+
+impl DeliveryReaders {
+    /// Opens `n` subscriptions; each counts until `stop`.
+    pub async fn start(
+        n: usize,
+        server: std::net::SocketAddr,
+        client_cfg: &ClientConfig,
+        stop: &watch::Receiver<bool>,
+    ) -> anyhow::Result<Self> {
+        let mut clients = Vec::new();
+        let mut tasks = Vec::with_capacity(n);
+        for first in (0..n).step_by(SUBSCRIPTIONS_PER_CONNECTION) {
+            let client = IngestClient::connect(server, client_cfg).await?;
+            for _ in first..(first + SUBSCRIPTIONS_PER_CONNECTION).min(n) {
+                let mut sub =
+                    client.subscribe_from::<events::DeliveryEvent>(Topic::DeliveryEvents, StartAt::Latest).await?;
+                let mut stop = stop.clone();
+                tasks.push(tokio::spawn(async move {
+                    let mut events = 0u64;
+                    loop {
+                        tokio::select! {
+                            _ = stop.changed() => break,
+                            next = sub.next() => match next {
+                                Ok(Some((_, batch))) => events += batch.len() as u64,
+                                _ => break,
+                            }
+                        }
+                    }
+                    events
+                }));
+            }
+            clients.push(client);
+        }
+        Ok(Self { clients, tasks })
+    }
+
+    /// Waits for every subscriber (after the run's stop) and closes their connections.
+    pub async fn finish(self) -> DeliveryReadersReport {
+        let readers = self.tasks.len();
+        let mut counts = Vec::with_capacity(readers);
+        for task in self.tasks {
+            counts.push(task.await.unwrap_or(0));
+        }
+        for client in self.clients {
+            client.close().await;
+        }
+        DeliveryReadersReport {
+            readers,
+            min_events: counts.iter().copied().min().unwrap_or(0),
+            max_events: counts.iter().copied().max().unwrap_or(0),
+        }
+    }
+}

@@ -10,6 +10,7 @@ use std::sync::OnceLock;
 
 use super::backend::{Backend, BoxFuture, CheckpointStore, DerivedSink, StartContext, Started};
 use super::checkpointer::DirCheckpoints;
+use super::readers::PageReader;
 use super::*;
 
 /// The embedded backend.
@@ -26,12 +27,18 @@ pub struct Local {
     shards: usize,
     append: OnceLock<flume::Sender<AppendReq>>,
     stopping: Arc<AtomicBool>,
+    /// Reads the segment files for subscribers behind the tails.
+    reader: PageReader,
 }
 
 impl Local {
     /// Keeps nothing: offsets are counted in memory and a restart starts empty.
-    pub(super) fn memory(deliveries: Arc<Topic<DeliveryEvent>>, metrics: Arc<EngineMetrics>, shards: usize) -> Self {
-        Self {
+    pub(super) fn memory(
+        deliveries: Arc<Topic<DeliveryEvent>>,
+        metrics: Arc<EngineMetrics>,
+        shards: usize,
+    ) -> Result<Self, crate::Error> {
+        Ok(Self {
             log: None,
             tail: Tail::at(0),
             out_log: None,
@@ -44,7 +51,8 @@ impl Local {
             shards,
             append: OnceLock::new(),
             stopping: Arc::default(),
-        }
+            reader: PageReader::start()?,
+        })
     }
 
     /// Opens (recovering) the logs under `dir`.
@@ -81,6 +89,7 @@ impl Local {
             shards,
             append: OnceLock::new(),
             stopping: Arc::default(),
+            reader: PageReader::start()?,
         };
         Ok((local, recovery))
     }
@@ -100,7 +109,7 @@ impl Local {
         kind: RecordKind,
         start: StartAt,
     ) -> Result<OffsetSubscription<T>, Error> {
-        readers::follow(log, tail, &self.stopping, kind, start)
+        readers::follow(&self.reader, log, tail, &self.stopping, kind, start)
     }
 }
 

@@ -186,7 +186,7 @@ impl Engine {
         let metrics = Arc::new(EngineMetrics::default());
         let mut report = StartReport::default();
         let backend: Arc<dyn Backend> = match storage {
-            Storage::Memory => Arc::new(Local::memory(deliveries.clone(), metrics.clone(), n)),
+            Storage::Memory => Arc::new(Local::memory(deliveries.clone(), metrics.clone(), n)?),
             Storage::Durable { dir, log } => {
                 let (local, recovery) = Local::open(&dir, log, deliveries.clone(), metrics.clone(), n)?;
                 report.recovery = recovery;

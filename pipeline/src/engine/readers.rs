@@ -1,8 +1,8 @@
 //! Offset subscriptions on the embedded log.
 //!
 //! A subscriber is a task on the runtime (not a thread): it serves the batches just before the
-//! delivered end from the log's [`Tail`] (shared, as the shards got them) and reads segment files,
-//! a page at a time on the blocking pool, only for what fell out of the tail. It blocks on nothing:
+//! delivered end from the log's [`Tail`] (shared, as the shards got them) and has segment files
+//! read, a page at a time by the one [`PageReader`] thread, only for what fell out of the tail. It blocks on nothing:
 //! it waits for the end to move, or for room in its subscriber's bounded queue (a slow subscriber
 //! throttles only itself).
 
@@ -14,10 +14,47 @@ use super::*;
 /// Records a subscriber takes from memory or the log per step.
 const PAGE: usize = 64;
 
+/// A read waiting for the page reader.
+type ReadJob = Box<dyn FnOnce() + Send>;
+
+/// The one thread that reads segment files for the subscribers that fell behind memory. One
+/// thread, not the runtime's blocking pool: a page's buffers (the file reader's and up to
+/// [`PAGE`] batches) come and go on one allocator heap instead of being left cached on up to
+/// hundreds of pool threads. It ends once every handle is gone.
+#[derive(Clone)]
+pub(super) struct PageReader {
+    jobs: flume::Sender<ReadJob>,
+}
+
+impl PageReader {
+    pub(super) fn start() -> Result<Self, crate::Error> {
+        let (jobs, rx) = flume::bounded::<ReadJob>(FOLLOW_QUEUE);
+        std::thread::Builder::new().name("log-reader".into()).spawn(move || {
+            while let Ok(job) = rx.recv() {
+                job();
+            }
+        })?;
+        Ok(Self { jobs })
+    }
+
+    /// Runs `read` on the reader thread; `None` if it is gone.
+    async fn run<R: Send + 'static>(&self, read: impl FnOnce() -> R + Send + 'static) -> Option<R> {
+        let (tx, rx) = oneshot::channel();
+        self.jobs
+            .send_async(Box::new(move || {
+                let _ = tx.send(read());
+            }))
+            .await
+            .ok()?;
+        rx.await.ok()
+    }
+}
+
 /// Starts a task that feeds an offset subscription with the `kind` records of `log`, whose
 /// delivered end and recent batches are `tail`, until the subscriber goes away or `stopping` is
 /// set.
 pub(super) fn follow<T: Payload>(
+    reader: &PageReader,
     log: Option<&SharedLog>,
     tail: &Arc<Tail<T>>,
     stopping: &Arc<AtomicBool>,
@@ -47,7 +84,7 @@ pub(super) fn follow<T: Payload>(
         }
     };
     let (tx, rx) = flume::bounded(FOLLOW_QUEUE);
-    let task = follow_task(log, tail.clone(), stopping.clone(), kind, from, tx);
+    let task = follow_task(reader.clone(), log, tail.clone(), stopping.clone(), kind, from, tx);
     match tokio::runtime::Handle::try_current() {
         Ok(handle) => {
             handle.spawn(task);
@@ -71,6 +108,7 @@ pub(super) fn follow<T: Payload>(
 /// the log, then waits for the end to move; ends when the subscriber goes away, or once caught
 /// up while the engine stops.
 async fn follow_task<T: Payload>(
+    reader: PageReader,
     log: SharedLog,
     tail: Arc<Tail<T>>,
     stopping: Arc<AtomicBool>,
@@ -100,18 +138,20 @@ async fn follow_task<T: Payload>(
             Err(memory_from) => {
                 let until = memory_from.min(end);
                 let (log, from, hint) = (log.clone(), next, resume.take());
-                let read = tokio::task::spawn_blocking(move || read_page::<T>(&log, kind, from, until, hint)).await;
-                match read {
-                    Ok(Ok((items, after, hint))) => {
+                match reader.run(move || read_page::<T>(&log, kind, from, until, hint)).await {
+                    Some(Ok((items, after, hint))) => {
                         page.extend(items);
                         next = after;
                         resume = hint;
                     }
-                    Ok(Err(e)) => {
+                    Some(Err(e)) => {
                         let _ = tx.send_async(Err(e)).await;
                         return;
                     }
-                    Err(_) => return, // the runtime is shutting down
+                    None => {
+                        let _ = tx.send_async(Err(Error::ShuttingDown)).await;
+                        return;
+                    }
                 }
             }
         }
