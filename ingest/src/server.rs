@@ -664,8 +664,9 @@ const COALESCE_BYTES: usize = 16 * 1024;
 async fn write_items<T: Payload>(
     send: &mut SendStream,
     items: impl Iterator<Item = (u64, Arc<events::Batch<T>>)>,
+    gathered: &mut Vec<u8>,
 ) -> Result<(), quinn::WriteError> {
-    let mut gathered: Vec<u8> = Vec::new();
+    gathered.clear();
     for (offset, batch) in items {
         let bytes = batch.as_bytes();
         if bytes.len() <= COALESCE_BYTES {
@@ -674,14 +675,14 @@ async fn write_items<T: Payload>(
             continue;
         }
         if !gathered.is_empty() {
-            send.write_all(&gathered).await?;
+            send.write_all(gathered).await?;
             gathered.clear();
         }
         send.write_all(&offset.to_le_bytes()).await?;
         send.write_all(bytes).await?;
     }
     if !gathered.is_empty() {
-        send.write_all(&gathered).await?;
+        send.write_all(gathered).await?;
     }
     Ok(())
 }
@@ -692,6 +693,8 @@ async fn follow<T: Payload>(mut send: SendStream, sub: events::OffsetSubscriptio
     if send.write_all(&sub.start.to_le_bytes()).await.is_err() {
         return;
     }
+    // Reused for every write: what is taken from the queue, and the small frames gathered.
+    let (mut more, mut gathered) = (Vec::with_capacity(COALESCE_MAX), Vec::new());
     loop {
         tokio::select! {
             biased;
@@ -707,7 +710,7 @@ async fn follow<T: Payload>(mut send: SendStream, sub: events::OffsetSubscriptio
                     // Whatever else is already waiting goes out in the same write: a topic of
                     // small batches (delivery events) followed by many subscribers would
                     // otherwise cost two stream writes per batch per subscriber.
-                    let mut more = Vec::new();
+                    more.clear();
                     let mut ended = None;
                     while more.len() < COALESCE_MAX {
                         match sub.rx.try_recv() {
@@ -719,7 +722,8 @@ async fn follow<T: Payload>(mut send: SendStream, sub: events::OffsetSubscriptio
                             Err(_) => break,
                         }
                     }
-                    let written = write_items(&mut send, std::iter::once((offset, batch)).chain(more)).await;
+                    let items = std::iter::once((offset, batch)).chain(more.drain(..));
+                    let written = write_items(&mut send, items, &mut gathered).await;
                     if written.is_err() {
                         break;
                     }

@@ -4,12 +4,12 @@
 
 #![allow(clippy::unwrap_used)] // helpers in a test crate may panic: that fails the test
 
+mod common;
+
 use std::time::Duration;
 
 use events::wire::Buffer;
-use events::{
-    BatchMeta, BatchSink, DroneEvent, DroneEventKind, FlightStatus, GeoPoint, StartAt, StreamSource, TelemetryBatch,
-};
+use events::{BatchMeta, BatchSink, GeoPoint, StartAt, StreamSource, TelemetryBatch};
 use pipeline::engine::{Engine, EngineConfig, Storage};
 use pipeline::log::LogConfig;
 
@@ -18,17 +18,7 @@ fn threads() -> usize {
 }
 
 fn batch(seq: u64) -> TelemetryBatch {
-    let ev = DroneEvent {
-        drone_id: seq % 7 + 1,
-        seq,
-        ts_us: seq,
-        position: GeoPoint::new(1.0, 1.0),
-        speed_mps: 0.0,
-        heading_deg: 0.0,
-        battery_pct: 50.0,
-        status: FlightStatus::Flying,
-        kind: DroneEventKind::Position,
-    };
+    let ev = common::drone_event(seq % 7 + 1, seq, 0, GeoPoint::new(47.6, -122.3));
     let meta = BatchMeta { producer_id: 9, batch_seq: seq, ..BatchMeta::default() };
     TelemetryBatch::encode(meta, &[ev], Buffer::new()).unwrap()
 }

@@ -133,10 +133,7 @@ impl DerivedSink for JetStreamSink {
 
     fn end_round(&mut self) {
         if !self.events.is_empty() {
-            match DeliveryBatch::encode(events::BatchMeta::default(), &self.events, Buffer::new()) {
-                Ok(batch) => self.cluster.publish_deliveries(std::iter::once(batch)),
-                Err(error) => tracing::error!(%error, "delivery batch encoding failed"),
-            }
+            self.cluster.publish_deliveries(&self.events);
             self.events.clear();
         }
         for done in self.waiting.drain(..) {

@@ -419,11 +419,8 @@ impl Cluster {
     /// Publishes derived delivery events, one message each, and returns once JetStream has them
     /// all. Retries until it succeeds or the node stops: derived events must not be dropped,
     /// and waiting here holds the shards back instead. Called from the publisher thread.
-    pub(crate) fn publish_deliveries(&self, batches: impl Iterator<Item = DeliveryBatch>) {
-        let mut messages = Vec::new();
-        for batch in batches {
-            self.delivery_messages(&batch, &mut messages);
-        }
+    pub(crate) fn publish_deliveries(&self, derived: &[events::DeliveryEvent]) {
+        let messages = self.delivery_messages(derived);
         if messages.is_empty() {
             return;
         }
@@ -461,21 +458,22 @@ impl Cluster {
         }
     }
 
-    /// One message per event of `batch`: (subject, message id, a batch of that one event).
-    fn delivery_messages(&self, batch: &DeliveryBatch, out: &mut Vec<(String, String, Bytes)>) {
-        let meta = batch.header().meta;
-        for ev in batch.events().iter() {
-            let Ok(owned) = rkyv::deserialize::<events::DeliveryEvent, rkyv::rancor::Error>(ev) else { continue };
-            let shard = shard_of(owned.drone_id, self.shards);
-            match DeliveryBatch::encode(meta, std::slice::from_ref(&owned), Buffer::with_capacity(256)) {
+    /// One message per derived event: (subject, message id, a batch of that one event).
+    fn delivery_messages(&self, derived: &[events::DeliveryEvent]) -> Vec<(String, String, Bytes)> {
+        let mut out = Vec::with_capacity(derived.len());
+        for ev in derived {
+            let shard = shard_of(ev.drone_id, self.shards);
+            let one = std::slice::from_ref(ev);
+            match DeliveryBatch::encode(events::BatchMeta::default(), one, Buffer::with_capacity(256)) {
                 Ok(one) => out.push((
                     self.deliveries.subject(shard),
-                    format!("{}-{}", owned.delivery_id, owned.seq),
+                    format!("{}-{}", ev.delivery_id, ev.seq),
                     Bytes::from_owner(one.into_buffer()),
                 )),
                 Err(error) => warn!(%error, "encoding a delivery event failed"),
             }
         }
+        out
     }
 
     /// A drone's live state from the node that runs its shard; `None` when the drone never

@@ -84,12 +84,7 @@ impl Local {
             ckpt_dir: Some(dir.join("checkpoints")),
             policy: cfg.fsync,
             interval: Duration::from_millis(cfg.fsync_interval_ms.max(1)),
-            deliveries,
-            metrics,
-            shards,
-            append: OnceLock::new(),
-            stopping: Arc::default(),
-            reader: PageReader::start()?,
+            ..Self::memory(deliveries, metrics, shards)?
         };
         Ok((local, recovery))
     }
