@@ -567,6 +567,10 @@ fn follow_deliveries(
 /// Delivery History's consumer: reads the delivery-events log from where the store's last
 /// commit left off and stores each batch with the offset after it (one transaction), until
 /// the engine stops.
+/// How long the delivery-events log may be quiet before Delivery History stores the owner
+/// notes still waiting for a batch to ride with.
+const OWNER_NOTES_IDLE: std::time::Duration = std::time::Duration::from_millis(500);
+
 fn start_history(
     engine: &Engine,
     history: Arc<services::history::History>,
@@ -585,7 +589,22 @@ fn start_history(
             const LINGER: std::time::Duration = std::time::Duration::from_millis(20);
             let mut group = Vec::with_capacity(MAX_GROUP);
             let mut ended = None;
-            while let Ok(first) = sub.rx.recv() {
+            loop {
+                let first = match sub.rx.recv_timeout(OWNER_NOTES_IDLE) {
+                    Ok(first) => first,
+                    // Owner notes ride with the next stored batch; one noted after its
+                    // delivery's last batch (a schedule completed by recovery after the replay
+                    // stored its Created) is written once the log is quiet.
+                    Err(flume::RecvTimeoutError::Timeout) => {
+                        if let Err(error) = history.flush() {
+                            tracing::error!(%error, "delivery history could not store owner notes");
+                            following.store(false, std::sync::atomic::Ordering::SeqCst);
+                            return;
+                        }
+                        continue;
+                    }
+                    Err(flume::RecvTimeoutError::Disconnected) => return,
+                };
                 let until = std::time::Instant::now() + LINGER;
                 let mut item = Some(first);
                 while let Some(next) = item.take() {

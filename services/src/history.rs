@@ -210,8 +210,11 @@ impl History {
         if full { self.flush() } else { Ok(()) }
     }
 
-    /// Writes (and fsyncs) the owner notes not yet stored; for shutdown.
+    /// Writes (and fsyncs) the owner notes not yet stored: at shutdown, and when the log is quiet.
     pub fn flush(&self) -> Result<(), Error> {
+        if self.pending.lock().is_empty() {
+            return Ok(());
+        }
         let db = match &self.backend {
             Backend::Embedded(db) => db,
             Backend::Postgres(pg) => return pg.apply(self.take_owner_rows(), Vec::new(), None),
