@@ -75,8 +75,10 @@ impl DronesConfig {
     }
 }
 
-/// Grid cell size in degrees (about 5.5 km of latitude).
-const CELL_DEG: f64 = 0.05;
+/// Grid cell size in degrees (about 550 m of latitude): a dense urban fleet (10,000 drones
+/// within 10 km) puts a few dozen drones in a cell, so a search looks at a few hundred; a sparse
+/// one falls back to scanning its occupied cells (see [`Registry::nearest`]).
+const CELL_DEG: f64 = 0.005;
 const KM_PER_DEG: f64 = 111.2;
 
 type Cell = (i32, i32);
@@ -360,17 +362,11 @@ impl Registry {
                 *best = Some((d, id));
             }
         };
-        // Few occupied cells: scanning them beats walking many empty rings.
-        if self.cells.len() < 64 {
-            for listed in self.cells.values().flatten() {
-                consider(&mut best, listed);
-            }
-            return best.map(|(_, id)| id);
-        }
         // How far the pickup is from the nearest edge of its own cell, in degrees: every point
         // of ring r is at least (r - 1) cells plus this much away on one axis.
         let (lat_off, lon_off) = (pickup.lat / CELL_DEG - f64::from(ci), pickup.lon / CELL_DEG - f64::from(cj));
         let edge_deg = lat_off.min(1.0 - lat_off).min(lon_off).min(1.0 - lon_off).max(0.0) * CELL_DEG;
+        let mut visited = 0usize;
         for ring in 0..=max_ring {
             // A degree of longitude shrinks by cos(latitude), taken at the ring's far edge (a
             // degree of latitude does not: the bound stays a lower one on either axis).
@@ -382,6 +378,16 @@ impl Registry {
                 if floor > best_d {
                     break;
                 }
+            }
+            // Walking (mostly empty) rings past as many cells as are occupied costs more than
+            // looking at every occupied cell once: a sparse fleet, or a pickup far from it.
+            visited += if ring == 0 { 1 } else { 8 * ring as usize };
+            if visited > self.cells.len() {
+                best = None;
+                for listed in self.cells.values().flatten() {
+                    consider(&mut best, listed);
+                }
+                break;
             }
             for (i, j) in ring_cells(ci, cj, ring) {
                 for listed in self.cells.get(&(i, j)).into_iter().flatten() {
@@ -934,6 +940,46 @@ mod tests {
         assert_eq!(reg.size(), (4, 1));
     }
 
+    /// The grid search picks what a scan of every drone picks, for fleets dense (thousands in
+    /// a few km: the ring walk) and sparse (a few over a continent: the fallback scan).
+    #[test]
+    fn the_grid_search_agrees_with_a_scan_of_every_drone() {
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = move || {
+            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            (z ^ (z >> 31)) as f64 / u64::MAX as f64
+        };
+        let cfg = DronesConfig::default();
+        for (drones, spread_deg) in [(3_000u64, 0.05), (200, 0.5), (40, 5.0), (5, 20.0)] {
+            let mut reg = Registry::default();
+            let mut placed = Vec::new();
+            for id in 1..=drones {
+                reg.register(id);
+                let p = GeoPoint::new(47.6 + (next() - 0.5) * spread_deg, -122.3 + (next() - 0.5) * spread_deg);
+                let battery = if next() < 0.1 { 10.0 } else { 90.0 };
+                reg.place(id, Some(p), Some(battery), Some(NOW), &cfg, NOW);
+                placed.push((id, p, battery));
+            }
+            // Each pickup takes the drone it gets out of the grid, so later ones search a
+            // thinning fleet.
+            for k in 0..200 {
+                let pickup =
+                    GeoPoint::new(47.6 + (next() - 0.5) * spread_deg * 1.5, -122.3 + (next() - 0.5) * spread_deg * 1.5);
+                let scan = placed
+                    .iter()
+                    .filter(|(id, _, _)| reg.get(*id).is_some_and(|s| s.delivery.is_none()))
+                    .filter_map(|&(id, p, b)| in_reach(Some(p), Some(b), pickup, &cfg).map(|d| (d, id)))
+                    .min_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)))
+                    .map(|(_, id)| id);
+                let got = reg.assign(1_000_000 + k, pickup, &cfg, NOW).ok();
+                assert_eq!(got, scan, "{drones} drones over {spread_deg}°, pickup {pickup:?}");
+            }
+        }
+    }
+
     #[test]
     fn drones_out_of_range_unheard_silent_or_of_unknown_charge_are_never_assigned() {
         let cfg = DronesConfig { max_distance_km: 50.0, ..DronesConfig::default() };
@@ -971,43 +1017,5 @@ mod tests {
         assert_eq!(reg.assign(101, GeoPoint::new(1.0, 1.0), &cfg, NOW), Ok(2), "the flying drone is not offered");
         assert_eq!(reg.release(100, None), Some(1));
         assert_eq!(reg.assign(102, GeoPoint::new(1.0, 1.0), &cfg, NOW), Ok(1));
-    }
-
-    #[test]
-    fn the_grid_search_agrees_with_a_full_scan() {
-        let cfg = DronesConfig::default();
-        let mut reg = Registry::default();
-        // 400 drones on a grid 0.03° apart, so the search walks rings over many cells.
-        let mut positions = Vec::new();
-        for i in 0..20u64 {
-            for j in 0..20u64 {
-                let id = i * 20 + j + 1;
-                reg.register(id);
-                let p = GeoPoint::new(45.0 + 0.03 * i as f64, 7.0 + 0.03 * j as f64);
-                reg.place(id, Some(p), Some(80.0), Some(NOW), &cfg, NOW);
-                positions.push((id, p));
-            }
-        }
-        // Three chosen pickups, then 300 scattered ones (a fixed-seed generator), each taking the
-        // drone it gets out of the grid.
-        let mut seed = 0x2545_F491_4F6C_DD1Du64;
-        let mut unit = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            (seed >> 11) as f64 / (1u64 << 53) as f64
-        };
-        let scattered: Vec<GeoPoint> =
-            (0..300).map(|_| GeoPoint::new(44.9 + 0.8 * unit(), 6.9 + 0.8 * unit())).collect();
-        let pickups = [GeoPoint::new(45.1, 7.1), GeoPoint::new(45.31, 7.52), GeoPoint::new(44.0, 6.0)];
-        for (k, pickup) in pickups.into_iter().chain(scattered).enumerate() {
-            let expected = positions
-                .iter()
-                .filter(|(id, _)| reg.get(*id).is_some_and(|s| s.delivery.is_none()))
-                .map(|&(id, p)| (distance_km(pickup, p), id))
-                .min_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)))
-                .map(|(_, id)| id);
-            assert_eq!(reg.assign(1000 + k as u64, pickup, &cfg, NOW).ok(), expected);
-        }
     }
 }

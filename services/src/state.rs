@@ -310,6 +310,7 @@ impl<F: FleetControl + WorkQueues + Clone> Services<F> {
         gauge(out, "fleetstream_drones_registered", drones);
         gauge(out, "fleetstream_drones_free", free);
         crate::client::render_metrics(s.deps().all(), out);
+        self.store.stats().render("services", out);
     }
 }
 

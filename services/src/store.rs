@@ -79,6 +79,40 @@ pub fn id_key(id: u64) -> String {
     format!("{id:020}")
 }
 
+/// What a store's writer has done, for `/metrics`: commits, the writes they carried, their
+/// bytes and the time spent committing (fsync included).
+#[derive(Debug, Default)]
+pub struct StoreStats {
+    /// Commits (transactions), failed ones included.
+    pub commits: std::sync::atomic::AtomicU64,
+    /// Puts and deletes committed.
+    pub writes: std::sync::atomic::AtomicU64,
+    /// Keys and values written, in bytes.
+    pub bytes: std::sync::atomic::AtomicU64,
+    /// Microseconds spent in commits.
+    pub commit_us: std::sync::atomic::AtomicU64,
+}
+
+impl StoreStats {
+    /// Prometheus text for this store, labelled `store="{name}"`.
+    pub fn render(&self, name: &str, out: &mut String) {
+        use std::sync::atomic::Ordering::Relaxed;
+        for (metric, help, value) in [
+            ("commits_total", "Commits of the service store (one fsync each).", self.commits.load(Relaxed)),
+            ("writes_total", "Puts and deletes the service store committed.", self.writes.load(Relaxed)),
+            ("written_bytes_total", "Keys and values the service store wrote.", self.bytes.load(Relaxed)),
+        ] {
+            out.push_str(&format!(
+                "# HELP fleetstream_store_{metric} {help}\n# TYPE fleetstream_store_{metric} counter\nfleetstream_store_{metric}{{store=\"{name}\"}} {value}\n"
+            ));
+        }
+        let seconds = self.commit_us.load(Relaxed) as f64 / 1e6;
+        out.push_str(&format!(
+            "# HELP fleetstream_store_commit_seconds_total Time the service store spent committing.\n# TYPE fleetstream_store_commit_seconds_total counter\nfleetstream_store_commit_seconds_total{{store=\"{name}\"}} {seconds}\n"
+        ));
+    }
+}
+
 /// One service's store: a namespace of keys in a database file. Services in one process may
 /// share a file ([`Store::namespace`]), so one commit (one fsync) carries all their writes.
 #[derive(Clone)]
@@ -88,6 +122,7 @@ pub struct Store {
     prefix: String,
     failed: Arc<Mutex<Option<String>>>,
     inject: Arc<std::sync::atomic::AtomicBool>,
+    stats: Arc<StoreStats>,
     /// On a shared store: this node's name, which its [`Store::local`] namespaces carry.
     node: Option<Arc<str>>,
 }
@@ -243,14 +278,15 @@ impl Store {
         let (tx, rx) = flume::bounded::<Op>(QUEUE);
         let failed = Arc::new(Mutex::new(None));
         let inject = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (writer_failed, writer_inject) = (failed.clone(), inject.clone());
+        let stats = Arc::new(StoreStats::default());
+        let (writer_failed, writer_inject, writer_stats) = (failed.clone(), inject.clone(), stats.clone());
         let (ready_tx, ready) = std::sync::mpsc::channel::<Result<(), Error>>();
         std::thread::Builder::new()
             .name(format!("store-{name}"))
             .spawn(move || match open() {
                 Ok(commit) => {
                     let _ = ready_tx.send(Ok(()));
-                    writer(&rx, &writer_failed, &writer_inject, commit);
+                    writer(&rx, &writer_failed, &writer_inject, &writer_stats, commit);
                 }
                 Err(error) => {
                     let _ = ready_tx.send(Err(error));
@@ -258,7 +294,7 @@ impl Store {
             })
             .map_err(store_error)?;
         ready.recv().map_err(|_| store_error("the writer stopped"))??;
-        Ok(Self { backend, tx, prefix: String::new(), failed, inject, node })
+        Ok(Self { backend, tx, prefix: String::new(), failed, inject, stats, node })
     }
 
     /// The same database under the namespace `name`: its keys cannot meet another
@@ -270,6 +306,7 @@ impl Store {
             prefix: format!("{}{name}/", self.prefix),
             failed: self.failed.clone(),
             inject: self.inject.clone(),
+            stats: self.stats.clone(),
             node: self.node.clone(),
         }
     }
@@ -299,6 +336,11 @@ impl Store {
     #[doc(hidden)]
     pub fn fail_commits(&self) {
         self.inject.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// What the store's writer has done (shared by every namespace of the file).
+    pub fn stats(&self) -> &StoreStats {
+        &self.stats
     }
 
     /// Why the store stopped taking writes, if it did (a failed commit).
@@ -414,6 +456,7 @@ fn writer(
     rx: &flume::Receiver<Op>,
     failed: &Mutex<Option<String>>,
     inject: &std::sync::atomic::AtomicBool,
+    stats: &StoreStats,
     mut commit: impl FnMut(&[Op]) -> Result<Vec<Vec<bool>>, String>,
 ) {
     while let Ok(first) = rx.recv() {
@@ -429,6 +472,7 @@ fn writer(
             }
         }
         let stopped = failed.lock().clone();
+        let started = std::time::Instant::now();
         let outcome = match stopped {
             Some(reason) => Err(format!("stopped after a failed commit: {reason}")),
             None => if inject.load(std::sync::atomic::Ordering::Relaxed) {
@@ -441,6 +485,21 @@ fn writer(
                 *failed.lock() = Some(e.clone());
             }),
         };
+        {
+            use std::sync::atomic::Ordering::Relaxed;
+            let bytes: usize = group
+                .iter()
+                .flat_map(|op| &op.writes)
+                .map(|w| match w {
+                    Write::Put(k, v, _) => k.len() + v.len(),
+                    Write::Delete(k) => k.len(),
+                })
+                .sum();
+            stats.commits.fetch_add(1, Relaxed);
+            stats.writes.fetch_add(writes as u64, Relaxed);
+            stats.bytes.fetch_add(bytes as u64, Relaxed);
+            stats.commit_us.fetch_add(started.elapsed().as_micros() as u64, Relaxed);
+        }
         match outcome {
             Ok(results) => {
                 for (op, fresh) in group.into_iter().zip(results) {
