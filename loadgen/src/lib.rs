@@ -126,8 +126,13 @@ impl SplitTargets {
         self.drones_api.as_deref().unwrap_or(api).trim_end_matches('/').to_string()
     }
 
+    /// Where accounts are opened: the Accounts service's internal route in split mode, else
+    /// the node's admin route.
     fn accounts<'a>(&'a self, api: &'a str) -> String {
-        self.accounts_api.as_deref().unwrap_or(api).trim_end_matches('/').to_string()
+        match &self.accounts_api {
+            Some(url) => format!("{}/internal/v1/accounts", url.trim_end_matches('/')),
+            None => format!("{}/v1/accounts", api.trim_end_matches('/')),
+        }
     }
 }
 
@@ -627,20 +632,20 @@ pub(crate) fn near(center: GeoPoint, rng: &mut impl Rng, spread_deg: f64) -> Geo
 /// How many customer accounts the simulated orders are spread over (`customer-0` ...).
 pub(crate) const CUSTOMERS: u64 = 1000;
 
-/// Opens the simulated customers' accounts (an idempotent PUT each, so a second run against
-/// the same server changes nothing).
-pub(crate) async fn open_accounts(http: &reqwest::Client, api: &str) -> anyhow::Result<()> {
+/// Opens the simulated customers' accounts at `accounts` (`.../accounts`; an idempotent PUT
+/// each, so a second run against the same server changes nothing).
+pub(crate) async fn open_accounts(http: &reqwest::Client, accounts: &str) -> anyhow::Result<()> {
     let ids: Vec<u64> = (0..CUSTOMERS).collect();
     for chunk in ids.chunks(100) {
         let calls: Vec<_> = chunk
             .iter()
             .map(|i| {
-                let req = http.put(format!("{api}/internal/v1/accounts/customer-{i}")).json(&serde_json::json!({}));
+                let req = http.put(format!("{accounts}/customer-{i}")).json(&serde_json::json!({}));
                 tokio::spawn(async move { req.send().await })
             })
             .collect();
         for call in calls {
-            let resp = call.await?.with_context(|| format!("opening customer accounts at {api}"))?;
+            let resp = call.await?.with_context(|| format!("opening customer accounts at {accounts}"))?;
             if !resp.status().is_success() {
                 bail!("opening customer accounts: {} {}", resp.status(), resp.text().await.unwrap_or_default());
             }

@@ -14,10 +14,13 @@
 //!
 //! [http]
 //! listen = "127.0.0.1:8080"
-//! api_keys = []                # none: open; otherwise required on all but /healthz, /metrics
+//! api_keys = []                # none: open; otherwise required on all but /healthz, /readyz, /metrics
+//! # api_keys = [{ key = "…", owner = "customer-1" }, { sha256 = "<hex>", role = "admin" }]
+//! # api_keys_file = "keys.toml"   # more keys, `api_keys = [...]` in the same form
 //! # tls = { cert = "ca/scheduler.pem", key = "ca/scheduler-key.pem" }   # HTTPS instead of HTTP
+//! drain_delay_ms = 0           # on shutdown, not ready but still serving this long first
 //! drain_timeout_ms = 5000      # on shutdown, then lingering connections are dropped
-//! [http.throttle]              # per client (x-api-key, else IP) on /v1/deliveries
+//! [http.throttle]              # per principal (else peer IP) on /v1/deliveries
 //! rate_per_s = 20000
 //! burst = 40000
 //!
@@ -160,9 +163,13 @@ pub struct HttpConfig {
     /// Per-client limits on the public delivery API (see `services::throttle`).
     pub throttle: services::throttle::ThrottleConfig,
     /// API keys clients must present (`Authorization: Bearer <key>` or `x-api-key`) on every
-    /// route but `/healthz` and `/metrics`. Default none: the API is open, which suits a
-    /// loopback listener; set keys before exposing it.
-    pub api_keys: Vec<String>,
+    /// route but `/healthz`, `/readyz` and `/metrics`, each bound to a principal: `{ key,
+    /// owner }` a customer, `{ key, role = "admin" }` an operator, `sha256` instead of `key` to
+    /// keep only the digest here, a bare string an admin key (see `services::auth`). Default
+    /// none: the API is open, which suits a loopback listener; set keys before exposing it.
+    pub api_keys: Vec<services::auth::ApiKeySpec>,
+    /// A TOML file with more keys (`api_keys = [...]`, same form), read at start. Default none.
+    pub api_keys_file: Option<PathBuf>,
     /// Serve HTTPS with this certificate and key (PEM) instead of plain HTTP. Default none:
     /// plain HTTP, for a loopback listener; set it before exposing the API.
     pub tls: Option<HttpTls>,
@@ -171,6 +178,10 @@ pub struct HttpConfig {
     /// so the engine can drain. Default 5,000: a scheduling saga takes milliseconds, and SSE
     /// streams end as soon as the drain starts.
     pub drain_timeout_ms: u64,
+    /// On shutdown, how long the node stays up with `/readyz` answering `503 draining` before
+    /// its listeners close, ms: the time a load balancer (a Kubernetes Service) needs to stop
+    /// sending it new clients. Default 0: one process on its own has nobody to tell.
+    pub drain_delay_ms: u64,
 }
 
 /// The public listener's certificate.
@@ -183,14 +194,35 @@ pub struct HttpTls {
     pub key: PathBuf,
 }
 
+impl HttpConfig {
+    /// The accepted keys: `api_keys` and those of `api_keys_file`.
+    pub fn keys(&self) -> Result<std::sync::Arc<services::auth::ApiKeys>, crate::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct KeysFile {
+            api_keys: Vec<services::auth::ApiKeySpec>,
+        }
+        let mut specs = self.api_keys.clone();
+        if let Some(path) = &self.api_keys_file {
+            let file: KeysFile = Figment::from(Toml::file_exact(path))
+                .extract()
+                .map_err(|e| crate::Error::Config(format!("API keys in {}: {e}", path.display())))?;
+            specs.extend(file.api_keys);
+        }
+        services::auth::ApiKeys::from_specs(&specs).map_err(|e| crate::Error::Config(e.to_string()))
+    }
+}
+
 impl Default for HttpConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             throttle: services::throttle::ThrottleConfig::default(),
             api_keys: Vec::new(),
+            api_keys_file: None,
             tls: None,
             drain_timeout_ms: 5_000,
+            drain_delay_ms: 0,
         }
     }
 }

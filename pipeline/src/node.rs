@@ -47,6 +47,7 @@ pub struct Node {
     http_stop: oneshot::Sender<()>,
     http_task: JoinHandle<std::io::Result<()>>,
     drain_timeout: std::time::Duration,
+    drain_delay: std::time::Duration,
     consumer_stop: oneshot::Sender<()>,
     consumer_task: JoinHandle<()>,
     /// Which parts are running (readiness).
@@ -78,6 +79,8 @@ impl Node {
     /// Starts everything. The ingest certificate is at `DATA_DIR/tls/ingest-cert.pem` so
     /// clients on this machine can trust a self-signed one.
     pub async fn start(cfg: &Config) -> Result<Self, Error> {
+        // A malformed key entry is a configuration error, reported before anything starts.
+        let api_keys = cfg.http.keys()?;
         // Before anything in the data dir is opened: a second node there would damage the logs.
         let data_dir_lock = crate::datadir::DataDirLock::acquire(&cfg.data_dir)?;
         services::trace::install_exporter(&cfg.tracing);
@@ -265,6 +268,17 @@ impl Node {
             .start_recovery(records_caught_up(position_rx, logged))
             .await
             .map_err(|e| Error::Task(format!("reading the saga journal: {e}")))?;
+        // Readiness waits for it: until then, orders a crash cut short may hold drones.
+        let recovered = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        tokio::spawn({
+            let (recovered, recovery) = (recovered.clone(), recovery_task.abort_handle());
+            async move {
+                while !recovery.is_finished() {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                recovered.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        });
         // Drones registered before they ever reported are looked up until they do; operations
         // that failed part-way (an undo that could not be made) are tried again every 5 s.
         let sweeper_task = tokio::spawn({
@@ -311,10 +325,10 @@ impl Node {
             services: services.clone(),
             services_following: following.clone(),
             history_following,
+            recovered,
             stopping: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         };
         let throttle = services::throttle::Throttle::new(cfg.http.throttle);
-        let api_keys = services::auth::ApiKeys::new(cfg.http.api_keys.iter().cloned());
         if !api_keys.enforced() {
             tracing::warn!(http = %http_addr, "the HTTP API is open: no API keys are configured ([http] api_keys)");
         }
@@ -339,12 +353,7 @@ impl Node {
                             "fleetstream_http_throttled_total",
                             throttle.throttled.load(std::sync::atomic::Ordering::Relaxed),
                         );
-                        for (reason, counter) in [("missing", &api_keys.missing), ("unknown", &api_keys.unknown)] {
-                            let n = counter.load(std::sync::atomic::Ordering::Relaxed);
-                            out.push_str(&format!(
-                                "fleetstream_http_unauthenticated_total{{reason=\"{reason}\"}} {n}\n"
-                            ));
-                        }
+                        services::auth::render_metrics(&api_keys, &mut out);
                         services.render_metrics(&mut out);
                         events::prom::counter(
                             &mut out,
@@ -402,6 +411,7 @@ impl Node {
             http_stop,
             http_task,
             drain_timeout: std::time::Duration::from_millis(cfg.http.drain_timeout_ms),
+            drain_delay: std::time::Duration::from_millis(cfg.http.drain_delay_ms),
             consumer_stop,
             consumer_task,
             health,
@@ -422,7 +432,13 @@ impl Node {
 
     /// Drains and stops everything, in order.
     pub async fn shutdown(self) -> Result<(), Error> {
+        // Readiness turns off first; load balancers get `drain_delay` to stop sending new
+        // clients before the listeners close.
         self.health.stopping.store(true, std::sync::atomic::Ordering::SeqCst);
+        if !self.drain_delay.is_zero() {
+            info!(delay_ms = self.drain_delay.as_millis() as u64, "shutting down: not ready, still serving");
+            tokio::time::sleep(self.drain_delay).await;
+        }
         info!("shutting down: ingest");
         let _ = self.ingest_stop.send(());
         let ingest = self.ingest_task.await;
@@ -473,6 +489,7 @@ pub struct Health {
     services: Arc<Services<Engine>>,
     services_following: Arc<std::sync::atomic::AtomicBool>,
     history_following: Arc<std::sync::atomic::AtomicBool>,
+    recovered: Arc<std::sync::atomic::AtomicBool>,
     stopping: Arc<std::sync::atomic::AtomicBool>,
 }
 
@@ -488,6 +505,11 @@ impl Health {
             parts.push(("services store".into(), reason));
         }
         let stopping = self.stopping.load(SeqCst);
+        if stopping {
+            parts.push(("node".into(), "draining: shutting down".into()));
+        } else if !self.recovered.load(SeqCst) {
+            parts.push(("recovery".into(), "carrying operations a restart cut short to an end".into()));
+        }
         if !stopping && !self.services_following.load(SeqCst) {
             parts.push(("services".into(), "stopped following delivery events (see the log)".into()));
         }

@@ -429,7 +429,7 @@ pub async fn start(role: Role, cfg: &Config) -> Result<RoleProcess, Error> {
             let svc =
                 services::drones::DroneManagement::open(engine()?, cfg.services.drones, store.namespace("drones"))
                     .map_err(svc_error)?;
-            let router = svc.router();
+            let router = svc.public_router().merge(svc.internal_router());
             tasks.push(tokio::spawn({
                 let (svc, mut stop) = (svc.clone(), stop_rx.clone());
                 async move {
@@ -519,7 +519,7 @@ pub async fn start(role: Role, cfg: &Config) -> Result<RoleProcess, Error> {
             (router, ClientAuth::Optional)
         }
     };
-    let api_keys = services::auth::ApiKeys::new(cfg.http.api_keys.iter().cloned());
+    let api_keys = cfg.http.keys()?;
     // The public API's description, on every role that serves part of it.
     let router = match auth {
         ClientAuth::Optional => router.merge(services::openapi_router()),

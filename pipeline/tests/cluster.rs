@@ -160,7 +160,7 @@ async fn one_run(url: &str, nats: &async_nats::Client, failure: Failure) {
         let registered =
             web.post(format!("{}/v1/drones", node.api)).json(&serde_json::json!({ "drones": half })).send();
         assert!(registered.await.unwrap().status().is_success());
-        let account = web.put(format!("{}/internal/v1/accounts/cluster-test", node.api)).json(&serde_json::json!({}));
+        let account = web.put(format!("{}/v1/accounts/cluster-test", node.api)).json(&serde_json::json!({}));
         assert!(account.send().await.unwrap().status().is_success());
     }
     let schedule_all = |node: &Node, n: usize| {

@@ -58,7 +58,7 @@ async fn one_run(run: u32) {
     let pem = std::fs::read_to_string(dir.join("tls/ingest-cert.pem")).unwrap();
     common::report_in(format!("127.0.0.1:{quic}").parse().unwrap(), &pem, &api, &drones).await;
     web.post(format!("{api}/v1/drones")).json(&serde_json::json!({ "drones": drones })).send().await.unwrap();
-    let account = web.put(format!("{api}/internal/v1/accounts/crash-test")).json(&serde_json::json!({})).send().await;
+    let account = web.put(format!("{api}/v1/accounts/crash-test")).json(&serde_json::json!({})).send().await;
     assert!(account.unwrap().status().is_success());
     let dropoff = GeoPoint::new(47.62, -122.35);
     let mut delivery_of = BTreeMap::new();

@@ -29,7 +29,7 @@ async fn ready_to_order(node: &Node, http: &reqwest::Client, base: &str, owner: 
     common::report_in(node.quic_addr, &node.certificate_pem, base, drones).await;
     let registered = http.post(format!("{base}/v1/drones")).json(&json!({ "drones": drones })).send().await.unwrap();
     assert!(registered.status().is_success());
-    let account = http.put(format!("{base}/internal/v1/accounts/{owner}")).json(&json!({})).send().await.unwrap();
+    let account = http.put(format!("{base}/v1/accounts/{owner}")).json(&json!({})).send().await.unwrap();
     assert!(account.status().is_success());
     json!({
         "owner": owner, "pickup": {"lat": 47.6, "lon": -122.3}, "dropoff": {"lat": 47.61, "lon": -122.31},
@@ -186,9 +186,7 @@ async fn a_client_over_its_rate_gets_429_with_retry_after() {
     assert_eq!(statuses.iter().map(|r| r.status().as_u16()).collect::<Vec<_>>(), vec![404, 404, 429]);
     let retry: u64 = statuses[2].headers()["retry-after"].to_str().unwrap().parse().unwrap();
     assert!(retry >= 1);
-    // Another client (by API key) is not affected; the unthrottled routes are not limited.
-    let other = http.get(format!("{base}/v1/deliveries/1")).header("x-api-key", "partner-7").send().await.unwrap();
-    assert_eq!(other.status(), 404);
+    // The unthrottled routes are not limited (per-principal allowances: tests/access.rs).
     let metrics = http.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
     assert!(metrics.contains("fleetstream_http_throttled_total 1"), "{metrics}");
     node.shutdown().await.unwrap();
@@ -389,7 +387,7 @@ async fn one_trace_follows_a_delivery_from_the_request_through_the_drone_to_its_
     let http = services::tls::plain_client().unwrap();
     common::report_in(node.quic_addr, &node.certificate_pem, &base, &[5]).await;
     http.put(format!("{base}/v1/drones/5")).send().await.unwrap();
-    http.put(format!("{base}/internal/v1/accounts/acme")).json(&json!({})).send().await.unwrap();
+    http.put(format!("{base}/v1/accounts/acme")).json(&json!({})).send().await.unwrap();
     let events = node.engine.subscribe_deliveries_from(events::StartAt::Earliest).unwrap();
 
     // The customer's request carries a trace; the answer continues it.
@@ -594,5 +592,32 @@ async fn require_sync_refuses_a_jetstream_whose_acknowledgements_may_not_be_on_d
     for stream in ["QUEUE_NOTIFICATIONS", "DEAD_LETTERS"] {
         let _ = js.delete_stream(format!("{}_{stream}", cfg.jetstream.stream_prefix)).await;
     }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A drain turns readiness off while the listeners still serve (`[http] drain_delay_ms`), so
+/// a load balancer stops sending new clients before connections are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_turns_readiness_off_before_the_listeners_close() {
+    let (dir, mut cfg) = loopback_config("drain-ready");
+    cfg.http.drain_delay_ms = 1_500;
+    let node = Node::start(&cfg).await.unwrap();
+    let base = format!("http://{}", node.http_addr);
+    let http = services::tls::plain_client().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while http.get(format!("{base}/readyz")).send().await.unwrap().status() != 200 {
+        assert!(std::time::Instant::now() < deadline, "never ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let stopping = tokio::spawn(node.shutdown());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let ready = http.get(format!("{base}/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 503);
+    let body: Value = ready.json().await.unwrap();
+    assert_eq!(body["stopped"][0]["part"], "node", "{body}");
+    assert!(body["stopped"][0]["reason"].as_str().unwrap().starts_with("draining"), "{body}");
+    assert_eq!(http.get(format!("{base}/healthz")).send().await.unwrap().status(), 200, "alive while draining");
+    stopping.await.unwrap().unwrap();
+    assert!(http.get(format!("{base}/readyz")).send().await.is_err(), "the listener is closed after the drain");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -65,7 +65,7 @@ async fn a_simulated_fleet_completes_its_deliveries_without_loss() {
     // The API agrees with the stream: a completed delivery reads as complete, with its drone's
     // last position from the engine.
     let http = services::tls::plain_client().unwrap();
-    let account = http.put(format!("http://{}/internal/v1/accounts/e2e", node.http_addr)).json(&serde_json::json!({}));
+    let account = http.put(format!("http://{}/v1/accounts/e2e", node.http_addr)).json(&serde_json::json!({}));
     assert!(account.send().await.unwrap().status().is_success());
     let body: serde_json::Value = http
         .post(format!("http://{}/v1/deliveries", node.http_addr))

@@ -39,7 +39,7 @@ async fn a_killed_node_comes_back_with_everything_a_customer_and_an_operator_saw
     common::report_in(quic, &pem, &api, &[1, 2]).await;
     let registered = web.post(format!("{api}/v1/drones")).json(&json!({"drones": [1, 2]})).send().await.unwrap();
     assert!(registered.status().is_success());
-    let account = web.put(format!("{api}/internal/v1/accounts/acme")).json(&json!({})).send().await.unwrap();
+    let account = web.put(format!("{api}/v1/accounts/acme")).json(&json!({})).send().await.unwrap();
     assert!(account.status().is_success());
     let order = json!({
         "owner": "acme", "pickup": {"lat": 47.6, "lon": -122.3}, "dropoff": {"lat": 47.61, "lon": -122.31},

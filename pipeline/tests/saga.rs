@@ -50,13 +50,7 @@ impl Node {
                 .is_success()
         );
         assert!(
-            web.put(format!("{api}/internal/v1/accounts/acme"))
-                .json(&json!({}))
-                .send()
-                .await
-                .unwrap()
-                .status()
-                .is_success()
+            web.put(format!("{api}/v1/accounts/acme")).json(&json!({})).send().await.unwrap().status().is_success()
         );
         Self { dir, quic, http, api, pem, child }
     }

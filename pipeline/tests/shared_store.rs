@@ -155,7 +155,7 @@ async fn two_nodes_on_one_postgres_store_read_the_same_deliveries_across_a_kill(
     common::report_in(a.quic, &a.pem, &a.api, &drones).await;
     let registered = web.post(format!("{}/v1/drones", a.api)).json(&json!({ "drones": drones })).send().await;
     assert!(registered.unwrap().status().is_success());
-    let account = web.put(format!("{}/internal/v1/accounts/shared-owner", a.api)).json(&json!({})).send().await;
+    let account = web.put(format!("{}/v1/accounts/shared-owner", a.api)).json(&json!({})).send().await;
     assert!(account.unwrap().status().is_success());
 
     // Three deliveries through each node, at once.

@@ -20,7 +20,7 @@ use crate::api::ApiJson;
 use crate::store::Store;
 
 /// One account.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Account {
     /// The owner name orders are placed under.
@@ -29,9 +29,10 @@ pub struct Account {
     pub may_order: bool,
 }
 
-#[derive(Debug, Deserialize)]
+/// `PUT /v1/accounts/{owner}`'s body.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct PutAccount {
+pub(crate) struct PutAccount {
     #[serde(default = "yes")]
     may_order: bool,
 }
@@ -77,9 +78,27 @@ impl Accounts {
     pub fn router(self: &Arc<Self>) -> Router {
         Router::new().route("/internal/v1/accounts/{owner}", get(get_account).put(put_account)).with_state(self.clone())
     }
+
+    /// The public routes (`/v1/accounts/{owner}`, admin keys only).
+    pub fn public_router(self: &Arc<Self>) -> Router {
+        Router::new().route("/v1/accounts/{owner}", get(get_account).put(put_account)).with_state(self.clone())
+    }
 }
 
-async fn put_account(
+/// Open or update an account (admin keys).
+#[utoipa::path(
+    put, path = "/v1/accounts/{owner}", tag = "accounts",
+    params(("owner" = String, Path, description = "the owner orders are placed under")),
+    request_body = PutAccount,
+    responses(
+        (status = 201, description = "opened", body = Account),
+        (status = 200, description = "updated", body = Account),
+        (status = 400, description = "not a valid owner name or body", body = crate::error::ErrorBody),
+        (status = 401, description = "no API key", body = crate::error::ErrorBody),
+        (status = 403, description = "not an admin key", body = crate::error::ErrorBody),
+    )
+)]
+pub(crate) async fn put_account(
     State(accounts): State<Arc<Accounts>>,
     Path(owner): Path<String>,
     ApiJson(body): ApiJson<PutAccount>,
@@ -89,7 +108,18 @@ async fn put_account(
     Ok((status, Json(Account { owner, may_order: body.may_order })))
 }
 
-async fn get_account(
+/// An account (admin keys).
+#[utoipa::path(
+    get, path = "/v1/accounts/{owner}", tag = "accounts",
+    params(("owner" = String, Path, description = "the owner orders are placed under")),
+    responses(
+        (status = 200, description = "the account", body = Account),
+        (status = 404, description = "no such account", body = crate::error::ErrorBody),
+        (status = 401, description = "no API key", body = crate::error::ErrorBody),
+        (status = 403, description = "not an admin key", body = crate::error::ErrorBody),
+    )
+)]
+pub(crate) async fn get_account(
     State(accounts): State<Arc<Accounts>>,
     Path(owner): Path<String>,
 ) -> Result<impl IntoResponse, Error> {

@@ -9,7 +9,8 @@
 //! | GET | `/v1/deliveries/{id}` | Delivery: stage, drone, its last known position, ETA |
 //! | POST | `/v1/deliveries/{id}/notifications` | Delivery: `{sms?, email?}` subscription |
 //! | POST, PUT, GET | `/v1/drones`, `/v1/drones/{id}` | Drone Management: register, live state |
-//! | * | `/internal/v1/...` | Accounts, Package, Delivery records, assignments (see each module) |
+//! | PUT, GET | `/v1/accounts/{owner}` | Accounts: open or suspend `{may_order}` (admin keys) |
+//! | * | `/internal/v1/...` | Accounts, Package, Delivery records, assignments (see each module); split mode only ([`internal_router`]) |
 //! | GET | `/healthz` | liveness |
 //!
 //! Every error is JSON `{"error": code, "message": text}` with a fitting status; malformed JSON
@@ -53,11 +54,20 @@ pub fn router_with<F: FleetControl + WorkQueues + Clone>(
         .route("/healthz", get(|| async { "ok" }))
         .merge(openapi_router())
         .merge(public)
-        .merge(svc.drones.router())
+        .merge(svc.drones.public_router())
+        .merge(svc.accounts.public_router())
+        .layer(axum::middleware::from_fn(crate::trace::propagate))
+}
+
+/// The services' internal routes (`/internal/v1/...`): what each service answers the others.
+/// In one process the services call each other in-process and no listener serves these; tests
+/// use them to look at a service's records.
+pub fn internal_router<F: FleetControl + WorkQueues + Clone>(svc: &Services<F>) -> Router {
+    Router::new()
+        .merge(svc.drones.internal_router())
         .merge(svc.deliveries.internal_router())
         .merge(svc.accounts.router())
         .merge(svc.packages.router())
-        .layer(axum::middleware::from_fn(crate::trace::propagate))
 }
 
 /// The public API's OpenAPI document, generated from the handlers' and types' annotations;
@@ -79,6 +89,8 @@ pub fn router_with<F: FleetControl + WorkQueues + Clone>(
         crate::drones::get_drone,
         crate::history::delivery_history,
         crate::history::owner_history,
+        crate::accounts::put_account,
+        crate::accounts::get_account,
     ),
     components(schemas(
         crate::error::ErrorBody,

@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::Error;
 use crate::api::{ApiJson, parse_id};
+use crate::auth::Caller;
 use crate::state::Package;
 use crate::store::{Batch, Store};
 
@@ -449,10 +450,12 @@ fn eta_s(from: GeoPoint, via: Option<GeoPoint>, to: GeoPoint) -> u64 {
 )]
 async fn get_delivery<F: FleetControl + WorkQueues>(
     State(svc): State<Arc<DeliveryService<F>>>,
+    Caller(caller): Caller,
     Path(id): Path<String>,
 ) -> Result<impl IntoResponse, Error> {
     let id = parse_id(&id)?;
     let record = svc.lookup(id)?.ok_or(Error::NotFound { what: "delivery", id })?;
+    caller.check_delivery(&record.owner, id)?;
     let drone = svc.fleet.drone(record.drone_id).await?;
     let eta = match (record.stage, &drone) {
         (DeliveryStage::Created | DeliveryStage::Rescheduled | DeliveryStage::HeadedToPickup, Some(d)) => {
@@ -490,10 +493,13 @@ async fn get_delivery<F: FleetControl + WorkQueues>(
 )]
 async fn subscribe_notifications<F: FleetControl + WorkQueues>(
     State(svc): State<Arc<DeliveryService<F>>>,
+    Caller(caller): Caller,
     Path(id): Path<String>,
     ApiJson(sub): ApiJson<crate::notify::Subscription>,
 ) -> Result<impl IntoResponse, Error> {
     let id = parse_id(&id)?;
+    let record = svc.lookup(id)?.ok_or(Error::NotFound { what: "delivery", id })?;
+    caller.check_delivery(&record.owner, id)?;
     svc.subscribe_notifications(id, sub.clone()).await?;
     Ok((StatusCode::CREATED, Json(serde_json::json!({ "delivery_id": id, "sms": sub.sms, "email": sub.email }))))
 }

@@ -777,11 +777,17 @@ impl<F: FleetControl> DroneManagement<F> {
         Ok(())
     }
 
-    /// The service's routes.
-    pub fn router(self: &Arc<Self>) -> Router {
+    /// The service's public routes (admin keys only, see [`crate::auth`]).
+    pub fn public_router(self: &Arc<Self>) -> Router {
         Router::new()
             .route("/v1/drones", post(register_drones::<F>))
             .route("/v1/drones/{id}", get(get_drone::<F>).put(register_drone::<F>))
+            .with_state(self.clone())
+    }
+
+    /// The routes other services call (`/internal/v1/assignments`).
+    pub fn internal_router(self: &Arc<Self>) -> Router {
+        Router::new()
             .route(
                 "/internal/v1/assignments/{delivery}",
                 get(get_assignment::<F>).put(put_assignment::<F>).delete(delete_assignment::<F>),

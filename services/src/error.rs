@@ -61,6 +61,12 @@ pub enum Error {
     #[error("TLS: {0}")]
     Tls(String),
     /// Every registered drone is busy; the client may retry.
+    /// The caller's key may not do this (another owner's orders).
+    #[error("{0}")]
+    Forbidden(String),
+    /// A configuration the services cannot start with (never an HTTP answer).
+    #[error("configuration: {0}")]
+    Config(String),
     #[error("no drone is available; retry later")]
     NoDroneAvailable,
     /// The engine refused or failed the operation.
@@ -76,7 +82,8 @@ impl Error {
             Error::UnknownAccount(_) => (StatusCode::UNPROCESSABLE_ENTITY, "unknown_account"),
             Error::AccountNotAllowed(_) => (StatusCode::FORBIDDEN, "account_not_allowed"),
             Error::Dependency { .. } => (StatusCode::SERVICE_UNAVAILABLE, "dependency_failed"),
-            Error::Tls(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+            Error::Tls(_) | Error::Config(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+            Error::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             Error::NoDroneAvailable => (StatusCode::SERVICE_UNAVAILABLE, "no_drone_available"),
             Error::KeyReused => (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused"),
             // By name, so an engine error relayed from another process maps the same way.

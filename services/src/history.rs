@@ -23,6 +23,7 @@ use redb::{Database, TableDefinition};
 use serde::Serialize;
 
 use crate::Error;
+use crate::auth::Caller;
 
 /// `(delivery, seq)` → stage, drone, time, position.
 /// A stored event: stage code, drone, time (µs), latitude, longitude.
@@ -308,6 +309,20 @@ impl History {
         Ok(known.then_some(out))
     }
 
+    /// Who ordered `id`, if the history knows (its note may still be waiting to be written).
+    pub fn owner_of(&self, id: DeliveryId) -> Result<Option<String>, Error> {
+        if let Some((_, owner, _)) = self.pending.lock().iter().find(|(d, _, _)| *d == id) {
+            return Ok(Some(owner.clone()));
+        }
+        let db = match &self.backend {
+            Backend::Embedded(db) => db,
+            Backend::Postgres(pg) => return pg.owner_of(id),
+        };
+        let txn = db.begin_read().map_err(store)?;
+        let table = txn.open_table(DELIVERIES).map_err(store)?;
+        Ok(table.get(id).map_err(store)?.map(|v| v.value().0.to_string()))
+    }
+
     /// An owner's deliveries created in `from_us..to_us`, oldest first, at most `limit`,
     /// starting after `after` (the `(created_us, delivery)` of the previous page's last one).
     pub fn by_owner(
@@ -386,12 +401,26 @@ async fn put_owner(
         (status = 404, description = "the history knows nothing of it", body = crate::error::ErrorBody),
     )
 )]
-async fn delivery_history(State(h): State<Arc<History>>, UrlPath(id): UrlPath<String>) -> Result<Json<Value>, Error> {
+async fn delivery_history(
+    State(h): State<Arc<History>>,
+    Caller(caller): Caller,
+    UrlPath(id): UrlPath<String>,
+) -> Result<Json<Value>, Error> {
     let id: u64 = id.parse().map_err(|_| Error::BadRequest(format!("{id:?} is not a numeric id")))?;
-    let events = tokio::task::spawn_blocking(move || h.events_of(id))
-        .await
-        .map_err(store)??
-        .ok_or(Error::NotFound { what: "delivery", id })?;
+    let events = tokio::task::spawn_blocking(move || {
+        // A customer sees only its own owner's deliveries; one whose owner is not known yet
+        // is not known to it either.
+        if !caller.is_admin() {
+            match h.owner_of(id)? {
+                Some(owner) => caller.check_delivery(&owner, id)?,
+                None => return Ok(None),
+            }
+        }
+        h.events_of(id)
+    })
+    .await
+    .map_err(store)??
+    .ok_or(Error::NotFound { what: "delivery", id })?;
     Ok(Json(json!({ "delivery_id": id, "events": events })))
 }
 
@@ -430,7 +459,12 @@ fn default_limit() -> usize {
     ),
     responses((status = 200, description = "`{owner, deliveries, next}`", body = [OwnedDelivery]))
 )]
-async fn owner_history(State(h): State<Arc<History>>, Query(q): Query<OwnerQuery>) -> Result<Json<Value>, Error> {
+async fn owner_history(
+    State(h): State<Arc<History>>,
+    Caller(caller): Caller,
+    Query(q): Query<OwnerQuery>,
+) -> Result<Json<Value>, Error> {
+    caller.check_owner(&q.owner)?;
     let after = match &q.after {
         None => None,
         Some(token) => {

@@ -55,6 +55,7 @@ enum Req {
         done: mpsc::Sender<Result<(), String>>,
     },
     EventsOf(DeliveryId, mpsc::Sender<Result<Option<Vec<HistoryEvent>>, String>>),
+    OwnerOf(DeliveryId, mpsc::Sender<Result<Option<String>, String>>),
     ByOwner {
         owner: String,
         from_us: u64,
@@ -136,6 +137,10 @@ impl PgHistory {
         self.ask(|done| Req::EventsOf(id, done))
     }
 
+    pub(crate) fn owner_of(&self, id: DeliveryId) -> Result<Option<String>, Error> {
+        self.ask(|done| Req::OwnerOf(id, done))
+    }
+
     pub(crate) fn by_owner(
         &self,
         owner: &str,
@@ -205,6 +210,10 @@ fn serve(client: &mut postgres::Client, req: Req) {
         }
         Req::EventsOf(id, done) => {
             let _ = done.send(events_of(client, id).map_err(|e| e.to_string()));
+        }
+        Req::OwnerOf(id, done) => {
+            let row = client.query_opt("SELECT owner FROM history_deliveries WHERE delivery_id = $1", &[&to_i64(id)]);
+            let _ = done.send(row.map(|r| r.map(|r| r.get(0))).map_err(|e| e.to_string()));
         }
         Req::ByOwner { owner, from_us, to_us, after, limit, done } => {
             let _ = done.send(by_owner(client, &owner, from_us, to_us, after, limit).map_err(|e| e.to_string()));

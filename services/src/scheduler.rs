@@ -41,6 +41,7 @@ use events::{
 
 use crate::Error;
 use crate::api::{ApiJson, parse_id};
+use crate::auth::{Caller, Principal};
 use crate::client::{Call, Dependency, Reply};
 use crate::deliveries::DeliveryRecord;
 use crate::drones::{AssignRequest, Assignment};
@@ -569,8 +570,10 @@ impl<F: FleetControl + WorkQueues> Scheduler<F> {
         id: DeliveryId,
         req: Reschedule,
         trace: TraceContext,
+        caller: &Principal,
     ) -> Result<DeliveryRecord, Error> {
         let record = self.record(id, &trace).await?;
+        caller.check_delivery(&record.owner, id)?;
         if record.stage.is_terminal() {
             return Err(events::Error::InvalidTransition { delivery: id, reason: "the delivery is finished" }.into());
         }
@@ -689,8 +692,14 @@ impl<F: FleetControl + WorkQueues> Scheduler<F> {
     /// Cancels a delivery that has not been completed: the engine derives `Cancelled`, which
     /// frees the drone, and the drone is told to return to base (a drone that has not started
     /// the mission drops it). Cancelling a cancelled delivery again changes nothing.
-    pub async fn cancel(&self, id: DeliveryId, trace: TraceContext) -> Result<DeliveryRecord, Error> {
+    pub async fn cancel(
+        &self,
+        id: DeliveryId,
+        trace: TraceContext,
+        caller: &Principal,
+    ) -> Result<DeliveryRecord, Error> {
         let record = self.record(id, &trace).await?;
+        caller.check_delivery(&record.owner, id)?;
         match record.stage {
             DeliveryStage::Cancelled => return Ok(record),
             DeliveryStage::DeliveryComplete => {
@@ -932,10 +941,12 @@ fn span(trace: Option<Extension<TraceContext>>) -> TraceContext {
 )]
 async fn create_delivery<F: FleetControl + WorkQueues>(
     State(svc): State<Arc<Scheduler<F>>>,
+    Caller(caller): Caller,
     trace: Option<Extension<TraceContext>>,
     headers: HeaderMap,
     ApiJson(req): ApiJson<CreateDelivery>,
 ) -> Result<impl IntoResponse, Error> {
+    caller.check_owner(&req.owner)?;
     let trace = span(trace);
     let key = match headers.get("idempotency-key") {
         Some(v) => Some(v.to_str().map_err(|_| Error::BadRequest("Idempotency-Key must be visible ASCII".into()))?),
@@ -981,6 +992,7 @@ async fn create_delivery<F: FleetControl + WorkQueues>(
 )]
 async fn reschedule_delivery<F: FleetControl + WorkQueues>(
     State(svc): State<Arc<Scheduler<F>>>,
+    Caller(caller): Caller,
     Path(id): Path<String>,
     trace: Option<Extension<TraceContext>>,
     ApiJson(req): ApiJson<Reschedule>,
@@ -990,7 +1002,7 @@ async fn reschedule_delivery<F: FleetControl + WorkQueues>(
     let saga = {
         let svc = svc.clone();
         let trace = span(trace);
-        tokio::spawn(async move { svc.reschedule(id, req, trace).await })
+        tokio::spawn(async move { svc.reschedule(id, req, trace, &caller).await })
     };
     let record = saga.await.map_err(|e| Error::Dependency { service: "scheduler", reason: e.to_string() })??;
     Ok(Json(serde_json::json!({
@@ -1012,6 +1024,7 @@ async fn reschedule_delivery<F: FleetControl + WorkQueues>(
 )]
 async fn cancel_delivery<F: FleetControl + WorkQueues>(
     State(svc): State<Arc<Scheduler<F>>>,
+    Caller(caller): Caller,
     Path(id): Path<String>,
     trace: Option<Extension<TraceContext>>,
 ) -> Result<impl IntoResponse, Error> {
@@ -1019,7 +1032,7 @@ async fn cancel_delivery<F: FleetControl + WorkQueues>(
     let saga = {
         let svc = svc.clone();
         let trace = span(trace);
-        tokio::spawn(async move { svc.cancel(id, trace).await })
+        tokio::spawn(async move { svc.cancel(id, trace, &caller).await })
     };
     let record = saga.await.map_err(|e| Error::Dependency { service: "scheduler", reason: e.to_string() })??;
     Ok((StatusCode::ACCEPTED, Json(serde_json::json!({ "delivery_id": record.delivery_id, "cancelling": true }))))

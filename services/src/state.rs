@@ -206,7 +206,7 @@ impl<F: FleetControl + WorkQueues + Clone> Services<F> {
             accounts: Dependency::local("accounts", accounts.router(), policy),
             packages: Dependency::local("package", packages.router(), policy),
             deliveries: Dependency::local("delivery", deliveries.internal_router(), policy),
-            drones: Dependency::local("drone-management", drones.router(), policy),
+            drones: Dependency::local("drone-management", drones.internal_router(), policy),
             history: None,
         };
         let ids = ids.unwrap_or_else(|| crate::ids::StoreIdBlocks::new(file.namespace("delivery-ids")));

@@ -1,5 +1,5 @@
-//! Per-client rate limits on the public API: each client (its API key when it sends one,
-//! otherwise its IP address) gets `rate_per_s` requests per second with bursts of up to
+//! Per-client rate limits on the public API: each client (its authenticated principal, see
+//! [`crate::auth`], otherwise its IP address) gets `rate_per_s` requests per second with bursts of up to
 //! `burst`; past that it gets `429` with `Retry-After` (whole seconds, at least 1) and the
 //! request is not run. The limiter keeps one small state per recently seen client and forgets
 //! idle ones, so memory stays bounded by the clients active in the last few seconds.
@@ -78,10 +78,12 @@ impl Throttle {
 }
 
 /// Who a request comes from, for throttling.
+/// The client a request counts against: its authenticated principal, else its peer address.
+/// Never a header the client picks: with no keys configured, a made-up `x-api-key` per request
+/// would otherwise be a fresh allowance per request.
 fn client_of(req: &Request) -> String {
-    let bearer = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()?.strip_prefix("Bearer "));
-    if let Some(key) = bearer.or_else(|| req.headers().get("x-api-key").and_then(|v| v.to_str().ok())) {
-        return format!("key:{}", key.trim());
+    if let Some(key) = req.extensions().get::<crate::auth::Principal>().and_then(crate::auth::Principal::throttle_key) {
+        return key;
     }
     match req.extensions().get::<ConnectInfo<SocketAddr>>() {
         Some(ConnectInfo(addr)) => format!("ip:{}", addr.ip()),
@@ -89,7 +91,6 @@ fn client_of(req: &Request) -> String {
     }
 }
 
-/// The middleware: runs the request or answers `429` with `Retry-After`.
 pub async fn limit(State(throttle): State<Arc<Throttle>>, req: Request, next: Next) -> Response {
     let client = client_of(&req);
     match throttle.check(&client) {

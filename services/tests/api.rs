@@ -20,7 +20,7 @@ use tower::ServiceExt;
 async fn setup() -> (Arc<FakeFleet>, Arc<Services<Arc<FakeFleet>>>, axum::Router) {
     let fleet = Arc::new(FakeFleet::default());
     let svc = Arc::new(Services::new(fleet.clone()).await.unwrap());
-    let router = services::router(&svc);
+    let router = services::router(&svc).merge(services::internal_router(&svc));
     let (status, _, _) = call(&router, "PUT", "/internal/v1/accounts/acme", Some("{}")).await;
     assert_eq!(status, StatusCode::CREATED);
     (fleet, svc, router)

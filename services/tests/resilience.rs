@@ -58,7 +58,7 @@ async fn setup(tag: &str) -> Setup {
         accounts: Dependency::local("accounts", local.accounts.router(), policy()),
         packages: Dependency::remote("package", &[format!("https://localhost:{}", addr.port())], client, policy()),
         deliveries: Dependency::local("delivery", local.deliveries.internal_router(), policy()),
-        drones: Dependency::local("drone-management", local.drones.router(), policy()),
+        drones: Dependency::local("drone-management", local.drones.internal_router(), policy()),
         history: None,
     };
     let scheduler = Scheduler::new(fleet.clone(), deps);

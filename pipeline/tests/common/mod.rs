@@ -67,6 +67,18 @@ pub async fn report_in(quic: std::net::SocketAddr, pem: &str, api: &str, drones:
 /// [`report_in`] with event sequence number `seq` (above what the drones sent so far, for a
 /// drone that already flew).
 pub async fn report_in_at(quic: std::net::SocketAddr, pem: &str, api: &str, drones: &[u64], seq: u64) {
+    report_in_as(quic, pem, api, drones, seq, None).await;
+}
+
+/// [`report_in_at`], looking at the drones with API key `key` (an admin's).
+pub async fn report_in_as(
+    quic: std::net::SocketAddr,
+    pem: &str,
+    api: &str,
+    drones: &[u64],
+    seq: u64,
+    key: Option<&str>,
+) {
     use events::wire::Buffer;
     use events::{BatchMeta, TelemetryBatch};
     let client = ingest::IngestClient::connect(quic, &ingest::ClientConfig::new(ingest::Trust::Pem(pem.to_string())))
@@ -98,8 +110,11 @@ pub async fn report_in_at(quic: std::net::SocketAddr, pem: &str, api: &str, dron
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     for &drone in drones {
         loop {
-            let state: serde_json::Value =
-                web.get(format!("{api}/v1/drones/{drone}")).send().await.unwrap().json().await.unwrap_or_default();
+            let mut req = web.get(format!("{api}/v1/drones/{drone}"));
+            if let Some(key) = key {
+                req = req.bearer_auth(key);
+            }
+            let state: serde_json::Value = req.send().await.unwrap().json().await.unwrap_or_default();
             if state["last_seq"].as_u64().is_some_and(|s| s >= seq) && state["updated_us"].is_u64() {
                 break;
             }
