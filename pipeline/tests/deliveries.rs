@@ -186,9 +186,12 @@ async fn a_client_over_its_rate_gets_429_with_retry_after() {
     assert_eq!(statuses.iter().map(|r| r.status().as_u16()).collect::<Vec<_>>(), vec![404, 404, 429]);
     let retry: u64 = statuses[2].headers()["retry-after"].to_str().unwrap().parse().unwrap();
     assert!(retry >= 1);
-    // The unthrottled routes are not limited (per-principal allowances: tests/access.rs).
+    // A made-up x-api-key is no new client: without keys the throttle counts the address
+    // (per-principal allowances: tests/access.rs).
+    let escape = http.get(format!("{base}/v1/deliveries/1")).header("x-api-key", "made-up-7").send().await.unwrap();
+    assert_eq!(escape.status(), 429);
     let metrics = http.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
-    assert!(metrics.contains("fleetstream_http_throttled_total 1"), "{metrics}");
+    assert!(metrics.contains("fleetstream_http_throttled_total 2"), "{metrics}");
     node.shutdown().await.unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
