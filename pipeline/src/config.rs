@@ -18,6 +18,8 @@
 //! # api_keys = [{ key = "…", owner = "customer-1" }, { sha256 = "<hex>", role = "admin" }]
 //! # api_keys_file = "keys.toml"   # more keys, `api_keys = [...]` in the same form
 //! # tls = { cert = "ca/scheduler.pem", key = "ca/scheduler-key.pem" }   # HTTPS instead of HTTP
+//! max_body_bytes = 1048576    # a larger request body is 413 naming this limit
+//! read_timeout_ms = 10000      # to send a request's headers, then its body (408)
 //! drain_delay_ms = 0           # on shutdown, not ready but still serving this long first
 //! drain_timeout_ms = 5000      # on shutdown, then lingering connections are dropped
 //! [http.throttle]              # per principal (else peer IP) on /v1/deliveries
@@ -178,6 +180,14 @@ pub struct HttpConfig {
     /// so the engine can drain. Default 5,000: a scheduling saga takes milliseconds, and SSE
     /// streams end as soon as the drain starts.
     pub drain_timeout_ms: u64,
+    /// The largest request body accepted, bytes; a larger one is `413 payload_too_large` naming
+    /// the limit. Default 1 MiB: an order is a few hundred bytes, a drone registration of
+    /// 5,000 ids about 50 KiB.
+    pub max_body_bytes: usize,
+    /// How long a client may take to send a request's headers, and then its body, ms: one that
+    /// sends half a request is cut off (headers) or answered `408` (body) instead of holding a
+    /// connection. Default 10,000.
+    pub read_timeout_ms: u64,
     /// On shutdown, how long the node stays up with `/readyz` answering `503 draining` before
     /// its listeners close, ms: the time a load balancer (a Kubernetes Service) needs to stop
     /// sending it new clients. Default 0: one process on its own has nobody to tell.
@@ -195,6 +205,19 @@ pub struct HttpTls {
 }
 
 impl HttpConfig {
+    /// What a request may be, for [`services::uniform`].
+    pub fn request_rules(&self) -> services::RequestRules {
+        services::RequestRules {
+            max_body_bytes: self.max_body_bytes,
+            read_timeout: std::time::Duration::from_millis(self.read_timeout_ms),
+        }
+    }
+
+    /// How long a client may take to send a request's headers.
+    pub fn header_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.read_timeout_ms)
+    }
+
     /// The accepted keys: `api_keys` and those of `api_keys_file`.
     pub fn keys(&self) -> Result<std::sync::Arc<services::auth::ApiKeys>, crate::Error> {
         #[derive(Deserialize)]
@@ -223,6 +246,8 @@ impl Default for HttpConfig {
             tls: None,
             drain_timeout_ms: 5_000,
             drain_delay_ms: 0,
+            max_body_bytes: 1 << 20,
+            read_timeout_ms: 10_000,
         }
     }
 }

@@ -366,17 +366,15 @@ impl Node {
                     }
                 }),
             )
-            .layer(axum::middleware::from_fn_with_state(api_keys, services::auth::require));
+            .layer(axum::middleware::from_fn_with_state(api_keys, services::auth::require))
+            .layer(axum::extract::DefaultBodyLimit::max(cfg.http.max_body_bytes))
+            .layer(axum::middleware::from_fn_with_state(cfg.http.request_rules(), services::uniform));
         let (http_stop, http_rx) = oneshot::channel::<()>();
         let http_stopped = async {
             let _ = http_rx.await;
         };
         let http_task = match &cfg.http.tls {
-            None => tokio::spawn(async move {
-                axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
-                    .with_graceful_shutdown(http_stopped)
-                    .await
-            }),
+            None => tokio::spawn(services::tls::serve_plain(listener, router, cfg.http.header_timeout(), http_stopped)),
             Some(tls) => {
                 // The CA is read only to check client certificates, which the public API does
                 // not ask for.
@@ -385,7 +383,14 @@ impl Node {
                 let tls = services::tls::server_config(&files, services::tls::ClientAuth::None)
                     .map_err(|e| Error::Config(format!("[http] tls: {e}")))?;
                 let metrics = Arc::new(services::tls::TlsMetrics::default());
-                tokio::spawn(services::tls::serve(listener, router, tls, metrics, http_stopped))
+                tokio::spawn(services::tls::serve(
+                    listener,
+                    router,
+                    tls,
+                    metrics,
+                    cfg.http.header_timeout(),
+                    http_stopped,
+                ))
             }
         };
         let http_scheme = if cfg.http.tls.is_some() { "https" } else { "http" };

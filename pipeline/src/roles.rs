@@ -529,7 +529,9 @@ pub async fn start(role: Role, cfg: &Config) -> Result<RoleProcess, Error> {
         .route("/healthz", get(|| async { "ok" }))
         .layer(axum::middleware::from_fn_with_state(api_keys, services::auth::require_public))
         .layer(axum::middleware::from_fn(services::tls::internal_only))
-        .layer(axum::middleware::from_fn(services::trace::propagate));
+        .layer(axum::middleware::from_fn(services::trace::propagate))
+        .layer(axum::extract::DefaultBodyLimit::max(cfg.http.max_body_bytes))
+        .layer(axum::middleware::from_fn_with_state(cfg.http.request_rules(), services::uniform));
     let addr = listen_addr(split, role).await?;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -537,10 +539,16 @@ pub async fn start(role: Role, cfg: &Config) -> Result<RoleProcess, Error> {
     let addr = listener.local_addr().map_err(|e| Error::Io { context: "HTTPS address".into(), source: e })?;
     let tls = services::tls::server_config(&files, auth).map_err(svc_error)?;
     let mut server_stop = stop_rx;
-    let server =
-        tokio::spawn(services::tls::serve(listener, router, tls, Arc::new(TlsMetrics::default()), async move {
+    let server = tokio::spawn(services::tls::serve(
+        listener,
+        router,
+        tls,
+        Arc::new(TlsMetrics::default()),
+        cfg.http.header_timeout(),
+        async move {
             let _ = server_stop.wait_for(|s| *s).await;
-        }));
+        },
+    ));
     tracing::info!(role = role.name(), https = %addr, "role started");
     Ok(RoleProcess { addr, stop, tasks, server, _data_dir_lock: Some(data_dir_lock) })
 }
@@ -561,6 +569,7 @@ pub async fn start_engine_api(engine: Engine, cfg: &Config) -> Result<RoleProces
         engine_router(engine),
         tls,
         Arc::new(TlsMetrics::default()),
+        cfg.http.header_timeout(),
         async move {
             let _ = stop_rx.wait_for(|s| *s).await;
         },

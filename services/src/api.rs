@@ -106,25 +106,119 @@ pub fn openapi_router() -> Router {
     Router::new().route("/v1/openapi.json", get(|| async { Json(<ApiDoc as utoipa::OpenApi>::openapi()) }))
 }
 
-/// `Json` whose rejections are our `400` with the reason.
+/// What a request may be: at most `max_body_bytes` of body (`[http] max_body_bytes`), sent
+/// within `read_timeout` once its headers are in (`[http] read_timeout_ms`), so a client that
+/// sends half a body holds neither a connection nor a handler. A request extension set by
+/// [`uniform`]; [`ApiJson`] names the limit when a body is larger.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestRules {
+    /// Largest body, bytes.
+    pub max_body_bytes: usize,
+    /// Longest a body may take to arrive.
+    pub read_timeout: std::time::Duration,
+}
+
+impl Default for RequestRules {
+    fn default() -> Self {
+        Self { max_body_bytes: 1 << 20, read_timeout: std::time::Duration::from_secs(10) }
+    }
+}
+
+/// `Json` whose rejections are our errors: `400` with the reason for malformed JSON, a wrong
+/// field or a missing one; `415` for another content type; `413` naming the limit for a body
+/// over it; `408` for a body not sent within the read timeout ([`RequestRules`]).
 pub(crate) struct ApiJson<T>(pub T);
 
 impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
     type Rejection = Error;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match Json::<T>::from_request(req, state).await {
-            Ok(Json(v)) => Ok(Self(v)),
-            Err(rejection) => Err(Error::BadRequest(json_reason(&rejection))),
+        let rules = req.extensions().get::<RequestRules>().copied();
+        let timeout = rules.unwrap_or_default().read_timeout;
+        let limit = rules.map(|r| r.max_body_bytes);
+        match tokio::time::timeout(timeout, Json::<T>::from_request(req, state)).await {
+            Err(_) => Err(Error::RequestTimeout),
+            Ok(Ok(Json(v))) => Ok(Self(v)),
+            Ok(Err(JsonRejection::MissingJsonContentType(_))) => Err(Error::UnsupportedMediaType),
+            Ok(Err(rejection)) if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE => {
+                Err(Error::PayloadTooLarge(limit))
+            }
+            Ok(Err(rejection)) => Err(Error::BadRequest(plain_reason(&rejection.body_text()))),
         }
     }
 }
 
-fn json_reason(rejection: &JsonRejection) -> String {
-    match rejection {
-        JsonRejection::MissingJsonContentType(_) => "expected Content-Type: application/json".into(),
-        other => other.body_text(),
+/// A rejection's text without the framework's wording: "Failed to deserialize the JSON body
+/// into the target type: owner: missing field `owner` at line 1 column 2" becomes "owner:
+/// missing field owner at line 1 column 2".
+pub(crate) fn plain_reason(text: &str) -> String {
+    if let Some(reason) = text.strip_prefix("Failed to parse the request body as JSON: ") {
+        return format!("the body is not valid JSON: {}", reason.replace('`', ""));
     }
+    let mut reason = text;
+    for prefix in [
+        "Failed to deserialize the JSON body into the target type: ",
+        "Failed to deserialize query string: ",
+        "Failed to buffer the request body: ",
+        "Invalid URL: ",
+    ] {
+        reason = reason.strip_prefix(prefix).unwrap_or(reason);
+    }
+    reason.replace('`', "")
+}
+
+/// The middleware that gives every answer of the public listener the documented form: it
+/// tells [`ApiJson`] the [`RequestRules`], and turns the framework's own answers (no route `404`,
+/// wrong method `405` with `Allow`, a query string that does not parse `400`, a body over the
+/// limit `413`) into `{"error", "message"}` JSON.
+pub async fn uniform(
+    axum::extract::State(rules): axum::extract::State<RequestRules>,
+    mut req: Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::http::{StatusCode, header};
+    use axum::response::IntoResponse;
+    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    req.extensions_mut().insert(rules);
+    let response = next.run(req).await;
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json") || v.starts_with("text/event-stream"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let text = match axum::body::to_bytes(body, 64 * 1024).await {
+        Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+        Err(_) => String::new(),
+    };
+    let (code, message) = match status {
+        StatusCode::NOT_FOUND => ("not_found", format!("no route for {method} {path}")),
+        StatusCode::METHOD_NOT_ALLOWED => {
+            // The router adds `Allow` past this layer when it has not yet.
+            let allowed = match parts.headers.get(header::ALLOW).and_then(|v| v.to_str().ok()) {
+                Some(allowed) => format!("allowed: {allowed}"),
+                None => "see the Allow header".to_string(),
+            };
+            ("method_not_allowed", format!("{method} is not allowed on {path}; {allowed}"))
+        }
+        StatusCode::PAYLOAD_TOO_LARGE => {
+            ("payload_too_large", format!("the request body exceeds {} bytes", rules.max_body_bytes))
+        }
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => {
+            ("unsupported_media_type", "expected Content-Type: application/json".into())
+        }
+        StatusCode::REQUEST_TIMEOUT => ("request_timeout", "the request was not sent in time".into()),
+        s if s.is_server_error() => ("internal", "internal error".into()),
+        _ => ("bad_request", plain_reason(text.trim())),
+    };
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.remove(header::CONTENT_TYPE);
+    let body = axum::Json(serde_json::json!({ "error": code, "message": message }));
+    (parts, body).into_response()
 }
 
 pub(crate) fn parse_id(raw: &str) -> Result<u64, Error> {

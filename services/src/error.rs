@@ -64,6 +64,15 @@ pub enum Error {
     /// The caller's key may not do this (another owner's orders).
     #[error("{0}")]
     Forbidden(String),
+    /// A request body over the listener's limit (bytes, when known).
+    #[error("{}", too_large(*.0))]
+    PayloadTooLarge(Option<usize>),
+    /// A body in another format than JSON.
+    #[error("expected Content-Type: application/json")]
+    UnsupportedMediaType,
+    /// A body not sent in time.
+    #[error("the request body was not sent in time")]
+    RequestTimeout,
     /// A configuration the services cannot start with (never an HTTP answer).
     #[error("configuration: {0}")]
     Config(String),
@@ -72,6 +81,13 @@ pub enum Error {
     /// The engine refused or failed the operation.
     #[error(transparent)]
     Engine(#[from] events::Error),
+}
+
+fn too_large(limit: Option<usize>) -> String {
+    match limit {
+        Some(n) => format!("the request body exceeds {n} bytes"),
+        None => "the request body is too large".into(),
+    }
 }
 
 impl Error {
@@ -84,6 +100,9 @@ impl Error {
             Error::Dependency { .. } => (StatusCode::SERVICE_UNAVAILABLE, "dependency_failed"),
             Error::Tls(_) | Error::Config(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
             Error::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            Error::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            Error::UnsupportedMediaType => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),
+            Error::RequestTimeout => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
             Error::NoDroneAvailable => (StatusCode::SERVICE_UNAVAILABLE, "no_drone_available"),
             Error::KeyReused => (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused"),
             // By name, so an engine error relayed from another process maps the same way.

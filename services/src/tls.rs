@@ -170,32 +170,20 @@ pub struct TlsMetrics {
 
 /// Serves `router` over TLS on `listener` until `shutdown` resolves; open connections are
 /// then given the rest of their current request. Each request carries the peer address as
-/// `ConnectInfo<SocketAddr>`.
+/// `ConnectInfo<SocketAddr>`. A client gets `header_timeout` to send a request's headers: one
+/// that sends half a request does not hold its connection.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: Router,
     tls: Arc<rustls::ServerConfig>,
     metrics: Arc<TlsMetrics>,
+    header_timeout: std::time::Duration,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> std::io::Result<()> {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let mut connections = tokio::task::JoinSet::new();
-    tokio::pin!(shutdown);
-    loop {
-        let (tcp, peer) = tokio::select! {
-            () = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(error) => {
-                    tracing::warn!(%error, "accepting a TLS connection");
-                    continue;
-                }
-            },
-        };
-        let (acceptor, router, metrics, mut stop_rx) =
-            (acceptor.clone(), router.clone(), metrics.clone(), stop_rx.clone());
-        connections.spawn(async move {
+    accept_loop(listener, "TLS", shutdown, move |tcp, peer, mut stop_rx| {
+        let (acceptor, router, metrics) = (acceptor.clone(), router.clone(), metrics.clone());
+        async move {
             let stream = match tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(tcp)).await {
                 Ok(Ok(stream)) => stream,
                 Ok(Err(error)) => {
@@ -211,35 +199,98 @@ pub async fn serve(
             };
             metrics.handshakes.fetch_add(1, Ordering::Relaxed);
             let verified = PeerCertificate(stream.get_ref().1.peer_certificates().is_some_and(|c| !c.is_empty()));
-            let svc = tower::ServiceExt::map_request(router, move |req: hyper::Request<hyper::body::Incoming>| {
-                let mut req = req.map(axum::body::Body::new);
-                req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
-                req.extensions_mut().insert(verified);
-                req
-            });
-            let conn = hyper::server::conn::http1::Builder::new().serve_connection(
-                hyper_util::rt::TokioIo::new(stream),
-                hyper_util::service::TowerToHyperService::new(svc),
-            );
-            tokio::pin!(conn);
-            tokio::select! {
-                result = conn.as_mut() => {
-                    if let Err(error) = result {
-                        tracing::debug!(%peer, %error, "TLS connection ended with an error");
-                    }
+            serve_connection(stream, router, peer, verified, header_timeout, &mut stop_rx).await;
+        }
+    })
+    .await
+}
+
+/// Accepts connections on `listener` until `shutdown` resolves, each handled by `handle` in a
+/// task of its own with a receiver that turns true at shutdown; then waits for them to end.
+async fn accept_loop<F, Fut>(
+    listener: tokio::net::TcpListener,
+    what: &'static str,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+    handle: F,
+) -> std::io::Result<()>
+where
+    F: Fn(tokio::net::TcpStream, SocketAddr, tokio::sync::watch::Receiver<bool>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut connections = tokio::task::JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(error) => {
+                    tracing::warn!(%error, "accepting an {what} connection");
+                    continue;
                 }
-                _ = stop_rx.changed() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
-                }
-            }
-        });
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        connections.spawn(handle(tcp, peer, stop_rx.clone()));
         // Reap finished connections so the set stays small.
         while connections.try_join_next().is_some() {}
     }
     let _ = stop_tx.send(true);
     while connections.join_next().await.is_some() {}
     Ok(())
+}
+
+/// Serves `router` over plain HTTP on `listener` until `shutdown` resolves, as [`serve`] does
+/// over TLS: the same header timeout, the peer address as `ConnectInfo<SocketAddr>`, and
+/// open connections given the rest of their current request at shutdown.
+pub async fn serve_plain(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    header_timeout: std::time::Duration,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> std::io::Result<()> {
+    accept_loop(listener, "HTTP", shutdown, move |tcp, peer, mut stop_rx| {
+        let router = router.clone();
+        async move { serve_connection(tcp, router, peer, PeerCertificate(false), header_timeout, &mut stop_rx).await }
+    })
+    .await
+}
+
+/// One HTTP/1.1 connection until it ends or `stop` turns true (then its request in flight
+/// finishes).
+async fn serve_connection<S>(
+    stream: S,
+    router: Router,
+    peer: SocketAddr,
+    verified: PeerCertificate,
+    header_timeout: std::time::Duration,
+    stop: &mut tokio::sync::watch::Receiver<bool>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = tower::ServiceExt::map_request(router, move |req: hyper::Request<hyper::body::Incoming>| {
+        let mut req = req.map(axum::body::Body::new);
+        req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
+        req.extensions_mut().insert(verified);
+        req
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .serve_connection(hyper_util::rt::TokioIo::new(stream), hyper_util::service::TowerToHyperService::new(svc));
+    tokio::pin!(conn);
+    tokio::select! {
+        result = conn.as_mut() => {
+            if let Err(error) = result {
+                tracing::debug!(%peer, %error, "HTTP connection ended with an error");
+            }
+        }
+        _ = stop.changed() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
 }
 
 /// Whether the caller presented a client certificate the CA signed (the handshake verified
@@ -340,9 +391,10 @@ mod tests {
         let metrics = Arc::new(TlsMetrics::default());
         let router = Router::new().route("/healthz", get(|| async { "ok" }));
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(serve(listener, router, server, metrics.clone(), async {
-            let _ = stopped.await;
-        }));
+        let task =
+            tokio::spawn(serve(listener, router, server, metrics.clone(), std::time::Duration::from_secs(10), async {
+                let _ = stopped.await;
+            }));
         let url = format!("https://localhost:{}/healthz", addr.port());
 
         let good = client(&TlsFiles::in_dir(&ours, "scheduler"))?;

@@ -160,7 +160,7 @@ async fn malformed_requests_get_400_with_a_reason() {
     let (_, _, router) = setup().await;
     call(&router, "POST", "/v1/drones", Some(r#"{"drones":[1,2,3]}"#)).await;
     let cases = [
-        ("{not json", "parse the request body as JSON"),
+        ("{not json", "not valid JSON"),
         (r#"{"owner":"a","pickup":{"lat":1,"lon":2},"package":{"size":"small","weight_kg":1}}"#, "dropoff"),
         (
             r#"{"owner":"a","pickup":{"lat":100,"lon":2},"dropoff":{"lat":1,"lon":2},"package":{"size":"small","weight_kg":1}}"#,

@@ -72,9 +72,16 @@ async fn serve_packages(s: &Setup, router: axum::Router) -> tokio::sync::oneshot
     let tls = services::tls::server_config(&TlsFiles::in_dir(&s.ca, "packages"), ClientAuth::Required).unwrap();
     let listener = tokio::net::TcpListener::bind(s.addr).await.unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(services::tls::serve(listener, router, tls, Arc::new(TlsMetrics::default()), async {
-        let _ = stopped.await;
-    }));
+    tokio::spawn(services::tls::serve(
+        listener,
+        router,
+        tls,
+        Arc::new(TlsMetrics::default()),
+        Duration::from_secs(10),
+        async {
+            let _ = stopped.await;
+        },
+    ));
     stop
 }
 
