@@ -29,11 +29,14 @@ pub type DeliveryId = u64;
 #[rkyv(derive(Debug))]
 pub struct GeoPoint {
     /// Latitude in degrees, -90..=90.
+    #[schema(minimum = -90, maximum = 90)]
     pub lat: f64,
     /// Longitude in degrees, -180..=180.
+    #[schema(minimum = -180, maximum = 180)]
     pub lon: f64,
-    /// Altitude in metres above ground.
+    /// Altitude in metres above ground (finite: within what 32 bits hold).
     #[serde(default)]
+    #[schema(minimum = -3.4e38, maximum = 3.4e38)]
     pub alt_m: f32,
 }
 

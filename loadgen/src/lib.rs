@@ -1753,8 +1753,9 @@ async fn schedule_with_retries(post: impl Fn() -> reqwest::RequestBuilder, give_
 }
 
 /// Sends a request (built afresh by `request` for each attempt) again after a lost connection,
-/// a `5xx` or a `429`, backing off 50 ms doubling to 2 s with jitter, until `give_up`. The
-/// first other answer's status and JSON body; `None` when out of time.
+/// a `5xx`, a `429` or a `409 no_drone_available` (every drone busy for now), backing off 50 ms
+/// doubling to 2 s with jitter, until `give_up`. The first other answer's status and JSON body;
+/// `None` when out of time.
 async fn send_with_retries(
     request: impl Fn() -> reqwest::RequestBuilder,
     give_up: Instant,
@@ -1762,14 +1763,14 @@ async fn send_with_retries(
     let mut backoff = Duration::from_millis(50);
     loop {
         let why = match request().send().await {
-            Ok(resp) if resp.status().is_server_error() || resp.status() == reqwest::StatusCode::TOO_MANY_REQUESTS => {
-                let status = resp.status();
-                let body: serde_json::Value = resp.json().await.unwrap_or_default();
-                format!("{status} {} {}", body["error"].as_str().unwrap_or(""), body["message"].as_str().unwrap_or(""))
-            }
             Ok(resp) => {
                 let status = resp.status();
-                return Some((status, resp.json().await.unwrap_or_default()));
+                let body: serde_json::Value = resp.json().await.unwrap_or_default();
+                let busy = status == reqwest::StatusCode::CONFLICT && body["error"] == "no_drone_available";
+                if !(status.is_server_error() || status == reqwest::StatusCode::TOO_MANY_REQUESTS || busy) {
+                    return Some((status, body));
+                }
+                format!("{status} {} {}", body["error"].as_str().unwrap_or(""), body["message"].as_str().unwrap_or(""))
             }
             Err(error) => error.to_string(),
         };

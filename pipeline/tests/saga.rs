@@ -180,7 +180,7 @@ async fn a_schedule_cut_short_before_the_drone_has_it_is_undone_and_its_key_runs
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_schedule_cut_short_once_the_engine_has_it_is_completed_and_its_key_replays_it() {
-    // Without recovery the retry finds the one drone held by the first delivery: 503.
+    // Without recovery the retry finds the one drone held by the first delivery: 409.
     schedule_cut_short("schedule-created", true).await;
     schedule_cut_short("schedule-mission", true).await;
 }

@@ -49,7 +49,7 @@ async fn schedule(web: &reqwest::Client, api: &str, key: &str) -> (u64, u64) {
             return (body["delivery_id"].as_u64().unwrap(), body["drone_id"].as_u64().unwrap());
         }
         assert!(
-            status == 503 && body["error"] == "no_drone_available" && Instant::now() < deadline,
+            status == 409 && body["error"] == "no_drone_available" && Instant::now() < deadline,
             "scheduling through {api}: {status} {body}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -88,7 +88,7 @@ impl Accounts {
 /// Open or update an account (admin keys).
 #[utoipa::path(
     put, path = "/v1/accounts/{owner}", tag = "accounts",
-    params(("owner" = String, Path, description = "the owner orders are placed under")),
+    params(("owner" = String, Path, description = "the owner orders are placed under", min_length = 1, max_length = 128, pattern = r"^[!-.0-~]+$")),
     request_body = PutAccount,
     responses(
         (status = 201, description = "opened", body = Account),
@@ -111,7 +111,7 @@ pub(crate) async fn put_account(
 /// An account (admin keys).
 #[utoipa::path(
     get, path = "/v1/accounts/{owner}", tag = "accounts",
-    params(("owner" = String, Path, description = "the owner orders are placed under")),
+    params(("owner" = String, Path, description = "the owner orders are placed under", min_length = 1, max_length = 128, pattern = r"^[!-.0-~]+$")),
     responses(
         (status = 200, description = "the account", body = Account),
         (status = 404, description = "no such account", body = crate::error::ErrorBody),

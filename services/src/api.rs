@@ -25,7 +25,6 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::Router;
-use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, Request};
 use axum::routing::get;
 use events::{FleetControl, WorkQueues};
@@ -91,7 +90,9 @@ pub fn internal_router<F: FleetControl + WorkQueues + Clone>(svc: &Services<F>) 
         crate::history::owner_history,
         crate::accounts::put_account,
         crate::accounts::get_account,
+        crate::drones::register_drone,
     ),
+    modifiers(&CommonAnswers),
     components(schemas(
         crate::error::ErrorBody,
         crate::scheduler::Scheduled,
@@ -100,6 +101,50 @@ pub fn internal_router<F: FleetControl + WorkQueues + Clone>(svc: &Services<F>) 
     ))
 )]
 pub struct ApiDoc;
+
+/// Adds to every operation the answers any of them may give, where it does not say more:
+/// `400` (a path, query or body that does not parse or validate), `401` and `403` (API keys),
+/// `408`, `413` and `415` for operations with a body, `429` (the throttle) and `503` (a
+/// stopped store or a failed dependency), each with the error body.
+struct CommonAnswers;
+
+impl utoipa::Modify for CommonAnswers {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+        let answer = |description: &str| {
+            ResponseBuilder::new()
+                .description(description)
+                .content(
+                    "application/json",
+                    ContentBuilder::new().schema(Some(Ref::from_schema_name("ErrorBody"))).build(),
+                )
+                .build()
+        };
+        for item in doc.paths.paths.values_mut() {
+            let operations = [&mut item.get, &mut item.put, &mut item.post, &mut item.delete, &mut item.patch];
+            for op in operations.into_iter().flatten() {
+                let with_body = op.request_body.is_some();
+                let mut common = vec![
+                    ("400", "malformed or invalid path, query or body (`bad_request`)"),
+                    ("401", "no API key (`unauthenticated`)"),
+                    ("403", "the API key is unknown or may not do this (`forbidden`)"),
+                    ("429", "over the caller's rate (`throttled`, with `Retry-After`)"),
+                    ("503", "a store stopped or a dependency failed; retry (`Retry-After`)"),
+                ];
+                if with_body {
+                    common.extend([
+                        ("408", "the body was not sent in time (`request_timeout`)"),
+                        ("413", "the body is over the limit (`payload_too_large`)"),
+                        ("415", "the body is not JSON (`unsupported_media_type`)"),
+                    ]);
+                }
+                for (status, description) in common {
+                    op.responses.responses.entry(status.to_string()).or_insert_with(|| answer(description).into());
+                }
+            }
+        }
+    }
+}
 
 /// `GET /v1/openapi.json`.
 pub fn openapi_router() -> Router {
@@ -136,14 +181,33 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
         let rules = req.extensions().get::<RequestRules>().copied();
         let timeout = rules.unwrap_or_default().read_timeout;
         let limit = rules.map(|r| r.max_body_bytes);
-        match tokio::time::timeout(timeout, Json::<T>::from_request(req, state)).await {
-            Err(_) => Err(Error::RequestTimeout),
-            Ok(Ok(Json(v))) => Ok(Self(v)),
-            Ok(Err(JsonRejection::MissingJsonContentType(_))) => Err(Error::UnsupportedMediaType),
+        let json = req
+            .headers()
+            .get(axum::http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .map(|mime| mime.trim().to_ascii_lowercase())
+            .is_some_and(|mime| {
+                mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json"))
+            });
+        if !json {
+            return Err(Error::UnsupportedMediaType);
+        }
+        let bytes = match tokio::time::timeout(timeout, axum::body::Bytes::from_request(req, state)).await {
+            Err(_) => return Err(Error::RequestTimeout),
             Ok(Err(rejection)) if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE => {
-                Err(Error::PayloadTooLarge(limit))
+                return Err(Error::PayloadTooLarge(limit));
             }
-            Ok(Err(rejection)) => Err(Error::BadRequest(plain_reason(&rejection.body_text()))),
+            Ok(Err(rejection)) => return Err(Error::BadRequest(plain_reason(&rejection.body_text()))),
+            Ok(Ok(bytes)) => bytes,
+        };
+        // Every body of the API is an object: serde would also read a struct from an array.
+        if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            return Err(Error::BadRequest("the body must be a JSON object".into()));
+        }
+        match Json::<T>::from_bytes(&bytes) {
+            Ok(Json(v)) => Ok(Self(v)),
+            Err(rejection) => Err(Error::BadRequest(plain_reason(&rejection.body_text()))),
         }
     }
 }
@@ -221,6 +285,85 @@ pub async fn uniform(
     (parts, body).into_response()
 }
 
+/// `s` as one URI path segment: every byte but the unreserved ones percent-encoded (owners may
+/// hold `|`, `#`, `%` or `?`).
+pub(crate) fn path_segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Deserializes a list of ids as JSON Schema reads `integer`: `7` and `7.0` alike (a number
+/// without a fraction), never a fraction, a negative or anything past [`MAX_ID`].
+pub(crate) fn integer_ids<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<u64>, D::Error> {
+    use serde::Deserialize;
+    use serde::de::Error as _;
+    let raw: Vec<serde_json::Number> = Vec::deserialize(d)?;
+    raw.iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let integral = n.as_f64().filter(|f| f.fract() == 0.0 && (0.0..=MAX_ID as f64).contains(f));
+            n.as_u64()
+                .or_else(|| integral.map(|f| f as u64))
+                .filter(|&id| id <= MAX_ID)
+                .ok_or_else(|| D::Error::custom(format!("[{i}]: {n} is not an id (an integer 0 to {MAX_ID})")))
+        })
+        .collect()
+}
+
+/// The largest id the API takes: ids are stored as signed 64-bit integers (PostgreSQL's
+/// BIGINT), and the document declares them `int64`, minimum 0.
+pub(crate) const MAX_ID: u64 = i64::MAX as u64;
+
 pub(crate) fn parse_id(raw: &str) -> Result<u64, Error> {
-    raw.parse().map_err(|_| Error::BadRequest(format!("{raw:?} is not a numeric id")))
+    raw.parse()
+        .ok()
+        .filter(|&id| id <= MAX_ID)
+        .ok_or_else(|| Error::BadRequest(format!("{raw:?} is not a numeric id (0 to {MAX_ID})")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The document's limits are the handlers' own: one changed without the other fails here.
+    #[test]
+    fn the_documents_limits_are_the_ones_the_handlers_enforce() {
+        let doc = serde_json::to_value(<ApiDoc as utoipa::OpenApi>::openapi()).unwrap_or_default();
+        let schemas = &doc["components"]["schemas"];
+        let weight = &schemas["Package"]["properties"]["weight_kg"];
+        assert_eq!(weight["maximum"].as_f64(), Some(crate::state::MAX_PACKAGE_KG), "{weight}");
+        let owner = &schemas["CreateDelivery"]["properties"]["owner"];
+        assert_eq!(owner["maxLength"], 128, "{owner}");
+        assert!(
+            crate::accounts::valid_owner(&"a".repeat(128)).is_ok()
+                && crate::accounts::valid_owner(&"a".repeat(129)).is_err()
+        );
+        let post = &doc["paths"]["/v1/deliveries"]["post"];
+        let key = post["parameters"].as_array().and_then(|p| p.iter().find(|p| p["name"] == "Idempotency-Key"));
+        assert_eq!(key.map(|k| &k["schema"]["maxLength"]), Some(&serde_json::json!(crate::idempotency::MAX_KEY_LEN)));
+        for status in ["400", "401", "403", "413", "415", "429", "503"] {
+            assert!(post["responses"][status].is_object(), "POST /v1/deliveries declares {status}");
+        }
+        assert!(parse_id(&MAX_ID.to_string()).is_ok() && parse_id(&(MAX_ID + 1).to_string()).is_err());
+        assert_eq!(path_segment("a|b c/%"), "a%7Cb%20c%2F%25");
+    }
+
+    /// Ids read as JSON Schema's `integer`: exactly, with or without a zero fraction.
+    #[test]
+    fn ids_are_integers_with_or_without_a_zero_fraction() {
+        #[derive(serde::Deserialize)]
+        struct Ids(#[serde(deserialize_with = "integer_ids")] Vec<u64>);
+        let ids: Ids = serde_json::from_str("[4029481617141862.0, 7.0, 7, 9223372036854775807]").unwrap_or(Ids(vec![]));
+        assert_eq!(ids.0, [4_029_481_617_141_862, 7, 7, MAX_ID]);
+        for bad in ["[1.5]", "[-1]", "[9223372036854775808]", "[1e300]", "[\"7\"]"] {
+            assert!(serde_json::from_str::<Ids>(bad).is_err(), "{bad}");
+        }
+    }
 }

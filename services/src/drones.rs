@@ -460,7 +460,9 @@ struct StoredDrone {
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RegisterDrones {
-    /// Their ids.
+    /// Their ids (each at most 2^63 - 1), at most 100,000 at once.
+    #[schema(max_items = 100_000)]
+    #[serde(deserialize_with = "crate::api::integer_ids")]
     pub drones: Vec<u64>,
 }
 
@@ -806,11 +808,23 @@ async fn register_drones<F: FleetControl>(
     State(svc): State<Arc<DroneManagement<F>>>,
     ApiJson(req): ApiJson<RegisterDrones>,
 ) -> Result<impl IntoResponse, Error> {
+    if req.drones.len() > 100_000 || req.drones.iter().any(|&id| id > crate::api::MAX_ID) {
+        return Err(Error::BadRequest(format!("give at most 100,000 drone ids, each at most {}", crate::api::MAX_ID)));
+    }
     let added = svc.register(&req.drones).await?;
     Ok(Json(serde_json::json!({ "registered": req.drones.len(), "new": added })))
 }
 
-async fn register_drone<F: FleetControl>(
+/// Register one drone as available for deliveries.
+#[utoipa::path(
+    put, path = "/v1/drones/{id}", tag = "drones",
+    params(("id" = u64, Path, description = "drone id")),
+    responses(
+        (status = 201, description = "`{drone_id}`: registered"),
+        (status = 200, description = "`{drone_id}`: it was registered already"),
+    )
+)]
+pub(crate) async fn register_drone<F: FleetControl>(
     State(svc): State<Arc<DroneManagement<F>>>,
     Path(id): Path<String>,
 ) -> Result<impl IntoResponse, Error> {
@@ -825,7 +839,7 @@ async fn register_drone<F: FleetControl>(
     get, path = "/v1/drones/{id}", tag = "drones",
     params(("id" = u64, Path, description = "drone id")),
     responses(
-        (status = 200, description = "live state, with `registered` and `assigned_delivery`", body = events::DroneSnapshot),
+        (status = 200, description = "live state, with `registered` and `assigned_delivery`", body = DroneView),
         (status = 404, description = "neither registered nor ever reported", body = crate::error::ErrorBody),
     )
 )]
@@ -840,15 +854,41 @@ async fn get_drone<F: FleetControl>(
         return Err(Error::NotFound { what: "drone", id });
     }
     // A drone that never reported has no position or charge: they read as null.
-    let mut body = serde_json::to_value(snapshot).unwrap_or_default();
-    if body.is_null() {
-        body = serde_json::json!({ "drone_id": id, "position": null, "battery_pct": null, "status": null, "updated_us": null });
-    }
-    if let Some(obj) = body.as_object_mut() {
-        obj.insert("registered".into(), registered.is_some().into());
-        obj.insert("assigned_delivery".into(), serde_json::json!(registered.and_then(|r| r.delivery)));
-    }
-    Ok(Json(body))
+    Ok(Json(DroneView {
+        drone_id: id,
+        position: snapshot.map(|s| s.position),
+        status: snapshot.map(|s| s.status),
+        battery_pct: snapshot.map(|s| s.battery_pct),
+        last_seq: snapshot.map(|s| s.last_seq),
+        updated_us: snapshot.map(|s| s.updated_us),
+        delivery: snapshot.and_then(|s| s.delivery),
+        registered: registered.is_some(),
+        assigned_delivery: registered.and_then(|r| r.delivery),
+    }))
+}
+
+/// `GET /v1/drones/{id}`'s answer: the engine's live state (null until the drone reports) and
+/// the registry's.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(crate) struct DroneView {
+    /// The drone.
+    drone_id: DroneId,
+    /// Last reported position.
+    position: Option<GeoPoint>,
+    /// Last reported flight status.
+    status: Option<events::FlightStatus>,
+    /// Last reported battery charge, percent.
+    battery_pct: Option<f32>,
+    /// Last processed sequence number.
+    last_seq: Option<u64>,
+    /// Creation time of the last processed event, µs since the epoch.
+    updated_us: Option<u64>,
+    /// The delivery the engine sees it flying.
+    delivery: Option<DeliveryId>,
+    /// Whether it is registered with Drone Management.
+    registered: bool,
+    /// The delivery Drone Management assigned it.
+    assigned_delivery: Option<DeliveryId>,
 }
 
 async fn put_assignment<F: FleetControl>(

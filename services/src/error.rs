@@ -103,7 +103,9 @@ impl Error {
             Error::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             Error::UnsupportedMediaType => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),
             Error::RequestTimeout => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
-            Error::NoDroneAvailable => (StatusCode::SERVICE_UNAVAILABLE, "no_drone_available"),
+            // The fleet's state, not the service's: every drone in reach is busy (or none is in
+            // reach); retry later.
+            Error::NoDroneAvailable => (StatusCode::CONFLICT, "no_drone_available"),
             Error::KeyReused => (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused"),
             // By name, so an engine error relayed from another process maps the same way.
             Error::Engine(e) => match e.name() {
@@ -136,7 +138,7 @@ impl IntoResponse for Error {
             tracing::warn!(error = %self, "operation failed in a dependency");
         }
         let mut response = (status, Json(body)).into_response();
-        if status == StatusCode::SERVICE_UNAVAILABLE {
+        if status == StatusCode::SERVICE_UNAVAILABLE || matches!(self, Error::NoDroneAvailable) {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         response

@@ -16,7 +16,6 @@ use axum::extract::{Path as UrlPath, Query, State};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde::Deserialize;
-use serde_json::{Value, json};
 
 use events::{DeliveryBatch, DeliveryId, DeliveryStage, GeoPoint};
 use redb::{Database, TableDefinition};
@@ -397,7 +396,7 @@ async fn put_owner(
     get, path = "/v1/deliveries/{id}/history", tag = "history",
     params(("id" = u64, Path, description = "delivery id")),
     responses(
-        (status = 200, description = "`{delivery_id, events}`", body = [HistoryEvent]),
+        (status = 200, description = "every event of the delivery", body = DeliveryHistory),
         (status = 404, description = "the history knows nothing of it", body = crate::error::ErrorBody),
     )
 )]
@@ -405,7 +404,7 @@ async fn delivery_history(
     State(h): State<Arc<History>>,
     Caller(caller): Caller,
     UrlPath(id): UrlPath<String>,
-) -> Result<Json<Value>, Error> {
+) -> Result<Json<DeliveryHistory>, Error> {
     let id: u64 = id.parse().map_err(|_| Error::BadRequest(format!("{id:?} is not a numeric id")))?;
     let events = tokio::task::spawn_blocking(move || {
         // A customer sees only its own owner's deliveries; one whose owner is not known yet
@@ -421,65 +420,106 @@ async fn delivery_history(
     .await
     .map_err(store)??
     .ok_or(Error::NotFound { what: "delivery", id })?;
-    Ok(Json(json!({ "delivery_id": id, "events": events })))
+    Ok(Json(DeliveryHistory { delivery_id: id, events }))
 }
 
-#[derive(Debug, Deserialize)]
+/// The query of `GET /v1/history`: the parameters the document declares are these fields.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
-struct OwnerQuery {
+#[into_params(parameter_in = Query)]
+pub(crate) struct OwnerQuery {
+    /// The ordering account.
+    #[param(min_length = 1, max_length = 128, pattern = r"^[!-.0-~]+$")]
     owner: String,
+    /// Created at or after, µs since the epoch.
     #[serde(default)]
+    #[param(minimum = 0, maximum = 9_223_372_036_854_775_807_i64)]
     from_us: u64,
-    #[serde(default = "max_u64")]
+    /// Created at or before, µs since the epoch (default: no bound).
+    #[serde(default = "max_time")]
+    #[param(minimum = 0, maximum = 9_223_372_036_854_775_807_i64)]
     to_us: u64,
     /// The previous page's `next` token: `created_us:delivery_id`.
     #[serde(default)]
+    #[param(pattern = r"^[0-9]{1,18}:[0-9]{1,18}$")]
     after: Option<String>,
+    /// Page size.
     #[serde(default = "default_limit")]
+    #[param(minimum = 1, maximum = 1000)]
     limit: usize,
 }
 
-fn max_u64() -> u64 {
-    u64::MAX
+/// Times are µs since the epoch, stored as signed 64-bit integers (PostgreSQL's BIGINT).
+const MAX_TIME: u64 = i64::MAX as u64;
+
+fn max_time() -> u64 {
+    MAX_TIME
 }
 
 fn default_limit() -> usize {
     100
 }
 
+/// `GET /v1/deliveries/{id}/history`'s answer.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(crate) struct DeliveryHistory {
+    /// The delivery.
+    delivery_id: DeliveryId,
+    /// Its events, in order.
+    events: Vec<HistoryEvent>,
+}
+
+/// `GET /v1/history`'s answer: one page.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(crate) struct OwnerPage {
+    /// The owner asked about.
+    owner: String,
+    /// Its deliveries, oldest first.
+    deliveries: Vec<OwnedDelivery>,
+    /// The next page's `after`, when there may be one.
+    next: Option<String>,
+}
+
 /// An owner's deliveries by creation time, a page at a time.
 #[utoipa::path(
     get, path = "/v1/history", tag = "history",
-    params(
-        ("owner" = String, Query, description = "the ordering account"),
-        ("from_us" = Option<u64>, Query, description = "created at or after, µs since the epoch"),
-        ("to_us" = Option<u64>, Query, description = "created at or before"),
-        ("after" = Option<String>, Query, description = "the previous page's `next`"),
-        ("limit" = Option<usize>, Query, description = "page size, 1..=1000, default 100"),
-    ),
-    responses((status = 200, description = "`{owner, deliveries, next}`", body = [OwnedDelivery]))
+    params(OwnerQuery),
+    responses(
+        (status = 200, description = "one page", body = OwnerPage),
+        (status = 403, description = "a customer key asked about another owner", body = crate::error::ErrorBody),
+    )
 )]
 async fn owner_history(
     State(h): State<Arc<History>>,
     Caller(caller): Caller,
     Query(q): Query<OwnerQuery>,
-) -> Result<Json<Value>, Error> {
+) -> Result<Json<OwnerPage>, Error> {
+    crate::accounts::valid_owner(&q.owner)?;
     caller.check_owner(&q.owner)?;
+    if q.from_us > MAX_TIME || q.to_us > MAX_TIME {
+        return Err(Error::BadRequest(format!("from_us and to_us must be at most {MAX_TIME}")));
+    }
+    if !(1..=1000).contains(&q.limit) {
+        return Err(Error::BadRequest("limit must be 1 to 1000".into()));
+    }
     let after = match &q.after {
         None => None,
         Some(token) => {
-            let parsed = token.split_once(':').and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)));
+            let parsed = token
+                .split_once(':')
+                .filter(|(a, b)| [a, b].iter().all(|p| (1..=18).contains(&p.len())))
+                .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)));
             Some(parsed.ok_or_else(|| Error::BadRequest(format!("after={token:?} is not a page token")))?)
         }
     };
-    let limit = q.limit.clamp(1, 1000);
+    let limit = q.limit;
     let owner = q.owner.clone();
     let page = tokio::task::spawn_blocking(move || h.by_owner(&owner, q.from_us, q.to_us, after, limit))
         .await
         .map_err(store)??;
     let next =
         (page.len() == limit).then(|| page.last().map(|d| format!("{}:{}", d.created_us, d.delivery_id))).flatten();
-    Ok(Json(json!({ "owner": q.owner, "deliveries": page, "next": next })))
+    Ok(Json(OwnerPage { owner: q.owner, deliveries: page, next }))
 }
 
 #[cfg(test)]

@@ -50,12 +50,16 @@ impl Default for NotifyConfig {
 /// A customer's subscription to one delivery.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(min_properties = 1)]
 pub struct Subscription {
-    /// Phone number for SMS, `+` and digits.
+    /// Phone number for SMS: `+` (optional) and 5 to 15 digits.
     #[serde(default)]
+    #[schema(nullable = false, pattern = r"^\+?[0-9]{5,15}$")]
     pub sms: Option<String>,
-    /// Email address.
+    /// Email address: a local part, `@`, and a domain with a dot inside; at most 254
+    /// characters.
     #[serde(default)]
+    #[schema(nullable = false, max_length = 254, pattern = r"^[^@\s]+@[^@\s]+\.[^@\s]+$")]
     pub email: Option<String>,
 }
 
@@ -72,12 +76,23 @@ impl Subscription {
             }
         }
         if let Some(e) = &self.email
-            && !(e.len() <= 254 && e.split_once('@').is_some_and(|(user, host)| !user.is_empty() && host.contains('.')))
+            && !valid_email(e)
         {
             return Err(Error::BadRequest(format!("email {e:?} is not an address")));
         }
         Ok(())
     }
+}
+
+/// What the schema's pattern says: one `@`, no whitespace, a dot inside the domain (text on
+/// both sides of it), at most 254 characters.
+fn valid_email(e: &str) -> bool {
+    let Some((user, host)) = e.split_once('@') else { return false };
+    e.chars().count() <= 254
+        && !user.is_empty()
+        && !host.contains('@')
+        && !e.chars().any(char::is_whitespace)
+        && host.char_indices().any(|(i, c)| c == '.' && i > 0 && i + 1 < host.len())
 }
 
 /// One notification, as queued.

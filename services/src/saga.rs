@@ -186,7 +186,7 @@ mod tests {
             owner: "customer-1".into(),
             pickup: GeoPoint::new(47.6, -122.3),
             dropoff: GeoPoint::new(47.7, -122.2),
-            package: crate::state::Package { size: "small".into(), weight_kg: 1.0, tag: None },
+            package: crate::state::Package { size: crate::state::PackageSize::Small, weight_kg: 1.0, tag: None },
         }
     }
 

@@ -337,7 +337,10 @@ impl<F: FleetControl + WorkQueues> Scheduler<F> {
         crate::accounts::valid_owner(owner)?;
         let accounts = &self.deps.accounts;
         let reply = accounts
-            .call(Call::new(Method::GET, format!("/internal/v1/accounts/{owner}")).traced(trace))
+            .call(
+                Call::new(Method::GET, format!("/internal/v1/accounts/{}", crate::api::path_segment(owner)))
+                    .traced(trace),
+            )
             .await
             .map_err(|e| Error::Dependency { service: accounts.name(), reason: e.to_string() })?;
         if reply.status == StatusCode::NOT_FOUND {
@@ -533,8 +536,10 @@ impl<F: FleetControl + WorkQueues> Scheduler<F> {
         trace: TraceContext,
     ) -> Result<(DeliveryRecord, bool), Error> {
         use crate::idempotency::{Begin, MAX_KEY_LEN};
-        if key.is_empty() || key.len() > MAX_KEY_LEN {
-            return Err(Error::BadRequest(format!("Idempotency-Key must be 1 to {MAX_KEY_LEN} characters")));
+        if key.is_empty() || key.len() > MAX_KEY_LEN || !key.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+            return Err(Error::BadRequest(format!(
+                "Idempotency-Key must be 1 to {MAX_KEY_LEN} visible ASCII characters (spaces inside)"
+            )));
         }
         match self.keys.begin(key, &req).await? {
             Begin::Replay(record) => return Ok((record, true)),
@@ -930,13 +935,14 @@ fn span(trace: Option<Extension<TraceContext>>) -> TraceContext {
 #[utoipa::path(
     post, path = "/v1/deliveries", tag = "deliveries",
     request_body = CreateDelivery,
-    params(("Idempotency-Key" = Option<String>, Header, description = "a retry with the same key returns the first result")),
+    params(("Idempotency-Key" = Option<String>, Header, description = "a retry with the same key returns the first result", min_length = 1, max_length = 255, pattern = r"^[!-~]([ -~]*[!-~])?$")),
     responses(
         (status = 201, description = "scheduled", body = Scheduled),
         (status = 400, description = "malformed request", body = crate::error::ErrorBody),
         (status = 403, description = "the account may not order", body = crate::error::ErrorBody),
         (status = 422, description = "unknown account, or an Idempotency-Key reused for another request", body = crate::error::ErrorBody),
-        (status = 503, description = "no drone free, or a dependency failed (`dependency` names it)", body = crate::error::ErrorBody),
+        (status = 409, description = "no drone free within reach of the pickup now (`no_drone_available`, with `Retry-After`)", body = crate::error::ErrorBody),
+        (status = 503, description = "a dependency failed (`dependency` names it)", body = crate::error::ErrorBody),
     )
 )]
 async fn create_delivery<F: FleetControl + WorkQueues>(

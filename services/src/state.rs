@@ -27,7 +27,8 @@ use crate::store::Store;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateDelivery {
-    /// The ordering account.
+    /// The ordering account: 1 to 128 visible ASCII characters without `/`.
+    #[schema(min_length = 1, max_length = 128, pattern = r"^[!-.0-~]+$")]
     pub owner: String,
     /// Where the package is collected.
     pub pickup: GeoPoint,
@@ -53,13 +54,30 @@ pub struct Reschedule {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Package {
-    /// Size class: `small`, `medium` or `large`.
-    pub size: String,
-    /// Weight in kilograms.
-    pub weight_kg: f32,
+    /// Size class.
+    pub size: PackageSize,
+    /// Weight in kilograms: more than 0, at most [`MAX_PACKAGE_KG`] (what a delivery drone
+    /// carries).
+    #[schema(exclusive_minimum = 0, maximum = 5)]
+    pub weight_kg: f64,
     /// Free-form tag.
     #[serde(default)]
     pub tag: Option<String>,
+}
+
+/// The heaviest package a drone carries, kg (the schema's `maximum` of `weight_kg`).
+pub const MAX_PACKAGE_KG: f64 = 5.0;
+
+/// A package's size class.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum PackageSize {
+    /// Fits a letterbox.
+    Small,
+    /// A shoebox.
+    Medium,
+    /// The largest a drone carries.
+    Large,
 }
 
 /// Settings of the services, `[services]` in the pipeline's config.
@@ -315,9 +333,7 @@ impl<F: FleetControl + WorkQueues + Clone> Services<F> {
 }
 
 pub(crate) fn validate(req: &CreateDelivery) -> Result<(), Error> {
-    if req.owner.trim().is_empty() {
-        return Err(Error::BadRequest("owner must not be empty".into()));
-    }
+    crate::accounts::valid_owner(&req.owner)?;
     for (name, p) in [("pickup", &req.pickup), ("dropoff", &req.dropoff)] {
         if !p.is_valid() {
             return Err(Error::BadRequest(format!("{name} is not a valid coordinate (lat -90..90, lon -180..180)")));
@@ -328,11 +344,8 @@ pub(crate) fn validate(req: &CreateDelivery) -> Result<(), Error> {
 
 /// Checks a package's description.
 pub(crate) fn validate_package(package: &Package) -> Result<(), Error> {
-    if !matches!(package.size.as_str(), "small" | "medium" | "large") {
-        return Err(Error::BadRequest("package.size must be small, medium or large".into()));
-    }
-    if !(package.weight_kg.is_finite() && package.weight_kg > 0.0) {
-        return Err(Error::BadRequest("package.weight_kg must be a positive number".into()));
+    if !(package.weight_kg.is_finite() && package.weight_kg > 0.0 && package.weight_kg <= MAX_PACKAGE_KG) {
+        return Err(Error::BadRequest(format!("package.weight_kg must be more than 0 and at most {MAX_PACKAGE_KG}")));
     }
     Ok(())
 }

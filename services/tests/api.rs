@@ -89,7 +89,7 @@ async fn schedule_track_and_complete_a_delivery() {
 
     // The only drone is busy now.
     let (status, body, retry) = call(&router, "POST", "/v1/deliveries", Some(&order())).await;
-    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(status, StatusCode::CONFLICT);
     assert_eq!(body["error"], "no_drone_available");
     assert_eq!(retry.as_deref(), Some("1"));
 
@@ -281,7 +281,7 @@ async fn a_drone_the_engine_has_on_an_unknown_delivery_is_not_offered() {
     fleet.flying.lock().push((42, 999));
     call(&router, "POST", "/v1/drones", Some(r#"{"drones":[42]}"#)).await;
     let (status, body, _) = call(&router, "POST", "/v1/deliveries", Some(&order())).await;
-    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
     assert_eq!(body["error"], "no_drone_available");
     let (_, drone, _) = call(&router, "GET", "/v1/drones/42", None).await;
     assert_eq!(drone["assigned_delivery"], 999, "{drone}");
@@ -303,7 +303,7 @@ async fn a_drone_the_engine_refuses_as_busy_is_passed_over_on_the_next_try() {
     call(&router, "POST", "/v1/drones", Some(r#"{"drones":[42]}"#)).await;
     fleet.flying.lock().push((42, 999));
     let (status, body, _) = call(&router, "POST", "/v1/deliveries", Some(&order())).await;
-    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "tried again, no other drone: {body}");
+    assert_eq!(status, StatusCode::CONFLICT, "tried again, no other drone: {body}");
     assert_eq!(body["error"], "no_drone_available");
     let (_, drone, _) = call(&router, "GET", "/v1/drones/42", None).await;
     assert_eq!(drone["assigned_delivery"], 999, "held for the other delivery: {drone}");
