@@ -6,10 +6,9 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
-use pipeline::{Config, Node};
+use pipeline::Node;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use services::auth::ApiKeySpec;
@@ -18,14 +17,8 @@ const ALICE: &str = "key-alice";
 const BOB: &str = "key-bob";
 const OPS: &str = "key-ops";
 
-fn config(tag: &str) -> (std::path::PathBuf, Config) {
-    let dir = std::env::temp_dir().join(format!("fleetstream-access-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let mut cfg = Config { data_dir: dir.clone(), ..Config::default() };
-    cfg.ingest.listen = SocketAddr::from(([127, 0, 0, 1], 0));
-    cfg.http.listen = SocketAddr::from(([127, 0, 0, 1], 0));
-    cfg.engine.shards = 2;
-    (dir, cfg)
+fn config(tag: &str) -> (std::path::PathBuf, pipeline::Config) {
+    common::loopback_config(&format!("access-{tag}"))
 }
 
 fn order(owner: &str) -> Value {

@@ -4,22 +4,18 @@
 
 #![allow(clippy::unwrap_used)] // helpers in a test crate may panic: that fails the test
 
-use std::net::SocketAddr;
+mod common;
+
 use std::time::{Duration, Instant};
 
-use pipeline::{Config, Node};
+use pipeline::Node;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 async fn node(tag: &str) -> (std::path::PathBuf, Node) {
-    let dir = std::env::temp_dir().join(format!("fleetstream-answers-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let mut cfg = Config { data_dir: dir.clone(), ..Config::default() };
-    cfg.ingest.listen = SocketAddr::from(([127, 0, 0, 1], 0));
-    cfg.http.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    let (dir, mut cfg) = common::loopback_config(&format!("answers-{tag}"));
     cfg.http.max_body_bytes = 1024;
     cfg.http.read_timeout_ms = 500;
-    cfg.engine.shards = 2;
     (dir, Node::start(&cfg).await.unwrap())
 }
 

@@ -10,10 +10,11 @@
 
 #![allow(clippy::unwrap_used)] // helpers in a test crate may panic: that fails the test
 
-use std::net::SocketAddr;
+mod common;
+
 use std::process::Command;
 
-use pipeline::{Config, Node};
+use pipeline::Node;
 
 fn schemathesis() -> Option<String> {
     let mut candidates = std::env::var("FLEETSTREAM_SCHEMATHESIS").into_iter().chain(["schemathesis".to_string()]);
@@ -28,12 +29,7 @@ async fn the_api_keeps_its_documented_contract_under_generated_requests() {
         println!("SKIP the_api_keeps_its_documented_contract_under_generated_requests: schemathesis not found");
         return;
     };
-    let dir = std::env::temp_dir().join(format!("fleetstream-contract-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let mut cfg = Config { data_dir: dir.clone(), ..Config::default() };
-    cfg.ingest.listen = SocketAddr::from(([127, 0, 0, 1], 0));
-    cfg.http.listen = SocketAddr::from(([127, 0, 0, 1], 0));
-    cfg.engine.shards = 2;
+    let (dir, cfg) = common::loopback_config("contract");
     let node = Node::start(&cfg).await.unwrap();
     let base = format!("http://{}", node.http_addr);
     // An account, so that some generated orders get past it.

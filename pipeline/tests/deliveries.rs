@@ -9,19 +9,10 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use events::StreamSource;
-use pipeline::{Config, Node};
+use pipeline::Node;
 use serde_json::{Value, json};
 
-/// A fresh data directory for `tag` and a loopback config over it (any free ports, 2 shards).
-fn loopback_config(tag: &str) -> (std::path::PathBuf, Config) {
-    let dir = std::env::temp_dir().join(format!("fleetstream-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let mut cfg = Config { data_dir: dir.clone(), ..Config::default() };
-    cfg.ingest.listen = SocketAddr::from(([127, 0, 0, 1], 0));
-    cfg.http.listen = SocketAddr::from(([127, 0, 0, 1], 0));
-    cfg.engine.shards = 2;
-    (dir, cfg)
-}
+use common::loopback_config;
 
 /// The drones report in and are registered, the owner's account is opened, and the order a
 /// test schedules is returned (a pickup beside the drones, a drop-off 1.4 km away).

@@ -1,7 +1,19 @@
-//! What several integration tests share: finding the NATS server they need, a scripted drone
-//! flight, drones reporting in, `pipeline serve` as a child process, and a stand-in SMS gateway.
+//! What several integration tests share: a loopback node's config, finding the NATS server
+//! they need, a scripted drone flight, drones reporting in, `pipeline serve` as a child
+//! process, and a stand-in SMS gateway.
 
 #![allow(dead_code)] // each test crate uses part of it
+
+/// A fresh data directory for `tag` and a loopback config over it (any free ports, 2 shards).
+pub fn loopback_config(tag: &str) -> (std::path::PathBuf, pipeline::Config) {
+    let dir = std::env::temp_dir().join(format!("fleetstream-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut cfg = pipeline::Config { data_dir: dir.clone(), ..pipeline::Config::default() };
+    cfg.ingest.listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+    cfg.http.listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+    cfg.engine.shards = 2;
+    (dir, cfg)
+}
 
 /// The NATS server at `FLEETSTREAM_NATS_URL` (default `nats://127.0.0.1:4222`) and its URL.
 /// Without one: prints a SKIP line naming `test` and returns `None`, unless
