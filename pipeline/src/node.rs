@@ -268,17 +268,6 @@ impl Node {
             .start_recovery(records_caught_up(position_rx, logged))
             .await
             .map_err(|e| Error::Task(format!("reading the saga journal: {e}")))?;
-        // Readiness waits for it: until then, orders a crash cut short may hold drones.
-        let recovered = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        tokio::spawn({
-            let (recovered, recovery) = (recovered.clone(), recovery_task.abort_handle());
-            async move {
-                while !recovery.is_finished() {
-                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-                }
-                recovered.store(true, std::sync::atomic::Ordering::SeqCst);
-            }
-        });
         // Drones registered before they ever reported are looked up until they do; operations
         // that failed part-way (an undo that could not be made) are tried again every 5 s.
         let sweeper_task = tokio::spawn({
@@ -325,7 +314,8 @@ impl Node {
             services: services.clone(),
             services_following: following.clone(),
             history_following,
-            recovered,
+            // Readiness waits for it: until then, orders a crash cut short may hold drones.
+            recovery: recovery_task.abort_handle(),
             stopping: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         };
         let throttle = services::throttle::Throttle::new(cfg.http.throttle);
@@ -494,7 +484,7 @@ pub struct Health {
     services: Arc<Services<Engine>>,
     services_following: Arc<std::sync::atomic::AtomicBool>,
     history_following: Arc<std::sync::atomic::AtomicBool>,
-    recovered: Arc<std::sync::atomic::AtomicBool>,
+    recovery: tokio::task::AbortHandle,
     stopping: Arc<std::sync::atomic::AtomicBool>,
 }
 
@@ -512,7 +502,7 @@ impl Health {
         let stopping = self.stopping.load(SeqCst);
         if stopping {
             parts.push(("node".into(), "draining: shutting down".into()));
-        } else if !self.recovered.load(SeqCst) {
+        } else if !self.recovery.is_finished() {
             parts.push(("recovery".into(), "carrying operations a restart cut short to an end".into()));
         }
         if !stopping && !self.services_following.load(SeqCst) {

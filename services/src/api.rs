@@ -242,7 +242,9 @@ pub async fn uniform(
 ) -> axum::response::Response {
     use axum::http::{StatusCode, header};
     use axum::response::IntoResponse;
-    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    // Kept for an error's message; a clone of the parsed URI shares its bytes.
+    let (method, uri) = (req.method().clone(), req.uri().clone());
+    let path = uri.path();
     req.extensions_mut().insert(rules);
     let response = next.run(req).await;
     let status = response.status();

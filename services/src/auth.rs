@@ -196,12 +196,6 @@ pub struct ApiKeys {
 }
 
 impl ApiKeys {
-    /// Admin keys (blank ones are ignored); none means the API is open.
-    pub fn new(keys: impl IntoIterator<Item = String>) -> Arc<Self> {
-        let specs: Vec<ApiKeySpec> = keys.into_iter().map(ApiKeySpec::Plain).collect();
-        Self::from_specs(&specs).unwrap_or_default()
-    }
-
     /// The keys of `[http] api_keys` (and `api_keys_file`); a malformed entry is an error
     /// naming it (by position, never by its secret).
     pub fn from_specs(specs: &[ApiKeySpec]) -> Result<Arc<Self>, Error> {
@@ -379,7 +373,7 @@ mod tests {
             ApiKeySpec::Plain("legacy".into()),
             ApiKeySpec::Plain("  ".into()),
         ])
-        .expect("valid keys");
+        .expect("valid keys"); // ok: a test's own fixed keys
         assert!(keys.enforced());
         assert_eq!(keys.principal("secret-a"), Some(&Principal::Customer { owner: "customer-1".into() }));
         assert_eq!(keys.principal("secret-b"), Some(&Principal::Customer { owner: "customer-2".into() }));
@@ -423,7 +417,7 @@ mod tests {
     fn the_config_forms_parse() {
         let specs: Vec<ApiKeySpec> =
             serde_json::from_str(r#"[{ "key": "a", "owner": "customer-1" }, { "key": "b", "role": "admin" }, "c"]"#)
-                .expect("parses");
+                .expect("parses"); // ok: a test's own fixed JSON
         assert_eq!(specs.len(), 3);
         assert!(matches!(specs[2], ApiKeySpec::Plain(_)));
         assert!(serde_json::from_str::<Vec<ApiKeySpec>>(r#"[{ "key": "a", "owners": "x" }]"#).is_err());
