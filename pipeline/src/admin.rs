@@ -12,7 +12,8 @@
 //! | GET | `/v1/streams` | each topic's first and next offsets, its named cursors and their lag |
 //! | GET | `/v1/streams/{topic}/events?from=&cursor=` | the topic as Server-Sent Events (JSON) |
 //!
-//! Errors are the services' JSON errors (`{"error": code, "message": text}`).
+//! Errors are the services' JSON errors (`{"error": code, "message": text}`). Every route is
+//! in the OpenAPI document ([`api_document`]: the services' routes and these), admin keys only.
 
 use std::fmt::Write;
 
@@ -23,7 +24,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use events::{Mission, QueueName, StartAt, StreamSource, Topic};
 use futures_util::StreamExt;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use services::Error;
 
@@ -43,6 +44,118 @@ pub fn router(engine: Engine) -> Router {
         .with_state(engine)
 }
 
+/// The OpenAPI document of the whole public API: the services' routes and the engine's, with
+/// the answers every operation may give.
+pub fn api_document() -> utoipa::openapi::OpenApi {
+    use utoipa::OpenApi;
+    let mut doc = services::ApiDoc::openapi();
+    doc.merge(AdminDoc::openapi());
+    utoipa::Modify::modify(&services::CommonAnswers, &mut doc);
+    doc
+}
+
+/// `GET /v1/openapi.json`, serving [`api_document`].
+pub fn openapi_router() -> Router {
+    let doc = std::sync::Arc::new(api_document());
+    Router::new().route("/v1/openapi.json", get(move || std::future::ready(Json(doc.as_ref().clone()))))
+}
+
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(queues, dead_letters, dead_letter, replay, purge, streams, stream_events))]
+struct AdminDoc;
+
+/// A queue's counts; the counters beside them depend on its backend.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+struct QueueSummary {
+    /// `drone-commands` or `notifications`.
+    queue: String,
+    /// `embedded` or `jetstream`.
+    backend: String,
+    /// Messages waiting for a consumer.
+    ready: Option<u64>,
+    /// Messages a consumer holds.
+    leased: Option<u64>,
+    /// Dead letters.
+    dead: Option<u64>,
+}
+
+/// `GET /v1/queues`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+struct QueueList {
+    #[schema(value_type = Vec<QueueSummary>)]
+    queues: Vec<Value>,
+}
+
+/// One dead letter.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+struct DeadLetterView {
+    /// Message id.
+    id: u64,
+    /// Routing key (a drone id on drone-commands).
+    key: u64,
+    /// Deliveries it had.
+    attempts: u32,
+    /// Why the last one failed.
+    reason: String,
+    /// When it was enqueued, µs since the epoch.
+    enqueued_us: u64,
+    /// When it was dead-lettered, µs since the epoch.
+    dead_at_us: u64,
+    /// The payload, hex.
+    payload_hex: String,
+    /// On drone-commands: the mission the payload holds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    mission: Option<Value>,
+}
+
+/// A page of dead letters.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+struct DeadLetterPage {
+    queue: String,
+    /// Without payloads: ask for one dead letter to see it.
+    #[schema(value_type = Vec<Object>)]
+    dead_letters: Vec<DeadLetter>,
+    /// `after` for the next page; `null` on the last.
+    next_after: Option<u64>,
+}
+
+/// A dead letter put back on its queue.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+struct Replayed {
+    replayed: u64,
+}
+
+/// A named cursor of a topic.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+struct CursorView {
+    name: String,
+    /// The offset it reads next.
+    next: u64,
+    /// Batches between it and the topic's end.
+    lag: u64,
+    /// When it last moved, µs since the epoch.
+    updated_us: u64,
+}
+
+/// A topic's log bounds and cursors.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+struct StreamView {
+    /// `drone-telemetry` or `delivery-events`.
+    topic: String,
+    /// The first offset held.
+    first: u64,
+    /// The offset the next batch gets.
+    next: u64,
+    cursors: Vec<CursorView>,
+}
+
+/// `GET /v1/streams`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+struct StreamList {
+    streams: Vec<StreamView>,
+}
+
 /// What keeps queue `name`.
 fn queue(engine: &Engine, name: &str) -> Result<std::sync::Arc<dyn QueueBackend>, Error> {
     QueueName::from_name(name)
@@ -50,24 +163,43 @@ fn queue(engine: &Engine, name: &str) -> Result<std::sync::Arc<dyn QueueBackend>
         .ok_or_else(|| Error::BadRequest(format!("no queue {name:?}; queues are drone-commands and notifications")))
 }
 
+/// The largest id the API takes: JSON Schema's `int64`.
+const MAX_ID: u64 = i64::MAX as u64;
+
 fn parse_id(raw: &str) -> Result<u64, Error> {
-    raw.parse().map_err(|_| Error::BadRequest(format!("{raw:?} is not a numeric id")))
+    raw.parse()
+        .ok()
+        .filter(|id| *id <= MAX_ID)
+        .ok_or_else(|| Error::BadRequest(format!("{raw:?} is not an id (0 to {MAX_ID})")))
 }
 
-async fn queues(State(engine): State<Engine>) -> Json<Value> {
+/// Every queue's ready, leased and dead messages and its counters.
+#[utoipa::path(
+    get, path = "/v1/queues", tag = "queues",
+    responses((status = 200, description = "every queue", body = QueueList))
+)]
+async fn queues(State(engine): State<Engine>) -> Json<QueueList> {
     let mut list: Vec<Value> = Vec::new();
     for name in QueueName::ALL {
         list.push(engine.queue_backend(name).summary().await);
     }
-    Json(json!({ "queues": list }))
+    Json(QueueList { queues: list })
 }
 
-#[derive(Debug, Deserialize)]
+/// A queue's name, as a path parameter.
+const QUEUE_PARAM: &str = "drone-commands or notifications";
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct Page {
+    /// Dead letters after this id (default: from the first).
     #[serde(default)]
+    #[param(minimum = 0, maximum = 9_223_372_036_854_775_807_i64)]
     after: u64,
+    /// Page size.
     #[serde(default = "default_limit")]
+    #[param(minimum = 1, maximum = 1000)]
     limit: usize,
 }
 
@@ -75,21 +207,44 @@ fn default_limit() -> usize {
     100
 }
 
+/// Dead letters, oldest first, paged by id.
+#[utoipa::path(
+    get, path = "/v1/queues/{queue}/dead-letters", tag = "queues",
+    params(("queue" = String, Path, description = QUEUE_PARAM, pattern = "^(drone-commands|notifications)$"), Page),
+    responses((status = 200, description = "one page", body = DeadLetterPage))
+)]
 async fn dead_letters(
     State(engine): State<Engine>,
     Path(name): Path<String>,
     Query(page): Query<Page>,
-) -> Result<Json<Value>, Error> {
-    let limit = page.limit.clamp(1, 1000);
-    let items = queue(&engine, &name)?.dead_letters(page.after, limit).await?;
+) -> Result<Json<DeadLetterPage>, Error> {
+    if !(1..=1000).contains(&page.limit) {
+        return Err(Error::BadRequest("limit must be 1 to 1000".into()));
+    }
+    if page.after > MAX_ID {
+        return Err(Error::BadRequest(format!("after must be at most {MAX_ID}")));
+    }
+    let items = queue(&engine, &name)?.dead_letters(page.after, page.limit).await?;
     let next_after = items.last().map(|d| d.id);
-    Ok(Json(json!({ "queue": name, "dead_letters": items, "next_after": next_after })))
+    Ok(Json(DeadLetterPage { queue: name, dead_letters: items, next_after }))
 }
 
+/// One dead letter with its payload (hex; a mission decoded).
+#[utoipa::path(
+    get, path = "/v1/queues/{queue}/dead-letters/{id}", tag = "queues",
+    params(
+        ("queue" = String, Path, description = QUEUE_PARAM, pattern = "^(drone-commands|notifications)$"),
+        ("id" = u64, Path, description = "dead letter id", minimum = 0, maximum = 9_223_372_036_854_775_807_i64),
+    ),
+    responses(
+        (status = 200, description = "the dead letter", body = DeadLetterView),
+        (status = 404, description = "no such dead letter", body = services::error::ErrorBody),
+    )
+)]
 async fn dead_letter(
     State(engine): State<Engine>,
     Path((name, id)): Path<(String, String)>,
-) -> Result<Json<Value>, Error> {
+) -> Result<Json<DeadLetterView>, Error> {
     let id = parse_id(&id)?;
     let q = queue(&engine, &name)?;
     let d = q.dead_letter(id).await.ok_or(Error::NotFound { what: "dead letter", id })?;
@@ -97,36 +252,69 @@ async fn dead_letter(
     Ok(Json(describe(name, &d)))
 }
 
-fn describe(queue: QueueName, d: &DeadLetter) -> Value {
+fn describe(queue: QueueName, d: &DeadLetter) -> DeadLetterView {
     let mut hex = String::with_capacity(d.payload.len() * 2);
     for b in d.payload.iter() {
         let _ = write!(hex, "{b:02x}");
     }
-    let mut v = json!(d);
-    v["payload_hex"] = json!(hex);
-    if queue == QueueName::DroneCommands
-        && let Ok(m) = Mission::from_bytes(&d.payload)
-    {
-        v["mission"] = json!({
-            "delivery_id": m.delivery_id,
-            "drone_id": m.drone_id,
-            "pickup": m.pickup,
-            "dropoff": m.dropoff,
-            "ts_us": m.ts_us,
+    let mission =
+        (queue == QueueName::DroneCommands).then(|| Mission::from_bytes(&d.payload).ok()).flatten().map(|m| {
+            json!({
+                "delivery_id": m.delivery_id,
+                "drone_id": m.drone_id,
+                "pickup": m.pickup,
+                "dropoff": m.dropoff,
+                "ts_us": m.ts_us,
+            })
         });
+    DeadLetterView {
+        id: d.id,
+        key: d.key,
+        attempts: d.attempts,
+        reason: d.reason.clone(),
+        enqueued_us: d.enqueued_us,
+        dead_at_us: d.dead_at_us,
+        payload_hex: hex,
+        mission,
     }
-    v
 }
 
-async fn replay(State(engine): State<Engine>, Path((name, id)): Path<(String, String)>) -> Result<Json<Value>, Error> {
+/// Puts a dead letter back into its queue with fresh attempts.
+#[utoipa::path(
+    post, path = "/v1/queues/{queue}/dead-letters/{id}/replay", tag = "queues",
+    params(
+        ("queue" = String, Path, description = QUEUE_PARAM, pattern = "^(drone-commands|notifications)$"),
+        ("id" = u64, Path, description = "dead letter id", minimum = 0, maximum = 9_223_372_036_854_775_807_i64),
+    ),
+    responses(
+        (status = 200, description = "back in the queue", body = Replayed),
+        (status = 404, description = "no such dead letter", body = services::error::ErrorBody),
+    )
+)]
+async fn replay(
+    State(engine): State<Engine>,
+    Path((name, id)): Path<(String, String)>,
+) -> Result<Json<Replayed>, Error> {
     let id = parse_id(&id)?;
     if !queue(&engine, &name)?.replay(id).await? {
         return Err(Error::NotFound { what: "dead letter", id });
     }
     tracing::info!(queue = %name, id, "dead letter replayed");
-    Ok(Json(json!({ "replayed": id })))
+    Ok(Json(Replayed { replayed: id }))
 }
 
+/// Deletes a dead letter for good.
+#[utoipa::path(
+    delete, path = "/v1/queues/{queue}/dead-letters/{id}", tag = "queues",
+    params(
+        ("queue" = String, Path, description = QUEUE_PARAM, pattern = "^(drone-commands|notifications)$"),
+        ("id" = u64, Path, description = "dead letter id", minimum = 0, maximum = 9_223_372_036_854_775_807_i64),
+    ),
+    responses(
+        (status = 204, description = "deleted"),
+        (status = 404, description = "no such dead letter", body = services::error::ErrorBody),
+    )
+)]
 async fn purge(State(engine): State<Engine>, Path((name, id)): Path<(String, String)>) -> Result<StatusCode, Error> {
     let id = parse_id(&id)?;
     if !queue(&engine, &name)?.purge(id).await? {
@@ -136,22 +324,31 @@ async fn purge(State(engine): State<Engine>, Path((name, id)): Path<(String, Str
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// `GET /v1/streams`: each topic's log bounds and its named cursors with their lag.
-async fn streams(State(engine): State<Engine>) -> Json<Value> {
-    let topics: Vec<Value> = [Topic::DroneTelemetry, Topic::DeliveryEvents]
+/// Each topic's first and next offsets, its named cursors and their lag.
+#[utoipa::path(
+    get, path = "/v1/streams", tag = "streams",
+    responses((status = 200, description = "every topic", body = StreamList))
+)]
+async fn streams(State(engine): State<Engine>) -> Json<StreamList> {
+    let streams = [Topic::DroneTelemetry, Topic::DeliveryEvents]
         .into_iter()
         .map(|topic| {
             let (first, next) = engine.topic_bounds(topic);
-            let cursors: Vec<Value> = engine
+            let cursors = engine
                 .cursors()
                 .list(topic)
                 .into_iter()
-                .map(|(name, c)| json!({ "name": name, "next": c.next, "lag": next.saturating_sub(c.next), "updated_us": c.updated_us }))
+                .map(|(name, c)| CursorView {
+                    name,
+                    next: c.next,
+                    lag: next.saturating_sub(c.next),
+                    updated_us: c.updated_us,
+                })
                 .collect();
-            json!({ "topic": topic.name(), "first": first, "next": next, "cursors": cursors })
+            StreamView { topic: topic.name().to_string(), first, next, cursors }
         })
         .collect();
-    Json(json!({ "streams": topics }))
+    Json(StreamList { streams })
 }
 
 /// Appends `fleetstream_stream_cursor_lag{topic,cursor}`: batches between each named cursor
@@ -168,14 +365,17 @@ pub fn render_cursor_metrics(engine: &Engine, out: &mut String) {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct StreamQuery {
     /// `earliest`, `latest` (default), an offset, or `time:<µs since the epoch>`.
     #[serde(default)]
+    #[param(pattern = "^(earliest|latest|[0-9]{1,19}|time:[0-9]{1,19})$")]
     from: Option<String>,
     /// A named cursor: start where it stands and commit as batches are sent.
     #[serde(default)]
+    #[param(pattern = "^[A-Za-z0-9._-]{1,64}$")]
     cursor: Option<String>,
 }
 
@@ -198,6 +398,15 @@ fn parse_start(raw: Option<&str>) -> Result<StartAt, Error> {
 /// batch with the offset as its id and the events as JSON. A reconnecting client sends
 /// `Last-Event-ID` and resumes after it; with `cursor=NAME` the server keeps the cursor and
 /// commits each batch once the next one is handed to the connection.
+#[utoipa::path(
+    get, path = "/v1/streams/{topic}/events", tag = "streams",
+    params(
+        ("topic" = String, Path, description = "drone-telemetry or delivery-events", pattern = "^(drone-telemetry|delivery-events)$"),
+        ("last-event-id" = Option<u64>, Header, description = "resume after this offset"),
+        StreamQuery,
+    ),
+    responses((status = 200, description = "`batch` events, each `{\"offset\", \"events\"}` with the offset as its id", content_type = "text/event-stream", body = String))
+)]
 async fn stream_events(
     State(engine): State<Engine>,
     Path(topic): Path<String>,

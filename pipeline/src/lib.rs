@@ -6,6 +6,8 @@
 //!   contract traits of `events` so the ingest and the services can drive it.
 //! - [`config`]: the typed configuration of `pipeline serve`.
 //! - [`node`]: starts ingest, engine and services from a config and stops them in order.
+//! - [`roles`] and [`gateway`]: split mode, each service a process of its own behind one
+//!   public entry.
 
 pub mod admin;
 pub mod bus;
@@ -18,6 +20,7 @@ pub mod dedup;
 pub mod derive;
 pub mod discard;
 pub mod engine;
+pub mod gateway;
 pub mod jetstream;
 pub mod log;
 pub mod node;

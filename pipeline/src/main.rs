@@ -100,6 +100,25 @@ enum CertsCommand {
         /// 127.0.0.1 always are).
         #[arg(long = "host")]
         hosts: Vec<String>,
+        /// How long each role's certificate is valid, days (renew with `certs renew`).
+        #[arg(long, default_value_t = services::tls::Validity::default().cert_days)]
+        days: u32,
+        /// How long the CA is valid, days.
+        #[arg(long, default_value_t = services::tls::Validity::default().ca_days)]
+        ca_days: u32,
+    },
+    /// Issue every role a new certificate from the existing CA (its ca-key.pem must be in
+    /// the directory); restart the roles one at a time to take them up.
+    Renew {
+        /// The CA's directory.
+        #[arg(long, default_value = "ca")]
+        dir: PathBuf,
+        /// Extra host names or IP addresses, as given to `certs init`.
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+        /// How long each new certificate is valid, days.
+        #[arg(long, default_value_t = services::tls::Validity::default().cert_days)]
+        days: u32,
     },
 }
 
@@ -119,9 +138,22 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Certs { command: CertsCommand::Init { dir, hosts } } => {
-                let written = services::tls::init_ca(&dir, &hosts)?;
-                println!("wrote a private CA and certificates for {} roles:", services::tls::ROLES.len());
+            Command::Certs { command: CertsCommand::Renew { dir, hosts, days } } => {
+                let written = services::tls::renew_certs(&dir, &hosts, days)?;
+                println!("renewed the certificates of {} roles for {days} days:", services::tls::ROLES.len());
+                for path in written {
+                    println!("  {}", path.display());
+                }
+                println!("restart the roles one at a time to take them up");
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Certs { command: CertsCommand::Init { dir, hosts, days, ca_days } } => {
+                let validity = services::tls::Validity { ca_days, cert_days: days };
+                let written = services::tls::init_ca(&dir, &hosts, validity)?;
+                println!(
+                    "wrote a private CA (valid {ca_days} days) and certificates for {} roles (valid {days} days):",
+                    services::tls::ROLES.len()
+                );
                 for path in written {
                     println!("  {}", path.display());
                 }
@@ -317,7 +349,7 @@ async fn serve(mut cfg: Config, role: pipeline::roles::Role) -> anyhow::Result<(
                 "fleetstream serving{which}: QUIC {} (ALPN fleetstream/1), HTTP {}{}  (Ctrl-C to stop)",
                 node.quic_addr,
                 node.http_url(),
-                engine_api.as_ref().map(|a| format!(", engine API https://{}", a.addr)).unwrap_or_default()
+                engine_api.as_ref().map(|a| format!(", engine API {}", a.url)).unwrap_or_default()
             );
             shutdown_signal().await;
             eprintln!("draining… (a second signal exits at once)");
@@ -330,7 +362,7 @@ async fn serve(mut cfg: Config, role: pipeline::roles::Role) -> anyhow::Result<(
         _ => {
             let process =
                 roles::start(role, &cfg).await.with_context(|| format!("starting the {} role", role.name()))?;
-            eprintln!("fleetstream serving ({}): HTTPS https://{}  (Ctrl-C to stop)", role.name(), process.addr);
+            eprintln!("fleetstream serving ({}): HTTP {}  (Ctrl-C to stop)", role.name(), process.url);
             shutdown_signal().await;
             eprintln!("draining… (a second signal exits at once)");
             exit_on_second_signal();

@@ -323,6 +323,7 @@ impl Node {
             tracing::warn!(http = %http_addr, "the HTTP API is open: no API keys are configured ([http] api_keys)");
         }
         let router = services::router_with(&services, throttle.clone())
+            .merge(crate::admin::openapi_router())
             .merge(crate::admin::router(engine.clone()))
             .merge(services::history::router(history.clone()))
             .merge(health.router())
@@ -517,23 +518,7 @@ impl Health {
     /// `GET /readyz`: `200 {"ready": true}`, or `503` naming every stopped part.
     pub fn router(&self) -> axum::Router {
         let health = self.clone();
-        axum::Router::new().route(
-            "/readyz",
-            get(move || {
-                let stopped = health.stopped();
-                let parts: Vec<_> =
-                    stopped.iter().map(|(part, reason)| serde_json::json!({"part": part, "reason": reason})).collect();
-                let status = if stopped.is_empty() {
-                    axum::http::StatusCode::OK
-                } else {
-                    axum::http::StatusCode::SERVICE_UNAVAILABLE
-                };
-                std::future::ready((
-                    status,
-                    axum::Json(serde_json::json!({"ready": stopped.is_empty(), "stopped": parts})),
-                ))
-            }),
-        )
+        axum::Router::new().route("/readyz", get(move || std::future::ready(readiness(health.stopped()))))
     }
 
     /// `fleetstream_stopped{part}`: 1 for each stopped part.
@@ -543,6 +528,16 @@ impl Health {
             out.push_str(&format!("fleetstream_stopped{{part=\"{part}\"}} 1\n"));
         }
     }
+}
+
+/// The answer of `GET /readyz`: `200 {"ready": true, "stopped": []}` when nothing is in
+/// `stopped` (part, reason), else `503` naming each.
+pub(crate) fn readiness(stopped: Vec<(String, String)>) -> (axum::http::StatusCode, axum::Json<serde_json::Value>) {
+    let parts: Vec<_> =
+        stopped.iter().map(|(part, reason)| serde_json::json!({"part": part, "reason": reason})).collect();
+    let status =
+        if stopped.is_empty() { axum::http::StatusCode::OK } else { axum::http::StatusCode::SERVICE_UNAVAILABLE };
+    (status, axum::Json(serde_json::json!({"ready": stopped.is_empty(), "stopped": parts})))
 }
 
 /// How far back from the newest delivery a starting node writes owner notes again: notes wait

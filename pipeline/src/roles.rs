@@ -74,6 +74,8 @@ pub enum Role {
     Accounts,
     /// Package.
     Packages,
+    /// The one public HTTPS entry: authenticates, throttles and forwards to the others.
+    Gateway,
 }
 
 impl std::str::FromStr for Role {
@@ -89,9 +91,10 @@ impl std::str::FromStr for Role {
             "drones" => Role::Drones,
             "accounts" => Role::Accounts,
             "packages" => Role::Packages,
+            "gateway" => Role::Gateway,
             other => {
                 return Err(format!(
-                    "unknown role {other:?}: all, ingest, scheduler, delivery, history, drones, accounts or packages"
+                    "unknown role {other:?}: all, ingest, scheduler, delivery, history, drones, accounts, packages or gateway"
                 ));
             }
         })
@@ -110,20 +113,31 @@ impl Role {
             Role::Drones => "drones",
             Role::Accounts => "accounts",
             Role::Packages => "packages",
+            Role::Gateway => "gateway",
         }
     }
 }
 
-/// `[split]`: where every role of a split deployment is.
+/// `[split]`: where every role of a split deployment is, and how the roles talk.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SplitConfig {
-    /// Directory with `ca.pem` and `<role>.pem` / `<role>-key.pem`. Default `ca`.
+    /// Directory with `ca.pem` and `<role>.pem` / `<role>-key.pem`. Default `ca`. Needed with
+    /// either transport: the ingest's QUIC certificate comes from this CA.
     pub tls_dir: PathBuf,
     /// The ingest role's QUIC address (delivery-event subscriptions). Default `127.0.0.1:4433`.
     pub engine_quic: SocketAddr,
-    /// HTTPS base URLs of each role.
+    /// How the roles call each other. Default `mtls`.
+    pub transport: Transport,
+    /// With `transport = "plain"`: a service mesh gives the roles their identity and encrypts
+    /// their traffic, so they may listen on addresses other than loopback. Default `false`.
+    pub mesh: bool,
+    /// Base URLs of each role (`https://` with `mtls`, `http://` with `plain`): where the
+    /// others call it.
     pub endpoints: Endpoints,
+    /// Where each role binds, when not at its first endpoint's host and port (a Kubernetes
+    /// pod binds `0.0.0.0:8080` and is called as `drones.fleet.svc:8080`).
+    pub listen: Listen,
 }
 
 impl Default for SplitConfig {
@@ -131,7 +145,119 @@ impl Default for SplitConfig {
         Self {
             tls_dir: PathBuf::from("ca"),
             engine_quic: SocketAddr::from(([127, 0, 0, 1], 4433)),
+            transport: Transport::Mtls,
+            mesh: false,
             endpoints: Endpoints::default(),
+            listen: Listen::default(),
+        }
+    }
+}
+
+/// `[split] transport`: how the roles call each other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Transport {
+    /// HTTPS with a client certificate from the deployment's CA on every call; a role's
+    /// internal routes answer only callers with one.
+    Mtls,
+    /// Plain HTTP: identity and encryption are left to a service mesh (its sidecars' mTLS and
+    /// authorization policy). Every caller that reaches a role is taken for a service, so
+    /// only the gateway may be exposed. Refused on a non-loopback bind unless `mesh = true`.
+    Plain,
+}
+
+impl Transport {
+    /// The scheme of its URLs.
+    pub fn scheme(self) -> &'static str {
+        match self {
+            Transport::Mtls => "https",
+            Transport::Plain => "http",
+        }
+    }
+}
+
+/// `[split.listen]`: a bind address per role, each optional.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Listen {
+    /// The ingest role's engine API.
+    pub ingest: Option<SocketAddr>,
+    /// Delivery Scheduler.
+    pub scheduler: Option<SocketAddr>,
+    /// Delivery.
+    pub delivery: Option<SocketAddr>,
+    /// Delivery History.
+    pub history: Option<SocketAddr>,
+    /// Drone Management.
+    pub drones: Option<SocketAddr>,
+    /// Accounts.
+    pub accounts: Option<SocketAddr>,
+    /// Package.
+    pub packages: Option<SocketAddr>,
+    /// The gateway.
+    pub gateway: Option<SocketAddr>,
+}
+
+impl Listen {
+    fn of(&self, role: Role) -> Option<SocketAddr> {
+        match role {
+            Role::All => None,
+            Role::Ingest => self.ingest,
+            Role::Scheduler => self.scheduler,
+            Role::Delivery => self.delivery,
+            Role::History => self.history,
+            Role::Drones => self.drones,
+            Role::Accounts => self.accounts,
+            Role::Packages => self.packages,
+            Role::Gateway => self.gateway,
+        }
+    }
+}
+
+impl SplitConfig {
+    /// Checks the endpoints' schemes against the transport, and a plain transport's binds: a
+    /// role that takes every caller for a service listens on loopback unless a mesh stands in
+    /// front of it.
+    pub fn check(&self, role: Role, bind: SocketAddr) -> Result<(), Error> {
+        let scheme = format!("{}://", self.transport.scheme());
+        for r in
+            [Role::Ingest, Role::Scheduler, Role::Delivery, Role::History, Role::Drones, Role::Accounts, Role::Packages]
+        {
+            if let Some(url) = self.endpoints.of(r).iter().find(|u| !u.starts_with(&scheme)) {
+                return Err(Error::Config(format!(
+                    "[split.endpoints] {} has {url:?}: transport {:?} calls {scheme} URLs",
+                    r.name(),
+                    self.transport
+                )));
+            }
+        }
+        if self.transport == Transport::Plain && role != Role::Gateway {
+            if !bind.ip().is_loopback() && !self.mesh {
+                return Err(Error::Config(format!(
+                    "the {} role would listen on {bind} with transport = \"plain\": every caller that reaches it \
+                     is taken for a service. Bind loopback, or set [split] mesh = true when a service mesh \
+                     authenticates and encrypts the traffic",
+                    role.name()
+                )));
+            }
+            tracing::warn!(
+                role = role.name(),
+                %bind,
+                "transport = \"plain\": no TLS between roles; identity and encryption are left to the mesh"
+            );
+        }
+        Ok(())
+    }
+
+    /// The HTTP client a role calls the others with: its certificate from `tls_dir` with
+    /// `mtls`, a plain one with `plain`.
+    fn client(&self, role: Role) -> Result<reqwest::Client, Error> {
+        match self.transport {
+            Transport::Mtls => services::tls::client(&TlsFiles::in_dir(&self.tls_dir, role.name())).map_err(svc_error),
+            Transport::Plain => services::tls::plain_client_builder()
+                .pool_max_idle_per_host(256)
+                .build()
+                .map_err(|e| Error::Config(format!("an HTTP client: {e}"))),
         }
     }
 }
@@ -154,6 +280,8 @@ pub struct Endpoints {
     pub accounts: Vec<String>,
     /// Package.
     pub packages: Vec<String>,
+    /// The gateway: the one URL clients use.
+    pub gateway: Vec<String>,
 }
 
 impl Endpoints {
@@ -167,6 +295,7 @@ impl Endpoints {
             Role::Drones => &self.drones,
             Role::Accounts => &self.accounts,
             Role::Packages => &self.packages,
+            Role::Gateway => &self.gateway,
         }
     }
 
@@ -179,8 +308,12 @@ impl Endpoints {
     }
 }
 
-/// The socket address a role listens on: its first endpoint's host and port.
+/// The socket address a role listens on: `[split.listen]`'s, else its first endpoint's host
+/// and port.
 async fn listen_addr(split: &SplitConfig, role: Role) -> Result<SocketAddr, Error> {
+    if let Some(addr) = split.listen.of(role) {
+        return Ok(addr);
+    }
     let url = &split.endpoints.required(role)?[0];
     let parsed = reqwest::Url::parse(url).map_err(|e| Error::Config(format!("{url}: {e}")))?;
     let host = parsed.host_str().ok_or_else(|| Error::Config(format!("{url}: no host")))?;
@@ -250,7 +383,7 @@ fn not_here() -> events::Error {
 impl WorkQueues for RemoteEngine {
     async fn enqueue(&self, queue: QueueName, key: u64, payload: Vec<u8>) -> Result<u64, events::Error> {
         let path = format!("/internal/v1/engine/queues/{}/messages?key={key}", queue.name());
-        let call = Call { method: Method::POST, path, body: payload.into(), traceparent: None };
+        let call = Call::raw(Method::POST, path, payload.into());
         let reply = self.call(call).await?;
         if !reply.status.is_success() {
             return Err(engine_error(&reply));
@@ -281,14 +414,16 @@ impl WorkQueues for RemoteEngine {
     }
 }
 
-/// The engine API the ingest role serves to the other roles.
+/// The engine API the ingest role serves to the other roles, and the engine's public routes
+/// (queues, dead letters, streams) for the gateway to forward.
 pub fn engine_router(engine: Engine) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/internal/v1/engine/commands", post(engine_command))
         .route("/internal/v1/engine/queues/{queue}/messages", post(engine_enqueue))
         .route("/internal/v1/engine/drones/{id}", get(engine_drone))
-        .with_state(engine)
+        .with_state(engine.clone())
+        .merge(crate::admin::router(engine))
         .layer(axum::middleware::from_fn(services::trace::propagate))
 }
 
@@ -334,6 +469,8 @@ async fn engine_drone(State(engine): State<Engine>, Path(id): Path<u64>) -> Resu
 pub struct RoleProcess {
     /// Where it listens.
     pub addr: SocketAddr,
+    /// Its base URL on that address (`https://` or `http://`, as its transport says).
+    pub url: String,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     server: JoinHandle<std::io::Result<()>>,
@@ -361,13 +498,18 @@ fn svc_error(e: services::Error) -> Error {
 
 /// Starts `role` (not `all` or `ingest`, which run a [`crate::Node`]) from `cfg`.
 pub async fn start(role: Role, cfg: &Config) -> Result<RoleProcess, Error> {
+    if role == Role::Gateway {
+        return start_gateway(cfg).await;
+    }
     let data_dir_lock = crate::datadir::DataDirLock::acquire(&cfg.data_dir)?;
     let mut tracing_cfg = cfg.tracing.clone();
     tracing_cfg.service_name.get_or_insert_with(|| format!("fleetstream-{}", role.name()));
     services::trace::install_exporter(&tracing_cfg);
     let split = &cfg.split;
     let files = TlsFiles::in_dir(&split.tls_dir, role.name());
-    let client = services::tls::client(&files).map_err(svc_error)?;
+    let addr = listen_addr(split, role).await?;
+    split.check(role, addr)?;
+    let client = split.client(role)?;
     let policy = cfg.services.calls;
     let engine = || -> Result<RemoteEngine, Error> {
         Ok(RemoteEngine::new(split.endpoints.required(Role::Ingest)?, client.clone(), policy))
@@ -384,10 +526,15 @@ pub async fn start(role: Role, cfg: &Config) -> Result<RoleProcess, Error> {
         Ok(ingest::Trust::Pem(pem))
     };
     let (router, auth) = match role {
-        Role::All | Role::Ingest => return Err(Error::Config(format!("role {} runs a full node", role.name()))),
+        Role::All | Role::Ingest | Role::Gateway => {
+            return Err(Error::Config(format!("role {} is not a service role", role.name())));
+        }
         Role::Accounts => {
             let store = services::store::Store::open(&data.join("accounts.redb")).map_err(svc_error)?;
-            (services::accounts::Accounts::new(store).router(), ClientAuth::Required)
+            let accounts = services::accounts::Accounts::new(store);
+            // Its public routes are reached through the gateway only: the listener takes
+            // service certificates alone.
+            (accounts.router().merge(accounts.public_router()), ClientAuth::Required)
         }
         Role::Packages => {
             let store = services::store::Store::open(&data.join("packages.redb")).map_err(svc_error)?;
@@ -522,7 +669,7 @@ pub async fn start(role: Role, cfg: &Config) -> Result<RoleProcess, Error> {
     let api_keys = cfg.http.keys()?;
     // The public API's description, on every role that serves part of it.
     let router = match auth {
-        ClientAuth::Optional => router.merge(services::openapi_router()),
+        ClientAuth::Optional => router.merge(crate::admin::openapi_router()),
         _ => router,
     };
     let router = router
@@ -532,25 +679,140 @@ pub async fn start(role: Role, cfg: &Config) -> Result<RoleProcess, Error> {
         .layer(axum::middleware::from_fn(services::trace::propagate))
         .layer(axum::extract::DefaultBodyLimit::max(cfg.http.max_body_bytes))
         .layer(axum::middleware::from_fn_with_state(cfg.http.request_rules(), services::uniform));
-    let addr = listen_addr(split, role).await?;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
-        .map_err(|e| Error::Io { context: format!("binding {} HTTPS {addr}", role.name()), source: e })?;
-    let addr = listener.local_addr().map_err(|e| Error::Io { context: "HTTPS address".into(), source: e })?;
-    let tls = services::tls::server_config(&files, auth).map_err(svc_error)?;
+        .map_err(|e| Error::Io { context: format!("binding {} HTTP {addr}", role.name()), source: e })?;
+    let addr = listener.local_addr().map_err(|e| Error::Io { context: "HTTP address".into(), source: e })?;
     let mut server_stop = stop_rx;
-    let server = tokio::spawn(services::tls::serve(
-        listener,
-        router,
-        tls,
-        Arc::new(TlsMetrics::default()),
-        cfg.http.header_timeout(),
-        async move {
-            let _ = server_stop.wait_for(|s| *s).await;
-        },
-    ));
-    tracing::info!(role = role.name(), https = %addr, "role started");
-    Ok(RoleProcess { addr, stop, tasks, server, _data_dir_lock: Some(data_dir_lock) })
+    let server = serve_role(split, listener, router, &files, auth, cfg.http.header_timeout(), async move {
+        let _ = server_stop.wait_for(|s| *s).await;
+    })?;
+    tracing::info!(role = role.name(), http = %addr, transport = ?split.transport, "role started");
+    let url = format!("{}://{addr}", split.transport.scheme());
+    Ok(RoleProcess { addr, url, stop, tasks, server, _data_dir_lock: Some(data_dir_lock) })
+}
+
+/// Serves a role's `router` on `listener` as `[split] transport` says: HTTPS with its
+/// certificate from `files` and client certificates checked as `auth` says, or plain HTTP with
+/// every caller taken for a service (the mesh authenticated it).
+fn serve_role(
+    split: &SplitConfig,
+    listener: tokio::net::TcpListener,
+    router: Router,
+    files: &TlsFiles,
+    auth: ClientAuth,
+    header_timeout: Duration,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<JoinHandle<std::io::Result<()>>, Error> {
+    Ok(match split.transport {
+        Transport::Mtls => {
+            let tls = services::tls::server_config(files, auth).map_err(svc_error)?;
+            tokio::spawn(services::tls::serve(
+                listener,
+                router,
+                tls,
+                Arc::new(TlsMetrics::default()),
+                header_timeout,
+                shutdown,
+            ))
+        }
+        Transport::Plain => tokio::spawn(services::tls::serve_plain_as(
+            listener,
+            router,
+            services::tls::PeerCertificate(true),
+            header_timeout,
+            shutdown,
+        )),
+    })
+}
+
+/// Starts the gateway: the public HTTPS listener (the `[http] tls` certificate, else the CA's
+/// `gateway` one) on its first `[split.endpoints] gateway` address, forwarding to every role
+/// with endpoints configured (see [`crate::gateway`]).
+async fn start_gateway(cfg: &Config) -> Result<RoleProcess, Error> {
+    let mut tracing_cfg = cfg.tracing.clone();
+    tracing_cfg.service_name.get_or_insert_with(|| "fleetstream-gateway".into());
+    services::trace::install_exporter(&tracing_cfg);
+    let split = &cfg.split;
+    let files = TlsFiles::in_dir(&split.tls_dir, Role::Gateway.name());
+    let addr = listen_addr(split, Role::Gateway).await?;
+    split.check(Role::Gateway, addr)?;
+    let client = split.client(Role::Gateway)?;
+    let policy = cfg.services.calls;
+    let mut targets = Vec::new();
+    for role in [Role::Scheduler, Role::Delivery, Role::History, Role::Drones, Role::Accounts, Role::Ingest] {
+        let urls = split.endpoints.of(role);
+        if urls.is_empty() {
+            tracing::warn!(role = role.name(), "no [split.endpoints] for this role: the gateway leaves its routes out");
+            continue;
+        }
+        targets.push((role, Dependency::remote(role.name(), urls, client.clone(), policy)));
+    }
+    let gateway = crate::gateway::Gateway::new(targets, Duration::from_millis(policy.timeout_ms.max(1)));
+    let api_keys = cfg.http.keys()?;
+    if !api_keys.enforced() {
+        tracing::warn!("the gateway's API is open: no API keys are configured ([http] api_keys)");
+    }
+    let throttle = services::throttle::Throttle::new(cfg.http.throttle);
+    let tls_metrics = Arc::new(TlsMetrics::default());
+    let metrics = {
+        let (gateway, throttle, api_keys, tls_metrics) =
+            (gateway.clone(), throttle.clone(), api_keys.clone(), tls_metrics.clone());
+        move || {
+            let mut out = String::new();
+            events::prom::counter(
+                &mut out,
+                "fleetstream_http_throttled_total",
+                throttle.throttled.load(std::sync::atomic::Ordering::Relaxed),
+            );
+            services::auth::render_metrics(&api_keys, &mut out);
+            tls_metrics.render(&mut out);
+            gateway.render_metrics(&mut out);
+            std::future::ready(out)
+        }
+    };
+    let router = gateway
+        .router()
+        .route_layer(axum::middleware::from_fn_with_state(throttle, services::throttle::limit))
+        .merge(crate::admin::openapi_router())
+        .route("/metrics", get(metrics))
+        .layer(axum::middleware::from_fn_with_state(api_keys, services::auth::require))
+        .layer(axum::middleware::from_fn(services::trace::propagate))
+        .layer(axum::extract::DefaultBodyLimit::max(cfg.http.max_body_bytes))
+        .layer(axum::middleware::from_fn_with_state(cfg.http.request_rules(), services::uniform));
+    // Its public side: the `[http] tls` certificate, else the CA's `gateway` one; with the
+    // plain transport and no `[http] tls`, plain HTTP behind the mesh's ingress.
+    let tls = match (&cfg.http.tls, split.transport) {
+        (Some(tls), _) => Some(TlsFiles { cert: tls.cert.clone(), key: tls.key.clone(), ca: Default::default() }),
+        (None, Transport::Mtls) => Some(files),
+        (None, Transport::Plain) => None,
+    }
+    .map(|files| services::tls::server_config(&files, ClientAuth::None).map_err(svc_error))
+    .transpose()?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| Error::Io { context: format!("binding the gateway {addr}"), source: e })?;
+    let addr = listener.local_addr().map_err(|e| Error::Io { context: "HTTPS address".into(), source: e })?;
+    let (stop, mut stop_rx) = watch::channel(false);
+    // A drain turns readiness off first, so load balancers stop sending before the listener
+    // closes.
+    let drain_delay = Duration::from_millis(cfg.http.drain_delay_ms);
+    let draining = gateway.clone();
+    let shutdown = async move {
+        let _ = stop_rx.wait_for(|s| *s).await;
+        draining.begin_drain();
+        tokio::time::sleep(drain_delay).await;
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let server = match tls {
+        Some(tls) => {
+            tokio::spawn(services::tls::serve(listener, router, tls, tls_metrics, cfg.http.header_timeout(), shutdown))
+        }
+        None => tokio::spawn(services::tls::serve_plain(listener, router, cfg.http.header_timeout(), shutdown)),
+    };
+    let url = format!("{scheme}://{addr}");
+    tracing::info!(%url, "gateway started");
+    Ok(RoleProcess { addr, url, stop, tasks: Vec::new(), server, _data_dir_lock: None })
 }
 
 /// The ingest role's engine API for the other roles, on its first `[split.endpoints] ingest`
@@ -558,24 +820,30 @@ pub async fn start(role: Role, cfg: &Config) -> Result<RoleProcess, Error> {
 pub async fn start_engine_api(engine: Engine, cfg: &Config) -> Result<RoleProcess, Error> {
     let files = TlsFiles::in_dir(&cfg.split.tls_dir, Role::Ingest.name());
     let addr = listen_addr(&cfg.split, Role::Ingest).await?;
+    cfg.split.check(Role::Ingest, addr)?;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| Error::Io { context: format!("binding the engine API {addr}"), source: e })?;
-    let addr = listener.local_addr().map_err(|e| Error::Io { context: "HTTPS address".into(), source: e })?;
-    let tls = services::tls::server_config(&files, ClientAuth::Required).map_err(svc_error)?;
+    let addr = listener.local_addr().map_err(|e| Error::Io { context: "HTTP address".into(), source: e })?;
     let (stop, mut stop_rx) = watch::channel(false);
-    let server = tokio::spawn(services::tls::serve(
+    let router = engine_router(engine)
+        .layer(axum::middleware::from_fn_with_state(cfg.http.keys()?, services::auth::require_public))
+        .layer(axum::extract::DefaultBodyLimit::max(cfg.http.max_body_bytes))
+        .layer(axum::middleware::from_fn_with_state(cfg.http.request_rules(), services::uniform));
+    let server = serve_role(
+        &cfg.split,
         listener,
-        engine_router(engine),
-        tls,
-        Arc::new(TlsMetrics::default()),
+        router,
+        &files,
+        ClientAuth::Required,
         cfg.http.header_timeout(),
         async move {
             let _ = stop_rx.wait_for(|s| *s).await;
         },
-    ));
-    tracing::info!(https = %addr, "engine API started");
-    Ok(RoleProcess { addr, stop, tasks: Vec::new(), server, _data_dir_lock: None })
+    )?;
+    tracing::info!(http = %addr, transport = ?cfg.split.transport, "engine API started");
+    let url = format!("{}://{addr}", cfg.split.transport.scheme());
+    Ok(RoleProcess { addr, url, stop, tasks: Vec::new(), server, _data_dir_lock: None })
 }
 
 /// For the ingest role: serve QUIC with the CA-issued `ingest` certificate (unless one is

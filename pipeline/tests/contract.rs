@@ -44,6 +44,9 @@ async fn the_api_keeps_its_documented_contract_under_generated_requests() {
             Command::new(program)
                 .args(["--config-file", config, "run", &format!("{base}/v1/openapi.json"), "--url", &base])
                 .args(["--checks", "all", "--max-examples", "60", "--seed", "20261201", "--no-color"])
+                // A stream that never ends, which a request-response fuzzer cannot judge; the
+                // stream tests (tests/streams.rs) check it.
+                .args(["--exclude-path", "/v1/streams/{topic}/events"])
                 .output()
                 .unwrap()
         }

@@ -1,7 +1,9 @@
 //! Split mode with every service as its own `pipeline serve --role ...` process, calling each
-//! other over HTTPS with mutual TLS from a CA made by `pipeline certs init`: loadgen drones fly
-//! scheduled deliveries to completion, their history is queryable from the history process,
-//! a reschedule and a cancel change the delivery and its events, and callers without a
+//! other over HTTPS with mutual TLS from a CA made by `pipeline certs init`, behind the gateway:
+//! clients (loadgen, and this test as a customer and as an operator) know only the gateway's
+//! URL. Loadgen drones fly scheduled deliveries to completion, their history is queryable, a
+//! reschedule and a cancel change the delivery and its events, the access rules hold through
+//! the gateway, a principal a client names itself is never believed, and callers without a
 //! service certificate are refused.
 
 #![allow(clippy::unwrap_used)] // helpers in a test crate may panic: that fails the test
@@ -36,7 +38,10 @@ fn free_udp() -> u16 {
     std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-const ROLES: [&str; 7] = ["ingest", "accounts", "packages", "delivery", "drones", "history", "scheduler"];
+const ROLES: [&str; 8] = ["ingest", "accounts", "packages", "delivery", "drones", "history", "scheduler", "gateway"];
+
+const ADMIN_KEY: &str = "split-admin-key";
+const CUSTOMER_KEY: &str = "split-customer-key";
 
 fn spawn_role(role: &str, config: &Path, dir: &Path) -> Proc {
     let mut child = Command::new(env!("CARGO_BIN_EXE_pipeline"))
@@ -108,7 +113,7 @@ async fn services_as_separate_processes_schedule_fly_complete_and_keep_history()
     let port: std::collections::BTreeMap<&str, u16> = ROLES.iter().copied().zip(ports).collect();
     let url = |role: &str| format!("https://127.0.0.1:{}", port[role]);
     let mut config = format!(
-        "[ingest]\nlisten = \"127.0.0.1:{quic}\"\n[http]\nlisten = \"127.0.0.1:{}\"\n[split]\ntls_dir = {:?}\nengine_quic = \"127.0.0.1:{quic}\"\n[split.endpoints]\n",
+        "[ingest]\nlisten = \"127.0.0.1:{quic}\"\n[http]\nlisten = \"127.0.0.1:{}\"\ndrain_delay_ms = 2000\napi_keys = [{{ key = \"{ADMIN_KEY}\", role = \"admin\" }}, {{ key = \"{CUSTOMER_KEY}\", owner = \"split-test\" }}]\n[split]\ntls_dir = {:?}\nengine_quic = \"127.0.0.1:{quic}\"\n[split.endpoints]\n",
         http_port,
         ca.display().to_string(),
     );
@@ -130,19 +135,24 @@ async fn services_as_separate_processes_schedule_fly_complete_and_keep_history()
         .await;
     }
 
-    // A fleet of loadgen drones: the customers schedule through the scheduler process, the
-    // drones get their missions over QUIC from the ingest process and fly them.
+    let gateway = url("gateway");
+    eventually("the gateway ready", || {
+        let req = public.get(format!("{gateway}/readyz"));
+        async move { req.send().await.ok().filter(|r| r.status().is_success()).map(|_| Value::Null) }
+    })
+    .await;
+
+    // A fleet of loadgen drones, driven through the gateway alone: it opens the customers'
+    // accounts and registers the drones with an admin key, the customers schedule, the drones
+    // get their missions over QUIC from the ingest process and fly them.
     let pem = std::fs::read_to_string(ca.join("ca.pem")).unwrap();
     let mut cfg = loadgen::LoadConfig::new(
         format!("127.0.0.1:{quic}").parse().unwrap(),
-        url("scheduler"),
+        gateway.clone(),
         ingest::Trust::Pem(pem),
     );
-    cfg.split = loadgen::SplitTargets {
-        drones_api: Some(url("drones")),
-        accounts_api: Some(url("accounts")),
-        tls_dir: Some(ca.clone()),
-    };
+    cfg.split = loadgen::SplitTargets { drones_api: None, accounts_api: None, tls_dir: Some(ca.clone()) };
+    cfg.api_key = Some(ADMIN_KEY.into());
     cfg.drones = 20;
     cfg.drone_id_base = 1;
     cfg.rate = 2_000.0;
@@ -168,13 +178,15 @@ async fn services_as_separate_processes_schedule_fly_complete_and_keep_history()
     })
     .await;
 
-    // The history process stored every completed delivery's events; find one by its owner.
+    // The history process stored every completed delivery's events; find one by its owner,
+    // through the gateway.
     let complete = eventually("a completed delivery in the history", || {
-        let (public, base) = (public.clone(), url("history"));
+        let (public, base) = (public.clone(), gateway.clone());
         async move {
             for customer in 0..report.deliveries_scheduled {
                 let page: Value = public
                     .get(format!("{base}/v1/history?owner=customer-{customer}"))
+                    .bearer_auth(ADMIN_KEY)
                     .send()
                     .await
                     .ok()?
@@ -191,47 +203,97 @@ async fn services_as_separate_processes_schedule_fly_complete_and_keep_history()
     })
     .await;
     let id = complete["delivery_id"].as_u64().unwrap();
-    let history: Value = public
-        .get(format!("{}/v1/deliveries/{id}/history", url("history")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let admin_get = |path: String| {
+        let req = public.get(format!("{gateway}{path}")).bearer_auth(ADMIN_KEY);
+        async move { req.send().await.unwrap() }
+    };
+    let history: Value = admin_get(format!("/v1/deliveries/{id}/history")).await.json().await.unwrap();
     let seen = stages(&history);
     assert_eq!(seen.first().map(String::as_str), Some("created"), "{history}");
     assert_eq!(seen.last().map(String::as_str), Some("delivery_complete"), "{history}");
     assert!(seen.iter().any(|s| s == "in_transit"), "{history}");
-    let record: Value =
-        public.get(format!("{}/v1/deliveries/{id}", url("delivery"))).send().await.unwrap().json().await.unwrap();
+    let record: Value = admin_get(format!("/v1/deliveries/{id}")).await.json().await.unwrap();
     assert_eq!(record["stage"], "delivery_complete", "{record}");
 
-    // Reschedule and cancel through the scheduler process change the delivery and its events.
-    let r = internal.put(format!("{}/internal/v1/accounts/split-test", url("accounts"))).json(&json!({})).send().await;
-    assert!(r.unwrap().status().is_success());
-    let order = json!({
-        "owner": "split-test", "pickup": {"lat": 47.6, "lon": -122.3}, "dropoff": {"lat": 47.61, "lon": -122.31},
-        "package": {"size": "large", "weight_kg": 4.0}
-    });
-    let resp = public.post(format!("{}/v1/deliveries", url("scheduler"))).json(&order).send().await.unwrap();
+    // The access rules hold through the gateway: a customer key sees another owner's delivery
+    // as missing, may not order for another owner, and may not use the admin routes, even when
+    // it names itself an admin in the header the gateway uses to pass principals on.
+    let customer = |req: reqwest::RequestBuilder| req.bearer_auth(CUSTOMER_KEY);
+    let resp = customer(public.get(format!("{gateway}/v1/deliveries/{id}"))).send().await.unwrap();
+    assert_eq!(resp.status(), 404);
+    let order_for = |owner: &str| {
+        json!({
+            "owner": owner, "pickup": {"lat": 47.6, "lon": -122.3}, "dropoff": {"lat": 47.61, "lon": -122.31},
+            "package": {"size": "large", "weight_kg": 4.0}
+        })
+    };
+    let resp =
+        customer(public.post(format!("{gateway}/v1/deliveries"))).json(&order_for("customer-0")).send().await.unwrap();
+    assert_eq!(resp.status(), 403);
+    let resp = customer(public.get(format!("{gateway}/v1/queues")))
+        .header("x-fleetstream-principal", "admin forged")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 403);
+    let resp = public.get(format!("{gateway}/v1/queues")).send().await.unwrap();
+    assert_eq!(resp.status(), 401);
+    // Straight to a role, without a service certificate, the header is refused outright.
+    let resp = public
+        .post(format!("{}/v1/deliveries", url("scheduler")))
+        .header("x-fleetstream-principal", "open")
+        .json(&order_for("split-test"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 403);
+    // The engine's admin routes are forwarded to the ingest role, the stream as a stream.
+    let queues: Value = admin_get("/v1/queues".into()).await.json().await.unwrap();
+    assert_eq!(queues["queues"].as_array().map(Vec::len), Some(2), "{queues}");
+    let streams: Value = admin_get("/v1/streams".into()).await.json().await.unwrap();
+    assert!(streams["streams"][1]["next"].as_u64() > Some(0), "{streams}");
+    let mut sse = admin_get("/v1/streams/delivery-events/events?from=earliest".into()).await;
+    assert_eq!(sse.status(), 200);
+    let mut text = String::new();
+    while !text.contains("event: batch") {
+        let chunk = tokio::time::timeout(Duration::from_secs(10), sse.chunk()).await.unwrap().unwrap().unwrap();
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    drop(sse);
+    // Unknown routes and methods answer in the API's JSON form.
+    let resp = admin_get("/v1/nothing-here".into()).await;
+    assert_eq!(resp.status(), 404);
+    assert_eq!(resp.json::<Value>().await.unwrap()["error"], "not_found");
+    let resp = public.put(format!("{gateway}/v1/history")).bearer_auth(ADMIN_KEY).send().await.unwrap();
+    assert_eq!(resp.status(), 405);
+
+    // Reschedule and cancel through the gateway change the delivery and its events.
+    let resp = public
+        .put(format!("{gateway}/v1/accounts/split-test"))
+        .bearer_auth(ADMIN_KEY)
+        .json(&json!({"may_order": true}))
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success(), "{}", resp.text().await.unwrap_or_default());
+    let resp =
+        customer(public.post(format!("{gateway}/v1/deliveries"))).json(&order_for("split-test")).send().await.unwrap();
     assert_eq!(resp.status(), 201);
     let created: Value = resp.json().await.unwrap();
     let id = created["delivery_id"].as_u64().unwrap();
-    let resp = public
-        .patch(format!("{}/v1/deliveries/{id}", url("scheduler")))
+    let resp = customer(public.patch(format!("{gateway}/v1/deliveries/{id}")))
         .json(&json!({"dropoff": {"lat": 47.65, "lon": -122.4}}))
         .send()
         .await
         .unwrap();
     assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap_or_default());
     let record: Value =
-        public.get(format!("{}/v1/deliveries/{id}", url("delivery"))).send().await.unwrap().json().await.unwrap();
+        customer(public.get(format!("{gateway}/v1/deliveries/{id}"))).send().await.unwrap().json().await.unwrap();
     assert_eq!(record["dropoff"]["lat"], 47.65, "{record}");
-    let resp = public.delete(format!("{}/v1/deliveries/{id}", url("scheduler"))).send().await.unwrap();
+    let resp = customer(public.delete(format!("{gateway}/v1/deliveries/{id}"))).send().await.unwrap();
     assert_eq!(resp.status(), 202);
     eventually("the cancellation in the delivery record", || {
-        let req = public.get(format!("{}/v1/deliveries/{id}", url("delivery")));
+        let req = customer(public.get(format!("{gateway}/v1/deliveries/{id}")));
         async move {
             let v: Value = req.send().await.ok()?.json().await.ok()?;
             (v["stage"] == "cancelled").then_some(v)
@@ -239,7 +301,7 @@ async fn services_as_separate_processes_schedule_fly_complete_and_keep_history()
     })
     .await;
     let history = eventually("the cancellation in the history", || {
-        let req = public.get(format!("{}/v1/deliveries/{id}/history", url("history")));
+        let req = customer(public.get(format!("{gateway}/v1/deliveries/{id}/history")));
         async move {
             let v: Value = req.send().await.ok()?.json().await.ok()?;
             (stages(&v).last().map(String::as_str) == Some("cancelled")).then_some(v)
@@ -269,5 +331,14 @@ async fn services_as_separate_processes_schedule_fly_complete_and_keep_history()
     assert_eq!(resp.status(), 401);
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["error"], "client_certificate_required");
+    // A drain turns the gateway's readiness off before its listener closes.
+    let gw = ROLES.iter().position(|r| *r == "gateway").unwrap();
+    let pid = procs[gw].child.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    eventually("the draining gateway not ready", || {
+        let req = public.get(format!("{gateway}/readyz"));
+        async move { req.send().await.ok().filter(|r| r.status() == 503).map(|_| Value::Null) }
+    })
+    .await;
     let _ = std::fs::remove_dir_all(&dir);
 }

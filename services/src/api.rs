@@ -33,12 +33,13 @@ use serde::de::DeserializeOwned;
 use crate::Error;
 use crate::state::Services;
 
-/// The services' routes, with the default per-client limits.
+/// The services' routes and their OpenAPI document, with the default per-client limits.
 pub fn router<F: FleetControl + WorkQueues + Clone>(svc: &Services<F>) -> Router {
-    router_with(svc, crate::throttle::Throttle::new(crate::throttle::ThrottleConfig::default()))
+    router_with(svc, crate::throttle::Throttle::new(crate::throttle::ThrottleConfig::default())).merge(openapi_router())
 }
 
-/// Every service's routes; the public delivery routes are limited per client by `throttle`
+/// Every service's routes (the OpenAPI document is left to the caller, which may serve a
+/// larger one); the public delivery routes are limited per client by `throttle`
 /// (see [`crate::throttle`]).
 pub fn router_with<F: FleetControl + WorkQueues + Clone>(
     svc: &Services<F>,
@@ -51,7 +52,6 @@ pub fn router_with<F: FleetControl + WorkQueues + Clone>(
         .route_layer(axum::middleware::from_fn_with_state(throttle, crate::throttle::limit));
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
-        .merge(openapi_router())
         .merge(public)
         .merge(svc.drones.public_router())
         .merge(svc.accounts.public_router())
@@ -106,7 +106,8 @@ pub struct ApiDoc;
 /// `400` (a path, query or body that does not parse or validate), `401` and `403` (API keys),
 /// `408`, `413` and `415` for operations with a body, `429` (the throttle) and `503` (a
 /// stopped store or a failed dependency), each with the error body.
-struct CommonAnswers;
+#[derive(Debug)]
+pub struct CommonAnswers;
 
 impl utoipa::Modify for CommonAnswers {
     fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {

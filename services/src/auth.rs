@@ -90,6 +90,57 @@ impl Principal {
     }
 }
 
+/// The header in which the gateway passes the principal it authenticated to the role that
+/// serves the route. A role believes it only from a caller with a service certificate (or, with
+/// `transport = "plain"`, from the mesh it trusts); the gateway never forwards a client's own.
+pub const PRINCIPAL_HEADER: &str = "x-fleetstream-principal";
+
+/// Marks a request a service forwarded for a client it authenticated (and throttled) itself.
+#[derive(Debug, Clone, Copy)]
+pub struct Forwarded;
+
+impl Principal {
+    /// The principal as [`PRINCIPAL_HEADER`] carries it: `open`, `admin <label>` or
+    /// `customer <owner, percent-encoded>`.
+    pub fn to_header(&self) -> HeaderValue {
+        let text = match self {
+            Principal::Open => "open".to_string(),
+            Principal::Admin { label } => format!("admin {}", crate::api::path_segment(label)),
+            Principal::Customer { owner } => format!("customer {}", crate::api::path_segment(owner)),
+        };
+        // Percent-encoding leaves only visible ASCII, which is always a valid header value.
+        HeaderValue::from_str(&text).unwrap_or(HeaderValue::from_static("customer %00"))
+    }
+
+    /// The principal [`Principal::to_header`] wrote, or `None` for anything else.
+    pub fn from_header(value: &str) -> Option<Principal> {
+        let (kind, rest) = value.split_once(' ').unwrap_or((value, ""));
+        match kind {
+            "open" if rest.is_empty() => Some(Principal::Open),
+            "admin" => Some(Principal::Admin { label: percent_decode(rest)?.into() }),
+            "customer" => {
+                let owner = percent_decode(rest)?;
+                (!owner.is_empty() && !owner.contains('\0')).then(|| Principal::Customer { owner: owner.into() })
+            }
+            _ => None,
+        }
+    }
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let mut out = Vec::with_capacity(s.len());
+    let mut bytes = s.bytes();
+    while let Some(b) = bytes.next() {
+        if b == b'%' {
+            let hex = [bytes.next()?, bytes.next()?];
+            out.push(u8::from_str_radix(std::str::from_utf8(&hex).ok()?, 16).ok()?);
+        } else {
+            out.push(b);
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
 /// The caller of a handler: the [`Principal`] the key check put in the request, or
 /// [`Principal::Open`] when no check ran (a router used without the middleware, in tests or
 /// in-process).
@@ -310,11 +361,36 @@ pub async fn require(State(keys): State<Arc<ApiKeys>>, req: Request, next: Next)
 /// The middleware for a split-mode service: as [`require`], but `/internal/` routes are left
 /// to the client certificate check ([`crate::tls::internal_only`]), since services present
 /// certificates, not API keys.
-pub async fn require_public(State(keys): State<Arc<ApiKeys>>, req: Request, next: Next) -> Response {
+///
+/// A request from a service (a verified client certificate) that carries
+/// [`PRINCIPAL_HEADER`] was authenticated by the gateway: its principal is taken from the
+/// header, and it is marked [`Forwarded`] so it is not throttled a second time.
+pub async fn require_public(State(keys): State<Arc<ApiKeys>>, mut req: Request, next: Next) -> Response {
     if req.uri().path().starts_with("/internal/") {
         return next.run(req).await;
     }
-    check(&keys, req, next).await
+    let from_service = req.extensions().get::<crate::tls::PeerCertificate>().is_some_and(|p| p.0);
+    let forwarded = req.headers().get(PRINCIPAL_HEADER).map(|v| v.to_str().ok().and_then(Principal::from_header));
+    match forwarded {
+        Some(Some(principal)) if from_service => {
+            if is_admin_route(req.uri().path()) && !principal.is_admin() {
+                refused("role", "a customer key on an admin route was refused");
+                return refuse(StatusCode::FORBIDDEN, "forbidden", "this route needs an admin API key");
+            }
+            req.extensions_mut().insert(principal);
+            req.extensions_mut().insert(Forwarded);
+            next.run(req).await
+        }
+        Some(_) => {
+            tracing::warn!(path = %req.uri().path(), from_service, "a forwarded principal refused");
+            refuse(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "a principal is taken only from a service, in the form the gateway writes",
+            )
+        }
+        None => check(&keys, req, next).await,
+    }
 }
 
 async fn check(keys: &ApiKeys, mut req: Request, next: Next) -> Response {
@@ -410,6 +486,23 @@ mod tests {
         }
         for path in ["/v1/deliveries", "/v1/dronesx", "/v1/history", "/healthz"] {
             assert!(!is_admin_route(path), "{path}");
+        }
+    }
+
+    #[test]
+    fn principals_cross_the_gateway_unchanged_and_nothing_else_passes_for_one() {
+        for p in [
+            Principal::Open,
+            Principal::Admin { label: "0a1b2c3d".into() },
+            Principal::Customer { owner: "customer-1".into() },
+            Principal::Customer { owner: "Zoë & co/Δ 100%".into() },
+        ] {
+            let header = p.to_header();
+            let text = header.to_str().expect("visible ASCII"); // ok: to_header writes only that
+            assert_eq!(Principal::from_header(text), Some(p), "{text}");
+        }
+        for bad in ["", "opens", "open x", "customer", "customer %zz", "customer %00", "root admin", "customer %f0"] {
+            assert_eq!(Principal::from_header(bad), None, "{bad:?}");
         }
     }
 

@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
-use axum::http::{Method, Request, StatusCode};
+use axum::http::{HeaderMap, HeaderName, Method, Request, StatusCode, header};
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use parking_lot::Mutex;
@@ -83,7 +83,7 @@ impl Default for CallPolicy {
 /// One call to a dependency.
 #[derive(Debug, Clone)]
 pub struct Call {
-    /// HTTP method; anything but POST is idempotent and may be retried.
+    /// HTTP method; anything but POST and PATCH is idempotent and may be retried.
     pub method: Method,
     /// Path and query, starting with `/`.
     pub path: String,
@@ -91,18 +91,25 @@ pub struct Call {
     pub body: Bytes,
     /// W3C trace context to pass on.
     pub traceparent: Option<String>,
+    /// Further request headers (a `content-type` here replaces the default JSON one).
+    pub headers: HeaderMap,
 }
 
 impl Call {
     /// A call without a body.
     pub fn new(method: Method, path: impl Into<String>) -> Self {
-        Self { method, path: path.into(), body: Bytes::new(), traceparent: None }
+        Self { method, path: path.into(), body: Bytes::new(), traceparent: None, headers: HeaderMap::new() }
     }
 
     /// A call with `value` as its JSON body.
     pub fn json(method: Method, path: impl Into<String>, value: &impl Serialize) -> Self {
         let body = serde_json::to_vec(value).map(Bytes::from).unwrap_or_default();
-        Self { method, path: path.into(), body, traceparent: None }
+        Self { method, path: path.into(), body, traceparent: None, headers: HeaderMap::new() }
+    }
+
+    /// A call with `body` as it is (its `content-type` given in [`Call::headers`]).
+    pub fn raw(method: Method, path: impl Into<String>, body: Bytes) -> Self {
+        Self { method, path: path.into(), body, traceparent: None, headers: HeaderMap::new() }
     }
 
     /// The call as part of `trace` (it carries its `traceparent`).
@@ -114,7 +121,7 @@ impl Call {
     }
 
     fn idempotent(&self) -> bool {
-        self.method != Method::POST
+        !matches!(self.method, Method::POST | Method::PATCH)
     }
 }
 
@@ -125,6 +132,29 @@ pub struct Reply {
     pub status: StatusCode,
     /// Body.
     pub body: Bytes,
+    /// The answer's headers that describe it to a client ([`REPLY_HEADERS`]).
+    pub headers: HeaderMap,
+}
+
+/// The headers of an answer kept in a [`Reply`]: those that tell a client what the body is
+/// and what to do next.
+pub const REPLY_HEADERS: [HeaderName; 6] = [
+    header::CONTENT_TYPE,
+    header::RETRY_AFTER,
+    header::LOCATION,
+    header::ALLOW,
+    header::WWW_AUTHENTICATE,
+    header::CACHE_CONTROL,
+];
+
+fn reply_headers(from: &HeaderMap) -> HeaderMap {
+    let mut out = HeaderMap::new();
+    for name in REPLY_HEADERS {
+        for v in from.get_all(&name) {
+            out.append(name.clone(), v.clone());
+        }
+    }
+    out
 }
 
 impl Reply {
@@ -180,6 +210,8 @@ pub struct Dependency {
     svc: BoxCloneSyncService<Call, Reply, CallError>,
     breaker: Arc<Mutex<Breaker>>,
     metrics: Arc<CallMetrics>,
+    /// The instances of a remote dependency (streamed calls and health go to it directly).
+    pool: Option<Arc<Pool>>,
 }
 
 impl std::fmt::Debug for Dependency {
@@ -215,6 +247,10 @@ impl Dependency {
     }
 
     fn build(name: &'static str, backend: Backend, policy: CallPolicy) -> Self {
+        let pool = match &backend {
+            Backend::Remote(pool) => Some(pool.clone()),
+            Backend::Local(_) => None,
+        };
         let breaker = Arc::new(Mutex::new(Breaker::new(policy.breaker)));
         let metrics = Arc::new(CallMetrics::default());
         let backoff = ExponentialBackoffMaker::new(
@@ -245,7 +281,7 @@ impl Dependency {
             .concurrency_limit(policy.concurrency.max(1))
             .timeout(Duration::from_millis(timeout_ms))
             .service(backend);
-        Self { name, svc: BoxCloneSyncService::new(svc), breaker, metrics }
+        Self { name, svc: BoxCloneSyncService::new(svc), breaker, metrics, pool }
     }
 
     /// The dependency's name, as errors report it.
@@ -266,6 +302,53 @@ impl Dependency {
     /// Makes a call through the whole stack.
     pub async fn call(&self, call: Call) -> Result<Reply, CallError> {
         self.svc.clone().oneshot(call).await
+    }
+
+    /// How many of its instances passed their last health check, of how many (one of one for
+    /// a dependency in this process).
+    pub fn instances_healthy(&self) -> (usize, usize) {
+        match &self.pool {
+            None => (1, 1),
+            Some(pool) => {
+                (pool.instances.iter().filter(|i| i.healthy.load(Ordering::Relaxed)).count(), pool.instances.len())
+            }
+        }
+    }
+
+    /// Opens a call whose answer is a stream (Server-Sent Events) and hands back the response
+    /// with its body unread: the breaker is asked and told, the answer's headers must come
+    /// within the timeout, but there is no retry (a stream is not repeated) and no limit on how
+    /// long the body lasts. Only for a remote dependency.
+    pub async fn open(&self, call: Call, timeout: Duration) -> Result<reqwest::Response, CallError> {
+        let pool = self.pool.as_ref().ok_or_else(|| CallError::Unavailable("not a remote dependency".into()))?;
+        let now = events::now_us();
+        if let Err(refused) = self.breaker.lock().allow(now) {
+            self.metrics.short_circuited.fetch_add(1, Ordering::Relaxed);
+            return Err(CallError::CircuitOpen { retry_in_ms: refused.retry_at_us.saturating_sub(now) / 1000 });
+        }
+        self.metrics.attempts.fetch_add(1, Ordering::Relaxed);
+        let inst = pool.pick().ok_or_else(|| CallError::Unavailable("no instance configured".into()))?;
+        let method = reqwest::Method::from_bytes(call.method.as_str().as_bytes())
+            .map_err(|e| CallError::Unavailable(e.to_string()))?;
+        let req = pool
+            .client
+            .request(method, format!("{}{}", inst.base, call.path))
+            .headers(request_headers(call.headers, call.traceparent.as_deref()))
+            .body(call.body);
+        let outcome = match tokio::time::timeout(timeout, req.send()).await {
+            Err(_) => Err(CallError::Timeout(timeout.as_millis() as u64)),
+            Ok(Err(e)) => {
+                inst.healthy.store(false, Ordering::Relaxed);
+                Err(CallError::Unavailable(format!("{}: {}", inst.base, error_chain(&e))))
+            }
+            Ok(Ok(resp)) => Ok(resp),
+        };
+        let ok = matches!(&outcome, Ok(r) if !r.status().is_server_error());
+        if !ok {
+            self.metrics.failures.fetch_add(1, Ordering::Relaxed);
+        }
+        self.breaker.lock().record(events::now_us(), ok);
+        outcome
     }
 }
 
@@ -355,20 +438,17 @@ impl Service<Call> for Backend {
             Backend::Local(router) => {
                 let router = router.clone();
                 Box::pin(async move {
-                    let mut req = Request::builder()
-                        .method(call.method)
-                        .uri(call.path)
-                        .header("content-type", "application/json");
-                    if let Some(tp) = &call.traceparent {
-                        req = req.header("traceparent", tp);
+                    let mut req = Request::builder().method(call.method).uri(call.path);
+                    if let Some(headers) = req.headers_mut() {
+                        *headers = request_headers(call.headers, call.traceparent.as_deref());
                     }
                     let req = req.body(Body::from(call.body)).map_err(|e| CallError::Unavailable(e.to_string()))?;
                     let resp = router.oneshot(req).await.map_err(|e| CallError::Unavailable(e.to_string()))?;
-                    let status = resp.status();
+                    let (status, headers) = (resp.status(), reply_headers(resp.headers()));
                     let body = axum::body::to_bytes(resp.into_body(), MAX_REPLY_BYTES)
                         .await
                         .map_err(|e| CallError::Unavailable(e.to_string()))?;
-                    Ok(Reply { status, body })
+                    Ok(Reply { status, body, headers })
                 })
             }
             Backend::Remote(pool) => {
@@ -377,14 +457,11 @@ impl Service<Call> for Backend {
                     let inst = pool.pick().ok_or_else(|| CallError::Unavailable("no instance configured".into()))?;
                     let method = reqwest::Method::from_bytes(call.method.as_str().as_bytes())
                         .map_err(|e| CallError::Unavailable(e.to_string()))?;
-                    let mut req = pool
+                    let req = pool
                         .client
                         .request(method, format!("{}{}", inst.base, call.path))
-                        .header("content-type", "application/json")
+                        .headers(request_headers(call.headers, call.traceparent.as_deref()))
                         .body(call.body);
-                    if let Some(tp) = &call.traceparent {
-                        req = req.header("traceparent", tp);
-                    }
                     let resp = match req.send().await {
                         Ok(resp) => resp,
                         Err(e) => {
@@ -393,15 +470,27 @@ impl Service<Call> for Backend {
                         }
                     };
                     let status = StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+                    let headers = reply_headers(resp.headers());
                     let body = resp.bytes().await.map_err(|e| CallError::Unavailable(error_chain(&e)))?;
                     if body.len() > MAX_REPLY_BYTES {
                         return Err(CallError::Unavailable("reply too large".into()));
                     }
-                    Ok(Reply { status, body })
+                    Ok(Reply { status, body, headers })
                 })
             }
         }
     }
+}
+
+/// A call's request headers: JSON unless the call names its own content type, and its trace.
+fn request_headers(mut headers: HeaderMap, traceparent: Option<&str>) -> HeaderMap {
+    if !headers.contains_key(header::CONTENT_TYPE) {
+        headers.insert(header::CONTENT_TYPE, axum::http::HeaderValue::from_static("application/json"));
+    }
+    if let Some(v) = traceparent.and_then(|tp| axum::http::HeaderValue::from_str(tp).ok()) {
+        headers.insert("traceparent", v);
+    }
+    headers
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

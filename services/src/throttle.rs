@@ -77,7 +77,6 @@ impl Throttle {
     }
 }
 
-/// Who a request comes from, for throttling.
 /// The client a request counts against: its authenticated principal, else its peer address.
 /// Never a header the client picks: with no keys configured, a made-up `x-api-key` per request
 /// would otherwise be a fresh allowance per request.
@@ -91,7 +90,12 @@ fn client_of(req: &Request) -> String {
     }
 }
 
+/// The middleware: a client past its allowance gets `429` with `Retry-After`. A request the
+/// gateway forwarded ([`crate::auth::Forwarded`]) was throttled there.
 pub async fn limit(State(throttle): State<Arc<Throttle>>, req: Request, next: Next) -> Response {
+    if req.extensions().get::<crate::auth::Forwarded>().is_some() {
+        return next.run(req).await;
+    }
     let client = client_of(&req);
     match throttle.check(&client) {
         Ok(()) => next.run(req).await,

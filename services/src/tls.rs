@@ -168,6 +168,14 @@ pub struct TlsMetrics {
     pub refused: AtomicU64,
 }
 
+impl TlsMetrics {
+    /// `fleetstream_tls_handshakes_total` and `fleetstream_tls_handshakes_refused_total`.
+    pub fn render(&self, out: &mut String) {
+        events::prom::counter(out, "fleetstream_tls_handshakes_total", self.handshakes.load(Ordering::Relaxed));
+        events::prom::counter(out, "fleetstream_tls_handshakes_refused_total", self.refused.load(Ordering::Relaxed));
+    }
+}
+
 /// Serves `router` over TLS on `listener` until `shutdown` resolves; open connections are
 /// then given the rest of their current request. Each request carries the peer address as
 /// `ConnectInfo<SocketAddr>`. A client gets `header_timeout` to send a request's headers: one
@@ -250,9 +258,22 @@ pub async fn serve_plain(
     header_timeout: std::time::Duration,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> std::io::Result<()> {
+    serve_plain_as(listener, router, PeerCertificate(false), header_timeout, shutdown).await
+}
+
+/// As [`serve_plain`], with every caller taken as `identity` says: `PeerCertificate(true)`
+/// for a service behind a mesh that authenticates its callers itself (split mode's
+/// `transport = "plain"`).
+pub async fn serve_plain_as(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    identity: PeerCertificate,
+    header_timeout: std::time::Duration,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> std::io::Result<()> {
     accept_loop(listener, "HTTP", shutdown, move |tcp, peer, mut stop_rx| {
         let router = router.clone();
-        async move { serve_connection(tcp, router, peer, PeerCertificate(false), header_timeout, &mut stop_rx).await }
+        async move { serve_connection(tcp, router, peer, identity, header_timeout, &mut stop_rx).await }
     })
     .await
 }
@@ -320,41 +341,93 @@ pub async fn internal_only(req: axum::extract::Request, next: axum::middleware::
 }
 
 /// The roles `pipeline certs init` issues certificates for.
-pub const ROLES: [&str; 8] = ["scheduler", "delivery", "history", "drones", "accounts", "packages", "ingest", "client"];
+pub const ROLES: [&str; 9] =
+    ["scheduler", "delivery", "history", "drones", "accounts", "packages", "ingest", "gateway", "client"];
 
-/// Creates a private CA in `dir` (`ca.pem`, `ca-key.pem`) and, for each role, a certificate
-/// and key (`<role>.pem`, `<role>-key.pem`) for the names `hosts` (plus `localhost` and
-/// `127.0.0.1`), usable as server and as client. Refuses to overwrite an existing CA.
-pub fn init_ca(dir: &Path, hosts: &[String]) -> Result<Vec<PathBuf>, Error> {
-    use rcgen::{
-        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
-    };
-    let ca_path = dir.join("ca.pem");
-    if ca_path.exists() {
-        return Err(Error::Tls(format!("{} exists; remove it to make a new CA", ca_path.display())));
+/// How long `pipeline certs` makes certificates valid, from the day before they are made (a
+/// day's slack for clocks behind). Defaults: the CA ten years, each role's certificate 397
+/// days (the longest public CAs may issue), so a role's certificate is renewed yearly with
+/// [`renew_certs`] while the CA stays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Validity {
+    /// The CA's, days.
+    pub ca_days: u32,
+    /// Each role's, days.
+    pub cert_days: u32,
+}
+
+impl Default for Validity {
+    fn default() -> Self {
+        Self { ca_days: 3650, cert_days: 397 }
     }
-    std::fs::create_dir_all(dir).map_err(|e| Error::Tls(format!("creating {}: {e}", dir.display())))?;
+}
+
+/// The civil date (year, month, day) `days` after 1970-01-01 (proleptic Gregorian).
+fn civil_date(days: i64) -> (i32, u8, u8) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u8;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u8;
+    let year = (yoe + era * 400 + i64::from(month <= 2)) as i32;
+    (year, month, day)
+}
+
+/// Sets `params` valid from yesterday for `days` days.
+fn valid_for(params: &mut rcgen::CertificateParams, days: u32) {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let (y, m, d) = civil_date((now.as_secs() / 86_400) as i64 - 1);
+    params.not_before = rcgen::date_time_ymd(y, m, d);
+    params.not_after = params.not_before + std::time::Duration::from_secs(u64::from(days.max(1)) * 86_400);
+}
+
+/// The CA's parameters; [`renew_certs`] rebuilds the issuer from them and the CA's key, so
+/// renewed certificates chain to the same `ca.pem`.
+fn ca_params(days: u32) -> Result<rcgen::CertificateParams, Error> {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyUsagePurpose};
     let mut ca = CertificateParams::new(Vec::<String>::new()).map_err(tls_error)?;
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     ca.distinguished_name.push(DnType::CommonName, "fleetstream private CA");
     ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
-    let ca_key = KeyPair::generate().map_err(tls_error)?;
-    let ca_cert = ca.self_signed(&ca_key).map_err(tls_error)?;
-    let mut written = Vec::new();
-    let mut write = |name: String, contents: String, secret: bool| -> Result<(), Error> {
-        let path = dir.join(name);
-        std::fs::write(&path, contents).map_err(|e| Error::Tls(format!("writing {}: {e}", path.display())))?;
+    valid_for(&mut ca, days);
+    Ok(ca)
+}
+
+/// Writes files into one directory, keys readable by their owner only.
+struct Writer<'a> {
+    dir: &'a Path,
+    written: Vec<PathBuf>,
+}
+
+impl Writer<'_> {
+    fn write(&mut self, name: String, contents: String, secret: bool) -> Result<(), Error> {
+        let path = self.dir.join(name);
+        // Written beside and renamed over: a role restarting meanwhile reads the old pair or the
+        // new one, never half of one.
+        let tmp = path.with_extension("pem.tmp");
+        std::fs::write(&tmp, contents).map_err(|e| Error::Tls(format!("writing {}: {e}", tmp.display())))?;
         if secret {
             use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
-                .map_err(|e| Error::Tls(format!("restricting {}: {e}", path.display())))?;
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| Error::Tls(format!("restricting {}: {e}", tmp.display())))?;
         }
-        written.push(path);
+        std::fs::rename(&tmp, &path).map_err(|e| Error::Tls(format!("writing {}: {e}", path.display())))?;
+        self.written.push(path);
         Ok(())
-    };
-    write("ca.pem".into(), ca_cert.pem(), false)?;
-    write("ca-key.pem".into(), ca_key.serialize_pem(), true)?;
-    let issuer = Issuer::new(ca, ca_key);
+    }
+}
+
+/// Issues a certificate and key per role, for `hosts` and loopback, signed by `issuer`.
+fn issue_roles(
+    out: &mut Writer<'_>,
+    issuer: &rcgen::Issuer<'_, rcgen::KeyPair>,
+    hosts: &[String],
+    days: u32,
+) -> Result<(), Error> {
+    use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, KeyPair, KeyUsagePurpose};
     let mut names: Vec<String> = vec!["localhost".into(), "127.0.0.1".into()];
     names.extend(hosts.iter().cloned());
     for role in ROLES {
@@ -362,12 +435,46 @@ pub fn init_ca(dir: &Path, hosts: &[String]) -> Result<Vec<PathBuf>, Error> {
         params.distinguished_name.push(DnType::CommonName, format!("fleetstream {role}"));
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        valid_for(&mut params, days);
         let key = KeyPair::generate().map_err(tls_error)?;
-        let cert = params.signed_by(&key, &issuer).map_err(tls_error)?;
-        write(format!("{role}.pem"), cert.pem(), false)?;
-        write(format!("{role}-key.pem"), key.serialize_pem(), true)?;
+        let cert = params.signed_by(&key, issuer).map_err(tls_error)?;
+        out.write(format!("{role}-key.pem"), key.serialize_pem(), true)?;
+        out.write(format!("{role}.pem"), cert.pem(), false)?;
     }
-    Ok(written)
+    Ok(())
+}
+
+/// Creates a private CA in `dir` (`ca.pem`, `ca-key.pem`) and, for each role, a certificate
+/// and key (`<role>.pem`, `<role>-key.pem`) for the names `hosts` (plus `localhost` and
+/// `127.0.0.1`), usable as server and as client, valid as `validity` says. Refuses to
+/// overwrite an existing CA.
+pub fn init_ca(dir: &Path, hosts: &[String], validity: Validity) -> Result<Vec<PathBuf>, Error> {
+    let ca_path = dir.join("ca.pem");
+    if ca_path.exists() {
+        return Err(Error::Tls(format!("{} exists; remove it to make a new CA", ca_path.display())));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| Error::Tls(format!("creating {}: {e}", dir.display())))?;
+    let ca = ca_params(validity.ca_days)?;
+    let ca_key = rcgen::KeyPair::generate().map_err(tls_error)?;
+    let ca_cert = ca.self_signed(&ca_key).map_err(tls_error)?;
+    let mut out = Writer { dir, written: Vec::new() };
+    out.write("ca-key.pem".into(), ca_key.serialize_pem(), true)?;
+    out.write("ca.pem".into(), ca_cert.pem(), false)?;
+    issue_roles(&mut out, &rcgen::Issuer::new(ca, ca_key), hosts, validity.cert_days)?;
+    Ok(out.written)
+}
+
+/// Issues every role a new certificate and key from the CA in `dir` (its `ca-key.pem`
+/// must be there), valid `cert_days` from yesterday: the CA and `ca.pem` stay, so roles
+/// restarted one at a time on the new files keep trusting the others.
+pub fn renew_certs(dir: &Path, hosts: &[String], cert_days: u32) -> Result<Vec<PathBuf>, Error> {
+    let key_path = dir.join("ca-key.pem");
+    let pem = std::fs::read_to_string(&key_path)
+        .map_err(|e| Error::Tls(format!("reading {} (the CA's key is needed to renew): {e}", key_path.display())))?;
+    let ca_key = rcgen::KeyPair::from_pem(&pem).map_err(|e| Error::Tls(format!("{}: {e}", key_path.display())))?;
+    let mut out = Writer { dir, written: Vec::new() };
+    issue_roles(&mut out, &rcgen::Issuer::new(ca_params(Validity::default().ca_days)?, ca_key), hosts, cert_days)?;
+    Ok(out.written)
 }
 
 #[cfg(test)]
@@ -376,14 +483,58 @@ mod tests {
 
     use super::*;
 
+    #[test]
+    fn civil_dates_are_right_across_leap_years_and_centuries() {
+        assert_eq!(civil_date(0), (1970, 1, 1));
+        assert_eq!(civil_date(-1), (1969, 12, 31));
+        assert_eq!(civil_date(11_016), (2000, 2, 29));
+        assert_eq!(civil_date(11_017), (2000, 3, 1));
+        assert_eq!(civil_date(20_788), (2026, 12, 1));
+        assert_eq!(civil_date(47_540), (2100, 2, 28));
+        assert_eq!(civil_date(47_541), (2100, 3, 1));
+    }
+
+    /// Renewed certificates chain to the same CA: a role on a renewed certificate and one still
+    /// on its old one trust each other, so roles are restarted onto new certificates one at a
+    /// time.
+    #[tokio::test]
+    async fn renewed_certificates_are_trusted_beside_the_old_ones() -> anyhow::Result<()> {
+        let dir = std::env::temp_dir().join(format!("fleetstream-renew-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        init_ca(&dir, &[], Validity { ca_days: 30, cert_days: 7 })?;
+        let old_client = client(&TlsFiles::in_dir(&dir, "scheduler"))?;
+        let old_cert = std::fs::read(dir.join("packages.pem"))?;
+        let written = renew_certs(&dir, &[], 7)?;
+        assert_eq!(written.len(), 2 * ROLES.len());
+        assert_ne!(std::fs::read(dir.join("packages.pem"))?, old_cert, "a new certificate");
+        assert!(renew_certs(&dir.join("nowhere"), &[], 7).is_err_and(|e| e.to_string().contains("ca-key.pem")));
+        let server = server_config(&TlsFiles::in_dir(&dir, "packages"), ClientAuth::Required)?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let router = Router::new().route("/healthz", get(|| async { "ok" }));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let metrics = Arc::new(TlsMetrics::default());
+        let task = tokio::spawn(serve(listener, router, server, metrics, std::time::Duration::from_secs(10), async {
+            let _ = stopped.await;
+        }));
+        let url = format!("https://localhost:{}/healthz", addr.port());
+        assert_eq!(old_client.get(&url).send().await?.text().await?, "ok");
+        let new_client = client(&TlsFiles::in_dir(&dir, "scheduler"))?;
+        assert_eq!(new_client.get(&url).send().await?.text().await?, "ok");
+        let _ = stop.send(());
+        task.await??;
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok(())
+    }
+
     #[tokio::test]
     async fn only_clients_with_a_certificate_from_the_ca_get_through() -> anyhow::Result<()> {
         let base = std::env::temp_dir().join(format!("fleetstream-tls-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&base);
         let (ours, theirs) = (base.join("ours"), base.join("theirs"));
-        init_ca(&ours, &[])?;
-        init_ca(&theirs, &[])?;
-        assert!(init_ca(&ours, &[]).is_err(), "an existing CA is not overwritten");
+        init_ca(&ours, &[], Validity::default())?;
+        init_ca(&theirs, &[], Validity::default())?;
+        assert!(init_ca(&ours, &[], Validity::default()).is_err(), "an existing CA is not overwritten");
 
         let server = server_config(&TlsFiles::in_dir(&ours, "packages"), ClientAuth::Required)?;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;

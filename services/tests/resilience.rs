@@ -47,7 +47,7 @@ fn policy() -> CallPolicy {
 async fn setup(tag: &str) -> Setup {
     let ca = std::env::temp_dir().join(format!("fleetstream-resilience-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&ca);
-    services::tls::init_ca(&ca, &[]).unwrap();
+    services::tls::init_ca(&ca, &[], services::tls::Validity::default()).unwrap();
     let fleet = Arc::new(FakeFleet::default());
     let local = Services::new(fleet.clone()).await.unwrap();
     local.accounts.put("acme", true).await.unwrap();
