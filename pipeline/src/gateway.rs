@@ -73,27 +73,22 @@ pub struct Gateway {
     targets: Vec<(Role, Dependency, AtomicU64)>,
     /// The longest wait for a streamed answer's headers.
     stream_timeout: Duration,
-    stopping: AtomicBool,
+    stopping: Arc<AtomicBool>,
 }
 
 impl Gateway {
     /// A gateway over `targets` (the roles whose routes it serves; a route of a role not given
-    /// is not mounted).
-    pub fn new(targets: Vec<(Role, Dependency)>, stream_timeout: Duration) -> Arc<Self> {
+    /// is not mounted), not ready once `stopping` is on.
+    pub fn new(targets: Vec<(Role, Dependency)>, stream_timeout: Duration, stopping: Arc<AtomicBool>) -> Arc<Self> {
         Arc::new(Self {
             targets: targets.into_iter().map(|(r, d)| (r, d, AtomicU64::new(0))).collect(),
             stream_timeout,
-            stopping: AtomicBool::new(false),
+            stopping,
         })
     }
 
     fn target(&self, role: Role) -> Option<&(Role, Dependency, AtomicU64)> {
         self.targets.iter().find(|(r, _, _)| *r == role)
-    }
-
-    /// Turns readiness off: the first step of a drain.
-    pub fn begin_drain(&self) {
-        self.stopping.store(true, Ordering::SeqCst);
     }
 
     /// What keeps the gateway from being ready: a drain, or a role without a healthy

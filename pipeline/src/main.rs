@@ -339,9 +339,11 @@ async fn serve(mut cfg: Config, role: pipeline::roles::Role) -> anyhow::Result<(
             }
             let node = Node::start(&cfg).await.context("starting the node")?;
             let engine_api = match role {
-                Role::Ingest => {
-                    Some(roles::start_engine_api(node.engine.clone(), &cfg).await.context("starting the engine API")?)
-                }
+                Role::Ingest => Some(
+                    roles::start_engine_api(node.engine.clone(), &node.health, &cfg)
+                        .await
+                        .context("starting the engine API")?,
+                ),
                 _ => None,
             };
             let which = if role == Role::All { String::new() } else { format!(" ({})", role.name()) };

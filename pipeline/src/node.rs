@@ -430,8 +430,9 @@ impl Node {
     pub async fn shutdown(self) -> Result<(), Error> {
         // Readiness turns off first; load balancers get `drain_delay` to stop sending new
         // clients before the listeners close.
-        self.health.stopping.store(true, std::sync::atomic::Ordering::SeqCst);
-        if !self.drain_delay.is_zero() {
+        // (Already off when the ingest role's engine API drained first and waited.)
+        let already = self.health.stopping.swap(true, std::sync::atomic::Ordering::SeqCst);
+        if !already && !self.drain_delay.is_zero() {
             info!(delay_ms = self.drain_delay.as_millis() as u64, "shutting down: not ready, still serving");
             tokio::time::sleep(self.drain_delay).await;
         }
@@ -486,7 +487,8 @@ pub struct Health {
     services_following: Arc<std::sync::atomic::AtomicBool>,
     history_following: Arc<std::sync::atomic::AtomicBool>,
     recovery: tokio::task::AbortHandle,
-    stopping: Arc<std::sync::atomic::AtomicBool>,
+    /// Turned on by the first step of a drain; the ingest role's engine API shares it.
+    pub(crate) stopping: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Health {

@@ -33,6 +33,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::Router;
@@ -102,6 +103,18 @@ impl std::str::FromStr for Role {
 }
 
 impl Role {
+    /// Every role of a split deployment.
+    pub const SPLIT: [Role; 8] = [
+        Role::Ingest,
+        Role::Scheduler,
+        Role::Delivery,
+        Role::History,
+        Role::Drones,
+        Role::Accounts,
+        Role::Packages,
+        Role::Gateway,
+    ];
+
     /// The role's name, as in certificates and config.
     pub fn name(self) -> &'static str {
         match self {
@@ -125,8 +138,9 @@ pub struct SplitConfig {
     /// Directory with `ca.pem` and `<role>.pem` / `<role>-key.pem`. Default `ca`. Needed with
     /// either transport: the ingest's QUIC certificate comes from this CA.
     pub tls_dir: PathBuf,
-    /// The ingest role's QUIC address (delivery-event subscriptions). Default `127.0.0.1:4433`.
-    pub engine_quic: SocketAddr,
+    /// The ingest role's QUIC address, `host:port` (delivery-event subscriptions), resolved
+    /// at each connect (a Kubernetes Service name does). Default `127.0.0.1:4433`.
+    pub engine_quic: String,
     /// How the roles call each other. Default `mtls`.
     pub transport: Transport,
     /// With `transport = "plain"`: a service mesh gives the roles their identity and encrypts
@@ -144,7 +158,7 @@ impl Default for SplitConfig {
     fn default() -> Self {
         Self {
             tls_dir: PathBuf::from("ca"),
-            engine_quic: SocketAddr::from(([127, 0, 0, 1], 4433)),
+            engine_quic: "127.0.0.1:4433".into(),
             transport: Transport::Mtls,
             mesh: false,
             endpoints: Endpoints::default(),
@@ -199,7 +213,8 @@ pub struct Listen {
 }
 
 impl Listen {
-    fn of(&self, role: Role) -> Option<SocketAddr> {
+    /// The bind address given for `role`.
+    pub fn of(&self, role: Role) -> Option<SocketAddr> {
         match role {
             Role::All => None,
             Role::Ingest => self.ingest,
@@ -285,7 +300,8 @@ pub struct Endpoints {
 }
 
 impl Endpoints {
-    fn of(&self, role: Role) -> &[String] {
+    /// The base URLs of `role`.
+    pub fn of(&self, role: Role) -> &[String] {
         match role {
             Role::All => &[],
             Role::Ingest => &self.ingest,
@@ -474,13 +490,23 @@ pub struct RoleProcess {
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     server: JoinHandle<std::io::Result<()>>,
+    /// Readiness is off once this is on.
+    stopping: Arc<AtomicBool>,
+    /// How long it stays not ready, still serving, before its listener closes.
+    drain_delay: Duration,
     /// A role's own hold on its data dir (the engine API's node holds its own).
     _data_dir_lock: Option<crate::datadir::DataDirLock>,
 }
 
 impl RoleProcess {
-    /// Stops listening, lets requests in flight finish, stops the consumers.
+    /// Turns readiness off and waits `[http] drain_delay_ms` (load balancers stop sending
+    /// new requests), then stops listening, lets requests in flight finish and stops the
+    /// consumers.
     pub async fn shutdown(self) -> Result<(), Error> {
+        if !self.stopping.swap(true, Ordering::SeqCst) && !self.drain_delay.is_zero() {
+            tracing::info!(delay_ms = self.drain_delay.as_millis() as u64, "shutting down: not ready, still serving");
+            tokio::time::sleep(self.drain_delay).await;
+        }
         let _ = self.stop.send(true);
         for t in self.tasks {
             let _ = t.await;
@@ -520,17 +546,20 @@ pub async fn start(role: Role, cfg: &Config) -> Result<RoleProcess, Error> {
     let (stop, stop_rx) = watch::channel(false);
     let mut tasks = Vec::new();
     let data = &cfg.data_dir;
-    let quic_trust = || -> Result<ingest::Trust, Error> {
+    let quic_target = || -> Result<QuicTarget, Error> {
         let pem = std::fs::read_to_string(&files.ca)
             .map_err(|e| Error::Io { context: format!("reading {}", files.ca.display()), source: e })?;
-        Ok(ingest::Trust::Pem(pem))
+        QuicTarget::new(&split.engine_quic, ingest::Trust::Pem(pem))
     };
+    // The role's stores: a stopped one turns readiness off.
+    let mut stores: Vec<services::store::Store> = Vec::new();
     let (router, auth) = match role {
         Role::All | Role::Ingest | Role::Gateway => {
             return Err(Error::Config(format!("role {} is not a service role", role.name())));
         }
         Role::Accounts => {
             let store = services::store::Store::open(&data.join("accounts.redb")).map_err(svc_error)?;
+            stores.push(store.clone());
             let accounts = services::accounts::Accounts::new(store);
             // Its public routes are reached through the gateway only: the listener takes
             // service certificates alone.
@@ -538,10 +567,12 @@ pub async fn start(role: Role, cfg: &Config) -> Result<RoleProcess, Error> {
         }
         Role::Packages => {
             let store = services::store::Store::open(&data.join("packages.redb")).map_err(svc_error)?;
+            stores.push(store.clone());
             (services::packages::Packages::new(store).router(), ClientAuth::Required)
         }
         Role::Delivery => {
             let store = services::store::Store::open(&data.join("deliveries.redb")).map_err(svc_error)?;
+            stores.push(store.clone());
             let stores = services::deliveries::DeliveryStores::in_file(&store);
             let svc = services::deliveries::DeliveryService::open(engine()?, stores).map_err(svc_error)?;
             let router = svc.public_router().merge(svc.internal_router());
@@ -562,8 +593,7 @@ pub async fn start(role: Role, cfg: &Config) -> Result<RoleProcess, Error> {
                 }
             };
             tasks.push(tokio::spawn(follow_positioned(
-                split.engine_quic,
-                quic_trust()?,
+                quic_target()?,
                 "delivery-service",
                 positions,
                 apply,
@@ -573,6 +603,7 @@ pub async fn start(role: Role, cfg: &Config) -> Result<RoleProcess, Error> {
         }
         Role::Drones => {
             let store = services::store::Store::open(&data.join("drones.redb")).map_err(svc_error)?;
+            stores.push(store.clone());
             let svc =
                 services::drones::DroneManagement::open(engine()?, cfg.services.drones, store.namespace("drones"))
                     .map_err(svc_error)?;
@@ -607,8 +638,7 @@ pub async fn start(role: Role, cfg: &Config) -> Result<RoleProcess, Error> {
                 }
             };
             tasks.push(tokio::spawn(follow_positioned(
-                split.engine_quic,
-                quic_trust()?,
+                quic_target()?,
                 "drone-management",
                 positions,
                 apply,
@@ -622,7 +652,7 @@ pub async fn start(role: Role, cfg: &Config) -> Result<RoleProcess, Error> {
                     .map_err(svc_error)?,
             );
             let router = services::history::router(history.clone());
-            tasks.push(tokio::spawn(follow_history(split.engine_quic, quic_trust()?, history, stop_rx.clone())));
+            tasks.push(tokio::spawn(follow_history(quic_target()?, history, stop_rx.clone())));
             (router, ClientAuth::Optional)
         }
         Role::Scheduler => {
@@ -636,6 +666,7 @@ pub async fn start(role: Role, cfg: &Config) -> Result<RoleProcess, Error> {
             // Its idempotency keys and saga journal in a file of its own; cut-short operations
             // are carried to an end at once (the Delivery role keeps its records itself).
             let store = services::store::Store::open(&data.join("scheduler.redb")).map_err(svc_error)?;
+            stores.push(store.clone());
             let scheduler = Arc::new(
                 services::scheduler::Scheduler::new(engine()?, deps)
                     .with_store(&store, cfg.services.idempotency_retention_s)
@@ -672,8 +703,23 @@ pub async fn start(role: Role, cfg: &Config) -> Result<RoleProcess, Error> {
         ClientAuth::Optional => router.merge(crate::admin::openapi_router()),
         _ => router,
     };
+    let stopping = Arc::new(AtomicBool::new(false));
+    let readiness = {
+        let stopping = stopping.clone();
+        move || {
+            let mut parts = Vec::new();
+            if stopping.load(Ordering::SeqCst) {
+                parts.push(("node".to_string(), "draining: shutting down".to_string()));
+            }
+            for reason in stores.iter().filter_map(services::store::Store::failure) {
+                parts.push(("store".to_string(), reason));
+            }
+            std::future::ready(crate::node::readiness(parts))
+        }
+    };
     let router = router
         .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readiness))
         .layer(axum::middleware::from_fn_with_state(api_keys, services::auth::require_public))
         .layer(axum::middleware::from_fn(services::tls::internal_only))
         .layer(axum::middleware::from_fn(services::trace::propagate))
@@ -689,7 +735,8 @@ pub async fn start(role: Role, cfg: &Config) -> Result<RoleProcess, Error> {
     })?;
     tracing::info!(role = role.name(), http = %addr, transport = ?split.transport, "role started");
     let url = format!("{}://{addr}", split.transport.scheme());
-    Ok(RoleProcess { addr, url, stop, tasks, server, _data_dir_lock: Some(data_dir_lock) })
+    let drain_delay = Duration::from_millis(cfg.http.drain_delay_ms);
+    Ok(RoleProcess { addr, url, stop, tasks, server, stopping, drain_delay, _data_dir_lock: Some(data_dir_lock) })
 }
 
 /// Serves a role's `router` on `listener` as `[split] transport` says: HTTPS with its
@@ -748,7 +795,9 @@ async fn start_gateway(cfg: &Config) -> Result<RoleProcess, Error> {
         }
         targets.push((role, Dependency::remote(role.name(), urls, client.clone(), policy)));
     }
-    let gateway = crate::gateway::Gateway::new(targets, Duration::from_millis(policy.timeout_ms.max(1)));
+    let stopping = Arc::new(AtomicBool::new(false));
+    let gateway =
+        crate::gateway::Gateway::new(targets, Duration::from_millis(policy.timeout_ms.max(1)), stopping.clone());
     let api_keys = cfg.http.keys()?;
     if !api_keys.enforced() {
         tracing::warn!("the gateway's API is open: no API keys are configured ([http] api_keys)");
@@ -794,14 +843,8 @@ async fn start_gateway(cfg: &Config) -> Result<RoleProcess, Error> {
         .map_err(|e| Error::Io { context: format!("binding the gateway {addr}"), source: e })?;
     let addr = listener.local_addr().map_err(|e| Error::Io { context: "HTTPS address".into(), source: e })?;
     let (stop, mut stop_rx) = watch::channel(false);
-    // A drain turns readiness off first, so load balancers stop sending before the listener
-    // closes.
-    let drain_delay = Duration::from_millis(cfg.http.drain_delay_ms);
-    let draining = gateway.clone();
     let shutdown = async move {
         let _ = stop_rx.wait_for(|s| *s).await;
-        draining.begin_drain();
-        tokio::time::sleep(drain_delay).await;
     };
     let scheme = if tls.is_some() { "https" } else { "http" };
     let server = match tls {
@@ -812,12 +855,17 @@ async fn start_gateway(cfg: &Config) -> Result<RoleProcess, Error> {
     };
     let url = format!("{scheme}://{addr}");
     tracing::info!(%url, "gateway started");
-    Ok(RoleProcess { addr, url, stop, tasks: Vec::new(), server, _data_dir_lock: None })
+    let drain_delay = Duration::from_millis(cfg.http.drain_delay_ms);
+    Ok(RoleProcess { addr, url, stop, tasks: Vec::new(), server, stopping, drain_delay, _data_dir_lock: None })
 }
 
 /// The ingest role's engine API for the other roles, on its first `[split.endpoints] ingest`
 /// address; callers need a certificate from the CA.
-pub async fn start_engine_api(engine: Engine, cfg: &Config) -> Result<RoleProcess, Error> {
+pub async fn start_engine_api(
+    engine: Engine,
+    health: &crate::node::Health,
+    cfg: &Config,
+) -> Result<RoleProcess, Error> {
     let files = TlsFiles::in_dir(&cfg.split.tls_dir, Role::Ingest.name());
     let addr = listen_addr(&cfg.split, Role::Ingest).await?;
     cfg.split.check(Role::Ingest, addr)?;
@@ -827,6 +875,7 @@ pub async fn start_engine_api(engine: Engine, cfg: &Config) -> Result<RoleProces
     let addr = listener.local_addr().map_err(|e| Error::Io { context: "HTTP address".into(), source: e })?;
     let (stop, mut stop_rx) = watch::channel(false);
     let router = engine_router(engine)
+        .merge(health.router())
         .layer(axum::middleware::from_fn_with_state(cfg.http.keys()?, services::auth::require_public))
         .layer(axum::extract::DefaultBodyLimit::max(cfg.http.max_body_bytes))
         .layer(axum::middleware::from_fn_with_state(cfg.http.request_rules(), services::uniform));
@@ -843,7 +892,18 @@ pub async fn start_engine_api(engine: Engine, cfg: &Config) -> Result<RoleProces
     )?;
     tracing::info!(http = %addr, transport = ?cfg.split.transport, "engine API started");
     let url = format!("{}://{addr}", cfg.split.transport.scheme());
-    Ok(RoleProcess { addr, url, stop, tasks: Vec::new(), server, _data_dir_lock: None })
+    Ok(RoleProcess {
+        addr,
+        url,
+        stop,
+        tasks: Vec::new(),
+        server,
+        // The node's readiness: the engine API drains first, then the node without waiting
+        // again.
+        stopping: health.stopping.clone(),
+        drain_delay: Duration::from_millis(cfg.http.drain_delay_ms),
+        _data_dir_lock: None,
+    })
 }
 
 /// For the ingest role: serve QUIC with the CA-issued `ingest` certificate (unless one is
@@ -853,6 +913,39 @@ pub fn use_ca_certificate_for_quic(cfg: &mut Config) {
         let files = TlsFiles::in_dir(&cfg.split.tls_dir, Role::Ingest.name());
         cfg.ingest.cert = Some(files.cert);
         cfg.ingest.key = Some(files.key);
+    }
+}
+
+/// Where a role subscribes to the ingest role: `host:port`, resolved at each connect, and the
+/// name its certificate is checked for (the host; `localhost` for an address, as the CA's
+/// certificates name it).
+#[derive(Debug, Clone)]
+struct QuicTarget {
+    host_port: String,
+    cfg: ingest::ClientConfig,
+}
+
+impl QuicTarget {
+    fn new(host_port: &str, trust: ingest::Trust) -> Result<Self, Error> {
+        let (host, _port) = host_port
+            .rsplit_once(':')
+            .filter(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
+            .ok_or_else(|| Error::Config(format!("[split] engine_quic = {host_port:?}: expected host:port")))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let mut cfg = ingest::ClientConfig::new(trust);
+        if host.parse::<std::net::IpAddr>().is_err() {
+            cfg.server_name = host.to_string();
+        }
+        Ok(Self { host_port: host_port.to_string(), cfg })
+    }
+
+    async fn connect(&self) -> Result<ingest::IngestClient, ingest::Error> {
+        let addr = tokio::net::lookup_host(&self.host_port)
+            .await
+            .ok()
+            .and_then(|mut a| a.next())
+            .ok_or_else(|| events::Error::Storage(format!("{} resolves to no address", self.host_port)))?;
+        ingest::IngestClient::connect(addr, &self.cfg).await
     }
 }
 
@@ -885,8 +978,7 @@ where
 /// the round: after a backoff the consumer reconnects and starts again from the stored
 /// position, so nothing is skipped.
 async fn follow_positioned<A, Fut>(
-    quic: SocketAddr,
-    trust: ingest::Trust,
+    quic: QuicTarget,
     name: &'static str,
     positions: services::store::Store,
     apply: A,
@@ -895,12 +987,11 @@ async fn follow_positioned<A, Fut>(
     A: Fn(DeliveryBatch, u64) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = Result<(), services::Error>> + Send,
 {
-    let cfg = ingest::ClientConfig::new(trust);
     let failed = |e: services::Error| ingest::Error::from(events::Error::Storage(e.to_string()));
     reconnecting(name, stop, || async {
         let next = positions.get::<u64>(services::DELIVERY_EVENTS_POSITION).map_err(failed)?;
         let from = next.map_or(StartAt::Earliest, StartAt::Offset);
-        let client = ingest::IngestClient::connect(quic, &cfg).await?;
+        let client = quic.connect().await?;
         let mut sub = client.subscribe_from::<DeliveryEvent>(Topic::DeliveryEvents, from).await?;
         tracing::info!(consumer = name, start = sub.start(), "following delivery-events");
         while let Some((offset, batch)) = sub.next().await? {
@@ -913,18 +1004,12 @@ async fn follow_positioned<A, Fut>(
 
 /// Delivery History's consumer in its own process: reads delivery-events from the offset its
 /// store says comes next and stores each batch with the offset after it.
-async fn follow_history(
-    quic: SocketAddr,
-    trust: ingest::Trust,
-    history: Arc<services::history::History>,
-    stop: watch::Receiver<bool>,
-) {
-    let cfg = ingest::ClientConfig::new(trust);
+async fn follow_history(quic: QuicTarget, history: Arc<services::history::History>, stop: watch::Receiver<bool>) {
     let storage = |e: &dyn std::fmt::Display| ingest::Error::from(events::Error::Storage(e.to_string()));
     reconnecting("history", stop, || async {
         let next = history.next_offset().map_err(|e| storage(&e))?;
         let from = next.map_or(StartAt::Earliest, StartAt::Offset);
-        let client = ingest::IngestClient::connect(quic, &cfg).await?;
+        let client = quic.connect().await?;
         let mut sub = client.subscribe_from::<DeliveryEvent>(Topic::DeliveryEvents, from).await?;
         while let Some((offset, batch)) = sub.next().await? {
             let started = std::time::Instant::now();

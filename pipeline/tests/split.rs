@@ -342,3 +342,79 @@ async fn services_as_separate_processes_schedule_fly_complete_and_keep_history()
     .await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `transport = "plain"`: the roles speak plain HTTP and leave identity to a mesh. Each binds
+/// the address `[split.listen]` gives and is called by the name its endpoint gives (as a pod
+/// binds `0.0.0.0:8080` and is called as `drones.fleet.svc:8080`); a fleet flies through the
+/// gateway with lost 0. Without `mesh = true` a role refuses to listen beyond loopback.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_transport_behind_a_mesh_with_separate_listen_and_advertised_addresses() {
+    let dir = std::env::temp_dir().join(format!("fleetstream-split-plain-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca: PathBuf = dir.join("ca");
+    let status = Command::new(env!("CARGO_BIN_EXE_pipeline"))
+        .args(["certs", "init", "--dir"])
+        .arg(&ca)
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let quic = free_udp();
+    let mut ports = free_tcp_ports(ROLES.len() + 1);
+    let http_port = ports.pop().unwrap();
+    let port: std::collections::BTreeMap<&str, u16> = ROLES.iter().copied().zip(ports).collect();
+    let head = format!(
+        "[ingest]\nlisten = \"127.0.0.1:{quic}\"\n[http]\nlisten = \"127.0.0.1:{http_port}\"\n[split]\ntls_dir = {:?}\nengine_quic = \"127.0.0.1:{quic}\"\ntransport = \"plain\"\n",
+        ca.display().to_string(),
+    );
+    let mut endpoints = String::from("[split.endpoints]\n");
+    let mut listen = String::from("[split.listen]\n");
+    for role in ROLES {
+        endpoints.push_str(&format!("{role} = [\"http://localhost:{}\"]\n", port[role]));
+        listen.push_str(&format!("{role} = \"127.0.0.1:{}\"\n", port[role]));
+    }
+    // Beyond loopback without a mesh: refused, saying why.
+    let exposed = dir.join("exposed.toml");
+    std::fs::write(&exposed, format!("{head}{endpoints}[split.listen]\naccounts = \"0.0.0.0:{}\"\n", port["accounts"]))
+        .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_pipeline"))
+        .args(["serve", "--role", "accounts", "--config"])
+        .arg(&exposed)
+        .arg("--data-dir")
+        .arg(dir.join("data-exposed"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("mesh = true"), "{stderr}");
+
+    let config_path = dir.join("plain.toml");
+    std::fs::write(&config_path, format!("{head}{endpoints}{listen}")).unwrap();
+    let _procs: Vec<Proc> = ROLES.iter().map(|role| spawn_role(role, &config_path, &dir)).collect();
+    let gateway = format!("http://localhost:{}", port["gateway"]);
+    let http = services::tls::plain_client().unwrap();
+    eventually("the gateway ready", || {
+        let req = http.get(format!("{gateway}/readyz"));
+        async move { req.send().await.ok().filter(|r| r.status().is_success()).map(|_| Value::Null) }
+    })
+    .await;
+    let pem = std::fs::read_to_string(ca.join("ca.pem")).unwrap();
+    let mut cfg = loadgen::LoadConfig::new(
+        format!("127.0.0.1:{quic}").parse().unwrap(),
+        gateway.clone(),
+        ingest::Trust::Pem(pem),
+    );
+    cfg.drones = 10;
+    cfg.drone_id_base = 1;
+    cfg.rate = 1_000.0;
+    cfg.connections = 1;
+    cfg.duration = Duration::from_secs(4);
+    cfg.deliveries_per_s = 2.0;
+    cfg.leg = Duration::from_millis(400);
+    cfg.settle = Duration::from_secs(10);
+    let report = loadgen::run(cfg, Arc::new(|_| {})).await.unwrap();
+    assert!(report.deliveries_scheduled > 0, "{report}");
+    assert_eq!(report.deliveries_completed, report.deliveries_scheduled, "{report}");
+    assert_eq!((report.lost, report.duplicates), (0, 0), "{report}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
