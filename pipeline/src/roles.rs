@@ -1,20 +1,23 @@
 //! Split mode: each service of the edge in a process of its own (`pipeline serve --role ...`),
-//! calling the others over HTTPS with mutual TLS (certificates from `pipeline certs init`).
+//! behind one public entry, the gateway ([`crate::gateway`]), and calling each other over
+//! HTTPS with mutual TLS (certificates from `pipeline certs init`), or over plain HTTP behind a
+//! service mesh (`transport = "plain"`).
 //!
 //! ```text
-//!  loadgen / drones ──QUIC──► ingest (engine, log, queues; engine API over mTLS)
-//!  customers ──HTTPS──► scheduler ──mTLS──► accounts, packages, delivery, drones, history
-//!                                 └─mTLS──► ingest: engine commands, missions
+//!  loadgen / drones ──QUIC──► ingest (engine, log, queues; engine API)
+//!  customers ──HTTPS──► gateway ──► scheduler, delivery, history, drones, accounts, ingest
+//!  scheduler ──► accounts, packages, delivery, drones, history; ingest: commands, missions
 //!  delivery, drones ◄──QUIC named cursor── delivery-events ──► history (offset kept in its store)
 //! ```
 //!
-//! Every role reads the same `[split]` section, so one file describes the deployment: the
-//! HTTPS base URLs of every role (several per role are load-balanced with health checks) and
-//! the ingest's QUIC address. A role listens on the address of its own first endpoint. Listeners
-//! of internal-only roles (accounts, packages, ingest's engine API) require a client
-//! certificate from the CA in the handshake; those with public routes (scheduler, delivery,
-//! drones, history) accept any TLS client, check API keys on public routes, and require a
-//! client certificate on `/internal/` routes.
+//! Every role reads the same `[split]` section, so one file describes the deployment: the base
+//! URLs of every role (several per role are load-balanced with health checks), where each
+//! binds when not at its first URL, and the ingest's QUIC address. With `mtls`, listeners of
+//! internal-only roles (accounts, packages, ingest's engine API) require a client certificate
+//! from the CA in the handshake; those with public routes (scheduler, delivery, drones,
+//! history) accept any TLS client, check API keys on public routes (or take the principal the
+//! gateway forwarded, from a service), and require a client certificate on `/internal/`
+//! routes.
 //!
 //! ```toml
 //! [split]
@@ -28,6 +31,7 @@
 //! drones = ["https://127.0.0.1:9104"]
 //! accounts = ["https://127.0.0.1:9105"]
 //! packages = ["https://127.0.0.1:9106"]
+//! gateway = ["https://127.0.0.1:9443"]  # the one URL clients use
 //! ```
 
 use std::net::SocketAddr;
