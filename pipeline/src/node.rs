@@ -353,7 +353,7 @@ impl Node {
                         );
                         health.render_metrics(&mut out);
                         render_process_metrics(&mut out);
-                        std::future::ready(out)
+                        std::future::ready(events::prom::annotate(&out))
                     }
                 }),
             )

@@ -821,7 +821,7 @@ async fn start_gateway(cfg: &Config) -> Result<RoleProcess, Error> {
             services::auth::render_metrics(&api_keys, &mut out);
             tls_metrics.render(&mut out);
             gateway.render_metrics(&mut out);
-            std::future::ready(out)
+            std::future::ready(events::prom::annotate(&out))
         }
     };
     let router = gateway

@@ -99,3 +99,36 @@ async fn half_a_request_does_not_hold_its_connection() {
     node.shutdown().await.unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `/metrics` says what each family means: one `# HELP` line with its own text and one
+/// `# TYPE` line per family, before its samples.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_metric_family_has_its_help_and_type() {
+    let (dir, node) = node("metrics").await;
+    let http = services::tls::plain_client().unwrap();
+    let text = http.get(format!("http://{}/metrics", node.http_addr)).send().await.unwrap().text().await.unwrap();
+    node.shutdown().await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut helped = std::collections::BTreeSet::new();
+    let mut missing = Vec::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let family = rest.split(' ').next().unwrap();
+            assert!(helped.insert(family.to_string()), "{family} has two HELP lines");
+            if events::prom::help(family).is_none() {
+                missing.push(family.to_string());
+            }
+        } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let family = rest.split(' ').next().unwrap();
+            assert!(helped.contains(family), "{family}: TYPE before HELP");
+        } else {
+            let name = line.split(['{', ' ']).next().unwrap();
+            let known = helped.iter().any(|f| {
+                name == f || ["_bucket", "_sum", "_count"].iter().any(|s| name.strip_suffix(s) == Some(f.as_str()))
+            });
+            assert!(known, "{name}: a sample before its family's HELP");
+        }
+    }
+    assert!(helped.len() > 40, "{text}");
+    assert!(missing.is_empty(), "families without their own help text: {missing:#?}");
+}
