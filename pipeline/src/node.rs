@@ -53,6 +53,7 @@ pub struct Node {
     /// Which parts are running (readiness).
     pub health: Health,
     sweeper_task: JoinHandle<()>,
+    probe_task: JoinHandle<()>,
     recovery_task: JoinHandle<services::scheduler::Recovered>,
     history_task: std::thread::JoinHandle<()>,
     history: Arc<services::history::History>,
@@ -317,7 +318,10 @@ impl Node {
             // Readiness waits for it: until then, orders a crash cut short may hold drones.
             recovery: recovery_task.abort_handle(),
             stopping: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            unreachable: Arc::default(),
+            cluster: cluster.clone(),
         };
+        let probe_task = tokio::spawn(health.clone().probe());
         let throttle = services::throttle::Throttle::new(cfg.http.throttle);
         if !api_keys.enforced() {
             tracing::warn!(http = %http_addr, "the HTTP API is open: no API keys are configured ([http] api_keys)");
@@ -412,6 +416,7 @@ impl Node {
             consumer_task,
             health,
             sweeper_task,
+            probe_task,
             recovery_task,
             history_task,
             history,
@@ -457,6 +462,7 @@ impl Node {
             }
         };
         self.sweeper_task.abort();
+        self.probe_task.abort();
         self.recovery_task.abort();
         let _ = self.notifier_stop.send(true);
         let _ = self.notifier_task.await;
@@ -489,6 +495,9 @@ pub struct Health {
     recovery: tokio::task::AbortHandle,
     /// Turned on by the first step of a drain; the ingest role's engine API shares it.
     pub(crate) stopping: Arc<std::sync::atomic::AtomicBool>,
+    /// What the last probe of the outside servers found unreachable (see [`Health::probe`]).
+    unreachable: Arc<parking_lot::Mutex<Vec<(String, String)>>>,
+    cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 impl Health {
@@ -502,6 +511,7 @@ impl Health {
         if let Some(reason) = self.services.store_failure() {
             parts.push(("services store".into(), reason));
         }
+        parts.extend(self.unreachable.lock().iter().cloned());
         let stopping = self.stopping.load(SeqCst);
         if stopping {
             parts.push(("node".into(), "draining: shutting down".into()));
@@ -515,6 +525,36 @@ impl Health {
             parts.push(("delivery history".into(), "stopped following delivery events (see the log)".into()));
         }
         parts
+    }
+
+    /// Probes what the node depends on outside itself, once a second until aborted:
+    /// PostgreSQL (when the services' store is there: a `SELECT 1`, and the writer's own
+    /// reconnecting) and NATS (when the log is on JetStream: the client's connection). What
+    /// does not answer turns readiness off until it does again.
+    pub(crate) async fn probe(self) {
+        let mut every = tokio::time::interval(std::time::Duration::from_secs(1));
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            let mut found = Vec::new();
+            let store = self.services.store().clone();
+            if store.is_shared() {
+                let ping = tokio::task::spawn_blocking(move || store.ping());
+                match tokio::time::timeout(std::time::Duration::from_secs(3), ping).await {
+                    Ok(Ok(Ok(()))) => {}
+                    Ok(Ok(Err(error))) => found.push(("postgres".to_string(), error.to_string())),
+                    Ok(Err(error)) => found.push(("postgres".to_string(), error.to_string())),
+                    Err(_) => found.push(("postgres".to_string(), "no answer to SELECT 1 within 3 s".to_string())),
+                }
+            }
+            if let Some(reason) = self.services.store().unavailable() {
+                found.push(("services store".to_string(), reason));
+            }
+            if let Some(reason) = self.cluster.as_ref().and_then(|c| c.nats_unavailable()) {
+                found.push(("nats".to_string(), reason));
+            }
+            *self.unreachable.lock() = found;
+        }
     }
 
     /// `GET /readyz`: `200 {"ready": true}`, or `503` naming every stopped part.

@@ -37,6 +37,6 @@ pub mod trace;
 pub use api::{ApiDoc, CommonAnswers, RequestRules, internal_router, openapi_router, router, router_with, uniform};
 pub use error::Error;
 pub use state::{
-    CreateDelivery, DELIVERY_EVENTS_POSITION, DeliveryRecord, Package, Reschedule, Services, ServicesConfig, node_name,
-    positions,
+    CreateDelivery, DELIVERY_EVENTS_POSITION, DeliveryRecord, Package, Reschedule, Services, ServicesConfig,
+    ServicesStore, node_name, positions,
 };

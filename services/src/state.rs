@@ -257,6 +257,11 @@ impl<F: FleetControl + WorkQueues + Clone> Services<F> {
         self.store.failure()
     }
 
+    /// The services' store (readiness probes it).
+    pub fn store(&self) -> &crate::store::Store {
+        &self.store
+    }
+
     /// Schedules a delivery.
     pub async fn schedule(&self, req: CreateDelivery) -> Result<DeliveryRecord, Error> {
         self.scheduler.schedule(req, events::TraceContext::new_root()).await

@@ -22,7 +22,12 @@
 //! A failed commit stops the store: every later write is refused with the first failure's
 //! reason, and [`Store::failure`] says so for readiness and metrics. What a failed commit would
 //! have written is unknown to the callers that were answered before it, so carrying on would
-//! acknowledge writes on top of a hole; a restart recovers from what redb holds.
+//! acknowledge writes on top of a hole; a restart recovers from what redb holds. One failure
+//! is not of that kind: PostgreSQL lost (a restart, a network cut). The group is then held,
+//! unacknowledged, while the writer connects again (up to a minute, [`Store::unavailable`]
+//! saying so for readiness), and committed once it has: its puts and deletes land the same
+//! whether or not the commit whose answer was lost took effect (only the "key was new" flags
+//! of that one group may then say "existed").
 
 use std::future::Future;
 use std::path::Path;
@@ -125,6 +130,8 @@ pub struct Store {
     stats: Arc<StoreStats>,
     /// On a shared store: this node's name, which its [`Store::local`] namespaces carry.
     node: Option<Arc<str>>,
+    /// While the writer cannot reach PostgreSQL: why (it is reconnecting).
+    unavailable: Arc<Mutex<Option<String>>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -221,8 +228,10 @@ impl Store {
     pub fn open_postgres(url: &str, schema: &str, node: &str) -> Result<Self, Error> {
         let kv = Arc::new(crate::store_pg::PgKv::open(url, schema)?);
         let writer_kv = kv.clone();
-        Self::spawn("postgres", Backend::Pg(kv), Some(node.into()), move || {
-            let mut pg = writer_kv.writer()?;
+        let unavailable = Arc::new(Mutex::new(None));
+        let writer_unavailable = unavailable.clone();
+        Self::spawn("postgres", Backend::Pg(kv), Some(node.into()), unavailable, move || {
+            let mut pg = writer_kv.writer(writer_unavailable)?;
             Ok(move |group: &[Op]| {
                 let ops: Vec<Vec<crate::store_pg::PgWrite<'_>>> = group
                     .iter()
@@ -256,7 +265,7 @@ impl Store {
         // The writer holds the database weakly, so it closes (and its file lock goes) as soon as
         // the last handle is dropped, not when the writer thread next wakes up.
         let writer_db = Arc::downgrade(&db);
-        Self::spawn(&name, Backend::Redb(db), None, move || {
+        Self::spawn(&name, Backend::Redb(db), None, Arc::default(), move || {
             Ok(move |group: &[Op]| match writer_db.upgrade() {
                 Some(db) => commit(&db, group),
                 None => Err("the store is closed".to_string()),
@@ -270,6 +279,7 @@ impl Store {
         name: &str,
         backend: Backend,
         node: Option<Arc<str>>,
+        unavailable: Arc<Mutex<Option<String>>>,
         open: impl FnOnce() -> Result<C, Error> + Send + 'static,
     ) -> Result<Self, Error>
     where
@@ -294,7 +304,7 @@ impl Store {
             })
             .map_err(store_error)?;
         ready.recv().map_err(|_| store_error("the writer stopped"))??;
-        Ok(Self { backend, tx, prefix: String::new(), failed, inject, stats, node })
+        Ok(Self { backend, tx, prefix: String::new(), failed, inject, stats, node, unavailable })
     }
 
     /// The same database under the namespace `name`: its keys cannot meet another
@@ -308,6 +318,7 @@ impl Store {
             inject: self.inject.clone(),
             stats: self.stats.clone(),
             node: self.node.clone(),
+            unavailable: self.unavailable.clone(),
         }
     }
 
@@ -346,6 +357,21 @@ impl Store {
     /// Why the store stopped taking writes, if it did (a failed commit).
     pub fn failure(&self) -> Option<String> {
         self.failed.lock().clone()
+    }
+
+    /// Why the store cannot write right now while it may again: PostgreSQL lost, the writer
+    /// reconnecting (writes wait meanwhile). For readiness.
+    pub fn unavailable(&self) -> Option<String> {
+        self.unavailable.lock().clone()
+    }
+
+    /// Whether the database answers now (PostgreSQL: `SELECT 1` on a reader's connection,
+    /// made again when it was lost; a file: always). For readiness.
+    pub fn ping(&self) -> Result<(), Error> {
+        match &self.backend {
+            Backend::Redb(_) => Ok(()),
+            Backend::Pg(kv) => kv.ping(),
+        }
     }
 
     /// Stores `value` under `key`, durably, once committed. `true`: the key is new.

@@ -14,6 +14,10 @@
 //! its own pace; with versions a node that is behind never overwrites what a node ahead of it
 //! stored.
 
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
 use crate::Error;
 
 /// The schema of the services' table, one migration per entry.
@@ -49,6 +53,7 @@ pub(crate) enum PgWrite<'a> {
 type Reply<T> = std::sync::mpsc::Sender<Result<T, String>>;
 
 enum Read {
+    Ping(Reply<()>),
     Get(String, Reply<Option<Vec<u8>>>),
     Many(Vec<String>, Reply<Vec<Option<Vec<u8>>>>),
     Range(String, Reply<Vec<(String, Vec<u8>)>>),
@@ -101,6 +106,17 @@ impl PgKv {
                     };
                     let _ = ready_tx.send(Ok(()));
                     while let Ok(read) = rx.recv() {
+                        // A connection PostgreSQL dropped (a restart, a network cut) is made
+                        // again for the next read; until it can be, reads fail with the reason.
+                        if client.is_closed() {
+                            match Self::connect(&url, &schema) {
+                                Ok(fresh) => client = fresh,
+                                Err(error) => {
+                                    read.fail(error.to_string());
+                                    continue;
+                                }
+                            }
+                        }
                         serve_read(&mut client, read);
                     }
                 })
@@ -113,14 +129,33 @@ impl PgKv {
     }
 
     fn connect(url: &str, schema: &str) -> Result<postgres::Client, Error> {
-        let mut client = postgres::Client::connect(url, postgres::NoTls).map_err(pg_error)?;
+        let mut config: postgres::Config = url.parse().map_err(pg_error)?;
+        if config.get_connect_timeout().is_none() {
+            // An unreachable server is reported in seconds, not after the system's TCP timeout.
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        let mut client = config.connect(postgres::NoTls).map_err(pg_error)?;
         client.batch_execute(&format!("SET search_path TO {schema}")).map_err(pg_error)?;
         Ok(client)
     }
 
-    /// A connection for the store's writer thread (to be called on that thread).
-    pub(crate) fn writer(&self) -> Result<PgWriter, Error> {
-        let mut client = Self::connect(&self.url, &self.schema)?;
+    /// Whether PostgreSQL answers a reader now (`SELECT 1`), for readiness.
+    pub(crate) fn ping(&self) -> Result<(), Error> {
+        self.block(|| self.ask(Read::Ping))
+    }
+
+    /// A connection for the store's writer thread (to be called on that thread); while it
+    /// cannot reach PostgreSQL it says why in `unavailable`.
+    pub(crate) fn writer(&self, unavailable: Arc<Mutex<Option<String>>>) -> Result<PgWriter, Error> {
+        let (client, put, delete) = Self::prepared(&self.url, &self.schema)?;
+        Ok(PgWriter { client, put, delete, url: self.url.clone(), schema: self.schema.clone(), unavailable })
+    }
+
+    fn prepared(
+        url: &str,
+        schema: &str,
+    ) -> Result<(postgres::Client, postgres::Statement, postgres::Statement), Error> {
+        let mut client = Self::connect(url, schema)?;
         let put = client
             .prepare(
                 "INSERT INTO service_kv (key, value, version) VALUES ($1, $2, $3)
@@ -131,7 +166,7 @@ impl PgKv {
             )
             .map_err(pg_error)?;
         let delete = client.prepare("DELETE FROM service_kv WHERE key = $1").map_err(pg_error)?;
-        Ok(PgWriter { client, put, delete })
+        Ok((client, put, delete))
     }
 
     fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Read) -> Result<T, Error> {
@@ -173,6 +208,11 @@ pub(crate) struct PgWriter {
     client: postgres::Client,
     put: postgres::Statement,
     delete: postgres::Statement,
+    /// Where to connect again.
+    url: String,
+    schema: String,
+    /// Why PostgreSQL cannot be reached while the writer is reconnecting.
+    unavailable: Arc<Mutex<Option<String>>>,
 }
 
 impl PgWriter {
@@ -194,7 +234,43 @@ impl PgWriter {
                     tracing::debug!(error = %describe(&e), tries, "service store commit rolled back; running it again");
                     std::thread::sleep(std::time::Duration::from_millis(tries * 5));
                 }
+                Err(e) if self.client.is_closed() => {
+                    // The connection is gone: the group was not acknowledged to anyone, so it
+                    // is committed again once PostgreSQL is back (its puts and deletes land the
+                    // same whether or not the lost commit did). The callers wait meanwhile, and
+                    // the bounded queue holds the rest back.
+                    self.reconnect(&describe(&e))?;
+                    tries = 0;
+                }
                 other => return other.map_err(|e| describe(&e)),
+            }
+        }
+    }
+
+    /// Connects again, trying for up to [`RECONNECT_FOR`], with `unavailable` saying why
+    /// meanwhile; past that the commit fails and the store stops.
+    fn reconnect(&mut self, why: &str) -> Result<(), String> {
+        let deadline = std::time::Instant::now() + RECONNECT_FOR;
+        let mut wait = std::time::Duration::from_millis(50);
+        tracing::warn!(error = why, "the service store lost PostgreSQL; reconnecting");
+        *self.unavailable.lock() = Some(format!("PostgreSQL unreachable ({why}); reconnecting"));
+        loop {
+            match PgKv::prepared(&self.url, &self.schema) {
+                Ok((client, put, delete)) => {
+                    (self.client, self.put, self.delete) = (client, put, delete);
+                    *self.unavailable.lock() = None;
+                    tracing::info!("the service store reached PostgreSQL again");
+                    return Ok(());
+                }
+                Err(error) if std::time::Instant::now() < deadline => {
+                    *self.unavailable.lock() = Some(format!("PostgreSQL unreachable ({error}); reconnecting"));
+                    std::thread::sleep(wait);
+                    wait = (wait * 2).min(std::time::Duration::from_secs(1));
+                }
+                Err(error) => {
+                    *self.unavailable.lock() = None;
+                    return Err(format!("PostgreSQL unreachable for {} s: {error}", RECONNECT_FOR.as_secs()));
+                }
             }
         }
     }
@@ -222,6 +298,12 @@ impl PgWriter {
 /// Times a commit is tried when PostgreSQL rolls it back for a reason that passes.
 const COMMIT_TRIES: u64 = 8;
 
+/// How long the writer tries to reach PostgreSQL again after losing it, before its store stops.
+const RECONNECT_FOR: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// How long a connection attempt may take (unless the URL sets `connect_timeout`).
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// A rollback that running the transaction again may not meet: a deadlock or a serialization
 /// failure.
 fn transient(e: &postgres::Error) -> bool {
@@ -239,9 +321,24 @@ impl PgWrite<'_> {
     }
 }
 
+impl Read {
+    /// Answers the read with `error`.
+    fn fail(self, error: String) {
+        match self {
+            Read::Ping(done) => drop(done.send(Err(error))),
+            Read::Get(_, done) => drop(done.send(Err(error))),
+            Read::Many(_, done) => drop(done.send(Err(error))),
+            Read::Range(_, done) => drop(done.send(Err(error))),
+        }
+    }
+}
+
 fn serve_read(client: &mut postgres::Client, read: Read) {
     let text = |bytes: Vec<u8>| String::from_utf8(bytes).map_err(|e| e.to_string());
     match read {
+        Read::Ping(done) => {
+            let _ = done.send(client.simple_query("SELECT 1").map(drop).map_err(|e| describe(&e)));
+        }
         Read::Get(key, done) => {
             let r = client.query_opt("SELECT value FROM service_kv WHERE key = $1", &[&key.as_bytes()]);
             let _ = done.send(r.map(|row| row.map(|r| r.get(0))).map_err(|e| describe(&e)));

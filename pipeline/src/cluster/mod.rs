@@ -182,6 +182,14 @@ fn default_node_id() -> String {
 }
 
 impl Cluster {
+    /// Why NATS cannot be reached now, if it cannot (the client reconnects on its own).
+    pub fn nats_unavailable(&self) -> Option<String> {
+        match self.client.connection_state() {
+            async_nats::connection::State::Connected => None,
+            state => Some(format!("NATS connection {state:?}; reconnecting")),
+        }
+    }
+
     /// Connects, creates (or checks) the streams and buckets, and agrees on the shard count
     /// with the nodes already there. Must run inside a tokio runtime.
     pub async fn connect(cfg: &JetStreamConfig, shards: usize, append_queue: usize) -> Result<Arc<Self>, crate::Error> {
