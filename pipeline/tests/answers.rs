@@ -132,3 +132,28 @@ async fn every_metric_family_has_its_help_and_type() {
     assert!(helped.len() > 40, "{text}");
     assert!(missing.is_empty(), "families without their own help text: {missing:#?}");
 }
+
+/// The one-process node on HTTPS (`[http] tls`): a client that trusts the certificate's CA is
+/// served, including the API's JSON errors; plain HTTP on the same port gets no answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_public_api_is_served_over_https() {
+    let (dir, mut cfg) = common::loopback_config("answers-https");
+    let ca = dir.join("ca");
+    services::tls::init_ca(&ca, &[], services::tls::Validity::default()).unwrap();
+    cfg.http.tls = Some(pipeline::config::HttpTls { cert: ca.join("gateway.pem"), key: ca.join("gateway-key.pem") });
+    let node = Node::start(&cfg).await.unwrap();
+    let base = node.http_url();
+    assert!(base.starts_with("https://"), "{base}");
+    let https = services::tls::trusting_client(&ca.join("ca.pem")).unwrap();
+    let opened = https.put(format!("{base}/v1/accounts/tls-owner")).json(&serde_json::json!({})).send().await.unwrap();
+    assert_eq!(opened.status(), 201);
+    let account: Value = https.get(format!("{base}/v1/accounts/tls-owner")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(account["may_order"], true, "{account}");
+    let (status, code, _) = answer(https.get(format!("{base}/v1/nothing-here")).send().await.unwrap()).await;
+    assert_eq!((status, code.as_str()), (404, "not_found"));
+    let plain = services::tls::plain_client().unwrap();
+    let downgraded = format!("http://{}/healthz", node.http_addr);
+    assert!(plain.get(downgraded).timeout(Duration::from_secs(5)).send().await.is_err(), "plain HTTP answered");
+    node.shutdown().await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}

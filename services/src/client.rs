@@ -493,7 +493,7 @@ fn request_headers(mut headers: HeaderMap, traceparent: Option<&str>) -> HeaderM
     headers
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {

@@ -98,7 +98,8 @@ pub enum HistoryStore {
 pub struct HistoryConfig {
     /// `embedded` (default) or `postgres`.
     pub store: HistoryStore,
-    /// PostgreSQL connection URL (`store = "postgres"`). Default
+    /// PostgreSQL connection URL (`store = "postgres"`); TLS with `sslmode=require` and
+    /// `sslrootcert=FILE`, as libpq reads them. Default
     /// `postgresql://postgres@127.0.0.1:5432/fleetstream`.
     pub url: String,
     /// Schema the tables live in (created if missing). Default `fleetstream`.

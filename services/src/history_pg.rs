@@ -66,6 +66,19 @@ enum Req {
     },
 }
 
+impl Req {
+    /// Answers the request with `error`.
+    fn fail(self, error: String) {
+        match self {
+            Req::NextOffset(done) => drop(done.send(Err(error))),
+            Req::Apply { done, .. } => drop(done.send(Err(error))),
+            Req::EventsOf(_, done) => drop(done.send(Err(error))),
+            Req::OwnerOf(_, done) => drop(done.send(Err(error))),
+            Req::ByOwner { done, .. } => drop(done.send(Err(error))),
+        }
+    }
+}
+
 /// The PostgreSQL history store.
 pub(crate) struct PgHistory {
     tx: parking_lot::Mutex<mpsc::Sender<Req>>,
@@ -110,6 +123,18 @@ impl PgHistory {
                     }
                 };
                 while let Ok(req) = rx.recv() {
+                    // A connection PostgreSQL dropped is made again for the next request;
+                    // until it can be, requests fail (the history's consumer retries from its
+                    // stored offset).
+                    if client.is_closed() {
+                        match connect(&url, &schema) {
+                            Ok(fresh) => client = fresh,
+                            Err(error) => {
+                                req.fail(error);
+                                continue;
+                            }
+                        }
+                    }
                     serve(&mut client, req);
                 }
             })
@@ -154,8 +179,79 @@ impl PgHistory {
     }
 }
 
-fn connect(url: &str, schema: &str) -> Result<postgres::Client, postgres::Error> {
+fn connect(url: &str, schema: &str) -> Result<postgres::Client, String> {
     connect_migrated(url, schema, "history_schema", MIGRATIONS)
+}
+
+/// How long a connection attempt may take (unless the URL sets `connect_timeout`).
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Connects to PostgreSQL at `url` (a URL or `key=value` string, as libpq reads them).
+///
+/// TLS as libpq's `sslmode` says: `disable` (plain), `prefer` (TLS when `sslrootcert` is
+/// given, else plain) or `require` (TLS, refused without `sslrootcert`). The server's
+/// certificate is always verified, against the CA in `sslrootcert=FILE` and for the host
+/// name connected to (stricter than libpq's `require`, like its `verify-full`). Without
+/// `connect_timeout` an attempt gives up after 2 s.
+pub(crate) fn pg_connect(url: &str) -> Result<postgres::Client, String> {
+    let (url, root) = take_param(url, "sslrootcert");
+    let mut config: postgres::Config = url.parse().map_err(|e| format!("PostgreSQL URL: {e}"))?;
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(CONNECT_TIMEOUT);
+    }
+    let described = |e: postgres::Error| match e.as_db_error() {
+        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        None => crate::client::error_chain(&e),
+    };
+    match (config.get_ssl_mode(), root) {
+        (postgres::config::SslMode::Disable, _) | (postgres::config::SslMode::Prefer, None) => {
+            config.connect(postgres::NoTls).map_err(described)
+        }
+        (_, None) => {
+            Err("PostgreSQL URL: sslmode=require needs sslrootcert=FILE (the CA of the server's certificate)"
+                .to_string())
+        }
+        (_, Some(root)) => {
+            let tls = crate::tls::client_tls_config(std::path::Path::new(&root)).map_err(|e| e.to_string())?;
+            config.connect(tokio_postgres_rustls::MakeRustlsConnect::new(tls)).map_err(described)
+        }
+    }
+}
+
+/// `url` without its `name` parameter, and that parameter's value: in a URL's query
+/// (`?a=1&name=v`) or among `key=value` words.
+fn take_param(url: &str, name: &str) -> (String, Option<String>) {
+    let prefix = format!("{name}=");
+    if let Some((base, query)) = url.split_once('?') {
+        let mut value = None;
+        let kept: Vec<&str> = query
+            .split('&')
+            .filter(|p| match p.strip_prefix(&prefix) {
+                Some(v) => {
+                    value = Some(v.to_string());
+                    false
+                }
+                None => true,
+            })
+            .collect();
+        let url = if kept.is_empty() { base.to_string() } else { format!("{base}?{}", kept.join("&")) };
+        return (url, value);
+    }
+    if url.contains("://") {
+        return (url.to_string(), None);
+    }
+    let mut value = None;
+    let kept: Vec<&str> = url
+        .split_whitespace()
+        .filter(|w| match w.strip_prefix(&prefix) {
+            Some(v) => {
+                value = Some(v.to_string());
+                false
+            }
+            None => true,
+        })
+        .collect();
+    (kept.join(" "), value)
 }
 
 /// Connects to `url`, creates `schema` if missing, makes it the search path, and applies the
@@ -166,8 +262,21 @@ pub(crate) fn connect_migrated(
     schema: &str,
     version_table: &str,
     migrations: &[&str],
-) -> Result<postgres::Client, postgres::Error> {
-    let mut client = postgres::Client::connect(url, postgres::NoTls)?;
+) -> Result<postgres::Client, String> {
+    let mut client = pg_connect(url)?;
+    migrate(&mut client, schema, version_table, migrations).map_err(|e| match e.as_db_error() {
+        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        None => e.to_string(),
+    })?;
+    Ok(client)
+}
+
+fn migrate(
+    client: &mut postgres::Client,
+    schema: &str,
+    version_table: &str,
+    migrations: &[&str],
+) -> Result<(), postgres::Error> {
     client.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {schema}; SET search_path TO {schema}"))?;
     let mut txn = client.transaction()?;
     txn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&format!("fleetstream_{version_table}")])?;
@@ -185,8 +294,7 @@ pub(crate) fn connect_migrated(
         txn.execute(&format!("UPDATE {version_table} SET version = $1"), &[&to])?;
         tracing::info!(schema, table = version_table, version = to, "schema migrated");
     }
-    txn.commit()?;
-    Ok(client)
+    txn.commit()
 }
 
 /// Whether `schema` is a plain identifier (letters, digits and `_`), safe to put in SQL.
@@ -319,4 +427,58 @@ fn by_owner(
             stage: r.get::<_, Option<i16>>(2).map(|s| crate::history::stage_of(u8::try_from(s).unwrap_or(0))),
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_root_certificate_parameter_is_taken_out_of_either_form() {
+        assert_eq!(
+            take_param("postgresql://u@h:5432/db?sslmode=require&sslrootcert=/ca.pem&connect_timeout=3", "sslrootcert"),
+            ("postgresql://u@h:5432/db?sslmode=require&connect_timeout=3".to_string(), Some("/ca.pem".to_string()))
+        );
+        assert_eq!(
+            take_param("postgresql://u@h/db?sslrootcert=/ca.pem", "sslrootcert"),
+            ("postgresql://u@h/db".to_string(), Some("/ca.pem".to_string()))
+        );
+        assert_eq!(
+            take_param("host=h sslmode=require sslrootcert=/ca.pem user=u", "sslrootcert"),
+            ("host=h sslmode=require user=u".to_string(), Some("/ca.pem".to_string()))
+        );
+        assert_eq!(take_param("postgresql://u@h/db", "sslrootcert"), ("postgresql://u@h/db".to_string(), None));
+    }
+
+    /// Against the local server: `sslmode=require` with its CA is a TLS session (as
+    /// `pg_stat_ssl` sees it), without `sslrootcert` it is refused before connecting, and with
+    /// a CA that did not sign the server's certificate the handshake fails. The server's CA is
+    /// `FLEETSTREAM_PG_TLS_CA` (default: Debian's snakeoil certificate, which a stock
+    /// PostgreSQL package serves); a server without TLS prints SKIP.
+    #[test]
+    fn postgres_over_tls_verifies_the_server() {
+        let base =
+            std::env::var("FLEETSTREAM_PG_URL").unwrap_or_else(|_| "postgresql://postgres@localhost:5432/test".into());
+        let ca =
+            std::env::var("FLEETSTREAM_PG_TLS_CA").unwrap_or_else(|_| "/etc/ssl/certs/ssl-cert-snakeoil.pem".into());
+        let on = pg_connect(&base)
+            .and_then(|mut c| c.query_one("SHOW ssl", &[]).map_err(|e| e.to_string()))
+            .map(|row| row.get::<_, String>(0) == "on");
+        if on != Ok(true) || !std::path::Path::new(&ca).exists() {
+            println!("SKIP postgres_over_tls_verifies_the_server: no TLS on {base} ({on:?}) or no CA at {ca}");
+            return;
+        }
+        let sep = if base.contains('?') { '&' } else { '?' };
+        let mut client = pg_connect(&format!("{base}{sep}sslmode=require&sslrootcert={ca}")).expect("a TLS session"); // ok: the server says it serves TLS
+        let row = client.query_one("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[]).expect("its state");
+        assert!(row.get::<_, bool>(0), "the session is encrypted");
+        let refused = pg_connect(&format!("{base}{sep}sslmode=require")).err().unwrap_or_default();
+        assert!(refused.contains("sslrootcert"), "{refused}");
+        let dir = std::env::temp_dir().join(format!("fleetstream-pgtls-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        crate::tls::init_ca(&dir, &[], crate::tls::Validity::default()).expect("a CA"); // ok: a temp dir of this test
+        let other = dir.join("ca.pem").display().to_string();
+        assert!(pg_connect(&format!("{base}{sep}sslmode=require&sslrootcert={other}")).is_err(), "an unknown CA");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

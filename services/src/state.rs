@@ -96,7 +96,8 @@ pub struct ServicesConfig {
     /// directory) or `postgres` (one store every node shares, for `[log] backend =
     /// "jetstream"` with several nodes).
     pub store: ServicesStore,
-    /// PostgreSQL connection URL (`store = "postgres"`). Default
+    /// PostgreSQL connection URL (`store = "postgres"`); TLS with `sslmode=require` and
+    /// `sslrootcert=FILE`, as libpq reads them. Default
     /// `postgresql://postgres@127.0.0.1:5432/fleetstream`.
     pub url: String,
     /// Schema the table lives in (created and migrated at start). Default `fleetstream`.

@@ -129,12 +129,7 @@ impl PgKv {
     }
 
     fn connect(url: &str, schema: &str) -> Result<postgres::Client, Error> {
-        let mut config: postgres::Config = url.parse().map_err(pg_error)?;
-        if config.get_connect_timeout().is_none() {
-            // An unreachable server is reported in seconds, not after the system's TCP timeout.
-            config.connect_timeout(CONNECT_TIMEOUT);
-        }
-        let mut client = config.connect(postgres::NoTls).map_err(pg_error)?;
+        let mut client = crate::history_pg::pg_connect(url).map_err(pg_error)?;
         client.batch_execute(&format!("SET search_path TO {schema}")).map_err(pg_error)?;
         Ok(client)
     }
@@ -300,9 +295,6 @@ const COMMIT_TRIES: u64 = 8;
 
 /// How long the writer tries to reach PostgreSQL again after losing it, before its store stops.
 const RECONNECT_FOR: std::time::Duration = std::time::Duration::from_secs(60);
-
-/// How long a connection attempt may take (unless the URL sets `connect_timeout`).
-const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// A rollback that running the transaction again may not meet: a deadlock or a serialization
 /// failure.

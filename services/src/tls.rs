@@ -112,6 +112,16 @@ pub fn server_config(files: &TlsFiles, auth: ClientAuth) -> Result<Arc<rustls::S
     Ok(Arc::new(cfg))
 }
 
+/// A TLS client configuration (ring, TLS 1.2 and 1.3) trusting the CAs in the PEM file `ca`:
+/// for PostgreSQL and the like, whose servers are checked against a CA of their own.
+pub fn client_tls_config(ca: &Path) -> Result<rustls::ClientConfig, Error> {
+    Ok(rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(tls_error)?
+        .with_root_certificates(roots(ca)?)
+        .with_no_client_auth())
+}
+
 /// Makes ring the process's rustls provider if none is installed yet. reqwest needs one to
 /// build a client that is not handed a TLS configuration ([`plain_client`]); the ring
 /// provider is the one everything else here uses.

@@ -196,9 +196,7 @@ impl Cluster {
         if tokio::runtime::Handle::current().runtime_flavor() != tokio::runtime::RuntimeFlavor::MultiThread {
             return Err(crate::Error::Config("the JetStream backend needs a multi-threaded tokio runtime".into()));
         }
-        let client = async_nats::connect(&cfg.url)
-            .await
-            .map_err(|e| crate::Error::JetStream(format!("connecting to NATS at {}: {e}", cfg.url)))?;
+        let client = crate::jetstream::connect(cfg).await?;
         let mut js = jetstream::new(client.clone());
         // A publish whose acknowledgement is late is not failed: failing it makes its producer
         // re-send it after batches that were stored meanwhile, out of order for its drones.

@@ -70,6 +70,44 @@ pub struct JetStreamConfig {
     /// Refuse to start unless a JetStream acknowledgement is known to mean "on disk" (file
     /// storage, and the server's `sync_interval: always`). Default false: the node warns.
     pub require_sync: bool,
+    /// TLS to NATS. Default none: TLS only when the URL is `tls://` or the server asks for
+    /// it, verified against the system's roots.
+    pub tls: Option<NatsTls>,
+}
+
+/// `[jetstream.tls]`: TLS to the NATS server.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatsTls {
+    /// Refuse a server that does not speak TLS. Default true.
+    pub required: bool,
+    /// CA certificates (PEM) the server's certificate is checked against.
+    pub ca: Option<std::path::PathBuf>,
+    /// A client certificate (PEM) for servers that verify clients (`verify: true`); needs
+    /// `key`.
+    pub cert: Option<std::path::PathBuf>,
+    /// The client certificate's private key (PEM).
+    pub key: Option<std::path::PathBuf>,
+}
+
+/// Connects to NATS as `cfg` says (its URL, and TLS as `[jetstream.tls]` says).
+pub async fn connect(cfg: &JetStreamConfig) -> Result<async_nats::Client, Error> {
+    let mut options = async_nats::ConnectOptions::new();
+    if let Some(tls) = &cfg.tls {
+        options = options.require_tls(tls.required);
+        if let Some(ca) = &tls.ca {
+            if !ca.exists() {
+                return Err(js_error(format!("[jetstream.tls] ca = {}: no such file", ca.display())));
+            }
+            options = options.add_root_certificates(ca.clone());
+        }
+        match (&tls.cert, &tls.key) {
+            (Some(cert), Some(key)) => options = options.add_client_certificate(cert.clone(), key.clone()),
+            (None, None) => {}
+            _ => return Err(js_error("[jetstream.tls] cert and key go together")),
+        }
+    }
+    options.connect(&cfg.url).await.map_err(|e| js_error(format!("connecting to NATS at {}: {e}", cfg.url)))
 }
 
 impl Default for JetStreamConfig {
@@ -87,6 +125,7 @@ impl Default for JetStreamConfig {
             lease_ms: 3000,
             monitor_url: None,
             require_sync: false,
+            tls: None,
         }
     }
 }
@@ -842,8 +881,7 @@ pub async fn open_queues(
     if cfg.queues.is_empty() {
         return Ok(opened);
     }
-    let client =
-        async_nats::connect(&cfg.url).await.map_err(|e| js_error(format!("connecting to {}: {e}", cfg.url)))?;
+    let client = connect(cfg).await?;
     // On the embedded log the queues are all this node keeps in JetStream: say what their
     // acknowledgements mean (the JetStream backend said so when it connected).
     if !on_jetstream_backend {
