@@ -70,9 +70,17 @@ async fn customer_keys_reach_only_their_owners_deliveries_and_admin_keys_the_res
 
     // Admin routes: the admin opens accounts and registers drones; customers may not.
     common::report_in_as(node.quic_addr, &node.certificate_pem, &api.base, &[1, 2, 3], 0, Some(OPS)).await;
-    for (key, expected) in [(ALICE, StatusCode::FORBIDDEN), (OPS, StatusCode::OK)] {
+    for (key, expected) in [(ALICE, StatusCode::FORBIDDEN), (OPS, StatusCode::CREATED)] {
         let (status, _) = api.call(key, Method::POST, "/v1/drones", Some(json!({"drones": [1, 2, 3]}))).await;
         assert_eq!(status, expected, "registering drones with {key}");
+    }
+    // Registering answers alike on both routes: 201 when it registered something, else 200.
+    for (method, path, body) in
+        [(Method::POST, "/v1/drones", Some(json!({"drones": [7, 1]}))), (Method::PUT, "/v1/drones/8", None)]
+    {
+        let (first, _) = api.call(OPS, method.clone(), path, body.clone()).await;
+        let (again, _) = api.call(OPS, method, path, body).await;
+        assert_eq!((first, again), (StatusCode::CREATED, StatusCode::OK), "{path}");
     }
     for owner in ["alice", "bob"] {
         let (status, body) = api.call(ALICE, Method::PUT, &format!("/v1/accounts/{owner}"), Some(json!({}))).await;

@@ -802,7 +802,10 @@ impl<F: FleetControl> DroneManagement<F> {
 #[utoipa::path(
     post, path = "/v1/drones", tag = "drones",
     request_body = RegisterDrones,
-    responses((status = 200, description = "`{registered, new}`: how many were sent and how many were new"))
+    responses(
+        (status = 201, description = "`{registered, new}`: how many were sent and how many were new; some were new"),
+        (status = 200, description = "`{registered, new}`: every one was registered already"),
+    )
 )]
 async fn register_drones<F: FleetControl>(
     State(svc): State<Arc<DroneManagement<F>>>,
@@ -812,7 +815,9 @@ async fn register_drones<F: FleetControl>(
         return Err(Error::BadRequest(format!("give at most 100,000 drone ids, each at most {}", crate::api::MAX_ID)));
     }
     let added = svc.register(&req.drones).await?;
-    Ok(Json(serde_json::json!({ "registered": req.drones.len(), "new": added })))
+    // As `PUT /v1/drones/{id}` answers for one: `201` when the call registered any.
+    let status = if added > 0 { StatusCode::CREATED } else { StatusCode::OK };
+    Ok((status, Json(serde_json::json!({ "registered": req.drones.len(), "new": added }))))
 }
 
 /// Register one drone as available for deliveries.
