@@ -78,19 +78,7 @@ async fn wait_for(http: &reqwest::Client, base: &str, what: &str, ok: impl Fn(u1
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_turns_off_while_postgres_is_unreachable_and_back_on_when_it_returns() {
-    let pg = std::env::var("FLEETSTREAM_PG_URL").unwrap_or_else(|_| "postgresql://postgres@127.0.0.1:5432/test".into());
-    let reachable = {
-        let pg = pg.clone();
-        tokio::task::spawn_blocking(move || postgres::Client::connect(&pg, postgres::NoTls).map(drop)).await.unwrap()
-    };
-    match reachable {
-        Ok(()) => {}
-        Err(error) if std::env::var("FLEETSTREAM_REQUIRE_SERVICES").as_deref() != Ok("1") => {
-            println!("SKIP readiness_turns_off_while_postgres_is_unreachable: no PostgreSQL at {pg}: {error}");
-            return;
-        }
-        Err(error) => panic!("PostgreSQL at {pg} is required (FLEETSTREAM_REQUIRE_SERVICES=1): {error}"),
-    }
+    let Some(pg) = common::postgres("readiness_turns_off_while_postgres_is_unreachable").await else { return };
     let mut url = reqwest::Url::parse(&pg).unwrap();
     let target = format!("{}:{}", url.host_str().unwrap(), url.port().unwrap_or(5432));
     let mut relay = Relay::start(target).await;

@@ -119,20 +119,8 @@ async fn fly(node: &common::ClusterNode, drone: u64, delivery: u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_on_one_postgres_store_read_the_same_deliveries_across_a_kill() {
     let Some((nats, url)) = common::nats("two_nodes_on_one_postgres_store").await else { return };
-    let pg = std::env::var("FLEETSTREAM_PG_URL").unwrap_or_else(|_| "postgresql://postgres@127.0.0.1:5432/test".into());
+    let Some(pg) = common::postgres("two_nodes_on_one_postgres_store").await else { return };
     let schema = format!("fleetstream_shared_{}", std::process::id());
-    let reachable = {
-        let pg = pg.clone();
-        tokio::task::spawn_blocking(move || postgres::Client::connect(&pg, postgres::NoTls).map(drop)).await.unwrap()
-    };
-    match reachable {
-        Ok(()) => {}
-        Err(error) if std::env::var("FLEETSTREAM_REQUIRE_SERVICES").as_deref() != Ok("1") => {
-            println!("SKIP two_nodes_on_one_postgres_store: no PostgreSQL at {pg}: {error}");
-            return;
-        }
-        Err(error) => panic!("PostgreSQL at {pg} is required (FLEETSTREAM_REQUIRE_SERVICES=1): {error}"),
-    }
     let prefix = format!("fsshared{}", std::process::id());
     let root = std::env::temp_dir().join(format!("fleetstream-shared-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);

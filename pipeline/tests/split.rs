@@ -72,6 +72,36 @@ fn spawn_role(role: &str, config: &Path, dir: &Path) -> Proc {
     Proc { child }
 }
 
+/// A split deployment's directory (with a CA from `pipeline certs init` in `ca/`) and free
+/// ports: QUIC, the ingest node's own HTTP, and one per role.
+struct Layout {
+    dir: PathBuf,
+    ca: PathBuf,
+    quic: u16,
+    http_port: u16,
+    port: std::collections::BTreeMap<&'static str, u16>,
+}
+
+impl Layout {
+    fn new(tag: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("fleetstream-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca = dir.join("ca");
+        let status = Command::new(env!("CARGO_BIN_EXE_pipeline"))
+            .args(["certs", "init", "--dir"])
+            .arg(&ca)
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let mut ports = free_tcp_ports(ROLES.len() + 1);
+        let http_port = ports.pop().unwrap();
+        let port = ROLES.iter().copied().zip(ports).collect();
+        Self { dir, ca, quic: free_udp(), http_port, port }
+    }
+}
+
 async fn eventually<F, Fut>(what: &str, mut check: F) -> Value
 where
     F: FnMut() -> Fut,
@@ -95,22 +125,7 @@ fn stages(history: &Value) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn services_as_separate_processes_schedule_fly_complete_and_keep_history() {
-    let dir = std::env::temp_dir().join(format!("fleetstream-split-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let ca: PathBuf = dir.join("ca");
-    let status = Command::new(env!("CARGO_BIN_EXE_pipeline"))
-        .args(["certs", "init", "--dir"])
-        .arg(&ca)
-        .stdout(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(status.success());
-
-    let quic = free_udp();
-    let mut ports = free_tcp_ports(ROLES.len() + 1);
-    let http_port = ports.pop().unwrap();
-    let port: std::collections::BTreeMap<&str, u16> = ROLES.iter().copied().zip(ports).collect();
+    let Layout { dir, ca, quic, http_port, port } = Layout::new("split");
     let url = |role: &str| format!("https://127.0.0.1:{}", port[role]);
     let mut config = format!(
         "[ingest]\nlisten = \"127.0.0.1:{quic}\"\n[http]\nlisten = \"127.0.0.1:{}\"\ndrain_delay_ms = 2000\napi_keys = [{{ key = \"{ADMIN_KEY}\", role = \"admin\" }}, {{ key = \"{CUSTOMER_KEY}\", owner = \"split-test\" }}]\n[split]\ntls_dir = {:?}\nengine_quic = \"127.0.0.1:{quic}\"\n[split.endpoints]\n",
@@ -349,21 +364,7 @@ async fn services_as_separate_processes_schedule_fly_complete_and_keep_history()
 /// gateway with lost 0. Without `mesh = true` a role refuses to listen beyond loopback.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plain_transport_behind_a_mesh_with_separate_listen_and_advertised_addresses() {
-    let dir = std::env::temp_dir().join(format!("fleetstream-split-plain-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let ca: PathBuf = dir.join("ca");
-    let status = Command::new(env!("CARGO_BIN_EXE_pipeline"))
-        .args(["certs", "init", "--dir"])
-        .arg(&ca)
-        .stdout(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let quic = free_udp();
-    let mut ports = free_tcp_ports(ROLES.len() + 1);
-    let http_port = ports.pop().unwrap();
-    let port: std::collections::BTreeMap<&str, u16> = ROLES.iter().copied().zip(ports).collect();
+    let Layout { dir, ca, quic, http_port, port } = Layout::new("split-plain");
     let head = format!(
         "[ingest]\nlisten = \"127.0.0.1:{quic}\"\n[http]\nlisten = \"127.0.0.1:{http_port}\"\n[split]\ntls_dir = {:?}\nengine_quic = \"127.0.0.1:{quic}\"\ntransport = \"plain\"\n",
         ca.display().to_string(),

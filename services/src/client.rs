@@ -327,14 +327,7 @@ impl Dependency {
             return Err(CallError::CircuitOpen { retry_in_ms: refused.retry_at_us.saturating_sub(now) / 1000 });
         }
         self.metrics.attempts.fetch_add(1, Ordering::Relaxed);
-        let inst = pool.pick().ok_or_else(|| CallError::Unavailable("no instance configured".into()))?;
-        let method = reqwest::Method::from_bytes(call.method.as_str().as_bytes())
-            .map_err(|e| CallError::Unavailable(e.to_string()))?;
-        let req = pool
-            .client
-            .request(method, format!("{}{}", inst.base, call.path))
-            .headers(request_headers(call.headers, call.traceparent.as_deref()))
-            .body(call.body);
+        let (inst, req) = pool.request(call)?;
         let outcome = match tokio::time::timeout(timeout, req.send()).await {
             Err(_) => Err(CallError::Timeout(timeout.as_millis() as u64)),
             Ok(Err(e)) => {
@@ -397,6 +390,19 @@ impl Pool {
         let mut ring = (0..n).map(|i| &self.instances[(start + i) % n]);
         ring.clone().find(|inst| inst.healthy.load(Ordering::Relaxed)).or_else(|| ring.next())
     }
+
+    /// `call` as a request to the next instance, and that instance.
+    fn request(&self, call: Call) -> Result<(&Instance, reqwest::RequestBuilder), CallError> {
+        let inst = self.pick().ok_or_else(|| CallError::Unavailable("no instance configured".into()))?;
+        let method = reqwest::Method::from_bytes(call.method.as_str().as_bytes())
+            .map_err(|e| CallError::Unavailable(e.to_string()))?;
+        let req = self
+            .client
+            .request(method, format!("{}{}", inst.base, call.path))
+            .headers(request_headers(call.headers, call.traceparent.as_deref()))
+            .body(call.body);
+        Ok((inst, req))
+    }
 }
 
 async fn health_checks(name: &'static str, pool: std::sync::Weak<Pool>, every: Duration) {
@@ -454,14 +460,7 @@ impl Service<Call> for Backend {
             Backend::Remote(pool) => {
                 let pool = pool.clone();
                 Box::pin(async move {
-                    let inst = pool.pick().ok_or_else(|| CallError::Unavailable("no instance configured".into()))?;
-                    let method = reqwest::Method::from_bytes(call.method.as_str().as_bytes())
-                        .map_err(|e| CallError::Unavailable(e.to_string()))?;
-                    let req = pool
-                        .client
-                        .request(method, format!("{}{}", inst.base, call.path))
-                        .headers(request_headers(call.headers, call.traceparent.as_deref()))
-                        .body(call.body);
+                    let (inst, req) = pool.request(call)?;
                     let resp = match req.send().await {
                         Ok(resp) => resp,
                         Err(e) => {

@@ -33,6 +33,28 @@ pub async fn nats(test: &str) -> Option<(async_nats::Client, String)> {
     }
 }
 
+/// The PostgreSQL URL tests use (`FLEETSTREAM_PG_URL`, default the local standard port,
+/// database `test`) when a server answers there; else `None` after printing SKIP for `test`,
+/// or a failure when `FLEETSTREAM_REQUIRE_SERVICES=1`.
+pub async fn postgres(test: &str) -> Option<String> {
+    let pg = std::env::var("FLEETSTREAM_PG_URL").unwrap_or_else(|_| "postgresql://postgres@127.0.0.1:5432/test".into());
+    let probe = pg.clone();
+    let reachable =
+        tokio::task::spawn_blocking(move || postgres::Client::connect(&probe, postgres::NoTls).map(drop)).await;
+    match reachable {
+        Ok(Ok(())) => Some(pg),
+        Ok(Err(error)) => {
+            assert!(
+                std::env::var("FLEETSTREAM_REQUIRE_SERVICES").as_deref() != Ok("1"),
+                "PostgreSQL at {pg} is required (FLEETSTREAM_REQUIRE_SERVICES=1): {error}"
+            );
+            println!("SKIP {test}: no PostgreSQL at {pg}: {error}");
+            None
+        }
+        Err(error) => panic!("probing PostgreSQL: {error}"),
+    }
+}
+
 use events::{DroneEvent, DroneEventKind, FlightStatus, GeoPoint};
 
 /// The sequence number at which a scripted drone picks its package up.
