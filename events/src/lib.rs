@@ -13,6 +13,7 @@
 
 pub mod contract;
 mod error;
+pub mod json;
 pub mod model;
 pub mod prom;
 pub mod queue;

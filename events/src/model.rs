@@ -119,9 +119,21 @@ impl ArchivedFlightStatus {
 }
 
 /// Why a drone event was sent.
-#[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(
+    Archive,
+    Serialize,
+    Deserialize,
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    utoipa::ToSchema,
+)]
 #[rkyv(derive(Debug))]
-#[serde(rename_all = "snake_case", tag = "type")]
+#[serde(rename_all = "snake_case", tag = "type", from = "KindWire")]
 pub enum DroneEventKind {
     /// A periodic position report.
     Position,
@@ -142,23 +154,73 @@ pub enum DroneEventKind {
     },
 }
 
+/// [`DroneEventKind`] as JSON is read: serde refuses unknown fields beside the tag of a struct
+/// variant only, so `position` is read as one without fields.
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "snake_case", tag = "type", deny_unknown_fields)]
+enum KindWire {
+    Position {},
+    PickedUp {
+        #[serde(deserialize_with = "crate::json::integer")]
+        delivery: DeliveryId,
+    },
+    DroppedOff {
+        #[serde(deserialize_with = "crate::json::integer")]
+        delivery: DeliveryId,
+    },
+    StatusChanged {
+        from: FlightStatus,
+    },
+}
+
+impl From<KindWire> for DroneEventKind {
+    fn from(k: KindWire) -> Self {
+        match k {
+            KindWire::Position {} => Self::Position,
+            KindWire::PickedUp { delivery } => Self::PickedUp { delivery },
+            KindWire::DroppedOff { delivery } => Self::DroppedOff { delivery },
+            KindWire::StatusChanged { from } => Self::StatusChanged { from },
+        }
+    }
+}
+
 /// One telemetry event from one drone.
-#[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, serde::Serialize)]
+#[derive(
+    Archive,
+    Serialize,
+    Deserialize,
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    serde::Serialize,
+    serde::Deserialize,
+    utoipa::ToSchema,
+)]
 #[rkyv(derive(Debug))]
+#[serde(deny_unknown_fields)]
 pub struct DroneEvent {
     /// The reporting drone.
+    #[serde(deserialize_with = "crate::json::integer")]
     pub drone_id: DroneId,
     /// Per-drone sequence number, strictly increasing; the engine drops repeats.
+    #[serde(deserialize_with = "crate::json::integer")]
     pub seq: u64,
-    /// When the drone created the event, microseconds since the Unix epoch.
+    /// When the drone created the event, microseconds since the Unix epoch (before 2100,
+    /// [`crate::json::MAX_TS_US`]).
+    #[serde(deserialize_with = "crate::json::integer")]
+    #[schema(minimum = 0, maximum = 4_102_444_800_000_000_u64)]
     pub ts_us: u64,
     /// Where the drone is.
     pub position: GeoPoint,
-    /// Ground speed in metres per second.
+    /// Ground speed in metres per second (0 up to [`crate::json::MAX_SPEED_MPS`]).
+    #[schema(minimum = 0, maximum = 150)]
     pub speed_mps: f32,
     /// Heading in degrees from north, 0..360.
+    #[schema(minimum = 0, exclusive_maximum = 360)]
     pub heading_deg: f32,
     /// Battery charge in percent, 0..=100.
+    #[schema(minimum = 0, maximum = 100)]
     pub battery_pct: f32,
     /// Flight status at the time of the event.
     pub status: FlightStatus,

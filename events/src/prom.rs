@@ -188,6 +188,13 @@ pub const HELP: &[(&str, &str)] = &[
     ("fleetstream_gateway_forwarded_total", "requests the gateway forwarded, by role"),
     ("fleetstream_tls_handshakes_total", "TLS handshakes completed on the HTTPS listener"),
     ("fleetstream_tls_handshakes_refused_total", "TLS handshakes refused or failed on the HTTPS listener"),
+    ("fleetstream_mqtt_messages_total", "MQTT messages the bridge received"),
+    ("fleetstream_mqtt_events_total", "drone events the MQTT bridge made durable"),
+    ("fleetstream_mqtt_acked_total", "MQTT messages acknowledged to the broker once durable"),
+    ("fleetstream_mqtt_rejected_total", "MQTT messages refused as not drone events (acknowledged, not kept)"),
+    ("fleetstream_mqtt_disconnects_total", "MQTT connections lost or dropped by the bridge"),
+    ("fleetstream_mqtt_failed_batches_total", "MQTT batches the engine could not make durable (not acknowledged)"),
+    ("fleetstream_mqtt_connected", "1 while the MQTT bridge is connected and subscribed"),
 ];
 
 /// The help text of `family`, if it has one.

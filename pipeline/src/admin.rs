@@ -50,6 +50,7 @@ pub fn api_document() -> utoipa::openapi::OpenApi {
     use utoipa::OpenApi;
     let mut doc = services::ApiDoc::openapi();
     doc.merge(AdminDoc::openapi());
+    doc.merge(crate::intake::TelemetryDoc::openapi());
     utoipa::Modify::modify(&services::CommonAnswers, &mut doc);
     doc
 }

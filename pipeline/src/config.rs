@@ -91,6 +91,20 @@
 //! # otlp_endpoint = "http://127.0.0.1:4318"   # OTLP/HTTP collector; unset: spans only logged
 //! # service_name = "fleetstream"              # split roles default to fleetstream-<role>
 //!
+//! [mqtt]                       # the MQTT bridge (see crate::mqtt); off unless url is set
+//! # url = "mqtt://127.0.0.1:1883"             # or mqtts://host:8883 with ca
+//! # username = "fleetstream"                  # and password
+//! # ca = "broker-ca.pem"                      # mqtts: the broker's CA
+//! client_id = ""               # "": fleetstream-<node name>, kept in data_dir (persistent session)
+//! topics = ["fleetstream/telemetry/+"]        # QoS 1; each message one event or a JSON array
+//! share_group = "fleetstream"  # $share/<group>/<topic>; "": plain subscriptions
+//! batch_max = 1024             # events per batch
+//! linger_ms = 5
+//! max_batches = 8              # batches waiting for the engine; the broker is not read meanwhile
+//! max_message_bytes = 1048576
+//! keep_alive_s = 30
+//! reconnect_ms = 1000
+//!
 //! [services.drones]
 //! min_battery_pct = 30.0       # a drone needs this much to be assigned
 //! max_distance_km = 200.0      # from the pickup
@@ -135,6 +149,8 @@ pub struct Config {
     pub history: services::history::HistoryConfig,
     /// NATS JetStream: the broker, and which queues live there.
     pub jetstream: crate::jetstream::JetStreamConfig,
+    /// The MQTT bridge: telemetry from an MQTT broker (off unless `url` is set).
+    pub mqtt: crate::mqtt::MqttConfig,
 }
 
 impl Default for Config {
@@ -152,6 +168,7 @@ impl Default for Config {
             tracing: services::trace::TracingConfig::default(),
             history: services::history::HistoryConfig::default(),
             jetstream: crate::jetstream::JetStreamConfig::default(),
+            mqtt: crate::mqtt::MqttConfig::default(),
         }
     }
 }

@@ -61,6 +61,7 @@ pub const ROUTES: &[Route] = &[
     route("/v1/queues/{queue}/dead-letters/{id}", &[("GET", Role::Ingest), ("DELETE", Role::Ingest)]),
     route("/v1/queues/{queue}/dead-letters/{id}/replay", &[("POST", Role::Ingest)]),
     route("/v1/streams", &[("GET", Role::Ingest)]),
+    route("/v1/telemetry", &[("POST", Role::Ingest)]),
     Route { path: "/v1/streams/{topic}/events", methods: &[("GET", Role::Ingest)], stream: true },
 ];
 

@@ -59,6 +59,8 @@ pub struct Node {
     history: Arc<services::history::History>,
     notifier_stop: tokio::sync::watch::Sender<bool>,
     notifier_task: JoinHandle<()>,
+    /// The MQTT bridge, when `[mqtt] url` is set.
+    mqtt: Option<crate::mqtt::Bridge>,
     /// Held until the node is dropped, after shutdown has closed everything in the data dir.
     _data_dir_lock: crate::datadir::DataDirLock,
 }
@@ -326,9 +328,24 @@ impl Node {
         if !api_keys.enforced() {
             tracing::warn!(http = %http_addr, "the HTTP API is open: no API keys are configured ([http] api_keys)");
         }
+        let mqtt = match cfg.mqtt.url {
+            None => None,
+            Some(_) => {
+                let node = services::node_name(&cfg.data_dir.join("services"))
+                    .map_err(|e| Error::Task(format!("the node's name: {e}")))?;
+                let intake = crate::intake::Intake::for_node(engine.clone(), cfg, crate::intake::Adapter::Mqtt)?;
+                Some(crate::mqtt::Bridge::start(&cfg.mqtt, intake, &node)?)
+            }
+        };
+        let mqtt_metrics = mqtt.as_ref().map(|b| b.metrics.clone());
         let router = services::router_with(&services, throttle.clone())
             .merge(crate::admin::openapi_router())
             .merge(crate::admin::router(engine.clone()))
+            .merge(crate::intake::router(crate::intake::Intake::for_node(
+                engine.clone(),
+                cfg,
+                crate::intake::Adapter::Http,
+            )?))
             .merge(services::history::router(history.clone()))
             .merge(health.router())
             .route(
@@ -340,6 +357,9 @@ impl Node {
                     move || {
                         let mut out = String::new();
                         ingest_metrics.render(&mut out);
+                        if let Some(m) = &mqtt_metrics {
+                            m.render(&mut out);
+                        }
                         crate::engine::render_metrics(&engine, &mut out);
                         engine.queues().render_metrics(&mut out);
                         crate::admin::render_cursor_metrics(&engine, &mut out);
@@ -422,6 +442,7 @@ impl Node {
             history,
             notifier_stop,
             notifier_task,
+            mqtt,
             _data_dir_lock: data_dir_lock,
         })
     }
@@ -444,6 +465,10 @@ impl Node {
         info!("shutting down: ingest");
         let _ = self.ingest_stop.send(());
         let ingest = self.ingest_task.await;
+        if let Some(bridge) = self.mqtt {
+            info!("shutting down: MQTT bridge");
+            bridge.shutdown().await;
+        }
         info!("shutting down: http");
         self.engine.begin_drain();
         let _ = self.http_stop.send(());

@@ -436,7 +436,7 @@ impl WorkQueues for RemoteEngine {
 
 /// The engine API the ingest role serves to the other roles, and the engine's public routes
 /// (queues, dead letters, streams) for the gateway to forward.
-pub fn engine_router(engine: Engine) -> Router {
+pub fn engine_router(engine: Engine, intake: crate::intake::Intake) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/internal/v1/engine/commands", post(engine_command))
@@ -444,6 +444,7 @@ pub fn engine_router(engine: Engine) -> Router {
         .route("/internal/v1/engine/drones/{id}", get(engine_drone))
         .with_state(engine.clone())
         .merge(crate::admin::router(engine))
+        .merge(crate::intake::router(intake))
         .layer(axum::middleware::from_fn(services::trace::propagate))
 }
 
@@ -878,7 +879,8 @@ pub async fn start_engine_api(
         .map_err(|e| Error::Io { context: format!("binding the engine API {addr}"), source: e })?;
     let addr = listener.local_addr().map_err(|e| Error::Io { context: "HTTP address".into(), source: e })?;
     let (stop, mut stop_rx) = watch::channel(false);
-    let router = engine_router(engine)
+    let intake = crate::intake::Intake::for_node(engine.clone(), cfg, crate::intake::Adapter::Http)?;
+    let router = engine_router(engine, intake)
         .merge(health.router())
         .layer(axum::middleware::from_fn_with_state(cfg.http.keys()?, services::auth::require_public))
         .layer(axum::extract::DefaultBodyLimit::max(cfg.http.max_body_bytes))

@@ -179,29 +179,10 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
     type Rejection = Error;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let rules = req.extensions().get::<RequestRules>().copied();
-        let timeout = rules.unwrap_or_default().read_timeout;
-        let limit = rules.map(|r| r.max_body_bytes);
-        let json = req
-            .headers()
-            .get(axum::http::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split(';').next())
-            .map(|mime| mime.trim().to_ascii_lowercase())
-            .is_some_and(|mime| {
-                mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json"))
-            });
-        if !json {
-            return Err(Error::UnsupportedMediaType);
-        }
-        let bytes = match tokio::time::timeout(timeout, axum::body::Bytes::from_request(req, state)).await {
-            Err(_) => return Err(Error::RequestTimeout),
-            Ok(Err(rejection)) if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE => {
-                return Err(Error::PayloadTooLarge(limit));
-            }
-            Ok(Err(rejection)) => return Err(Error::BadRequest(plain_reason(&rejection.body_text()))),
-            Ok(Ok(bytes)) => bytes,
-        };
+        let bytes = read_body(req, state, |mime| {
+            mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json"))
+        })
+        .await?;
         // Every body of the API is an object: serde would also read a struct from an array.
         if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
             return Err(Error::BadRequest("the body must be a JSON object".into()));
@@ -210,6 +191,51 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
             Ok(Json(v)) => Ok(Self(v)),
             Err(rejection) => Err(Error::BadRequest(plain_reason(&rejection.body_text()))),
         }
+    }
+}
+
+/// A body of JSON values left for the handler to read: `application/json` (a value or an
+/// array) or NDJSON (`application/x-ndjson`), with the limits and answers of [`ApiJson`].
+#[derive(Debug)]
+pub struct JsonLines(pub axum::body::Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for JsonLines {
+    type Rejection = Error;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        read_body(req, state, |mime| matches!(mime, "application/json" | "application/x-ndjson" | "application/jsonl"))
+            .await
+            .map(Self)
+    }
+}
+
+/// The body of `req` once its content type passes `accepted` (lower-cased, without parameters):
+/// `415` otherwise, `413` naming the limit, `408` past the read timeout.
+async fn read_body<S: Send + Sync>(
+    req: Request,
+    state: &S,
+    accepted: impl Fn(&str) -> bool,
+) -> Result<axum::body::Bytes, Error> {
+    let rules = req.extensions().get::<RequestRules>().copied();
+    let timeout = rules.unwrap_or_default().read_timeout;
+    let limit = rules.map(|r| r.max_body_bytes);
+    let ok = req
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(|mime| mime.trim().to_ascii_lowercase())
+        .is_some_and(|mime| accepted(&mime));
+    if !ok {
+        return Err(Error::UnsupportedMediaType);
+    }
+    match tokio::time::timeout(timeout, axum::body::Bytes::from_request(req, state)).await {
+        Err(_) => Err(Error::RequestTimeout),
+        Ok(Err(rejection)) if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE => {
+            Err(Error::PayloadTooLarge(limit))
+        }
+        Ok(Err(rejection)) => Err(Error::BadRequest(plain_reason(&rejection.body_text()))),
+        Ok(Ok(bytes)) => Ok(bytes),
     }
 }
 

@@ -343,7 +343,7 @@ fn refuse(status: StatusCode, code: &str, message: &str) -> Response {
 
 /// Routes only an admin (or the open API) may use.
 pub fn is_admin_route(path: &str) -> bool {
-    ["/v1/accounts", "/v1/drones", "/v1/streams", "/v1/queues"]
+    ["/v1/accounts", "/v1/drones", "/v1/streams", "/v1/queues", "/v1/telemetry"]
         .iter()
         .any(|p| path == *p || path.strip_prefix(p).is_some_and(|rest| rest.starts_with('/')))
 }

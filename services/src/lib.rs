@@ -34,7 +34,9 @@ pub mod throttle;
 pub mod tls;
 pub mod trace;
 
-pub use api::{ApiDoc, CommonAnswers, RequestRules, internal_router, openapi_router, router, router_with, uniform};
+pub use api::{
+    ApiDoc, CommonAnswers, JsonLines, RequestRules, internal_router, openapi_router, router, router_with, uniform,
+};
 pub use error::Error;
 pub use state::{
     CreateDelivery, DELIVERY_EVENTS_POSITION, DeliveryRecord, Package, Reschedule, Services, ServicesConfig,

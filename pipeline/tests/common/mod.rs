@@ -288,3 +288,27 @@ pub async fn delete_streams(nats: &async_nats::Client, prefix: &str) {
         let _ = js.delete_stream(&name).await;
     }
 }
+
+/// The MQTT broker at `FLEETSTREAM_MQTT_URL` (default `mqtt://127.0.0.1:1883`) as its URL and
+/// `host:port`, when one accepts connections there; else `None` after printing SKIP for `test`,
+/// or a failure when `FLEETSTREAM_REQUIRE_SERVICES=1`.
+pub async fn mqtt(test: &str) -> Option<(String, String, u16)> {
+    let url = std::env::var("FLEETSTREAM_MQTT_URL").unwrap_or_else(|_| "mqtt://127.0.0.1:1883".into());
+    let broker = pipeline::mqtt::Broker::parse(&url).unwrap();
+    let probe = tokio::net::TcpStream::connect((broker.host.as_str(), broker.port));
+    match tokio::time::timeout(std::time::Duration::from_secs(3), probe).await {
+        Ok(Ok(_)) => Some((url, broker.host, broker.port)),
+        outcome => {
+            let error = match outcome {
+                Ok(Err(e)) => e.to_string(),
+                _ => "timed out".to_string(),
+            };
+            assert!(
+                std::env::var("FLEETSTREAM_REQUIRE_SERVICES").as_deref() != Ok("1"),
+                "an MQTT broker at {url} is required (FLEETSTREAM_REQUIRE_SERVICES=1): {error}"
+            );
+            println!("SKIP {test}: no MQTT broker at {url}: {error}");
+            None
+        }
+    }
+}

@@ -1,0 +1,267 @@
+//! Drone events as JSON, for the adapters in front of the QUIC batch format: HTTP telemetry
+//! (`POST /v1/telemetry`) and the MQTT bridge read the very form the telemetry stream emits
+//! (`GET /v1/streams/drone-telemetry/events`), so a captured stream can be replayed as is.
+//!
+//! A body is a JSON array of events, one event, or NDJSON (one event per line). Each event is
+//! checked the way the domain bounds it (coordinates, speed, heading, battery, a time before
+//! [`MAX_TS_US`]), each bound one the OpenAPI schema of [`DroneEvent`] states too, and the first
+//! bad one is reported with its index and the field at fault, so a sender can find it without
+//! guessing. Nothing here does I/O.
+
+use crate::model::DroneEvent;
+
+/// The fastest ground speed taken as plausible, m/s (a delivery drone flies at 10-30).
+pub const MAX_SPEED_MPS: f32 = 150.0;
+/// The latest `ts_us` taken as plausible: 2100-01-01T00:00:00Z, in µs since the Unix epoch.
+pub const MAX_TS_US: u64 = 4_102_444_800_000_000;
+/// The largest integer an event carries in JSON (`seq`, ids): the schema's integers are `int64`.
+pub const MAX_SEQ: u64 = i64::MAX as u64;
+
+/// Reads an integer as JSON Schema reads `integer` (`7` and `7.0` alike, never a fraction),
+/// from 0 to [`MAX_SEQ`]: the schema's integers are `int64`.
+pub(crate) fn integer<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    use serde::Deserialize;
+    use serde::de::Error as _;
+    let n = serde_json::Number::deserialize(d)?;
+    let whole = n.as_f64().filter(|f| f.fract() == 0.0 && (0.0..=MAX_SEQ as f64).contains(f)).map(|f| f as u64);
+    n.as_u64()
+        .or(whole)
+        .filter(|&v| v <= MAX_SEQ)
+        .ok_or_else(|| D::Error::custom(format!("{n} is not an integer from 0 to {MAX_SEQ}")))
+}
+
+/// Why an event was refused: which one, which field, and what was wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventError {
+    /// The event's position in the body, from 0 (the line for NDJSON, from 0 too).
+    pub index: usize,
+    /// The field at fault as a path (`position.lat`, `kind.type`), empty for the event as a whole.
+    pub field: String,
+    /// What was wrong with it.
+    pub message: String,
+}
+
+impl std::fmt::Display for EventError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.field.is_empty() {
+            write!(f, "event {}: {}", self.index, self.message)
+        } else {
+            write!(f, "event {}, field {}: {}", self.index, self.field, self.message)
+        }
+    }
+}
+
+impl std::error::Error for EventError {}
+
+/// Reads the events of `body` (array, single object or NDJSON), at most `max_events`, each
+/// checked by [`check`].
+pub fn parse_events(body: &[u8], max_events: usize) -> Result<Vec<DroneEvent>, EventError> {
+    let start = body.iter().position(|b| !b.is_ascii_whitespace());
+    let events = match start.map(|i| body[i]) {
+        None => return Err(whole(0, "the body holds no event")),
+        Some(b'[') => parse_array(body, max_events)?,
+        Some(_) => parse_lines(body, max_events)?,
+    };
+    if events.is_empty() {
+        return Err(whole(0, "the body holds no event"));
+    }
+    for (index, event) in events.iter().enumerate() {
+        check(event).map_err(|(field, message)| EventError { index, field: field.into(), message })?;
+    }
+    Ok(events)
+}
+
+fn whole(index: usize, message: &str) -> EventError {
+    EventError { index, field: String::new(), message: message.into() }
+}
+
+/// A JSON array: deserialized in one pass; an error's path starts with the element's index.
+fn parse_array(body: &[u8], max_events: usize) -> Result<Vec<DroneEvent>, EventError> {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let events: Vec<DroneEvent> = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        // The path of an element's field reads `[3].position.lat`.
+        let (index, field) = match path.strip_prefix('[').and_then(|p| p.split_once(']')) {
+            Some((i, rest)) => (i.parse().unwrap_or(0), rest.trim_start_matches('.').to_string()),
+            None => (0, String::new()),
+        };
+        EventError { index, field, message: plain(&inner) }
+    })?;
+    de.end().map_err(|e| whole(events.len(), &plain(&e)))?;
+    if events.len() > max_events {
+        return Err(whole(max_events, &format!("more than {max_events} events in one body")));
+    }
+    Ok(events)
+}
+
+/// One object, or several separated by whitespace (NDJSON): read one at a time.
+fn parse_lines(body: &[u8], max_events: usize) -> Result<Vec<DroneEvent>, EventError> {
+    let mut events = Vec::new();
+    let mut stream = serde_json::Deserializer::from_slice(body).into_iter::<serde_json::Value>();
+    loop {
+        let index = events.len();
+        let value = match stream.next() {
+            None => break,
+            Some(Ok(value)) => value,
+            Some(Err(e)) => return Err(whole(index, &plain(&e))),
+        };
+        if index == max_events {
+            return Err(whole(index, &format!("more than {max_events} events in one body")));
+        }
+        let event = serde_path_to_error::deserialize::<_, DroneEvent>(value).map_err(|e| EventError {
+            index,
+            field: e.path().to_string().trim_start_matches('.').to_string(),
+            message: plain(e.inner()),
+        })?;
+        events.push(event);
+    }
+    Ok(events)
+}
+
+/// serde's message without its position suffix (` at line 1 column 20`), which points into a
+/// body the sender did not lay out by hand.
+fn plain(e: &serde_json::Error) -> String {
+    let text = e.to_string();
+    match text.rfind(" at line ") {
+        Some(i) => text[..i].to_string(),
+        None => text,
+    }
+}
+
+/// Whether an event is plausible: `Err((field, why))` otherwise.
+pub fn check(e: &DroneEvent) -> Result<(), (&'static str, String)> {
+    let p = &e.position;
+    if !(p.lat.is_finite() && (-90.0..=90.0).contains(&p.lat)) {
+        return Err(("position.lat", format!("{} is not a latitude (-90..=90)", p.lat)));
+    }
+    if !(p.lon.is_finite() && (-180.0..=180.0).contains(&p.lon)) {
+        return Err(("position.lon", format!("{} is not a longitude (-180..=180)", p.lon)));
+    }
+    // The schema's bounds, as the nearest `f32`s inside them.
+    if !(p.alt_m.is_finite() && (-3.4e38..=3.4e38).contains(&p.alt_m)) {
+        return Err(("position.alt_m", format!("{} is outside -3.4e38..=3.4e38", p.alt_m)));
+    }
+    if !(e.speed_mps.is_finite() && (0.0..=MAX_SPEED_MPS).contains(&e.speed_mps)) {
+        return Err(("speed_mps", format!("{} is outside 0..={MAX_SPEED_MPS}", e.speed_mps)));
+    }
+    if !(e.heading_deg.is_finite() && (0.0..360.0).contains(&e.heading_deg)) {
+        return Err(("heading_deg", format!("{} is outside 0..360", e.heading_deg)));
+    }
+    if !(e.battery_pct.is_finite() && (0.0..=100.0).contains(&e.battery_pct)) {
+        return Err(("battery_pct", format!("{} is outside 0..=100", e.battery_pct)));
+    }
+    if e.ts_us > MAX_TS_US {
+        return Err(("ts_us", format!("{} lies after 2100-01-01 ({MAX_TS_US})", e.ts_us)));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{DroneEventKind, FlightStatus, GeoPoint};
+
+    const NOW: u64 = 1_700_000_000_000_000;
+
+    fn event(drone_id: u64, seq: u64) -> DroneEvent {
+        DroneEvent {
+            drone_id,
+            seq,
+            ts_us: NOW,
+            position: GeoPoint { lat: 47.6, lon: -122.3, alt_m: 30.0 },
+            speed_mps: 12.5,
+            heading_deg: 90.0,
+            battery_pct: 80.0,
+            status: FlightStatus::Flying,
+            kind: DroneEventKind::DroppedOff { delivery: 7 },
+        }
+    }
+
+    #[test]
+    fn the_streamed_form_reads_back_as_array_object_and_ndjson() {
+        let events = vec![event(1, 1), event(2, 5)];
+        let array = serde_json::to_vec(&events).unwrap();
+        assert_eq!(parse_events(&array, 10).unwrap(), events);
+        let one = serde_json::to_vec(&events[0]).unwrap();
+        assert_eq!(parse_events(&one, 10).unwrap(), events[..1]);
+        let mut ndjson = Vec::new();
+        for e in &events {
+            ndjson.extend(serde_json::to_vec(e).unwrap());
+            ndjson.push(b'\n');
+        }
+        assert_eq!(parse_events(&ndjson, 10).unwrap(), events);
+        // The documented example, typed by hand, with altitude left out.
+        let typed = br#"{"drone_id": 3, "seq": 1, "ts_us": 1700000000000000, "position": {"lat": 1, "lon": 2},
+            "speed_mps": 0, "heading_deg": 0, "battery_pct": 50, "status": "idle", "kind": {"type": "position"}}"#;
+        assert_eq!(parse_events(typed, 10).unwrap()[0].drone_id, 3);
+    }
+
+    #[test]
+    fn a_bad_event_is_named_by_index_and_field() {
+        let mut values: Vec<serde_json::Value> = (0..4).map(|i| serde_json::to_value(event(1, i)).unwrap()).collect();
+        values[2]["position"]["lat"] = serde_json::json!("north");
+        let err = parse_events(&serde_json::to_vec(&values).unwrap(), 10).unwrap_err();
+        assert_eq!((err.index, err.field.as_str()), (2, "position.lat"), "{err}");
+        assert!(!err.message.contains("line"), "{err}");
+
+        values[2]["position"]["lat"] = serde_json::json!(91.0);
+        let err = parse_events(&serde_json::to_vec(&values).unwrap(), 10).unwrap_err();
+        assert_eq!((err.index, err.field.as_str()), (2, "position.lat"), "{err}");
+
+        values[2]["position"]["lat"] = serde_json::json!(1.0);
+        values[3]["kind"] = serde_json::json!({"type": "teleported"});
+        let err = parse_events(&serde_json::to_vec(&values).unwrap(), 10).unwrap_err();
+        assert_eq!(err.index, 3, "{err}");
+        assert!(err.field.starts_with("kind"), "{err}");
+
+        values[3]["kind"] = serde_json::json!({"type": "position", "delivery": 4});
+        let err = parse_events(&serde_json::to_vec(&values).unwrap(), 10).unwrap_err();
+        assert_eq!((err.index, err.field.as_str()), (3, "kind"), "{err}");
+        values[3]["kind"] = serde_json::json!({"type": "position"});
+        values[1]["colour"] = serde_json::json!("red");
+        let err = parse_events(&serde_json::to_vec(&values).unwrap(), 10).unwrap_err();
+        assert_eq!(err.index, 1, "{err}");
+        assert!(err.message.contains("colour"), "{err}");
+
+        // Integers as JSON Schema reads them: 3.0 is 3; 3.5, -1 and 2^63 are not ids.
+        values[1].as_object_mut().unwrap().remove("colour");
+        values[1]["seq"] = serde_json::json!(3.0);
+        assert_eq!(parse_events(&serde_json::to_vec(&values).unwrap(), 10).unwrap()[1].seq, 3);
+        for bad in [serde_json::json!(3.5), serde_json::json!(-1), serde_json::json!(9_223_372_036_854_775_808_u64)] {
+            values[1]["seq"] = bad;
+            let err = parse_events(&serde_json::to_vec(&values).unwrap(), 10).unwrap_err();
+            assert_eq!((err.index, err.field.as_str()), (1, "seq"), "{err}");
+        }
+
+        let ndjson = b"{\"drone_id\": 1}\n";
+        let err = parse_events(ndjson, 10).unwrap_err();
+        assert_eq!(err.index, 0);
+        assert!(err.message.contains("missing field"), "{err}");
+    }
+
+    #[test]
+    fn implausible_values_and_empty_or_oversize_bodies_are_refused() {
+        type Spoil = fn(&mut DroneEvent);
+        let cases: [(&str, Spoil); 6] = [
+            ("speed_mps", |e| e.speed_mps = -1.0),
+            ("heading_deg", |e| e.heading_deg = 360.0),
+            ("battery_pct", |e| e.battery_pct = f32::NAN),
+            ("position.lon", |e| e.position.lon = 200.0),
+            ("ts_us", |e| e.ts_us = MAX_TS_US + 1),
+            ("position.alt_m", |e| e.position.alt_m = f32::MIN),
+        ];
+        for (field, spoil) in cases {
+            let mut e = event(1, 1);
+            spoil(&mut e);
+            assert_eq!(check(&e).map_err(|(f, _)| f), Err(field));
+        }
+        assert!(parse_events(b"  ", 10).is_err());
+        assert!(parse_events(b"[]", 10).is_err());
+        let three = serde_json::to_vec(&vec![event(1, 1); 3]).unwrap();
+        assert_eq!(parse_events(&three, 2).unwrap_err().index, 2);
+        let lines = vec![serde_json::to_string(&event(1, 1)).unwrap(); 3].join("\n");
+        assert_eq!(parse_events(lines.as_bytes(), 2).unwrap_err().index, 2);
+        assert!(parse_events(b"[{\"drone_id\": 1", 10).is_err());
+    }
+}
