@@ -11,6 +11,7 @@
 //! receives against what was sent ([`observe`]), so `lost` and `duplicates` come from what
 //! actually arrived, and latency is measured from intended creation to arrival.
 
+pub mod mqtt;
 pub mod observe;
 pub mod plot;
 pub mod readers;
@@ -106,6 +107,11 @@ pub struct LoadConfig {
     /// Client certificate and key (PEM) for a QUIC ingest that requires one
     /// (`ingest.client_ca`).
     pub quic_identity: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    /// Telemetry over MQTT to this broker instead of QUIC (missions still come over each
+    /// connection's QUIC session): see [`mqtt`].
+    pub mqtt: Option<mqtt::MqttTarget>,
+    /// Telemetry as `POST /v1/telemetry` to `api` instead of QUIC (missions still over QUIC).
+    pub http_telemetry: bool,
 }
 
 /// Where loadgen finds the services when each runs in its own process (`pipeline serve
@@ -168,6 +174,8 @@ impl LoadConfig {
             api_key: None,
             split: SplitTargets::default(),
             quic_identity: None,
+            mqtt: None,
+            http_telemetry: false,
         }
     }
 
@@ -394,6 +402,9 @@ pub struct Report {
     pub rejections: BTreeMap<String, u64>,
     /// `full` (everything measured) or `raw` (transport only: loss and latency not measured).
     pub mode: &'static str,
+    /// How telemetry was sent: `quic`, `http`, or `mqtt` (acked then means the broker's
+    /// `PUBACK`).
+    pub transport: &'static str,
     /// When telemetry was read.
     pub telemetry_check: TelemetryCheck,
     /// The run's shape.
@@ -414,6 +425,13 @@ impl std::fmt::Display for Report {
         let t = &self.telemetry_latency_us;
         writeln!(f, "── fleetstream load report ─────────────────────────────")?;
         writeln!(f, "drones {} over {} connections, {:.1} s", self.drones, self.connections, self.duration_s)?;
+        match self.transport {
+            "mqtt" => writeln!(f, "transport   telemetry over MQTT (acked: the broker's PUBACK), missions over QUIC")?,
+            "http" => {
+                writeln!(f, "transport   telemetry as POST /v1/telemetry (acked: 202, durable), missions over QUIC")?
+            }
+            _ => {}
+        }
         writeln!(
             f,
             "telemetry   sent {}  acked {}  rejected {}  unanswered {}",
@@ -736,6 +754,8 @@ pub async fn run(cfg: LoadConfig, progress: Arc<dyn Fn(&Progress) + Send + Sync>
         .context("binding the fleet's UDP sockets")?;
     for (index, drones) in plans.into_iter().enumerate() {
         let driver = Driver {
+            mqtt: None,
+            http: None,
             producer_id: (run_id << 16) | index as u64,
             rate: cfg.rate / conns as f64,
             first: drones.first().map_or(0, |d| d.id),
@@ -755,8 +775,20 @@ pub async fn run(cfg: LoadConfig, progress: Arc<dyn Fn(&Progress) + Send + Sync>
     let mut slots: Vec<Option<_>> = (0..conns).map(|_| None).collect();
     let mut connected = 0;
     while let Some(joined) = connecting.join_next().await {
-        let (index, driver, producer) = joined.context("a connection task panicked")?;
-        slots[index] = Some((driver, producer.context("connecting a fleet connection")?));
+        let (index, mut driver, producer) = joined.context("a connection task panicked")?;
+        let mut producer = producer.context("connecting a fleet connection")?;
+        if let Some(target) = &cfg.mqtt {
+            // Telemetry goes over MQTT; the QUIC session stays for the drones' missions.
+            let client_id = format!("loadgen-{run_id}-{index}");
+            let (sender, answers) = mqtt::MqttSender::connect(target, client_id, index).await?;
+            driver.mqtt = Some(sender);
+            producer.1 = answers;
+        } else if cfg.http_telemetry {
+            let (sender, answers) = mqtt::HttpSender::new(http.clone(), &api);
+            driver.http = Some(sender);
+            producer.1 = answers;
+        }
+        slots[index] = Some((driver, producer));
         connected += 1;
         if connected % 500 == 0 || connected == conns {
             progress(&Progress { connected, ..Progress::default() });
@@ -978,6 +1010,11 @@ pub async fn run(cfg: LoadConfig, progress: Arc<dyn Fn(&Progress) + Send + Sync>
         drones: cfg.drones,
         connections: conns,
         mode: if cfg.raw { "raw" } else { "full" },
+        transport: match (&cfg.mqtt, cfg.http_telemetry) {
+            (Some(_), _) => "mqtt",
+            (None, true) => "http",
+            (None, false) => "quic",
+        },
         telemetry_check: cfg.telemetry_check,
         readers: reader_reports,
         delivery_readers,
@@ -1139,6 +1176,10 @@ where
 
 /// One connection's share of the fleet: drones `first..first + drones.len()`.
 struct Driver {
+    /// Telemetry over MQTT instead of the QUIC producer.
+    mqtt: Option<mqtt::MqttSender>,
+    /// Telemetry over HTTP instead of the QUIC producer.
+    http: Option<mqtt::HttpSender>,
     producer_id: u64,
     rate: f64,
     first: u64,
@@ -1378,6 +1419,8 @@ impl Driver {
         drop(dropoffs_tx);
         let told = std::mem::take(&mut book.told);
         drop(book);
+        // The HTTP sender holds the answers' channel open: the answer task ends when it closes.
+        drop(self.http.take());
         let waited = Instant::now();
         while answered_events.load(Ordering::Relaxed) < sent && waited.elapsed() < cfg.settle {
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -1386,6 +1429,9 @@ impl Driver {
         let _ = stop_missions.send(true);
         if let Some(taker) = taker {
             let _ = taker.await;
+        }
+        if let Some(mqtt) = self.mqtt.take() {
+            mqtt.finish().await;
         }
         let producer =
             Arc::try_unwrap(producer).map_err(|_| anyhow::anyhow!("the mission consumer still holds the producer"))?;
@@ -1523,10 +1569,16 @@ impl Driver {
     ) -> anyhow::Result<()> {
         let oldest = events.first().map_or(0, |e| e.ts_us);
         let trace = trace.take().unwrap_or_default();
-        let meta = BatchMeta { producer_id: self.producer_id, batch_seq: *batch_seq, trace };
-        let buf = Buffer::with_capacity(events::wire::HEADER_LEN + events.len() * 96);
-        let batch = TelemetryBatch::encode(meta, events, buf)?;
-        producer.send(*batch_seq, batch.into_buffer()).await.context("sending a batch")?;
+        if let Some(mqtt) = &self.mqtt {
+            mqtt.send(*batch_seq, events).await?;
+        } else if let Some(http) = &self.http {
+            http.send(*batch_seq, events).await?;
+        } else {
+            let meta = BatchMeta { producer_id: self.producer_id, batch_seq: *batch_seq, trace };
+            let buf = Buffer::with_capacity(events::wire::HEADER_LEN + events.len() * 96);
+            let batch = TelemetryBatch::encode(meta, events, buf)?;
+            producer.send(*batch_seq, batch.into_buffer()).await.context("sending a batch")?;
+        }
         if oldest >= counters.measure_from_us.load(Ordering::Relaxed) {
             let _ = lag.record(now_us().saturating_sub(oldest).max(1));
         }
@@ -1827,6 +1879,7 @@ pub(crate) mod tests {
             curves: Curves { delivery_events: delivery, ..Curves::default() },
             rejections: BTreeMap::new(),
             mode: "full",
+            transport: "quic",
             telemetry_check: TelemetryCheck::During,
             drones: 1,
             connections: 1,

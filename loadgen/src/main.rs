@@ -39,6 +39,19 @@ struct Args {
     /// as the server takes them (to measure a ceiling).
     #[arg(long)]
     rate: Option<f64>,
+    /// Send telemetry over MQTT to this broker (`mqtt://host[:port]`) instead of QUIC, as
+    /// gateways in front of the node's MQTT bridge (`[mqtt] url`) would: each batch one QoS 1
+    /// message, a JSON array, on `<--mqtt-prefix>/gw-<connection>`. Missions still come over
+    /// each connection's QUIC session.
+    #[arg(long, value_name = "URL")]
+    mqtt: Option<String>,
+    /// Send telemetry as `POST /v1/telemetry` (JSON arrays, one request per batch, in order per
+    /// connection) to --api instead of QUIC. Missions still come over QUIC.
+    #[arg(long, conflicts_with = "mqtt")]
+    http_telemetry: bool,
+    /// Topic prefix for --mqtt (the node subscribes to `fleetstream/telemetry/+` by default).
+    #[arg(long, default_value = "fleetstream/telemetry", requires = "mqtt")]
+    mqtt_prefix: String,
     /// QUIC connections to spread the fleet over.
     #[arg(long, default_value_t = 4)]
     connections: usize,
@@ -213,6 +226,8 @@ async fn main() -> anyhow::Result<()> {
     cfg.api_key = args.api_key.clone();
     cfg.split = split;
     cfg.quic_identity = args.client_cert.clone().zip(args.client_key.clone());
+    cfg.http_telemetry = args.http_telemetry;
+    cfg.mqtt = args.mqtt.as_deref().map(|url| loadgen::mqtt::MqttTarget::parse(url, &args.mqtt_prefix)).transpose()?;
     cfg.stall_reader = Duration::from_secs_f64(args.stall_reader_s.max(0.0));
     cfg.stall_reader_after = Duration::from_secs_f64(args.stall_reader_after_s.max(0.0));
     let ceiling = match args.compare_raw {

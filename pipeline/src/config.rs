@@ -99,7 +99,7 @@
 //! topics = ["fleetstream/telemetry/+"]        # QoS 1; each message one event or a JSON array
 //! share_group = "fleetstream"  # $share/<group>/<topic>; "": plain subscriptions
 //! batch_max = 1024             # events per batch
-//! linger_ms = 5
+//! linger_ms = 0                # 0: a batch goes as soon as no more messages wait
 //! max_batches = 8              # batches waiting for the engine; the broker is not read meanwhile
 //! max_message_bytes = 1048576
 //! keep_alive_s = 30

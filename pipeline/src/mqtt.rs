@@ -5,7 +5,8 @@
 //! The node subscribes at QoS 1 to `[mqtt] topics` (as a shared subscription
 //! `$share/<group>/<topic>` when `share_group` is set, so several nodes split a fleet), in a
 //! persistent session (`clean_session = false`) under a client id kept across restarts.
-//! Messages are gathered into batches (`batch_max` events, `linger_ms`) and submitted through
+//! Messages are gathered into batches (up to `batch_max` events; what arrived while the earlier
+//! batches were being made durable, or `linger_ms` more) and submitted through
 //! the node's [`Intake`]: the same log, dedup and derivation as QUIC batches. Each message is
 //! acknowledged to the broker (manual `PUBACK`, in the order received) only once its batch is
 //! durable. After a crash the broker sends again what was not acknowledged; each drone's
@@ -57,7 +58,8 @@ pub struct MqttConfig {
     pub share_group: String,
     /// Most events per batch. Default 1024.
     pub batch_max: usize,
-    /// How long a message may wait for its batch to fill, ms. Default 5.
+    /// How long a batch may wait for more messages once none are waiting, ms. Default 0: it is
+    /// submitted at once, holding what arrived while earlier batches were made durable.
     pub linger_ms: u64,
     /// Batches waiting for the engine at most; the broker is not read meanwhile. Default 8.
     pub max_batches: usize,
@@ -81,7 +83,7 @@ impl Default for MqttConfig {
             topics: vec!["fleetstream/telemetry/+".into()],
             share_group: "fleetstream".into(),
             batch_max: 1024,
-            linger_ms: 5,
+            linger_ms: 0,
             max_batches: 8,
             max_message_bytes: 1 << 20,
             keep_alive_s: 30,
@@ -264,6 +266,7 @@ async fn run(
     loop {
         let (client, eventloop) = AsyncClient::new(options.clone(), 4096);
         let ended = connection(&cfg, &client, eventloop, &intake, &metrics, &mut stop, &mut complaints).await;
+        drop(client);
         metrics.connected.store(0, Ordering::Relaxed);
         if matches!(ended, Ended::Stopped) {
             return;
@@ -286,26 +289,86 @@ struct Filling {
 
 type Submitted = futures_util::future::BoxFuture<'static, (Result<(), events::Error>, Vec<Publish>, usize)>;
 
-/// One connection's life: subscribe, then read messages into batches, submit them, and
-/// acknowledge each message once its batch is durable.
+/// What the event-loop task hands the bridge.
+enum FromBroker {
+    /// A message, in the order received.
+    Message(Publish),
+    /// The connection ended (the error, said once per interval).
+    Lost,
+}
+
+/// Drives the client's event loop, never cancelled part-way (an acknowledgement taken from the
+/// request channel is always written): subscribes on each `CONNACK`, and forwards messages to
+/// the bridge through a bounded channel, so the broker is not read while the bridge is full.
+/// Ends after the connection is lost or the client disconnects.
+async fn drive(
+    cfg: MqttConfig,
+    client: AsyncClient,
+    mut eventloop: EventLoop,
+    to_bridge: tokio::sync::mpsc::Sender<FromBroker>,
+    metrics: Arc<MqttMetrics>,
+) {
+    loop {
+        match eventloop.poll().await {
+            Ok(Event::Incoming(Incoming::ConnAck(ack))) => {
+                info!(session_present = ack.session_present, "MQTT bridge connected");
+                for filter in cfg.filters() {
+                    if let Err(error) = client.subscribe(filter.clone(), QoS::AtLeastOnce).await {
+                        error!(%error, filter, "could not subscribe");
+                        let _ = to_bridge.send(FromBroker::Lost).await;
+                        return;
+                    }
+                }
+            }
+            Ok(Event::Incoming(Incoming::SubAck(ack))) => {
+                if ack.return_codes.iter().any(|c| matches!(c, SubscribeReasonCode::Failure)) {
+                    error!(topics = ?cfg.filters(), "the broker refused a subscription (a shared one needs a broker that offers $share)");
+                } else {
+                    metrics.connected.store(1, Ordering::Relaxed);
+                }
+            }
+            Ok(Event::Incoming(Incoming::Publish(p))) => {
+                if to_bridge.send(FromBroker::Message(p)).await.is_err() {
+                    return;
+                }
+            }
+            Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
+            Ok(_) => {}
+            Err(error) => {
+                warn!(%error, "MQTT connection lost");
+                let _ = to_bridge.send(FromBroker::Lost).await;
+                return;
+            }
+        }
+    }
+}
+
+/// Messages waiting between the event loop and the bridge, at most.
+const FORWARD_QUEUE: usize = 1024;
+
+/// One connection's life: read messages into batches, submit them, and acknowledge each
+/// message once its batch is durable. A batch is submitted when it is full, or when no more
+/// messages are waiting and `linger_ms` has passed since its first (with the default 0: at
+/// once, so the batch holds what arrived while the previous ones were being made durable).
 async fn connection(
     cfg: &MqttConfig,
     client: &AsyncClient,
-    mut eventloop: EventLoop,
+    eventloop: EventLoop,
     intake: &Intake,
-    metrics: &MqttMetrics,
+    metrics: &Arc<MqttMetrics>,
     stop: &mut tokio::sync::watch::Receiver<bool>,
     complaints: &mut Complaints,
 ) -> Ended {
+    let (to_bridge, mut from_broker) = tokio::sync::mpsc::channel(FORWARD_QUEUE);
+    let mut driver = tokio::spawn(drive(cfg.clone(), client.clone(), eventloop, to_bridge, metrics.clone()));
     let linger = Duration::from_millis(cfg.linger_ms);
     let batch_max = cfg.batch_max.min(intake.max_events());
     let mut filling = Filling::default();
     let mut submitted: FuturesOrdered<Submitted> = FuturesOrdered::new();
     let mut acks: VecDeque<Publish> = VecDeque::new();
-    let mut subscribed = false;
-    loop {
-        // Acknowledgements wait for room in the client's request channel, which the event loop
-        // below empties.
+    let ack_all = |acks: &mut VecDeque<Publish>| {
+        // Acknowledgements wait for room in the client's request channel, which the event
+        // loop empties.
         while let Some(p) = acks.front() {
             if client.try_ack(p).is_err() {
                 break;
@@ -313,9 +376,13 @@ async fn connection(
             acks.pop_front();
             metrics.acked.fetch_add(1, Ordering::Relaxed);
         }
+    };
+    let ended = loop {
+        ack_all(&mut acks);
         let deadline = filling.since.map(|s| s + linger);
         let room = submitted.len() < cfg.max_batches;
         tokio::select! {
+            biased;
             _ = stop.changed() => {
                 // Submit what is held and acknowledge what becomes durable, then leave.
                 if !filling.messages.is_empty() {
@@ -329,16 +396,12 @@ async fn connection(
                 }
                 let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
                 while !acks.is_empty() && tokio::time::Instant::now() < deadline {
-                    while let Some(p) = acks.front() {
-                        if client.try_ack(p).is_err() { break; }
-                        acks.pop_front();
-                        metrics.acked.fetch_add(1, Ordering::Relaxed);
-                    }
-                    let _ = tokio::time::timeout(Duration::from_millis(50), eventloop.poll()).await;
+                    ack_all(&mut acks);
+                    tokio::time::sleep(Duration::from_millis(10)).await;
                 }
+                // The disconnect follows the acknowledgements in the request channel.
                 let _ = client.try_disconnect();
-                let _ = tokio::time::timeout(Duration::from_millis(500), eventloop.poll()).await;
-                return Ended::Stopped;
+                break Ended::Stopped;
             }
             done = submitted.next(), if !submitted.is_empty() => {
                 let Some((result, messages, events)) = done else { continue };
@@ -352,34 +415,12 @@ async fn connection(
                         // these messages, and those after them, again on the next one.
                         metrics.failed_batches.fetch_add(1, Ordering::Relaxed);
                         error!(%error, "the engine did not take an MQTT batch: acknowledging nothing, reconnecting");
-                        return Ended::Again;
+                        break Ended::Again;
                     }
                 }
             }
-            () = sleep_until(deadline), if deadline.is_some() && room => {
-                submitted.push_back(submit(intake, std::mem::take(&mut filling)));
-            }
-            polled = eventloop.poll(), if room => match polled {
-                Ok(Event::Incoming(Incoming::ConnAck(ack))) => {
-                    info!(session_present = ack.session_present, "MQTT bridge connected");
-                    if !subscribed {
-                        for filter in cfg.filters() {
-                            if let Err(error) = client.try_subscribe(filter.clone(), QoS::AtLeastOnce) {
-                                error!(%error, filter, "could not subscribe");
-                                return Ended::Again;
-                            }
-                        }
-                        subscribed = true;
-                    }
-                }
-                Ok(Event::Incoming(Incoming::SubAck(ack))) => {
-                    if ack.return_codes.iter().any(|c| matches!(c, SubscribeReasonCode::Failure)) {
-                        error!(topics = ?cfg.filters(), "the broker refused a subscription (a shared one needs MQTT 5 or a broker that offers $share)");
-                    } else {
-                        metrics.connected.store(1, Ordering::Relaxed);
-                    }
-                }
-                Ok(Event::Incoming(Incoming::Publish(p))) => {
+            got = from_broker.recv(), if room => match got {
+                Some(FromBroker::Message(p)) => {
                     metrics.messages.fetch_add(1, Ordering::Relaxed);
                     match events::json::parse_events(&p.payload, intake.max_events()) {
                         Ok(events) => {
@@ -397,14 +438,22 @@ async fn connection(
                         submitted.push_back(submit(intake, std::mem::take(&mut filling)));
                     }
                 }
-                Ok(_) => {}
-                Err(error) => {
-                    complaints.say("connection", || warn!(%error, "MQTT connection lost; connecting again"));
-                    return Ended::Again;
-                }
+                Some(FromBroker::Lost) | None => break Ended::Again,
             },
+            () = sleep_until(deadline), if deadline.is_some() && room => {
+                submitted.push_back(submit(intake, std::mem::take(&mut filling)));
+            }
         }
+    };
+    // Stopped: the event loop writes the acknowledgements and the disconnect, then ends. Lost
+    // or dropped: it ends without acknowledging more.
+    if matches!(ended, Ended::Again) {
+        driver.abort();
     }
+    if tokio::time::timeout(Duration::from_secs(2), &mut driver).await.is_err() {
+        driver.abort();
+    }
+    ended
 }
 
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {

@@ -292,3 +292,42 @@ async fn a_node_killed_mid_stream_loses_nothing_the_bridge_acknowledged() {
     forget_session(&host, port, &client_id).await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_over_mqtt_completes_its_deliveries_without_loss() {
+    let Some((url, host, port)) = common::mqtt("a_fleet_over_mqtt_completes_its_deliveries_without_loss").await else {
+        return;
+    };
+    let tag = format!("fstest-{}-fleet", std::process::id());
+    let (dir, mut cfg) = common::loopback_config("mqtt-fleet");
+    cfg.mqtt.url = Some(url);
+    cfg.mqtt.topics = vec![format!("{tag}/telemetry/+")];
+    cfg.mqtt.client_id = format!("{tag}-node");
+    let node = Node::start(&cfg).await.unwrap();
+    let base = format!("http://{}", node.http_addr);
+    let http = services::tls::plain_client().unwrap();
+    bridge_connected(&http, &base).await;
+
+    let mut load =
+        loadgen::LoadConfig::new(node.quic_addr, base.clone(), ingest::Trust::Pem(node.certificate_pem.clone()));
+    load.mqtt = Some(loadgen::mqtt::MqttTarget { host: host.clone(), port, prefix: format!("{tag}/telemetry") });
+    load.drones = 60;
+    load.connections = 3;
+    load.rate = 3_000.0;
+    load.duration = Duration::from_secs(5);
+    load.leg = Duration::from_millis(400);
+    load.deliveries_per_s = 20.0;
+    let report = loadgen::run(load, Arc::new(|_: &loadgen::Progress| {})).await.unwrap();
+    assert_eq!(report.transport, "mqtt");
+    assert_eq!((report.events_sent, report.events_acked), (15_000, 15_000), "{report}");
+    assert_eq!(report.telemetry_events_observed, report.events_sent, "{report}");
+    assert!(report.deliveries_scheduled >= 40, "{report}");
+    assert_eq!(report.deliveries_completed, report.deliveries_scheduled, "{report}");
+    assert_eq!(report.delivery_events_observed, report.delivery_events_expected, "{report}");
+    assert_eq!((report.lost, report.duplicates), (0, 0), "{report}");
+    assert_eq!(metric(&http, &base, "fleetstream_mqtt_events_total").await, 15_000);
+
+    node.shutdown().await.unwrap();
+    forget_session(&host, port, &format!("{tag}-node")).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
