@@ -23,11 +23,14 @@ pub(crate) fn integer<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::
     use serde::Deserialize;
     use serde::de::Error as _;
     let n = serde_json::Number::deserialize(d)?;
+    integer_of(&n).ok_or_else(|| D::Error::custom(format!("{n} is not an integer from 0 to {MAX_SEQ}")))
+}
+
+/// `n` as JSON Schema's `int64` from 0 reads it: `7` and `7.0` alike, never a fraction, a
+/// negative or anything past [`MAX_SEQ`] (2^63 - 1, what PostgreSQL's BIGINT holds too).
+pub fn integer_of(n: &serde_json::Number) -> Option<u64> {
     let whole = n.as_f64().filter(|f| f.fract() == 0.0 && (0.0..=MAX_SEQ as f64).contains(f)).map(|f| f as u64);
-    n.as_u64()
-        .or(whole)
-        .filter(|&v| v <= MAX_SEQ)
-        .ok_or_else(|| D::Error::custom(format!("{n} is not an integer from 0 to {MAX_SEQ}")))
+    n.as_u64().or(whole).filter(|&v| v <= MAX_SEQ)
 }
 
 /// Why an event was refused: which one, which field, and what was wrong.
@@ -178,64 +181,78 @@ mod tests {
         }
     }
 
+    /// `v` as JSON: our own values always serialize.
+    fn json(v: &impl serde::Serialize) -> Vec<u8> {
+        serde_json::to_vec(v).expect("serializes") // ok: test code, our own values
+    }
+
+    /// The events of `body`, which must be accepted.
+    fn read(body: &[u8]) -> Vec<DroneEvent> {
+        parse_events(body, 10).expect("accepted") // ok: test code, the test's failure
+    }
+
+    /// Why `values` is refused, which it must be.
+    fn refused(values: &[serde_json::Value]) -> EventError {
+        parse_events(&json(&values), 10).expect_err("refused") // ok: test code, the test's failure
+    }
+
     #[test]
     fn the_streamed_form_reads_back_as_array_object_and_ndjson() {
         let events = vec![event(1, 1), event(2, 5)];
-        let array = serde_json::to_vec(&events).unwrap();
-        assert_eq!(parse_events(&array, 10).unwrap(), events);
-        let one = serde_json::to_vec(&events[0]).unwrap();
-        assert_eq!(parse_events(&one, 10).unwrap(), events[..1]);
+        assert_eq!(read(&json(&events)), events);
+        assert_eq!(read(&json(&events[0])), events[..1]);
         let mut ndjson = Vec::new();
         for e in &events {
-            ndjson.extend(serde_json::to_vec(e).unwrap());
+            ndjson.extend(json(e));
             ndjson.push(b'\n');
         }
-        assert_eq!(parse_events(&ndjson, 10).unwrap(), events);
+        assert_eq!(read(&ndjson), events);
         // The documented example, typed by hand, with altitude left out.
         let typed = br#"{"drone_id": 3, "seq": 1, "ts_us": 1700000000000000, "position": {"lat": 1, "lon": 2},
             "speed_mps": 0, "heading_deg": 0, "battery_pct": 50, "status": "idle", "kind": {"type": "position"}}"#;
-        assert_eq!(parse_events(typed, 10).unwrap()[0].drone_id, 3);
+        assert_eq!(read(typed)[0].drone_id, 3);
     }
 
     #[test]
     fn a_bad_event_is_named_by_index_and_field() {
-        let mut values: Vec<serde_json::Value> = (0..4).map(|i| serde_json::to_value(event(1, i)).unwrap()).collect();
+        let mut values: Vec<serde_json::Value> =
+            (0..4).map(|i| serde_json::from_slice(&json(&event(1, i))).unwrap_or_default()).collect();
         values[2]["position"]["lat"] = serde_json::json!("north");
-        let err = parse_events(&serde_json::to_vec(&values).unwrap(), 10).unwrap_err();
+        let err = refused(&values);
         assert_eq!((err.index, err.field.as_str()), (2, "position.lat"), "{err}");
         assert!(!err.message.contains("line"), "{err}");
 
         values[2]["position"]["lat"] = serde_json::json!(91.0);
-        let err = parse_events(&serde_json::to_vec(&values).unwrap(), 10).unwrap_err();
+        let err = refused(&values);
         assert_eq!((err.index, err.field.as_str()), (2, "position.lat"), "{err}");
 
         values[2]["position"]["lat"] = serde_json::json!(1.0);
         values[3]["kind"] = serde_json::json!({"type": "teleported"});
-        let err = parse_events(&serde_json::to_vec(&values).unwrap(), 10).unwrap_err();
+        let err = refused(&values);
         assert_eq!(err.index, 3, "{err}");
         assert!(err.field.starts_with("kind"), "{err}");
 
         values[3]["kind"] = serde_json::json!({"type": "position", "delivery": 4});
-        let err = parse_events(&serde_json::to_vec(&values).unwrap(), 10).unwrap_err();
+        let err = refused(&values);
         assert_eq!((err.index, err.field.as_str()), (3, "kind"), "{err}");
         values[3]["kind"] = serde_json::json!({"type": "position"});
         values[1]["colour"] = serde_json::json!("red");
-        let err = parse_events(&serde_json::to_vec(&values).unwrap(), 10).unwrap_err();
+        let err = refused(&values);
         assert_eq!(err.index, 1, "{err}");
         assert!(err.message.contains("colour"), "{err}");
 
         // Integers as JSON Schema reads them: 3.0 is 3; 3.5, -1 and 2^63 are not ids.
-        values[1].as_object_mut().unwrap().remove("colour");
+        values[1].as_object_mut().map(|o| o.remove("colour"));
         values[1]["seq"] = serde_json::json!(3.0);
-        assert_eq!(parse_events(&serde_json::to_vec(&values).unwrap(), 10).unwrap()[1].seq, 3);
+        assert_eq!(read(&json(&values))[1].seq, 3);
         for bad in [serde_json::json!(3.5), serde_json::json!(-1), serde_json::json!(9_223_372_036_854_775_808_u64)] {
             values[1]["seq"] = bad;
-            let err = parse_events(&serde_json::to_vec(&values).unwrap(), 10).unwrap_err();
+            let err = refused(&values);
             assert_eq!((err.index, err.field.as_str()), (1, "seq"), "{err}");
         }
 
         let ndjson = b"{\"drone_id\": 1}\n";
-        let err = parse_events(ndjson, 10).unwrap_err();
+        let err = parse_events(ndjson, 10).expect_err("refused"); // ok: test code, the test's failure
         assert_eq!(err.index, 0);
         assert!(err.message.contains("missing field"), "{err}");
     }
@@ -258,10 +275,10 @@ mod tests {
         }
         assert!(parse_events(b"  ", 10).is_err());
         assert!(parse_events(b"[]", 10).is_err());
-        let three = serde_json::to_vec(&vec![event(1, 1); 3]).unwrap();
-        assert_eq!(parse_events(&three, 2).unwrap_err().index, 2);
-        let lines = vec![serde_json::to_string(&event(1, 1)).unwrap(); 3].join("\n");
-        assert_eq!(parse_events(lines.as_bytes(), 2).unwrap_err().index, 2);
+        let three = json(&vec![event(1, 1); 3]);
+        assert_eq!(parse_events(&three, 2).map_err(|e| e.index), Err(2));
+        let lines = vec![json(&event(1, 1)); 3].join(&b'\n');
+        assert_eq!(parse_events(&lines, 2).map_err(|e| e.index), Err(2));
         assert!(parse_events(b"[{\"drone_id\": 1", 10).is_err());
     }
 }

@@ -11,7 +11,7 @@
 //! receives against what was sent ([`observe`]), so `lost` and `duplicates` come from what
 //! actually arrived, and latency is measured from intended creation to arrival.
 
-pub mod mqtt;
+pub mod adapters;
 pub mod observe;
 pub mod plot;
 pub mod readers;
@@ -108,8 +108,8 @@ pub struct LoadConfig {
     /// (`ingest.client_ca`).
     pub quic_identity: Option<(std::path::PathBuf, std::path::PathBuf)>,
     /// Telemetry over MQTT to this broker instead of QUIC (missions still come over each
-    /// connection's QUIC session): see [`mqtt`].
-    pub mqtt: Option<mqtt::MqttTarget>,
+    /// connection's QUIC session): see [`adapters`].
+    pub mqtt: Option<adapters::MqttTarget>,
     /// Telemetry as `POST /v1/telemetry` to `api` instead of QUIC (missions still over QUIC).
     pub http_telemetry: bool,
 }
@@ -780,11 +780,11 @@ pub async fn run(cfg: LoadConfig, progress: Arc<dyn Fn(&Progress) + Send + Sync>
         if let Some(target) = &cfg.mqtt {
             // Telemetry goes over MQTT; the QUIC session stays for the drones' missions.
             let client_id = format!("loadgen-{run_id}-{index}");
-            let (sender, answers) = mqtt::MqttSender::connect(target, client_id, index).await?;
+            let (sender, answers) = adapters::MqttSender::connect(target, client_id, index).await?;
             driver.mqtt = Some(sender);
             producer.1 = answers;
         } else if cfg.http_telemetry {
-            let (sender, answers) = mqtt::HttpSender::new(http.clone(), &api);
+            let (sender, answers) = adapters::HttpSender::new(http.clone(), &api);
             driver.http = Some(sender);
             producer.1 = answers;
         }
@@ -1177,9 +1177,9 @@ where
 /// One connection's share of the fleet: drones `first..first + drones.len()`.
 struct Driver {
     /// Telemetry over MQTT instead of the QUIC producer.
-    mqtt: Option<mqtt::MqttSender>,
+    mqtt: Option<adapters::MqttSender>,
     /// Telemetry over HTTP instead of the QUIC producer.
-    http: Option<mqtt::HttpSender>,
+    http: Option<adapters::HttpSender>,
     producer_id: u64,
     rate: f64,
     first: u64,

@@ -227,7 +227,8 @@ async fn main() -> anyhow::Result<()> {
     cfg.split = split;
     cfg.quic_identity = args.client_cert.clone().zip(args.client_key.clone());
     cfg.http_telemetry = args.http_telemetry;
-    cfg.mqtt = args.mqtt.as_deref().map(|url| loadgen::mqtt::MqttTarget::parse(url, &args.mqtt_prefix)).transpose()?;
+    cfg.mqtt =
+        args.mqtt.as_deref().map(|url| loadgen::adapters::MqttTarget::parse(url, &args.mqtt_prefix)).transpose()?;
     cfg.stall_reader = Duration::from_secs_f64(args.stall_reader_s.max(0.0));
     cfg.stall_reader_after = Duration::from_secs_f64(args.stall_reader_after_s.max(0.0));
     let ceiling = match args.compare_raw {

@@ -25,6 +25,7 @@ use crate::engine::Engine;
 #[derive(Debug, Clone)]
 pub struct Intake {
     engine: Engine,
+    node: std::sync::Arc<str>,
     producer: u64,
     max_events: usize,
     next_seq: std::sync::Arc<tokio::sync::Mutex<u64>>,
@@ -50,6 +51,7 @@ impl Intake {
         }
         Self {
             engine,
+            node: node.into(),
             producer: h | 1 << 63,
             max_events: max_events.max(1),
             next_seq: std::sync::Arc::new(tokio::sync::Mutex::new(events::now_us())),
@@ -61,6 +63,11 @@ impl Intake {
         let node = services::node_name(&cfg.data_dir.join("services"))
             .map_err(|e| crate::Error::Task(format!("the node's name: {e}")))?;
         Ok(Self::open(engine, &node, adapter, events::wire::DEFAULT_MAX_EVENTS as usize))
+    }
+
+    /// The lasting name of the node it feeds.
+    pub fn node(&self) -> &str {
+        &self.node
     }
 
     /// This adapter's producer id.

@@ -209,13 +209,14 @@ pub struct Bridge {
 }
 
 impl Bridge {
-    /// Starts the bridge of `cfg` (which must have a `url`) feeding `intake`; `node` is the
-    /// node's lasting name, for the default client id.
-    pub fn start(cfg: &MqttConfig, intake: Intake, node: &str) -> Result<Self, crate::Error> {
+    /// Starts the bridge of `cfg` (which must have a `url`) feeding `intake`, whose node's
+    /// lasting name makes the default client id.
+    pub fn start(cfg: &MqttConfig, intake: Intake) -> Result<Self, crate::Error> {
         let Some(broker) = cfg.validate()? else {
             return Err(crate::Error::Config("[mqtt] url is not set".into()));
         };
-        let client_id = if cfg.client_id.is_empty() { format!("fleetstream-{node}") } else { cfg.client_id.clone() };
+        let client_id =
+            if cfg.client_id.is_empty() { format!("fleetstream-{}", intake.node()) } else { cfg.client_id.clone() };
         let mut options = MqttOptions::new(client_id.clone(), broker.host.clone(), broker.port);
         options
             .set_clean_session(false)

@@ -331,10 +331,8 @@ impl Node {
         let mqtt = match cfg.mqtt.url {
             None => None,
             Some(_) => {
-                let node = services::node_name(&cfg.data_dir.join("services"))
-                    .map_err(|e| Error::Task(format!("the node's name: {e}")))?;
                 let intake = crate::intake::Intake::for_node(engine.clone(), cfg, crate::intake::Adapter::Mqtt)?;
-                Some(crate::mqtt::Bridge::start(&cfg.mqtt, intake, &node)?)
+                Some(crate::mqtt::Bridge::start(&cfg.mqtt, intake)?)
             }
         };
         let mqtt_metrics = mqtt.as_ref().map(|b| b.metrics.clone());

@@ -99,25 +99,11 @@ async fn bridge_connected(http: &reqwest::Client, base: &str) {
     }
 }
 
-async fn stage_becomes(http: &reqwest::Client, base: &str, id: u64, stage: &str) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        let v: Value = http.get(format!("{base}/v1/deliveries/{id}")).send().await.unwrap().json().await.unwrap();
-        if v["stage"] == stage {
-            return;
-        }
-        assert!(std::time::Instant::now() < deadline, "stage never became {stage}: {v}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_drone_reporting_over_mqtt_completes_a_delivery() {
-    let Some((url, host, port)) = common::mqtt("a_drone_reporting_over_mqtt_completes_a_delivery").await else {
-        return;
-    };
-    let tag = format!("fstest-{}-flight", std::process::id());
-    let (dir, mut cfg) = common::loopback_config("mqtt-flight");
+/// A node in this process bridging the broker at `url` on topics of its own (`<tag>/telemetry/+`,
+/// client id `<tag>-node`), its bridge subscribed: the tag, data dir, node, API URL and a client.
+async fn bridged_node(url: String, name: &str) -> (String, std::path::PathBuf, Node, String, reqwest::Client) {
+    let tag = format!("fstest-{}-{name}", std::process::id());
+    let (dir, mut cfg) = common::loopback_config(&format!("mqtt-{name}"));
     cfg.mqtt.url = Some(url);
     cfg.mqtt.topics = vec![format!("{tag}/telemetry/+")];
     cfg.mqtt.client_id = format!("{tag}-node");
@@ -125,6 +111,15 @@ async fn a_drone_reporting_over_mqtt_completes_a_delivery() {
     let base = format!("http://{}", node.http_addr);
     let http = services::tls::plain_client().unwrap();
     bridge_connected(&http, &base).await;
+    (tag, dir, node, base, http)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drone_reporting_over_mqtt_completes_a_delivery() {
+    let Some((url, host, port)) = common::mqtt("a_drone_reporting_over_mqtt_completes_a_delivery").await else {
+        return;
+    };
+    let (tag, dir, node, base, http) = bridged_node(url, "flight").await;
     let gateway = Publisher::connect(&host, port, &format!("{tag}-gateway"));
     let topic = format!("{tag}/telemetry/9");
 
@@ -177,7 +172,7 @@ async fn a_drone_reporting_over_mqtt_completes_a_delivery() {
     gateway.publish(&topic, serde_json::to_vec(&flight[150..]).unwrap()).await;
     messages += 1;
     gateway.acked(messages).await;
-    stage_becomes(&http, &base, id, "delivery_complete").await;
+    common::stage_becomes(&http, &base, id, "delivery_complete").await;
 
     let sub = node.engine.subscribe_deliveries_from(events::StartAt::Earliest).unwrap();
     let mut stages = Vec::new();
@@ -298,19 +293,11 @@ async fn a_fleet_over_mqtt_completes_its_deliveries_without_loss() {
     let Some((url, host, port)) = common::mqtt("a_fleet_over_mqtt_completes_its_deliveries_without_loss").await else {
         return;
     };
-    let tag = format!("fstest-{}-fleet", std::process::id());
-    let (dir, mut cfg) = common::loopback_config("mqtt-fleet");
-    cfg.mqtt.url = Some(url);
-    cfg.mqtt.topics = vec![format!("{tag}/telemetry/+")];
-    cfg.mqtt.client_id = format!("{tag}-node");
-    let node = Node::start(&cfg).await.unwrap();
-    let base = format!("http://{}", node.http_addr);
-    let http = services::tls::plain_client().unwrap();
-    bridge_connected(&http, &base).await;
+    let (tag, dir, node, base, http) = bridged_node(url, "fleet").await;
 
     let mut load =
         loadgen::LoadConfig::new(node.quic_addr, base.clone(), ingest::Trust::Pem(node.certificate_pem.clone()));
-    load.mqtt = Some(loadgen::mqtt::MqttTarget { host: host.clone(), port, prefix: format!("{tag}/telemetry") });
+    load.mqtt = Some(loadgen::adapters::MqttTarget { host: host.clone(), port, prefix: format!("{tag}/telemetry") });
     load.drones = 60;
     load.connections = 3;
     load.rate = 3_000.0;

@@ -18,18 +18,6 @@ async fn post(http: &reqwest::Client, base: &str, content_type: &str, body: Stri
     (resp.status().as_u16(), resp.json().await.unwrap())
 }
 
-async fn stage_becomes(http: &reqwest::Client, base: &str, id: u64, stage: &str) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let v: Value = http.get(format!("{base}/v1/deliveries/{id}")).send().await.unwrap().json().await.unwrap();
-        if v["stage"] == stage {
-            return;
-        }
-        assert!(std::time::Instant::now() < deadline, "stage never became {stage}: {v}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drone_reporting_over_http_completes_a_delivery() {
     let (dir, cfg) = common::loopback_config("telemetry-http");
@@ -81,12 +69,12 @@ async fn a_drone_reporting_over_http_completes_a_delivery() {
     let rest = flight.split_off(120);
     let (status, v) = post(&http, &base, "application/json", serde_json::to_string(&flight).unwrap()).await;
     assert_eq!((status, v["accepted"].as_u64()), (202, Some(flight.len() as u64)), "{v}");
-    stage_becomes(&http, &base, id, "in_transit").await;
+    common::stage_becomes(&http, &base, id, "in_transit").await;
     for _ in 0..2 {
         let (status, _) = post(&http, &base, "application/json", serde_json::to_string(&rest).unwrap()).await;
         assert_eq!(status, 202);
     }
-    stage_becomes(&http, &base, id, "delivery_complete").await;
+    common::stage_becomes(&http, &base, id, "delivery_complete").await;
     let sub = node.engine.subscribe_deliveries_from(events::StartAt::Earliest).unwrap();
     let mut stages = Vec::new();
     while let Ok(Ok(item)) = tokio::time::timeout(Duration::from_millis(500), sub.rx.recv_async()).await {

@@ -337,10 +337,7 @@ pub(crate) fn integer_ids<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<
     raw.iter()
         .enumerate()
         .map(|(i, n)| {
-            let integral = n.as_f64().filter(|f| f.fract() == 0.0 && (0.0..=MAX_ID as f64).contains(f));
-            n.as_u64()
-                .or_else(|| integral.map(|f| f as u64))
-                .filter(|&id| id <= MAX_ID)
+            events::json::integer_of(n)
                 .ok_or_else(|| D::Error::custom(format!("[{i}]: {n} is not an id (an integer 0 to {MAX_ID})")))
         })
         .collect()
@@ -348,7 +345,7 @@ pub(crate) fn integer_ids<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<
 
 /// The largest id the API takes: ids are stored as signed 64-bit integers (PostgreSQL's
 /// BIGINT), and the document declares them `int64`, minimum 0.
-pub(crate) const MAX_ID: u64 = i64::MAX as u64;
+pub(crate) const MAX_ID: u64 = events::json::MAX_SEQ;
 
 pub(crate) fn parse_id(raw: &str) -> Result<u64, Error> {
     raw.parse()

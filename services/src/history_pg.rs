@@ -470,7 +470,7 @@ mod tests {
         }
         let sep = if base.contains('?') { '&' } else { '?' };
         let mut client = pg_connect(&format!("{base}{sep}sslmode=require&sslrootcert={ca}")).expect("a TLS session"); // ok: the server says it serves TLS
-        let row = client.query_one("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[]).expect("its state");
+        let row = client.query_one("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[]).expect("its state"); // ok: test code, a live session's own row
         assert!(row.get::<_, bool>(0), "the session is encrypted");
         let refused = pg_connect(&format!("{base}{sep}sslmode=require")).err().unwrap_or_default();
         assert!(refused.contains("sslrootcert"), "{refused}");

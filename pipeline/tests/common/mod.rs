@@ -312,3 +312,17 @@ pub async fn mqtt(test: &str) -> Option<(String, String, u16)> {
         }
     }
 }
+
+/// Waits (up to 15 s) until `GET /v1/deliveries/{id}` at `base` reads `stage`.
+pub async fn stage_becomes(http: &reqwest::Client, base: &str, id: u64, stage: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let v: serde_json::Value =
+            http.get(format!("{base}/v1/deliveries/{id}")).send().await.unwrap().json().await.unwrap();
+        if v["stage"] == stage {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "stage never became {stage}: {v}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
