@@ -8,7 +8,9 @@
 //! bad one is reported with its index and the field at fault, so a sender can find it without
 //! guessing. Nothing here does I/O.
 
-use crate::model::DroneEvent;
+use crate::model::{DroneEvent, GeoPoint};
+use crate::queue::{Mission, MissionKind};
+use crate::wire::TraceContext;
 
 /// The fastest ground speed taken as plausible, m/s (a delivery drone flies at 10-30).
 pub const MAX_SPEED_MPS: f32 = 150.0;
@@ -160,10 +162,131 @@ pub fn check(e: &DroneEvent) -> Result<(), (&'static str, String)> {
     Ok(())
 }
 
+/// What a mission tells the drone, by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MissionKindName {
+    /// [`MissionKind::Fly`].
+    Fly,
+    /// [`MissionKind::ReturnToBase`].
+    ReturnToBase,
+}
+
+/// A mission as the MQTT bridge publishes it on `fleetstream/missions/{drone_id}`: the
+/// `drone-commands` message's id and attempt beside the mission's fields.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MissionMessage {
+    /// The message's id in `drone-commands`: the drone acknowledges the mission with it.
+    pub mission_id: u64,
+    /// Which delivery attempt this is, from 1: above 1 the drone may have had it already (a
+    /// mission is taken once per delivery, see [`MissionKind::Fly`]).
+    pub attempt: u32,
+    /// What to do.
+    pub kind: MissionKindName,
+    /// The delivery.
+    pub delivery_id: u64,
+    /// The drone.
+    pub drone_id: u64,
+    /// Where the package is collected.
+    pub pickup: GeoPoint,
+    /// Where it is dropped off.
+    pub dropoff: GeoPoint,
+    /// When the delivery was scheduled, µs since the epoch.
+    pub ts_us: u64,
+    /// The scheduling request's W3C `traceparent`, for the drone to carry on the telemetry that
+    /// flies the mission; absent when untraced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
+}
+
+impl MissionMessage {
+    /// `m`, leased as message `mission_id` on its `attempt`.
+    pub fn new(mission_id: u64, attempt: u32, m: &Mission) -> Self {
+        Self {
+            mission_id,
+            attempt,
+            kind: match m.kind {
+                MissionKind::Fly => MissionKindName::Fly,
+                MissionKind::ReturnToBase => MissionKindName::ReturnToBase,
+            },
+            delivery_id: m.delivery_id,
+            drone_id: m.drone_id,
+            pickup: m.pickup,
+            dropoff: m.dropoff,
+            ts_us: m.ts_us,
+            traceparent: m.trace.is_some().then(|| m.trace.to_header()),
+        }
+    }
+
+    /// Reads a published mission; a place off the globe or a bad `traceparent` is refused.
+    pub fn parse(body: &[u8]) -> Result<Self, String> {
+        let m: Self = serde_json::from_slice(body).map_err(|e| plain(&e))?;
+        if !(m.pickup.is_valid() && m.dropoff.is_valid()) {
+            return Err("a mission's places must be on the globe".into());
+        }
+        if m.traceparent.as_deref().is_some_and(|t| TraceContext::parse(t).is_none()) {
+            return Err("traceparent is not a W3C trace context".into());
+        }
+        Ok(m)
+    }
+
+    /// The mission itself.
+    pub fn mission(&self) -> Mission {
+        let kind = match self.kind {
+            MissionKindName::Fly => MissionKind::Fly,
+            MissionKindName::ReturnToBase => MissionKind::ReturnToBase,
+        };
+        let trace = self.traceparent.as_deref().and_then(TraceContext::parse).unwrap_or_default();
+        Mission {
+            kind,
+            delivery_id: self.delivery_id,
+            drone_id: self.drone_id,
+            pickup: self.pickup,
+            dropoff: self.dropoff,
+            ts_us: self.ts_us,
+            trace,
+        }
+    }
+}
+
+/// A drone's answer to a mission, on `fleetstream/missions/{drone_id}/ack`: done with it, or
+/// (with `error`) unable to fly it, which offers it again or dead-letters it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MissionAck {
+    /// The [`MissionMessage::mission_id`] answered.
+    #[serde(deserialize_with = "integer")]
+    pub mission_id: u64,
+    /// Why the drone could not take it; absent when it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl MissionAck {
+    /// Longest `error` kept: the queue records it as the reason.
+    pub const MAX_ERROR: usize = 1024;
+
+    /// Reads an answer.
+    pub fn parse(body: &[u8]) -> Result<Self, String> {
+        let mut a: Self = serde_json::from_slice(body).map_err(|e| plain(&e))?;
+        if let Some(e) = &mut a.error
+            && e.len() > Self::MAX_ERROR
+        {
+            let mut cut = Self::MAX_ERROR;
+            while !e.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            e.truncate(cut);
+        }
+        Ok(a)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{DroneEventKind, FlightStatus, GeoPoint};
+    use crate::model::{DroneEventKind, FlightStatus};
 
     const NOW: u64 = 1_700_000_000_000_000;
 
@@ -280,5 +403,34 @@ mod tests {
         let lines = vec![json(&event(1, 1)); 3].join(&b'\n');
         assert_eq!(parse_events(&lines, 2).map_err(|e| e.index), Err(2));
         assert!(parse_events(b"[{\"drone_id\": 1", 10).is_err());
+    }
+
+    #[test]
+    fn missions_and_their_answers_round_trip_and_bad_ones_are_refused() {
+        let trace = TraceContext::new_root();
+        let m = Mission::fly(7, 3, GeoPoint::new(47.6, -122.3), GeoPoint::new(47.7, -122.2), NOW, trace);
+        let msg = MissionMessage::new(11, 2, &m);
+        let back = MissionMessage::parse(&json(&msg)).expect("reads back"); // ok: test code, the test's failure
+        assert_eq!(back, msg);
+        assert_eq!(back.mission(), m);
+        let rtb = Mission { kind: MissionKind::ReturnToBase, trace: TraceContext::default(), ..m };
+        let text = json(&MissionMessage::new(12, 1, &rtb));
+        assert!(!String::from_utf8_lossy(&text).contains("traceparent"));
+        assert!(String::from_utf8_lossy(&text).contains("\"return_to_base\""));
+        assert_eq!(MissionMessage::parse(&text).map(|r| r.mission()), Ok(rtb));
+        let mut off = MissionMessage::new(13, 1, &m);
+        off.pickup.lat = 95.0;
+        assert!(MissionMessage::parse(&json(&off)).is_err());
+        off.pickup.lat = 1.0;
+        off.traceparent = Some("00-zz".into());
+        assert!(MissionMessage::parse(&json(&off)).is_err());
+
+        assert_eq!(MissionAck::parse(br#"{"mission_id": 11}"#), Ok(MissionAck { mission_id: 11, error: None }));
+        let long = format!(r#"{{"mission_id": 11, "error": "{}"}}"#, "é".repeat(1000));
+        let nack = MissionAck::parse(long.as_bytes()).expect("reads"); // ok: test code, the test's failure
+        assert!(nack.error.is_some_and(|e| e.len() <= MissionAck::MAX_ERROR && e.starts_with('é')));
+        for bad in [&br#"{}"#[..], br#"{"mission_id": -1}"#, br#"{"mission_id": 1, "ok": true}"#, b"ack"] {
+            assert!(MissionAck::parse(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+        }
     }
 }

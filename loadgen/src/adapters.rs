@@ -2,7 +2,8 @@
 //! node's adapters would send it. Over MQTT (`loadgen --mqtt URL`): each batch one QoS 1
 //! message, a JSON array of events in the form of `POST /v1/telemetry`, on the connection's own
 //! topic (`<prefix>/gw-<n>`, so its drones' events stay in order); an answer is the broker's
-//! `PUBACK` (the broker holds the message, not yet the node). Over HTTP (`loadgen
+//! `PUBACK` (the broker holds the message, not yet the node). With `--mqtt-missions` the
+//! drones also take their missions over MQTT and answer them there. Over HTTP (`loadgen
 //! --http-telemetry`): each batch one `POST /v1/telemetry`, answered once durable. Whether the
 //! node kept everything is what the subscriber checks, as for QUIC.
 
@@ -12,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use events::DroneEvent;
-use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, Outgoing, QoS};
+use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, Outgoing, QoS, SubscribeFilter};
 use tokio::sync::mpsc;
 
 /// Where the fleet publishes: `mqtt://host[:port]`, and the topic prefix.
@@ -25,6 +26,12 @@ pub struct MqttTarget {
     /// Topics are `<prefix>/gw-<connection>`; default `fleetstream/telemetry`, which the node's
     /// default `[mqtt] topics` subscribe to.
     pub prefix: String,
+    /// Missions over MQTT too (`loadgen --mqtt-missions`; the node's `[mqtt] missions` must
+    /// name the fleet's drones): each connection subscribes to its drones'
+    /// `<missions_prefix>/{drone_id}` and answers on `.../ack`.
+    pub missions: bool,
+    /// The node's `[mqtt] missions_topic`; default `fleetstream/missions`.
+    pub missions_prefix: String,
 }
 
 impl MqttTarget {
@@ -37,12 +44,21 @@ impl MqttTarget {
             None => (rest, 1883),
         };
         anyhow::ensure!(!host.is_empty(), "{url:?}: no host");
-        Ok(Self { host: host.to_string(), port, prefix: prefix.trim_end_matches('/').to_string() })
+        Ok(Self {
+            host: host.to_string(),
+            port,
+            prefix: prefix.trim_end_matches('/').to_string(),
+            missions: false,
+            missions_prefix: MISSIONS_TOPIC.into(),
+        })
     }
 }
 
 /// Messages a connection may have unacknowledged by the broker: the window, as for QUIC.
 const INFLIGHT: u16 = 64;
+
+/// Where the node publishes missions by default, answered on `<topic>/{drone_id}/ack`.
+pub const MISSIONS_TOPIC: &str = "fleetstream/missions";
 
 /// One fleet connection's MQTT publisher.
 #[derive(Debug)]
@@ -51,16 +67,59 @@ pub struct MqttSender {
     topic: String,
     /// Batches handed to the client, not yet written (their packet ids are not known yet).
     queued: Arc<Mutex<VecDeque<(u64, u32)>>>,
+    /// Missions for this connection's drones, as they arrive (with `missions`).
+    missions: Option<mpsc::Receiver<events::Leased>>,
+    /// Where missions are answered.
+    prefix: Arc<str>,
     task: tokio::task::JoinHandle<()>,
+}
+
+/// Answers missions that came over MQTT, on their drone's answer topic.
+#[derive(Debug, Clone)]
+pub struct MissionAnswers {
+    client: AsyncClient,
+    prefix: Arc<str>,
+}
+
+impl MissionAnswers {
+    /// Acknowledges `m` (taken and done) or refuses it with the reason.
+    pub async fn settle(&self, m: &events::Leased, verdict: events::Verdict) -> anyhow::Result<()> {
+        let error = match verdict {
+            events::Verdict::Ack => None,
+            events::Verdict::Nack(why) => Some(why),
+        };
+        let body = serde_json::to_vec(&events::json::MissionAck { mission_id: m.id, error })?;
+        let topic = format!("{}/{}/ack", self.prefix, m.key);
+        self.client.publish(topic, QoS::AtLeastOnce, false, body).await.context("answering a mission")
+    }
+}
+
+/// A mission as the driver takes it: its message id, drone and attempt, and the mission in the
+/// queue's encoding (the token is unused: the bridge holds the lease).
+fn leased_of(body: &[u8]) -> Option<events::Leased> {
+    let m = events::json::MissionMessage::parse(body)
+        .map_err(|e| tracing::warn!(error = %e, "a mission over MQTT is unreadable"))
+        .ok()?;
+    Some(events::Leased {
+        id: m.mission_id,
+        key: m.drone_id,
+        attempt: m.attempt,
+        token: 0,
+        payload: m.mission().to_bytes().into(),
+    })
 }
 
 impl MqttSender {
     /// Connects as `client_id` and publishes on `<prefix>/gw-<index>`; the broker's
     /// acknowledgements come out of the receiver as answers.
+    ///
+    /// With `target.missions`, it also subscribes to the missions of `drones` (again after
+    /// each reconnect: the session is clean) and hands them out through [`Self::take_missions`].
     pub async fn connect(
         target: &MqttTarget,
         client_id: String,
         index: usize,
+        drones: &[u64],
     ) -> anyhow::Result<(Self, mpsc::Receiver<ingest::Answer>)> {
         let mut options = MqttOptions::new(client_id, target.host.clone(), target.port);
         options
@@ -81,10 +140,39 @@ impl MqttSender {
         let (answers_tx, answers) = mpsc::channel(usize::from(INFLIGHT) * 2);
         let queued: Arc<Mutex<VecDeque<(u64, u32)>>> = Arc::default();
         let written = queued.clone();
+        let filters: Vec<_> = if target.missions {
+            drones
+                .iter()
+                .map(|d| SubscribeFilter::new(format!("{}/{d}", target.missions_prefix), QoS::AtLeastOnce))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let (missions_tx, missions) = mpsc::channel(drones.len().clamp(16, 1024));
+        let subscribe = {
+            let (client, filters) = (client.clone(), filters.clone());
+            move || {
+                // Up to 500 filters a packet: well inside any broker's packet size.
+                for chunk in filters.chunks(500) {
+                    if let Err(error) = client.try_subscribe_many(chunk.to_vec()) {
+                        tracing::warn!(%error, "could not subscribe to the drones' missions");
+                    }
+                }
+            }
+        };
+        subscribe();
         let task = tokio::spawn(async move {
             let mut inflight: HashMap<u16, (u64, u32)> = HashMap::new();
             loop {
                 match eventloop.poll().await {
+                    Ok(Event::Incoming(Incoming::ConnAck(_))) => subscribe(),
+                    Ok(Event::Incoming(Incoming::Publish(p))) => {
+                        if let Some(m) = leased_of(&p.payload)
+                            && missions_tx.send(m).await.is_err()
+                        {
+                            return;
+                        }
+                    }
                     Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
                         let next = written.lock().ok().and_then(|mut q| q.pop_front());
                         if let Some(batch) = next {
@@ -109,7 +197,16 @@ impl MqttSender {
                 }
             }
         });
-        Ok((Self { client, topic: format!("{}/gw-{index}", target.prefix), queued, task }, answers))
+        let missions = target.missions.then_some(missions);
+        let prefix = target.missions_prefix.as_str().into();
+        let topic = format!("{}/gw-{index}", target.prefix);
+        Ok((Self { client, topic, queued, missions, prefix, task }, answers))
+    }
+
+    /// The missions arriving for this connection's drones, and how to answer them (once; `None`
+    /// without `missions`).
+    pub fn take_missions(&mut self) -> Option<(mpsc::Receiver<events::Leased>, MissionAnswers)> {
+        Some((self.missions.take()?, MissionAnswers { client: self.client.clone(), prefix: self.prefix.clone() }))
     }
 
     /// Publishes `events` as batch `batch_seq`; waits while the client's window is full.

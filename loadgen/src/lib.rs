@@ -403,7 +403,7 @@ pub struct Report {
     /// `full` (everything measured) or `raw` (transport only: loss and latency not measured).
     pub mode: &'static str,
     /// How telemetry was sent: `quic`, `http`, or `mqtt` (acked then means the broker's
-    /// `PUBACK`).
+    /// `PUBACK`), `mqtt+missions` when the missions came over MQTT too.
     pub transport: &'static str,
     /// When telemetry was read.
     pub telemetry_check: TelemetryCheck,
@@ -427,6 +427,9 @@ impl std::fmt::Display for Report {
         writeln!(f, "drones {} over {} connections, {:.1} s", self.drones, self.connections, self.duration_s)?;
         match self.transport {
             "mqtt" => writeln!(f, "transport   telemetry over MQTT (acked: the broker's PUBACK), missions over QUIC")?,
+            "mqtt+missions" => {
+                writeln!(f, "transport   telemetry and missions over MQTT (acked: the broker's PUBACK)")?
+            }
             "http" => {
                 writeln!(f, "transport   telemetry as POST /v1/telemetry (acked: 202, durable), missions over QUIC")?
             }
@@ -780,7 +783,8 @@ pub async fn run(cfg: LoadConfig, progress: Arc<dyn Fn(&Progress) + Send + Sync>
         if let Some(target) = &cfg.mqtt {
             // Telemetry goes over MQTT; the QUIC session stays for the drones' missions.
             let client_id = format!("loadgen-{run_id}-{index}");
-            let (sender, answers) = adapters::MqttSender::connect(target, client_id, index).await?;
+            let drones: Vec<u64> = driver.drones.iter().map(|d| d.id).collect();
+            let (sender, answers) = adapters::MqttSender::connect(target, client_id, index, &drones).await?;
             driver.mqtt = Some(sender);
             producer.1 = answers;
         } else if cfg.http_telemetry {
@@ -1011,6 +1015,7 @@ pub async fn run(cfg: LoadConfig, progress: Arc<dyn Fn(&Progress) + Send + Sync>
         connections: conns,
         mode: if cfg.raw { "raw" } else { "full" },
         transport: match (&cfg.mqtt, cfg.http_telemetry) {
+            (Some(t), _) if t.missions => "mqtt+missions",
             (Some(_), _) => "mqtt",
             (None, true) => "http",
             (None, false) => "quic",
@@ -1187,7 +1192,24 @@ struct Driver {
 }
 
 /// A mission leased from `drone-commands` and the means to settle it.
-type HeldMission = (events::Leased, ingest::consume::Settler);
+type HeldMission = (events::Leased, MissionSettler);
+
+/// How a drone answers its missions: on its connection's QUIC consumer, or on the mission's
+/// MQTT answer topic (`--mqtt-missions`).
+#[derive(Debug, Clone)]
+enum MissionSettler {
+    Quic(ingest::consume::Settler),
+    Mqtt(adapters::MissionAnswers),
+}
+
+impl MissionSettler {
+    async fn settle(&self, m: &events::Leased, verdict: events::Verdict) -> anyhow::Result<()> {
+        match self {
+            Self::Quic(s) => Ok(s.settle(m, verdict).await?),
+            Self::Mqtt(a) => a.settle(m, verdict).await,
+        }
+    }
+}
 
 /// What one fleet connection's driver ends with.
 struct DriverOutcome {
@@ -1209,7 +1231,7 @@ struct MissionBook {
     /// Leased and being flown, by delivery.
     flying: std::collections::HashMap<u64, HeldMission>,
     /// Leased, waiting for the drone to finish its current mission.
-    waiting: Vec<(events::Mission, events::Leased, ingest::consume::Settler)>,
+    waiting: Vec<(events::Mission, events::Leased, MissionSettler)>,
     /// Dropped off in the batch being filled.
     in_batch: Vec<HeldMission>,
     /// Deliveries dropped off in this run (a redelivery of one is acked at once).
@@ -1250,7 +1272,7 @@ impl MissionBook {
 async fn take_missions(
     producer: Arc<Producer>,
     keys: events::KeyRange,
-    to_driver: mpsc::Sender<(events::Leased, ingest::consume::Settler)>,
+    to_driver: mpsc::Sender<(events::Leased, MissionSettler)>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     while !*stop.borrow() {
@@ -1277,7 +1299,7 @@ async fn take_missions(
                 }
                 m = consumer.recv() => match m {
                     Some(Ok(m)) => {
-                        if to_driver.send((m, settler.clone())).await.is_err() {
+                        if to_driver.send((m, MissionSettler::Quic(settler.clone()))).await.is_err() {
                             return;
                         }
                     }
@@ -1288,6 +1310,29 @@ async fn take_missions(
                     None => break,
                 },
             }
+        }
+    }
+}
+
+/// Hands the missions that came over MQTT to the driver, each with the means to answer it,
+/// until `stop`.
+async fn missions_over_mqtt(
+    mut from_broker: mpsc::Receiver<events::Leased>,
+    answers: adapters::MissionAnswers,
+    to_driver: mpsc::Sender<(events::Leased, MissionSettler)>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            m = from_broker.recv() => match m {
+                Some(m) => {
+                    if to_driver.send((m, MissionSettler::Mqtt(answers.clone()))).await.is_err() {
+                        return;
+                    }
+                }
+                None => return,
+            },
         }
     }
 }
@@ -1307,8 +1352,14 @@ impl Driver {
         let (mission_tx, mut missions) = mpsc::channel(self.drones.len().clamp(16, 1024));
         let (stop_missions, stop_rx) = tokio::sync::watch::channel(false);
         let keys = events::KeyRange { lo: self.first, hi: self.first + self.drones.len() as u64 };
-        let taker =
-            if cfg.raw { None } else { Some(tokio::spawn(take_missions(producer.clone(), keys, mission_tx, stop_rx))) };
+        let over_mqtt = self.mqtt.as_mut().and_then(adapters::MqttSender::take_missions);
+        let taker = match over_mqtt {
+            _ if cfg.raw => None,
+            Some((from_broker, answers)) => {
+                Some(tokio::spawn(missions_over_mqtt(from_broker, answers, mission_tx, stop_rx)))
+            }
+            None => Some(tokio::spawn(take_missions(producer.clone(), keys, mission_tx, stop_rx))),
+        };
         let answer_counters = counters.clone();
         // Missions whose drop-off rides in a batch, by batch number: acked once that batch is.
         let (dropoffs_tx, mut dropoffs_rx) = mpsc::channel::<(u64, Vec<HeldMission>)>(1024);
@@ -1464,8 +1515,8 @@ impl Driver {
         &mut self,
         book: &mut MissionBook,
         leased: events::Leased,
-        settler: ingest::consume::Settler,
-    ) -> Vec<(events::Verdict, events::Leased, ingest::consume::Settler)> {
+        settler: MissionSettler,
+    ) -> Vec<(events::Verdict, events::Leased, MissionSettler)> {
         let m = match events::Mission::from_bytes(&leased.payload) {
             Ok(m) => m,
             Err(error) => return vec![(events::Verdict::Nack(format!("not a mission: {error}")), leased, settler)],

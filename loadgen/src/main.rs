@@ -41,14 +41,18 @@ struct Args {
     rate: Option<f64>,
     /// Send telemetry over MQTT to this broker (`mqtt://host[:port]`) instead of QUIC, as
     /// gateways in front of the node's MQTT bridge (`[mqtt] url`) would: each batch one QoS 1
-    /// message, a JSON array, on `<--mqtt-prefix>/gw-<connection>`. Missions still come over
-    /// each connection's QUIC session.
+    /// message, a JSON array, on `<--mqtt-prefix>/gw-<connection>`. Missions come over each
+    /// connection's QUIC session unless --mqtt-missions.
     #[arg(long, value_name = "URL")]
     mqtt: Option<String>,
     /// Send telemetry as `POST /v1/telemetry` (JSON arrays, one request per batch, in order per
     /// connection) to --api instead of QUIC. Missions still come over QUIC.
     #[arg(long, conflicts_with = "mqtt")]
     http_telemetry: bool,
+    /// With --mqtt: take missions over MQTT too, on `fleetstream/missions/{drone_id}`, answered
+    /// on `.../ack` (the node's `[mqtt] missions` must name the fleet's drones, e.g. "all").
+    #[arg(long, requires = "mqtt")]
+    mqtt_missions: bool,
     /// Topic prefix for --mqtt (the node subscribes to `fleetstream/telemetry/+` by default).
     #[arg(long, default_value = "fleetstream/telemetry", requires = "mqtt")]
     mqtt_prefix: String,
@@ -227,8 +231,12 @@ async fn main() -> anyhow::Result<()> {
     cfg.split = split;
     cfg.quic_identity = args.client_cert.clone().zip(args.client_key.clone());
     cfg.http_telemetry = args.http_telemetry;
-    cfg.mqtt =
-        args.mqtt.as_deref().map(|url| loadgen::adapters::MqttTarget::parse(url, &args.mqtt_prefix)).transpose()?;
+    cfg.mqtt = args
+        .mqtt
+        .as_deref()
+        .map(|url| loadgen::adapters::MqttTarget::parse(url, &args.mqtt_prefix))
+        .transpose()?
+        .map(|t| loadgen::adapters::MqttTarget { missions: args.mqtt_missions, ..t });
     cfg.stall_reader = Duration::from_secs_f64(args.stall_reader_s.max(0.0));
     cfg.stall_reader_after = Duration::from_secs_f64(args.stall_reader_after_s.max(0.0));
     let ceiling = match args.compare_raw {

@@ -104,6 +104,9 @@
 //! max_message_bytes = 1048576
 //! keep_alive_s = 30
 //! reconnect_ms = 1000
+//! missions = ""                # drones whose missions go over MQTT: "all", "LO..HI"; "": QUIC
+//! missions_topic = "fleetstream/missions"     # <topic>/{drone_id}, answered on .../ack
+//! missions_in_flight = 1024    # published and not yet answered, at most
 //!
 //! [services.drones]
 //! min_battery_pct = 30.0       # a drone needs this much to be assigned

@@ -75,6 +75,11 @@ impl Intake {
         self.producer
     }
 
+    /// The engine it submits to.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
     /// Most events one call takes.
     pub fn max_events(&self) -> usize {
         self.max_events

@@ -26,12 +26,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use events::{KeyRange, QueueName, Verdict, WorkQueues};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesOrdered;
-use rumqttc::{AsyncClient, Event, EventLoop, Incoming, MqttOptions, Publish, QoS, SubscribeReasonCode, Transport};
+use rumqttc::{
+    AsyncClient, Event, EventLoop, Incoming, MqttOptions, Publish, QoS, SubscribeFilter, SubscribeReasonCode, Transport,
+};
 use serde::{Deserialize, Serialize};
 use tracing::{error, info, warn};
 
+use crate::engine::Engine;
 use crate::intake::Intake;
 
 /// `[mqtt]`: the bridge, off unless `url` is set.
@@ -70,6 +74,16 @@ pub struct MqttConfig {
     pub keep_alive_s: u64,
     /// Wait before connecting again after the connection was lost, ms. Default 1000.
     pub reconnect_ms: u64,
+    /// The drones whose missions go out over MQTT: `"all"`, `"LO..HI"` (ids `LO` up to but not
+    /// including `HI`), or empty (default): none, missions stay on QUIC. The bridge holds
+    /// these drones' keys of `drone-commands` as a QUIC session would, so no QUIC session may
+    /// take missions for the same drones (the later one takes them over).
+    pub missions: String,
+    /// Missions published and not yet acknowledged by their drones, at most. Default 1024.
+    pub missions_in_flight: usize,
+    /// Where missions go: `<missions_topic>/{drone_id}`, answered on
+    /// `<missions_topic>/{drone_id}/ack`. Default `fleetstream/missions`.
+    pub missions_topic: String,
 }
 
 impl Default for MqttConfig {
@@ -88,6 +102,9 @@ impl Default for MqttConfig {
             max_message_bytes: 1 << 20,
             keep_alive_s: 30,
             reconnect_ms: 1000,
+            missions: String::new(),
+            missions_in_flight: 1024,
+            missions_topic: "fleetstream/missions".into(),
         }
     }
 }
@@ -154,7 +171,39 @@ impl MqttConfig {
         if self.password.is_some() && self.username.is_none() {
             return Err(crate::Error::Config("[mqtt] password is set without a username".into()));
         }
+        if self.mission_keys()?.is_some() && self.missions_in_flight == 0 {
+            return Err(crate::Error::Config("[mqtt] missions_in_flight must be above 0".into()));
+        }
+        let topic = &self.missions_topic;
+        if topic.is_empty() || topic.ends_with('/') || topic.contains(['+', '#']) || topic.starts_with('$') {
+            return Err(crate::Error::Config(format!(
+                "[mqtt] missions_topic {topic:?}: a topic name without wildcards, $ or a trailing /"
+            )));
+        }
         Ok(Some(broker))
+    }
+
+    /// The drones whose missions the bridge publishes, from `missions`.
+    pub fn mission_keys(&self) -> Result<Option<KeyRange>, crate::Error> {
+        let bad = || {
+            crate::Error::Config(format!(
+                "[mqtt] missions {:?}: give \"all\", \"LO..HI\" (drone ids, LO below HI) or nothing",
+                self.missions
+            ))
+        };
+        match self.missions.trim() {
+            "" => Ok(None),
+            "all" => Ok(Some(KeyRange::ALL)),
+            range => {
+                let (lo, hi) = range.split_once("..").ok_or_else(bad)?;
+                let (lo, hi) =
+                    (lo.trim().parse::<u64>().map_err(|_| bad())?, hi.trim().parse::<u64>().map_err(|_| bad())?);
+                if lo >= hi {
+                    return Err(bad());
+                }
+                Ok(Some(KeyRange { lo, hi }))
+            }
+        }
     }
 
     /// The filters subscribed to: shared when there is a group.
@@ -183,6 +232,17 @@ pub struct MqttMetrics {
     pub failed_batches: AtomicU64,
     /// 1 while connected and subscribed.
     pub connected: AtomicU64,
+    /// Missions published to drones (each attempt).
+    pub missions_sent: AtomicU64,
+    /// Missions their drones acknowledged as taken.
+    pub missions_acked: AtomicU64,
+    /// Missions their drones answered with an error (offered again or dead-lettered).
+    pub missions_refused: AtomicU64,
+    /// Answers to missions the bridge no longer holds (answered before, or their lease ran
+    /// out), or not readable as answers.
+    pub missions_stale_answers: AtomicU64,
+    /// Missions published and not yet answered.
+    pub missions_in_flight: AtomicU64,
 }
 
 impl MqttMetrics {
@@ -196,6 +256,11 @@ impl MqttMetrics {
         events::prom::counter(out, "fleetstream_mqtt_disconnects_total", load(&self.disconnects));
         events::prom::counter(out, "fleetstream_mqtt_failed_batches_total", load(&self.failed_batches));
         events::prom::gauge(out, "fleetstream_mqtt_connected", load(&self.connected));
+        events::prom::counter(out, "fleetstream_mqtt_missions_sent_total", load(&self.missions_sent));
+        events::prom::counter(out, "fleetstream_mqtt_missions_acked_total", load(&self.missions_acked));
+        events::prom::counter(out, "fleetstream_mqtt_missions_refused_total", load(&self.missions_refused));
+        events::prom::counter(out, "fleetstream_mqtt_missions_stale_answers_total", load(&self.missions_stale_answers));
+        events::prom::gauge(out, "fleetstream_mqtt_missions_in_flight", load(&self.missions_in_flight));
     }
 }
 
@@ -211,10 +276,15 @@ pub struct Bridge {
 impl Bridge {
     /// Starts the bridge of `cfg` (which must have a `url`) feeding `intake`, whose node's
     /// lasting name makes the default client id.
-    pub fn start(cfg: &MqttConfig, intake: Intake) -> Result<Self, crate::Error> {
+    ///
+    /// With `missions` set, it also publishes those drones' missions from `drone-commands`;
+    /// `lease_for` is the queue's visibility timeout, after which an unanswered mission is
+    /// offered again.
+    pub fn start(cfg: &MqttConfig, intake: Intake, lease_for: Duration) -> Result<Self, crate::Error> {
         let Some(broker) = cfg.validate()? else {
             return Err(crate::Error::Config("[mqtt] url is not set".into()));
         };
+        let missions = cfg.mission_keys()?;
         let client_id =
             if cfg.client_id.is_empty() { format!("fleetstream-{}", intake.node()) } else { cfg.client_id.clone() };
         let mut options = MqttOptions::new(client_id.clone(), broker.host.clone(), broker.port);
@@ -235,8 +305,15 @@ impl Bridge {
         }
         let metrics = Arc::new(MqttMetrics::default());
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
-        info!(broker = %format!("{}:{}", broker.host, broker.port), client_id, topics = ?cfg.filters(), "MQTT bridge starting");
-        let task = tokio::spawn(run(cfg.clone(), options, intake, metrics.clone(), stop_rx));
+        info!(broker = %format!("{}:{}", broker.host, broker.port), client_id, topics = ?cfg.filters(), missions = ?missions, "MQTT bridge starting");
+        let missions = missions.map(|keys| MissionsOut {
+            engine: intake.engine().clone(),
+            keys,
+            max: cfg.missions_in_flight,
+            lease_for,
+            topic: cfg.missions_topic.clone(),
+        });
+        let task = tokio::spawn(run(cfg.clone(), options, intake, missions, metrics.clone(), stop_rx));
         Ok(Self { stop, task, metrics })
     }
 
@@ -260,13 +337,15 @@ async fn run(
     cfg: MqttConfig,
     options: MqttOptions,
     intake: Intake,
+    missions: Option<MissionsOut>,
     metrics: Arc<MqttMetrics>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut complaints = Complaints::default();
     loop {
         let (client, eventloop) = AsyncClient::new(options.clone(), 4096);
-        let ended = connection(&cfg, &client, eventloop, &intake, &metrics, &mut stop, &mut complaints).await;
+        let link = Link { client: &client, intake: &intake, missions: missions.as_ref(), metrics: &metrics };
+        let ended = connection(&cfg, link, eventloop, &mut stop, &mut complaints).await;
         drop(client);
         metrics.connected.store(0, Ordering::Relaxed);
         if matches!(ended, Ended::Stopped) {
@@ -292,6 +371,8 @@ type Submitted = futures_util::future::BoxFuture<'static, (Result<(), events::Er
 
 /// What the event-loop task hands the bridge.
 enum FromBroker {
+    /// Subscribed: missions may go out (their answers will be heard).
+    Subscribed,
     /// A message, in the order received.
     Message(Publish),
     /// The connection ended (the error, said once per interval).
@@ -308,17 +389,22 @@ async fn drive(
     mut eventloop: EventLoop,
     to_bridge: tokio::sync::mpsc::Sender<FromBroker>,
     metrics: Arc<MqttMetrics>,
+    answers: bool,
 ) {
     loop {
         match eventloop.poll().await {
             Ok(Event::Incoming(Incoming::ConnAck(ack))) => {
                 info!(session_present = ack.session_present, "MQTT bridge connected");
-                for filter in cfg.filters() {
-                    if let Err(error) = client.subscribe(filter.clone(), QoS::AtLeastOnce).await {
-                        error!(%error, filter, "could not subscribe");
-                        let _ = to_bridge.send(FromBroker::Lost).await;
-                        return;
-                    }
+                let mut filters: Vec<_> =
+                    cfg.filters().into_iter().map(|f| SubscribeFilter::new(f, QoS::AtLeastOnce)).collect();
+                if answers {
+                    // Not shared: a drone's answers come to the node that sent its missions.
+                    filters.push(SubscribeFilter::new(format!("{}/+/ack", cfg.missions_topic), QoS::AtLeastOnce));
+                }
+                if let Err(error) = client.subscribe_many(filters).await {
+                    error!(%error, "could not subscribe");
+                    let _ = to_bridge.send(FromBroker::Lost).await;
+                    return;
                 }
             }
             Ok(Event::Incoming(Incoming::SubAck(ack))) => {
@@ -326,6 +412,9 @@ async fn drive(
                     error!(topics = ?cfg.filters(), "the broker refused a subscription (a shared one needs a broker that offers $share)");
                 } else {
                     metrics.connected.store(1, Ordering::Relaxed);
+                    if to_bridge.send(FromBroker::Subscribed).await.is_err() {
+                        return;
+                    }
                 }
             }
             Ok(Event::Incoming(Incoming::Publish(p))) => {
@@ -353,15 +442,18 @@ const FORWARD_QUEUE: usize = 1024;
 /// once, so the batch holds what arrived while the previous ones were being made durable).
 async fn connection(
     cfg: &MqttConfig,
-    client: &AsyncClient,
+    link: Link<'_>,
     eventloop: EventLoop,
-    intake: &Intake,
-    metrics: &Arc<MqttMetrics>,
     stop: &mut tokio::sync::watch::Receiver<bool>,
     complaints: &mut Complaints,
 ) -> Ended {
+    let Link { client, intake, missions, metrics } = link;
     let (to_bridge, mut from_broker) = tokio::sync::mpsc::channel(FORWARD_QUEUE);
-    let mut driver = tokio::spawn(drive(cfg.clone(), client.clone(), eventloop, to_bridge, metrics.clone()));
+    let answers = missions.is_some();
+    let mut driver = tokio::spawn(drive(cfg.clone(), client.clone(), eventloop, to_bridge, metrics.clone(), answers));
+    // The missions this connection sends, once subscribed; ended (and what they hold offered
+    // again) with it.
+    let mut desk: Option<(Arc<Desk>, tokio::task::JoinHandle<()>)> = None;
     let linger = Duration::from_millis(cfg.linger_ms);
     let batch_max = cfg.batch_max.min(intake.max_events());
     let mut filling = Filling::default();
@@ -421,7 +513,23 @@ async fn connection(
                 }
             }
             got = from_broker.recv(), if room => match got {
+                Some(FromBroker::Subscribed) => {
+                    if let (Some(out), None) = (missions, &desk) {
+                        desk = Desk::open(out, client, metrics);
+                    }
+                }
                 Some(FromBroker::Message(p)) => {
+                    if let Some(drone) = missions.and_then(|m| answer_drone(&m.topic, &p.topic)) {
+                        // A drone's answer to a mission: settled now, acknowledged to the
+                        // broker in turn with the messages before it.
+                        match &desk {
+                            Some((desk, _)) => desk.answer(drone, &p.payload, complaints),
+                            None => { metrics.missions_stale_answers.fetch_add(1, Ordering::Relaxed); }
+                        }
+                        filling.messages.push(p);
+                        filling.since.get_or_insert_with(tokio::time::Instant::now);
+                        continue;
+                    }
                     metrics.messages.fetch_add(1, Ordering::Relaxed);
                     match events::json::parse_events(&p.payload, intake.max_events()) {
                         Ok(events) => {
@@ -446,6 +554,11 @@ async fn connection(
             }
         }
     };
+    if let Some((desk, publisher)) = desk {
+        publisher.abort();
+        let _ = publisher.await;
+        desk.close();
+    }
     // Stopped: the event loop writes the acknowledgements and the disconnect, then ends. Lost
     // or dropped: it ends without acknowledging more.
     if matches!(ended, Ended::Again) {
@@ -455,6 +568,206 @@ async fn connection(
         driver.abort();
     }
     ended
+}
+
+/// The drone whose answer a topic carries: `<missions_topic>/{drone_id}/ack`.
+fn answer_drone(missions_topic: &str, topic: &str) -> Option<u64> {
+    topic.strip_prefix(missions_topic)?.strip_prefix('/')?.strip_suffix("/ack")?.parse().ok()
+}
+
+/// What one connection works with.
+#[derive(Clone, Copy)]
+struct Link<'a> {
+    client: &'a AsyncClient,
+    intake: &'a Intake,
+    missions: Option<&'a MissionsOut>,
+    metrics: &'a Arc<MqttMetrics>,
+}
+
+/// Where missions come from and how many may be out.
+#[derive(Debug, Clone)]
+struct MissionsOut {
+    engine: Engine,
+    keys: KeyRange,
+    max: usize,
+    lease_for: Duration,
+    topic: String,
+}
+
+/// A mission published and not yet answered.
+struct Out {
+    key: u64,
+    token: u64,
+    until: std::time::Instant,
+}
+
+/// The missions of one connection: a consumer of `drone-commands` for the configured drones,
+/// the missions it published and not yet had answered (at most `max`), and the task that
+/// publishes them. When the connection ends, everything it holds is offered again at once.
+struct Desk {
+    out: MissionsOut,
+    consumer: u64,
+    held: parking_lot::Mutex<std::collections::HashMap<u64, Out>>,
+    room: tokio::sync::Notify,
+    metrics: Arc<MqttMetrics>,
+}
+
+impl Desk {
+    /// Takes the drones' keys and starts publishing; `None` (said in the log) when the queue
+    /// refuses the consumer.
+    fn open(
+        out: &MissionsOut,
+        client: &AsyncClient,
+        metrics: &Arc<MqttMetrics>,
+    ) -> Option<(Arc<Self>, tokio::task::JoinHandle<()>)> {
+        let consumer = match out.engine.attach(QueueName::DroneCommands, out.keys) {
+            Ok(c) => c,
+            Err(error) => {
+                error!(%error, "could not take the drones' missions; none go out over MQTT on this connection");
+                return None;
+            }
+        };
+        let desk = Arc::new(Self {
+            out: out.clone(),
+            consumer,
+            held: parking_lot::Mutex::default(),
+            room: tokio::sync::Notify::new(),
+            metrics: metrics.clone(),
+        });
+        let task = tokio::spawn(desk.clone().publish(client.clone()));
+        Some((desk, task))
+    }
+
+    /// Room for more missions, once those whose lease ran out are forgotten (the queue offers
+    /// them again).
+    fn room(&self) -> usize {
+        let now = std::time::Instant::now();
+        let mut held = self.held.lock();
+        held.retain(|_, o| o.until > now);
+        self.metrics.missions_in_flight.store(held.len() as u64, Ordering::Relaxed);
+        self.out.max.saturating_sub(held.len())
+    }
+
+    /// Leases missions while there is room and publishes each, until the task is ended.
+    async fn publish(self: Arc<Self>, client: AsyncClient) {
+        let mut complaints = Complaints::default();
+        loop {
+            let room = self.room();
+            if room == 0 {
+                tokio::select! {
+                    () = self.room.notified() => {}
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+                continue;
+            }
+            let wait = Duration::from_secs(5);
+            match self.out.engine.lease(QueueName::DroneCommands, self.consumer, self.out.keys, room, wait).await {
+                Ok(leased) => {
+                    for m in leased {
+                        if !self.send(&client, m).await {
+                            return;
+                        }
+                    }
+                }
+                Err(events::Error::Superseded) => {
+                    error!(keys = ?self.out.keys, "a QUIC session took over these drones' missions: none go out over MQTT until the bridge reconnects; give [mqtt] missions drones no QUIC session takes");
+                    return;
+                }
+                Err(error) => {
+                    complaints.say("lease", || warn!(%error, "could not take missions from drone-commands"));
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+
+    /// Publishes one mission at QoS 1; false once the connection is gone.
+    async fn send(&self, client: &AsyncClient, m: events::Leased) -> bool {
+        let mission = match events::Mission::from_bytes(&m.payload) {
+            Ok(mission) => mission,
+            Err(error) => {
+                let _ = self.out.engine.settle(
+                    QueueName::DroneCommands,
+                    m.id,
+                    m.token,
+                    Verdict::Nack(format!("not a mission: {error}")),
+                );
+                return true;
+            }
+        };
+        let body = match serde_json::to_vec(&events::json::MissionMessage::new(m.id, m.attempt, &mission)) {
+            Ok(body) => body,
+            Err(error) => {
+                let _ =
+                    self.out.engine.settle(QueueName::DroneCommands, m.id, m.token, Verdict::Nack(error.to_string()));
+                return true;
+            }
+        };
+        // Held before it is published, so an answer cannot overtake it.
+        let until = std::time::Instant::now() + self.out.lease_for;
+        {
+            let mut held = self.held.lock();
+            held.insert(m.id, Out { key: m.key, token: m.token, until });
+            self.metrics.missions_in_flight.store(held.len() as u64, Ordering::Relaxed);
+        }
+        if client.publish(format!("{}/{}", self.out.topic, m.key), QoS::AtLeastOnce, false, body).await.is_err() {
+            return false;
+        }
+        self.metrics.missions_sent.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
+    /// Settles the mission `drone` answered: acked, or nacked with the drone's error. An answer
+    /// for another node's drone is left to that node; one for a mission not held is counted.
+    fn answer(&self, drone: u64, body: &[u8], complaints: &mut Complaints) {
+        if !self.out.keys.contains(drone) {
+            return;
+        }
+        let stale = || self.metrics.missions_stale_answers.fetch_add(1, Ordering::Relaxed);
+        let answer = match events::json::MissionAck::parse(body) {
+            Ok(a) => a,
+            Err(e) => {
+                stale();
+                complaints.say("answer", || warn!(drone, error = %e, "a drone's answer to a mission is unreadable"));
+                return;
+            }
+        };
+        let held = {
+            let mut held = self.held.lock();
+            let taken = match held.get(&answer.mission_id) {
+                Some(o) if o.key == drone => held.remove(&answer.mission_id),
+                _ => None,
+            };
+            self.metrics.missions_in_flight.store(held.len() as u64, Ordering::Relaxed);
+            taken
+        };
+        let Some(held) = held else {
+            stale();
+            return;
+        };
+        self.room.notify_one();
+        let refused = answer.error.is_some();
+        let verdict = answer.error.map_or(Verdict::Ack, Verdict::Nack);
+        match self.out.engine.settle(QueueName::DroneCommands, answer.mission_id, held.token, verdict) {
+            Ok(()) if refused => {
+                self.metrics.missions_refused.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(()) => {
+                self.metrics.missions_acked.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(events::Error::LeaseLost(_)) => {
+                stale();
+            }
+            Err(error) => complaints.say("settle", || warn!(%error, drone, "could not settle a mission")),
+        }
+    }
+
+    /// The connection ended: what it holds is offered again now.
+    fn close(&self) {
+        self.out.engine.release(QueueName::DroneCommands, self.consumer);
+        self.held.lock().clear();
+        self.metrics.missions_in_flight.store(0, Ordering::Relaxed);
+    }
 }
 
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {
@@ -548,6 +861,28 @@ mod tests {
         assert_eq!(shared, ["$share/fleetstream/fleetstream/telemetry/+"]);
         let plain = MqttConfig { share_group: String::new(), ..Default::default() }.filters();
         assert_eq!(plain, ["fleetstream/telemetry/+"]);
+    }
+
+    #[test]
+    fn mission_ranges_and_answer_topics_read() {
+        let with = |m: &str| MqttConfig { url: Some("mqtt://h".into()), missions: m.into(), ..Default::default() };
+        assert_eq!(with("").mission_keys().unwrap(), None);
+        assert_eq!(with("all").mission_keys().unwrap(), Some(KeyRange::ALL));
+        assert_eq!(with(" 10..20 ").mission_keys().unwrap(), Some(KeyRange { lo: 10, hi: 20 }));
+        for bad in ["20..10", "5..5", "1-9", "..9", "some"] {
+            let err = with(bad).validate().unwrap_err().to_string();
+            assert!(err.contains("[mqtt] missions"), "{bad}: {err}");
+        }
+        assert!(MqttConfig { missions_in_flight: 0, ..with("all") }.validate().is_err());
+        for bad in ["", "a/", "a/+", "a/#", "$SYS/x"] {
+            let err = MqttConfig { missions_topic: bad.into(), ..with("all") }.validate().unwrap_err().to_string();
+            assert!(err.contains("missions_topic"), "{bad}: {err}");
+        }
+        let m = "fleetstream/missions";
+        assert_eq!(answer_drone(m, "fleetstream/missions/42/ack"), Some(42));
+        for not in ["fleetstream/missions/42", "fleetstream/missions/x/ack", "fleetstream/missionsx/1/ack", "a/1/ack"] {
+            assert_eq!(answer_drone(m, not), None, "{not}");
+        }
     }
 
     #[test]

@@ -332,7 +332,8 @@ impl Node {
             None => None,
             Some(_) => {
                 let intake = crate::intake::Intake::for_node(engine.clone(), cfg, crate::intake::Adapter::Mqtt)?;
-                Some(crate::mqtt::Bridge::start(&cfg.mqtt, intake)?)
+                let lease_for = std::time::Duration::from_millis(cfg.queues.drone_commands.visibility_timeout_ms);
+                Some(crate::mqtt::Bridge::start(&cfg.mqtt, intake, lease_for)?)
             }
         };
         let mqtt_metrics = mqtt.as_ref().map(|b| b.metrics.clone());

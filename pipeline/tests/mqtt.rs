@@ -1,7 +1,8 @@
 //! The MQTT bridge against a real broker (`FLEETSTREAM_MQTT_URL`, default the local mosquitto):
 //! a drone that reports only over MQTT flies a delivery to completion, bad messages are counted
-//! and do not block the topic, and a node SIGKILLed mid-stream loses nothing the bridge
-//! acknowledged (the broker offers the rest again to the restarted node's session).
+//! and do not block the topic, a node SIGKILLed mid-stream loses nothing the bridge
+//! acknowledged (the broker offers the rest again to the restarted node's session), and
+//! missions go out over MQTT, offered again until their drone answers.
 
 #![allow(clippy::unwrap_used)] // helpers in a test crate may panic: that fails the test
 
@@ -100,13 +101,20 @@ async fn bridge_connected(http: &reqwest::Client, base: &str) {
 }
 
 /// A node in this process bridging the broker at `url` on topics of its own (`<tag>/telemetry/+`,
-/// client id `<tag>-node`), its bridge subscribed: the tag, data dir, node, API URL and a client.
-async fn bridged_node(url: String, name: &str) -> (String, std::path::PathBuf, Node, String, reqwest::Client) {
+/// missions on `<tag>/missions`, client id `<tag>-node`), set up further by `tune`, its bridge
+/// subscribed: the tag, data dir, node, API URL and a client.
+async fn bridged_node(
+    url: String,
+    name: &str,
+    tune: impl FnOnce(&mut pipeline::Config),
+) -> (String, std::path::PathBuf, Node, String, reqwest::Client) {
     let tag = format!("fstest-{}-{name}", std::process::id());
     let (dir, mut cfg) = common::loopback_config(&format!("mqtt-{name}"));
     cfg.mqtt.url = Some(url);
     cfg.mqtt.topics = vec![format!("{tag}/telemetry/+")];
     cfg.mqtt.client_id = format!("{tag}-node");
+    cfg.mqtt.missions_topic = format!("{tag}/missions");
+    tune(&mut cfg);
     let node = Node::start(&cfg).await.unwrap();
     let base = format!("http://{}", node.http_addr);
     let http = services::tls::plain_client().unwrap();
@@ -119,7 +127,7 @@ async fn a_drone_reporting_over_mqtt_completes_a_delivery() {
     let Some((url, host, port)) = common::mqtt("a_drone_reporting_over_mqtt_completes_a_delivery").await else {
         return;
     };
-    let (tag, dir, node, base, http) = bridged_node(url, "flight").await;
+    let (tag, dir, node, base, http) = bridged_node(url, "flight", |_| {}).await;
     let gateway = Publisher::connect(&host, port, &format!("{tag}-gateway"));
     let topic = format!("{tag}/telemetry/9");
 
@@ -293,11 +301,18 @@ async fn a_fleet_over_mqtt_completes_its_deliveries_without_loss() {
     let Some((url, host, port)) = common::mqtt("a_fleet_over_mqtt_completes_its_deliveries_without_loss").await else {
         return;
     };
-    let (tag, dir, node, base, http) = bridged_node(url, "fleet").await;
+    // Telemetry and missions over MQTT: the bridge holds every drone's missions.
+    let (tag, dir, node, base, http) = bridged_node(url, "fleet", |c| c.mqtt.missions = "all".into()).await;
 
     let mut load =
         loadgen::LoadConfig::new(node.quic_addr, base.clone(), ingest::Trust::Pem(node.certificate_pem.clone()));
-    load.mqtt = Some(loadgen::adapters::MqttTarget { host: host.clone(), port, prefix: format!("{tag}/telemetry") });
+    load.mqtt = Some(loadgen::adapters::MqttTarget {
+        host: host.clone(),
+        port,
+        prefix: format!("{tag}/telemetry"),
+        missions: true,
+        missions_prefix: format!("{tag}/missions"),
+    });
     load.drones = 60;
     load.connections = 3;
     load.rate = 3_000.0;
@@ -305,7 +320,7 @@ async fn a_fleet_over_mqtt_completes_its_deliveries_without_loss() {
     load.leg = Duration::from_millis(400);
     load.deliveries_per_s = 20.0;
     let report = loadgen::run(load, Arc::new(|_: &loadgen::Progress| {})).await.unwrap();
-    assert_eq!(report.transport, "mqtt");
+    assert_eq!(report.transport, "mqtt+missions");
     assert_eq!((report.events_sent, report.events_acked), (15_000, 15_000), "{report}");
     assert_eq!(report.telemetry_events_observed, report.events_sent, "{report}");
     assert!(report.deliveries_scheduled >= 40, "{report}");
@@ -313,7 +328,121 @@ async fn a_fleet_over_mqtt_completes_its_deliveries_without_loss() {
     assert_eq!(report.delivery_events_observed, report.delivery_events_expected, "{report}");
     assert_eq!((report.lost, report.duplicates), (0, 0), "{report}");
     assert_eq!(metric(&http, &base, "fleetstream_mqtt_events_total").await, 15_000);
+    let acked = metric(&http, &base, "fleetstream_mqtt_missions_acked_total").await;
+    assert!(acked >= report.deliveries_completed, "{acked} missions acknowledged over MQTT\n{report}");
 
+    node.shutdown().await.unwrap();
+    forget_session(&host, port, &format!("{tag}-node")).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A drone on the broker: subscribed to its missions, answering on their answer topic.
+struct MissionDrone {
+    client: AsyncClient,
+    missions: tokio::sync::mpsc::Receiver<events::json::MissionMessage>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl MissionDrone {
+    async fn connect(host: &str, port: u16, id: &str, topic: String) -> Self {
+        let mut options = MqttOptions::new(id, host, port);
+        options.set_clean_session(true);
+        let (client, mut eventloop) = AsyncClient::new(options, 64);
+        client.subscribe(topic, QoS::AtLeastOnce).await.unwrap();
+        let (tx, missions) = tokio::sync::mpsc::channel(64);
+        let (subscribed_tx, subscribed) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(async move {
+            let mut subscribed_tx = Some(subscribed_tx);
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Incoming::SubAck(_))) => {
+                        subscribed_tx.take().map(|t| t.send(()));
+                    }
+                    Ok(Event::Incoming(Incoming::Publish(p))) => {
+                        let m = events::json::MissionMessage::parse(&p.payload).unwrap();
+                        let _ = tx.send(m).await;
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(10), subscribed).await.unwrap().unwrap();
+        Self { client, missions, task }
+    }
+
+    /// The next mission, within `within`.
+    async fn next(&mut self, within: Duration) -> Option<events::json::MissionMessage> {
+        tokio::time::timeout(within, self.missions.recv()).await.ok().flatten()
+    }
+
+    async fn answer(&self, topic: String, body: Value) {
+        self.client.publish(topic, QoS::AtLeastOnce, false, serde_json::to_vec(&body).unwrap()).await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mission_goes_out_over_mqtt_and_is_offered_again_until_its_drone_acknowledges_it() {
+    let test = "a_mission_goes_out_over_mqtt_and_is_offered_again_until_its_drone_acknowledges_it";
+    let Some((url, host, port)) = common::mqtt(test).await else { return };
+    // Drones 1..100 take missions over MQTT; an unanswered mission is offered again after 1.5 s.
+    let (tag, dir, node, base, http) = bridged_node(url, "missions", |c| {
+        c.mqtt.missions = "1..100".into();
+        c.queues.drone_commands.visibility_timeout_ms = 1_500;
+    })
+    .await;
+    let topic = format!("{tag}/missions/7");
+    let mut drone = MissionDrone::connect(&host, port, &format!("{tag}-drone"), topic.clone()).await;
+    let gateway = Publisher::connect(&host, port, &format!("{tag}-gateway"));
+    let mut hello = common::drone_event(7, 0, 0, GeoPoint::default());
+    hello.ts_us = events::now_us();
+    gateway.publish(&format!("{tag}/telemetry/7"), serde_json::to_vec(&hello).unwrap()).await;
+    gateway.acked(1).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while http.get(format!("{base}/v1/drones/7")).send().await.unwrap().status() != 200 {
+        assert!(std::time::Instant::now() < deadline, "the drone was never seen");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let registered = http.post(format!("{base}/v1/drones")).json(&json!({"drones": [7]})).send().await.unwrap();
+    assert!(registered.status().is_success());
+    http.put(format!("{base}/v1/accounts/acme")).json(&json!({})).send().await.unwrap();
+    let order = json!({
+        "owner": "acme", "pickup": {"lat": 47.6, "lon": -122.3}, "dropoff": {"lat": 47.61, "lon": -122.31},
+        "package": {"size": "small", "weight_kg": 1.0}
+    });
+    let v: Value = http.post(format!("{base}/v1/deliveries")).json(&order).send().await.unwrap().json().await.unwrap();
+    let delivery = v["delivery_id"].as_u64().unwrap();
+
+    // The mission arrives as JSON; left unanswered, it comes again; refused, it comes again.
+    let first = drone.next(Duration::from_secs(10)).await.expect("the mission went out");
+    assert_eq!((first.delivery_id, first.drone_id, first.attempt), (delivery, 7, 1), "{first:?}");
+    assert_eq!(first.kind, events::json::MissionKindName::Fly);
+    assert_eq!((first.dropoff.lat, first.dropoff.lon), (47.61, -122.31));
+    let again = drone.next(Duration::from_secs(10)).await.expect("offered again once its lease ran out");
+    assert_eq!((again.mission_id, again.attempt), (first.mission_id, 2));
+    let ack = format!("{topic}/ack");
+    drone.answer(ack.clone(), json!({"mission_id": again.mission_id, "error": "battery too low"})).await;
+    let third = drone.next(Duration::from_secs(10)).await.expect("offered again after the drone refused it");
+    assert_eq!((third.mission_id, third.attempt), (first.mission_id, 3));
+    // An answer naming no mission it holds is counted, not taken; then the real one.
+    drone.answer(ack.clone(), json!({"mission_id": 999_999})).await;
+    drone.answer(ack.clone(), json!({"mission_id": third.mission_id})).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while metric(&http, &base, "fleetstream_mqtt_missions_acked_total").await != 1 {
+        assert!(std::time::Instant::now() < deadline, "the acknowledgement never settled the mission");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(metric(&http, &base, "fleetstream_mqtt_missions_refused_total").await, 1);
+    assert_eq!(metric(&http, &base, "fleetstream_mqtt_missions_stale_answers_total").await, 1);
+    assert_eq!(metric(&http, &base, "fleetstream_mqtt_missions_in_flight").await, 0);
+    // Acknowledged: not offered again, and nothing is dead-lettered.
+    assert!(drone.next(Duration::from_secs(3)).await.is_none(), "an acknowledged mission came again");
+    let dead: Value =
+        http.get(format!("{base}/v1/queues/drone-commands/dead-letters")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(dead["dead_letters"], json!([]), "{dead}");
+
+    drone.task.abort();
+    gateway.close().await;
     node.shutdown().await.unwrap();
     forget_session(&host, port, &format!("{tag}-node")).await;
     let _ = std::fs::remove_dir_all(&dir);
