@@ -433,8 +433,18 @@ async fn drive(
     }
 }
 
-/// Messages waiting between the event loop and the bridge, at most.
-const FORWARD_QUEUE: usize = 1024;
+/// Messages waiting between the event loop and the bridge, at most: a hand-off, not a buffer
+/// (the broker's in-flight window waits in the socket meanwhile), so with messages of up to
+/// `max_message_bytes` the bridge holds a bounded amount.
+const FORWARD_QUEUE: usize = 64;
+
+/// What is kept of a message until it is acknowledged: its packet id and QoS, not its payload
+/// (parsed already) or topic.
+fn receipt(mut p: Publish) -> Publish {
+    drop(std::mem::take(&mut p.payload));
+    drop(std::mem::take(&mut p.topic));
+    p
+}
 
 /// One connection's life: read messages into batches, submit them, and acknowledge each
 /// message once its batch is durable. A batch is submitted when it is full, or when no more
@@ -526,7 +536,7 @@ async fn connection(
                             Some((desk, _)) => desk.answer(drone, &p.payload, complaints),
                             None => { metrics.missions_stale_answers.fetch_add(1, Ordering::Relaxed); }
                         }
-                        filling.messages.push(p);
+                        filling.messages.push(receipt(p));
                         filling.since.get_or_insert_with(tokio::time::Instant::now);
                         continue;
                     }
@@ -541,7 +551,7 @@ async fn connection(
                         }
                         Err(e) => reject(metrics, complaints, &p.topic, &e),
                     }
-                    filling.messages.push(p);
+                    filling.messages.push(receipt(p));
                     filling.since.get_or_insert_with(tokio::time::Instant::now);
                     if filling.events.len() >= batch_max {
                         submitted.push_back(submit(intake, std::mem::take(&mut filling)));

@@ -447,3 +447,101 @@ async fn a_mission_goes_out_over_mqtt_and_is_offered_again_until_its_drone_ackno
     forget_session(&host, port, &format!("{tag}-node")).await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The `mosquitto` program, when it is installed: `.ci/run` installs it where absent.
+fn mosquitto_program(test: &str) -> Option<std::path::PathBuf> {
+    let found = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .chain([std::path::PathBuf::from("/usr/sbin")])
+        .map(|d| d.join("mosquitto"))
+        .find(|p| p.is_file());
+    if found.is_none() {
+        assert!(
+            std::env::var("FLEETSTREAM_REQUIRE_SERVICES").as_deref() != Ok("1"),
+            "mosquitto is required (FLEETSTREAM_REQUIRE_SERVICES=1) to start a TLS broker"
+        );
+        println!("SKIP {test}: no mosquitto program to start a TLS broker with");
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bridge_reaches_a_broker_over_tls_and_refuses_one_it_does_not_trust() {
+    let test = "the_bridge_reaches_a_broker_over_tls_and_refuses_one_it_does_not_trust";
+    let Some(program) = mosquitto_program(test) else { return };
+    // A broker on a spare port with a certificate from a CA of the test's own.
+    let certs = std::env::temp_dir().join(format!("fleetstream-mqtts-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&certs);
+    services::tls::init_ca(&certs, &[], services::tls::Validity::default()).unwrap();
+    let other = certs.join("other");
+    services::tls::init_ca(&other, &[], services::tls::Validity::default()).unwrap();
+    let port = common::free_tcp_port();
+    let conf = certs.join("mosquitto.conf");
+    let files = services::tls::TlsFiles::in_dir(&certs, "gateway");
+    std::fs::write(
+        &conf,
+        format!(
+            "user root\nper_listener_settings false\nallow_anonymous true\npersistence false\n\
+             listener {port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\n",
+            files.ca.display(),
+            files.cert.display(),
+            files.key.display()
+        ),
+    )
+    .unwrap();
+    let mut broker = std::process::Command::new(&program)
+        .arg("-c")
+        .arg(&conf)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(std::time::Instant::now() < deadline, "mosquitto did not start on {port}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // Trusting the broker's CA: connected and subscribed, and telemetry arrives.
+    let url = format!("mqtts://127.0.0.1:{port}");
+    let (tag, dir, node, base, http) = bridged_node(url.clone(), "tls", |c| c.mqtt.ca = Some(files.ca.clone())).await;
+    let mut options = MqttOptions::new(format!("{tag}-gateway"), "127.0.0.1", port);
+    let tls = services::tls::client_tls_config(&files.ca).unwrap();
+    options.set_transport(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(Arc::new(tls))));
+    let (client, mut eventloop) = AsyncClient::new(options, 16);
+    let pump = tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
+    let mut hello = common::drone_event(5, 1, 0, GeoPoint::default());
+    hello.ts_us = events::now_us();
+    client
+        .publish(format!("{tag}/telemetry/5"), QoS::AtLeastOnce, false, serde_json::to_vec(&hello).unwrap())
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while http.get(format!("{base}/v1/drones/5")).send().await.unwrap().status() != 200 {
+        assert!(std::time::Instant::now() < deadline, "the drone reported over TLS was never seen");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(metric(&http, &base, "fleetstream_mqtt_events_total").await, 1);
+    pump.abort();
+    node.shutdown().await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+
+    // Trusting another CA: the handshake fails, the bridge never subscribes and says why.
+    let (_, mut cfg) = common::loopback_config("mqtt-tls-untrusted");
+    cfg.mqtt.url = Some(url);
+    cfg.mqtt.ca = Some(other.join("ca.pem"));
+    cfg.mqtt.client_id = format!("{tag}-untrusting");
+    cfg.mqtt.reconnect_ms = 100;
+    let node = Node::start(&cfg).await.unwrap();
+    let base = format!("http://{}", node.http_addr);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(metric(&http, &base, "fleetstream_mqtt_connected").await, 0);
+    assert!(metric(&http, &base, "fleetstream_mqtt_disconnects_total").await >= 1);
+    node.shutdown().await.unwrap();
+    let _ = std::fs::remove_dir_all(&cfg.data_dir);
+
+    let _ = broker.kill();
+    let _ = broker.wait();
+    let _ = std::fs::remove_dir_all(&certs);
+}
