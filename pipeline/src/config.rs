@@ -108,6 +108,12 @@
 //! missions_topic = "fleetstream/missions"     # <topic>/{drone_id}, answered on .../ack
 //! missions_in_flight = 1024    # published and not yet answered, at most
 //!
+//! [dashboard]                  # GET / : the live page; GET /v1/dashboard/stream : its SSE feed
+//! enabled = true
+//! max_drones = 100000          # drones tracked (about 48 bytes each); more are counted, not kept
+//! max_deliveries = 100000      # deliveries in flight tracked (about 24 bytes each)
+//! map_drones = 2000            # drones drawn on the map, the most recently heard
+//!
 //! [services.drones]
 //! min_battery_pct = 30.0       # a drone needs this much to be assigned
 //! max_distance_km = 200.0      # from the pickup
@@ -154,6 +160,8 @@ pub struct Config {
     pub jetstream: crate::jetstream::JetStreamConfig,
     /// The MQTT bridge: telemetry from an MQTT broker (off unless `url` is set).
     pub mqtt: crate::mqtt::MqttConfig,
+    /// The live dashboard at `GET /`.
+    pub dashboard: crate::dashboard::DashboardConfig,
 }
 
 impl Default for Config {
@@ -172,6 +180,7 @@ impl Default for Config {
             history: services::history::HistoryConfig::default(),
             jetstream: crate::jetstream::JetStreamConfig::default(),
             mqtt: crate::mqtt::MqttConfig::default(),
+            dashboard: crate::dashboard::DashboardConfig::default(),
         }
     }
 }

@@ -15,6 +15,7 @@ pub mod checkpoint;
 pub mod cluster;
 pub mod config;
 pub mod cursor;
+pub mod dashboard;
 pub mod datadir;
 pub mod dedup;
 pub mod derive;

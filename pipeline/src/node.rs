@@ -337,7 +337,10 @@ impl Node {
             }
         };
         let mqtt_metrics = mqtt.as_ref().map(|b| b.metrics.clone());
+        let dashboard =
+            cfg.dashboard.enabled.then(|| crate::dashboard::Dashboard::start(engine.clone(), cfg.dashboard));
         let router = services::router_with(&services, throttle.clone())
+            .merge(dashboard.as_ref().map_or_else(axum::Router::new, crate::dashboard::Dashboard::router))
             .merge(crate::admin::openapi_router())
             .merge(crate::admin::router(engine.clone()))
             .merge(crate::intake::router(crate::intake::Intake::for_node(

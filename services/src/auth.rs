@@ -343,13 +343,15 @@ fn refuse(status: StatusCode, code: &str, message: &str) -> Response {
 
 /// Routes only an admin (or the open API) may use.
 pub fn is_admin_route(path: &str) -> bool {
-    ["/v1/accounts", "/v1/drones", "/v1/streams", "/v1/queues", "/v1/telemetry"]
+    ["/v1/accounts", "/v1/drones", "/v1/streams", "/v1/queues", "/v1/telemetry", "/v1/dashboard"]
         .iter()
         .any(|p| path == *p || path.strip_prefix(p).is_some_and(|rest| rest.starts_with('/')))
 }
 
+/// Open to all: probes, metrics, and the dashboard's page (which holds no data: its stream is
+/// an admin route).
 fn is_unauthenticated_route(path: &str) -> bool {
-    matches!(path, "/healthz" | "/readyz" | "/metrics")
+    matches!(path, "/healthz" | "/readyz" | "/metrics" | "/")
 }
 
 /// The middleware: finds the caller's principal, refuses missing and unknown keys and customer
