@@ -351,8 +351,11 @@ async fn serve(mut cfg: Config, role: pipeline::roles::Role) -> anyhow::Result<(
                 "fleetstream serving{which}: QUIC {} (ALPN fleetstream/1), HTTP {}{}  (Ctrl-C to stop)",
                 node.quic_addr,
                 node.http_url(),
-                engine_api.as_ref().map(|a| format!(", engine API {}", a.url)).unwrap_or_default()
+                engine_api.as_ref().map(|a| format!(", engine API {}", a.url)).unwrap_or_default(),
             );
+            if cfg.dashboard.enabled {
+                eprintln!("live dashboard: {}/", node.http_url());
+            }
             shutdown_signal().await;
             eprintln!("draining… (a second signal exits at once)");
             exit_on_second_signal();
@@ -435,9 +438,10 @@ async fn demo(
     cfg.http.listen = SocketAddr::from(([127, 0, 0, 1], 0));
     let node = Node::start(&cfg).await.context("starting the node")?;
     eprintln!(
-        "fleetstream demo: {} shards, ingest on {} (QUIC), API on http://{}",
+        "fleetstream demo: {} shards, ingest on {} (QUIC), API on http://{}, live dashboard at http://{}/",
         node.engine.shard_count(),
         node.quic_addr,
+        node.http_addr,
         node.http_addr
     );
     let mut load = loadgen::LoadConfig::new(

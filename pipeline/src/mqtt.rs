@@ -438,11 +438,10 @@ async fn drive(
 /// `max_message_bytes` the bridge holds a bounded amount.
 const FORWARD_QUEUE: usize = 64;
 
-/// What is kept of a message until it is acknowledged: its packet id and QoS, not its payload
-/// (parsed already) or topic.
+/// What is kept of a message until it is acknowledged: its packet id, QoS and topic, not its
+/// payload (taken to be parsed).
 fn receipt(mut p: Publish) -> Publish {
     drop(std::mem::take(&mut p.payload));
-    drop(std::mem::take(&mut p.topic));
     p
 }
 
@@ -480,6 +479,7 @@ async fn connection(
             metrics.acked.fetch_add(1, Ordering::Relaxed);
         }
     };
+    let mut parsing: FuturesOrdered<Parsing> = FuturesOrdered::new();
     let ended = loop {
         ack_all(&mut acks);
         let deadline = filling.since.map(|s| s + linger);
@@ -487,7 +487,11 @@ async fn connection(
         tokio::select! {
             biased;
             _ = stop.changed() => {
-                // Submit what is held and acknowledge what becomes durable, then leave.
+                // Take in what is being read, submit what is held and acknowledge what becomes
+                // durable, then leave.
+                while let Some(read) = parsing.next().await {
+                    take_in(read, &mut filling, &mut submitted, intake, desk.as_ref().map(|d| &d.0), metrics, complaints, batch_max);
+                }
                 if !filling.messages.is_empty() {
                     submitted.push_back(submit(intake, std::mem::take(&mut filling)));
                 }
@@ -522,40 +526,20 @@ async fn connection(
                     }
                 }
             }
-            got = from_broker.recv(), if room => match got {
+            read = parsing.next(), if room && !parsing.is_empty() => {
+                if let Some(read) = read {
+                    take_in(read, &mut filling, &mut submitted, intake, desk.as_ref().map(|d| &d.0), metrics, complaints, batch_max);
+                }
+            }
+            got = from_broker.recv(), if parsing.len() < PARSE_AHEAD => match got {
                 Some(FromBroker::Subscribed) => {
                     if let (Some(out), None) = (missions, &desk) {
                         desk = Desk::open(out, client, metrics);
                     }
                 }
                 Some(FromBroker::Message(p)) => {
-                    if let Some(drone) = missions.and_then(|m| answer_drone(&m.topic, &p.topic)) {
-                        // A drone's answer to a mission: settled now, acknowledged to the
-                        // broker in turn with the messages before it.
-                        match &desk {
-                            Some((desk, _)) => desk.answer(drone, &p.payload, complaints),
-                            None => { metrics.missions_stale_answers.fetch_add(1, Ordering::Relaxed); }
-                        }
-                        filling.messages.push(receipt(p));
-                        filling.since.get_or_insert_with(tokio::time::Instant::now);
-                        continue;
-                    }
-                    metrics.messages.fetch_add(1, Ordering::Relaxed);
-                    match events::json::parse_events(&p.payload, intake.max_events()) {
-                        Ok(events) => {
-                            // A message that would overflow the batch starts the next one.
-                            if !filling.messages.is_empty() && filling.events.len() + events.len() > batch_max {
-                                submitted.push_back(submit(intake, std::mem::take(&mut filling)));
-                            }
-                            filling.events.extend(events);
-                        }
-                        Err(e) => reject(metrics, complaints, &p.topic, &e),
-                    }
-                    filling.messages.push(receipt(p));
-                    filling.since.get_or_insert_with(tokio::time::Instant::now);
-                    if filling.events.len() >= batch_max {
-                        submitted.push_back(submit(intake, std::mem::take(&mut filling)));
-                    }
+                    let answer = missions.and_then(|m| answer_drone(&m.topic, &p.topic));
+                    parsing.push_back(read(p, answer, intake.max_events()));
                 }
                 Some(FromBroker::Lost) | None => break Ended::Again,
             },
@@ -777,6 +761,89 @@ impl Desk {
         self.out.engine.release(QueueName::DroneCommands, self.consumer);
         self.held.lock().clear();
         self.metrics.missions_in_flight.store(0, Ordering::Relaxed);
+    }
+}
+
+/// Messages read ahead of the batching, at most (parsed in parallel, taken in order).
+const PARSE_AHEAD: usize = 16;
+/// Payloads at least this large are parsed on another worker, so JSON decoding uses every core;
+/// smaller ones are parsed at once (a task would cost more than the parse).
+const PARALLEL_PARSE_BYTES: usize = 16 * 1024;
+
+/// A message read: its receipt, and its events (or why they were refused), or the drone whose
+/// answer to a mission it carries with the answer's body.
+enum Read {
+    Telemetry(Publish, Result<Vec<events::DroneEvent>, events::json::EventError>),
+    Answer(Publish, u64, bytes::Bytes),
+}
+
+type Parsing = futures_util::future::BoxFuture<'static, Read>;
+
+/// Reads a message: answers as they are, small telemetry at once, large telemetry on another
+/// worker. Results are taken in the order the messages came.
+fn read(mut p: Publish, answer: Option<u64>, max_events: usize) -> Parsing {
+    if let Some(drone) = answer {
+        let body = std::mem::take(&mut p.payload);
+        return Box::pin(std::future::ready(Read::Answer(receipt(p), drone, body)));
+    }
+    let payload = std::mem::take(&mut p.payload);
+    let p = receipt(p);
+    if payload.len() < PARALLEL_PARSE_BYTES {
+        let events = events::json::parse_events(&payload, max_events);
+        return Box::pin(std::future::ready(Read::Telemetry(p, events)));
+    }
+    let parsed = tokio::spawn(async move { events::json::parse_events(&payload, max_events) });
+    Box::pin(async move {
+        let events = parsed.await.unwrap_or_else(|e| {
+            Err(events::json::EventError { index: 0, field: String::new(), message: format!("not read: {e}") })
+        });
+        Read::Telemetry(p, events)
+    })
+}
+
+/// Puts a read message into the batch being filled (submitting it when full), or settles the
+/// mission an answer names.
+#[allow(clippy::too_many_arguments)]
+fn take_in(
+    read: Read,
+    filling: &mut Filling,
+    submitted: &mut FuturesOrdered<Submitted>,
+    intake: &Intake,
+    desk: Option<&Arc<Desk>>,
+    metrics: &MqttMetrics,
+    complaints: &mut Complaints,
+    batch_max: usize,
+) {
+    let p = match read {
+        Read::Answer(p, drone, body) => {
+            // Settled now, acknowledged to the broker in turn with the messages before it.
+            match desk {
+                Some(desk) => desk.answer(drone, &body, complaints),
+                None => {
+                    metrics.missions_stale_answers.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            p
+        }
+        Read::Telemetry(p, parsed) => {
+            metrics.messages.fetch_add(1, Ordering::Relaxed);
+            match parsed {
+                Ok(events) => {
+                    // A message that would overflow the batch starts the next one.
+                    if !filling.messages.is_empty() && filling.events.len() + events.len() > batch_max {
+                        submitted.push_back(submit(intake, std::mem::take(filling)));
+                    }
+                    filling.events.extend(events);
+                }
+                Err(e) => reject(metrics, complaints, &p.topic, &e),
+            }
+            p
+        }
+    };
+    filling.messages.push(p);
+    filling.since.get_or_insert_with(tokio::time::Instant::now);
+    if filling.events.len() >= batch_max {
+        submitted.push_back(submit(intake, std::mem::take(filling)));
     }
 }
 

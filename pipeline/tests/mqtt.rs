@@ -28,7 +28,7 @@ struct Publisher {
 impl Publisher {
     fn connect(host: &str, port: u16, id: &str) -> Self {
         let mut options = MqttOptions::new(id, host, port);
-        options.set_clean_session(true).set_inflight(100);
+        options.set_clean_session(true).set_inflight(100).set_max_packet_size(1 << 20, 1 << 20);
         let (client, mut eventloop) = AsyncClient::new(options, 1024);
         let acked = Arc::new(AtomicU64::new(0));
         let count = acked.clone();
@@ -171,8 +171,14 @@ async fn a_drone_reporting_over_mqtt_completes_a_delivery() {
     let mut spoiled = serde_json::to_value(flight[0]).unwrap();
     spoiled["battery_pct"] = json!(140);
     gateway.publish(&topic, serde_json::to_vec(&json!([spoiled])).unwrap()).await;
-    let mut messages = 3;
-    for chunk in flight.chunks(10) {
+    // The first 100 events (with the pickup) in one large message, which the bridge parses on
+    // another worker; the rest in small ones parsed at once: taken in the order sent, or the
+    // pickup would arrive after later events and be dropped.
+    let large = serde_json::to_vec(&flight[..100]).unwrap();
+    assert!(large.len() > 16 * 1024, "{} bytes", large.len());
+    gateway.publish(&topic, large).await;
+    let mut messages = 4;
+    for chunk in flight[100..].chunks(10) {
         gateway.publish(&topic, serde_json::to_vec(chunk).unwrap()).await;
         messages += 1;
     }
