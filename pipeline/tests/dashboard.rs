@@ -16,22 +16,12 @@ use serde_json::{Value, json};
 
 /// `chromedriver` and the browser it drives, when both are installed.
 fn browser(test: &str) -> Option<(std::path::PathBuf, std::path::PathBuf)> {
-    let find = |name: &str| {
-        std::env::var_os("PATH")
-            .into_iter()
-            .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-            .map(|d| d.join(name))
-            .find(|p| p.is_file())
-    };
-    let found = find("chromedriver").zip(find("chromium").or_else(|| find("chromium-browser")));
-    if found.is_none() {
-        assert!(
-            std::env::var("FLEETSTREAM_REQUIRE_SERVICES").as_deref() != Ok("1"),
-            "chromium and chromedriver are required (FLEETSTREAM_REQUIRE_SERVICES=1)"
-        );
-        println!("SKIP {test}: chromium and chromedriver are not installed");
-    }
-    found
+    let purpose = "drive a headless browser";
+    common::program(test, &["chromedriver"], purpose).zip(common::program(
+        test,
+        &["chromium", "chromium-browser"],
+        purpose,
+    ))
 }
 
 /// A headless browser session over the W3C WebDriver protocol.

@@ -454,28 +454,10 @@ async fn a_mission_goes_out_over_mqtt_and_is_offered_again_until_its_drone_ackno
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// The `mosquitto` program, when it is installed: `.ci/run` installs it where absent.
-fn mosquitto_program(test: &str) -> Option<std::path::PathBuf> {
-    let found = std::env::var_os("PATH")
-        .into_iter()
-        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .chain([std::path::PathBuf::from("/usr/sbin")])
-        .map(|d| d.join("mosquitto"))
-        .find(|p| p.is_file());
-    if found.is_none() {
-        assert!(
-            std::env::var("FLEETSTREAM_REQUIRE_SERVICES").as_deref() != Ok("1"),
-            "mosquitto is required (FLEETSTREAM_REQUIRE_SERVICES=1) to start a TLS broker"
-        );
-        println!("SKIP {test}: no mosquitto program to start a TLS broker with");
-    }
-    found
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_bridge_reaches_a_broker_over_tls_and_refuses_one_it_does_not_trust() {
     let test = "the_bridge_reaches_a_broker_over_tls_and_refuses_one_it_does_not_trust";
-    let Some(program) = mosquitto_program(test) else { return };
+    let Some(program) = common::program(test, &["mosquitto"], "start a TLS broker") else { return };
     // A broker on a spare port with a certificate from a CA of the test's own.
     let certs = std::env::temp_dir().join(format!("fleetstream-mqtts-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&certs);

@@ -326,3 +326,25 @@ pub async fn stage_becomes(http: &reqwest::Client, base: &str, id: u64, stage: &
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
+
+/// The first of `names` installed (on `PATH` or in `/usr/sbin`), for `test`, which needs it to
+/// `purpose`; else `None` after printing SKIP, or a failure when
+/// `FLEETSTREAM_REQUIRE_SERVICES=1` (`.ci/run` installs the programs its tests need).
+pub fn program(test: &str, names: &[&str], purpose: &str) -> Option<std::path::PathBuf> {
+    let dirs: Vec<std::path::PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .chain([std::path::PathBuf::from("/usr/sbin")])
+        .collect();
+    let found = names.iter().flat_map(|n| dirs.iter().map(move |d| d.join(n))).find(|p| p.is_file());
+    if found.is_none() {
+        assert!(
+            std::env::var("FLEETSTREAM_REQUIRE_SERVICES").as_deref() != Ok("1"),
+            "{} is required (FLEETSTREAM_REQUIRE_SERVICES=1) to {purpose}",
+            names.join(" or ")
+        );
+        println!("SKIP {test}: {} is not installed (needed to {purpose})", names.join(" or "));
+    }
+    found
+}
