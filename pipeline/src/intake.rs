@@ -7,8 +7,9 @@
 //! and adapter ([`Intake::open`]), and its batch numbers start from the clock at each start
 //! (µs), so they keep rising across restarts without being stored. Numbers are taken and
 //! batches submitted under one lock, so they reach the appender in order and none falls below
-//! the dedup window. A sender that retries a request makes a new batch: the events in it are
-//! dropped again by each drone's sequence number when derived.
+//! the dedup window. A sender that retries a request makes a new batch, so batches cannot tell
+//! repeats: each drone's sequence numbers do ([`Intake::submit`] leaves out the events already
+//! taken).
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -28,7 +29,18 @@ pub struct Intake {
     node: std::sync::Arc<str>,
     producer: u64,
     max_events: usize,
-    next_seq: std::sync::Arc<tokio::sync::Mutex<u64>>,
+    numbering: std::sync::Arc<tokio::sync::Mutex<Numbering>>,
+}
+
+/// Drones tracked by an intake's repeat filter at most (about 40 bytes each with the map's
+/// overhead); past it the filter starts over, asking the engine again as drones come.
+const MAX_TRACKED_DRONES: usize = 1 << 20;
+
+/// An intake's batch numbers and, per drone, the lowest sequence number not yet taken.
+#[derive(Debug)]
+struct Numbering {
+    next: u64,
+    floor: std::collections::HashMap<u64, u64>,
 }
 
 /// The adapters, each its own producer.
@@ -54,7 +66,10 @@ impl Intake {
             node: node.into(),
             producer: h | 1 << 63,
             max_events: max_events.max(1),
-            next_seq: std::sync::Arc::new(tokio::sync::Mutex::new(events::now_us())),
+            numbering: std::sync::Arc::new(tokio::sync::Mutex::new(Numbering {
+                next: events::now_us(),
+                floor: std::collections::HashMap::new(),
+            })),
         }
     }
 
@@ -85,17 +100,66 @@ impl Intake {
         self.max_events
     }
 
-    /// Submits `events` as one batch and waits until the engine holds it durably.
-    pub async fn submit(&self, events: &[DroneEvent], trace: TraceContext) -> Result<(), events::Error> {
+    /// Submits `events` as one batch and waits until the engine holds it durably; returns how
+    /// many were repeats, left out.
+    ///
+    /// A drone's event whose sequence number is not above every one this intake (or, for a drone
+    /// it has not seen since it started, the engine) has taken is a repeat: a message the broker
+    /// offers again after a crash, or a request a client sends again. It is left out of the
+    /// batch, so it is not in the log twice; a batch of nothing but repeats is not submitted.
+    /// When a batch fails, its drones are forgotten and asked of the engine again next time, so
+    /// what is offered again is taken.
+    pub async fn submit(&self, events: &[DroneEvent], trace: TraceContext) -> Result<usize, events::Error> {
+        let mut kept = Vec::with_capacity(events.len());
         let ack = {
-            let mut next = self.next_seq.lock().await;
-            let meta = BatchMeta { producer_id: self.producer, batch_seq: *next, trace };
-            let batch = TelemetryBatch::encode(meta, events, events::wire::buffer_from(&[]))?;
-            let ack = self.engine.submit(batch).await?;
-            *next += 1;
+            let mut n = self.numbering.lock().await;
+            for e in events {
+                let floor = match n.floor.get(&e.drone_id) {
+                    Some(f) => *f,
+                    None => {
+                        if n.floor.len() >= MAX_TRACKED_DRONES {
+                            n.floor.clear();
+                        }
+                        let known = events::FleetControl::drone(&self.engine, e.drone_id).await?;
+                        let f = known.map_or(0, |d| d.last_seq.saturating_add(1));
+                        n.floor.insert(e.drone_id, f);
+                        f
+                    }
+                };
+                if e.seq < floor {
+                    continue;
+                }
+                n.floor.insert(e.drone_id, e.seq.saturating_add(1));
+                kept.push(*e);
+            }
+            if kept.is_empty() {
+                return Ok(events.len());
+            }
+            let meta = BatchMeta { producer_id: self.producer, batch_seq: n.next, trace };
+            let batch = TelemetryBatch::encode(meta, &kept, events::wire::buffer_from(&[]))?;
+            let submitted = self.engine.submit(batch).await;
+            let ack = match submitted {
+                Ok(ack) => ack,
+                Err(e) => {
+                    for k in &kept {
+                        n.floor.remove(&k.drone_id);
+                    }
+                    return Err(e);
+                }
+            };
+            n.next += 1;
             ack
         };
-        ack.await
+        match ack.await {
+            Ok(()) => Ok(events.len() - kept.len()),
+            Err(e) => {
+                let mut n = self.numbering.lock().await;
+                for k in &kept {
+                    n.floor.remove(&k.drone_id);
+                }
+                Err(e)
+            }
+        }
     }
 }
 

@@ -9,8 +9,9 @@
 //! batches were being made durable, or `linger_ms` more) and submitted through
 //! the node's [`Intake`]: the same log, dedup and derivation as QUIC batches. Each message is
 //! acknowledged to the broker (manual `PUBACK`, in the order received) only once its batch is
-//! durable. After a crash the broker sends again what was not acknowledged; each drone's
-//! sequence numbers drop the repeats when delivery events are derived.
+//! durable. After a crash the broker sends again what was not acknowledged; the intake leaves
+//! out each drone's events it has already taken (by sequence number), so they are not logged
+//! twice.
 //!
 //! A message that is not valid telemetry is counted, logged (one line per interval) and
 //! acknowledged, so it cannot block the topic. When the engine cannot make a batch durable the
@@ -222,6 +223,8 @@ pub struct MqttMetrics {
     pub messages: AtomicU64,
     /// Events made durable.
     pub events: AtomicU64,
+    /// Events left out as repeats of ones already taken (offered again after a crash).
+    pub repeats: AtomicU64,
     /// Messages acknowledged to the broker.
     pub acked: AtomicU64,
     /// Messages refused as not telemetry (acknowledged, not kept).
@@ -251,6 +254,7 @@ impl MqttMetrics {
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
         events::prom::counter(out, "fleetstream_mqtt_messages_total", load(&self.messages));
         events::prom::counter(out, "fleetstream_mqtt_events_total", load(&self.events));
+        events::prom::counter(out, "fleetstream_mqtt_repeats_total", load(&self.repeats));
         events::prom::counter(out, "fleetstream_mqtt_acked_total", load(&self.acked));
         events::prom::counter(out, "fleetstream_mqtt_rejected_total", load(&self.rejected));
         events::prom::counter(out, "fleetstream_mqtt_disconnects_total", load(&self.disconnects));
@@ -367,7 +371,9 @@ struct Filling {
     since: Option<tokio::time::Instant>,
 }
 
-type Submitted = futures_util::future::BoxFuture<'static, (Result<(), events::Error>, Vec<Publish>, usize)>;
+/// A batch handed to the engine: how many of its events were repeats (or why it failed), its
+/// messages, and its events.
+type Submitted = futures_util::future::BoxFuture<'static, (Result<usize, events::Error>, Vec<Publish>, usize)>;
 
 /// What the event-loop task hands the bridge.
 enum FromBroker {
@@ -513,8 +519,9 @@ async fn connection(
             done = submitted.next(), if !submitted.is_empty() => {
                 let Some((result, messages, events)) = done else { continue };
                 match result {
-                    Ok(()) => {
-                        metrics.events.fetch_add(events as u64, Ordering::Relaxed);
+                    Ok(repeats) => {
+                        metrics.events.fetch_add((events - repeats) as u64, Ordering::Relaxed);
+                        metrics.repeats.fetch_add(repeats as u64, Ordering::Relaxed);
                         acks.extend(messages);
                     }
                     Err(error) => {
@@ -861,7 +868,7 @@ fn submit(intake: &Intake, batch: Filling) -> Submitted {
         let n = batch.events.len();
         if n == 0 {
             // Only refused messages: nothing to keep, acknowledge them.
-            return (Ok(()), batch.messages, 0);
+            return (Ok(0), batch.messages, 0);
         }
         let result = intake.submit(&batch.events, events::TraceContext::default()).await;
         (result, batch.messages, n)

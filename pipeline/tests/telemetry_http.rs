@@ -93,3 +93,48 @@ async fn a_drone_reporting_over_http_completes_a_delivery() {
     node.shutdown().await.unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Every telemetry event in `node`'s log: (drone, seq) → times logged.
+async fn logged(node: &Node) -> std::collections::BTreeMap<(u64, u64), u32> {
+    let sub = node.engine.subscribe_telemetry_from(events::StartAt::Earliest).unwrap();
+    let mut seen = std::collections::BTreeMap::new();
+    while let Ok(Ok(item)) = tokio::time::timeout(Duration::from_millis(500), sub.rx.recv_async()).await {
+        let (_, batch) = item.unwrap();
+        for e in batch.events().iter() {
+            *seen.entry((e.drone_id.to_native(), e.seq.to_native())).or_insert(0) += 1;
+        }
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_sent_again_are_logged_once_even_after_a_restart() {
+    let (dir, cfg) = common::loopback_config("telemetry-http-again");
+    let http = services::tls::plain_client().unwrap();
+    let body = |seqs: std::ops::RangeInclusive<u64>| {
+        let events: Vec<_> = seqs.map(|s| common::drone_event(5, s, 0, GeoPoint::default())).collect();
+        serde_json::to_string(&events).unwrap()
+    };
+    let node = Node::start(&cfg).await.unwrap();
+    let base = format!("http://{}", node.http_addr);
+    // A request, the same again (a client's retry), and one that overlaps both.
+    for seqs in [1..=50, 1..=50, 40..=60] {
+        let (status, v) = post(&http, &base, "application/json", body(seqs)).await;
+        assert_eq!(status, 202, "{v}");
+    }
+    let once: std::collections::BTreeMap<_, _> = (1..=60).map(|s| ((5, s), 1)).collect();
+    assert_eq!(logged(&node).await, once);
+    node.shutdown().await.unwrap();
+
+    // Restarted, the intake knows nothing of its own: the engine tells it what was taken.
+    let node = Node::start(&cfg).await.unwrap();
+    let base = format!("http://{}", node.http_addr);
+    for seqs in [1..=70, 65..=70] {
+        let (status, v) = post(&http, &base, "application/json", body(seqs)).await;
+        assert_eq!(status, 202, "{v}");
+    }
+    let once: std::collections::BTreeMap<_, _> = (1..=70).map(|s| ((5, s), 1)).collect();
+    assert_eq!(logged(&node).await, once);
+    node.shutdown().await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
