@@ -162,6 +162,10 @@ pub fn check(e: &DroneEvent) -> Result<(), (&'static str, String)> {
     Ok(())
 }
 
+/// Where missions are published by default, `<topic>/{drone_id}`, and answered,
+/// `<topic>/{drone_id}/ack` (the node's `[mqtt] missions_topic`).
+pub const DEFAULT_MISSIONS_TOPIC: &str = "fleetstream/missions";
+
 /// What a mission tells the drone, by name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]

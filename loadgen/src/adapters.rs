@@ -49,16 +49,13 @@ impl MqttTarget {
             port,
             prefix: prefix.trim_end_matches('/').to_string(),
             missions: false,
-            missions_prefix: MISSIONS_TOPIC.into(),
+            missions_prefix: events::json::DEFAULT_MISSIONS_TOPIC.into(),
         })
     }
 }
 
 /// Messages a connection may have unacknowledged by the broker: the window, as for QUIC.
 const INFLIGHT: u16 = 64;
-
-/// Where the node publishes missions by default, answered on `<topic>/{drone_id}/ack`.
-pub const MISSIONS_TOPIC: &str = "fleetstream/missions";
 
 /// One fleet connection's MQTT publisher.
 #[derive(Debug)]

@@ -110,53 +110,60 @@ impl Intake {
     /// When a batch fails, its drones are forgotten and asked of the engine again next time, so
     /// what is offered again is taken.
     pub async fn submit(&self, events: &[DroneEvent], trace: TraceContext) -> Result<usize, events::Error> {
-        let mut kept = Vec::with_capacity(events.len());
-        let ack = {
-            let mut n = self.numbering.lock().await;
-            for e in events {
-                let floor = match n.floor.get(&e.drone_id) {
-                    Some(f) => *f,
-                    None => {
-                        if n.floor.len() >= MAX_TRACKED_DRONES {
-                            n.floor.clear();
-                        }
-                        let known = events::FleetControl::drone(&self.engine, e.drone_id).await?;
-                        let f = known.map_or(0, |d| d.last_seq.saturating_add(1));
-                        n.floor.insert(e.drone_id, f);
-                        f
-                    }
-                };
-                if e.seq < floor {
-                    continue;
-                }
-                n.floor.insert(e.drone_id, e.seq.saturating_add(1));
-                kept.push(*e);
+        let mut n = self.numbering.lock().await;
+        // Drones met for the first time are asked of the engine first: the only wait before the
+        // batch is built, so a failed question leaves no floor moved.
+        if n.floor.len().saturating_add(events.len()) > MAX_TRACKED_DRONES {
+            n.floor.clear();
+        }
+        for e in events {
+            if let std::collections::hash_map::Entry::Vacant(slot) = n.floor.entry(e.drone_id) {
+                let known = events::FleetControl::drone(&self.engine, e.drone_id).await?;
+                slot.insert(known.map_or(0, |d| d.last_seq.saturating_add(1)));
             }
-            if kept.is_empty() {
-                return Ok(events.len());
+        }
+        // The events above each drone's floor, copied only when some are repeats.
+        let mut kept: Option<Vec<DroneEvent>> = None;
+        for (i, e) in events.iter().enumerate() {
+            let floor = n.floor.entry(e.drone_id).or_insert(0);
+            if e.seq < *floor {
+                kept.get_or_insert_with(|| events[..i].to_vec());
+                continue;
             }
-            let meta = BatchMeta { producer_id: self.producer, batch_seq: n.next, trace };
-            let batch = TelemetryBatch::encode(meta, &kept, events::wire::buffer_from(&[]))?;
-            let submitted = self.engine.submit(batch).await;
-            let ack = match submitted {
-                Ok(ack) => ack,
-                Err(e) => {
-                    for k in &kept {
-                        n.floor.remove(&k.drone_id);
-                    }
-                    return Err(e);
-                }
-            };
-            n.next += 1;
-            ack
+            *floor = e.seq.saturating_add(1);
+            if let Some(k) = &mut kept {
+                k.push(*e);
+            }
+        }
+        let batch_events = kept.as_deref().unwrap_or(events);
+        let repeats = events.len() - batch_events.len();
+        if batch_events.is_empty() {
+            return Ok(repeats);
+        }
+        // What a failed batch moved is forgotten, so its events are taken when they come again.
+        let forget = |n: &mut Numbering| {
+            for e in batch_events {
+                n.floor.remove(&e.drone_id);
+            }
         };
-        match ack.await {
-            Ok(()) => Ok(events.len() - kept.len()),
+        let meta = BatchMeta { producer_id: self.producer, batch_seq: n.next, trace };
+        let submitted = match TelemetryBatch::encode(meta, batch_events, events::wire::buffer_from(&[])) {
+            Ok(batch) => self.engine.submit(batch).await,
+            Err(e) => Err(e),
+        };
+        let ack = match submitted {
+            Ok(ack) => ack,
             Err(e) => {
-                let mut n = self.numbering.lock().await;
-                for k in &kept {
-                    n.floor.remove(&k.drone_id);
-                }
+                forget(&mut n);
+                return Err(e);
+            }
+        };
+        n.next += 1;
+        drop(n);
+        match ack.await {
+            Ok(()) => Ok(repeats),
+            Err(e) => {
+                forget(&mut *self.numbering.lock().await);
                 Err(e)
             }
         }

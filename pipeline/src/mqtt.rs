@@ -105,7 +105,7 @@ impl Default for MqttConfig {
             reconnect_ms: 1000,
             missions: String::new(),
             missions_in_flight: 1024,
-            missions_topic: "fleetstream/missions".into(),
+            missions_topic: events::json::DEFAULT_MISSIONS_TOPIC.into(),
         }
     }
 }

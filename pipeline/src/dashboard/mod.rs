@@ -3,8 +3,8 @@
 //! SSE: drones on a map, deliveries by stage, events/s and event age, queue depths and dead
 //! letters, each named cursor's lag.
 //!
-//! One task per node keeps the [`board::Board`] and publishes each snapshot once, as JSON text
-//! every viewer shares. It follows the delivery events through the log from the start (so the
+//! One task per node keeps the [`board::Board`] and, while anyone watches, publishes each
+//! snapshot once, as JSON text every viewer shares. It follows the delivery events through the log from the start (so the
 //! counts are right after a restart) and reads live telemetry only while someone is watching,
 //! through a subscription the pipeline never waits for (it is cut off when behind, and opens
 //! again at the next tick). The page is open; the stream is an admin route, like the other
@@ -68,7 +68,8 @@ impl Drop for Dashboard {
 impl Dashboard {
     /// Starts following `engine`.
     pub fn start(engine: Engine, cfg: DashboardConfig) -> Arc<Self> {
-        let (tx, snapshots) = watch::channel::<Arc<str>>(Arc::from("{}"));
+        // Empty until the first snapshot, which is made once someone watches.
+        let (tx, snapshots) = watch::channel::<Arc<str>>(Arc::from(""));
         let limits =
             Limits { max_drones: cfg.max_drones, max_deliveries: cfg.max_deliveries, map_drones: cfg.map_drones };
         let task = tokio::spawn(run(engine, Board::new(limits), tx));
@@ -78,11 +79,6 @@ impl Dashboard {
     /// `GET /` and `GET /v1/dashboard/stream`.
     pub fn router(self: &Arc<Self>) -> Router {
         Router::new().route("/", get(page)).route("/v1/dashboard/stream", get(stream)).with_state(self.clone())
-    }
-
-    /// The latest snapshot, as JSON.
-    pub fn latest(&self) -> Arc<str> {
-        self.snapshots.borrow().clone()
     }
 }
 
@@ -106,12 +102,18 @@ async fn stream(
     State(d): State<Arc<Dashboard>>,
 ) -> Sse<impl futures_util::Stream<Item = Result<SseEvent, std::convert::Infallible>>> {
     let rx = d.snapshots.clone();
+    // The latest snapshot at once (when there is one), then each new one.
     let events = futures_util::stream::unfold((rx, true), |(mut rx, first)| async move {
-        if !first && rx.changed().await.is_err() {
-            return None;
+        loop {
+            let have_one = first && !rx.borrow().is_empty();
+            if !have_one && rx.changed().await.is_err() {
+                return None;
+            }
+            let data = rx.borrow_and_update().clone();
+            if !data.is_empty() {
+                return Some((Ok(SseEvent::default().event("snapshot").data(&*data)), (rx, false)));
+            }
         }
-        let data = rx.borrow_and_update().clone();
-        Some((Ok(SseEvent::default().event("snapshot").data(&*data)), (rx, false)))
     });
     Sse::new(events).keep_alive(KeepAlive::default())
 }
@@ -146,10 +148,13 @@ async fn run(engine: Engine, mut board: Board, tx: watch::Sender<Arc<str>>) {
             _ = tick.tick() => {
                 // The dashboard's own receiver is one; more are viewers.
                 let watching = tx.receiver_count() > 1;
-                if watching && telemetry.is_none() {
-                    telemetry = engine.subscribe_telemetry(events::Overflow::Disconnect).ok();
-                } else if !watching {
+                if !watching {
+                    // Nobody to draw for: no telemetry read, no snapshot made.
                     telemetry = None;
+                    continue;
+                }
+                if telemetry.is_none() {
+                    telemetry = engine.subscribe_telemetry(events::Overflow::Disconnect).ok();
                 }
                 let snapshot = snapshot(&engine, &mut board).await;
                 tx.send_replace(Arc::from(snapshot.to_string()));
