@@ -176,6 +176,13 @@ pub const HELP: &[(&str, &str)] = &[
     ("fleetstream_store_written_bytes_total", "bytes written by service store commits, by store"),
     ("fleetstream_store_commit_seconds_total", "time spent in service store commits, by store"),
     ("fleetstream_spans_dropped_total", "trace spans dropped because the export queue was full"),
+    ("fleetstream_trace_spans_recorded_total", "spans of deliveries recorded for their kept traces"),
+    ("fleetstream_trace_spans_dropped_total", "spans of deliveries dropped because the keeper's queue was full"),
+    (
+        "fleetstream_trace_spans_not_kept_total",
+        "spans of deliveries the store could not take (an error, or a delivery at its cap)",
+    ),
+    ("fleetstream_trace_spans_expired_total", "kept spans removed by retention or the store's cap"),
     ("fleetstream_stopped", "1 for each part stopped or not ready (readiness answers 503 while any is)"),
     ("process_resident_memory_bytes", "resident memory of the process"),
     ("fleetstream_cluster_batch_parts_published_total", "batch parts published to JetStream"),

@@ -132,11 +132,18 @@ impl Node {
             services::history::History::open_configured(&cfg.history, &history_path)
                 .map_err(|e| Error::Task(format!("opening delivery history: {e}")))?,
         );
+        let spans = services::spans::Spans::start(cfg.tracing.spans, services::spans::SpanSink::Local(history.clone()));
+        engine.keep_spans(spans.clone());
         let history_following = Arc::new(std::sync::atomic::AtomicBool::new(true));
-        let history_task = start_history(&engine, history.clone(), history_following.clone())?;
+        let history_task = start_history(&engine, history.clone(), history_following.clone(), spans.clone())?;
         let (notifier_stop, notifier_rx) = tokio::sync::watch::channel(false);
         let notifier_task = if cfg.notify.notifier {
-            tokio::spawn(services::notify::run(Arc::new(engine.clone()), cfg.notify.clone(), notifier_rx))
+            tokio::spawn(services::notify::run(
+                Arc::new(engine.clone()),
+                cfg.notify.clone(),
+                spans.clone(),
+                notifier_rx,
+            ))
         } else {
             tokio::spawn(async {})
         };
@@ -162,6 +169,7 @@ impl Node {
                 cluster
                     .clone()
                     .map(|c| Arc::new(crate::cluster::ClusterIdBlocks(c)) as Arc<dyn services::ids::IdBlocks>),
+                spans.clone(),
             )
             .await
             .map_err(|e| Error::Task(format!("opening the services' stores in {}: {e}", services_dir.display())))?,
@@ -355,7 +363,7 @@ impl Node {
                 get({
                     let (engine, services, ingest_metrics) = (engine.clone(), services.clone(), ingest_metrics.clone());
                     let health = health.clone();
-                    let (throttle, api_keys) = (throttle.clone(), api_keys.clone());
+                    let (throttle, api_keys, spans) = (throttle.clone(), api_keys.clone(), spans.clone());
                     move || {
                         let mut out = String::new();
                         ingest_metrics.render(&mut out);
@@ -377,6 +385,7 @@ impl Node {
                             "fleetstream_spans_dropped_total",
                             services::trace::spans_dropped(),
                         );
+                        spans.render_metrics(&mut out);
                         health.render_metrics(&mut out);
                         render_process_metrics(&mut out);
                         std::future::ready(events::prom::annotate(&out))
@@ -656,6 +665,7 @@ fn start_history(
     engine: &Engine,
     history: Arc<services::history::History>,
     following: Arc<std::sync::atomic::AtomicBool>,
+    spans: services::spans::Spans,
 ) -> Result<std::thread::JoinHandle<()>, Error> {
     let resume = history.next_offset().map_err(|e| Error::Task(e.to_string()))?;
     let sub = follow_deliveries(engine, "delivery history", resume)?;
@@ -707,12 +717,7 @@ fn start_history(
                     following.store(false, std::sync::atomic::Ordering::SeqCst);
                     return;
                 }
-                for (_, batch) in &group {
-                    let trace = batch.header().meta.trace;
-                    if trace.is_some() && services::trace::recording() {
-                        services::trace::log_span(&trace.child(), Some(&trace), "history store", "consumer", 0, started);
-                    }
-                }
+                services::spans::history_stored(&spans, &group, started);
                 group.clear();
                 match ended.take() {
                     None => {}

@@ -375,7 +375,9 @@ async fn one_trace_follows_a_delivery_from_the_request_through_the_drone_to_its_
     use events::wire::Buffer;
     use events::{BatchMeta, DroneEvent, DroneEventKind, FlightStatus, GeoPoint, TelemetryBatch, TraceContext};
 
-    let (dir, cfg) = loopback_config("trace");
+    let (mut sms, gateway_addr) = common::sms_gateway().await;
+    let (dir, mut cfg) = loopback_config("trace");
+    cfg.notify.sms_webhook = Some(format!("http://{gateway_addr}/send"));
     let node = Node::start(&cfg).await.unwrap();
     let base = format!("http://{}", node.http_addr);
     let http = services::tls::plain_client().unwrap();
@@ -399,6 +401,9 @@ async fn one_trace_follows_a_delivery_from_the_request_through_the_drone_to_its_
     let answered = TraceContext::parse(resp.headers()["traceparent"].to_str().unwrap()).unwrap();
     assert_eq!(answered.trace_hex(), "0af7651916cd43dd8448eb211c80319c");
     let id = resp.json::<Value>().await.unwrap()["delivery_id"].as_u64().unwrap();
+    let subscribed =
+        http.post(format!("{base}/v1/deliveries/{id}/notifications")).json(&json!({"sms": "+15551234567"})).send();
+    assert_eq!(subscribed.await.unwrap().status(), 201);
 
     // The drone's mission carries the trace ...
     let consumer = events::WorkQueues::attach(&node.engine, events::QueueName::DroneCommands, events::KeyRange::ALL);
@@ -414,6 +419,8 @@ async fn one_trace_follows_a_delivery_from_the_request_through_the_drone_to_its_
     .unwrap();
     let mission = events::Mission::from_bytes(&leased[0].payload).unwrap();
     assert_eq!((mission.delivery_id, mission.trace.trace_hex()), (id, answered.trace_hex()));
+    let (queue, mission_id) = (events::QueueName::DroneCommands, leased[0].id);
+    events::WorkQueues::settle(&node.engine, queue, mission_id, leased[0].token, events::Verdict::Ack).unwrap();
 
     // ... and the drone puts it on the batch that flies it.
     let drone = |seq: u64, kind: DroneEventKind, at: GeoPoint| DroneEvent {
@@ -459,6 +466,92 @@ async fn one_trace_follows_a_delivery_from_the_request_through_the_drone_to_its_
     }
     use events::DeliveryStage::*;
     assert_eq!(stages, [Created, HeadedToPickup, InTransit, DeliveryComplete]);
+
+    // The delivery's whole trace is kept: every span of its life, in order, in the caller's
+    // trace, once the history has stored the last event and the last text is sent.
+    let delivered = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if sms.recv().await.unwrap()["text"] == format!("Delivery {id} was delivered.") {
+                break;
+            }
+        }
+    });
+    delivered.await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let trace = loop {
+        let resp = http.get(format!("{base}/v1/deliveries/{id}/trace")).send().await.unwrap();
+        let trace: Value = resp.json().await.unwrap();
+        let names: Vec<&str> = trace["spans"]
+            .as_array()
+            .map_or_else(Vec::new, |s| s.iter().map(|s| s["name"].as_str().unwrap_or("")).collect());
+        let stored = names.iter().filter(|n| **n == "history.store").count();
+        let notified = names.iter().filter(|n| **n == "notify.send").count();
+        if (stored == 4 && notified == 3) || std::time::Instant::now() > deadline {
+            break trace;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(trace["trace_id"], answered.trace_hex(), "{trace:#}");
+    let spans = trace["spans"].as_array().unwrap();
+    let names: Vec<&str> = spans.iter().map(|s| s["name"].as_str().unwrap()).collect();
+    let starts: Vec<u64> = spans.iter().map(|s| s["start_us"].as_u64().unwrap()).collect();
+    assert!(starts.windows(2).all(|w| w[0] <= w[1]), "by start time: {names:?}");
+    assert_eq!(names[0], "scheduler.create", "{names:?}");
+    let at = |name: &str| names.iter().position(|n| *n == name).unwrap_or_else(|| panic!("no {name}: {names:?}"));
+    for call in ["accounts", "drones", "packages", "deliveries", "engine"] {
+        let i = at(&format!("scheduler.call.{call}"));
+        assert_eq!(spans[i]["service"], "scheduler");
+        assert_eq!(spans[i]["parent_id"], spans[0]["span_id"], "a call of scheduler.create");
+    }
+    assert_eq!(spans[at("drones.assign")]["attributes"]["drone_id"], 5);
+    let order = [
+        "scheduler.create",
+        "scheduler.call.drones",
+        "drones.assign",
+        "engine.derive.created",
+        "scheduler.enqueue.mission",
+        "mission.send",
+        "mission.ack",
+        "engine.derive.headed_to_pickup",
+        "engine.derive.in_transit",
+        "engine.derive.delivery_complete",
+    ];
+    let positions: Vec<usize> = order.iter().map(|n| at(n)).collect();
+    assert!(positions.windows(2).all(|w| w[0] < w[1]), "{order:?} in order: {names:?}");
+    let ack = &spans[at("mission.ack")];
+    assert_eq!(
+        (ack["attributes"]["mission_id"].as_u64(), ack["attributes"]["answer"].as_str()),
+        (Some(mission_id), Some("ack"))
+    );
+    assert_eq!(ack["parent_id"], spans[at("mission.send")]["span_id"]);
+    // Each stage the drone's batch derived names the batch's offset in the telemetry log.
+    let telemetry_offsets: Vec<&Value> = ["headed_to_pickup", "in_transit", "delivery_complete"]
+        .iter()
+        .map(|stage| &spans[at(&format!("engine.derive.{stage}"))]["attributes"]["telemetry_offset"])
+        .collect();
+    assert!(telemetry_offsets[0].is_u64(), "{trace:#}");
+    assert!(
+        telemetry_offsets.iter().all(|o| *o == telemetry_offsets[0]),
+        "one batch derived them all: {telemetry_offsets:?}"
+    );
+    let stored: Vec<&str> = spans
+        .iter()
+        .filter(|s| s["name"] == "history.store")
+        .map(|s| s["attributes"]["stage"].as_str().unwrap())
+        .collect();
+    assert_eq!(stored, ["created", "headed_to_pickup", "in_transit", "delivery_complete"]);
+    let sent: Vec<&str> = spans
+        .iter()
+        .filter(|s| s["name"] == "notify.send")
+        .map(|s| s["attributes"]["stage"].as_str().unwrap())
+        .collect();
+    assert_eq!(sent, ["headed_to_pickup", "in_transit", "delivery_complete"]);
+    assert!(at("engine.derive.delivery_complete") < names.iter().rposition(|n| *n == "notify.send").unwrap());
+    // Another owner's key sees nothing of it; an unknown delivery has no trace.
+    let unknown = http.get(format!("{base}/v1/deliveries/{}/trace", id + 1_000_000)).send().await.unwrap();
+    assert_eq!(unknown.status(), 404);
+    let metrics = http.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("fleetstream_trace_spans_dropped_total 0"), "{metrics}");
     client.close().await;
     node.shutdown().await.unwrap();
     let _ = std::fs::remove_dir_all(&dir);

@@ -87,6 +87,7 @@ pub fn internal_router<F: FleetControl + WorkQueues + Clone>(svc: &Services<F>) 
         crate::drones::register_drones,
         crate::drones::get_drone,
         crate::history::delivery_history,
+        crate::history::delivery_trace,
         crate::history::owner_history,
         crate::accounts::put_account,
         crate::accounts::get_account,

@@ -436,6 +436,8 @@ pub struct DroneManagement<F> {
     /// memory only, for tests).
     store: Option<Store>,
     assignments: Assignments,
+    /// Where each assignment is recorded as a `drones.assign` span of its delivery.
+    spans: std::sync::OnceLock<crate::spans::Spans>,
 }
 
 /// Where a restarted Drone Management learns which drone flies which delivery.
@@ -493,7 +495,14 @@ const UNPLACED_PER_ASSIGN: usize = 64;
 impl<F: FleetControl> DroneManagement<F> {
     /// The service, reading drones' live state from `fleet`, keeping nothing across restarts.
     pub fn new(fleet: F, cfg: DronesConfig) -> Arc<Self> {
-        Arc::new(Self { fleet, registry: Mutex::default(), cfg, store: None, assignments: Assignments::Stored })
+        Arc::new(Self {
+            fleet,
+            registry: Mutex::default(),
+            cfg,
+            store: None,
+            assignments: Assignments::Stored,
+            spans: std::sync::OnceLock::new(),
+        })
     }
 
     /// The service with its registry and assignments in `store`, loaded from what it holds.
@@ -528,7 +537,14 @@ impl<F: FleetControl> DroneManagement<F> {
         for (drone, delivery) in in_flight {
             registry.restore(drone, Some(delivery));
         }
-        Ok(Arc::new(Self { fleet, registry: Mutex::new(registry), cfg, store: Some(store), assignments }))
+        Ok(Arc::new(Self {
+            fleet,
+            registry: Mutex::new(registry),
+            cfg,
+            store: Some(store),
+            assignments,
+            spans: std::sync::OnceLock::new(),
+        }))
     }
 
     /// [`Self::queue_writes`] for a change of assignment: nothing when assignments are taken
@@ -788,6 +804,12 @@ impl<F: FleetControl> DroneManagement<F> {
     }
 
     /// The routes other services call (`/internal/v1/assignments`).
+    /// Records each assignment as a `drones.assign` span of its delivery in `spans` (the
+    /// first call wins).
+    pub fn keep_spans(&self, spans: crate::spans::Spans) {
+        let _ = self.spans.set(spans);
+    }
+
     pub fn internal_router(self: &Arc<Self>) -> Router {
         Router::new()
             .route(
@@ -899,15 +921,29 @@ pub(crate) struct DroneView {
 async fn put_assignment<F: FleetControl>(
     State(svc): State<Arc<DroneManagement<F>>>,
     Path(delivery): Path<String>,
+    trace: Option<axum::Extension<events::TraceContext>>,
+    headers: axum::http::HeaderMap,
     ApiJson(req): ApiJson<AssignRequest>,
 ) -> Result<impl IntoResponse, Error> {
     let delivery_id = parse_id(&delivery)?;
     if !req.pickup.is_valid() {
         return Err(Error::BadRequest("pickup is not a valid coordinate".into()));
     }
+    let started = std::time::Instant::now();
+    let assigned = svc.assign(delivery_id, req.pickup).await;
+    if let Some(spans) = svc.spans.get() {
+        let parent = crate::spans::request_trace(trace, &headers).unwrap_or_default();
+        let outcome = match &assigned {
+            Ok(drone) => ("drone_id", serde_json::json!(drone)),
+            Err(e) => ("error", e.to_string().into()),
+        };
+        let attributes = crate::spans::attrs([outcome]);
+        let span = parent.child();
+        spans.record_since(delivery_id, &span, Some(&parent), "drones.assign", "drones", started, attributes);
+    }
     // No drone is a 409 here, not the public 503: it is an answer, not a failure of this
     // service, so callers must neither retry it nor count it against the circuit.
-    match svc.assign(delivery_id, req.pickup).await {
+    match assigned {
         Ok(drone_id) => Ok(Json(Assignment { delivery_id, drone_id }).into_response()),
         Err(e @ Error::NoDroneAvailable) => Ok((
             StatusCode::CONFLICT,

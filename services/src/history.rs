@@ -18,11 +18,12 @@ use axum::{Json, Router};
 use serde::Deserialize;
 
 use events::{DeliveryBatch, DeliveryId, DeliveryStage, GeoPoint};
-use redb::{Database, TableDefinition};
+use redb::{Database, ReadableTable, TableDefinition};
 use serde::Serialize;
 
 use crate::Error;
 use crate::auth::Caller;
+use crate::spans::KeptSpan;
 
 /// `(delivery, seq)` → stage, drone, time, position.
 /// A stored event: stage code, drone, time (µs), latitude, longitude.
@@ -35,6 +36,20 @@ const DELIVERIES: TableDefinition<'static, u64, (&str, u64)> = TableDefinition::
 /// `"next_offset"` → the delivery-events offset after the last batch stored.
 const META: TableDefinition<'static, &str, u64> = TableDefinition::new("meta");
 const NEXT_OFFSET: &str = "next_offset";
+/// `(delivery, start_us, n)` → the span as JSON (see [`crate::spans`]); `n` numbers kept spans
+/// in the order they arrived, so spans that started in the same µs keep the order they were
+/// recorded in.
+const SPANS: TableDefinition<'static, (u64, u64, u64), &[u8]> = TableDefinition::new("spans");
+/// `(start_us, delivery, n)` → (): kept spans by age, for retention.
+const SPANS_BY_TIME: TableDefinition<'static, (u64, u64, u64), ()> = TableDefinition::new("spans_by_time");
+/// delivery → its trace id (hex), from the first kept span that carried one.
+const TRACES: TableDefinition<'static, u64, &str> = TableDefinition::new("traces");
+/// `META` key: spans kept.
+const SPAN_COUNT: &str = "spans";
+/// `META` key: the next span number.
+const SPAN_NEXT: &str = "span_next";
+/// Spans removed per purge transaction, at most.
+const PURGE_BATCH: usize = 50_000;
 
 fn store(e: impl std::fmt::Display) -> Error {
     Error::Engine(events::Error::Storage(format!("history store: {e}")))
@@ -122,6 +137,8 @@ pub struct History {
     /// Who ordered the deliveries scheduled since the last write: written with the next batch,
     /// so scheduling never waits for the store's single writer.
     pending: parking_lot::Mutex<PendingOwners>,
+    /// Spans kept per delivery at most, for spans other processes send.
+    pub(crate) span_cap: std::sync::atomic::AtomicU32,
 }
 
 impl std::fmt::Debug for History {
@@ -160,16 +177,27 @@ impl History {
             txn.open_table(BY_OWNER).map_err(store)?;
             txn.open_table(DELIVERIES).map_err(store)?;
             txn.open_table(META).map_err(store)?;
+            txn.open_table(SPANS).map_err(store)?;
+            txn.open_table(SPANS_BY_TIME).map_err(store)?;
+            txn.open_table(TRACES).map_err(store)?;
         }
         txn.commit().map_err(store)?;
-        Ok(Self { backend: Backend::Embedded(db), pending: parking_lot::Mutex::new(Vec::new()) })
+        Ok(Self {
+            backend: Backend::Embedded(db),
+            pending: parking_lot::Mutex::new(Vec::new()),
+            span_cap: std::sync::atomic::AtomicU32::new(crate::spans::SpansConfig::default().max_per_delivery),
+        })
     }
 
     /// Connects to PostgreSQL at `url` and keeps the history in `schema` (tables created and
     /// migrated as needed).
     pub fn open_postgres(url: &str, schema: &str) -> Result<Self, Error> {
         let pg = crate::history_pg::PgHistory::open(url, schema)?;
-        Ok(Self { backend: Backend::Postgres(pg), pending: parking_lot::Mutex::new(Vec::new()) })
+        Ok(Self {
+            backend: Backend::Postgres(pg),
+            pending: parking_lot::Mutex::new(Vec::new()),
+            span_cap: std::sync::atomic::AtomicU32::new(crate::spans::SpansConfig::default().max_per_delivery),
+        })
     }
 
     /// The store `cfg` names; the embedded one at `embedded_path`.
@@ -362,12 +390,138 @@ impl History {
     }
 }
 
+impl History {
+    /// Keeps `spans` (see [`crate::spans`]): a span without a trace gets its delivery's, one
+    /// past `max_per_delivery` is left out. Answers the spans kept, with
+    /// their traces. One transaction.
+    pub fn keep_spans(&self, spans: Vec<KeptSpan>, max_per_delivery: u32) -> Result<Vec<KeptSpan>, Error> {
+        let db = match &self.backend {
+            Backend::Embedded(db) => db,
+            Backend::Postgres(pg) => return pg.keep_spans(spans, max_per_delivery),
+        };
+        let txn = db.begin_write().map_err(store)?;
+        let mut kept = Vec::with_capacity(spans.len());
+        {
+            let mut table = txn.open_table(SPANS).map_err(store)?;
+            let mut by_time = txn.open_table(SPANS_BY_TIME).map_err(store)?;
+            let mut traces = txn.open_table(TRACES).map_err(store)?;
+            let mut meta = txn.open_table(META).map_err(store)?;
+            let mut count = meta.get(SPAN_COUNT).map_err(store)?.map_or(0, |v| v.value());
+            let mut next = meta.get(SPAN_NEXT).map_err(store)?.map_or(0, |v| v.value());
+            for mut span in spans {
+                let id = span.delivery_id;
+                let known = traces.get(id).map_err(store)?.map(|t| t.value().to_string());
+                match known {
+                    Some(trace) if span.trace_id.is_empty() => span.trace_id = trace,
+                    None if !span.trace_id.is_empty() => {
+                        traces.insert(id, span.trace_id.as_str()).map_err(store)?;
+                    }
+                    _ => {}
+                }
+                let key = (id, span.start_us, next);
+                let held = table.range((id, 0, 0)..=(id, u64::MAX, u64::MAX)).map_err(store)?.count();
+                if held >= max_per_delivery as usize {
+                    continue;
+                }
+                let body = serde_json::to_vec(&span).map_err(store)?;
+                table.insert(key, body.as_slice()).map_err(store)?;
+                by_time.insert((span.start_us, id, key.2), ()).map_err(store)?;
+                count += 1;
+                next += 1;
+                kept.push(span);
+            }
+            meta.insert(SPAN_COUNT, count).map_err(store)?;
+            meta.insert(SPAN_NEXT, next).map_err(store)?;
+        }
+        txn.commit().map_err(store)?;
+        Ok(kept)
+    }
+
+    /// A delivery's trace id and kept spans (by start time, then arrival); `None` if none is kept.
+    pub fn spans_of(&self, id: DeliveryId) -> Result<Option<(String, Vec<KeptSpan>)>, Error> {
+        let db = match &self.backend {
+            Backend::Embedded(db) => db,
+            Backend::Postgres(pg) => return pg.spans_of(id),
+        };
+        let txn = db.begin_read().map_err(store)?;
+        let table = txn.open_table(SPANS).map_err(store)?;
+        let mut spans = Vec::new();
+        for row in table.range((id, 0, 0)..=(id, u64::MAX, u64::MAX)).map_err(store)? {
+            let (_, v) = row.map_err(store)?;
+            spans.push(serde_json::from_slice::<KeptSpan>(v.value()).map_err(store)?);
+        }
+        if spans.is_empty() {
+            return Ok(None);
+        }
+        let trace = txn.open_table(TRACES).map_err(store)?.get(id).map_err(store)?.map(|t| t.value().to_string());
+        let trace = trace.unwrap_or_default();
+        for span in &mut spans {
+            if span.trace_id.is_empty() {
+                span.trace_id.clone_from(&trace);
+            }
+        }
+        Ok(Some((trace, spans)))
+    }
+
+    /// Removes the spans that started before `before_us`, then the oldest while more than
+    /// `max_spans` are kept; how many went.
+    pub fn purge_spans(&self, before_us: u64, max_spans: u64) -> Result<u64, Error> {
+        let db = match &self.backend {
+            Backend::Embedded(db) => db,
+            Backend::Postgres(pg) => return pg.purge_spans(before_us, max_spans),
+        };
+        let mut removed = 0;
+        loop {
+            let txn = db.begin_write().map_err(store)?;
+            let done = {
+                let mut table = txn.open_table(SPANS).map_err(store)?;
+                let mut by_time = txn.open_table(SPANS_BY_TIME).map_err(store)?;
+                let mut traces = txn.open_table(TRACES).map_err(store)?;
+                let mut meta = txn.open_table(META).map_err(store)?;
+                let count = meta.get(SPAN_COUNT).map_err(store)?.map_or(0, |v| v.value());
+                let over = count.saturating_sub(max_spans);
+                let mut gone = Vec::new();
+                for row in by_time.iter().map_err(store)? {
+                    let (k, _) = row.map_err(store)?;
+                    let key = k.value();
+                    if (key.0 >= before_us && gone.len() as u64 >= over) || gone.len() >= PURGE_BATCH {
+                        break;
+                    }
+                    gone.push(key);
+                }
+                let mut deliveries = std::collections::BTreeSet::new();
+                for &(start, delivery, span) in &gone {
+                    by_time.remove((start, delivery, span)).map_err(store)?;
+                    table.remove((delivery, start, span)).map_err(store)?;
+                    deliveries.insert(delivery);
+                }
+                for delivery in deliveries {
+                    let none_left =
+                        table.range((delivery, 0, 0)..=(delivery, u64::MAX, u64::MAX)).map_err(store)?.next().is_none();
+                    if none_left {
+                        traces.remove(delivery).map_err(store)?;
+                    }
+                }
+                meta.insert(SPAN_COUNT, count.saturating_sub(gone.len() as u64)).map_err(store)?;
+                removed += gone.len() as u64;
+                gone.len() < PURGE_BATCH
+            };
+            txn.commit().map_err(store)?;
+            if done {
+                return Ok(removed);
+            }
+        }
+    }
+}
+
 /// `GET /v1/deliveries/{id}/history` and `GET /v1/history?owner=&from_us=&to_us=&after=&limit=`.
 pub fn router(history: Arc<History>) -> Router {
     Router::new()
         .route("/v1/deliveries/{id}/history", get(delivery_history))
         .route("/v1/history", get(owner_history))
+        .route("/v1/deliveries/{id}/trace", get(delivery_trace))
         .route("/internal/v1/history/owners/{id}", axum::routing::put(put_owner))
+        .route("/internal/v1/history/spans", axum::routing::post(crate::spans::post_spans))
         .with_state(history)
 }
 
@@ -390,6 +544,36 @@ async fn put_owner(
     crate::accounts::valid_owner(&note.owner)?;
     h.note_delivery(id, &note.owner, note.created_us)?;
     Ok(axum::http::StatusCode::NO_CONTENT)
+}
+
+/// A delivery's whole trace: every kept span of its life, by start time (see [`crate::spans`]).
+#[utoipa::path(
+    get, path = "/v1/deliveries/{id}/trace", tag = "history",
+    params(("id" = u64, Path, description = "delivery id")),
+    responses(
+        (status = 200, description = "the delivery's spans, by start time", body = crate::spans::DeliveryTrace),
+        (status = 404, description = "no span of it is kept", body = crate::error::ErrorBody),
+    )
+)]
+async fn delivery_trace(
+    State(h): State<Arc<History>>,
+    Caller(caller): Caller,
+    UrlPath(id): UrlPath<String>,
+) -> Result<Json<crate::spans::DeliveryTrace>, Error> {
+    let id: u64 = id.parse().map_err(|_| Error::BadRequest(format!("{id:?} is not a numeric id")))?;
+    let kept = tokio::task::spawn_blocking(move || {
+        if !caller.is_admin() {
+            match h.owner_of(id)? {
+                Some(owner) => caller.check_delivery(&owner, id)?,
+                None => return Ok(None),
+            }
+        }
+        h.spans_of(id)
+    })
+    .await
+    .map_err(store)??
+    .ok_or(Error::NotFound { what: "delivery trace", id })?;
+    Ok(Json(crate::spans::DeliveryTrace::of(kept.0, kept.1)))
 }
 
 /// Every event of a delivery, in order.

@@ -14,6 +14,10 @@ use events::{DeliveryId, GeoPoint};
 
 use crate::Error;
 use crate::history::{HistoryEvent, OwnedDelivery};
+use crate::spans::KeptSpan;
+
+/// A delivery's trace and kept spans.
+type KeptTrace = Option<(String, Vec<KeptSpan>)>;
 
 fn pg_error(e: impl std::fmt::Display) -> Error {
     Error::Engine(events::Error::Storage(format!("history (postgres): {e}")))
@@ -21,7 +25,8 @@ fn pg_error(e: impl std::fmt::Display) -> Error {
 
 /// The schema, one migration per entry; the index is the version it brings the schema to,
 /// minus one.
-const MIGRATIONS: &[&str] = &["
+const MIGRATIONS: &[&str] = &[
+    "
     CREATE TABLE history_events (
         delivery_id BIGINT NOT NULL,
         seq INTEGER NOT NULL,
@@ -39,7 +44,19 @@ const MIGRATIONS: &[&str] = &["
     );
     CREATE INDEX history_deliveries_by_owner ON history_deliveries (owner, created_us, delivery_id);
     CREATE TABLE history_meta (key TEXT PRIMARY KEY, value BIGINT NOT NULL);
-"];
+",
+    "
+    CREATE TABLE history_spans (
+        delivery_id BIGINT NOT NULL,
+        start_us BIGINT NOT NULL,
+        n BIGSERIAL NOT NULL,
+        body TEXT NOT NULL,
+        PRIMARY KEY (delivery_id, start_us, n)
+    );
+    CREATE INDEX history_spans_by_time ON history_spans (start_us);
+    CREATE TABLE history_traces (delivery_id BIGINT PRIMARY KEY, trace_id TEXT NOT NULL);
+",
+];
 
 /// One event row: delivery, seq, stage code, drone, time, lat, lon.
 pub(crate) type EventRow = (i64, i32, i16, i64, i64, f64, f64);
@@ -64,6 +81,17 @@ enum Req {
         limit: usize,
         done: mpsc::Sender<Result<Vec<OwnedDelivery>, String>>,
     },
+    KeepSpans {
+        spans: Vec<KeptSpan>,
+        cap: u32,
+        done: mpsc::Sender<Result<Vec<KeptSpan>, String>>,
+    },
+    SpansOf(DeliveryId, mpsc::Sender<Result<KeptTrace, String>>),
+    PurgeSpans {
+        before_us: u64,
+        max_spans: u64,
+        done: mpsc::Sender<Result<u64, String>>,
+    },
 }
 
 impl Req {
@@ -75,6 +103,9 @@ impl Req {
             Req::EventsOf(_, done) => drop(done.send(Err(error))),
             Req::OwnerOf(_, done) => drop(done.send(Err(error))),
             Req::ByOwner { done, .. } => drop(done.send(Err(error))),
+            Req::KeepSpans { done, .. } => drop(done.send(Err(error))),
+            Req::SpansOf(_, done) => drop(done.send(Err(error))),
+            Req::PurgeSpans { done, .. } => drop(done.send(Err(error))),
         }
     }
 }
@@ -176,6 +207,20 @@ impl PgHistory {
     ) -> Result<Vec<OwnedDelivery>, Error> {
         let owner = owner.to_string();
         self.ask(|done| Req::ByOwner { owner, from_us, to_us, after, limit, done })
+    }
+}
+
+impl PgHistory {
+    pub(crate) fn keep_spans(&self, spans: Vec<KeptSpan>, cap: u32) -> Result<Vec<KeptSpan>, Error> {
+        self.ask(|done| Req::KeepSpans { spans, cap, done })
+    }
+
+    pub(crate) fn spans_of(&self, id: DeliveryId) -> Result<KeptTrace, Error> {
+        self.ask(|done| Req::SpansOf(id, done))
+    }
+
+    pub(crate) fn purge_spans(&self, before_us: u64, max_spans: u64) -> Result<u64, Error> {
+        self.ask(|done| Req::PurgeSpans { before_us, max_spans, done })
     }
 }
 
@@ -326,7 +371,95 @@ fn serve(client: &mut postgres::Client, req: Req) {
         Req::ByOwner { owner, from_us, to_us, after, limit, done } => {
             let _ = done.send(by_owner(client, &owner, from_us, to_us, after, limit).map_err(|e| e.to_string()));
         }
+        Req::KeepSpans { spans, cap, done } => {
+            let _ = done.send(keep_spans(client, spans, cap));
+        }
+        Req::SpansOf(id, done) => {
+            let _ = done.send(spans_of(client, id));
+        }
+        Req::PurgeSpans { before_us, max_spans, done } => {
+            let _ = done.send(purge_spans(client, before_us, max_spans).map_err(|e| e.to_string()));
+        }
     }
+}
+
+fn keep_spans(client: &mut postgres::Client, spans: Vec<KeptSpan>, cap: u32) -> Result<Vec<KeptSpan>, String> {
+    let s = |e: postgres::Error| e.to_string();
+    let mut txn = client.transaction().map_err(s)?;
+    let mut kept = Vec::with_capacity(spans.len());
+    for mut span in spans {
+        let id = to_i64(span.delivery_id);
+        if span.trace_id.is_empty() {
+            let known =
+                txn.query_opt("SELECT trace_id FROM history_traces WHERE delivery_id = $1", &[&id]).map_err(s)?;
+            if let Some(row) = known {
+                span.trace_id = row.get(0);
+            }
+        } else {
+            txn.execute(
+                "INSERT INTO history_traces (delivery_id, trace_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                &[&id, &span.trace_id],
+            )
+            .map_err(s)?;
+        }
+        let body = serde_json::to_string(&span).map_err(|e| e.to_string())?;
+        let inserted = txn
+            .execute(
+                "INSERT INTO history_spans (delivery_id, start_us, body)
+                 SELECT $1, $2, $3
+                 WHERE (SELECT count(*) FROM history_spans WHERE delivery_id = $1) < $4",
+                &[&id, &to_i64(span.start_us), &body, &i64::from(cap)],
+            )
+            .map_err(s)?;
+        if inserted == 1 {
+            kept.push(span);
+        }
+    }
+    txn.commit().map_err(s)?;
+    Ok(kept)
+}
+
+fn spans_of(client: &mut postgres::Client, id: DeliveryId) -> Result<KeptTrace, String> {
+    let s = |e: postgres::Error| e.to_string();
+    let rows = client
+        .query("SELECT body FROM history_spans WHERE delivery_id = $1 ORDER BY start_us, n", &[&to_i64(id)])
+        .map_err(s)?;
+    if rows.is_empty() {
+        return Ok(None);
+    }
+    let trace: String = client
+        .query_opt("SELECT trace_id FROM history_traces WHERE delivery_id = $1", &[&to_i64(id)])
+        .map_err(s)?
+        .map(|r| r.get(0))
+        .unwrap_or_default();
+    let mut spans = Vec::with_capacity(rows.len());
+    for row in rows {
+        let mut span: KeptSpan = serde_json::from_str(row.get(0)).map_err(|e| e.to_string())?;
+        if span.trace_id.is_empty() {
+            span.trace_id.clone_from(&trace);
+        }
+        spans.push(span);
+    }
+    Ok(Some((trace, spans)))
+}
+
+fn purge_spans(client: &mut postgres::Client, before_us: u64, max_spans: u64) -> Result<u64, postgres::Error> {
+    let mut txn = client.transaction()?;
+    let mut removed = txn.execute("DELETE FROM history_spans WHERE start_us < $1", &[&to_i64(before_us)])?;
+    removed += txn.execute(
+        "DELETE FROM history_spans WHERE start_us <
+            (SELECT start_us FROM history_spans ORDER BY start_us DESC OFFSET $1 LIMIT 1)",
+        &[&to_i64(max_spans)],
+    )?;
+    if removed > 0 {
+        txn.execute(
+            "DELETE FROM history_traces t WHERE NOT EXISTS
+                (SELECT 1 FROM history_spans s WHERE s.delivery_id = t.delivery_id)",
+            &[],
+        )?;
+    }
+    txn.commit()?;
+    Ok(removed)
 }
 
 fn apply(

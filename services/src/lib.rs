@@ -27,6 +27,7 @@ pub mod notify;
 pub mod packages;
 pub mod saga;
 pub mod scheduler;
+pub mod spans;
 mod state;
 pub mod store;
 mod store_pg;

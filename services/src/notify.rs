@@ -202,7 +202,13 @@ async fn send(ch: &Channels, cfg: &NotifyConfig, n: &Notification) -> Result<(),
 
 /// The notifier: consumes `notifications` until `stop`, sending each and acking it, or nacking
 /// it with the reason (the queue retries it, then dead-letters it).
-pub async fn run<Q: WorkQueues>(queues: std::sync::Arc<Q>, cfg: NotifyConfig, mut stop: watch::Receiver<bool>) {
+/// Each notification sent (or not) is a `notify.send` span of its delivery in `spans`.
+pub async fn run<Q: WorkQueues>(
+    queues: std::sync::Arc<Q>,
+    cfg: NotifyConfig,
+    spans: crate::spans::Spans,
+    mut stop: watch::Receiver<bool>,
+) {
     let timeout = Duration::from_millis(cfg.timeout_ms.unwrap_or(5_000));
     let http = match crate::tls::plain_client_builder().timeout(timeout).build() {
         Ok(c) => c,
@@ -240,10 +246,28 @@ pub async fn run<Q: WorkQueues>(queues: std::sync::Arc<Q>, cfg: NotifyConfig, mu
         };
         for m in leased {
             let verdict = match serde_json::from_slice::<Notification>(&m.payload) {
-                Ok(n) => match send(&channels, &cfg, &n).await {
-                    Ok(()) => Verdict::Ack,
-                    Err(reason) => Verdict::Nack(reason),
-                },
+                Ok(n) => {
+                    let started = std::time::Instant::now();
+                    let sent = send(&channels, &cfg, &n).await;
+                    let channel = match (&n.to.sms, &n.to.email) {
+                        (Some(_), Some(_)) => "sms+email",
+                        (Some(_), None) => "sms",
+                        _ => "email",
+                    };
+                    let attributes = crate::spans::attrs([
+                        ("stage", serde_json::json!(n.stage)),
+                        ("seq", n.seq.into()),
+                        ("channel", channel.into()),
+                        ("attempt", m.attempt.into()),
+                        ("error", sent.as_ref().err().map_or(serde_json::Value::Null, |e| e.as_str().into())),
+                    ]);
+                    let span = events::TraceContext::default().child();
+                    spans.record_since(n.delivery_id, &span, None, "notify.send", "delivery", started, attributes);
+                    match sent {
+                        Ok(()) => Verdict::Ack,
+                        Err(reason) => Verdict::Nack(reason),
+                    }
+                }
                 Err(e) => Verdict::Nack(format!("not a notification: {e}")),
             };
             if let Err(error) = queues.settle(QueueName::Notifications, m.id, m.token, verdict) {

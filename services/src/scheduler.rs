@@ -97,6 +97,8 @@ pub struct Scheduler<F> {
     left: parking_lot::Mutex<Vec<Saga>>,
     durable_assignments: bool,
     history: Option<Arc<crate::history::History>>,
+    /// Where `scheduler.create` and each call it makes are recorded as spans of the delivery.
+    spans: crate::spans::Spans,
     /// Deliveries scheduled.
     pub scheduled: AtomicU64,
     /// Requests refused.
@@ -196,6 +198,7 @@ impl<F: FleetControl + WorkQueues> Scheduler<F> {
             left: parking_lot::Mutex::new(Vec::new()),
             durable_assignments: true,
             history: None,
+            spans: crate::spans::Spans::off(),
             scheduled: AtomicU64::new(0),
             refused: AtomicU64::new(0),
             compensation_failures: AtomicU64::new(0),
@@ -245,6 +248,36 @@ impl<F: FleetControl + WorkQueues> Scheduler<F> {
         self
     }
 
+    /// Records each schedule (`scheduler.create`) and every call it makes as spans of the
+    /// delivery in `spans`.
+    pub fn with_spans(mut self, spans: crate::spans::Spans) -> Self {
+        self.spans = spans;
+        self
+    }
+
+    /// Runs `work` (a step of delivery `id`'s schedule, under `parent`) as a span `name` of
+    /// the delivery; `work` is given the span's context to pass on.
+    async fn step<T, E: std::fmt::Display, Fut: Future<Output = Result<T, E>>>(
+        &self,
+        id: DeliveryId,
+        parent: &TraceContext,
+        name: &'static str,
+        work: impl FnOnce(TraceContext) -> Fut,
+    ) -> Result<T, E> {
+        if !self.spans.is_on() {
+            return work(*parent).await;
+        }
+        let span = parent.child();
+        let started = std::time::Instant::now();
+        let result = work(span).await;
+        let attributes = match &result {
+            Ok(_) => crate::spans::Attributes::new(),
+            Err(e) => crate::spans::attrs([("error", e.to_string().into())]),
+        };
+        self.spans.record_since(id, &span, Some(parent), name, "scheduler", started, attributes);
+        result
+    }
+
     /// The dependencies, for metrics.
     pub fn deps(&self) -> &Deps {
         &self.deps
@@ -286,6 +319,35 @@ impl<F: FleetControl + WorkQueues> Scheduler<F> {
     ) -> Result<(DeliveryRecord, bool), Error> {
         validate(&req)?;
         let delivery_id = self.ids.next().await?;
+        // The schedule is a span of its own under the request's, and every call it makes one
+        // under it.
+        let (parent, trace) = (trace, if self.spans.is_on() { trace.child() } else { trace });
+        let started = std::time::Instant::now();
+        let owner = req.owner.clone();
+        let outcome = self.schedule_traced(key, req, delivery_id, trace).await;
+        let attributes = match &outcome {
+            Ok((record, _)) => crate::spans::attrs([("owner", owner.into()), ("drone_id", record.drone_id.into())]),
+            Err(e) => crate::spans::attrs([("owner", owner.into()), ("error", e.to_string().into())]),
+        };
+        self.spans.record_since(
+            delivery_id,
+            &trace,
+            Some(&parent),
+            "scheduler.create",
+            "scheduler",
+            started,
+            attributes,
+        );
+        outcome
+    }
+
+    async fn schedule_traced(
+        &self,
+        key: Option<&str>,
+        req: CreateDelivery,
+        delivery_id: DeliveryId,
+        trace: TraceContext,
+    ) -> Result<(DeliveryRecord, bool), Error> {
         let mut saga = Saga::Schedule {
             delivery_id,
             key: key.map(str::to_string),
@@ -296,7 +358,11 @@ impl<F: FleetControl + WorkQueues> Scheduler<F> {
         if self.durable_assignments {
             // Drone Management stores the assignment it is about to make: the entry must be
             // there first. It and the account check at once (the check changes nothing).
-            let (journaled, account) = tokio::join!(self.journal.write(&saga), self.check_account(&req.owner, &trace));
+            let owner = &req.owner;
+            let account = self.step(delivery_id, &trace, "scheduler.call.accounts", |t| async move {
+                self.check_account(owner, &t).await
+            });
+            let (journaled, account) = tokio::join!(self.journal.write(&saga), account);
             journaled?;
             if let Err(error) = account {
                 self.forget(&saga).await;
@@ -305,7 +371,11 @@ impl<F: FleetControl + WorkQueues> Scheduler<F> {
         } else {
             // The assignment is a reservation in memory, gone with a crash: the first entry can
             // wait until there is a drone to name.
-            self.check_account(&req.owner, &trace).await?;
+            let owner = &req.owner;
+            self.step(delivery_id, &trace, "scheduler.call.accounts", |t| async move {
+                self.check_account(owner, &t).await
+            })
+            .await?;
         }
         crash_point("schedule-started");
         let mut done = Done::default();
@@ -374,14 +444,18 @@ impl<F: FleetControl + WorkQueues> Scheduler<F> {
         // (A crash between the two commits can leave a package row no delivery refers to;
         // nothing reads it.) The package before the record and the engine's delivery, so that
         // a Package service that is down costs no delivery events.
-        let assignment = self.assign(id, req.pickup, &trace).await;
+        let pickup = req.pickup;
+        let assignment =
+            self.step(id, &trace, "scheduler.call.drones", |t| async move { self.assign(id, pickup, &t).await }).await;
         done.assignment = assignment.is_ok();
         let drone_id = assignment?;
         *step = ScheduleStep::Assigned { drone_id };
-        let package = call(
-            &self.deps.packages,
-            Call::json(Method::PUT, format!("/internal/v1/packages/{id}"), &req.package).traced(&trace),
-        );
+        let package = self.step(id, &trace, "scheduler.call.packages", |t| {
+            call(
+                &self.deps.packages,
+                Call::json(Method::PUT, format!("/internal/v1/packages/{id}"), &req.package).traced(&t),
+            )
+        });
         let (journaled, package) = tokio::join!(self.journal.write(saga), package);
         done.package = package.is_ok();
         journaled?;
@@ -403,10 +477,12 @@ impl<F: FleetControl + WorkQueues> Scheduler<F> {
         // The record and the engine's delivery at once too: the engine's Created event finds
         // the record either way (the record starts at Created), and the drone is told to fly
         // only once both exist.
-        let put_record = call(
-            &self.deps.deliveries,
-            Call::json(Method::PUT, format!("/internal/v1/deliveries/{id}"), &record).traced(&trace),
-        );
+        let put_record = self.step(id, &trace, "scheduler.call.deliveries", |t| {
+            call(
+                &self.deps.deliveries,
+                Call::json(Method::PUT, format!("/internal/v1/deliveries/{id}"), &record).traced(&t),
+            )
+        });
         let cmd = DeliveryCommand::Create {
             delivery_id: id,
             drone_id,
@@ -414,7 +490,8 @@ impl<F: FleetControl + WorkQueues> Scheduler<F> {
             dropoff: record.dropoff,
             ts_us: now,
         };
-        let (put_record, created) = tokio::join!(put_record, self.fleet.command_traced(cmd, trace));
+        let created = self.step(id, &trace, "scheduler.call.engine", |t| self.fleet.command_traced(cmd, t));
+        let (put_record, created) = tokio::join!(put_record, created);
         done.record = put_record.is_ok();
         match &created {
             Ok(()) => done.engine = Some(drone_id),
@@ -444,8 +521,10 @@ impl<F: FleetControl + WorkQueues> Scheduler<F> {
         }
         if let Some(history) = &self.deps.history {
             let note = crate::history::OwnerNote { owner: record.owner.clone(), created_us: record.created_us };
-            call(history, Call::json(Method::PUT, format!("/internal/v1/history/owners/{id}"), &note).traced(&trace))
-                .await?;
+            self.step(id, &trace, "scheduler.call.history", |t| {
+                call(history, Call::json(Method::PUT, format!("/internal/v1/history/owners/{id}"), &note).traced(&t))
+            })
+            .await?;
         }
 
         // The mission goes to the drone through the drone-commands queue: delivered over the
@@ -453,7 +532,10 @@ impl<F: FleetControl + WorkQueues> Scheduler<F> {
         // second copy (a recovery after a crash right after this) is the same mission, which
         // a drone takes once.
         let mission = Mission::fly(id, record.drone_id, record.pickup, record.dropoff, record.created_us, trace);
-        self.fleet.enqueue(QueueName::DroneCommands, record.drone_id, mission.to_bytes()).await?;
+        self.step(id, &trace, "scheduler.enqueue.mission", |_| {
+            self.fleet.enqueue(QueueName::DroneCommands, record.drone_id, mission.to_bytes())
+        })
+        .await?;
         crash_point("schedule-mission");
 
         let Some(store) = self.journal.store() else { return Ok(false) };

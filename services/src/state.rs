@@ -178,7 +178,8 @@ pub struct Services<F> {
 impl<F: FleetControl + WorkQueues + Clone> Services<F> {
     /// The services with their stores in memory (tests, throwaway runs).
     pub async fn new(fleet: F) -> Result<Self, Error> {
-        Self::with_store(fleet, Store::in_memory()?, ServicesConfig::default(), None, None).await
+        let spans = crate::spans::Spans::off();
+        Self::with_store(fleet, Store::in_memory()?, ServicesConfig::default(), None, None, spans).await
     }
 
     /// The services with their state in `dir/services.redb`: one file with a namespace per
@@ -189,19 +190,21 @@ impl<F: FleetControl + WorkQueues + Clone> Services<F> {
     /// its owner queries).
     ///
     /// Delivery ids come from `ids` when given (a counter the nodes share), else from a counter
-    /// in this file.
+    /// in this file. The scheduler and Drone Management record their work on each delivery
+    /// in `spans` (see [`crate::spans`]).
     pub async fn open(
         fleet: F,
         dir: &Path,
         cfg: ServicesConfig,
         history: Option<Arc<crate::history::History>>,
         ids: Option<Arc<dyn crate::ids::IdBlocks>>,
+        spans: crate::spans::Spans,
     ) -> Result<Self, Error> {
         let file = match cfg.store {
             ServicesStore::Embedded => Store::open(&dir.join("services.redb"))?,
             ServicesStore::Postgres => Store::open_postgres(&cfg.url, &cfg.schema, &node_name(dir)?)?,
         };
-        Self::with_store(fleet, file, cfg, history, ids).await
+        Self::with_store(fleet, file, cfg, history, ids, spans).await
     }
 
     async fn with_store(
@@ -210,6 +213,7 @@ impl<F: FleetControl + WorkQueues + Clone> Services<F> {
         cfg: ServicesConfig,
         history: Option<Arc<crate::history::History>>,
         ids: Option<Arc<dyn crate::ids::IdBlocks>>,
+        spans: crate::spans::Spans,
     ) -> Result<Self, Error> {
         let policy = cfg.calls;
         let accounts = Accounts::new(file.namespace("accounts"));
@@ -221,6 +225,7 @@ impl<F: FleetControl + WorkQueues + Clone> Services<F> {
             file.namespace("drones"),
             deliveries.in_flight(),
         )?;
+        drones.keep_spans(spans.clone());
         let deps = Deps {
             accounts: Dependency::local("accounts", accounts.router(), policy),
             packages: Dependency::local("package", packages.router(), policy),
@@ -233,7 +238,8 @@ impl<F: FleetControl + WorkQueues + Clone> Services<F> {
             .with_ids(ids)
             .with_store(&file, cfg.idempotency_retention_s)
             .await?
-            .with_assignments_in_memory();
+            .with_assignments_in_memory()
+            .with_spans(spans);
         let scheduler = Arc::new(match history {
             Some(h) => scheduler.with_history(h),
             None => scheduler,

@@ -49,6 +49,8 @@ pub struct TracingConfig {
     pub otlp_endpoint: Option<String>,
     /// `service.name` of the exported spans. Default `fleetstream`.
     pub service_name: Option<String>,
+    /// Spans kept per delivery for `GET /v1/deliveries/{id}/trace` (`[tracing.spans]`).
+    pub spans: crate::spans::SpansConfig,
 }
 
 /// One finished span waiting for export.
@@ -57,7 +59,8 @@ struct Finished {
     parent: Option<TraceContext>,
     name: String,
     kind: u8,
-    status: u16,
+    /// OTLP/JSON attributes.
+    attributes: serde_json::Value,
     start_ns: u64,
     end_ns: u64,
 }
@@ -137,7 +140,7 @@ fn otlp_json(service: &str, spans: &[Finished]) -> serde_json::Value {
                 "kind": f.kind,
                 "startTimeUnixNano": f.start_ns.to_string(),
                 "endTimeUnixNano": f.end_ns.to_string(),
-                "attributes": [{"key": "http.response.status_code", "value": {"intValue": f.status.to_string()}}],
+                "attributes": f.attributes,
             })
         })
         .collect();
@@ -173,7 +176,9 @@ pub fn log_span(
                 "consumer" => 5,
                 _ => 1,
             },
-            status,
+            attributes: serde_json::json!([
+                {"key": "http.response.status_code", "value": {"intValue": status.to_string()}}
+            ]),
             start_ns: end_ns.saturating_sub(elapsed.as_nanos() as u64),
             end_ns,
         };
@@ -192,6 +197,43 @@ pub fn log_span(
         duration_us = started.elapsed().as_micros() as u64,
         "span"
     );
+}
+
+/// Queues a kept span of a delivery (see [`crate::spans`]) for OTLP export, when an exporter
+/// is installed and the span's trace is known.
+pub(crate) fn export_kept(span: &crate::spans::KeptSpan) {
+    let Some(exporter) = EXPORTER.get() else { return };
+    let parent = if span.parent_id.is_empty() { "0000000000000000" } else { &span.parent_id };
+    let (Some(ctx), parent) = (
+        TraceContext::parse(&format!("00-{}-{}-01", span.trace_id, span.span_id)),
+        TraceContext::parse(&format!("00-{}-{parent}-01", span.trace_id)),
+    ) else {
+        return;
+    };
+    let value = |v: &serde_json::Value| match v {
+        serde_json::Value::String(s) => serde_json::json!({"stringValue": s}),
+        serde_json::Value::Bool(b) => serde_json::json!({"boolValue": b}),
+        serde_json::Value::Number(n) if n.is_i64() || n.is_u64() => serde_json::json!({"intValue": n.to_string()}),
+        serde_json::Value::Number(n) => serde_json::json!({"doubleValue": n}),
+        other => serde_json::json!({"stringValue": other.to_string()}),
+    };
+    let mut attributes = vec![
+        serde_json::json!({"key": "fleetstream.service", "value": {"stringValue": span.service}}),
+        serde_json::json!({"key": "fleetstream.delivery_id", "value": {"intValue": span.delivery_id.to_string()}}),
+    ];
+    attributes.extend(span.attributes.iter().map(|(k, v)| serde_json::json!({"key": k, "value": value(v)})));
+    let finished = Finished {
+        span: ctx,
+        parent,
+        name: span.name.clone(),
+        kind: 1,
+        attributes: serde_json::Value::Array(attributes),
+        start_ns: span.start_us.saturating_mul(1000),
+        end_ns: span.start_us.saturating_add(span.duration_us).saturating_mul(1000),
+    };
+    if exporter.tx.try_send(finished).is_err() {
+        exporter.dropped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 #[cfg(test)]
@@ -245,7 +287,11 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let endpoint = format!("http://{}", listener.local_addr()?);
         tokio::spawn(async move { axum::serve(listener, collector).await });
-        install_exporter(&TracingConfig { otlp_endpoint: Some(endpoint), service_name: Some("scheduler".into()) });
+        install_exporter(&TracingConfig {
+            otlp_endpoint: Some(endpoint),
+            service_name: Some("scheduler".into()),
+            ..TracingConfig::default()
+        });
 
         let app = Router::new().route("/v1/x", get(|| async { "ok" })).layer(axum::middleware::from_fn(propagate));
         let parent = "00-11111111111111112222222222222222-3333333333333333-01";

@@ -105,11 +105,23 @@ impl WorkQueues for Engine {
         wait: Duration,
     ) -> Result<Vec<Leased>, Error> {
         self.refuse_when_stopping()?;
-        self.queue_backend(queue).lease(consumer, keys, max, wait).await
+        let leased = self.queue_backend(queue).lease(consumer, keys, max, wait).await?;
+        if queue == QueueName::DroneCommands {
+            self.missions_sent(consumer, &leased);
+        }
+        Ok(leased)
     }
 
     fn settle(&self, queue: QueueName, id: u64, token: u64, verdict: Verdict) -> Result<(), Error> {
-        self.queue_backend(queue).settle(id, token, verdict)
+        let answer = (queue == QueueName::DroneCommands).then(|| match &verdict {
+            Verdict::Ack => serde_json::Value::from("ack"),
+            Verdict::Nack(reason) => format!("nack: {reason}").into(),
+        });
+        self.queue_backend(queue).settle(id, token, verdict)?;
+        if let Some(answer) = answer {
+            self.mission_answered(id, answer);
+        }
+        Ok(())
     }
 
     fn release(&self, queue: QueueName, consumer: u64) {
@@ -127,6 +139,62 @@ impl WorkQueues for Engine {
 
     fn attach(&self, queue: QueueName, keys: KeyRange) -> Result<u64, Error> {
         self.queue_backend(queue).attach(keys)
+    }
+}
+
+/// Missions remembered between their send and their answer, at most (for the `mission.ack`
+/// span); past it, those older than a lease are forgotten, and with none such the answer of a
+/// new one goes unrecorded.
+const MISSIONS_REMEMBERED: usize = 65_536;
+
+impl Engine {
+    /// Records derived delivery events and missions as spans of their deliveries in `spans`
+    /// (the first call wins).
+    pub fn keep_spans(&self, spans: services::spans::Spans) {
+        let _ = self.inner.recorder.set(spans);
+    }
+
+    /// Records a `mission.send` span for each mission leased to a drone's connection.
+    fn missions_sent(&self, consumer: u64, leased: &[Leased]) {
+        let Some(spans) = self.inner.recorder.get().filter(|s| s.is_on()) else { return };
+        let now = events::now_us();
+        let mut out = self.inner.missions_out.lock();
+        for m in leased {
+            let Ok(mission) = events::Mission::from_bytes(&m.payload) else { continue };
+            let parent = mission.trace;
+            let span = parent.child();
+            let kind = match mission.kind {
+                events::MissionKind::Fly => "fly",
+                events::MissionKind::ReturnToBase => "return_to_base",
+            };
+            let attributes = services::spans::attrs([
+                ("mission_id", m.id.into()),
+                ("drone_id", mission.drone_id.into()),
+                ("attempt", m.attempt.into()),
+                ("kind", kind.into()),
+                ("consumer", consumer.into()),
+            ]);
+            let parent = parent.is_some().then_some(&parent);
+            spans.record(mission.delivery_id, &span, parent, "mission.send", "engine", now, 0, attributes);
+            if out.len() >= MISSIONS_REMEMBERED {
+                let lease_us = 600_000_000;
+                out.retain(|_, (_, _, sent)| now.saturating_sub(*sent) < lease_us);
+            }
+            if out.len() < MISSIONS_REMEMBERED {
+                out.insert(m.id, (mission.delivery_id, span, now));
+            }
+        }
+    }
+
+    /// Records a `mission.ack` span for a drone's answer to a mission: from the send.
+    fn mission_answered(&self, id: u64, answer: serde_json::Value) {
+        let Some(spans) = self.inner.recorder.get().filter(|s| s.is_on()) else { return };
+        let Some((delivery, sent_span, sent_us)) = self.inner.missions_out.lock().remove(&id) else { return };
+        let now = events::now_us();
+        let attributes = services::spans::attrs([("mission_id", id.into()), ("answer", answer)]);
+        let span = sent_span.child();
+        let took = now.saturating_sub(sent_us);
+        spans.record(delivery, &span, Some(&sent_span), "mission.ack", "engine", sent_us, took, attributes);
     }
 }
 

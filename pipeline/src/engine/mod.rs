@@ -148,6 +148,12 @@ struct Inner {
     /// Queues kept elsewhere than the embedded journal (`[jetstream] queues`).
     queue_backends: parking_lot::RwLock<Vec<(QueueName, Arc<dyn QueueBackend>)>>,
     cursors: Arc<CursorStore>,
+    /// Where derived delivery events and missions are recorded as spans of their deliveries
+    /// (set once by [`Engine::keep_spans`]).
+    recorder: Arc<std::sync::OnceLock<services::spans::Spans>>,
+    /// Missions out to drones and not yet answered: message id → (delivery, the send span,
+    /// when sent, µs), for the `mission.ack` span.
+    missions_out: parking_lot::Mutex<FxHashMap<u64, (DeliveryId, TraceContext, u64)>>,
 }
 
 /// Handle to a running engine. Cheap to clone; [`Engine::shutdown`] drains and stops it.
@@ -211,6 +217,7 @@ impl Engine {
         let checkpoints_enabled = store.is_some();
         let checkpointer = Checkpointer { store, needed: needed.clone(), metrics: metrics.clone() };
         threads.push(std::thread::Builder::new().name("checkpointer".into()).spawn(move || checkpointer.run(ckpt_rx))?);
+        let recorder = Arc::new(std::sync::OnceLock::new());
         let mut shards = Vec::with_capacity(n);
         for (index, ckpt) in checkpoints.into_iter().enumerate() {
             let (tx, rx) = flume::bounded(cfg.shard_queue.max(1));
@@ -235,6 +242,7 @@ impl Engine {
                 needed: needed.clone(),
                 ckpt_interval: Duration::from_millis(cfg.checkpoint_interval_ms.max(1)),
                 last_ckpt: Instant::now(),
+                recorder: recorder.clone(),
             };
             threads.push(std::thread::Builder::new().name(format!("shard-{index}")).spawn(move || shard.run())?);
             shards.push(tx);
@@ -270,6 +278,8 @@ impl Engine {
             queues,
             queue_backends: parking_lot::RwLock::default(),
             cursors,
+            recorder,
+            missions_out: parking_lot::Mutex::default(),
         };
         let inner = Arc::new(inner);
         // Cursors committed and then left alone still reach the file within a flush interval.

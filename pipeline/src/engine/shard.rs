@@ -84,6 +84,8 @@ pub(super) struct Shard {
     pub(super) needed: Arc<[AtomicU64]>,
     pub(super) ckpt_interval: Duration,
     pub(super) last_ckpt: Instant,
+    /// Where each delivery event derived live is recorded as an `engine.derive.<stage>` span.
+    pub(super) recorder: Arc<std::sync::OnceLock<services::spans::Spans>>,
 }
 
 /// Messages a shard applies before it publishes what they derived: enough to amortise the
@@ -141,6 +143,7 @@ impl Shard {
                             }
                         }
                     }
+                    self.record(offset, None, received);
                     self.derived(offset, batch.header().meta.trace, received);
                 }
                 self.advance(offset);
@@ -149,7 +152,13 @@ impl Shard {
                 let result = if self.covered(offset) {
                     Ok(())
                 } else {
+                    let started = Instant::now();
                     let result = self.deriver.on_command(&cmd, events::now_us(), &mut self.scratch);
+                    // A command replayed from the log has no one waiting; its spans were
+                    // recorded when it was live.
+                    if reply.is_some() {
+                        self.record(offset, Some(trace), Some(started));
+                    }
                     self.derived(offset, trace, None);
                     result
                 };
@@ -203,6 +212,34 @@ impl Shard {
         self.reported_applied = self.applied;
         let spans = std::mem::take(&mut self.spans);
         let _ = self.publisher.send(PublishMsg::Derived { shard: self.index, applied: self.applied, spans });
+    }
+
+    /// Records each delivery event the message at `offset` derived as a span of its delivery:
+    /// from `received` (none: a replayed record, whose spans were recorded when it was live)
+    /// until now; `command` is a command's trace (a telemetry batch carries the drone's, not
+    /// the delivery's, which the store fills in).
+    fn record(&self, offset: u64, command: Option<TraceContext>, received: Option<Instant>) {
+        let (Some(received), Some(spans)) = (received, self.recorder.get()) else { return };
+        if self.scratch.is_empty() || !spans.is_on() {
+            return;
+        }
+        let took = received.elapsed().as_micros() as u64;
+        let start_us = events::now_us().saturating_sub(took);
+        let offset_key = if command.is_some() { "command_offset" } else { "telemetry_offset" };
+        for e in &self.scratch {
+            let stage = serde_json::to_value(e.stage).ok();
+            let stage = stage.as_ref().and_then(|v| v.as_str()).unwrap_or("unknown");
+            let parent = command.filter(TraceContext::is_some);
+            let span = parent.map_or_else(|| TraceContext::default().child(), |p| p.child());
+            let attributes = services::spans::attrs([
+                (offset_key, offset.into()),
+                ("shard", self.index.into()),
+                ("drone_id", e.drone_id.into()),
+                ("seq", e.seq.into()),
+            ]);
+            let name = format!("engine.derive.{stage}");
+            spans.record(e.delivery_id, &span, parent.as_ref(), name, "engine", start_us, took, attributes);
+        }
     }
 
     /// Files what the message at `offset` derived (if anything) for the next report.
@@ -294,6 +331,7 @@ mod tests {
             needed: needed.clone(),
             ckpt_interval: Duration::ZERO,
             last_ckpt: Instant::now(),
+            recorder: Arc::default(),
         };
         let running = std::thread::spawn(move || shard.run());
         let batch =
