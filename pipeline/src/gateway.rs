@@ -52,6 +52,7 @@ pub const ROUTES: &[Route] = &[
     route("/v1/deliveries/{id}", &[("GET", Role::Delivery), ("PATCH", Role::Scheduler), ("DELETE", Role::Scheduler)]),
     route("/v1/deliveries/{id}/notifications", &[("POST", Role::Delivery)]),
     route("/v1/deliveries/{id}/history", &[("GET", Role::History)]),
+    route("/v1/deliveries/{id}/trace", &[("GET", Role::History)]),
     route("/v1/history", &[("GET", Role::History)]),
     route("/v1/drones", &[("POST", Role::Drones)]),
     route("/v1/drones/{id}", &[("GET", Role::Drones), ("PUT", Role::Drones)]),

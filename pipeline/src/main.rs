@@ -337,7 +337,7 @@ async fn serve(mut cfg: Config, role: pipeline::roles::Role) -> anyhow::Result<(
             if role == Role::Ingest {
                 roles::use_ca_certificate_for_quic(&mut cfg);
             }
-            let node = Node::start(&cfg).await.context("starting the node")?;
+            let node = Node::start_as(&cfg, role).await.context("starting the node")?;
             let engine_api = match role {
                 Role::Ingest => Some(
                     roles::start_engine_api(node.engine.clone(), &node.health, &cfg)

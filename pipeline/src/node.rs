@@ -82,6 +82,12 @@ impl Node {
     /// Starts everything. The ingest certificate is at `DATA_DIR/tls/ingest-cert.pem` so
     /// clients on this machine can trust a self-signed one.
     pub async fn start(cfg: &Config) -> Result<Self, Error> {
+        Self::start_as(cfg, crate::roles::Role::All).await
+    }
+
+    /// [`Node::start`] as `role` (`all` or `ingest`): the ingest role keeps the spans of
+    /// deliveries with the history role, not in a store of its own.
+    pub async fn start_as(cfg: &Config, role: crate::roles::Role) -> Result<Self, Error> {
         // A malformed key entry is a configuration error, reported before anything starts.
         let api_keys = cfg.http.keys()?;
         // Before anything in the data dir is opened: a second node there would damage the logs.
@@ -132,7 +138,10 @@ impl Node {
             services::history::History::open_configured(&cfg.history, &history_path)
                 .map_err(|e| Error::Task(format!("opening delivery history: {e}")))?,
         );
-        let spans = services::spans::Spans::start(cfg.tracing.spans, services::spans::SpanSink::Local(history.clone()));
+        let spans = match role {
+            crate::roles::Role::Ingest => crate::roles::remote_spans(cfg, role)?,
+            _ => services::spans::Spans::start(cfg.tracing.spans, services::spans::SpanSink::Local(history.clone())),
+        };
         engine.keep_spans(spans.clone());
         let history_following = Arc::new(std::sync::atomic::AtomicBool::new(true));
         let history_task = start_history(&engine, history.clone(), history_following.clone(), spans.clone())?;

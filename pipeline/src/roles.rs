@@ -523,6 +523,18 @@ impl RoleProcess {
     }
 }
 
+/// Where a role's spans of deliveries are kept: with the history role (`[split.endpoints]
+/// history`), over HTTP; nowhere when the deployment has none.
+pub fn remote_spans(cfg: &Config, role: Role) -> Result<services::spans::Spans, Error> {
+    let split = &cfg.split;
+    if split.endpoints.history.is_empty() || !cfg.tracing.spans.keep {
+        return Ok(services::spans::Spans::off());
+    }
+    let client = split.client(role)?;
+    let history = Dependency::remote("history", split.endpoints.required(Role::History)?, client, cfg.services.calls);
+    Ok(services::spans::Spans::start(cfg.tracing.spans, services::spans::SpanSink::Remote(history)))
+}
+
 fn svc_error(e: services::Error) -> Error {
     Error::Task(e.to_string())
 }
@@ -612,6 +624,7 @@ pub async fn start(role: Role, cfg: &Config) -> Result<RoleProcess, Error> {
             let svc =
                 services::drones::DroneManagement::open(engine()?, cfg.services.drones, store.namespace("drones"))
                     .map_err(svc_error)?;
+            svc.keep_spans(remote_spans(cfg, role)?);
             let router = svc.public_router().merge(svc.internal_router());
             tasks.push(tokio::spawn({
                 let (svc, mut stop) = (svc.clone(), stop_rx.clone());
@@ -657,7 +670,9 @@ pub async fn start(role: Role, cfg: &Config) -> Result<RoleProcess, Error> {
                     .map_err(svc_error)?,
             );
             let router = services::history::router(history.clone());
-            tasks.push(tokio::spawn(follow_history(quic_target()?, history, stop_rx.clone())));
+            let spans =
+                services::spans::Spans::start(cfg.tracing.spans, services::spans::SpanSink::Local(history.clone()));
+            tasks.push(tokio::spawn(follow_history(quic_target()?, history, spans, stop_rx.clone())));
             (router, ClientAuth::Optional)
         }
         Role::Scheduler => {
@@ -676,7 +691,8 @@ pub async fn start(role: Role, cfg: &Config) -> Result<RoleProcess, Error> {
                 services::scheduler::Scheduler::new(engine()?, deps)
                     .with_store(&store, cfg.services.idempotency_retention_s)
                     .await
-                    .map_err(svc_error)?,
+                    .map_err(svc_error)?
+                    .with_spans(remote_spans(cfg, role)?),
             );
             tasks.push({
                 let recovery = scheduler.start_recovery(async {}).await.map_err(svc_error)?;
@@ -1010,7 +1026,12 @@ async fn follow_positioned<A, Fut>(
 
 /// Delivery History's consumer in its own process: reads delivery-events from the offset its
 /// store says comes next and stores each batch with the offset after it.
-async fn follow_history(quic: QuicTarget, history: Arc<services::history::History>, stop: watch::Receiver<bool>) {
+async fn follow_history(
+    quic: QuicTarget,
+    history: Arc<services::history::History>,
+    spans: services::spans::Spans,
+    stop: watch::Receiver<bool>,
+) {
     let storage = |e: &dyn std::fmt::Display| ingest::Error::from(events::Error::Storage(e.to_string()));
     reconnecting("history", stop, || async {
         let next = history.next_offset().map_err(|e| storage(&e))?;
@@ -1019,15 +1040,12 @@ async fn follow_history(quic: QuicTarget, history: Arc<services::history::Histor
         let mut sub = client.subscribe_from::<DeliveryEvent>(Topic::DeliveryEvents, from).await?;
         while let Some((offset, batch)) = sub.next().await? {
             let started = std::time::Instant::now();
-            let trace = batch.header().meta.trace;
             let h = history.clone();
-            tokio::task::spawn_blocking(move || h.apply(offset, &batch))
+            let group = tokio::task::spawn_blocking(move || h.apply(offset, &batch).map(|()| [(offset, batch)]))
                 .await
                 .map_err(|e| storage(&e))?
                 .map_err(|e| storage(&e))?;
-            if trace.is_some() && services::trace::recording() {
-                services::trace::log_span(&trace.child(), Some(&trace), "history store", "consumer", 0, started);
-            }
+            services::spans::history_stored(&spans, &group, started);
         }
         Ok(())
     })

@@ -598,6 +598,21 @@ async fn delivery_history_on_postgres_follows_the_delivery_through_the_same_api(
     let page: Value = http.get(format!("{base}/v1/history?owner=pg-owner")).send().await.unwrap().json().await.unwrap();
     assert_eq!(page["deliveries"][0]["delivery_id"], id, "{page}");
     assert_eq!(page["deliveries"][0]["stage"], "cancelled");
+    // Its spans are kept in PostgreSQL too.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let names = loop {
+        let trace: Value =
+            http.get(format!("{base}/v1/deliveries/{id}/trace")).send().await.unwrap().json().await.unwrap();
+        let names: Vec<String> = trace["spans"]
+            .as_array()
+            .map_or_else(Vec::new, |s| s.iter().map(|s| s["name"].as_str().unwrap_or("").to_string()).collect());
+        if names.iter().filter(|n| *n == "history.store").count() == 2 || std::time::Instant::now() > deadline {
+            break names;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(names.first().map(String::as_str), Some("scheduler.create"), "{names:?}");
+    assert!(names.iter().any(|n| n == "engine.derive.cancelled"), "{names:?}");
     node.shutdown().await.unwrap();
     let mut admin =
         tokio::task::spawn_blocking(move || postgres::Client::connect(&url, postgres::NoTls)).await.unwrap().unwrap();

@@ -230,6 +230,17 @@ async fn services_as_separate_processes_schedule_fly_complete_and_keep_history()
     let record: Value = admin_get(format!("/v1/deliveries/{id}")).await.json().await.unwrap();
     assert_eq!(record["stage"], "delivery_complete", "{record}");
 
+    // Its trace crosses the processes: the scheduler's, Drone Management's, the ingest's (the
+    // engine and the mission) and the history's own spans, kept by the history role.
+    let trace: Value = admin_get(format!("/v1/deliveries/{id}/trace")).await.json().await.unwrap();
+    let spans = trace["spans"].as_array().unwrap_or_else(|| panic!("{trace}"));
+    let names: Vec<&str> = spans.iter().filter_map(|s| s["name"].as_str()).collect();
+    assert_eq!(names.first(), Some(&"scheduler.create"), "{names:?}");
+    for name in ["drones.assign", "mission.send", "mission.ack", "engine.derive.delivery_complete", "history.store"] {
+        assert!(names.contains(&name), "no {name}: {names:?}");
+    }
+    assert_eq!(trace["trace_id"].as_str().map(str::len), Some(32), "{trace}");
+
     // The access rules hold through the gateway: a customer key sees another owner's delivery
     // as missing, may not order for another owner, and may not use the admin routes, even when
     // it names itself an admin in the header the gateway uses to pass principals on.

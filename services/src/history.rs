@@ -729,6 +729,56 @@ mod tests {
         DeliveryBatch::encode(BatchMeta::default(), &evs, Buffer::new())
     }
 
+    fn span(delivery: u64, trace: &str, name: &str, start_us: u64) -> KeptSpan {
+        KeptSpan {
+            delivery_id: delivery,
+            trace_id: trace.into(),
+            span_id: format!("{start_us:016x}"),
+            parent_id: String::new(),
+            name: name.into(),
+            service: "test".into(),
+            start_us,
+            duration_us: 1,
+            attributes: crate::spans::Attributes::new(),
+        }
+    }
+
+    /// Spans without a trace take their delivery's; ties of start time keep their arrival
+    /// order; a delivery at its cap keeps no more; spans go by age and by the store's cap, and
+    /// a delivery whose spans are all gone is forgotten.
+    #[test]
+    fn kept_spans_are_bounded_ordered_and_expire() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = std::env::temp_dir().join(format!("fleetstream-history-spans-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let h = History::open(&dir.join("history.redb"))?;
+        let trace = "0af7651916cd43dd8448eb211c80319c";
+        assert_eq!(h.spans_of(1)?, None);
+        let kept =
+            h.keep_spans(vec![span(1, "", "early", 5), span(1, trace, "create", 10), span(1, "", "b", 20)], 3)?;
+        assert_eq!(kept[1].trace_id, trace, "the first traced span names the delivery's trace");
+        assert_eq!(kept[2].trace_id, trace, "later untraced spans get it");
+        let kept = h.keep_spans(vec![span(1, "", "a", 20), span(2, "", "other", 30)], 3)?;
+        assert_eq!(kept.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["other"], "delivery 1 is at its cap");
+        let (t, spans) = h.spans_of(1)?.ok_or("no spans")?;
+        assert_eq!(t, trace);
+        assert!(spans.iter().all(|s| s.trace_id == trace), "filled in on reading too");
+        assert_eq!(spans.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["early", "create", "b"]);
+        let (_, other) = h.spans_of(2)?.ok_or("no spans of 2")?;
+        assert_eq!(other[0].trace_id, "", "no trace known for it");
+
+        assert_eq!(h.purge_spans(10, u64::MAX)?, 1, "one span started before 10");
+        assert_eq!(h.purge_spans(0, 2)?, 1, "past the cap of 2 the oldest goes");
+        assert_eq!(h.spans_of(1)?.map(|(_, s)| s.len()), Some(1));
+        assert_eq!(h.purge_spans(u64::MAX, u64::MAX)?, 2);
+        assert_eq!(h.spans_of(1)?, None);
+        // A delivery with none left forgets its trace: a new span of it starts afresh.
+        let kept = h.keep_spans(vec![span(1, "", "late", 40)], 3)?;
+        assert_eq!(kept[0].trace_id, "");
+        drop(h);
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok(())
+    }
+
     #[test]
     fn events_and_the_resume_point_are_stored_together_and_replays_change_nothing()
     -> Result<(), Box<dyn std::error::Error>> {
