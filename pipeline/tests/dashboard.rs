@@ -81,7 +81,8 @@ impl Browser {
     async fn element(&self, css: &str) -> Option<String> {
         let v =
             self.call(reqwest::Method::POST, "/element", Some(json!({"using": "css selector", "value": css}))).await;
-        v.as_object()?.values().next()?.as_str().map(str::to_string)
+        // A found element is `{"element-6066-…": id}`; a missing one is an error object.
+        v.get("element-6066-11e4-a52e-4f735466cecf")?.as_str().map(str::to_string)
     }
 
     async fn text(&self, css: &str) -> String {
@@ -164,6 +165,23 @@ async fn the_dashboard_shows_a_flying_fleet_live_in_a_browser() {
         }
         assert!(std::time::Instant::now() < deadline, "the delivery's detail never showed: {detail}");
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // ... and its trace as a waterfall, the schedule first.
+    loop {
+        let first = match browser.element("#waterfall .span-row .name").await {
+            Some(_) => browser.text("#waterfall .span-row .name").await,
+            None => String::new(),
+        };
+        if first.starts_with("scheduler.create") && browser.element("[data-span=\"drones.assign\"]").await.is_some() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the delivery's trace never showed: {first:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    if let Ok(path) = std::env::var("FLEETSTREAM_SCREENSHOT") {
+        let script = json!({"script": "document.querySelector('section.wide').scrollIntoView()", "args": []});
+        browser.call(reqwest::Method::POST, "/execute/sync", Some(script)).await;
+        std::fs::write(path.replace(".png", "-trace.png"), browser.screenshot().await).unwrap();
     }
 
     let report = fleet.await.unwrap().unwrap();
