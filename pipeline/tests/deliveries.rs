@@ -156,6 +156,26 @@ async fn reschedule_and_cancel_change_the_delivery_and_its_events() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(history(base.clone(), ids[0]).await, ["created", "rescheduled"], "no gap, no duplicate after a restart");
     assert_eq!(history(base.clone(), ids[1]).await, ["created", "cancelled"]);
+
+    // Each delivery's trace outlived the restart, reschedule and cancel included: the
+    // engine's event is a child of the operation that caused it. The refused cancel of an
+    // unknown delivery kept nothing.
+    let spans = |id: u64| {
+        let req = http.get(format!("{base}/v1/deliveries/{id}/trace"));
+        async move {
+            let trace: Value = req.send().await.unwrap().json().await.unwrap();
+            trace["spans"].as_array().cloned().unwrap_or_default()
+        }
+    };
+    let parent_of = |spans: &[Value], child: &str, parent: &str| {
+        let find =
+            |name: &str| spans.iter().find(|s| s["name"] == name).unwrap_or_else(|| panic!("no {name}: {spans:?}"));
+        assert_eq!(find(child)["parent_id"], find(parent)["span_id"], "{child} under {parent}");
+    };
+    let first = spans(ids[0]).await;
+    parent_of(&first, "engine.derive.rescheduled", "scheduler.reschedule");
+    parent_of(&spans(ids[1]).await, "engine.derive.cancelled", "scheduler.cancel");
+    assert_eq!(http.get(format!("{base}/v1/deliveries/999/trace")).send().await.unwrap().status(), 404);
     node.shutdown().await.unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -659,6 +659,41 @@ impl<F: FleetControl + WorkQueues> Scheduler<F> {
         trace: TraceContext,
         caller: &Principal,
     ) -> Result<DeliveryRecord, Error> {
+        let span = if self.spans.is_on() { trace.child() } else { trace };
+        let started = std::time::Instant::now();
+        let outcome = self.reschedule_traced(id, req, span, caller).await;
+        self.operation_span(id, &span, &trace, "scheduler.reschedule", started, &outcome);
+        outcome
+    }
+
+    /// Records a whole operation on delivery `id` (its `span`, under `parent`) and how it ended.
+    fn operation_span<T>(
+        &self,
+        id: DeliveryId,
+        span: &TraceContext,
+        parent: &TraceContext,
+        name: &str,
+        started: std::time::Instant,
+        outcome: &Result<T, Error>,
+    ) {
+        // Nothing is kept under the id of a delivery that does not exist, or not for the caller.
+        if let Err(Error::NotFound { .. } | Error::NotFoundNamed { .. } | Error::Forbidden(_)) = outcome {
+            return;
+        }
+        let attributes = match outcome {
+            Ok(_) => crate::spans::Attributes::new(),
+            Err(e) => crate::spans::attrs([("error", e.to_string().into())]),
+        };
+        self.spans.record_since(id, span, Some(parent), name, "scheduler", started, attributes);
+    }
+
+    async fn reschedule_traced(
+        &self,
+        id: DeliveryId,
+        req: Reschedule,
+        trace: TraceContext,
+        caller: &Principal,
+    ) -> Result<DeliveryRecord, Error> {
         let record = self.record(id, &trace).await?;
         caller.check_delivery(&record.owner, id)?;
         if record.stage.is_terminal() {
@@ -780,6 +815,19 @@ impl<F: FleetControl + WorkQueues> Scheduler<F> {
     /// frees the drone, and the drone is told to return to base (a drone that has not started
     /// the mission drops it). Cancelling a cancelled delivery again changes nothing.
     pub async fn cancel(
+        &self,
+        id: DeliveryId,
+        trace: TraceContext,
+        caller: &Principal,
+    ) -> Result<DeliveryRecord, Error> {
+        let span = if self.spans.is_on() { trace.child() } else { trace };
+        let started = std::time::Instant::now();
+        let outcome = self.cancel_traced(id, span, caller).await;
+        self.operation_span(id, &span, &trace, "scheduler.cancel", started, &outcome);
+        outcome
+    }
+
+    async fn cancel_traced(
         &self,
         id: DeliveryId,
         trace: TraceContext,
