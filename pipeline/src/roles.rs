@@ -669,7 +669,8 @@ pub async fn start(role: Role, cfg: &Config) -> Result<RoleProcess, Error> {
                 services::history::History::open_configured(&cfg.history, &data.join("history.redb"))
                     .map_err(svc_error)?,
             );
-            let router = services::history::router(history.clone());
+            let router =
+                services::history::router(history.clone()).merge(services::history::internal_router(history.clone()));
             let spans =
                 services::spans::Spans::start(cfg.tracing.spans, services::spans::SpanSink::Local(history.clone()));
             tasks.push(tokio::spawn(follow_history(quic_target()?, history, spans, stop_rx.clone())));

@@ -109,6 +109,7 @@ async fn customer_keys_reach_only_their_owners_deliveries_and_admin_keys_the_res
     let others = [
         (Method::GET, format!("/v1/deliveries/{bobs}"), None),
         (Method::GET, format!("/v1/deliveries/{bobs}/history"), None),
+        (Method::GET, format!("/v1/deliveries/{bobs}/trace"), None),
         (Method::PATCH, format!("/v1/deliveries/{bobs}"), Some(json!({"dropoff": {"lat": 47.62, "lon": -122.3}}))),
         (Method::POST, format!("/v1/deliveries/{bobs}/notifications"), Some(json!({"sms": "+15551234567"}))),
         (Method::DELETE, format!("/v1/deliveries/{bobs}"), None),
@@ -147,6 +148,22 @@ async fn customer_keys_reach_only_their_owners_deliveries_and_admin_keys_the_res
     for key in [ALICE, OPS] {
         let (status, _) = api.call(key, Method::PUT, "/internal/v1/accounts/mallory", Some(json!({}))).await;
         assert_eq!(status, StatusCode::NOT_FOUND, "/internal with {key}");
+        let note = json!({"owner": "alice", "created_us": 1});
+        let (status, _) = api.call(key, Method::PUT, &format!("/internal/v1/history/owners/{bobs}"), Some(note)).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "history's owner notes with {key}");
+        let (status, _) = api.call(key, Method::POST, "/internal/v1/history/spans", Some(json!([]))).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "history's spans with {key}");
+    }
+    // Bob reads his own delivery's trace, once its spans are kept.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, body) = api.call(BOB, Method::GET, &format!("/v1/deliveries/{bobs}/trace"), None).await;
+        if status == StatusCode::OK {
+            assert_eq!(body["spans"][0]["name"], "scheduler.create", "{body}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "bob's own trace: {status} {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // Missing and unknown keys are refused; every refusal is counted by reason.
     let none = api.http.get(format!("{}/v1/deliveries/{alices}", api.base)).send().await.unwrap();

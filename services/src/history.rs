@@ -520,6 +520,14 @@ pub fn router(history: Arc<History>) -> Router {
         .route("/v1/deliveries/{id}/history", get(delivery_history))
         .route("/v1/history", get(owner_history))
         .route("/v1/deliveries/{id}/trace", get(delivery_trace))
+        .with_state(history)
+}
+
+/// The routes other processes use in split mode: `PUT /internal/v1/history/owners/{id}` (the
+/// scheduler's owner notes) and `POST /internal/v1/history/spans` (every role's spans). On one
+/// node nothing calls them, and the public listener does not serve them.
+pub fn internal_router(history: Arc<History>) -> Router {
+    Router::new()
         .route("/internal/v1/history/owners/{id}", axum::routing::put(put_owner))
         .route("/internal/v1/history/spans", axum::routing::post(crate::spans::post_spans))
         .with_state(history)
