@@ -42,8 +42,9 @@ const NEXT_OFFSET: &str = "next_offset";
 const SPANS: TableDefinition<'static, (u64, u64, u64), &[u8]> = TableDefinition::new("spans");
 /// `(start_us, delivery, n)` → (): kept spans by age, for retention.
 const SPANS_BY_TIME: TableDefinition<'static, (u64, u64, u64), ()> = TableDefinition::new("spans_by_time");
-/// delivery → its trace id (hex), from the first kept span that carried one.
-const TRACES: TableDefinition<'static, u64, &str> = TableDefinition::new("traces");
+/// delivery → its trace id (hex, from the first kept span that carried one; empty until one
+/// did) and how many of its spans are kept.
+const TRACES: TableDefinition<'static, u64, (&str, u32)> = TableDefinition::new("traces");
 /// `META` key: spans kept.
 const SPAN_COUNT: &str = "spans";
 /// `META` key: the next span number.
@@ -399,8 +400,19 @@ impl History {
             Backend::Embedded(db) => db,
             Backend::Postgres(pg) => return pg.keep_spans(spans, max_per_delivery),
         };
-        let txn = db.begin_write().map_err(store)?;
-        let mut kept = Vec::with_capacity(spans.len());
+        // Spans of one delivery together: one look at (and one update of) its trace and count.
+        let mut by_delivery: Vec<(DeliveryId, Vec<KeptSpan>)> = Vec::new();
+        for span in spans {
+            match by_delivery.iter_mut().find(|(d, _)| *d == span.delivery_id) {
+                Some((_, group)) => group.push(span),
+                None => by_delivery.push((span.delivery_id, vec![span])),
+            }
+        }
+        let mut txn = db.begin_write().map_err(store)?;
+        // A trace is a record of what happened, not part of it: spans ride on the history's
+        // next durable commit (milliseconds later) rather than each batch waiting for an fsync.
+        txn.set_durability(redb::Durability::Eventual);
+        let mut kept = Vec::new();
         {
             let mut table = txn.open_table(SPANS).map_err(store)?;
             let mut by_time = txn.open_table(SPANS_BY_TIME).map_err(store)?;
@@ -408,27 +420,25 @@ impl History {
             let mut meta = txn.open_table(META).map_err(store)?;
             let mut count = meta.get(SPAN_COUNT).map_err(store)?.map_or(0, |v| v.value());
             let mut next = meta.get(SPAN_NEXT).map_err(store)?.map_or(0, |v| v.value());
-            for mut span in spans {
-                let id = span.delivery_id;
-                let known = traces.get(id).map_err(store)?.map(|t| t.value().to_string());
-                match known {
-                    Some(trace) if span.trace_id.is_empty() => span.trace_id = trace,
-                    None if !span.trace_id.is_empty() => {
-                        traces.insert(id, span.trace_id.as_str()).map_err(store)?;
+            for (id, group) in by_delivery {
+                let known = traces.get(id).map_err(store)?.map(|t| (t.value().0.to_string(), t.value().1));
+                let (mut trace, mut held) = known.unwrap_or_default();
+                for mut span in group {
+                    if held >= max_per_delivery {
+                        break;
                     }
-                    _ => {}
+                    if trace.is_empty() {
+                        trace.clone_from(&span.trace_id);
+                    } else if span.trace_id.is_empty() {
+                        span.trace_id.clone_from(&trace);
+                    }
+                    let body = serde_json::to_vec(&span).map_err(store)?;
+                    table.insert((id, span.start_us, next), body.as_slice()).map_err(store)?;
+                    by_time.insert((span.start_us, id, next), ()).map_err(store)?;
+                    (held, count, next) = (held + 1, count + 1, next + 1);
+                    kept.push(span);
                 }
-                let key = (id, span.start_us, next);
-                let held = table.range((id, 0, 0)..=(id, u64::MAX, u64::MAX)).map_err(store)?.count();
-                if held >= max_per_delivery as usize {
-                    continue;
-                }
-                let body = serde_json::to_vec(&span).map_err(store)?;
-                table.insert(key, body.as_slice()).map_err(store)?;
-                by_time.insert((span.start_us, id, key.2), ()).map_err(store)?;
-                count += 1;
-                next += 1;
-                kept.push(span);
+                traces.insert(id, (trace.as_str(), held)).map_err(store)?;
             }
             meta.insert(SPAN_COUNT, count).map_err(store)?;
             meta.insert(SPAN_NEXT, next).map_err(store)?;
@@ -453,7 +463,7 @@ impl History {
         if spans.is_empty() {
             return Ok(None);
         }
-        let trace = txn.open_table(TRACES).map_err(store)?.get(id).map_err(store)?.map(|t| t.value().to_string());
+        let trace = txn.open_table(TRACES).map_err(store)?.get(id).map_err(store)?.map(|t| t.value().0.to_string());
         let trace = trace.unwrap_or_default();
         for span in &mut spans {
             if span.trace_id.is_empty() {
@@ -472,7 +482,8 @@ impl History {
         };
         let mut removed = 0;
         loop {
-            let txn = db.begin_write().map_err(store)?;
+            let mut txn = db.begin_write().map_err(store)?;
+            txn.set_durability(redb::Durability::Eventual);
             let done = {
                 let mut table = txn.open_table(SPANS).map_err(store)?;
                 let mut by_time = txn.open_table(SPANS_BY_TIME).map_err(store)?;
@@ -489,17 +500,19 @@ impl History {
                     }
                     gone.push(key);
                 }
-                let mut deliveries = std::collections::BTreeSet::new();
+                let mut deliveries = std::collections::BTreeMap::<DeliveryId, u32>::new();
                 for &(start, delivery, span) in &gone {
                     by_time.remove((start, delivery, span)).map_err(store)?;
                     table.remove((delivery, start, span)).map_err(store)?;
-                    deliveries.insert(delivery);
+                    *deliveries.entry(delivery).or_default() += 1;
                 }
-                for delivery in deliveries {
-                    let none_left =
-                        table.range((delivery, 0, 0)..=(delivery, u64::MAX, u64::MAX)).map_err(store)?.next().is_none();
-                    if none_left {
-                        traces.remove(delivery).map_err(store)?;
+                for (delivery, removed) in deliveries {
+                    let known = traces.get(delivery).map_err(store)?.map(|t| (t.value().0.to_string(), t.value().1));
+                    match known {
+                        Some((trace, held)) if held > removed => {
+                            traces.insert(delivery, (trace.as_str(), held - removed)).map_err(store)?;
+                        }
+                        _ => drop(traces.remove(delivery).map_err(store)?),
                     }
                 }
                 meta.insert(SPAN_COUNT, count.saturating_sub(gone.len() as u64)).map_err(store)?;

@@ -100,7 +100,7 @@ impl Default for SpansConfig {
 /// Spans waiting for the keeper, at most.
 const QUEUE: usize = 16_384;
 /// Spans per store write, at most.
-const BATCH: usize = 1024;
+const BATCH: usize = 4096;
 /// How often expired spans are removed.
 const PURGE_EVERY: Duration = Duration::from_secs(60);
 
@@ -287,7 +287,7 @@ async fn keeper(cfg: SpansConfig, sink: SpanSink, rx: flume::Receiver<KeptSpan>,
         let mut batch: Vec<KeptSpan> = first.into_iter().collect();
         if !batch.is_empty() {
             // What else arrives within a moment goes in the same write.
-            let until = tokio::time::Instant::now() + Duration::from_millis(100);
+            let until = tokio::time::Instant::now() + Duration::from_millis(200);
             while batch.len() < BATCH {
                 match tokio::time::timeout_at(until, rx.recv_async()).await {
                     Ok(Ok(span)) => batch.push(span),
