@@ -36,21 +36,19 @@ const DELIVERIES: TableDefinition<'static, u64, (&str, u64)> = TableDefinition::
 /// `"next_offset"` → the delivery-events offset after the last batch stored.
 const META: TableDefinition<'static, &str, u64> = TableDefinition::new("meta");
 const NEXT_OFFSET: &str = "next_offset";
-/// `(delivery, start_us, n)` → the span as JSON (see [`crate::spans`]); `n` numbers kept spans
-/// in the order they arrived, so spans that started in the same µs keep the order they were
-/// recorded in.
-const SPANS: TableDefinition<'static, (u64, u64, u64), &[u8]> = TableDefinition::new("spans");
-/// `(start_us, delivery, n)` → (): kept spans by age, for retention.
-const SPANS_BY_TIME: TableDefinition<'static, (u64, u64, u64), ()> = TableDefinition::new("spans_by_time");
 /// delivery → its trace id (hex, from the first kept span that carried one; empty until one
-/// did) and how many of its spans are kept.
-const TRACES: TableDefinition<'static, u64, (&str, u32)> = TableDefinition::new("traces");
+/// did), how many of its spans are kept, when the first kept one started (µs), and the spans,
+/// one JSON object per line in the order they were kept (see [`crate::spans`]). One entry per
+/// delivery: the spans of a batch for that delivery (a schedule's arrive together) are one
+/// write, and a delivery's trace expires as a whole.
+type SpanEntry<'a> = (&'a str, u32, u64, &'a [u8]);
+const SPANS: TableDefinition<'static, u64, SpanEntry<'static>> = TableDefinition::new("delivery_spans");
+/// `(first span's start_us, delivery)` → (): deliveries by the age of their trace, for retention.
+const SPANS_BY_TIME: TableDefinition<'static, (u64, u64), ()> = TableDefinition::new("delivery_spans_by_time");
 /// `META` key: spans kept.
 const SPAN_COUNT: &str = "spans";
-/// `META` key: the next span number.
-const SPAN_NEXT: &str = "span_next";
-/// Spans removed per purge transaction, at most.
-const PURGE_BATCH: usize = 50_000;
+/// Deliveries' traces removed per purge transaction, at most.
+const PURGE_BATCH: usize = 10_000;
 
 fn store(e: impl std::fmt::Display) -> Error {
     Error::Engine(events::Error::Storage(format!("history store: {e}")))
@@ -180,7 +178,6 @@ impl History {
             txn.open_table(META).map_err(store)?;
             txn.open_table(SPANS).map_err(store)?;
             txn.open_table(SPANS_BY_TIME).map_err(store)?;
-            txn.open_table(TRACES).map_err(store)?;
         }
         txn.commit().map_err(store)?;
         Ok(Self {
@@ -416,13 +413,15 @@ impl History {
         {
             let mut table = txn.open_table(SPANS).map_err(store)?;
             let mut by_time = txn.open_table(SPANS_BY_TIME).map_err(store)?;
-            let mut traces = txn.open_table(TRACES).map_err(store)?;
             let mut meta = txn.open_table(META).map_err(store)?;
             let mut count = meta.get(SPAN_COUNT).map_err(store)?.map_or(0, |v| v.value());
-            let mut next = meta.get(SPAN_NEXT).map_err(store)?.map_or(0, |v| v.value());
             for (id, group) in by_delivery {
-                let known = traces.get(id).map_err(store)?.map(|t| (t.value().0.to_string(), t.value().1));
-                let (mut trace, mut held) = known.unwrap_or_default();
+                let known = table.get(id).map_err(store)?.map(|e| {
+                    let (trace, held, first, lines) = e.value();
+                    (trace.to_string(), held, first, lines.to_vec())
+                });
+                let fresh = known.is_none();
+                let (mut trace, mut held, mut first, mut lines) = known.unwrap_or_default();
                 for mut span in group {
                     if held >= max_per_delivery {
                         break;
@@ -432,16 +431,23 @@ impl History {
                     } else if span.trace_id.is_empty() {
                         span.trace_id.clone_from(&trace);
                     }
-                    let body = serde_json::to_vec(&span).map_err(store)?;
-                    table.insert((id, span.start_us, next), body.as_slice()).map_err(store)?;
-                    by_time.insert((span.start_us, id, next), ()).map_err(store)?;
-                    (held, count, next) = (held + 1, count + 1, next + 1);
+                    if held == 0 {
+                        first = span.start_us;
+                    }
+                    serde_json::to_writer(&mut lines, &span).map_err(store)?;
+                    lines.push(b'\n');
+                    (held, count) = (held + 1, count + 1);
                     kept.push(span);
                 }
-                traces.insert(id, (trace.as_str(), held)).map_err(store)?;
+                if held == 0 {
+                    continue;
+                }
+                if fresh {
+                    by_time.insert((first, id), ()).map_err(store)?;
+                }
+                table.insert(id, (trace.as_str(), held, first, lines.as_slice())).map_err(store)?;
             }
             meta.insert(SPAN_COUNT, count).map_err(store)?;
-            meta.insert(SPAN_NEXT, next).map_err(store)?;
         }
         txn.commit().map_err(store)?;
         Ok(kept)
@@ -455,26 +461,22 @@ impl History {
         };
         let txn = db.begin_read().map_err(store)?;
         let table = txn.open_table(SPANS).map_err(store)?;
+        let Some(entry) = table.get(id).map_err(store)? else { return Ok(None) };
+        let (trace, _, _, lines) = entry.value();
         let mut spans = Vec::new();
-        for row in table.range((id, 0, 0)..=(id, u64::MAX, u64::MAX)).map_err(store)? {
-            let (_, v) = row.map_err(store)?;
-            spans.push(serde_json::from_slice::<KeptSpan>(v.value()).map_err(store)?);
-        }
-        if spans.is_empty() {
-            return Ok(None);
-        }
-        let trace = txn.open_table(TRACES).map_err(store)?.get(id).map_err(store)?.map(|t| t.value().0.to_string());
-        let trace = trace.unwrap_or_default();
-        for span in &mut spans {
+        for line in lines.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+            let mut span: KeptSpan = serde_json::from_slice(line).map_err(store)?;
             if span.trace_id.is_empty() {
-                span.trace_id.clone_from(&trace);
+                span.trace_id = trace.to_string();
             }
+            spans.push(span);
         }
-        Ok(Some((trace, spans)))
+        spans.sort_by_key(|s| s.start_us);
+        Ok(Some((trace.to_string(), spans)))
     }
 
-    /// Removes the spans that started before `before_us`, then the oldest while more than
-    /// `max_spans` are kept; how many went.
+    /// Removes the traces of deliveries whose first span started before `before_us`, then the
+    /// oldest while more than `max_spans` spans are kept; how many spans went.
     pub fn purge_spans(&self, before_us: u64, max_spans: u64) -> Result<u64, Error> {
         let db = match &self.backend {
             Backend::Embedded(db) => db,
@@ -487,37 +489,31 @@ impl History {
             let done = {
                 let mut table = txn.open_table(SPANS).map_err(store)?;
                 let mut by_time = txn.open_table(SPANS_BY_TIME).map_err(store)?;
-                let mut traces = txn.open_table(TRACES).map_err(store)?;
                 let mut meta = txn.open_table(META).map_err(store)?;
-                let count = meta.get(SPAN_COUNT).map_err(store)?.map_or(0, |v| v.value());
-                let over = count.saturating_sub(max_spans);
+                let mut count = meta.get(SPAN_COUNT).map_err(store)?.map_or(0, |v| v.value());
                 let mut gone = Vec::new();
                 for row in by_time.iter().map_err(store)? {
-                    let (k, _) = row.map_err(store)?;
-                    let key = k.value();
-                    if (key.0 >= before_us && gone.len() as u64 >= over) || gone.len() >= PURGE_BATCH {
+                    let (first, delivery) = row.map_err(store)?.0.value();
+                    if gone.len() >= PURGE_BATCH {
                         break;
                     }
-                    gone.push(key);
+                    gone.push((first, delivery));
                 }
-                let mut deliveries = std::collections::BTreeMap::<DeliveryId, u32>::new();
-                for &(start, delivery, span) in &gone {
-                    by_time.remove((start, delivery, span)).map_err(store)?;
-                    table.remove((delivery, start, span)).map_err(store)?;
-                    *deliveries.entry(delivery).or_default() += 1;
-                }
-                for (delivery, removed) in deliveries {
-                    let known = traces.get(delivery).map_err(store)?.map(|t| (t.value().0.to_string(), t.value().1));
-                    match known {
-                        Some((trace, held)) if held > removed => {
-                            traces.insert(delivery, (trace.as_str(), held - removed)).map_err(store)?;
-                        }
-                        _ => drop(traces.remove(delivery).map_err(store)?),
+                let mut ended = true;
+                let mut n = 0;
+                for (first, delivery) in gone {
+                    if first >= before_us && count <= max_spans {
+                        break;
                     }
+                    n += 1;
+                    by_time.remove((first, delivery)).map_err(store)?;
+                    let held = table.remove(delivery).map_err(store)?.map_or(0, |e| e.value().1);
+                    count = count.saturating_sub(u64::from(held));
+                    removed += u64::from(held);
+                    ended = n < PURGE_BATCH;
                 }
-                meta.insert(SPAN_COUNT, count.saturating_sub(gone.len() as u64)).map_err(store)?;
-                removed += gone.len() as u64;
-                gone.len() < PURGE_BATCH
+                meta.insert(SPAN_COUNT, count).map_err(store)?;
+                ended
             };
             txn.commit().map_err(store)?;
             if done {
@@ -765,8 +761,8 @@ mod tests {
     }
 
     /// Spans without a trace take their delivery's; ties of start time keep their arrival
-    /// order; a delivery at its cap keeps no more; spans go by age and by the store's cap, and
-    /// a delivery whose spans are all gone is forgotten.
+    /// order; a delivery at its cap keeps no more; traces go whole, by age and by the store's
+    /// cap, and a delivery whose trace went is forgotten.
     #[test]
     fn kept_spans_are_bounded_ordered_and_expire() -> Result<(), Box<dyn std::error::Error>> {
         let dir = std::env::temp_dir().join(format!("fleetstream-history-spans-{}", std::process::id()));
@@ -787,13 +783,16 @@ mod tests {
         let (_, other) = h.spans_of(2)?.ok_or("no spans of 2")?;
         assert_eq!(other[0].trace_id, "", "no trace known for it");
 
-        assert_eq!(h.purge_spans(10, u64::MAX)?, 1, "one span started before 10");
-        assert_eq!(h.purge_spans(0, 2)?, 1, "past the cap of 2 the oldest goes");
-        assert_eq!(h.spans_of(1)?.map(|(_, s)| s.len()), Some(1));
-        assert_eq!(h.purge_spans(u64::MAX, u64::MAX)?, 2);
+        // A trace expires as a whole, by its first span's start.
+        assert_eq!(h.purge_spans(5, u64::MAX)?, 0, "nothing started before 5");
+        assert_eq!(h.purge_spans(6, u64::MAX)?, 3, "delivery 1's trace started at 5");
         assert_eq!(h.spans_of(1)?, None);
+        h.keep_spans(vec![span(3, trace, "c", 40), span(3, "", "d", 50)], 3)?;
+        assert_eq!(h.purge_spans(0, 2)?, 1, "past the cap of 2 spans the oldest trace goes (delivery 2's)");
+        assert_eq!(h.spans_of(2)?, None);
+        assert_eq!(h.spans_of(3)?.map(|(_, s)| s.len()), Some(2));
         // A delivery with none left forgets its trace: a new span of it starts afresh.
-        let kept = h.keep_spans(vec![span(1, "", "late", 40)], 3)?;
+        let kept = h.keep_spans(vec![span(1, "", "late", 60)], 3)?;
         assert_eq!(kept[0].trace_id, "");
         drop(h);
         let _ = std::fs::remove_dir_all(&dir);
