@@ -362,6 +362,20 @@ impl<T: Payload> std::fmt::Debug for Batch<T> {
 }
 
 /// CRC-32C over a header (without its checksum field) and a body.
+/// A frame of `kind` around `body`, whatever it holds, with a header whose lengths and checksum
+/// are right: what a fuzzer uses to reach the archive validation behind the checksum, and
+/// tests to build a frame whose archive is bad.
+#[doc(hidden)]
+pub fn seal(kind: PayloadKind, event_count: u32, meta: BatchMeta, body: &[u8]) -> Vec<u8> {
+    let header = BatchHeader { kind, event_count, body_len: body.len() as u32, meta, checksum: 0 };
+    let mut frame = vec![0u8; HEADER_LEN];
+    header.write(&mut frame);
+    frame.extend_from_slice(body);
+    let sum = checksum(&frame[..HEADER_LEN], &frame[HEADER_LEN..]);
+    frame[32..36].copy_from_slice(&sum.to_le_bytes());
+    frame
+}
+
 fn checksum(header: &[u8], body: &[u8]) -> u32 {
     let crc = crc32c::crc32c(&header[..32]);
     let crc = crc32c::crc32c_append(crc, &header[36..HEADER_LEN]);

@@ -64,6 +64,28 @@ pub fn decode_request(b: &[u8; REQUEST_LEN]) -> Result<(QueueName, KeyRange, u16
     Ok((queue, keys, max))
 }
 
+/// Length of a settle frame's fixed part: id, token, verdict byte, reason length.
+pub const SETTLE_HEAD_LEN: usize = SETTLE_HEAD;
+
+/// Decodes a settle frame's fixed part: id, token and the length of the reason that follows
+/// (at most [`MAX_REASON`]).
+pub fn decode_settle_head(head: &[u8; SETTLE_HEAD]) -> Result<(u64, u64, usize), WireError> {
+    let len = usize::from(u16::from_le_bytes([head[17], head[18]]));
+    if len > MAX_REASON {
+        return Err(WireError::MalformedFrame("settle reason too long"));
+    }
+    Ok((u64_at(head, 0), u64_at(head, 8), len))
+}
+
+/// Decodes a settle frame's verdict: byte 0 ack, 1 nack with `reason`.
+pub fn decode_verdict(code: u8, reason: &[u8]) -> Result<Verdict, WireError> {
+    match code {
+        0 => Ok(Verdict::Ack),
+        1 => Ok(Verdict::Nack(String::from_utf8_lossy(reason).into_owned())),
+        _ => Err(WireError::MalformedFrame("unknown settle verdict")),
+    }
+}
+
 /// Encodes a settle frame.
 pub fn encode_settle(id: u64, token: u64, verdict: &Verdict, out: &mut Vec<u8>) {
     out.extend_from_slice(&id.to_le_bytes());
@@ -185,22 +207,16 @@ async fn read_settles<E: WorkQueues>(mut recv: RecvStream, engine: Arc<E>, queue
         if recv.read_exact(&mut head).await.is_err() {
             return;
         }
-        let (id, token) = (u64_at(&head, 0), u64_at(&head, 8));
-        let len = usize::from(u16::from_le_bytes([head[17], head[18]]));
-        if len > MAX_REASON {
+        let Ok((id, token, len)) = decode_settle_head(&head) else {
             let _ = recv.stop(VarInt::from_u32(u32::from(WireError::MalformedFrame("").code())));
             return;
-        }
+        };
         if recv.read_exact(&mut reason[..len]).await.is_err() {
             return;
         }
-        let verdict = match head[16] {
-            0 => Verdict::Ack,
-            1 => Verdict::Nack(String::from_utf8_lossy(&reason[..len]).into_owned()),
-            _ => {
-                let _ = recv.stop(VarInt::from_u32(u32::from(WireError::MalformedFrame("").code())));
-                return;
-            }
+        let Ok(verdict) = decode_verdict(head[16], &reason[..len]) else {
+            let _ = recv.stop(VarInt::from_u32(u32::from(WireError::MalformedFrame("").code())));
+            return;
         };
         match engine.settle(queue, id, token, verdict) {
             Ok(()) => {}

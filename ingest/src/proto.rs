@@ -91,6 +91,30 @@ impl Response {
     }
 }
 
+/// Length of an offset subscription's request (after the stream kind byte): topic, start
+/// kind, start value (u64).
+pub const SUBSCRIBE_FROM_LEN: usize = 10;
+
+/// Decodes an offset subscription's request: the topic and where to start.
+pub fn decode_subscribe_from(b: &[u8; SUBSCRIBE_FROM_LEN]) -> Result<(events::Topic, events::StartAt), Error> {
+    let topic = match b[0] {
+        TOPIC_TELEMETRY => events::Topic::DroneTelemetry,
+        TOPIC_DELIVERIES => events::Topic::DeliveryEvents,
+        _ => return Err(Error::MalformedFrame("unknown topic")),
+    };
+    let mut value = [0u8; 8];
+    value.copy_from_slice(&b[2..10]);
+    Ok((topic, events::StartAt::from_wire(b[1], u64::from_le_bytes(value))?))
+}
+
+/// Decodes a named subscription's cursor name (the bytes after its length byte): UTF-8 and a
+/// valid cursor name.
+pub fn decode_cursor_name(raw: Vec<u8>) -> Result<String, Error> {
+    let name = String::from_utf8(raw).map_err(|_| Error::MalformedFrame("a cursor name is UTF-8"))?;
+    events::contract::valid_cursor_name(&name)?;
+    Ok(name)
+}
+
 /// Default upper bound of QUIC path-MTU discovery, bytes of UDP payload: the most UDP allows.
 /// Connections start at 1,200 bytes and probe upward; a probe larger than the path carries is
 /// simply lost, so a high bound costs a few probes on a 1,500-byte Internet path while letting

@@ -581,17 +581,12 @@ async fn subscribe_from_stream<E: StreamSource>(
     stop: watch::Receiver<bool>,
     named: bool,
 ) {
-    let mut request = [0u8; 10];
+    let mut request = [0u8; crate::proto::SUBSCRIBE_FROM_LEN];
     if recv.read_exact(&mut request).await.is_err() {
         return;
     }
-    let topic = match request[0] {
-        TOPIC_TELEMETRY => Topic::DroneTelemetry,
-        TOPIC_DELIVERIES => Topic::DeliveryEvents,
-        _ => return refuse(send, &WireError::MalformedFrame("unknown topic")),
-    };
-    let mut from = match StartAt::from_wire(request[1], u64_at(&request, 2)) {
-        Ok(from) => from,
+    let (topic, mut from) = match crate::proto::decode_subscribe_from(&request) {
+        Ok(request) => request,
         Err(error) => return refuse(send, &error),
     };
     let mut name = None;
@@ -604,8 +599,9 @@ async fn subscribe_from_stream<E: StreamSource>(
         if recv.read_exact(&mut raw).await.is_err() {
             return;
         }
-        let Ok(n) = String::from_utf8(raw) else {
-            return refuse(send, &WireError::MalformedFrame("a cursor name is UTF-8"));
+        let n = match crate::proto::decode_cursor_name(raw) {
+            Ok(n) => n,
+            Err(error) => return refuse(send, &error),
         };
         match engine.cursor(topic, &n) {
             Ok(Some(next)) => from = StartAt::Offset(next),

@@ -295,6 +295,15 @@ impl Config {
         figment = figment.merge(Env::prefixed("FLEETSTREAM_").filter(|k| k.as_str().contains("__")).split("__"));
         figment.extract().map_err(|e| crate::Error::Config(e.to_string()))
     }
+
+    /// Defaults, then the TOML `text` (no environment): a config file's contents as
+    /// [`Config::load`] reads them.
+    pub fn from_toml(text: &str) -> Result<Self, crate::Error> {
+        Figment::from(Serialized::defaults(Config::default()))
+            .merge(Toml::string(text))
+            .extract()
+            .map_err(|e| crate::Error::Config(e.to_string()))
+    }
 }
 
 #[cfg(test)]
