@@ -10,6 +10,7 @@
 
 pub mod client;
 pub mod consume;
+pub mod lograte;
 pub mod producer;
 pub mod proto;
 pub mod server;

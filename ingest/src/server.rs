@@ -210,6 +210,8 @@ struct Ctx {
     limits: Limits,
     max_inflight: usize,
     metrics: Arc<IngestMetrics>,
+    /// Warnings caused by peers, one line per reason per interval.
+    log: crate::lograte::LogGate,
 }
 
 impl IngestServer {
@@ -288,6 +290,7 @@ impl IngestServer {
             limits: self.cfg.limits(),
             max_inflight: self.cfg.max_inflight_per_stream.max(1),
             metrics: self.metrics.clone(),
+            log: crate::lograte::LogGate::default(),
         });
         let mut connections = JoinSet::new();
         tokio::pin!(shutdown);
@@ -313,7 +316,9 @@ impl IngestServer {
                     let Some(incoming) = incoming else { break };
                     let Ok(permit) = permits.clone().try_acquire_owned() else {
                         self.metrics.connections_refused.fetch_add(1, Ordering::Relaxed);
-                        warn!(peer = %incoming.remote_address(), "connection refused: at max_connections");
+                        if let Some(left_out) = ctx.log.allow("max_connections", std::time::Instant::now()) {
+                            warn!(peer = %incoming.remote_address(), left_out, "connection refused: at max_connections");
+                        }
                         incoming.refuse();
                         continue;
                     };
@@ -372,7 +377,9 @@ where
         Ok(conn) => conn,
         Err(error) => {
             ctx.metrics.handshakes_failed.fetch_add(1, Ordering::Relaxed);
-            warn!(%peer, %error, "handshake failed");
+            if let Some(left_out) = ctx.log.allow("handshake", std::time::Instant::now()) {
+                warn!(%peer, %error, left_out, "handshake failed");
+            }
             return;
         }
     };
@@ -416,7 +423,9 @@ where
         STREAM_CONSUME => crate::consume::serve(send, recv, engine, stop).await,
         other => {
             let error = WireError::MalformedFrame("unknown stream kind");
-            warn!(kind = other, %error, "stream refused");
+            if let Some(left_out) = ctx.log.allow("stream_kind", std::time::Instant::now()) {
+                warn!(kind = other, %error, left_out, "stream refused");
+            }
             ctx.metrics.count_rejection(&error);
             let mut send = send;
             let _ = send.reset(VarInt::from_u32(u32::from(error.code())));
@@ -470,7 +479,9 @@ async fn ingest_stream<E: BatchSink>(
 
     let peer_reject = |seq: u64, events: u32, error: WireError| {
         ctx.metrics.count_rejection(&error);
-        warn!(%error, reason = error.name(), batch_seq = seq, "batch rejected");
+        if let Some(left_out) = ctx.log.allow(error.name(), std::time::Instant::now()) {
+            warn!(%error, reason = error.name(), batch_seq = seq, left_out, "batch rejected");
+        }
         Pending::Rejected { seq, events, error }
     };
     let mut header = [0u8; HEADER_LEN];
@@ -587,7 +598,7 @@ async fn subscribe_from_stream<E: StreamSource>(
     }
     let (topic, mut from) = match crate::proto::decode_subscribe_from(&request) {
         Ok(request) => request,
-        Err(error) => return refuse(send, &error),
+        Err(error) => return refuse(&ctx, send, &error),
     };
     let mut name = None;
     if named {
@@ -601,12 +612,12 @@ async fn subscribe_from_stream<E: StreamSource>(
         }
         let n = match crate::proto::decode_cursor_name(raw) {
             Ok(n) => n,
-            Err(error) => return refuse(send, &error),
+            Err(error) => return refuse(&ctx, send, &error),
         };
         match engine.cursor(topic, &n) {
             Ok(Some(next)) => from = StartAt::Offset(next),
             Ok(None) => {}
-            Err(error) => return refuse(send, &error),
+            Err(error) => return refuse(&ctx, send, &error),
         }
         name = Some(n);
     }
@@ -618,11 +629,11 @@ async fn subscribe_from_stream<E: StreamSource>(
     match topic {
         Topic::DroneTelemetry => match engine.subscribe_telemetry_from(from) {
             Ok(sub) => follow(send, sub, stop).await,
-            Err(error) => refuse(send, &error),
+            Err(error) => refuse(&ctx, send, &error),
         },
         Topic::DeliveryEvents => match engine.subscribe_deliveries_from(from) {
             Ok(sub) => follow(send, sub, stop).await,
-            Err(error) => refuse(send, &error),
+            Err(error) => refuse(&ctx, send, &error),
         },
     }
     if let Some(commits) = commits {
@@ -644,8 +655,10 @@ async fn read_commits<E: StreamSource>(mut recv: RecvStream, engine: Arc<E>, top
     }
 }
 
-fn refuse(mut send: SendStream, error: &WireError) {
-    warn!(%error, "subscription refused");
+fn refuse(ctx: &Ctx, mut send: SendStream, error: &WireError) {
+    if let Some(left_out) = ctx.log.allow("subscription", std::time::Instant::now()) {
+        warn!(%error, left_out, "subscription refused");
+    }
     reset(&mut send, error);
 }
 

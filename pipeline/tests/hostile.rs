@@ -1,0 +1,77 @@
+//! A client that sends nothing but bad batches is answered batch by batch, each refusal with
+//! its reason and counted, while the node's log gets one line per reason per interval, not one
+//! per batch: a bad client cannot flood the log.
+
+#![allow(clippy::unwrap_used)] // helpers in a test crate may panic: that fails the test
+
+mod common;
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use events::wire::Buffer;
+use events::{BatchMeta, GeoPoint, TelemetryBatch};
+
+/// What the node logs, kept for the test to read.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_bad_batches_is_answered_and_counted_but_logged_once_per_interval() {
+    let log = Captured::default();
+    let writer = log.clone();
+    tracing_subscriber::fmt().with_writer(move || writer.clone()).with_ansi(false).with_env_filter("warn").init();
+    let (dir, cfg) = common::loopback_config("hostile");
+    let node = pipeline::Node::start(&cfg).await.unwrap();
+    let client = ingest::IngestClient::connect(
+        node.quic_addr,
+        &ingest::ClientConfig::new(ingest::Trust::Pem(node.certificate_pem.clone())),
+    )
+    .await
+    .unwrap();
+    let (mut lane, mut answers) = client.open_lane().await.unwrap();
+    const BAD: u64 = 500;
+    for seq in 0..BAD {
+        let events = [common::drone_event(7, seq + 1, 1, GeoPoint::new(47.6, -122.3))];
+        let meta = BatchMeta { producer_id: 99, batch_seq: seq, ..BatchMeta::default() };
+        let mut frame = TelemetryBatch::encode(meta, &events, Buffer::new()).unwrap().as_bytes().to_vec();
+        let last = frame.len() - 1;
+        frame[last] ^= 0xff; // the body no longer matches its checksum
+        lane.send(&frame).await.unwrap();
+        let answer = tokio::time::timeout(std::time::Duration::from_secs(10), answers.recv()).await.unwrap().unwrap();
+        let error = answer.result.unwrap_err();
+        assert_eq!((answer.batch_seq, error.name()), (seq, "checksum_mismatch"), "{error}");
+    }
+    let metrics = services::tls::plain_client()
+        .unwrap()
+        .get(format!("http://{}/metrics", node.http_addr))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains(&format!("reason=\"checksum_mismatch\"}} {BAD}")), "every refusal is counted: {metrics}");
+    // A good batch after all that is still taken.
+    let events = [common::drone_event(7, 1, 1, GeoPoint::new(47.6, -122.3))];
+    let good = TelemetryBatch::encode(BatchMeta { producer_id: 100, ..BatchMeta::default() }, &events, Buffer::new());
+    lane.send(good.unwrap().as_bytes()).await.unwrap();
+    assert!(answers.recv().await.unwrap().result.is_ok());
+
+    let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+    let lines = text.lines().filter(|l| l.contains("batch rejected")).count();
+    assert_eq!(lines, 1, "one line for the reason within the interval, not {BAD}:\n{text}");
+    client.close().await;
+    node.shutdown().await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
