@@ -937,9 +937,8 @@ async fn put_assignment<F: FleetControl>(
             Ok(drone) => ("drone_id", serde_json::json!(drone)),
             Err(e) => ("error", e.to_string().into()),
         };
-        let attributes = crate::spans::attrs([outcome]);
-        let span = parent.child();
-        spans.record_since(delivery_id, &span, Some(&parent), "drones.assign", "drones", started, attributes);
+        let of = crate::spans::SpanOf::new(delivery_id, "drones.assign", "drones").under(parent);
+        spans.record_since(of.with(crate::spans::attrs([outcome])), started);
     }
     // No drone is a 409 here, not the public 503: it is an answer, not a failure of this
     // service, so callers must neither retry it nor count it against the circuit.

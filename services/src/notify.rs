@@ -261,8 +261,8 @@ pub async fn run<Q: WorkQueues>(
                         ("attempt", m.attempt.into()),
                         ("error", sent.as_ref().err().map_or(serde_json::Value::Null, |e| e.as_str().into())),
                     ]);
-                    let span = events::TraceContext::default().child();
-                    spans.record_since(n.delivery_id, &span, None, "notify.send", "delivery", started, attributes);
+                    let of = crate::spans::SpanOf::new(n.delivery_id, "notify.send", "delivery");
+                    spans.record_since(of.with(attributes), started);
                     match sent {
                         Ok(()) => Verdict::Ack,
                         Err(reason) => Verdict::Nack(reason),

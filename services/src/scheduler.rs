@@ -274,7 +274,8 @@ impl<F: FleetControl + WorkQueues> Scheduler<F> {
             Ok(_) => crate::spans::Attributes::new(),
             Err(e) => crate::spans::attrs([("error", e.to_string().into())]),
         };
-        self.spans.record_since(id, &span, Some(parent), name, "scheduler", started, attributes);
+        let of = crate::spans::SpanOf::new(id, name, "scheduler").in_span(span, Some(*parent));
+        self.spans.record_since(of.with(attributes), started);
         result
     }
 
@@ -329,15 +330,8 @@ impl<F: FleetControl + WorkQueues> Scheduler<F> {
             Ok((record, _)) => crate::spans::attrs([("owner", owner.into()), ("drone_id", record.drone_id.into())]),
             Err(e) => crate::spans::attrs([("owner", owner.into()), ("error", e.to_string().into())]),
         };
-        self.spans.record_since(
-            delivery_id,
-            &trace,
-            Some(&parent),
-            "scheduler.create",
-            "scheduler",
-            started,
-            attributes,
-        );
+        let of = crate::spans::SpanOf::new(delivery_id, "scheduler.create", "scheduler").in_span(trace, Some(parent));
+        self.spans.record_since(of.with(attributes), started);
         outcome
     }
 
@@ -684,7 +678,8 @@ impl<F: FleetControl + WorkQueues> Scheduler<F> {
             Ok(_) => crate::spans::Attributes::new(),
             Err(e) => crate::spans::attrs([("error", e.to_string().into())]),
         };
-        self.spans.record_since(id, span, Some(parent), name, "scheduler", started, attributes);
+        let of = crate::spans::SpanOf::new(id, name, "scheduler").in_span(*span, Some(*parent));
+        self.spans.record_since(of.with(attributes), started);
     }
 
     async fn reschedule_traced(

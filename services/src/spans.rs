@@ -171,31 +171,19 @@ impl Spans {
         self.inner.as_ref().map(|i| &*i.metrics)
     }
 
-    /// Records a finished span of `delivery`: `span` is its context (its trace may be none),
-    /// `parent` the context it ran under.
-    #[allow(clippy::too_many_arguments)]
-    pub fn record(
-        &self,
-        delivery: DeliveryId,
-        span: &TraceContext,
-        parent: Option<&TraceContext>,
-        name: impl Into<String>,
-        service: &str,
-        start_us: u64,
-        duration_us: u64,
-        attributes: Attributes,
-    ) {
+    /// Records a finished span that started at `start_us` and took `duration_us`.
+    pub fn record(&self, of: SpanOf, start_us: u64, duration_us: u64) {
         let Some(inner) = &self.inner else { return };
         let kept = KeptSpan {
-            delivery_id: delivery,
-            trace_id: if span.is_some() { span.trace_hex() } else { String::new() },
-            span_id: span.span_hex(),
-            parent_id: parent.filter(|p| p.span_id != [0; 8]).map(TraceContext::span_hex).unwrap_or_default(),
-            name: name.into(),
-            service: service.to_string(),
+            delivery_id: of.delivery,
+            trace_id: if of.span.is_some() { of.span.trace_hex() } else { String::new() },
+            span_id: of.span.span_hex(),
+            parent_id: of.parent.filter(|p| p.span_id != [0; 8]).map(|p| p.span_hex()).unwrap_or_default(),
+            name: of.name,
+            service: of.service.to_string(),
             start_us,
             duration_us,
-            attributes,
+            attributes: of.attributes,
         };
         inner.metrics.recorded.fetch_add(1, Ordering::Relaxed);
         if inner.tx.try_send(kept).is_err() {
@@ -203,24 +191,13 @@ impl Spans {
         }
     }
 
-    /// [`Spans::record`] of a span that started at `started` and ends now.
-    #[allow(clippy::too_many_arguments)]
-    pub fn record_since(
-        &self,
-        delivery: DeliveryId,
-        span: &TraceContext,
-        parent: Option<&TraceContext>,
-        name: impl Into<String>,
-        service: &str,
-        started: std::time::Instant,
-        attributes: Attributes,
-    ) {
+    /// Records a finished span that started at `started` and ends now.
+    pub fn record_since(&self, of: SpanOf, started: std::time::Instant) {
         if self.inner.is_none() {
             return;
         }
         let took = started.elapsed().as_micros() as u64;
-        let now = events::now_us();
-        self.record(delivery, span, parent, name, service, now.saturating_sub(took), took, attributes);
+        self.record(of, events::now_us().saturating_sub(took), took);
     }
 
     /// Prometheus lines for the keeper's counters.
@@ -256,9 +233,8 @@ pub fn history_stored<B: std::borrow::Borrow<events::DeliveryBatch>>(
         for e in batch.events().iter() {
             let stage = serde_json::to_value(e.stage.to_stage()).unwrap_or_default();
             let attributes = attrs([("offset", (*offset).into()), ("seq", e.seq.to_native().into()), ("stage", stage)]);
-            let span = TraceContext::default().child();
-            let id = e.delivery_id.to_native();
-            spans.record(id, &span, None, "history.store", "history", start_us, took, attributes);
+            let of = SpanOf::new(e.delivery_id.to_native(), "history.store", "history").with(attributes);
+            spans.record(of, start_us, took);
         }
     }
 }
@@ -271,6 +247,50 @@ pub fn request_trace(
 ) -> Option<TraceContext> {
     ext.map(|axum::Extension(t)| t)
         .or_else(|| headers.get("traceparent").and_then(|v| v.to_str().ok()).and_then(TraceContext::parse))
+}
+
+/// What a span is of: which delivery, what happened and where, in which context.
+#[derive(Debug, Clone)]
+pub struct SpanOf {
+    delivery: DeliveryId,
+    name: String,
+    service: &'static str,
+    span: TraceContext,
+    parent: Option<TraceContext>,
+    attributes: Attributes,
+}
+
+impl SpanOf {
+    /// `name` done by `service` for `delivery`, as a new span in no known trace (the store
+    /// gives it the delivery's).
+    pub fn new(delivery: DeliveryId, name: impl Into<String>, service: &'static str) -> Self {
+        Self {
+            delivery,
+            name: name.into(),
+            service,
+            span: TraceContext::default().child(),
+            parent: None,
+            attributes: Attributes::new(),
+        }
+    }
+
+    /// The span is `span`, run under `parent`.
+    pub fn in_span(mut self, span: TraceContext, parent: Option<TraceContext>) -> Self {
+        self.span = span;
+        self.parent = parent;
+        self
+    }
+
+    /// A new span under `parent`, in its trace.
+    pub fn under(self, parent: TraceContext) -> Self {
+        self.in_span(parent.child(), Some(parent))
+    }
+
+    /// With `attributes`.
+    pub fn with(mut self, attributes: Attributes) -> Self {
+        self.attributes = attributes;
+        self
+    }
 }
 
 /// Attributes from `(name, value)` pairs.

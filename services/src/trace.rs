@@ -310,6 +310,39 @@ mod tests {
         assert_eq!(span["parentSpanId"], "3333333333333333");
         assert_eq!((span["name"].as_str(), span["kind"].as_u64()), (Some("GET /v1/x"), Some(2)));
         assert_eq!(spans_dropped(), 0);
+
+        // A delivery's kept span goes out too, with its service, delivery and attributes.
+        let kept = crate::spans::KeptSpan {
+            delivery_id: 42,
+            trace_id: "11111111111111112222222222222222".into(),
+            span_id: "4444444444444444".into(),
+            parent_id: "3333333333333333".into(),
+            name: "drones.assign".into(),
+            service: "drones".into(),
+            start_us: 1_000,
+            duration_us: 5,
+            attributes: crate::spans::attrs([("drone_id", 7.into())]),
+        };
+        export_kept(&kept);
+        let span = loop {
+            let body = tokio::time::timeout(std::time::Duration::from_secs(5), got_rx.recv_async()).await??;
+            let spans = body["resourceSpans"][0]["scopeSpans"][0]["spans"].as_array().cloned().unwrap_or_default();
+            if let Some(ours) = spans.into_iter().find(|s| s["spanId"] == "4444444444444444") {
+                break ours;
+            }
+        };
+        assert_eq!(
+            (span["name"].as_str(), span["parentSpanId"].as_str()),
+            (Some("drones.assign"), Some("3333333333333333"))
+        );
+        assert_eq!(
+            (span["startTimeUnixNano"].as_str(), span["endTimeUnixNano"].as_str()),
+            (Some("1000000"), Some("1005000"))
+        );
+        let attributes = span["attributes"].to_string();
+        for part in ["fleetstream.service", "drones", "fleetstream.delivery_id", "\"42\"", "drone_id", "\"7\""] {
+            assert!(attributes.contains(part), "{part} in {attributes}");
+        }
         Ok(())
     }
 }

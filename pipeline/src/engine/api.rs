@@ -174,8 +174,8 @@ impl Engine {
                 ("kind", kind.into()),
                 ("consumer", consumer.into()),
             ]);
-            let parent = parent.is_some().then_some(&parent);
-            spans.record(mission.delivery_id, &span, parent, "mission.send", "engine", now, 0, attributes);
+            let of = services::spans::SpanOf::new(mission.delivery_id, "mission.send", "engine");
+            spans.record(of.in_span(span, parent.is_some().then_some(parent)).with(attributes), now, 0);
             if out.len() >= MISSIONS_REMEMBERED {
                 let lease_us = 600_000_000;
                 out.retain(|_, (_, _, sent)| now.saturating_sub(*sent) < lease_us);
@@ -192,9 +192,8 @@ impl Engine {
         let Some((delivery, sent_span, sent_us)) = self.inner.missions_out.lock().remove(&id) else { return };
         let now = events::now_us();
         let attributes = services::spans::attrs([("mission_id", id.into()), ("answer", answer)]);
-        let span = sent_span.child();
-        let took = now.saturating_sub(sent_us);
-        spans.record(delivery, &span, Some(&sent_span), "mission.ack", "engine", sent_us, took, attributes);
+        let of = services::spans::SpanOf::new(delivery, "mission.ack", "engine").under(sent_span);
+        spans.record(of.with(attributes), sent_us, now.saturating_sub(sent_us));
     }
 }
 

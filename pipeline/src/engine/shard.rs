@@ -229,16 +229,17 @@ impl Shard {
         for e in &self.scratch {
             let stage = serde_json::to_value(e.stage).ok();
             let stage = stage.as_ref().and_then(|v| v.as_str()).unwrap_or("unknown");
-            let parent = command.filter(TraceContext::is_some);
-            let span = parent.map_or_else(|| TraceContext::default().child(), |p| p.child());
             let attributes = services::spans::attrs([
                 (offset_key, offset.into()),
                 ("shard", self.index.into()),
                 ("drone_id", e.drone_id.into()),
                 ("seq", e.seq.into()),
             ]);
-            let name = format!("engine.derive.{stage}");
-            spans.record(e.delivery_id, &span, parent.as_ref(), name, "engine", start_us, took, attributes);
+            let mut of = services::spans::SpanOf::new(e.delivery_id, format!("engine.derive.{stage}"), "engine");
+            if let Some(parent) = command.filter(TraceContext::is_some) {
+                of = of.under(parent);
+            }
+            spans.record(of.with(attributes), start_us, took);
         }
     }
 
