@@ -461,12 +461,7 @@ async fn one_trace_follows_a_delivery_from_the_request_through_the_drone_to_its_
     ];
     let meta = BatchMeta { producer_id: 77, batch_seq: 0, trace: mission.trace.child() };
     let batch = TelemetryBatch::encode(meta, &flight, Buffer::new()).unwrap();
-    let client = ingest::IngestClient::connect(
-        node.quic_addr,
-        &ingest::ClientConfig::new(ingest::Trust::Pem(node.certificate_pem.clone())),
-    )
-    .await
-    .unwrap();
+    let client = common::quic_client(&node).await;
     let (mut lane, mut answers) = client.open_lane().await.unwrap();
     lane.send(batch.as_bytes()).await.unwrap();
     assert_eq!(answers.recv().await.unwrap().batch_seq, 0);

@@ -33,12 +33,7 @@ async fn a_flood_of_bad_batches_is_answered_and_counted_but_logged_once_per_inte
     tracing_subscriber::fmt().with_writer(move || writer.clone()).with_ansi(false).with_env_filter("warn").init();
     let (dir, cfg) = common::loopback_config("hostile");
     let node = pipeline::Node::start(&cfg).await.unwrap();
-    let client = ingest::IngestClient::connect(
-        node.quic_addr,
-        &ingest::ClientConfig::new(ingest::Trust::Pem(node.certificate_pem.clone())),
-    )
-    .await
-    .unwrap();
+    let client = common::quic_client(&node).await;
     let (mut lane, mut answers) = client.open_lane().await.unwrap();
     const BAD: u64 = 500;
     for seq in 0..BAD {

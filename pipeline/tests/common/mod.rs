@@ -90,6 +90,12 @@ pub fn drone_event(drone: u64, seq: u64, delivery: u64, dropoff: GeoPoint) -> Dr
     }
 }
 
+/// A QUIC client of `node`, trusting its certificate.
+pub async fn quic_client(node: &pipeline::Node) -> ingest::IngestClient {
+    let trust = ingest::Trust::Pem(node.certificate_pem.clone());
+    ingest::IngestClient::connect(node.quic_addr, &ingest::ClientConfig::new(trust)).await.unwrap()
+}
+
 /// Drones report in before they are registered: one position event each (seq 0, created now,
 /// idle at the scripted pickup, fully charged) over QUIC to `quic`, acknowledged, then waits
 /// until the node at `api` shows each one's live state. Drone Management assigns only drones
