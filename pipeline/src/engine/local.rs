@@ -63,7 +63,7 @@ impl Local {
         metrics: Arc<EngineMetrics>,
         shards: usize,
     ) -> Result<(Self, crate::log::Recovery), crate::Error> {
-        let (log, recovery) = Log::open(&dir.join("log"), cfg)?;
+        let (mut log, recovery) = Log::open(&dir.join("log"), cfg)?;
         if recovery.truncated_bytes > 0 {
             warn!(
                 bytes = recovery.truncated_bytes,
@@ -71,10 +71,27 @@ impl Local {
                 "log recovery truncated a torn final record (never acknowledged)"
             );
         }
-        let (out, out_recovery) = Log::open(&dir.join("deliveries"), cfg)?;
+        let (mut out, out_recovery) = Log::open(&dir.join("deliveries"), cfg)?;
         if out_recovery.truncated_bytes > 0 {
             warn!(bytes = out_recovery.truncated_bytes, "delivery-events log recovery truncated a torn final record");
         }
+        let held = log.total_bytes() + out.total_bytes();
+        let budget = crate::log::RetentionBudget::for_dir(cfg.retention_bytes, dir, held)?;
+        if budget.too_big {
+            warn!(
+                retention_bytes = cfg.retention_bytes,
+                "[log] retention_bytes cannot fit: both logs at that size would not fit on the data directory's disk, \
+                 which will fill before retention frees space (0 sizes it from the free space)"
+            );
+        } else if cfg.retention_bytes == 0 {
+            tracing::info!(
+                telemetry_bytes = budget.telemetry,
+                delivery_events_bytes = budget.deliveries,
+                "log retention sized from the free disk (half of it; [log] retention_bytes sets it)"
+            );
+        }
+        log.set_retention_bytes(budget.telemetry);
+        out.set_retention_bytes(budget.deliveries);
         let (next, out_next) = (log.next_offset(), out.next_offset());
         let local = Self {
             log: Some(Arc::new(parking_lot::Mutex::new(log))),

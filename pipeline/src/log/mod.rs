@@ -74,7 +74,12 @@ pub struct LogConfig {
     /// Delete closed segments older than this once every consumer is past them, seconds.
     /// Default 86,400 (one day of history for replay).
     pub retention_secs: u64,
-    /// ... or once the log is larger than this, bytes. Default 16 GiB.
+    /// ... or once the log is larger than this, bytes. Default 0: sized at start from the disk
+    /// the data directory is on, so a node left running at full rate cannot fill it: half of
+    /// what the logs could use (the free space plus what they hold already), three quarters of
+    /// that for telemetry and a quarter for delivery events ([`RetentionBudget`]). A value set
+    /// here is used as it is, with a warning at start when both logs at that size would not
+    /// fit on the disk.
     pub retention_bytes: u64,
     /// One index entry per this many bytes of records. Default 64 KiB: a seek reads at most
     /// that much before it reaches the wanted offset.
@@ -104,7 +109,7 @@ impl Default for LogConfig {
             fsync_interval_ms: 50,
             max_bytes: 0,
             retention_secs: 86_400,
-            retention_bytes: 16 << 30,
+            retention_bytes: 0,
             index_interval_bytes: 64 << 10,
             max_record_bytes: 64 << 20,
         }
@@ -112,6 +117,45 @@ impl Default for LogConfig {
 }
 
 use crate::Error;
+
+/// The two embedded logs' size limits, from `[log] retention_bytes` and the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetentionBudget {
+    /// The telemetry (input) log's `retention_bytes`.
+    pub telemetry: u64,
+    /// The delivery-events log's.
+    pub deliveries: u64,
+    /// The configured retention would not fit: both logs at that size exceed the disk.
+    pub too_big: bool,
+}
+
+/// Smallest automatic retention per log: below it a log keeps too little to replay from.
+pub const MIN_AUTO_RETENTION: u64 = 256 << 20;
+
+impl RetentionBudget {
+    /// The limits for `configured` (0: automatic) with `usable` bytes the logs could use: the
+    /// filesystem's free space plus what the logs hold already.
+    pub fn new(configured: u64, usable: u64) -> Self {
+        if configured == 0 {
+            let half = usable / 2;
+            return Self {
+                telemetry: (half / 4 * 3).max(MIN_AUTO_RETENTION),
+                deliveries: (half / 4).max(MIN_AUTO_RETENTION),
+                too_big: false,
+            };
+        }
+        Self { telemetry: configured, deliveries: configured, too_big: configured.saturating_mul(2) > usable }
+    }
+
+    /// The budget for the logs under `data_dir` (whose current size is `held`), from its
+    /// filesystem's free space.
+    pub fn for_dir(configured: u64, data_dir: &Path, held: u64) -> Result<Self, Error> {
+        let fs = rustix::fs::statvfs(data_dir)
+            .map_err(|e| Error::Io { context: format!("free space of {}", data_dir.display()), source: e.into() })?;
+        let free = fs.f_bavail.saturating_mul(fs.f_frsize);
+        Ok(Self::new(configured, free.saturating_add(held)))
+    }
+}
 
 pub(crate) fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
     let context = context.into();
@@ -277,6 +321,12 @@ impl Log {
         self.total_bytes
     }
 
+    /// Sets how large the log may grow before retention deletes its oldest closed segments
+    /// (see [`LogConfig::retention_bytes`] and [`RetentionBudget`]).
+    pub fn set_retention_bytes(&mut self, bytes: u64) {
+        self.cfg.retention_bytes = bytes;
+    }
+
     /// Segment summaries, oldest first.
     pub fn segments(&self) -> Vec<SegmentInfo> {
         self.closed.iter().chain(std::iter::once(&self.active)).map(Segment::info).collect()
@@ -330,7 +380,8 @@ impl Log {
         while let Some(oldest) = self.closed.first() {
             let passed = oldest.end <= keep_from;
             let too_old = now.duration_since(oldest.modified).is_ok_and(|age| age.as_secs() >= self.cfg.retention_secs);
-            let too_big = self.total_bytes > self.cfg.retention_bytes;
+            // 0 on a log opened on its own (not through the engine, which sizes it): no limit.
+            let too_big = self.cfg.retention_bytes > 0 && self.total_bytes > self.cfg.retention_bytes;
             if !(passed && (too_old || too_big)) {
                 break;
             }

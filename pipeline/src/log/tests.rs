@@ -208,3 +208,24 @@ fn a_follower_resumes_at_the_exact_position_across_rolls() {
     let first = log.reader_near(5, point.as_ref()).unwrap().next().unwrap().unwrap();
     assert_eq!((first.offset, first.payload.to_vec()), (5, payload(5)));
 }
+
+#[test]
+fn retention_is_sized_from_the_disk_unless_set() {
+    const GIB: u64 = 1 << 30;
+    // Automatic: half of what the logs could use, three quarters of it for telemetry.
+    let auto = RetentionBudget::new(0, 100 * GIB);
+    assert_eq!((auto.telemetry, auto.deliveries, auto.too_big), (75 * GIB / 2, 25 * GIB / 2, false));
+    // Never below the floor, even on a nearly full disk.
+    let tight = RetentionBudget::new(0, GIB / 10);
+    assert_eq!((tight.telemetry, tight.deliveries), (MIN_AUTO_RETENTION, MIN_AUTO_RETENTION));
+    // Set: used as it is, and flagged when both logs at that size would not fit.
+    assert_eq!(
+        RetentionBudget::new(10 * GIB, 100 * GIB),
+        RetentionBudget { telemetry: 10 * GIB, deliveries: 10 * GIB, too_big: false }
+    );
+    assert!(RetentionBudget::new(60 * GIB, 100 * GIB).too_big);
+    // From a real directory: its filesystem has some free space.
+    let dir = TempDir::new("budget");
+    let budget = RetentionBudget::for_dir(0, &dir.0, 0).unwrap();
+    assert!(budget.telemetry >= MIN_AUTO_RETENTION && budget.telemetry >= budget.deliveries, "{budget:?}");
+}
