@@ -150,6 +150,21 @@ pub enum Error {
     /// A newer consumer took this consumer's keys over (the drone reconnected elsewhere).
     #[error("a newer consumer took over these keys")]
     Superseded,
+    /// A batch's sequence number is far below its producer's highest: not a re-send (those
+    /// are recent) but a producer that started numbering again, whose batches would otherwise
+    /// be taken for repeats and dropped. Nothing was stored; the producer must continue its
+    /// sequence or take a new producer id.
+    #[error(
+        "batch {seq} of producer {producer} is far below its highest, {highest}: a restarted producer must continue its sequence or take a new producer id"
+    )]
+    SequenceRegressed {
+        /// The producer.
+        producer: u64,
+        /// The batch's sequence number.
+        seq: u64,
+        /// The highest sequence number stored for the producer.
+        highest: u64,
+    },
 }
 
 /// Stable wire codes with their names. Codes never change meaning; new ones are appended.
@@ -179,6 +194,7 @@ const CODES: &[(u16, &str)] = &[
     (23, "lease_lost"),
     (24, "unknown_message"),
     (25, "superseded"),
+    (26, "sequence_regressed"),
 ];
 
 impl Error {
@@ -210,6 +226,7 @@ impl Error {
             Error::LeaseLost(_) => 23,
             Error::UnknownMessage(_) => 24,
             Error::Superseded => 25,
+            Error::SequenceRegressed { .. } => 26,
             Error::Rejected { code, .. } => *code,
         }
     }

@@ -447,7 +447,7 @@ async fn ingest_stream<E: BatchSink>(
     mut stop: watch::Receiver<bool>,
 ) {
     let (tx, mut rx) = mpsc::channel::<Pending<E::Ack>>(ctx.max_inflight);
-    let metrics = ctx.metrics.clone();
+    let (metrics, log_ctx) = (ctx.metrics.clone(), ctx.clone());
     let writer = tokio::spawn(async move {
         let mut out = Vec::with_capacity(64);
         while let Some(pending) = rx.recv().await {
@@ -461,7 +461,9 @@ async fn ingest_stream<E: BatchSink>(
                         }
                         Err(error) => {
                             metrics.count_rejection(error);
-                            warn!(%error, batch_seq = seq, "batch not acknowledged");
+                            if let Some(left_out) = log_ctx.log.allow(error.name(), std::time::Instant::now()) {
+                                warn!(%error, batch_seq = seq, left_out, "batch not acknowledged");
+                            }
                         }
                     }
                     Response { batch_seq: seq, events, result }

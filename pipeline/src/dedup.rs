@@ -4,8 +4,10 @@
 //! A producer numbers its batches; after a reconnect it re-sends every batch it has no answer
 //! for, some of which the log already holds. Each producer gets a window of the last
 //! [`WINDOW`] sequence numbers below its highest: a sequence number in the window is a repeat
-//! if its bit is set, one below the window is a repeat by definition (a producer only re-sends
-//! what it sent recently, in order). The windows are rebuilt from the log on start, so they
+//! if its bit is set. One below the window is no re-send (a producer only re-sends what it sent
+//! recently, in order): it is a producer that started numbering again (restarted without
+//! keeping its sequence), [`Seen::Regressed`], refused with a typed error rather than
+//! acknowledged and dropped as a repeat. The windows are rebuilt from the log on start, so they
 //! survive restarts. At most `max_producers` windows are kept; the least recently active is
 //! forgotten first.
 
@@ -32,6 +34,20 @@ impl Window {
     }
 }
 
+/// What the windows say of a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Seen {
+    /// Not in the log yet.
+    New,
+    /// In the log already (a re-send).
+    Repeat,
+    /// Below its producer's window: the producer numbers again from lower down.
+    Regressed {
+        /// The producer's highest sequence number.
+        highest: u64,
+    },
+}
+
 /// The windows of every producer.
 #[derive(Debug)]
 pub struct ProducerWindows {
@@ -45,17 +61,22 @@ impl ProducerWindows {
         Self { windows: FxHashMap::default(), max_producers: max_producers.max(1) }
     }
 
-    /// Whether `(producer, seq)` is already in the log.
-    pub fn contains(&self, producer: u64, seq: u64) -> bool {
-        let Some(w) = self.windows.get(&producer) else { return false };
+    /// What the log holds of `(producer, seq)`.
+    pub fn check(&self, producer: u64, seq: u64) -> Seen {
+        let Some(w) = self.windows.get(&producer) else { return Seen::New };
         if seq > w.max {
-            return false;
+            return Seen::New;
         }
         if w.max - seq >= WINDOW {
-            return true;
+            return Seen::Regressed { highest: w.max };
         }
         let (word, mask) = Window::bit(seq);
-        w.bits[word] & mask != 0
+        if w.bits[word] & mask != 0 { Seen::Repeat } else { Seen::New }
+    }
+
+    /// Whether `(producer, seq)` is already in the log (a regressed one counts as not).
+    pub fn contains(&self, producer: u64, seq: u64) -> bool {
+        self.check(producer, seq) == Seen::Repeat
     }
 
     /// Records that `(producer, seq)` went into the log at `offset`.
@@ -123,8 +144,14 @@ mod tests {
         w.insert(1, 120, 201); // late arrival inside the window
         assert!(w.contains(1, 120));
         w.insert(1, 150 + WINDOW + 10, 202);
-        assert!(w.contains(1, 150), "far below the window counts as already seen");
-        assert!(!w.contains(1, 150 + WINDOW + 5));
+        assert_eq!(
+            w.check(1, 150),
+            Seen::Regressed { highest: 150 + WINDOW + 10 },
+            "far below the window: a producer numbering again, not a re-send"
+        );
+        assert_eq!(w.check(1, 0), Seen::Regressed { highest: 150 + WINDOW + 10 }, "a restart at 0");
+        assert_eq!(w.check(1, 150 + WINDOW + 10), Seen::Repeat);
+        assert_eq!(w.check(1, 150 + WINDOW + 5), Seen::New);
     }
 
     #[test]

@@ -163,7 +163,13 @@ impl Intake {
         match ack.await {
             Ok(()) => Ok(repeats),
             Err(e) => {
-                forget(&mut *self.numbering.lock().await);
+                let mut n = self.numbering.lock().await;
+                forget(&mut n);
+                // Numbered below the window (the clock stepped back past it): number on from
+                // above it, so the sender's next try is taken.
+                if let events::Error::SequenceRegressed { highest, .. } = e {
+                    n.next = n.next.max(highest.saturating_add(1));
+                }
                 Err(e)
             }
         }

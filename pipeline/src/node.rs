@@ -57,6 +57,8 @@ pub struct Node {
     recovery_task: JoinHandle<services::scheduler::Recovered>,
     history_task: std::thread::JoinHandle<()>,
     history: Arc<services::history::History>,
+    /// Where this node's parts record the spans of deliveries.
+    spans: services::spans::Spans,
     notifier_stop: tokio::sync::watch::Sender<bool>,
     notifier_task: JoinHandle<()>,
     /// The MQTT bridge, when `[mqtt] url` is set.
@@ -460,6 +462,7 @@ impl Node {
             recovery_task,
             history_task,
             history,
+            spans,
             notifier_stop,
             notifier_task,
             mqtt,
@@ -520,6 +523,8 @@ impl Node {
         if let Err(error) = self.history.flush() {
             tracing::error!(%error, "could not store the last owner notes of delivery history");
         }
+        // The spans queued are written, and the keeper lets go of the history's store.
+        self.spans.close().await;
         info!("stopped");
         ingest.map_err(|e| Error::Task(e.to_string()))??;
         http.map_err(|e| Error::Task(e.to_string()))?

@@ -1,6 +1,7 @@
-//! A client that sends nothing but bad batches is answered batch by batch, each refusal with
-//! its reason and counted, while the node's log gets one line per reason per interval, not one
-//! per batch: a bad client cannot flood the log.
+//! Hostile and confused clients: one that sends nothing but bad batches is answered batch by
+//! batch, each refusal with its reason and counted, while the node's log gets one line per
+//! reason per interval, not one per batch; one that numbers its batches again from zero is
+//! refused with a typed reason rather than silently dropped.
 
 #![allow(clippy::unwrap_used)] // helpers in a test crate may panic: that fails the test
 
@@ -66,6 +67,33 @@ async fn a_flood_of_bad_batches_is_answered_and_counted_but_logged_once_per_inte
     let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
     let lines = text.lines().filter(|l| l.contains("batch rejected")).count();
     assert_eq!(lines, 1, "one line for the reason within the interval, not {BAD}:\n{text}");
+    client.close().await;
+    node.shutdown().await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A producer that starts numbering its batches again (restarted without keeping its
+/// sequence) is told so with a typed refusal instead of having its batches acknowledged and
+/// dropped as repeats; a re-send of a recent batch is still a repeat, acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_numbering_again_from_zero_is_refused_as_regressed_not_dropped() {
+    let (dir, cfg) = common::loopback_config("regressed");
+    let node = pipeline::Node::start(&cfg).await.unwrap();
+    let client = common::quic_client(&node).await;
+    let (mut lane, mut answers) = client.open_lane().await.unwrap();
+    let batch = |seq: u64| {
+        let events = [common::drone_event(8, seq + 1, 1, GeoPoint::new(47.6, -122.3))];
+        let meta = BatchMeta { producer_id: 4711, batch_seq: seq, ..BatchMeta::default() };
+        TelemetryBatch::encode(meta, &events, Buffer::new()).unwrap()
+    };
+    for (seq, expected) in [(100_000, None), (100_000, None), (0, Some("sequence_regressed")), (100_001, None)] {
+        lane.send(batch(seq).as_bytes()).await.unwrap();
+        let answer = answers.recv().await.unwrap();
+        assert_eq!(answer.result.as_ref().err().map(|e| e.name()), expected, "batch {seq}: {:?}", answer.result);
+        if let Err(error) = &answer.result {
+            assert!(error.to_string().contains("100000"), "the refusal names the highest: {error}");
+        }
+    }
     client.close().await;
     node.shutdown().await.unwrap();
     let _ = std::fs::remove_dir_all(&dir);

@@ -112,6 +112,9 @@ impl Error {
                 // A store or log that failed stops taking writes until a restart (readiness says
                 // so): the request may be retried, on this node later or on another.
                 name @ ("shutting_down" | "storage_full" | "storage_failed") => (StatusCode::SERVICE_UNAVAILABLE, name),
+                // The node's own intake numbered a batch below its window (its clock stepped
+                // back); it numbers on from above it, so the request may be sent again.
+                name @ "sequence_regressed" => (StatusCode::SERVICE_UNAVAILABLE, name),
                 name @ ("drone_busy" | "invalid_transition" | "lease_lost") => (StatusCode::CONFLICT, name),
                 name @ ("unknown_delivery" | "unknown_message") => (StatusCode::NOT_FOUND, name),
                 name @ "offset_unavailable" => (StatusCode::GONE, name),

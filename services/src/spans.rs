@@ -129,6 +129,9 @@ pub struct Spans {
 struct Inner {
     tx: flume::Sender<KeptSpan>,
     metrics: Arc<SpanMetrics>,
+    /// Tells the keeper to write what is queued and stop.
+    stop: tokio::sync::watch::Sender<bool>,
+    keeper: parking_lot::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 /// Where the keeper takes spans.
@@ -157,8 +160,20 @@ impl Spans {
         }
         let (tx, rx) = flume::bounded(QUEUE);
         let metrics = Arc::new(SpanMetrics::default());
-        tokio::spawn(keeper(cfg, sink, rx, metrics.clone()));
-        Self { inner: Some(Arc::new(Inner { tx, metrics })) }
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let keeper = tokio::spawn(keeper(cfg, sink, rx, metrics.clone(), stopped));
+        Self { inner: Some(Arc::new(Inner { tx, metrics, stop, keeper: parking_lot::Mutex::new(Some(keeper)) })) }
+    }
+
+    /// Writes what is queued and stops the keeper (at shutdown; it lets go of the store it
+    /// writes to). Spans recorded afterwards are dropped.
+    pub async fn close(&self) {
+        let Some(inner) = &self.inner else { return };
+        let _ = inner.stop.send(true);
+        let keeper = inner.keeper.lock().take();
+        if let Some(keeper) = keeper {
+            let _ = keeper.await;
+        }
     }
 
     /// Whether spans go anywhere.
@@ -298,27 +313,50 @@ pub fn attrs<const N: usize>(pairs: [(&str, serde_json::Value); N]) -> Attribute
     pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
 }
 
-async fn keeper(cfg: SpansConfig, sink: SpanSink, rx: flume::Receiver<KeptSpan>, metrics: Arc<SpanMetrics>) {
+async fn keeper(
+    cfg: SpansConfig,
+    sink: SpanSink,
+    rx: flume::Receiver<KeptSpan>,
+    metrics: Arc<SpanMetrics>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
     let mut last_purge = tokio::time::Instant::now();
     loop {
-        let first = match tokio::time::timeout(PURGE_EVERY, rx.recv_async()).await {
-            Ok(Ok(span)) => Some(span),
-            Ok(Err(_)) => break,
-            Err(_) => None,
+        let first = tokio::select! {
+            _ = stop.wait_for(|s| *s) => None,
+            got = tokio::time::timeout(PURGE_EVERY, rx.recv_async()) => match got {
+                Ok(Ok(span)) => Some(span),
+                Ok(Err(_)) => break,
+                Err(_) => None,
+            },
         };
+        let stopping = *stop.borrow();
         let mut batch: Vec<KeptSpan> = first.into_iter().collect();
-        if !batch.is_empty() {
+        if !batch.is_empty() && !stopping && rx.len() < BATCH {
             // What else arrives within a moment goes in the same write. The keeper sleeps
             // meanwhile rather than waiting on the queue: a waiting receiver would be woken by
-            // every span sent (tens of thousands a second when scheduling flat out).
-            // Behind, it writes at once.
-            if rx.len() < BATCH {
-                tokio::time::sleep(LINGER).await;
+            // every span sent (tens of thousands a second when scheduling flat out). Behind,
+            // or stopping, it writes at once.
+            tokio::select! {
+                _ = stop.wait_for(|s| *s) => {}
+                () = tokio::time::sleep(LINGER) => {}
             }
-            batch.extend(rx.try_iter().take(BATCH - 1));
+        }
+        loop {
+            batch.extend(rx.try_iter().take(BATCH.saturating_sub(batch.len())));
+            if batch.is_empty() {
+                break;
+            }
             let n = batch.len() as u64;
-            let kept = put(&sink, cfg, batch).await;
+            let kept = put(&sink, cfg, std::mem::take(&mut batch)).await;
             metrics.not_kept.fetch_add(n - kept, Ordering::Relaxed);
+            // At the stop, everything queued is written before the keeper ends.
+            if !*stop.borrow() {
+                break;
+            }
+        }
+        if *stop.borrow() {
+            return;
         }
         if last_purge.elapsed() >= PURGE_EVERY {
             last_purge = tokio::time::Instant::now();

@@ -200,10 +200,18 @@ impl Appender {
         out: &mut Vec<Appended>,
     ) {
         let meta = batch.header().meta;
-        if self.windows.contains(meta.producer_id, meta.batch_seq) {
-            self.metrics.duplicate_batches.fetch_add(1, Ordering::Relaxed);
-            out.push(Appended::Duplicate { ack });
-            return;
+        match self.windows.check(meta.producer_id, meta.batch_seq) {
+            crate::dedup::Seen::New => {}
+            crate::dedup::Seen::Repeat => {
+                self.metrics.duplicate_batches.fetch_add(1, Ordering::Relaxed);
+                out.push(Appended::Duplicate { ack });
+                return;
+            }
+            crate::dedup::Seen::Regressed { highest } => {
+                let (producer, seq) = (meta.producer_id, meta.batch_seq);
+                let _ = ack.send(Err(Error::SequenceRegressed { producer, seq, highest }));
+                return;
+            }
         }
         match self.append(RecordKind::Telemetry, batch.as_bytes()) {
             Ok(offset) => {
