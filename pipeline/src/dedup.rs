@@ -53,12 +53,22 @@ pub enum Seen {
 pub struct ProducerWindows {
     windows: FxHashMap<u64, Window>,
     max_producers: usize,
+    /// Producers in the order of their activity, oldest first, each with the log offset of
+    /// that activity: an entry whose offset is no longer its producer's last is stale and
+    /// skipped. Eviction takes the front (amortised O(1), not a scan of every window, which
+    /// made each new producer past the cap cost a pass over all of them); the queue is rebuilt
+    /// from the windows when stale entries make up most of it.
+    recency: std::collections::VecDeque<(u64, u64)>,
 }
 
 impl ProducerWindows {
     /// Windows for up to `max_producers` producers.
     pub fn new(max_producers: usize) -> Self {
-        Self { windows: FxHashMap::default(), max_producers: max_producers.max(1) }
+        Self {
+            windows: FxHashMap::default(),
+            max_producers: max_producers.max(1),
+            recency: std::collections::VecDeque::new(),
+        }
     }
 
     /// What the log holds of `(producer, seq)`.
@@ -103,6 +113,12 @@ impl ProducerWindows {
             w.bits[word] |= mask;
         }
         w.last_offset = offset;
+        self.recency.push_back((producer, offset));
+        if self.recency.len() > 2 * self.windows.len() + 1024 {
+            let mut live: Vec<(u64, u64)> = self.windows.iter().map(|(&p, w)| (w.last_offset, p)).collect();
+            live.sort_unstable();
+            self.recency = live.into_iter().map(|(offset, p)| (p, offset)).collect();
+        }
     }
 
     /// Producers tracked.
@@ -116,8 +132,11 @@ impl ProducerWindows {
     }
 
     fn evict_one(&mut self) {
-        if let Some((&oldest, _)) = self.windows.iter().min_by_key(|(_, w)| w.last_offset) {
-            self.windows.remove(&oldest);
+        while let Some((producer, offset)) = self.recency.pop_front() {
+            if self.windows.get(&producer).is_some_and(|w| w.last_offset == offset) {
+                self.windows.remove(&producer);
+                return;
+            }
         }
     }
 }
@@ -167,6 +186,29 @@ mod tests {
     }
 
     proptest! {
+        /// The evicted producer is always the least recently active one, as a scan of every
+        /// window would pick, however the producers interleave.
+        #[test]
+        fn eviction_takes_the_least_recently_active(producers in proptest::collection::vec(0u64..12, 1..3000)) {
+            let mut w = ProducerWindows::new(5);
+            let mut last: std::collections::HashMap<u64, u64> = std::collections::HashMap::new();
+            for (offset, &p) in producers.iter().enumerate() {
+                let offset = offset as u64;
+                if !last.contains_key(&p) && last.len() >= 5 {
+                    let oldest = *last.iter().min_by_key(|(_, o)| **o).map(|(p, _)| p).unwrap_or(&0);
+                    last.remove(&oldest);
+                }
+                last.insert(p, offset);
+                w.insert(p, offset, offset);
+                let mut tracked: Vec<u64> = w.windows.keys().copied().collect();
+                let mut expected: Vec<u64> = last.keys().copied().collect();
+                tracked.sort_unstable();
+                expected.sort_unstable();
+                prop_assert_eq!(tracked, expected);
+            }
+            prop_assert!(w.recency.len() <= 2 * w.len() + 1024 + 1);
+        }
+
         /// Against a plain set: inside the window the answer is exact.
         #[test]
         fn agrees_with_a_set_inside_the_window(seqs in proptest::collection::vec(0u64..3000, 1..400)) {
