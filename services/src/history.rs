@@ -399,11 +399,13 @@ impl History {
         };
         // Spans of one delivery together: one look at (and one update of) its trace and count.
         let mut by_delivery: Vec<(DeliveryId, Vec<KeptSpan>)> = Vec::new();
+        let mut group_of = std::collections::HashMap::<DeliveryId, usize>::new();
         for span in spans {
-            match by_delivery.iter_mut().find(|(d, _)| *d == span.delivery_id) {
-                Some((_, group)) => group.push(span),
-                None => by_delivery.push((span.delivery_id, vec![span])),
-            }
+            let i = *group_of.entry(span.delivery_id).or_insert_with(|| {
+                by_delivery.push((span.delivery_id, Vec::new()));
+                by_delivery.len() - 1
+            });
+            by_delivery[i].1.push(span);
         }
         let mut txn = db.begin_write().map_err(store)?;
         // A trace is a record of what happened, not part of it: spans ride on the history's
