@@ -267,6 +267,30 @@ impl DeliveryStage {
     pub const fn is_terminal(self) -> bool {
         matches!(self, DeliveryStage::DeliveryComplete | DeliveryStage::Cancelled)
     }
+
+    /// Its name as the JSON and the API spell it (`headed_to_pickup`), without encoding.
+    pub const fn name(self) -> &'static str {
+        match self {
+            DeliveryStage::Created => "created",
+            DeliveryStage::Rescheduled => "rescheduled",
+            DeliveryStage::HeadedToPickup => "headed_to_pickup",
+            DeliveryStage::InTransit => "in_transit",
+            DeliveryStage::DeliveryComplete => "delivery_complete",
+            DeliveryStage::Cancelled => "cancelled",
+        }
+    }
+}
+
+#[cfg(test)]
+mod stage_names {
+    use super::DeliveryStage::*;
+
+    #[test]
+    fn stage_names_are_the_json_names() {
+        for stage in [Created, Rescheduled, HeadedToPickup, InTransit, DeliveryComplete, Cancelled] {
+            assert_eq!(serde_json::to_value(stage).ok(), Some(stage.name().into()), "{stage:?}");
+        }
+    }
 }
 
 impl ArchivedDeliveryStage {

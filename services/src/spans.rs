@@ -246,7 +246,7 @@ pub fn history_stored<B: std::borrow::Borrow<events::DeliveryBatch>>(
             continue;
         }
         for e in batch.events().iter() {
-            let stage = serde_json::to_value(e.stage.to_stage()).unwrap_or_default();
+            let stage = e.stage.to_stage().name().into();
             let attributes = attrs([("offset", (*offset).into()), ("seq", e.seq.to_native().into()), ("stage", stage)]);
             let of = SpanOf::new(e.delivery_id.to_native(), "history.store", "history").with(attributes);
             spans.record(of, start_us, took);

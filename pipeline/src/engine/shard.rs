@@ -227,8 +227,7 @@ impl Shard {
         let start_us = events::now_us().saturating_sub(took);
         let offset_key = if command.is_some() { "command_offset" } else { "telemetry_offset" };
         for e in &self.scratch {
-            let stage = serde_json::to_value(e.stage).ok();
-            let stage = stage.as_ref().and_then(|v| v.as_str()).unwrap_or("unknown");
+            let stage = e.stage.name();
             let attributes = services::spans::attrs([
                 (offset_key, offset.into()),
                 ("shard", self.index.into()),
