@@ -165,6 +165,16 @@ pub enum Error {
         /// The highest sequence number stored for the producer.
         highest: u64,
     },
+    /// A bounded table is full and nothing in it may be let go (a new named cursor past the
+    /// cap, a subscription past a delivery's cap, a drone when every tracked drone is flying).
+    /// Nothing was changed; the limit is configurable where `what` says.
+    #[error("{what}: the limit of {limit} is reached")]
+    LimitReached {
+        /// What is full, and the setting that sizes it.
+        what: &'static str,
+        /// The limit.
+        limit: u64,
+    },
 }
 
 /// Stable wire codes with their names. Codes never change meaning; new ones are appended.
@@ -195,6 +205,7 @@ const CODES: &[(u16, &str)] = &[
     (24, "unknown_message"),
     (25, "superseded"),
     (26, "sequence_regressed"),
+    (27, "limit_reached"),
 ];
 
 impl Error {
@@ -227,6 +238,7 @@ impl Error {
             Error::UnknownMessage(_) => 24,
             Error::Superseded => 25,
             Error::SequenceRegressed { .. } => 26,
+            Error::LimitReached { .. } => 27,
             Error::Rejected { code, .. } => *code,
         }
     }

@@ -14,6 +14,7 @@
 pub mod contract;
 mod error;
 pub mod json;
+pub mod limits;
 pub mod model;
 pub mod prom;
 pub mod queue;

@@ -8,6 +8,12 @@
 //! itself when commits come fast) and fsynced at shutdown. A subscriber
 //! commits often; losing the last fraction of a second of commits in a crash only means its
 //! subscriber sees those batches again, which at-least-once subscribers handle anyway.
+//!
+//! Names are the subscribers' choice, so the table is bounded: a topic holds at most
+//! `[engine] max_cursors` (about 100 bytes each). A new name past it takes the place of the
+//! cursor committed longest ago if that one has been idle for `[engine] cursor_idle_h` (the
+//! way a broker expires the offsets of a consumer group gone for days), and is otherwise
+//! refused with `limit_reached`: a live subscriber never loses its place to a new one.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -44,16 +50,32 @@ struct State {
     last_flush: Instant,
 }
 
+/// How many cursors a topic holds, and when an idle one may make room for a new one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CursorLimits {
+    /// Cursors per topic at most.
+    pub per_topic: usize,
+    /// A cursor not committed for this long may be let go for a new one, µs.
+    pub idle_us: u64,
+}
+
+impl Default for CursorLimits {
+    fn default() -> Self {
+        Self { per_topic: 10_000, idle_us: 168 * 3_600_000_000 }
+    }
+}
+
 /// Every named cursor.
 #[derive(Debug)]
 pub struct CursorStore {
     path: Option<PathBuf>,
     state: Mutex<State>,
+    limits: CursorLimits,
 }
 
 impl CursorStore {
     /// Cursors kept at `path` (loaded if it exists), or in memory only.
-    pub fn open(path: Option<&Path>) -> Result<Self, Error> {
+    pub fn open(path: Option<&Path>, limits: CursorLimits) -> Result<Self, Error> {
         let file = match path {
             Some(p) if p.exists() => {
                 let bytes = std::fs::read(p)
@@ -66,6 +88,7 @@ impl CursorStore {
         Ok(Self {
             path: path.map(Path::to_path_buf),
             state: Mutex::new(State { file, dirty: false, last_flush: Instant::now() }),
+            limits,
         })
     }
 
@@ -80,15 +103,40 @@ impl CursorStore {
         state.file.topics.get(topic.name()).map_or_else(Vec::new, |t| t.iter().map(|(n, c)| (n.clone(), *c)).collect())
     }
 
-    /// Sets a cursor; the file follows within [`FLUSH_EVERY`].
-    pub fn commit(&self, topic: Topic, name: &str, next: u64, now_us: u64) {
+    /// Sets a cursor; the file follows within [`FLUSH_EVERY`]. A new name when the topic is
+    /// full takes the place of the cursor idle longest if that one is idle past the limit's
+    /// `idle_us`, and is otherwise refused with [`events::Error::LimitReached`].
+    pub fn commit(&self, topic: Topic, name: &str, next: u64, now_us: u64) -> Result<(), events::Error> {
         let mut state = self.state.lock();
         let cursor = Cursor { next, updated_us: now_us };
-        state.file.topics.entry(topic.name().to_string()).or_default().insert(name.to_string(), cursor);
+        let cursors = state.file.topics.entry(topic.name().to_string()).or_default();
+        if let Some(held) = cursors.get_mut(name) {
+            *held = cursor;
+        } else {
+            if cursors.len() >= self.limits.per_topic {
+                let idle = cursors
+                    .iter()
+                    .min_by_key(|(_, c)| c.updated_us)
+                    .filter(|(_, c)| now_us.saturating_sub(c.updated_us) >= self.limits.idle_us)
+                    .map(|(n, _)| n.clone());
+                let Some(idle) = idle else {
+                    events::limits::refused(events::limits::Table::Cursors, 1);
+                    return Err(events::Error::LimitReached {
+                        what: "named cursors of a topic ([engine] max_cursors)",
+                        limit: self.limits.per_topic as u64,
+                    });
+                };
+                cursors.remove(&idle);
+                events::limits::evicted(events::limits::Table::Cursors, 1);
+                tracing::info!(topic = topic.name(), cursor = %idle, "let an idle cursor go to make room for a new one");
+            }
+            cursors.insert(name.to_string(), cursor);
+        }
         state.dirty = true;
         if state.last_flush.elapsed() >= FLUSH_EVERY {
             self.write(&mut state, false);
         }
+        Ok(())
     }
 
     /// Takes a cursor committed elsewhere (another node of a cluster) unless this store has a
@@ -143,16 +191,40 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("fleetstream-cursors-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("cursors.json");
-        let store = CursorStore::open(Some(&path)).unwrap();
-        store.commit(Topic::DeliveryEvents, "history", 42, 7);
-        store.commit(Topic::DroneTelemetry, "dash", 5, 8);
+        let store = CursorStore::open(Some(&path), CursorLimits::default()).unwrap();
+        store.commit(Topic::DeliveryEvents, "history", 42, 7).unwrap();
+        store.commit(Topic::DroneTelemetry, "dash", 5, 8).unwrap();
         store.flush(true);
-        let again = CursorStore::open(Some(&path)).unwrap();
+        let again = CursorStore::open(Some(&path), CursorLimits::default()).unwrap();
         assert_eq!(again.get(Topic::DeliveryEvents, "history"), Some(Cursor { next: 42, updated_us: 7 }));
         assert_eq!(again.get(Topic::DeliveryEvents, "dash"), None, "cursors are per topic");
         assert_eq!(again.list(Topic::DroneTelemetry), vec![("dash".to_string(), Cursor { next: 5, updated_us: 8 })]);
         std::fs::write(&path, b"{ not json").unwrap();
-        assert!(CursorStore::open(Some(&path)).is_err(), "a damaged file is reported, not ignored");
+        assert!(
+            CursorStore::open(Some(&path), CursorLimits::default()).is_err(),
+            "a damaged file is reported, not ignored"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_full_topic_refuses_new_names_unless_one_is_idle() {
+        let store = CursorStore::open(None, CursorLimits { per_topic: 2, idle_us: 100 }).unwrap();
+        store.commit(Topic::DroneTelemetry, "a", 1, 10).unwrap();
+        store.commit(Topic::DroneTelemetry, "b", 1, 20).unwrap();
+        store.commit(Topic::DeliveryEvents, "c", 1, 20).unwrap();
+        let err = store.commit(Topic::DroneTelemetry, "new", 1, 50).unwrap_err();
+        assert_eq!(err.name(), "limit_reached", "{err}");
+        store.commit(Topic::DroneTelemetry, "a", 2, 60).unwrap();
+        assert_eq!(
+            store.get(Topic::DroneTelemetry, "a"),
+            Some(Cursor { next: 2, updated_us: 60 }),
+            "held names commit"
+        );
+        // "b" was last committed at 20: idle for 100 at 120, so it makes room.
+        store.commit(Topic::DroneTelemetry, "new", 3, 120).unwrap();
+        let names: Vec<_> = store.list(Topic::DroneTelemetry).into_iter().map(|(n, _)| n).collect();
+        assert_eq!(names, ["a", "new"]);
+        assert_eq!(store.list(Topic::DeliveryEvents).len(), 1, "topics are bounded apart");
     }
 }

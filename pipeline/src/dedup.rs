@@ -135,6 +135,7 @@ impl ProducerWindows {
         while let Some((producer, offset)) = self.recency.pop_front() {
             if self.windows.get(&producer).is_some_and(|w| w.last_offset == offset) {
                 self.windows.remove(&producer);
+                events::limits::evicted(events::limits::Table::Producers, 1);
                 return;
             }
         }

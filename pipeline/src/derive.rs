@@ -19,6 +19,16 @@
 //!
 //! A drone event whose sequence number is not above the last one applied for that drone is a
 //! repeat and is dropped.
+//!
+//! Drone ids come from the wire, so the drones a deriver tracks are capped
+//! ([`Deriver::with_max_drones`]). At the cap, the idle drones (no delivery) that reported
+//! longest ago are let go, a sixteenth of the cap at once, so the scan that finds them costs
+//! about sixteen entries per new drone. The choice depends on the state alone (ties broken
+//! by id), so a deriver restored from a checkpoint lets the same drones go. A drone let go
+//! only loses its last position and its repeat filter (batches are deduplicated before they
+//! reach the deriver); it is tracked again from its next event. When every tracked drone
+//! flies a delivery, none is let go: a new drone's events are not applied
+//! ([`Applied::Untracked`]) and a delivery for it is refused (`limit_reached`).
 
 use events::model::{ArchivedDroneEvent, ArchivedDroneEventKind, ArchivedFlightStatus};
 use events::{
@@ -50,6 +60,8 @@ pub enum Applied {
     Fresh,
     /// Its sequence number was already applied; ignored.
     Duplicate,
+    /// A drone not tracked, with no room to track it (every tracked drone is flying); ignored.
+    Untracked,
 }
 
 /// Counters of what the rules saw.
@@ -65,6 +77,10 @@ pub struct DeriveStats {
     pub far_dropoffs: u64,
     /// `PickedUp`/`DroppedOff` naming a delivery the drone is not flying, or out of order.
     pub stray: u64,
+    /// Idle drones let go to stay within the cap.
+    pub evicted: u64,
+    /// Events of new drones not applied: the cap was reached and every tracked drone flying.
+    pub untracked: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
@@ -142,10 +158,14 @@ impl DeriverState {
     }
 }
 
+/// Drones a deriver tracks at most unless told otherwise.
+pub const DEFAULT_MAX_DRONES: usize = 500_000;
+
 /// The per-shard state machine. See the module docs for the rules.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Deriver {
     cfg: DeriveConfig,
+    max_drones: usize,
     drones: FxHashMap<DroneId, DroneState>,
     deliveries: FxHashMap<DeliveryId, DeliveryState>,
     /// Drop-offs a delivery in flight had before its reschedules (at most
@@ -160,13 +180,57 @@ const EARLIER_DROPOFFS: usize = 4;
 impl Deriver {
     /// A deriver with no state.
     pub fn new(cfg: DeriveConfig) -> Self {
-        Self { cfg, ..Self::default() }
+        Self::restore(cfg, DeriverState::default())
+    }
+
+    /// Tracks at most `max` drones (at least 1); see the module docs.
+    pub fn with_max_drones(mut self, max: usize) -> Self {
+        self.max_drones = max.max(1);
+        self
+    }
+
+    /// The most drones it tracks.
+    pub fn max_drones(&self) -> usize {
+        self.max_drones
+    }
+
+    /// Drones tracked now.
+    pub fn tracked_drones(&self) -> usize {
+        self.drones.len()
+    }
+
+    /// Makes room for one more drone by letting go of the idle drones that reported longest
+    /// ago; `false` when none is idle.
+    fn make_room(&mut self) -> bool {
+        let mut idle: Vec<(u64, DroneId)> =
+            self.drones.iter().filter(|(_, d)| d.delivery.is_none()).map(|(id, d)| (d.updated_us, *id)).collect();
+        if idle.is_empty() {
+            return false;
+        }
+        let n = (self.max_drones / 16).clamp(1, idle.len());
+        if n < idle.len() {
+            idle.select_nth_unstable(n - 1);
+        }
+        for (_, id) in &idle[..n] {
+            self.drones.remove(id);
+        }
+        self.stats.evicted += n as u64;
+        true
+    }
+
+    /// Whether `id` is tracked or can be: `false` only at the cap with every drone flying.
+    fn room_for(&mut self, id: DroneId) -> bool {
+        self.drones.len() < self.max_drones || self.drones.contains_key(&id) || self.make_room()
     }
 
     /// Applies one drone event read in place from a batch, appending derived events to `out`.
     pub fn on_drone_event(&mut self, ev: &ArchivedDroneEvent, out: &mut Vec<DeliveryEvent>) -> Applied {
         let seq = ev.seq.to_native();
         let drone_id = ev.drone_id.to_native();
+        if !self.room_for(drone_id) {
+            self.stats.untracked += 1;
+            return Applied::Untracked;
+        }
         let drone = self.drones.entry(drone_id).or_insert(DroneState::NEW);
         if drone.last_seq.is_some_and(|last| seq <= last) {
             self.stats.duplicates += 1;
@@ -256,6 +320,13 @@ impl Deriver {
                             reason: "already assigned to another drone",
                         })
                     };
+                }
+                if !self.room_for(drone_id) {
+                    self.stats.untracked += 1;
+                    return Err(Error::LimitReached {
+                        what: "drones tracked by a shard ([engine] max_drones_per_shard), every one flying",
+                        limit: self.max_drones as u64,
+                    });
                 }
                 let drone = self.drones.entry(drone_id).or_insert(DroneState::NEW);
                 if let Some(busy) = drone.delivery {
@@ -360,6 +431,7 @@ impl Deriver {
     pub fn restore(cfg: DeriveConfig, state: DeriverState) -> Self {
         Self {
             cfg,
+            max_drones: DEFAULT_MAX_DRONES,
             drones: state.drones.into_iter().collect(),
             deliveries: state.deliveries.into_iter().collect(),
             earlier_dropoffs: state.earlier_dropoffs.into_iter().collect(),
@@ -614,5 +686,54 @@ mod tests {
         assert!(out.is_empty());
         assert_eq!(d.stats().stray, 3);
         assert_eq!(d.delivery_stage(10), Some(DeliveryStage::Created));
+    }
+
+    fn report(id: DroneId, seq: u64) -> DroneEvent {
+        Drone { id, seq: seq - 1 }.event(PICKUP, FlightStatus::Idle, DroneEventKind::Position)
+    }
+
+    #[test]
+    fn tracked_drones_stay_under_the_cap_and_flying_ones_are_kept() {
+        let mut d = Deriver::new(DeriveConfig::default()).with_max_drones(64);
+        create(&mut d, 1, 7);
+        let (_, applied) = feed(&mut d, &[report(7, 1)]);
+        assert_eq!(applied, [Applied::Fresh]);
+        let hostile: Vec<_> = (1_000..5_000).map(|id| report(id, 1)).collect();
+        let (_, applied) = feed(&mut d, &hostile);
+        assert!(applied.iter().all(|a| *a == Applied::Fresh), "idle drones make room");
+        assert!(d.tracked_drones() <= 64, "{} tracked", d.tracked_drones());
+        assert!(d.drone(7).is_some_and(|s| s.delivery == Some(1)), "the flying drone is never let go");
+        assert!(d.drone(4_999).is_some(), "the newest drone is tracked");
+        assert!(d.drone(1_000).is_none(), "the drone idle longest was let go");
+        assert!(d.stats().evicted >= 4_000 - 64);
+        // A drone let go is tracked again from its next event.
+        let (_, applied) = feed(&mut d, &[report(1_000, 2)]);
+        assert_eq!(applied, [Applied::Fresh]);
+    }
+
+    #[test]
+    fn the_drones_let_go_depend_on_the_state_alone() {
+        let mut a = Deriver::new(DeriveConfig::default()).with_max_drones(50);
+        feed(&mut a, &(0..50).map(|id| report(id, 1 + id % 7)).collect::<Vec<_>>());
+        let mut b = Deriver::restore(DeriveConfig::default(), a.snapshot()).with_max_drones(50);
+        let more: Vec<_> = (100..140).map(|id| report(id, 1)).collect();
+        feed(&mut a, &more);
+        feed(&mut b, &more);
+        assert_eq!(a.snapshot(), b.snapshot(), "a restored deriver lets the same drones go");
+    }
+
+    #[test]
+    fn with_every_tracked_drone_flying_a_new_drone_is_refused() {
+        let mut d = Deriver::new(DeriveConfig::default()).with_max_drones(2);
+        create(&mut d, 1, 1);
+        create(&mut d, 2, 2);
+        let (out, applied) = feed(&mut d, &[report(3, 1)]);
+        assert_eq!((out.len(), applied), (0, vec![Applied::Untracked]));
+        let mut out = Vec::new();
+        let cmd = DeliveryCommand::Create { delivery_id: 3, drone_id: 3, pickup: PICKUP, dropoff: DROPOFF, ts_us: 0 };
+        let err = d.on_command(&cmd, 9, &mut out).unwrap_err();
+        assert_eq!((err.name(), out.len()), ("limit_reached", 0));
+        assert_eq!(d.stats().untracked, 2);
+        assert_eq!(d.tracked_drones(), 2);
     }
 }

@@ -390,6 +390,7 @@ impl Node {
                             throttle.throttled.load(std::sync::atomic::Ordering::Relaxed),
                         );
                         services::auth::render_metrics(&api_keys, &mut out);
+                        events::limits::render(&mut out);
                         services.render_metrics(&mut out);
                         events::prom::counter(
                             &mut out,

@@ -592,6 +592,7 @@ pub async fn start(role: Role, cfg: &Config) -> Result<RoleProcess, Error> {
             stores.push(store.clone());
             let stores = services::deliveries::DeliveryStores::in_file(&store);
             let svc = services::deliveries::DeliveryService::open(engine()?, stores).map_err(svc_error)?;
+            svc.limit_subscriptions(cfg.services.max_subscriptions_per_delivery);
             let router = svc.public_router().merge(svc.internal_router());
             let positions = services::positions(&store);
             let apply = {
@@ -690,7 +691,7 @@ pub async fn start(role: Role, cfg: &Config) -> Result<RoleProcess, Error> {
             stores.push(store.clone());
             let scheduler = Arc::new(
                 services::scheduler::Scheduler::new(engine()?, deps)
-                    .with_store(&store, cfg.services.idempotency_retention_s)
+                    .with_store(&store, cfg.services.idempotency_retention_s, cfg.services.idempotency_keys)
                     .await
                     .map_err(svc_error)?
                     .with_spans(remote_spans(cfg, role)?),
@@ -837,6 +838,7 @@ async fn start_gateway(cfg: &Config) -> Result<RoleProcess, Error> {
                 throttle.throttled.load(std::sync::atomic::Ordering::Relaxed),
             );
             services::auth::render_metrics(&api_keys, &mut out);
+            events::limits::render(&mut out);
             tls_metrics.render(&mut out);
             gateway.render_metrics(&mut out);
             std::future::ready(events::prom::annotate(&out))

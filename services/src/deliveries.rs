@@ -79,6 +79,9 @@ pub struct DeliveryRecord {
     pub(crate) last_seq: Option<u32>,
 }
 
+/// Notification subscriptions one delivery holds at most unless configured.
+pub const DEFAULT_MAX_SUBSCRIPTIONS: usize = 16;
+
 /// The Delivery service.
 #[derive(Debug)]
 pub struct DeliveryService<F> {
@@ -86,6 +89,8 @@ pub struct DeliveryService<F> {
     records: RwLock<FxHashMap<DeliveryId, DeliveryRecord>>,
     store: DeliveryStores,
     subscriptions: RwLock<FxHashMap<DeliveryId, Vec<crate::notify::Subscription>>>,
+    /// Subscriptions one delivery holds at most (`[services] max_subscriptions_per_delivery`).
+    max_subscriptions: std::sync::atomic::AtomicUsize,
 }
 
 /// Where the Delivery service keeps its state: two namespaces of one file, so a read model's
@@ -115,7 +120,19 @@ impl<F: FleetControl + WorkQueues> DeliveryService<F> {
             .into_iter()
             .filter_map(|(k, subs)| k.parse::<DeliveryId>().ok().map(|id| (id, subs)))
             .collect();
-        Ok(Arc::new(Self { fleet, records: RwLock::new(records), store, subscriptions: RwLock::new(subscriptions) }))
+        Ok(Arc::new(Self {
+            fleet,
+            records: RwLock::new(records),
+            store,
+            subscriptions: RwLock::new(subscriptions),
+            max_subscriptions: std::sync::atomic::AtomicUsize::new(DEFAULT_MAX_SUBSCRIPTIONS),
+        }))
+    }
+
+    /// Sets how many notification subscriptions one delivery may hold (at least one); past
+    /// it a new one is refused with `limit_reached`. Those already held are kept.
+    pub fn limit_subscriptions(&self, per_delivery: usize) {
+        self.max_subscriptions.store(per_delivery.max(1), std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Stores a record (a new one, or new places for a known one, whose stage is kept).
@@ -339,6 +356,15 @@ impl<F: FleetControl + WorkQueues> DeliveryService<F> {
             if list.contains(&sub) {
                 return Ok(());
             }
+            let limit = self.max_subscriptions.load(std::sync::atomic::Ordering::Relaxed);
+            if list.len() >= limit {
+                events::limits::refused(events::limits::Table::Subscriptions, 1);
+                return Err(events::Error::LimitReached {
+                    what: "notification subscriptions of a delivery ([services] max_subscriptions_per_delivery)",
+                    limit: limit as u64,
+                }
+                .into());
+            }
             list.push(sub);
             let mut batch = Batch::new();
             batch.put(&self.store.subscriptions, &crate::store::id_key(id), list)?;
@@ -488,7 +514,7 @@ async fn get_delivery<F: FleetControl + WorkQueues>(
         (status = 201, description = "subscribed"),
         (status = 400, description = "not a phone number or email address", body = crate::error::ErrorBody),
         (status = 404, description = "no such delivery", body = crate::error::ErrorBody),
-        (status = 409, description = "the delivery is finished", body = crate::error::ErrorBody),
+        (status = 409, description = "the delivery is finished (`invalid_transition`), or holds its most subscriptions (`limit_reached`)", body = crate::error::ErrorBody),
     )
 )]
 async fn subscribe_notifications<F: FleetControl + WorkQueues>(

@@ -119,6 +119,9 @@ impl Error {
                 name @ ("unknown_delivery" | "unknown_message") => (StatusCode::NOT_FOUND, name),
                 name @ "offset_unavailable" => (StatusCode::GONE, name),
                 name @ "malformed_frame" => (StatusCode::BAD_REQUEST, name),
+                // A bounded table is full (subscriptions of a delivery, say): the request is
+                // refused, not the service broken.
+                name @ "limit_reached" => (StatusCode::CONFLICT, name),
                 _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
             },
         }

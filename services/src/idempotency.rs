@@ -1,8 +1,10 @@
 //! `Idempotency-Key` for `POST /v1/deliveries`: a client that retries a request (a timeout, a
 //! dropped connection) with the same key gets the first result instead of a second delivery.
 //!
-//! Keys are scoped to the ordering account, remembered for the last [`CAPACITY`] successful
-//! requests and at most the retention period (oldest forgotten first, so memory is bounded),
+//! Keys are scoped to the ordering account, remembered for the last `capacity` successful
+//! requests (`[services] idempotency_keys`, default [`CAPACITY`]) and at most the retention
+//! period (oldest forgotten first, in memory and in the store, so both are bounded: about
+//! 1 KiB per key with its stored answer),
 //! and tied to the request they came with: the same key with a different body is refused
 //! (`422`). A retry that arrives while the first request is still running waits for it. A
 //! failed request is not remembered, so it can be retried under the same key.
@@ -22,7 +24,7 @@ use crate::Error;
 use crate::state::{CreateDelivery, DeliveryRecord};
 use crate::store::{Batch, Store};
 
-/// Successful keyed requests remembered.
+/// Successful keyed requests remembered by default.
 pub const CAPACITY: usize = 100_000;
 /// Longest key accepted.
 pub const MAX_KEY_LEN: usize = 255;
@@ -52,10 +54,16 @@ pub enum Begin {
 }
 
 /// The remembered keys.
-#[derive(Default)]
 pub struct Keys {
     inner: Mutex<(HashMap<String, Slot>, VecDeque<String>)>,
     store: Option<Store>,
+    capacity: usize,
+}
+
+impl Default for Keys {
+    fn default() -> Self {
+        Self { inner: Mutex::default(), store: None, capacity: CAPACITY }
+    }
 }
 
 impl std::fmt::Debug for Keys {
@@ -69,8 +77,10 @@ fn scoped(req: &CreateDelivery, key: &str) -> String {
 }
 
 impl Keys {
-    /// Keys kept in `store`: those written within `retention_s` are loaded, older ones deleted.
-    pub async fn open(store: Store, retention_s: u64) -> Result<Self, Error> {
+    /// Keys kept in `store`: the newest `capacity` written within `retention_s` are loaded,
+    /// the others deleted.
+    pub async fn open(store: Store, retention_s: u64, capacity: usize) -> Result<Self, Error> {
+        let capacity = capacity.max(1);
         let now = events::now_us();
         let mut kept: Vec<(String, StoredKey)> = Vec::new();
         let mut expired = Batch::new();
@@ -82,8 +92,8 @@ impl Keys {
             }
         }
         kept.sort_by_key(|(_, s)| s.at_us);
-        while kept.len() > CAPACITY {
-            let (key, _) = kept.remove(0);
+        let excess = kept.len().saturating_sub(capacity);
+        for (key, _) in kept.drain(..excess) {
             expired.delete(&store, &key);
         }
         if !expired.is_empty() {
@@ -95,7 +105,7 @@ impl Keys {
             map.insert(key.clone(), Slot::Done(stored.record, stored.request));
             order.push_back(key);
         }
-        Ok(Self { inner: Mutex::new((map, order)), store: Some(store) })
+        Ok(Self { inner: Mutex::new((map, order)), store: Some(store), capacity })
     }
 
     /// Claims `key` for `req`, waiting while an identical request with the key is running.
@@ -186,8 +196,9 @@ impl Keys {
             if let Some(record) = outcome {
                 map.insert(scoped.clone(), Slot::Done(record, req.clone()));
                 order.push_back(scoped);
-                while order.len() > CAPACITY {
+                while order.len() > self.capacity {
                     if let Some(old) = order.pop_front() {
+                        events::limits::evicted(events::limits::Table::IdempotencyKeys, 1);
                         map.remove(&old);
                         if let Some(store) = &self.store {
                             batch.delete(store, &old);

@@ -217,10 +217,16 @@ impl<F: FleetControl + WorkQueues> Scheduler<F> {
         self
     }
 
-    /// Keeps the `Idempotency-Key`s (for `retention_s`) and the saga journal in `store`, a
-    /// file of the scheduler's own (split mode; in one process they share the services' file).
-    pub async fn with_store(self, store: &crate::store::Store, retention_s: u64) -> Result<Self, Error> {
-        let keys = crate::idempotency::Keys::open(store.namespace("idempotency-keys"), retention_s).await?;
+    /// Keeps the `Idempotency-Key`s (the newest `capacity`, for `retention_s`) and the saga
+    /// journal in `store`, a file of the scheduler's own (split mode; in one process they share
+    /// the services' file).
+    pub async fn with_store(
+        self,
+        store: &crate::store::Store,
+        retention_s: u64,
+        capacity: usize,
+    ) -> Result<Self, Error> {
+        let keys = crate::idempotency::Keys::open(store.namespace("idempotency-keys"), retention_s, capacity).await?;
         Ok(self.with_keys(keys).with_journal(store.local("sagas")))
     }
 

@@ -92,6 +92,13 @@ pub struct ServicesConfig {
     /// 86,400 (a day): longer than any client's retry loop, short enough that the keys of a
     /// busy day fit the cap of 100,000.
     pub idempotency_retention_s: u64,
+    /// Successful requests whose `Idempotency-Key` is remembered at most (the oldest forgotten
+    /// first, in memory and in the store). Default 100,000: about 100 MiB of memory at most
+    /// (about 1 KiB a key with its stored answer).
+    pub idempotency_keys: usize,
+    /// Notification subscriptions one delivery holds at most; more are refused with
+    /// `limit_reached` (409). Default 16: a customer, a recipient and a few devices each.
+    pub max_subscriptions_per_delivery: usize,
     /// Where the services keep their state: `embedded` (default; `services.redb` in the data
     /// directory) or `postgres` (one store every node shares, for `[log] backend =
     /// "jetstream"` with several nodes).
@@ -121,6 +128,8 @@ impl Default for ServicesConfig {
             calls: CallPolicy::default(),
             drones: DronesConfig::default(),
             idempotency_retention_s: 86_400,
+            idempotency_keys: crate::idempotency::CAPACITY,
+            max_subscriptions_per_delivery: crate::deliveries::DEFAULT_MAX_SUBSCRIPTIONS,
             store: ServicesStore::Embedded,
             url: "postgresql://postgres@127.0.0.1:5432/fleetstream".into(),
             schema: "fleetstream".into(),
@@ -219,6 +228,7 @@ impl<F: FleetControl + WorkQueues + Clone> Services<F> {
         let accounts = Accounts::new(file.namespace("accounts"));
         let packages = Packages::new(file.namespace("packages"));
         let deliveries = DeliveryService::open(fleet.clone(), crate::deliveries::DeliveryStores::in_file(&file))?;
+        deliveries.limit_subscriptions(cfg.max_subscriptions_per_delivery);
         let drones = DroneManagement::open_beside_records(
             fleet.clone(),
             cfg.drones,
@@ -236,7 +246,7 @@ impl<F: FleetControl + WorkQueues + Clone> Services<F> {
         let ids = ids.unwrap_or_else(|| crate::ids::StoreIdBlocks::new(file.namespace("delivery-ids")));
         let scheduler = Scheduler::new(fleet, deps)
             .with_ids(ids)
-            .with_store(&file, cfg.idempotency_retention_s)
+            .with_store(&file, cfg.idempotency_retention_s, cfg.idempotency_keys)
             .await?
             .with_assignments_in_memory()
             .with_spans(spans);

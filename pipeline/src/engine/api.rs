@@ -62,7 +62,7 @@ impl StreamSource for Engine {
         events::contract::valid_cursor_name(name)?;
         self.inner.backend.check_cursor(topic, next)?;
         let now = events::now_us();
-        self.inner.cursors.commit(topic, name, next, now);
+        self.inner.cursors.commit(topic, name, next, now)?;
         self.inner.backend.share_cursor(topic, name, crate::cursor::Cursor { next, updated_us: now });
         Ok(())
     }

@@ -27,6 +27,21 @@ pub struct EngineConfig {
     /// Producers whose recent batch numbers are remembered for dedup. Default 100,000: every
     /// drone of a large fleet sending directly, at about 500 bytes each.
     pub max_producers: usize,
+    /// Drones each shard tracks for the derive rules at most. Default 500,000 (about 110 bytes
+    /// each, so under 60 MiB a shard): every drone of a large fleet, with room to spare. Past
+    /// it the drones idle longest (no delivery, oldest last report) are let go, a sixteenth of
+    /// the cap at a time; a drone let go is tracked again from its next event. When every
+    /// tracked drone flies a delivery, a new drone's events are not applied (counted in
+    /// `fleetstream_limit_refused_total{table="tracked_drones"}`; they stay in the log and the
+    /// telemetry stream).
+    pub max_drones_per_shard: usize,
+    /// Named cursors a topic holds at most. Default 10,000 (about 100 bytes each). A new name
+    /// past it takes the place of one idle for `cursor_idle_h`, or is refused with
+    /// `limit_reached`.
+    pub max_cursors: usize,
+    /// How long a named cursor must go uncommitted before a new name may take its place when
+    /// the topic is full, hours. Default 168 (a week).
+    pub cursor_idle_h: u64,
     /// The derive rules.
     pub derive: DeriveConfig,
 }
@@ -40,6 +55,9 @@ impl Default for EngineConfig {
             subscriber_queue: 1024,
             checkpoint_interval_ms: 1000,
             max_producers: 100_000,
+            max_drones_per_shard: 500_000,
+            max_cursors: 10_000,
+            cursor_idle_h: 168,
             derive: DeriveConfig::default(),
         }
     }

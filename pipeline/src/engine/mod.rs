@@ -186,7 +186,12 @@ impl Engine {
             Storage::Memory => None,
         };
         let (queues, queue_timer) = Queues::open(queues_cfg, dir.as_ref().map(|d| d.join("queues")).as_deref())?;
-        let cursors = Arc::new(CursorStore::open(dir.as_ref().map(|d| d.join("cursors.json")).as_deref())?);
+        let cursor_limits = crate::cursor::CursorLimits {
+            per_topic: cfg.max_cursors.max(1),
+            idle_us: cfg.cursor_idle_h.saturating_mul(3_600_000_000),
+        };
+        let cursors =
+            Arc::new(CursorStore::open(dir.as_ref().map(|d| d.join("cursors.json")).as_deref(), cursor_limits)?);
         let telemetry = Arc::new(Topic::new("drone-telemetry", cfg.subscriber_queue));
         let deliveries = Arc::new(Topic::new("delivery-events", cfg.subscriber_queue));
         let metrics = Arc::new(EngineMetrics::default());
@@ -225,6 +230,7 @@ impl Engine {
                 Some(c) => (Deriver::restore(cfg.derive, c.state), Some(c.offset)),
                 None => (Deriver::new(cfg.derive), None),
             };
+            let deriver = deriver.with_max_drones(cfg.max_drones_per_shard);
             let shard = Shard {
                 index,
                 shards: n,

@@ -176,10 +176,12 @@ impl Shard {
             ShardMsg::Restore { ckpt, done } => {
                 self.spans.clear();
                 let covered = ckpt.as_ref().map(|c| c.offset);
+                let max_drones = self.deriver.max_drones();
                 self.deriver = match ckpt {
                     Some(c) => Deriver::restore(self.deriver.config(), c.state),
                     None => Deriver::new(self.deriver.config()),
-                };
+                }
+                .with_max_drones(max_drones);
                 self.reported = self.deriver.stats();
                 self.covered = covered;
                 self.applied = covered;
@@ -205,6 +207,9 @@ impl Shard {
         m.derived.fetch_add(stats.derived - self.reported.derived, Ordering::Relaxed);
         m.far_dropoffs.fetch_add(stats.far_dropoffs - self.reported.far_dropoffs, Ordering::Relaxed);
         m.stray.fetch_add(stats.stray - self.reported.stray, Ordering::Relaxed);
+        let drones = events::limits::Table::TrackedDrones;
+        events::limits::evicted(drones, stats.evicted - self.reported.evicted);
+        events::limits::refused(drones, stats.untracked - self.reported.untracked);
         self.reported = stats;
         if self.spans.is_empty() && self.applied == self.reported_applied {
             return;
