@@ -13,6 +13,7 @@ pub mod consume;
 pub mod lograte;
 pub mod producer;
 pub mod proto;
+pub mod runtime;
 pub mod server;
 pub mod tls;
 pub mod udp;

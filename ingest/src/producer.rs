@@ -1,6 +1,6 @@
 //! A producer that survives its connection: it keeps every batch until the server answers it,
-//! and after a lost connection, a server restart or an answer that takes too long, it connects
-//! again and re-sends every unanswered batch in order. The server's dedup (same producer id and
+//! and after a lost connection, a server restart or an answer that takes too long from a
+//! server gone silent, it connects again and re-sends every unanswered batch in order. The server's dedup (same producer id and
 //! batch sequence number) turns the re-sends of batches it already took into plain
 //! acknowledgements, so nothing is lost and nothing is counted twice.
 //!
@@ -27,8 +27,10 @@ use crate::client::{Answer, ClientConfig, IngestClient, Lane};
 pub struct ProducerConfig {
     /// The connection.
     pub client: ClientConfig,
-    /// An unanswered batch older than this means the connection is stuck: reconnect and
-    /// re-send. Default 10 s, well above a healthy server's worst group commit.
+    /// An unanswered batch older than this, on a connection that received nothing in the
+    /// second half of that time, means the connection is stuck: reconnect and re-send. A
+    /// server still sending is waited for up to four times this. Default 10 s, well above a
+    /// healthy server's worst group commit.
     pub answer_timeout: Duration,
     /// First wait before reconnecting; doubles up to `max_backoff`. Default 50 ms.
     pub backoff: Duration,
@@ -104,6 +106,7 @@ impl Producer {
             cfg,
             conn: Some((client, lane, answers)),
             pending: VecDeque::new(),
+            watch: None,
             out: out_tx,
             window: window.clone(),
             stats: ProducerStats { connections: 1, ..ProducerStats::default() },
@@ -147,12 +150,22 @@ impl Producer {
     }
 }
 
+/// What the connection had received when a late batch began to be watched.
+#[derive(Debug, Clone, Copy)]
+struct Watch {
+    seq: u64,
+    received: u64,
+    since: Instant,
+}
+
 struct Worker {
     current: CurrentConnection,
     addr: SocketAddr,
     cfg: ProducerConfig,
     conn: Option<(IngestClient, Lane, mpsc::Receiver<Answer>)>,
     pending: VecDeque<Frame>,
+    /// The oldest pending batch, watched for signs of life once it is late.
+    watch: Option<Watch>,
     out: mpsc::Sender<Answer>,
     window: Arc<Semaphore>,
     stats: ProducerStats,
@@ -171,9 +184,17 @@ impl Worker {
                 continue;
             }
             let Some((_, lane, answers)) = self.conn.as_mut() else { continue };
+            // Answers first: an answer already here is never taken for a timeout, however long
+            // this task waited to run.
             tokio::select! {
+                biased;
+                answer = answers.recv() => match answer {
+                    Some(answer) => self.answered(answer).await,
+                    None => self.drop_connection("answer stream ended"),
+                },
                 frame = rx.recv(), if input_open => match frame {
-                    Some(frame) => {
+                    Some(mut frame) => {
+                        frame.sent = Instant::now();
                         let ok = lane.send(&frame.bytes).await.is_ok();
                         self.pending.push_back(frame);
                         if !ok {
@@ -182,15 +203,7 @@ impl Worker {
                     }
                     None => input_open = false,
                 },
-                answer = answers.recv() => match answer {
-                    Some(answer) => self.answered(answer).await,
-                    None => self.drop_connection("answer stream ended"),
-                },
-                _ = tick.tick() => {
-                    if self.pending.front().is_some_and(|f| f.sent.elapsed() > self.cfg.answer_timeout) {
-                        self.drop_connection("answer timed out");
-                    }
-                }
+                _ = tick.tick() => self.check_answer_time(),
             }
         }
         if let Some((client, lane, _)) = self.conn.take() {
@@ -222,6 +235,46 @@ impl Worker {
         self.pending.pop_front();
         self.window.add_permits(1);
         let _ = self.out.send(answer).await;
+    }
+
+    /// Gives the connection up when its oldest batch has gone unanswered for `answer_timeout`
+    /// and the server has sent nothing at all in the second half of that time. A server that
+    /// is sending (acknowledging packets, answering keep-alives) is alive and working through
+    /// a backlog: reconnecting would re-send every pending batch and add a TLS handshake to
+    /// its load, the reconnect storm of a fleet facing a busy server. It is waited for, up to
+    /// four timeouts; a server gone silent, or one that stays alive without answering that
+    /// long, is left.
+    fn check_answer_time(&mut self) {
+        let (Some(front), Some((client, ..))) = (self.pending.front(), &self.conn) else {
+            self.watch = None;
+            return;
+        };
+        let waited = front.sent.elapsed();
+        let timeout = self.cfg.answer_timeout;
+        if waited < timeout / 2 {
+            self.watch = None;
+            return;
+        }
+        let received = client.connection().stats().udp_rx.datagrams;
+        match self.watch {
+            Some(w) if w.seq == front.seq => {
+                if w.since.elapsed() < timeout / 2 {
+                    return;
+                }
+                if received > w.received && waited < timeout * 4 {
+                    debug!(
+                        seq = front.seq,
+                        waited_ms = waited.as_millis() as u64,
+                        "answer late from a live server; waiting"
+                    );
+                    self.watch = Some(Watch { seq: front.seq, received, since: Instant::now() });
+                } else {
+                    self.watch = None;
+                    self.drop_connection("answer timed out");
+                }
+            }
+            _ => self.watch = Some(Watch { seq: front.seq, received, since: Instant::now() }),
+        }
     }
 
     fn drop_connection(&mut self, why: &str) {

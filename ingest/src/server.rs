@@ -250,7 +250,8 @@ impl IngestServer {
         let endpoints = sockets
             .into_iter()
             .map(|socket| {
-                let runtime = Arc::new(quinn::TokioRuntime);
+                // Each socket drained by a thread of its own (see `crate::runtime`).
+                let runtime = crate::runtime::EndpointThread::start("quic-endpoint")?;
                 quinn::Endpoint::new(endpoint_cfg.clone(), Some(server.clone()), socket, runtime)
                     .map_err(|e| Error::Bind(addr, e))
             })

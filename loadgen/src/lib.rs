@@ -637,6 +637,10 @@ struct Counters {
     delivery_unique: AtomicU64,
     /// Events created from this time on (µs since the epoch) are timed.
     measure_from_us: AtomicU64,
+    /// The longest a batch has waited to be sent behind its schedule so far, µs: how late the
+    /// simulated fleet runs (its process short of CPU), so customers stop ordering early
+    /// enough for late drones to finish.
+    fleet_lag_us: AtomicU64,
     rejections: Mutex<BTreeMap<String, u64>>,
 }
 
@@ -1630,9 +1634,11 @@ impl Driver {
             let batch = TelemetryBatch::encode(meta, events, buf)?;
             producer.send(*batch_seq, batch.into_buffer()).await.context("sending a batch")?;
         }
+        let behind = now_us().saturating_sub(oldest).max(1);
         if oldest >= counters.measure_from_us.load(Ordering::Relaxed) {
-            let _ = lag.record(now_us().saturating_sub(oldest).max(1));
+            let _ = lag.record(behind);
         }
+        counters.fleet_lag_us.fetch_max(behind, Ordering::Relaxed);
         *batch_seq += 1;
         counters.sent.fetch_add(events.len() as u64, Ordering::Relaxed);
         events.clear();
@@ -1757,8 +1763,18 @@ async fn customers(
     let run_nonce = now_us();
     let mut issued = 0u64;
     let mut tick = tokio::time::interval(Duration::from_millis(10));
-    while start.elapsed() < stop_at {
+    // A fleet running late (its process short of CPU) flies every mission that much later.
+    let lag = || Duration::from_micros(counters.fleet_lag_us.load(Ordering::Relaxed));
+    let mut warned = false;
+    while start.elapsed() + lag() < stop_at {
         tick.tick().await;
+        if !warned && lag() > cfg.leg {
+            warned = true;
+            tracing::warn!(
+                lag_ms = lag().as_millis() as u64,
+                "the fleet runs behind its schedule (this process is short of CPU): ordering stops earlier"
+            );
+        }
         let target = (start.elapsed().as_secs_f64() * cfg.deliveries_per_s) as u64;
         while issued < target {
             issued += 1;

@@ -31,6 +31,10 @@
 //! shard_queue = 256
 //! subscriber_queue = 1024
 //! checkpoint_interval_ms = 1000
+//! max_producers = 100000       # batch-number windows kept (about 500 bytes each); oldest let go
+//! max_drones_per_shard = 250000  # drones tracked (up to about 400 bytes each); idle ones let go
+//! max_cursors = 10000          # named cursors per topic; past it a new name needs an idle one
+//! cursor_idle_h = 168          # ...idle this long, or it is refused (limit_reached)
 //! [engine.derive]
 //! dropoff_radius_m = 30.0
 //!
@@ -70,6 +74,8 @@
 //! probes = 3
 //! [services]
 //! idempotency_retention_s = 86400
+//! idempotency_keys = 100000    # remembered at most (about 1 KiB each); oldest forgotten first
+//! max_subscriptions_per_delivery = 16   # more are refused (409 limit_reached)
 //! store = "embedded"           # or "postgres": the services' state in one store all nodes share
 //! # url = "postgresql://postgres@127.0.0.1:5432/fleetstream"
 //! # schema = "fleetstream"     # created and migrated at start

@@ -159,7 +159,7 @@ impl DeriverState {
 }
 
 /// Drones a deriver tracks at most unless told otherwise.
-pub const DEFAULT_MAX_DRONES: usize = 500_000;
+pub const DEFAULT_MAX_DRONES: usize = 250_000;
 
 /// The per-shard state machine. See the module docs for the rules.
 #[derive(Debug)]

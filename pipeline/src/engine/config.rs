@@ -27,8 +27,10 @@ pub struct EngineConfig {
     /// Producers whose recent batch numbers are remembered for dedup. Default 100,000: every
     /// drone of a large fleet sending directly, at about 500 bytes each.
     pub max_producers: usize,
-    /// Drones each shard tracks for the derive rules at most. Default 500,000 (about 110 bytes
-    /// each, so under 60 MiB a shard): every drone of a large fleet, with room to spare. Past
+    /// Drones each shard tracks for the derive rules at most. Default 250,000: a fleet of half
+    /// a million drones on two cores. A tracked drone takes up to about 400 bytes (its entry,
+    /// the table's spare room and a checkpoint's copies; measured by `tests/hostile_ids.rs`),
+    /// so at most about 100 MiB a shard. Past
     /// it the drones idle longest (no delivery, oldest last report) are let go, a sixteenth of
     /// the cap at a time; a drone let go is tracked again from its next event. When every
     /// tracked drone flies a delivery, a new drone's events are not applied (counted in
@@ -55,7 +57,7 @@ impl Default for EngineConfig {
             subscriber_queue: 1024,
             checkpoint_interval_ms: 1000,
             max_producers: 100_000,
-            max_drones_per_shard: 500_000,
+            max_drones_per_shard: crate::derive::DEFAULT_MAX_DRONES,
             max_cursors: 10_000,
             cursor_idle_h: 168,
             derive: DeriveConfig::default(),

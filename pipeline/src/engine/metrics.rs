@@ -47,6 +47,9 @@ pub struct EngineMetrics {
     pub stray: AtomicU64,
     /// Checkpoints written.
     pub checkpoints: AtomicU64,
+    /// Drones the shards track for the derive rules now (capped by
+    /// `[engine] max_drones_per_shard` each).
+    pub drones_tracked: std::sync::atomic::AtomicI64,
     /// Bytes in the log.
     pub log_bytes: AtomicU64,
     /// Parts that stopped after a storage error, with the first reason (see [`Stopped`]).
@@ -97,6 +100,7 @@ pub fn render_metrics(engine: &Engine, out: &mut String) {
         counter(out, name, c.load(Ordering::Relaxed));
     }
     gauge(out, "fleetstream_log_bytes", m.log_bytes.load(Ordering::Relaxed));
+    gauge(out, "fleetstream_engine_drones_tracked", m.drones_tracked.load(Ordering::Relaxed));
     declare(out, "fleetstream_engine_append_seconds", "histogram");
     m.append_time.render(out, "fleetstream_engine_append_seconds", "log", "input");
     declare(out, "fleetstream_engine_event_age_at_ack_seconds", "histogram");

@@ -242,6 +242,7 @@ impl Engine {
                 scratch: Vec::new(),
                 reported_applied: None,
                 reported: DeriveStats::default(),
+                reported_tracked: 0,
                 covered,
                 applied: covered,
                 checkpoints: checkpoints_enabled.then(|| ckpt_tx.clone()),

@@ -74,6 +74,8 @@ pub(super) struct Shard {
     /// The applied offset last reported to the publisher.
     pub(super) reported_applied: Option<u64>,
     pub(super) reported: DeriveStats,
+    /// The tracked drones last added to the engine's gauge.
+    pub(super) reported_tracked: usize,
     /// The offset the restored checkpoint covers: replayed records up to it are skipped.
     pub(super) covered: Option<u64>,
     /// Every record up to this offset has been applied.
@@ -210,6 +212,9 @@ impl Shard {
         let drones = events::limits::Table::TrackedDrones;
         events::limits::evicted(drones, stats.evicted - self.reported.evicted);
         events::limits::refused(drones, stats.untracked - self.reported.untracked);
+        let tracked = self.deriver.tracked_drones();
+        m.drones_tracked.fetch_add(tracked as i64 - self.reported_tracked as i64, Ordering::Relaxed);
+        self.reported_tracked = tracked;
         self.reported = stats;
         if self.spans.is_empty() && self.applied == self.reported_applied {
             return;
@@ -330,6 +335,7 @@ mod tests {
             scratch: Vec::new(),
             reported_applied: None,
             reported: DeriveStats::default(),
+            reported_tracked: 0,
             covered: None,
             applied: None,
             checkpoints: Some(ckpt_tx),
