@@ -113,6 +113,9 @@ pub const HELP: &[(&str, &str)] = &[
         "pickups and drop-offs naming a delivery the drone is not flying, or out of stage order",
     ),
     ("fleetstream_log_bytes", "bytes held in the log"),
+    ("fleetstream_engine_drones_tracked", "drones the shards track for the derive rules now"),
+    ("fleetstream_limit_refused_total", "entries refused because their bounded table was full, by table"),
+    ("fleetstream_limit_evicted_total", "entries a bounded table let go to make room, by table"),
     ("fleetstream_engine_append_seconds", "time to append a group of batches to the log and make it durable"),
     (
         "fleetstream_engine_event_age_at_ack_seconds",

@@ -90,10 +90,10 @@ pub struct ServerConfig {
     /// default. Default 4 MiB (see [`crate::udp`]: a small buffer drops packets whenever the
     /// server is descheduled for a few milliseconds, and every drop stalls a stream).
     pub udp_buffer_bytes: usize,
-    /// UDP sockets sharing the listen address (`SO_REUSEPORT`), each with its own QUIC endpoint.
-    /// Default 1. The kernel spreads clients over them by address, so with thousands of
-    /// connections no single endpoint task has to drain every packet, and each socket brings
-    /// its own kernel buffer. A client whose address changes mid-connection (NAT rebinding,
+    /// UDP sockets sharing the listen address (`SO_REUSEPORT`), each with its own QUIC endpoint
+    /// drained by a thread of its own (see [`crate::runtime`]). Default 1, which holds 10,000
+    /// connections. The kernel spreads clients over several by address, each with its own
+    /// kernel buffer and thread. A client whose address changes mid-connection (NAT rebinding,
     /// QUIC migration) then reaches a socket that does not know it and must reconnect (the
     /// producer re-sends what was unanswered), so keep 1 where drones roam. Unix only.
     pub sockets: usize,

@@ -155,10 +155,16 @@ async fn the_dashboard_shows_a_flying_fleet_live_in_a_browser() {
     assert!(in_flight > 0, "deliveries in flight are shown");
 
     // Clicking a delivery shows its record and events.
-    let row = browser.element("#recent tr[data-id]").await.expect("a delivery is listed");
-    browser.call(reqwest::Method::POST, &format!("/element/{row}/click"), Some(json!({}))).await;
+    // The list is redrawn as deliveries move, so a row found may be gone by the time it is
+    // clicked: until the detail shows, a row is found and clicked again each second.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut clicked: Option<std::time::Instant> = None;
     loop {
+        if clicked.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
+            let row = browser.element("#recent tr[data-id]").await.expect("a delivery is listed");
+            browser.call(reqwest::Method::POST, &format!("/element/{row}/click"), Some(json!({}))).await;
+            clicked = Some(std::time::Instant::now());
+        }
         let detail = browser.text("#detail").await;
         if detail.contains("\"history\"") && detail.contains("\"stage\"") {
             break;
