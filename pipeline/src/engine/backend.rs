@@ -96,6 +96,11 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Appends the backend's own counters in Prometheus text format.
     fn render_metrics(&self, _out: &mut String) {}
+
+    /// Fault injection for tests: the input log's disk fails or slows down from now on
+    /// (backends without a local log ignore it).
+    #[doc(hidden)]
+    fn inject_disk_fault(&self, _fault: crate::log::DiskFault) {}
 }
 
 /// Where derived delivery events go: the publisher thread feeds it what the shards report.

@@ -126,6 +126,12 @@ impl Local {
 }
 
 impl Backend for Local {
+    fn inject_disk_fault(&self, fault: crate::log::DiskFault) {
+        if let Some(log) = &self.log {
+            log.lock().inject(fault);
+        }
+    }
+
     fn checkpoints(&self, n: usize) -> Result<Vec<Option<Checkpoint>>, crate::Error> {
         let Some(dir) = &self.ckpt_dir else { return Ok(vec![None; n]) };
         let next_offset = self.log.as_ref().map_or(0, |l| l.lock().next_offset());

@@ -360,6 +360,12 @@ impl Engine {
         shard_of(drone, self.inner.shards.len())
     }
 
+    /// Fault injection for tests: the input log's disk fails or slows down from now on.
+    #[doc(hidden)]
+    pub fn inject_disk_fault(&self, fault: crate::log::DiskFault) {
+        self.inner.backend.inject_disk_fault(fault);
+    }
+
     /// Counters.
     pub fn metrics(&self) -> &EngineMetrics {
         &self.inner.metrics

@@ -209,8 +209,18 @@ pub struct Log {
     closed: Vec<Segment>,
     active: Segment,
     total_bytes: u64,
-    /// Fault injection: every sync fails from the moment it is set.
-    fail_syncs: bool,
+    /// Fault injection: what becomes of every sync from the moment it is set.
+    fault: Option<DiskFault>,
+}
+
+/// A broken or slow disk, injected so the failure paths and the backpressure behind the log
+/// can be exercised on a healthy one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskFault {
+    /// Every sync fails, as a dying disk's would.
+    FailingSyncs,
+    /// Every sync takes this much longer, as an overloaded or throttled disk's does.
+    SlowSyncs(std::time::Duration),
 }
 
 impl Log {
@@ -261,7 +271,7 @@ impl Log {
             None => Segment::create(&segment_path(dir, 0), 0)?,
         };
         let total_bytes = closed.iter().map(|s| s.size).sum::<u64>() + active.size;
-        Ok((Self { dir: dir.to_path_buf(), cfg, closed, active, total_bytes, fail_syncs: false }, recovery))
+        Ok((Self { dir: dir.to_path_buf(), cfg, closed, active, total_bytes, fault: None }, recovery))
     }
 
     /// Appends one record (not yet durable: see [`Log::sync`]) and returns its offset.
@@ -280,11 +290,15 @@ impl Log {
 
     /// Forces everything appended so far to disk.
     pub fn sync(&mut self) -> Result<(), Error> {
-        if self.fail_syncs {
-            return Err(Error::Io {
-                context: format!("syncing {}", self.dir.display()),
-                source: std::io::Error::other("injected failure"),
-            });
+        match self.fault {
+            Some(DiskFault::FailingSyncs) => {
+                return Err(Error::Io {
+                    context: format!("syncing {}", self.dir.display()),
+                    source: std::io::Error::other("injected failure"),
+                });
+            }
+            Some(DiskFault::SlowSyncs(delay)) => std::thread::sleep(delay),
+            None => {}
         }
         self.active.sync()
     }
@@ -293,17 +307,27 @@ impl Log {
     /// writer can go on appending during the fsync. Records appended later may or may not be
     /// covered; earlier segments were synced when they were closed.
     pub fn sync_handle(&self) -> Result<SyncHandle, Error> {
-        if self.fail_syncs {
-            return Ok(SyncHandle { file: None, path: self.dir.clone() });
-        }
-        Ok(SyncHandle { file: Some(self.active.clone_file()?), path: self.active.path().to_path_buf() })
+        let delay = match self.fault {
+            Some(DiskFault::FailingSyncs) => {
+                return Ok(SyncHandle { file: None, path: self.dir.clone(), delay: std::time::Duration::ZERO });
+            }
+            Some(DiskFault::SlowSyncs(delay)) => delay,
+            None => std::time::Duration::ZERO,
+        };
+        Ok(SyncHandle { file: Some(self.active.clone_file()?), path: self.active.path().to_path_buf(), delay })
     }
 
     /// Fault injection: from now on every [`Log::sync`] fails as a broken disk's would, so the
     /// failure paths of the log's writers can be exercised.
     #[doc(hidden)]
     pub fn fail_syncs(&mut self) {
-        self.fail_syncs = true;
+        self.inject(DiskFault::FailingSyncs);
+    }
+
+    /// Fault injection: from now on every sync behaves as `fault` says.
+    #[doc(hidden)]
+    pub fn inject(&mut self, fault: DiskFault) {
+        self.fault = Some(fault);
     }
 
     /// Offset the next append gets.
@@ -409,11 +433,16 @@ pub struct SyncHandle {
     /// The active segment's file (`None`: syncs fail, by fault injection).
     file: Option<fs::File>,
     path: PathBuf,
+    /// Added before the sync (fault injection: a slow disk).
+    delay: std::time::Duration,
 }
 
 impl SyncHandle {
     /// Forces the records to disk.
     pub fn sync(&self) -> Result<(), Error> {
+        if !self.delay.is_zero() {
+            std::thread::sleep(self.delay);
+        }
         match &self.file {
             Some(file) => file.sync_data().map_err(io(format!("syncing {}", self.path.display()))),
             None => Err(Error::Io {
