@@ -1414,8 +1414,10 @@ impl Driver {
         let mut next_drone = 0usize;
         let mut batch_seq = 0u64;
         let mut outcomes = Vec::new();
-        let mut events = Vec::with_capacity(cfg.batch_max_events);
-        let mut lag = observe::histogram();
+        // Grows to the largest batch this connection sends (one drone's connection: a few
+        // events), not to `batch_max_events` up front: 80 KB a connection otherwise.
+        let mut events = Vec::new();
+        let mut lag = observe::small_histogram();
         let mut tick = tokio::time::interval(if self.rate <= 0.0 {
             Duration::from_micros(1) // no schedule to keep: the window paces the sends
         } else {

@@ -11,10 +11,18 @@ use events::{DeliveryBatch, DeliveryStage, TelemetryBatch};
 use hdrhistogram::Histogram;
 use rustc_hash::FxHashMap;
 
-/// Latency histogram in microseconds, 1 µs to 10 minutes, 3 significant digits.
+/// Latency histogram in microseconds, 1 µs to 10 minutes, 3 significant digits (about 170 KB).
 pub fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 600_000_000, 3)
         .unwrap_or_else(|_| Histogram::new(3).unwrap_or_else(|_| unreachable!()))
+}
+
+/// [`histogram`] at 2 significant digits (about 24 KB), for what every fleet connection keeps
+/// of its own: at 3 digits ten thousand connections held 1.7 GB of histograms. Merged into a
+/// [`histogram`] at the end, its values keep their 1 % precision.
+pub fn small_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 600_000_000, 2)
+        .unwrap_or_else(|_| Histogram::new(2).unwrap_or_else(|_| unreachable!()))
 }
 
 /// Telemetry as received.
