@@ -137,6 +137,7 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
+        watch_signals();
         match cli.command {
             Command::Certs { command: CertsCommand::Renew { dir, hosts, days } } => {
                 let written = services::tls::renew_certs(&dir, &hosts, days)?;
@@ -399,31 +400,57 @@ async fn serve_discard(cfg: Config) -> anyhow::Result<()> {
 /// acknowledged is on disk; the next start recovers the rest).
 fn exit_on_second_signal() {
     tokio::spawn(async {
-        shutdown_signal().await;
+        signals_reach(2).await;
         eprintln!("second signal: exiting without finishing the drain");
         std::process::exit(130);
     });
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// SIGINT and SIGTERM received so far. The handlers are installed by [`watch_signals`] before
+/// anything else starts, so a signal that arrives while the node is still starting (or just
+/// after it said it serves) drains it instead of ending the process by the default action.
+static SIGNALS: std::sync::OnceLock<tokio::sync::watch::Receiver<u32>> = std::sync::OnceLock::new();
+
+/// Installs the signal handlers and starts counting; call first, inside the runtime.
+fn watch_signals() {
+    let (tx, rx) = tokio::sync::watch::channel(0u32);
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        // Registered here, before the node starts: from now on these signals are counted.
+        let (term, int) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()));
+        if let (Ok(mut term), Ok(mut int)) = (term, int) {
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = term.recv() => {},
+                        _ = int.recv() => {},
+                    }
+                    tx.send_modify(|n| *n += 1);
+                }
+            });
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = term => {},
     }
+    #[cfg(not(unix))]
+    tokio::spawn(async move {
+        while tokio::signal::ctrl_c().await.is_ok() {
+            tx.send_modify(|n| *n += 1);
+        }
+    });
+    let _ = SIGNALS.set(rx);
+}
+
+/// Resolves once `n` signals have been received since the process started.
+async fn signals_reach(n: u32) {
+    let Some(rx) = SIGNALS.get() else { return std::future::pending().await };
+    let mut rx = rx.clone();
+    if rx.wait_for(|count| *count >= n).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+async fn shutdown_signal() {
+    signals_reach(1).await;
 }
 
 async fn demo(
