@@ -23,10 +23,19 @@ pub enum Table {
     IdempotencyKeys,
     /// Notification subscriptions of a delivery (`[services] max_subscriptions_per_delivery`).
     Subscriptions,
+    /// Finished deliveries whose records stay in memory (`[services]
+    /// finished_deliveries_held`); those let go are read from the store when asked for.
+    FinishedDeliveries,
 }
 
-const TABLES: [Table; 5] =
-    [Table::TrackedDrones, Table::Producers, Table::Cursors, Table::IdempotencyKeys, Table::Subscriptions];
+const TABLES: [Table; 6] = [
+    Table::TrackedDrones,
+    Table::Producers,
+    Table::Cursors,
+    Table::IdempotencyKeys,
+    Table::Subscriptions,
+    Table::FinishedDeliveries,
+];
 
 impl Table {
     /// The label value in metrics.
@@ -37,6 +46,7 @@ impl Table {
             Table::Cursors => "cursors",
             Table::IdempotencyKeys => "idempotency_keys",
             Table::Subscriptions => "subscriptions",
+            Table::FinishedDeliveries => "finished_deliveries",
         }
     }
 }

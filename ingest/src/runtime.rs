@@ -85,3 +85,26 @@ impl quinn::Runtime for EndpointThread {
         quinn::TokioRuntime.wrap_udp_socket(socket)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Guards the assumption [`EndpointThread`] rests on: quinn spawns an endpoint's driver
+    /// when the endpoint is made, before anything else, so it lands on the endpoint thread and
+    /// nothing of it on the caller's runtime. A quinn that spawned lazily, or something else
+    /// first, would put the socket's reader back behind the connections and fail here.
+    #[tokio::test]
+    async fn the_endpoint_driver_runs_on_the_endpoint_thread() {
+        let rt = EndpointThread::start("quic-test").unwrap();
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let caller = tokio::runtime::Handle::current();
+        let before = caller.metrics().num_alive_tasks();
+        let endpoint = quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, rt.clone()).unwrap();
+        assert_eq!(rt.io.metrics().num_alive_tasks(), 1, "the driver is the endpoint thread's one task");
+        assert_eq!(caller.metrics().num_alive_tasks(), before, "nothing of the endpoint on the caller's runtime");
+        assert!(rt.driver_spawned.load(Ordering::Acquire));
+        endpoint.close(0u32.into(), b"done");
+        drop(endpoint);
+    }
+}

@@ -17,6 +17,7 @@ pub mod plot;
 pub mod readers;
 pub mod schedule;
 pub mod sim;
+pub mod timeline;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -64,6 +65,9 @@ pub struct LoadConfig {
     /// latency figures describe the steady state (connections past slow start, buffers grown).
     /// Default 0: every event is timed.
     pub warmup: Duration,
+    /// Record the run over time in stretches this long ([`Report::timeline`]); `None`: no
+    /// timeline.
+    pub timeline: Option<Duration>,
     /// Most events in one batch.
     pub batch_max_events: usize,
     /// Longest an event waits for its batch to fill before the batch is sent anyway.
@@ -156,6 +160,7 @@ impl LoadConfig {
             connections: 4,
             duration: Duration::from_secs(10),
             warmup: Duration::ZERO,
+            timeline: None,
             batch_max_events: 1_024,
             linger: Duration::from_millis(5),
             deliveries_per_s: 100.0,
@@ -185,6 +190,9 @@ impl LoadConfig {
         }
         if !(self.rate.is_finite() && self.rate >= 0.0) {
             bail!("rate must be a number of events per second, or 0 for as fast as the server takes them");
+        }
+        if self.timeline.is_some_and(|t| t < Duration::from_secs(1)) {
+            bail!("timeline stretches must be at least a second long");
         }
         if self.rate > 0.0 && self.rate < self.drones as f64 / self.leg.as_secs_f64() {
             tracing::warn!(
@@ -417,6 +425,9 @@ pub struct Report {
     pub delivery_readers: Option<readers::DeliveryReadersReport>,
     /// The server's largest resident memory sampled during the run (every 250 ms).
     pub server_rss_peak_bytes: Option<u64>,
+    /// The run over time, stretch by stretch (`--timeline-s`); empty without it.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub timeline: Vec<timeline::Slice>,
 }
 
 impl std::fmt::Display for Report {
@@ -549,6 +560,9 @@ impl std::fmt::Display for Report {
         }
         if let Some(peak) = self.server_rss_peak_bytes {
             write!(f, "\nserver      peak resident memory during the run {:.1} MiB", peak as f64 / 1048576.0)?;
+        }
+        if !self.timeline.is_empty() {
+            write!(f, "\ntimeline    {}", timeline::Table(&self.timeline))?;
         }
         if !self.rejections.is_empty() {
             write!(f, "\nrejections  {:?}", self.rejections)?;
@@ -815,6 +829,11 @@ pub async fn run(cfg: LoadConfig, progress: Arc<dyn Fn(&Progress) + Send + Sync>
     let start_us = now_us();
     let warmup_us = u64::try_from(cfg.warmup.min(cfg.duration).as_micros()).unwrap_or(u64::MAX);
     counters.measure_from_us.store(start_us.saturating_add(warmup_us), Ordering::Relaxed);
+    let (timeline_stop, timeline_stop_rx) = watch::channel(false);
+    let sampler = cfg.timeline.map(|slice| {
+        let api = (!cfg.raw).then(|| api.clone());
+        timeline::Sampler::start(slice, timeline::acked(&counters), http.clone(), api, timeline_stop_rx)
+    });
     let drivers: Vec<_> = ready
         .into_iter()
         .map(|(driver, producer)| tokio::spawn(driver.run(producer, cfg.clone(), counters.clone(), start, start_us)))
@@ -878,6 +897,7 @@ pub async fn run(cfg: LoadConfig, progress: Arc<dyn Fn(&Progress) + Send + Sync>
         }
     }
     let duration_s = start.elapsed().as_secs_f64();
+    timeline::Sampler::stop(&timeline_stop);
     let _ = customers.await;
     let scheduled_ids = std::mem::take(&mut *scheduled_ids.lock().map_err(|_| anyhow::anyhow!("poisoned"))?);
     let changed = std::mem::take(&mut *changes.lock().map_err(|_| anyhow::anyhow!("poisoned"))?);
@@ -925,7 +945,7 @@ pub async fn run(cfg: LoadConfig, progress: Arc<dyn Fn(&Progress) + Send + Sync>
         Some(task) => task.await.ok().filter(|peak| *peak > 0),
         None => None,
     };
-    let (tel, del) = match observing {
+    let (mut tel, mut del) = match observing {
         Some(o) => {
             let _ = o.stop.send(true);
             let tel = o.telemetry.await.context("telemetry observer panicked")?;
@@ -933,6 +953,14 @@ pub async fn run(cfg: LoadConfig, progress: Arc<dyn Fn(&Progress) + Send + Sync>
             (tel, del)
         }
         None => (TelemetryObserver::new(cfg.drone_id_base, 0), DeliveryObserver::new(cfg.drone_id_base, 0)),
+    };
+    let timeline = match sampler {
+        Some(sampler) => {
+            let telemetry = tel.slices.take().map(timeline::Slicer::finish).unwrap_or_default();
+            let delivery = del.slices.take().map(timeline::Slicer::finish).unwrap_or_default();
+            sampler.finish(&timeline_stop, start_us, telemetry, delivery).await
+        }
+        None => Vec::new(),
     };
 
     let lost_delivery_events: u64 = scheduled_ids
@@ -1028,6 +1056,7 @@ pub async fn run(cfg: LoadConfig, progress: Arc<dyn Fn(&Progress) + Send + Sync>
         readers: reader_reports,
         delivery_readers,
         server_rss_peak_bytes,
+        timeline,
     })
 }
 
@@ -1123,7 +1152,8 @@ async fn subscribe(cfg: &LoadConfig, client_cfg: &ClientConfig, counters: &Arc<C
     let (read_telemetry, mut may_read) = watch::channel(cfg.telemetry_check == TelemetryCheck::During);
     let telemetry = {
         let counters = counters.clone();
-        let obs = TelemetryObserver::new(cfg.drone_id_base, cfg.drones);
+        let mut obs = TelemetryObserver::new(cfg.drone_id_base, cfg.drones);
+        obs.slices = cfg.timeline.map(timeline::Slicer::new);
         let mut stop_early = stop_rx.clone();
         let hold = async move {
             tokio::select! {
@@ -1139,7 +1169,8 @@ async fn subscribe(cfg: &LoadConfig, client_cfg: &ClientConfig, counters: &Arc<C
     };
     let deliveries = {
         let counters = counters.clone();
-        let obs = DeliveryObserver::new(cfg.drone_id_base, cfg.drones);
+        let mut obs = DeliveryObserver::new(cfg.drone_id_base, cfg.drones);
+        obs.slices = cfg.timeline.map(timeline::Slicer::new);
         observe(dsub, obs, std::future::ready(true), stop_rx, move |obs, batch| {
             obs.measure_from_us = counters.measure_from_us.load(Ordering::Relaxed);
             obs.observe(batch, now_us());
@@ -1955,6 +1986,7 @@ pub(crate) mod tests {
             readers: Vec::new(),
             delivery_readers: None,
             server_rss_peak_bytes: None,
+            timeline: Vec::new(),
         }
     }
 

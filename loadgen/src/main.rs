@@ -69,6 +69,11 @@ struct Args {
     /// timed, so the latency figures describe the steady state (part of --duration).
     #[arg(long, default_value_t = 0.0)]
     warmup_s: f64,
+    /// Record the run over time: for each stretch of this many seconds, the acknowledged rate,
+    /// latency percentiles and the server's and loadgen's memory (printed, and `timeline` in
+    /// the JSON report), to see whether a long run drifts.
+    #[arg(long, value_name = "SECONDS")]
+    timeline_s: Option<f64>,
     /// Milliseconds an event may wait for its batch to fill.
     #[arg(long, default_value_t = 5.0)]
     linger_ms: f64,
@@ -210,6 +215,7 @@ async fn main() -> anyhow::Result<()> {
     cfg.connections = args.connections;
     cfg.duration = Duration::from_secs_f64(args.duration);
     cfg.warmup = Duration::from_secs_f64(args.warmup_s.max(0.0));
+    cfg.timeline = args.timeline_s.map(Duration::try_from_secs_f64).transpose().context("--timeline-s")?;
     cfg.batch_max_events = args.batch;
     cfg.linger = Duration::from_secs_f64(args.linger_ms / 1000.0);
     cfg.deliveries_per_s = args.deliveries_per_s.unwrap_or(args.drones as f64 / 10.0);

@@ -11,6 +11,8 @@ use events::{DeliveryBatch, DeliveryStage, TelemetryBatch};
 use hdrhistogram::Histogram;
 use rustc_hash::FxHashMap;
 
+use crate::timeline::Slicer;
+
 /// Latency histogram in microseconds, 1 µs to 10 minutes, 3 significant digits (about 170 KB).
 pub fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 600_000_000, 3)
@@ -41,6 +43,8 @@ pub struct TelemetryObserver {
     /// Events created before this time (µs since the epoch) are checked but not timed: the
     /// run's warm-up.
     pub measure_from_us: u64,
+    /// Every event's latency by when it arrived, for a long run's timeline.
+    pub slices: Option<Slicer>,
 }
 
 impl TelemetryObserver {
@@ -54,6 +58,7 @@ impl TelemetryObserver {
             foreign: 0,
             latency: histogram(),
             measure_from_us: 0,
+            slices: None,
         }
     }
 
@@ -77,8 +82,12 @@ impl TelemetryObserver {
             *slot = seq;
             self.unique += 1;
             let created = ev.ts_us.to_native();
+            let latency = now_us.saturating_sub(created).max(1);
             if created >= self.measure_from_us {
-                let _ = self.latency.record(now_us.saturating_sub(created).max(1));
+                let _ = self.latency.record(latency);
+            }
+            if let Some(slices) = &mut self.slices {
+                slices.record(now_us, latency);
             }
         }
     }
@@ -105,6 +114,8 @@ pub struct DeliveryObserver {
     pub latency: Histogram<u64>,
     /// As [`TelemetryObserver::measure_from_us`].
     pub measure_from_us: u64,
+    /// As [`TelemetryObserver::slices`], for drone-derived events.
+    pub slices: Option<Slicer>,
 }
 
 impl DeliveryObserver {
@@ -121,6 +132,7 @@ impl DeliveryObserver {
             times: FxHashMap::default(),
             latency: histogram(),
             measure_from_us: 0,
+            slices: None,
         }
     }
 
@@ -151,9 +163,14 @@ impl DeliveryObserver {
             if matches!(
                 stage,
                 DeliveryStage::HeadedToPickup | DeliveryStage::InTransit | DeliveryStage::DeliveryComplete
-            ) && ev.ts_us.to_native() >= self.measure_from_us
-            {
-                let _ = self.latency.record(now_us.saturating_sub(ev.ts_us.to_native()).max(1));
+            ) {
+                let latency = now_us.saturating_sub(ev.ts_us.to_native()).max(1);
+                if ev.ts_us.to_native() >= self.measure_from_us {
+                    let _ = self.latency.record(latency);
+                }
+                if let Some(slices) = &mut self.slices {
+                    slices.record(now_us, latency);
+                }
             }
         }
     }

@@ -76,6 +76,8 @@
 //! idempotency_retention_s = 86400
 //! idempotency_keys = 100000    # remembered at most (about 1 KiB each); oldest forgotten first
 //! max_subscriptions_per_delivery = 16   # more are refused (409 limit_reached)
+//! finished_deliveries_held = 100000     # finished deliveries kept in memory (about 300 B each);
+//!                                       # older ones are read from the store when asked for
 //! store = "embedded"           # or "postgres": the services' state in one store all nodes share
 //! # url = "postgresql://postgres@127.0.0.1:5432/fleetstream"
 //! # schema = "fleetstream"     # created and migrated at start

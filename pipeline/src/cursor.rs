@@ -59,12 +59,6 @@ pub struct CursorLimits {
     pub idle_us: u64,
 }
 
-impl Default for CursorLimits {
-    fn default() -> Self {
-        Self { per_topic: 10_000, idle_us: 168 * 3_600_000_000 }
-    }
-}
-
 /// Every named cursor.
 #[derive(Debug)]
 pub struct CursorStore {
@@ -191,17 +185,17 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("fleetstream-cursors-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("cursors.json");
-        let store = CursorStore::open(Some(&path), CursorLimits::default()).unwrap();
+        let store = CursorStore::open(Some(&path), crate::engine::EngineConfig::default().cursor_limits()).unwrap();
         store.commit(Topic::DeliveryEvents, "history", 42, 7).unwrap();
         store.commit(Topic::DroneTelemetry, "dash", 5, 8).unwrap();
         store.flush(true);
-        let again = CursorStore::open(Some(&path), CursorLimits::default()).unwrap();
+        let again = CursorStore::open(Some(&path), crate::engine::EngineConfig::default().cursor_limits()).unwrap();
         assert_eq!(again.get(Topic::DeliveryEvents, "history"), Some(Cursor { next: 42, updated_us: 7 }));
         assert_eq!(again.get(Topic::DeliveryEvents, "dash"), None, "cursors are per topic");
         assert_eq!(again.list(Topic::DroneTelemetry), vec![("dash".to_string(), Cursor { next: 5, updated_us: 8 })]);
         std::fs::write(&path, b"{ not json").unwrap();
         assert!(
-            CursorStore::open(Some(&path), CursorLimits::default()).is_err(),
+            CursorStore::open(Some(&path), crate::engine::EngineConfig::default().cursor_limits()).is_err(),
             "a damaged file is reported, not ignored"
         );
         std::fs::remove_dir_all(&dir).unwrap();

@@ -102,6 +102,7 @@ impl Node {
                     &lasting_node_id(cfg)?,
                     cfg.engine.shard_count(),
                     cfg.engine.append_queue,
+                    cfg.engine.max_producers,
                 )
                 .await?,
             ),

@@ -591,8 +591,8 @@ pub async fn start(role: Role, cfg: &Config) -> Result<RoleProcess, Error> {
             let store = services::store::Store::open(&data.join("deliveries.redb")).map_err(svc_error)?;
             stores.push(store.clone());
             let stores = services::deliveries::DeliveryStores::in_file(&store);
-            let svc = services::deliveries::DeliveryService::open(engine()?, stores).map_err(svc_error)?;
-            svc.limit_subscriptions(cfg.services.max_subscriptions_per_delivery);
+            let svc = services::deliveries::DeliveryService::open(engine()?, stores, cfg.services.delivery_limits())
+                .map_err(svc_error)?;
             let router = svc.public_router().merge(svc.internal_router());
             let positions = services::positions(&store);
             let apply = {

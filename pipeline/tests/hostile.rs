@@ -78,7 +78,31 @@ async fn a_flood_of_bad_batches_is_answered_and_counted_but_logged_once_per_inte
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_producer_numbering_again_from_zero_is_refused_as_regressed_not_dropped() {
     let (dir, cfg) = common::loopback_config("regressed");
-    let node = pipeline::Node::start(&cfg).await.unwrap();
+    numbering_again_is_refused(&cfg).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The same on the JetStream backend, whose own duplicate window would otherwise take the
+/// new batches for repeats of the old ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_jetstream_a_producer_numbering_again_is_refused_as_regressed_too() {
+    let Some((nats, url)) = common::nats("on_jetstream_a_producer_numbering_again_is_refused_as_regressed_too").await
+    else {
+        return;
+    };
+    let (dir, mut cfg) = common::loopback_config("regressed-js");
+    let prefix = format!("FSREGR{}", std::process::id());
+    cfg.log.backend = pipeline::log::LogBackend::Jetstream;
+    cfg.jetstream.url = url;
+    cfg.jetstream.stream_prefix = prefix.clone();
+    cfg.jetstream.subject_prefix = prefix.to_lowercase();
+    numbering_again_is_refused(&cfg).await;
+    common::delete_streams_with(&nats, &prefix).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+async fn numbering_again_is_refused(cfg: &pipeline::Config) {
+    let node = pipeline::Node::start(cfg).await.unwrap();
     let client = common::quic_client(&node).await;
     let (mut lane, mut answers) = client.open_lane().await.unwrap();
     let batch = |seq: u64| {
@@ -96,5 +120,4 @@ async fn a_producer_numbering_again_from_zero_is_refused_as_regressed_not_droppe
     }
     client.close().await;
     node.shutdown().await.unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -136,13 +136,8 @@ async fn a_fleet_behind_a_lossy_network_loses_nothing_and_duplicates_nothing() {
     );
     assert!(dropped > 50 && duplicated > 20 && reordered > 50, "the network was bad enough to test");
     assert_eq!(report.events_sent, 12_000, "{report}");
-    assert_eq!(report.events_acked, report.events_sent, "{report}");
-    assert_eq!(report.events_rejected, 0, "{report}");
-    assert_eq!(report.telemetry_events_observed, report.events_acked, "{report}");
-    assert_eq!((report.lost, report.duplicates), (0, 0), "{report}");
     assert!(report.deliveries_scheduled >= 20, "{report}");
-    assert_eq!(report.deliveries_completed, report.deliveries_scheduled, "{report}");
-    assert_eq!(report.delivery_events_observed, report.delivery_events_expected, "{report}");
+    common::assert_clean_run(&report);
     node.shutdown().await.unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -329,12 +329,9 @@ async fn a_fleet_over_mqtt_completes_its_deliveries_without_loss() {
     load.deliveries_per_s = 20.0;
     let report = loadgen::run(load, Arc::new(|_: &loadgen::Progress| {})).await.unwrap();
     assert_eq!(report.transport, "mqtt+missions");
-    assert_eq!((report.events_sent, report.events_acked), (15_000, 15_000), "{report}");
-    assert_eq!(report.telemetry_events_observed, report.events_sent, "{report}");
+    assert_eq!(report.events_sent, 15_000, "{report}");
     assert!(report.deliveries_scheduled >= 40, "{report}");
-    assert_eq!(report.deliveries_completed, report.deliveries_scheduled, "{report}");
-    assert_eq!(report.delivery_events_observed, report.delivery_events_expected, "{report}");
-    assert_eq!((report.lost, report.duplicates), (0, 0), "{report}");
+    common::assert_clean_run(&report);
     assert_eq!(metric(&http, &base, "fleetstream_mqtt_events_total").await, 15_000);
     let acked = metric(&http, &base, "fleetstream_mqtt_missions_acked_total").await;
     assert!(acked >= report.deliveries_completed, "{acked} missions acknowledged over MQTT\n{report}");

@@ -256,3 +256,41 @@ async fn a_second_signal_exits_at_once() {
     assert_eq!(status.code(), Some(130), "{status:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A signal the moment the node says it serves (or earlier, while it starts) drains it like
+/// any other: an exit status of 0, never death by the signal's default action.
+#[tokio::test]
+async fn sigterm_right_after_start_drains_instead_of_killing() {
+    let mut server = spawn_server("early");
+    Command::new("kill").args(["-TERM", &server.child.id().to_string()]).status().unwrap();
+    let dir = server.dir.clone();
+    let (status, server) = tokio::task::spawn_blocking(move || {
+        let status = wait_exit(&mut server.child, Duration::from_secs(30));
+        (status, server)
+    })
+    .await
+    .unwrap();
+    assert!(status.success(), "SIGTERM right after the banner: {status:?}");
+    let log: Vec<String> = server.lines.try_iter().collect();
+    assert!(log.iter().any(|l| l.contains("stopped")), "the engine drained: {log:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+
+    // And while it starts: at its first line of output, before it serves.
+    let dir = std::env::temp_dir().join(format!("fleetstream-serve-starting-{}", std::process::id()));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pipeline"))
+        .args(["serve", "--quic", "127.0.0.1:0", "--http", "127.0.0.1:0", "--shards", "2", "--data-dir"])
+        .arg(&dir)
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let first = lines.next().expect("the node logs as it starts").unwrap();
+    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let rest = std::thread::spawn(move || lines.map_while(Result::ok).collect::<Vec<_>>());
+    let status = tokio::task::spawn_blocking(move || wait_exit(&mut child, Duration::from_secs(30))).await.unwrap();
+    let log = rest.join().unwrap();
+    assert!(status.success(), "SIGTERM after {first:?}: {status:?}\n{log:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -9,6 +9,10 @@
 //! | PUT | `/internal/v1/deliveries/{id}` | create or update a record (`201` new, `200` updated) |
 //! | GET | `/internal/v1/deliveries/{id}` | the record |
 //! | DELETE | `/internal/v1/deliveries/{id}` | remove it (a failed order's compensation); `204` |
+//!
+//! Memory holds every delivery still under way and the most recently finished ones
+//! ([`DeliveryLimits::finished_held`]); an older finished delivery is read from the store when
+//! asked for, so a node that has flown millions of deliveries holds no more than a busy hour's.
 
 use std::sync::Arc;
 
@@ -82,15 +86,39 @@ pub struct DeliveryRecord {
 /// Notification subscriptions one delivery holds at most unless configured.
 pub const DEFAULT_MAX_SUBSCRIPTIONS: usize = 16;
 
+/// Finished deliveries whose records stay in memory unless configured.
+pub const DEFAULT_FINISHED_HELD: usize = 100_000;
+
+/// How much of its state the Delivery service holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeliveryLimits {
+    /// Notification subscriptions one delivery holds at most (at least one); past it a new one
+    /// is refused with `limit_reached` (`[services] max_subscriptions_per_delivery`).
+    pub subscriptions_per_delivery: usize,
+    /// Finished (complete or cancelled) deliveries whose records stay in memory, the most
+    /// recently finished; older ones are read from the store when asked for
+    /// (`[services] finished_deliveries_held`). About 300 B each.
+    pub finished_held: usize,
+}
+
+impl Default for DeliveryLimits {
+    fn default() -> Self {
+        Self { subscriptions_per_delivery: DEFAULT_MAX_SUBSCRIPTIONS, finished_held: DEFAULT_FINISHED_HELD }
+    }
+}
+
 /// The Delivery service.
 #[derive(Debug)]
 pub struct DeliveryService<F> {
     fleet: F,
+    /// Every delivery under way, and finished ones up to `limits.finished_held`.
     records: RwLock<FxHashMap<DeliveryId, DeliveryRecord>>,
+    /// The finished deliveries held in `records`, in the order they finished (an id may be
+    /// here after its record was let go or removed; letting go skips it then).
+    finished: parking_lot::Mutex<std::collections::VecDeque<DeliveryId>>,
     store: DeliveryStores,
     subscriptions: RwLock<FxHashMap<DeliveryId, Vec<crate::notify::Subscription>>>,
-    /// Subscriptions one delivery holds at most (`[services] max_subscriptions_per_delivery`).
-    max_subscriptions: std::sync::atomic::AtomicUsize,
+    limits: DeliveryLimits,
 }
 
 /// Where the Delivery service keeps its state: two namespaces of one file, so a read model's
@@ -111,9 +139,34 @@ impl DeliveryStores {
 }
 
 impl<F: FleetControl + WorkQueues> DeliveryService<F> {
-    /// The service over `store`, with the records and subscriptions it holds loaded.
-    pub fn open(fleet: F, store: DeliveryStores) -> Result<Arc<Self>, Error> {
-        let records = store.records.all::<DeliveryRecord>()?.into_iter().map(|(_, r)| (r.delivery_id, r)).collect();
+    /// The service over `store`, with the records it holds in memory (every delivery under way,
+    /// the most recently finished up to `limits.finished_held`) and the subscriptions loaded.
+    pub fn open(fleet: F, store: DeliveryStores, limits: DeliveryLimits) -> Result<Arc<Self>, Error> {
+        let limits = DeliveryLimits {
+            subscriptions_per_delivery: limits.subscriptions_per_delivery.max(1),
+            finished_held: limits.finished_held,
+        };
+        let mut records = FxHashMap::default();
+        // The newest finished ones, oldest on top.
+        let mut newest: std::collections::BinaryHeap<std::cmp::Reverse<(u64, DeliveryId)>> = Default::default();
+        store.records.scan(|_, r: DeliveryRecord| {
+            if r.stage.is_terminal() {
+                if limits.finished_held == 0 {
+                    return;
+                }
+                newest.push(std::cmp::Reverse((r.updated_us, r.delivery_id)));
+                if newest.len() > limits.finished_held
+                    && let Some(std::cmp::Reverse((_, oldest))) = newest.pop()
+                {
+                    if oldest == r.delivery_id {
+                        return;
+                    }
+                    records.remove(&oldest);
+                }
+            }
+            records.insert(r.delivery_id, r);
+        })?;
+        let finished = newest.into_sorted_vec().into_iter().rev().map(|std::cmp::Reverse((_, id))| id).collect();
         let subscriptions = store
             .subscriptions
             .all::<Vec<crate::notify::Subscription>>()?
@@ -123,16 +176,36 @@ impl<F: FleetControl + WorkQueues> DeliveryService<F> {
         Ok(Arc::new(Self {
             fleet,
             records: RwLock::new(records),
+            finished: parking_lot::Mutex::new(finished),
             store,
             subscriptions: RwLock::new(subscriptions),
-            max_subscriptions: std::sync::atomic::AtomicUsize::new(DEFAULT_MAX_SUBSCRIPTIONS),
+            limits,
         }))
     }
 
-    /// Sets how many notification subscriptions one delivery may hold (at least one); past
-    /// it a new one is refused with `limit_reached`. Those already held are kept.
-    pub fn limit_subscriptions(&self, per_delivery: usize) {
-        self.max_subscriptions.store(per_delivery.max(1), std::sync::atomic::Ordering::Relaxed);
+    /// Notes deliveries that just finished, in order: their records are let go from memory
+    /// (not from the store) once more than `limits.finished_held` have finished since.
+    fn finished(&self, ids: impl IntoIterator<Item = DeliveryId>) {
+        self.finished.lock().extend(ids);
+    }
+
+    /// Lets go of the records of the deliveries that finished longest ago, beyond
+    /// `limits.finished_held`. Called once their final stage is stored.
+    fn let_go_finished(&self) {
+        let mut finished = self.finished.lock();
+        if finished.len() <= self.limits.finished_held {
+            return;
+        }
+        let mut records = self.records.write();
+        let mut let_go = 0;
+        while finished.len() > self.limits.finished_held {
+            let Some(id) = finished.pop_front() else { break };
+            if records.get(&id).is_some_and(|r| r.stage.is_terminal()) {
+                records.remove(&id);
+                let_go += 1;
+            }
+        }
+        events::limits::evicted(events::limits::Table::FinishedDeliveries, let_go);
     }
 
     /// Stores a record (a new one, or new places for a known one, whose stage is kept).
@@ -160,9 +233,12 @@ impl<F: FleetControl + WorkQueues> DeliveryService<F> {
                 &merged,
                 version(&merged),
             )?;
-            self.store.records.enqueue(batch)
+            (self.store.records.enqueue(batch), merged.stage.is_terminal().then_some(merged.delivery_id))
         };
-        Ok(stored.await?.first().copied().unwrap_or(false))
+        // A finished delivery written again (it had been let go from memory) is held among the
+        // finished, so it is let go again in its turn.
+        self.finished(stored.1);
+        Ok(stored.0.await?.first().copied().unwrap_or(false))
     }
 
     /// Removes a record and its subscriptions.
@@ -204,28 +280,31 @@ impl<F: FleetControl + WorkQueues> DeliveryService<F> {
         self.records.read().values().filter(|r| !r.stage.is_terminal()).map(|r| (r.drone_id, r.delivery_id)).collect()
     }
 
-    /// How many records the service holds.
+    /// How many records the service holds in memory.
     pub fn record_count(&self) -> usize {
         self.records.read().len()
     }
 
-    /// The current record of a delivery, as this node holds it.
+    /// The current record of a delivery, as this node holds it in memory.
     pub fn record(&self, id: DeliveryId) -> Option<DeliveryRecord> {
         self.records.read().get(&id).cloned()
     }
 
-    /// The current record of a delivery: this node's, or on a shared store one another node
-    /// wrote (then held here too, and kept current by the delivery events this node applies).
+    /// The current record of a delivery: held in memory, or read from the store (a delivery
+    /// that finished long ago, or on a shared store one another node wrote, which is then held
+    /// here too and kept current by the delivery events this node applies).
     pub fn lookup(&self, id: DeliveryId) -> Result<Option<DeliveryRecord>, Error> {
         if let Some(record) = self.record(id) {
             return Ok(Some(record));
         }
-        if !self.store.records.is_shared() {
-            return Ok(None);
-        }
         let Some(stored) = self.store.records.get::<DeliveryRecord>(&crate::store::id_key(id))? else {
             return Ok(None);
         };
+        // A finished delivery's record no longer changes: it is answered from the store each
+        // time rather than held again, so reading old deliveries costs no memory.
+        if stored.stage.is_terminal() || !self.store.records.is_shared() {
+            return Ok(Some(stored));
+        }
         Ok(Some(self.records.write().entry(id).or_insert(stored).clone()))
     }
 
@@ -253,19 +332,26 @@ impl<F: FleetControl + WorkQueues> DeliveryService<F> {
         if found.is_empty() {
             return Ok(());
         }
-        let mut records = self.records.write();
-        for (_, stored) in found {
-            match records.get_mut(&stored.delivery_id) {
-                Some(held) => {
-                    held.pickup = stored.pickup;
-                    held.dropoff = stored.dropoff;
-                    held.package = stored.package;
-                }
-                None => {
-                    records.insert(stored.delivery_id, stored);
+        let mut held_finished = Vec::new();
+        {
+            let mut records = self.records.write();
+            for (_, stored) in found {
+                match records.get_mut(&stored.delivery_id) {
+                    Some(held) => {
+                        held.pickup = stored.pickup;
+                        held.dropoff = stored.dropoff;
+                        held.package = stored.package;
+                    }
+                    None => {
+                        if stored.stage.is_terminal() {
+                            held_finished.push(stored.delivery_id);
+                        }
+                        records.insert(stored.delivery_id, stored);
+                    }
                 }
             }
         }
+        self.finished(held_finished);
         Ok(())
     }
 
@@ -284,6 +370,7 @@ impl<F: FleetControl + WorkQueues> DeliveryService<F> {
     ) -> Result<Vec<DeliveryId>, Error> {
         self.read_through(batches)?;
         let mut changed: Vec<DeliveryId> = Vec::new();
+        let mut ended: Vec<DeliveryId> = Vec::new();
         let mut seen: rustc_hash::FxHashSet<DeliveryId> = rustc_hash::FxHashSet::default();
         let mut records = self.records.write();
         for ev in batches.iter().flat_map(|b| b.events().iter()) {
@@ -300,12 +387,17 @@ impl<F: FleetControl + WorkQueues> DeliveryService<F> {
             // `Created` of a record the scheduler just wrote) changes nothing a reader sees, and
             // a restart resumes after it anyway.
             if record.stage != stage {
+                if stage.is_terminal() && !record.stage.is_terminal() {
+                    ended.push(id);
+                }
                 record.stage = stage;
                 if seen.insert(id) {
                     changed.push(id);
                 }
             }
         }
+        drop(records);
+        self.finished(ended);
         Ok(changed)
     }
 
@@ -329,6 +421,7 @@ impl<F: FleetControl + WorkQueues> DeliveryService<F> {
             self.store.records.enqueue(extra)
         };
         stored.await?;
+        self.let_go_finished();
         Ok(())
     }
 
@@ -356,7 +449,7 @@ impl<F: FleetControl + WorkQueues> DeliveryService<F> {
             if list.contains(&sub) {
                 return Ok(());
             }
-            let limit = self.max_subscriptions.load(std::sync::atomic::Ordering::Relaxed);
+            let limit = self.limits.subscriptions_per_delivery;
             if list.len() >= limit {
                 events::limits::refused(events::limits::Table::Subscriptions, 1);
                 return Err(events::Error::LimitReached {

@@ -169,7 +169,7 @@ impl History {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(store)?;
         }
-        let db = Database::create(path).map_err(store)?;
+        let db = Database::builder().set_cache_size(crate::store::CACHE_BYTES).create(path).map_err(store)?;
         let txn = db.begin_write().map_err(store)?;
         {
             txn.open_table(EVENTS).map_err(store)?;

@@ -99,6 +99,10 @@ pub struct ServicesConfig {
     /// Notification subscriptions one delivery holds at most; more are refused with
     /// `limit_reached` (409). Default 16: a customer, a recipient and a few devices each.
     pub max_subscriptions_per_delivery: usize,
+    /// Finished deliveries whose records the Delivery service keeps in memory, the most
+    /// recently finished (about 300 B each); older ones are read from the store when asked
+    /// for. Default 100,000: about 30 MiB.
+    pub finished_deliveries_held: usize,
     /// Where the services keep their state: `embedded` (default; `services.redb` in the data
     /// directory) or `postgres` (one store every node shares, for `[log] backend =
     /// "jetstream"` with several nodes).
@@ -122,6 +126,16 @@ pub enum ServicesStore {
     Postgres,
 }
 
+impl ServicesConfig {
+    /// What the Delivery service holds at most.
+    pub fn delivery_limits(&self) -> crate::deliveries::DeliveryLimits {
+        crate::deliveries::DeliveryLimits {
+            subscriptions_per_delivery: self.max_subscriptions_per_delivery,
+            finished_held: self.finished_deliveries_held,
+        }
+    }
+}
+
 impl Default for ServicesConfig {
     fn default() -> Self {
         Self {
@@ -130,6 +144,7 @@ impl Default for ServicesConfig {
             idempotency_retention_s: 86_400,
             idempotency_keys: crate::idempotency::CAPACITY,
             max_subscriptions_per_delivery: crate::deliveries::DEFAULT_MAX_SUBSCRIPTIONS,
+            finished_deliveries_held: crate::deliveries::DEFAULT_FINISHED_HELD,
             store: ServicesStore::Embedded,
             url: "postgresql://postgres@127.0.0.1:5432/fleetstream".into(),
             schema: "fleetstream".into(),
@@ -227,8 +242,11 @@ impl<F: FleetControl + WorkQueues + Clone> Services<F> {
         let policy = cfg.calls;
         let accounts = Accounts::new(file.namespace("accounts"));
         let packages = Packages::new(file.namespace("packages"));
-        let deliveries = DeliveryService::open(fleet.clone(), crate::deliveries::DeliveryStores::in_file(&file))?;
-        deliveries.limit_subscriptions(cfg.max_subscriptions_per_delivery);
+        let deliveries = DeliveryService::open(
+            fleet.clone(),
+            crate::deliveries::DeliveryStores::in_file(&file),
+            cfg.delivery_limits(),
+        )?;
         let drones = DroneManagement::open_beside_records(
             fleet.clone(),
             cfg.drones,

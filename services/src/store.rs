@@ -44,6 +44,9 @@ const RECORDS: TableDefinition<'static, &str, &[u8]> = TableDefinition::new("rec
 
 /// Writes waiting for a commit, at most.
 const QUEUE: usize = 4096;
+/// Memory redb may use to cache the file's pages (redb's own default is 1 GiB per file, which
+/// an hour of orders filled: resident memory grew with the file until then).
+pub const CACHE_BYTES: usize = 64 << 20;
 /// Writes in one commit, at most (a batch is never split, so one may carry more).
 const MAX_GROUP: usize = 1024;
 
@@ -217,7 +220,7 @@ impl Store {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(store_error)?;
         }
-        let db = Database::create(path).map_err(store_error)?;
+        let db = Database::builder().set_cache_size(CACHE_BYTES).create(path).map_err(store_error)?;
         let name = path.file_stem().and_then(|s| s.to_str()).unwrap_or("service").to_string();
         Self::start(db, name)
     }
@@ -437,26 +440,32 @@ impl Store {
 
     /// Every record, in key order (for loading a read model at start).
     pub fn all<T: DeserializeOwned>(&self) -> Result<Vec<(String, T)>, Error> {
+        let mut out = Vec::new();
+        self.scan(|key, value| out.push((key, value)))?;
+        Ok(out)
+    }
+
+    /// Hands every record to `each`, in key order, one at a time: for loading a read model
+    /// that keeps only part of what is stored.
+    pub fn scan<T: DeserializeOwned>(&self, mut each: impl FnMut(String, T)) -> Result<(), Error> {
         let db = match &self.backend {
             Backend::Redb(db) => db,
             Backend::Pg(kv) => {
-                let mut out = Vec::new();
                 for (k, v) in kv.range(&self.prefix)? {
                     let Some(key) = k.strip_prefix(self.prefix.as_str()) else { continue };
-                    out.push((key.to_string(), serde_json::from_slice(&v).map_err(store_error)?));
+                    each(key.to_string(), serde_json::from_slice(&v).map_err(store_error)?);
                 }
-                return Ok(out);
+                return Ok(());
             }
         };
         let txn = db.begin_read().map_err(store_error)?;
         let table = txn.open_table(RECORDS).map_err(store_error)?;
-        let mut out = Vec::new();
         for entry in table.range(self.prefix.as_str()..).map_err(store_error)? {
             let (k, v) = entry.map_err(store_error)?;
             let Some(key) = k.value().strip_prefix(self.prefix.as_str()) else { break };
-            out.push((key.to_string(), serde_json::from_slice(v.value()).map_err(store_error)?));
+            each(key.to_string(), serde_json::from_slice(v.value()).map_err(store_error)?);
         }
-        Ok(out)
+        Ok(())
     }
 
     /// The values under `keys`, in their order (one round trip on a shared store).

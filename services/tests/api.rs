@@ -444,7 +444,7 @@ async fn a_restarted_delivery_service_reads_each_delivery_where_it_stood() {
     let fleet = Arc::new(FakeFleet::default());
     let store = services::store::Store::in_memory().unwrap();
     let stores = services::deliveries::DeliveryStores::in_file(&store);
-    let svc = DeliveryService::open(fleet.clone(), stores.clone()).unwrap();
+    let svc = DeliveryService::open(fleet.clone(), stores.clone(), Default::default()).unwrap();
     let record: services::DeliveryRecord = serde_json::from_value(json!({
         "delivery_id": 42, "owner": "acme", "drone_id": 7,
         "pickup": {"lat": 47.6, "lon": -122.3}, "dropoff": {"lat": 47.62, "lon": -122.35},
@@ -464,7 +464,7 @@ async fn a_restarted_delivery_service_reads_each_delivery_where_it_stood() {
     svc.persist(&changed, &[], services::store::Batch::new()).await.unwrap();
     drop(svc);
 
-    let again = DeliveryService::open(fleet, stores).unwrap();
+    let again = DeliveryService::open(fleet, stores, Default::default()).unwrap();
     assert_eq!(again.record(42).map(|r| r.stage), Some(DeliveryStage::InTransit));
     // An older event replayed after the restart changes nothing.
     assert!(
@@ -474,4 +474,57 @@ async fn a_restarted_delivery_service_reads_each_delivery_where_it_stood() {
             .is_empty()
     );
     assert_eq!(again.record(42).map(|r| r.stage), Some(DeliveryStage::InTransit));
+}
+
+#[tokio::test]
+async fn finished_deliveries_beyond_the_held_count_leave_memory_and_are_read_from_the_store() {
+    use services::deliveries::{DeliveryLimits, DeliveryService};
+    let fleet = Arc::new(FakeFleet::default());
+    let store = services::store::Store::in_memory().unwrap();
+    let stores = services::deliveries::DeliveryStores::in_file(&store);
+    let limits = DeliveryLimits { finished_held: 2, ..Default::default() };
+    let svc = DeliveryService::open(fleet.clone(), stores.clone(), limits).unwrap();
+    for id in 1..=5u64 {
+        let record: services::DeliveryRecord = serde_json::from_value(json!({
+            "delivery_id": id, "owner": "acme", "drone_id": id,
+            "pickup": {"lat": 47.6, "lon": -122.3}, "dropoff": {"lat": 47.62, "lon": -122.35},
+            "package": {"size": "small", "weight_kg": 1.0},
+            "stage": "created", "created_us": id, "updated_us": id
+        }))
+        .unwrap();
+        assert!(svc.put(record).await.unwrap());
+    }
+    // Deliveries 1 to 4 finish in that order; 5 stays under way.
+    for id in 1..=4u64 {
+        let changed = svc
+            .apply_delivery_events(&events_batch(&[
+                stage_event(id, id, 1, DeliveryStage::HeadedToPickup),
+                stage_event(id, id, 2, DeliveryStage::InTransit),
+                stage_event(id, id, 3, DeliveryStage::DeliveryComplete),
+            ]))
+            .unwrap();
+        svc.persist(&changed, &[], services::store::Batch::new()).await.unwrap();
+    }
+    assert_eq!(svc.record_count(), 3, "the delivery under way and the two finished last");
+    assert!(svc.record(1).is_none() && svc.record(2).is_none(), "the first two to finish were let go");
+    assert!(svc.record(4).is_some() && svc.record(5).is_some());
+    for id in 1..=4u64 {
+        let r = svc.lookup(id).unwrap().expect("every finished delivery is still answered");
+        assert_eq!(r.stage, DeliveryStage::DeliveryComplete);
+    }
+    assert_eq!(svc.record_count(), 3, "reading a finished delivery does not hold it again");
+    // Late repeats of a let-go delivery's events change nothing.
+    assert!(
+        svc.apply_delivery_events(&events_batch(&[stage_event(1, 1, 3, DeliveryStage::DeliveryComplete)]))
+            .unwrap()
+            .is_empty()
+    );
+    drop(svc);
+
+    // A restart holds the same: the delivery under way and the two most recently finished.
+    let again = DeliveryService::open(fleet, stores, limits).unwrap();
+    assert_eq!(again.record_count(), 3);
+    assert_eq!(again.record(5).map(|r| r.stage), Some(DeliveryStage::Created));
+    assert!(again.record(3).is_some() && again.record(4).is_some() && again.record(2).is_none());
+    assert_eq!(again.lookup(1).unwrap().map(|r| r.stage), Some(DeliveryStage::DeliveryComplete));
 }

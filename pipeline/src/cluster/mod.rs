@@ -17,7 +17,10 @@
 //! - **Ingest.** A batch is split by shard and each part published as wire bytes; the QUIC
 //!   client is acknowledged only after JetStream acknowledged every part. The message id is
 //!   the producer id, batch sequence and shard, so a re-sent batch inside the duplicate window
-//!   is dropped by JetStream.
+//!   is dropped by JetStream. A producer that numbers its batches again from lower down (it
+//!   restarted without keeping its sequence) would have its new batches dropped as repeats:
+//!   the node keeps the same per-producer windows the embedded log does ([`crate::dedup`]) for
+//!   the producers it serves, and refuses such a batch with `sequence_regressed` instead.
 //! - **Commands** go on the shard's subject too, so a shard applies commands and drone events
 //!   in one order whichever node took them. The caller waits for the owning shard's answer on
 //!   this node's reply inbox.
@@ -134,6 +137,9 @@ pub struct Cluster {
     ends: [AtomicU64; 2],
     tasks: parking_lot::Mutex<Vec<tokio::task::JoinHandle<()>>>,
     stop_leases: parking_lot::Mutex<Option<oneshot::Sender<oneshot::Sender<()>>>>,
+    /// The batch numbers of the producers this node took batches from, to refuse one that
+    /// numbers again from lower down; with the count of batches taken, their recency.
+    windows: parking_lot::Mutex<(crate::dedup::ProducerWindows, u64)>,
     /// Counters.
     pub metrics: ClusterMetrics,
 }
@@ -192,7 +198,12 @@ impl Cluster {
 
     /// Connects, creates (or checks) the streams and buckets, and agrees on the shard count
     /// with the nodes already there. Must run inside a tokio runtime.
-    pub async fn connect(cfg: &JetStreamConfig, shards: usize, append_queue: usize) -> Result<Arc<Self>, crate::Error> {
+    pub async fn connect(
+        cfg: &JetStreamConfig,
+        shards: usize,
+        append_queue: usize,
+        max_producers: usize,
+    ) -> Result<Arc<Self>, crate::Error> {
         if tokio::runtime::Handle::current().runtime_flavor() != tokio::runtime::RuntimeFlavor::MultiThread {
             return Err(crate::Error::Config("the JetStream backend needs a multi-threaded tokio runtime".into()));
         }
@@ -253,6 +264,7 @@ impl Cluster {
             ends: ends.map(AtomicU64::new),
             tasks: parking_lot::Mutex::default(),
             stop_leases: parking_lot::Mutex::default(),
+            windows: parking_lot::Mutex::new((crate::dedup::ProducerWindows::new(max_producers), 0)),
             metrics: ClusterMetrics::default(),
         });
         let mut replies = cluster.client.subscribe(format!("{}.*", cluster.reply_prefix)).await.map_err(js_error)?;
@@ -315,8 +327,28 @@ impl Cluster {
         if self.stopping.load(Ordering::Acquire) {
             return Err(Error::ShuttingDown);
         }
+        // Refused through the acknowledgement, as the embedded log refuses it.
+        let regressed = {
+            let meta = batch.header().meta;
+            let (windows, taken) = &mut *self.windows.lock();
+            match windows.check(meta.producer_id, meta.batch_seq) {
+                crate::dedup::Seen::Regressed { highest } => {
+                    Some(Error::SequenceRegressed { producer: meta.producer_id, seq: meta.batch_seq, highest })
+                }
+                _ => {
+                    // Noted before it is published: a re-send after a failed publish is a
+                    // repeat here, published again, and JetStream's duplicate window decides.
+                    *taken += 1;
+                    windows.insert(meta.producer_id, meta.batch_seq, *taken);
+                    None
+                }
+            }
+        };
         let permit = self.inflight.clone().acquire_owned().await.map_err(|_| Error::ShuttingDown)?;
-        let parts = self.split(batch);
+        let parts = match regressed {
+            Some(e) => Err(e),
+            None => self.split(batch),
+        };
         let mut acks = Vec::new();
         let mut failed = None;
         match parts {

@@ -66,6 +66,14 @@ impl Default for EngineConfig {
 }
 
 impl EngineConfig {
+    /// How many named cursors a topic holds, and when an idle one makes room.
+    pub fn cursor_limits(&self) -> crate::cursor::CursorLimits {
+        crate::cursor::CursorLimits {
+            per_topic: self.max_cursors.max(1),
+            idle_us: self.cursor_idle_h.saturating_mul(3_600_000_000),
+        }
+    }
+
     /// The shard count after resolving 0 to the number of cores.
     pub fn shard_count(&self) -> usize {
         if self.shards == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { self.shards }

@@ -186,10 +186,7 @@ impl Engine {
             Storage::Memory => None,
         };
         let (queues, queue_timer) = Queues::open(queues_cfg, dir.as_ref().map(|d| d.join("queues")).as_deref())?;
-        let cursor_limits = crate::cursor::CursorLimits {
-            per_topic: cfg.max_cursors.max(1),
-            idle_us: cfg.cursor_idle_h.saturating_mul(3_600_000_000),
-        };
+        let cursor_limits = cfg.cursor_limits();
         let cursors =
             Arc::new(CursorStore::open(dir.as_ref().map(|d| d.join("cursors.json")).as_deref(), cursor_limits)?);
         let telemetry = Arc::new(Topic::new("drone-telemetry", cfg.subscriber_queue));

@@ -354,3 +354,30 @@ pub fn program(test: &str, names: &[&str], purpose: &str) -> Option<std::path::P
     }
     found
 }
+
+/// What every clean loadgen run shows: each event sent acknowledged and seen once by the
+/// subscriber, nothing rejected, lost or duplicated, and every delivery scheduled completed
+/// with all its events seen.
+pub fn assert_clean_run(report: &loadgen::Report) {
+    assert_eq!(report.events_acked, report.events_sent, "{report}");
+    assert_eq!(report.events_rejected, 0, "{report}");
+    assert_eq!(report.telemetry_events_observed, report.events_acked, "{report}");
+    assert_eq!((report.lost, report.duplicates), (0, 0), "{report}");
+    assert_eq!(report.deliveries_completed, report.deliveries_scheduled, "{report}");
+    assert_eq!(report.delivery_events_observed, report.delivery_events_expected, "{report}");
+}
+
+/// Deletes every JetStream stream whose name holds `prefix` (a test's streams and KV buckets).
+pub async fn delete_streams_with(nats: &async_nats::Client, prefix: &str) {
+    let js = async_nats::jetstream::new(nats.clone());
+    let mut names = js.stream_names();
+    let mut ours = Vec::new();
+    while let Some(Ok(name)) = futures_util::StreamExt::next(&mut names).await {
+        if name.contains(prefix) {
+            ours.push(name);
+        }
+    }
+    for name in ours {
+        let _ = js.delete_stream(&name).await;
+    }
+}
