@@ -96,11 +96,11 @@ mod tests {
     /// first, would put the socket's reader back behind the connections and fail here.
     #[tokio::test]
     async fn the_endpoint_driver_runs_on_the_endpoint_thread() {
-        let rt = EndpointThread::start("quic-test").unwrap();
-        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let rt = EndpointThread::start("quic-test").unwrap(); // ok: test code
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap(); // ok: test code
         let caller = tokio::runtime::Handle::current();
         let before = caller.metrics().num_alive_tasks();
-        let endpoint = quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, rt.clone()).unwrap();
+        let endpoint = quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, rt.clone()).unwrap(); // ok: test code
         assert_eq!(rt.io.metrics().num_alive_tasks(), 1, "the driver is the endpoint thread's one task");
         assert_eq!(caller.metrics().num_alive_tasks(), before, "nothing of the endpoint on the caller's runtime");
         assert!(rt.driver_spawned.load(Ordering::Acquire));
