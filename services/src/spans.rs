@@ -464,10 +464,11 @@ pub struct TraceSpan {
 }
 
 impl DeliveryTrace {
-    /// The answer for a delivery's kept spans, in the order they were kept (which breaks ties
-    /// of start time).
+    /// The answer for a delivery's kept spans by start time; of spans that started in the
+    /// same microsecond the longer first (a parent before the child it started at once), then
+    /// in the order they were kept.
     pub fn of(trace_id: String, mut spans: Vec<KeptSpan>) -> Self {
-        spans.sort_by_key(|s| s.start_us);
+        spans.sort_by_key(|s| (s.start_us, std::cmp::Reverse(s.duration_us)));
         let spans = spans
             .into_iter()
             .map(|s| TraceSpan {
@@ -481,5 +482,32 @@ impl DeliveryTrace {
             })
             .collect();
         Self { trace_id, spans }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn span(name: &str, start_us: u64, duration_us: u64) -> KeptSpan {
+        KeptSpan {
+            delivery_id: 1,
+            trace_id: String::new(),
+            span_id: format!("{:016x}", start_us + duration_us),
+            parent_id: String::new(),
+            name: name.into(),
+            service: "scheduler".into(),
+            start_us,
+            duration_us,
+            attributes: Attributes::new(),
+        }
+    }
+
+    #[test]
+    fn a_trace_lists_a_parent_before_the_child_it_started_in_the_same_microsecond() {
+        // Kept in the order they ended: the child first.
+        let kept = vec![span("call", 10, 62), span("create", 10, 1620), span("later", 20, 5), span("first", 5, 1)];
+        let names: Vec<String> = DeliveryTrace::of("t".into(), kept).spans.into_iter().map(|s| s.name).collect();
+        assert_eq!(names, ["first", "create", "call", "later"]);
     }
 }
