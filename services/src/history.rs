@@ -455,7 +455,7 @@ impl History {
         Ok(kept)
     }
 
-    /// A delivery's trace id and kept spans (by start time, the longer of a tie first, then arrival); `None` if none is kept.
+    /// A delivery's trace id and kept spans (by start time, then arrival); `None` if none is kept.
     pub fn spans_of(&self, id: DeliveryId) -> Result<Option<(String, Vec<KeptSpan>)>, Error> {
         let db = match &self.backend {
             Backend::Embedded(db) => db,
@@ -473,7 +473,7 @@ impl History {
             }
             spans.push(span);
         }
-        spans.sort_by_key(|s| (s.start_us, std::cmp::Reverse(s.duration_us)));
+        spans.sort_by_key(|s| s.start_us);
         Ok(Some((trace.to_string(), spans)))
     }
 

@@ -465,10 +465,29 @@ pub struct TraceSpan {
 
 impl DeliveryTrace {
     /// The answer for a delivery's kept spans by start time; of spans that started in the
-    /// same microsecond the longer first (a parent before the child it started at once), then
-    /// in the order they were kept.
-    pub fn of(trace_id: String, mut spans: Vec<KeptSpan>) -> Self {
-        spans.sort_by_key(|s| (s.start_us, std::cmp::Reverse(s.duration_us)));
+    /// same microsecond a parent before its children (it started them), then in the order
+    /// they were kept.
+    pub fn of(trace_id: String, spans: Vec<KeptSpan>) -> Self {
+        let depths: Vec<usize> = {
+            let parents: std::collections::HashMap<&str, &str> =
+                spans.iter().map(|s| (s.span_id.as_str(), s.parent_id.as_str())).collect();
+            spans
+                .iter()
+                .map(|s| {
+                    let (mut depth, mut at) = (0usize, s.parent_id.as_str());
+                    // Bounded by the spans' count, should the ids ever form a cycle.
+                    while let Some(parent) = parents.get(at).filter(|_| depth < parents.len()) {
+                        depth += 1;
+                        at = parent;
+                    }
+                    depth
+                })
+                .collect()
+        };
+        let mut keyed: Vec<((u64, usize), KeptSpan)> =
+            depths.into_iter().zip(spans).map(|(depth, s)| ((s.start_us, depth), s)).collect();
+        keyed.sort_by_key(|(key, _)| *key);
+        let spans: Vec<KeptSpan> = keyed.into_iter().map(|(_, s)| s).collect();
         let spans = spans
             .into_iter()
             .map(|s| TraceSpan {
@@ -505,9 +524,13 @@ mod tests {
 
     #[test]
     fn a_trace_lists_a_parent_before_the_child_it_started_in_the_same_microsecond() {
-        // Kept in the order they ended: the child first.
-        let kept = vec![span("call", 10, 62), span("create", 10, 1620), span("later", 20, 5), span("first", 5, 1)];
+        // Kept in the order they ended: the children first. "call" and "sibling" started
+        // together under the same parent: they keep the order they were kept in.
+        let create = span("create", 10, 1620);
+        let call = KeptSpan { parent_id: create.span_id.clone(), ..span("call", 10, 62) };
+        let sibling = KeptSpan { parent_id: create.span_id.clone(), ..span("sibling", 10, 900) };
+        let kept = vec![call, sibling, create, span("later", 20, 5), span("first", 5, 1)];
         let names: Vec<String> = DeliveryTrace::of("t".into(), kept).spans.into_iter().map(|s| s.name).collect();
-        assert_eq!(names, ["first", "create", "call", "later"]);
+        assert_eq!(names, ["first", "create", "call", "sibling", "later"]);
     }
 }
